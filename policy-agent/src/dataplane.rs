@@ -1,0 +1,417 @@
+//! Loading, attaching, pinning and taking over the dataplane.
+//!
+//! Pin layout under the pin directory:
+//! - `maps/<NAME>`: every map (reused as-is when the dataplane is loaded again);
+//! - `links/tc-<ifname>-<ingress|egress>`: TCX links on host-side veths;
+//! - `links/cgroup-<id>-<ingress|egress>`: cgroup_skb links.
+//!
+//! A pinned link keeps its program attached after the loading process exits
+//! (fail-static). Loading again reuses the pinned maps and swaps the new
+//! programs into the pinned links with `BPF_LINK_UPDATE`, so the hooks never
+//! run without a program.
+
+use std::{
+    fs,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+    },
+};
+use log::{info, warn};
+use policy_common::maps::{capacity, names, programs};
+
+use crate::{EBPF_OBJECT, Error, Tables, bpffs, sys};
+
+/// Map capacities (max_entries), fixed when the maps are first created.
+/// Pinned maps keep the capacity they were created with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    pub endpoints: u32,
+    pub veths: u32,
+    pub cgroups: u32,
+    /// (source app, destination app, protocol) pairs.
+    pub policies: u32,
+    pub conntrack: u32,
+    pub fragments: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            endpoints: capacity::ENDPOINTS,
+            veths: capacity::VETHS,
+            cgroups: capacity::CGROUPS,
+            policies: capacity::POLICIES,
+            conntrack: capacity::CONNTRACK,
+            fragments: capacity::FRAGMENTS,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DataplaneConfig {
+    /// Directory on bpffs for the pins (created, bpffs mounted if needed).
+    pub pin_dir: PathBuf,
+    pub capacities: Capacities,
+}
+
+impl DataplaneConfig {
+    pub fn new(pin_dir: impl Into<PathBuf>) -> Self {
+        Self { pin_dir: pin_dir.into(), capacities: Capacities::default() }
+    }
+}
+
+/// Which way the traffic a TC program sees flows, from the container's view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// TC ingress of the host-side veth / cgroup egress.
+    FromContainer,
+    /// TC egress of the host-side veth / cgroup ingress.
+    ToContainer,
+}
+
+impl Direction {
+    pub const BOTH: [Direction; 2] = [Direction::FromContainer, Direction::ToContainer];
+
+    fn tc_program(self) -> &'static str {
+        match self {
+            Direction::FromContainer => programs::TC_FROM_CONTAINER,
+            Direction::ToContainer => programs::TC_TO_CONTAINER,
+        }
+    }
+
+    fn cgroup_program(self) -> &'static str {
+        match self {
+            Direction::FromContainer => programs::CGROUP_EGRESS,
+            Direction::ToContainer => programs::CGROUP_INGRESS,
+        }
+    }
+
+    fn tc_attach_type(self) -> TcAttachType {
+        match self {
+            Direction::FromContainer => TcAttachType::Ingress,
+            Direction::ToContainer => TcAttachType::Egress,
+        }
+    }
+
+    /// The hook name as it appears in link pin names.
+    fn tc_hook(self) -> &'static str {
+        match self {
+            Direction::FromContainer => "ingress",
+            Direction::ToContainer => "egress",
+        }
+    }
+
+    fn cgroup_hook(self) -> &'static str {
+        match self {
+            Direction::FromContainer => "egress",
+            Direction::ToContainer => "ingress",
+        }
+    }
+}
+
+/// The loaded dataplane.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    tables: Tables,
+    pin_dir: PathBuf,
+}
+
+impl Dataplane {
+    /// Loads the programs, creating the maps or reopening the pinned ones,
+    /// and moves every pinned link over to the newly loaded programs.
+    pub fn open(config: &DataplaneConfig) -> Result<Self, Error> {
+        let pin_dir = config.pin_dir.clone();
+        bpffs::prepare(&pin_dir)?;
+        let maps_dir = pin_dir.join("maps");
+        let links_dir = pin_dir.join("links");
+        for dir in [&maps_dir, &links_dir] {
+            fs::create_dir_all(dir).map_err(Error::io("cannot create", dir))?;
+        }
+        let caps = &config.capacities;
+        let sizes = [
+            (names::ENDPOINTS, caps.endpoints),
+            (names::VETHS, caps.veths),
+            (names::CGROUPS, caps.cgroups),
+            (names::POLICIES, caps.policies),
+            (names::CONNTRACK, caps.conntrack),
+            (names::FRAGMENTS, caps.fragments),
+        ];
+        let mut loader = EbpfLoader::new();
+        for (name, size) in sizes {
+            loader.map_max_entries(name, size);
+        }
+        for name in names::ALL {
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
+        for name in [programs::TC_FROM_CONTAINER, programs::TC_TO_CONTAINER] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| Error::LoadProgram { name, source: Box::new(e) })?;
+        }
+        for name in [programs::CGROUP_EGRESS, programs::CGROUP_INGRESS] {
+            let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| Error::LoadProgram { name, source: Box::new(e) })?;
+        }
+        let tables = Tables::take(&mut ebpf)?;
+        let dataplane = Self { ebpf, tables, pin_dir };
+        dataplane.take_over_links()?;
+        Ok(dataplane)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.pin_dir.join("links")
+    }
+
+    pub fn tables(&mut self) -> &mut Tables {
+        &mut self.tables
+    }
+
+    pub fn tables_ref(&self) -> &Tables {
+        &self.tables
+    }
+
+    /// A loaded program, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn tc_program(&self, direction: Direction) -> &SchedClassifier {
+        let name = direction.tc_program();
+        self.ebpf
+            .program(name)
+            .and_then(|p| p.try_into().ok())
+            .unwrap_or_else(|| unreachable!("{name} was loaded in open()"))
+    }
+
+    pub fn cgroup_program(&self, direction: Direction) -> &CgroupSkb {
+        let name = direction.cgroup_program();
+        self.ebpf
+            .program(name)
+            .and_then(|p| p.try_into().ok())
+            .unwrap_or_else(|| unreachable!("{name} was loaded in open()"))
+    }
+
+    fn program_for_pin(&self, pin_name: &str) -> Option<&'static str> {
+        let kind_tc = pin_name.starts_with("tc-");
+        let kind_cgroup = pin_name.starts_with("cgroup-");
+        let hook = pin_name.rsplit('-').next()?;
+        Direction::BOTH.into_iter().find_map(|d| {
+            if kind_tc && d.tc_hook() == hook {
+                Some(d.tc_program())
+            } else if kind_cgroup && d.cgroup_hook() == hook {
+                Some(d.cgroup_program())
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Swaps this load's programs into every pinned link. A link that can no
+    /// longer be updated (its interface or cgroup is gone) is unpinned.
+    fn take_over_links(&self) -> Result<(), Error> {
+        let links_dir = self.links_dir();
+        let entries = fs::read_dir(&links_dir).map_err(Error::io("cannot read", &links_dir))?;
+        for entry in entries {
+            let entry = entry.map_err(Error::io("cannot read", &links_dir))?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(program) = self.program_for_pin(&name) else {
+                warn!("ignoring unknown pin {}", path.display());
+                continue;
+            };
+            let updated = sys::obj_get(&path).and_then(|link| {
+                let prog_fd = self.program_fd(program)?;
+                sys::link_update(link.as_fd(), prog_fd.as_fd())
+            });
+            match updated {
+                Ok(()) => info!("took over {name} with {program}"),
+                Err(e) => {
+                    warn!("unpinning stale link {name}: {e}");
+                    fs::remove_file(&path).map_err(Error::io("cannot unpin", &path))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn program_fd(&self, name: &str) -> std::io::Result<aya::programs::ProgramFd> {
+        let fd = match self.ebpf.program(name) {
+            Some(aya::programs::Program::SchedClassifier(p)) => p.fd(),
+            Some(aya::programs::Program::CgroupSkb(p)) => p.fd(),
+            _ => return Err(std::io::Error::other(format!("program {name} not loaded"))),
+        };
+        fd.and_then(|fd| fd.try_clone().map_err(Into::into)).map_err(std::io::Error::other)
+    }
+
+    fn tc_pin(&self, ifname: &str, direction: Direction) -> PathBuf {
+        self.links_dir().join(format!("tc-{ifname}-{}", direction.tc_hook()))
+    }
+
+    fn cgroup_pin(&self, cgroup_id: u64, direction: Direction) -> PathBuf {
+        self.links_dir().join(format!("cgroup-{cgroup_id}-{}", direction.cgroup_hook()))
+    }
+
+    /// Whether the link pinned at `pin` is live on `ifname` (and not left
+    /// over from an interface of the same name that was deleted).
+    fn tc_link_live(pin: &Path, ifname: &str, direction: Direction) -> bool {
+        let Ok(link) = PinnedLink::from_pin(pin) else { return false };
+        let Ok(info) = FdLink::from(link).info() else { return false };
+        SchedClassifier::query_tcx(ifname, direction.tc_attach_type())
+            .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == info.program_id()))
+    }
+
+    /// Attaches both TC programs to a host-side veth (TCX) and pins the
+    /// links. Idempotent: an interface already attached is left as it is.
+    pub fn attach_veth(&mut self, ifname: &str) -> Result<(), Error> {
+        if nix_ifindex(ifname).is_none() {
+            return Err(Error::NoInterface { ifname: ifname.to_owned() });
+        }
+        for direction in Direction::BOTH {
+            let pin = self.tc_pin(ifname, direction);
+            if pin.exists() {
+                if Self::tc_link_live(&pin, ifname, direction) {
+                    continue;
+                }
+                fs::remove_file(&pin).map_err(Error::io("cannot unpin stale link", &pin))?;
+            }
+            let name = direction.tc_program();
+            let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Attach {
+                program: name,
+                target: ifname.to_owned(),
+                source,
+            };
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(ifname, direction.tc_attach_type())
+                .map_err(|e| attach_err(Box::new(e)))?;
+            let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+            let link = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
+            link.pin(&pin).map_err(|e| attach_err(Box::new(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches a veth's programs by removing their pins (closing the last
+    /// reference detaches a TCX link). Missing pins are not an error.
+    pub fn detach_veth(&mut self, ifname: &str) -> Result<(), Error> {
+        for direction in Direction::BOTH {
+            remove_pin(&self.tc_pin(ifname, direction))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches both cgroup_skb programs to a cgroup (v2 directory) and pins
+    /// the links. Returns the cgroup id (the key of `CGROUPS`).
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<u64, Error> {
+        let cgroup_id = cgroup_id(cgroup)?;
+        let file = fs::File::open(cgroup).map_err(Error::io("cannot open cgroup", cgroup))?;
+        for direction in Direction::BOTH {
+            let pin = self.cgroup_pin(cgroup_id, direction);
+            if pin.exists() {
+                continue;
+            }
+            let name = direction.cgroup_program();
+            let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Attach {
+                program: name,
+                target: cgroup.display().to_string(),
+                source,
+            };
+            let attach_type = match direction {
+                Direction::FromContainer => CgroupSkbAttachType::Egress,
+                Direction::ToContainer => CgroupSkbAttachType::Ingress,
+            };
+            let prog: &mut CgroupSkb = program(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(&file, attach_type, CgroupAttachMode::AllowMultiple)
+                .map_err(|e| attach_err(Box::new(e)))?;
+            let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+            let link = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
+            link.pin(&pin).map_err(|e| attach_err(Box::new(e)))?;
+        }
+        Ok(cgroup_id)
+    }
+
+    pub fn detach_cgroup(&mut self, cgroup_id: u64) -> Result<(), Error> {
+        for direction in Direction::BOTH {
+            remove_pin(&self.cgroup_pin(cgroup_id, direction))?;
+        }
+        Ok(())
+    }
+
+    /// The names of the pinned links (what is attached where).
+    pub fn attachments(&self) -> Result<Vec<String>, Error> {
+        list_pins(&self.links_dir())
+    }
+
+    /// Detaches every program and removes every pin under `pin_dir`
+    /// (enforcement stops). Nothing pinned is not an error.
+    pub fn remove_all(pin_dir: &Path) -> Result<(), Error> {
+        for sub in ["links", "maps"] {
+            let dir = pin_dir.join(sub);
+            for name in list_pins(&dir)? {
+                remove_pin(&dir.join(name))?;
+            }
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("cannot remove", &dir)(e)),
+            }
+        }
+        match fs::remove_dir(pin_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("cannot remove", pin_dir)(e)),
+        }
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(Error::MissingProgram { name })
+}
+
+fn remove_pin(path: &Path) -> Result<(), Error> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("cannot unpin", path)(e)),
+    }
+}
+
+fn list_pins(dir: &Path) -> Result<Vec<String>, Error> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("cannot read", dir)(e)),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// The ifindex of an interface in this network namespace.
+pub fn nix_ifindex(ifname: &str) -> Option<u32> {
+    let c_name = std::ffi::CString::new(ifname).ok()?;
+    // SAFETY: c_name is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// A cgroup v2 directory's id: its inode number (what `bpf_skb_cgroup_id`
+/// returns; see kernel/cgroup/cgroup.c, `cgroup_id`).
+pub fn cgroup_id(cgroup: &Path) -> Result<u64, Error> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(fs::metadata(cgroup).map_err(Error::io("cannot stat cgroup", cgroup))?.ino())
+}

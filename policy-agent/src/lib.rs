@@ -1,0 +1,16 @@
+//! The policy agent library: loads the dataplane into the kernel, attaches it
+//! to container veths and cgroups, pins it so enforcement outlives the
+//! process, and writes endpoints and policies into its maps.
+
+pub mod bpffs;
+pub mod dataplane;
+pub mod error;
+mod sys;
+pub mod tables;
+
+pub use dataplane::{Capacities, Dataplane, DataplaneConfig, Direction};
+pub use error::Error;
+pub use tables::Tables;
+
+/// The compiled eBPF object (built by build.rs from policy-ebpf).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy"));

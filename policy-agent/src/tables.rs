@@ -1,0 +1,259 @@
+//! Writing endpoints and policies into the kernel maps.
+//!
+//! Every write is one map update, so the kernel sees either the old or the
+//! new value of an entry, never a mix. Whenever a change takes an allowance
+//! away, the epoch is bumped *after* the change, so that tracked connections
+//! are checked against the new rules at their next packet (see
+//! `policy_common::decision::decide_destination`).
+
+use std::{net::Ipv4Addr, path::Path};
+
+use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
+use policy_common::{
+    Reason,
+    maps::{
+        Attachment, Conn, ConnKey, EPOCH_INDEX, Endpoint, FragmentKey, PairKey, PortRules, names,
+    },
+    ports::Allowance,
+};
+
+use crate::Error;
+
+/// The dataplane's maps, typed.
+pub struct Tables {
+    endpoints: HashMap<MapData, u32, Endpoint>,
+    veths: HashMap<MapData, u32, Attachment>,
+    cgroups: HashMap<MapData, u64, Attachment>,
+    policies: HashMap<MapData, PairKey, PortRules>,
+    conntrack: HashMap<MapData, ConnKey, Conn>,
+    fragments: HashMap<MapData, FragmentKey, u32>,
+    epoch: Array<MapData, u32>,
+    verdicts: PerCpuArray<MapData, u64>,
+}
+
+/// An address as the maps store it (wire order, see `policy_common::maps`).
+pub fn addr_key(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+pub fn addr_from_key(key: u32) -> Ipv4Addr {
+    Ipv4Addr::from(key.to_ne_bytes())
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
+    move |source| Error::Map { name, source: Box::new(source) }
+}
+
+/// Turns `E2BIG` from an insert into [`Error::MapFull`].
+fn insert_err(name: &'static str, capacity: u32) -> impl Fn(MapError) -> Error {
+    move |source| match &source {
+        MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+            Error::MapFull { name, capacity }
+        }
+        _ => Error::Map { name, source: Box::new(source) },
+    }
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(map: Map, name: &'static str) -> Result<T, Error> {
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl Tables {
+    /// Takes the maps out of a loaded object.
+    pub(crate) fn take(ebpf: &mut aya::Ebpf) -> Result<Self, Error> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(Error::MissingMap { name });
+        Ok(Self {
+            endpoints: typed(take(names::ENDPOINTS)?, names::ENDPOINTS)?,
+            veths: typed(take(names::VETHS)?, names::VETHS)?,
+            cgroups: typed(take(names::CGROUPS)?, names::CGROUPS)?,
+            policies: typed(take(names::POLICIES)?, names::POLICIES)?,
+            conntrack: typed(take(names::CONNTRACK)?, names::CONNTRACK)?,
+            fragments: typed(take(names::FRAGMENTS)?, names::FRAGMENTS)?,
+            epoch: typed(take(names::EPOCH)?, names::EPOCH)?,
+            verdicts: typed(take(names::VERDICTS)?, names::VERDICTS)?,
+        })
+    }
+
+    /// Opens the maps pinned under `maps_dir` without loading any program
+    /// (for tools that only read or write entries).
+    pub fn open_pinned(maps_dir: &Path) -> Result<Self, Error> {
+        let open = |name: &'static str| -> Result<Map, Error> {
+            let data = MapData::from_pin(maps_dir.join(name)).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        };
+        Ok(Self {
+            endpoints: typed(open(names::ENDPOINTS)?, names::ENDPOINTS)?,
+            veths: typed(open(names::VETHS)?, names::VETHS)?,
+            cgroups: typed(open(names::CGROUPS)?, names::CGROUPS)?,
+            policies: typed(open(names::POLICIES)?, names::POLICIES)?,
+            conntrack: typed(open(names::CONNTRACK)?, names::CONNTRACK)?,
+            fragments: typed(open(names::FRAGMENTS)?, names::FRAGMENTS)?,
+            epoch: typed(open(names::EPOCH)?, names::EPOCH)?,
+            verdicts: typed(open(names::VERDICTS)?, names::VERDICTS)?,
+        })
+    }
+
+    fn capacity(map: &MapData) -> u32 {
+        map.info().map(|i| i.max_entries()).unwrap_or(0)
+    }
+
+    /// Registers (or re-tags) an endpoint.
+    pub fn set_endpoint(&mut self, addr: Ipv4Addr, tag: u32) -> Result<(), Error> {
+        let previous = self.endpoints.get(&addr_key(addr), 0).ok();
+        let capacity = Self::capacity(self.endpoints.map());
+        self.endpoints
+            .insert(addr_key(addr), Endpoint { tag, flags: 0 }, 0)
+            .map_err(insert_err(names::ENDPOINTS, capacity))?;
+        if previous.is_some_and(|p| p.tag != tag) {
+            // Its connections were allowed for the old app.
+            self.bump_epoch()?;
+        }
+        Ok(())
+    }
+
+    /// Unregisters an endpoint; its tracked connections are checked again
+    /// (and now pass as unmanaged or get dropped by the peer's policy).
+    pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<(), Error> {
+        match self.endpoints.remove(&addr_key(addr)) {
+            Ok(()) => self.bump_epoch(),
+            Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::ENDPOINTS)(e)),
+        }
+    }
+
+    pub fn endpoint(&self, addr: Ipv4Addr) -> Option<Endpoint> {
+        self.endpoints.get(&addr_key(addr), 0).ok()
+    }
+
+    pub fn endpoints(&self) -> Vec<(Ipv4Addr, Endpoint)> {
+        self.endpoints.iter().filter_map(Result::ok).map(|(k, v)| (addr_from_key(k), v)).collect()
+    }
+
+    /// Binds a host-side veth to its endpoint, for the anti-spoofing check.
+    pub fn set_veth(&mut self, ifindex: u32, addr: Ipv4Addr, tag: u32) -> Result<(), Error> {
+        let capacity = Self::capacity(self.veths.map());
+        self.veths
+            .insert(ifindex, Attachment { addr: addr_key(addr), tag }, 0)
+            .map_err(insert_err(names::VETHS, capacity))
+    }
+
+    pub fn remove_veth(&mut self, ifindex: u32) -> Result<(), Error> {
+        match self.veths.remove(&ifindex) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::VETHS)(e)),
+        }
+    }
+
+    /// Binds a cgroup (by id) to its endpoint, for the anti-spoofing check.
+    pub fn set_cgroup(&mut self, cgroup_id: u64, addr: Ipv4Addr, tag: u32) -> Result<(), Error> {
+        let capacity = Self::capacity(self.cgroups.map());
+        self.cgroups
+            .insert(cgroup_id, Attachment { addr: addr_key(addr), tag }, 0)
+            .map_err(insert_err(names::CGROUPS, capacity))
+    }
+
+    pub fn remove_cgroup(&mut self, cgroup_id: u64) -> Result<(), Error> {
+        match self.cgroups.remove(&cgroup_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::CGROUPS)(e)),
+        }
+    }
+
+    /// The allowances stored for a pair (empty if none).
+    pub fn pair(&self, key: &PairKey) -> Vec<Allowance> {
+        self.policies.get(key, 0).map(|r| r.allowances().collect()).unwrap_or_default()
+    }
+
+    /// All pairs and their allowances.
+    pub fn pairs(&self) -> Vec<(PairKey, Vec<Allowance>)> {
+        self.policies
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, v.allowances().collect()))
+            .collect()
+    }
+
+    /// Replaces the allowances of one pair in one update. Bumps the epoch if
+    /// a port that was allowed no longer is. An error leaves the entry as it
+    /// was.
+    pub fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), Error> {
+        let old = self.policies.get(&key, 0).ok();
+        if allowances.is_empty() {
+            if old.is_some() {
+                match self.policies.remove(&key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(names::POLICIES)(e)),
+                }
+                self.bump_epoch()?;
+            }
+            return Ok(());
+        }
+        let new = PortRules::build(allowances)?;
+        let capacity = Self::capacity(self.policies.map());
+        self.policies.insert(key, new, 0).map_err(insert_err(names::POLICIES, capacity))?;
+        if old.is_some_and(|old| !new.covers(&old)) {
+            self.bump_epoch()?;
+        }
+        Ok(())
+    }
+
+    /// Adds one allowance to a pair (a no-op if the same range is there).
+    pub fn allow(&mut self, key: PairKey, allowance: Allowance) -> Result<(), Error> {
+        let mut all = self.pair(&key);
+        if all.iter().any(|a| a.start == allowance.start && a.end == allowance.end) {
+            return Ok(());
+        }
+        all.push(allowance);
+        self.set_pair(key, &all)
+    }
+
+    /// Removes the allowance for exactly `start..=end` from a pair (a no-op if
+    /// it is not there).
+    pub fn revoke(&mut self, key: PairKey, start: u16, end: u16) -> Result<(), Error> {
+        let mut all = self.pair(&key);
+        let before = all.len();
+        all.retain(|a| !(a.start == start && a.end == end));
+        if all.len() == before {
+            return Ok(());
+        }
+        self.set_pair(key, &all)
+    }
+
+    pub fn epoch(&self) -> Result<u32, Error> {
+        self.epoch.get(&EPOCH_INDEX, 0).map_err(map_err(names::EPOCH))
+    }
+
+    /// Makes every tracked connection be checked against policy again at its
+    /// next packet.
+    pub fn bump_epoch(&mut self) -> Result<(), Error> {
+        let next = self.epoch()?.wrapping_add(1);
+        self.epoch.set(EPOCH_INDEX, next, 0).map_err(map_err(names::EPOCH))
+    }
+
+    /// Packets per verdict reason, summed over CPUs.
+    pub fn verdicts(&self) -> Result<Vec<(Reason, u64)>, Error> {
+        Reason::ALL
+            .iter()
+            .map(|&reason| {
+                let per_cpu =
+                    self.verdicts.get(&(reason as u32), 0).map_err(map_err(names::VERDICTS))?;
+                Ok((reason, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Packets counted under one reason, summed over CPUs.
+    pub fn verdict_count(&self, reason: Reason) -> Result<u64, Error> {
+        let per_cpu = self.verdicts.get(&(reason as u32), 0).map_err(map_err(names::VERDICTS))?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    /// Tracked connections (walks the map: for tests and status, not hot paths).
+    pub fn connections(&self) -> Vec<(ConnKey, Conn)> {
+        self.conntrack.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn fragments_tracked(&self) -> usize {
+        self.fragments.keys().filter_map(Result::ok).count()
+    }
+}

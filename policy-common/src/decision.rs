@@ -1,0 +1,219 @@
+//! The verdict for a packet, as a pure function of the parsed headers and the
+//! map contents. The kernel programs call these functions with their maps
+//! behind [`Tables`]; the host tests call them with in-memory tables.
+
+use crate::maps::{Attachment, Conn, ConnKey, Endpoint, FragmentKey, PairKey, PortRules, origin};
+use crate::packet::{Flow, Parsed};
+use crate::verdict::{Reason, Verdict};
+
+/// Read access to the maps the destination-side decision consults.
+pub trait Tables {
+    /// `ENDPOINTS[addr]`.
+    fn endpoint(&self, addr: u32) -> Option<Endpoint>;
+    /// `POLICIES[key]`.
+    fn port_rules(&self, key: &PairKey) -> Option<&PortRules>;
+    /// `CONNTRACK[key]`.
+    fn conn(&self, key: &ConnKey) -> Option<Conn>;
+    /// `EPOCH[0]`.
+    fn epoch(&self) -> u32;
+    /// Whether `FRAGMENTS` holds `key`.
+    fn fragment_allowed(&self, key: &FragmentKey) -> bool;
+}
+
+/// A change the program makes to `CONNTRACK` along with its verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnUpdate {
+    None,
+    /// Create the entry, or refresh it after a re-check.
+    Insert(ConnKey, Conn),
+    /// The connection is no longer allowed (or no longer managed).
+    Remove(ConnKey),
+}
+
+/// The verdict and the map changes that go with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub conn: ConnUpdate,
+    /// The first fragment of a datagram passed: let its later fragments pass.
+    pub record_fragment: Option<FragmentKey>,
+}
+
+impl Decision {
+    const fn just(verdict: Verdict) -> Self {
+        Self { verdict, conn: ConnUpdate::None, record_fragment: None }
+    }
+}
+
+impl ConnKey {
+    /// The connection a packet belongs to, and which end of it sent the packet.
+    #[inline(always)]
+    pub fn of(flow: &Flow) -> (ConnKey, u8) {
+        let sender_is_lo = (flow.saddr, flow.sport) <= (flow.daddr, flow.dport);
+        let (addr_lo, port_lo, addr_hi, port_hi, side) = if sender_is_lo {
+            (flow.saddr, flow.sport, flow.daddr, flow.dport, origin::LO)
+        } else {
+            (flow.daddr, flow.dport, flow.saddr, flow.sport, origin::HI)
+        };
+        let key =
+            ConnKey { addr_lo, addr_hi, port_lo, port_hi, protocol: flow.protocol, _pad: [0; 3] };
+        (key, side)
+    }
+
+    /// The first packet of the connection, as the end `origin` sent it.
+    #[inline(always)]
+    pub fn opening_flow(&self, origin: u8) -> Flow {
+        let (saddr, sport, daddr, dport) = if origin == origin::LO {
+            (self.addr_lo, self.port_lo, self.addr_hi, self.port_hi)
+        } else {
+            (self.addr_hi, self.port_hi, self.addr_lo, self.port_lo)
+        };
+        Flow { saddr, daddr, sport, dport, protocol: self.protocol }
+    }
+}
+
+/// Result of checking one flow against the policies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Source or destination is not a registered endpoint.
+    Unmanaged,
+    /// Allowed by this policy.
+    Allowed(u32),
+    Denied,
+}
+
+/// Checks a new flow: (source app tag, destination app tag, protocol) selects
+/// the pair's port ranges; the destination port must fall in one of them.
+#[inline(always)]
+pub fn check_flow<T: Tables>(tables: &T, flow: &Flow) -> Check {
+    let Some(dst) = tables.endpoint(flow.daddr) else {
+        return Check::Unmanaged;
+    };
+    let Some(src) = tables.endpoint(flow.saddr) else {
+        return Check::Unmanaged;
+    };
+    let key = PairKey::new(src.tag, dst.tag, flow.protocol);
+    // Port 0 (protocols without ports) never matches: ranges start at 1.
+    match tables.port_rules(&key).and_then(|rules| rules.find(flow.dport)) {
+        Some(policy_id) => Check::Allowed(policy_id),
+        None => Check::Denied,
+    }
+}
+
+/// Destination side (TC egress of the host-side veth, cgroup_skb ingress):
+/// the policy decision for a packet about to enter an endpoint.
+///
+/// Precedence, first match wins:
+/// 1. not IPv4 → pass (ARP and IPv6 are outside the policy);
+/// 2. malformed IPv4/L4 headers → drop;
+/// 3. a tracked connection checked at the current epoch → pass (established
+///    or reply); one checked at an older epoch is checked again now and
+///    refreshed, or removed and dropped (the policy that allowed it is gone);
+/// 4. either end not a registered endpoint → pass (not container-to-container);
+/// 5. a policy (source tag, destination tag, protocol) with a range holding the
+///    destination port → pass and track the connection;
+/// 6. otherwise → drop.
+///
+/// Later fragments pass iff their first fragment passed (4 still applies);
+/// ICMP errors pass iff they quote a tracked connection (4 still applies).
+#[inline(always)]
+pub fn decide_destination<T: Tables>(tables: &T, parsed: &Parsed) -> Decision {
+    // Read the epoch before any policy lookup: the agent removes policies
+    // first and bumps the epoch second, so a connection recorded with this
+    // epoch was checked against rules at least as new as the epoch.
+    let epoch = tables.epoch();
+    match *parsed {
+        Parsed::NotIpv4 => Decision::just(Verdict::Pass(Reason::NotIpv4)),
+        Parsed::Malformed => Decision::just(Verdict::Drop(Reason::Malformed)),
+        Parsed::LaterFragment(key) => {
+            if tables.endpoint(key.daddr).is_none() || tables.endpoint(key.saddr).is_none() {
+                Decision::just(Verdict::Pass(Reason::Unmanaged))
+            } else if tables.fragment_allowed(&key) {
+                Decision::just(Verdict::Pass(Reason::Fragment))
+            } else {
+                Decision::just(Verdict::Drop(Reason::FragmentUnknown))
+            }
+        }
+        Parsed::IcmpError { saddr, daddr, about } => {
+            let (key, _) = ConnKey::of(&about);
+            if tables.conn(&key).is_some_and(|conn| conn.epoch == epoch) {
+                Decision::just(Verdict::Pass(Reason::Related))
+            } else if tables.endpoint(daddr).is_none() || tables.endpoint(saddr).is_none() {
+                Decision::just(Verdict::Pass(Reason::Unmanaged))
+            } else {
+                Decision::just(Verdict::Drop(Reason::NoPolicy))
+            }
+        }
+        Parsed::Flow { flow, fragment } => decide_flow(tables, epoch, &flow, fragment),
+    }
+}
+
+#[inline(always)]
+fn decide_flow<T: Tables>(
+    tables: &T,
+    epoch: u32,
+    flow: &Flow,
+    fragment: Option<FragmentKey>,
+) -> Decision {
+    let (key, side) = ConnKey::of(flow);
+    if let Some(conn) = tables.conn(&key) {
+        let reason = if side == conn.origin { Reason::Established } else { Reason::Reply };
+        if conn.epoch == epoch {
+            return Decision {
+                verdict: Verdict::Pass(reason),
+                conn: ConnUpdate::None,
+                record_fragment: fragment,
+            };
+        }
+        return match check_flow(tables, &key.opening_flow(conn.origin)) {
+            Check::Allowed(policy_id) => Decision {
+                verdict: Verdict::Pass(reason),
+                conn: ConnUpdate::Insert(key, Conn { epoch, policy_id, ..conn }),
+                record_fragment: fragment,
+            },
+            Check::Unmanaged => Decision {
+                verdict: Verdict::Pass(Reason::Unmanaged),
+                conn: ConnUpdate::Remove(key),
+                record_fragment: None,
+            },
+            Check::Denied => Decision {
+                verdict: Verdict::Drop(Reason::Revoked),
+                conn: ConnUpdate::Remove(key),
+                record_fragment: None,
+            },
+        };
+    }
+    match check_flow(tables, flow) {
+        Check::Unmanaged => Decision::just(Verdict::Pass(Reason::Unmanaged)),
+        Check::Allowed(policy_id) => Decision {
+            verdict: Verdict::Pass(Reason::NewAllowed),
+            conn: ConnUpdate::Insert(key, Conn { epoch, policy_id, origin: side, _pad: [0; 7] }),
+            record_fragment: fragment,
+        },
+        Check::Denied => Decision::just(Verdict::Drop(Reason::NoPolicy)),
+    }
+}
+
+/// Source side (TC ingress of the host-side veth, cgroup_skb egress): the
+/// anti-spoofing check. `own` is the endpoint behind this interface or cgroup.
+///
+/// 1. not IPv4 → pass; 2. malformed → drop; 3. no endpoint here → pass;
+/// 4. source address is the endpoint's → pass; 5. otherwise → drop (spoofed).
+#[inline(always)]
+pub fn decide_source(parsed: &Parsed, own: Option<Attachment>) -> Verdict {
+    let saddr = match *parsed {
+        Parsed::NotIpv4 => return Verdict::Pass(Reason::NotIpv4),
+        Parsed::Malformed => return Verdict::Drop(Reason::Malformed),
+        Parsed::Flow { flow, .. } => flow.saddr,
+        Parsed::LaterFragment(key) => key.saddr,
+        Parsed::IcmpError { saddr, .. } => saddr,
+    };
+    match own {
+        None => Verdict::Pass(Reason::Unmanaged),
+        Some(own) if own.addr == saddr => Verdict::Pass(Reason::SourceVerified),
+        Some(_) => Verdict::Drop(Reason::Spoofed),
+    }
+}
+
+#[cfg(test)]
+mod tests;

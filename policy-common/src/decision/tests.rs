@@ -1,0 +1,239 @@
+extern crate std;
+use std::collections::{HashMap, HashSet};
+
+use super::*;
+use crate::craft::{PacketSpec, icmp_unreachable};
+use crate::maps::proto;
+use crate::packet::{parse_ethernet, parse_ipv4};
+use crate::ports::Allowance;
+
+/// In-memory maps, applying decisions the way the kernel program does.
+#[derive(Default)]
+struct MemTables {
+    endpoints: HashMap<u32, Endpoint>,
+    policies: HashMap<PairKey, PortRules>,
+    conns: HashMap<ConnKey, Conn>,
+    fragments: HashSet<FragmentKey>,
+    epoch: u32,
+}
+
+impl Tables for MemTables {
+    fn endpoint(&self, addr: u32) -> Option<Endpoint> {
+        self.endpoints.get(&addr).copied()
+    }
+    fn port_rules(&self, key: &PairKey) -> Option<&PortRules> {
+        self.policies.get(key)
+    }
+    fn conn(&self, key: &ConnKey) -> Option<Conn> {
+        self.conns.get(key).copied()
+    }
+    fn epoch(&self) -> u32 {
+        self.epoch
+    }
+    fn fragment_allowed(&self, key: &FragmentKey) -> bool {
+        self.fragments.contains(key)
+    }
+}
+
+const A: [u8; 4] = [10, 255, 0, 1];
+const B: [u8; 4] = [10, 255, 0, 2];
+const HOST: [u8; 4] = [169, 254, 0, 1];
+
+fn addr(ip: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(ip)
+}
+
+impl MemTables {
+    fn with_endpoints() -> Self {
+        let mut t = MemTables::default();
+        t.endpoints.insert(addr(A), Endpoint { tag: 1, flags: 0 });
+        t.endpoints.insert(addr(B), Endpoint { tag: 2, flags: 0 });
+        t
+    }
+
+    fn allow(&mut self, src_tag: u32, dst_tag: u32, protocol: u8, start: u16, end: u16, id: u32) {
+        let key = PairKey::new(src_tag, dst_tag, protocol);
+        let mut all: std::vec::Vec<Allowance> =
+            self.policies.get(&key).map(|r| r.allowances().collect()).unwrap_or_default();
+        all.push(Allowance { start, end, policy_id: id });
+        self.policies.insert(key, PortRules::build(&all).unwrap());
+    }
+
+    /// Runs the destination decision on a frame and applies its effects.
+    fn deliver(&mut self, spec: &PacketSpec) -> Verdict {
+        let frame = spec.frame();
+        let decision = decide_destination(self, &parse_ethernet(frame.as_slice()));
+        match decision.conn {
+            ConnUpdate::None => {}
+            ConnUpdate::Insert(k, v) => {
+                self.conns.insert(k, v);
+            }
+            ConnUpdate::Remove(k) => {
+                self.conns.remove(&k);
+            }
+        }
+        if let Some(f) = decision.record_fragment {
+            self.fragments.insert(f);
+        }
+        decision.verdict
+    }
+}
+
+#[test]
+fn denied_by_default_allowed_by_policy_with_range_edges() {
+    let mut t = MemTables::with_endpoints();
+    assert_eq!(t.deliver(&PacketSpec::tcp(A, B, 40000, 8080)), Verdict::Drop(Reason::NoPolicy));
+    t.allow(1, 2, proto::TCP, 8080, 8090, 9);
+    for (port, ok) in [(8079, false), (8080, true), (8090, true), (8091, false)] {
+        let v = t.deliver(&PacketSpec::tcp(A, B, 40001 + port, port));
+        assert_eq!(v.is_pass(), ok, "port {port}: {v:?}");
+    }
+    // The policy is directional and per protocol.
+    assert_eq!(t.deliver(&PacketSpec::tcp(B, A, 40000, 8080)), Verdict::Drop(Reason::NoPolicy));
+    assert_eq!(t.deliver(&PacketSpec::udp(A, B, 40000, 8080)), Verdict::Drop(Reason::NoPolicy));
+}
+
+#[test]
+fn replies_and_established_packets_pass() {
+    let mut t = MemTables::with_endpoints();
+    t.allow(1, 2, proto::TCP, 8080, 8080, 3);
+    assert_eq!(t.deliver(&PacketSpec::tcp(A, B, 40000, 8080)), Verdict::Pass(Reason::NewAllowed));
+    assert_eq!(t.deliver(&PacketSpec::tcp(A, B, 40000, 8080)), Verdict::Pass(Reason::Established));
+    assert_eq!(t.deliver(&PacketSpec::tcp(B, A, 8080, 40000)), Verdict::Pass(Reason::Reply));
+    // A reply-shaped packet of a connection never opened is denied.
+    assert_eq!(t.deliver(&PacketSpec::tcp(B, A, 8080, 40001)), Verdict::Drop(Reason::NoPolicy));
+}
+
+#[test]
+fn removing_a_policy_revokes_its_connections_at_the_next_epoch() {
+    let mut t = MemTables::with_endpoints();
+    t.allow(1, 2, proto::UDP, 53, 53, 1);
+    assert!(t.deliver(&PacketSpec::udp(A, B, 5000, 53)).is_pass());
+    t.policies.clear();
+    // Same epoch: the agent has not bumped it yet, the entry still holds.
+    assert_eq!(t.deliver(&PacketSpec::udp(B, A, 53, 5000)), Verdict::Pass(Reason::Reply));
+    t.epoch += 1;
+    assert_eq!(t.deliver(&PacketSpec::udp(B, A, 53, 5000)), Verdict::Drop(Reason::Revoked));
+    assert!(t.conns.is_empty());
+    assert_eq!(t.deliver(&PacketSpec::udp(A, B, 5000, 53)), Verdict::Drop(Reason::NoPolicy));
+}
+
+#[test]
+fn a_new_epoch_keeps_connections_that_are_still_allowed() {
+    let mut t = MemTables::with_endpoints();
+    t.allow(1, 2, proto::TCP, 80, 90, 1);
+    assert!(t.deliver(&PacketSpec::tcp(A, B, 5000, 85)).is_pass());
+    t.epoch += 1;
+    assert_eq!(t.deliver(&PacketSpec::tcp(B, A, 85, 5000)), Verdict::Pass(Reason::Reply));
+    assert_eq!(t.conns.values().next().unwrap().epoch, 1);
+}
+
+#[test]
+fn traffic_not_between_two_endpoints_is_unmanaged() {
+    let mut t = MemTables::with_endpoints();
+    assert_eq!(t.deliver(&PacketSpec::tcp(HOST, B, 1, 22)), Verdict::Pass(Reason::Unmanaged));
+    assert_eq!(t.deliver(&PacketSpec::tcp(A, HOST, 1, 22)), Verdict::Pass(Reason::Unmanaged));
+    // ICMP echo between endpoints: no policy can allow it.
+    let ping = PacketSpec::new(A, B, proto::ICMP, 0, 0);
+    assert_eq!(t.deliver(&ping), Verdict::Drop(Reason::NoPolicy));
+    assert_eq!(
+        t.deliver(&PacketSpec::new(HOST, B, proto::ICMP, 0, 0)),
+        Verdict::Pass(Reason::Unmanaged)
+    );
+}
+
+#[test]
+fn fragments_follow_their_first_fragment() {
+    let mut t = MemTables::with_endpoints();
+    t.allow(1, 2, proto::UDP, 9000, 9000, 1);
+    let mut first = PacketSpec::udp(A, B, 7000, 9000);
+    first.more_fragments = true;
+    first.ip_id = 77;
+    let mut later = PacketSpec::udp(A, B, 0, 0);
+    later.frag_offset = 10;
+    later.ip_id = 77;
+    // Before the first fragment was seen, a later one is unknown.
+    assert_eq!(t.deliver(&later), Verdict::Drop(Reason::FragmentUnknown));
+    assert_eq!(t.deliver(&first), Verdict::Pass(Reason::NewAllowed));
+    assert_eq!(t.deliver(&later), Verdict::Pass(Reason::Fragment));
+    // A denied first fragment lets none through.
+    let mut denied = PacketSpec::udp(A, B, 7000, 9001);
+    denied.more_fragments = true;
+    denied.ip_id = 78;
+    assert_eq!(t.deliver(&denied), Verdict::Drop(Reason::NoPolicy));
+    later.ip_id = 78;
+    assert_eq!(t.deliver(&later), Verdict::Drop(Reason::FragmentUnknown));
+}
+
+#[test]
+fn icmp_errors_pass_only_for_tracked_connections() {
+    let mut t = MemTables::with_endpoints();
+    t.allow(1, 2, proto::UDP, 9000, 9000, 1);
+    let request = PacketSpec::udp(A, B, 7000, 9000);
+    let error = icmp_unreachable(B, A, &request);
+    assert_eq!(t.deliver(&error), Verdict::Drop(Reason::NoPolicy));
+    assert!(t.deliver(&request).is_pass());
+    assert_eq!(t.deliver(&error), Verdict::Pass(Reason::Related));
+}
+
+#[test]
+fn parse_rejects_truncated_and_inconsistent_headers() {
+    let good = PacketSpec::tcp(A, B, 1, 2).ipv4();
+    assert!(matches!(parse_ipv4(good.as_slice(), 0), Parsed::Flow { .. }));
+    // Cut anywhere inside the IP or TCP header.
+    for cut in [0, 1, 10, 19, 20, 25, 39] {
+        assert_eq!(parse_ipv4(&good[..cut], 0), Parsed::Malformed, "cut at {cut}");
+    }
+    // total_len says the TCP header is cut, though padding follows.
+    let mut short = good.clone();
+    short[2..4].copy_from_slice(&30u16.to_be_bytes());
+    assert_eq!(parse_ipv4(short.as_slice(), 0), Parsed::Malformed);
+    // IHL below 5, wrong version.
+    let mut bad = good.clone();
+    bad[0] = 0x44;
+    assert_eq!(parse_ipv4(bad.as_slice(), 0), Parsed::Malformed);
+    bad[0] = 0x65;
+    assert_eq!(parse_ipv4(bad.as_slice(), 0), Parsed::Malformed);
+}
+
+#[test]
+fn parse_skips_ip_options_and_reads_ports_after_them() {
+    let mut spec = PacketSpec::udp(A, B, 1111, 2222);
+    spec.ip_options = std::vec![1; 12]; // NOPs
+    match parse_ethernet(spec.frame().as_slice()) {
+        Parsed::Flow { flow, fragment: None } => {
+            assert_eq!((flow.sport, flow.dport, flow.protocol), (1111, 2222, proto::UDP));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn parse_non_ip_frames_as_not_ipv4() {
+    let mut arp = PacketSpec::tcp(A, B, 1, 2).frame();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    assert_eq!(parse_ethernet(arp.as_slice()), Parsed::NotIpv4);
+    assert_eq!(parse_ethernet(&arp[..10]), Parsed::NotIpv4);
+}
+
+#[test]
+fn source_side_drops_spoofed_addresses() {
+    let own = Some(Attachment { addr: addr(A), tag: 1 });
+    let from_a = parse_ipv4(PacketSpec::tcp(A, B, 1, 2).ipv4().as_slice(), 0);
+    let from_b = parse_ipv4(PacketSpec::tcp(B, A, 1, 2).ipv4().as_slice(), 0);
+    assert_eq!(decide_source(&from_a, own), Verdict::Pass(Reason::SourceVerified));
+    assert_eq!(decide_source(&from_b, own), Verdict::Drop(Reason::Spoofed));
+    assert_eq!(decide_source(&from_b, None), Verdict::Pass(Reason::Unmanaged));
+    assert_eq!(decide_source(&Parsed::NotIpv4, own), Verdict::Pass(Reason::NotIpv4));
+}
+
+#[test]
+fn conn_key_is_the_same_for_both_directions() {
+    let there = Flow { saddr: addr(A), daddr: addr(B), sport: 40000, dport: 80, protocol: 6 };
+    let back = Flow { saddr: addr(B), daddr: addr(A), sport: 80, dport: 40000, protocol: 6 };
+    let (k1, s1) = ConnKey::of(&there);
+    let (k2, s2) = ConnKey::of(&back);
+    assert_eq!(k1, k2);
+    assert_ne!(s1, s2);
+    assert_eq!(k1.opening_flow(s1), there);
+}

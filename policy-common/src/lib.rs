@@ -1,0 +1,18 @@
+//! The map ABI shared by the kernel programs and the agent, and the pure
+//! decision logic both of them (and the tests' reference model) agree on.
+//!
+//! Everything here is `no_std` and allocation-free so that the eBPF crate can
+//! use it unchanged; the `user` feature adds `aya::Pod` for the map types.
+#![no_std]
+
+#[cfg(any(test, feature = "user"))]
+pub mod craft;
+pub mod decision;
+pub mod maps;
+pub mod packet;
+pub mod ports;
+pub mod verdict;
+
+pub use decision::{Decision, Tables, decide_destination, decide_source};
+pub use packet::{Flow, PacketBytes, Parsed, parse_ipv4};
+pub use verdict::{Reason, Verdict};

@@ -1,0 +1,214 @@
+//! Map keys and values: the ABI between the kernel programs and the agent.
+//!
+//! Byte order convention, everywhere in this module:
+//! - IPv4 addresses are stored exactly as they appear on the wire, read as a
+//!   native-endian `u32` (`u32::from_ne_bytes(addr.octets())`), so the kernel
+//!   never swaps bytes on the fast path.
+//! - Ports are host byte order (`u16::from_be_bytes` of the wire bytes): they
+//!   are compared as numbers against ranges.
+//!
+//! Every struct is `#[repr(C)]` with its padding spelled out as `_pad` fields
+//! that must be zero, so that a key hashes the same on both sides and `Pod` is
+//! sound (no uninitialised bytes).
+
+/// Map names, as they appear in `bpftool map` and under the pin directory.
+pub mod names {
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const VETHS: &str = "VETHS";
+    pub const CGROUPS: &str = "CGROUPS";
+    pub const POLICIES: &str = "POLICIES";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const EPOCH: &str = "EPOCH";
+    pub const VERDICTS: &str = "VERDICTS";
+    /// Every map the object defines, in a stable order.
+    pub const ALL: [&str; 8] =
+        [ENDPOINTS, VETHS, CGROUPS, POLICIES, CONNTRACK, FRAGMENTS, EPOCH, VERDICTS];
+}
+
+/// Program names in the object.
+pub mod programs {
+    /// TC ingress of the host-side veth: packets *leaving* the container.
+    pub const TC_FROM_CONTAINER: &str = "tc_from_container";
+    /// TC egress of the host-side veth: packets *entering* the container.
+    pub const TC_TO_CONTAINER: &str = "tc_to_container";
+    /// cgroup_skb egress: packets leaving the workloads of a cgroup.
+    pub const CGROUP_EGRESS: &str = "cgroup_egress";
+    /// cgroup_skb ingress: packets delivered to the workloads of a cgroup.
+    pub const CGROUP_INGRESS: &str = "cgroup_ingress";
+}
+
+/// Default capacities (max_entries). The agent may override each at load time.
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 65_536;
+    pub const VETHS: u32 = 65_536;
+    pub const CGROUPS: u32 = 65_536;
+    /// Entries are (source tag, destination tag, protocol) pairs, each holding
+    /// up to [`super::MAX_PORT_RANGES`] port ranges. Not preallocated.
+    pub const POLICIES: u32 = 1 << 20;
+    pub const CONNTRACK: u32 = 262_144;
+    pub const FRAGMENTS: u32 = 8_192;
+}
+
+/// `ENDPOINTS` value, keyed by the endpoint's IPv4 address (wire order `u32`).
+/// Every registered container instance has one entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Endpoint {
+    /// Tag of the endpoint's app (allocated by the agent, never 0).
+    pub tag: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<Endpoint>() == 8);
+
+/// Value of `VETHS` (keyed by the host-side veth's ifindex, `u32`) and of
+/// `CGROUPS` (keyed by the cgroup id, `u64`): the one endpoint whose traffic
+/// passes there, for the anti-spoofing check on the source side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Attachment {
+    /// The endpoint's address (wire order `u32`).
+    pub addr: u32,
+    /// The endpoint's app tag.
+    pub tag: u32,
+}
+const _: () = assert!(size_of::<Attachment>() == 8);
+
+/// IP protocol numbers the policy understands.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// `POLICIES` key: one per (source app, destination app, protocol).
+///
+/// No field is wildcarded: a policy always names both apps and a protocol.
+/// Ports are not part of the key; they are ranges inside the value, so the
+/// lookup is one hash lookup plus a bounded search whatever the number of
+/// policies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PairKey {
+    /// Tag of the source app.
+    pub src_tag: u32,
+    /// Tag of the destination app.
+    pub dst_tag: u32,
+    /// IP protocol number ([`proto::TCP`] or [`proto::UDP`]).
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<PairKey>() == 12);
+
+impl PairKey {
+    pub const fn new(src_tag: u32, dst_tag: u32, protocol: u8) -> Self {
+        Self { src_tag, dst_tag, protocol, _pad: [0; 3] }
+    }
+}
+
+/// Most port ranges one (source, destination, protocol) entry holds.
+pub const MAX_PORT_RANGES: usize = 16;
+
+/// One allowed destination port range, inclusive, and the policy it comes from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+    /// Highest `end` among this range and all ranges sorted before it (see
+    /// [`crate::ports`]): lets the lookup answer with one binary search even
+    /// when ranges overlap.
+    pub reach: u16,
+    /// Index of the range whose `end` is `reach`.
+    pub reach_index: u8,
+    pub _pad: u8,
+    /// Id of the policy that allows this range (the agent's numbering).
+    pub policy_id: u32,
+}
+const _: () = assert!(size_of::<PortRange>() == 12);
+
+/// `POLICIES` value: the port ranges allowed for one pair, sorted by `start`.
+/// Built by [`crate::ports::PortRules::build`]; only the first `len` entries are
+/// meaningful, the rest are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRules {
+    pub len: u32,
+    pub _pad: u32,
+    pub ranges: [PortRange; MAX_PORT_RANGES],
+}
+const _: () = assert!(size_of::<PortRules>() == 8 + 12 * MAX_PORT_RANGES);
+
+/// `CONNTRACK` key: a connection, the same for both of its directions.
+///
+/// The two (address, port) ends are stored in a canonical order (the lower
+/// end first, comparing address then port), so a reply finds the entry its
+/// request made with one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    pub addr_lo: u32,
+    pub addr_hi: u32,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<ConnKey>() == 16);
+
+/// Which end of a [`ConnKey`] opened the connection.
+pub mod origin {
+    pub const LO: u8 = 0;
+    pub const HI: u8 = 1;
+}
+
+/// `CONNTRACK` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Conn {
+    /// Value of `EPOCH` when the connection was last checked against policy.
+    /// The agent bumps `EPOCH` whenever it takes an allowance away; a packet
+    /// of a connection with an older epoch is checked again (and the
+    /// connection cut if no longer allowed).
+    pub epoch: u32,
+    /// Policy that allowed the connection.
+    pub policy_id: u32,
+    /// [`origin::LO`] or [`origin::HI`]: the end that sent the first packet.
+    pub origin: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(size_of::<Conn>() == 16);
+
+/// `FRAGMENTS` key: one fragmented datagram whose first fragment was allowed.
+/// Later fragments carry no ports; they pass if their datagram is here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragmentKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// IPv4 identification field, host order.
+    pub id: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<FragmentKey>() == 12);
+
+/// Index of the only `EPOCH` entry.
+pub const EPOCH_INDEX: u32 = 0;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are `#[repr(C)]`, contain only integers and arrays
+    // of integers, and have no implicit padding (sizes asserted above), so
+    // every bit pattern is a valid value.
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for Attachment {}
+    unsafe impl aya::Pod for PairKey {}
+    unsafe impl aya::Pod for PortRange {}
+    unsafe impl aya::Pod for PortRules {}
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for Conn {}
+    unsafe impl aya::Pod for FragmentKey {}
+}

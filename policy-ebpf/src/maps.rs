@@ -1,0 +1,52 @@
+//! The maps. Capacities here are the defaults; the loader overrides them.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use policy_common::{
+    Reason,
+    maps::{Attachment, Conn, ConnKey, Endpoint, FragmentKey, PairKey, PortRules, capacity},
+};
+
+/// Registered endpoints by address.
+#[btf_map]
+pub static ENDPOINTS: HashMap<u32, Endpoint, { capacity::ENDPOINTS as usize }> = HashMap::new();
+
+/// Host-side veth ifindex → the endpoint behind it.
+#[btf_map]
+pub static VETHS: HashMap<u32, Attachment, { capacity::VETHS as usize }> = HashMap::new();
+
+/// cgroup id → the endpoint whose workloads it holds.
+#[btf_map]
+pub static CGROUPS: HashMap<u64, Attachment, { capacity::CGROUPS as usize }> = HashMap::new();
+
+/// (source tag, destination tag, protocol) → allowed port ranges. Not
+/// preallocated: a million pairs would otherwise pin ~200 MiB up front.
+#[btf_map]
+pub static POLICIES: HashMap<
+    PairKey,
+    PortRules,
+    { capacity::POLICIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Tracked connections. LRU: a full table forgets the least recently used
+/// connection, whose next packet is then checked against policy again.
+#[btf_map]
+pub static CONNTRACK: LruHashMap<ConnKey, Conn, { capacity::CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// Datagrams whose first fragment passed; the value is unused (1).
+#[btf_map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, u32, { capacity::FRAGMENTS as usize }> =
+    LruHashMap::new();
+
+/// Policy epoch, bumped by the agent after it takes an allowance away.
+#[btf_map]
+pub static EPOCH: Array<u32, 1> = Array::new();
+
+/// Packets per verdict reason.
+#[btf_map]
+pub static VERDICTS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuArray::new();

@@ -1,0 +1,30 @@
+//! Fixtures for the privileged tests, the demo and the benchmark: network
+//! namespaces laid out like Cloud Foundry's silk, a temporary pin directory,
+//! and traffic helpers. Everything created here has a unique name and is
+//! removed on drop, also when a test panics.
+
+pub mod cgroup;
+pub mod netns;
+pub mod pins;
+pub mod topology;
+pub mod traffic;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A name unique to this process and call: `pdp<pid>x<n><suffix>`.
+pub fn unique_name(suffix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("pdp{}x{n}{suffix}", std::process::id())
+}
+
+/// Panics unless running as root: every test here needs CAP_BPF,
+/// CAP_NET_ADMIN and CAP_SYS_ADMIN. Says so instead of failing obscurely.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests need root: run them through `cargo xtask test` as root"
+    );
+}

@@ -1,0 +1,120 @@
+//! Named network namespaces (`ip netns`), removed on drop.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+/// A network namespace at /run/netns/NAME.
+pub struct NetNs {
+    name: String,
+}
+
+fn check(output: std::io::Result<Output>, what: &str) -> Output {
+    let output = output.unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        output.status.success(),
+        "{what}: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Runs `ip ARGS...`, panicking with its stderr on failure.
+pub fn ip(args: &[&str]) {
+    check(Command::new("ip").args(args).output(), &format!("ip {}", args.join(" ")));
+}
+
+impl NetNs {
+    pub fn new(name: String) -> Self {
+        ip(&["netns", "add", &name]);
+        let ns = Self { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    /// A command that runs inside the namespace (`ip netns exec`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// Writes a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        self.run(|| std::fs::write(&path, value))
+            .unwrap_or_else(|e| panic!("sysctl {key}={value} in {}: {e}", self.name));
+    }
+
+    /// Runs `f` on a thread that has entered this namespace. Sockets made in
+    /// `f` stay in the namespace wherever they are used afterwards.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = self.path();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    enter(&path);
+                    f()
+                })
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+
+    /// Moves the calling thread into this namespace until the guard drops.
+    pub fn enter(&self) -> EnteredNetNs {
+        let original = File::open("/proc/thread-self/ns/net").expect("open own netns");
+        enter(&self.path());
+        EnteredNetNs { original }
+    }
+}
+
+fn enter(path: &std::path::Path) {
+    let file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: setns on a valid namespace fd affects only this thread.
+    let ret = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(ret, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
+}
+
+/// Returns the thread to its original namespace on drop.
+pub struct EnteredNetNs {
+    original: File,
+}
+
+impl Drop for EnteredNetNs {
+    fn drop(&mut self) {
+        // SAFETY: as in `enter`.
+        let ret = unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        if ret != 0 && !std::thread::panicking() {
+            panic!("cannot return to the original netns: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let out = Command::new("ip").args(["netns", "del", &self.name]).output();
+        if !matches!(&out, Ok(o) if o.status.success()) && !std::thread::panicking() {
+            eprintln!("warning: could not delete netns {}: {out:?}", self.name);
+        }
+    }
+}

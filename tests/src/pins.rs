@@ -1,0 +1,43 @@
+//! A pin directory under /sys/fs/bpf, removed (with everything pinned in it)
+//! on drop.
+
+use std::path::{Path, PathBuf};
+
+use policy_agent::{Dataplane, DataplaneConfig};
+
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new() -> Self {
+        Self { path: PathBuf::from("/sys/fs/bpf").join(crate::unique_name("pins")) }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn config(&self) -> DataplaneConfig {
+        DataplaneConfig::new(&self.path)
+    }
+
+    /// Loads the dataplane (or takes over what is pinned here).
+    pub fn open(&self) -> Dataplane {
+        Dataplane::open(&self.config()).unwrap_or_else(|e| panic!("open dataplane: {e}"))
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = Dataplane::remove_all(&self.path) {
+            eprintln!("warning: could not clean up {}: {e}", self.path.display());
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! One "host" network namespace with "container" namespaces joined to it by
+//! veth pairs, as Cloud Foundry's silk lays them out: the container has a /32
+//! address and a default route via a link-local gateway; the host routes that
+//! /32 to the host-side veth; no bridge.
+
+use std::net::Ipv4Addr;
+
+use policy_agent::Dataplane;
+
+use crate::netns::NetNs;
+
+/// The gateway address every container uses; on every host-side veth.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
+
+pub struct Container {
+    pub ns: NetNs,
+    pub ip: Ipv4Addr,
+    /// Name of the host-side veth (in the host namespace).
+    pub host_ifname: String,
+}
+
+/// The host namespace and its containers. Dropping it removes them all
+/// (containers first; their veths go with them).
+pub struct Host {
+    pub containers: Vec<Container>,
+    pub ns: NetNs,
+}
+
+impl Host {
+    /// A host with `n` containers at 10.255.0.1, 10.255.0.2, ...
+    pub fn new(n: usize) -> Self {
+        let ns = NetNs::new(crate::unique_name("h"));
+        ns.sysctl("net.ipv4.ip_forward", "1");
+        let mut host = Self { containers: Vec::new(), ns };
+        for i in 0..n {
+            host.add_container(i);
+        }
+        host
+    }
+
+    fn add_container(&mut self, i: usize) {
+        let ns = NetNs::new(crate::unique_name(&format!("c{i}")));
+        let ip = Ipv4Addr::new(10, 255, 0, i as u8 + 1);
+        let host_ifname = format!("hv{i}");
+        let cidr = format!("{ip}/32");
+        let gateway = GATEWAY.to_string();
+        self.ns.ip(&[
+            "link",
+            "add",
+            &host_ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]);
+        ns.ip(&["addr", "add", &cidr, "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"]);
+        ns.ip(&["route", "add", "default", "via", &gateway, "dev", "eth0"]);
+        self.ns.ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_ifname]);
+        self.ns.ip(&["link", "set", &host_ifname, "up"]);
+        self.ns.ip(&["route", "add", &cidr, "dev", &host_ifname]);
+        self.containers.push(Container { ns, ip, host_ifname });
+    }
+
+    pub fn container(&self, i: usize) -> &Container {
+        &self.containers[i]
+    }
+
+    /// The ifindex of a host-side veth.
+    pub fn ifindex(&self, ifname: &str) -> u32 {
+        let name = ifname.to_owned();
+        self.ns
+            .run(move || policy_agent::dataplane::nix_ifindex(&name))
+            .unwrap_or_else(|| panic!("no interface {ifname} in the host namespace"))
+    }
+
+    /// Registers container `i` as an endpoint of the app tagged `tag` and
+    /// attaches the programs to its host-side veth.
+    pub fn register(&self, dataplane: &mut Dataplane, i: usize, tag: u32) {
+        let c = self.container(i);
+        let ifindex = self.ifindex(&c.host_ifname);
+        let tables = dataplane.tables();
+        tables.set_endpoint(c.ip, tag).expect("set endpoint");
+        tables.set_veth(ifindex, c.ip, tag).expect("set veth");
+        let _in_host = self.ns.enter();
+        dataplane
+            .attach_veth(&c.host_ifname)
+            .unwrap_or_else(|e| panic!("attach {}: {e}", c.host_ifname));
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // Containers first, then the host (field order would do the
+        // opposite of nothing in particular; be explicit).
+        self.containers.clear();
+    }
+}

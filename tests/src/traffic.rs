@@ -1,0 +1,196 @@
+//! Real TCP and UDP traffic between namespaces, with bounded waits.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::netns::NetNs;
+
+pub const SHORT: Duration = Duration::from_millis(400);
+pub const LONG: Duration = Duration::from_secs(3);
+
+/// A TCP echo server in a namespace: echoes every connection until the
+/// peer closes. Runs until the process ends (its namespace going away closes
+/// nothing, but tests are short).
+pub fn tcp_echo_server(ns: &NetNs, ip: Ipv4Addr, port: u16) -> JoinHandle<()> {
+    let listener = ns.run(move || TcpListener::bind((ip, port))).expect("bind echo server");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// A UDP echo server in a namespace.
+pub fn udp_echo_server(ns: &NetNs, ip: Ipv4Addr, port: u16) -> JoinHandle<()> {
+    let socket = ns.run(move || UdpSocket::bind((ip, port))).expect("bind udp echo");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    })
+}
+
+/// Connects from `ns` (optionally from a given source address) with a
+/// timeout.
+pub fn tcp_connect(
+    ns: &NetNs,
+    from: Option<Ipv4Addr>,
+    to: Ipv4Addr,
+    port: u16,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    ns.run(move || {
+        let target = SocketAddr::V4(SocketAddrV4::new(to, port));
+        let stream = match from {
+            None => TcpStream::connect_timeout(&target, timeout)?,
+            Some(src) => {
+                let socket = socket2_tcp_bound(src)?;
+                connect_with_timeout(socket, target, timeout)?
+            }
+        };
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(stream)
+    })
+}
+
+/// Whether a TCP connection from `ns` to `to:port` gets established and
+/// echoes a message within `timeout`.
+pub fn tcp_echo_works(ns: &NetNs, to: Ipv4Addr, port: u16, timeout: Duration) -> bool {
+    match tcp_connect(ns, None, to, port, timeout) {
+        Ok(mut stream) => echo_once(&mut stream),
+        Err(_) => false,
+    }
+}
+
+/// Sends a message on an open stream and reads it back.
+pub fn echo_once(stream: &mut TcpStream) -> bool {
+    let msg = b"policy-dataplane";
+    let mut buf = [0u8; 16];
+    stream.write_all(msg).is_ok() && stream.read_exact(&mut buf).is_ok() && &buf == msg
+}
+
+/// A UDP socket in `ns` bound to `from` (or any address).
+pub fn udp_socket(ns: &NetNs, from: Option<Ipv4Addr>) -> UdpSocket {
+    let bind = from.unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let socket = ns.run(move || UdpSocket::bind((bind, 0))).expect("bind udp client");
+    socket.set_read_timeout(Some(SHORT)).expect("timeout");
+    socket
+}
+
+/// Whether a UDP datagram of `size` bytes from `ns` to an echo server at
+/// `to:port` comes back within `timeout`.
+pub fn udp_echo_works(
+    socket: &UdpSocket,
+    to: Ipv4Addr,
+    port: u16,
+    size: usize,
+    timeout: Duration,
+) -> bool {
+    socket.set_read_timeout(Some(timeout)).expect("timeout");
+    let msg: Vec<u8> = (0..size).map(|i| i as u8).collect();
+    if socket.send_to(&msg, (to, port)).is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; size + 1];
+    matches!(socket.recv_from(&mut buf), Ok((n, _)) if n == size && buf[..n] == msg[..])
+}
+
+fn socket2_tcp_bound(src: Ipv4Addr) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain socket(2) call; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket(2).
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(src.octets()) },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: addr is a valid sockaddr_in of the size passed.
+    let ret = unsafe {
+        libc::bind(
+            fd,
+            &addr as *const _ as *const libc::sockaddr,
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(owned)
+}
+
+/// connect(2) with a timeout on a bound socket (non-blocking connect + poll).
+fn connect_with_timeout(
+    fd: std::os::fd::OwnedFd,
+    target: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    use std::os::fd::AsRawFd as _;
+    let SocketAddr::V4(v4) = target else { unreachable!("IPv4 only") };
+    let raw = fd.as_raw_fd();
+    // SAFETY: fcntl on a valid fd.
+    unsafe { libc::fcntl(raw, libc::F_SETFL, libc::O_NONBLOCK) };
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: as in bind above.
+    let ret = unsafe {
+        libc::connect(
+            raw,
+            &addr as *const _ as *const libc::sockaddr,
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    if ret != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(err);
+        }
+        let mut pfd = libc::pollfd { fd: raw, events: libc::POLLOUT, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        if n <= 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"));
+        }
+        let mut so_error: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as u32;
+        // SAFETY: valid out-pointers for SO_ERROR.
+        unsafe {
+            libc::getsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                &mut so_error as *mut _ as *mut _,
+                &mut len,
+            )
+        };
+        if so_error != 0 {
+            return Err(std::io::Error::from_raw_os_error(so_error));
+        }
+    }
+    // SAFETY: back to blocking mode on a valid fd.
+    unsafe { libc::fcntl(raw, libc::F_SETFL, 0) };
+    Ok(TcpStream::from(fd))
+}

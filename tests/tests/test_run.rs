@@ -1,0 +1,281 @@
+//! `BPF_PROG_TEST_RUN` table tests: crafted packets through the loaded
+//! programs, verdicts and map effects checked.
+
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use integration_tests::{netns::NetNs, pins::PinDir, require_root, unique_name};
+use policy_agent::{Dataplane, Direction};
+use policy_common::{
+    Reason,
+    craft::{PacketSpec, icmp_unreachable},
+    maps::{PairKey, proto},
+    ports::Allowance,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+const A: [u8; 4] = [10, 255, 0, 1];
+const B: [u8; 4] = [10, 255, 0, 2];
+const C: [u8; 4] = [10, 255, 0, 3];
+const OUTSIDE: [u8; 4] = [169, 254, 0, 1];
+const TAG_A: u32 = 1;
+const TAG_B: u32 = 2;
+
+/// A fresh namespace (test runs use its loopback as skb->dev) and a
+/// dataplane with A (tag 1), B (tag 2) and C (tag 1) registered.
+struct Fixture {
+    dataplane: Dataplane,
+    _pins: PinDir,
+    _in_ns: integration_tests::netns::EnteredNetNs,
+    _ns: NetNs,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        require_root();
+        let ns = NetNs::new(unique_name("tr"));
+        let in_ns = ns.enter();
+        let pins = PinDir::new();
+        let mut dataplane = pins.open();
+        let t = dataplane.tables();
+        t.set_endpoint(Ipv4Addr::from(A), TAG_A).unwrap();
+        t.set_endpoint(Ipv4Addr::from(B), TAG_B).unwrap();
+        t.set_endpoint(Ipv4Addr::from(C), TAG_A).unwrap();
+        Self { dataplane, _pins: pins, _in_ns: in_ns, _ns: ns }
+    }
+
+    fn allow(&mut self, src: u32, dst: u32, protocol: u8, start: u16, end: u16, id: u32) {
+        self.dataplane
+            .tables()
+            .allow(PairKey::new(src, dst, protocol), Allowance { start, end, policy_id: id })
+            .unwrap();
+    }
+
+    fn to_container(&self, frame: &[u8]) -> u32 {
+        let prog = self.dataplane.tc_program(Direction::ToContainer);
+        prog.test_run(TestRunOptions { data_in: Some(frame), ..Default::default() })
+            .expect("test run")
+            .return_value
+    }
+
+    fn from_container(&self, frame: &[u8]) -> u32 {
+        let prog = self.dataplane.tc_program(Direction::FromContainer);
+        prog.test_run(TestRunOptions { data_in: Some(frame), ..Default::default() })
+            .expect("test run")
+            .return_value
+    }
+
+    fn count(&self, reason: Reason) -> u64 {
+        self.dataplane.tables_ref().verdict_count(reason).unwrap()
+    }
+}
+
+fn verdict(ret: u32) -> &'static str {
+    match ret {
+        TC_ACT_OK => "pass",
+        TC_ACT_SHOT => "drop",
+        _ => "other",
+    }
+}
+
+#[test]
+fn port_range_edges_and_default_deny() {
+    let mut f = Fixture::new();
+    f.allow(TAG_A, TAG_B, proto::TCP, 8080, 8090, 1);
+    f.allow(TAG_A, TAG_B, proto::UDP, 1, 1, 2);
+    f.allow(TAG_A, TAG_B, proto::UDP, 65535, 65535, 3);
+    let table: &[(PacketSpec, &str)] = &[
+        (PacketSpec::tcp(A, B, 1000, 8079), "drop"),
+        (PacketSpec::tcp(A, B, 1001, 8080), "pass"),
+        (PacketSpec::tcp(A, B, 1002, 8090), "pass"),
+        (PacketSpec::tcp(A, B, 1003, 8091), "drop"),
+        (PacketSpec::udp(A, B, 1004, 1), "pass"),
+        (PacketSpec::udp(A, B, 1005, 2), "drop"),
+        (PacketSpec::udp(A, B, 1006, 65535), "pass"),
+        (PacketSpec::udp(A, B, 1007, 65534), "drop"),
+        // Same ports, other protocol / other direction / other source app.
+        (PacketSpec::udp(A, B, 1008, 8080), "drop"),
+        (PacketSpec::tcp(B, A, 1009, 8080), "drop"),
+        // C has A's tag: the policy names apps, not instances.
+        (PacketSpec::tcp(C, B, 1010, 8085), "pass"),
+    ];
+    for (spec, want) in table {
+        let got = verdict(f.to_container(&spec.frame()));
+        assert_eq!(got, *want, "{spec:?}");
+    }
+    assert_eq!(f.count(Reason::NewAllowed), 5);
+    assert_eq!(f.count(Reason::NoPolicy), 6);
+    assert_eq!(f.dataplane.tables_ref().connections().len(), 5);
+}
+
+#[test]
+fn replies_pass_and_revocation_cuts() {
+    let mut f = Fixture::new();
+    f.allow(TAG_A, TAG_B, proto::TCP, 443, 443, 7);
+    let request = PacketSpec::tcp(A, B, 40000, 443).frame();
+    let reply = PacketSpec::tcp(B, A, 443, 40000).frame();
+    assert_eq!(f.to_container(&reply), TC_ACT_SHOT, "no connection yet");
+    assert_eq!(f.to_container(&request), TC_ACT_OK);
+    assert_eq!(f.to_container(&reply), TC_ACT_OK);
+    assert_eq!(f.to_container(&request), TC_ACT_OK);
+    assert_eq!(f.count(Reason::Reply), 1);
+    assert_eq!(f.count(Reason::Established), 1);
+    let conns = f.dataplane.tables_ref().connections();
+    assert_eq!(conns.len(), 1);
+    assert_eq!(conns[0].1.policy_id, 7);
+
+    f.dataplane.tables().revoke(PairKey::new(TAG_A, TAG_B, proto::TCP), 443, 443).unwrap();
+    assert_eq!(f.to_container(&reply), TC_ACT_SHOT, "revoked connection must be cut");
+    assert_eq!(f.count(Reason::Revoked), 1);
+    assert!(f.dataplane.tables_ref().connections().is_empty());
+    assert_eq!(f.to_container(&request), TC_ACT_SHOT);
+}
+
+#[test]
+fn unmanaged_and_non_ip_traffic_passes() {
+    let f = Fixture::new();
+    let mut arp = PacketSpec::tcp(A, B, 1, 2).frame();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let mut ipv6 = PacketSpec::tcp(A, B, 1, 2).frame();
+    ipv6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    for frame in [
+        arp,
+        ipv6,
+        PacketSpec::tcp(OUTSIDE, B, 1, 22).frame(),
+        PacketSpec::udp(B, OUTSIDE, 53, 53).frame(),
+        PacketSpec::new(OUTSIDE, B, proto::ICMP, 0, 0).frame(),
+    ] {
+        assert_eq!(f.to_container(&frame), TC_ACT_OK);
+    }
+    assert_eq!(f.count(Reason::NotIpv4), 2);
+    assert_eq!(f.count(Reason::Unmanaged), 3);
+    // Between endpoints, ICMP echo and other protocols have no policy.
+    assert_eq!(f.to_container(&PacketSpec::new(A, B, proto::ICMP, 0, 0).frame()), TC_ACT_SHOT);
+    assert_eq!(f.to_container(&PacketSpec::new(A, B, 47, 0, 0).frame()), TC_ACT_SHOT);
+}
+
+#[test]
+fn truncated_and_malformed_headers_are_dropped() {
+    let f = Fixture::new();
+    let good = PacketSpec::tcp(A, B, 1, 2).frame();
+    // Cut inside the TCP header. (The kernel refuses to test-run an IPv4
+    // frame shorter than an IP header; the host unit tests of the parser
+    // cover those cuts.)
+    for cut in [14 + 20, 14 + 20 + 4, 14 + 20 + 19] {
+        assert_eq!(f.to_container(&good[..cut]), TC_ACT_SHOT, "cut at {cut}");
+        assert_eq!(f.from_container(&good[..cut]), TC_ACT_SHOT, "source side, cut at {cut}");
+    }
+    // IHL promises options that are not there.
+    let mut with_options = PacketSpec::udp(A, B, 1, 2);
+    with_options.ip_options = vec![1; 40];
+    let frame = with_options.frame();
+    assert_eq!(f.to_container(&frame[..14 + 40]), TC_ACT_SHOT);
+    // IHL below 5.
+    let mut bad_ihl = good.clone();
+    bad_ihl[14] = 0x43;
+    assert_eq!(f.to_container(&bad_ihl), TC_ACT_SHOT);
+    // total_len shorter than the headers it claims (padding must not count).
+    let mut short_len = good.clone();
+    short_len[16..18].copy_from_slice(&24u16.to_be_bytes());
+    assert_eq!(f.to_container(&short_len), TC_ACT_SHOT);
+    assert_eq!(f.count(Reason::Malformed), 9);
+}
+
+#[test]
+fn ip_options_are_skipped() {
+    let mut f = Fixture::new();
+    f.allow(TAG_A, TAG_B, proto::UDP, 5000, 5000, 1);
+    for options in [4usize, 20, 40] {
+        let mut spec = PacketSpec::udp(A, B, 6000 + options as u16, 5000);
+        spec.ip_options = vec![1; options];
+        assert_eq!(f.to_container(&spec.frame()), TC_ACT_OK, "{options} option bytes");
+        spec.dport = 5001;
+        assert_eq!(f.to_container(&spec.frame()), TC_ACT_SHOT, "{options} option bytes");
+    }
+}
+
+#[test]
+fn fragments_follow_the_first_fragment() {
+    let mut f = Fixture::new();
+    f.allow(TAG_A, TAG_B, proto::UDP, 9000, 9000, 1);
+    let fragment = |dport: u16, id: u16, offset: u16, more: bool| {
+        let mut spec = PacketSpec::udp(A, B, 7000, dport);
+        spec.ip_id = id;
+        spec.frag_offset = offset;
+        spec.more_fragments = more;
+        spec.frame()
+    };
+    assert_eq!(f.to_container(&fragment(9000, 1, 185, false)), TC_ACT_SHOT, "later fragment first");
+    assert_eq!(f.to_container(&fragment(9000, 1, 0, true)), TC_ACT_OK);
+    assert_eq!(f.to_container(&fragment(9000, 1, 185, true)), TC_ACT_OK);
+    assert_eq!(f.to_container(&fragment(9000, 1, 370, false)), TC_ACT_OK);
+    assert_eq!(f.to_container(&fragment(9001, 2, 0, true)), TC_ACT_SHOT);
+    assert_eq!(f.to_container(&fragment(9001, 2, 185, false)), TC_ACT_SHOT);
+    assert_eq!(f.count(Reason::Fragment), 2);
+    assert_eq!(f.count(Reason::FragmentUnknown), 2);
+}
+
+#[test]
+fn icmp_errors_about_allowed_connections_pass() {
+    let mut f = Fixture::new();
+    f.allow(TAG_A, TAG_B, proto::UDP, 9000, 9000, 1);
+    let request = PacketSpec::udp(A, B, 7000, 9000);
+    let unreachable = icmp_unreachable(B, A, &request).frame();
+    assert_eq!(f.to_container(&unreachable), TC_ACT_SHOT);
+    assert_eq!(f.to_container(&request.frame()), TC_ACT_OK);
+    assert_eq!(f.to_container(&unreachable), TC_ACT_OK);
+    assert_eq!(f.count(Reason::Related), 1);
+}
+
+#[test]
+fn source_side_drops_spoofed_addresses() {
+    let f = Fixture::new();
+    // Test runs hand the program an skb on loopback (ifindex 1).
+    let mut dp = f;
+    assert_eq!(
+        dp.from_container(&PacketSpec::tcp(B, A, 1, 2).frame()),
+        TC_ACT_OK,
+        "no endpoint behind lo yet"
+    );
+    dp.dataplane.tables().set_veth(1, Ipv4Addr::from(A), TAG_A).unwrap();
+    assert_eq!(dp.from_container(&PacketSpec::tcp(A, B, 1, 2).frame()), TC_ACT_OK);
+    assert_eq!(dp.from_container(&PacketSpec::tcp(B, C, 1, 2).frame()), TC_ACT_SHOT);
+    assert_eq!(dp.from_container(&PacketSpec::tcp(OUTSIDE, C, 1, 2).frame()), TC_ACT_SHOT);
+    let mut arp = PacketSpec::tcp(B, A, 1, 2).frame();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    assert_eq!(dp.from_container(&arp), TC_ACT_OK);
+    assert_eq!(dp.count(Reason::Spoofed), 2);
+    assert_eq!(dp.count(Reason::SourceVerified), 1);
+}
+
+#[test]
+fn cgroup_programs_make_the_same_decisions() {
+    let mut f = Fixture::new();
+    f.allow(TAG_A, TAG_B, proto::TCP, 8080, 8080, 1);
+    let run = |f: &Fixture, dir, frame: &[u8]| {
+        f.dataplane
+            .cgroup_program(dir)
+            .test_run(TestRunOptions { data_in: Some(frame), ..Default::default() })
+            .expect("test run")
+            .return_value
+    };
+    const PASS: u32 = 1;
+    const DROP: u32 = 0;
+    // The kernel strips the Ethernet header for cgroup_skb test runs.
+    assert_eq!(run(&f, Direction::ToContainer, &PacketSpec::tcp(A, B, 1, 8080).frame()), PASS);
+    assert_eq!(run(&f, Direction::ToContainer, &PacketSpec::tcp(A, B, 1, 8081).frame()), DROP);
+    assert_eq!(
+        run(&f, Direction::ToContainer, &PacketSpec::tcp(B, A, 8080, 1).frame()),
+        PASS,
+        "reply"
+    );
+    assert_eq!(run(&f, Direction::ToContainer, &PacketSpec::tcp(OUTSIDE, A, 1, 2).frame()), PASS);
+    // Egress: a test run's skb belongs to a socket in the test's own cgroup.
+    assert_eq!(run(&f, Direction::FromContainer, &PacketSpec::tcp(B, A, 1, 2).frame()), PASS);
+    let own = integration_tests::cgroup::own_cgroup_id();
+    f.dataplane.tables().set_cgroup(own, Ipv4Addr::from(A), TAG_A).unwrap();
+    assert_eq!(run(&f, Direction::FromContainer, &PacketSpec::tcp(B, A, 1, 2).frame()), DROP);
+    assert_eq!(run(&f, Direction::FromContainer, &PacketSpec::tcp(A, B, 1, 2).frame()), PASS);
+}
