@@ -3,6 +3,7 @@
 //! and traffic helpers. Everything created here has a unique name and is
 //! removed on drop, also when a test panics.
 
+pub mod agent;
 pub mod cgroup;
 pub mod netns;
 pub mod pins;

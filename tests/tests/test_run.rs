@@ -279,3 +279,131 @@ fn cgroup_programs_make_the_same_decisions() {
     assert_eq!(run(&f, Direction::FromContainer, &PacketSpec::tcp(B, A, 1, 2).frame()), DROP);
     assert_eq!(run(&f, Direction::FromContainer, &PacketSpec::tcp(A, B, 1, 2).frame()), PASS);
 }
+
+/// A deliberately naive model of the policy: a list of policies scanned
+/// linearly and a set of open connections. It shares no code with the
+/// program's decision logic.
+struct Model {
+    tags: std::collections::HashMap<[u8; 4], u32>,
+    policies: Vec<(u32, u32, u8, u16, u16)>,
+    conns: std::collections::HashSet<([u8; 4], u16, [u8; 4], u16, u8)>,
+}
+
+impl Model {
+    fn allowed(&self, src: [u8; 4], dst: [u8; 4], protocol: u8, dport: u16) -> bool {
+        let (Some(&s), Some(&d)) = (self.tags.get(&src), self.tags.get(&dst)) else {
+            return true;
+        };
+        self.policies.iter().any(|&(ps, pd, pp, lo, hi)| {
+            ps == s && pd == d && pp == protocol && lo <= dport && dport <= hi
+        })
+    }
+
+    /// Pass or drop, updating the open connections as a stateful firewall
+    /// that re-checks a connection's opening packet would.
+    fn deliver(
+        &mut self,
+        src: [u8; 4],
+        sport: u16,
+        dst: [u8; 4],
+        dport: u16,
+        protocol: u8,
+    ) -> bool {
+        if !self.tags.contains_key(&src) || !self.tags.contains_key(&dst) {
+            return true;
+        }
+        for opening in [(src, sport, dst, dport, protocol), (dst, dport, src, sport, protocol)] {
+            if self.conns.contains(&opening) {
+                if self.allowed(opening.0, opening.2, protocol, opening.3) {
+                    return true;
+                }
+                self.conns.remove(&opening);
+                return false;
+            }
+        }
+        if self.allowed(src, dst, protocol, dport) {
+            self.conns.insert((src, sport, dst, dport, protocol));
+            return true;
+        }
+        false
+    }
+}
+
+#[test]
+fn program_agrees_with_a_reference_model_on_random_traffic() {
+    use rand::{Rng as _, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};
+    let mut f = Fixture::new();
+    let seed: u64 =
+        std::env::var("MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x00c0_ffee);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let edges = [1u16, 2, 79, 80, 81, 443, 8079, 8080, 8090, 8091, 65534, 65535];
+    let mut checked = 0u32;
+    for round in 0..12u8 {
+        // Fresh addresses and tags each round, so earlier rounds' connections
+        // cannot interfere.
+        let base_tag = 100 * (u32::from(round) + 1);
+        let addrs: Vec<[u8; 4]> = (1..=6).map(|i| [10, 100 + round, 0, i]).collect();
+        let mut model =
+            Model { tags: Default::default(), policies: Vec::new(), conns: Default::default() };
+        for (i, a) in addrs.iter().enumerate().take(5) {
+            // Five registered endpoints in three apps; the sixth address is
+            // not registered.
+            let tag = base_tag + (i as u32 % 3);
+            f.dataplane.tables().set_endpoint(Ipv4Addr::from(*a), tag).unwrap();
+            model.tags.insert(*a, tag);
+        }
+        let mut next_id = 1u32;
+        let mut random_policy = |rng: &mut StdRng| {
+            let start = *edges.choose(rng).unwrap();
+            let end = start.saturating_add(*[0u16, 1, 10, 1000].choose(rng).unwrap());
+            let protocol = *[proto::TCP, proto::UDP].choose(rng).unwrap();
+            let src = base_tag + rng.random_range(0..3);
+            let dst = base_tag + rng.random_range(0..3);
+            next_id += 1;
+            (src, dst, protocol, start, end, next_id)
+        };
+        for _ in 0..rng.random_range(1..12) {
+            let (s, d, p, lo, hi, id) = random_policy(&mut rng);
+            f.allow(s, d, p, lo, hi, id);
+            model.policies.push((s, d, p, lo, hi));
+        }
+        let mut sent: Vec<([u8; 4], u16, [u8; 4], u16, u8)> = Vec::new();
+        for step in 0..300 {
+            if step % 75 == 74 && !model.policies.is_empty() {
+                // Take a policy away (same semantics as the agent: exact range).
+                let i = rng.random_range(0..model.policies.len());
+                let (s, d, p, lo, hi) = model.policies[i];
+                f.dataplane.tables().revoke(PairKey::new(s, d, p), lo, hi).unwrap();
+                model.policies.retain(|&(ps, pd, pp, plo, phi)| {
+                    !(ps == s && pd == d && pp == p && plo == lo && phi == hi)
+                });
+            }
+            let packet = if !sent.is_empty() && rng.random_bool(0.4) {
+                let (a, ap, b, bp, p) = *sent.choose(&mut rng).unwrap();
+                (b, bp, a, ap, p) // a reply
+            } else {
+                let src = *addrs.choose(&mut rng).unwrap();
+                let dst = *addrs.choose(&mut rng).unwrap();
+                let protocol = *[proto::TCP, proto::UDP].choose(&mut rng).unwrap();
+                (
+                    src,
+                    rng.random_range(30000..30008),
+                    dst,
+                    *edges.choose(&mut rng).unwrap(),
+                    protocol,
+                )
+            };
+            let (src, sport, dst, dport, protocol) = packet;
+            if src == dst {
+                continue;
+            }
+            sent.push(packet);
+            let spec = PacketSpec::new(src, dst, protocol, sport, dport);
+            let want = model.deliver(src, sport, dst, dport, protocol);
+            let got = f.to_container(&spec.frame()) == TC_ACT_OK;
+            assert_eq!(got, want, "seed {seed}, round {round}, step {step}: {spec:?}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 3000, "only {checked} packets checked");
+}

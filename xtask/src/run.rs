@@ -40,8 +40,16 @@ pub fn build(root: &Path) -> Result<()> {
     run(cmd, "cargo build")
 }
 
+/// The demo and the integration tests drive the real `policy-agent` binary.
+fn build_agent(root: &Path) -> Result<()> {
+    let mut agent = cargo(root);
+    agent.args(["build", "--release", "-p", "policy-agent", "--bins"]);
+    run(agent, "building policy-agent")
+}
+
 pub fn demo(root: &Path) -> Result<()> {
     require_root("the demo")?;
+    build_agent(root)?;
     let mut cmd = cargo(root);
     cmd.args(["run", "--quiet", "--release", "-p", "integration-tests", "--bin", "demo"]);
     run(cmd, "the demo")
@@ -56,6 +64,7 @@ pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     if filter.is_none() {
         run(unit, "the unit tests")?;
     }
+    build_agent(root)?;
     // Privileged tests, one at a time: they attach programs and create
     // namespaces, and some measure traffic.
     let mut integration = cargo(root);

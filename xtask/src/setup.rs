@@ -36,11 +36,6 @@ pub fn tools_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache/policy-dataplane"))
 }
 
-/// The directory holding the bpf-linker binary.
-pub fn bpf_linker_bin() -> Result<PathBuf> {
-    Ok(tools_dir()?.join("bpf-linker/bin"))
-}
-
 pub fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;

@@ -1,0 +1,248 @@
+//! `policy-agent dataplane ...`: drive the kernel dataplane directly, without
+//! the daemon. Every command loads (or takes over) the pinned dataplane,
+//! does its work and exits; enforcement stays because maps and links are
+//! pinned.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use policy_agent::{Dataplane, DataplaneConfig, dataplane::nix_ifindex};
+use policy_common::{
+    maps::{PairKey, proto},
+    ports::Allowance,
+};
+
+#[derive(Args)]
+pub struct DataplaneArgs {
+    /// Directory on bpffs for pinned maps and links (bpffs is mounted at
+    /// /sys/fs/bpf if needed).
+    #[arg(long, default_value = "/sys/fs/bpf/policy-agent", global = true)]
+    pin_dir: PathBuf,
+    #[command(subcommand)]
+    command: DataplaneCommand,
+}
+
+#[derive(Subcommand)]
+enum DataplaneCommand {
+    /// Load the programs (taking over any pinned links without a gap) and pin
+    /// the maps.
+    Load,
+    /// Register a container endpoint and attach the programs to its
+    /// host-side veth.
+    Attach {
+        /// Host-side veth of the container.
+        #[arg(long)]
+        ifname: String,
+        /// The container's IPv4 address.
+        #[arg(long)]
+        ip: Ipv4Addr,
+        /// The numeric tag of the container's app.
+        #[arg(long)]
+        tag: u32,
+    },
+    /// Detach the programs from a veth and unregister its endpoint.
+    Detach {
+        #[arg(long)]
+        ifname: String,
+        #[arg(long)]
+        ip: Ipv4Addr,
+    },
+    /// Allow SRC_TAG to reach DST_TAG on a protocol and port range.
+    Allow(PolicyArgs),
+    /// Remove an allowance added with `allow` (exact range); connections it
+    /// allowed are cut at their next packet.
+    Revoke(PolicyArgs),
+    /// Show attachments, endpoints, allowances, counters.
+    Status,
+    /// Detach everything and remove every pin (enforcement stops).
+    Unload,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Args)]
+struct PolicyArgs {
+    #[arg(long)]
+    src_tag: u32,
+    #[arg(long)]
+    dst_tag: u32,
+    #[arg(long, value_enum)]
+    protocol: Protocol,
+    /// PORT or START-END, 1-65535.
+    #[arg(long)]
+    ports: String,
+    /// Id recorded with the allowance (reported with tracked connections).
+    #[arg(long, default_value_t = 0)]
+    policy_id: u32,
+}
+
+impl PolicyArgs {
+    fn key(&self) -> PairKey {
+        let protocol = match self.protocol {
+            Protocol::Tcp => proto::TCP,
+            Protocol::Udp => proto::UDP,
+        };
+        PairKey::new(self.src_tag, self.dst_tag, protocol)
+    }
+}
+
+/// Parses `PORT` or `START-END` (1-65535, start <= end).
+pub fn parse_ports(text: &str) -> Result<(u16, u16)> {
+    let (start, end) = match text.split_once('-') {
+        Some((a, b)) => (a.trim(), b.trim()),
+        None => (text.trim(), text.trim()),
+    };
+    let parse = |s: &str| -> Result<u16> {
+        let port: u32 = s.parse().with_context(|| format!("invalid port {s:?} in {text:?}"))?;
+        if !(1..=65535).contains(&port) {
+            bail!("port {port} out of range 1-65535");
+        }
+        Ok(port as u16)
+    };
+    let (start, end) = (parse(start)?, parse(end)?);
+    if start > end {
+        bail!("port range {text:?} has start > end");
+    }
+    Ok((start, end))
+}
+
+impl DataplaneArgs {
+    fn open(&self) -> Result<Dataplane> {
+        Dataplane::open(&DataplaneConfig::new(&self.pin_dir)).with_context(|| {
+            format!(
+                "failed to load the dataplane with pins under {} - are you root?",
+                self.pin_dir.display()
+            )
+        })
+    }
+
+    pub fn run(self) -> Result<()> {
+        match &self.command {
+            DataplaneCommand::Load => {
+                let dataplane = self.open()?;
+                println!("dataplane loaded; pinned under {}", dataplane.pin_dir().display());
+            }
+            DataplaneCommand::Attach { ifname, ip, tag } => {
+                let mut dataplane = self.open()?;
+                let ifindex = nix_ifindex(ifname)
+                    .with_context(|| format!("interface {ifname} not found - is the container's veth created in this network namespace?"))?;
+                let tables = dataplane.tables();
+                tables.set_endpoint(*ip, *tag)?;
+                tables.set_veth(ifindex, *ip, *tag)?;
+                dataplane.attach_veth(ifname).with_context(|| {
+                    format!("failed to attach to {ifname} - is the interface up?")
+                })?;
+                println!("attached {ifname} ({ip}, tag {tag})");
+            }
+            DataplaneCommand::Detach { ifname, ip } => {
+                let mut dataplane = self.open()?;
+                dataplane.detach_veth(ifname)?;
+                if let Some(ifindex) = nix_ifindex(ifname) {
+                    dataplane.tables().remove_veth(ifindex)?;
+                }
+                dataplane.tables().remove_endpoint(*ip)?;
+                println!("detached {ifname} ({ip})");
+            }
+            DataplaneCommand::Allow(args) => {
+                let (start, end) = parse_ports(&args.ports)?;
+                let mut dataplane = self.open()?;
+                dataplane
+                    .tables()
+                    .allow(args.key(), Allowance { start, end, policy_id: args.policy_id })?;
+                println!(
+                    "allowed tag {} -> tag {} {} {start}-{end}",
+                    args.src_tag,
+                    args.dst_tag,
+                    protocol_name(args.key().protocol)
+                );
+            }
+            DataplaneCommand::Revoke(args) => {
+                let (start, end) = parse_ports(&args.ports)?;
+                let mut dataplane = self.open()?;
+                dataplane.tables().revoke(args.key(), start, end)?;
+                println!(
+                    "revoked tag {} -> tag {} {} {start}-{end}",
+                    args.src_tag,
+                    args.dst_tag,
+                    protocol_name(args.key().protocol)
+                );
+            }
+            DataplaneCommand::Status => {
+                let dataplane = self.open()?;
+                print_status(&dataplane)?;
+            }
+            DataplaneCommand::Unload => {
+                Dataplane::remove_all(&self.pin_dir)?;
+                println!("removed everything pinned under {}", self.pin_dir.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn protocol_name(protocol: u8) -> &'static str {
+    match protocol {
+        proto::TCP => "tcp",
+        proto::UDP => "udp",
+        _ => "?",
+    }
+}
+
+fn print_status(dataplane: &Dataplane) -> Result<()> {
+    let tables = dataplane.tables_ref();
+    println!("pins: {}", dataplane.pin_dir().display());
+    println!("attached:");
+    for link in dataplane.attachments()? {
+        println!("  {link}");
+    }
+    println!("endpoints:");
+    let mut endpoints = tables.endpoints();
+    endpoints.sort_by_key(|(ip, _)| *ip);
+    for (ip, endpoint) in endpoints {
+        println!("  {ip:<15} tag {}", endpoint.tag);
+    }
+    println!("allowances:");
+    let mut pairs = tables.pairs();
+    pairs.sort_by_key(|(key, _)| *key);
+    for (key, allowances) in pairs {
+        for a in allowances {
+            println!(
+                "  tag {} -> tag {} {} {}-{} (policy {})",
+                key.src_tag,
+                key.dst_tag,
+                protocol_name(key.protocol),
+                a.start,
+                a.end,
+                a.policy_id
+            );
+        }
+    }
+    println!("tracked connections: {}", tables.connections().len());
+    println!("epoch: {}", tables.epoch()?);
+    println!("verdicts:");
+    for (reason, count) in tables.verdicts()? {
+        let verdict = if reason.passes() { "pass" } else { "drop" };
+        println!("  {verdict} {:<17} {count}", reason.name());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ports;
+
+    #[test]
+    fn parses_ports_and_ranges() {
+        assert_eq!(parse_ports("8080").unwrap(), (8080, 8080));
+        assert_eq!(parse_ports("8080-8090").unwrap(), (8080, 8090));
+        assert_eq!(parse_ports("1-65535").unwrap(), (1, 65535));
+        for bad in ["0", "65536", "90-80", "x", "1-", "-5", ""] {
+            assert!(parse_ports(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+}
