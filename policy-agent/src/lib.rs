@@ -14,3 +14,8 @@ pub use tables::Tables;
 
 /// The compiled eBPF object (built by build.rs from policy-ebpf).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy"));
+
+/// An object with one empty TC program, `tc_baseline`: what benchmarks
+/// measure the policy programs against.
+pub static BASELINE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));

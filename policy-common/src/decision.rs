@@ -48,7 +48,7 @@ impl Decision {
 impl ConnKey {
     /// The connection a packet belongs to, and which end of it sent the packet.
     #[inline(always)]
-    pub fn of(flow: &Flow) -> (ConnKey, u8) {
+    pub fn of(flow: &Flow) -> (ConnKey, u32) {
         let sender_is_lo = (flow.saddr, flow.sport) <= (flow.daddr, flow.dport);
         let (addr_lo, port_lo, addr_hi, port_hi, side) = if sender_is_lo {
             (flow.saddr, flow.sport, flow.daddr, flow.dport, origin::LO)
@@ -56,19 +56,19 @@ impl ConnKey {
             (flow.daddr, flow.dport, flow.saddr, flow.sport, origin::HI)
         };
         let key =
-            ConnKey { addr_lo, addr_hi, port_lo, port_hi, protocol: flow.protocol, _pad: [0; 3] };
+            ConnKey { addr_lo, addr_hi, port_lo, port_hi, protocol: u32::from(flow.protocol) };
         (key, side)
     }
 
     /// The first packet of the connection, as the end `origin` sent it.
     #[inline(always)]
-    pub fn opening_flow(&self, origin: u8) -> Flow {
+    pub fn opening_flow(&self, origin: u32) -> Flow {
         let (saddr, sport, daddr, dport) = if origin == origin::LO {
             (self.addr_lo, self.port_lo, self.addr_hi, self.port_hi)
         } else {
             (self.addr_hi, self.port_hi, self.addr_lo, self.port_lo)
         };
-        Flow { saddr, daddr, sport, dport, protocol: self.protocol }
+        Flow { saddr, daddr, sport, dport, protocol: self.protocol as u8 }
     }
 }
 
@@ -187,7 +187,7 @@ fn decide_flow<T: Tables>(
         Check::Unmanaged => Decision::just(Verdict::Pass(Reason::Unmanaged)),
         Check::Allowed(policy_id) => Decision {
             verdict: Verdict::Pass(Reason::NewAllowed),
-            conn: ConnUpdate::Insert(key, Conn { epoch, policy_id, origin: side, _pad: [0; 7] }),
+            conn: ConnUpdate::Insert(key, Conn { epoch, policy_id, origin: side, _pad: 0 }),
             record_fragment: fragment,
         },
         Check::Denied => Decision::just(Verdict::Drop(Reason::NoPolicy)),

@@ -95,15 +95,15 @@ pub struct PairKey {
     pub src_tag: u32,
     /// Tag of the destination app.
     pub dst_tag: u32,
-    /// IP protocol number ([`proto::TCP`] or [`proto::UDP`]).
-    pub protocol: u8,
-    pub _pad: [u8; 3],
+    /// IP protocol number ([`proto::TCP`] or [`proto::UDP`]), widened to
+    /// 32 bits so that the key has no padding to zero on the fast path.
+    pub protocol: u32,
 }
 const _: () = assert!(size_of::<PairKey>() == 12);
 
 impl PairKey {
     pub const fn new(src_tag: u32, dst_tag: u32, protocol: u8) -> Self {
-        Self { src_tag, dst_tag, protocol, _pad: [0; 3] }
+        Self { src_tag, dst_tag, protocol: protocol as u32 }
     }
 }
 
@@ -152,15 +152,15 @@ pub struct ConnKey {
     pub addr_hi: u32,
     pub port_lo: u16,
     pub port_hi: u16,
-    pub protocol: u8,
-    pub _pad: [u8; 3],
+    /// IP protocol number, 32 bits wide: no padding to zero per packet.
+    pub protocol: u32,
 }
 const _: () = assert!(size_of::<ConnKey>() == 16);
 
 /// Which end of a [`ConnKey`] opened the connection.
 pub mod origin {
-    pub const LO: u8 = 0;
-    pub const HI: u8 = 1;
+    pub const LO: u32 = 0;
+    pub const HI: u32 = 1;
 }
 
 /// `CONNTRACK` value.
@@ -175,8 +175,8 @@ pub struct Conn {
     /// Policy that allowed the connection.
     pub policy_id: u32,
     /// [`origin::LO`] or [`origin::HI`]: the end that sent the first packet.
-    pub origin: u8,
-    pub _pad: [u8; 7],
+    pub origin: u32,
+    pub _pad: u32,
 }
 const _: () = assert!(size_of::<Conn>() == 16);
 

@@ -185,10 +185,10 @@ impl DataplaneArgs {
     }
 }
 
-fn protocol_name(protocol: u8) -> &'static str {
-    match protocol {
-        proto::TCP => "tcp",
-        proto::UDP => "udp",
+fn protocol_name(protocol: u32) -> &'static str {
+    match u8::try_from(protocol) {
+        Ok(proto::TCP) => "tcp",
+        Ok(proto::UDP) => "udp",
         _ => "?",
     }
 }

@@ -1,0 +1,162 @@
+//! `cargo xtask bench`: per-packet cost of the programs, measured with
+//! BPF_PROG_TEST_RUN in the running kernel, next to an empty TC program
+//! measured the same way in the same run. Prints a table; asserts nothing.
+
+use std::{net::Ipv4Addr, time::Instant};
+
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use integration_tests::{netns::NetNs, pins::PinDir, require_root, unique_name};
+use policy_agent::{BASELINE_OBJECT, Dataplane, Direction};
+use policy_common::{
+    craft::PacketSpec,
+    maps::{PairKey, proto},
+    ports::Allowance,
+};
+
+const A: [u8; 4] = [10, 255, 0, 1];
+const B: [u8; 4] = [10, 255, 0, 2];
+const TAG_A: u32 = 1;
+const TAG_B: u32 = 2;
+
+struct Costs {
+    /// ns per run with `repeat` runs of one packet.
+    repeated: f64,
+    /// ns per run, one run per distinct packet.
+    single: f64,
+}
+
+/// ns per run of `prog` on `frame`: the kernel times `repeat` runs and
+/// reports the mean (net/bpf/test_run.c, bpf_test_timer_leave).
+fn repeated(prog: &SchedClassifier, frame: &[u8], repeat: u32) -> f64 {
+    let result = prog
+        .test_run(TestRunOptions { data_in: Some(frame), repeat, ..Default::default() })
+        .expect("test run");
+    result.duration.as_nanos() as f64
+}
+
+/// Median over `rounds` of `repeated`, to damp a noisy shared machine.
+fn median_repeated(prog: &SchedClassifier, frame: &[u8], repeat: u32, rounds: usize) -> f64 {
+    let mut samples: Vec<f64> = (0..rounds).map(|_| repeated(prog, frame, repeat)).collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// Mean kernel-timed ns of one run per distinct packet (new connections).
+fn one_run_each(prog: &SchedClassifier, frames: &[Vec<u8>]) -> f64 {
+    let total: u128 = frames
+        .iter()
+        .map(|frame| {
+            prog.test_run(TestRunOptions { data_in: Some(frame), ..Default::default() })
+                .expect("test run")
+                .duration
+                .as_nanos()
+        })
+        .sum();
+    total as f64 / frames.len() as f64
+}
+
+/// `n` distinct frames A -> B tcp/8080 (distinct source ports and addresses
+/// of the A app's instances would do too; ports suffice).
+fn new_flow_frames(n: usize, salt: u16) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let mut spec = PacketSpec::tcp(A, B, (i % 60000) as u16 + 1024, 8080);
+            spec.ip_id = salt;
+            // Vary the source address too once ports run out.
+            spec.src[2] = (i / 60000) as u8;
+            spec.frame()
+        })
+        .collect()
+}
+
+fn main() {
+    require_root();
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (repeat, rounds, new_flows) = if quick { (200_000, 3, 5_000) } else { (1_000_000, 5, 20_000) };
+    let ns = NetNs::new(unique_name("bench"));
+    let _in_ns = ns.enter();
+
+    let mut baseline = Ebpf::load(BASELINE_OBJECT).expect("load baseline");
+    let empty: &mut SchedClassifier =
+        baseline.program_mut("tc_baseline").expect("tc_baseline").try_into().expect("classifier");
+    empty.load().expect("load tc_baseline");
+
+    let mut rows = Vec::new();
+    for policies in [10u32, 10_000, 1_000_000] {
+        let pins = PinDir::new();
+        let mut dataplane = pins.open();
+        let started = Instant::now();
+        fill(&mut dataplane, policies);
+        let fill_time = started.elapsed();
+        let prog = dataplane.tc_program(Direction::ToContainer);
+
+        let established = PacketSpec::tcp(A, B, 40000, 8080).frame();
+        prog.test_run(TestRunOptions { data_in: Some(&established), ..Default::default() }).expect("open");
+        let denied = PacketSpec::tcp(A, B, 40001, 9999).frame();
+        let frames = new_flow_frames(new_flows, policies as u16);
+
+        let empty_cost = Costs {
+            repeated: median_repeated(empty, &established, repeat, rounds),
+            single: one_run_each(empty, &frames),
+        };
+        let established_ns = median_repeated(prog, &established, repeat, rounds);
+        let denied_ns = median_repeated(prog, &denied, repeat, rounds);
+        let new_ns = one_run_each(prog, &frames);
+        rows.push((policies, fill_time, empty_cost, established_ns, denied_ns, new_ns));
+        drop(dataplane);
+    }
+
+    println!("\nPer-packet cost of tc_to_container (destination side), BPF_PROG_TEST_RUN, 64-byte TCP frames");
+    println!("kernel {}, {} CPUs; ns per packet, (x) = ratio to the empty TC program, [+ns] = above it", kernel(), cpus());
+    println!("established and denied: median of {rounds} runs of {repeat} repeats; new flow: mean of {new_flows} distinct packets, one run each (its floor is the empty program run the same way)\n");
+    println!("| policy entries | empty | established flow | new flow, denied (full lookup) | new flow, allowed + tracked | empty (one run each) | load time |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for (policies, fill_time, empty, established, denied, new) in &rows {
+        let cell = |ns: f64, floor: f64| format!("{ns:.1} ({:.2}x) [+{:.1}]", ns / floor, ns - floor);
+        println!(
+            "| {policies} | {:.1} | {} | {} | {} | {:.1} | {:.2} s |",
+            empty.repeated,
+            cell(*established, empty.repeated),
+            cell(*denied, empty.repeated),
+            cell(*new, empty.single),
+            empty.single,
+            fill_time.as_secs_f64(),
+        );
+    }
+}
+
+/// Registers A and B and writes `policies` pair entries, one of which
+/// allows A -> B tcp/8080; the others are between other apps.
+fn fill(dataplane: &mut Dataplane, policies: u32) {
+    let tables = dataplane.tables();
+    tables.set_endpoint(Ipv4Addr::from(A), TAG_A).expect("endpoint");
+    tables.set_endpoint(Ipv4Addr::from(B), TAG_B).expect("endpoint");
+    for i in 0..u16::MAX {
+        // The A app has many instances: 10.255.<i>.1 for new-flow packets.
+        let mut addr = A;
+        addr[2] = i as u8;
+        if i > 20 {
+            break;
+        }
+        tables.set_endpoint(Ipv4Addr::from(addr), TAG_A).expect("endpoint");
+    }
+    tables
+        .allow(PairKey::new(TAG_A, TAG_B, proto::TCP), Allowance { start: 8080, end: 8090, policy_id: 1 })
+        .expect("allow");
+    for i in 1..policies {
+        let key = PairKey::new(1000 + i / 1000, 1000 + i % 1000, proto::TCP);
+        let port = (i % 60000) as u16 + 1;
+        tables.set_pair(key, &[Allowance { start: port, end: port, policy_id: i + 1 }]).expect("fill");
+    }
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned()
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
