@@ -89,7 +89,7 @@ impl PacketSpec {
 }
 
 fn ipv4_with_body(spec: &PacketSpec, body: &[u8]) -> Vec<u8> {
-    assert!(spec.ip_options.len() % 4 == 0 && spec.ip_options.len() <= 40);
+    assert!(spec.ip_options.len().is_multiple_of(4) && spec.ip_options.len() <= 40);
     let hlen = 20 + spec.ip_options.len();
     let total = (hlen + body.len()) as u16;
     let mut frag = spec.frag_offset & 0x1fff;

@@ -12,7 +12,7 @@ use std::{
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use integration_tests::{
-    agent::run_agent,
+    agent::DataplaneCli,
     pins::PinDir,
     require_root,
     topology::Host,
@@ -53,35 +53,14 @@ fn a_new_process_takes_over_without_losing_or_leaking_a_packet() {
     require_root();
     let host = Host::new(2);
     let pins = PinDir::new();
-    let pin_dir = pins.path().to_str().unwrap().to_owned();
     let (frontend, backend) = (host.container(0), host.container(1));
-    let agent = |args: &[&str]| {
-        let mut all = vec!["dataplane", "--pin-dir", &pin_dir];
-        all.extend_from_slice(args);
-        run_agent(&host.ns, &all)
-    };
+    let cli = DataplaneCli::new(&host, &pins);
     // First process: attach both containers, allow frontend -> backend on
     // UDP 9000 and TCP 8080, exit.
-    agent(&[
-        "attach",
-        "--ifname",
-        &frontend.host_ifname,
-        "--ip",
-        &frontend.ip.to_string(),
-        "--tag",
-        "1",
-    ]);
-    agent(&[
-        "attach",
-        "--ifname",
-        &backend.host_ifname,
-        "--ip",
-        &backend.ip.to_string(),
-        "--tag",
-        "2",
-    ]);
-    agent(&["allow", "--src-tag", "1", "--dst-tag", "2", "--protocol", "udp", "--ports", "9000"]);
-    agent(&["allow", "--src-tag", "1", "--dst-tag", "2", "--protocol", "tcp", "--ports", "8080"]);
+    cli.attach(0, 1);
+    cli.attach(1, 2);
+    cli.policy("allow", 1, 2, "udp", "9000");
+    cli.policy("allow", 1, 2, "tcp", "8080");
     let before = attached_programs(&host, &backend.host_ifname);
     assert_eq!(before.len(), 2, "both directions stay attached after the process exited");
 
@@ -111,7 +90,7 @@ fn a_new_process_takes_over_without_losing_or_leaking_a_packet() {
     // Two takeovers by new processes while packets flow.
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(300));
-        agent(&["load"]);
+        cli.run(&["load"]);
     }
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);

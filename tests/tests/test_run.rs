@@ -53,14 +53,14 @@ impl Fixture {
             .unwrap();
     }
 
-    fn to_container(&self, frame: &[u8]) -> u32 {
+    fn entering_container(&self, frame: &[u8]) -> u32 {
         let prog = self.dataplane.tc_program(Direction::ToContainer);
         prog.test_run(TestRunOptions { data_in: Some(frame), ..Default::default() })
             .expect("test run")
             .return_value
     }
 
-    fn from_container(&self, frame: &[u8]) -> u32 {
+    fn leaving_container(&self, frame: &[u8]) -> u32 {
         let prog = self.dataplane.tc_program(Direction::FromContainer);
         prog.test_run(TestRunOptions { data_in: Some(frame), ..Default::default() })
             .expect("test run")
@@ -102,7 +102,7 @@ fn port_range_edges_and_default_deny() {
         (PacketSpec::tcp(C, B, 1010, 8085), "pass"),
     ];
     for (spec, want) in table {
-        let got = verdict(f.to_container(&spec.frame()));
+        let got = verdict(f.entering_container(&spec.frame()));
         assert_eq!(got, *want, "{spec:?}");
     }
     assert_eq!(f.count(Reason::NewAllowed), 5);
@@ -116,10 +116,10 @@ fn replies_pass_and_revocation_cuts() {
     f.allow(TAG_A, TAG_B, proto::TCP, 443, 443, 7);
     let request = PacketSpec::tcp(A, B, 40000, 443).frame();
     let reply = PacketSpec::tcp(B, A, 443, 40000).frame();
-    assert_eq!(f.to_container(&reply), TC_ACT_SHOT, "no connection yet");
-    assert_eq!(f.to_container(&request), TC_ACT_OK);
-    assert_eq!(f.to_container(&reply), TC_ACT_OK);
-    assert_eq!(f.to_container(&request), TC_ACT_OK);
+    assert_eq!(f.entering_container(&reply), TC_ACT_SHOT, "no connection yet");
+    assert_eq!(f.entering_container(&request), TC_ACT_OK);
+    assert_eq!(f.entering_container(&reply), TC_ACT_OK);
+    assert_eq!(f.entering_container(&request), TC_ACT_OK);
     assert_eq!(f.count(Reason::Reply), 1);
     assert_eq!(f.count(Reason::Established), 1);
     let conns = f.dataplane.tables_ref().connections();
@@ -127,10 +127,10 @@ fn replies_pass_and_revocation_cuts() {
     assert_eq!(conns[0].1.policy_id, 7);
 
     f.dataplane.tables().revoke(PairKey::new(TAG_A, TAG_B, proto::TCP), 443, 443).unwrap();
-    assert_eq!(f.to_container(&reply), TC_ACT_SHOT, "revoked connection must be cut");
+    assert_eq!(f.entering_container(&reply), TC_ACT_SHOT, "revoked connection must be cut");
     assert_eq!(f.count(Reason::Revoked), 1);
     assert!(f.dataplane.tables_ref().connections().is_empty());
-    assert_eq!(f.to_container(&request), TC_ACT_SHOT);
+    assert_eq!(f.entering_container(&request), TC_ACT_SHOT);
 }
 
 #[test]
@@ -147,13 +147,16 @@ fn unmanaged_and_non_ip_traffic_passes() {
         PacketSpec::udp(B, OUTSIDE, 53, 53).frame(),
         PacketSpec::new(OUTSIDE, B, proto::ICMP, 0, 0).frame(),
     ] {
-        assert_eq!(f.to_container(&frame), TC_ACT_OK);
+        assert_eq!(f.entering_container(&frame), TC_ACT_OK);
     }
     assert_eq!(f.count(Reason::NotIpv4), 2);
     assert_eq!(f.count(Reason::Unmanaged), 3);
     // Between endpoints, ICMP echo and other protocols have no policy.
-    assert_eq!(f.to_container(&PacketSpec::new(A, B, proto::ICMP, 0, 0).frame()), TC_ACT_SHOT);
-    assert_eq!(f.to_container(&PacketSpec::new(A, B, 47, 0, 0).frame()), TC_ACT_SHOT);
+    assert_eq!(
+        f.entering_container(&PacketSpec::new(A, B, proto::ICMP, 0, 0).frame()),
+        TC_ACT_SHOT
+    );
+    assert_eq!(f.entering_container(&PacketSpec::new(A, B, 47, 0, 0).frame()), TC_ACT_SHOT);
 }
 
 #[test]
@@ -164,22 +167,22 @@ fn truncated_and_malformed_headers_are_dropped() {
     // frame shorter than an IP header; the host unit tests of the parser
     // cover those cuts.)
     for cut in [14 + 20, 14 + 20 + 4, 14 + 20 + 19] {
-        assert_eq!(f.to_container(&good[..cut]), TC_ACT_SHOT, "cut at {cut}");
-        assert_eq!(f.from_container(&good[..cut]), TC_ACT_SHOT, "source side, cut at {cut}");
+        assert_eq!(f.entering_container(&good[..cut]), TC_ACT_SHOT, "cut at {cut}");
+        assert_eq!(f.leaving_container(&good[..cut]), TC_ACT_SHOT, "source side, cut at {cut}");
     }
     // IHL promises options that are not there.
     let mut with_options = PacketSpec::udp(A, B, 1, 2);
     with_options.ip_options = vec![1; 40];
     let frame = with_options.frame();
-    assert_eq!(f.to_container(&frame[..14 + 40]), TC_ACT_SHOT);
+    assert_eq!(f.entering_container(&frame[..14 + 40]), TC_ACT_SHOT);
     // IHL below 5.
     let mut bad_ihl = good.clone();
     bad_ihl[14] = 0x43;
-    assert_eq!(f.to_container(&bad_ihl), TC_ACT_SHOT);
+    assert_eq!(f.entering_container(&bad_ihl), TC_ACT_SHOT);
     // total_len shorter than the headers it claims (padding must not count).
     let mut short_len = good.clone();
     short_len[16..18].copy_from_slice(&24u16.to_be_bytes());
-    assert_eq!(f.to_container(&short_len), TC_ACT_SHOT);
+    assert_eq!(f.entering_container(&short_len), TC_ACT_SHOT);
     assert_eq!(f.count(Reason::Malformed), 9);
 }
 
@@ -190,9 +193,9 @@ fn ip_options_are_skipped() {
     for options in [4usize, 20, 40] {
         let mut spec = PacketSpec::udp(A, B, 6000 + options as u16, 5000);
         spec.ip_options = vec![1; options];
-        assert_eq!(f.to_container(&spec.frame()), TC_ACT_OK, "{options} option bytes");
+        assert_eq!(f.entering_container(&spec.frame()), TC_ACT_OK, "{options} option bytes");
         spec.dport = 5001;
-        assert_eq!(f.to_container(&spec.frame()), TC_ACT_SHOT, "{options} option bytes");
+        assert_eq!(f.entering_container(&spec.frame()), TC_ACT_SHOT, "{options} option bytes");
     }
 }
 
@@ -207,12 +210,16 @@ fn fragments_follow_the_first_fragment() {
         spec.more_fragments = more;
         spec.frame()
     };
-    assert_eq!(f.to_container(&fragment(9000, 1, 185, false)), TC_ACT_SHOT, "later fragment first");
-    assert_eq!(f.to_container(&fragment(9000, 1, 0, true)), TC_ACT_OK);
-    assert_eq!(f.to_container(&fragment(9000, 1, 185, true)), TC_ACT_OK);
-    assert_eq!(f.to_container(&fragment(9000, 1, 370, false)), TC_ACT_OK);
-    assert_eq!(f.to_container(&fragment(9001, 2, 0, true)), TC_ACT_SHOT);
-    assert_eq!(f.to_container(&fragment(9001, 2, 185, false)), TC_ACT_SHOT);
+    assert_eq!(
+        f.entering_container(&fragment(9000, 1, 185, false)),
+        TC_ACT_SHOT,
+        "later fragment first"
+    );
+    assert_eq!(f.entering_container(&fragment(9000, 1, 0, true)), TC_ACT_OK);
+    assert_eq!(f.entering_container(&fragment(9000, 1, 185, true)), TC_ACT_OK);
+    assert_eq!(f.entering_container(&fragment(9000, 1, 370, false)), TC_ACT_OK);
+    assert_eq!(f.entering_container(&fragment(9001, 2, 0, true)), TC_ACT_SHOT);
+    assert_eq!(f.entering_container(&fragment(9001, 2, 185, false)), TC_ACT_SHOT);
     assert_eq!(f.count(Reason::Fragment), 2);
     assert_eq!(f.count(Reason::FragmentUnknown), 2);
 }
@@ -223,9 +230,9 @@ fn icmp_errors_about_allowed_connections_pass() {
     f.allow(TAG_A, TAG_B, proto::UDP, 9000, 9000, 1);
     let request = PacketSpec::udp(A, B, 7000, 9000);
     let unreachable = icmp_unreachable(B, A, &request).frame();
-    assert_eq!(f.to_container(&unreachable), TC_ACT_SHOT);
-    assert_eq!(f.to_container(&request.frame()), TC_ACT_OK);
-    assert_eq!(f.to_container(&unreachable), TC_ACT_OK);
+    assert_eq!(f.entering_container(&unreachable), TC_ACT_SHOT);
+    assert_eq!(f.entering_container(&request.frame()), TC_ACT_OK);
+    assert_eq!(f.entering_container(&unreachable), TC_ACT_OK);
     assert_eq!(f.count(Reason::Related), 1);
 }
 
@@ -235,17 +242,17 @@ fn source_side_drops_spoofed_addresses() {
     // Test runs hand the program an skb on loopback (ifindex 1).
     let mut dp = f;
     assert_eq!(
-        dp.from_container(&PacketSpec::tcp(B, A, 1, 2).frame()),
+        dp.leaving_container(&PacketSpec::tcp(B, A, 1, 2).frame()),
         TC_ACT_OK,
         "no endpoint behind lo yet"
     );
     dp.dataplane.tables().set_veth(1, Ipv4Addr::from(A), TAG_A).unwrap();
-    assert_eq!(dp.from_container(&PacketSpec::tcp(A, B, 1, 2).frame()), TC_ACT_OK);
-    assert_eq!(dp.from_container(&PacketSpec::tcp(B, C, 1, 2).frame()), TC_ACT_SHOT);
-    assert_eq!(dp.from_container(&PacketSpec::tcp(OUTSIDE, C, 1, 2).frame()), TC_ACT_SHOT);
+    assert_eq!(dp.leaving_container(&PacketSpec::tcp(A, B, 1, 2).frame()), TC_ACT_OK);
+    assert_eq!(dp.leaving_container(&PacketSpec::tcp(B, C, 1, 2).frame()), TC_ACT_SHOT);
+    assert_eq!(dp.leaving_container(&PacketSpec::tcp(OUTSIDE, C, 1, 2).frame()), TC_ACT_SHOT);
     let mut arp = PacketSpec::tcp(B, A, 1, 2).frame();
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    assert_eq!(dp.from_container(&arp), TC_ACT_OK);
+    assert_eq!(dp.leaving_container(&arp), TC_ACT_OK);
     assert_eq!(dp.count(Reason::Spoofed), 2);
     assert_eq!(dp.count(Reason::SourceVerified), 1);
 }
@@ -280,13 +287,16 @@ fn cgroup_programs_make_the_same_decisions() {
     assert_eq!(run(&f, Direction::FromContainer, &PacketSpec::tcp(A, B, 1, 2).frame()), PASS);
 }
 
+/// (source, source port, destination, destination port, protocol).
+type Tuple = ([u8; 4], u16, [u8; 4], u16, u8);
+
 /// A deliberately naive model of the policy: a list of policies scanned
 /// linearly and a set of open connections. It shares no code with the
 /// program's decision logic.
 struct Model {
     tags: std::collections::HashMap<[u8; 4], u32>,
     policies: Vec<(u32, u32, u8, u16, u16)>,
-    conns: std::collections::HashSet<([u8; 4], u16, [u8; 4], u16, u8)>,
+    conns: std::collections::HashSet<Tuple>,
 }
 
 impl Model {
@@ -367,7 +377,7 @@ fn program_agrees_with_a_reference_model_on_random_traffic() {
             f.allow(s, d, p, lo, hi, id);
             model.policies.push((s, d, p, lo, hi));
         }
-        let mut sent: Vec<([u8; 4], u16, [u8; 4], u16, u8)> = Vec::new();
+        let mut sent: Vec<Tuple> = Vec::new();
         for step in 0..300 {
             if step % 75 == 74 && !model.policies.is_empty() {
                 // Take a policy away (same semantics as the agent: exact range).
@@ -400,7 +410,7 @@ fn program_agrees_with_a_reference_model_on_random_traffic() {
             sent.push(packet);
             let spec = PacketSpec::new(src, dst, protocol, sport, dport);
             let want = model.deliver(src, sport, dst, dport, protocol);
-            let got = f.to_container(&spec.frame()) == TC_ACT_OK;
+            let got = f.entering_container(&spec.frame()) == TC_ACT_OK;
             assert_eq!(got, want, "seed {seed}, round {round}, step {step}: {spec:?}");
             checked += 1;
         }

@@ -34,6 +34,9 @@ enum Task {
         /// Only run integration tests whose name contains this.
         filter: Option<String>,
     },
+    /// rustfmt check and clippy (-D warnings) on userspace and on the eBPF
+    /// crate (its own target, nightly).
+    Lint,
     /// Print the per-packet cost of the programs (needs root).
     Bench {
         /// Fewer repetitions, for a quick look.
@@ -66,6 +69,10 @@ fn main() -> Result<()> {
         Task::Test { filter } => {
             setup::run()?;
             run::test(&root, filter.as_deref())
+        }
+        Task::Lint => {
+            setup::run()?;
+            run::lint(&root)
         }
         Task::Bench { quick } => {
             setup::run()?;

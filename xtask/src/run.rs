@@ -10,6 +10,37 @@ fn cargo(root: &Path) -> Command {
     cmd
 }
 
+/// Runs `cargo test ...`, echoing its output, and adds up its
+/// `test result:` lines into `totals` (passed, failed).
+fn run_tests(mut cmd: Command, what: &str, totals: &mut (u64, u64)) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start {what}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |label: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(label))
+                    .and_then(|n| n.trim().rsplit(' ').next().and_then(|n| n.parse().ok()))
+                    .unwrap_or(0)
+            };
+            totals.0 += count(" passed");
+            totals.1 += count(" failed");
+        }
+    }
+    let status = child.wait().with_context(|| format!("waiting for {what}"))?;
+    if !status.success() {
+        println!("{} passed, {} failed", totals.0, totals.1.max(1));
+        bail!("{what} failed: {status}");
+    }
+    Ok(())
+}
+
 fn run(mut cmd: Command, what: &str) -> Result<()> {
     let status = cmd.status().with_context(|| format!("failed to start {what}"))?;
     if !status.success() {
@@ -59,10 +90,11 @@ pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     require_root("the integration tests")?;
     // Host unit tests: decision logic, key encoding, port ranges, loader
     // pieces that need no kernel.
+    let mut totals = (0, 0);
     let mut unit = cargo(root);
     unit.args(["test", "--release"]);
     if filter.is_none() {
-        run(unit, "the unit tests")?;
+        run_tests(unit, "the unit tests", &mut totals)?;
     }
     build_agent(root)?;
     // Privileged tests, one at a time: they attach programs and create
@@ -72,7 +104,10 @@ pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     if let Some(filter) = filter {
         integration.arg(filter);
     }
-    run(integration, "the integration tests")
+    run_tests(integration, "the integration tests", &mut totals)?;
+    // One closing line for the whole run.
+    println!("{} passed, {} failed", totals.0, totals.1);
+    Ok(())
 }
 
 pub fn bench(root: &Path, quick: bool) -> Result<()> {
@@ -83,4 +118,43 @@ pub fn bench(root: &Path, quick: bool) -> Result<()> {
         cmd.arg("--quick");
     }
     run(cmd, "the benchmark")
+}
+
+pub fn lint(root: &Path) -> Result<()> {
+    let mut fmt = cargo(root);
+    fmt.args(["fmt", "--all", "--check"]);
+    run(fmt, "cargo fmt --check")?;
+    let mut clippy = cargo(root);
+    clippy.args([
+        "clippy",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "policy-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(clippy, "cargo clippy")?;
+    let mut ebpf = Command::new("rustup");
+    ebpf.current_dir(root.join("policy-ebpf"))
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--bins",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    run(ebpf, "cargo clippy (eBPF)")
 }

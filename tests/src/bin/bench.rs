@@ -75,7 +75,8 @@ fn new_flow_frames(n: usize, salt: u16) -> Vec<Vec<u8>> {
 fn main() {
     require_root();
     let quick = std::env::args().any(|a| a == "--quick");
-    let (repeat, rounds, new_flows) = if quick { (200_000, 3, 5_000) } else { (1_000_000, 5, 20_000) };
+    let (repeat, rounds, new_flows) =
+        if quick { (200_000, 3, 5_000) } else { (1_000_000, 5, 20_000) };
     let ns = NetNs::new(unique_name("bench"));
     let _in_ns = ns.enter();
 
@@ -94,7 +95,8 @@ fn main() {
         let prog = dataplane.tc_program(Direction::ToContainer);
 
         let established = PacketSpec::tcp(A, B, 40000, 8080).frame();
-        prog.test_run(TestRunOptions { data_in: Some(&established), ..Default::default() }).expect("open");
+        prog.test_run(TestRunOptions { data_in: Some(&established), ..Default::default() })
+            .expect("open");
         let denied = PacketSpec::tcp(A, B, 40001, 9999).frame();
         let frames = new_flow_frames(new_flows, policies as u16);
 
@@ -109,13 +111,24 @@ fn main() {
         drop(dataplane);
     }
 
-    println!("\nPer-packet cost of tc_to_container (destination side), BPF_PROG_TEST_RUN, 64-byte TCP frames");
-    println!("kernel {}, {} CPUs; ns per packet, (x) = ratio to the empty TC program, [+ns] = above it", kernel(), cpus());
-    println!("established and denied: median of {rounds} runs of {repeat} repeats; new flow: mean of {new_flows} distinct packets, one run each (its floor is the empty program run the same way)\n");
-    println!("| policy entries | empty | established flow | new flow, denied (full lookup) | new flow, allowed + tracked | empty (one run each) | load time |");
+    println!(
+        "\nPer-packet cost of tc_to_container (destination side), BPF_PROG_TEST_RUN, 64-byte TCP frames"
+    );
+    println!(
+        "kernel {}, {} CPUs; ns per packet, (x) = ratio to the empty TC program, [+ns] = above it",
+        kernel(),
+        cpus()
+    );
+    println!(
+        "established and denied: median of {rounds} runs of {repeat} repeats; new flow: mean of {new_flows} distinct packets, one run each (its floor is the empty program run the same way)\n"
+    );
+    println!(
+        "| policy entries | empty | established flow | new flow, denied (full lookup) | new flow, allowed + tracked | empty (one run each) | load time |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for (policies, fill_time, empty, established, denied, new) in &rows {
-        let cell = |ns: f64, floor: f64| format!("{ns:.1} ({:.2}x) [+{:.1}]", ns / floor, ns - floor);
+        let cell =
+            |ns: f64, floor: f64| format!("{ns:.1} ({:.2}x) [+{:.1}]", ns / floor, ns - floor);
         println!(
             "| {policies} | {:.1} | {} | {} | {} | {:.1} | {:.2} s |",
             empty.repeated,
@@ -144,12 +157,17 @@ fn fill(dataplane: &mut Dataplane, policies: u32) {
         tables.set_endpoint(Ipv4Addr::from(addr), TAG_A).expect("endpoint");
     }
     tables
-        .allow(PairKey::new(TAG_A, TAG_B, proto::TCP), Allowance { start: 8080, end: 8090, policy_id: 1 })
+        .allow(
+            PairKey::new(TAG_A, TAG_B, proto::TCP),
+            Allowance { start: 8080, end: 8090, policy_id: 1 },
+        )
         .expect("allow");
     for i in 1..policies {
         let key = PairKey::new(1000 + i / 1000, 1000 + i % 1000, proto::TCP);
         let port = (i % 60000) as u16 + 1;
-        tables.set_pair(key, &[Allowance { start: port, end: port, policy_id: i + 1 }]).expect("fill");
+        tables
+            .set_pair(key, &[Allowance { start: port, end: port, policy_id: i + 1 }])
+            .expect("fill");
     }
 }
 

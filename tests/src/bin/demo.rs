@@ -5,7 +5,7 @@
 use std::{process::ExitCode, time::Duration};
 
 use integration_tests::{
-    agent::run_agent,
+    agent::DataplaneCli,
     pins::PinDir,
     require_root,
     topology::Host,
@@ -16,7 +16,6 @@ fn main() -> ExitCode {
     require_root();
     let host = Host::new(2);
     let pins = PinDir::new();
-    let pin_dir = pins.path().display().to_string();
     let (frontend, backend) = (host.container(0), host.container(1));
     println!("host namespace {}; containers (silk layout, /32 + host route):", host.ns.name());
     println!("  frontend {} on host veth {} (app tag 1)", frontend.ip, frontend.host_ifname);
@@ -24,32 +23,9 @@ fn main() -> ExitCode {
         "  backend  {} on host veth {} (app tag 2), TCP echo server on :8080\n",
         backend.ip, backend.host_ifname
     );
-    let agent = |args: &[&str]| {
-        let mut all = vec!["dataplane", "--pin-dir", pin_dir.as_str()];
-        all.extend_from_slice(args);
-        println!("$ policy-agent {}", all.join(" "));
-        for line in run_agent(&host.ns, &all).lines() {
-            println!("  {line}");
-        }
-    };
-    agent(&[
-        "attach",
-        "--ifname",
-        &frontend.host_ifname,
-        "--ip",
-        &frontend.ip.to_string(),
-        "--tag",
-        "1",
-    ]);
-    agent(&[
-        "attach",
-        "--ifname",
-        &backend.host_ifname,
-        "--ip",
-        &backend.ip.to_string(),
-        "--tag",
-        "2",
-    ]);
+    let cli = DataplaneCli::new(&host, &pins).echoing();
+    cli.attach(0, 1);
+    cli.attach(1, 2);
     tcp_echo_server(&backend.ns, backend.ip, 8080);
 
     let mut ok = true;
@@ -63,36 +39,14 @@ fn main() -> ExitCode {
     let works = tcp_echo_works(&frontend.ns, backend.ip, 8080, SHORT);
     expect("frontend -> backend tcp/8080, no policy", works, false);
 
-    agent(&[
-        "allow",
-        "--src-tag",
-        "1",
-        "--dst-tag",
-        "2",
-        "--protocol",
-        "tcp",
-        "--ports",
-        "8080-8090",
-        "--policy-id",
-        "1",
-    ]);
+    cli.policy("allow", 1, 2, "tcp", "8080-8090");
     let mut stream = tcp_connect(&frontend.ns, None, backend.ip, 8080, LONG).ok();
     let works = stream.as_mut().is_some_and(echo_once);
     expect("frontend -> backend tcp/8080, after allow 8080-8090", works, true);
     let works = tcp_echo_works(&backend.ns, frontend.ip, 8080, SHORT);
     expect("backend -> frontend tcp/8080 (policies are one-way)", works, false);
 
-    agent(&[
-        "revoke",
-        "--src-tag",
-        "1",
-        "--dst-tag",
-        "2",
-        "--protocol",
-        "tcp",
-        "--ports",
-        "8080-8090",
-    ]);
+    cli.policy("revoke", 1, 2, "tcp", "8080-8090");
     if let Some(stream) = stream.as_mut() {
         stream.set_read_timeout(Some(Duration::from_secs(1))).ok();
     }
@@ -101,7 +55,7 @@ fn main() -> ExitCode {
     let works = tcp_echo_works(&frontend.ns, backend.ip, 8080, SHORT);
     expect("frontend -> backend tcp/8080, after revoke", works, false);
 
-    agent(&["status"]);
+    cli.run(&["status"]);
     if ok {
         println!("demo: every verdict was as expected");
         ExitCode::SUCCESS
