@@ -279,7 +279,7 @@ impl Dataplane {
                 if Self::tc_link_live(&pin, ifname, direction) {
                     continue;
                 }
-                fs::remove_file(&pin).map_err(Error::io("cannot unpin stale link", &pin))?;
+                remove_link_pin(&pin)?;
             }
             let name = direction.tc_program();
             let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Attach {
@@ -298,11 +298,11 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Detaches a veth's programs by removing their pins (closing the last
-    /// reference detaches a TCX link). Missing pins are not an error.
+    /// Detaches a veth's programs and removes their pins. Missing pins are
+    /// not an error.
     pub fn detach_veth(&mut self, ifname: &str) -> Result<(), Error> {
         for direction in Direction::BOTH {
-            remove_pin(&self.tc_pin(ifname, direction))?;
+            remove_link_pin(&self.tc_pin(ifname, direction))?;
         }
         Ok(())
     }
@@ -340,7 +340,7 @@ impl Dataplane {
 
     pub fn detach_cgroup(&mut self, cgroup_id: u64) -> Result<(), Error> {
         for direction in Direction::BOTH {
-            remove_pin(&self.cgroup_pin(cgroup_id, direction))?;
+            remove_link_pin(&self.cgroup_pin(cgroup_id, direction))?;
         }
         Ok(())
     }
@@ -356,7 +356,11 @@ impl Dataplane {
         for sub in ["links", "maps"] {
             let dir = pin_dir.join(sub);
             for name in list_pins(&dir)? {
-                remove_pin(&dir.join(name))?;
+                if sub == "links" {
+                    remove_link_pin(&dir.join(name))?;
+                } else {
+                    remove_pin(&dir.join(name))?;
+                }
             }
             match fs::remove_dir(&dir) {
                 Ok(()) => {}
@@ -377,6 +381,19 @@ where
     &'a mut T: TryFrom<&'a mut aya::programs::Program>,
 {
     ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(Error::MissingProgram { name })
+}
+
+/// Detaches the link pinned at `path` (synchronously) and removes the pin.
+fn remove_link_pin(path: &Path) -> Result<(), Error> {
+    match sys::obj_get(path) {
+        // A link whose device or cgroup is gone cannot be detached: fine.
+        Ok(link) => {
+            let _ = sys::link_detach(link.as_fd());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("cannot open pinned link", path)(e)),
+    }
+    remove_pin(path)
 }
 
 fn remove_pin(path: &Path) -> Result<(), Error> {

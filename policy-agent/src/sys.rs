@@ -79,3 +79,24 @@ pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     // SAFETY: the kernel returned a new file descriptor that we now own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
 }
+
+/// `BPF_LINK_DETACH`.
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Detaches a link now, whoever else still holds it. Dropping the last
+/// reference also detaches, but the kernel frees links from a work queue
+/// (kernel/bpf/syscall.c, `bpf_link_put`), so the hook may run the program
+/// for a moment longer; an explicit detach is synchronous.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let link_fd: u32 = link.as_raw_fd() as u32;
+    // SAFETY: a u32 link_fd is the whole bpf_attr for this command.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &link_fd as *const u32,
+            size_of::<u32>() as u32,
+        )
+    };
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}

@@ -1,0 +1,184 @@
+//! The loader against the real kernel: pins, capacities, full maps, errors,
+//! reopening, attaching and detaching.
+
+use std::{net::Ipv4Addr, process::Command};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use integration_tests::{netns::NetNs, pins::PinDir, require_root, unique_name};
+use policy_agent::{Capacities, Dataplane, DataplaneConfig, Error};
+use policy_common::{
+    maps::{MAX_PORT_RANGES, PairKey, proto},
+    ports::{Allowance, PortsError},
+};
+
+fn bpftool_json(args: &[&str]) -> serde_like::Json {
+    let out = Command::new("bpftool").arg("-j").args(args).output().expect("run bpftool");
+    assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_like::Json(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Just enough JSON inspection for bpftool's output, without a JSON crate.
+mod serde_like {
+    pub struct Json(pub String);
+    impl Json {
+        pub fn has(&self, needle: &str) -> bool {
+            self.0.contains(needle)
+        }
+    }
+}
+
+#[test]
+fn maps_are_pinned_with_names_and_typed_for_bpftool() {
+    require_root();
+    let pins = PinDir::new();
+    let mut dataplane = pins.open();
+    let tables = dataplane.tables();
+    tables.set_endpoint(Ipv4Addr::new(10, 255, 0, 1), 7).unwrap();
+    tables
+        .allow(PairKey::new(7, 8, proto::TCP), Allowance { start: 8080, end: 8090, policy_id: 3 })
+        .unwrap();
+    for name in policy_common::maps::names::ALL {
+        assert!(pins.path().join("maps").join(name).exists(), "{name} is not pinned");
+    }
+    let endpoints = bpftool_json(&[
+        "map",
+        "dump",
+        "pinned",
+        pins.path().join("maps/ENDPOINTS").to_str().unwrap(),
+    ]);
+    assert!(endpoints.has("\"tag\":7"), "bpftool shows no named fields: {}", endpoints.0);
+    let policies = bpftool_json(&[
+        "map",
+        "dump",
+        "pinned",
+        pins.path().join("maps/POLICIES").to_str().unwrap(),
+    ]);
+    for field in
+        ["\"src_tag\":7", "\"dst_tag\":8", "\"start\":8080", "\"end\":8090", "\"policy_id\":3"]
+    {
+        assert!(policies.has(field), "{field} missing from {}", policies.0);
+    }
+    let info = bpftool_json(&[
+        "map",
+        "show",
+        "pinned",
+        pins.path().join("maps/POLICIES").to_str().unwrap(),
+    ]);
+    assert!(info.has("\"max_entries\":1048576"), "default policy capacity: {}", info.0);
+    let info = bpftool_json(&[
+        "map",
+        "show",
+        "pinned",
+        pins.path().join("maps/ENDPOINTS").to_str().unwrap(),
+    ]);
+    assert!(info.has("\"max_entries\":65536"), "default endpoint capacity: {}", info.0);
+}
+
+#[test]
+fn a_full_map_is_reported_and_leaves_entries_intact() {
+    require_root();
+    let pins = PinDir::new();
+    let config = DataplaneConfig {
+        pin_dir: pins.path().to_path_buf(),
+        capacities: Capacities { endpoints: 4, policies: 2, ..Capacities::default() },
+    };
+    let mut dataplane = Dataplane::open(&config).unwrap();
+    let tables = dataplane.tables();
+    for i in 1..=4 {
+        tables.set_endpoint(Ipv4Addr::new(10, 255, 0, i), 1).unwrap();
+    }
+    match tables.set_endpoint(Ipv4Addr::new(10, 255, 0, 5), 1) {
+        Err(Error::MapFull { name: "ENDPOINTS", capacity: 4 }) => {}
+        other => panic!("expected ENDPOINTS full, got {other:?}"),
+    }
+    assert_eq!(tables.endpoints().len(), 4);
+    let allow = |port| Allowance { start: port, end: port, policy_id: 1 };
+    tables.allow(PairKey::new(1, 2, proto::TCP), allow(1)).unwrap();
+    tables.allow(PairKey::new(1, 3, proto::TCP), allow(1)).unwrap();
+    // A third pair does not fit; a new range on an existing pair does.
+    let err = tables.allow(PairKey::new(1, 4, proto::TCP), allow(1)).unwrap_err();
+    assert!(err.to_string().contains("POLICIES is full"), "{err}");
+    tables.allow(PairKey::new(1, 2, proto::TCP), allow(2)).unwrap();
+    assert_eq!(tables.pairs().len(), 2);
+}
+
+#[test]
+fn more_ranges_than_a_pair_holds_are_refused_whole() {
+    require_root();
+    let pins = PinDir::new();
+    let mut dataplane = pins.open();
+    let tables = dataplane.tables();
+    let key = PairKey::new(1, 2, proto::UDP);
+    for i in 0..MAX_PORT_RANGES as u16 {
+        tables
+            .allow(key, Allowance { start: 100 + i * 10, end: 100 + i * 10, policy_id: 1 })
+            .unwrap();
+    }
+    let err = tables.allow(key, Allowance { start: 5000, end: 5000, policy_id: 1 }).unwrap_err();
+    assert!(
+        matches!(err, Error::Ports(PortsError::TooManyRanges { limit: MAX_PORT_RANGES })),
+        "{err}"
+    );
+    assert_eq!(tables.pair(&key).len(), MAX_PORT_RANGES, "the pair is unchanged");
+    let bad = tables.allow(key, Allowance { start: 9, end: 8, policy_id: 1 }).unwrap_err();
+    assert!(bad.to_string().contains("invalid port range 9-8"), "{bad}");
+}
+
+#[test]
+fn state_survives_reopening_and_remove_all_cleans_up() {
+    require_root();
+    let ns = NetNs::new(unique_name("ld"));
+    ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    ns.ip(&["link", "set", "v0", "up"]);
+    let _in_ns = ns.enter();
+    let pins = PinDir::new();
+    let key = PairKey::new(1, 2, proto::TCP);
+    {
+        let mut dataplane = pins.open();
+        dataplane.tables().set_endpoint(Ipv4Addr::new(10, 255, 0, 1), 1).unwrap();
+        dataplane.tables().allow(key, Allowance { start: 80, end: 80, policy_id: 9 }).unwrap();
+        dataplane.tables().bump_epoch().unwrap();
+        dataplane.attach_veth("v0").unwrap();
+        // Attaching again is a no-op.
+        dataplane.attach_veth("v0").unwrap();
+    }
+    let attached = |t| SchedClassifier::query_tcx("v0", t).unwrap().1.len();
+    assert_eq!((attached(TcAttachType::Ingress), attached(TcAttachType::Egress)), (1, 1));
+    let mut dataplane = pins.open();
+    assert_eq!(dataplane.tables_ref().endpoints().len(), 1);
+    assert_eq!(
+        dataplane.tables_ref().pair(&key),
+        vec![Allowance { start: 80, end: 80, policy_id: 9 }]
+    );
+    assert_eq!(dataplane.tables_ref().epoch().unwrap(), 1);
+    assert_eq!(dataplane.attachments().unwrap(), vec!["tc-v0-egress", "tc-v0-ingress"]);
+
+    match dataplane.attach_veth("nosuchif") {
+        Err(Error::NoInterface { ifname }) => assert_eq!(ifname, "nosuchif"),
+        other => panic!("expected NoInterface, got {other:?}"),
+    }
+
+    dataplane.detach_veth("v0").unwrap();
+    drop(dataplane);
+    assert_eq!((attached(TcAttachType::Ingress), attached(TcAttachType::Egress)), (0, 0));
+    Dataplane::remove_all(pins.path()).unwrap();
+    assert!(!pins.path().exists());
+}
+
+#[test]
+fn a_recreated_interface_gets_attached_again() {
+    require_root();
+    let ns = NetNs::new(unique_name("ld"));
+    let _in_ns = ns.enter();
+    let pins = PinDir::new();
+    let mut dataplane = pins.open();
+    ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    dataplane.attach_veth("v0").unwrap();
+    // The container goes away and a new one gets a veth of the same name:
+    // the pinned link is stale and must not count as attached.
+    ns.ip(&["link", "del", "v0"]);
+    ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    dataplane.attach_veth("v0").unwrap();
+    let attached = |t| SchedClassifier::query_tcx("v0", t).unwrap().1.len();
+    assert_eq!((attached(TcAttachType::Ingress), attached(TcAttachType::Egress)), (1, 1));
+}
