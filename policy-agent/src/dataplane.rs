@@ -328,8 +328,11 @@ impl Dataplane {
                 Direction::ToContainer => CgroupSkbAttachType::Ingress,
             };
             let prog: &mut CgroupSkb = program(&mut self.ebpf, name)?;
+            // Links are always multi-attach; BPF_LINK_CREATE takes no flags
+            // for cgroups (kernel/bpf/cgroup.c, cgroup_bpf_link_attach), so
+            // "Single" here means "no flags", not exclusive.
             let id = prog
-                .attach(&file, attach_type, CgroupAttachMode::AllowMultiple)
+                .attach(&file, attach_type, CgroupAttachMode::Single)
                 .map_err(|e| attach_err(Box::new(e)))?;
             let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
             let link = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
