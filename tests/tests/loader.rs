@@ -182,3 +182,30 @@ fn a_recreated_interface_gets_attached_again() {
     let attached = |t| SchedClassifier::query_tcx("v0", t).unwrap().1.len();
     assert_eq!((attached(TcAttachType::Ingress), attached(TcAttachType::Egress)), (1, 1));
 }
+
+#[test]
+fn bpffs_is_mounted_when_missing() {
+    require_root();
+    // A private mount namespace without bpffs, as on a fresh Debian host.
+    let pins = PinDir::new();
+    let pin_dir = pins.path().display().to_string();
+    let agent = integration_tests::agent::agent_bin();
+    let script = format!(
+        "umount /sys/fs/bpf 2>/dev/null; \
+         if grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts; then echo still-mounted; exit 1; fi; \
+         {agent} dataplane --pin-dir {pin_dir}/inner load && \
+         grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts && \
+         {agent} dataplane --pin-dir {pin_dir}/inner unload",
+        agent = agent.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("run unshare");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

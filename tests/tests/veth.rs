@@ -88,11 +88,13 @@ fn tcp_denied_by_default_allowed_by_a_policy_and_cut_when_it_is_removed() {
     assert!(!tcp_echo_works(&s.host.container(1).ns, s.ip(0), 8080, SHORT));
 
     s.revoke(FRONTEND, BACKEND, proto::TCP, 8080, 8080);
-    let cut = Instant::now();
+    let revoked = Instant::now();
     stream.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
     assert!(!echo_once(&mut stream), "the open connection must be cut");
-    assert!(cut.elapsed() <= Duration::from_millis(1500));
-    assert!(s.count(Reason::Revoked) >= 1);
+    // The first packet after the removal was dropped as revoked; the read
+    // above only bounds how long it took us to notice.
+    assert!(s.count(Reason::Revoked) >= 1, "no packet was dropped as revoked");
+    assert!(revoked.elapsed() < Duration::from_millis(1500));
     assert!(!tcp_echo_works(&s.host.container(0).ns, backend, 8080, SHORT), "no new connections");
 }
 
