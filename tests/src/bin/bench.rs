@@ -58,12 +58,12 @@ fn one_run_each(prog: &SchedClassifier, frames: &[Vec<u8>]) -> f64 {
     total as f64 / frames.len() as f64
 }
 
-/// `n` distinct frames A -> B tcp/8080 (distinct source ports and addresses
-/// of the A app's instances would do too; ports suffice).
-fn new_flow_frames(n: usize, salt: u16) -> Vec<Vec<u8>> {
+/// `n` distinct frames A -> B tcp/`dport`, from distinct source ports and
+/// instances of the A app.
+fn new_flow_frames(n: usize, salt: u16, dport: u16) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
-            let mut spec = PacketSpec::tcp(A, B, (i % 60000) as u16 + 1024, 8080);
+            let mut spec = PacketSpec::tcp(A, B, (i % 60000) as u16 + 1024, dport);
             spec.ip_id = salt;
             // Vary the source address too once ports run out.
             spec.src[2] = (i / 60000) as u8;
@@ -98,7 +98,8 @@ fn main() {
         prog.test_run(TestRunOptions { data_in: Some(&established), ..Default::default() })
             .expect("open");
         let denied = PacketSpec::tcp(A, B, 40001, 9999).frame();
-        let frames = new_flow_frames(new_flows, policies as u16);
+        let frames = new_flow_frames(new_flows, policies as u16, 8080);
+        let denied_frames = new_flow_frames(new_flows, policies as u16, 9999);
 
         let empty_cost = Costs {
             repeated: median_repeated(empty, &established, repeat, rounds),
@@ -107,7 +108,16 @@ fn main() {
         let established_ns = median_repeated(prog, &established, repeat, rounds);
         let denied_ns = median_repeated(prog, &denied, repeat, rounds);
         let new_ns = one_run_each(prog, &frames);
-        rows.push((policies, fill_time, empty_cost, established_ns, denied_ns, new_ns));
+        let new_denied_ns = one_run_each(prog, &denied_frames);
+        rows.push((
+            policies,
+            fill_time,
+            empty_cost,
+            established_ns,
+            denied_ns,
+            new_ns,
+            new_denied_ns,
+        ));
         drop(dataplane);
     }
 
@@ -120,22 +130,23 @@ fn main() {
         cpus()
     );
     println!(
-        "established and denied: median of {rounds} runs of {repeat} repeats; new flow: mean of {new_flows} distinct packets, one run each (its floor is the empty program run the same way)\n"
+        "established and denied: median of {rounds} runs of {repeat} repeats (warm caches); \"one run each\": mean over {new_flows} distinct packets, one test run (one syscall) each, caches cold as after a syscall; its floor is the empty program run the same way\n"
     );
     println!(
-        "| policy entries | empty | established flow | new flow, denied (full lookup) | new flow, allowed + tracked | empty (one run each) | load time |"
+        "| policy entries | empty | established flow | new flow, denied (full lookup) | empty, one run each | new flow denied, one run each | new flow allowed + tracked, one run each | load time |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    for (policies, fill_time, empty, established, denied, new) in &rows {
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (policies, fill_time, empty, established, denied, new, new_denied) in &rows {
         let cell =
             |ns: f64, floor: f64| format!("{ns:.1} ({:.2}x) [+{:.1}]", ns / floor, ns - floor);
         println!(
-            "| {policies} | {:.1} | {} | {} | {} | {:.1} | {:.2} s |",
+            "| {policies} | {:.1} | {} | {} | {:.1} | {} | {} | {:.2} s |",
             empty.repeated,
             cell(*established, empty.repeated),
             cell(*denied, empty.repeated),
-            cell(*new, empty.single),
             empty.single,
+            cell(*new_denied, empty.single),
+            cell(*new, empty.single),
             fill_time.as_secs_f64(),
         );
     }
