@@ -30,7 +30,8 @@ use crate::{EBPF_OBJECT, Error, Tables, bpffs, sys};
 
 /// Map capacities (max_entries), fixed when the maps are first created.
 /// Pinned maps keep the capacity they were created with.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Capacities {
     pub endpoints: u32,
     pub veths: u32,

@@ -1,10 +1,19 @@
 //! The policy agent library: loads the dataplane into the kernel, attaches it
 //! to container veths and cgroups, pins it so enforcement outlives the
-//! process, and writes endpoints and policies into its maps.
+//! process, writes endpoints and policies into its maps, and (the daemon)
+//! keeps them in step with a durable desired state served over an API.
 
+pub mod agent;
+pub mod api;
 pub mod bpffs;
+pub mod client;
+pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod error;
+pub mod reconcile;
+pub mod state;
+pub mod store;
 mod sys;
 pub mod tables;
 

@@ -1,11 +1,17 @@
-//! `policy-agent`: the command line of the policy dataplane.
+//! `policy-agent`: the daemon and its command line.
 
 mod cli;
 
-use anyhow::Result;
+use std::process::ExitCode;
+
 use clap::Parser as _;
 
-fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    cli::Cli::parse().run()
+fn main() -> ExitCode {
+    match cli::Cli::parse().run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -144,6 +144,59 @@ impl Tables {
         }
     }
 
+    /// Host-side veth bindings: ifindex → (address, tag).
+    pub fn veths(&self) -> Vec<(u32, Ipv4Addr, u32)> {
+        self.veths
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ifindex, a)| (ifindex, addr_from_key(a.addr), a.tag))
+            .collect()
+    }
+
+    /// Deletes every conntrack and fragment entry naming `addr` (an endpoint
+    /// that went away: a new container may get its address).
+    pub fn forget_address(&mut self, addr: Ipv4Addr) -> Result<usize, Error> {
+        let key = addr_key(addr);
+        let conns: Vec<ConnKey> = self
+            .conntrack
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.addr_lo == key || k.addr_hi == key)
+            .collect();
+        let fragments: Vec<FragmentKey> = self
+            .fragments
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.saddr == key || k.daddr == key)
+            .collect();
+        let forgotten = conns.len() + fragments.len();
+        for k in conns {
+            match self.conntrack.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(names::CONNTRACK)(e)),
+            }
+        }
+        for k in fragments {
+            match self.fragments.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(names::FRAGMENTS)(e)),
+            }
+        }
+        Ok(forgotten)
+    }
+
+    /// Entries and capacity of every map (for status).
+    pub fn occupancy(&self) -> Vec<(&'static str, usize, u32)> {
+        vec![
+            (names::ENDPOINTS, self.endpoints.keys().count(), Self::capacity(self.endpoints.map())),
+            (names::VETHS, self.veths.keys().count(), Self::capacity(self.veths.map())),
+            (names::CGROUPS, self.cgroups.keys().count(), Self::capacity(self.cgroups.map())),
+            (names::POLICIES, self.policies.keys().count(), Self::capacity(self.policies.map())),
+            (names::CONNTRACK, self.conntrack.keys().count(), Self::capacity(self.conntrack.map())),
+            (names::FRAGMENTS, self.fragments.keys().count(), Self::capacity(self.fragments.map())),
+        ]
+    }
+
     /// Binds a cgroup (by id) to its endpoint, for the anti-spoofing check.
     pub fn set_cgroup(&mut self, cgroup_id: u64, addr: Ipv4Addr, tag: u32) -> Result<(), Error> {
         let capacity = Self::capacity(self.cgroups.map());

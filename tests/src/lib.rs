@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod daemon;
 pub mod netns;
 pub mod pins;
 pub mod topology;

@@ -194,3 +194,83 @@ fn connect_with_timeout(
     unsafe { libc::fcntl(raw, libc::F_SETFL, 0) };
     Ok(TcpStream::from(fd))
 }
+
+/// Two steady UDP flows from one namespace to one address: one to a port a
+/// policy allows, one to a port none does. Counts what is sent and what
+/// arrives, for checks that a change to the agent neither loses an allowed
+/// packet nor lets a denied one through.
+pub struct SteadyFlows {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sender: JoinHandle<u64>,
+    allowed: JoinHandle<u64>,
+    denied: JoinHandle<u64>,
+}
+
+/// What [`SteadyFlows::finish`] counted.
+#[derive(Debug)]
+pub struct FlowCounts {
+    /// Datagrams sent on each flow.
+    pub sent: u64,
+    pub allowed_received: u64,
+    pub denied_received: u64,
+}
+
+impl SteadyFlows {
+    /// Sends one datagram per flow every 500 µs from `from` to
+    /// `to:allowed_port` and `to:denied_port`, received in `to_ns`.
+    pub fn start(
+        from: &NetNs,
+        to_ns: &NetNs,
+        to: Ipv4Addr,
+        allowed_port: u16,
+        denied_port: u16,
+    ) -> Self {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let receive = |port: u16| {
+            let socket = to_ns.run(move || UdpSocket::bind((to, port))).expect("bind receiver");
+            socket.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut received, mut buf) = (0u64, [0u8; 64]);
+                while !stop.load(Ordering::Relaxed) {
+                    received += u64::from(socket.recv(&mut buf).is_ok());
+                }
+                // What is still in flight.
+                while socket.recv(&mut buf).is_ok() {
+                    received += 1;
+                }
+                received
+            })
+        };
+        let (allowed, denied) = (receive(allowed_port), receive(denied_port));
+        let socket = from.run(|| UdpSocket::bind(("0.0.0.0", 0))).expect("bind sender");
+        let sender = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    socket.send_to(b"allowed", (to, allowed_port)).expect("send");
+                    socket.send_to(b"denied", (to, denied_port)).expect("send");
+                    sent += 1;
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                sent
+            })
+        };
+        Self { stop, sender, allowed, denied }
+    }
+
+    pub fn finish(self) -> FlowCounts {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = self.sender.join().expect("sender");
+        FlowCounts {
+            sent,
+            allowed_received: self.allowed.join().expect("receiver"),
+            denied_received: self.denied.join().expect("receiver"),
+        }
+    }
+}

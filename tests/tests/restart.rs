@@ -1,14 +1,7 @@
 //! The loading process exits and a new one takes over the pinned state
 //! while traffic flows: no allowed packet lost, no denied packet passed.
 
-use std::{
-    net::UdpSocket,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use integration_tests::{
@@ -16,7 +9,7 @@ use integration_tests::{
     pins::PinDir,
     require_root,
     topology::Host,
-    traffic::{LONG, echo_once, tcp_connect, tcp_echo_server},
+    traffic::{LONG, SteadyFlows, echo_once, tcp_connect, tcp_echo_server},
 };
 
 /// Program ids attached (TCX) to a host-side veth, both directions.
@@ -27,25 +20,6 @@ fn attached_programs(host: &Host, ifname: &str) -> Vec<u32> {
         .flat_map(|t| SchedClassifier::query_tcx(ifname, t).expect("query tcx").1)
         .map(|p| p.id())
         .collect()
-}
-
-/// Counts datagrams received on a socket until told to stop.
-fn count_received(socket: UdpSocket, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
-    socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    std::thread::spawn(move || {
-        let mut received = 0u64;
-        let mut buf = [0u8; 64];
-        while !stop.load(Ordering::Relaxed) {
-            if socket.recv(&mut buf).is_ok() {
-                received += 1;
-            }
-        }
-        // Drain what is still in flight.
-        while socket.recv(&mut buf).is_ok() {
-            received += 1;
-        }
-        received
-    })
 }
 
 #[test]
@@ -68,24 +42,7 @@ fn a_new_process_takes_over_without_losing_or_leaking_a_packet() {
     tcp_echo_server(&backend.ns, backend.ip, 8080);
     let mut stream = tcp_connect(&frontend.ns, None, backend.ip, 8080, LONG).expect("connect");
     assert!(echo_once(&mut stream));
-    let allowed_rx = backend.ns.run(|| UdpSocket::bind((backend.ip, 9000))).unwrap();
-    let denied_rx = backend.ns.run(|| UdpSocket::bind((backend.ip, 9001))).unwrap();
-    let sender = frontend.ns.run(|| UdpSocket::bind(("0.0.0.0", 0))).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let allowed_count = count_received(allowed_rx, stop.clone());
-    let denied_count = count_received(denied_rx, stop.clone());
-    let sent = Arc::new(AtomicU64::new(0));
-    let sending = {
-        let (stop, sent, to) = (stop.clone(), sent.clone(), backend.ip);
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                sender.send_to(b"allowed", (to, 9000)).expect("send");
-                sender.send_to(b"denied", (to, 9001)).expect("send");
-                sent.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_micros(500));
-            }
-        })
-    };
+    let flows = SteadyFlows::start(&frontend.ns, &backend.ns, backend.ip, 9000, 9001);
 
     // Two takeovers by new processes while packets flow.
     for _ in 0..2 {
@@ -93,10 +50,8 @@ fn a_new_process_takes_over_without_losing_or_leaking_a_packet() {
         cli.run(&["load"]);
     }
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    sending.join().unwrap();
-    let (allowed, denied) = (allowed_count.join().unwrap(), denied_count.join().unwrap());
-    let sent = sent.load(Ordering::Relaxed);
+    let counts = flows.finish();
+    let (sent, allowed, denied) = (counts.sent, counts.allowed_received, counts.denied_received);
 
     let after = attached_programs(&host, &backend.host_ifname);
     assert_eq!(after.len(), 2);

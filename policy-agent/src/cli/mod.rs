@@ -1,29 +1,91 @@
-//! Command line: one file per subcommand.
+//! Command line: one file per group of subcommands.
 
 mod dataplane;
+mod endpoint;
+mod policy;
+mod run;
+mod status;
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
+use policy_agent::{
+    client::{Client, Response},
+    config::DEFAULT_SOCKET,
+};
+use serde_json::Value;
 
-/// eBPF network policy dataplane for containers.
+/// eBPF network policy dataplane for containers: the agent daemon and the
+/// `cf`-style verbs that talk to it.
 #[derive(Parser)]
 #[command(version, about)]
 pub struct Cli {
+    /// The agent's API socket.
+    #[arg(long, global = true, env = "POLICY_AGENT_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Low-level control of the kernel dataplane: load, attach, write map
-    /// entries, show state, unload.
+    /// Run the agent daemon (in the network namespace whose veths it manages).
+    Run(run::RunArgs),
+    /// Detach everything the agent attached and remove every pin
+    /// (enforcement stops). Stored policies are kept.
+    Teardown(run::TeardownArgs),
+    /// Register or remove a container endpoint (what a CNI plugin calls).
+    #[command(subcommand)]
+    Endpoint(endpoint::EndpointCommand),
+    /// List registered endpoints.
+    Endpoints(endpoint::ListArgs),
+    /// Allow SOURCE_APP to reach DEST_APP on a protocol and port (range).
+    AddNetworkPolicy(policy::PolicyArgs),
+    /// Remove a policy added with add-network-policy.
+    RemoveNetworkPolicy(policy::PolicyArgs),
+    /// List policies.
+    NetworkPolicies(policy::ListArgs),
+    /// Programs attached, endpoints, apps and tags, policies, map occupancy.
+    Status(status::StatusArgs),
+    /// Low-level control of the kernel dataplane, without the daemon.
     Dataplane(dataplane::DataplaneArgs),
 }
 
 impl Cli {
     pub fn run(self) -> Result<()> {
+        let client = Client::new(&self.socket);
         match self.command {
-            Command::Dataplane(args) => args.run(),
+            Command::Run(args) => args.run(),
+            Command::Teardown(args) => args.run(),
+            Command::Endpoint(cmd) => cmd.run(&client),
+            Command::Endpoints(args) => args.run(&client),
+            Command::AddNetworkPolicy(args) => args.add(&client),
+            Command::RemoveNetworkPolicy(args) => args.remove(&client),
+            Command::NetworkPolicies(args) => args.run(&client),
+            Command::Status(args) => args.run(&client),
+            Command::Dataplane(args) => {
+                init_logging("warn");
+                args.run()
+            }
         }
     }
+}
+
+/// Logs to stderr; `RUST_LOG` overrides `default`.
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Sends a request and turns an error reply into an error naming the
+/// problem (the agent's JSON `error`).
+pub fn call(client: &Client, method: &str, path: &str, body: Option<&Value>) -> Result<Response> {
+    let response = client.request(method, path, body)?;
+    if !response.is_success() {
+        bail!("{} (HTTP {})", response.error(), response.status);
+    }
+    Ok(response)
 }

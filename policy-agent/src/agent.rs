@@ -1,0 +1,222 @@
+//! The agent's core: desired state, its durable store, and the kernel, kept
+//! consistent. Every change is validated on a copy of the state, written to
+//! the kernel (rolled back if that fails), then saved; only then is the new
+//! state adopted. So a reply means "enforced and durable", and a failed
+//! request changes nothing.
+
+use std::net::Ipv4Addr;
+
+use tracing::info;
+
+use crate::{
+    Error,
+    reconcile::{self, Kernel},
+    state::{Endpoint, Invalid, Policy, State, check_app_id},
+    store::{Store, StoreError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Invalid(Invalid),
+    #[error(transparent)]
+    Kernel(#[from] Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<Invalid> for AgentError {
+    fn from(e: Invalid) -> Self {
+        AgentError::Invalid(e)
+    }
+}
+
+pub struct Agent<K: Kernel> {
+    kernel: K,
+    state: State,
+    store: Store,
+    /// Most policies one source app may have (None: no limit).
+    limit: Option<usize>,
+}
+
+impl<K: Kernel> Agent<K> {
+    /// Loads the stored state and reconciles the kernel to it without
+    /// clearing anything first. Returns the agent and reconcile warnings.
+    pub fn start(
+        mut kernel: K,
+        store: Store,
+        limit: Option<usize>,
+    ) -> Result<(Self, Vec<String>), AgentError> {
+        let state = store.load()?;
+        let warnings = reconcile::full(&mut kernel, &state)?;
+        info!(
+            policies = state.policy_count(),
+            endpoints = state.endpoints().count(),
+            apps = state.tags().len(),
+            "reconciled the kernel to the stored state"
+        );
+        Ok((Self { kernel, state, store, limit }, warnings))
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+
+    /// Saves `new` and adopts it; if saving fails, `undo` puts the kernel
+    /// back first.
+    fn commit(&mut self, new: State, undo: impl FnOnce(&mut K, &State)) -> Result<(), AgentError> {
+        if let Err(e) = self.store.save(&new) {
+            undo(&mut self.kernel, &self.state);
+            return Err(e.into());
+        }
+        self.state = new;
+        Ok(())
+    }
+
+    pub fn add_policies(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
+        let mut new = self.state.clone();
+        new.add_policies(policies, self.limit)?;
+        self.apply_policies(new)
+    }
+
+    pub fn remove_policies(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
+        let mut new = self.state.clone();
+        new.remove_policies(policies);
+        self.apply_policies(new)
+    }
+
+    fn apply_policies(&mut self, new: State) -> Result<(), AgentError> {
+        if new == self.state {
+            return Ok(());
+        }
+        reconcile::pairs(&mut self.kernel, &self.state, &new)?;
+        let applied = new.clone();
+        self.commit(new, move |kernel, old| {
+            let _ = reconcile::pairs(kernel, &applied, old);
+        })
+    }
+
+    /// Registers (or replaces) an endpoint and attaches to its veth.
+    pub fn add_endpoint(&mut self, endpoint: Endpoint) -> Result<(), AgentError> {
+        check_app_id("app", &endpoint.app)?;
+        if endpoint.ifname.is_empty() || endpoint.ifname.len() > 15 || endpoint.ifname.contains('/')
+        {
+            return Err(Invalid::new("ifname", "not a valid interface name").into());
+        }
+        if self.state.endpoint(endpoint.ip) == Some(&endpoint) {
+            return Ok(());
+        }
+        let mut new = self.state.clone();
+        let old = new.add_endpoint(endpoint.clone());
+        let tag = new.tag(&endpoint.app).expect("add_endpoint tags the app");
+        if let Err(e) = self.kernel.attach(&endpoint.ifname, endpoint.ip, tag) {
+            return Err(match e {
+                Error::NoInterface { ifname } => Invalid::new(
+                    "ifname",
+                    format!("interface {ifname} not found in the agent's network namespace"),
+                )
+                .into(),
+                e => e.into(),
+            });
+        }
+        if let Err(e) = self.kernel.set_endpoint(endpoint.ip, tag) {
+            let _ = self.kernel.detach(&endpoint.ifname, endpoint.ip);
+            return Err(e.into());
+        }
+        if let Some(old) = old.as_ref().filter(|o| o.ifname != endpoint.ifname) {
+            self.kernel.detach(&old.ifname, Ipv4Addr::UNSPECIFIED)?;
+        }
+        let ip = endpoint.ip;
+        let ifname = endpoint.ifname.clone();
+        self.commit(new, move |kernel, _| {
+            let _ = kernel.detach(&ifname, ip);
+            let _ = kernel.remove_endpoint(ip);
+        })
+    }
+
+    /// Unregisters an endpoint: detaches from its veth and removes every map
+    /// entry naming it. Unknown addresses are not an error.
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<bool, AgentError> {
+        let Some(endpoint) = self.state.endpoint(ip).cloned() else {
+            return Ok(false);
+        };
+        let mut new = self.state.clone();
+        new.remove_endpoint(ip);
+        // Save first: were the agent to die between the two, the restart
+        // reconcile finishes the removal from the stored state.
+        self.store.save(&new)?;
+        self.kernel.detach(&endpoint.ifname, ip)?;
+        self.kernel.remove_endpoint(ip)?;
+        self.state = new;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{reconcile::fake::FakeKernel, state::Protocol};
+
+    fn temp_store(name: &str) -> Store {
+        let dir = std::env::temp_dir().join(format!("policy-agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Store::open(&dir).unwrap()
+    }
+
+    fn policy(port: u16) -> Policy {
+        Policy {
+            source: "a".into(),
+            destination: "b".into(),
+            protocol: Protocol::Tcp,
+            start: port,
+            end: port,
+        }
+    }
+
+    #[test]
+    fn writes_are_durable_and_failed_ones_change_nothing() {
+        let store = temp_store("durable");
+        let path = store.path().to_path_buf();
+        let (mut agent, _) = Agent::start(FakeKernel::new(1), store, None).unwrap();
+        agent.add_policies(&[policy(80)]).unwrap();
+        let saved: State = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(&saved, agent.state());
+        // A second pair does not fit in the fake kernel: nothing changes.
+        let before = agent.state().clone();
+        let other = Policy { destination: "c".into(), ..policy(80) };
+        assert!(matches!(
+            agent.add_policies(&[policy(81), other]),
+            Err(AgentError::Kernel(Error::MapFull { .. }))
+        ));
+        assert_eq!(agent.state(), &before);
+        assert_eq!(agent.kernel().pairs, before.pairs());
+        let saved: State = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(saved, before);
+    }
+
+    #[test]
+    fn endpoints_attach_and_a_missing_interface_is_invalid() {
+        let mut kernel = FakeKernel::new(10);
+        kernel.interfaces.insert("hv0".into());
+        let (mut agent, _) = Agent::start(kernel, temp_store("endpoints"), None).unwrap();
+        let ip = Ipv4Addr::new(10, 255, 0, 1);
+        let missing = Endpoint { ip, app: "web".into(), ifname: "nope".into(), netns: None };
+        match agent.add_endpoint(missing) {
+            Err(AgentError::Invalid(e)) => assert_eq!(e.field, "ifname"),
+            other => panic!("{other:?}"),
+        }
+        assert!(agent.state().endpoints().next().is_none());
+        assert!(agent.kernel().endpoints.is_empty());
+        agent
+            .add_endpoint(Endpoint { ip, app: "web".into(), ifname: "hv0".into(), netns: None })
+            .unwrap();
+        assert_eq!(agent.kernel().endpoints[&ip], 1);
+        assert!(agent.remove_endpoint(ip).unwrap());
+        assert!(agent.kernel().endpoints.is_empty() && agent.kernel().attached.is_empty());
+        assert!(!agent.remove_endpoint(ip).unwrap());
+    }
+}

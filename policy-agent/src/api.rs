@@ -1,0 +1,413 @@
+//! The HTTP API: Cloud Foundry's policy-server external API (request and
+//! response bodies unchanged) plus endpoints and status.
+//!
+//! - `GET  /networking/v1/external/policies[?id=&source_id=&dest_id=]`
+//! - `POST /networking/v1/external/policies`
+//! - `POST /networking/v1/external/policies/delete`
+//! - `GET  /networking/v1/external/tags`
+//! - `GET  /v1/endpoints`, `POST /v1/endpoints`, `DELETE /v1/endpoints/{ip}`
+//! - `GET  /v1/status`
+//!
+//! Errors are JSON: `{"error": "...", "field": "...", "reason": "..."}` with
+//! 400 for bad input (nothing of the request applied), 507 when a kernel
+//! map is full, 500 otherwise.
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::{DefaultBodyLimit, Path, Query, State},
+    http::StatusCode,
+    routing::{delete, get, post},
+};
+use serde_json::{Value, json};
+
+use crate::{
+    Dataplane, Error,
+    agent::{Agent, AgentError},
+    state::{Endpoint, Invalid, Policy, Protocol, check_app_id, check_ports, tag_text},
+};
+
+pub type SharedAgent = Arc<Mutex<Agent<Dataplane>>>;
+
+#[derive(Clone)]
+pub struct Api {
+    pub agent: SharedAgent,
+    pub max_body_bytes: usize,
+}
+
+type Reply = (StatusCode, Json<Value>);
+
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/networking/v1/external/policies", get(list_policies).post(create_policies))
+        .route("/networking/v1/external/policies/delete", post(delete_policies))
+        .route("/networking/v1/external/tags", get(list_tags))
+        .route("/v1/endpoints", get(list_endpoints).post(add_endpoint))
+        .route("/v1/endpoints/{ip}", delete(remove_endpoint))
+        .route("/v1/status", get(status))
+        // Bodies are read with our own limit, to answer 400 in JSON.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(api)
+}
+
+fn invalid(e: &Invalid) -> Reply {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": e.to_string(), "field": e.field, "reason": e.reason})),
+    )
+}
+
+fn failure(e: AgentError) -> Reply {
+    match e {
+        AgentError::Invalid(e) => invalid(&e),
+        AgentError::Kernel(e @ Error::MapFull { .. }) => {
+            (StatusCode::INSUFFICIENT_STORAGE, Json(json!({"error": e.to_string()})))
+        }
+        e => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e.to_string()}))),
+    }
+}
+
+fn ok(value: Value) -> Reply {
+    (StatusCode::OK, Json(value))
+}
+
+async fn read_json(api: &Api, body: Body) -> Result<Value, Invalid> {
+    let bytes = axum::body::to_bytes(body, api.max_body_bytes)
+        .await
+        .map_err(|_| Invalid::new("body", format!("larger than {} bytes", api.max_body_bytes)))?;
+    serde_json::from_slice(&bytes).map_err(|e| Invalid::new("body", format!("invalid JSON: {e}")))
+}
+
+/// Runs `f` on the agent off the async runtime (it makes syscalls and
+/// fsyncs).
+async fn with_agent<T: Send + 'static>(
+    api: &Api,
+    f: impl FnOnce(&mut Agent<Dataplane>) -> T + Send + 'static,
+) -> T {
+    let agent = api.agent.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut guard)
+    })
+    .await
+    .expect("agent task panicked")
+}
+
+fn str_field<'a>(value: &'a Value, key: &str, field: &str) -> Result<&'a str, Invalid> {
+    match value.get(key) {
+        None | Some(Value::Null) => Err(Invalid::new(field, "missing")),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(Invalid::new(field, "must be a string")),
+    }
+}
+
+fn port_field(value: &Value, field: &str) -> Result<i64, Invalid> {
+    match value {
+        Value::Number(n) => n.as_i64().ok_or_else(|| Invalid::new(field, "must be an integer")),
+        Value::Null => Err(Invalid::new(field, "missing")),
+        _ => Err(Invalid::new(field, "must be an integer")),
+    }
+}
+
+/// Parses `{"policies": [...]}` in Cloud Foundry's shape. The first problem
+/// found is reported with the path of the field.
+pub fn parse_policies(body: &Value) -> Result<Vec<Policy>, Invalid> {
+    let list = match body.get("policies") {
+        Some(Value::Array(list)) if !list.is_empty() => list,
+        Some(Value::Array(_)) => return Err(Invalid::new("policies", "must not be empty")),
+        Some(_) => return Err(Invalid::new("policies", "must be an array")),
+        None => return Err(Invalid::new("policies", "missing")),
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let at = |f: &str| format!("policies[{i}].{f}");
+            let source = p
+                .get("source")
+                .filter(|s| s.is_object())
+                .ok_or_else(|| Invalid::new(at("source"), "missing or not an object"))?;
+            let dest = p
+                .get("destination")
+                .filter(|d| d.is_object())
+                .ok_or_else(|| Invalid::new(at("destination"), "missing or not an object"))?;
+            for (side, name) in [(source, "source"), (dest, "destination")] {
+                if side.get("tag").is_some() {
+                    return Err(Invalid::new(
+                        at(&format!("{name}.tag")),
+                        "tags are assigned by the agent, not by clients",
+                    ));
+                }
+            }
+            let source_id = str_field(source, "id", &at("source.id"))?;
+            check_app_id(&at("source.id"), source_id)?;
+            let dest_id = str_field(dest, "id", &at("destination.id"))?;
+            check_app_id(&at("destination.id"), dest_id)?;
+            let protocol_text = str_field(dest, "protocol", &at("destination.protocol"))?;
+            let protocol = Protocol::parse(protocol_text).ok_or_else(|| {
+                Invalid::new(
+                    at("destination.protocol"),
+                    format!("{protocol_text:?} is not tcp or udp"),
+                )
+            })?;
+            let (start, end) = match (dest.get("ports"), dest.get("port")) {
+                (Some(ports @ Value::Object(_)), _) => {
+                    let start = port_field(
+                        ports.get("start").unwrap_or(&Value::Null),
+                        &at("destination.ports.start"),
+                    )?;
+                    let end = port_field(
+                        ports.get("end").unwrap_or(&Value::Null),
+                        &at("destination.ports.end"),
+                    )?;
+                    check_ports(&at("destination.ports"), start, end)?
+                }
+                (Some(_), _) => {
+                    return Err(Invalid::new(
+                        at("destination.ports"),
+                        "must be an object with start and end",
+                    ));
+                }
+                // The older single-port form.
+                (None, Some(port)) => {
+                    let port = port_field(port, &at("destination.port"))?;
+                    check_ports(&at("destination.port"), port, port)?
+                }
+                (None, None) => return Err(Invalid::new(at("destination.ports"), "missing")),
+            };
+            Ok(Policy {
+                source: source_id.to_owned(),
+                destination: dest_id.to_owned(),
+                protocol,
+                start,
+                end,
+            })
+        })
+        .collect()
+}
+
+pub fn policy_json(p: &Policy) -> Value {
+    json!({
+        "source": {"id": p.source},
+        "destination": {"id": p.destination, "protocol": p.protocol.name(), "ports": {"start": p.start, "end": p.end}},
+    })
+}
+
+async fn create_policies(State(api): State<Api>, body: Body) -> Reply {
+    let policies = match read_json(&api, body).await.and_then(|v| parse_policies(&v)) {
+        Ok(p) => p,
+        Err(e) => return invalid(&e),
+    };
+    match with_agent(&api, move |agent| agent.add_policies(&policies)).await {
+        Ok(()) => ok(json!({})),
+        Err(e) => failure(e),
+    }
+}
+
+async fn delete_policies(State(api): State<Api>, body: Body) -> Reply {
+    let policies = match read_json(&api, body).await.and_then(|v| parse_policies(&v)) {
+        Ok(p) => p,
+        Err(e) => return invalid(&e),
+    };
+    match with_agent(&api, move |agent| agent.remove_policies(&policies)).await {
+        Ok(()) => ok(json!({})),
+        Err(e) => failure(e),
+    }
+}
+
+async fn list_policies(
+    State(api): State<Api>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Reply {
+    let filter = |key: &str| -> Option<Vec<String>> {
+        query.get(key).map(|v| v.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
+    };
+    let (ids, sources, dests) = (filter("id"), filter("source_id"), filter("dest_id"));
+    let policies: Vec<Value> = with_agent(&api, move |agent| {
+        agent
+            .state()
+            .policies()
+            .map(|(p, _)| p)
+            .filter(|p| {
+                ids.as_ref()
+                    .is_none_or(|ids| ids.contains(&p.source) || ids.contains(&p.destination))
+            })
+            .filter(|p| sources.as_ref().is_none_or(|s| s.contains(&p.source)))
+            .filter(|p| dests.as_ref().is_none_or(|d| d.contains(&p.destination)))
+            .map(policy_json)
+            .collect()
+    })
+    .await;
+    ok(json!({"total_policies": policies.len(), "policies": policies}))
+}
+
+async fn list_tags(State(api): State<Api>) -> Reply {
+    let tags: Vec<Value> = with_agent(&api, |agent| {
+        agent
+            .state()
+            .tags()
+            .iter()
+            .map(|(id, tag)| json!({"id": id, "tag": tag_text(*tag)}))
+            .collect()
+    })
+    .await;
+    ok(json!({"tags": tags}))
+}
+
+pub fn endpoint_json(e: &Endpoint) -> Value {
+    json!({"ip": e.ip.to_string(), "app": e.app, "ifname": e.ifname, "netns": e.netns})
+}
+
+async fn list_endpoints(State(api): State<Api>) -> Reply {
+    let endpoints: Vec<Value> =
+        with_agent(&api, |agent| agent.state().endpoints().map(endpoint_json).collect()).await;
+    ok(json!({"endpoints": endpoints}))
+}
+
+fn parse_endpoint(v: &Value) -> Result<Endpoint, Invalid> {
+    let app = str_field(v, "app", "app")?;
+    check_app_id("app", app)?;
+    let ip_text = str_field(v, "ip", "ip")?;
+    let ip: Ipv4Addr = ip_text
+        .parse()
+        .map_err(|_| Invalid::new("ip", format!("{ip_text:?} is not an IPv4 address")))?;
+    let ifname = str_field(v, "ifname", "ifname")?;
+    let netns = match v.get("netns") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(PathBuf::from(s)),
+        Some(_) => return Err(Invalid::new("netns", "must be a path")),
+    };
+    Ok(Endpoint { ip, app: app.to_owned(), ifname: ifname.to_owned(), netns })
+}
+
+async fn add_endpoint(State(api): State<Api>, body: Body) -> Reply {
+    let endpoint = match read_json(&api, body).await.and_then(|v| parse_endpoint(&v)) {
+        Ok(e) => e,
+        Err(e) => return invalid(&e),
+    };
+    let reply = endpoint_json(&endpoint);
+    match with_agent(&api, move |agent| agent.add_endpoint(endpoint)).await {
+        Ok(()) => ok(reply),
+        Err(e) => failure(e),
+    }
+}
+
+async fn remove_endpoint(State(api): State<Api>, Path(ip): Path<String>) -> Reply {
+    let Ok(ip) = ip.parse::<Ipv4Addr>() else {
+        return invalid(&Invalid::new("ip", format!("{ip:?} is not an IPv4 address")));
+    };
+    match with_agent(&api, move |agent| agent.remove_endpoint(ip)).await {
+        Ok(removed) => ok(json!({"removed": removed})),
+        Err(e) => failure(e),
+    }
+}
+
+async fn status(State(api): State<Api>) -> Reply {
+    let result = with_agent(&api, |agent| -> Result<Value, Error> {
+        let state = agent.state();
+        let dataplane = agent.kernel();
+        let tables = dataplane.tables_ref();
+        let maps: Vec<Value> = tables
+            .occupancy()
+            .into_iter()
+            .map(|(name, entries, capacity)| json!({"name": name, "entries": entries, "capacity": capacity}))
+            .collect();
+        let verdicts: Vec<Value> = tables
+            .verdicts()?
+            .into_iter()
+            .map(|(r, n)| json!({"reason": r.name(), "verdict": if r.passes() { "pass" } else { "drop" }, "packets": n}))
+            .collect();
+        Ok(json!({
+            "pin_dir": dataplane.pin_dir().display().to_string(),
+            "attached": dataplane.attachments()?,
+            "endpoints": state.endpoints().count(),
+            "apps": state.tags().iter().map(|(id, tag)| json!({"id": id, "tag": tag_text(*tag)})).collect::<Vec<_>>(),
+            "policies": state.policy_count(),
+            "epoch": tables.epoch()?,
+            "maps": maps,
+            "verdicts": verdicts,
+        }))
+    })
+    .await;
+    match result {
+        Ok(v) => ok(v),
+        Err(e) => failure(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_cloud_foundrys_documented_body_unchanged() {
+        let body: Value = serde_json::from_str(include_str!(
+            "../../fixtures/cf-policy-server/external-policies-post.json"
+        ))
+        .unwrap();
+        let policies = parse_policies(&body).unwrap();
+        assert_eq!(policies.len(), 2);
+        assert_eq!(policies[0].source, "1081ceac-f5c4-47a8-95e8-88e1e302efb5");
+        assert_eq!(
+            (policies[0].protocol, policies[0].start, policies[0].end),
+            (Protocol::Tcp, 1234, 1235)
+        );
+        // And renders policies in the documented GET shape.
+        let listed: Value = serde_json::from_str(include_str!(
+            "../../fixtures/cf-policy-server/external-policies-get-response.json"
+        ))
+        .unwrap();
+        assert_eq!(listed["policies"][0], policy_json(&policies[0]));
+    }
+
+    #[test]
+    fn bad_policies_name_the_field() {
+        let cases = [
+            (json!({}), "policies"),
+            (json!({"policies": []}), "policies"),
+            (
+                json!({"policies": [{"destination": {"id": "b", "protocol": "tcp", "ports": {"start": 1, "end": 1}}}]}),
+                "policies[0].source",
+            ),
+            (
+                json!({"policies": [{"source": {"id": ""}, "destination": {"id": "b", "protocol": "tcp", "ports": {"start": 1, "end": 1}}}]}),
+                "policies[0].source.id",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "icmp", "ports": {"start": 1, "end": 1}}}]}),
+                "policies[0].destination.protocol",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "tcp", "ports": {"start": 0, "end": 1}}}]}),
+                "policies[0].destination.ports.start",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "tcp", "ports": {"start": 9, "end": 8}}}]}),
+                "policies[0].destination.ports",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "tcp", "ports": {"start": 1, "end": 65536}}}]}),
+                "policies[0].destination.ports.end",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a", "tag": "0001"}, "destination": {"id": "b", "protocol": "tcp", "ports": {"start": 1, "end": 1}}}]}),
+                "policies[0].source.tag",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "tcp"}}]}),
+                "policies[0].destination.ports",
+            ),
+        ];
+        for (body, field) in cases {
+            assert_eq!(parse_policies(&body).unwrap_err().field, field, "{body}");
+        }
+        let single = json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "udp", "port": 53}}]});
+        assert_eq!(parse_policies(&single).unwrap()[0].start, 53);
+    }
+}

@@ -1,0 +1,84 @@
+//! `endpoint add|del` and `endpoints`.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use policy_agent::client::Client;
+use serde_json::{Value, json};
+
+use super::call;
+
+#[derive(Subcommand)]
+pub enum EndpointCommand {
+    /// Register a container: its app, address and host-side veth; attaches
+    /// the programs to the veth.
+    Add {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        ip: Ipv4Addr,
+        /// Host-side veth of the container.
+        #[arg(long)]
+        ifname: String,
+        /// The container's network namespace.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+    },
+    /// Remove a container: detaches and removes every entry naming it.
+    Del {
+        #[arg(long)]
+        ip: Ipv4Addr,
+    },
+}
+
+impl EndpointCommand {
+    pub fn run(self, client: &Client) -> Result<()> {
+        match self {
+            EndpointCommand::Add { app, ip, ifname, netns } => {
+                let body =
+                    json!({"app": app, "ip": ip.to_string(), "ifname": ifname, "netns": netns});
+                call(client, "POST", "/v1/endpoints", Some(&body))?;
+                println!("endpoint {ip} of app {app} on {ifname}: OK");
+            }
+            EndpointCommand::Del { ip } => {
+                let reply = call(client, "DELETE", &format!("/v1/endpoints/{ip}"), None)?;
+                if reply.body["removed"] == Value::Bool(true) {
+                    println!("endpoint {ip} removed: OK");
+                } else {
+                    println!("endpoint {ip} was not registered: OK");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Print the API's JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ListArgs {
+    pub fn run(self, client: &Client) -> Result<()> {
+        let reply = call(client, "GET", "/v1/endpoints", None)?;
+        if self.json {
+            println!("{}", reply.body);
+            return Ok(());
+        }
+        println!("{:<16} {:<16} {:<38} netns", "ip", "ifname", "app");
+        for e in reply.body["endpoints"].as_array().into_iter().flatten() {
+            let text = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+            println!(
+                "{:<16} {:<16} {:<38} {}",
+                text("ip"),
+                text("ifname"),
+                text("app"),
+                text("netns")
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,115 @@
+//! `add-network-policy`, `remove-network-policy`, `network-policies`: the
+//! `cf` verbs, over the policy-server API.
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use policy_agent::client::Client;
+use serde_json::json;
+
+use super::{call, dataplane::parse_ports};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Args)]
+pub struct PolicyArgs {
+    /// The app that opens connections.
+    source_app: String,
+    /// The app that accepts them.
+    #[arg(long)]
+    destination_app: String,
+    #[arg(long, value_enum)]
+    protocol: Protocol,
+    /// PORT or START-END (1-65535).
+    #[arg(long)]
+    port: String,
+}
+
+impl PolicyArgs {
+    fn body(&self) -> Result<serde_json::Value> {
+        let (start, end) = parse_ports(&self.port)?;
+        let protocol = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        Ok(json!({"policies": [{
+            "source": {"id": self.source_app},
+            "destination": {"id": self.destination_app, "protocol": protocol, "ports": {"start": start, "end": end}},
+        }]}))
+    }
+
+    pub fn add(self, client: &Client) -> Result<()> {
+        call(client, "POST", "/networking/v1/external/policies", Some(&self.body()?))?;
+        println!(
+            "Adding network policy from app {} to app {} ({} {}): OK",
+            self.source_app,
+            self.destination_app,
+            self.body()?["policies"][0]["destination"]["protocol"].as_str().unwrap_or("?"),
+            self.port
+        );
+        Ok(())
+    }
+
+    pub fn remove(self, client: &Client) -> Result<()> {
+        call(client, "POST", "/networking/v1/external/policies/delete", Some(&self.body()?))?;
+        println!(
+            "Removing network policy from app {} to app {}: OK",
+            self.source_app, self.destination_app
+        );
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Only policies of this source app.
+    #[arg(long)]
+    source: Option<String>,
+    /// Print the API's JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ListArgs {
+    pub fn run(self, client: &Client) -> Result<()> {
+        let path = match &self.source {
+            Some(source) => {
+                format!("/networking/v1/external/policies?source_id={}", percent_encode(source))
+            }
+            None => "/networking/v1/external/policies".to_owned(),
+        };
+        let reply = call(client, "GET", &path, None)?;
+        if self.json {
+            println!("{}", reply.body);
+            return Ok(());
+        }
+        println!("{:<38} {:<38} {:<9} ports", "source", "destination", "protocol");
+        for p in reply.body["policies"].as_array().into_iter().flatten() {
+            let d = &p["destination"];
+            let (start, end) = (&d["ports"]["start"], &d["ports"]["end"]);
+            let ports = if start == end { start.to_string() } else { format!("{start}-{end}") };
+            println!(
+                "{:<38} {:<38} {:<9} {ports}",
+                p["source"]["id"].as_str().unwrap_or("?"),
+                d["id"].as_str().unwrap_or("?"),
+                d["protocol"].as_str().unwrap_or("?"),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Percent-encodes a query value (app ids are usually UUIDs, but need not be).
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -1,0 +1,119 @@
+//! The daemon's configuration: TOML, every key optional.
+//!
+//! ```toml
+//! state_dir = "/var/lib/policy-agent"        # durable desired state
+//! socket = "/run/policy-agent/agent.sock"    # API on a Unix socket
+//! pin_dir = "/sys/fs/bpf/policy-agent"       # pinned maps and links
+//! listen = "127.0.0.1:9090"                  # optional TCP API address
+//! log_level = "info"                         # error, warn, info, debug, trace
+//! max_policies_per_source = 150              # absent or 0: no limit
+//! max_body_bytes = 8388608                   # largest API request body
+//!
+//! [capacities]                               # map sizes at first load
+//! endpoints = 65536
+//! policies = 1048576
+//! conntrack = 262144
+//! ```
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Capacities;
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub log_level: String,
+    pub max_policies_per_source: Option<usize>,
+    pub max_body_bytes: usize,
+    pub capacities: Capacities,
+}
+
+pub const DEFAULT_SOCKET: &str = "/run/policy-agent/agent.sock";
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/policy-agent"),
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            pin_dir: PathBuf::from("/sys/fs/bpf/policy-agent"),
+            listen: None,
+            log_level: "info".to_owned(),
+            max_policies_per_source: None,
+            max_body_bytes: 8 << 20,
+            capacities: Capacities::default(),
+        }
+    }
+}
+
+impl Config {
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The per-source limit, with 0 meaning none.
+    pub fn policy_limit(&self) -> Option<usize> {
+        self.max_policies_per_source.filter(|&n| n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn each_default() {
+        let c = Config::default();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/policy-agent"));
+        assert_eq!(c.socket, PathBuf::from("/run/policy-agent/agent.sock"));
+        assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/policy-agent"));
+        assert_eq!(c.listen, None);
+        assert_eq!(c.log_level, "info");
+        assert_eq!(c.policy_limit(), None);
+        assert_eq!(c.max_body_bytes, 8 << 20);
+        assert_eq!(c.capacities.endpoints, 65_536);
+        assert_eq!(c.capacities.policies, 1 << 20);
+    }
+
+    #[test]
+    fn every_key_can_be_set() {
+        let c = Config::parse(
+            r#"
+            state_dir = "/tmp/s"
+            socket = "/tmp/a.sock"
+            pin_dir = "/sys/fs/bpf/x"
+            listen = "127.0.0.1:9090"
+            log_level = "debug"
+            max_policies_per_source = 150
+            max_body_bytes = 1024
+            [capacities]
+            endpoints = 10
+            policies = 20
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(c.policy_limit(), Some(150));
+        assert_eq!(
+            (c.capacities.endpoints, c.capacities.policies, c.capacities.conntrack),
+            (10, 20, 262_144)
+        );
+        assert_eq!(Config::parse("max_policies_per_source = 0").unwrap().policy_limit(), None);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Config::parse("stat_dir = \"/x\"").unwrap_err();
+        assert!(err.to_string().contains("stat_dir"), "{err}");
+    }
+}

@@ -1,0 +1,328 @@
+//! Desired state → kernel maps. The kernel is reached through [`Kernel`], so
+//! the ordering and rollback rules here are tested without root against an
+//! in-memory fake (see the tests), and against the real maps by the
+//! integration tests.
+//!
+//! Rules:
+//! 1. Adds before removes: every entry the new state needs is written before
+//!    any entry it no longer needs is removed.
+//! 2. Every map write replaces one whole entry, so the kernel sees each pair's
+//!    port ranges either before or after a change, never half of it.
+//! 3. A write that fails (a full map) is rolled back: entries already
+//!    written for the same change get their old values again.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use policy_common::{maps::PairKey, ports::Allowance};
+use tracing::warn;
+
+use crate::{Dataplane, Error, dataplane::nix_ifindex, state::State};
+
+/// What the reconciler needs from the kernel.
+pub trait Kernel {
+    /// `ENDPOINTS`: address → tag.
+    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, u32>, Error>;
+    fn set_endpoint(&mut self, ip: Ipv4Addr, tag: u32) -> Result<(), Error>;
+    /// Removes the endpoint and every entry naming its address.
+    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error>;
+    /// `POLICIES`: pair → allowances.
+    fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, Error>;
+    /// Replaces a pair's allowances; empty removes the pair.
+    fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), Error>;
+    /// Host-side veths with programs attached.
+    fn attached(&self) -> Result<BTreeSet<String>, Error>;
+    /// Binds `ifname` to the endpoint (anti-spoofing) and attaches to it.
+    fn attach(&mut self, ifname: &str, ip: Ipv4Addr, tag: u32) -> Result<(), Error>;
+    /// Detaches from `ifname` and drops the binding of `ip`.
+    fn detach(&mut self, ifname: &str, ip: Ipv4Addr) -> Result<(), Error>;
+}
+
+/// Brings the kernel to `state` without clearing it first (the agent's start).
+/// Interfaces that do not exist (a container deleted while the agent was
+/// down) are reported, not fatal. Returns those warnings.
+pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Error> {
+    let mut warnings = Vec::new();
+    let want_endpoints = state.endpoint_tags();
+    let have_endpoints = kernel.endpoints()?;
+    // Adds and changes.
+    for (ip, tag) in &want_endpoints {
+        if have_endpoints.get(ip) != Some(tag) {
+            kernel.set_endpoint(*ip, *tag)?;
+        }
+    }
+    for e in state.endpoints() {
+        let tag = want_endpoints[&e.ip];
+        if let Err(err) = kernel.attach(&e.ifname, e.ip, tag) {
+            warn!(ifname = %e.ifname, ip = %e.ip, error = %err, "endpoint's interface not attached");
+            warnings.push(format!("endpoint {} ({}): {err}", e.ip, e.ifname));
+        }
+    }
+    let want_pairs = state.pairs();
+    let have_pairs = kernel.pairs()?;
+    for (key, allowances) in &want_pairs {
+        if !same_allowances(have_pairs.get(key), allowances) {
+            kernel.set_pair(*key, allowances)?;
+        }
+    }
+    // Removes.
+    for key in have_pairs.keys().filter(|k| !want_pairs.contains_key(k)) {
+        kernel.set_pair(*key, &[])?;
+    }
+    let wanted_ifnames: BTreeSet<&str> = state.endpoints().map(|e| e.ifname.as_str()).collect();
+    for ifname in kernel.attached()? {
+        if !wanted_ifnames.contains(ifname.as_str()) {
+            // The address is unknown here; detach drops the link only.
+            kernel.detach(&ifname, Ipv4Addr::UNSPECIFIED)?;
+        }
+    }
+    for ip in have_endpoints.keys().filter(|ip| !want_endpoints.contains_key(ip)) {
+        kernel.remove_endpoint(*ip)?;
+    }
+    Ok(warnings)
+}
+
+fn same_allowances(have: Option<&Vec<Allowance>>, want: &[Allowance]) -> bool {
+    let sorted = |v: &[Allowance]| {
+        let mut v: Vec<_> = v.iter().map(|a| (a.start, a.end, a.policy_id)).collect();
+        v.sort_unstable();
+        v
+    };
+    have.is_some_and(|h| sorted(h) == sorted(want))
+}
+
+/// Writes the pair changes between two states, adds and changes first.
+/// On error, every pair already written is restored and the error returned.
+pub fn pairs<K: Kernel>(kernel: &mut K, old: &State, new: &State) -> Result<(), Error> {
+    let (old_pairs, new_pairs) = (old.pairs(), new.pairs());
+    let changed = new_pairs.iter().filter(|(k, v)| !same_allowances(old_pairs.get(k), v));
+    let removed = old_pairs.keys().filter(|k| !new_pairs.contains_key(k)).map(|k| (k, &[][..]));
+    let mut written: Vec<PairKey> = Vec::new();
+    for (key, allowances) in changed.map(|(k, v)| (k, v.as_slice())).chain(removed) {
+        if let Err(err) = kernel.set_pair(*key, allowances) {
+            for key in written.iter().rev() {
+                let previous = old_pairs.get(key).map(Vec::as_slice).unwrap_or(&[]);
+                if let Err(undo) = kernel.set_pair(*key, previous) {
+                    warn!(error = %undo, "rolling back a policy pair failed");
+                }
+            }
+            return Err(err);
+        }
+        written.push(*key);
+    }
+    Ok(())
+}
+
+impl Kernel for Dataplane {
+    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, u32>, Error> {
+        Ok(self.tables_ref().endpoints().into_iter().map(|(ip, e)| (ip, e.tag)).collect())
+    }
+
+    fn set_endpoint(&mut self, ip: Ipv4Addr, tag: u32) -> Result<(), Error> {
+        self.tables().set_endpoint(ip, tag)
+    }
+
+    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error> {
+        let tables = self.tables();
+        tables.remove_endpoint(ip)?;
+        tables.forget_address(ip)?;
+        Ok(())
+    }
+
+    fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, Error> {
+        Ok(self.tables_ref().pairs().into_iter().collect())
+    }
+
+    fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), Error> {
+        self.tables().set_pair(key, allowances)
+    }
+
+    fn attached(&self) -> Result<BTreeSet<String>, Error> {
+        Ok(self
+            .attachments()?
+            .into_iter()
+            .filter_map(|pin| {
+                let rest = pin.strip_prefix("tc-")?;
+                let (ifname, _hook) = rest.rsplit_once('-')?;
+                Some(ifname.to_owned())
+            })
+            .collect())
+    }
+
+    fn attach(&mut self, ifname: &str, ip: Ipv4Addr, tag: u32) -> Result<(), Error> {
+        let ifindex =
+            nix_ifindex(ifname).ok_or_else(|| Error::NoInterface { ifname: ifname.to_owned() })?;
+        self.tables().set_veth(ifindex, ip, tag)?;
+        self.attach_veth(ifname)
+    }
+
+    fn detach(&mut self, ifname: &str, ip: Ipv4Addr) -> Result<(), Error> {
+        self.detach_veth(ifname)?;
+        let stale: Vec<u32> = self
+            .tables_ref()
+            .veths()
+            .into_iter()
+            .filter(|(ifindex, addr, _)| *addr == ip || Some(*ifindex) == nix_ifindex(ifname))
+            .map(|(ifindex, _, _)| ifindex)
+            .collect();
+        for ifindex in stale {
+            self.tables().remove_veth(ifindex)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    //! An in-memory kernel with a capacity for pairs, recording every write.
+
+    use super::*;
+
+    #[derive(Default)]
+    pub struct FakeKernel {
+        pub endpoints: BTreeMap<Ipv4Addr, u32>,
+        pub pairs: BTreeMap<PairKey, Vec<Allowance>>,
+        pub attached: BTreeMap<String, Ipv4Addr>,
+        pub interfaces: BTreeSet<String>,
+        pub pair_capacity: usize,
+        /// Every write, in order: ("set_pair", ...), ("remove_pair", ...).
+        pub log: Vec<String>,
+    }
+
+    impl FakeKernel {
+        pub fn new(pair_capacity: usize) -> Self {
+            Self { pair_capacity, ..Self::default() }
+        }
+    }
+
+    impl Kernel for FakeKernel {
+        fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, u32>, Error> {
+            Ok(self.endpoints.clone())
+        }
+        fn set_endpoint(&mut self, ip: Ipv4Addr, tag: u32) -> Result<(), Error> {
+            self.log.push(format!("set_endpoint {ip}"));
+            self.endpoints.insert(ip, tag);
+            Ok(())
+        }
+        fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error> {
+            self.log.push(format!("remove_endpoint {ip}"));
+            self.endpoints.remove(&ip);
+            Ok(())
+        }
+        fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, Error> {
+            Ok(self.pairs.clone())
+        }
+        fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), Error> {
+            if allowances.is_empty() {
+                self.log.push(format!("remove_pair {}->{}", key.src_tag, key.dst_tag));
+                self.pairs.remove(&key);
+                return Ok(());
+            }
+            if !self.pairs.contains_key(&key) && self.pairs.len() >= self.pair_capacity {
+                return Err(Error::MapFull {
+                    name: "POLICIES",
+                    capacity: self.pair_capacity as u32,
+                });
+            }
+            self.log.push(format!("set_pair {}->{}", key.src_tag, key.dst_tag));
+            self.pairs.insert(key, allowances.to_vec());
+            Ok(())
+        }
+        fn attached(&self) -> Result<BTreeSet<String>, Error> {
+            Ok(self.attached.keys().cloned().collect())
+        }
+        fn attach(&mut self, ifname: &str, ip: Ipv4Addr, _tag: u32) -> Result<(), Error> {
+            if !self.interfaces.contains(ifname) {
+                return Err(Error::NoInterface { ifname: ifname.to_owned() });
+            }
+            self.log.push(format!("attach {ifname}"));
+            self.attached.insert(ifname.to_owned(), ip);
+            Ok(())
+        }
+        fn detach(&mut self, ifname: &str, _ip: Ipv4Addr) -> Result<(), Error> {
+            self.log.push(format!("detach {ifname}"));
+            self.attached.remove(ifname);
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fake::FakeKernel, *};
+    use crate::state::{Endpoint, Policy, Protocol};
+
+    fn policy(src: &str, dst: &str, port: u16) -> Policy {
+        Policy {
+            source: src.into(),
+            destination: dst.into(),
+            protocol: Protocol::Tcp,
+            start: port,
+            end: port,
+        }
+    }
+
+    #[test]
+    fn full_reconcile_adds_before_it_removes_and_keeps_what_matches() {
+        let mut kernel = FakeKernel::new(100);
+        kernel.interfaces.insert("hv0".into());
+        let mut old = State::default();
+        old.add_policies(&[policy("a", "b", 80), policy("c", "d", 81)], None).unwrap();
+        full(&mut kernel, &old).unwrap();
+        let mut new = old.clone();
+        new.remove_policies(&[policy("c", "d", 81)]);
+        new.add_policies(&[policy("a", "b", 82)], None).unwrap();
+        new.add_endpoint(Endpoint {
+            ip: Ipv4Addr::new(10, 0, 0, 1),
+            app: "b".into(),
+            ifname: "hv0".into(),
+            netns: None,
+        });
+        kernel.log.clear();
+        full(&mut kernel, &new).unwrap();
+        let first_remove = kernel.log.iter().position(|l| l.starts_with("remove")).unwrap();
+        let last_add = kernel
+            .log
+            .iter()
+            .rposition(|l| l.starts_with("set") || l.starts_with("attach"))
+            .unwrap();
+        assert!(last_add < first_remove, "adds before removes: {:?}", kernel.log);
+        assert_eq!(kernel.pairs, new.pairs());
+        // Reconciling again writes nothing.
+        kernel.log.clear();
+        full(&mut kernel, &new).unwrap();
+        assert_eq!(kernel.log, ["attach hv0"], "only the idempotent attach");
+    }
+
+    #[test]
+    fn a_missing_interface_is_a_warning_at_start() {
+        let mut kernel = FakeKernel::new(10);
+        let mut state = State::default();
+        state.add_endpoint(Endpoint {
+            ip: Ipv4Addr::new(10, 0, 0, 1),
+            app: "b".into(),
+            ifname: "gone".into(),
+            netns: None,
+        });
+        let warnings = full(&mut kernel, &state).unwrap();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("gone"));
+        assert_eq!(kernel.endpoints.len(), 1);
+    }
+
+    #[test]
+    fn a_full_map_rolls_the_change_back() {
+        let mut kernel = FakeKernel::new(2);
+        let mut old = State::default();
+        old.add_policies(&[policy("a", "b", 80)], None).unwrap();
+        pairs(&mut kernel, &State::default(), &old).unwrap();
+        let mut new = old.clone();
+        new.add_policies(&[policy("a", "b", 81), policy("a", "c", 80), policy("a", "d", 80)], None)
+            .unwrap();
+        let err = pairs(&mut kernel, &old, &new).unwrap_err();
+        assert!(matches!(err, Error::MapFull { .. }));
+        assert_eq!(kernel.pairs, old.pairs(), "kernel back to the old state");
+    }
+}

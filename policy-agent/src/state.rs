@@ -1,0 +1,461 @@
+//! Desired state: apps and their tags, policies, endpoints. Pure data and
+//! rules; no kernel, no I/O. The agent changes it only through the methods
+//! here, which validate first and change nothing on error.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::PathBuf,
+};
+
+use policy_common::{
+    maps::{PairKey, proto},
+    ports::Allowance,
+};
+use serde::{Deserialize, Serialize};
+
+/// Longest app id accepted (CF's are UUIDs, 36 characters).
+pub const MAX_ID_LEN: usize = 255;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => proto::TCP,
+            Protocol::Udp => proto::UDP,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// One policy: `source` app may reach `destination` app on `protocol`,
+/// destination ports `start..=end`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Policy {
+    pub source: String,
+    pub destination: String,
+    pub protocol: Protocol,
+    pub start: u16,
+    pub end: u16,
+}
+
+/// A container instance, as a CNI plugin reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub app: String,
+    /// Host-side veth.
+    pub ifname: String,
+    /// The container's network namespace (a path such as /var/run/netns/X).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+}
+
+/// Why a change was refused. `field` names the offending input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Invalid {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { field: field.into(), reason: reason.into() }
+    }
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+/// Checks an app id: non-empty, at most [`MAX_ID_LEN`] bytes, printable, no
+/// whitespace, no commas (ids are comma-separated in API filters).
+pub fn check_app_id(field: &str, id: &str) -> Result<(), Invalid> {
+    if id.is_empty() {
+        return Err(Invalid::new(field, "must not be empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(Invalid::new(field, format!("longer than {MAX_ID_LEN} bytes")));
+    }
+    if id.chars().any(|c| c.is_control() || c.is_whitespace() || c == ',') {
+        return Err(Invalid::new(
+            field,
+            "must not contain whitespace, control characters or commas",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a port range (1-65535, start <= end).
+pub fn check_ports(field: &str, start: i64, end: i64) -> Result<(u16, u16), Invalid> {
+    for (name, port) in [("start", start), ("end", end)] {
+        if !(1..=65535).contains(&port) {
+            return Err(Invalid::new(
+                format!("{field}.{name}"),
+                format!("{port} is not a port in 1-65535"),
+            ));
+        }
+    }
+    if start > end {
+        return Err(Invalid::new(field, format!("start {start} is greater than end {end}")));
+    }
+    Ok((start as u16, end as u16))
+}
+
+/// The whole desired state, as stored on disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Stored", into = "Stored")]
+pub struct State {
+    next_tag: u32,
+    next_policy_id: u32,
+    tags: BTreeMap<String, u32>,
+    policies: BTreeMap<Policy, u32>,
+    endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+}
+
+/// On-disk shape (JSON): lists instead of maps keyed by structs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Stored {
+    version: u32,
+    next_tag: u32,
+    next_policy_id: u32,
+    tags: BTreeMap<String, u32>,
+    policies: Vec<StoredPolicy>,
+    endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct StoredPolicy {
+    id: u32,
+    #[serde(flatten)]
+    policy: Policy,
+}
+
+impl From<Stored> for State {
+    fn from(s: Stored) -> Self {
+        Self {
+            next_tag: s.next_tag,
+            next_policy_id: s.next_policy_id,
+            tags: s.tags,
+            policies: s.policies.into_iter().map(|p| (p.policy, p.id)).collect(),
+            endpoints: s.endpoints.into_iter().map(|e| (e.ip, e)).collect(),
+        }
+    }
+}
+
+impl From<State> for Stored {
+    fn from(s: State) -> Self {
+        Self {
+            version: 1,
+            next_tag: s.next_tag,
+            next_policy_id: s.next_policy_id,
+            tags: s.tags,
+            policies: s
+                .policies
+                .into_iter()
+                .map(|(policy, id)| StoredPolicy { id, policy })
+                .collect(),
+            endpoints: s.endpoints.into_values().collect(),
+        }
+    }
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            next_tag: 1,
+            next_policy_id: 1,
+            tags: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+        }
+    }
+}
+
+/// Tags as the API shows them: zero-padded upper-case hex ("0001").
+pub fn tag_text(tag: u32) -> String {
+    format!("{tag:04X}")
+}
+
+impl State {
+    pub fn tags(&self) -> &BTreeMap<String, u32> {
+        &self.tags
+    }
+
+    pub fn tag(&self, app: &str) -> Option<u32> {
+        self.tags.get(app).copied()
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = (&Policy, u32)> {
+        self.policies.iter().map(|(p, id)| (p, *id))
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.values()
+    }
+
+    pub fn endpoint(&self, ip: Ipv4Addr) -> Option<&Endpoint> {
+        self.endpoints.get(&ip)
+    }
+
+    /// Gives every app in `apps` that has none a tag, in id order (as Cloud
+    /// Foundry's policy server does within one request).
+    fn allocate_tags<'a>(&mut self, apps: impl IntoIterator<Item = &'a str>) {
+        let new: BTreeSet<&str> =
+            apps.into_iter().filter(|a| !self.tags.contains_key(*a)).collect();
+        for app in new {
+            self.tags.insert(app.to_owned(), self.next_tag);
+            self.next_tag += 1;
+        }
+    }
+
+    /// Forgets the tags of apps that no policy and no endpoint names. Tags
+    /// are never handed out again (`next_tag` only grows), so a forgotten
+    /// tag cannot be confused with a new app's.
+    fn forget_unused_apps(&mut self) {
+        let used: BTreeSet<&str> = self
+            .policies
+            .keys()
+            .flat_map(|p| [p.source.as_str(), p.destination.as_str()])
+            .chain(self.endpoints.values().map(|e| e.app.as_str()))
+            .collect();
+        let unused: Vec<String> =
+            self.tags.keys().filter(|a| !used.contains(a.as_str())).cloned().collect();
+        for app in unused {
+            self.tags.remove(&app);
+        }
+    }
+
+    /// Adds policies (existing ones are not an error). `limit` caps the
+    /// policies of one source app. All or nothing.
+    pub fn add_policies(
+        &mut self,
+        policies: &[Policy],
+        limit: Option<usize>,
+    ) -> Result<(), Invalid> {
+        if let Some(limit) = limit {
+            let mut per_source: BTreeMap<&str, BTreeSet<&Policy>> = BTreeMap::new();
+            for p in self.policies.keys().chain(policies) {
+                per_source.entry(p.source.as_str()).or_default().insert(p);
+            }
+            if let Some((source, set)) = per_source.iter().find(|(_, set)| set.len() > limit) {
+                return Err(Invalid::new(
+                    "policies",
+                    format!(
+                        "source app {source} would have {} policies; the limit per source app is {limit}",
+                        set.len()
+                    ),
+                ));
+            }
+        }
+        self.allocate_tags(
+            policies.iter().flat_map(|p| [p.source.as_str(), p.destination.as_str()]),
+        );
+        for p in policies {
+            if !self.policies.contains_key(p) {
+                self.policies.insert(p.clone(), self.next_policy_id);
+                self.next_policy_id += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes policies (missing ones are not an error).
+    pub fn remove_policies(&mut self, policies: &[Policy]) {
+        for p in policies {
+            self.policies.remove(p);
+        }
+        self.forget_unused_apps();
+    }
+
+    /// Adds or replaces the endpoint at `endpoint.ip`. Returns the endpoint
+    /// it replaced.
+    pub fn add_endpoint(&mut self, endpoint: Endpoint) -> Option<Endpoint> {
+        self.allocate_tags([endpoint.app.as_str()]);
+        let old = self.endpoints.insert(endpoint.ip, endpoint);
+        self.forget_unused_apps();
+        old
+    }
+
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Option<Endpoint> {
+        let old = self.endpoints.remove(&ip);
+        self.forget_unused_apps();
+        old
+    }
+
+    /// What `POLICIES` must hold: the allowances of every app pair.
+    pub fn pairs(&self) -> BTreeMap<PairKey, Vec<Allowance>> {
+        let mut pairs: BTreeMap<PairKey, Vec<Allowance>> = BTreeMap::new();
+        for (p, &id) in &self.policies {
+            let (Some(src), Some(dst)) = (self.tag(&p.source), self.tag(&p.destination)) else {
+                continue; // unreachable: policies always have tags
+            };
+            pairs.entry(PairKey::new(src, dst, p.protocol.number())).or_default().push(Allowance {
+                start: p.start,
+                end: p.end,
+                policy_id: id,
+            });
+        }
+        pairs
+    }
+
+    /// What `ENDPOINTS` must hold: address → app tag.
+    pub fn endpoint_tags(&self) -> BTreeMap<Ipv4Addr, u32> {
+        self.endpoints.values().filter_map(|e| Some((e.ip, self.tag(&e.app)?))).collect()
+    }
+
+    /// Policies per source app (for the per-source limit and status).
+    pub fn policies_of(&self, source: &str) -> usize {
+        self.policies.keys().filter(|p| p.source == source).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(src: &str, dst: &str, protocol: Protocol, start: u16, end: u16) -> Policy {
+        Policy { source: src.into(), destination: dst.into(), protocol, start, end }
+    }
+
+    #[test]
+    fn tags_are_allocated_in_id_order_like_cloud_foundry() {
+        // shared/fixtures/cf-policy-server: the POST body's apps get tags
+        // 0001.. in id order.
+        let mut s = State::default();
+        s.add_policies(
+            &[
+                policy("1081ceac", "38f08df0", Protocol::Tcp, 1234, 1235),
+                policy("308e7ef1", "308e7ef1", Protocol::Tcp, 1234, 1235),
+            ],
+            None,
+        )
+        .unwrap();
+        let tags: Vec<(&str, String)> =
+            s.tags().iter().map(|(a, t)| (a.as_str(), tag_text(*t))).collect();
+        assert_eq!(
+            tags,
+            [("1081ceac", "0001".into()), ("308e7ef1", "0002".into()), ("38f08df0", "0003".into())]
+        );
+    }
+
+    #[test]
+    fn adding_twice_and_removing_missing_are_no_ops() {
+        let mut s = State::default();
+        let p = policy("a", "b", Protocol::Udp, 53, 53);
+        s.add_policies(std::slice::from_ref(&p), None).unwrap();
+        let before = s.clone();
+        s.add_policies(std::slice::from_ref(&p), None).unwrap();
+        assert_eq!(s, before);
+        s.remove_policies(&[policy("a", "b", Protocol::Tcp, 53, 53)]);
+        assert_eq!(s, before);
+        s.remove_policies(&[p]);
+        assert!(s.tags().is_empty(), "unused apps are forgotten");
+        // Tags are not reused.
+        s.add_policies(&[policy("c", "d", Protocol::Udp, 1, 1)], None).unwrap();
+        assert_eq!(s.tag("c"), Some(3));
+    }
+
+    #[test]
+    fn the_per_source_limit_applies_to_the_whole_batch() {
+        let mut s = State::default();
+        s.add_policies(&[policy("a", "b", Protocol::Tcp, 1, 1)], Some(2)).unwrap();
+        let batch = [policy("a", "b", Protocol::Tcp, 2, 2), policy("a", "c", Protocol::Tcp, 3, 3)];
+        let before = s.clone();
+        let err = s.add_policies(&batch, Some(2)).unwrap_err();
+        assert!(err.reason.contains("limit per source app is 2"), "{err}");
+        assert_eq!(s, before, "nothing applied");
+        // Re-adding an existing policy does not count twice.
+        s.add_policies(
+            &[policy("a", "b", Protocol::Tcp, 1, 1), policy("a", "b", Protocol::Tcp, 2, 2)],
+            Some(2),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn pairs_group_policies_by_app_pair_and_protocol() {
+        let mut s = State::default();
+        s.add_policies(
+            &[
+                policy("a", "b", Protocol::Tcp, 80, 80),
+                policy("a", "b", Protocol::Tcp, 8080, 8090),
+                policy("a", "b", Protocol::Udp, 53, 53),
+            ],
+            None,
+        )
+        .unwrap();
+        let pairs = s.pairs();
+        assert_eq!(pairs.len(), 2);
+        let tcp = &pairs[&PairKey::new(1, 2, proto::TCP)];
+        assert_eq!(tcp.len(), 2);
+    }
+
+    #[test]
+    fn endpoints_keep_their_app_tagged() {
+        let mut s = State::default();
+        let ep = Endpoint {
+            ip: Ipv4Addr::new(10, 255, 0, 1),
+            app: "web".into(),
+            ifname: "hv0".into(),
+            netns: None,
+        };
+        assert!(s.add_endpoint(ep.clone()).is_none());
+        assert_eq!(s.endpoint_tags()[&ep.ip], 1);
+        s.remove_endpoint(ep.ip);
+        assert!(s.tags().is_empty());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        assert_eq!(check_ports("ports", 0, 5).unwrap_err().field, "ports.start");
+        assert_eq!(check_ports("ports", 5, 70000).unwrap_err().field, "ports.end");
+        assert!(check_ports("ports", 9, 8).unwrap_err().reason.contains("greater"));
+        assert_eq!(check_ports("ports", 1, 65535).unwrap(), (1, 65535));
+        assert!(check_app_id("source.id", "").is_err());
+        assert!(check_app_id("source.id", &"x".repeat(256)).is_err());
+        assert!(check_app_id("source.id", "a,b").is_err());
+        assert!(check_app_id("source.id", "1081ceac-f5c4-47a8-95e8-88e1e302efb5").is_ok());
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let mut s = State::default();
+        s.add_policies(&[policy("a", "b", Protocol::Tcp, 80, 90)], None).unwrap();
+        s.add_endpoint(Endpoint {
+            ip: Ipv4Addr::new(10, 0, 0, 1),
+            app: "b".into(),
+            ifname: "v".into(),
+            netns: Some("/run/netns/x".into()),
+        });
+        let json = serde_json::to_string(&s).unwrap();
+        let back: State = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+    }
+}

@@ -1,0 +1,173 @@
+//! A `policy-agent run` daemon inside a test host's namespace, with its own
+//! state directory, socket and pin directory; killed (by its PID) and torn
+//! down on drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{agent::agent_bin, netns::NetNs};
+
+pub struct Daemon {
+    child: Option<Child>,
+    netns: PathBuf,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon in `ns` with extra TOML lines appended to its config.
+    pub fn start(ns: &NetNs, extra_config: &str) -> Self {
+        let name = crate::unique_name("agent");
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).expect("daemon dir");
+        let socket = dir.join("agent.sock");
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&name);
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"{}\"\nsocket = \"{}\"\npin_dir = \"{}\"\nlog_level = \"debug\"\n{extra_config}\n",
+                dir.join("state").display(),
+                socket.display(),
+                pin_dir.display()
+            ),
+        )
+        .expect("write config");
+        let mut daemon = Self { child: None, netns: ns.path(), dir, config, socket, pin_dir };
+        daemon.spawn();
+        daemon
+    }
+
+    /// (Re)starts the process and waits for its socket.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let _ = std::fs::remove_file(&self.socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("log file");
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns.display()))
+            .arg(agent_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start policy-agent run");
+        self.child = Some(child);
+        let started = Instant::now();
+        while !self.socket.exists() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("policy-agent exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "policy-agent did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child by its PID.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().expect("wait for policy-agent")
+    }
+
+    /// `policy-agent ARGS...` against this daemon's socket.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(agent_bin())
+            .args(args)
+            .env("POLICY_AGENT_SOCKET", &self.socket)
+            .output()
+            .expect("run policy-agent")
+    }
+
+    /// Like `cli`, asserting success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "policy-agent {}: {}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `curl` against the API socket: (HTTP status, JSON body).
+    pub fn curl(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-S", "-X", method, "--unix-socket"]).arg(&self.socket).args([
+            "-H",
+            "Content-Type: application/json",
+            "-w",
+            "\n%{http_code}",
+        ]);
+        if body.is_some() {
+            cmd.args(["--data-binary", "@-"]).stdin(Stdio::piped());
+        }
+        cmd.arg(format!("http://localhost{path}")).stdout(Stdio::piped());
+        let mut child = cmd.spawn().expect("run curl");
+        if let Some(body) = body {
+            use std::io::Write as _;
+            child.stdin.take().expect("stdin").write_all(body.as_bytes()).expect("write body");
+        }
+        let out = child.wait_with_output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (json, code) = text.rsplit_once('\n').expect("curl output with status");
+        let status = code.trim().parse().unwrap_or_else(|_| panic!("curl: {text}"));
+        (status, serde_json::from_str(json).unwrap_or(Value::Null))
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join("state/state.json")
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.pin_dir.join("maps")
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        if let Err(e) = policy_agent::Dataplane::remove_all(&self.pin_dir) {
+            eprintln!("warning: cleaning up {}: {e}", self.pin_dir.display());
+        }
+        if std::thread::panicking() {
+            eprintln!("policy-agent log:\n{}", self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

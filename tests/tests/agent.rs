@@ -1,0 +1,443 @@
+//! The agent daemon in a test host namespace, driven only through its CLI
+//! and its HTTP API (curl), with real traffic between container namespaces.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
+
+use integration_tests::{
+    daemon::Daemon,
+    require_root,
+    topology::Host,
+    traffic::{
+        LONG, SHORT, SteadyFlows, echo_once, tcp_connect, tcp_echo_server, tcp_echo_works,
+        udp_echo_server, udp_echo_works, udp_socket,
+    },
+};
+use policy_agent::{Tables, client::Client, tables::addr_key};
+use serde_json::{Value, json};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/cf-policy-server");
+const APP_A: &str = "1081ceac-f5c4-47a8-95e8-88e1e302efb5";
+const APP_B: &str = "38f08df0-19df-4439-b4e9-61096d4301ea";
+const APP_C: &str = "308e7ef1-63f1-4a6c-978c-2e527cbb1c36";
+const POLICIES: &str = "/networking/v1/external/policies";
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!("{FIXTURES}/{name}")).expect("fixture")
+}
+
+fn policy_set(body: &Value) -> BTreeSet<String> {
+    body["policies"].as_array().expect("policies array").iter().map(Value::to_string).collect()
+}
+
+/// Registers container `i` as an instance of `app` through the CLI.
+fn add_endpoint(daemon: &Daemon, host: &Host, i: usize, app: &str) {
+    let c = host.container(i);
+    let netns = c.ns.path();
+    daemon.cli_ok(&[
+        "endpoint",
+        "add",
+        "--app",
+        app,
+        "--ip",
+        &c.ip.to_string(),
+        "--ifname",
+        &c.host_ifname,
+        "--netns",
+        netns.to_str().unwrap(),
+    ]);
+}
+
+#[test]
+fn cloud_foundry_json_round_trips_and_is_enforced() {
+    require_root();
+    let host = Host::new(4);
+    let daemon = Daemon::start(&host.ns, "");
+    // Policies first: they name apps with no endpoints yet.
+    let post = fixture("external-policies-post.json");
+    assert_eq!(daemon.curl("POST", POLICIES, Some(&post)), (200, json!({})));
+    let (status, listed) = daemon.curl("GET", POLICIES, None);
+    let want: Value =
+        serde_json::from_str(&fixture("external-policies-get-response.json")).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(listed["total_policies"], want["total_policies"]);
+    assert_eq!(policy_set(&listed), policy_set(&want));
+    let tags: Value = serde_json::from_str(&fixture("external-tags-response.json")).unwrap();
+    assert_eq!(daemon.curl("GET", "/networking/v1/external/tags", None), (200, tags));
+    // Filters.
+    let count = |query: &str| {
+        daemon.curl("GET", &format!("{POLICIES}?{query}"), None).1["total_policies"].clone()
+    };
+    assert_eq!(count(&format!("source_id={APP_C}")), 1);
+    assert_eq!(count(&format!("id={APP_B}")), 1);
+    assert_eq!(count(&format!("dest_id={APP_B},{APP_C}")), 2);
+    assert_eq!(count(&format!("source_id={APP_A}&dest_id={APP_C}")), 0);
+
+    // The endpoints appear; the policies take effect.
+    for (i, app) in [(0, APP_A), (1, APP_B), (2, APP_C), (3, APP_C)] {
+        add_endpoint(&daemon, &host, i, app);
+    }
+    let (a, b, c2, c3) =
+        (host.container(0), host.container(1), host.container(2), host.container(3));
+    for port in [1234, 1235, 1236] {
+        tcp_echo_server(&b.ns, b.ip, port);
+    }
+    tcp_echo_server(&c2.ns, c2.ip, 1234);
+    assert!(tcp_echo_works(&a.ns, b.ip, 1234, LONG));
+    assert!(tcp_echo_works(&a.ns, b.ip, 1235, LONG));
+    assert!(!tcp_echo_works(&a.ns, b.ip, 1236, SHORT), "outside the range");
+    assert!(tcp_echo_works(&c3.ns, c2.ip, 1234, LONG), "an app may reach its own instances");
+    assert!(!tcp_echo_works(&a.ns, c2.ip, 1234, SHORT), "no policy from A to C");
+
+    // UDP through the cf verb.
+    daemon.cli_ok(&[
+        "add-network-policy",
+        APP_A,
+        "--destination-app",
+        APP_B,
+        "--protocol",
+        "udp",
+        "--port",
+        "5353",
+    ]);
+    udp_echo_server(&b.ns, b.ip, 5353);
+    udp_echo_server(&b.ns, b.ip, 5354);
+    let socket = udp_socket(&a.ns, None);
+    assert!(udp_echo_works(&socket, b.ip, 5353, 64, LONG));
+    assert!(!udp_echo_works(&socket, b.ip, 5354, 64, SHORT));
+    let table = daemon.cli_ok(&["network-policies", "--source", APP_A]);
+    assert!(table.contains("udp") && table.contains("1234-1235"), "{table}");
+
+    // Deleting with the same body removes them and cuts what they allowed.
+    let mut open = tcp_connect(&a.ns, None, b.ip, 1234, LONG).unwrap();
+    assert!(echo_once(&mut open));
+    assert_eq!(daemon.curl("POST", &format!("{POLICIES}/delete"), Some(&post)), (200, json!({})));
+    assert_eq!(
+        daemon.curl("GET", &format!("{POLICIES}?source_id={APP_C}"), None).1["total_policies"],
+        0
+    );
+    open.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    assert!(!echo_once(&mut open), "the open connection is cut");
+    assert!(!tcp_echo_works(&a.ns, b.ip, 1234, SHORT));
+    assert!(udp_echo_works(&socket, b.ip, 5353, 64, LONG), "the other policy stays");
+}
+
+#[test]
+fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
+    require_root();
+    let host = Host::new(1);
+    let daemon = Daemon::start(&host.ns, "max_policies_per_source = 3\nmax_body_bytes = 65536");
+    let one = |src: &str, proto: &str, start: Value, end: Value| json!({"source": {"id": src}, "destination": {"id": "b", "protocol": proto, "ports": {"start": start, "end": end}}});
+    let good = json!({"policies": [one("a", "tcp", json!(80), json!(80))]}).to_string();
+    assert_eq!(daemon.curl("POST", POLICIES, Some(&good)).0, 200);
+    let snapshot = daemon.curl("GET", POLICIES, None);
+    let state_file = std::fs::read(daemon.state_file()).unwrap();
+
+    let huge = format!(
+        "{{\"policies\": [{}]}}",
+        vec![one("a", "tcp", json!(1), json!(1)).to_string(); 1000].join(",")
+    );
+    // (body, field named in the 400, whether a delete of it is refused too)
+    let cases: Vec<(String, &str, bool)> = vec![
+        ("{not json".into(), "body", true),
+        ("{}".into(), "policies", true),
+        (json!({"policies": []}).to_string(), "policies", true),
+        (json!({"policies": [one("a", "icmp", json!(1), json!(1))]}).to_string(), "policies[0].destination.protocol", true),
+        (json!({"policies": [one("a", "tcp", json!(0), json!(1))]}).to_string(), "policies[0].destination.ports.start", true),
+        (json!({"policies": [one("a", "tcp", json!(1), json!(65536))]}).to_string(), "policies[0].destination.ports.end", true),
+        (json!({"policies": [one("a", "tcp", json!(90), json!(80))]}).to_string(), "policies[0].destination.ports", true),
+        (json!({"policies": [one("a", "tcp", json!("80"), json!(80))]}).to_string(), "policies[0].destination.ports.start", true),
+        (json!({"policies": [one("", "tcp", json!(1), json!(1))]}).to_string(), "policies[0].source.id", true),
+        (json!({"policies": [one(&"x".repeat(300), "tcp", json!(1), json!(1))]}).to_string(), "policies[0].source.id", true),
+        (
+            json!({"policies": [{"source": {"id": "a", "tag": "0001"}, "destination": {"id": "b", "protocol": "tcp", "ports": {"start": 1, "end": 1}}}]}).to_string(),
+            "policies[0].source.tag",
+            true,
+        ),
+        // One bad policy in a batch: none of the batch applies.
+        (
+            json!({"policies": [one("a", "tcp", json!(81), json!(81)), one("a", "udp", json!(70000), json!(70000))]}).to_string(),
+            "policies[1].destination.ports.start",
+            true,
+        ),
+        // Over the per-source limit (a has 1, the batch brings 3 more).
+        (
+            json!({"policies": [one("a", "tcp", json!(1), json!(1)), one("a", "tcp", json!(2), json!(2)), one("a", "tcp", json!(3), json!(3))]}).to_string(),
+            "policies",
+            false, // the limit only applies to adds
+        ),
+        (huge, "body", true),
+    ];
+    for (body, field, refused_on_delete) in &cases {
+        for path in [POLICIES.to_owned(), format!("{POLICIES}/delete")] {
+            let (status, reply) = daemon.curl("POST", &path, Some(body));
+            if path.ends_with("delete") && !refused_on_delete {
+                assert_eq!(status, 200, "{path}: {reply}");
+                continue;
+            }
+            assert_eq!(status, 400, "{path} {body:.80}: {reply}");
+            assert_eq!(reply["field"], *field, "{path} {body:.80}: {reply}");
+            assert!(reply["error"].as_str().is_some_and(|e| !e.is_empty()));
+        }
+        assert_eq!(daemon.curl("GET", POLICIES, None), snapshot, "state changed after {body:.80}");
+    }
+    assert_eq!(std::fs::read(daemon.state_file()).unwrap(), state_file, "stored state changed");
+    assert!(daemon.curl("GET", POLICIES, None).1.to_string().contains("\"start\":80"));
+
+    // Adding an existing policy and deleting a missing one are not errors.
+    assert_eq!(daemon.curl("POST", POLICIES, Some(&good)).0, 200);
+    let missing = json!({"policies": [one("zz", "udp", json!(9), json!(9))]}).to_string();
+    assert_eq!(daemon.curl("POST", &format!("{POLICIES}/delete"), Some(&missing)).0, 200);
+    assert_eq!(daemon.curl("GET", POLICIES, None), snapshot);
+
+    // Endpoints.
+    let c = host.container(0);
+    for (body, field) in [
+        (json!({"app": "a", "ip": "10.255.0.300", "ifname": c.host_ifname}), "ip"),
+        (json!({"app": "", "ip": c.ip.to_string(), "ifname": c.host_ifname}), "app"),
+        (json!({"app": "a", "ip": c.ip.to_string(), "ifname": "nosuchif0"}), "ifname"),
+        (json!({"app": "a", "ip": c.ip.to_string()}), "ifname"),
+    ] {
+        let (status, reply) = daemon.curl("POST", "/v1/endpoints", Some(&body.to_string()));
+        assert_eq!((status, reply["field"].clone()), (400, json!(field)), "{body}: {reply}");
+    }
+    assert_eq!(daemon.curl("GET", "/v1/endpoints", None).1, json!({"endpoints": []}));
+
+    // The CLI prints the agent's error and exits non-zero.
+    let out = daemon.cli(&[
+        "add-network-policy",
+        "a",
+        "--destination-app",
+        "b",
+        "--protocol",
+        "tcp",
+        "--port",
+        "70000",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("70000"));
+    let out = daemon.cli(&[
+        "endpoint",
+        "add",
+        "--app",
+        "a",
+        "--ip",
+        &c.ip.to_string(),
+        "--ifname",
+        "nosuchif0",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("interface nosuchif0 not found"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_full_kernel_map_is_reported_and_nothing_is_half_applied() {
+    require_root();
+    let host = Host::new(1);
+    let daemon = Daemon::start(&host.ns, "[capacities]\npolicies = 2");
+    let pair = |src: &str, dst: &str| json!({"source": {"id": src}, "destination": {"id": dst, "protocol": "tcp", "ports": {"start": 80, "end": 80}}});
+    let first = json!({"policies": [pair("a", "b"), pair("a", "c")]}).to_string();
+    assert_eq!(daemon.curl("POST", POLICIES, Some(&first)).0, 200);
+    let snapshot = daemon.curl("GET", POLICIES, None);
+    let batch = json!({"policies": [pair("a", "b"), pair("d", "e"), pair("f", "g")]}).to_string();
+    let (status, reply) = daemon.curl("POST", POLICIES, Some(&batch));
+    assert_eq!(status, 507, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("POLICIES is full"), "{reply}");
+    assert_eq!(daemon.curl("GET", POLICIES, None), snapshot);
+    let tables = Tables::open_pinned(&daemon.maps_dir()).unwrap();
+    assert_eq!(tables.pairs().len(), 2, "kernel and desired state agree");
+}
+
+#[test]
+fn kill_9_under_traffic_loses_nothing_and_keeps_acknowledged_writes() {
+    require_root();
+    let host = Host::new(2);
+    let mut daemon = Daemon::start(&host.ns, "");
+    add_endpoint(&daemon, &host, 0, "frontend");
+    add_endpoint(&daemon, &host, 1, "backend");
+    daemon.cli_ok(&[
+        "add-network-policy",
+        "frontend",
+        "--destination-app",
+        "backend",
+        "--protocol",
+        "udp",
+        "--port",
+        "9000",
+    ]);
+    let (a, b) = (host.container(0), host.container(1));
+    let flows = SteadyFlows::start(&a.ns, &b.ns, b.ip, 9000, 9001);
+    std::thread::sleep(Duration::from_millis(300));
+    // A write acknowledged right before the kill must survive it.
+    daemon.cli_ok(&[
+        "add-network-policy",
+        "frontend",
+        "--destination-app",
+        "backend",
+        "--protocol",
+        "tcp",
+        "--port",
+        "443",
+    ]);
+    daemon.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.spawn();
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.kill9();
+    daemon.spawn();
+    std::thread::sleep(Duration::from_millis(300));
+    let counts = flows.finish();
+    assert!(counts.sent > 500, "{counts:?}");
+    assert_eq!(counts.allowed_received, counts.sent, "allowed packets lost: {counts:?}");
+    assert_eq!(counts.denied_received, 0, "denied packets passed: {counts:?}");
+    let listed = daemon.cli_ok(&["network-policies"]);
+    assert!(listed.contains("9000") && listed.contains("443"), "{listed}");
+    assert_eq!(
+        daemon.curl("GET", "/v1/endpoints", None).1["endpoints"].as_array().unwrap().len(),
+        2
+    );
+    tcp_echo_server(&b.ns, b.ip, 443);
+    assert!(tcp_echo_works(&a.ns, b.ip, 443, LONG), "the acknowledged policy is enforced");
+    println!("kill -9 twice under traffic: {counts:?}");
+}
+
+#[test]
+fn policy_churn_never_changes_the_verdict_of_an_unchanged_flow() {
+    require_root();
+    use rand::{Rng as _, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};
+    let host = Host::new(3);
+    let daemon = Daemon::start(&host.ns, "");
+    for (i, app) in ["a", "b", "c"].into_iter().enumerate() {
+        add_endpoint(&daemon, &host, i, app);
+    }
+    daemon.cli_ok(&[
+        "add-network-policy",
+        "a",
+        "--destination-app",
+        "b",
+        "--protocol",
+        "udp",
+        "--port",
+        "9000",
+    ]);
+    let (a, b) = (host.container(0), host.container(1));
+    let flows = SteadyFlows::start(&a.ns, &b.ns, b.ip, 9000, 9001);
+    let client = Client::new(&daemon.socket);
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut live: Vec<Value> = Vec::new();
+    let mut operations = 0;
+    while operations < 3000 {
+        let batch: Vec<Value> = if live.len() > 200 || (!live.is_empty() && rng.random_bool(0.4)) {
+            let n = rng.random_range(1..=live.len().min(20));
+            live.drain(..n).collect()
+        } else {
+            (0..rng.random_range(1..20))
+                .map(|_| {
+                    let src = *["a", "b", "c", "d"].choose(&mut rng).unwrap();
+                    let dst = *["a", "b", "c", "e"].choose(&mut rng).unwrap();
+                    let protocol = *["tcp", "udp"].choose(&mut rng).unwrap();
+                    // Never touch a→b udp around the two steady flows.
+                    let start: u16 = if (src, dst, protocol) == ("a", "b", "udp") {
+                        rng.random_range(9100..20000)
+                    } else {
+                        rng.random_range(1..60000)
+                    };
+                    let end = start + rng.random_range(0..50);
+                    let p = json!({"source": {"id": src}, "destination": {"id": dst, "protocol": protocol, "ports": {"start": start, "end": end}}});
+                    live.push(p.clone());
+                    p
+                })
+                .collect()
+        };
+        let removing = !live.iter().any(|l| l == &batch[0]);
+        let path = if removing { format!("{POLICIES}/delete") } else { POLICIES.to_owned() };
+        let reply = client.request("POST", &path, Some(&json!({"policies": batch}))).unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        operations += batch.len();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let counts = flows.finish();
+    assert!(counts.sent > 200, "{counts:?}");
+    assert_eq!(
+        counts.allowed_received, counts.sent,
+        "an allowed flow lost packets during churn: {counts:?}"
+    );
+    assert_eq!(counts.denied_received, 0, "a denied flow got through during churn: {counts:?}");
+    println!("{operations} policy changes under traffic: {counts:?}");
+}
+
+#[test]
+fn deleting_an_endpoint_removes_every_entry_naming_it() {
+    require_root();
+    let host = Host::new(2);
+    let daemon = Daemon::start(&host.ns, "");
+    add_endpoint(&daemon, &host, 0, "frontend");
+    add_endpoint(&daemon, &host, 1, "backend");
+    daemon.cli_ok(&[
+        "add-network-policy",
+        "frontend",
+        "--destination-app",
+        "backend",
+        "--protocol",
+        "tcp",
+        "--port",
+        "8080",
+    ]);
+    let (a, b) = (host.container(0), host.container(1));
+    tcp_echo_server(&b.ns, b.ip, 8080);
+    assert!(tcp_echo_works(&a.ns, b.ip, 8080, LONG));
+    let tables = Tables::open_pinned(&daemon.maps_dir()).unwrap();
+    let names_b = |t: &Tables| {
+        let key = addr_key(b.ip);
+        (
+            t.endpoint(b.ip).is_some(),
+            t.veths().iter().any(|(_, ip, _)| *ip == b.ip),
+            t.connections().iter().any(|(k, _)| k.addr_lo == key || k.addr_hi == key),
+        )
+    };
+    assert_eq!(names_b(&tables), (true, true, true));
+    daemon.cli_ok(&["endpoint", "del", "--ip", &b.ip.to_string()]);
+    assert_eq!(names_b(&tables), (false, false, false));
+    let status: Value = serde_json::from_str(&daemon.cli_ok(&["status", "--json"])).unwrap();
+    let attached = status["attached"].to_string();
+    assert!(!attached.contains(&b.host_ifname) && attached.contains(&a.host_ifname), "{attached}");
+    let stored = std::fs::read_to_string(daemon.state_file()).unwrap();
+    assert!(!stored.contains(&b.ip.to_string()));
+    // Deleting it again is fine.
+    daemon.cli_ok(&["endpoint", "del", "--ip", &b.ip.to_string()]);
+    let _ = Ipv4Addr::LOCALHOST;
+}
+
+#[test]
+fn sigterm_leaves_enforcement_in_place_and_teardown_removes_it() {
+    require_root();
+    let host = Host::new(2);
+    let mut daemon = Daemon::start(&host.ns, "");
+    add_endpoint(&daemon, &host, 0, "frontend");
+    add_endpoint(&daemon, &host, 1, "backend");
+    daemon.cli_ok(&[
+        "add-network-policy",
+        "frontend",
+        "--destination-app",
+        "backend",
+        "--protocol",
+        "tcp",
+        "--port",
+        "8080",
+    ]);
+    let (a, b) = (host.container(0), host.container(1));
+    tcp_echo_server(&b.ns, b.ip, 8080);
+    tcp_echo_server(&b.ns, b.ip, 8081);
+    assert!(daemon.stop().success(), "clean exit on SIGTERM:\n{}", daemon.log());
+    assert!(!daemon.socket.exists(), "socket removed");
+    assert!(tcp_echo_works(&a.ns, b.ip, 8080, LONG), "still allowed with the agent stopped");
+    assert!(!tcp_echo_works(&a.ns, b.ip, 8081, SHORT), "still denied with the agent stopped");
+    let status = daemon.cli(&["status"]);
+    assert!(!status.status.success());
+    assert!(String::from_utf8_lossy(&status.stderr).contains("is `policy-agent run` running?"));
+    daemon.cli_ok(&["teardown", "--config", daemon.config.to_str().unwrap()]);
+    assert!(!daemon.pin_dir().exists());
+    assert!(tcp_echo_works(&a.ns, b.ip, 8081, LONG), "no enforcement after teardown");
+}
