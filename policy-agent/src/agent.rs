@@ -12,7 +12,7 @@ use crate::{
     Error,
     reconcile::{self, Kernel},
     state::{Endpoint, Invalid, Policy, State, check_app_id},
-    store::{Store, StoreError},
+    store::{Change, Store, StoreError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +44,7 @@ impl<K: Kernel> Agent<K> {
     /// clearing anything first. Returns the agent and reconcile warnings.
     pub fn start(
         mut kernel: K,
-        store: Store,
+        mut store: Store,
         limit: Option<usize>,
     ) -> Result<(Self, Vec<String>), AgentError> {
         let state = store.load()?;
@@ -66,10 +66,15 @@ impl<K: Kernel> Agent<K> {
         &self.kernel
     }
 
-    /// Saves `new` and adopts it; if saving fails, `undo` puts the kernel
-    /// back first.
-    fn commit(&mut self, new: State, undo: impl FnOnce(&mut K, &State)) -> Result<(), AgentError> {
-        if let Err(e) = self.store.save(&new) {
+    /// Makes `change` (which turned the state into `new`) durable and adopts
+    /// `new`; if that fails, `undo` puts the kernel back first.
+    fn commit(
+        &mut self,
+        change: Change,
+        new: State,
+        undo: impl FnOnce(&mut K, &State),
+    ) -> Result<(), AgentError> {
+        if let Err(e) = self.store.append(&change, &new) {
             undo(&mut self.kernel, &self.state);
             return Err(e.into());
         }
@@ -80,22 +85,22 @@ impl<K: Kernel> Agent<K> {
     pub fn add_policies(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
         let mut new = self.state.clone();
         new.add_policies(policies, self.limit)?;
-        self.apply_policies(new)
+        self.apply_policies(Change::AddPolicies(policies.to_vec()), new)
     }
 
     pub fn remove_policies(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
         let mut new = self.state.clone();
         new.remove_policies(policies);
-        self.apply_policies(new)
+        self.apply_policies(Change::RemovePolicies(policies.to_vec()), new)
     }
 
-    fn apply_policies(&mut self, new: State) -> Result<(), AgentError> {
+    fn apply_policies(&mut self, change: Change, new: State) -> Result<(), AgentError> {
         if new == self.state {
             return Ok(());
         }
         reconcile::pairs(&mut self.kernel, &self.state, &new)?;
         let applied = new.clone();
-        self.commit(new, move |kernel, old| {
+        self.commit(change, new, move |kernel, old| {
             let _ = reconcile::pairs(kernel, &applied, old);
         })
     }
@@ -132,7 +137,7 @@ impl<K: Kernel> Agent<K> {
         }
         let ip = endpoint.ip;
         let ifname = endpoint.ifname.clone();
-        self.commit(new, move |kernel, _| {
+        self.commit(Change::AddEndpoint(endpoint), new, move |kernel, _| {
             let _ = kernel.detach(&ifname, ip);
             let _ = kernel.remove_endpoint(ip);
         })
@@ -146,9 +151,9 @@ impl<K: Kernel> Agent<K> {
         };
         let mut new = self.state.clone();
         new.remove_endpoint(ip);
-        // Save first: were the agent to die between the two, the restart
-        // reconcile finishes the removal from the stored state.
-        self.store.save(&new)?;
+        // Durable first: were the agent to die before the kernel is updated,
+        // the restart reconcile finishes the removal from the stored state.
+        self.store.append(&Change::RemoveEndpoint(ip), &new)?;
         self.kernel.detach(&endpoint.ifname, ip)?;
         self.kernel.remove_endpoint(ip)?;
         self.state = new;
@@ -177,14 +182,17 @@ mod tests {
         }
     }
 
+    fn reload(name: &str) -> State {
+        let dir = std::env::temp_dir().join(format!("policy-agent-{name}-{}", std::process::id()));
+        Store::open(&dir).unwrap().load().unwrap()
+    }
+
     #[test]
     fn writes_are_durable_and_failed_ones_change_nothing() {
         let store = temp_store("durable");
-        let path = store.path().to_path_buf();
         let (mut agent, _) = Agent::start(FakeKernel::new(1), store, None).unwrap();
         agent.add_policies(&[policy(80)]).unwrap();
-        let saved: State = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        assert_eq!(&saved, agent.state());
+        assert_eq!(&reload("durable"), agent.state());
         // A second pair does not fit in the fake kernel: nothing changes.
         let before = agent.state().clone();
         let other = Policy { destination: "c".into(), ..policy(80) };
@@ -194,8 +202,7 @@ mod tests {
         ));
         assert_eq!(agent.state(), &before);
         assert_eq!(agent.kernel().pairs, before.pairs());
-        let saved: State = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        assert_eq!(saved, before);
+        assert_eq!(reload("durable"), before);
     }
 
     #[test]

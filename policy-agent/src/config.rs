@@ -117,3 +117,13 @@ mod tests {
         assert!(err.to_string().contains("stat_dir"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    /// The example config in deploy/ parses and states the defaults.
+    #[test]
+    fn deploy_example_is_the_defaults() {
+        let text = include_str!("../../deploy/policy-agent.toml");
+        assert_eq!(super::Config::parse(text).unwrap(), super::Config::default());
+    }
+}

@@ -1,96 +1,276 @@
-//! Durable desired state: one JSON file, replaced atomically (write a
-//! temporary file, fsync it, rename it over the old one, fsync the
-//! directory), so a crash at any point leaves either the old or the new
-//! state, never a torn one.
+//! Durable desired state: a snapshot plus a journal of changes.
+//!
+//! - `journal.jsonl`: one line per acknowledged change, `{"seq":N,"change":...}`,
+//!   appended and fsynced before the API replies. Appending is cheap whatever
+//!   the size of the state, so a write costs the same with 10 or 1M policies.
+//! - `state.json`: `{"seq":N,"state":...}`, the state after change N, written
+//!   every [`COMPACT_EVERY`] changes atomically (temp file, fsync, rename,
+//!   fsync the directory); the journal is then emptied.
+//!
+//! Loading reads the snapshot and replays journal lines with a higher seq. A
+//! crash between the snapshot's rename and the journal's truncation leaves
+//! lines the snapshot already holds: their seq says so. A crash in the middle
+//! of an append leaves a torn last line; it was never acknowledged and is
+//! ignored.
 
 use std::{
-    fs::{self, File},
-    io::Write as _,
+    fs::{self, File, OpenOptions},
+    io::{BufRead as _, BufReader, Write as _},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
-use crate::state::State;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::state::{Endpoint, Policy, State};
+
+/// Changes between snapshots.
+pub const COMPACT_EVERY: u64 = 1000;
+
+/// One acknowledged change, as journaled. Replaying it on the state it was
+/// made on gives the same state (tags and ids included).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    AddPolicies(Vec<Policy>),
+    RemovePolicies(Vec<Policy>),
+    AddEndpoint(Endpoint),
+    RemoveEndpoint(Ipv4Addr),
+}
+
+impl Change {
+    /// Applies the change without the checks the API made when it was
+    /// accepted (a per-source limit may have changed since).
+    pub fn replay(&self, state: &mut State) {
+        match self {
+            Change::AddPolicies(p) => {
+                let _ = state.add_policies(p, None);
+            }
+            Change::RemovePolicies(p) => state.remove_policies(p),
+            Change::AddEndpoint(e) => {
+                state.add_endpoint(e.clone());
+            }
+            Change::RemoveEndpoint(ip) => {
+                state.remove_endpoint(*ip);
+            }
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    seq: u64,
+    state: State,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    seq: u64,
+    change: Change,
+}
 
 pub struct Store {
-    path: PathBuf,
+    dir: PathBuf,
+    /// Seq of the last change made durable.
+    seq: u64,
+    /// Seq the snapshot holds.
+    snapshot_seq: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot {what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("state file {path} is corrupt: {source}")]
+    #[error("stored state {path} is corrupt: {source}")]
     Corrupt { path: PathBuf, source: serde_json::Error },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { what, path, source }
 }
 
 impl Store {
     /// A store in `state_dir` (created if missing).
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        fs::create_dir_all(state_dir).map_err(|source| StoreError::Io {
-            what: "create state directory",
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
-        Ok(Self { path: state_dir.join("state.json") })
+        fs::create_dir_all(state_dir).map_err(io("create state directory", state_dir))?;
+        Ok(Self { dir: state_dir.to_path_buf(), seq: 0, snapshot_seq: 0 })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    fn snapshot_path(&self) -> PathBuf {
+        self.dir.join("state.json")
     }
 
-    /// The stored state, or the empty state if none was ever saved.
-    pub fn load(&self) -> Result<State, StoreError> {
-        match fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|source| StoreError::Corrupt { path: self.path.clone(), source }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(source) => Err(StoreError::Io { what: "read", path: self.path.clone(), source }),
-        }
+    fn journal_path(&self) -> PathBuf {
+        self.dir.join("journal.jsonl")
     }
 
-    pub fn save(&self, state: &State) -> Result<(), StoreError> {
-        let io = |what, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StoreError::Io { what, path, source }
+    /// The stored state: snapshot plus journal (empty if nothing was stored).
+    pub fn load(&mut self) -> Result<State, StoreError> {
+        let snapshot_path = self.snapshot_path();
+        let (mut state, snapshot_seq) = match fs::read(&snapshot_path) {
+            Ok(bytes) => {
+                let s: Snapshot = serde_json::from_slice(&bytes).map_err(|source| {
+                    StoreError::Corrupt { path: snapshot_path.clone(), source }
+                })?;
+                (s.state, s.seq)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (State::default(), 0),
+            Err(e) => return Err(io("read", &snapshot_path)(e)),
         };
-        let tmp = self.path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(state).expect("state serializes");
+        let mut seq = snapshot_seq;
+        let journal_path = self.journal_path();
+        match File::open(&journal_path) {
+            Ok(file) => {
+                let lines: Vec<String> = BufReader::new(file)
+                    .lines()
+                    .collect::<Result<_, _>>()
+                    .map_err(io("read", &journal_path))?;
+                for (i, line) in lines.iter().enumerate() {
+                    match serde_json::from_str::<Entry>(line) {
+                        Ok(entry) if entry.seq > seq => {
+                            entry.change.replay(&mut state);
+                            seq = entry.seq;
+                        }
+                        Ok(_) => {} // already in the snapshot
+                        Err(e) if i + 1 == lines.len() => {
+                            warn!(error = %e, "ignoring a torn last journal line (never acknowledged)");
+                        }
+                        Err(source) => {
+                            return Err(StoreError::Corrupt { path: journal_path, source });
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("read", &journal_path)(e)),
+        }
+        self.seq = seq;
+        self.snapshot_seq = snapshot_seq;
+        Ok(state)
+    }
+
+    /// Makes `change` durable; `state` is the state after it (snapshotted
+    /// every [`COMPACT_EVERY`] changes).
+    pub fn append(&mut self, change: &Change, state: &State) -> Result<(), StoreError> {
+        let path = self.journal_path();
+        let seq = self.seq + 1;
+        let mut line =
+            serde_json::to_vec(&Entry { seq, change: change.clone() }).expect("changes serialize");
+        line.push(b'\n');
+        let mut file =
+            OpenOptions::new().create(true).append(true).open(&path).map_err(io("open", &path))?;
+        file.write_all(&line).map_err(io("append to", &path))?;
+        file.sync_data().map_err(io("fsync", &path))?;
+        self.seq = seq;
+        if self.seq - self.snapshot_seq >= COMPACT_EVERY {
+            self.snapshot(state)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the snapshot of `state` (at the current seq) and empties the
+    /// journal.
+    pub fn snapshot(&mut self, state: &State) -> Result<(), StoreError> {
+        let path = self.snapshot_path();
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec(&Snapshot { seq: self.seq, state: state.clone() })
+            .expect("state serializes");
         let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
         file.write_all(&bytes).map_err(io("write", &tmp))?;
         file.sync_all().map_err(io("fsync", &tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io("rename into", &self.path))?;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync", dir))
+        fs::rename(&tmp, &path).map_err(io("rename into", &path))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("fsync", &self.dir))?;
+        let journal = self.journal_path();
+        match OpenOptions::new().write(true).open(&journal) {
+            Ok(f) => {
+                f.set_len(0).map_err(io("truncate", &journal))?;
+                f.sync_all().map_err(io("fsync", &journal))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("open", &journal)(e)),
+        }
+        self.snapshot_seq = self.seq;
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Policy, Protocol};
+    use crate::state::Protocol;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("policy-store-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn policy(port: u16) -> Policy {
+        Policy {
+            source: "a".into(),
+            destination: "b".into(),
+            protocol: Protocol::Tcp,
+            start: port,
+            end: port,
+        }
+    }
+
+    /// Applies `n` changes through a store, as the agent does.
+    fn write(store: &mut Store, state: &mut State, ports: std::ops::Range<u16>) {
+        for port in ports {
+            let change = Change::AddPolicies(vec![policy(port)]);
+            change.replay(state);
+            store.append(&change, state).unwrap();
+        }
+    }
 
     #[test]
-    fn saves_and_loads() {
-        let dir = std::env::temp_dir().join(format!("policy-store-{}", std::process::id()));
-        let store = Store::open(&dir).unwrap();
-        assert_eq!(store.load().unwrap(), State::default());
-        let mut state = State::default();
-        state
-            .add_policies(
-                &[Policy {
-                    source: "a".into(),
-                    destination: "b".into(),
-                    protocol: Protocol::Tcp,
-                    start: 1,
-                    end: 2,
-                }],
-                None,
-            )
-            .unwrap();
-        store.save(&state).unwrap();
+    fn journal_and_snapshots_reload_the_same_state() {
+        let dir = temp_dir("reload");
+        let mut store = Store::open(&dir).unwrap();
+        let mut state = store.load().unwrap();
+        assert_eq!(state, State::default());
+        // Past one compaction, then some more.
+        write(&mut store, &mut state, 1..(COMPACT_EVERY as u16 + 50));
+        let endpoint = Endpoint {
+            ip: Ipv4Addr::new(10, 0, 0, 1),
+            app: "b".into(),
+            ifname: "v".into(),
+            netns: None,
+        };
+        for change in [Change::AddEndpoint(endpoint), Change::RemovePolicies(vec![policy(7)])] {
+            change.replay(&mut state);
+            store.append(&change, &state).unwrap();
+        }
+        assert!(fs::metadata(dir.join("state.json")).is_ok(), "compacted");
         assert_eq!(Store::open(&dir).unwrap().load().unwrap(), state);
-        fs::write(store.path(), b"{not json").unwrap();
-        assert!(matches!(store.load(), Err(StoreError::Corrupt { .. })));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_torn_last_line_is_ignored_and_old_lines_are_not_replayed_twice() {
+        let dir = temp_dir("torn");
+        let mut store = Store::open(&dir).unwrap();
+        let mut state = store.load().unwrap();
+        write(&mut store, &mut state, 1..4);
+        // A crash between the snapshot's rename and the journal truncation.
+        let journal = fs::read(dir.join("journal.jsonl")).unwrap();
+        store.snapshot(&state).unwrap();
+        fs::write(dir.join("journal.jsonl"), &journal).unwrap();
+        // And a torn append.
+        let mut f = OpenOptions::new().append(true).open(dir.join("journal.jsonl")).unwrap();
+        f.write_all(b"{\"seq\":4,\"change\":{\"add_po").unwrap();
+        let reloaded = Store::open(&dir).unwrap().load().unwrap();
+        assert_eq!(reloaded, state);
+        // A corrupt line in the middle is an error, not silently skipped.
+        fs::write(
+            dir.join("journal.jsonl"),
+            b"garbage\n{\"seq\":9,\"change\":{\"remove_endpoint\":\"10.0.0.1\"}}\n",
+        )
+        .unwrap();
+        assert!(matches!(Store::open(&dir).unwrap().load(), Err(StoreError::Corrupt { .. })));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -33,10 +33,11 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "state_dir = \"{}\"\nsocket = \"{}\"\npin_dir = \"{}\"\nlog_level = \"debug\"\n{extra_config}\n",
+                "state_dir = \"{}\"\nsocket = \"{}\"\npin_dir = \"{}\"\n{}{extra_config}\n",
                 dir.join("state").display(),
                 socket.display(),
-                pin_dir.display()
+                pin_dir.display(),
+                if extra_config.contains("log_level") { "" } else { "log_level = \"debug\"\n" },
             ),
         )
         .expect("write config");
@@ -77,6 +78,11 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The daemon's PID (the nsenter'd process execs the agent).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log(&self) -> String {
@@ -146,8 +152,15 @@ impl Daemon {
         (status, serde_json::from_str(json).unwrap_or(Value::Null))
     }
 
-    pub fn state_file(&self) -> PathBuf {
-        self.dir.join("state/state.json")
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// The desired state as the daemon stored it (snapshot + journal).
+    pub fn stored_state(&self) -> policy_agent::state::State {
+        policy_agent::store::Store::open(&self.state_dir())
+            .and_then(|mut s| s.load())
+            .expect("load stored state")
     }
 
     pub fn maps_dir(&self) -> PathBuf {

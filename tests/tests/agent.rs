@@ -1,7 +1,7 @@
 //! The agent daemon in a test host namespace, driven only through its CLI
 //! and its HTTP API (curl), with real traffic between container namespaces.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
+use std::{collections::BTreeSet, time::Duration};
 
 use integration_tests::{
     daemon::Daemon,
@@ -130,7 +130,7 @@ fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
     let good = json!({"policies": [one("a", "tcp", json!(80), json!(80))]}).to_string();
     assert_eq!(daemon.curl("POST", POLICIES, Some(&good)).0, 200);
     let snapshot = daemon.curl("GET", POLICIES, None);
-    let state_file = std::fs::read(daemon.state_file()).unwrap();
+    let stored = daemon.stored_state();
 
     let huge = format!(
         "{{\"policies\": [{}]}}",
@@ -180,7 +180,7 @@ fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
         }
         assert_eq!(daemon.curl("GET", POLICIES, None), snapshot, "state changed after {body:.80}");
     }
-    assert_eq!(std::fs::read(daemon.state_file()).unwrap(), state_file, "stored state changed");
+    assert_eq!(daemon.stored_state(), stored, "stored state changed");
     assert!(daemon.curl("GET", POLICIES, None).1.to_string().contains("\"start\":80"));
 
     // Adding an existing policy and deleting a missing one are not errors.
@@ -403,11 +403,9 @@ fn deleting_an_endpoint_removes_every_entry_naming_it() {
     let status: Value = serde_json::from_str(&daemon.cli_ok(&["status", "--json"])).unwrap();
     let attached = status["attached"].to_string();
     assert!(!attached.contains(&b.host_ifname) && attached.contains(&a.host_ifname), "{attached}");
-    let stored = std::fs::read_to_string(daemon.state_file()).unwrap();
-    assert!(!stored.contains(&b.ip.to_string()));
+    assert!(daemon.stored_state().endpoint(b.ip).is_none());
     // Deleting it again is fine.
     daemon.cli_ok(&["endpoint", "del", "--ip", &b.ip.to_string()]);
-    let _ = Ipv4Addr::LOCALHOST;
 }
 
 #[test]
@@ -440,4 +438,23 @@ fn sigterm_leaves_enforcement_in_place_and_teardown_removes_it() {
     daemon.cli_ok(&["teardown", "--config", daemon.config.to_str().unwrap()]);
     assert!(!daemon.pin_dir().exists());
     assert!(tcp_echo_works(&a.ns, b.ip, 8081, LONG), "no enforcement after teardown");
+}
+
+#[test]
+fn the_api_is_also_served_on_tcp_when_configured() {
+    require_root();
+    let host = Host::new(1);
+    // The host namespace is the test's own: any port is free there.
+    let daemon = Daemon::start(&host.ns, "listen = \"127.0.0.1:9090\"");
+    let post = fixture("external-policies-post.json");
+    assert_eq!(daemon.curl("POST", POLICIES, Some(&post)).0, 200);
+    let out = host
+        .ns
+        .command("curl")
+        .args(["-s", "-f", "http://127.0.0.1:9090/networking/v1/external/policies"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["total_policies"], 2);
 }

@@ -1,6 +1,6 @@
-//! `cargo xtask bench`: per-packet cost of the programs, measured with
-//! BPF_PROG_TEST_RUN in the running kernel, next to an empty TC program
-//! measured the same way in the same run. Prints a table; asserts nothing.
+//! Per-packet cost of the programs, measured with BPF_PROG_TEST_RUN in the
+//! running kernel, next to an empty TC program measured the same way in the
+//! same run.
 
 use std::{net::Ipv4Addr, time::Instant};
 
@@ -8,7 +8,7 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
-use integration_tests::{netns::NetNs, pins::PinDir, require_root, unique_name};
+use integration_tests::{netns::NetNs, pins::PinDir, unique_name};
 use policy_agent::{BASELINE_OBJECT, Dataplane, Direction};
 use policy_common::{
     craft::PacketSpec,
@@ -72,9 +72,7 @@ fn new_flow_frames(n: usize, salt: u16, dport: u16) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn main() {
-    require_root();
-    let quick = std::env::args().any(|a| a == "--quick");
+pub fn run(quick: bool) {
     let (repeat, rounds, new_flows) =
         if quick { (200_000, 3, 5_000) } else { (1_000_000, 5, 20_000) };
     let ns = NetNs::new(unique_name("bench"));
@@ -182,10 +180,10 @@ fn fill(dataplane: &mut Dataplane, policies: u32) {
     }
 }
 
-fn kernel() -> String {
+pub fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned()
 }
 
-fn cpus() -> usize {
+pub fn cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
