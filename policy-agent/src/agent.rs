@@ -4,13 +4,13 @@
 //! state adopted. So a reply means "enforced and durable", and a failed
 //! request changes nothing.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use tracing::info;
 
 use crate::{
     Error,
-    reconcile::{self, Kernel},
+    reconcile::{self, AppPair, Kernel},
     state::{Endpoint, Invalid, Policy, State, check_app_id},
     store::{Change, Store, StoreError},
 };
@@ -85,23 +85,37 @@ impl<K: Kernel> Agent<K> {
     pub fn add_policies(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
         let mut new = self.state.clone();
         new.add_policies(policies, self.limit)?;
-        self.apply_policies(Change::AddPolicies(policies.to_vec()), new)
+        self.apply_policies(Change::AddPolicies(policies.to_vec()), new)?;
+        info!(requested = policies.len(), total = self.state.policy_count(), "policies added");
+        Ok(())
     }
 
     pub fn remove_policies(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
         let mut new = self.state.clone();
         new.remove_policies(policies);
-        self.apply_policies(Change::RemovePolicies(policies.to_vec()), new)
+        self.apply_policies(Change::RemovePolicies(policies.to_vec()), new)?;
+        info!(requested = policies.len(), total = self.state.policy_count(), "policies removed");
+        Ok(())
     }
 
     fn apply_policies(&mut self, change: Change, new: State) -> Result<(), AgentError> {
-        if new == self.state {
-            return Ok(());
+        let (Change::AddPolicies(policies) | Change::RemovePolicies(policies)) = &change else {
+            unreachable!("only policy changes come here")
+        };
+        let touched: BTreeSet<AppPair> = policies
+            .iter()
+            .map(|p| (p.source.clone(), p.destination.clone(), p.protocol))
+            .collect();
+        if touched
+            .iter()
+            .all(|(s, d, p)| self.state.pair_allowances(s, d, *p) == new.pair_allowances(s, d, *p))
+        {
+            return Ok(()); // nothing to change (already there / already gone)
         }
-        reconcile::pairs(&mut self.kernel, &self.state, &new)?;
+        reconcile::touched_pairs(&mut self.kernel, &self.state, &new, &touched)?;
         let applied = new.clone();
         self.commit(change, new, move |kernel, old| {
-            let _ = reconcile::pairs(kernel, &applied, old);
+            let _ = reconcile::touched_pairs(kernel, &applied, old, &touched);
         })
     }
 
@@ -137,10 +151,13 @@ impl<K: Kernel> Agent<K> {
         }
         let ip = endpoint.ip;
         let ifname = endpoint.ifname.clone();
+        let (app, logged_ifname) = (endpoint.app.clone(), endpoint.ifname.clone());
         self.commit(Change::AddEndpoint(endpoint), new, move |kernel, _| {
             let _ = kernel.detach(&ifname, ip);
             let _ = kernel.remove_endpoint(ip);
-        })
+        })?;
+        info!(%ip, app, ifname = logged_ifname, tag, "endpoint added");
+        Ok(())
     }
 
     /// Unregisters an endpoint: detaches from its veth and removes every map
@@ -157,6 +174,7 @@ impl<K: Kernel> Agent<K> {
         self.kernel.detach(&endpoint.ifname, ip)?;
         self.kernel.remove_endpoint(ip)?;
         self.state = new;
+        info!(%ip, app = endpoint.app, ifname = endpoint.ifname, "endpoint removed");
         Ok(true)
     }
 }

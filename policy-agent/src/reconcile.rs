@@ -19,7 +19,11 @@ use std::{
 use policy_common::{maps::PairKey, ports::Allowance};
 use tracing::warn;
 
-use crate::{Dataplane, Error, dataplane::nix_ifindex, state::State};
+use crate::{
+    Dataplane, Error,
+    dataplane::nix_ifindex,
+    state::{Protocol, State},
+};
 
 /// What the reconciler needs from the kernel.
 pub trait Kernel {
@@ -93,26 +97,71 @@ fn same_allowances(have: Option<&Vec<Allowance>>, want: &[Allowance]) -> bool {
     have.is_some_and(|h| sorted(h) == sorted(want))
 }
 
-/// Writes the pair changes between two states, adds and changes first.
-/// On error, every pair already written is restored and the error returned.
-pub fn pairs<K: Kernel>(kernel: &mut K, old: &State, new: &State) -> Result<(), Error> {
-    let (old_pairs, new_pairs) = (old.pairs(), new.pairs());
-    let changed = new_pairs.iter().filter(|(k, v)| !same_allowances(old_pairs.get(k), v));
-    let removed = old_pairs.keys().filter(|k| !new_pairs.contains_key(k)).map(|k| (k, &[][..]));
-    let mut written: Vec<PairKey> = Vec::new();
-    for (key, allowances) in changed.map(|(k, v)| (k, v.as_slice())).chain(removed) {
-        if let Err(err) = kernel.set_pair(*key, allowances) {
-            for key in written.iter().rev() {
-                let previous = old_pairs.get(key).map(Vec::as_slice).unwrap_or(&[]);
-                if let Err(undo) = kernel.set_pair(*key, previous) {
+/// One pair entry to write: key, its old allowances, its new ones.
+type PairChange = (PairKey, Vec<Allowance>, Vec<Allowance>);
+
+/// Writes pair changes, adds and changes first, removals last. On error,
+/// every pair already written is restored and the error returned.
+fn write_pairs<K: Kernel>(kernel: &mut K, mut changes: Vec<PairChange>) -> Result<(), Error> {
+    // Entries that remain (non-empty) before entries that go.
+    changes.sort_by_key(|(_, _, new)| new.is_empty());
+    for (i, (key, _, new)) in changes.iter().enumerate() {
+        if let Err(err) = kernel.set_pair(*key, new) {
+            for (key, old, _) in changes[..i].iter().rev() {
+                if let Err(undo) = kernel.set_pair(*key, old) {
                     warn!(error = %undo, "rolling back a policy pair failed");
                 }
             }
             return Err(err);
         }
-        written.push(*key);
     }
     Ok(())
+}
+
+/// Writes every pair that differs between two states (walks all policies:
+/// for tests and small states; the agent uses [`touched_pairs`]).
+pub fn pairs<K: Kernel>(kernel: &mut K, old: &State, new: &State) -> Result<(), Error> {
+    let (old_pairs, new_pairs) = (old.pairs(), new.pairs());
+    let mut changes: Vec<PairChange> = new_pairs
+        .iter()
+        .filter(|(k, v)| !same_allowances(old_pairs.get(k), v))
+        .map(|(k, v)| (*k, old_pairs.get(k).cloned().unwrap_or_default(), v.clone()))
+        .collect();
+    changes.extend(
+        old_pairs
+            .iter()
+            .filter(|(k, _)| !new_pairs.contains_key(k))
+            .map(|(k, v)| (*k, v.clone(), Vec::new())),
+    );
+    write_pairs(kernel, changes)
+}
+
+/// An app pair and protocol, by app id.
+pub type AppPair = (String, String, Protocol);
+
+/// Writes the pairs a change touched: cost proportional to the change, not
+/// to the number of policies.
+pub fn touched_pairs<K: Kernel>(
+    kernel: &mut K,
+    old: &State,
+    new: &State,
+    touched: &BTreeSet<AppPair>,
+) -> Result<(), Error> {
+    let mut changes = Vec::new();
+    for (source, destination, protocol) in touched {
+        let (before, after) = (
+            old.pair_allowances(source, destination, *protocol),
+            new.pair_allowances(source, destination, *protocol),
+        );
+        if same_allowances(Some(&before), &after) {
+            continue;
+        }
+        // A removal may have made an app unknown to `new`: its old tag.
+        let tag = |app: &str| new.tag(app).or_else(|| old.tag(app));
+        let (Some(src), Some(dst)) = (tag(source), tag(destination)) else { continue };
+        changes.push((PairKey::new(src, dst, protocol.number()), before, after));
+    }
+    write_pairs(kernel, changes)
 }
 
 impl Kernel for Dataplane {
@@ -126,6 +175,15 @@ impl Kernel for Dataplane {
 
     fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error> {
         let tables = self.tables();
+        let bindings: Vec<u32> = tables
+            .veths()
+            .into_iter()
+            .filter(|(_, addr, _)| *addr == ip)
+            .map(|(ifindex, _, _)| ifindex)
+            .collect();
+        for ifindex in bindings {
+            tables.remove_veth(ifindex)?;
+        }
         tables.remove_endpoint(ip)?;
         tables.forget_address(ip)?;
         Ok(())

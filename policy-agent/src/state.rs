@@ -131,8 +131,13 @@ pub struct State {
     next_tag: u32,
     next_policy_id: u32,
     tags: BTreeMap<String, u32>,
+    /// Ordered by (source, destination, protocol, ports): the policies of one
+    /// app pair and protocol are contiguous.
     policies: BTreeMap<Policy, u32>,
     endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    /// How many policy ends and endpoints name each app (derived, not
+    /// stored): an app whose count drops to zero loses its tag.
+    refs: BTreeMap<String, usize>,
 }
 
 /// On-disk shape (JSON): lists instead of maps keyed by structs.
@@ -155,13 +160,24 @@ struct StoredPolicy {
 
 impl From<Stored> for State {
     fn from(s: Stored) -> Self {
-        Self {
+        let mut state = Self {
             next_tag: s.next_tag,
             next_policy_id: s.next_policy_id,
             tags: s.tags,
             policies: s.policies.into_iter().map(|p| (p.policy, p.id)).collect(),
             endpoints: s.endpoints.into_iter().map(|e| (e.ip, e)).collect(),
+            refs: BTreeMap::new(),
+        };
+        let named: Vec<String> = state
+            .policies
+            .keys()
+            .flat_map(|p| [p.source.clone(), p.destination.clone()])
+            .chain(state.endpoints.values().map(|e| e.app.clone()))
+            .collect();
+        for app in named {
+            *state.refs.entry(app).or_default() += 1;
         }
+        state
     }
 }
 
@@ -190,6 +206,7 @@ impl Default for State {
             tags: BTreeMap::new(),
             policies: BTreeMap::new(),
             endpoints: BTreeMap::new(),
+            refs: BTreeMap::new(),
         }
     }
 }
@@ -235,20 +252,20 @@ impl State {
         }
     }
 
-    /// Forgets the tags of apps that no policy and no endpoint names. Tags
-    /// are never handed out again (`next_tag` only grows), so a forgotten
-    /// tag cannot be confused with a new app's.
-    fn forget_unused_apps(&mut self) {
-        let used: BTreeSet<&str> = self
-            .policies
-            .keys()
-            .flat_map(|p| [p.source.as_str(), p.destination.as_str()])
-            .chain(self.endpoints.values().map(|e| e.app.as_str()))
-            .collect();
-        let unused: Vec<String> =
-            self.tags.keys().filter(|a| !used.contains(a.as_str())).cloned().collect();
-        for app in unused {
-            self.tags.remove(&app);
+    fn reference(&mut self, app: &str) {
+        *self.refs.entry(app.to_owned()).or_default() += 1;
+    }
+
+    /// Drops one reference to `app`; with none left it loses its tag. Tags
+    /// are never handed out again (`next_tag` only grows), so a forgotten tag
+    /// cannot be confused with a new app's.
+    fn unreference(&mut self, app: &str) {
+        if let Some(n) = self.refs.get_mut(app) {
+            *n -= 1;
+            if *n == 0 {
+                self.refs.remove(app);
+                self.tags.remove(app);
+            }
         }
     }
 
@@ -260,18 +277,20 @@ impl State {
         limit: Option<usize>,
     ) -> Result<(), Invalid> {
         if let Some(limit) = limit {
-            let mut per_source: BTreeMap<&str, BTreeSet<&Policy>> = BTreeMap::new();
-            for p in self.policies.keys().chain(policies) {
-                per_source.entry(p.source.as_str()).or_default().insert(p);
+            let mut new_per_source: BTreeMap<&str, BTreeSet<&Policy>> = BTreeMap::new();
+            for p in policies.iter().filter(|p| !self.policies.contains_key(*p)) {
+                new_per_source.entry(p.source.as_str()).or_default().insert(p);
             }
-            if let Some((source, set)) = per_source.iter().find(|(_, set)| set.len() > limit) {
-                return Err(Invalid::new(
-                    "policies",
-                    format!(
-                        "source app {source} would have {} policies; the limit per source app is {limit}",
-                        set.len()
-                    ),
-                ));
+            for (source, new) in new_per_source {
+                let total = self.policies_of(source) + new.len();
+                if total > limit {
+                    return Err(Invalid::new(
+                        "policies",
+                        format!(
+                            "source app {source} would have {total} policies; the limit per source app is {limit}"
+                        ),
+                    ));
+                }
             }
         }
         self.allocate_tags(
@@ -281,6 +300,8 @@ impl State {
             if !self.policies.contains_key(p) {
                 self.policies.insert(p.clone(), self.next_policy_id);
                 self.next_policy_id += 1;
+                self.reference(&p.source);
+                self.reference(&p.destination);
             }
         }
         Ok(())
@@ -289,23 +310,30 @@ impl State {
     /// Removes policies (missing ones are not an error).
     pub fn remove_policies(&mut self, policies: &[Policy]) {
         for p in policies {
-            self.policies.remove(p);
+            if self.policies.remove(p).is_some() {
+                self.unreference(&p.source);
+                self.unreference(&p.destination);
+            }
         }
-        self.forget_unused_apps();
     }
 
     /// Adds or replaces the endpoint at `endpoint.ip`. Returns the endpoint
     /// it replaced.
     pub fn add_endpoint(&mut self, endpoint: Endpoint) -> Option<Endpoint> {
         self.allocate_tags([endpoint.app.as_str()]);
+        self.reference(&endpoint.app);
         let old = self.endpoints.insert(endpoint.ip, endpoint);
-        self.forget_unused_apps();
+        if let Some(old) = &old {
+            self.unreference(&old.app);
+        }
         old
     }
 
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Option<Endpoint> {
         let old = self.endpoints.remove(&ip);
-        self.forget_unused_apps();
+        if let Some(old) = &old {
+            self.unreference(&old.app);
+        }
         old
     }
 
@@ -325,6 +353,27 @@ impl State {
         pairs
     }
 
+    /// The allowances of one app pair and protocol (a range query: the
+    /// policies are ordered by source, destination, protocol).
+    pub fn pair_allowances(
+        &self,
+        source: &str,
+        destination: &str,
+        protocol: Protocol,
+    ) -> Vec<Allowance> {
+        let bound = |port| Policy {
+            source: source.to_owned(),
+            destination: destination.to_owned(),
+            protocol,
+            start: port,
+            end: port,
+        };
+        self.policies
+            .range(bound(0)..=bound(u16::MAX))
+            .map(|(p, &id)| Allowance { start: p.start, end: p.end, policy_id: id })
+            .collect()
+    }
+
     /// What `ENDPOINTS` must hold: address → app tag.
     pub fn endpoint_tags(&self) -> BTreeMap<Ipv4Addr, u32> {
         self.endpoints.values().filter_map(|e| Some((e.ip, self.tag(&e.app)?))).collect()
@@ -332,7 +381,15 @@ impl State {
 
     /// Policies per source app (for the per-source limit and status).
     pub fn policies_of(&self, source: &str) -> usize {
-        self.policies.keys().filter(|p| p.source == source).count()
+        // Policies are ordered by source first: a range, not a scan.
+        let first = Policy {
+            source: source.to_owned(),
+            destination: String::new(),
+            protocol: Protocol::Tcp,
+            start: 0,
+            end: 0,
+        };
+        self.policies.range(first..).take_while(|(p, _)| p.source == source).count()
     }
 }
 
