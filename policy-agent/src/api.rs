@@ -70,6 +70,9 @@ fn failure(e: AgentError) -> Reply {
         AgentError::Kernel(e @ Error::MapFull { .. }) => {
             (StatusCode::INSUFFICIENT_STORAGE, Json(json!({"error": e.to_string()})))
         }
+        // Valid policies the dataplane cannot hold for one app pair: the
+        // request as a whole is refused.
+        AgentError::Kernel(Error::Ports(e)) => invalid(&Invalid::new("policies", e.to_string())),
         e => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e.to_string()}))),
     }
 }
