@@ -9,6 +9,15 @@
 //! max_policies_per_source = 150              # absent or 0: no limit
 //! max_body_bytes = 8388608                   # largest API request body
 //!
+//! flow_log = "/var/log/policy-agent/flows.log" # flow events, JSON lines
+//! flow_log_max_bytes = 104857600             # rotate past this size
+//! flow_log_keep = 3                          # rotated files kept
+//! metrics_listen = "127.0.0.1:9100"          # Prometheus /metrics; absent: off
+//!
+//! [flow_events]
+//! allowed = true                             # first packet of allowed connections
+//! denied_per_second = 100                    # per destination; 0: none
+//!
 //! [capacities]                               # map sizes at first load
 //! endpoints = 65536
 //! policies = 1048576
@@ -19,7 +28,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::Capacities;
+use crate::{Capacities, dataplane::EventSettings};
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -32,6 +41,15 @@ pub struct Config {
     pub max_policies_per_source: Option<usize>,
     pub max_body_bytes: usize,
     pub capacities: Capacities,
+    /// Which flow events the programs report.
+    pub flow_events: EventSettings,
+    /// Flow events as JSON lines, rotated by size.
+    pub flow_log: PathBuf,
+    pub flow_log_max_bytes: u64,
+    /// Rotated files kept (flows.log.1 ... .N).
+    pub flow_log_keep: u32,
+    /// Prometheus `/metrics` address; none: off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/policy-agent/agent.sock";
@@ -47,6 +65,11 @@ impl Default for Config {
             max_policies_per_source: None,
             max_body_bytes: 8 << 20,
             capacities: Capacities::default(),
+            flow_events: EventSettings::default(),
+            flow_log: PathBuf::from("/var/log/policy-agent/flows.log"),
+            flow_log_max_bytes: 100 << 20,
+            flow_log_keep: 3,
+            metrics_listen: None,
         }
     }
 }

@@ -22,6 +22,7 @@ pub fn run(config: Config) -> Result<()> {
     let dataplane = Dataplane::open(&DataplaneConfig {
         pin_dir: config.pin_dir.clone(),
         capacities: config.capacities.clone(),
+        events: config.flow_events.clone(),
     })
     .with_context(|| {
         format!(

@@ -18,13 +18,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{MapData, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
     },
 };
 use log::{info, warn};
-use policy_common::maps::{capacity, names, programs};
+use policy_common::maps::{Settings, capacity, names, programs, settings};
 
 use crate::{EBPF_OBJECT, Error, Tables, bpffs, sys};
 
@@ -40,6 +41,12 @@ pub struct Capacities {
     pub policies: u32,
     pub conntrack: u32,
     pub fragments: u32,
+    /// Bytes of the flow event ring buffer (a power of two, at least a page).
+    pub flow_events: u32,
+    /// Destinations tracked by the denied-event rate limit.
+    pub event_limits: u32,
+    /// Policies with counters.
+    pub policy_stats: u32,
 }
 
 impl Default for Capacities {
@@ -51,6 +58,34 @@ impl Default for Capacities {
             policies: capacity::POLICIES,
             conntrack: capacity::CONNTRACK,
             fragments: capacity::FRAGMENTS,
+            flow_events: capacity::FLOW_EVENTS,
+            event_limits: capacity::EVENT_LIMITS,
+            policy_stats: capacity::POLICY_STATS,
+        }
+    }
+}
+
+/// What the programs report as flow events.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventSettings {
+    /// Report the first packet of each allowed connection.
+    pub allowed: bool,
+    /// Denied-packet events per destination address per second (0: none).
+    pub denied_per_second: u32,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        Self { allowed: true, denied_per_second: 100 }
+    }
+}
+
+impl EventSettings {
+    fn kernel(&self) -> Settings {
+        Settings {
+            flags: if self.allowed { settings::ALLOWED_EVENTS } else { 0 },
+            denied_events_per_second: self.denied_per_second,
         }
     }
 }
@@ -60,11 +95,16 @@ pub struct DataplaneConfig {
     /// Directory on bpffs for the pins (created, bpffs mounted if needed).
     pub pin_dir: PathBuf,
     pub capacities: Capacities,
+    pub events: EventSettings,
 }
 
 impl DataplaneConfig {
     pub fn new(pin_dir: impl Into<PathBuf>) -> Self {
-        Self { pin_dir: pin_dir.into(), capacities: Capacities::default() }
+        Self {
+            pin_dir: pin_dir.into(),
+            capacities: Capacities::default(),
+            events: EventSettings::default(),
+        }
     }
 }
 
@@ -122,6 +162,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     tables: Tables,
     pin_dir: PathBuf,
+    flow_events: Option<RingBuf<MapData>>,
 }
 
 impl Dataplane {
@@ -143,6 +184,9 @@ impl Dataplane {
             (names::POLICIES, caps.policies),
             (names::CONNTRACK, caps.conntrack),
             (names::FRAGMENTS, caps.fragments),
+            (names::FLOW_EVENTS, caps.flow_events),
+            (names::EVENT_LIMITS, caps.event_limits),
+            (names::POLICY_STATS, caps.policy_stats),
         ];
         let mut loader = EbpfLoader::new();
         for (name, size) in sizes {
@@ -160,14 +204,27 @@ impl Dataplane {
             let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
             prog.load().map_err(|e| Error::LoadProgram { name, source: Box::new(e) })?;
         }
-        let tables = Tables::take(&mut ebpf)?;
-        let dataplane = Self { ebpf, tables, pin_dir };
+        let mut tables = Tables::take(&mut ebpf)?;
+        tables.set_settings(config.events.kernel())?;
+        let flow_events = ebpf
+            .take_map(names::FLOW_EVENTS)
+            .ok_or(Error::MissingMap { name: names::FLOW_EVENTS })
+            .and_then(|map| {
+                RingBuf::try_from(map)
+                    .map_err(|e| Error::Map { name: names::FLOW_EVENTS, source: Box::new(e) })
+            })?;
+        let dataplane = Self { ebpf, tables, pin_dir, flow_events: Some(flow_events) };
         dataplane.take_over_links()?;
         Ok(dataplane)
     }
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The flow event ring buffer, for one reader (`None` once taken).
+    pub fn take_flow_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.flow_events.take()
     }
 
     fn links_dir(&self) -> PathBuf {

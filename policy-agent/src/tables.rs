@@ -8,11 +8,14 @@
 
 use std::{net::Ipv4Addr, path::Path};
 
-use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{
+    Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+};
 use policy_common::{
     Reason,
     maps::{
-        Attachment, Conn, ConnKey, EPOCH_INDEX, Endpoint, FragmentKey, PairKey, PortRules, names,
+        Attachment, Conn, ConnKey, EPOCH_INDEX, Endpoint, FragmentKey, PairKey, PolicyCounters,
+        PortRules, SETTINGS_INDEX, Settings, event_stat, names,
     },
     ports::Allowance,
 };
@@ -29,6 +32,17 @@ pub struct Tables {
     fragments: HashMap<MapData, FragmentKey, u32>,
     epoch: Array<MapData, u32>,
     verdicts: PerCpuArray<MapData, u64>,
+    settings: Array<MapData, Settings>,
+    event_stats: PerCpuArray<MapData, u64>,
+    policy_stats: PerCpuHashMap<MapData, u32, PolicyCounters>,
+}
+
+/// Flow event counters (`EVENT_STATS`, summed over CPUs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventStats {
+    pub emitted: u64,
+    pub lost: u64,
+    pub rate_limited: u64,
 }
 
 /// An address as the maps store it (wire order, see `policy_common::maps`).
@@ -71,6 +85,9 @@ impl Tables {
             fragments: typed(take(names::FRAGMENTS)?, names::FRAGMENTS)?,
             epoch: typed(take(names::EPOCH)?, names::EPOCH)?,
             verdicts: typed(take(names::VERDICTS)?, names::VERDICTS)?,
+            settings: typed(take(names::SETTINGS)?, names::SETTINGS)?,
+            event_stats: typed(take(names::EVENT_STATS)?, names::EVENT_STATS)?,
+            policy_stats: typed(take(names::POLICY_STATS)?, names::POLICY_STATS)?,
         })
     }
 
@@ -90,6 +107,9 @@ impl Tables {
             fragments: typed(open(names::FRAGMENTS)?, names::FRAGMENTS)?,
             epoch: typed(open(names::EPOCH)?, names::EPOCH)?,
             verdicts: typed(open(names::VERDICTS)?, names::VERDICTS)?,
+            settings: typed(open(names::SETTINGS)?, names::SETTINGS)?,
+            event_stats: typed(open(names::EVENT_STATS)?, names::EVENT_STATS)?,
+            policy_stats: typed(open(names::POLICY_STATS)?, names::POLICY_STATS)?,
         })
     }
 
@@ -299,6 +319,48 @@ impl Tables {
     pub fn verdict_count(&self, reason: Reason) -> Result<u64, Error> {
         let per_cpu = self.verdicts.get(&(reason as u32), 0).map_err(map_err(names::VERDICTS))?;
         Ok(per_cpu.iter().sum())
+    }
+
+    /// What the programs report.
+    pub fn set_settings(&mut self, settings: Settings) -> Result<(), Error> {
+        self.settings.set(SETTINGS_INDEX, settings, 0).map_err(map_err(names::SETTINGS))
+    }
+
+    pub fn settings(&self) -> Result<Settings, Error> {
+        self.settings.get(&SETTINGS_INDEX, 0).map_err(map_err(names::SETTINGS))
+    }
+
+    pub fn event_stats(&self) -> Result<EventStats, Error> {
+        let sum = |i: u32| -> Result<u64, Error> {
+            Ok(self.event_stats.get(&i, 0).map_err(map_err(names::EVENT_STATS))?.iter().sum())
+        };
+        Ok(EventStats {
+            emitted: sum(event_stat::EMITTED)?,
+            lost: sum(event_stat::LOST)?,
+            rate_limited: sum(event_stat::RATE_LIMITED)?,
+        })
+    }
+
+    /// Packets and bytes a policy let through, summed over CPUs (zero if it
+    /// never matched).
+    pub fn policy_counters(&self, policy_id: u32) -> PolicyCounters {
+        self.policy_stats
+            .get(&policy_id, 0)
+            .map(|per_cpu| {
+                per_cpu.iter().fold(PolicyCounters::default(), |acc, c| PolicyCounters {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    /// Forgets a removed policy's counters (its id is never reused).
+    pub fn remove_policy_counters(&mut self, policy_id: u32) -> Result<(), Error> {
+        match self.policy_stats.remove(&policy_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::POLICY_STATS)(e)),
+        }
     }
 
     /// Tracked connections (walks the map: for tests and status, not hot paths).

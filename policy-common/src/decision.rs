@@ -37,11 +37,29 @@ pub struct Decision {
     pub conn: ConnUpdate,
     /// The first fragment of a datagram passed: let its later fragments pass.
     pub record_fragment: Option<FragmentKey>,
+    /// The policy that allowed the packet (its connection's), 0 if none.
+    pub policy_id: u32,
+    /// App tags of the two ends, where the decision looked them up (new
+    /// flows and denials); 0 otherwise.
+    pub src_tag: u32,
+    pub dst_tag: u32,
 }
 
 impl Decision {
+    /// A decision with no map effects.
+    pub const fn from_verdict(verdict: Verdict) -> Self {
+        Self::just(verdict)
+    }
+
     const fn just(verdict: Verdict) -> Self {
-        Self { verdict, conn: ConnUpdate::None, record_fragment: None }
+        Self {
+            verdict,
+            conn: ConnUpdate::None,
+            record_fragment: None,
+            policy_id: 0,
+            src_tag: 0,
+            dst_tag: 0,
+        }
     }
 }
 
@@ -77,9 +95,10 @@ impl ConnKey {
 pub enum Check {
     /// Source or destination is not a registered endpoint.
     Unmanaged,
-    /// Allowed by this policy.
-    Allowed(u32),
-    Denied,
+    /// Allowed by `policy_id`.
+    Allowed { policy_id: u32, src_tag: u32, dst_tag: u32 },
+    /// Both ends are endpoints; no policy allows it.
+    Denied { src_tag: u32, dst_tag: u32 },
 }
 
 /// Checks a new flow: (source app tag, destination app tag, protocol) selects
@@ -93,10 +112,11 @@ pub fn check_flow<T: Tables>(tables: &T, flow: &Flow) -> Check {
         return Check::Unmanaged;
     };
     let key = PairKey::new(src.tag, dst.tag, flow.protocol);
+    let (src_tag, dst_tag) = (src.tag, dst.tag);
     // Port 0 (protocols without ports) never matches: ranges start at 1.
     match tables.port_rules(&key).and_then(|rules| rules.find(flow.dport)) {
-        Some(policy_id) => Check::Allowed(policy_id),
-        None => Check::Denied,
+        Some(policy_id) => Check::Allowed { policy_id, src_tag, dst_tag },
+        None => Check::Denied { src_tag, dst_tag },
     }
 }
 
@@ -161,36 +181,45 @@ fn decide_flow<T: Tables>(
         if conn.epoch == epoch {
             return Decision {
                 verdict: Verdict::Pass(reason),
-                conn: ConnUpdate::None,
                 record_fragment: fragment,
+                policy_id: conn.policy_id,
+                ..Decision::just(Verdict::Pass(reason))
             };
         }
         return match check_flow(tables, &key.opening_flow(conn.origin)) {
-            Check::Allowed(policy_id) => Decision {
+            Check::Allowed { policy_id, src_tag, dst_tag } => Decision {
                 verdict: Verdict::Pass(reason),
                 conn: ConnUpdate::Insert(key, Conn { epoch, policy_id, ..conn }),
                 record_fragment: fragment,
+                policy_id,
+                src_tag,
+                dst_tag,
             },
             Check::Unmanaged => Decision {
-                verdict: Verdict::Pass(Reason::Unmanaged),
                 conn: ConnUpdate::Remove(key),
-                record_fragment: None,
+                ..Decision::just(Verdict::Pass(Reason::Unmanaged))
             },
-            Check::Denied => Decision {
-                verdict: Verdict::Drop(Reason::Revoked),
+            Check::Denied { src_tag, dst_tag } => Decision {
                 conn: ConnUpdate::Remove(key),
-                record_fragment: None,
+                src_tag,
+                dst_tag,
+                ..Decision::just(Verdict::Drop(Reason::Revoked))
             },
         };
     }
     match check_flow(tables, flow) {
         Check::Unmanaged => Decision::just(Verdict::Pass(Reason::Unmanaged)),
-        Check::Allowed(policy_id) => Decision {
+        Check::Allowed { policy_id, src_tag, dst_tag } => Decision {
             verdict: Verdict::Pass(Reason::NewAllowed),
             conn: ConnUpdate::Insert(key, Conn { epoch, policy_id, origin: side, _pad: 0 }),
             record_fragment: fragment,
+            policy_id,
+            src_tag,
+            dst_tag,
         },
-        Check::Denied => Decision::just(Verdict::Drop(Reason::NoPolicy)),
+        Check::Denied { src_tag, dst_tag } => {
+            Decision { src_tag, dst_tag, ..Decision::just(Verdict::Drop(Reason::NoPolicy)) }
+        }
     }
 }
 

@@ -21,9 +21,27 @@ pub mod names {
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const EPOCH: &str = "EPOCH";
     pub const VERDICTS: &str = "VERDICTS";
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    pub const EVENT_LIMITS: &str = "EVENT_LIMITS";
+    pub const EVENT_STATS: &str = "EVENT_STATS";
+    pub const POLICY_STATS: &str = "POLICY_STATS";
+    pub const SETTINGS: &str = "SETTINGS";
     /// Every map the object defines, in a stable order.
-    pub const ALL: [&str; 8] =
-        [ENDPOINTS, VETHS, CGROUPS, POLICIES, CONNTRACK, FRAGMENTS, EPOCH, VERDICTS];
+    pub const ALL: [&str; 13] = [
+        ENDPOINTS,
+        VETHS,
+        CGROUPS,
+        POLICIES,
+        CONNTRACK,
+        FRAGMENTS,
+        EPOCH,
+        VERDICTS,
+        FLOW_EVENTS,
+        EVENT_LIMITS,
+        EVENT_STATS,
+        POLICY_STATS,
+        SETTINGS,
+    ];
 }
 
 /// Program names in the object.
@@ -48,6 +66,12 @@ pub mod capacity {
     pub const POLICIES: u32 = 1 << 20;
     pub const CONNTRACK: u32 = 262_144;
     pub const FRAGMENTS: u32 = 8_192;
+    /// Bytes of the flow event ring buffer (a power of two).
+    pub const FLOW_EVENTS: u32 = 1 << 22;
+    /// Destinations tracked by the denied-event rate limit (LRU).
+    pub const EVENT_LIMITS: u32 = 16_384;
+    /// Policies with packet counters (per CPU, not preallocated).
+    pub const POLICY_STATS: u32 = 1 << 20;
 }
 
 /// `ENDPOINTS` value, keyed by the endpoint's IPv4 address (wire order `u32`).
@@ -197,6 +221,95 @@ const _: () = assert!(size_of::<FragmentKey>() == 12);
 /// Index of the only `EPOCH` entry.
 pub const EPOCH_INDEX: u32 = 0;
 
+/// Index of the only `SETTINGS` entry.
+pub const SETTINGS_INDEX: u32 = 0;
+
+/// `SETTINGS` value: what the programs report. Written by the loader; all
+/// zero (nothing reported) until then.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// [`settings::ALLOWED_EVENTS`], ...
+    pub flags: u32,
+    /// Denied-packet events per destination address per second; 0: none.
+    pub denied_events_per_second: u32,
+}
+const _: () = assert!(size_of::<Settings>() == 8);
+
+pub mod settings {
+    /// Report the first packet of each allowed connection.
+    pub const ALLOWED_EVENTS: u32 = 1;
+}
+
+/// Which way a reported packet was going, from the container's side (Cloud
+/// Foundry's `packet.direction`).
+pub mod direction {
+    /// Entering the container (checked at the destination).
+    pub const INGRESS: u8 = 0;
+    /// Leaving the container (checked at the source: anti-spoofing).
+    pub const EGRESS: u8 = 1;
+}
+
+/// One `FLOW_EVENTS` record: a denied packet, or the first packet of an
+/// allowed connection. Addresses wire order, ports host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub time_ns: u64,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    /// [`direction::INGRESS`] or [`direction::EGRESS`].
+    pub direction: u8,
+    /// 1 passed, 0 dropped.
+    pub allowed: u8,
+    /// A `crate::Reason` discriminant.
+    pub reason: u8,
+    /// App tags, 0 where not known.
+    pub src_tag: u32,
+    pub dst_tag: u32,
+    /// The policy that allowed it, 0 if none.
+    pub policy_id: u32,
+    /// Interface (or 0 for cgroup programs) the packet was seen on.
+    pub ifindex: u32,
+}
+const _: () = assert!(size_of::<FlowEvent>() == 40);
+
+/// `EVENT_LIMITS` value (keyed by destination address): denied events
+/// reported for that destination in the current one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EventLimit {
+    pub window_start_ns: u64,
+    pub count: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<EventLimit>() == 16);
+
+/// `EVENT_STATS` indices (per-CPU counters).
+pub mod event_stat {
+    /// Events written to the ring buffer.
+    pub const EMITTED: u32 = 0;
+    /// Events lost: the ring buffer was full.
+    pub const LOST: u32 = 1;
+    /// Denied-packet events not reported because of the per-destination limit.
+    pub const RATE_LIMITED: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+/// `POLICY_STATS` value (per CPU, keyed by policy id): packets and bytes the
+/// policy let through, its connections' replies included.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyCounters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<PolicyCounters>() == 16);
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -211,4 +324,8 @@ mod pod {
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for EventLimit {}
+    unsafe impl aya::Pod for PolicyCounters {}
 }

@@ -28,6 +28,13 @@ impl SkbBytes {
         unsafe { (*self.skb).ifindex }
     }
 
+    /// Packet length in bytes.
+    #[inline(always)]
+    pub fn len(&self) -> u32 {
+        // SAFETY: as in `new`.
+        unsafe { (*self.skb).len }
+    }
+
     /// `skb->protocol`, network byte order.
     #[inline(always)]
     pub fn protocol(&self) -> u32 {

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod bytes;
+mod events;
 mod maps;
 mod tables;
 
@@ -14,6 +15,8 @@ use aya_ebpf::{
 };
 use policy_common::{
     Parsed, Verdict, decide_destination, decide_source,
+    decision::Decision,
+    maps::{Attachment, direction},
     packet::{ETH_P_IP, parse_ethernet, parse_ipv4},
 };
 
@@ -30,15 +33,15 @@ const CGROUP_SKB_PASS: i32 = 1;
 #[classifier]
 pub fn tc_from_container(ctx: TcContext) -> i32 {
     let bytes = SkbBytes::new(ctx.skb.skb);
-    let own = tables::veth_endpoint(bytes.ifindex());
-    tc_action(tables::count(decide_source(&parse_ethernet(&bytes), own)))
+    let ifindex = bytes.ifindex();
+    tc_action(source_side(&parse_ethernet(&bytes), tables::veth_endpoint(ifindex), ifindex))
 }
 
 /// TC egress of the host-side veth = packets entering the container.
 #[classifier]
 pub fn tc_to_container(ctx: TcContext) -> i32 {
     let bytes = SkbBytes::new(ctx.skb.skb);
-    tc_action(tables::apply(decide_destination(&MapTables, &parse_ethernet(&bytes))))
+    tc_action(destination_side(&parse_ethernet(&bytes), &bytes, bytes.ifindex()))
 }
 
 /// cgroup_skb egress = packets sent by the cgroup's workloads.
@@ -46,14 +49,37 @@ pub fn tc_to_container(ctx: TcContext) -> i32 {
 pub fn cgroup_egress(ctx: SkBuffContext) -> i32 {
     let bytes = SkbBytes::new(ctx.skb.skb);
     let own = tables::cgroup_endpoint(bytes.cgroup_id());
-    cgroup_action(tables::count(decide_source(&parse_l3(&bytes), own)))
+    cgroup_action(source_side(&parse_l3(&bytes), own, 0))
 }
 
 /// cgroup_skb ingress = packets delivered to the cgroup's workloads.
 #[cgroup_skb(ingress)]
 pub fn cgroup_ingress(ctx: SkBuffContext) -> i32 {
     let bytes = SkbBytes::new(ctx.skb.skb);
-    cgroup_action(tables::apply(decide_destination(&MapTables, &parse_l3(&bytes))))
+    cgroup_action(destination_side(&parse_l3(&bytes), &bytes, 0))
+}
+
+/// Anti-spoofing, counted; a spoofed packet is reported.
+#[inline(always)]
+fn source_side(parsed: &Parsed, own: Option<Attachment>, ifindex: u32) -> Verdict {
+    let verdict = decide_source(parsed, own);
+    if !verdict.is_pass() {
+        let decision =
+            Decision { src_tag: own.map_or(0, |a| a.tag), ..Decision::from_verdict(verdict) };
+        events::report(parsed, &decision, direction::EGRESS, ifindex);
+    }
+    tables::count(verdict)
+}
+
+/// The policy decision, its map effects, counters and report.
+#[inline(always)]
+fn destination_side(parsed: &Parsed, bytes: &SkbBytes, ifindex: u32) -> Verdict {
+    let decision = decide_destination(&MapTables, parsed);
+    if decision.verdict.is_pass() {
+        events::count_policy(decision.policy_id, bytes.len());
+    }
+    events::report(parsed, &decision, direction::INGRESS, ifindex);
+    tables::apply(&decision)
 }
 
 /// cgroup_skb programs see the packet from its network header on.

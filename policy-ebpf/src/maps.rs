@@ -2,12 +2,15 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
 };
 use policy_common::{
     Reason,
-    maps::{Attachment, Conn, ConnKey, Endpoint, FragmentKey, PairKey, PortRules, capacity},
+    maps::{
+        Attachment, Conn, ConnKey, Endpoint, EventLimit, FlowEvent, FragmentKey, PairKey,
+        PolicyCounters, PortRules, Settings, capacity, event_stat,
+    },
 };
 
 /// Registered endpoints by address.
@@ -50,3 +53,30 @@ pub static EPOCH: Array<u32, 1> = Array::new();
 /// Packets per verdict reason.
 #[btf_map]
 pub static VERDICTS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuArray::new();
+
+/// What the programs report (written by the loader).
+#[btf_map]
+pub static SETTINGS: Array<Settings, 1> = Array::new();
+
+/// Flow events for the agent: denied packets (rate-limited per destination)
+/// and first packets of allowed connections.
+#[btf_map]
+pub static FLOW_EVENTS: RingBuf<FlowEvent, { capacity::FLOW_EVENTS as usize }> = RingBuf::new();
+
+/// Denied-event budget per destination address for the current second.
+#[btf_map]
+pub static EVENT_LIMITS: LruHashMap<u32, EventLimit, { capacity::EVENT_LIMITS as usize }> =
+    LruHashMap::new();
+
+/// Events emitted, lost to a full ring buffer, held back by the rate limit.
+#[btf_map]
+pub static EVENT_STATS: PerCpuArray<u64, { event_stat::COUNT as usize }> = PerCpuArray::new();
+
+/// Packets and bytes per policy (per CPU; the agent sums them).
+#[btf_map]
+pub static POLICY_STATS: PerCpuHashMap<
+    u32,
+    PolicyCounters,
+    { capacity::POLICY_STATS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();

@@ -69,7 +69,7 @@ pub fn count(verdict: Verdict) -> Verdict {
 /// verdict. A failed conntrack insert (the map is LRU, so only on memory
 /// pressure) still passes the packet: its successor is simply checked again.
 #[inline(always)]
-pub fn apply(decision: Decision) -> Verdict {
+pub fn apply(decision: &Decision) -> Verdict {
     match decision.conn {
         ConnUpdate::None => {}
         ConnUpdate::Insert(key, conn) => {

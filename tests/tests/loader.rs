@@ -81,6 +81,7 @@ fn a_full_map_is_reported_and_leaves_entries_intact() {
     let config = DataplaneConfig {
         pin_dir: pins.path().to_path_buf(),
         capacities: Capacities { endpoints: 4, policies: 2, ..Capacities::default() },
+        events: Default::default(),
     };
     let mut dataplane = Dataplane::open(&config).unwrap();
     let tables = dataplane.tables();

@@ -417,3 +417,80 @@ fn program_agrees_with_a_reference_model_on_random_traffic() {
     }
     assert!(checked > 3000, "only {checked} packets checked");
 }
+
+/// Events waiting in the ring buffer.
+fn drain_events(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+) -> Vec<policy_common::maps::FlowEvent> {
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        assert_eq!(item.len(), size_of::<policy_common::maps::FlowEvent>());
+        // SAFETY: the program writes exactly one FlowEvent per record.
+        events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+    }
+    events
+}
+
+#[test]
+fn denials_and_new_connections_are_reported_and_policies_counted() {
+    use policy_common::maps::{FlowEvent, direction};
+    let mut f = Fixture::new();
+    let mut ring = f.dataplane.take_flow_events().expect("ring buffer");
+    f.allow(TAG_A, TAG_B, proto::TCP, 8080, 8080, 42);
+    let request = PacketSpec::tcp(A, B, 40000, 8080).frame();
+    assert_eq!(f.entering_container(&request), TC_ACT_OK);
+    assert_eq!(f.entering_container(&request), TC_ACT_OK); // established: not reported
+    assert_eq!(f.entering_container(&PacketSpec::tcp(B, A, 8080, 40000).frame()), TC_ACT_OK);
+    assert_eq!(f.entering_container(&PacketSpec::udp(A, B, 5000, 53).frame()), TC_ACT_SHOT);
+    let events = drain_events(&mut ring);
+    assert_eq!(events.len(), 2, "{events:?}");
+    let addr = |ip: [u8; 4]| u32::from_ne_bytes(ip);
+    let allowed = FlowEvent { time_ns: events[0].time_ns, ..events[0] };
+    assert_eq!(
+        allowed,
+        FlowEvent {
+            time_ns: events[0].time_ns,
+            saddr: addr(A),
+            daddr: addr(B),
+            sport: 40000,
+            dport: 8080,
+            protocol: proto::TCP,
+            direction: direction::INGRESS,
+            allowed: 1,
+            reason: Reason::NewAllowed as u8,
+            src_tag: TAG_A,
+            dst_tag: TAG_B,
+            policy_id: 42,
+            ifindex: 1,
+        }
+    );
+    let denied = events[1];
+    assert_eq!((denied.allowed, denied.reason, denied.dport), (0, Reason::NoPolicy as u8, 53));
+    assert_eq!((denied.src_tag, denied.dst_tag, denied.policy_id), (TAG_A, TAG_B, 0));
+    // Three packets of the connection, requests and reply, counted under the policy.
+    let counters = f.dataplane.tables_ref().policy_counters(42);
+    assert_eq!(counters.packets, 3);
+    assert_eq!(counters.bytes, 3 * request.len() as u64);
+
+    // A flood of denied packets to one destination: 100 reported, the rest
+    // counted as rate-limited.
+    for i in 0..500u16 {
+        f.entering_container(&PacketSpec::udp(A, B, 1000 + i, 53).frame());
+    }
+    let flood = drain_events(&mut ring);
+    assert_eq!(flood.len(), 99, "one of this second's 100 was the first denial");
+    let stats = f.dataplane.tables_ref().event_stats().unwrap();
+    assert_eq!(stats.rate_limited, 401);
+    assert_eq!(stats.emitted, 101);
+    assert_eq!(stats.lost, 0);
+    // Spoofing is reported from the source side (to another destination:
+    // B's budget for this second is spent).
+    f.dataplane.tables().set_veth(1, Ipv4Addr::from(A), TAG_A).unwrap();
+    assert_eq!(f.leaving_container(&PacketSpec::tcp(C, OUTSIDE, 1, 2).frame()), TC_ACT_SHOT);
+    let spoofed = drain_events(&mut ring);
+    assert_eq!(spoofed.len(), 1);
+    assert_eq!(
+        (spoofed[0].direction, spoofed[0].reason, spoofed[0].src_tag),
+        (direction::EGRESS, Reason::Spoofed as u8, TAG_A)
+    );
+}

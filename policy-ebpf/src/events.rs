@@ -1,0 +1,123 @@
+//! Reporting: flow events and per-policy counters. Off the fast path of
+//! established connections except for the per-policy counter.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use policy_common::{
+    Parsed, Reason, Verdict,
+    decision::Decision,
+    maps::{EventLimit, FlowEvent, PolicyCounters, SETTINGS_INDEX, event_stat, settings},
+};
+
+use crate::maps::{EVENT_LIMITS, EVENT_STATS, FLOW_EVENTS, POLICY_STATS, SETTINGS};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+#[inline(always)]
+fn bump(stat: u32) {
+    if let Some(counter) = EVENT_STATS.get_ptr_mut(stat) {
+        // SAFETY: per-CPU slot.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Adds one packet of `len` bytes to the policy's counters.
+#[inline(always)]
+pub fn count_policy(policy_id: u32, len: u32) {
+    if policy_id == 0 {
+        return;
+    }
+    match POLICY_STATS.get_ptr_mut(policy_id) {
+        // SAFETY: per-CPU value; programs do not migrate mid-run.
+        Some(c) => unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(len);
+        },
+        None => {
+            let _ = POLICY_STATS.insert(
+                policy_id,
+                PolicyCounters { packets: 1, bytes: u64::from(len) },
+                0,
+            );
+        }
+    }
+}
+
+/// Whether another denied event for `daddr` fits this second's budget.
+#[inline(always)]
+fn within_limit(daddr: u32, now: u64, per_second: u32) -> bool {
+    match EVENT_LIMITS.get_ptr_mut(daddr) {
+        // SAFETY: the entry is ours for this run; concurrent CPUs may race on
+        // the count, which only makes the limit approximate.
+        Some(limit) => unsafe {
+            if now.wrapping_sub((*limit).window_start_ns) >= NS_PER_SEC {
+                (*limit).window_start_ns = now;
+                (*limit).count = 1;
+                true
+            } else if (*limit).count < per_second {
+                (*limit).count += 1;
+                true
+            } else {
+                false
+            }
+        },
+        None => {
+            let _ = EVENT_LIMITS.insert(
+                daddr,
+                EventLimit { window_start_ns: now, count: 1, _pad: 0 },
+                0,
+            );
+            true
+        }
+    }
+}
+
+/// Reports a decision if it is a denial or a new allowed connection.
+#[inline(always)]
+pub fn report(parsed: &Parsed, decision: &Decision, direction: u8, ifindex: u32) {
+    let verdict = decision.verdict;
+    let new_connection = verdict == Verdict::Pass(Reason::NewAllowed);
+    if verdict.is_pass() && !new_connection {
+        return;
+    }
+    let Some(settings) = SETTINGS.get(SETTINGS_INDEX) else { return };
+    let (saddr, daddr, sport, dport, protocol) = match *parsed {
+        Parsed::Flow { flow, .. } => {
+            (flow.saddr, flow.daddr, flow.sport, flow.dport, flow.protocol)
+        }
+        Parsed::LaterFragment(k) => (k.saddr, k.daddr, 0, 0, k.protocol),
+        Parsed::IcmpError { saddr, daddr, .. } => (saddr, daddr, 0, 0, 1),
+        Parsed::NotIpv4 | Parsed::Malformed => (0, 0, 0, 0, 0),
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if new_connection {
+        if settings.flags & settings::ALLOWED_EVENTS == 0 {
+            return;
+        }
+    } else if settings.denied_events_per_second == 0 {
+        return;
+    } else if !within_limit(daddr, now, settings.denied_events_per_second) {
+        bump(event_stat::RATE_LIMITED);
+        return;
+    }
+    let event = FlowEvent {
+        time_ns: now,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        protocol,
+        direction,
+        allowed: u8::from(verdict.is_pass()),
+        reason: verdict.reason() as u8,
+        src_tag: decision.src_tag,
+        dst_tag: decision.dst_tag,
+        policy_id: decision.policy_id,
+        ifindex,
+    };
+    if FLOW_EVENTS.output(&event, 0).is_ok() {
+        bump(event_stat::EMITTED);
+    } else {
+        bump(event_stat::LOST);
+    }
+}
