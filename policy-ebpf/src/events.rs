@@ -115,7 +115,7 @@ pub fn report(parsed: &Parsed, decision: &Decision, direction: u8, ifindex: u32)
         policy_id: decision.policy_id,
         ifindex,
     };
-    if FLOW_EVENTS.output(&event, 0).is_ok() {
+    if FLOW_EVENTS.output(event, 0).is_ok() {
         bump(event_stat::EMITTED);
     } else {
         bump(event_stat::LOST);
