@@ -91,9 +91,11 @@ impl<K: Kernel> Agent<K> {
     }
 
     pub fn remove_policies(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
+        let removed: Vec<u32> = policies.iter().filter_map(|p| self.state.policy_id(p)).collect();
         let mut new = self.state.clone();
         new.remove_policies(policies);
         self.apply_policies(Change::RemovePolicies(policies.to_vec()), new)?;
+        self.kernel.forget_policies(&removed);
         info!(requested = policies.len(), total = self.state.policy_count(), "policies removed");
         Ok(())
     }

@@ -22,15 +22,20 @@ use std::{
 use axum::{
     Json, Router,
     body::Body,
-    extract::{DefaultBodyLimit, Path, Query, State},
-    http::StatusCode,
+    extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State},
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
     routing::{delete, get, post},
 };
 use serde_json::{Value, json};
+use tokio::sync::{broadcast::error::RecvError, watch};
 
 use crate::{
     Dataplane, Error,
     agent::{Agent, AgentError},
+    flows::FlowHub,
+    metrics::{ApiLabels, Metrics},
     state::{Endpoint, Invalid, Policy, Protocol, check_app_id, check_ports, tag_text},
 };
 
@@ -40,6 +45,10 @@ pub type SharedAgent = Arc<Mutex<Agent<Dataplane>>>;
 pub struct Api {
     pub agent: SharedAgent,
     pub max_body_bytes: usize,
+    pub hub: Arc<FlowHub>,
+    pub metrics: Arc<Metrics>,
+    /// Becomes true at shutdown: ends `flows --follow` streams.
+    pub stopping: watch::Receiver<bool>,
 }
 
 type Reply = (StatusCode, Json<Value>);
@@ -52,6 +61,10 @@ pub fn router(api: Api) -> Router {
         .route("/v1/endpoints", get(list_endpoints).post(add_endpoint))
         .route("/v1/endpoints/{ip}", delete(remove_endpoint))
         .route("/v1/status", get(status))
+        .route("/v1/flows", get(flows))
+        .route("/v1/explain", get(explain))
+        .route("/v1/policies/stats", get(policy_stats))
+        .layer(middleware::from_fn_with_state(api.clone(), record_request))
         // Bodies are read with our own limit, to answer 400 in JSON.
         .layer(DefaultBodyLimit::disable())
         .with_state(api)
@@ -101,6 +114,150 @@ async fn with_agent<T: Send + 'static>(
     })
     .await
     .expect("agent task panicked")
+}
+
+/// A write, timed into `enforceTime`; kernel and store failures counted.
+async fn timed_write<T: Send + 'static>(
+    api: &Api,
+    f: impl FnOnce(&mut Agent<Dataplane>) -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    let started = std::time::Instant::now();
+    let result = with_agent(api, f).await;
+    match &result {
+        Ok(_) => api.metrics.enforce_time.observe(started.elapsed().as_secs_f64()),
+        Err(AgentError::Kernel(_) | AgentError::Store(_)) => {
+            api.metrics.reconcile_errors.inc();
+        }
+        Err(AgentError::Invalid(_)) => {}
+    }
+    result
+}
+
+/// Counts and times every request by method, route and status.
+async fn record_request(State(api): State<Api>, request: Request, next: Next) -> Response {
+    let method = request.method().to_string();
+    let path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let labels = ApiLabels { method, path, status: response.status().as_u16() };
+    api.metrics.api_requests.get_or_create(&labels).inc();
+    api.metrics.api_latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    response
+}
+
+fn flag(query: &HashMap<String, String>, key: &str) -> bool {
+    query.get(key).is_some_and(|v| !matches!(v.as_str(), "false" | "0" | "no"))
+}
+
+/// `GET /v1/flows[?follow=true][&denied=true][&app=ID]`: JSON lines; with
+/// `follow`, a stream of new events until the client or the agent goes.
+async fn flows(State(api): State<Api>, Query(query): Query<HashMap<String, String>>) -> Response {
+    let (denied, app) = (flag(&query, "denied"), query.get("app").cloned());
+    let ndjson = [(header::CONTENT_TYPE, "application/x-ndjson")];
+    if !flag(&query, "follow") {
+        let body: String = api
+            .hub
+            .recent()
+            .iter()
+            .filter(|l| l.matches(denied, app.as_deref()))
+            .map(|l| format!("{}\n", l.json))
+            .collect();
+        return (ndjson, body).into_response();
+    }
+    let state = (api.hub.subscribe(), api.stopping.clone(), app);
+    let stream = futures_util::stream::unfold(
+        state,
+        move |(mut rx, mut stopping, app)| async move {
+            loop {
+                if *stopping.borrow() {
+                    return None;
+                }
+                tokio::select! {
+                    received = rx.recv() => match received {
+                        Ok(line) if line.matches(denied, app.as_deref()) => {
+                            return Some((Ok::<_, std::convert::Infallible>(format!("{}\n", line.json)), (rx, stopping, app)));
+                        }
+                        Ok(_) => {}
+                        Err(RecvError::Lagged(n)) => {
+                            return Some((Ok(format!("{{\"lagged\":{n}}}\n")), (rx, stopping, app)));
+                        }
+                        Err(RecvError::Closed) => return None,
+                    },
+                    _ = stopping.changed() => return None,
+                }
+            }
+        },
+    );
+    (ndjson, Body::from_stream(stream)).into_response()
+}
+
+/// `GET /v1/explain?src=IP&dst=IP&protocol=tcp&port=N[&from=IP]`.
+async fn explain(State(api): State<Api>, Query(query): Query<HashMap<String, String>>) -> Reply {
+    let ip = |key: &str| -> Result<Option<Ipv4Addr>, Invalid> {
+        match query.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| Invalid::new(key, format!("{v:?} is not an IPv4 address"))),
+        }
+    };
+    let parsed = (|| {
+        let src = ip("src")?.ok_or_else(|| Invalid::new("src", "missing"))?;
+        let dst = ip("dst")?.ok_or_else(|| Invalid::new("dst", "missing"))?;
+        let from = ip("from")?;
+        let protocol_text =
+            query.get("protocol").ok_or_else(|| Invalid::new("protocol", "missing"))?;
+        let protocol = Protocol::parse(protocol_text).ok_or_else(|| {
+            Invalid::new("protocol", format!("{protocol_text:?} is not tcp or udp"))
+        })?;
+        let port_text = query.get("port").ok_or_else(|| Invalid::new("port", "missing"))?;
+        let port: i64 = port_text
+            .parse()
+            .map_err(|_| Invalid::new("port", format!("{port_text:?} is not a number")))?;
+        let (port, _) = check_ports("port", port, port)?;
+        Ok::<_, Invalid>((src, dst, protocol, port, from))
+    })();
+    let (src, dst, protocol, port, from) = match parsed {
+        Ok(p) => p,
+        Err(e) => return invalid(&e),
+    };
+    ok(with_agent(&api, move |agent| {
+        crate::explain::explain(
+            agent.kernel().tables_ref(),
+            agent.state(),
+            src,
+            dst,
+            protocol,
+            port,
+            from,
+        )
+    })
+    .await)
+}
+
+/// `GET /v1/policies/stats`: every policy with its packet and byte counts.
+async fn policy_stats(State(api): State<Api>) -> Reply {
+    let policies: Vec<Value> = with_agent(&api, |agent| {
+        let tables = agent.kernel().tables_ref();
+        agent
+            .state()
+            .policies()
+            .map(|(p, id)| {
+                let counters = tables.policy_counters(id);
+                let mut v = policy_json(p);
+                v["id"] = json!(id);
+                v["packets"] = json!(counters.packets);
+                v["bytes"] = json!(counters.bytes);
+                v
+            })
+            .collect()
+    })
+    .await;
+    ok(json!({"total_policies": policies.len(), "policies": policies}))
 }
 
 fn str_field<'a>(value: &'a Value, key: &str, field: &str) -> Result<&'a str, Invalid> {
@@ -207,7 +364,8 @@ async fn create_policies(State(api): State<Api>, body: Body) -> Reply {
         Ok(p) => p,
         Err(e) => return invalid(&e),
     };
-    match with_agent(&api, move |agent| agent.add_policies(&policies)).await {
+    let result = timed_write(&api, move |agent| agent.add_policies(&policies)).await;
+    match result {
         Ok(()) => ok(json!({})),
         Err(e) => failure(e),
     }
@@ -218,7 +376,7 @@ async fn delete_policies(State(api): State<Api>, body: Body) -> Reply {
         Ok(p) => p,
         Err(e) => return invalid(&e),
     };
-    match with_agent(&api, move |agent| agent.remove_policies(&policies)).await {
+    match timed_write(&api, move |agent| agent.remove_policies(&policies)).await {
         Ok(()) => ok(json!({})),
         Err(e) => failure(e),
     }
@@ -295,7 +453,7 @@ async fn add_endpoint(State(api): State<Api>, body: Body) -> Reply {
         Err(e) => return invalid(&e),
     };
     let reply = endpoint_json(&endpoint);
-    match with_agent(&api, move |agent| agent.add_endpoint(endpoint)).await {
+    match timed_write(&api, move |agent| agent.add_endpoint(endpoint)).await {
         Ok(()) => ok(reply),
         Err(e) => failure(e),
     }
@@ -305,7 +463,7 @@ async fn remove_endpoint(State(api): State<Api>, Path(ip): Path<String>) -> Repl
     let Ok(ip) = ip.parse::<Ipv4Addr>() else {
         return invalid(&Invalid::new("ip", format!("{ip:?} is not an IPv4 address")));
     };
-    match with_agent(&api, move |agent| agent.remove_endpoint(ip)).await {
+    match timed_write(&api, move |agent| agent.remove_endpoint(ip)).await {
         Ok(removed) => ok(json!({"removed": removed})),
         Err(e) => failure(e),
     }

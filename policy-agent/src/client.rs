@@ -71,6 +71,72 @@ impl Client {
     }
 }
 
+impl Client {
+    /// `GET path`, calling `on_line` with each line of the body as it
+    /// arrives (a streamed, chunked response) until the server ends it or
+    /// `on_line` returns false. Returns the HTTP status.
+    pub fn stream_lines(
+        &self,
+        path: &str,
+        mut on_line: impl FnMut(&str) -> bool,
+    ) -> Result<u16, ClientError> {
+        use std::io::{BufRead as _, BufReader};
+        let mut stream = UnixStream::connect(&self.socket)
+            .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| ClientError::Malformed(format!("bad status line {line:?}")))?;
+        let mut chunked = false;
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+                break;
+            }
+            chunked |= line.to_ascii_lowercase().starts_with("transfer-encoding: chunked");
+        }
+        let mut pending = Vec::new();
+        let mut emit = |pending: &mut Vec<u8>| -> bool {
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let text = String::from_utf8_lossy(&pending[..end]).into_owned();
+                pending.drain(..=end);
+                if !on_line(&text) {
+                    return false;
+                }
+            }
+            true
+        };
+        if !chunked {
+            reader.read_to_end(&mut pending)?;
+            pending.push(b'\n');
+            emit(&mut pending);
+            return Ok(status);
+        }
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(status);
+            }
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| ClientError::Malformed(format!("bad chunk size {line:?}")))?;
+            if size == 0 {
+                return Ok(status);
+            }
+            let mut chunk = vec![0u8; size + 2];
+            reader.read_exact(&mut chunk)?;
+            pending.extend_from_slice(&chunk[..size]);
+            if !emit(&mut pending) {
+                return Ok(status);
+            }
+        }
+    }
+}
+
 fn parse_response(raw: &[u8]) -> Result<Response, ClientError> {
     let split = raw
         .windows(4)

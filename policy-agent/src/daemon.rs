@@ -3,7 +3,10 @@
 
 use std::{
     os::unix::fs::PermissionsExt as _,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use anyhow::{Context as _, Result};
@@ -13,13 +16,15 @@ use tracing::{info, warn};
 use crate::{
     Dataplane, DataplaneConfig,
     agent::Agent,
-    api::{Api, router},
+    api::{Api, SharedAgent, router},
     config::Config,
+    flows::{self, FlowHub, FlowLog},
+    metrics::Metrics,
     store::Store,
 };
 
 pub fn run(config: Config) -> Result<()> {
-    let dataplane = Dataplane::open(&DataplaneConfig {
+    let mut dataplane = Dataplane::open(&DataplaneConfig {
         pin_dir: config.pin_dir.clone(),
         capacities: config.capacities.clone(),
         events: config.flow_events.clone(),
@@ -30,22 +35,54 @@ pub fn run(config: Config) -> Result<()> {
             config.pin_dir.display()
         )
     })?;
+    let ring = dataplane.take_flow_events().context("the flow event ring buffer is missing")?;
     let store = Store::open(&config.state_dir)?;
+    let started = std::time::Instant::now();
     let (agent, warnings) = Agent::start(dataplane, store, config.policy_limit())
         .context("failed to reconcile the kernel to the stored state")?;
+    let reconcile_time = started.elapsed();
     for w in warnings {
         warn!("{w}");
     }
-    let api = Api { agent: Arc::new(Mutex::new(agent)), max_body_bytes: config.max_body_bytes };
-    tokio::runtime::Builder::new_multi_thread()
+    let agent: SharedAgent = Arc::new(Mutex::new(agent));
+    let metrics = Arc::new(Metrics::new(agent.clone()));
+    metrics.reconcile_duration.observe(reconcile_time.as_secs_f64());
+    let hub = Arc::new(FlowHub::default());
+    let reader_stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (agent, hub, stop) = (agent.clone(), hub.clone(), reader_stop.clone());
+        let log =
+            FlowLog::new(config.flow_log.clone(), config.flow_log_max_bytes, config.flow_log_keep);
+        std::thread::Builder::new()
+            .name("flow-events".into())
+            .spawn(move || flows::run_reader(ring, agent, hub, log, stop))
+            .context("cannot start the flow event reader")?
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let api = Api {
+        agent,
+        max_body_bytes: config.max_body_bytes,
+        hub,
+        metrics: metrics.clone(),
+        stopping: stop_rx,
+    };
+    let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("failed to start the async runtime")?
-        .block_on(serve(config, api))
+        .block_on(serve(config, api, metrics, stop_tx));
+    reader_stop.store(true, Ordering::Relaxed);
+    let _ = reader.join();
+    result
 }
 
-async fn serve(config: Config, api: Api) -> Result<()> {
+async fn serve(
+    config: Config,
+    api: Api,
+    metrics: Arc<Metrics>,
+    stop_tx: watch::Sender<bool>,
+) -> Result<()> {
     if let Some(dir) = config.socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -54,7 +91,7 @@ async fn serve(config: Config, api: Api) -> Result<()> {
     let unix = UnixListener::bind(&config.socket)
         .with_context(|| format!("cannot listen on {}", config.socket.display()))?;
     std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o660))?;
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_rx = stop_tx.subscribe();
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -72,6 +109,32 @@ async fn serve(config: Config, api: Api) -> Result<()> {
         info!(%addr, "API also on TCP");
         servers.spawn(
             axum::serve(tcp, app).with_graceful_shutdown(stopped(stop_rx.clone())).into_future(),
+        );
+    }
+    if let Some(addr) = config.metrics_listen {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        info!(%addr, "metrics on /metrics");
+        let metrics_app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        );
+        servers.spawn(
+            axum::serve(tcp, metrics_app)
+                .with_graceful_shutdown(stopped(stop_rx.clone()))
+                .into_future(),
         );
     }
     info!(socket = %config.socket.display(), "policy-agent ready");

@@ -42,6 +42,8 @@ pub trait Kernel {
     fn attach(&mut self, ifname: &str, ip: Ipv4Addr, tag: u32) -> Result<(), Error>;
     /// Detaches from `ifname` and drops the binding of `ip`.
     fn detach(&mut self, ifname: &str, ip: Ipv4Addr) -> Result<(), Error>;
+    /// Forgets the counters of removed policies (ids are never reused).
+    fn forget_policies(&mut self, _ids: &[u32]) {}
 }
 
 /// Brings the kernel to `state` without clearing it first (the agent's start).
@@ -214,6 +216,14 @@ impl Kernel for Dataplane {
             nix_ifindex(ifname).ok_or_else(|| Error::NoInterface { ifname: ifname.to_owned() })?;
         self.tables().set_veth(ifindex, ip, tag)?;
         self.attach_veth(ifname)
+    }
+
+    fn forget_policies(&mut self, ids: &[u32]) {
+        for id in ids {
+            if let Err(e) = self.tables().remove_policy_counters(*id) {
+                warn!(policy_id = id, error = %e, "cannot forget a removed policy's counters");
+            }
+        }
     }
 
     fn detach(&mut self, ifname: &str, ip: Ipv4Addr) -> Result<(), Error> {

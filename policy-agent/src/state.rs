@@ -229,6 +229,10 @@ impl State {
         self.policies.iter().map(|(p, id)| (p, *id))
     }
 
+    pub fn policy_id(&self, policy: &Policy) -> Option<u32> {
+        self.policies.get(policy).copied()
+    }
+
     pub fn policy_count(&self) -> usize {
         self.policies.len()
     }

@@ -232,6 +232,11 @@ impl Tables {
         }
     }
 
+    /// The `POLICIES` value of a pair.
+    pub fn pair_rules(&self, key: &PairKey) -> Option<PortRules> {
+        self.policies.get(key, 0).ok()
+    }
+
     /// The allowances stored for a pair (empty if none).
     pub fn pair(&self, key: &PairKey) -> Vec<Allowance> {
         self.policies.get(key, 0).map(|r| r.allowances().collect()).unwrap_or_default()

@@ -33,10 +33,11 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "state_dir = \"{}\"\nsocket = \"{}\"\npin_dir = \"{}\"\n{}{extra_config}\n",
+                "state_dir = \"{}\"\nsocket = \"{}\"\npin_dir = \"{}\"\nflow_log = \"{}\"\n{}{extra_config}\n",
                 dir.join("state").display(),
                 socket.display(),
                 pin_dir.display(),
+                dir.join("flows.log").display(),
                 if extra_config.contains("log_level") { "" } else { "log_level = \"debug\"\n" },
             ),
         )

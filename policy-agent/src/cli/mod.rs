@@ -2,6 +2,7 @@
 
 mod dataplane;
 mod endpoint;
+mod observe;
 mod policy;
 mod run;
 mod status;
@@ -48,6 +49,10 @@ enum Command {
     NetworkPolicies(policy::ListArgs),
     /// Programs attached, endpoints, apps and tags, policies, map occupancy.
     Status(status::StatusArgs),
+    /// Flow events: denied packets and new allowed connections.
+    Flows(observe::FlowsArgs),
+    /// Why a flow is allowed or denied: SRC_IP DST_IP tcp|udp PORT.
+    Explain(observe::ExplainArgs),
     /// Low-level control of the kernel dataplane, without the daemon.
     Dataplane(dataplane::DataplaneArgs),
 }
@@ -64,6 +69,8 @@ impl Cli {
             Command::RemoveNetworkPolicy(args) => args.remove(&client),
             Command::NetworkPolicies(args) => args.run(&client),
             Command::Status(args) => args.run(&client),
+            Command::Flows(args) => args.run(&client),
+            Command::Explain(args) => args.run(&client),
             Command::Dataplane(args) => {
                 init_logging("warn");
                 args.run()

@@ -71,10 +71,16 @@ pub struct ListArgs {
     /// Print the API's JSON.
     #[arg(long)]
     json: bool,
+    /// Add packet and byte counts per policy.
+    #[arg(long)]
+    stats: bool,
 }
 
 impl ListArgs {
     pub fn run(self, client: &Client) -> Result<()> {
+        if self.stats {
+            return self.stats(client);
+        }
         let path = match &self.source {
             Some(source) => {
                 format!("/networking/v1/external/policies?source_id={}", percent_encode(source))
@@ -103,7 +109,7 @@ impl ListArgs {
 }
 
 /// Percent-encodes a query value (app ids are usually UUIDs, but need not be).
-fn percent_encode(text: &str) -> String {
+pub fn percent_encode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -112,4 +118,43 @@ fn percent_encode(text: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+impl ListArgs {
+    fn stats(&self, client: &Client) -> Result<()> {
+        let reply = call(client, "GET", "/v1/policies/stats", None)?;
+        let policies: Vec<&serde_json::Value> = reply.body["policies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| self.source.as_deref().is_none_or(|s| p["source"]["id"] == s))
+            .collect();
+        if self.json {
+            println!(
+                "{}",
+                serde_json::json!({"total_policies": policies.len(), "policies": policies})
+            );
+            return Ok(());
+        }
+        println!(
+            "{:<6} {:<30} {:<30} {:<9} {:<12} {:>12} {:>14}",
+            "id", "source", "destination", "protocol", "ports", "packets", "bytes"
+        );
+        for p in policies {
+            let d = &p["destination"];
+            let (start, end) = (&d["ports"]["start"], &d["ports"]["end"]);
+            let ports = if start == end { start.to_string() } else { format!("{start}-{end}") };
+            println!(
+                "{:<6} {:<30} {:<30} {:<9} {:<12} {:>12} {:>14}",
+                p["id"],
+                p["source"]["id"].as_str().unwrap_or("?"),
+                d["id"].as_str().unwrap_or("?"),
+                d["protocol"].as_str().unwrap_or("?"),
+                ports,
+                p["packets"],
+                p["bytes"]
+            );
+        }
+        Ok(())
+    }
 }

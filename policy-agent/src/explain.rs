@@ -1,0 +1,197 @@
+//! `explain`: why a flow is allowed or denied, answered from the kernel maps
+//! (through the same decision function the programs run) and named with the
+//! agent's state.
+
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use policy_common::{
+    decision::{Check, Tables as DecisionTables, check_flow},
+    maps::{Conn, ConnKey, Endpoint, FragmentKey, PairKey, PortRules},
+    packet::Flow,
+};
+use serde_json::{Value, json};
+
+use crate::{
+    Tables,
+    state::{Protocol, State, tag_text},
+};
+
+/// The entries of the kernel maps one flow's check reads, fetched once.
+struct Snapshot {
+    endpoints: HashMap<u32, Endpoint>,
+    rules: Option<PortRules>,
+}
+
+impl DecisionTables for Snapshot {
+    fn endpoint(&self, addr: u32) -> Option<Endpoint> {
+        self.endpoints.get(&addr).copied()
+    }
+    fn port_rules(&self, _key: &PairKey) -> Option<&PortRules> {
+        self.rules.as_ref()
+    }
+    fn conn(&self, _key: &ConnKey) -> Option<Conn> {
+        None
+    }
+    fn epoch(&self) -> u32 {
+        0
+    }
+    fn fragment_allowed(&self, _key: &FragmentKey) -> bool {
+        false
+    }
+}
+
+/// What the flow `src → dst`, `protocol`, destination `port` meets. `from`:
+/// the endpoint whose veth the packet leaves, if not `src`'s own.
+pub fn explain(
+    tables: &Tables,
+    state: &State,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: Protocol,
+    port: u16,
+    from: Option<Ipv4Addr>,
+) -> Value {
+    let key = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
+    let (src_ep, dst_ep) = (tables.endpoint(src), tables.endpoint(dst));
+    let app_of = |ip: Ipv4Addr, ep: Option<Endpoint>| {
+        state.endpoint(ip).map(|e| e.app.clone()).or_else(|| {
+            let tag = ep?.tag;
+            state.tags().iter().find(|(_, t)| **t == tag).map(|(a, _)| a.clone())
+        })
+    };
+    let side = |ip: Ipv4Addr, ep: Option<Endpoint>| {
+        json!({
+            "ip": ip.to_string(),
+            "registered": ep.is_some(),
+            "app": app_of(ip, ep),
+            "tag": ep.map(|e| tag_text(e.tag)),
+        })
+    };
+    let mut answer = json!({
+        "source": side(src, src_ep),
+        "destination": side(dst, dst_ep),
+        "protocol": protocol.name(),
+        "port": port,
+    });
+    let (src_app, dst_app) = (app_of(src, src_ep), app_of(dst, dst_ep));
+    let name = |app: &Option<String>, ip: Ipv4Addr| app.clone().unwrap_or_else(|| ip.to_string());
+
+    // 1. Anti-spoofing where the packet leaves its container.
+    let sender = from.unwrap_or(src);
+    if let Some(sender_ep) = tables.endpoint(sender) {
+        if sender != src {
+            answer["verdict"] = json!("denied");
+            answer["reason"] = json!("spoofed");
+            answer["message"] = json!(format!(
+                "denied: spoofed source - {sender}'s veth only lets {sender} out (app {}), not {src}",
+                app_of(sender, Some(sender_ep)).unwrap_or_default()
+            ));
+            return answer;
+        }
+    } else if from.is_some() {
+        answer["note"] = json!(format!(
+            "{sender} is not a registered endpoint: its packets are not checked for spoofing"
+        ));
+    }
+
+    // 2. The destination's policy check, with the programs' own function.
+    let mut endpoints = HashMap::new();
+    for (ip, ep) in [(src, src_ep), (dst, dst_ep)] {
+        if let Some(ep) = ep {
+            endpoints.insert(key(ip), ep);
+        }
+    }
+    let rules = match (src_ep, dst_ep) {
+        (Some(s), Some(d)) => tables.pair_rules(&PairKey::new(s.tag, d.tag, protocol.number())),
+        _ => None,
+    };
+    let snapshot = Snapshot { endpoints, rules };
+    let flow = Flow {
+        saddr: key(src),
+        daddr: key(dst),
+        sport: 0,
+        dport: port,
+        protocol: protocol.number(),
+    };
+    let between: Vec<Value> = match (&src_app, &dst_app) {
+        (Some(s), Some(d)) => state
+            .policies()
+            .filter(|(p, _)| &p.source == s && &p.destination == d)
+            .map(|(p, id)| json!({"id": id, "protocol": p.protocol.name(), "ports": {"start": p.start, "end": p.end}}))
+            .collect(),
+        _ => Vec::new(),
+    };
+    answer["policies"] = json!(between);
+    let (verdict, reason, message) = match check_flow(&snapshot, &flow) {
+        Check::Unmanaged => {
+            let who = if dst_ep.is_none() { dst } else { src };
+            (
+                "allowed",
+                "unmanaged",
+                format!(
+                    "allowed: {who} is not a registered endpoint, so this is not container-to-container traffic and no policy applies{}",
+                    if src_ep.is_none() && from.is_none() {
+                        format!(
+                            " (a container sending with source {src} would be dropped as spoofed at its own veth)"
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+            )
+        }
+        Check::Allowed { policy_id, .. } => {
+            let policy = state.policies().find(|(_, id)| *id == policy_id).map(|(p, _)| p.clone());
+            let ports = policy
+                .as_ref()
+                .map_or(String::new(), |p| format!(" {} {}-{}", p.protocol.name(), p.start, p.end));
+            answer["policy_id"] = json!(policy_id);
+            (
+                "allowed",
+                "policy",
+                format!(
+                    "allowed: {} allows {}{ports} (policy {policy_id})",
+                    name(&dst_app, dst),
+                    name(&src_app, src)
+                ),
+            )
+        }
+        Check::Denied { .. } => {
+            let same_protocol: Vec<String> = between
+                .iter()
+                .filter(|p| p["protocol"] == protocol.name())
+                .map(|p| {
+                    let (s, e) = (&p["ports"]["start"], &p["ports"]["end"]);
+                    if s == e { s.to_string() } else { format!("{s}-{e}") }
+                })
+                .collect();
+            let message = if same_protocol.is_empty() && between.is_empty() {
+                format!(
+                    "denied: no policy lets {} reach {}",
+                    name(&src_app, src),
+                    name(&dst_app, dst)
+                )
+            } else if same_protocol.is_empty() {
+                format!(
+                    "denied: {} allows {} only on other protocols, not {}",
+                    name(&dst_app, dst),
+                    name(&src_app, src),
+                    protocol.name()
+                )
+            } else {
+                format!(
+                    "denied: {} allows {} on {} {}, not {port}",
+                    name(&dst_app, dst),
+                    name(&src_app, src),
+                    protocol.name(),
+                    same_protocol.join(", ")
+                )
+            };
+            ("denied", if same_protocol.is_empty() { "no_policy" } else { "wrong_port" }, message)
+        }
+    };
+    answer["verdict"] = json!(verdict);
+    answer["reason"] = json!(reason);
+    answer["message"] = json!(message);
+    answer
+}

@@ -1,0 +1,178 @@
+//! Prometheus metrics. The agent's own (API requests and latency, write and
+//! reconcile durations, errors) are recorded as they happen; the kernel's
+//! (verdict counters, flow event counters, map occupancy) and the totals are
+//! read from the maps and the state at each scrape.
+//!
+//! Cloud Foundry's agent names are kept where the meaning matches:
+//! `totalPolicies`, and `enforceTime` for the time from an API write to the
+//! kernel holding it.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::api::SharedAgent;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub api_requests: Family<ApiLabels, Counter>,
+    pub api_latency: Family<ApiLabels, Histogram>,
+    /// Seconds from an accepted write to the kernel and store holding it.
+    pub enforce_time: Histogram,
+    pub reconcile_duration: Histogram,
+    pub reconcile_errors: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+impl Metrics {
+    pub fn new(agent: SharedAgent) -> Self {
+        let mut registry = Registry::default();
+        let api_requests = Family::<ApiLabels, Counter>::default();
+        let api_latency = Family::<ApiLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let enforce_time = latency_histogram();
+        let reconcile_duration = latency_histogram();
+        let reconcile_errors = Counter::default();
+        registry.register(
+            "policy_api_requests",
+            "API requests by method, path and status",
+            api_requests.clone(),
+        );
+        registry.register("policy_api_request_seconds", "API request latency", api_latency.clone());
+        registry.register(
+            "enforceTime",
+            "Seconds from accepting a policy or endpoint write to the kernel maps and the store holding it",
+            enforce_time.clone(),
+        );
+        registry.register(
+            "policy_reconcile_seconds",
+            "Duration of reconciles of the kernel to the stored state",
+            reconcile_duration.clone(),
+        );
+        registry.register(
+            "policy_reconcile_errors",
+            "Writes or reconciles the kernel refused",
+            reconcile_errors.clone(),
+        );
+        registry.register_collector(Box::new(KernelCollector { agent }));
+        Self {
+            registry,
+            api_requests,
+            api_latency,
+            enforce_time,
+            reconcile_duration,
+            reconcile_errors,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Reads the kernel maps and the state at scrape time.
+#[derive(Debug)]
+struct KernelCollector {
+    agent: SharedAgent,
+}
+
+impl std::fmt::Debug for crate::agent::Agent<crate::Dataplane> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Agent")
+    }
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let agent = self.agent.lock().unwrap_or_else(|p| p.into_inner());
+        let tables = agent.kernel().tables_ref();
+        let state = agent.state();
+
+        let verdicts = tables.verdicts().unwrap_or_default();
+        let counter = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "policy_verdict_packets",
+            "Packets by verdict and reason, as the programs counted them",
+            None,
+            counter.metric_type(),
+        )?;
+        for (reason, packets) in verdicts {
+            let verdict = if reason.passes() { "pass" } else { "drop" };
+            let labels = [("verdict", verdict), ("reason", reason.name())];
+            ConstCounter::new(packets).encode(family.encode_family(&labels)?)?;
+        }
+
+        if let Ok(stats) = tables.event_stats() {
+            let mut family = encoder.encode_descriptor(
+                "policy_flow_events",
+                "Flow events by outcome: emitted, lost (ring buffer full), rate_limited",
+                None,
+                counter.metric_type(),
+            )?;
+            for (outcome, n) in [
+                ("emitted", stats.emitted),
+                ("lost", stats.lost),
+                ("rate_limited", stats.rate_limited),
+            ] {
+                ConstCounter::new(n).encode(family.encode_family(&[("outcome", outcome)])?)?;
+            }
+        }
+
+        let gauge = ConstGauge::new(0i64);
+        let occupancy = tables.occupancy();
+        for (metric, help, pick) in [
+            ("policy_map_entries", "Entries in each kernel map", 0),
+            ("policy_map_capacity", "Capacity (max_entries) of each kernel map", 1),
+        ] {
+            let mut family = encoder.encode_descriptor(metric, help, None, gauge.metric_type())?;
+            for (name, entries, capacity) in &occupancy {
+                let value = if pick == 0 { *entries as i64 } else { i64::from(*capacity) };
+                ConstGauge::new(value).encode(family.encode_family(&[("map", *name)])?)?;
+            }
+        }
+
+        let totals = [
+            ("totalPolicies", "Policies (Cloud Foundry's agent metric)", state.policy_count()),
+            ("policy_policies", "Policies", state.policy_count()),
+            ("policy_endpoints", "Registered endpoints", state.endpoints().count()),
+            ("policy_apps", "Apps with a tag", state.tags().len()),
+        ];
+        for (name, help, value) in totals {
+            ConstGauge::new(value as i64).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                gauge.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Shared handle.
+pub type SharedMetrics = Arc<Metrics>;
