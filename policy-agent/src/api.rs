@@ -242,12 +242,12 @@ async fn explain(State(api): State<Api>, Query(query): Query<HashMap<String, Str
 /// `GET /v1/policies/stats`: every policy with its packet and byte counts.
 async fn policy_stats(State(api): State<Api>) -> Reply {
     let policies: Vec<Value> = with_agent(&api, |agent| {
-        let tables = agent.kernel().tables_ref();
+        let counters = agent.kernel().tables_ref().policy_counters_all();
         agent
             .state()
             .policies()
             .map(|(p, id)| {
-                let counters = tables.policy_counters(id);
+                let counters = counters.get(&id).copied().unwrap_or_default();
                 let mut v = policy_json(p);
                 v["id"] = json!(id);
                 v["packets"] = json!(counters.packets);

@@ -17,6 +17,7 @@
 //! [flow_events]
 //! allowed = true                             # first packet of allowed connections
 //! denied_per_second = 100                    # per destination; 0: none
+//! policy_counters = true                     # packets/bytes per policy
 //!
 //! [capacities]                               # map sizes at first load
 //! endpoints = 65536

@@ -73,20 +73,31 @@ pub struct EventSettings {
     pub allowed: bool,
     /// Denied-packet events per destination address per second (0: none).
     pub denied_per_second: u32,
+    /// Count packets and bytes per policy.
+    pub policy_counters: bool,
 }
 
 impl Default for EventSettings {
     fn default() -> Self {
-        Self { allowed: true, denied_per_second: 100 }
+        Self { allowed: true, denied_per_second: 100, policy_counters: true }
     }
 }
 
 impl EventSettings {
-    fn kernel(&self) -> Settings {
-        Settings {
-            flags: if self.allowed { settings::ALLOWED_EVENTS } else { 0 },
-            denied_events_per_second: self.denied_per_second,
+    /// Nothing reported, nothing counted per policy (benchmark floor).
+    pub fn off() -> Self {
+        Self { allowed: false, denied_per_second: 0, policy_counters: false }
+    }
+
+    pub fn kernel(&self) -> Settings {
+        let mut flags = 0;
+        if self.allowed {
+            flags |= settings::ALLOWED_EVENTS;
         }
+        if self.policy_counters {
+            flags |= settings::POLICY_COUNTERS;
+        }
+        Settings { flags, denied_events_per_second: self.denied_per_second }
     }
 }
 

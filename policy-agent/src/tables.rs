@@ -346,18 +346,35 @@ impl Tables {
         })
     }
 
-    /// Packets and bytes a policy let through, summed over CPUs (zero if it
-    /// never matched).
-    pub fn policy_counters(&self, policy_id: u32) -> PolicyCounters {
-        self.policy_stats
-            .get(&policy_id, 0)
-            .map(|per_cpu| {
-                per_cpu.iter().fold(PolicyCounters::default(), |acc, c| PolicyCounters {
+    /// Packets and bytes per policy: the per-CPU counters plus what live
+    /// connections have counted but not yet moved there (one walk of the
+    /// conntrack map: for reports, not hot paths).
+    pub fn policy_counters_all(&self) -> std::collections::HashMap<u32, PolicyCounters> {
+        let mut all: std::collections::HashMap<u32, PolicyCounters> = self
+            .policy_stats
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(id, per_cpu)| {
+                let sum = per_cpu.iter().fold(PolicyCounters::default(), |acc, c| PolicyCounters {
                     packets: acc.packets + c.packets,
                     bytes: acc.bytes + c.bytes,
-                })
+                });
+                (id, sum)
             })
-            .unwrap_or_default()
+            .collect();
+        for (_, conn) in self.connections() {
+            if conn.policy_id != 0 && conn.pending_packets != 0 {
+                let entry = all.entry(conn.policy_id).or_default();
+                entry.packets += u64::from(conn.pending_packets);
+                entry.bytes += conn.pending_bytes;
+            }
+        }
+        all
+    }
+
+    /// Packets and bytes one policy let through (see [`Self::policy_counters_all`]).
+    pub fn policy_counters(&self, policy_id: u32) -> PolicyCounters {
+        self.policy_counters_all().remove(&policy_id).unwrap_or_default()
     }
 
     /// Forgets a removed policy's counters (its id is never reused).

@@ -211,7 +211,10 @@ fn decide_flow<T: Tables>(
         Check::Unmanaged => Decision::just(Verdict::Pass(Reason::Unmanaged)),
         Check::Allowed { policy_id, src_tag, dst_tag } => Decision {
             verdict: Verdict::Pass(Reason::NewAllowed),
-            conn: ConnUpdate::Insert(key, Conn { epoch, policy_id, origin: side, _pad: 0 }),
+            conn: ConnUpdate::Insert(
+                key,
+                Conn { epoch, policy_id, origin: side, pending_packets: 0, pending_bytes: 0 },
+            ),
             record_fragment: fragment,
             policy_id,
             src_tag,

@@ -200,9 +200,18 @@ pub struct Conn {
     pub policy_id: u32,
     /// [`origin::LO`] or [`origin::HI`]: the end that sent the first packet.
     pub origin: u32,
-    pub _pad: u32,
+    /// Packets of this connection not yet added to `POLICY_STATS`: the
+    /// programs count here (the entry is already at hand) and move the count
+    /// to the per-policy counters every [`COUNTER_FLUSH`] packets, so the
+    /// per-packet cost of the counters is a fraction of a map lookup. The
+    /// agent adds what is pending when it reports counters.
+    pub pending_packets: u32,
+    pub pending_bytes: u64,
 }
-const _: () = assert!(size_of::<Conn>() == 16);
+const _: () = assert!(size_of::<Conn>() == 24);
+
+/// Packets a connection counts before its count moves to `POLICY_STATS`.
+pub const COUNTER_FLUSH: u32 = 64;
 
 /// `FRAGMENTS` key: one fragmented datagram whose first fragment was allowed.
 /// Later fragments carry no ports; they pass if their datagram is here.
@@ -239,6 +248,8 @@ const _: () = assert!(size_of::<Settings>() == 8);
 pub mod settings {
     /// Report the first packet of each allowed connection.
     pub const ALLOWED_EVENTS: u32 = 1;
+    /// Count packets and bytes per policy (`POLICY_STATS`).
+    pub const POLICY_COUNTERS: u32 = 2;
 }
 
 /// Which way a reported packet was going, from the container's side (Cloud

@@ -1,7 +1,7 @@
 //! Reporting: flow events and per-policy counters. Off the fast path of
 //! established connections except for the per-policy counter.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use policy_common::{
     Parsed, Reason, Verdict,
     decision::Decision,
@@ -20,24 +20,24 @@ fn bump(stat: u32) {
     }
 }
 
-/// Adds one packet of `len` bytes to the policy's counters.
+/// Whether packets are counted per policy.
 #[inline(always)]
-pub fn count_policy(policy_id: u32, len: u32) {
-    if policy_id == 0 {
-        return;
-    }
+pub fn policy_counters_on() -> bool {
+    SETTINGS.get(SETTINGS_INDEX).is_some_and(|s| s.flags & settings::POLICY_COUNTERS != 0)
+}
+
+/// Adds a connection's counted packets to its policy's counters.
+#[inline(always)]
+pub fn add_policy_counts(policy_id: u32, packets: u32, bytes: u64) {
     match POLICY_STATS.get_ptr_mut(policy_id) {
         // SAFETY: per-CPU value; programs do not migrate mid-run.
         Some(c) => unsafe {
-            (*c).packets += 1;
-            (*c).bytes += u64::from(len);
+            (*c).packets += u64::from(packets);
+            (*c).bytes += bytes;
         },
         None => {
-            let _ = POLICY_STATS.insert(
-                policy_id,
-                PolicyCounters { packets: 1, bytes: u64::from(len) },
-                0,
-            );
+            let counters = PolicyCounters { packets: u64::from(packets), bytes };
+            let _ = POLICY_STATS.insert(policy_id, counters, 0);
         }
     }
 }
@@ -88,18 +88,24 @@ pub fn report(parsed: &Parsed, decision: &Decision, direction: u8, ifindex: u32)
         Parsed::IcmpError { saddr, daddr, .. } => (saddr, daddr, 0, 0, 1),
         Parsed::NotIpv4 | Parsed::Malformed => (0, 0, 0, 0, 0),
     };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     if new_connection {
         if settings.flags & settings::ALLOWED_EVENTS == 0 {
             return;
         }
     } else if settings.denied_events_per_second == 0 {
         return;
-    } else if !within_limit(daddr, now, settings.denied_events_per_second) {
-        bump(event_stat::RATE_LIMITED);
-        return;
+    } else {
+        // The coarse clock (jiffies) is cheap and fine for one-second
+        // windows; a flood spends most of its time on this path.
+        // SAFETY: a helper without arguments.
+        let coarse = unsafe { bpf_ktime_get_coarse_ns() };
+        if !within_limit(daddr, coarse, settings.denied_events_per_second) {
+            bump(event_stat::RATE_LIMITED);
+            return;
+        }
     }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     let event = FlowEvent {
         time_ns: now,
         saddr,

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use policy_common::{
     Parsed, Verdict, decide_destination, decide_source,
-    decision::Decision,
+    decision::{ConnUpdate, Decision},
     maps::{Attachment, direction},
     packet::{ETH_P_IP, parse_ethernet, parse_ipv4},
 };
@@ -74,9 +74,20 @@ fn source_side(parsed: &Parsed, own: Option<Attachment>, ifindex: u32) -> Verdic
 /// The policy decision, its map effects, counters and report.
 #[inline(always)]
 fn destination_side(parsed: &Parsed, bytes: &SkbBytes, ifindex: u32) -> Verdict {
-    let decision = decide_destination(&MapTables, parsed);
-    if decision.verdict.is_pass() {
-        events::count_policy(decision.policy_id, bytes.len());
+    let tables = MapTables::new();
+    let mut decision = decide_destination(&tables, parsed);
+    if decision.policy_id != 0 && decision.verdict.is_pass() && events::policy_counters_on() {
+        let len = bytes.len();
+        match &mut decision.conn {
+            // An established connection: counted in its entry.
+            ConnUpdate::None => tables.count_in_conn(decision.policy_id, len),
+            // A new (or re-checked) connection: counted in the entry written.
+            ConnUpdate::Insert(_, conn) => {
+                conn.pending_packets += 1;
+                conn.pending_bytes += u64::from(len);
+            }
+            ConnUpdate::Remove(_) => {}
+        }
     }
     events::report(parsed, &decision, direction::INGRESS, ifindex);
     tables::apply(&decision)

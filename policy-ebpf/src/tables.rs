@@ -1,14 +1,56 @@
 //! The maps behind `policy_common::Tables`, and the effects of a decision.
 
+use core::cell::Cell;
+
 use policy_common::{
     Verdict,
     decision::{ConnUpdate, Decision, Tables},
-    maps::{Attachment, Conn, ConnKey, EPOCH_INDEX, Endpoint, FragmentKey, PairKey, PortRules},
+    maps::{
+        Attachment, COUNTER_FLUSH, Conn, ConnKey, EPOCH_INDEX, Endpoint, FragmentKey, PairKey,
+        PortRules,
+    },
 };
 
 use crate::maps::{CGROUPS, CONNTRACK, ENDPOINTS, EPOCH, FRAGMENTS, POLICIES, VERDICTS, VETHS};
 
-pub struct MapTables;
+/// The maps, remembering where the connection entry the decision read lives,
+/// so the packet can be counted in it without a second lookup.
+pub struct MapTables {
+    found: Cell<*mut Conn>,
+}
+
+impl MapTables {
+    #[inline(always)]
+    pub fn new() -> Self {
+        Self { found: Cell::new(core::ptr::null_mut()) }
+    }
+
+    /// Counts a packet of an established connection in its entry; every
+    /// `COUNTER_FLUSH` packets the count moves to the policy's counters.
+    #[inline(always)]
+    pub fn count_in_conn(&self, policy_id: u32, len: u32) {
+        let conn = self.found.get();
+        if conn.is_null() {
+            return;
+        }
+        // SAFETY: the pointer came from a lookup in this program run; hash
+        // map elements stay valid for the run (RCU). Concurrent CPUs may
+        // race on the counts, which only makes them approximate.
+        unsafe {
+            (*conn).pending_packets += 1;
+            (*conn).pending_bytes += u64::from(len);
+            if (*conn).pending_packets >= COUNTER_FLUSH {
+                crate::events::add_policy_counts(
+                    policy_id,
+                    (*conn).pending_packets,
+                    (*conn).pending_bytes,
+                );
+                (*conn).pending_packets = 0;
+                (*conn).pending_bytes = 0;
+            }
+        }
+    }
+}
 
 impl Tables for MapTables {
     #[inline(always)]
@@ -27,8 +69,10 @@ impl Tables for MapTables {
 
     #[inline(always)]
     fn conn(&self, key: &ConnKey) -> Option<Conn> {
-        // SAFETY: read by copy.
-        unsafe { CONNTRACK.get(key).copied() }
+        let conn = CONNTRACK.get_ptr_mut(key)?;
+        self.found.set(conn);
+        // SAFETY: read by copy; see `count_in_conn` for the pointer.
+        Some(unsafe { *conn })
     }
 
     #[inline(always)]

@@ -471,6 +471,12 @@ fn denials_and_new_connections_are_reported_and_policies_counted() {
     let counters = f.dataplane.tables_ref().policy_counters(42);
     assert_eq!(counters.packets, 3);
     assert_eq!(counters.bytes, 3 * request.len() as u64);
+    // Past the flush threshold the count moves to the per-CPU counters; the
+    // total stays exact.
+    for _ in 0..70 {
+        f.entering_container(&request);
+    }
+    assert_eq!(f.dataplane.tables_ref().policy_counters(42).packets, 73);
 
     // A flood of denied packets to one destination: 100 reported, the rest
     // counted as rate-limited.

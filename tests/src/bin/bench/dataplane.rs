@@ -58,15 +58,14 @@ fn one_run_each(prog: &SchedClassifier, frames: &[Vec<u8>]) -> f64 {
     total as f64 / frames.len() as f64
 }
 
-/// `n` distinct frames A -> B tcp/`dport`, from distinct source ports and
-/// instances of the A app.
-fn new_flow_frames(n: usize, salt: u16, dport: u16) -> Vec<Vec<u8>> {
+/// `n` distinct frames A -> B tcp/`dport`, from distinct source ports of
+/// the A app's instance 10.255.`instance`.1 (then the next instances once
+/// ports run out). Distinct `instance`s give distinct flows.
+fn new_flow_frames(n: usize, instance: u8, dport: u16) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
             let mut spec = PacketSpec::tcp(A, B, (i % 60000) as u16 + 1024, dport);
-            spec.ip_id = salt;
-            // Vary the source address too once ports run out.
-            spec.src[2] = (i / 60000) as u8;
+            spec.src[2] = instance + (i / 60000) as u8;
             spec.frame()
         })
         .collect()
@@ -89,6 +88,11 @@ pub fn run(quick: bool) {
         let mut dataplane = pins.open();
         let started = Instant::now();
         fill(&mut dataplane, policies);
+        // The decision alone; `reporting` measures events and counters.
+        dataplane
+            .tables()
+            .set_settings(policy_agent::dataplane::EventSettings::off().kernel())
+            .expect("settings");
         let fill_time = started.elapsed();
         let prog = dataplane.tc_program(Direction::ToContainer);
 
@@ -96,8 +100,8 @@ pub fn run(quick: bool) {
         prog.test_run(TestRunOptions { data_in: Some(&established), ..Default::default() })
             .expect("open");
         let denied = PacketSpec::tcp(A, B, 40001, 9999).frame();
-        let frames = new_flow_frames(new_flows, policies as u16, 8080);
-        let denied_frames = new_flow_frames(new_flows, policies as u16, 9999);
+        let frames = new_flow_frames(new_flows, 0, 8080);
+        let denied_frames = new_flow_frames(new_flows, 0, 9999);
 
         let empty_cost = Costs {
             repeated: median_repeated(empty, &established, repeat, rounds),
@@ -120,7 +124,7 @@ pub fn run(quick: bool) {
     }
 
     println!(
-        "\nPer-packet cost of tc_to_container (destination side), BPF_PROG_TEST_RUN, 64-byte TCP frames"
+        "\nPer-packet cost of tc_to_container (destination side), BPF_PROG_TEST_RUN, 64-byte TCP frames, flow events and per-policy counters off"
     );
     println!(
         "kernel {}, {} CPUs; ns per packet, (x) = ratio to the empty TC program, [+ns] = above it",
@@ -186,4 +190,61 @@ pub fn kernel() -> String {
 
 pub fn cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// The cost of reporting: flow events and per-policy counters on versus off,
+/// on the same dataplane, in the same run.
+pub fn reporting(quick: bool) {
+    use policy_agent::dataplane::EventSettings;
+    let (repeat, rounds, new_flows) =
+        if quick { (200_000, 3, 5_000) } else { (1_000_000, 5, 20_000) };
+    let ns = NetNs::new(unique_name("bench"));
+    let _in_ns = ns.enter();
+    let pins = PinDir::new();
+    let mut dataplane = pins.open();
+    fill(&mut dataplane, 10_000);
+    let mut ring = dataplane.take_flow_events().expect("ring buffer");
+    let mut drain = || while ring.next().is_some() {};
+    let established = PacketSpec::tcp(A, B, 40000, 8080).frame();
+    let denied = PacketSpec::tcp(A, B, 40001, 9999).frame();
+    let mut rows = Vec::new();
+    for (label, settings, instance) in
+        [("off", EventSettings::off(), 1u8), ("on", EventSettings::default(), 2)]
+    {
+        dataplane.tables().set_settings(settings.kernel()).expect("settings");
+        let prog = dataplane.tc_program(Direction::ToContainer);
+        prog.test_run(TestRunOptions { data_in: Some(&established), ..Default::default() })
+            .expect("open");
+        drain();
+        let est = median_repeated(prog, &established, repeat, rounds);
+        // The same denied packet over and over: past the first 100 events
+        // of the second, every run takes the rate-limited path (a flood).
+        let flood = median_repeated(prog, &denied, repeat, rounds);
+        drain();
+        let frames = new_flow_frames(new_flows, instance, 8080);
+        let new = one_run_each(prog, &frames);
+        drain();
+        rows.push((label, est, flood, new));
+    }
+    let stats = dataplane.tables_ref().event_stats().expect("event stats");
+    println!(
+        "\nReporting cost (10k policies): flow events and per-policy counters off vs on, ns per packet\n"
+    );
+    println!(
+        "| reporting | established flow (policy counter) | denied flood (rate-limited events) | new allowed flow + event, one run each |"
+    );
+    println!("|---|---:|---:|---:|");
+    let (_, e0, f0, n0) = rows[0];
+    for (label, e, f, n) in &rows {
+        println!(
+            "| {label} | {e:.1} ({:+.1}) | {f:.1} ({:+.1}) | {n:.1} ({:+.1}) |",
+            e - e0,
+            f - f0,
+            n - n0
+        );
+    }
+    println!(
+        "\nevents emitted {}, rate-limited {}, lost {}",
+        stats.emitted, stats.rate_limited, stats.lost
+    );
 }

@@ -9,5 +9,6 @@ fn main() {
     integration_tests::require_root();
     let quick = std::env::args().any(|a| a == "--quick");
     dataplane::run(quick);
+    dataplane::reporting(quick);
     agent::run(quick);
 }
