@@ -11,7 +11,7 @@ use tracing::info;
 use crate::{
     Error,
     reconcile::{self, AppPair, Kernel},
-    state::{Endpoint, Invalid, Policy, State, check_app_id},
+    state::{Endpoint, Invalid, Policy, State, check_app_id, check_domain, check_hostname},
     store::{Change, Store, StoreError},
 };
 
@@ -159,6 +159,48 @@ impl<K: Kernel> Agent<K> {
             let _ = kernel.remove_endpoint(ip);
         })?;
         info!(%ip, app, ifname = logged_ifname, tag, "endpoint added");
+        Ok(())
+    }
+
+    /// Maps `hostname.apps.internal` to `app` (names only: no kernel state).
+    pub fn map_route(&mut self, app: &str, domain: &str, hostname: &str) -> Result<(), AgentError> {
+        check_app_id("app", app)?;
+        check_domain("domain", domain)?;
+        let hostname = check_hostname("hostname", hostname)?;
+        let mut new = self.state.clone();
+        new.map_route(app, &hostname)?;
+        if new == self.state {
+            return Ok(());
+        }
+        self.commit(
+            Change::MapRoute { app: app.to_owned(), hostname: hostname.clone() },
+            new,
+            |_, _| {},
+        )?;
+        info!(app, hostname, "route mapped");
+        Ok(())
+    }
+
+    pub fn unmap_route(
+        &mut self,
+        app: &str,
+        domain: &str,
+        hostname: &str,
+    ) -> Result<(), AgentError> {
+        check_app_id("app", app)?;
+        check_domain("domain", domain)?;
+        let hostname = check_hostname("hostname", hostname)?;
+        let mut new = self.state.clone();
+        new.unmap_route(app, &hostname)?;
+        if new == self.state {
+            return Ok(());
+        }
+        self.commit(
+            Change::UnmapRoute { app: app.to_owned(), hostname: hostname.clone() },
+            new,
+            |_, _| {},
+        )?;
+        info!(app, hostname, "route unmapped");
         Ok(())
     }
 

@@ -64,6 +64,8 @@ pub fn router(api: Api) -> Router {
         .route("/v1/flows", get(flows))
         .route("/v1/explain", get(explain))
         .route("/v1/policies/stats", get(policy_stats))
+        .route("/v1/routes", get(list_routes).post(map_route))
+        .route("/v1/routes/delete", post(unmap_route))
         .layer(middleware::from_fn_with_state(api.clone(), record_request))
         // Bodies are read with our own limit, to answer 400 in JSON.
         .layer(DefaultBodyLimit::disable())
@@ -237,6 +239,53 @@ async fn explain(State(api): State<Api>, Query(query): Query<HashMap<String, Str
         )
     })
     .await)
+}
+
+fn parse_route(v: &Value) -> Result<(String, String, String), Invalid> {
+    let app = str_field(v, "app", "app")?;
+    let domain = match v.get("domain") {
+        None | Some(Value::Null) => crate::state::INTERNAL_DOMAIN,
+        Some(Value::String(d)) => d.as_str(),
+        Some(_) => return Err(Invalid::new("domain", "must be a string")),
+    };
+    let hostname = str_field(v, "hostname", "hostname")?;
+    Ok((app.to_owned(), domain.to_owned(), hostname.to_owned()))
+}
+
+/// `GET /v1/routes`: `{"routes":[{"app","domain","hostname"}]}`.
+async fn list_routes(State(api): State<Api>) -> Reply {
+    let routes: Vec<Value> = with_agent(&api, |agent| {
+        agent
+            .state()
+            .routes()
+            .iter()
+            .map(|(host, app)| json!({"app": app, "domain": crate::state::INTERNAL_DOMAIN, "hostname": host}))
+            .collect()
+    })
+    .await;
+    ok(json!({"routes": routes}))
+}
+
+async fn map_route(State(api): State<Api>, body: Body) -> Reply {
+    let (app, domain, hostname) = match read_json(&api, body).await.and_then(|v| parse_route(&v)) {
+        Ok(r) => r,
+        Err(e) => return invalid(&e),
+    };
+    match timed_write(&api, move |agent| agent.map_route(&app, &domain, &hostname)).await {
+        Ok(()) => ok(json!({})),
+        Err(e) => failure(e),
+    }
+}
+
+async fn unmap_route(State(api): State<Api>, body: Body) -> Reply {
+    let (app, domain, hostname) = match read_json(&api, body).await.and_then(|v| parse_route(&v)) {
+        Ok(r) => r,
+        Err(e) => return invalid(&e),
+    };
+    match timed_write(&api, move |agent| agent.unmap_route(&app, &domain, &hostname)).await {
+        Ok(()) => ok(json!({})),
+        Err(e) => failure(e),
+    }
 }
 
 /// `GET /v1/policies/stats`: every policy with its packet and byte counts.

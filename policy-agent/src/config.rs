@@ -13,6 +13,7 @@
 //! flow_log_max_bytes = 104857600             # rotate past this size
 //! flow_log_keep = 3                          # rotated files kept
 //! metrics_listen = "127.0.0.1:9100"          # Prometheus /metrics; absent: off
+//! dns_listen = "169.254.0.1:53"              # apps.internal DNS; "": off
 //!
 //! [flow_events]
 //! allowed = true                             # first packet of allowed connections
@@ -51,6 +52,10 @@ pub struct Config {
     pub flow_log_keep: u32,
     /// Prometheus `/metrics` address; none: off.
     pub metrics_listen: Option<SocketAddr>,
+    /// `apps.internal` DNS address (UDP and TCP); "" turns DNS off. The
+    /// default is the gateway address containers use in the silk layout,
+    /// bound even before a veth carries it.
+    pub dns_listen: String,
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/policy-agent/agent.sock";
@@ -71,6 +76,7 @@ impl Default for Config {
             flow_log_max_bytes: 100 << 20,
             flow_log_keep: 3,
             metrics_listen: None,
+            dns_listen: "169.254.0.1:53".to_owned(),
         }
     }
 }
@@ -78,6 +84,11 @@ impl Default for Config {
 impl Config {
     pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
         toml::from_str(text)
+    }
+
+    /// The DNS address, or None if DNS is off.
+    pub fn dns_addr(&self) -> Result<Option<SocketAddr>, std::net::AddrParseError> {
+        if self.dns_listen.is_empty() { Ok(None) } else { self.dns_listen.parse().map(Some) }
     }
 
     /// The per-source limit, with 0 meaning none.

@@ -95,6 +95,7 @@ async fn serve(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let api_agent = api.agent.clone();
     let app = router(api);
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(
@@ -110,6 +111,18 @@ async fn serve(
         servers.spawn(
             axum::serve(tcp, app).with_graceful_shutdown(stopped(stop_rx.clone())).into_future(),
         );
+    }
+    if let Some(addr) = config.dns_addr().context("dns_listen is not an address:port")? {
+        let agent = api_agent.clone();
+        let lookup: crate::dns::Lookup = Arc::new(move |host: &str| {
+            agent.lock().unwrap_or_else(|p| p.into_inner()).state().resolve(host)
+        });
+        let stop = stop_rx.clone();
+        servers.spawn(async move {
+            crate::dns::serve(addr, lookup, stop)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("DNS on {addr}: {e}")))
+        });
     }
     if let Some(addr) = config.metrics_listen {
         let tcp = tokio::net::TcpListener::bind(addr)

@@ -135,6 +135,8 @@ pub struct State {
     /// app pair and protocol are contiguous.
     policies: BTreeMap<Policy, u32>,
     endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    /// Internal routes: hostname (under [`INTERNAL_DOMAIN`]) → app.
+    routes: BTreeMap<String, String>,
     /// How many policy ends and endpoints name each app (derived, not
     /// stored): an app whose count drops to zero loses its tag.
     refs: BTreeMap<String, usize>,
@@ -149,6 +151,8 @@ struct Stored {
     tags: BTreeMap<String, u32>,
     policies: Vec<StoredPolicy>,
     endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    routes: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -166,6 +170,7 @@ impl From<Stored> for State {
             tags: s.tags,
             policies: s.policies.into_iter().map(|p| (p.policy, p.id)).collect(),
             endpoints: s.endpoints.into_iter().map(|e| (e.ip, e)).collect(),
+            routes: s.routes,
             refs: BTreeMap::new(),
         };
         let named: Vec<String> = state
@@ -194,6 +199,7 @@ impl From<State> for Stored {
                 .map(|(policy, id)| StoredPolicy { id, policy })
                 .collect(),
             endpoints: s.endpoints.into_values().collect(),
+            routes: s.routes,
         }
     }
 }
@@ -206,8 +212,44 @@ impl Default for State {
             tags: BTreeMap::new(),
             policies: BTreeMap::new(),
             endpoints: BTreeMap::new(),
+            routes: BTreeMap::new(),
             refs: BTreeMap::new(),
         }
+    }
+}
+
+/// The one domain internal routes live under.
+pub const INTERNAL_DOMAIN: &str = "apps.internal";
+
+/// Checks and normalises a route hostname: one DNS label (RFC 1035: 1-63
+/// letters, digits and hyphens, not starting or ending with a hyphen),
+/// lower-cased.
+pub fn check_hostname(field: &str, hostname: &str) -> Result<String, Invalid> {
+    let label = hostname.to_ascii_lowercase();
+    if label.is_empty() || label.len() > 63 {
+        return Err(Invalid::new(field, "must be 1 to 63 characters (one DNS label)"));
+    }
+    if !label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return Err(Invalid::new(
+            field,
+            format!("{hostname:?} may hold only letters, digits and hyphens"),
+        ));
+    }
+    if label.starts_with('-') || label.ends_with('-') {
+        return Err(Invalid::new(
+            field,
+            format!("{hostname:?} must not start or end with a hyphen"),
+        ));
+    }
+    Ok(label)
+}
+
+/// Checks the domain of a route: only [`INTERNAL_DOMAIN`].
+pub fn check_domain(field: &str, domain: &str) -> Result<(), Invalid> {
+    if domain.trim_end_matches('.').eq_ignore_ascii_case(INTERNAL_DOMAIN) {
+        Ok(())
+    } else {
+        Err(Invalid::new(field, format!("{domain:?}: only the {INTERNAL_DOMAIN} domain is served")))
     }
 }
 
@@ -376,6 +418,49 @@ impl State {
             .range(bound(0)..=bound(u16::MAX))
             .map(|(p, &id)| Allowance { start: p.start, end: p.end, policy_id: id })
             .collect()
+    }
+
+    /// Maps `hostname.apps.internal` to `app`. A hostname belongs to one
+    /// app at a time; mapping it again to the same app is not an error.
+    pub fn map_route(&mut self, app: &str, hostname: &str) -> Result<(), Invalid> {
+        match self.routes.get(hostname) {
+            Some(owner) if owner != app => Err(Invalid::new(
+                "hostname",
+                format!("{hostname}.{INTERNAL_DOMAIN} is mapped to app {owner}; unmap it first"),
+            )),
+            _ => {
+                self.routes.insert(hostname.to_owned(), app.to_owned());
+                Ok(())
+            }
+        }
+    }
+
+    /// Unmaps a route; a route that is not mapped is not an error, one
+    /// mapped to another app is.
+    pub fn unmap_route(&mut self, app: &str, hostname: &str) -> Result<(), Invalid> {
+        match self.routes.get(hostname) {
+            Some(owner) if owner != app => Err(Invalid::new(
+                "hostname",
+                format!("{hostname}.{INTERNAL_DOMAIN} is mapped to app {owner}, not {app}"),
+            )),
+            Some(_) => {
+                self.routes.remove(hostname);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// hostname → app.
+    pub fn routes(&self) -> &BTreeMap<String, String> {
+        &self.routes
+    }
+
+    /// The addresses of the instances of the app `hostname` names, or None
+    /// if no app has that route.
+    pub fn resolve(&self, hostname: &str) -> Option<Vec<Ipv4Addr>> {
+        let app = self.routes.get(hostname)?;
+        Some(self.endpoints.values().filter(|e| &e.app == app).map(|e| e.ip).collect())
     }
 
     /// What `ENDPOINTS` must hold: address → app tag.

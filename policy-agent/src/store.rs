@@ -37,6 +37,8 @@ pub enum Change {
     RemovePolicies(Vec<Policy>),
     AddEndpoint(Endpoint),
     RemoveEndpoint(Ipv4Addr),
+    MapRoute { app: String, hostname: String },
+    UnmapRoute { app: String, hostname: String },
 }
 
 impl Change {
@@ -53,6 +55,12 @@ impl Change {
             }
             Change::RemoveEndpoint(ip) => {
                 state.remove_endpoint(*ip);
+            }
+            Change::MapRoute { app, hostname } => {
+                let _ = state.map_route(app, hostname);
+            }
+            Change::UnmapRoute { app, hostname } => {
+                let _ = state.unmap_route(app, hostname);
             }
         }
     }

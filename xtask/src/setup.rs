@@ -26,6 +26,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("netcat-openbsd", "nc"),
     ("iputils-ping", "ping"),
     ("iperf3", "iperf3"),
+    ("dnsutils", "dig"),
+    ("curl", "curl"),
 ];
 
 pub fn tools_dir() -> Result<PathBuf> {

@@ -4,6 +4,7 @@ mod dataplane;
 mod endpoint;
 mod observe;
 mod policy;
+mod route;
 mod run;
 mod status;
 
@@ -49,6 +50,12 @@ enum Command {
     NetworkPolicies(policy::ListArgs),
     /// Programs attached, endpoints, apps and tags, policies, map occupancy.
     Status(status::StatusArgs),
+    /// Map HOST.apps.internal to APP: `map-route APP apps.internal --hostname HOST`.
+    MapRoute(route::RouteArgs),
+    /// Unmap a route: `unmap-route APP apps.internal --hostname HOST`.
+    UnmapRoute(route::RouteArgs),
+    /// List internal routes.
+    Routes(route::ListArgs),
     /// Flow events: denied packets and new allowed connections.
     Flows(observe::FlowsArgs),
     /// Why a flow is allowed or denied: SRC_IP DST_IP tcp|udp PORT.
@@ -70,6 +77,9 @@ impl Cli {
             Command::NetworkPolicies(args) => args.run(&client),
             Command::Status(args) => args.run(&client),
             Command::Flows(args) => args.run(&client),
+            Command::MapRoute(args) => args.map(&client),
+            Command::UnmapRoute(args) => args.unmap(&client),
+            Command::Routes(args) => args.run(&client),
             Command::Explain(args) => args.run(&client),
             Command::Dataplane(args) => {
                 init_logging("warn");
@@ -83,8 +93,12 @@ impl Cli {
 pub fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    use std::io::IsTerminal as _;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 /// Sends a request and turns an error reply into an error naming the

@@ -1,0 +1,63 @@
+//! `map-route`, `unmap-route`, `routes`: internal routes, with the `cf` verbs.
+
+use anyhow::Result;
+use clap::Args;
+use policy_agent::client::Client;
+use serde_json::json;
+
+use super::call;
+
+#[derive(Args)]
+pub struct RouteArgs {
+    app: String,
+    /// Only apps.internal.
+    domain: String,
+    /// The route's host: HOST.apps.internal.
+    #[arg(long)]
+    hostname: String,
+}
+
+impl RouteArgs {
+    fn body(&self) -> serde_json::Value {
+        json!({"app": self.app, "domain": self.domain, "hostname": self.hostname})
+    }
+
+    pub fn map(self, client: &Client) -> Result<()> {
+        call(client, "POST", "/v1/routes", Some(&self.body()))?;
+        println!("Mapped route {}.{} to app {}: OK", self.hostname, self.domain, self.app);
+        Ok(())
+    }
+
+    pub fn unmap(self, client: &Client) -> Result<()> {
+        call(client, "POST", "/v1/routes/delete", Some(&self.body()))?;
+        println!("Unmapped route {}.{} from app {}: OK", self.hostname, self.domain, self.app);
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// Print the API's JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ListArgs {
+    pub fn run(self, client: &Client) -> Result<()> {
+        let reply = call(client, "GET", "/v1/routes", None)?;
+        if self.json {
+            println!("{}", reply.body);
+            return Ok(());
+        }
+        println!("{:<40} app", "route");
+        for r in reply.body["routes"].as_array().into_iter().flatten() {
+            let route = format!(
+                "{}.{}",
+                r["hostname"].as_str().unwrap_or("?"),
+                r["domain"].as_str().unwrap_or("?")
+            );
+            println!("{route:<40} {}", r["app"].as_str().unwrap_or("?"));
+        }
+        Ok(())
+    }
+}
