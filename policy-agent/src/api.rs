@@ -49,6 +49,15 @@ pub struct Api {
     pub metrics: Arc<Metrics>,
     /// Becomes true at shutdown: ends `flows --follow` streams.
     pub stopping: watch::Receiver<bool>,
+    /// Platform TLS listeners (None: off).
+    pub tls: Option<Arc<crate::tls::TlsProxies>>,
+}
+
+/// Brings the TLS listeners in line after a change to endpoints or routes.
+fn sync_tls(tls: &Option<Arc<crate::tls::TlsProxies>>, agent: &Agent<Dataplane>) {
+    if let Some(tls) = tls {
+        tls.sync(agent.state());
+    }
 }
 
 type Reply = (StatusCode, Json<Value>);
@@ -271,7 +280,13 @@ async fn map_route(State(api): State<Api>, body: Body) -> Reply {
         Ok(r) => r,
         Err(e) => return invalid(&e),
     };
-    match timed_write(&api, move |agent| agent.map_route(&app, &domain, &hostname)).await {
+    let tls = api.tls.clone();
+    let write = move |agent: &mut Agent<Dataplane>| {
+        let result = agent.map_route(&app, &domain, &hostname);
+        sync_tls(&tls, agent);
+        result
+    };
+    match timed_write(&api, write).await {
         Ok(()) => ok(json!({})),
         Err(e) => failure(e),
     }
@@ -282,7 +297,13 @@ async fn unmap_route(State(api): State<Api>, body: Body) -> Reply {
         Ok(r) => r,
         Err(e) => return invalid(&e),
     };
-    match timed_write(&api, move |agent| agent.unmap_route(&app, &domain, &hostname)).await {
+    let tls = api.tls.clone();
+    let write = move |agent: &mut Agent<Dataplane>| {
+        let result = agent.unmap_route(&app, &domain, &hostname);
+        sync_tls(&tls, agent);
+        result
+    };
+    match timed_write(&api, write).await {
         Ok(()) => ok(json!({})),
         Err(e) => failure(e),
     }
@@ -502,7 +523,13 @@ async fn add_endpoint(State(api): State<Api>, body: Body) -> Reply {
         Err(e) => return invalid(&e),
     };
     let reply = endpoint_json(&endpoint);
-    match timed_write(&api, move |agent| agent.add_endpoint(endpoint)).await {
+    let tls = api.tls.clone();
+    let write = move |agent: &mut Agent<Dataplane>| {
+        let result = agent.add_endpoint(endpoint);
+        sync_tls(&tls, agent);
+        result
+    };
+    match timed_write(&api, write).await {
         Ok(()) => ok(reply),
         Err(e) => failure(e),
     }
@@ -512,7 +539,13 @@ async fn remove_endpoint(State(api): State<Api>, Path(ip): Path<String>) -> Repl
     let Ok(ip) = ip.parse::<Ipv4Addr>() else {
         return invalid(&Invalid::new("ip", format!("{ip:?} is not an IPv4 address")));
     };
-    match timed_write(&api, move |agent| agent.remove_endpoint(ip)).await {
+    let tls = api.tls.clone();
+    let write = move |agent: &mut Agent<Dataplane>| {
+        let result = agent.remove_endpoint(ip);
+        sync_tls(&tls, agent);
+        result
+    };
+    match timed_write(&api, write).await {
         Ok(removed) => ok(json!({"removed": removed})),
         Err(e) => failure(e),
     }

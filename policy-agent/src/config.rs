@@ -14,6 +14,8 @@
 //! flow_log_keep = 3                          # rotated files kept
 //! metrics_listen = "127.0.0.1:9100"          # Prometheus /metrics; absent: off
 //! dns_listen = "169.254.0.1:53"              # apps.internal DNS; "": off
+//! tls = true                                 # TLS on 61443 in each endpoint's netns
+//! tls_upstream_port = 8080                   # where it forwards, in the same netns
 //!
 //! [flow_events]
 //! allowed = true                             # first packet of allowed connections
@@ -56,6 +58,11 @@ pub struct Config {
     /// default is the gateway address containers use in the silk layout,
     /// bound even before a veth carries it.
     pub dns_listen: String,
+    /// Serve platform TLS on 61443 in every endpoint's namespace (endpoints
+    /// registered with `--netns`).
+    pub tls: bool,
+    /// The app port the TLS listeners forward to.
+    pub tls_upstream_port: u16,
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/policy-agent/agent.sock";
@@ -77,6 +84,8 @@ impl Default for Config {
             flow_log_keep: 3,
             metrics_listen: None,
             dns_listen: "169.254.0.1:53".to_owned(),
+            tls: true,
+            tls_upstream_port: 8080,
         }
     }
 }

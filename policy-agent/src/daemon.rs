@@ -59,12 +59,21 @@ pub fn run(config: Config) -> Result<()> {
             .context("cannot start the flow event reader")?
     };
     let (stop_tx, stop_rx) = watch::channel(false);
+    let tls = if config.tls {
+        let ca = crate::tls::PlatformCa::load_or_create(&config.state_dir)
+            .context("failed to set up the platform CA")?;
+        info!(bundle = %ca.bundle().display(), "platform CA bundle");
+        Some(Arc::new(crate::tls::TlsProxies::new(ca, config.tls_upstream_port)))
+    } else {
+        None
+    };
     let api = Api {
         agent,
         max_body_bytes: config.max_body_bytes,
         hub,
         metrics: metrics.clone(),
         stopping: stop_rx,
+        tls,
     };
     let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -96,6 +105,15 @@ async fn serve(
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let api_agent = api.agent.clone();
+    if let Some(tls) = api.tls.clone() {
+        let agent = api.agent.clone();
+        // Listeners for the endpoints already registered.
+        tokio::task::spawn_blocking(move || {
+            tls.sync(agent.lock().unwrap_or_else(|p| p.into_inner()).state())
+        })
+        .await
+        .context("starting the TLS listeners")?;
+    }
     let app = router(api);
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(

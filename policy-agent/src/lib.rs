@@ -20,6 +20,7 @@ pub mod state;
 pub mod store;
 mod sys;
 pub mod tables;
+pub mod tls;
 
 pub use dataplane::{Capacities, Dataplane, DataplaneConfig, Direction};
 pub use error::Error;

@@ -58,6 +58,15 @@ impl NetNs {
         cmd
     }
 
+    /// Makes `ip netns exec` commands in this namespace resolve names with
+    /// `nameserver` (iproute2 bind-mounts /etc/netns/NAME/resolv.conf).
+    pub fn use_nameserver(&self, nameserver: std::net::Ipv4Addr) {
+        let dir = PathBuf::from("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).expect("create /etc/netns dir");
+        std::fs::write(dir.join("resolv.conf"), format!("nameserver {nameserver}\n"))
+            .expect("write resolv.conf");
+    }
+
     /// Writes a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
@@ -112,6 +121,7 @@ impl Drop for EnteredNetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&self.name));
         let out = Command::new("ip").args(["netns", "del", &self.name]).output();
         if !matches!(&out, Ok(o) if o.status.success()) && !std::thread::panicking() {
             eprintln!("warning: could not delete netns {}: {out:?}", self.name);

@@ -274,3 +274,34 @@ impl SteadyFlows {
         }
     }
 }
+
+/// A minimal HTTP/1.1 server with keep-alive: every request gets `200 OK`
+/// and `body`.
+pub fn http_server(ns: &NetNs, ip: Ipv4Addr, port: u16, body: &'static str) -> JoinHandle<()> {
+    let listener = ns.run(move || TcpListener::bind((ip, port))).expect("bind http server");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                    while let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                        request.drain(..end + 4);
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if stream.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    })
+}

@@ -28,6 +28,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("dnsutils", "dig"),
     ("curl", "curl"),
+    ("openssl", "openssl"),
 ];
 
 pub fn tools_dir() -> Result<PathBuf> {

@@ -1,0 +1,147 @@
+//! Platform TLS on 61443: real curl and openssl from container namespaces,
+//! names resolved by the agent's DNS.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpStream},
+    sync::Arc,
+    time::Duration,
+};
+
+use integration_tests::{
+    daemon::Daemon,
+    netns::NetNs,
+    require_root,
+    topology::{GATEWAY, Host},
+    traffic::http_server,
+};
+
+fn curl(ns: &NetNs, ca: &str, url: &str, extra: &[&str]) -> (bool, String) {
+    let out = ns
+        .command("curl")
+        .args(["-sS", "--max-time", "3", "--cacert", ca])
+        .args(extra)
+        .arg(url)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+/// The subject alternative names the listener at `ip:61443` presents now.
+fn sans(ns: &NetNs, ca: &str, ip: Ipv4Addr) -> String {
+    let script = format!(
+        "openssl s_client -connect {ip}:61443 -servername backend.apps.internal -CAfile {ca} </dev/null 2>/dev/null | openssl x509 -noout -ext subjectAltName"
+    );
+    let out = ns.command("sh").args(["-c", &script]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A kept-alive TLS connection from `ns` to `ip:61443` for `name`.
+fn tls_connection(
+    ns: &NetNs,
+    ca: &str,
+    ip: Ipv4Addr,
+    name: &'static str,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(ca).unwrap()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(name).unwrap())
+        .unwrap();
+    let tcp = ns.run(move || TcpStream::connect((ip, 61443))).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+fn get(stream: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>) -> String {
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: backend.apps.internal\r\n\r\n").unwrap();
+    let mut buf = [0u8; 512];
+    let n = stream.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn tls_on_61443_needs_a_policy_and_follows_the_routes() {
+    require_root();
+    let host = Host::new(2);
+    let daemon = Daemon::start(&host.ns, "");
+    let (a, b) = (host.container(0), host.container(1));
+    for (c, app) in [(a, "frontend"), (b, "backend")] {
+        let netns = c.ns.path();
+        daemon.cli_ok(&[
+            "endpoint",
+            "add",
+            "--app",
+            app,
+            "--ip",
+            &c.ip.to_string(),
+            "--ifname",
+            &c.host_ifname,
+            "--netns",
+            netns.to_str().unwrap(),
+        ]);
+    }
+    daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
+    http_server(&b.ns, b.ip, 8080, "hello from backend");
+    a.ns.use_nameserver(GATEWAY);
+    let ca = daemon.state_dir().join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let url = "https://backend.apps.internal:61443/";
+
+    let (ok, out) = curl(&a.ns, ca, url, &[]);
+    assert!(!ok, "61443 needs a policy: {out}");
+    daemon.cli_ok(&[
+        "add-network-policy",
+        "frontend",
+        "--destination-app",
+        "backend",
+        "--protocol",
+        "tcp",
+        "--port",
+        "61443",
+    ]);
+    let (ok, out) = curl(&a.ns, ca, url, &[]);
+    assert!(ok && out.contains("hello from backend"), "{out}");
+    // 61443 is not on the host.
+    let (ok, _) = curl(&host.ns, ca, &format!("https://{GATEWAY}:61443/"), &["--insecure"]);
+    assert!(!ok);
+
+    assert!(
+        sans(&a.ns, ca, b.ip).contains("DNS:backend.apps.internal"),
+        "{}",
+        sans(&a.ns, ca, b.ip)
+    );
+    assert!(sans(&a.ns, ca, b.ip).contains(&format!("IP Address:{}", b.ip)));
+
+    // An open connection, then a second route: the next handshake names both.
+    let mut open = tls_connection(&a.ns, ca, b.ip, "backend.apps.internal");
+    assert!(get(&mut open).contains("hello from backend"));
+    daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "api"]);
+    let names = sans(&a.ns, ca, b.ip);
+    assert!(
+        names.contains("DNS:backend.apps.internal") && names.contains("DNS:api.apps.internal"),
+        "{names}"
+    );
+    let (ok, out) = curl(&a.ns, ca, "https://api.apps.internal:61443/", &[]);
+    assert!(ok && out.contains("hello from backend"), "{out}");
+
+    // Unmapped: the removed name fails verification (pinned to the address,
+    // as DNS no longer has it); the open connection goes on.
+    daemon.cli_ok(&["unmap-route", "backend", "apps.internal", "--hostname", "backend"]);
+    let resolve = format!("backend.apps.internal:61443:{}", b.ip);
+    let (ok, out) = curl(&a.ns, ca, url, &["--resolve", &resolve]);
+    assert!(!ok && out.contains("no alternative certificate subject name matches"), "{out}");
+    assert!(
+        get(&mut open).contains("hello from backend"),
+        "the open connection survived the re-issue"
+    );
+}
