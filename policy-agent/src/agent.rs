@@ -46,8 +46,10 @@ impl<K: Kernel> Agent<K> {
         mut kernel: K,
         mut store: Store,
         limit: Option<usize>,
+        tls_front: Option<crate::state::TlsFront>,
     ) -> Result<(Self, Vec<String>), AgentError> {
-        let state = store.load()?;
+        let mut state = store.load()?;
+        state.set_tls_front(tls_front);
         let warnings = reconcile::full(&mut kernel, &state)?;
         info!(
             policies = state.policy_count(),
@@ -241,6 +243,7 @@ mod tests {
             protocol: Protocol::Tcp,
             start: port,
             end: port,
+            tls_only: false,
         }
     }
 
@@ -252,7 +255,7 @@ mod tests {
     #[test]
     fn writes_are_durable_and_failed_ones_change_nothing() {
         let store = temp_store("durable");
-        let (mut agent, _) = Agent::start(FakeKernel::new(1), store, None).unwrap();
+        let (mut agent, _) = Agent::start(FakeKernel::new(1), store, None, None).unwrap();
         agent.add_policies(&[policy(80)]).unwrap();
         assert_eq!(&reload("durable"), agent.state());
         // A second pair does not fit in the fake kernel: nothing changes.
@@ -271,7 +274,7 @@ mod tests {
     fn endpoints_attach_and_a_missing_interface_is_invalid() {
         let mut kernel = FakeKernel::new(10);
         kernel.interfaces.insert("hv0".into());
-        let (mut agent, _) = Agent::start(kernel, temp_store("endpoints"), None).unwrap();
+        let (mut agent, _) = Agent::start(kernel, temp_store("endpoints"), None, None).unwrap();
         let ip = Ipv4Addr::new(10, 255, 0, 1);
         let missing = Endpoint { ip, app: "web".into(), ifname: "nope".into(), netns: None };
         match agent.add_endpoint(missing) {

@@ -411,22 +411,32 @@ pub fn parse_policies(body: &Value) -> Result<Vec<Policy>, Invalid> {
                 }
                 (None, None) => return Err(Invalid::new(at("destination.ports"), "missing")),
             };
+            let tls_only = match p.get("tls_only") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err(Invalid::new(at("tls_only"), "must be true or false")),
+            };
             Ok(Policy {
                 source: source_id.to_owned(),
                 destination: dest_id.to_owned(),
                 protocol,
                 start,
                 end,
+                tls_only,
             })
         })
         .collect()
 }
 
 pub fn policy_json(p: &Policy) -> Value {
-    json!({
+    let mut v = json!({
         "source": {"id": p.source},
         "destination": {"id": p.destination, "protocol": p.protocol.name(), "ports": {"start": p.start, "end": p.end}},
-    })
+    });
+    if p.tls_only {
+        v["tls_only"] = json!(true);
+    }
+    v
 }
 
 async fn create_policies(State(api): State<Api>, body: Body) -> Reply {
@@ -496,8 +506,23 @@ pub fn endpoint_json(e: &Endpoint) -> Value {
 }
 
 async fn list_endpoints(State(api): State<Api>) -> Reply {
-    let endpoints: Vec<Value> =
-        with_agent(&api, |agent| agent.state().endpoints().map(endpoint_json).collect()).await;
+    let endpoints: Vec<Value> = with_agent(&api, |agent| {
+        let front = agent.state().tls_front();
+        agent
+            .state()
+            .endpoints()
+            .map(|e| {
+                let mut v = endpoint_json(e);
+                // Cloud Foundry's CF_INSTANCE_PORTS shape.
+                if let (Some(front), Some(_)) = (front, &e.netns) {
+                    v["ports"] =
+                        json!([{"internal": front.app_port, "internal_tls_proxy": front.tls_port}]);
+                }
+                v
+            })
+            .collect()
+    })
+    .await;
     ok(json!({"endpoints": endpoints}))
 }
 

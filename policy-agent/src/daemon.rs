@@ -38,7 +38,11 @@ pub fn run(config: Config) -> Result<()> {
     let ring = dataplane.take_flow_events().context("the flow event ring buffer is missing")?;
     let store = Store::open(&config.state_dir)?;
     let started = std::time::Instant::now();
-    let (agent, warnings) = Agent::start(dataplane, store, config.policy_limit())
+    let tls_front = config.tls.then_some(crate::state::TlsFront {
+        app_port: config.tls_upstream_port,
+        tls_port: crate::tls::TLS_PORT,
+    });
+    let (agent, warnings) = Agent::start(dataplane, store, config.policy_limit(), tls_front)
         .context("failed to reconcile the kernel to the stored state")?;
     let reconcile_time = started.elapsed();
     for w in warnings {
@@ -63,7 +67,8 @@ pub fn run(config: Config) -> Result<()> {
         let ca = crate::tls::PlatformCa::load_or_create(&config.state_dir)
             .context("failed to set up the platform CA")?;
         info!(bundle = %ca.bundle().display(), "platform CA bundle");
-        Some(Arc::new(crate::tls::TlsProxies::new(ca, config.tls_upstream_port)))
+        let instances = config.state_dir.join("instances");
+        Some(Arc::new(crate::tls::TlsProxies::new(ca, config.tls_upstream_port, instances)))
     } else {
         None
     };

@@ -329,6 +329,7 @@ mod tests {
             protocol: Protocol::Tcp,
             start: port,
             end: port,
+            tls_only: false,
         }
     }
 

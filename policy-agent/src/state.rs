@@ -57,6 +57,9 @@ pub struct Policy {
     pub protocol: Protocol,
     pub start: u16,
     pub end: u16,
+    /// Allow only the TLS port fronting the app port, not the port itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_only: bool,
 }
 
 /// A container instance, as a CNI plugin reports it.
@@ -137,6 +140,9 @@ pub struct State {
     endpoints: BTreeMap<Ipv4Addr, Endpoint>,
     /// Internal routes: hostname (under [`INTERNAL_DOMAIN`]) → app.
     routes: BTreeMap<String, String>,
+    /// Platform TLS: which TLS port fronts which app port (configuration,
+    /// not stored).
+    tls_front: Option<TlsFront>,
     /// How many policy ends and endpoints name each app (derived, not
     /// stored): an app whose count drops to zero loses its tag.
     refs: BTreeMap<String, usize>,
@@ -171,6 +177,7 @@ impl From<Stored> for State {
             policies: s.policies.into_iter().map(|p| (p.policy, p.id)).collect(),
             endpoints: s.endpoints.into_iter().map(|e| (e.ip, e)).collect(),
             routes: s.routes,
+            tls_front: None,
             refs: BTreeMap::new(),
         };
         let named: Vec<String> = state
@@ -213,9 +220,18 @@ impl Default for State {
             policies: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             routes: BTreeMap::new(),
+            tls_front: None,
             refs: BTreeMap::new(),
         }
     }
+}
+
+/// A TLS port fronting an app port on every instance (Cloud Foundry's
+/// `internal_tls_proxy` for `internal`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsFront {
+    pub app_port: u16,
+    pub tls_port: u16,
 }
 
 /// The one domain internal routes live under.
@@ -322,6 +338,21 @@ impl State {
         policies: &[Policy],
         limit: Option<usize>,
     ) -> Result<(), Invalid> {
+        for (i, p) in policies.iter().enumerate().filter(|(_, p)| p.tls_only) {
+            let field = format!("policies[{i}].tls_only");
+            let Some(front) = self.tls_front else {
+                return Err(Invalid::new(field, "platform TLS is off on this agent"));
+            };
+            if p.protocol != Protocol::Tcp || p.start > front.app_port || front.app_port > p.end {
+                return Err(Invalid::new(
+                    field,
+                    format!(
+                        "a TLS-only policy must be tcp and cover port {}, the port platform TLS fronts",
+                        front.app_port
+                    ),
+                ));
+            }
+        }
         if let Some(limit) = limit {
             let mut new_per_source: BTreeMap<&str, BTreeSet<&Policy>> = BTreeMap::new();
             for p in policies.iter().filter(|p| !self.policies.contains_key(*p)) {
@@ -339,6 +370,13 @@ impl State {
                 }
             }
         }
+        self.insert_policies(policies);
+        Ok(())
+    }
+
+    /// Adds policies without the checks of [`Self::add_policies`]: for
+    /// replaying changes that were checked when they were accepted.
+    pub fn insert_policies(&mut self, policies: &[Policy]) {
         self.allocate_tags(
             policies.iter().flat_map(|p| [p.source.as_str(), p.destination.as_str()]),
         );
@@ -350,7 +388,6 @@ impl State {
                 self.reference(&p.destination);
             }
         }
-        Ok(())
     }
 
     /// Removes policies (missing ones are not an error).
@@ -383,6 +420,33 @@ impl State {
         old
     }
 
+    /// Declares that TLS port `tls` fronts app port `app_port` on every
+    /// instance (the agent's platform TLS); None: no TLS. Not stored: the
+    /// agent sets it from its configuration.
+    pub fn set_tls_front(&mut self, front: Option<TlsFront>) {
+        self.tls_front = front;
+    }
+
+    pub fn tls_front(&self) -> Option<TlsFront> {
+        self.tls_front
+    }
+
+    /// The port ranges one policy allows: its own ports (unless TLS-only),
+    /// and the TLS port fronting the app port if the policy covers it.
+    fn allowances_of(&self, p: &Policy, policy_id: u32) -> Vec<Allowance> {
+        let mut out = Vec::with_capacity(2);
+        if !p.tls_only {
+            out.push(Allowance { start: p.start, end: p.end, policy_id });
+        }
+        if let Some(front) = self
+            .tls_front
+            .filter(|f| p.protocol == Protocol::Tcp && p.start <= f.app_port && f.app_port <= p.end)
+        {
+            out.push(Allowance { start: front.tls_port, end: front.tls_port, policy_id });
+        }
+        out
+    }
+
     /// What `POLICIES` must hold: the allowances of every app pair.
     pub fn pairs(&self) -> BTreeMap<PairKey, Vec<Allowance>> {
         let mut pairs: BTreeMap<PairKey, Vec<Allowance>> = BTreeMap::new();
@@ -390,11 +454,10 @@ impl State {
             let (Some(src), Some(dst)) = (self.tag(&p.source), self.tag(&p.destination)) else {
                 continue; // unreachable: policies always have tags
             };
-            pairs.entry(PairKey::new(src, dst, p.protocol.number())).or_default().push(Allowance {
-                start: p.start,
-                end: p.end,
-                policy_id: id,
-            });
+            pairs
+                .entry(PairKey::new(src, dst, p.protocol.number()))
+                .or_default()
+                .extend(self.allowances_of(p, id));
         }
         pairs
     }
@@ -407,16 +470,17 @@ impl State {
         destination: &str,
         protocol: Protocol,
     ) -> Vec<Allowance> {
-        let bound = |port| Policy {
+        let bound = |port, tls_only| Policy {
             source: source.to_owned(),
             destination: destination.to_owned(),
             protocol,
             start: port,
             end: port,
+            tls_only,
         };
         self.policies
-            .range(bound(0)..=bound(u16::MAX))
-            .map(|(p, &id)| Allowance { start: p.start, end: p.end, policy_id: id })
+            .range(bound(0, false)..=bound(u16::MAX, true))
+            .flat_map(|(p, &id)| self.allowances_of(p, id))
             .collect()
     }
 
@@ -477,6 +541,7 @@ impl State {
             protocol: Protocol::Tcp,
             start: 0,
             end: 0,
+            tls_only: false,
         };
         self.policies.range(first..).take_while(|(p, _)| p.source == source).count()
     }
@@ -487,7 +552,14 @@ mod tests {
     use super::*;
 
     fn policy(src: &str, dst: &str, protocol: Protocol, start: u16, end: u16) -> Policy {
-        Policy { source: src.into(), destination: dst.into(), protocol, start, end }
+        Policy {
+            source: src.into(),
+            destination: dst.into(),
+            protocol,
+            start,
+            end,
+            tls_only: false,
+        }
     }
 
     #[test]

@@ -46,9 +46,7 @@ impl Change {
     /// accepted (a per-source limit may have changed since).
     pub fn replay(&self, state: &mut State) {
         match self {
-            Change::AddPolicies(p) => {
-                let _ = state.add_policies(p, None);
-            }
+            Change::AddPolicies(p) => state.insert_policies(p),
             Change::RemovePolicies(p) => state.remove_policies(p),
             Change::AddEndpoint(e) => {
                 state.add_endpoint(e.clone());
@@ -222,6 +220,7 @@ mod tests {
             protocol: Protocol::Tcp,
             start: port,
             end: port,
+            tls_only: false,
         }
     }
 

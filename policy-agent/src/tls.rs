@@ -168,7 +168,17 @@ struct Running {
 pub struct TlsProxies {
     ca: PlatformCa,
     upstream_port: u16,
+    /// Where each instance's port mapping is written (`<ip>.json`).
+    instances_dir: PathBuf,
     running: Mutex<BTreeMap<Ipv4Addr, Running>>,
+}
+
+/// An instance's ports in the shape of Cloud Foundry's `CF_INSTANCE_PORTS`.
+pub fn instance_ports(ip: Ipv4Addr, app_port: u16) -> serde_json::Value {
+    serde_json::json!({
+        "CF_INSTANCE_IP": ip.to_string(),
+        "CF_INSTANCE_PORTS": [{"internal": app_port, "internal_tls_proxy": TLS_PORT}],
+    })
 }
 
 /// Runs `f` with the calling thread in the network namespace at `netns`
@@ -195,8 +205,21 @@ fn in_netns<T>(netns: &Path, f: impl FnOnce() -> std::io::Result<T>) -> std::io:
 }
 
 impl TlsProxies {
-    pub fn new(ca: PlatformCa, upstream_port: u16) -> Self {
-        Self { ca, upstream_port, running: Mutex::new(BTreeMap::new()) }
+    pub fn new(ca: PlatformCa, upstream_port: u16, instances_dir: PathBuf) -> Self {
+        Self { ca, upstream_port, instances_dir, running: Mutex::new(BTreeMap::new()) }
+    }
+
+    fn ports_file(&self, ip: Ipv4Addr) -> PathBuf {
+        self.instances_dir.join(format!("{ip}.json"))
+    }
+
+    /// Writes the instance's port mapping where the container can read it.
+    fn write_ports(&self, ip: Ipv4Addr) -> std::io::Result<()> {
+        fs::create_dir_all(&self.instances_dir)?;
+        let path = self.ports_file(ip);
+        let tmp = path.with_extension("json.tmp");
+        fs::write(&tmp, instance_ports(ip, self.upstream_port).to_string())?;
+        fs::rename(&tmp, &path)
     }
 
     pub fn bundle(&self) -> &Path {
@@ -230,6 +253,7 @@ impl TlsProxies {
                 wanted.get(ip).is_some_and(|w| w.netns == r.wanted.netns && w.app == r.wanted.app);
             if !keep {
                 r.task.abort();
+                let _ = fs::remove_file(self.ports_file(*ip));
                 info!(%ip, "TLS listener stopped");
             }
             keep
@@ -250,6 +274,9 @@ impl TlsProxies {
             }
             match self.start(ip, &want) {
                 Ok(r) => {
+                    if let Err(e) = self.write_ports(ip) {
+                        warn!(%ip, error = %e, "cannot write the instance's port mapping");
+                    }
                     running.insert(ip, r);
                 }
                 Err(e) => {

@@ -145,3 +145,95 @@ fn tls_on_61443_needs_a_policy_and_follows_the_routes() {
         "the open connection survived the re-issue"
     );
 }
+
+#[test]
+fn a_policy_on_the_app_port_allows_its_tls_port_and_tls_only_allows_nothing_else() {
+    require_root();
+    let host = Host::new(3);
+    let daemon = Daemon::start(&host.ns, "");
+    let (a, b, w) = (host.container(0), host.container(1), host.container(2));
+    for (c, app) in [(a, "frontend"), (b, "backend"), (w, "worker")] {
+        let netns = c.ns.path();
+        daemon.cli_ok(&[
+            "endpoint",
+            "add",
+            "--app",
+            app,
+            "--ip",
+            &c.ip.to_string(),
+            "--ifname",
+            &c.host_ifname,
+            "--netns",
+            netns.to_str().unwrap(),
+        ]);
+    }
+    daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
+    http_server(&b.ns, b.ip, 8080, "hello from backend");
+    for c in [a, w] {
+        c.ns.use_nameserver(GATEWAY);
+    }
+    let ca = daemon.state_dir().join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let tls_url = "https://backend.apps.internal:61443/";
+    let plain_url = format!("http://{}:8080/", b.ip);
+
+    // The instance's port mapping, as CF_INSTANCE_PORTS.
+    let ports: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(daemon.state_dir().join(format!("instances/{}.json", b.ip))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        ports["CF_INSTANCE_PORTS"],
+        serde_json::json!([{"internal": 8080, "internal_tls_proxy": 61443}])
+    );
+
+    // A policy on the app port also allows the TLS port fronting it.
+    daemon.cli_ok(&[
+        "add-network-policy",
+        "frontend",
+        "--destination-app",
+        "backend",
+        "--protocol",
+        "tcp",
+        "--port",
+        "8080",
+    ]);
+    assert!(curl(&a.ns, ca, &plain_url, &[]).0, "plaintext to 8080");
+    let (ok, out) = curl(&a.ns, ca, tls_url, &[]);
+    assert!(ok && out.contains("hello from backend"), "TLS through the allowance: {out}");
+
+    // TLS only: encrypted or nothing.
+    daemon.cli_ok(&[
+        "add-network-policy",
+        "worker",
+        "--destination-app",
+        "backend",
+        "--protocol",
+        "tcp",
+        "--port",
+        "8080",
+        "--tls-only",
+    ]);
+    assert!(!curl(&w.ns, ca, &plain_url, &[]).0, "plaintext denied for a TLS-only policy");
+    let (ok, out) = curl(&w.ns, ca, tls_url, &[]);
+    assert!(ok && out.contains("hello from backend"), "{out}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&daemon.cli_ok(&["network-policies", "--json", "--source", "worker"]))
+            .unwrap();
+    assert_eq!(listed["policies"][0]["tls_only"], true);
+
+    // TLS-only must cover the fronted port.
+    let out = daemon.cli(&[
+        "add-network-policy",
+        "worker",
+        "--destination-app",
+        "backend",
+        "--protocol",
+        "tcp",
+        "--port",
+        "9000",
+        "--tls-only",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cover port 8080"));
+}

@@ -26,6 +26,9 @@ pub struct PolicyArgs {
     /// PORT or START-END (1-65535).
     #[arg(long)]
     port: String,
+    /// Allow only the platform TLS port (61443) fronting PORT, not PORT.
+    #[arg(long)]
+    tls_only: bool,
 }
 
 impl PolicyArgs {
@@ -35,10 +38,14 @@ impl PolicyArgs {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
         };
-        Ok(json!({"policies": [{
+        let mut policy = json!({
             "source": {"id": self.source_app},
             "destination": {"id": self.destination_app, "protocol": protocol, "ports": {"start": start, "end": end}},
-        }]}))
+        });
+        if self.tls_only {
+            policy["tls_only"] = json!(true);
+        }
+        Ok(json!({"policies": [policy]}))
     }
 
     pub fn add(self, client: &Client) -> Result<()> {
