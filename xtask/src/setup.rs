@@ -18,7 +18,8 @@ const NIGHTLY: &str = "nightly";
 /// The LLVM major version of the installed nightly; bpf-linker's feature.
 const LLVM_FEATURE: &str = "llvm-22";
 
-/// Debian packages the tests, the demo and the benchmarks use, with the
+/// Debian packages the tests, the demo and the benchmarks use (dig, curl
+/// and openssl are the real clients of the DNS and TLS tests), with the
 /// command each provides (checked instead of asking dpkg when present).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
