@@ -128,6 +128,24 @@ impl Daemon {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `policy-agent endpoint add` for a test container: its app, address,
+    /// host-side veth and network namespace.
+    pub fn register(&self, container: &crate::topology::Container, app: &str) {
+        let (ip, netns) = (container.ip.to_string(), container.ns.path());
+        self.cli_ok(&[
+            "endpoint",
+            "add",
+            "--app",
+            app,
+            "--ip",
+            &ip,
+            "--ifname",
+            &container.host_ifname,
+            "--netns",
+            netns.to_str().expect("netns path"),
+        ]);
+    }
+
     /// `curl` against the API socket: (HTTP status, JSON body).
     pub fn curl(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         let mut cmd = Command::new("curl");

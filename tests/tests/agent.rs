@@ -31,20 +31,7 @@ fn policy_set(body: &Value) -> BTreeSet<String> {
 
 /// Registers container `i` as an instance of `app` through the CLI.
 fn add_endpoint(daemon: &Daemon, host: &Host, i: usize, app: &str) {
-    let c = host.container(i);
-    let netns = c.ns.path();
-    daemon.cli_ok(&[
-        "endpoint",
-        "add",
-        "--app",
-        app,
-        "--ip",
-        &c.ip.to_string(),
-        "--ifname",
-        &c.host_ifname,
-        "--netns",
-        netns.to_str().unwrap(),
-    ]);
+    daemon.register(host.container(i), app);
 }
 
 #[test]

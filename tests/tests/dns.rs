@@ -37,16 +37,7 @@ fn routes_resolve_to_every_instance_in_varying_order() {
     let daemon = Daemon::start(&host.ns, "");
     for (i, app) in [(0, "frontend"), (1, "backend"), (2, "backend")] {
         let c = host.container(i);
-        daemon.cli_ok(&[
-            "endpoint",
-            "add",
-            "--app",
-            app,
-            "--ip",
-            &c.ip.to_string(),
-            "--ifname",
-            &c.host_ifname,
-        ]);
+        daemon.register(c, app);
     }
     let client = &host.container(0).ns;
     assert_eq!(status(client, &["backend.apps.internal"]), "NXDOMAIN", "no route yet");
@@ -74,16 +65,7 @@ fn routes_resolve_to_every_instance_in_varying_order() {
 
     // A new instance shows at the next query; a second hostname works.
     let c3 = host.container(3);
-    daemon.cli_ok(&[
-        "endpoint",
-        "add",
-        "--app",
-        "backend",
-        "--ip",
-        &c3.ip.to_string(),
-        "--ifname",
-        &c3.host_ifname,
-    ]);
+    daemon.register(c3, "backend");
     assert_eq!(addresses(client, "backend.apps.internal").len(), 3);
     daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "api"]);
     assert_eq!(addresses(client, "api.apps.internal").len(), 3);
@@ -103,16 +85,7 @@ fn bad_routes_are_refused_and_routes_survive_a_restart() {
     let host = Host::new(2);
     let mut daemon = Daemon::start(&host.ns, "");
     let c = host.container(1);
-    daemon.cli_ok(&[
-        "endpoint",
-        "add",
-        "--app",
-        "backend",
-        "--ip",
-        &c.ip.to_string(),
-        "--ifname",
-        &c.host_ifname,
-    ]);
+    daemon.register(c, "backend");
     daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
     for (args, says) in [
         (
@@ -148,16 +121,7 @@ fn garbage_queries_do_not_hurt_the_server() {
     let host = Host::new(2);
     let daemon = Daemon::start(&host.ns, "");
     let c = host.container(1);
-    daemon.cli_ok(&[
-        "endpoint",
-        "add",
-        "--app",
-        "backend",
-        "--ip",
-        &c.ip.to_string(),
-        "--ifname",
-        &c.host_ifname,
-    ]);
+    daemon.register(c, "backend");
     daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
     let client = &host.container(0).ns;
     let junk: Vec<Vec<u8>> = vec![

@@ -22,16 +22,7 @@ fn setup(extra: &str) -> (Host, Daemon) {
     let daemon = Daemon::start(&host.ns, extra);
     for (i, app) in ["frontend", "backend", "worker"].into_iter().enumerate() {
         let c = host.container(i);
-        daemon.cli_ok(&[
-            "endpoint",
-            "add",
-            "--app",
-            app,
-            "--ip",
-            &c.ip.to_string(),
-            "--ifname",
-            &c.host_ifname,
-        ]);
+        daemon.register(c, app);
     }
     (host, daemon)
 }

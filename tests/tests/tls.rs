@@ -76,19 +76,7 @@ fn tls_on_61443_needs_a_policy_and_follows_the_routes() {
     let daemon = Daemon::start(&host.ns, "");
     let (a, b) = (host.container(0), host.container(1));
     for (c, app) in [(a, "frontend"), (b, "backend")] {
-        let netns = c.ns.path();
-        daemon.cli_ok(&[
-            "endpoint",
-            "add",
-            "--app",
-            app,
-            "--ip",
-            &c.ip.to_string(),
-            "--ifname",
-            &c.host_ifname,
-            "--netns",
-            netns.to_str().unwrap(),
-        ]);
+        daemon.register(c, app);
     }
     daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
     http_server(&b.ns, b.ip, 8080, "hello from backend");
@@ -153,19 +141,7 @@ fn a_policy_on_the_app_port_allows_its_tls_port_and_tls_only_allows_nothing_else
     let daemon = Daemon::start(&host.ns, "");
     let (a, b, w) = (host.container(0), host.container(1), host.container(2));
     for (c, app) in [(a, "frontend"), (b, "backend"), (w, "worker")] {
-        let netns = c.ns.path();
-        daemon.cli_ok(&[
-            "endpoint",
-            "add",
-            "--app",
-            app,
-            "--ip",
-            &c.ip.to_string(),
-            "--ifname",
-            &c.host_ifname,
-            "--netns",
-            netns.to_str().unwrap(),
-        ]);
+        daemon.register(c, app);
     }
     daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
     http_server(&b.ns, b.ip, 8080, "hello from backend");

@@ -41,16 +41,7 @@ fn write_to_enforcement(rounds: usize) {
     let daemon = Daemon::start(&host.ns, "log_level = \"warn\"");
     let (a, b) = (host.container(0), host.container(1));
     for (c, app) in [(a, "frontend"), (b, "backend")] {
-        daemon.cli_ok(&[
-            "endpoint",
-            "add",
-            "--app",
-            app,
-            "--ip",
-            &c.ip.to_string(),
-            "--ifname",
-            &c.host_ifname,
-        ]);
+        daemon.register(c, app);
     }
     let client = Client::new(&daemon.socket);
     let rx = b.ns.run(|| UdpSocket::bind((b.ip, 7000))).expect("bind");

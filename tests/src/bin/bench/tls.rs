@@ -123,19 +123,7 @@ pub fn run(quick: bool) {
     let daemon = Daemon::start(&host.ns, "log_level = \"warn\"");
     let (a, b) = (host.container(0), host.container(1));
     for (c, app) in [(a, "frontend"), (b, "backend")] {
-        let netns = c.ns.path();
-        daemon.cli_ok(&[
-            "endpoint",
-            "add",
-            "--app",
-            app,
-            "--ip",
-            &c.ip.to_string(),
-            "--ifname",
-            &c.host_ifname,
-            "--netns",
-            netns.to_str().expect("path"),
-        ]);
+        daemon.register(c, app);
     }
     daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
     daemon.cli_ok(&[
