@@ -140,11 +140,13 @@ async fn serve(
         let lookup: crate::dns::Lookup = Arc::new(move |host: &str| {
             agent.lock().unwrap_or_else(|p| p.into_inner()).state().resolve(host)
         });
+        let (udp, tcp) = crate::dns::bind(addr).with_context(|| {
+            format!("cannot serve DNS on {addr} - is another DNS server on that port? set dns_listen (\"\" turns DNS off)")
+        })?;
         let stop = stop_rx.clone();
         servers.spawn(async move {
-            crate::dns::serve(addr, lookup, stop)
-                .await
-                .map_err(|e| std::io::Error::new(e.kind(), format!("DNS on {addr}: {e}")))
+            crate::dns::run(udp, tcp, lookup, stop).await;
+            Ok(())
         });
     }
     if let Some(addr) = config.metrics_listen {

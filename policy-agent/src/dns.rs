@@ -178,15 +178,16 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
-/// Serves DNS on `addr` (UDP and TCP) until `stop` turns true.
-pub async fn serve(
-    addr: SocketAddr,
-    lookup: Lookup,
-    stop: watch::Receiver<bool>,
-) -> std::io::Result<()> {
+/// The UDP and TCP sockets for `addr` (so a busy port fails at start-up).
+pub fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
     let udp = UdpSocket::from_std(bind_udp(addr)?)?;
     let tcp = TcpListener::from_std(bind_tcp(addr)?)?;
     info!(%addr, "apps.internal DNS ready (UDP and TCP)");
+    Ok((udp, tcp))
+}
+
+/// Answers on bound sockets until `stop` turns true.
+pub async fn run(udp: UdpSocket, tcp: TcpListener, lookup: Lookup, stop: watch::Receiver<bool>) {
     let udp_task = {
         let (lookup, mut stop) = (lookup.clone(), stop.clone());
         async move {
@@ -221,7 +222,6 @@ pub async fn serve(
         }
     };
     tokio::join!(udp_task, tcp_task);
-    Ok(())
 }
 
 /// One TCP connection: length-prefixed messages (RFC 1035 4.2.2) until the

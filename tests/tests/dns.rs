@@ -144,3 +144,37 @@ fn garbage_queries_do_not_hurt_the_server() {
     assert_eq!(addresses(client, "backend.apps.internal"), vec![c.ip], "still answering");
     assert!(daemon.cli(&["status"]).status.success());
 }
+
+#[test]
+fn a_busy_dns_port_stops_the_agent_with_a_clear_error() {
+    require_root();
+    let host = Host::new(1);
+    // Something else already answers on the gateway's port 53.
+    let _other = host.ns.run(|| std::net::UdpSocket::bind((GATEWAY, 53))).unwrap();
+    let dir = std::env::temp_dir().join(integration_tests::unique_name("busy"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pin_dir =
+        std::path::PathBuf::from("/sys/fs/bpf").join(integration_tests::unique_name("busy"));
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{0}/state\"\nsocket = \"{0}/agent.sock\"\npin_dir = \"{1}\"\nflow_log = \"{0}/flows.log\"\n",
+            dir.display(),
+            pin_dir.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", host.ns.path().display()))
+        .arg(integration_tests::agent::agent_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let _ = policy_agent::Dataplane::remove_all(&pin_dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot serve DNS on 169.254.0.1:53"), "{stderr}");
+}
