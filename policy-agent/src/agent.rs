@@ -46,10 +46,10 @@ impl<K: Kernel> Agent<K> {
         mut kernel: K,
         mut store: Store,
         limit: Option<usize>,
-        tls_front: Option<crate::state::TlsFront>,
+        tls_ports: Option<crate::state::TlsPorts>,
     ) -> Result<(Self, Vec<String>), AgentError> {
         let mut state = store.load()?;
-        state.set_tls_front(tls_front);
+        state.set_tls_ports(tls_ports);
         let warnings = reconcile::full(&mut kernel, &state)?;
         info!(
             policies = state.policy_count(),

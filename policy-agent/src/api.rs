@@ -507,14 +507,13 @@ pub fn endpoint_json(e: &Endpoint) -> Value {
 
 async fn list_endpoints(State(api): State<Api>) -> Reply {
     let endpoints: Vec<Value> = with_agent(&api, |agent| {
-        let front = agent.state().tls_front();
-        agent
-            .state()
+        let state = agent.state();
+        state
             .endpoints()
             .map(|e| {
                 let mut v = endpoint_json(e);
                 // Cloud Foundry's CF_INSTANCE_PORTS shape.
-                if let (Some(front), Some(_)) = (front, &e.netns) {
+                if let (Some(front), Some(_)) = (state.tls_front(&e.app), &e.netns) {
                     v["ports"] =
                         json!([{"internal": front.app_port, "internal_tls_proxy": front.tls_port}]);
                 }

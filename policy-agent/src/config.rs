@@ -17,6 +17,9 @@
 //! tls = true                                 # TLS on 61443 in each endpoint's netns
 //! tls_upstream_port = 8080                   # where it forwards, in the same netns
 //!
+//! [tls_app_ports]                            # per app, where not tls_upstream_port
+//! "my-app-guid" = 9090
+//!
 //! [flow_events]
 //! allowed = true                             # first packet of allowed connections
 //! denied_per_second = 100                    # per destination; 0: none
@@ -63,6 +66,9 @@ pub struct Config {
     pub tls: bool,
     /// The app port the TLS listeners forward to.
     pub tls_upstream_port: u16,
+    /// Per-app app ports, where not `tls_upstream_port` (`[tls_app_ports]`,
+    /// app id = port).
+    pub tls_app_ports: std::collections::BTreeMap<String, u16>,
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/policy-agent/agent.sock";
@@ -86,6 +92,7 @@ impl Default for Config {
             dns_listen: "169.254.0.1:53".to_owned(),
             tls: true,
             tls_upstream_port: 8080,
+            tls_app_ports: Default::default(),
         }
     }
 }

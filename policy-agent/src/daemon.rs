@@ -38,11 +38,14 @@ pub fn run(config: Config) -> Result<()> {
     let ring = dataplane.take_flow_events().context("the flow event ring buffer is missing")?;
     let store = Store::open(&config.state_dir)?;
     let started = std::time::Instant::now();
-    let tls_front = config.tls.then_some(crate::state::TlsFront {
-        app_port: config.tls_upstream_port,
-        tls_port: crate::tls::TLS_PORT,
+    let tls_ports = config.tls.then(|| crate::state::TlsPorts {
+        default: crate::state::TlsFront {
+            app_port: config.tls_upstream_port,
+            tls_port: crate::tls::TLS_PORT,
+        },
+        per_app: config.tls_app_ports.clone(),
     });
-    let (agent, warnings) = Agent::start(dataplane, store, config.policy_limit(), tls_front)
+    let (agent, warnings) = Agent::start(dataplane, store, config.policy_limit(), tls_ports)
         .context("failed to reconcile the kernel to the stored state")?;
     let reconcile_time = started.elapsed();
     for w in warnings {
@@ -68,7 +71,7 @@ pub fn run(config: Config) -> Result<()> {
             .context("failed to set up the platform CA")?;
         info!(bundle = %ca.bundle().display(), "platform CA bundle");
         let instances = config.state_dir.join("instances");
-        Some(Arc::new(crate::tls::TlsProxies::new(ca, config.tls_upstream_port, instances)))
+        Some(Arc::new(crate::tls::TlsProxies::new(ca, instances)))
     } else {
         None
     };

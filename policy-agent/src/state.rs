@@ -142,7 +142,7 @@ pub struct State {
     routes: BTreeMap<String, String>,
     /// Platform TLS: which TLS port fronts which app port (configuration,
     /// not stored).
-    tls_front: Option<TlsFront>,
+    tls_ports: Option<TlsPorts>,
     /// How many policy ends and endpoints name each app (derived, not
     /// stored): an app whose count drops to zero loses its tag.
     refs: BTreeMap<String, usize>,
@@ -177,7 +177,7 @@ impl From<Stored> for State {
             policies: s.policies.into_iter().map(|p| (p.policy, p.id)).collect(),
             endpoints: s.endpoints.into_iter().map(|e| (e.ip, e)).collect(),
             routes: s.routes,
-            tls_front: None,
+            tls_ports: None,
             refs: BTreeMap::new(),
         };
         let named: Vec<String> = state
@@ -220,7 +220,7 @@ impl Default for State {
             policies: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             routes: BTreeMap::new(),
-            tls_front: None,
+            tls_ports: None,
             refs: BTreeMap::new(),
         }
     }
@@ -232,6 +232,14 @@ impl Default for State {
 pub struct TlsFront {
     pub app_port: u16,
     pub tls_port: u16,
+}
+
+/// Platform TLS ports: the default front and per-app app ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPorts {
+    pub default: TlsFront,
+    /// App id → the app port its TLS listener forwards to, if not the default.
+    pub per_app: BTreeMap<String, u16>,
 }
 
 /// The one domain internal routes live under.
@@ -340,7 +348,7 @@ impl State {
     ) -> Result<(), Invalid> {
         for (i, p) in policies.iter().enumerate().filter(|(_, p)| p.tls_only) {
             let field = format!("policies[{i}].tls_only");
-            let Some(front) = self.tls_front else {
+            let Some(front) = self.tls_front(&p.destination) else {
                 return Err(Invalid::new(field, "platform TLS is off on this agent"));
             };
             if p.protocol != Protocol::Tcp || p.start > front.app_port || front.app_port > p.end {
@@ -423,12 +431,16 @@ impl State {
     /// Declares that TLS port `tls` fronts app port `app_port` on every
     /// instance (the agent's platform TLS); None: no TLS. Not stored: the
     /// agent sets it from its configuration.
-    pub fn set_tls_front(&mut self, front: Option<TlsFront>) {
-        self.tls_front = front;
+    pub fn set_tls_ports(&mut self, ports: Option<TlsPorts>) {
+        self.tls_ports = ports;
     }
 
-    pub fn tls_front(&self) -> Option<TlsFront> {
-        self.tls_front
+    /// The TLS front of `app`'s instances (None: platform TLS is off).
+    pub fn tls_front(&self, app: &str) -> Option<TlsFront> {
+        self.tls_ports.as_ref().map(|t| TlsFront {
+            app_port: t.per_app.get(app).copied().unwrap_or(t.default.app_port),
+            tls_port: t.default.tls_port,
+        })
     }
 
     /// The port ranges one policy allows: its own ports (unless TLS-only),
@@ -439,7 +451,7 @@ impl State {
             out.push(Allowance { start: p.start, end: p.end, policy_id });
         }
         if let Some(front) = self
-            .tls_front
+            .tls_front(&p.destination)
             .filter(|f| p.protocol == Protocol::Tcp && p.start <= f.app_port && f.app_port <= p.end)
         {
             out.push(Allowance { start: front.tls_port, end: front.tls_port, policy_id });

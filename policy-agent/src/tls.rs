@@ -156,6 +156,7 @@ struct Wanted {
     app: String,
     netns: PathBuf,
     hostnames: Vec<String>,
+    app_port: u16,
 }
 
 struct Running {
@@ -167,7 +168,6 @@ struct Running {
 /// The per-instance listeners.
 pub struct TlsProxies {
     ca: PlatformCa,
-    upstream_port: u16,
     /// Where each instance's port mapping is written (`<ip>.json`).
     instances_dir: PathBuf,
     running: Mutex<BTreeMap<Ipv4Addr, Running>>,
@@ -205,8 +205,8 @@ fn in_netns<T>(netns: &Path, f: impl FnOnce() -> std::io::Result<T>) -> std::io:
 }
 
 impl TlsProxies {
-    pub fn new(ca: PlatformCa, upstream_port: u16, instances_dir: PathBuf) -> Self {
-        Self { ca, upstream_port, instances_dir, running: Mutex::new(BTreeMap::new()) }
+    pub fn new(ca: PlatformCa, instances_dir: PathBuf) -> Self {
+        Self { ca, instances_dir, running: Mutex::new(BTreeMap::new()) }
     }
 
     fn ports_file(&self, ip: Ipv4Addr) -> PathBuf {
@@ -214,11 +214,11 @@ impl TlsProxies {
     }
 
     /// Writes the instance's port mapping where the container can read it.
-    fn write_ports(&self, ip: Ipv4Addr) -> std::io::Result<()> {
+    fn write_ports(&self, ip: Ipv4Addr, app_port: u16) -> std::io::Result<()> {
         fs::create_dir_all(&self.instances_dir)?;
         let path = self.ports_file(ip);
         let tmp = path.with_extension("json.tmp");
-        fs::write(&tmp, instance_ports(ip, self.upstream_port).to_string())?;
+        fs::write(&tmp, instance_ports(ip, app_port).to_string())?;
         fs::rename(&tmp, &path)
     }
 
@@ -243,14 +243,18 @@ impl TlsProxies {
                         app: e.app.clone(),
                         netns: e.netns.clone()?,
                         hostnames: routes_of.get(e.app.as_str()).cloned().unwrap_or_default(),
+                        app_port: state.tls_front(&e.app)?.app_port,
                     },
                 ))
             })
             .collect();
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         running.retain(|ip, r| {
-            let keep =
-                wanted.get(ip).is_some_and(|w| w.netns == r.wanted.netns && w.app == r.wanted.app);
+            let keep = wanted.get(ip).is_some_and(|w| {
+                w.netns == r.wanted.netns
+                    && w.app == r.wanted.app
+                    && w.app_port == r.wanted.app_port
+            });
             if !keep {
                 r.task.abort();
                 let _ = fs::remove_file(self.ports_file(*ip));
@@ -274,7 +278,7 @@ impl TlsProxies {
             }
             match self.start(ip, &want) {
                 Ok(r) => {
-                    if let Err(e) = self.write_ports(ip) {
+                    if let Err(e) = self.write_ports(ip, want.app_port) {
                         warn!(%ip, error = %e, "cannot write the instance's port mapping");
                     }
                     running.insert(ip, r);
@@ -304,7 +308,7 @@ impl TlsProxies {
         .map_err(io("listen in", &want.netns))?;
         let listener =
             tokio::net::TcpListener::from_std(listener).map_err(io("listen in", &want.netns))?;
-        let (netns, upstream) = (want.netns.clone(), SocketAddr::from((ip, self.upstream_port)));
+        let (netns, upstream) = (want.netns.clone(), SocketAddr::from((ip, want.app_port)));
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, peer)) = listener.accept().await else { continue };

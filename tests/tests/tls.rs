@@ -213,3 +213,38 @@ fn a_policy_on_the_app_port_allows_its_tls_port_and_tls_only_allows_nothing_else
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cover port 8080"));
 }
+
+#[test]
+fn the_tls_upstream_port_is_configurable_per_app() {
+    require_root();
+    let host = Host::new(2);
+    let daemon = Daemon::start(&host.ns, "[tls_app_ports]\nadmin = 9090");
+    let (a, b) = (host.container(0), host.container(1));
+    daemon.register(a, "frontend");
+    daemon.register(b, "admin");
+    daemon.cli_ok(&["map-route", "admin", "apps.internal", "--hostname", "admin"]);
+    http_server(&b.ns, b.ip, 9090, "hello from admin");
+    a.ns.use_nameserver(GATEWAY);
+    let ca = daemon.state_dir().join("ca.pem");
+    let ports: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(daemon.state_dir().join(format!("instances/{}.json", b.ip))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        ports["CF_INSTANCE_PORTS"],
+        serde_json::json!([{"internal": 9090, "internal_tls_proxy": 61443}])
+    );
+    // A policy on the app's own port (9090) allows the TLS port fronting it.
+    daemon.cli_ok(&[
+        "add-network-policy",
+        "frontend",
+        "--destination-app",
+        "admin",
+        "--protocol",
+        "tcp",
+        "--port",
+        "9090",
+    ]);
+    let (ok, out) = curl(&a.ns, ca.to_str().unwrap(), "https://admin.apps.internal:61443/", &[]);
+    assert!(ok && out.contains("hello from admin"), "{out}");
+}
