@@ -144,6 +144,20 @@ async fn timed_write<T: Send + 'static>(
     result
 }
 
+/// A write to endpoints or routes: the TLS listeners follow it.
+async fn tracked_write<T: Send + 'static>(
+    api: &Api,
+    f: impl FnOnce(&mut Agent<Dataplane>) -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    let tls = api.tls.clone();
+    timed_write(api, move |agent| {
+        let result = f(agent);
+        sync_tls(&tls, agent);
+        result
+    })
+    .await
+}
+
 /// Counts and times every request by method, route and status.
 async fn record_request(State(api): State<Api>, request: Request, next: Next) -> Response {
     let method = request.method().to_string();
@@ -280,13 +294,7 @@ async fn map_route(State(api): State<Api>, body: Body) -> Reply {
         Ok(r) => r,
         Err(e) => return invalid(&e),
     };
-    let tls = api.tls.clone();
-    let write = move |agent: &mut Agent<Dataplane>| {
-        let result = agent.map_route(&app, &domain, &hostname);
-        sync_tls(&tls, agent);
-        result
-    };
-    match timed_write(&api, write).await {
+    match tracked_write(&api, move |agent| agent.map_route(&app, &domain, &hostname)).await {
         Ok(()) => ok(json!({})),
         Err(e) => failure(e),
     }
@@ -297,13 +305,7 @@ async fn unmap_route(State(api): State<Api>, body: Body) -> Reply {
         Ok(r) => r,
         Err(e) => return invalid(&e),
     };
-    let tls = api.tls.clone();
-    let write = move |agent: &mut Agent<Dataplane>| {
-        let result = agent.unmap_route(&app, &domain, &hostname);
-        sync_tls(&tls, agent);
-        result
-    };
-    match timed_write(&api, write).await {
+    match tracked_write(&api, move |agent| agent.unmap_route(&app, &domain, &hostname)).await {
         Ok(()) => ok(json!({})),
         Err(e) => failure(e),
     }
@@ -547,13 +549,7 @@ async fn add_endpoint(State(api): State<Api>, body: Body) -> Reply {
         Err(e) => return invalid(&e),
     };
     let reply = endpoint_json(&endpoint);
-    let tls = api.tls.clone();
-    let write = move |agent: &mut Agent<Dataplane>| {
-        let result = agent.add_endpoint(endpoint);
-        sync_tls(&tls, agent);
-        result
-    };
-    match timed_write(&api, write).await {
+    match tracked_write(&api, move |agent| agent.add_endpoint(endpoint)).await {
         Ok(()) => ok(reply),
         Err(e) => failure(e),
     }
@@ -563,13 +559,7 @@ async fn remove_endpoint(State(api): State<Api>, Path(ip): Path<String>) -> Repl
     let Ok(ip) = ip.parse::<Ipv4Addr>() else {
         return invalid(&Invalid::new("ip", format!("{ip:?} is not an IPv4 address")));
     };
-    let tls = api.tls.clone();
-    let write = move |agent: &mut Agent<Dataplane>| {
-        let result = agent.remove_endpoint(ip);
-        sync_tls(&tls, agent);
-        result
-    };
-    match timed_write(&api, write).await {
+    match tracked_write(&api, move |agent| agent.remove_endpoint(ip)).await {
         Ok(removed) => ok(json!({"removed": removed})),
         Err(e) => failure(e),
     }

@@ -146,6 +146,27 @@ impl Daemon {
         ]);
     }
 
+    /// `policy-agent add-network-policy SOURCE --destination-app DEST
+    /// --protocol PROTOCOL --port PORT`.
+    pub fn allow(&self, source: &str, destination: &str, protocol: &str, port: &str) {
+        self.cli_ok(&[
+            "add-network-policy",
+            source,
+            "--destination-app",
+            destination,
+            "--protocol",
+            protocol,
+            "--port",
+            port,
+        ]);
+    }
+
+    /// An instance's port mapping as the agent wrote it (`CF_INSTANCE_PORTS`).
+    pub fn instance_ports(&self, ip: std::net::Ipv4Addr) -> Value {
+        let path = self.state_dir().join(format!("instances/{ip}.json"));
+        serde_json::from_slice(&std::fs::read(path).expect("instance ports file")).expect("JSON")
+    }
+
     /// `curl` against the API socket: (HTTP status, JSON body).
     pub fn curl(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         let mut cmd = Command::new("curl");

@@ -76,16 +76,7 @@ fn cloud_foundry_json_round_trips_and_is_enforced() {
     assert!(!tcp_echo_works(&a.ns, c2.ip, 1234, SHORT), "no policy from A to C");
 
     // UDP through the cf verb.
-    daemon.cli_ok(&[
-        "add-network-policy",
-        APP_A,
-        "--destination-app",
-        APP_B,
-        "--protocol",
-        "udp",
-        "--port",
-        "5353",
-    ]);
+    daemon.allow(APP_A, APP_B, "udp", "5353");
     udp_echo_server(&b.ns, b.ip, 5353);
     udp_echo_server(&b.ns, b.ip, 5354);
     let socket = udp_socket(&a.ns, None);
@@ -244,30 +235,12 @@ fn kill_9_under_traffic_loses_nothing_and_keeps_acknowledged_writes() {
     let mut daemon = Daemon::start(&host.ns, "");
     add_endpoint(&daemon, &host, 0, "frontend");
     add_endpoint(&daemon, &host, 1, "backend");
-    daemon.cli_ok(&[
-        "add-network-policy",
-        "frontend",
-        "--destination-app",
-        "backend",
-        "--protocol",
-        "udp",
-        "--port",
-        "9000",
-    ]);
+    daemon.allow("frontend", "backend", "udp", "9000");
     let (a, b) = (host.container(0), host.container(1));
     let flows = SteadyFlows::start(&a.ns, &b.ns, b.ip, 9000, 9001);
     std::thread::sleep(Duration::from_millis(300));
     // A write acknowledged right before the kill must survive it.
-    daemon.cli_ok(&[
-        "add-network-policy",
-        "frontend",
-        "--destination-app",
-        "backend",
-        "--protocol",
-        "tcp",
-        "--port",
-        "443",
-    ]);
+    daemon.allow("frontend", "backend", "tcp", "443");
     daemon.kill9();
     std::thread::sleep(Duration::from_millis(300));
     daemon.spawn();
@@ -299,16 +272,7 @@ fn policy_churn_never_changes_the_verdict_of_an_unchanged_flow() {
     for (i, app) in ["a", "b", "c"].into_iter().enumerate() {
         add_endpoint(&daemon, &host, i, app);
     }
-    daemon.cli_ok(&[
-        "add-network-policy",
-        "a",
-        "--destination-app",
-        "b",
-        "--protocol",
-        "udp",
-        "--port",
-        "9000",
-    ]);
+    daemon.allow("a", "b", "udp", "9000");
     let (a, b) = (host.container(0), host.container(1));
     let flows = SteadyFlows::start(&a.ns, &b.ns, b.ip, 9000, 9001);
     let client = Client::new(&daemon.socket);
@@ -362,16 +326,7 @@ fn deleting_an_endpoint_removes_every_entry_naming_it() {
     let daemon = Daemon::start(&host.ns, "");
     add_endpoint(&daemon, &host, 0, "frontend");
     add_endpoint(&daemon, &host, 1, "backend");
-    daemon.cli_ok(&[
-        "add-network-policy",
-        "frontend",
-        "--destination-app",
-        "backend",
-        "--protocol",
-        "tcp",
-        "--port",
-        "8080",
-    ]);
+    daemon.allow("frontend", "backend", "tcp", "8080");
     let (a, b) = (host.container(0), host.container(1));
     tcp_echo_server(&b.ns, b.ip, 8080);
     assert!(tcp_echo_works(&a.ns, b.ip, 8080, LONG));
@@ -402,16 +357,7 @@ fn sigterm_leaves_enforcement_in_place_and_teardown_removes_it() {
     let mut daemon = Daemon::start(&host.ns, "");
     add_endpoint(&daemon, &host, 0, "frontend");
     add_endpoint(&daemon, &host, 1, "backend");
-    daemon.cli_ok(&[
-        "add-network-policy",
-        "frontend",
-        "--destination-app",
-        "backend",
-        "--protocol",
-        "tcp",
-        "--port",
-        "8080",
-    ]);
+    daemon.allow("frontend", "backend", "tcp", "8080");
     let (a, b) = (host.container(0), host.container(1));
     tcp_echo_server(&b.ns, b.ip, 8080);
     tcp_echo_server(&b.ns, b.ip, 8081);

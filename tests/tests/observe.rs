@@ -50,16 +50,7 @@ fn wait_for_flows(daemon: &Daemon, args: &[&str], count: usize) -> Vec<Value> {
 fn a_denied_attempt_and_an_allowed_connection_produce_exactly_their_events() {
     let (host, daemon) = setup("");
     let (a, b) = (host.container(0), host.container(1));
-    daemon.cli_ok(&[
-        "add-network-policy",
-        "frontend",
-        "--destination-app",
-        "backend",
-        "--protocol",
-        "tcp",
-        "--port",
-        "8080",
-    ]);
+    daemon.allow("frontend", "backend", "tcp", "8080");
     // A follower, started before the traffic.
     let mut follower = Command::new(integration_tests::agent::agent_bin())
         .args(["flows", "--follow", "--json", "--app", "backend"])
@@ -165,16 +156,7 @@ fn scrape_status_counts(daemon: &Daemon) -> (u64, u64) {
 fn explain_agrees_with_real_traffic() {
     let (host, daemon) = setup("");
     let (a, b, w) = (host.container(0), host.container(1), host.container(2));
-    daemon.cli_ok(&[
-        "add-network-policy",
-        "frontend",
-        "--destination-app",
-        "backend",
-        "--protocol",
-        "tcp",
-        "--port",
-        "8080-8090",
-    ]);
+    daemon.allow("frontend", "backend", "tcp", "8080-8090");
     tcp_echo_server(&b.ns, b.ip, 8085);
     tcp_echo_server(&b.ns, b.ip, 9000);
     let explain = |args: &[&str]| -> Value {
@@ -268,16 +250,7 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     assert_eq!(value(&before, "policy_endpoints", None), 3.0);
     assert_eq!(value(&before, "policy_map_capacity", Some(("map", "ENDPOINTS"))), 65536.0);
 
-    daemon.cli_ok(&[
-        "add-network-policy",
-        "frontend",
-        "--destination-app",
-        "backend",
-        "--protocol",
-        "udp",
-        "--port",
-        "53",
-    ]);
+    daemon.allow("frontend", "backend", "udp", "53");
     let socket = a.ns.run(|| UdpSocket::bind(("0.0.0.0", 0))).unwrap();
     for _ in 0..20 {
         socket.send_to(b"x", (b.ip, 54)).unwrap();

@@ -87,16 +87,7 @@ fn tls_on_61443_needs_a_policy_and_follows_the_routes() {
 
     let (ok, out) = curl(&a.ns, ca, url, &[]);
     assert!(!ok, "61443 needs a policy: {out}");
-    daemon.cli_ok(&[
-        "add-network-policy",
-        "frontend",
-        "--destination-app",
-        "backend",
-        "--protocol",
-        "tcp",
-        "--port",
-        "61443",
-    ]);
+    daemon.allow("frontend", "backend", "tcp", "61443");
     let (ok, out) = curl(&a.ns, ca, url, &[]);
     assert!(ok && out.contains("hello from backend"), "{out}");
     // 61443 is not on the host.
@@ -154,26 +145,14 @@ fn a_policy_on_the_app_port_allows_its_tls_port_and_tls_only_allows_nothing_else
     let plain_url = format!("http://{}:8080/", b.ip);
 
     // The instance's port mapping, as CF_INSTANCE_PORTS.
-    let ports: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(daemon.state_dir().join(format!("instances/{}.json", b.ip))).unwrap(),
-    )
-    .unwrap();
+    let ports = daemon.instance_ports(b.ip);
     assert_eq!(
         ports["CF_INSTANCE_PORTS"],
         serde_json::json!([{"internal": 8080, "internal_tls_proxy": 61443}])
     );
 
     // A policy on the app port also allows the TLS port fronting it.
-    daemon.cli_ok(&[
-        "add-network-policy",
-        "frontend",
-        "--destination-app",
-        "backend",
-        "--protocol",
-        "tcp",
-        "--port",
-        "8080",
-    ]);
+    daemon.allow("frontend", "backend", "tcp", "8080");
     assert!(curl(&a.ns, ca, &plain_url, &[]).0, "plaintext to 8080");
     let (ok, out) = curl(&a.ns, ca, tls_url, &[]);
     assert!(ok && out.contains("hello from backend"), "TLS through the allowance: {out}");
@@ -226,25 +205,13 @@ fn the_tls_upstream_port_is_configurable_per_app() {
     http_server(&b.ns, b.ip, 9090, "hello from admin");
     a.ns.use_nameserver(GATEWAY);
     let ca = daemon.state_dir().join("ca.pem");
-    let ports: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(daemon.state_dir().join(format!("instances/{}.json", b.ip))).unwrap(),
-    )
-    .unwrap();
+    let ports = daemon.instance_ports(b.ip);
     assert_eq!(
         ports["CF_INSTANCE_PORTS"],
         serde_json::json!([{"internal": 9090, "internal_tls_proxy": 61443}])
     );
     // A policy on the app's own port (9090) allows the TLS port fronting it.
-    daemon.cli_ok(&[
-        "add-network-policy",
-        "frontend",
-        "--destination-app",
-        "admin",
-        "--protocol",
-        "tcp",
-        "--port",
-        "9090",
-    ]);
+    daemon.allow("frontend", "admin", "tcp", "9090");
     let (ok, out) = curl(&a.ns, ca.to_str().unwrap(), "https://admin.apps.internal:61443/", &[]);
     assert!(ok && out.contains("hello from admin"), "{out}");
 }

@@ -126,16 +126,7 @@ pub fn run(quick: bool) {
         daemon.register(c, app);
     }
     daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
-    daemon.cli_ok(&[
-        "add-network-policy",
-        "frontend",
-        "--destination-app",
-        "backend",
-        "--protocol",
-        "tcp",
-        "--port",
-        "8080",
-    ]);
+    daemon.allow("frontend", "backend", "tcp", "8080");
     sink(&b.ns, b.ip, 8080);
     let config = client_config(&daemon.state_dir().join("ca.pem"));
     let window = Duration::from_secs(if quick { 1 } else { 3 });
