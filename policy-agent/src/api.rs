@@ -508,7 +508,8 @@ pub fn endpoint_json(e: &Endpoint) -> Value {
 }
 
 async fn list_endpoints(State(api): State<Api>) -> Reply {
-    let endpoints: Vec<Value> = with_agent(&api, |agent| {
+    let tls = api.tls.clone();
+    let endpoints: Vec<Value> = with_agent(&api, move |agent| {
         let state = agent.state();
         state
             .endpoints()
@@ -518,6 +519,11 @@ async fn list_endpoints(State(api): State<Api>) -> Reply {
                 if let (Some(front), Some(_)) = (state.tls_front(&e.app), &e.netns) {
                     v["ports"] =
                         json!([{"internal": front.app_port, "internal_tls_proxy": front.tls_port}]);
+                    if let Some(tls) = &tls {
+                        let (cert, key) = tls.identity_files(e.ip);
+                        v["instance_cert"] = json!(cert);
+                        v["instance_key"] = json!(key);
+                    }
                 }
                 v
             })

@@ -17,6 +17,8 @@
 //! tls = true                                 # TLS on 61443 in each endpoint's netns
 //! tls_upstream_port = 8080                   # where it forwards, in the same netns
 //!
+//! mtls_apps = ["my-app-guid"]                # apps whose 61443 requires client certificates
+//!
 //! [tls_app_ports]                            # per app, where not tls_upstream_port
 //! "my-app-guid" = 9090
 //!
@@ -69,6 +71,10 @@ pub struct Config {
     /// Per-app app ports, where not `tls_upstream_port` (`[tls_app_ports]`,
     /// app id = port).
     pub tls_app_ports: std::collections::BTreeMap<String, u16>,
+    /// Apps whose TLS listeners require a client certificate (an instance
+    /// identity of an app a policy allows) and pass the verified source app
+    /// on in a header.
+    pub mtls_apps: std::collections::BTreeSet<String>,
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/policy-agent/agent.sock";
@@ -93,6 +99,7 @@ impl Default for Config {
             tls: true,
             tls_upstream_port: 8080,
             tls_app_ports: Default::default(),
+            mtls_apps: Default::default(),
         }
     }
 }

@@ -71,7 +71,19 @@ pub fn run(config: Config) -> Result<()> {
             .context("failed to set up the platform CA")?;
         info!(bundle = %ca.bundle().display(), "platform CA bundle");
         let instances = config.state_dir.join("instances");
-        Some(Arc::new(crate::tls::TlsProxies::new(ca, instances)))
+        let authorize = {
+            let agent = agent.clone();
+            crate::tls::Authorizer::new(move |source, destination| {
+                agent.lock().unwrap_or_else(|p| p.into_inner()).state().allows(
+                    source,
+                    destination,
+                    crate::state::Protocol::Tcp,
+                    crate::tls::TLS_PORT,
+                )
+            })
+        };
+        let client_auth = crate::tls::ClientAuth { apps: config.mtls_apps.clone(), authorize };
+        Some(Arc::new(crate::tls::TlsProxies::new(ca, instances, client_auth)))
     } else {
         None
     };

@@ -496,6 +496,14 @@ impl State {
             .collect()
     }
 
+    /// Whether a policy lets `source` reach `port` of `destination`'s
+    /// instances (the policy's own ports or the TLS port fronting them).
+    pub fn allows(&self, source: &str, destination: &str, protocol: Protocol, port: u16) -> bool {
+        self.pair_allowances(source, destination, protocol)
+            .iter()
+            .any(|a| a.start <= port && port <= a.end)
+    }
+
     /// Maps `hostname.apps.internal` to `app`. A hostname belongs to one
     /// app at a time; mapping it again to the same app is not an error.
     pub fn map_route(&mut self, app: &str, hostname: &str) -> Result<(), Invalid> {

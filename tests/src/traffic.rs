@@ -278,6 +278,22 @@ impl SteadyFlows {
 /// A minimal HTTP/1.1 server with keep-alive: every request gets `200 OK`
 /// and `body`.
 pub fn http_server(ns: &NetNs, ip: Ipv4Addr, port: u16, body: &'static str) -> JoinHandle<()> {
+    serve_http(ns, ip, port, move |_| body.to_owned())
+}
+
+/// An HTTP/1.1 server at `ip:port` in `ns` whose reply body is the request
+/// head it received (request line and headers), for checking what a proxy
+/// forwarded.
+pub fn http_echo_server(ns: &NetNs, ip: Ipv4Addr, port: u16) -> JoinHandle<()> {
+    serve_http(ns, ip, port, |head| String::from_utf8_lossy(head).into_owned())
+}
+
+fn serve_http(
+    ns: &NetNs,
+    ip: Ipv4Addr,
+    port: u16,
+    respond: impl Fn(&[u8]) -> String + Send + Sync + Copy + 'static,
+) -> JoinHandle<()> {
     let listener = ns.run(move || TcpListener::bind((ip, port))).expect("bind http server");
     std::thread::spawn(move || {
         for stream in listener.incoming() {
@@ -291,7 +307,8 @@ pub fn http_server(ns: &NetNs, ip: Ipv4Addr, port: u16, body: &'static str) -> J
                         Ok(n) => request.extend_from_slice(&buf[..n]),
                     }
                     while let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
-                        request.drain(..end + 4);
+                        let head: Vec<u8> = request.drain(..end + 4).collect();
+                        let body = respond(&head);
                         let reply = format!(
                             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
                             body.len()

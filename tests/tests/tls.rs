@@ -13,7 +13,7 @@ use integration_tests::{
     netns::NetNs,
     require_root,
     topology::{GATEWAY, Host},
-    traffic::http_server,
+    traffic::{http_echo_server, http_server},
 };
 
 fn curl(ns: &NetNs, ca: &str, url: &str, extra: &[&str]) -> (bool, String) {
@@ -214,4 +214,93 @@ fn the_tls_upstream_port_is_configurable_per_app() {
     daemon.allow("frontend", "admin", "tcp", "9090");
     let (ok, out) = curl(&a.ns, ca.to_str().unwrap(), "https://admin.apps.internal:61443/", &[]);
     assert!(ok && out.contains("hello from admin"), "{out}");
+}
+
+#[test]
+fn mtls_admits_only_identities_a_policy_allows_and_names_the_source_app() {
+    require_root();
+    let host = Host::new(3);
+    let daemon = Daemon::start(&host.ns, "mtls_apps = [\"backend\"]");
+    let (a, b, w) = (host.container(0), host.container(1), host.container(2));
+    for (c, app) in [(a, "frontend"), (b, "backend"), (w, "worker")] {
+        daemon.register(c, app);
+    }
+    daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
+    http_echo_server(&b.ns, b.ip, 8080);
+    a.ns.use_nameserver(GATEWAY);
+    let ca = daemon.state_dir().join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let url = "https://backend.apps.internal:61443/";
+
+    // Every instance has an identity naming its app (CF_INSTANCE_CERT/KEY).
+    let identity = |ip| {
+        let ports = daemon.instance_ports(ip);
+        let path = |key: &str| ports[key].as_str().expect(key).to_owned();
+        (path("CF_INSTANCE_CERT"), path("CF_INSTANCE_KEY"))
+    };
+    let (front_cert, front_key) = identity(a.ip);
+    let (worker_cert, worker_key) = identity(w.ip);
+    let subject = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-in", &front_cert])
+        .output()
+        .unwrap();
+    let subject = String::from_utf8_lossy(&subject.stdout).into_owned();
+    assert!(subject.contains("OU = app:frontend"), "{subject}");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&front_key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the identity key is private");
+
+    // A policy on the app port (its allowance opens 61443 in the kernel).
+    daemon.allow("frontend", "backend", "tcp", "8080");
+
+    // No client certificate: refused.
+    let (ok, out) = curl(&a.ns, ca, url, &[]);
+    assert!(!ok && out.contains("alert certificate required"), "no certificate: {out}");
+
+    // frontend's own identity: admitted, and the app is told who called,
+    // whatever the client claimed.
+    let with = |cert: &str, key: &str, extra: &[&str]| {
+        let mut args = vec!["--cert", cert, "--key", key];
+        args.extend_from_slice(extra);
+        curl(&a.ns, ca, url, &args)
+    };
+    let (ok, out) = with(&front_cert, &front_key, &["-H", "X-Source-App: admin"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("x-source-app: frontend"), "{out}");
+    assert!(!out.contains("admin"), "the client's own header was replaced: {out}");
+    assert!(out.contains("x-forwarded-client-cert: "), "{out}");
+
+    // worker's identity, from an address the kernel lets through: no policy
+    // allows worker, so the handshake is refused.
+    let (ok, out) = with(&worker_cert, &worker_key, &[]);
+    assert!(!ok && out.contains("alert access denied"), "an identity no policy allows: {out}");
+
+    // A certificate naming frontend that the platform CA did not issue.
+    let forged = daemon.state_dir().join("forged");
+    std::fs::create_dir_all(&forged).unwrap();
+    let (forged_cert, forged_key) = (forged.join("cert.pem"), forged.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+        .args(["-subj", "/OU=app:frontend/CN=forged", "-days", "1", "-keyout"])
+        .arg(&forged_key)
+        .arg("-out")
+        .arg(&forged_cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (ok, out) = with(forged_cert.to_str().unwrap(), forged_key.to_str().unwrap(), &[]);
+    assert!(!ok && out.contains("alert certificate unknown"), "another CA's certificate: {out}");
+
+    // A policy for worker: its identity is admitted at the next handshake.
+    daemon.allow("worker", "backend", "tcp", "61443");
+    let (ok, out) = with(&worker_cert, &worker_key, &[]);
+    assert!(ok && out.contains("x-source-app: worker"), "{out}");
+
+    // Apps not listed keep plain platform TLS: no certificate asked for.
+    daemon.cli_ok(&["map-route", "frontend", "apps.internal", "--hostname", "frontend"]);
+    http_server(&a.ns, a.ip, 8080, "hello from frontend");
+    b.ns.use_nameserver(GATEWAY);
+    daemon.allow("backend", "frontend", "tcp", "61443");
+    let (ok, out) = curl(&b.ns, ca, "https://frontend.apps.internal:61443/", &[]);
+    assert!(ok && out.contains("hello from frontend"), "{out}");
 }
