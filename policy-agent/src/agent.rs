@@ -1,17 +1,25 @@
 //! The agent's core: desired state, its durable store, and the kernel, kept
-//! consistent. Every change is validated on a copy of the state, written to
-//! the kernel (rolled back if that fails), then saved; only then is the new
-//! state adopted. So a reply means "enforced and durable", and a failed
-//! request changes nothing.
+//! consistent. Every change is validated, written to the kernel (rolled back
+//! if that fails), then saved; only then is it answered. So a reply means
+//! "enforced and durable", and a failed request changes nothing. Policy
+//! changes are made in place with an undo record, so they cost what they
+//! touch; the rarer endpoint and route changes work on a copy of the state.
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
+
+/// The app pairs (and protocols) a policy change touches.
+fn touched(policies: &[Policy]) -> BTreeSet<AppPair> {
+    policies.iter().map(|p| (p.source.clone(), p.destination.clone(), p.protocol)).collect()
+}
 
 use tracing::info;
 
 use crate::{
     Error,
     reconcile::{self, AppPair, Kernel},
-    state::{Endpoint, Invalid, Policy, State, check_app_id, check_domain, check_hostname},
+    state::{
+        Endpoint, Invalid, Policy, PolicyUndo, State, check_app_id, check_domain, check_hostname,
+    },
     store::{Change, Store, StoreError},
 };
 
@@ -85,42 +93,47 @@ impl<K: Kernel> Agent<K> {
     }
 
     pub fn add_policies(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
-        let mut new = self.state.clone();
-        new.add_policies(policies, self.limit)?;
-        self.apply_policies(Change::AddPolicies(policies.to_vec()), new)?;
+        let before = reconcile::before_change(&self.state, touched(policies));
+        let undo = self.state.add_policies_undoable(policies, self.limit)?;
+        self.apply_policies(Change::AddPolicies(policies.to_vec()), before, undo)?;
         info!(requested = policies.len(), total = self.state.policy_count(), "policies added");
         Ok(())
     }
 
     pub fn remove_policies(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
         let removed: Vec<u32> = policies.iter().filter_map(|p| self.state.policy_id(p)).collect();
-        let mut new = self.state.clone();
-        new.remove_policies(policies);
-        self.apply_policies(Change::RemovePolicies(policies.to_vec()), new)?;
+        let before = reconcile::before_change(&self.state, touched(policies));
+        let undo = self.state.remove_policies_undoable(policies);
+        self.apply_policies(Change::RemovePolicies(policies.to_vec()), before, undo)?;
         self.kernel.forget_policies(&removed);
         info!(requested = policies.len(), total = self.state.policy_count(), "policies removed");
         Ok(())
     }
 
-    fn apply_policies(&mut self, change: Change, new: State) -> Result<(), AgentError> {
-        let (Change::AddPolicies(policies) | Change::RemovePolicies(policies)) = &change else {
-            unreachable!("only policy changes come here")
-        };
-        let touched: BTreeSet<AppPair> = policies
-            .iter()
-            .map(|p| (p.source.clone(), p.destination.clone(), p.protocol))
-            .collect();
-        if touched
-            .iter()
-            .all(|(s, d, p)| self.state.pair_allowances(s, d, *p) == new.pair_allowances(s, d, *p))
-        {
-            return Ok(()); // nothing to change (already there / already gone)
+    /// The state already holds the change: write the touched pairs, then
+    /// the journal; on failure undo both.
+    fn apply_policies(
+        &mut self,
+        change: Change,
+        before: reconcile::Before,
+        undo: PolicyUndo,
+    ) -> Result<(), AgentError> {
+        if !undo.changes_anything() {
+            return Ok(()); // already there / already gone
         }
-        reconcile::touched_pairs(&mut self.kernel, &self.state, &new, &touched)?;
-        let applied = new.clone();
-        self.commit(change, new, move |kernel, old| {
-            let _ = reconcile::touched_pairs(kernel, &applied, old, &touched);
-        })
+        let written = match reconcile::touched_pairs(&mut self.kernel, &self.state, &before) {
+            Ok(written) => written,
+            Err(e) => {
+                self.state.undo(undo);
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = self.store.append(&change, &self.state) {
+            reconcile::undo_pairs(&mut self.kernel, written);
+            self.state.undo(undo);
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// Registers (or replaces) an endpoint and attaches to its veth.

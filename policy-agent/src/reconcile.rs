@@ -100,7 +100,7 @@ fn same_allowances(have: Option<&Vec<Allowance>>, want: &[Allowance]) -> bool {
 }
 
 /// One pair entry to write: key, its old allowances, its new ones.
-type PairChange = (PairKey, Vec<Allowance>, Vec<Allowance>);
+pub type PairChange = (PairKey, Vec<Allowance>, Vec<Allowance>);
 
 /// Writes pair changes, adds and changes first, removals last. On error,
 /// every pair already written is restored and the error returned.
@@ -141,29 +141,59 @@ pub fn pairs<K: Kernel>(kernel: &mut K, old: &State, new: &State) -> Result<(), 
 /// An app pair and protocol, by app id.
 pub type AppPair = (String, String, Protocol);
 
-/// Writes the pairs a change touched: cost proportional to the change, not
-/// to the number of policies.
+/// The pairs a change will touch as they were before it: allowances and
+/// the apps' tags (a removal may take an app's tag away).
+pub struct Before(Vec<PairBefore>);
+
+/// A pair, its allowances, and its source and destination apps' tags.
+type PairBefore = (AppPair, Vec<Allowance>, Option<u32>, Option<u32>);
+
+/// Reads the touched pairs before the change: range queries, so the cost is
+/// proportional to the change, not to the number of policies.
+pub fn before_change(state: &State, touched: BTreeSet<AppPair>) -> Before {
+    Before(
+        touched
+            .into_iter()
+            .map(|pair| {
+                let allowances = state.pair_allowances(&pair.0, &pair.1, pair.2);
+                let (src, dst) = (state.tag(&pair.0), state.tag(&pair.1));
+                (pair, allowances, src, dst)
+            })
+            .collect(),
+    )
+}
+
+/// Writes the touched pairs that differ between `before` and `state` now;
+/// returns what it wrote, for [`undo_pairs`]. On error nothing stays written.
 pub fn touched_pairs<K: Kernel>(
     kernel: &mut K,
-    old: &State,
-    new: &State,
-    touched: &BTreeSet<AppPair>,
-) -> Result<(), Error> {
+    state: &State,
+    before: &Before,
+) -> Result<Vec<PairChange>, Error> {
     let mut changes = Vec::new();
-    for (source, destination, protocol) in touched {
-        let (before, after) = (
-            old.pair_allowances(source, destination, *protocol),
-            new.pair_allowances(source, destination, *protocol),
-        );
-        if same_allowances(Some(&before), &after) {
+    for ((source, destination, protocol), old, old_src, old_dst) in &before.0 {
+        let after = state.pair_allowances(source, destination, *protocol);
+        if same_allowances(Some(old), &after) {
             continue;
         }
-        // A removal may have made an app unknown to `new`: its old tag.
-        let tag = |app: &str| new.tag(app).or_else(|| old.tag(app));
-        let (Some(src), Some(dst)) = (tag(source), tag(destination)) else { continue };
-        changes.push((PairKey::new(src, dst, protocol.number()), before, after));
+        let (Some(src), Some(dst)) =
+            (state.tag(source).or(*old_src), state.tag(destination).or(*old_dst))
+        else {
+            continue;
+        };
+        changes.push((PairKey::new(src, dst, protocol.number()), old.clone(), after));
     }
-    write_pairs(kernel, changes)
+    write_pairs(kernel, changes.clone())?;
+    Ok(changes)
+}
+
+/// Puts back what [`touched_pairs`] wrote (best effort: failures are
+/// logged; the next start reconciles).
+pub fn undo_pairs<K: Kernel>(kernel: &mut K, written: Vec<PairChange>) {
+    let reverse = written.into_iter().map(|(key, old, new)| (key, new, old)).collect();
+    if let Err(e) = write_pairs(kernel, reverse) {
+        warn!(error = %e, "undoing policy pairs failed");
+    }
 }
 
 impl Kernel for Dataplane {

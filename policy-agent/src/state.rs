@@ -148,6 +148,26 @@ pub struct State {
     refs: BTreeMap<String, usize>,
 }
 
+/// What takes a policy change made in place back (see
+/// [`State::add_policies_undoable`]).
+#[derive(Debug)]
+#[must_use]
+pub struct PolicyUndo {
+    added: Vec<Policy>,
+    removed: Vec<(Policy, u32)>,
+    /// Tags of the removed policies' apps (removal may take them away).
+    tags: Vec<(String, u32)>,
+    next_tag: u32,
+    next_policy_id: u32,
+}
+
+impl PolicyUndo {
+    /// Whether the change added or removed anything.
+    pub fn changes_anything(&self) -> bool {
+        !self.added.is_empty() || !self.removed.is_empty()
+    }
+}
+
 /// On-disk shape (JSON): lists instead of maps keyed by structs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Stored {
@@ -346,6 +366,87 @@ impl State {
         policies: &[Policy],
         limit: Option<usize>,
     ) -> Result<(), Invalid> {
+        self.check_add(policies, limit)?;
+        self.insert_policies(policies);
+        Ok(())
+    }
+
+    /// [`Self::add_policies`], returning what [`Self::undo`] needs to take
+    /// the change back exactly (ids and tags included).
+    pub fn add_policies_undoable(
+        &mut self,
+        policies: &[Policy],
+        limit: Option<usize>,
+    ) -> Result<PolicyUndo, Invalid> {
+        self.check_add(policies, limit)?;
+        let mut added: Vec<Policy> = Vec::new();
+        let mut seen = BTreeSet::new();
+        for p in policies {
+            if !self.policies.contains_key(p) && seen.insert(p) {
+                added.push(p.clone());
+            }
+        }
+        let undo = PolicyUndo {
+            added,
+            removed: Vec::new(),
+            tags: Vec::new(),
+            next_tag: self.next_tag,
+            next_policy_id: self.next_policy_id,
+        };
+        self.insert_policies(policies);
+        Ok(undo)
+    }
+
+    /// [`Self::remove_policies`], returning what [`Self::undo`] needs.
+    pub fn remove_policies_undoable(&mut self, policies: &[Policy]) -> PolicyUndo {
+        let mut removed: Vec<(Policy, u32)> = Vec::new();
+        let mut tags = Vec::new();
+        let mut seen = BTreeSet::new();
+        for p in policies {
+            if let Some(&id) = self.policies.get(p)
+                && seen.insert(p)
+            {
+                removed.push((p.clone(), id));
+                for app in [&p.source, &p.destination] {
+                    if let Some(&tag) = self.tags.get(app) {
+                        tags.push((app.clone(), tag));
+                    }
+                }
+            }
+        }
+        let undo = PolicyUndo {
+            added: Vec::new(),
+            removed,
+            tags,
+            next_tag: self.next_tag,
+            next_policy_id: self.next_policy_id,
+        };
+        self.remove_policies(policies);
+        undo
+    }
+
+    /// Takes back a change made by one of the `_undoable` methods (the last
+    /// change made).
+    pub fn undo(&mut self, undo: PolicyUndo) {
+        self.remove_policies(&undo.added);
+        let tags: BTreeMap<String, u32> = undo.tags.into_iter().collect();
+        for (p, id) in undo.removed {
+            for app in [&p.source, &p.destination] {
+                if !self.tags.contains_key(app)
+                    && let Some(&tag) = tags.get(app)
+                {
+                    self.tags.insert(app.clone(), tag);
+                }
+                self.reference(app);
+            }
+            self.policies.insert(p, id);
+        }
+        self.next_tag = undo.next_tag;
+        self.next_policy_id = undo.next_policy_id;
+    }
+
+    /// The read-only checks of [`Self::add_policies`].
+    fn check_add(&self, policies: &[Policy], limit: Option<usize>) -> Result<(), Invalid> {
         for (i, p) in policies.iter().enumerate().filter(|(_, p)| p.tls_only) {
             let field = format!("policies[{i}].tls_only");
             let Some(front) = self.tls_front(&p.destination) else {
@@ -378,7 +479,6 @@ impl State {
                 }
             }
         }
-        self.insert_policies(policies);
         Ok(())
     }
 
@@ -580,6 +680,39 @@ mod tests {
             end,
             tls_only: false,
         }
+    }
+
+    #[test]
+    fn undo_takes_a_change_back_exactly() {
+        let mut s = State::default();
+        s.add_endpoint(Endpoint {
+            ip: Ipv4Addr::new(10, 255, 0, 1),
+            app: "web".into(),
+            ifname: "hv0".into(),
+            netns: None,
+        });
+        let kept = policy("web", "api", Protocol::Tcp, 8080, 8080);
+        s.add_policies(&[kept.clone(), policy("api", "db", Protocol::Udp, 53, 53)], None).unwrap();
+        let before = s.clone();
+        // Adding: new apps get tags, duplicates in the request count once.
+        let new = policy("new", "api", Protocol::Tcp, 1, 2);
+        let undo = s.add_policies_undoable(&[new.clone(), kept.clone(), new], None).unwrap();
+        assert!(undo.changes_anything());
+        assert_ne!(s, before);
+        s.undo(undo);
+        assert_eq!(s, before);
+        // Removing: db loses its tag, then gets the same one back.
+        let undo = s.remove_policies_undoable(&[policy("api", "db", Protocol::Udp, 53, 53)]);
+        assert_eq!(s.tag("db"), None);
+        s.undo(undo);
+        assert_eq!(s, before);
+        // Nothing to do: nothing recorded.
+        assert!(!s.add_policies_undoable(&[kept], None).unwrap().changes_anything());
+        assert!(
+            !s.remove_policies_undoable(&[policy("x", "y", Protocol::Tcp, 1, 1)])
+                .changes_anything()
+        );
+        assert_eq!(s, before);
     }
 
     #[test]

@@ -20,7 +20,9 @@ const LLVM_FEATURE: &str = "llvm-22";
 
 /// Debian packages the tests, the demo and the benchmarks use (dig, curl
 /// and openssl are the real clients of the DNS and TLS tests), with the
-/// command each provides (checked instead of asking dpkg when present).
+/// command each provides, or a file's absolute path (checked instead of
+/// asking dpkg when present). iptables is the benchmarks' Cloud Foundry
+/// baseline; the font labels the benchmarks' plots.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
@@ -30,6 +32,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("dnsutils", "dig"),
     ("curl", "curl"),
     ("openssl", "openssl"),
+    ("iptables", "iptables-legacy-restore"),
+    ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
 ];
 
 pub fn tools_dir() -> Result<PathBuf> {
@@ -149,9 +153,16 @@ fn on_path(command: &str) -> bool {
         || ["/usr/sbin", "/sbin"].iter().any(|dir| Path::new(dir).join(command).is_file())
 }
 
+fn present(provides: &str) -> bool {
+    if provides.starts_with('/') { Path::new(provides).exists() } else { on_path(provides) }
+}
+
 fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> =
-        DEBIAN_PACKAGES.iter().filter(|(_, cmd)| !on_path(cmd)).map(|(pkg, _)| *pkg).collect();
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(_, provides)| !present(provides))
+        .map(|(pkg, _)| *pkg)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }

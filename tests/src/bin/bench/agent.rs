@@ -1,98 +1,193 @@
-//! The agent, measured through its API: how long from an API write to the
-//! first packet the new policy lets through, and what loading 100k policies
-//! costs in time and memory.
+//! The agent at scale, measured through its API: what loading 10k to 1M
+//! policies costs in time and memory, and a Cloud Foundry-sized deployment
+//! (load, update latency while loaded, per-packet cost).
 
-use std::{
-    net::UdpSocket,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use integration_tests::{daemon::Daemon, topology::Host};
+use policy_common::{
+    maps::{PairKey, proto},
+    ports::Allowance,
+};
+
+use crate::report::{Report, outln};
 use policy_agent::client::Client;
 use serde_json::{Value, json};
 
-fn policy(src: &str, dst: &str, protocol: &str, port: u16) -> Value {
+pub fn policy(src: &str, dst: &str, protocol: &str, port: u16) -> Value {
     json!({"source": {"id": src}, "destination": {"id": dst, "protocol": protocol, "ports": {"start": port, "end": port}}})
 }
 
-fn post(client: &Client, path: &str, policies: Vec<Value>) {
+pub fn post(client: &Client, path: &str, policies: Vec<Value>) {
     let reply =
         client.request("POST", path, Some(&json!({"policies": policies}))).expect("API request");
     assert_eq!(reply.status, 200, "{}", reply.body);
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn ms(d: Duration) -> String {
+pub fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
-pub fn run(quick: bool) {
-    write_to_enforcement(if quick { 30 } else { 200 });
-    load(if quick { 20_000 } else { 100_000 });
-}
-
-/// Repeatedly: revoke, check a probe is dropped, then time from sending the
-/// allow request to the first probe that arrives (probes every 50 µs).
-fn write_to_enforcement(rounds: usize) {
-    let host = Host::new(2);
-    let daemon = Daemon::start(&host.ns, "log_level = \"warn\"");
-    let (a, b) = (host.container(0), host.container(1));
-    for (c, app) in [(a, "frontend"), (b, "backend")] {
-        daemon.register(c, app);
-    }
-    let client = Client::new(&daemon.socket);
-    let rx = b.ns.run(|| UdpSocket::bind((b.ip, 7000))).expect("bind");
-    let tx = a.ns.run(|| UdpSocket::bind(("0.0.0.0", 0))).expect("bind");
-    let allow = || vec![policy("frontend", "backend", "udp", 7000)];
-    let (mut to_enforced, mut api) = (Vec::new(), Vec::new());
-    let mut buf = [0u8; 16];
-    for _ in 0..rounds {
-        post(&client, "/networking/v1/external/policies/delete", allow());
-        rx.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-        tx.send_to(b"probe", (b.ip, 7000)).unwrap();
-        while rx.recv(&mut buf).is_ok() {} // drain; the probe must not arrive
-        rx.set_nonblocking(true).unwrap();
-        let start = Instant::now();
-        let request = std::thread::scope(|s| {
-            let request = s.spawn(|| {
-                post(&client, "/networking/v1/external/policies", allow());
-                start.elapsed()
-            });
-            loop {
-                tx.send_to(b"probe", (b.ip, 7000)).unwrap();
-                if rx.recv(&mut buf).is_ok() {
-                    to_enforced.push(start.elapsed());
-                    break;
-                }
-                assert!(start.elapsed() < Duration::from_secs(10), "the policy never took effect");
-                std::thread::sleep(Duration::from_micros(50));
-            }
-            request.join().expect("request thread")
-        });
-        rx.set_nonblocking(false).unwrap();
-        api.push(request);
-    }
-    to_enforced.sort();
-    api.sort();
-    println!(
-        "\nAgent: API write to enforcement ({rounds} writes, one policy each; probes every 50 µs through the real veths)\n"
+pub fn run(quick: bool, report: &mut Report) {
+    let counts: &[usize] = if quick { &[10_000, 100_000] } else { &[10_000, 100_000, 1_000_000] };
+    let rows: Vec<Load> = counts.iter().map(|&n| load(n)).collect();
+    let mut out = String::new();
+    outln!(
+        out,
+        "\n### 5. Scale\n\nLoading policies through the agent's API (batches of 1000, distinct app pairs, one port each), then restarting the agent on that state.\n"
     );
-    println!("| measure | p50 | p99 | max |");
-    println!("|---|---:|---:|---:|");
-    for (name, v) in [
-        ("write sent → first allowed probe arrives", &to_enforced),
-        ("API request round trip (reply = enforced + durable)", &api),
-    ] {
-        println!(
-            "| {name} | {} | {} | {} |",
-            ms(percentile(v, 0.5)),
-            ms(percentile(v, 0.99)),
-            ms(*v.last().unwrap())
+    outln!(
+        out,
+        "| policies | load time | policies/s | batch of 1000 p50 / max | agent RSS before → after | stored state | restart (load state, reconcile pinned maps, serve) |"
+    );
+    outln!(out, "|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        outln!(
+            out,
+            "| {} | {:.2} s | {:.0} | {} / {} | {} → {} MiB | {:.1} MiB | {:.2} s |",
+            r.n,
+            r.load_time.as_secs_f64(),
+            r.n as f64 / r.load_time.as_secs_f64(),
+            ms(percentile(&r.batch_times, 0.5)),
+            ms(*r.batch_times.last().unwrap()),
+            r.rss_before / 1024,
+            r.rss_after / 1024,
+            r.state_bytes as f64 / (1 << 20) as f64,
+            r.restart_time.as_secs_f64(),
         );
     }
+    report.section(out);
+    cloud_foundry_scale(quick, report);
+}
+
+/// A policy set shaped like Cloud Foundry's largest validated deployment:
+/// 20,000 apps, 60,000 policies between random pairs, TCP mostly, ports
+/// 8080, other single ports and ranges. App `i` is `cf-app-i`.
+pub fn cf_policies() -> Vec<(usize, usize, &'static str, u16, u16)> {
+    use rand::{Rng as _, SeedableRng as _};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2_000_060_000);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(60_000);
+    while out.len() < 60_000 {
+        let (src, dst) = (rng.random_range(0..20_000), rng.random_range(0..20_000));
+        let protocol = if rng.random_bool(0.85) { "tcp" } else { "udp" };
+        let (start, end) = match rng.random_range(0..100) {
+            0..60 => (8080, 8080),
+            60..85 => {
+                let p = rng.random_range(1024..=65535);
+                (p, p)
+            }
+            _ => {
+                let start = rng.random_range(1024..=64000u16);
+                (start, start + rng.random_range(1..=1000))
+            }
+        };
+        // Apps 0 and 1 are the measured pair; keep them free.
+        if src == dst || src < 2 || dst < 2 || !seen.insert((src, dst, protocol, start, end)) {
+            continue;
+        }
+        out.push((src, dst, protocol, start, end));
+    }
+    out
+}
+
+fn cloud_foundry_scale(quick: bool, report: &mut Report) {
+    let set = cf_policies();
+    let ranges = set.iter().filter(|p| p.3 != p.4).count();
+    // Through the API: load time, memory, update latency while loaded.
+    let host = Host::new(2);
+    let daemon = Daemon::start(&host.ns, "log_level = \"warn\"");
+    daemon.register(host.container(0), "cf-app-0");
+    daemon.register(host.container(1), "cf-app-1");
+    let client = Client::new(&daemon.socket);
+    let rss_before = rss_kib(daemon.pid().unwrap());
+    let start = Instant::now();
+    for chunk in set.chunks(1000) {
+        let batch = chunk
+            .iter()
+            .map(|&(s, d, protocol, start, end)| {
+                json!({"source": {"id": format!("cf-app-{s}")}, "destination": {"id": format!("cf-app-{d}"), "protocol": protocol, "ports": {"start": start, "end": end}}})
+            })
+            .collect();
+        post(&client, "/networking/v1/external/policies", batch);
+    }
+    let load_time = start.elapsed();
+    let rss_after = rss_kib(daemon.pid().unwrap());
+    let (singles, batches) = if quick { (20, 2) } else { (100, 5) };
+    let (single, batch) =
+        crate::update::agent_latency(&host, &client, ("cf-app-0", "cf-app-1"), singles, batches);
+    drop(daemon);
+
+    // The same policies in the maps: the programs' per-packet cost.
+    let row = crate::dataplane::measure("20k apps, 60k policies".into(), quick, |dataplane| {
+        crate::dataplane::fill(dataplane, 0);
+        let tables = dataplane.tables();
+        let mut pairs: std::collections::BTreeMap<PairKey, Vec<Allowance>> = Default::default();
+        for (id, &(s, d, protocol, start, end)) in set.iter().enumerate() {
+            let number = if protocol == "tcp" { proto::TCP } else { proto::UDP };
+            // Tags 10.. for the apps; 1 and 2 are the measured A and B.
+            pairs
+                .entry(PairKey::new(s as u32 + 10, d as u32 + 10, number))
+                .or_default()
+                .push(Allowance { start, end, policy_id: id as u32 + 10 });
+        }
+        for (key, allowances) in pairs {
+            tables.set_pair(key, &allowances).expect("fill");
+        }
+    });
+
+    let mut out = String::new();
+    outln!(
+        out,
+        "\n### 5b. A Cloud Foundry-sized deployment\n\n20,000 apps, {} policies between random app pairs ({} port ranges, the rest single ports, 85 % TCP), loaded through the API; update latency measured while they are in force; per-packet cost with the same policies in the maps.\n",
+        set.len(),
+        ranges
+    );
+    outln!(out, "| measure | value |");
+    outln!(out, "|---|---:|");
+    outln!(
+        out,
+        "| load time (API, batches of 1000) | {:.2} s ({:.0} policies/s) |",
+        load_time.as_secs_f64(),
+        set.len() as f64 / load_time.as_secs_f64()
+    );
+    outln!(out, "| agent RSS before → after | {} → {} MiB |", rss_before / 1024, rss_after / 1024);
+    outln!(
+        out,
+        "| one policy: write → first allowed packet, p50 / p99 | {} / {} |",
+        ms(percentile(&single, 0.5)),
+        ms(percentile(&single, 0.99))
+    );
+    outln!(
+        out,
+        "| batch of 1000: write → first allowed packet, p50 / max | {} / {} |",
+        ms(percentile(&batch, 0.5)),
+        ms(*batch.last().unwrap())
+    );
+    report.section(out);
+    let mut out = String::new();
+    crate::dataplane::table(
+        &mut out,
+        "5c. Per-packet cost with the Cloud Foundry-sized policy set",
+        "policy set",
+        &[row],
+        quick,
+    );
+    report.section(out);
+}
+
+struct Load {
+    n: usize,
+    load_time: Duration,
+    batch_times: Vec<Duration>,
+    rss_before: u64,
+    rss_after: u64,
+    state_bytes: u64,
+    restart_time: Duration,
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -109,7 +204,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// Loads `n` policies (distinct app pairs) in batches of 1000 through the
 /// API, then restarts the agent on that state.
-fn load(n: usize) {
+fn load(n: usize) -> Load {
     let host = Host::new(1);
     let mut daemon = Daemon::start(&host.ns, "log_level = \"warn\"");
     let client = Client::new(&daemon.socket);
@@ -137,25 +232,5 @@ fn load(n: usize) {
     daemon.spawn();
     let restart_time = restart.elapsed();
     batch_times.sort();
-    println!(
-        "\nAgent: loading {n} policies through the API (batches of 1000, distinct app pairs)\n"
-    );
-    println!("| measure | value |");
-    println!("|---|---:|");
-    println!(
-        "| total time | {:.2} s ({:.0} policies/s) |",
-        load_time.as_secs_f64(),
-        n as f64 / load_time.as_secs_f64()
-    );
-    println!(
-        "| batch of 1000, p50 / max | {} / {} |",
-        ms(percentile(&batch_times, 0.5)),
-        ms(*batch_times.last().unwrap())
-    );
-    println!("| agent RSS before → after | {} MiB → {} MiB |", rss_before / 1024, rss_after / 1024);
-    println!("| stored state | {:.1} MiB |", state_bytes as f64 / (1 << 20) as f64);
-    println!(
-        "| restart (load state, reconcile {n} pinned entries, serve) | {:.2} s |",
-        restart_time.as_secs_f64()
-    );
+    Load { n, load_time, batch_times, rss_before, rss_after, state_bytes, restart_time }
 }

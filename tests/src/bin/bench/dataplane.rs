@@ -9,6 +9,8 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use integration_tests::{netns::NetNs, pins::PinDir, unique_name};
+
+use crate::report::{Plot, Report, Series, outln};
 use policy_agent::{BASELINE_OBJECT, Dataplane, Direction};
 use policy_common::{
     craft::PacketSpec,
@@ -71,92 +73,154 @@ fn new_flow_frames(n: usize, instance: u8, dport: u16) -> Vec<Vec<u8>> {
         .collect()
 }
 
-pub fn run(quick: bool) {
-    let (repeat, rounds, new_flows) =
-        if quick { (200_000, 3, 5_000) } else { (1_000_000, 5, 20_000) };
+/// The programs' costs with one set of maps, next to the empty program's.
+pub struct Row {
+    pub label: String,
+    fill_time: std::time::Duration,
+    empty: Costs,
+    established: f64,
+    denied: f64,
+    new_allowed: f64,
+    new_denied: f64,
+}
+
+struct Params {
+    repeat: u32,
+    rounds: usize,
+    new_flows: usize,
+}
+
+impl Params {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self { repeat: 200_000, rounds: 3, new_flows: 5_000 }
+        } else {
+            Self { repeat: 1_000_000, rounds: 5, new_flows: 20_000 }
+        }
+    }
+}
+
+/// Loads fresh maps with `fill` (which must register A and B and allow
+/// A -> B tcp/8080-8090) and measures tc_to_container on them, and the empty
+/// program on the same frames.
+pub fn measure(label: String, quick: bool, fill: impl FnOnce(&mut Dataplane)) -> Row {
+    let p = Params::new(quick);
     let ns = NetNs::new(unique_name("bench"));
     let _in_ns = ns.enter();
-
     let mut baseline = Ebpf::load(BASELINE_OBJECT).expect("load baseline");
     let empty: &mut SchedClassifier =
         baseline.program_mut("tc_baseline").expect("tc_baseline").try_into().expect("classifier");
     empty.load().expect("load tc_baseline");
 
-    let mut rows = Vec::new();
-    for policies in [10u32, 10_000, 1_000_000] {
-        let pins = PinDir::new();
-        let mut dataplane = pins.open();
-        let started = Instant::now();
-        fill(&mut dataplane, policies);
-        // The decision alone; `reporting` measures events and counters.
-        dataplane
-            .tables()
-            .set_settings(policy_agent::dataplane::EventSettings::off().kernel())
-            .expect("settings");
-        let fill_time = started.elapsed();
-        let prog = dataplane.tc_program(Direction::ToContainer);
-
-        let established = PacketSpec::tcp(A, B, 40000, 8080).frame();
-        prog.test_run(TestRunOptions { data_in: Some(&established), ..Default::default() })
-            .expect("open");
-        let denied = PacketSpec::tcp(A, B, 40001, 9999).frame();
-        let frames = new_flow_frames(new_flows, 0, 8080);
-        let denied_frames = new_flow_frames(new_flows, 0, 9999);
-
-        let empty_cost = Costs {
-            repeated: median_repeated(empty, &established, repeat, rounds),
+    let pins = PinDir::new();
+    let mut dataplane = pins.open();
+    let started = Instant::now();
+    fill(&mut dataplane);
+    let fill_time = started.elapsed();
+    // The decision alone; `reporting` measures events and counters.
+    dataplane
+        .tables()
+        .set_settings(policy_agent::dataplane::EventSettings::off().kernel())
+        .expect("settings");
+    let prog = dataplane.tc_program(Direction::ToContainer);
+    let established = PacketSpec::tcp(A, B, 40000, 8080).frame();
+    prog.test_run(TestRunOptions { data_in: Some(&established), ..Default::default() })
+        .expect("open");
+    let denied = PacketSpec::tcp(A, B, 40001, 9999).frame();
+    let frames = new_flow_frames(p.new_flows, 0, 8080);
+    let denied_frames = new_flow_frames(p.new_flows, 0, 9999);
+    let row = Row {
+        label,
+        fill_time,
+        empty: Costs {
+            repeated: median_repeated(empty, &established, p.repeat, p.rounds),
             single: one_run_each(empty, &frames),
-        };
-        let established_ns = median_repeated(prog, &established, repeat, rounds);
-        let denied_ns = median_repeated(prog, &denied, repeat, rounds);
-        let new_ns = one_run_each(prog, &frames);
-        let new_denied_ns = one_run_each(prog, &denied_frames);
-        rows.push((
-            policies,
-            fill_time,
-            empty_cost,
-            established_ns,
-            denied_ns,
-            new_ns,
-            new_denied_ns,
-        ));
-        drop(dataplane);
-    }
+        },
+        established: median_repeated(prog, &established, p.repeat, p.rounds),
+        denied: median_repeated(prog, &denied, p.repeat, p.rounds),
+        new_allowed: one_run_each(prog, &frames),
+        new_denied: one_run_each(prog, &denied_frames),
+    };
+    drop(dataplane);
+    row
+}
 
-    println!(
-        "\nPer-packet cost of tc_to_container (destination side), BPF_PROG_TEST_RUN, 64-byte TCP frames, flow events and per-policy counters off"
+/// The table of `rows` under the common explanation.
+pub fn table(out: &mut String, title: &str, first_column: &str, rows: &[Row], quick: bool) {
+    let Params { repeat, rounds, new_flows } = Params::new(quick);
+    outln!(
+        out,
+        "\n### {title}\n\ntc_to_container (destination side), BPF_PROG_TEST_RUN, 64-byte TCP frames, flow events and per-policy counters off; ns per packet, (x) = ratio to the empty TC program, [+ns] = above it. Established and denied: median of {rounds} runs of {repeat} repeats (warm caches); \"one run each\": mean over {new_flows} distinct packets, one test run (one syscall) each, caches cold as after a syscall; its floor is the empty program run the same way.\n"
     );
-    println!(
-        "kernel {}, {} CPUs; ns per packet, (x) = ratio to the empty TC program, [+ns] = above it",
-        kernel(),
-        cpus()
+    outln!(
+        out,
+        "| {first_column} | empty | established flow | new flow, denied (full lookup) | empty, one run each | new flow denied, one run each | new flow allowed + tracked, one run each | load time |"
     );
-    println!(
-        "established and denied: median of {rounds} runs of {repeat} repeats (warm caches); \"one run each\": mean over {new_flows} distinct packets, one test run (one syscall) each, caches cold as after a syscall; its floor is the empty program run the same way\n"
-    );
-    println!(
-        "| policy entries | empty | established flow | new flow, denied (full lookup) | empty, one run each | new flow denied, one run each | new flow allowed + tracked, one run each | load time |"
-    );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (policies, fill_time, empty, established, denied, new, new_denied) in &rows {
-        let cell =
-            |ns: f64, floor: f64| format!("{ns:.1} ({:.2}x) [+{:.1}]", ns / floor, ns - floor);
-        println!(
-            "| {policies} | {:.1} | {} | {} | {:.1} | {} | {} | {:.2} s |",
-            empty.repeated,
-            cell(*established, empty.repeated),
-            cell(*denied, empty.repeated),
-            empty.single,
-            cell(*new_denied, empty.single),
-            cell(*new, empty.single),
-            fill_time.as_secs_f64(),
+    outln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let cell = |ns: f64, floor: f64| format!("{ns:.1} ({:.2}x) [+{:.1}]", ns / floor, ns - floor);
+    for r in rows {
+        outln!(
+            out,
+            "| {} | {:.1} | {} | {} | {:.1} | {} | {} | {:.2} s |",
+            r.label,
+            r.empty.repeated,
+            cell(r.established, r.empty.repeated),
+            cell(r.denied, r.empty.repeated),
+            r.empty.single,
+            cell(r.new_denied, r.empty.single),
+            cell(r.new_allowed, r.empty.single),
+            r.fill_time.as_secs_f64(),
         );
     }
 }
 
+/// Per-packet cost against the number of policy entries.
+pub fn run(quick: bool, report: &mut Report) {
+    let counts: &[u32] =
+        if quick { &[10, 1_000, 100_000] } else { &[10, 100, 1_000, 10_000, 100_000, 1_000_000] };
+    let rows: Vec<Row> = counts
+        .iter()
+        .map(|&n| measure(n.to_string(), quick, |dataplane| fill(dataplane, n)))
+        .collect();
+    let mut out = String::new();
+    table(
+        &mut out,
+        "1. Per-packet cost against the number of policies",
+        "policy entries",
+        &rows,
+        quick,
+    );
+    let worst = |f: fn(&Row) -> f64| rows.iter().map(f).fold(f64::MIN, f64::max);
+    outln!(
+        out,
+        "\nAgainst the goals (+30 ns established, +80 ns new flow over the empty program, flat to 1M): worst established +{:.1} ns, worst new-flow verdict (full lookup) +{:.1} ns.",
+        worst(|r| r.established - r.empty.repeated),
+        worst(|r| r.denied - r.empty.repeated),
+    );
+    report.section(out);
+    let series = |label: &str, f: fn(&Row) -> f64| Series {
+        label: label.to_owned(),
+        points: counts.iter().zip(&rows).map(|(&n, r)| (f64::from(n), f(r))).collect(),
+    };
+    report.plot(Plot {
+        file: "per_packet.png",
+        title: "Per-packet cost vs policies (BPF_PROG_TEST_RUN)".into(),
+        x_label: "policy entries",
+        y_label: "ns per packet",
+        log_y: false,
+        series: vec![
+            series("empty program", |r| r.empty.repeated),
+            series("established flow", |r| r.established),
+            series("new flow, full lookup (denied)", |r| r.denied),
+            series("new flow allowed + tracked (one syscall each)", |r| r.new_allowed),
+            series("empty program (one syscall each)", |r| r.empty.single),
+        ],
+    });
+}
+
 /// Registers A and B and writes `policies` pair entries, one of which
 /// allows A -> B tcp/8080; the others are between other apps.
-fn fill(dataplane: &mut Dataplane, policies: u32) {
+pub fn fill(dataplane: &mut Dataplane, policies: u32) {
     let tables = dataplane.tables();
     tables.set_endpoint(Ipv4Addr::from(A), TAG_A).expect("endpoint");
     tables.set_endpoint(Ipv4Addr::from(B), TAG_B).expect("endpoint");
@@ -194,7 +258,8 @@ pub fn cpus() -> usize {
 
 /// The cost of reporting: flow events and per-policy counters on versus off,
 /// on the same dataplane, in the same run.
-pub fn reporting(quick: bool) {
+pub fn reporting(quick: bool, report: &mut Report) {
+    let mut out = String::new();
     use policy_agent::dataplane::EventSettings;
     let (repeat, rounds, new_flows) =
         if quick { (200_000, 3, 5_000) } else { (1_000_000, 5, 20_000) };
@@ -227,24 +292,31 @@ pub fn reporting(quick: bool) {
         rows.push((label, est, flood, new));
     }
     let stats = dataplane.tables_ref().event_stats().expect("event stats");
-    println!(
-        "\nReporting cost (10k policies): flow events and per-policy counters off vs on, ns per packet\n"
+    outln!(
+        out,
+        "\n### Reporting cost\n\n10k policies: flow events and per-policy counters off vs on, ns per packet\n"
     );
-    println!(
+    outln!(
+        out,
         "| reporting | established flow (policy counter) | denied flood (rate-limited events) | new allowed flow + event, one run each |"
     );
-    println!("|---|---:|---:|---:|");
+    outln!(out, "|---|---:|---:|---:|");
     let (_, e0, f0, n0) = rows[0];
     for (label, e, f, n) in &rows {
-        println!(
+        outln!(
+            out,
             "| {label} | {e:.1} ({:+.1}) | {f:.1} ({:+.1}) | {n:.1} ({:+.1}) |",
             e - e0,
             f - f0,
             n - n0
         );
     }
-    println!(
+    outln!(
+        out,
         "\nevents emitted {}, rate-limited {}, lost {}",
-        stats.emitted, stats.rate_limited, stats.lost
+        stats.emitted,
+        stats.rate_limited,
+        stats.lost
     );
+    report.section(out);
 }

@@ -1,26 +1,50 @@
-//! `cargo xtask bench`: prints figures, asserts nothing.
-//! 1. per-packet cost of the programs against an empty program;
-//! 2. the agent: API write → enforcement latency, loading 100k policies;
-//! 3. platform TLS on 61443 versus plain TCP.
+//! `cargo xtask bench`: prints figures, asserts nothing, and writes them to
+//! `bench/results.md` with PNG plots.
+//! 1. per-packet cost of the programs against an empty program, 10 to 1M
+//!    policies (and the cost of reporting);
+//! 2. real traffic against Cloud Foundry's iptables rule set: UDP packets/s,
+//!    TCP exchange latency; 3. iperf3 throughput;
+//! 4. policy update latency against an iptables rebuild;
+//! 5. scale: loading 10k to 1M policies, a Cloud Foundry-sized deployment;
+//! 6. platform TLS on 61443 versus plain TCP.
 
 mod agent;
+mod compare;
 mod dataplane;
+mod report;
 mod tls;
+mod update;
 
 fn main() {
     integration_tests::require_root();
     let quick = std::env::args().any(|a| a == "--quick");
-    // BENCH_ONLY=dataplane|agent|tls runs one part.
+    // BENCH_ONLY=dataplane|compare|update|agent|tls runs one part (and
+    // writes only its figures).
     let only = std::env::var("BENCH_ONLY").ok();
     let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    if runs("compare") || runs("update") {
+        assert!(
+            integration_tests::iptables::available(),
+            "iptables-legacy is missing: run `cargo xtask setup`"
+        );
+    }
+    let mut report = report::Report::default();
     if runs("dataplane") {
-        dataplane::run(quick);
-        dataplane::reporting(quick);
+        dataplane::run(quick, &mut report);
+        dataplane::reporting(quick, &mut report);
+    }
+    if runs("compare") {
+        compare::run(quick, &mut report);
+    }
+    if runs("update") {
+        update::run(quick, &mut report);
     }
     if runs("agent") {
-        agent::run(quick);
+        agent::run(quick, &mut report);
     }
     if runs("tls") {
-        tls::run(quick);
+        tls::run(quick, &mut report);
     }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench");
+    report.write(&dir, quick);
 }

@@ -12,6 +12,8 @@ use std::{
 use integration_tests::{daemon::Daemon, netns::NetNs, topology::Host};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 
+use crate::report::{Report, outln};
+
 /// The app: reads and discards; answers each 1-byte "ping" with "k".
 fn sink(ns: &NetNs, ip: Ipv4Addr, port: u16) {
     let listener = ns.run(move || TcpListener::bind((ip, port))).expect("bind sink");
@@ -118,7 +120,8 @@ fn throughput(
     (total as f64 / (1 << 20) as f64) / started.elapsed().as_secs_f64()
 }
 
-pub fn run(quick: bool) {
+pub fn run(quick: bool, report: &mut Report) {
+    let mut out = String::new();
     let host = Host::new(2);
     let daemon = Daemon::start(&host.ns, "log_level = \"warn\"");
     let (a, b) = (host.container(0), host.container(1));
@@ -135,18 +138,22 @@ pub fn run(quick: bool) {
     let tls_cps = connections_per_second(&a.ns, b.ip, 61443, Some(config.clone()), window);
     let plain_tp = throughput(&a.ns, b.ip, 8080, None, total);
     let tls_tp = throughput(&a.ns, b.ip, 61443, Some(config), total);
-    println!(
-        "\nPlatform TLS: one 61443 listener (agent-terminated, forwarding to 8080) vs plain TCP to 8080, container to container\n"
+    outln!(
+        out,
+        "\n### 6. Platform TLS\n\nOne 61443 listener (agent-terminated, forwarding to 8080) vs plain TCP to 8080, container to container\n"
     );
-    println!("| measure | plain TCP to 8080 | TLS via 61443 | ratio |");
-    println!("|---|---:|---:|---:|");
-    println!(
+    outln!(out, "| measure | plain TCP to 8080 | TLS via 61443 | ratio |");
+    outln!(out, "|---|---:|---:|---:|");
+    outln!(
+        out,
         "| new connections per second (one round trip each; TLS: full handshake) | {plain_cps:.0} | {tls_cps:.0} | {:.2} |",
         tls_cps / plain_cps
     );
-    println!(
+    outln!(
+        out,
         "| throughput, one connection, {} MiB (MiB/s) | {plain_tp:.0} | {tls_tp:.0} | {:.2} |",
         total >> 20,
         tls_tp / plain_tp
     );
+    report.section(out);
 }

@@ -1,0 +1,210 @@
+//! What a benchmark run found: printed as it goes, then written to
+//! `bench/results.md` with the machine, kernel and date, and drawn as PNG
+//! plots next to it.
+
+use std::{fmt::Write as _, path::Path};
+
+use plotters::{coord::ranged1d::ValueFormatter, prelude::*};
+
+/// Appends a line to a section (`writeln!` on a `String`).
+macro_rules! outln {
+    ($out:expr) => { $out.push('\n') };
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        writeln!($out, $($arg)*).expect("write to a String");
+    }};
+}
+pub(crate) use outln;
+
+/// One line of a plot.
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+pub struct Plot {
+    /// File name under `bench/`.
+    pub file: &'static str,
+    pub title: String,
+    pub x_label: &'static str,
+    pub y_label: &'static str,
+    pub log_y: bool,
+    pub series: Vec<Series>,
+}
+
+#[derive(Default)]
+pub struct Report {
+    sections: Vec<String>,
+    plots: Vec<Plot>,
+}
+
+impl Report {
+    /// Prints a finished section and keeps it for results.md.
+    pub fn section(&mut self, text: String) {
+        print!("{text}");
+        self.sections.push(text);
+    }
+
+    pub fn plot(&mut self, plot: Plot) {
+        self.plots.push(plot);
+    }
+
+    /// Writes `dir/results.md` and the plots.
+    pub fn write(&self, dir: &Path, quick: bool) {
+        std::fs::create_dir_all(dir).expect("bench directory");
+        register_font();
+        let mut md = String::from("# Benchmark results\n\n");
+        let _ = writeln!(
+            md,
+            "Written by `cargo xtask bench{}` on {}: {} ({} CPUs), kernel {}.\n\nEvery figure is measured in this run; ratios compare against a baseline measured in the same run on the same machine. Absolute numbers depend on the machine and its neighbours; the ratios are the point.\n",
+            if quick { " --quick" } else { "" },
+            date(),
+            cpu_model(),
+            crate::dataplane::cpus(),
+            crate::dataplane::kernel(),
+        );
+        for plot in &self.plots {
+            match draw(dir, plot) {
+                Ok(()) => {
+                    let _ = writeln!(md, "![{}]({})\n", plot.title, plot.file);
+                }
+                Err(e) => eprintln!("cannot draw {}: {e}", plot.file),
+            }
+        }
+        for section in &self.sections {
+            md.push_str(section);
+        }
+        let path = dir.join("results.md");
+        std::fs::write(&path, md).expect("write results.md");
+        println!("\nwrote {} and {} plots", path.display(), self.plots.len());
+    }
+}
+
+fn date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1).map(str::trim))
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned())
+}
+
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// plotters draws text with a font registered by name (the Debian package
+/// fonts-dejavu-core, installed by `cargo xtask setup`).
+fn register_font() {
+    match std::fs::read(FONT) {
+        Ok(bytes) => {
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_err() {
+                eprintln!("cannot use the font {FONT}");
+            }
+        }
+        Err(e) => eprintln!("no font at {FONT} ({e}): plots will lack text"),
+    }
+}
+
+const COLORS: [RGBColor; 5] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+];
+
+/// A line plot, x on a log scale (policy counts), y linear or log.
+fn draw(dir: &Path, plot: &Plot) -> Result<(), Box<dyn std::error::Error>> {
+    let path = dir.join(plot.file);
+    let root = BitMapBackend::new(&path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let points = plot.series.iter().flat_map(|s| s.points.iter());
+    let (mut x_min, mut x_max, mut y_min, mut y_max) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in points {
+        x_min = x_min.min(x);
+        x_max = x_max.max(x);
+        y_min = y_min.min(y);
+        y_max = y_max.max(y);
+    }
+    if x_min > x_max {
+        return Err("no points".into());
+    }
+    let x_range = (x_min / 1.5)..(x_max * 1.5);
+    let mut chart = ChartBuilder::on(&root);
+    chart
+        .caption(&plot.title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(80);
+    if plot.log_y {
+        let y_range = (y_min / 2.0).max(f64::MIN_POSITIVE)..(y_max * 2.0);
+        let mut chart = chart.build_cartesian_2d(x_range.log_scale(), y_range.log_scale())?;
+        lines(&mut chart, plot)?;
+    } else {
+        let y_range = 0.0..(y_max * 1.15);
+        let mut chart = chart.build_cartesian_2d(x_range.log_scale(), y_range)?;
+        lines(&mut chart, plot)?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn lines<'a, X, Y>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, Y>>,
+    plot: &Plot,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    X: Ranged<ValueType = f64> + ValueFormatter<f64>,
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    chart
+        .configure_mesh()
+        .x_desc(plot.x_label)
+        .y_desc(plot.y_label)
+        .x_label_formatter(&|x| human(*x))
+        .y_label_formatter(&|y| human(*y))
+        .label_style(("sans-serif", 15))
+        .max_light_lines(2)
+        .draw()?;
+    for (i, s) in plot.series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))?
+            .label(&s.label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    Ok(())
+}
+
+/// 1000 → "1k", 2500000 → "2.5M", 0.5 → "0.5".
+pub fn human(v: f64) -> String {
+    let (scaled, unit) = match v.abs() {
+        a if a >= 1e6 => (v / 1e6, "M"),
+        a if a >= 1e3 => (v / 1e3, "k"),
+        _ => (v, ""),
+    };
+    let text = if (scaled - scaled.round()).abs() < 1e-9 || scaled.abs() >= 10.0 {
+        format!("{scaled:.0}")
+    } else {
+        format!("{scaled:.1}")
+    };
+    format!("{text}{unit}")
+}

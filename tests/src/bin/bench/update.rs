@@ -1,0 +1,228 @@
+//! Policy update latency with policies already in force: from an API write
+//! to the first packet the new policy lets through (this project's agent),
+//! against the time Cloud Foundry's agent needs to rebuild its iptables
+//! chain (new chain, jump, delete old) and the first packet after it.
+
+use std::{
+    net::UdpSocket,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    daemon::Daemon,
+    iptables::{CfIptables, CfPolicy, CfRuleSet},
+    topology::Host,
+};
+use policy_agent::client::Client;
+use serde_json::Value;
+
+use crate::{
+    agent::{ms, percentile, policy, post},
+    report::{Plot, Report, Series, outln},
+};
+
+const PROBE_PORT: u16 = 7000;
+const POLICIES: &str = "/networking/v1/external/policies";
+
+/// A probe pair: A sends to B:7000; `arrived` polls for it.
+struct Probe {
+    rx: UdpSocket,
+    tx: UdpSocket,
+    to: (std::net::Ipv4Addr, u16),
+}
+
+impl Probe {
+    fn new(host: &Host) -> Self {
+        let (a, b) = (host.container(0), host.container(1));
+        let rx = b.ns.run(|| UdpSocket::bind((b.ip, PROBE_PORT))).expect("bind");
+        let tx = a.ns.run(|| UdpSocket::bind(("0.0.0.0", 0))).expect("bind");
+        Self { rx, tx, to: (b.ip, PROBE_PORT) }
+    }
+
+    /// Asserts the probe does not get through now.
+    fn blocked(&self) {
+        let mut buf = [0u8; 16];
+        self.rx.set_nonblocking(false).unwrap();
+        self.rx.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        self.tx.send_to(b"probe", self.to).unwrap();
+        while self.rx.recv(&mut buf).is_ok() {}
+    }
+
+    /// Probes every 50 µs until one arrives; the time since `start`.
+    fn first_arrival(&self, start: Instant) -> Duration {
+        let mut buf = [0u8; 16];
+        self.rx.set_nonblocking(true).unwrap();
+        loop {
+            self.tx.send_to(b"probe", self.to).unwrap();
+            if self.rx.recv(&mut buf).is_ok() {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "the policy never took effect");
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+/// `n` policies between other apps, in API batches of 1000.
+fn preload(client: &Client, n: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let batch = chunk
+            .iter()
+            .map(|i| {
+                policy(&format!("src-{}", i % 1000), &format!("dst-{}", i / 1000), "tcp", 8080)
+            })
+            .collect();
+        post(client, POLICIES, batch);
+    }
+}
+
+/// The agent with `n` policies: (single write → first packet, batch of 1k
+/// → first packet), each sorted.
+fn ours(n: usize, singles: usize, batches: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let host = Host::new(2);
+    let daemon = Daemon::start(&host.ns, "log_level = \"warn\"");
+    daemon.register(host.container(0), "frontend");
+    daemon.register(host.container(1), "backend");
+    let client = Client::new(&daemon.socket);
+    preload(&client, n);
+    agent_latency(&host, &client, ("frontend", "backend"), singles, batches)
+}
+
+/// With the agent serving `client` and containers 0 and 1 registered as
+/// `apps`: `singles` writes of one policy and `batches` batches of 1000,
+/// each timed to the first probe the policy lets through.
+pub fn agent_latency(
+    host: &Host,
+    client: &Client,
+    apps: (&str, &str),
+    singles: usize,
+    batches: usize,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let probe = Probe::new(host);
+    let allow = || vec![policy(apps.0, apps.1, "udp", PROBE_PORT)];
+    let mut single = Vec::new();
+    for _ in 0..singles {
+        post(client, &format!("{POLICIES}/delete"), allow());
+        probe.blocked();
+        let start = Instant::now();
+        single.push(std::thread::scope(|s| {
+            s.spawn(|| post(client, POLICIES, allow()));
+            probe.first_arrival(start)
+        }));
+    }
+    let mut batch = Vec::new();
+    for round in 0..batches {
+        post(client, &format!("{POLICIES}/delete"), allow());
+        probe.blocked();
+        let mut policies: Vec<Value> =
+            (0..999).map(|i| policy(&format!("b{round}-{i}"), apps.1, "tcp", 9000)).collect();
+        policies.push(allow().remove(0));
+        let start = Instant::now();
+        batch.push(std::thread::scope(|s| {
+            let sent = policies.clone();
+            s.spawn(|| post(client, POLICIES, sent));
+            probe.first_arrival(start)
+        }));
+        post(client, &format!("{POLICIES}/delete"), policies);
+    }
+    single.sort();
+    batch.sort();
+    (single, batch)
+}
+
+/// iptables with `n` policies: (rebuild for one more policy → first packet,
+/// rebuild with 1k more → first packet), each sorted.
+fn iptables(n: usize, rounds: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let host = Host::new(2);
+    let (a, b) = (host.container(0).ip, host.container(1).ip);
+    let mut rules = CfIptables::install(&host.ns);
+    let probe = Probe::new(&host);
+    let others = |count: usize, from: usize| -> Vec<CfPolicy> {
+        (from..from + count)
+            .map(|i| CfPolicy {
+                source_tag: 100 + i as u32,
+                destination: b,
+                protocol: "tcp",
+                start: 8080,
+                end: 8080,
+            })
+            .collect()
+    };
+    let own = CfPolicy { source_tag: 1, destination: b, protocol: "udp", start: 7000, end: 7000 };
+    let base = CfRuleSet { sources: vec![(a, 1), (b, 2)], policies: others(n, 0) };
+    let mut time = |extra: usize| {
+        rules.enforce(&base);
+        probe.blocked();
+        let mut set = base.clone();
+        set.policies.extend(others(extra, n));
+        // The new policy's rule where Cloud Foundry's ordering would put it:
+        // anywhere; the middle.
+        set.policies.insert(set.policies.len() / 2, own.clone());
+        let start = Instant::now();
+        rules.enforce(&set);
+        probe.first_arrival(start)
+    };
+    let mut single: Vec<Duration> = (0..rounds).map(|_| time(0)).collect();
+    let mut batch: Vec<Duration> = (0..rounds).map(|_| time(999)).collect();
+    single.sort();
+    batch.sort();
+    (single, batch)
+}
+
+pub fn run(quick: bool, report: &mut Report) {
+    let counts: &[usize] = if quick { &[10, 1_000, 10_000] } else { &[10, 100, 1_000, 10_000] };
+    let (singles, batches, rounds) = if quick { (20, 2, 2) } else { (100, 5, 5) };
+    let rows: Vec<_> =
+        counts.iter().map(|&n| (n, ours(n, singles, batches), iptables(n, rounds))).collect();
+    let mut out = String::new();
+    outln!(
+        out,
+        "\n### 4. Policy update latency\n\nFrom the write to the first UDP probe the new policy lets through (probes every 50 µs through the real veths), with `policies` other policies already in force. This project: an API request to the agent (the reply means enforced and durable); {singles} single writes, {batches} batches of 1000 (the probe's policy last). iptables: Cloud Foundry's rebuild (new chain filled by `iptables-restore --noflush`, jump inserted, old jump deleted, old chain flushed and deleted), {rounds} rounds each; a batch is one rebuild with 1000 more rules. Cloud Foundry's agent also waits for its next poll of the policy server (every 5 s by default), not counted here.\n"
+    );
+    outln!(
+        out,
+        "| policies | eBPF, one policy p50 / p99 | iptables, one policy p50 / max | ratio (p50) | eBPF, batch of 1k p50 / max | iptables, batch of 1k p50 / max | ratio (p50) |"
+    );
+    outln!(out, "|---:|---:|---:|---:|---:|---:|---:|");
+    for (n, (single, batch), (ip_single, ip_batch)) in &rows {
+        outln!(
+            out,
+            "| {n} | {} / {} | {} / {} | {:.0}x | {} / {} | {} / {} | {:.1}x |",
+            ms(percentile(single, 0.5)),
+            ms(percentile(single, 0.99)),
+            ms(percentile(ip_single, 0.5)),
+            ms(*ip_single.last().unwrap()),
+            percentile(ip_single, 0.5).as_secs_f64() / percentile(single, 0.5).as_secs_f64(),
+            ms(percentile(batch, 0.5)),
+            ms(*batch.last().unwrap()),
+            ms(percentile(ip_batch, 0.5)),
+            ms(*ip_batch.last().unwrap()),
+            percentile(ip_batch, 0.5).as_secs_f64() / percentile(batch, 0.5).as_secs_f64(),
+        );
+    }
+    report.section(out);
+    // Which of (eBPF single, iptables single, eBPF batch, iptables batch).
+    let series = |label: &str, which: usize| Series {
+        label: label.to_owned(),
+        points: rows
+            .iter()
+            .map(|(n, ours, ipt)| {
+                let v = [&ours.0, &ipt.0, &ours.1, &ipt.1][which];
+                (*n as f64, percentile(v, 0.5).as_secs_f64() * 1e3)
+            })
+            .collect(),
+    };
+    report.plot(Plot {
+        file: "update_latency.png",
+        title: "Policy update: write to first allowed packet (p50)".into(),
+        x_label: "policies already in force",
+        y_label: "ms",
+        log_y: true,
+        series: vec![
+            series("eBPF agent, one policy", 0),
+            series("iptables rebuild, one policy", 1),
+            series("eBPF agent, batch of 1k", 2),
+            series("iptables rebuild, batch of 1k", 3),
+        ],
+    });
+}
