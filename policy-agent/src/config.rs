@@ -6,6 +6,7 @@
 //! pin_dir = "/sys/fs/bpf/policy-agent"       # pinned maps and links
 //! listen = "127.0.0.1:9090"                  # optional TCP API address
 //! log_level = "info"                         # error, warn, info, debug, trace
+//! overlay_network = "10.255.0.0/16"          # container network; "": no array slots
 //! max_policies_per_source = 150              # absent or 0: no limit
 //! max_body_bytes = 8388608                   # largest API request body
 //!
@@ -37,7 +38,10 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Capacities, dataplane::EventSettings};
+use crate::{
+    Capacities,
+    dataplane::{EventSettings, OverlayNetwork},
+};
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -75,6 +79,10 @@ pub struct Config {
     /// identity of an app a policy allows) and pass the verified source app
     /// on in a header.
     pub mtls_apps: std::collections::BTreeSet<String>,
+    /// The container network (silk's overlay): its endpoints are found by an
+    /// array index in the kernel instead of a hash lookup. "" turns that off
+    /// (every endpoint hashed); addresses outside it are always hashed.
+    pub overlay_network: String,
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/policy-agent/agent.sock";
@@ -100,6 +108,7 @@ impl Default for Config {
             tls_upstream_port: 8080,
             tls_app_ports: Default::default(),
             mtls_apps: Default::default(),
+            overlay_network: "10.255.0.0/16".to_owned(),
         }
     }
 }
@@ -110,6 +119,15 @@ impl Config {
     }
 
     /// The DNS address, or None if DNS is off.
+    /// The overlay network with endpoint slots, or None if off.
+    pub fn overlay(&self) -> Result<Option<OverlayNetwork>, String> {
+        if self.overlay_network.is_empty() {
+            Ok(None)
+        } else {
+            OverlayNetwork::parse(&self.overlay_network).map(Some)
+        }
+    }
+
     pub fn dns_addr(&self) -> Result<Option<SocketAddr>, std::net::AddrParseError> {
         if self.dns_listen.is_empty() { Ok(None) } else { self.dns_listen.parse().map(Some) }
     }
@@ -127,6 +145,21 @@ mod tests {
     #[test]
     fn empty_file_is_all_defaults() {
         assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_overlay_network_is_checked() {
+        let overlay =
+            |text: &str| Config { overlay_network: text.to_owned(), ..Config::default() }.overlay();
+        assert_eq!(overlay("10.255.0.0/16").unwrap(), Some(OverlayNetwork::default()));
+        assert_eq!(overlay("10.255.0.0/16").unwrap().unwrap().slots(), 65536);
+        assert_eq!(overlay("10.0.0.0/12").unwrap().unwrap().slots(), 1 << 20);
+        assert_eq!(overlay("10.255.0.7/32").unwrap().unwrap().slots(), 1);
+        assert_eq!(overlay("").unwrap(), None);
+        assert!(overlay("10.255.0.1/16").unwrap_err().contains("host bits"));
+        assert!(overlay("10.0.0.0/8").unwrap_err().contains("out of range"));
+        assert!(overlay("10.255.0.0").unwrap_err().contains("ADDRESS/PREFIX"));
+        assert!(overlay("10.255.0/16").unwrap_err().contains("not an IPv4 address"));
     }
 
     #[test]

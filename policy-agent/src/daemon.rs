@@ -24,10 +24,12 @@ use crate::{
 };
 
 pub fn run(config: Config) -> Result<()> {
+    let overlay = config.overlay().map_err(|e| anyhow::anyhow!("overlay_network: {e}"))?;
     let mut dataplane = Dataplane::open(&DataplaneConfig {
         pin_dir: config.pin_dir.clone(),
         capacities: config.capacities.clone(),
         events: config.flow_events.clone(),
+        overlay,
     })
     .with_context(|| {
         format!(

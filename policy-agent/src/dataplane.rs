@@ -12,6 +12,7 @@
 
 use std::{
     fs,
+    net::Ipv4Addr,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
@@ -107,6 +108,9 @@ pub struct DataplaneConfig {
     pub pin_dir: PathBuf,
     pub capacities: Capacities,
     pub events: EventSettings,
+    /// The container network whose endpoints get array slots; None: every
+    /// endpoint lookup hashes.
+    pub overlay: Option<OverlayNetwork>,
 }
 
 impl DataplaneConfig {
@@ -115,7 +119,63 @@ impl DataplaneConfig {
             pin_dir: pin_dir.into(),
             capacities: Capacities::default(),
             events: EventSettings::default(),
+            overlay: Some(OverlayNetwork::default()),
         }
+    }
+}
+
+/// The container (overlay) network, as Cloud Foundry's silk configures it:
+/// endpoints in it are found by an array index instead of a hash lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OverlayNetwork {
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Default for OverlayNetwork {
+    /// Silk's default, 10.255.0.0/16.
+    fn default() -> Self {
+        Self { network: Ipv4Addr::new(10, 255, 0, 0), prefix: 16 }
+    }
+}
+
+impl OverlayNetwork {
+    /// The largest network with slots: /12 (a million slots, 8 MiB).
+    pub const MIN_PREFIX: u8 = 12;
+
+    /// `A.B.C.D/N`, N from 12 to 32, no host bits set.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, prefix) =
+            text.split_once('/').ok_or_else(|| format!("{text:?} is not ADDRESS/PREFIX"))?;
+        let network: Ipv4Addr =
+            addr.parse().map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+        let prefix: u8 =
+            prefix.parse().map_err(|_| format!("{prefix:?} is not a prefix length"))?;
+        if !(Self::MIN_PREFIX..=32).contains(&prefix) {
+            return Err(format!(
+                "prefix /{prefix} is out of range: /{} (a million addresses) to /32",
+                Self::MIN_PREFIX
+            ));
+        }
+        let host_bits = if prefix == 32 { 0 } else { u32::MAX >> prefix };
+        if u32::from(network) & host_bits != 0 {
+            return Err(format!(
+                "{text} has host bits set (the network is {}/{prefix})",
+                Ipv4Addr::from(u32::from(network) & !host_bits)
+            ));
+        }
+        Ok(Self { network, prefix })
+    }
+
+    /// Addresses in the network.
+    pub fn slots(&self) -> u32 {
+        1u32 << (32 - u32::from(self.prefix))
+    }
+}
+
+impl std::fmt::Display for OverlayNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
     }
 }
 
@@ -203,6 +263,15 @@ impl Dataplane {
         for (name, size) in sizes {
             loader.map_max_entries(name, size);
         }
+        // A pinned slots array is reused at the size it has (aya checks
+        // indexes against the size given here); a new one is sized for the
+        // overlay, one unused slot without one (arrays cannot be empty).
+        let pinned_slots = MapData::from_pin(maps_dir.join(names::ENDPOINT_SLOTS))
+            .ok()
+            .and_then(|m| m.info().ok())
+            .map(|i| i.max_entries());
+        let slots = pinned_slots.unwrap_or_else(|| config.overlay.map_or(1, |o| o.slots()));
+        loader.map_max_entries(names::ENDPOINT_SLOTS, slots);
         for name in names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
         }
@@ -217,6 +286,7 @@ impl Dataplane {
         }
         let mut tables = Tables::take(&mut ebpf)?;
         tables.set_settings(config.events.kernel())?;
+        tables.set_overlay(config.overlay)?;
         let flow_events = ebpf
             .take_map(names::FLOW_EVENTS)
             .ok_or(Error::MissingMap { name: names::FLOW_EVENTS })

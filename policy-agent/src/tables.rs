@@ -14,13 +14,13 @@ use aya::maps::{
 use policy_common::{
     Reason,
     maps::{
-        Attachment, Conn, ConnKey, EPOCH_INDEX, Endpoint, FragmentKey, PairKey, PolicyCounters,
-        PortRules, SETTINGS_INDEX, Settings, event_stat, names,
+        Attachment, Conn, ConnKey, EPOCH_INDEX, Endpoint, FragmentKey, Overlay, PairKey,
+        PolicyCounters, PortRules, SETTINGS_INDEX, Settings, event_stat, names,
     },
     ports::Allowance,
 };
 
-use crate::Error;
+use crate::{Error, dataplane::OverlayNetwork};
 
 /// The dataplane's maps, typed.
 pub struct Tables {
@@ -35,6 +35,10 @@ pub struct Tables {
     settings: Array<MapData, Settings>,
     event_stats: PerCpuArray<MapData, u64>,
     policy_stats: PerCpuHashMap<MapData, u32, PolicyCounters>,
+    overlay: Array<MapData, Overlay>,
+    slots: Array<MapData, Endpoint>,
+    /// What `OVERLAY` says (read at open, written by `set_overlay`).
+    overlay_now: Overlay,
 }
 
 /// Flow event counters (`EVENT_STATS`, summed over CPUs).
@@ -88,7 +92,56 @@ impl Tables {
             settings: typed(take(names::SETTINGS)?, names::SETTINGS)?,
             event_stats: typed(take(names::EVENT_STATS)?, names::EVENT_STATS)?,
             policy_stats: typed(take(names::POLICY_STATS)?, names::POLICY_STATS)?,
-        })
+            overlay: typed(take(names::OVERLAY)?, names::OVERLAY)?,
+            slots: typed(take(names::ENDPOINT_SLOTS)?, names::ENDPOINT_SLOTS)?,
+            overlay_now: Overlay::default(),
+        }
+        .with_overlay_read())
+    }
+
+    fn with_overlay_read(mut self) -> Self {
+        self.overlay_now = self.overlay.get(&0, 0).unwrap_or_default();
+        self
+    }
+
+    /// Points `OVERLAY` at `network` and fills its slots from `ENDPOINTS`.
+    /// The programs use `ENDPOINTS` alone while the slots are rebuilt, so
+    /// every lookup stays right throughout. The slots array keeps the size it
+    /// was created with: a larger network than it holds gets slots for its
+    /// first addresses only (the rest are hashed).
+    pub fn set_overlay(&mut self, network: Option<OverlayNetwork>) -> Result<(), Error> {
+        let capacity = Self::capacity(self.slots.map());
+        let want = network.map_or(Overlay::default(), |n| Overlay {
+            base: u32::from(n.network),
+            slots: n.slots().min(capacity),
+        });
+        let set = |overlay: &mut Array<MapData, Overlay>, value| {
+            overlay.set(0, value, 0).map_err(map_err(names::OVERLAY))
+        };
+        let old = self.overlay_now;
+        set(&mut self.overlay, Overlay { slots: 0, ..old })?;
+        self.overlay_now = Overlay { slots: 0, ..old };
+        if old != want {
+            // Slots of another network (or none): start from empty.
+            for slot in 0..old.slots.min(capacity) {
+                self.slots
+                    .set(slot, Endpoint::default(), 0)
+                    .map_err(map_err(names::ENDPOINT_SLOTS))?;
+            }
+        }
+        for (addr, endpoint) in self.endpoints() {
+            if let Some(slot) = want.slot(addr_key(addr)) {
+                self.slots.set(slot, endpoint, 0).map_err(map_err(names::ENDPOINT_SLOTS))?;
+            }
+        }
+        set(&mut self.overlay, want)?;
+        self.overlay_now = want;
+        Ok(())
+    }
+
+    /// The overlay the programs use now.
+    pub fn overlay(&self) -> Overlay {
+        self.overlay_now
     }
 
     /// Opens the maps pinned under `maps_dir` without loading any program
@@ -110,20 +163,29 @@ impl Tables {
             settings: typed(open(names::SETTINGS)?, names::SETTINGS)?,
             event_stats: typed(open(names::EVENT_STATS)?, names::EVENT_STATS)?,
             policy_stats: typed(open(names::POLICY_STATS)?, names::POLICY_STATS)?,
-        })
+            overlay: typed(open(names::OVERLAY)?, names::OVERLAY)?,
+            slots: typed(open(names::ENDPOINT_SLOTS)?, names::ENDPOINT_SLOTS)?,
+            overlay_now: Overlay::default(),
+        }
+        .with_overlay_read())
     }
 
     fn capacity(map: &MapData) -> u32 {
         map.info().map(|i| i.max_entries()).unwrap_or(0)
     }
 
-    /// Registers (or re-tags) an endpoint.
+    /// Registers (or re-tags) an endpoint: `ENDPOINTS` first, then its
+    /// overlay slot, so a slot never names an endpoint the hash lacks.
     pub fn set_endpoint(&mut self, addr: Ipv4Addr, tag: u32) -> Result<(), Error> {
         let previous = self.endpoints.get(&addr_key(addr), 0).ok();
         let capacity = Self::capacity(self.endpoints.map());
+        let endpoint = Endpoint { tag, flags: 0 };
         self.endpoints
-            .insert(addr_key(addr), Endpoint { tag, flags: 0 }, 0)
+            .insert(addr_key(addr), endpoint, 0)
             .map_err(insert_err(names::ENDPOINTS, capacity))?;
+        if let Some(slot) = self.overlay_now.slot(addr_key(addr)) {
+            self.slots.set(slot, endpoint, 0).map_err(map_err(names::ENDPOINT_SLOTS))?;
+        }
         if previous.is_some_and(|p| p.tag != tag) {
             // Its connections were allowed for the old app.
             self.bump_epoch()?;
@@ -134,6 +196,10 @@ impl Tables {
     /// Unregisters an endpoint; its tracked connections are checked again
     /// (and now pass as unmanaged or get dropped by the peer's policy).
     pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<(), Error> {
+        // The slot first: a slot never outlives the hash entry.
+        if let Some(slot) = self.overlay_now.slot(addr_key(addr)) {
+            self.slots.set(slot, Endpoint::default(), 0).map_err(map_err(names::ENDPOINT_SLOTS))?;
+        }
         match self.endpoints.remove(&addr_key(addr)) {
             Ok(()) => self.bump_epoch(),
             Err(MapError::KeyNotFound) => Ok(()),

@@ -26,8 +26,10 @@ pub mod names {
     pub const EVENT_STATS: &str = "EVENT_STATS";
     pub const POLICY_STATS: &str = "POLICY_STATS";
     pub const SETTINGS: &str = "SETTINGS";
+    pub const OVERLAY: &str = "OVERLAY";
+    pub const ENDPOINT_SLOTS: &str = "ENDPOINT_SLOTS";
     /// Every map the object defines, in a stable order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         ENDPOINTS,
         VETHS,
         CGROUPS,
@@ -41,6 +43,8 @@ pub mod names {
         EVENT_STATS,
         POLICY_STATS,
         SETTINGS,
+        OVERLAY,
+        ENDPOINT_SLOTS,
     ];
 }
 
@@ -72,6 +76,8 @@ pub mod capacity {
     pub const EVENT_LIMITS: u32 = 16_384;
     /// Policies with packet counters (per CPU, not preallocated).
     pub const POLICY_STATS: u32 = 1 << 20;
+    /// Endpoint slots: a /16 overlay, Cloud Foundry's default.
+    pub const ENDPOINT_SLOTS: u32 = 1 << 16;
 }
 
 /// `ENDPOINTS` value, keyed by the endpoint's IPv4 address (wire order `u32`).
@@ -85,6 +91,32 @@ pub struct Endpoint {
     pub flags: u32,
 }
 const _: () = assert!(size_of::<Endpoint>() == 8);
+
+/// `OVERLAY[0]`: the container network whose endpoints also sit in
+/// `ENDPOINT_SLOTS`, an array indexed by address offset — an inlined array
+/// access instead of a hash lookup for the two endpoint lookups of every new
+/// flow. `ENDPOINTS` still holds every endpoint: addresses outside the
+/// overlay are looked up there, and so is every address while `slots` is 0
+/// (the loader's state while it rebuilds the slots).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Overlay {
+    /// First address of the overlay network, host byte order.
+    pub base: u32,
+    /// Addresses covered, from `base` (at most the array's size).
+    pub slots: u32,
+}
+const _: () = assert!(size_of::<Overlay>() == 8);
+
+impl Overlay {
+    /// The slot of `addr` (wire order, as the maps key addresses), if the
+    /// overlay covers it.
+    #[inline(always)]
+    pub fn slot(&self, addr: u32) -> Option<u32> {
+        let offset = u32::from_be(addr).wrapping_sub(self.base);
+        if offset < self.slots { Some(offset) } else { None }
+    }
+}
 
 /// Value of `VETHS` (keyed by the host-side veth's ifindex, `u32`) and of
 /// `CGROUPS` (keyed by the cgroup id, `u64`): the one endpoint whose traffic
@@ -336,7 +368,30 @@ mod pod {
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for Overlay {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for EventLimit {}
     unsafe impl aya::Pod for PolicyCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
+    }
+
+    #[test]
+    fn overlay_slots_cover_exactly_the_network() {
+        let overlay = Overlay { base: u32::from_be_bytes([10, 255, 0, 0]), slots: 1 << 16 };
+        assert_eq!(overlay.slot(wire([10, 255, 0, 0])), Some(0));
+        assert_eq!(overlay.slot(wire([10, 255, 1, 2])), Some(258));
+        assert_eq!(overlay.slot(wire([10, 255, 255, 255])), Some(65535));
+        assert_eq!(overlay.slot(wire([10, 254, 255, 255])), None, "below the base");
+        assert_eq!(overlay.slot(wire([11, 0, 0, 0])), None, "past the end");
+        assert_eq!(overlay.slot(wire([0, 0, 0, 0])), None);
+        let off = Overlay { slots: 0, ..overlay };
+        assert_eq!(off.slot(wire([10, 255, 0, 1])), None, "no slots: every address hashed");
+    }
 }

@@ -49,6 +49,30 @@ impl SkbBytes {
     }
 }
 
+/// One 4-byte packet load at any alignment (x86 and arm64 load unaligned
+/// packet data natively; the verifier allows it where the CPU does). Asm,
+/// because the compiler splits a misaligned load into bytes.
+#[inline(always)]
+unsafe fn load32(addr: usize) -> u64 {
+    let v: u64;
+    // SAFETY: the caller checked addr..addr+4 against data_end.
+    unsafe {
+        core::arch::asm!("{0} = *(u32 *)({1} + 0)", out(reg) v, in(reg) addr, options(readonly, nostack, preserves_flags));
+    }
+    v
+}
+
+/// One 2-byte packet load at any alignment; see [`load32`].
+#[inline(always)]
+unsafe fn load16(addr: usize) -> u64 {
+    let v: u64;
+    // SAFETY: the caller checked addr..addr+2 against data_end.
+    unsafe {
+        core::arch::asm!("{0} = *(u16 *)({1} + 0)", out(reg) v, in(reg) addr, options(readonly, nostack, preserves_flags));
+    }
+    v
+}
+
 impl PacketBytes for SkbBytes {
     #[inline(always)]
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
@@ -56,7 +80,21 @@ impl PacketBytes for SkbBytes {
         if start + N <= self.data_end {
             // SAFETY: bounds checked against data_end just above, in a form
             // the verifier follows (packet pointer + offset vs data_end).
-            return Some(unsafe { (start as *const [u8; N]).read_unaligned() });
+            unsafe {
+                match N {
+                    4 => {
+                        let mut out = [0u8; N];
+                        out.copy_from_slice(&(load32(start) as u32).to_ne_bytes());
+                        return Some(out);
+                    }
+                    2 => {
+                        let mut out = [0u8; N];
+                        out.copy_from_slice(&(load16(start) as u16).to_ne_bytes());
+                        return Some(out);
+                    }
+                    _ => return Some((start as *const [u8; N]).read_unaligned()),
+                }
+            }
         }
         let mut buf = [0u8; N];
         // SAFETY: buf is N writable bytes.

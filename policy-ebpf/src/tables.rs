@@ -11,18 +11,26 @@ use policy_common::{
     },
 };
 
-use crate::maps::{CGROUPS, CONNTRACK, ENDPOINTS, EPOCH, FRAGMENTS, POLICIES, VERDICTS, VETHS};
+use crate::maps::{
+    CGROUPS, CONNTRACK, ENDPOINT_SLOTS, ENDPOINTS, EPOCH, FRAGMENTS, OVERLAY, POLICIES, VERDICTS,
+    VETHS,
+};
 
 /// The maps, remembering where the connection entry the decision read lives,
 /// so the packet can be counted in it without a second lookup.
 pub struct MapTables {
     found: Cell<*mut Conn>,
+    /// The key of the one conntrack lookup made so far (all zero: none; no
+    /// real key has protocol 0): the general path reuses the fast path's
+    /// result instead of looking up again. Not an `Option`: its unset
+    /// payload would be uninitialized, which the verifier refuses to read.
+    looked_up: Cell<ConnKey>,
 }
 
 impl MapTables {
     #[inline(always)]
     pub fn new() -> Self {
-        Self { found: Cell::new(core::ptr::null_mut()) }
+        Self { found: Cell::new(core::ptr::null_mut()), looked_up: Cell::new(ConnKey::default()) }
     }
 
     /// Counts a packet of an established connection in its entry; every
@@ -53,8 +61,14 @@ impl MapTables {
 }
 
 impl Tables for MapTables {
+    /// In the overlay: an array slot (an inlined access); elsewhere, or
+    /// while the loader rebuilds the slots, the hash map.
     #[inline(always)]
     fn endpoint(&self, addr: u32) -> Option<Endpoint> {
+        if let Some(slot) = OVERLAY.get(0).and_then(|overlay| overlay.slot(addr)) {
+            // A u32 tag read by copy: an update is seen whole or not at all.
+            return ENDPOINT_SLOTS.get(slot).copied().filter(|e| e.tag != 0);
+        }
         // SAFETY: values are read once, by copy; the agent replaces whole
         // elements, it never writes into one in place.
         unsafe { ENDPOINTS.get(addr).copied() }
@@ -69,8 +83,17 @@ impl Tables for MapTables {
 
     #[inline(always)]
     fn conn(&self, key: &ConnKey) -> Option<Conn> {
-        let conn = CONNTRACK.get_ptr_mut(key)?;
-        self.found.set(conn);
+        let conn = if key.protocol != 0 && self.looked_up.get() == *key {
+            self.found.get()
+        } else {
+            let conn = CONNTRACK.get_ptr_mut(key).unwrap_or(core::ptr::null_mut());
+            self.found.set(conn);
+            self.looked_up.set(*key);
+            conn
+        };
+        if conn.is_null() {
+            return None;
+        }
         // SAFETY: read by copy; see `count_in_conn` for the pointer.
         Some(unsafe { *conn })
     }

@@ -352,7 +352,10 @@ fn program_agrees_with_a_reference_model_on_random_traffic() {
         // Fresh addresses and tags each round, so earlier rounds' connections
         // cannot interfere.
         let base_tag = 100 * (u32::from(round) + 1);
-        let addrs: Vec<[u8; 4]> = (1..=6).map(|i| [10, 100 + round, 0, i]).collect();
+        // Half in the overlay (array slots), half outside it (hashed).
+        let addrs: Vec<[u8; 4]> = (1..=6)
+            .map(|i| if i % 2 == 0 { [10, 100 + round, 0, i] } else { [10, 255, 100 + round, i] })
+            .collect();
         let mut model =
             Model { tags: Default::default(), policies: Vec::new(), conns: Default::default() };
         for (i, a) in addrs.iter().enumerate().take(5) {
@@ -416,6 +419,76 @@ fn program_agrees_with_a_reference_model_on_random_traffic() {
         }
     }
     assert!(checked > 3000, "only {checked} packets checked");
+}
+
+#[test]
+fn endpoints_are_found_inside_and_outside_the_overlay_across_overlay_changes() {
+    use policy_agent::dataplane::OverlayNetwork;
+    require_root();
+    let ns = NetNs::new(unique_name("tr"));
+    let _in_ns = ns.enter();
+    let pins = PinDir::new();
+    // In the default overlay (slots), outside it (hashed).
+    let (inside, outside) = ([10, 255, 7, 1], [192, 168, 7, 2]);
+    let open = |overlay: Option<OverlayNetwork>| {
+        Dataplane::open(&policy_agent::DataplaneConfig { overlay, ..pins.config() }).unwrap()
+    };
+    let check = |dataplane: &Dataplane, when: &str| {
+        let prog = dataplane.tc_program(Direction::ToContainer);
+        let run = |frame: Vec<u8>| {
+            prog.test_run(TestRunOptions { data_in: Some(&frame), ..Default::default() })
+                .unwrap()
+                .return_value
+        };
+        for (src, dst) in [(A, inside), (A, outside), (inside, outside), (outside, inside)] {
+            // Allowed both ways on 8080; 9999 denied: a lost endpoint would
+            // make it pass as unmanaged.
+            let allowed = PacketSpec::tcp(src, dst, 41000, 8080).frame();
+            let denied = PacketSpec::tcp(src, dst, 41001, 9999).frame();
+            assert_eq!(verdict(run(allowed)), "pass", "{when}: {src:?} -> {dst:?} allowed");
+            assert_eq!(verdict(run(denied)), "drop", "{when}: {src:?} -> {dst:?} denied");
+        }
+    };
+    let mut dataplane = open(Some(OverlayNetwork::default()));
+    let t = dataplane.tables();
+    for (addr, tag) in [(A, TAG_A), (inside, TAG_A), (outside, TAG_A)] {
+        t.set_endpoint(Ipv4Addr::from(addr), tag).unwrap();
+    }
+    t.allow(
+        PairKey::new(TAG_A, TAG_A, proto::TCP),
+        Allowance { start: 8080, end: 8080, policy_id: 1 },
+    )
+    .unwrap();
+    assert_eq!(t.overlay().slots, 65536);
+    check(&dataplane, "default overlay");
+    drop(dataplane);
+    // No overlay: every lookup hashed.
+    let dataplane = open(None);
+    assert_eq!(dataplane.tables_ref().overlay().slots, 0);
+    check(&dataplane, "no overlay");
+    drop(dataplane);
+    // Another network: the old slots are cleared, the new ones filled.
+    let other = OverlayNetwork::parse("192.168.0.0/16").unwrap();
+    let mut dataplane = open(Some(other));
+    check(&dataplane, "192.168.0.0/16");
+    // Endpoints written now land in the new slots; removal clears them.
+    let t = dataplane.tables();
+    t.remove_endpoint(Ipv4Addr::from(outside)).unwrap();
+    let prog = dataplane.tc_program(Direction::ToContainer);
+    let frame = PacketSpec::tcp(A, outside, 41002, 9999).frame();
+    let ret = prog.test_run(TestRunOptions { data_in: Some(&frame), ..Default::default() });
+    assert_eq!(verdict(ret.unwrap().return_value), "pass", "removed: unmanaged");
+    drop(dataplane);
+    let dataplane = open(Some(OverlayNetwork::default()));
+    check_removed(&dataplane, A, outside);
+}
+
+/// `dst` is no endpoint any more: traffic to it passes as unmanaged.
+fn check_removed(dataplane: &Dataplane, src: [u8; 4], dst: [u8; 4]) {
+    let prog = dataplane.tc_program(Direction::ToContainer);
+    let frame = PacketSpec::tcp(src, dst, 41003, 9999).frame();
+    let ret = prog.test_run(TestRunOptions { data_in: Some(&frame), ..Default::default() });
+    assert_eq!(verdict(ret.unwrap().return_value), "pass");
 }
 
 /// Events waiting in the ring buffer.

@@ -15,6 +15,8 @@ struct MemTables {
     conns: HashMap<ConnKey, Conn>,
     fragments: HashSet<FragmentKey>,
     epoch: u32,
+    /// Packets the fast path decided.
+    fast_path_hits: u32,
 }
 
 impl Tables for MemTables {
@@ -59,10 +61,17 @@ impl MemTables {
         self.policies.insert(key, PortRules::build(&all).unwrap());
     }
 
-    /// Runs the destination decision on a frame and applies its effects.
+    /// Runs the destination decision on a frame and applies its effects;
+    /// where the fast path decides, it must decide the same, with no effects.
     fn deliver(&mut self, spec: &PacketSpec) -> Verdict {
         let frame = spec.frame();
-        let decision = decide_destination(self, &parse_ethernet(frame.as_slice()));
+        let parsed = parse_ethernet(frame.as_slice());
+        let decision = decide_destination(self, &parsed);
+        if let Some((verdict, policy_id)) = established(self, &parsed) {
+            assert_eq!((verdict, policy_id), (decision.verdict, decision.policy_id), "{spec:?}");
+            assert_eq!((decision.conn, decision.record_fragment), (ConnUpdate::None, None));
+            self.fast_path_hits += 1;
+        }
         match decision.conn {
             ConnUpdate::None => {}
             ConnUpdate::Insert(k, v) => {
@@ -102,6 +111,7 @@ fn replies_and_established_packets_pass() {
     assert_eq!(t.deliver(&PacketSpec::tcp(B, A, 8080, 40000)), Verdict::Pass(Reason::Reply));
     // A reply-shaped packet of a connection never opened is denied.
     assert_eq!(t.deliver(&PacketSpec::tcp(B, A, 8080, 40001)), Verdict::Drop(Reason::NoPolicy));
+    assert_eq!(t.fast_path_hits, 2, "the established packet and the reply");
 }
 
 #[test]
