@@ -168,6 +168,57 @@ impl PolicyUndo {
     }
 }
 
+/// The on-disk shape, borrowed from a state: serializes exactly like
+/// [`State`] (through `Stored`) without copying it, for snapshots of
+/// large states.
+#[derive(Serialize)]
+pub struct StoredRef<'a> {
+    version: u32,
+    next_tag: u32,
+    next_policy_id: u32,
+    tags: &'a BTreeMap<String, u32>,
+    #[serde(serialize_with = "policies_as_list")]
+    policies: &'a BTreeMap<Policy, u32>,
+    #[serde(serialize_with = "endpoints_as_list")]
+    endpoints: &'a BTreeMap<Ipv4Addr, Endpoint>,
+    routes: &'a BTreeMap<String, String>,
+}
+
+fn policies_as_list<S: serde::Serializer>(
+    policies: &&BTreeMap<Policy, u32>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Item<'a> {
+        id: u32,
+        #[serde(flatten)]
+        policy: &'a Policy,
+    }
+    s.collect_seq(policies.iter().map(|(policy, &id)| Item { id, policy }))
+}
+
+fn endpoints_as_list<S: serde::Serializer>(
+    endpoints: &&BTreeMap<Ipv4Addr, Endpoint>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(endpoints.values())
+}
+
+impl State {
+    /// The state in its stored shape, borrowed.
+    pub fn stored(&self) -> StoredRef<'_> {
+        StoredRef {
+            version: 1,
+            next_tag: self.next_tag,
+            next_policy_id: self.next_policy_id,
+            tags: &self.tags,
+            policies: &self.policies,
+            endpoints: &self.endpoints,
+            routes: &self.routes,
+        }
+    }
+}
+
 /// On-disk shape (JSON): lists instead of maps keyed by structs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Stored {

@@ -181,10 +181,17 @@ impl Store {
     pub fn snapshot(&mut self, state: &State) -> Result<(), StoreError> {
         let path = self.snapshot_path();
         let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec(&Snapshot { seq: self.seq, state: state.clone() })
-            .expect("state serializes");
-        let mut file = File::create(&tmp).map_err(io("create", &tmp))?;
-        file.write_all(&bytes).map_err(io("write", &tmp))?;
+        // Streamed from a borrowed view: no copy of a large state in memory.
+        #[derive(Serialize)]
+        struct SnapshotRef<'a> {
+            seq: u64,
+            state: crate::state::StoredRef<'a>,
+        }
+        let file = File::create(&tmp).map_err(io("create", &tmp))?;
+        let mut out = std::io::BufWriter::new(file);
+        serde_json::to_writer(&mut out, &SnapshotRef { seq: self.seq, state: state.stored() })
+            .map_err(|e| io("write", &tmp)(e.into()))?;
+        let file = out.into_inner().map_err(|e| io("write", &tmp)(e.into_error()))?;
         file.sync_all().map_err(io("fsync", &tmp))?;
         fs::rename(&tmp, &path).map_err(io("rename into", &path))?;
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("fsync", &self.dir))?;
@@ -206,6 +213,17 @@ impl Store {
 mod tests {
     use super::*;
     use crate::state::Protocol;
+
+    #[test]
+    fn the_borrowed_snapshot_is_the_stored_shape() {
+        let mut state = State::default();
+        state.add_policies(&[policy(80), policy(81)], None).unwrap();
+        state.map_route("b", "b-route").unwrap();
+        assert_eq!(
+            serde_json::to_value(state.stored()).unwrap(),
+            serde_json::to_value(&state).unwrap()
+        );
+    }
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("policy-store-{name}-{}", std::process::id()));

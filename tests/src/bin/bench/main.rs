@@ -18,8 +18,7 @@ mod update;
 fn main() {
     integration_tests::require_root();
     let quick = std::env::args().any(|a| a == "--quick");
-    // BENCH_ONLY=dataplane|compare|update|agent|tls runs one part (and
-    // writes only its figures).
+    // BENCH_ONLY=dataplane|compare|update|agent|tls runs one part.
     let only = std::env::var("BENCH_ONLY").ok();
     let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
     if runs("compare") || runs("update") {
@@ -45,6 +44,12 @@ fn main() {
     if runs("tls") {
         tls::run(quick, &mut report);
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench");
+    // A whole run writes bench/ (committed with the code it measured); one
+    // part alone writes under target/, leaving the whole run's figures be.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = match &only {
+        None => root.join("bench"),
+        Some(part) => root.join("target/bench").join(part),
+    };
     report.write(&dir, quick);
 }

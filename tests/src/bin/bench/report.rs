@@ -147,11 +147,12 @@ fn draw(dir: &Path, plot: &Plot) -> Result<(), Box<dyn std::error::Error>> {
         .x_label_area_size(48)
         .y_label_area_size(80);
     if plot.log_y {
-        let y_range = (y_min / 2.0).max(f64::MIN_POSITIVE)..(y_max * 2.0);
+        let y_range = (y_min / 2.0).max(f64::MIN_POSITIVE)..(y_max * 6.0);
         let mut chart = chart.build_cartesian_2d(x_range.log_scale(), y_range.log_scale())?;
         lines(&mut chart, plot)?;
     } else {
-        let y_range = 0.0..(y_max * 1.15);
+        // Headroom above the lines for the legend.
+        let y_range = 0.0..(y_max * 1.7);
         let mut chart = chart.build_cartesian_2d(x_range.log_scale(), y_range)?;
         lines(&mut chart, plot)?;
     }
