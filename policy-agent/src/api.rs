@@ -571,6 +571,14 @@ async fn remove_endpoint(State(api): State<Api>, Path(ip): Path<String>) -> Repl
     }
 }
 
+/// The overlay network whose endpoints have array slots (null: none).
+fn overlay_json(o: policy_common::maps::Overlay) -> Value {
+    if o.slots == 0 {
+        return Value::Null;
+    }
+    json!({"network": Ipv4Addr::from(o.base).to_string(), "slots": o.slots})
+}
+
 async fn status(State(api): State<Api>) -> Reply {
     let result = with_agent(&api, |agent| -> Result<Value, Error> {
         let state = agent.state();
@@ -593,6 +601,7 @@ async fn status(State(api): State<Api>) -> Reply {
             "apps": state.tags().iter().map(|(id, tag)| json!({"id": id, "tag": tag_text(*tag)})).collect::<Vec<_>>(),
             "policies": state.policy_count(),
             "epoch": tables.epoch()?,
+            "overlay": overlay_json(tables.overlay()),
             "maps": maps,
             "verdicts": verdicts,
         }))

@@ -75,13 +75,18 @@ pub fn run(config: Config) -> Result<()> {
         let instances = config.state_dir.join("instances");
         let authorize = {
             let agent = agent.clone();
+            // Asked inside a handshake on the async runtime: waiting for
+            // the agent (a write may hold it for milliseconds) must not
+            // hold up the other tasks on this worker.
             crate::tls::Authorizer::new(move |source, destination| {
-                agent.lock().unwrap_or_else(|p| p.into_inner()).state().allows(
-                    source,
-                    destination,
-                    crate::state::Protocol::Tcp,
-                    crate::tls::TLS_PORT,
-                )
+                tokio::task::block_in_place(|| {
+                    agent.lock().unwrap_or_else(|p| p.into_inner()).state().allows(
+                        source,
+                        destination,
+                        crate::state::Protocol::Tcp,
+                        crate::tls::TLS_PORT,
+                    )
+                })
             })
         };
         let client_auth = crate::tls::ClientAuth { apps: config.mtls_apps.clone(), authorize };

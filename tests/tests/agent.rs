@@ -345,6 +345,7 @@ fn deleting_an_endpoint_removes_every_entry_naming_it() {
     let status: Value = serde_json::from_str(&daemon.cli_ok(&["status", "--json"])).unwrap();
     let attached = status["attached"].to_string();
     assert!(!attached.contains(&b.host_ifname) && attached.contains(&a.host_ifname), "{attached}");
+    assert_eq!(status["overlay"], serde_json::json!({"network": "10.255.0.0", "slots": 65536}));
     assert!(daemon.stored_state().endpoint(b.ip).is_none());
     // Deleting it again is fine.
     daemon.cli_ok(&["endpoint", "del", "--ip", &b.ip.to_string()]);

@@ -31,6 +31,14 @@ impl StatusArgs {
         println!("endpoints: {}", s["endpoints"]);
         println!("policies:  {}", s["policies"]);
         println!("epoch:     {}", s["epoch"]);
+        match s["overlay"].as_object() {
+            Some(o) => println!(
+                "overlay:   {} ({} endpoint slots)",
+                o["network"].as_str().unwrap_or("?"),
+                o["slots"]
+            ),
+            None => println!("overlay:   none (every endpoint lookup hashed)"),
+        }
         println!("apps:");
         for app in s["apps"].as_array().into_iter().flatten() {
             println!(

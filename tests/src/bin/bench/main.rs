@@ -46,7 +46,8 @@ fn main() {
     }
     // A whole run writes bench/ (committed with the code it measured); one
     // part alone writes under target/, leaving the whole run's figures be.
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest.parent().unwrap_or(manifest);
     let dir = match &only {
         None => root.join("bench"),
         Some(part) => root.join("target/bench").join(part),
