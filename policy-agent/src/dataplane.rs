@@ -265,13 +265,16 @@ impl Dataplane {
         }
         // A pinned slots array is reused at the size it has (aya checks
         // indexes against the size given here); a new one is sized for the
-        // overlay, one unused slot without one (arrays cannot be empty).
-        let pinned_slots = MapData::from_pin(maps_dir.join(names::ENDPOINT_SLOTS))
-            .ok()
-            .and_then(|m| m.info().ok())
-            .map(|i| i.max_entries());
-        let slots = pinned_slots.unwrap_or_else(|| config.overlay.map_or(1, |o| o.slots()));
+        // overlay (one unused slot without one: arrays cannot be empty), or
+        // like VETHS.
+        let pinned_size = |name: &str| {
+            MapData::from_pin(maps_dir.join(name)).ok()?.info().ok().map(|i| i.max_entries())
+        };
+        let slots = pinned_size(names::ENDPOINT_SLOTS)
+            .unwrap_or_else(|| config.overlay.map_or(1, |o| o.slots()));
         loader.map_max_entries(names::ENDPOINT_SLOTS, slots);
+        let veth_slots = pinned_size(names::VETH_SLOTS).unwrap_or(caps.veths.max(1));
+        loader.map_max_entries(names::VETH_SLOTS, veth_slots);
         for name in names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
         }
@@ -287,6 +290,7 @@ impl Dataplane {
         let mut tables = Tables::take(&mut ebpf)?;
         tables.set_settings(config.events.kernel())?;
         tables.set_overlay(config.overlay)?;
+        tables.fill_veth_slots()?;
         let flow_events = ebpf
             .take_map(names::FLOW_EVENTS)
             .ok_or(Error::MissingMap { name: names::FLOW_EVENTS })

@@ -37,6 +37,7 @@ pub struct Tables {
     policy_stats: PerCpuHashMap<MapData, u32, PolicyCounters>,
     overlay: Array<MapData, Overlay>,
     slots: Array<MapData, Endpoint>,
+    veth_slots: Array<MapData, Attachment>,
     /// What `OVERLAY` says (read at open, written by `set_overlay`).
     overlay_now: Overlay,
 }
@@ -94,6 +95,7 @@ impl Tables {
             policy_stats: typed(take(names::POLICY_STATS)?, names::POLICY_STATS)?,
             overlay: typed(take(names::OVERLAY)?, names::OVERLAY)?,
             slots: typed(take(names::ENDPOINT_SLOTS)?, names::ENDPOINT_SLOTS)?,
+            veth_slots: typed(take(names::VETH_SLOTS)?, names::VETH_SLOTS)?,
             overlay_now: Overlay::default(),
         }
         .with_overlay_read())
@@ -165,6 +167,7 @@ impl Tables {
             policy_stats: typed(open(names::POLICY_STATS)?, names::POLICY_STATS)?,
             overlay: typed(open(names::OVERLAY)?, names::OVERLAY)?,
             slots: typed(open(names::ENDPOINT_SLOTS)?, names::ENDPOINT_SLOTS)?,
+            veth_slots: typed(open(names::VETH_SLOTS)?, names::VETH_SLOTS)?,
             overlay_now: Overlay::default(),
         }
         .with_overlay_read())
@@ -216,14 +219,38 @@ impl Tables {
     }
 
     /// Binds a host-side veth to its endpoint, for the anti-spoofing check.
+    /// The hash first, its slot (if the ifindex has one) after; a changed
+    /// binding's slot is emptied before the hash changes. So a slot is
+    /// either empty (the programs then read the hash) or equal to the hash.
     pub fn set_veth(&mut self, ifindex: u32, addr: Ipv4Addr, tag: u32) -> Result<(), Error> {
         let capacity = Self::capacity(self.veths.map());
-        self.veths
-            .insert(ifindex, Attachment { addr: addr_key(addr), tag }, 0)
-            .map_err(insert_err(names::VETHS, capacity))
+        let attachment = Attachment { addr: addr_key(addr), tag };
+        let previous = self.veths.get(&ifindex, 0).ok();
+        if previous.is_some_and(|p| p != attachment) {
+            self.set_veth_slot(ifindex, Attachment::default())?;
+        }
+        self.veths.insert(ifindex, attachment, 0).map_err(insert_err(names::VETHS, capacity))?;
+        self.set_veth_slot(ifindex, attachment)
+    }
+
+    fn set_veth_slot(&mut self, ifindex: u32, attachment: Attachment) -> Result<(), Error> {
+        if ifindex >= Self::capacity(self.veth_slots.map()) {
+            return Ok(()); // past the array: the hash alone
+        }
+        self.veth_slots.set(ifindex, attachment, 0).map_err(map_err(names::VETH_SLOTS))
+    }
+
+    /// Fills the slots of every bound veth from `VETHS` (after a start:
+    /// heals a slot left empty by a crash between the two writes).
+    pub fn fill_veth_slots(&mut self) -> Result<(), Error> {
+        for (ifindex, addr, tag) in self.veths() {
+            self.set_veth_slot(ifindex, Attachment { addr: addr_key(addr), tag })?;
+        }
+        Ok(())
     }
 
     pub fn remove_veth(&mut self, ifindex: u32) -> Result<(), Error> {
+        self.set_veth_slot(ifindex, Attachment::default())?;
         match self.veths.remove(&ifindex) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(names::VETHS)(e)),

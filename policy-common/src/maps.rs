@@ -28,8 +28,9 @@ pub mod names {
     pub const SETTINGS: &str = "SETTINGS";
     pub const OVERLAY: &str = "OVERLAY";
     pub const ENDPOINT_SLOTS: &str = "ENDPOINT_SLOTS";
+    pub const VETH_SLOTS: &str = "VETH_SLOTS";
     /// Every map the object defines, in a stable order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         ENDPOINTS,
         VETHS,
         CGROUPS,
@@ -45,6 +46,7 @@ pub mod names {
         SETTINGS,
         OVERLAY,
         ENDPOINT_SLOTS,
+        VETH_SLOTS,
     ];
 }
 

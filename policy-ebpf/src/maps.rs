@@ -30,6 +30,13 @@ pub static ENDPOINT_SLOTS: Array<Endpoint, { capacity::ENDPOINT_SLOTS as usize }
 #[btf_map]
 pub static VETHS: HashMap<u32, Attachment, { capacity::VETHS as usize }> = HashMap::new();
 
+/// `VETHS` again as an array indexed by ifindex (tag 0: empty), for the
+/// source side's lookup of every packet: an inlined array access. Holds a
+/// subset of `VETHS` (the agent writes the hash first and clears the slot
+/// first); ifindexes past its end and empty slots fall back to the hash.
+#[btf_map]
+pub static VETH_SLOTS: Array<Attachment, { capacity::VETHS as usize }> = Array::new();
+
 /// cgroup id → the endpoint whose workloads it holds.
 #[btf_map]
 pub static CGROUPS: HashMap<u64, Attachment, { capacity::CGROUPS as usize }> = HashMap::new();

@@ -13,7 +13,7 @@ use policy_common::{
 
 use crate::maps::{
     CGROUPS, CONNTRACK, ENDPOINT_SLOTS, ENDPOINTS, EPOCH, FRAGMENTS, OVERLAY, POLICIES, VERDICTS,
-    VETHS,
+    VETH_SLOTS, VETHS,
 };
 
 /// The maps, remembering where the connection entry the decision read lives,
@@ -112,6 +112,9 @@ impl Tables for MapTables {
 
 #[inline(always)]
 pub fn veth_endpoint(ifindex: u32) -> Option<Attachment> {
+    if let Some(slot) = VETH_SLOTS.get(ifindex).copied().filter(|a| a.tag != 0) {
+        return Some(slot);
+    }
     // SAFETY: read by copy.
     unsafe { VETHS.get(ifindex).copied() }
 }

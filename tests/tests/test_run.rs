@@ -255,6 +255,35 @@ fn source_side_drops_spoofed_addresses() {
     assert_eq!(dp.leaving_container(&arp), TC_ACT_OK);
     assert_eq!(dp.count(Reason::Spoofed), 2);
     assert_eq!(dp.count(Reason::SourceVerified), 1);
+    // Re-bound to B: A is now the spoofer (the slot follows the hash).
+    dp.dataplane.tables().set_veth(1, Ipv4Addr::from(B), TAG_B).unwrap();
+    assert_eq!(dp.leaving_container(&PacketSpec::tcp(A, B, 1, 2).frame()), TC_ACT_SHOT);
+    assert_eq!(dp.leaving_container(&PacketSpec::tcp(B, A, 1, 2).frame()), TC_ACT_OK);
+    // Unbound: nothing to check against.
+    dp.dataplane.tables().remove_veth(1).unwrap();
+    assert_eq!(dp.leaving_container(&PacketSpec::tcp(A, B, 1, 2).frame()), TC_ACT_OK);
+    assert_eq!(dp.count(Reason::Spoofed), 3);
+}
+
+#[test]
+fn veths_past_the_slot_array_are_checked_through_the_hash() {
+    require_root();
+    let ns = NetNs::new(unique_name("tr"));
+    let _in_ns = ns.enter();
+    let pins = PinDir::new();
+    // One slot (ifindex 0): loopback's ifindex 1 is past the array.
+    let capacities = policy_agent::Capacities { veths: 1, ..Default::default() };
+    let mut dataplane =
+        Dataplane::open(&policy_agent::DataplaneConfig { capacities, ..pins.config() }).unwrap();
+    dataplane.tables().set_veth(1, Ipv4Addr::from(A), TAG_A).unwrap();
+    let prog = dataplane.tc_program(Direction::FromContainer);
+    let run = |frame: Vec<u8>| {
+        prog.test_run(TestRunOptions { data_in: Some(&frame), ..Default::default() })
+            .unwrap()
+            .return_value
+    };
+    assert_eq!(run(PacketSpec::tcp(A, B, 1, 2).frame()), TC_ACT_OK);
+    assert_eq!(run(PacketSpec::tcp(B, A, 1, 2).frame()), TC_ACT_SHOT, "spoofed");
 }
 
 #[test]
