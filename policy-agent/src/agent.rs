@@ -1,9 +1,9 @@
 //! The agent's core: desired state, its durable store, and the kernel, kept
 //! consistent. Every change is validated, written to the kernel (rolled back
 //! if that fails), then saved; only then is it answered. So a reply means
-//! "enforced and durable", and a failed request changes nothing. Policy
-//! changes are made in place with an undo record, so they cost what they
-//! touch; the rarer endpoint and route changes work on a copy of the state.
+//! "enforced and durable", and a failed request changes nothing. Changes are
+//! made to the state in place with an undo record, so they cost what they
+//! touch, not a copy of the state.
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
@@ -17,9 +17,7 @@ use tracing::info;
 use crate::{
     Error,
     reconcile::{self, AppPair, Kernel},
-    state::{
-        Endpoint, Invalid, Policy, PolicyUndo, State, check_app_id, check_domain, check_hostname,
-    },
+    state::{Endpoint, Invalid, Policy, State, Undo, check_app_id, check_domain, check_hostname},
     store::{Change, Store, StoreError},
 };
 
@@ -76,19 +74,19 @@ impl<K: Kernel> Agent<K> {
         &self.kernel
     }
 
-    /// Makes `change` (which turned the state into `new`) durable and adopts
-    /// `new`; if that fails, `undo` puts the kernel back first.
+    /// Makes `change`, which the state already holds, durable; if that
+    /// fails, puts the kernel back (`undo_kernel`) and then the state.
     fn commit(
         &mut self,
         change: Change,
-        new: State,
-        undo: impl FnOnce(&mut K, &State),
+        undo: Undo,
+        undo_kernel: impl FnOnce(&mut K),
     ) -> Result<(), AgentError> {
-        if let Err(e) = self.store.append(&change, &new) {
-            undo(&mut self.kernel, &self.state);
+        if let Err(e) = self.store.append(&change, &self.state) {
+            undo_kernel(&mut self.kernel);
+            self.state.undo(undo);
             return Err(e.into());
         }
-        self.state = new;
         Ok(())
     }
 
@@ -116,7 +114,7 @@ impl<K: Kernel> Agent<K> {
         &mut self,
         change: Change,
         before: reconcile::Before,
-        undo: PolicyUndo,
+        undo: Undo,
     ) -> Result<(), AgentError> {
         if !undo.changes_anything() {
             return Ok(()); // already there / already gone
@@ -128,12 +126,7 @@ impl<K: Kernel> Agent<K> {
                 return Err(e.into());
             }
         };
-        if let Err(e) = self.store.append(&change, &self.state) {
-            reconcile::undo_pairs(&mut self.kernel, written);
-            self.state.undo(undo);
-            return Err(e.into());
-        }
-        Ok(())
+        self.commit(change, undo, |kernel| reconcile::undo_pairs(kernel, written))
     }
 
     /// Registers (or replaces) an endpoint and attaches to its veth.
@@ -146,10 +139,11 @@ impl<K: Kernel> Agent<K> {
         if self.state.endpoint(endpoint.ip) == Some(&endpoint) {
             return Ok(());
         }
-        let mut new = self.state.clone();
-        let old = new.add_endpoint(endpoint.clone());
-        let tag = new.tag(&endpoint.app).expect("add_endpoint tags the app");
+        let old = self.state.endpoint(endpoint.ip).cloned();
+        let undo = self.state.add_endpoint_undoable(endpoint.clone());
+        let tag = self.state.tag(&endpoint.app).expect("add_endpoint tags the app");
         if let Err(e) = self.kernel.attach(&endpoint.ifname, endpoint.ip, tag) {
+            self.state.undo(undo);
             return Err(match e {
                 Error::NoInterface { ifname } => Invalid::new(
                     "ifname",
@@ -161,15 +155,19 @@ impl<K: Kernel> Agent<K> {
         }
         if let Err(e) = self.kernel.set_endpoint(endpoint.ip, tag) {
             let _ = self.kernel.detach(&endpoint.ifname, endpoint.ip);
+            self.state.undo(undo);
             return Err(e.into());
         }
-        if let Some(old) = old.as_ref().filter(|o| o.ifname != endpoint.ifname) {
-            self.kernel.detach(&old.ifname, Ipv4Addr::UNSPECIFIED)?;
+        if let Some(old) = old.as_ref().filter(|o| o.ifname != endpoint.ifname)
+            && let Err(e) = self.kernel.detach(&old.ifname, Ipv4Addr::UNSPECIFIED)
+        {
+            self.state.undo(undo);
+            return Err(e.into());
         }
         let ip = endpoint.ip;
         let ifname = endpoint.ifname.clone();
         let (app, logged_ifname) = (endpoint.app.clone(), endpoint.ifname.clone());
-        self.commit(Change::AddEndpoint(endpoint), new, move |kernel, _| {
+        self.commit(Change::AddEndpoint(endpoint), undo, move |kernel| {
             let _ = kernel.detach(&ifname, ip);
             let _ = kernel.remove_endpoint(ip);
         })?;
@@ -179,21 +177,7 @@ impl<K: Kernel> Agent<K> {
 
     /// Maps `hostname.apps.internal` to `app` (names only: no kernel state).
     pub fn map_route(&mut self, app: &str, domain: &str, hostname: &str) -> Result<(), AgentError> {
-        check_app_id("app", app)?;
-        check_domain("domain", domain)?;
-        let hostname = check_hostname("hostname", hostname)?;
-        let mut new = self.state.clone();
-        new.map_route(app, &hostname)?;
-        if new == self.state {
-            return Ok(());
-        }
-        self.commit(
-            Change::MapRoute { app: app.to_owned(), hostname: hostname.clone() },
-            new,
-            |_, _| {},
-        )?;
-        info!(app, hostname, "route mapped");
-        Ok(())
+        self.route(app, domain, hostname, true)
     }
 
     pub fn unmap_route(
@@ -202,20 +186,35 @@ impl<K: Kernel> Agent<K> {
         domain: &str,
         hostname: &str,
     ) -> Result<(), AgentError> {
+        self.route(app, domain, hostname, false)
+    }
+
+    fn route(
+        &mut self,
+        app: &str,
+        domain: &str,
+        hostname: &str,
+        map: bool,
+    ) -> Result<(), AgentError> {
         check_app_id("app", app)?;
         check_domain("domain", domain)?;
         let hostname = check_hostname("hostname", hostname)?;
-        let mut new = self.state.clone();
-        new.unmap_route(app, &hostname)?;
-        if new == self.state {
+        let undo = if map {
+            self.state.map_route_undoable(app, &hostname)?
+        } else {
+            self.state.unmap_route_undoable(app, &hostname)?
+        };
+        if !undo.changes_anything() {
             return Ok(());
         }
-        self.commit(
-            Change::UnmapRoute { app: app.to_owned(), hostname: hostname.clone() },
-            new,
-            |_, _| {},
-        )?;
-        info!(app, hostname, "route unmapped");
+        let (owner, name) = (app.to_owned(), hostname.clone());
+        let change = if map {
+            Change::MapRoute { app: owner, hostname: name }
+        } else {
+            Change::UnmapRoute { app: owner, hostname: name }
+        };
+        self.commit(change, undo, |_| {})?;
+        info!(app, hostname, "route {}", if map { "mapped" } else { "unmapped" });
         Ok(())
     }
 
@@ -225,14 +224,12 @@ impl<K: Kernel> Agent<K> {
         let Some(endpoint) = self.state.endpoint(ip).cloned() else {
             return Ok(false);
         };
-        let mut new = self.state.clone();
-        new.remove_endpoint(ip);
         // Durable first: were the agent to die before the kernel is updated,
         // the restart reconcile finishes the removal from the stored state.
-        self.store.append(&Change::RemoveEndpoint(ip), &new)?;
+        let undo = self.state.remove_endpoint_undoable(ip);
+        self.commit(Change::RemoveEndpoint(ip), undo, |_| {})?;
         self.kernel.detach(&endpoint.ifname, ip)?;
         self.kernel.remove_endpoint(ip)?;
-        self.state = new;
         info!(%ip, app = endpoint.app, ifname = endpoint.ifname, "endpoint removed");
         Ok(true)
     }

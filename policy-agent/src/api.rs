@@ -290,22 +290,26 @@ async fn list_routes(State(api): State<Api>) -> Reply {
 }
 
 async fn map_route(State(api): State<Api>, body: Body) -> Reply {
-    let (app, domain, hostname) = match read_json(&api, body).await.and_then(|v| parse_route(&v)) {
-        Ok(r) => r,
-        Err(e) => return invalid(&e),
-    };
-    match tracked_write(&api, move |agent| agent.map_route(&app, &domain, &hostname)).await {
-        Ok(()) => ok(json!({})),
-        Err(e) => failure(e),
-    }
+    route_write(api, body, true).await
 }
 
 async fn unmap_route(State(api): State<Api>, body: Body) -> Reply {
+    route_write(api, body, false).await
+}
+
+async fn route_write(api: Api, body: Body, map: bool) -> Reply {
     let (app, domain, hostname) = match read_json(&api, body).await.and_then(|v| parse_route(&v)) {
         Ok(r) => r,
         Err(e) => return invalid(&e),
     };
-    match tracked_write(&api, move |agent| agent.unmap_route(&app, &domain, &hostname)).await {
+    let write = move |agent: &mut Agent<Dataplane>| {
+        if map {
+            agent.map_route(&app, &domain, &hostname)
+        } else {
+            agent.unmap_route(&app, &domain, &hostname)
+        }
+    };
+    match tracked_write(&api, write).await {
         Ok(()) => ok(json!({})),
         Err(e) => failure(e),
     }

@@ -102,19 +102,23 @@ pub fn answer(
 /// A UDP socket bound with IP_FREEBIND, so the agent can listen on the
 /// containers' gateway address before any veth carries it.
 fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::from(new_socket(libc::SOCK_DGRAM)?);
+    set_freebind(socket.as_raw_fd())?;
+    bind_raw(socket.as_raw_fd(), addr)?;
+    Ok(socket)
+}
+
+/// A non-blocking IPv4 socket of `kind`, owned.
+fn new_socket(kind: libc::c_int) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd as _;
-    // SAFETY: plain socket(2); the fd is owned below.
-    let fd = unsafe {
-        libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0)
-    };
+    // SAFETY: plain socket(2).
+    let fd =
+        unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: fd was just created.
-    let socket = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
-    set_freebind(fd)?;
-    bind_raw(fd, addr)?;
-    Ok(socket)
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 fn set_freebind(fd: i32) -> std::io::Result<()> {
@@ -154,16 +158,8 @@ fn bind_raw(fd: i32, addr: SocketAddr) -> std::io::Result<()> {
 }
 
 fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use std::os::fd::FromRawFd as _;
-    // SAFETY: plain socket(2); the fd is owned below.
-    let fd = unsafe {
-        libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0)
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd was just created.
-    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let listener = std::net::TcpListener::from(new_socket(libc::SOCK_STREAM)?);
+    let fd = listener.as_raw_fd();
     let one: libc::c_int = 1;
     // SAFETY: valid option pointer and length.
     unsafe {

@@ -104,7 +104,7 @@ pub type PairChange = (PairKey, Vec<Allowance>, Vec<Allowance>);
 
 /// Writes pair changes, adds and changes first, removals last. On error,
 /// every pair already written is restored and the error returned.
-fn write_pairs<K: Kernel>(kernel: &mut K, mut changes: Vec<PairChange>) -> Result<(), Error> {
+fn write_pairs<K: Kernel>(kernel: &mut K, changes: &mut [PairChange]) -> Result<(), Error> {
     // Entries that remain (non-empty) before entries that go.
     changes.sort_by_key(|(_, _, new)| new.is_empty());
     for (i, (key, _, new)) in changes.iter().enumerate() {
@@ -135,7 +135,7 @@ pub fn pairs<K: Kernel>(kernel: &mut K, old: &State, new: &State) -> Result<(), 
             .filter(|(k, _)| !new_pairs.contains_key(k))
             .map(|(k, v)| (*k, v.clone(), Vec::new())),
     );
-    write_pairs(kernel, changes)
+    write_pairs(kernel, &mut changes)
 }
 
 /// An app pair and protocol, by app id.
@@ -183,15 +183,16 @@ pub fn touched_pairs<K: Kernel>(
         };
         changes.push((PairKey::new(src, dst, protocol.number()), old.clone(), after));
     }
-    write_pairs(kernel, changes.clone())?;
+    write_pairs(kernel, &mut changes)?;
     Ok(changes)
 }
 
 /// Puts back what [`touched_pairs`] wrote (best effort: failures are
 /// logged; the next start reconciles).
 pub fn undo_pairs<K: Kernel>(kernel: &mut K, written: Vec<PairChange>) {
-    let reverse = written.into_iter().map(|(key, old, new)| (key, new, old)).collect();
-    if let Err(e) = write_pairs(kernel, reverse) {
+    let mut reverse: Vec<PairChange> =
+        written.into_iter().map(|(key, old, new)| (key, new, old)).collect();
+    if let Err(e) = write_pairs(kernel, &mut reverse) {
         warn!(error = %e, "undoing policy pairs failed");
     }
 }

@@ -148,23 +148,31 @@ pub struct State {
     refs: BTreeMap<String, usize>,
 }
 
-/// What takes a policy change made in place back (see
-/// [`State::add_policies_undoable`]).
+/// What takes a change made in place back exactly — ids and tags included
+/// (see the `_undoable` methods of [`State`]): changes cost what they
+/// touch, not a copy of the whole state.
 #[derive(Debug)]
 #[must_use]
-pub struct PolicyUndo {
+pub struct Undo {
     added: Vec<Policy>,
     removed: Vec<(Policy, u32)>,
-    /// Tags of the removed policies' apps (removal may take them away).
-    tags: Vec<(String, u32)>,
+    /// An endpoint address and what it held before.
+    endpoint: Option<(Ipv4Addr, Option<Endpoint>)>,
+    /// A route hostname and the app it was mapped to before.
+    route: Option<(String, Option<String>)>,
+    /// Tags of the apps the change touched (it may take them away).
+    tags: BTreeMap<String, u32>,
     next_tag: u32,
     next_policy_id: u32,
 }
 
-impl PolicyUndo {
-    /// Whether the change added or removed anything.
+impl Undo {
+    /// Whether the change changed anything.
     pub fn changes_anything(&self) -> bool {
-        !self.added.is_empty() || !self.removed.is_empty()
+        !self.added.is_empty()
+            || !self.removed.is_empty()
+            || self.endpoint.is_some()
+            || self.route.is_some()
     }
 }
 
@@ -428,69 +436,121 @@ impl State {
         &mut self,
         policies: &[Policy],
         limit: Option<usize>,
-    ) -> Result<PolicyUndo, Invalid> {
+    ) -> Result<Undo, Invalid> {
         self.check_add(policies, limit)?;
-        let mut added: Vec<Policy> = Vec::new();
+        let mut undo = self.undo_record([]);
         let mut seen = BTreeSet::new();
         for p in policies {
             if !self.policies.contains_key(p) && seen.insert(p) {
-                added.push(p.clone());
+                undo.added.push(p.clone());
             }
         }
-        let undo = PolicyUndo {
-            added,
-            removed: Vec::new(),
-            tags: Vec::new(),
-            next_tag: self.next_tag,
-            next_policy_id: self.next_policy_id,
-        };
         self.insert_policies(policies);
         Ok(undo)
     }
 
     /// [`Self::remove_policies`], returning what [`Self::undo`] needs.
-    pub fn remove_policies_undoable(&mut self, policies: &[Policy]) -> PolicyUndo {
+    pub fn remove_policies_undoable(&mut self, policies: &[Policy]) -> Undo {
         let mut removed: Vec<(Policy, u32)> = Vec::new();
-        let mut tags = Vec::new();
         let mut seen = BTreeSet::new();
         for p in policies {
             if let Some(&id) = self.policies.get(p)
                 && seen.insert(p)
             {
                 removed.push((p.clone(), id));
-                for app in [&p.source, &p.destination] {
-                    if let Some(&tag) = self.tags.get(app) {
-                        tags.push((app.clone(), tag));
-                    }
-                }
             }
         }
-        let undo = PolicyUndo {
-            added: Vec::new(),
-            removed,
-            tags,
-            next_tag: self.next_tag,
-            next_policy_id: self.next_policy_id,
-        };
+        let apps = removed.iter().flat_map(|(p, _)| [p.source.as_str(), p.destination.as_str()]);
+        let mut undo = self.undo_record(apps);
+        undo.removed = removed;
         self.remove_policies(policies);
         undo
     }
 
+    /// [`Self::add_endpoint`], returning what [`Self::undo`] needs.
+    pub fn add_endpoint_undoable(&mut self, endpoint: Endpoint) -> Undo {
+        let before = self.endpoints.get(&endpoint.ip).cloned();
+        let mut undo = self.undo_record(before.iter().map(|e| e.app.as_str()));
+        undo.endpoint = Some((endpoint.ip, before));
+        self.add_endpoint(endpoint);
+        undo
+    }
+
+    /// [`Self::remove_endpoint`], returning what [`Self::undo`] needs.
+    pub fn remove_endpoint_undoable(&mut self, ip: Ipv4Addr) -> Undo {
+        let before = self.endpoints.get(&ip).cloned();
+        let mut undo = self.undo_record(before.iter().map(|e| e.app.as_str()));
+        if self.remove_endpoint(ip).is_some() {
+            undo.endpoint = Some((ip, before));
+        }
+        undo
+    }
+
+    /// [`Self::map_route`], returning what [`Self::undo`] needs.
+    pub fn map_route_undoable(&mut self, app: &str, hostname: &str) -> Result<Undo, Invalid> {
+        let mut undo = self.undo_record([]);
+        let before = self.routes.get(hostname).cloned();
+        self.map_route(app, hostname)?;
+        if before.as_deref() != Some(app) {
+            undo.route = Some((hostname.to_owned(), before));
+        }
+        Ok(undo)
+    }
+
+    /// [`Self::unmap_route`], returning what [`Self::undo`] needs.
+    pub fn unmap_route_undoable(&mut self, app: &str, hostname: &str) -> Result<Undo, Invalid> {
+        let mut undo = self.undo_record([]);
+        let before = self.routes.get(hostname).cloned();
+        self.unmap_route(app, hostname)?;
+        if before.is_some() {
+            undo.route = Some((hostname.to_owned(), before));
+        }
+        Ok(undo)
+    }
+
+    /// An empty undo record holding the counters and the tags of `apps`.
+    fn undo_record<'a>(&self, apps: impl IntoIterator<Item = &'a str>) -> Undo {
+        Undo {
+            added: Vec::new(),
+            removed: Vec::new(),
+            endpoint: None,
+            route: None,
+            tags: apps
+                .into_iter()
+                .filter_map(|app| Some((app.to_owned(), *self.tags.get(app)?)))
+                .collect(),
+            next_tag: self.next_tag,
+            next_policy_id: self.next_policy_id,
+        }
+    }
+
     /// Takes back a change made by one of the `_undoable` methods (the last
-    /// change made).
-    pub fn undo(&mut self, undo: PolicyUndo) {
+    /// change made): what it added goes (taking new apps' tags with it),
+    /// what it took away comes back with its old tags and ids.
+    pub fn undo(&mut self, undo: Undo) {
         self.remove_policies(&undo.added);
-        let tags: BTreeMap<String, u32> = undo.tags.into_iter().collect();
-        for (p, id) in undo.removed {
-            for app in [&p.source, &p.destination] {
-                if !self.tags.contains_key(app)
-                    && let Some(&tag) = tags.get(app)
-                {
-                    self.tags.insert(app.clone(), tag);
-                }
-                self.reference(app);
+        if let Some((ip, before)) = undo.endpoint {
+            self.remove_endpoint(ip);
+            if let Some(e) = before {
+                self.reference(&e.app);
+                self.endpoints.insert(ip, e);
             }
+        }
+        for (p, id) in undo.removed {
+            self.reference(&p.source);
+            self.reference(&p.destination);
             self.policies.insert(p, id);
+        }
+        for (app, tag) in undo.tags {
+            if self.refs.contains_key(&app) {
+                self.tags.entry(app).or_insert(tag);
+            }
+        }
+        if let Some((hostname, before)) = undo.route {
+            match before {
+                Some(app) => self.routes.insert(hostname, app),
+                None => self.routes.remove(&hostname),
+            };
         }
         self.next_tag = undo.next_tag;
         self.next_policy_id = undo.next_policy_id;
@@ -757,6 +817,31 @@ mod tests {
         assert_eq!(s.tag("db"), None);
         s.undo(undo);
         assert_eq!(s, before);
+        // An endpoint re-registered for a new app, and unregistered: the old
+        // app's tag comes back with it.
+        let ip = Ipv4Addr::new(10, 255, 0, 1);
+        let moved = Endpoint { ip, app: "fresh".into(), ifname: "hv0".into(), netns: None };
+        let undo = s.add_endpoint_undoable(moved);
+        assert!(s.tag("fresh").is_some());
+        s.undo(undo);
+        assert_eq!(s, before);
+        let undo = s.remove_endpoint_undoable(ip);
+        assert!(undo.changes_anything());
+        s.undo(undo);
+        assert_eq!(s, before);
+        // Routes: mapped, and unmapped.
+        let undo = s.map_route_undoable("api", "api").unwrap();
+        assert!(undo.changes_anything());
+        s.undo(undo);
+        assert_eq!(s, before);
+        s.map_route("api", "api").unwrap();
+        let mapped = s.clone();
+        assert!(!s.map_route_undoable("api", "api").unwrap().changes_anything());
+        let undo = s.unmap_route_undoable("api", "api").unwrap();
+        s.undo(undo);
+        assert_eq!(s, mapped);
+        s.unmap_route("api", "api").unwrap();
+        assert!(!s.remove_endpoint_undoable(Ipv4Addr::new(10, 0, 0, 9)).changes_anything());
         // Nothing to do: nothing recorded.
         assert!(!s.add_policies_undoable(&[kept], None).unwrap().changes_anything());
         assert!(

@@ -80,22 +80,40 @@ fn typed<T: TryFrom<Map, Error = MapError>>(map: Map, name: &'static str) -> Res
 impl Tables {
     /// Takes the maps out of a loaded object.
     pub(crate) fn take(ebpf: &mut aya::Ebpf) -> Result<Self, Error> {
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(Error::MissingMap { name });
+        Self::from_maps(|name| ebpf.take_map(name).ok_or(Error::MissingMap { name }))
+    }
+
+    /// Opens the maps pinned under `maps_dir` without loading any program
+    /// (for tools that only read or write entries).
+    pub fn open_pinned(maps_dir: &Path) -> Result<Self, Error> {
+        Self::from_maps(|name| {
+            let data = MapData::from_pin(maps_dir.join(name)).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        })
+    }
+
+    /// The typed maps, each got by name from `get`.
+    fn from_maps(mut get: impl FnMut(&'static str) -> Result<Map, Error>) -> Result<Self, Error> {
+        macro_rules! map {
+            ($name:expr) => {
+                typed(get($name)?, $name)?
+            };
+        }
         Ok(Self {
-            endpoints: typed(take(names::ENDPOINTS)?, names::ENDPOINTS)?,
-            veths: typed(take(names::VETHS)?, names::VETHS)?,
-            cgroups: typed(take(names::CGROUPS)?, names::CGROUPS)?,
-            policies: typed(take(names::POLICIES)?, names::POLICIES)?,
-            conntrack: typed(take(names::CONNTRACK)?, names::CONNTRACK)?,
-            fragments: typed(take(names::FRAGMENTS)?, names::FRAGMENTS)?,
-            epoch: typed(take(names::EPOCH)?, names::EPOCH)?,
-            verdicts: typed(take(names::VERDICTS)?, names::VERDICTS)?,
-            settings: typed(take(names::SETTINGS)?, names::SETTINGS)?,
-            event_stats: typed(take(names::EVENT_STATS)?, names::EVENT_STATS)?,
-            policy_stats: typed(take(names::POLICY_STATS)?, names::POLICY_STATS)?,
-            overlay: typed(take(names::OVERLAY)?, names::OVERLAY)?,
-            slots: typed(take(names::ENDPOINT_SLOTS)?, names::ENDPOINT_SLOTS)?,
-            veth_slots: typed(take(names::VETH_SLOTS)?, names::VETH_SLOTS)?,
+            endpoints: map!(names::ENDPOINTS),
+            veths: map!(names::VETHS),
+            cgroups: map!(names::CGROUPS),
+            policies: map!(names::POLICIES),
+            conntrack: map!(names::CONNTRACK),
+            fragments: map!(names::FRAGMENTS),
+            epoch: map!(names::EPOCH),
+            verdicts: map!(names::VERDICTS),
+            settings: map!(names::SETTINGS),
+            event_stats: map!(names::EVENT_STATS),
+            policy_stats: map!(names::POLICY_STATS),
+            overlay: map!(names::OVERLAY),
+            slots: map!(names::ENDPOINT_SLOTS),
+            veth_slots: map!(names::VETH_SLOTS),
             overlay_now: Overlay::default(),
         }
         .with_overlay_read())
@@ -144,33 +162,6 @@ impl Tables {
     /// The overlay the programs use now.
     pub fn overlay(&self) -> Overlay {
         self.overlay_now
-    }
-
-    /// Opens the maps pinned under `maps_dir` without loading any program
-    /// (for tools that only read or write entries).
-    pub fn open_pinned(maps_dir: &Path) -> Result<Self, Error> {
-        let open = |name: &'static str| -> Result<Map, Error> {
-            let data = MapData::from_pin(maps_dir.join(name)).map_err(map_err(name))?;
-            Map::from_map_data(data).map_err(map_err(name))
-        };
-        Ok(Self {
-            endpoints: typed(open(names::ENDPOINTS)?, names::ENDPOINTS)?,
-            veths: typed(open(names::VETHS)?, names::VETHS)?,
-            cgroups: typed(open(names::CGROUPS)?, names::CGROUPS)?,
-            policies: typed(open(names::POLICIES)?, names::POLICIES)?,
-            conntrack: typed(open(names::CONNTRACK)?, names::CONNTRACK)?,
-            fragments: typed(open(names::FRAGMENTS)?, names::FRAGMENTS)?,
-            epoch: typed(open(names::EPOCH)?, names::EPOCH)?,
-            verdicts: typed(open(names::VERDICTS)?, names::VERDICTS)?,
-            settings: typed(open(names::SETTINGS)?, names::SETTINGS)?,
-            event_stats: typed(open(names::EVENT_STATS)?, names::EVENT_STATS)?,
-            policy_stats: typed(open(names::POLICY_STATS)?, names::POLICY_STATS)?,
-            overlay: typed(open(names::OVERLAY)?, names::OVERLAY)?,
-            slots: typed(open(names::ENDPOINT_SLOTS)?, names::ENDPOINT_SLOTS)?,
-            veth_slots: typed(open(names::VETH_SLOTS)?, names::VETH_SLOTS)?,
-            overlay_now: Overlay::default(),
-        }
-        .with_overlay_read())
     }
 
     fn capacity(map: &MapData) -> u32 {

@@ -226,23 +226,6 @@ fn decide_flow<T: Tables>(
     }
 }
 
-/// The fast path of the destination side: a packet (not a fragment) of a
-/// connection checked at the current epoch passes as established or reply,
-/// with its connection's policy. `None`: [`decide_destination`] decides
-/// (and, for the packets this passes, decides the same).
-#[inline(always)]
-pub fn established<T: Tables>(tables: &T, parsed: &Parsed) -> Option<(Verdict, u32)> {
-    let Parsed::Flow { flow, fragment: None } = *parsed else { return None };
-    let epoch = tables.epoch();
-    let (key, side) = ConnKey::of(&flow);
-    let conn = tables.conn(&key)?;
-    if conn.epoch != epoch {
-        return None;
-    }
-    let reason = if side == conn.origin { Reason::Established } else { Reason::Reply };
-    Some((Verdict::Pass(reason), conn.policy_id))
-}
-
 /// Source side (TC ingress of the host-side veth, cgroup_skb egress): the
 /// anti-spoofing check. `own` is the endpoint behind this interface or cgroup.
 ///

@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use policy_common::{
     Parsed, Verdict, decide_destination, decide_source,
-    decision::{ConnUpdate, Decision, established},
+    decision::{ConnUpdate, Decision},
     maps::{Attachment, direction},
     packet::{ETH_P_IP, parse_ethernet, parse_ipv4},
 };
@@ -72,18 +72,10 @@ fn source_side(parsed: &Parsed, own: Option<Attachment>, ifindex: u32) -> Verdic
     tables::count(verdict)
 }
 
-/// The policy decision, its map effects, counters and report. Tracked
-/// connections take the fast path; the general decision reuses its
-/// conntrack lookup.
+/// The policy decision, its map effects, counters and report.
 #[inline(always)]
 fn destination_side(parsed: &Parsed, bytes: &SkbBytes, ifindex: u32) -> Verdict {
     let tables = MapTables::new();
-    if let Some((verdict, policy_id)) = established(&tables, parsed) {
-        if events::policy_counters_on() {
-            tables.count_in_conn(policy_id, bytes.len());
-        }
-        return tables::count(verdict);
-    }
     let mut decision = decide_destination(&tables, parsed);
     if decision.policy_id != 0 && decision.verdict.is_pass() && events::policy_counters_on() {
         let len = bytes.len();

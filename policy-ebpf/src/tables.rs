@@ -20,17 +20,12 @@ use crate::maps::{
 /// so the packet can be counted in it without a second lookup.
 pub struct MapTables {
     found: Cell<*mut Conn>,
-    /// The key of the one conntrack lookup made so far (all zero: none; no
-    /// real key has protocol 0): the general path reuses the fast path's
-    /// result instead of looking up again. Not an `Option`: its unset
-    /// payload would be uninitialized, which the verifier refuses to read.
-    looked_up: Cell<ConnKey>,
 }
 
 impl MapTables {
     #[inline(always)]
     pub fn new() -> Self {
-        Self { found: Cell::new(core::ptr::null_mut()), looked_up: Cell::new(ConnKey::default()) }
+        Self { found: Cell::new(core::ptr::null_mut()) }
     }
 
     /// Counts a packet of an established connection in its entry; every
@@ -83,17 +78,8 @@ impl Tables for MapTables {
 
     #[inline(always)]
     fn conn(&self, key: &ConnKey) -> Option<Conn> {
-        let conn = if key.protocol != 0 && self.looked_up.get() == *key {
-            self.found.get()
-        } else {
-            let conn = CONNTRACK.get_ptr_mut(key).unwrap_or(core::ptr::null_mut());
-            self.found.set(conn);
-            self.looked_up.set(*key);
-            conn
-        };
-        if conn.is_null() {
-            return None;
-        }
+        let conn = CONNTRACK.get_ptr_mut(key)?;
+        self.found.set(conn);
         // SAFETY: read by copy; see `count_in_conn` for the pointer.
         Some(unsafe { *conn })
     }
