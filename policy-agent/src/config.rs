@@ -36,14 +36,17 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, de::Error as _};
 
 use crate::{
     Capacities,
     dataplane::{EventSettings, OverlayNetwork},
 };
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+/// Every value is parsed into its type when the TOML is read, so
+/// [`Config::parse`] is the one place configuration can fail, with an error
+/// naming the key.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub state_dir: PathBuf,
@@ -63,10 +66,11 @@ pub struct Config {
     pub flow_log_keep: u32,
     /// Prometheus `/metrics` address; none: off.
     pub metrics_listen: Option<SocketAddr>,
-    /// `apps.internal` DNS address (UDP and TCP); "" turns DNS off. The
-    /// default is the gateway address containers use in the silk layout,
-    /// bound even before a veth carries it.
-    pub dns_listen: String,
+    /// `apps.internal` DNS address (UDP and TCP); "" (None) turns DNS off.
+    /// The default is the gateway address containers use in the silk
+    /// layout, bound even before a veth carries it.
+    #[serde(deserialize_with = "off_or_address")]
+    pub dns_listen: Option<SocketAddr>,
     /// Serve platform TLS on 61443 in every endpoint's namespace (endpoints
     /// registered with `--netns`).
     pub tls: bool,
@@ -80,9 +84,11 @@ pub struct Config {
     /// on in a header.
     pub mtls_apps: std::collections::BTreeSet<String>,
     /// The container network (silk's overlay): its endpoints are found by an
-    /// array index in the kernel instead of a hash lookup. "" turns that off
-    /// (every endpoint hashed); addresses outside it are always hashed.
-    pub overlay_network: String,
+    /// array index in the kernel instead of a hash lookup. "" (None) turns
+    /// that off (every endpoint hashed); addresses outside it are always
+    /// hashed.
+    #[serde(deserialize_with = "off_or_network")]
+    pub overlay_network: Option<OverlayNetwork>,
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/policy-agent/agent.sock";
@@ -103,12 +109,12 @@ impl Default for Config {
             flow_log_max_bytes: 100 << 20,
             flow_log_keep: 3,
             metrics_listen: None,
-            dns_listen: "169.254.0.1:53".to_owned(),
+            dns_listen: Some(SocketAddr::from(([169, 254, 0, 1], 53))),
             tls: true,
             tls_upstream_port: 8080,
             tls_app_ports: Default::default(),
             mtls_apps: Default::default(),
-            overlay_network: "10.255.0.0/16".to_owned(),
+            overlay_network: Some(OverlayNetwork::default()),
         }
     }
 }
@@ -118,24 +124,30 @@ impl Config {
         toml::from_str(text)
     }
 
-    /// The DNS address, or None if DNS is off.
-    /// The overlay network with endpoint slots, or None if off.
-    pub fn overlay(&self) -> Result<Option<OverlayNetwork>, String> {
-        if self.overlay_network.is_empty() {
-            Ok(None)
-        } else {
-            OverlayNetwork::parse(&self.overlay_network).map(Some)
-        }
-    }
-
-    pub fn dns_addr(&self) -> Result<Option<SocketAddr>, std::net::AddrParseError> {
-        if self.dns_listen.is_empty() { Ok(None) } else { self.dns_listen.parse().map(Some) }
-    }
-
     /// The per-source limit, with 0 meaning none.
     pub fn policy_limit(&self) -> Option<usize> {
         self.max_policies_per_source.filter(|&n| n > 0)
     }
+}
+
+/// `""` → None, else `ADDRESS:PORT`.
+fn off_or_address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|_| D::Error::custom(format!("{text:?} is not ADDRESS:PORT (\"\" turns it off)")))
+}
+
+/// `""` → None, else `A.B.C.D/N`.
+fn off_or_network<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OverlayNetwork>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    OverlayNetwork::parse(&text).map(Some).map_err(D::Error::custom)
 }
 
 #[cfg(test)]
@@ -149,8 +161,11 @@ mod tests {
 
     #[test]
     fn the_overlay_network_is_checked() {
-        let overlay =
-            |text: &str| Config { overlay_network: text.to_owned(), ..Config::default() }.overlay();
+        let overlay = |text: &str| {
+            Config::parse(&format!("overlay_network = {text:?}"))
+                .map(|c| c.overlay_network)
+                .map_err(|e| e.to_string())
+        };
         assert_eq!(overlay("10.255.0.0/16").unwrap(), Some(OverlayNetwork::default()));
         assert_eq!(overlay("10.255.0.0/16").unwrap().unwrap().slots(), 65536);
         assert_eq!(overlay("10.0.0.0/12").unwrap().unwrap().slots(), 1 << 20);
@@ -174,6 +189,23 @@ mod tests {
         assert_eq!(c.max_body_bytes, 8 << 20);
         assert_eq!(c.capacities.endpoints, 65_536);
         assert_eq!(c.capacities.policies, 1 << 20);
+        assert_eq!(c.dns_listen, Some("169.254.0.1:53".parse().unwrap()));
+        assert_eq!(c.overlay_network, Some(OverlayNetwork::default()));
+        assert!(c.tls);
+        assert_eq!(c.tls_upstream_port, 8080);
+    }
+
+    #[test]
+    fn bad_values_fail_at_parse_naming_the_key() {
+        for (text, key) in [
+            ("dns_listen = \"169.254.0.1\"", "dns_listen"),
+            ("overlay_network = \"10.0.0.0/8\"", "overlay_network"),
+            ("listen = \"nowhere\"", "listen"),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        assert_eq!(Config::parse("dns_listen = \"\"").unwrap().dns_listen, None);
     }
 
     #[test]

@@ -5,25 +5,26 @@
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use policy_common::{
-    decision::{Check, Tables as DecisionTables, check_flow},
-    maps::{Conn, ConnKey, Endpoint, FragmentKey, PairKey, PortRules},
+    decision::{Check, Lookups, check_flow},
+    maps::{Conn, ConnKey, EndpointValue, FragmentKey, PairKey, PortRules},
     packet::Flow,
 };
 use serde_json::{Value, json};
 
 use crate::{
-    Tables,
-    state::{Protocol, State, tag_text},
+    Maps,
+    agent::FlowQuery,
+    state::{State, tag_text},
 };
 
 /// The entries of the kernel maps one flow's check reads, fetched once.
 struct Snapshot {
-    endpoints: HashMap<u32, Endpoint>,
+    endpoints: HashMap<u32, EndpointValue>,
     rules: Option<PortRules>,
 }
 
-impl DecisionTables for Snapshot {
-    fn endpoint(&self, addr: u32) -> Option<Endpoint> {
+impl Lookups for Snapshot {
+    fn endpoint(&self, addr: u32) -> Option<EndpointValue> {
         self.endpoints.get(&addr).copied()
     }
     fn port_rules(&self, _key: &PairKey) -> Option<&PortRules> {
@@ -40,26 +41,18 @@ impl DecisionTables for Snapshot {
     }
 }
 
-/// What the flow `src → dst`, `protocol`, destination `port` meets. `from`:
-/// the endpoint whose veth the packet leaves, if not `src`'s own.
-pub fn explain(
-    tables: &Tables,
-    state: &State,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    protocol: Protocol,
-    port: u16,
-    from: Option<Ipv4Addr>,
-) -> Value {
+/// What a flow meets, step by step, and its verdict.
+pub fn explain(maps: &Maps, state: &State, query: &FlowQuery) -> Value {
+    let FlowQuery { src, dst, protocol, port, from } = *query;
     let key = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
-    let (src_ep, dst_ep) = (tables.endpoint(src), tables.endpoint(dst));
-    let app_of = |ip: Ipv4Addr, ep: Option<Endpoint>| {
+    let (src_ep, dst_ep) = (maps.endpoint(src), maps.endpoint(dst));
+    let app_of = |ip: Ipv4Addr, ep: Option<EndpointValue>| {
         state.endpoint(ip).map(|e| e.app.clone()).or_else(|| {
             let tag = ep?.tag;
             state.tags().iter().find(|(_, t)| **t == tag).map(|(a, _)| a.clone())
         })
     };
-    let side = |ip: Ipv4Addr, ep: Option<Endpoint>| {
+    let side = |ip: Ipv4Addr, ep: Option<EndpointValue>| {
         json!({
             "ip": ip.to_string(),
             "registered": ep.is_some(),
@@ -78,7 +71,7 @@ pub fn explain(
 
     // 1. Anti-spoofing where the packet leaves its container.
     let sender = from.unwrap_or(src);
-    if let Some(sender_ep) = tables.endpoint(sender) {
+    if let Some(sender_ep) = maps.endpoint(sender) {
         if sender != src {
             answer["verdict"] = json!("denied");
             answer["reason"] = json!("spoofed");
@@ -102,7 +95,7 @@ pub fn explain(
         }
     }
     let rules = match (src_ep, dst_ep) {
-        (Some(s), Some(d)) => tables.pair_rules(&PairKey::new(s.tag, d.tag, protocol.number())),
+        (Some(s), Some(d)) => maps.pair_rules(&PairKey::new(s.tag, d.tag, protocol.number())),
         _ => None,
     };
     let snapshot = Snapshot { endpoints, rules };

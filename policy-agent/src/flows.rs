@@ -30,7 +30,11 @@ use serde_json::json;
 use tokio::sync::broadcast;
 use tracing::warn;
 
-use crate::{api::SharedAgent, state::tag_text, tables::addr_from_key};
+use crate::{
+    agent::{self, SharedAgent},
+    dataplane::addr_from_key,
+    state::tag_text,
+};
 
 /// Events kept in memory for `flows` without `--follow`.
 pub const HISTORY: usize = 10_000;
@@ -157,7 +161,7 @@ pub struct Names {
 
 impl Names {
     pub fn from_agent(agent: &SharedAgent) -> Self {
-        let agent = agent.lock().unwrap_or_else(|p| p.into_inner());
+        let agent = agent::lock(agent);
         let state = agent.state();
         Self {
             apps_by_tag: state.tags().iter().map(|(app, tag)| (*tag, app.clone())).collect(),

@@ -8,7 +8,6 @@ pub mod api;
 pub mod bpffs;
 pub mod client;
 pub mod config;
-pub mod daemon;
 pub mod dataplane;
 pub mod dns;
 pub mod error;
@@ -19,12 +18,10 @@ pub mod reconcile;
 pub mod state;
 pub mod store;
 mod sys;
-pub mod tables;
 pub mod tls;
 
-pub use dataplane::{Capacities, Dataplane, DataplaneConfig, Direction};
+pub use dataplane::{Capacities, Dataplane, DataplaneConfig, Direction, Maps};
 pub use error::Error;
-pub use tables::Tables;
 
 /// The compiled eBPF object (built by build.rs from policy-ebpf).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy"));

@@ -1,6 +1,7 @@
 //! `policy-agent`: the daemon and its command line.
 
 mod cli;
+mod daemon;
 
 use std::process::ExitCode;
 

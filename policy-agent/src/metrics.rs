@@ -7,8 +7,6 @@
 //! `totalPolicies`, and `enforceTime` for the time from an API write to the
 //! kernel holding it.
 
-use std::sync::Arc;
-
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
@@ -21,7 +19,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::api::SharedAgent;
+use crate::agent::{self, SharedAgent};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
@@ -101,19 +99,12 @@ struct KernelCollector {
     agent: SharedAgent,
 }
 
-impl std::fmt::Debug for crate::agent::Agent<crate::Dataplane> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Agent")
-    }
-}
-
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let agent = self.agent.lock().unwrap_or_else(|p| p.into_inner());
-        let tables = agent.kernel().tables_ref();
+        let agent = agent::lock(&self.agent);
         let state = agent.state();
 
-        let verdicts = tables.verdicts().unwrap_or_default();
+        let verdicts = agent.verdicts().unwrap_or_default();
         let counter = ConstCounter::new(0u64);
         let mut family = encoder.encode_descriptor(
             "policy_verdict_packets",
@@ -121,13 +112,12 @@ impl Collector for KernelCollector {
             None,
             counter.metric_type(),
         )?;
-        for (reason, packets) in verdicts {
-            let verdict = if reason.passes() { "pass" } else { "drop" };
-            let labels = [("verdict", verdict), ("reason", reason.name())];
-            ConstCounter::new(packets).encode(family.encode_family(&labels)?)?;
+        for v in verdicts {
+            let labels = [("verdict", v.verdict), ("reason", v.reason)];
+            ConstCounter::new(v.packets).encode(family.encode_family(&labels)?)?;
         }
 
-        if let Ok(stats) = tables.event_stats() {
+        if let Ok(stats) = agent.event_stats() {
             let mut family = encoder.encode_descriptor(
                 "policy_flow_events",
                 "Flow events by outcome: emitted, lost (ring buffer full), rate_limited",
@@ -144,15 +134,15 @@ impl Collector for KernelCollector {
         }
 
         let gauge = ConstGauge::new(0i64);
-        let occupancy = tables.occupancy();
+        let occupancy = agent.map_occupancy();
         for (metric, help, pick) in [
             ("policy_map_entries", "Entries in each kernel map", 0),
             ("policy_map_capacity", "Capacity (max_entries) of each kernel map", 1),
         ] {
             let mut family = encoder.encode_descriptor(metric, help, None, gauge.metric_type())?;
-            for (name, entries, capacity) in &occupancy {
-                let value = if pick == 0 { *entries as i64 } else { i64::from(*capacity) };
-                ConstGauge::new(value).encode(family.encode_family(&[("map", *name)])?)?;
+            for map in &occupancy {
+                let value = if pick == 0 { map.entries as i64 } else { i64::from(map.capacity) };
+                ConstGauge::new(value).encode(family.encode_family(&[("map", map.name)])?)?;
             }
         }
 
@@ -173,6 +163,3 @@ impl Collector for KernelCollector {
         Ok(())
     }
 }
-
-/// Shared handle.
-pub type SharedMetrics = Arc<Metrics>;

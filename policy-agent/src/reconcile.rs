@@ -20,8 +20,7 @@ use policy_common::{maps::PairKey, ports::Allowance};
 use tracing::warn;
 
 use crate::{
-    Dataplane, Error,
-    dataplane::nix_ifindex,
+    Error,
     state::{Protocol, State},
 };
 
@@ -194,82 +193,6 @@ pub fn undo_pairs<K: Kernel>(kernel: &mut K, written: Vec<PairChange>) {
         written.into_iter().map(|(key, old, new)| (key, new, old)).collect();
     if let Err(e) = write_pairs(kernel, &mut reverse) {
         warn!(error = %e, "undoing policy pairs failed");
-    }
-}
-
-impl Kernel for Dataplane {
-    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, u32>, Error> {
-        Ok(self.tables_ref().endpoints().into_iter().map(|(ip, e)| (ip, e.tag)).collect())
-    }
-
-    fn set_endpoint(&mut self, ip: Ipv4Addr, tag: u32) -> Result<(), Error> {
-        self.tables().set_endpoint(ip, tag)
-    }
-
-    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error> {
-        let tables = self.tables();
-        let bindings: Vec<u32> = tables
-            .veths()
-            .into_iter()
-            .filter(|(_, addr, _)| *addr == ip)
-            .map(|(ifindex, _, _)| ifindex)
-            .collect();
-        for ifindex in bindings {
-            tables.remove_veth(ifindex)?;
-        }
-        tables.remove_endpoint(ip)?;
-        tables.forget_address(ip)?;
-        Ok(())
-    }
-
-    fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, Error> {
-        Ok(self.tables_ref().pairs().into_iter().collect())
-    }
-
-    fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), Error> {
-        self.tables().set_pair(key, allowances)
-    }
-
-    fn attached(&self) -> Result<BTreeSet<String>, Error> {
-        Ok(self
-            .attachments()?
-            .into_iter()
-            .filter_map(|pin| {
-                let rest = pin.strip_prefix("tc-")?;
-                let (ifname, _hook) = rest.rsplit_once('-')?;
-                Some(ifname.to_owned())
-            })
-            .collect())
-    }
-
-    fn attach(&mut self, ifname: &str, ip: Ipv4Addr, tag: u32) -> Result<(), Error> {
-        let ifindex =
-            nix_ifindex(ifname).ok_or_else(|| Error::NoInterface { ifname: ifname.to_owned() })?;
-        self.tables().set_veth(ifindex, ip, tag)?;
-        self.attach_veth(ifname)
-    }
-
-    fn forget_policies(&mut self, ids: &[u32]) {
-        for id in ids {
-            if let Err(e) = self.tables().remove_policy_counters(*id) {
-                warn!(policy_id = id, error = %e, "cannot forget a removed policy's counters");
-            }
-        }
-    }
-
-    fn detach(&mut self, ifname: &str, ip: Ipv4Addr) -> Result<(), Error> {
-        self.detach_veth(ifname)?;
-        let stale: Vec<u32> = self
-            .tables_ref()
-            .veths()
-            .into_iter()
-            .filter(|(ifindex, addr, _)| *addr == ip || Some(*ifindex) == nix_ifindex(ifname))
-            .map(|(ifindex, _, _)| ifindex)
-            .collect();
-        for ifindex in stale {
-            self.tables().remove_veth(ifindex)?;
-        }
-        Ok(())
     }
 }
 

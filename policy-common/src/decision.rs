@@ -1,15 +1,17 @@
 //! The verdict for a packet, as a pure function of the parsed headers and the
 //! map contents. The kernel programs call these functions with their maps
-//! behind [`Tables`]; the host tests call them with in-memory tables.
+//! behind [`Lookups`]; the host tests call them with in-memory tables.
 
-use crate::maps::{Attachment, Conn, ConnKey, Endpoint, FragmentKey, PairKey, PortRules, origin};
+use crate::maps::{
+    Attachment, Conn, ConnKey, EndpointValue, FragmentKey, PairKey, PortRules, origin,
+};
 use crate::packet::{Flow, Parsed};
 use crate::verdict::{Reason, Verdict};
 
 /// Read access to the maps the destination-side decision consults.
-pub trait Tables {
+pub trait Lookups {
     /// `ENDPOINTS[addr]`.
-    fn endpoint(&self, addr: u32) -> Option<Endpoint>;
+    fn endpoint(&self, addr: u32) -> Option<EndpointValue>;
     /// `POLICIES[key]`.
     fn port_rules(&self, key: &PairKey) -> Option<&PortRules>;
     /// `CONNTRACK[key]`.
@@ -104,7 +106,7 @@ pub enum Check {
 /// Checks a new flow: (source app tag, destination app tag, protocol) selects
 /// the pair's port ranges; the destination port must fall in one of them.
 #[inline(always)]
-pub fn check_flow<T: Tables>(tables: &T, flow: &Flow) -> Check {
+pub fn check_flow<T: Lookups>(tables: &T, flow: &Flow) -> Check {
     let Some(dst) = tables.endpoint(flow.daddr) else {
         return Check::Unmanaged;
     };
@@ -137,7 +139,7 @@ pub fn check_flow<T: Tables>(tables: &T, flow: &Flow) -> Check {
 /// Later fragments pass iff their first fragment passed (4 still applies);
 /// ICMP errors pass iff they quote a tracked connection (4 still applies).
 #[inline(always)]
-pub fn decide_destination<T: Tables>(tables: &T, parsed: &Parsed) -> Decision {
+pub fn decide_destination<T: Lookups>(tables: &T, parsed: &Parsed) -> Decision {
     // Read the epoch before any policy lookup: the agent removes policies
     // first and bumps the epoch second, so a connection recorded with this
     // epoch was checked against rules at least as new as the epoch.
@@ -169,7 +171,7 @@ pub fn decide_destination<T: Tables>(tables: &T, parsed: &Parsed) -> Decision {
 }
 
 #[inline(always)]
-fn decide_flow<T: Tables>(
+fn decide_flow<T: Lookups>(
     tables: &T,
     epoch: u32,
     flow: &Flow,

@@ -13,6 +13,6 @@ pub mod packet;
 pub mod ports;
 pub mod verdict;
 
-pub use decision::{Decision, Tables, decide_destination, decide_source};
+pub use decision::{Decision, Lookups, decide_destination, decide_source};
 pub use packet::{Flow, PacketBytes, Parsed, parse_ipv4};
 pub use verdict::{Reason, Verdict};

@@ -86,13 +86,13 @@ pub mod capacity {
 /// Every registered container instance has one entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Endpoint {
+pub struct EndpointValue {
     /// Tag of the endpoint's app (allocated by the agent, never 0).
     pub tag: u32,
     /// Reserved, zero.
     pub flags: u32,
 }
-const _: () = assert!(size_of::<Endpoint>() == 8);
+const _: () = assert!(size_of::<EndpointValue>() == 8);
 
 /// `OVERLAY[0]`: the container network whose endpoints also sit in
 /// `ENDPOINT_SLOTS`, an array indexed by address offset — an inlined array
@@ -361,7 +361,7 @@ mod pod {
     // SAFETY: all of these are `#[repr(C)]`, contain only integers and arrays
     // of integers, and have no implicit padding (sizes asserted above), so
     // every bit pattern is a valid value.
-    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for EndpointValue {}
     unsafe impl aya::Pod for Attachment {}
     unsafe impl aya::Pod for PairKey {}
     unsafe impl aya::Pod for PortRange {}

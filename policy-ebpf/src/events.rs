@@ -1,14 +1,14 @@
-//! Reporting: flow events and per-policy counters. Off the fast path of
-//! established connections except for the per-policy counter.
+//! Reporting: flow events, and the counters of the events themselves. Off
+//! the fast path of established connections.
 
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use policy_common::{
     Parsed, Reason, Verdict,
     decision::Decision,
-    maps::{EventLimit, FlowEvent, PolicyCounters, SETTINGS_INDEX, event_stat, settings},
+    maps::{EventLimit, FlowEvent, SETTINGS_INDEX, event_stat, settings},
 };
 
-use crate::maps::{EVENT_LIMITS, EVENT_STATS, FLOW_EVENTS, POLICY_STATS, SETTINGS};
+use crate::maps::{EVENT_LIMITS, EVENT_STATS, FLOW_EVENTS, SETTINGS};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -17,28 +17,6 @@ fn bump(stat: u32) {
     if let Some(counter) = EVENT_STATS.get_ptr_mut(stat) {
         // SAFETY: per-CPU slot.
         unsafe { *counter += 1 };
-    }
-}
-
-/// Whether packets are counted per policy.
-#[inline(always)]
-pub fn policy_counters_on() -> bool {
-    SETTINGS.get(SETTINGS_INDEX).is_some_and(|s| s.flags & settings::POLICY_COUNTERS != 0)
-}
-
-/// Adds a connection's counted packets to its policy's counters.
-#[inline(always)]
-pub fn add_policy_counts(policy_id: u32, packets: u32, bytes: u64) {
-    match POLICY_STATS.get_ptr_mut(policy_id) {
-        // SAFETY: per-CPU value; programs do not migrate mid-run.
-        Some(c) => unsafe {
-            (*c).packets += u64::from(packets);
-            (*c).bytes += bytes;
-        },
-        None => {
-            let counters = PolicyCounters { packets: u64::from(packets), bytes };
-            let _ = POLICY_STATS.insert(policy_id, counters, 0);
-        }
     }
 }
 

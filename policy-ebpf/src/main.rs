@@ -6,9 +6,10 @@
 #![feature(asm_experimental_arch)]
 
 mod bytes;
+mod counting;
 mod events;
+mod kernel_maps;
 mod maps;
-mod tables;
 
 use aya_ebpf::{
     macros::{cgroup_skb, classifier},
@@ -16,12 +17,16 @@ use aya_ebpf::{
 };
 use policy_common::{
     Parsed, Verdict, decide_destination, decide_source,
-    decision::{ConnUpdate, Decision},
+    decision::Decision,
     maps::{Attachment, direction},
     packet::{ETH_P_IP, parse_ethernet, parse_ipv4},
 };
 
-use crate::{bytes::SkbBytes, tables::MapTables};
+use crate::{
+    bytes::SkbBytes,
+    counting::{count_for_policy, count_verdict},
+    kernel_maps::KernelMaps,
+};
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
@@ -35,7 +40,7 @@ const CGROUP_SKB_PASS: i32 = 1;
 pub fn tc_from_container(ctx: TcContext) -> i32 {
     let bytes = SkbBytes::new(ctx.skb.skb);
     let ifindex = bytes.ifindex();
-    tc_action(source_side(&parse_ethernet(&bytes), tables::veth_endpoint(ifindex), ifindex))
+    tc_action(source_side(&parse_ethernet(&bytes), kernel_maps::veth_endpoint(ifindex), ifindex))
 }
 
 /// TC egress of the host-side veth = packets entering the container.
@@ -49,7 +54,7 @@ pub fn tc_to_container(ctx: TcContext) -> i32 {
 #[cgroup_skb(egress)]
 pub fn cgroup_egress(ctx: SkBuffContext) -> i32 {
     let bytes = SkbBytes::new(ctx.skb.skb);
-    let own = tables::cgroup_endpoint(bytes.cgroup_id());
+    let own = kernel_maps::cgroup_endpoint(bytes.cgroup_id());
     cgroup_action(source_side(&parse_l3(&bytes), own, 0))
 }
 
@@ -69,29 +74,17 @@ fn source_side(parsed: &Parsed, own: Option<Attachment>, ifindex: u32) -> Verdic
             Decision { src_tag: own.map_or(0, |a| a.tag), ..Decision::from_verdict(verdict) };
         events::report(parsed, &decision, direction::EGRESS, ifindex);
     }
-    tables::count(verdict)
+    count_verdict(verdict)
 }
 
 /// The policy decision, its map effects, counters and report.
 #[inline(always)]
 fn destination_side(parsed: &Parsed, bytes: &SkbBytes, ifindex: u32) -> Verdict {
-    let tables = MapTables::new();
-    let mut decision = decide_destination(&tables, parsed);
-    if decision.policy_id != 0 && decision.verdict.is_pass() && events::policy_counters_on() {
-        let len = bytes.len();
-        match &mut decision.conn {
-            // An established connection: counted in its entry.
-            ConnUpdate::None => tables.count_in_conn(decision.policy_id, len),
-            // A new (or re-checked) connection: counted in the entry written.
-            ConnUpdate::Insert(_, conn) => {
-                conn.pending_packets += 1;
-                conn.pending_bytes += u64::from(len);
-            }
-            ConnUpdate::Remove(_) => {}
-        }
-    }
+    let maps = KernelMaps::new();
+    let mut decision = decide_destination(&maps, parsed);
+    count_for_policy(&mut decision, maps.found_conn(), bytes.len());
     events::report(parsed, &decision, direction::INGRESS, ifindex);
-    tables::apply(&decision)
+    kernel_maps::apply(&decision)
 }
 
 /// cgroup_skb programs see the packet from its network header on.

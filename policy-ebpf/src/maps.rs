@@ -8,14 +8,15 @@ use aya_ebpf::{
 use policy_common::{
     Reason,
     maps::{
-        Attachment, Conn, ConnKey, Endpoint, EventLimit, FlowEvent, FragmentKey, Overlay, PairKey,
-        PolicyCounters, PortRules, Settings, capacity, event_stat,
+        Attachment, Conn, ConnKey, EndpointValue, EventLimit, FlowEvent, FragmentKey, Overlay,
+        PairKey, PolicyCounters, PortRules, Settings, capacity, event_stat,
     },
 };
 
 /// Registered endpoints by address.
 #[btf_map]
-pub static ENDPOINTS: HashMap<u32, Endpoint, { capacity::ENDPOINTS as usize }> = HashMap::new();
+pub static ENDPOINTS: HashMap<u32, EndpointValue, { capacity::ENDPOINTS as usize }> =
+    HashMap::new();
 
 /// The overlay network `ENDPOINT_SLOTS` covers (written by the loader).
 #[btf_map]
@@ -24,7 +25,8 @@ pub static OVERLAY: Array<Overlay, 1> = Array::new();
 /// Endpoints in the overlay by address offset (tag 0: none); see
 /// `policy_common::maps::Overlay`. Sized by the loader.
 #[btf_map]
-pub static ENDPOINT_SLOTS: Array<Endpoint, { capacity::ENDPOINT_SLOTS as usize }> = Array::new();
+pub static ENDPOINT_SLOTS: Array<EndpointValue, { capacity::ENDPOINT_SLOTS as usize }> =
+    Array::new();
 
 /// Host-side veth ifindex → the endpoint behind it.
 #[btf_map]

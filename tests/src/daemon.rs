@@ -198,9 +198,8 @@ impl Daemon {
 
     /// The desired state as the daemon stored it (snapshot + journal).
     pub fn stored_state(&self) -> policy_agent::state::State {
-        policy_agent::store::Store::open(&self.state_dir())
-            .and_then(|mut s| s.load())
-            .expect("load stored state")
+        use policy_agent::store::{Journal, Store as _};
+        Journal::open(&self.state_dir()).and_then(|mut s| s.load()).expect("load stored state")
     }
 
     pub fn maps_dir(&self) -> PathBuf {

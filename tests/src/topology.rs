@@ -83,7 +83,7 @@ impl Host {
     pub fn register(&self, dataplane: &mut Dataplane, i: usize, tag: u32) {
         let c = self.container(i);
         let ifindex = self.ifindex(&c.host_ifname);
-        let tables = dataplane.tables();
+        let tables = dataplane.maps_mut();
         tables.set_endpoint(c.ip, tag).expect("set endpoint");
         tables.set_veth(ifindex, c.ip, tag).expect("set veth");
         let _in_host = self.ns.enter();

@@ -12,7 +12,7 @@ use integration_tests::{
         udp_echo_server, udp_echo_works, udp_socket,
     },
 };
-use policy_agent::{Tables, client::Client, tables::addr_key};
+use policy_agent::{Maps, client::Client, dataplane::addr_key};
 use serde_json::{Value, json};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/cf-policy-server");
@@ -224,7 +224,7 @@ fn a_full_kernel_map_is_reported_and_nothing_is_half_applied() {
     assert_eq!(status, 507, "{reply}");
     assert!(reply["error"].as_str().unwrap().contains("POLICIES is full"), "{reply}");
     assert_eq!(daemon.curl("GET", POLICIES, None), snapshot);
-    let tables = Tables::open_pinned(&daemon.maps_dir()).unwrap();
+    let tables = Maps::open_pinned(&daemon.maps_dir()).unwrap();
     assert_eq!(tables.pairs().len(), 2, "kernel and desired state agree");
 }
 
@@ -330,8 +330,8 @@ fn deleting_an_endpoint_removes_every_entry_naming_it() {
     let (a, b) = (host.container(0), host.container(1));
     tcp_echo_server(&b.ns, b.ip, 8080);
     assert!(tcp_echo_works(&a.ns, b.ip, 8080, LONG));
-    let tables = Tables::open_pinned(&daemon.maps_dir()).unwrap();
-    let names_b = |t: &Tables| {
+    let tables = Maps::open_pinned(&daemon.maps_dir()).unwrap();
+    let names_b = |t: &Maps| {
         let key = addr_key(b.ip);
         (
             t.endpoint(b.ip).is_some(),

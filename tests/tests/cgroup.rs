@@ -55,13 +55,13 @@ fn cgroup_programs_enforce_policy_and_anti_spoofing_on_real_sockets() {
     let mut dataplane = pins.open();
     let (client, server) = (host.container(0), host.container(1));
     let (client_cg, server_cg) = (Cgroup::new(), Cgroup::new());
-    let tables = dataplane.tables();
+    let tables = dataplane.maps_mut();
     tables.set_endpoint(client.ip, 1).unwrap();
     tables.set_endpoint(server.ip, 2).unwrap();
     for (cg, c, tag) in [(&client_cg, client, 1), (&server_cg, server, 2)] {
         let id = dataplane.attach_cgroup(&cg.path).unwrap();
         assert_eq!(id, cg.id());
-        dataplane.tables().set_cgroup(id, c.ip, tag).unwrap();
+        dataplane.maps_mut().set_cgroup(id, c.ip, tag).unwrap();
     }
 
     let _server = Reaped(
@@ -89,10 +89,10 @@ fn cgroup_programs_enforce_policy_and_anti_spoofing_on_real_sockets() {
         !connects(&client.ns, &client_cg.path, &target),
         "denied by default at the server's cgroup ingress"
     );
-    assert!(dataplane.tables_ref().verdict_count(Reason::NoPolicy).unwrap() > 0);
+    assert!(dataplane.maps().verdict_count(Reason::NoPolicy).unwrap() > 0);
 
     dataplane
-        .tables()
+        .maps_mut()
         .allow(PairKey::new(1, 2, proto::TCP), Allowance { start: 8080, end: 8080, policy_id: 1 })
         .unwrap();
     assert!(connects(&client.ns, &client_cg.path, &target), "allowed by the policy");
@@ -107,7 +107,7 @@ fn cgroup_programs_enforce_policy_and_anti_spoofing_on_real_sockets() {
     let spoofed = "10.255.0.77";
     client.ns.ip(&["addr", "add", &format!("{spoofed}/32"), "dev", "eth0"]);
     assert!(!connects(&client.ns, &client_cg.path, &format!("-s {spoofed} {target}")));
-    assert!(dataplane.tables_ref().verdict_count(Reason::Spoofed).unwrap() > 0);
+    assert!(dataplane.maps().verdict_count(Reason::Spoofed).unwrap() > 0);
 
     dataplane.detach_cgroup(client_cg.id()).unwrap();
     dataplane.detach_cgroup(server_cg.id()).unwrap();

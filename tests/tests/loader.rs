@@ -32,7 +32,7 @@ fn maps_are_pinned_with_names_and_typed_for_bpftool() {
     require_root();
     let pins = PinDir::new();
     let mut dataplane = pins.open();
-    let tables = dataplane.tables();
+    let tables = dataplane.maps_mut();
     tables.set_endpoint(Ipv4Addr::new(10, 255, 0, 1), 7).unwrap();
     tables
         .allow(PairKey::new(7, 8, proto::TCP), Allowance { start: 8080, end: 8090, policy_id: 3 })
@@ -85,7 +85,7 @@ fn a_full_map_is_reported_and_leaves_entries_intact() {
         overlay: None,
     };
     let mut dataplane = Dataplane::open(&config).unwrap();
-    let tables = dataplane.tables();
+    let tables = dataplane.maps_mut();
     for i in 1..=4 {
         tables.set_endpoint(Ipv4Addr::new(10, 255, 0, i), 1).unwrap();
     }
@@ -109,7 +109,7 @@ fn more_ranges_than_a_pair_holds_are_refused_whole() {
     require_root();
     let pins = PinDir::new();
     let mut dataplane = pins.open();
-    let tables = dataplane.tables();
+    let tables = dataplane.maps_mut();
     let key = PairKey::new(1, 2, proto::UDP);
     for i in 0..MAX_PORT_RANGES as u16 {
         tables
@@ -137,9 +137,9 @@ fn state_survives_reopening_and_remove_all_cleans_up() {
     let key = PairKey::new(1, 2, proto::TCP);
     {
         let mut dataplane = pins.open();
-        dataplane.tables().set_endpoint(Ipv4Addr::new(10, 255, 0, 1), 1).unwrap();
-        dataplane.tables().allow(key, Allowance { start: 80, end: 80, policy_id: 9 }).unwrap();
-        dataplane.tables().bump_epoch().unwrap();
+        dataplane.maps_mut().set_endpoint(Ipv4Addr::new(10, 255, 0, 1), 1).unwrap();
+        dataplane.maps_mut().allow(key, Allowance { start: 80, end: 80, policy_id: 9 }).unwrap();
+        dataplane.maps_mut().bump_epoch().unwrap();
         dataplane.attach_veth("v0").unwrap();
         // Attaching again is a no-op.
         dataplane.attach_veth("v0").unwrap();
@@ -147,12 +147,9 @@ fn state_survives_reopening_and_remove_all_cleans_up() {
     let attached = |t| SchedClassifier::query_tcx("v0", t).unwrap().1.len();
     assert_eq!((attached(TcAttachType::Ingress), attached(TcAttachType::Egress)), (1, 1));
     let mut dataplane = pins.open();
-    assert_eq!(dataplane.tables_ref().endpoints().len(), 1);
-    assert_eq!(
-        dataplane.tables_ref().pair(&key),
-        vec![Allowance { start: 80, end: 80, policy_id: 9 }]
-    );
-    assert_eq!(dataplane.tables_ref().epoch().unwrap(), 1);
+    assert_eq!(dataplane.maps().endpoints().len(), 1);
+    assert_eq!(dataplane.maps().pair(&key), vec![Allowance { start: 80, end: 80, policy_id: 9 }]);
+    assert_eq!(dataplane.maps().epoch().unwrap(), 1);
     assert_eq!(dataplane.attachments().unwrap(), vec!["tc-v0-egress", "tc-v0-ingress"]);
 
     match dataplane.attach_veth("nosuchif") {

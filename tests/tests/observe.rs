@@ -147,7 +147,7 @@ fn a_denied_flood_is_rate_limited_counted_and_the_agent_keeps_answering() {
 
 /// (rate_limited, lost) flow events from the pinned maps.
 fn scrape_status_counts(daemon: &Daemon) -> (u64, u64) {
-    let tables = policy_agent::Tables::open_pinned(&daemon.maps_dir()).unwrap();
+    let tables = policy_agent::Maps::open_pinned(&daemon.maps_dir()).unwrap();
     let stats = tables.event_stats().unwrap();
     (stats.rate_limited, stats.lost)
 }

@@ -39,7 +39,7 @@ impl Fixture {
         let in_ns = ns.enter();
         let pins = PinDir::new();
         let mut dataplane = pins.open();
-        let t = dataplane.tables();
+        let t = dataplane.maps_mut();
         t.set_endpoint(Ipv4Addr::from(A), TAG_A).unwrap();
         t.set_endpoint(Ipv4Addr::from(B), TAG_B).unwrap();
         t.set_endpoint(Ipv4Addr::from(C), TAG_A).unwrap();
@@ -48,7 +48,7 @@ impl Fixture {
 
     fn allow(&mut self, src: u32, dst: u32, protocol: u8, start: u16, end: u16, id: u32) {
         self.dataplane
-            .tables()
+            .maps_mut()
             .allow(PairKey::new(src, dst, protocol), Allowance { start, end, policy_id: id })
             .unwrap();
     }
@@ -68,7 +68,7 @@ impl Fixture {
     }
 
     fn count(&self, reason: Reason) -> u64 {
-        self.dataplane.tables_ref().verdict_count(reason).unwrap()
+        self.dataplane.maps().verdict_count(reason).unwrap()
     }
 }
 
@@ -107,7 +107,7 @@ fn port_range_edges_and_default_deny() {
     }
     assert_eq!(f.count(Reason::NewAllowed), 5);
     assert_eq!(f.count(Reason::NoPolicy), 6);
-    assert_eq!(f.dataplane.tables_ref().connections().len(), 5);
+    assert_eq!(f.dataplane.maps().connections().len(), 5);
 }
 
 #[test]
@@ -122,14 +122,14 @@ fn replies_pass_and_revocation_cuts() {
     assert_eq!(f.entering_container(&request), TC_ACT_OK);
     assert_eq!(f.count(Reason::Reply), 1);
     assert_eq!(f.count(Reason::Established), 1);
-    let conns = f.dataplane.tables_ref().connections();
+    let conns = f.dataplane.maps().connections();
     assert_eq!(conns.len(), 1);
     assert_eq!(conns[0].1.policy_id, 7);
 
-    f.dataplane.tables().revoke(PairKey::new(TAG_A, TAG_B, proto::TCP), 443, 443).unwrap();
+    f.dataplane.maps_mut().revoke(PairKey::new(TAG_A, TAG_B, proto::TCP), 443, 443).unwrap();
     assert_eq!(f.entering_container(&reply), TC_ACT_SHOT, "revoked connection must be cut");
     assert_eq!(f.count(Reason::Revoked), 1);
-    assert!(f.dataplane.tables_ref().connections().is_empty());
+    assert!(f.dataplane.maps().connections().is_empty());
     assert_eq!(f.entering_container(&request), TC_ACT_SHOT);
 }
 
@@ -246,7 +246,7 @@ fn source_side_drops_spoofed_addresses() {
         TC_ACT_OK,
         "no endpoint behind lo yet"
     );
-    dp.dataplane.tables().set_veth(1, Ipv4Addr::from(A), TAG_A).unwrap();
+    dp.dataplane.maps_mut().set_veth(1, Ipv4Addr::from(A), TAG_A).unwrap();
     assert_eq!(dp.leaving_container(&PacketSpec::tcp(A, B, 1, 2).frame()), TC_ACT_OK);
     assert_eq!(dp.leaving_container(&PacketSpec::tcp(B, C, 1, 2).frame()), TC_ACT_SHOT);
     assert_eq!(dp.leaving_container(&PacketSpec::tcp(OUTSIDE, C, 1, 2).frame()), TC_ACT_SHOT);
@@ -256,11 +256,11 @@ fn source_side_drops_spoofed_addresses() {
     assert_eq!(dp.count(Reason::Spoofed), 2);
     assert_eq!(dp.count(Reason::SourceVerified), 1);
     // Re-bound to B: A is now the spoofer (the slot follows the hash).
-    dp.dataplane.tables().set_veth(1, Ipv4Addr::from(B), TAG_B).unwrap();
+    dp.dataplane.maps_mut().set_veth(1, Ipv4Addr::from(B), TAG_B).unwrap();
     assert_eq!(dp.leaving_container(&PacketSpec::tcp(A, B, 1, 2).frame()), TC_ACT_SHOT);
     assert_eq!(dp.leaving_container(&PacketSpec::tcp(B, A, 1, 2).frame()), TC_ACT_OK);
     // Unbound: nothing to check against.
-    dp.dataplane.tables().remove_veth(1).unwrap();
+    dp.dataplane.maps_mut().remove_veth(1).unwrap();
     assert_eq!(dp.leaving_container(&PacketSpec::tcp(A, B, 1, 2).frame()), TC_ACT_OK);
     assert_eq!(dp.count(Reason::Spoofed), 3);
 }
@@ -275,7 +275,7 @@ fn veths_past_the_slot_array_are_checked_through_the_hash() {
     let capacities = policy_agent::Capacities { veths: 1, ..Default::default() };
     let mut dataplane =
         Dataplane::open(&policy_agent::DataplaneConfig { capacities, ..pins.config() }).unwrap();
-    dataplane.tables().set_veth(1, Ipv4Addr::from(A), TAG_A).unwrap();
+    dataplane.maps_mut().set_veth(1, Ipv4Addr::from(A), TAG_A).unwrap();
     let prog = dataplane.tc_program(Direction::FromContainer);
     let run = |frame: Vec<u8>| {
         prog.test_run(TestRunOptions { data_in: Some(&frame), ..Default::default() })
@@ -311,7 +311,7 @@ fn cgroup_programs_make_the_same_decisions() {
     // Egress: a test run's skb belongs to a socket in the test's own cgroup.
     assert_eq!(run(&f, Direction::FromContainer, &PacketSpec::tcp(B, A, 1, 2).frame()), PASS);
     let own = integration_tests::cgroup::own_cgroup_id();
-    f.dataplane.tables().set_cgroup(own, Ipv4Addr::from(A), TAG_A).unwrap();
+    f.dataplane.maps_mut().set_cgroup(own, Ipv4Addr::from(A), TAG_A).unwrap();
     assert_eq!(run(&f, Direction::FromContainer, &PacketSpec::tcp(B, A, 1, 2).frame()), DROP);
     assert_eq!(run(&f, Direction::FromContainer, &PacketSpec::tcp(A, B, 1, 2).frame()), PASS);
 }
@@ -391,7 +391,7 @@ fn program_agrees_with_a_reference_model_on_random_traffic() {
             // Five registered endpoints in three apps; the sixth address is
             // not registered.
             let tag = base_tag + (i as u32 % 3);
-            f.dataplane.tables().set_endpoint(Ipv4Addr::from(*a), tag).unwrap();
+            f.dataplane.maps_mut().set_endpoint(Ipv4Addr::from(*a), tag).unwrap();
             model.tags.insert(*a, tag);
         }
         let mut next_id = 1u32;
@@ -415,7 +415,7 @@ fn program_agrees_with_a_reference_model_on_random_traffic() {
                 // Take a policy away (same semantics as the agent: exact range).
                 let i = rng.random_range(0..model.policies.len());
                 let (s, d, p, lo, hi) = model.policies[i];
-                f.dataplane.tables().revoke(PairKey::new(s, d, p), lo, hi).unwrap();
+                f.dataplane.maps_mut().revoke(PairKey::new(s, d, p), lo, hi).unwrap();
                 model.policies.retain(|&(ps, pd, pp, plo, phi)| {
                     !(ps == s && pd == d && pp == p && plo == lo && phi == hi)
                 });
@@ -479,7 +479,7 @@ fn endpoints_are_found_inside_and_outside_the_overlay_across_overlay_changes() {
         }
     };
     let mut dataplane = open(Some(OverlayNetwork::default()));
-    let t = dataplane.tables();
+    let t = dataplane.maps_mut();
     for (addr, tag) in [(A, TAG_A), (inside, TAG_A), (outside, TAG_A)] {
         t.set_endpoint(Ipv4Addr::from(addr), tag).unwrap();
     }
@@ -493,7 +493,7 @@ fn endpoints_are_found_inside_and_outside_the_overlay_across_overlay_changes() {
     drop(dataplane);
     // No overlay: every lookup hashed.
     let dataplane = open(None);
-    assert_eq!(dataplane.tables_ref().overlay().slots, 0);
+    assert_eq!(dataplane.maps().overlay().slots, 0);
     check(&dataplane, "no overlay");
     drop(dataplane);
     // Another network: the old slots are cleared, the new ones filled.
@@ -501,7 +501,7 @@ fn endpoints_are_found_inside_and_outside_the_overlay_across_overlay_changes() {
     let mut dataplane = open(Some(other));
     check(&dataplane, "192.168.0.0/16");
     // Endpoints written now land in the new slots; removal clears them.
-    let t = dataplane.tables();
+    let t = dataplane.maps_mut();
     t.remove_endpoint(Ipv4Addr::from(outside)).unwrap();
     let prog = dataplane.tc_program(Direction::ToContainer);
     let frame = PacketSpec::tcp(A, outside, 41002, 9999).frame();
@@ -570,7 +570,7 @@ fn denials_and_new_connections_are_reported_and_policies_counted() {
     assert_eq!((denied.allowed, denied.reason, denied.dport), (0, Reason::NoPolicy as u8, 53));
     assert_eq!((denied.src_tag, denied.dst_tag, denied.policy_id), (TAG_A, TAG_B, 0));
     // Three packets of the connection, requests and reply, counted under the policy.
-    let counters = f.dataplane.tables_ref().policy_counters(42);
+    let counters = f.dataplane.maps().policy_counters(42);
     assert_eq!(counters.packets, 3);
     assert_eq!(counters.bytes, 3 * request.len() as u64);
     // Past the flush threshold the count moves to the per-CPU counters; the
@@ -578,7 +578,7 @@ fn denials_and_new_connections_are_reported_and_policies_counted() {
     for _ in 0..70 {
         f.entering_container(&request);
     }
-    assert_eq!(f.dataplane.tables_ref().policy_counters(42).packets, 73);
+    assert_eq!(f.dataplane.maps().policy_counters(42).packets, 73);
 
     // A flood of denied packets to one destination: 100 reported, the rest
     // counted as rate-limited.
@@ -587,13 +587,13 @@ fn denials_and_new_connections_are_reported_and_policies_counted() {
     }
     let flood = drain_events(&mut ring);
     assert_eq!(flood.len(), 99, "one of this second's 100 was the first denial");
-    let stats = f.dataplane.tables_ref().event_stats().unwrap();
+    let stats = f.dataplane.maps().event_stats().unwrap();
     assert_eq!(stats.rate_limited, 401);
     assert_eq!(stats.emitted, 101);
     assert_eq!(stats.lost, 0);
     // Spoofing is reported from the source side (to another destination:
     // B's budget for this second is spent).
-    f.dataplane.tables().set_veth(1, Ipv4Addr::from(A), TAG_A).unwrap();
+    f.dataplane.maps_mut().set_veth(1, Ipv4Addr::from(A), TAG_A).unwrap();
     assert_eq!(f.leaving_container(&PacketSpec::tcp(C, OUTSIDE, 1, 2).frame()), TC_ACT_SHOT);
     let spoofed = drain_events(&mut ring);
     assert_eq!(spoofed.len(), 1);

@@ -53,17 +53,17 @@ impl Setup {
     fn allow(&mut self, src: u32, dst: u32, protocol: u8, start: u16, end: u16) {
         let id = start.into();
         self.dataplane
-            .tables()
+            .maps_mut()
             .allow(PairKey::new(src, dst, protocol), Allowance { start, end, policy_id: id })
             .unwrap();
     }
 
     fn revoke(&mut self, src: u32, dst: u32, protocol: u8, start: u16, end: u16) {
-        self.dataplane.tables().revoke(PairKey::new(src, dst, protocol), start, end).unwrap();
+        self.dataplane.maps_mut().revoke(PairKey::new(src, dst, protocol), start, end).unwrap();
     }
 
     fn count(&self, reason: Reason) -> u64 {
-        self.dataplane.tables_ref().verdict_count(reason).unwrap()
+        self.dataplane.maps().verdict_count(reason).unwrap()
     }
 }
 
@@ -189,5 +189,5 @@ fn unregistered_container_is_not_policed() {
     let backend = host.container(1).ip;
     tcp_echo_server(&host.container(1).ns, backend, 8080);
     assert!(tcp_echo_works(&host.container(0).ns, backend, 8080, LONG));
-    assert!(dataplane.tables_ref().verdict_count(Reason::Unmanaged).unwrap() > 0);
+    assert!(dataplane.maps().verdict_count(Reason::Unmanaged).unwrap() > 0);
 }

@@ -5,13 +5,14 @@
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
-use anyhow::{Context as _, Result, bail};
-use clap::{Args, Subcommand, ValueEnum};
-use policy_agent::{Dataplane, DataplaneConfig, dataplane::nix_ifindex};
-use policy_common::{
-    maps::{PairKey, proto},
-    ports::Allowance,
+use anyhow::{Context as _, Result};
+use clap::{Args, Subcommand};
+use policy_agent::{
+    Dataplane, DataplaneConfig,
+    dataplane::nix_ifindex,
+    state::{Protocol, parse_port_range},
 };
+use policy_common::{maps::PairKey, ports::Allowance};
 
 #[derive(Args)]
 pub struct DataplaneArgs {
@@ -59,12 +60,6 @@ enum DataplaneCommand {
     Unload,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Protocol {
-    Tcp,
-    Udp,
-}
-
 #[derive(Args)]
 struct PolicyArgs {
     #[arg(long)]
@@ -83,32 +78,8 @@ struct PolicyArgs {
 
 impl PolicyArgs {
     fn key(&self) -> PairKey {
-        let protocol = match self.protocol {
-            Protocol::Tcp => proto::TCP,
-            Protocol::Udp => proto::UDP,
-        };
-        PairKey::new(self.src_tag, self.dst_tag, protocol)
+        PairKey::new(self.src_tag, self.dst_tag, self.protocol.number())
     }
-}
-
-/// Parses `PORT` or `START-END` (1-65535, start <= end).
-pub fn parse_ports(text: &str) -> Result<(u16, u16)> {
-    let (start, end) = match text.split_once('-') {
-        Some((a, b)) => (a.trim(), b.trim()),
-        None => (text.trim(), text.trim()),
-    };
-    let parse = |s: &str| -> Result<u16> {
-        let port: u32 = s.parse().with_context(|| format!("invalid port {s:?} in {text:?}"))?;
-        if !(1..=65535).contains(&port) {
-            bail!("port {port} out of range 1-65535");
-        }
-        Ok(port as u16)
-    };
-    let (start, end) = (parse(start)?, parse(end)?);
-    if start > end {
-        bail!("port range {text:?} has start > end");
-    }
-    Ok((start, end))
 }
 
 impl DataplaneArgs {
@@ -131,9 +102,9 @@ impl DataplaneArgs {
                 let mut dataplane = self.open()?;
                 let ifindex = nix_ifindex(ifname)
                     .with_context(|| format!("interface {ifname} not found - is the container's veth created in this network namespace?"))?;
-                let tables = dataplane.tables();
-                tables.set_endpoint(*ip, *tag)?;
-                tables.set_veth(ifindex, *ip, *tag)?;
+                let maps = dataplane.maps_mut();
+                maps.set_endpoint(*ip, *tag)?;
+                maps.set_veth(ifindex, *ip, *tag)?;
                 dataplane.attach_veth(ifname).with_context(|| {
                     format!("failed to attach to {ifname} - is the interface up?")
                 })?;
@@ -143,16 +114,16 @@ impl DataplaneArgs {
                 let mut dataplane = self.open()?;
                 dataplane.detach_veth(ifname)?;
                 if let Some(ifindex) = nix_ifindex(ifname) {
-                    dataplane.tables().remove_veth(ifindex)?;
+                    dataplane.maps_mut().remove_veth(ifindex)?;
                 }
-                dataplane.tables().remove_endpoint(*ip)?;
+                dataplane.maps_mut().remove_endpoint(*ip)?;
                 println!("detached {ifname} ({ip})");
             }
             DataplaneCommand::Allow(args) => {
-                let (start, end) = parse_ports(&args.ports)?;
+                let (start, end) = parse_port_range("--ports", &args.ports)?;
                 let mut dataplane = self.open()?;
                 dataplane
-                    .tables()
+                    .maps_mut()
                     .allow(args.key(), Allowance { start, end, policy_id: args.policy_id })?;
                 println!(
                     "allowed tag {} -> tag {} {} {start}-{end}",
@@ -162,9 +133,9 @@ impl DataplaneArgs {
                 );
             }
             DataplaneCommand::Revoke(args) => {
-                let (start, end) = parse_ports(&args.ports)?;
+                let (start, end) = parse_port_range("--ports", &args.ports)?;
                 let mut dataplane = self.open()?;
-                dataplane.tables().revoke(args.key(), start, end)?;
+                dataplane.maps_mut().revoke(args.key(), start, end)?;
                 println!(
                     "revoked tag {} -> tag {} {} {start}-{end}",
                     args.src_tag,
@@ -186,28 +157,24 @@ impl DataplaneArgs {
 }
 
 fn protocol_name(protocol: u32) -> &'static str {
-    match u8::try_from(protocol) {
-        Ok(proto::TCP) => "tcp",
-        Ok(proto::UDP) => "udp",
-        _ => "?",
-    }
+    u8::try_from(protocol).ok().and_then(Protocol::from_number).map_or("?", Protocol::name)
 }
 
 fn print_status(dataplane: &Dataplane) -> Result<()> {
-    let tables = dataplane.tables_ref();
+    let maps = dataplane.maps();
     println!("pins: {}", dataplane.pin_dir().display());
     println!("attached:");
     for link in dataplane.attachments()? {
         println!("  {link}");
     }
     println!("endpoints:");
-    let mut endpoints = tables.endpoints();
+    let mut endpoints = maps.endpoints();
     endpoints.sort_by_key(|(ip, _)| *ip);
     for (ip, endpoint) in endpoints {
         println!("  {ip:<15} tag {}", endpoint.tag);
     }
     println!("allowances:");
-    let mut pairs = tables.pairs();
+    let mut pairs = maps.pairs();
     pairs.sort_by_key(|(key, _)| *key);
     for (key, allowances) in pairs {
         for a in allowances {
@@ -222,27 +189,12 @@ fn print_status(dataplane: &Dataplane) -> Result<()> {
             );
         }
     }
-    println!("tracked connections: {}", tables.connections().len());
-    println!("epoch: {}", tables.epoch()?);
+    println!("tracked connections: {}", maps.connections().len());
+    println!("epoch: {}", maps.epoch()?);
     println!("verdicts:");
-    for (reason, count) in tables.verdicts()? {
+    for (reason, count) in maps.verdicts()? {
         let verdict = if reason.passes() { "pass" } else { "drop" };
         println!("  {verdict} {:<17} {count}", reason.name());
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_ports;
-
-    #[test]
-    fn parses_ports_and_ranges() {
-        assert_eq!(parse_ports("8080").unwrap(), (8080, 8080));
-        assert_eq!(parse_ports("8080-8090").unwrap(), (8080, 8090));
-        assert_eq!(parse_ports("1-65535").unwrap(), (1, 65535));
-        for bad in ["0", "65536", "90-80", "x", "1-", "-5", ""] {
-            assert!(parse_ports(bad).is_err(), "{bad:?} must be rejected");
-        }
-    }
 }

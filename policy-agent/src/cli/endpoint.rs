@@ -4,8 +4,8 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use policy_agent::client::Client;
-use serde_json::{Value, json};
+use policy_agent::{api::wire, client::Client, state::Endpoint};
+use serde_json::Value;
 
 use super::call;
 
@@ -36,8 +36,12 @@ impl EndpointCommand {
     pub fn run(self, client: &Client) -> Result<()> {
         match self {
             EndpointCommand::Add { app, ip, ifname, netns } => {
-                let body =
-                    json!({"app": app, "ip": ip.to_string(), "ifname": ifname, "netns": netns});
+                let body = wire::endpoint_json(&Endpoint {
+                    ip,
+                    app: app.clone(),
+                    ifname: ifname.clone(),
+                    netns,
+                });
                 call(client, "POST", "/v1/endpoints", Some(&body))?;
                 println!("endpoint {ip} of app {app} on {ifname}: OK");
             }

@@ -7,7 +7,9 @@ use clap::Args;
 use policy_agent::client::Client;
 use serde_json::Value;
 
-use super::{call, policy::Protocol};
+use policy_agent::state::Protocol;
+
+use super::call;
 
 #[derive(Args)]
 pub struct FlowsArgs {
@@ -88,10 +90,7 @@ pub struct ExplainArgs {
 
 impl ExplainArgs {
     pub fn run(self, client: &Client) -> Result<()> {
-        let protocol = match self.protocol {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        };
+        let protocol = self.protocol.name();
         let mut path = format!(
             "/v1/explain?src={}&dst={}&protocol={protocol}&port={}",
             self.src_ip, self.dst_ip, self.port

@@ -2,17 +2,14 @@
 //! `cf` verbs, over the policy-server API.
 
 use anyhow::Result;
-use clap::{Args, ValueEnum};
-use policy_agent::client::Client;
-use serde_json::json;
+use clap::Args;
+use policy_agent::{
+    api::wire,
+    client::Client,
+    state::{Policy, Protocol, parse_port_range},
+};
 
-use super::{call, dataplane::parse_ports};
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
+use super::call;
 
 #[derive(Args)]
 pub struct PolicyArgs {
@@ -33,19 +30,15 @@ pub struct PolicyArgs {
 
 impl PolicyArgs {
     fn body(&self) -> Result<serde_json::Value> {
-        let (start, end) = parse_ports(&self.port)?;
-        let protocol = match self.protocol {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        };
-        let mut policy = json!({
-            "source": {"id": self.source_app},
-            "destination": {"id": self.destination_app, "protocol": protocol, "ports": {"start": start, "end": end}},
-        });
-        if self.tls_only {
-            policy["tls_only"] = json!(true);
-        }
-        Ok(json!({"policies": [policy]}))
+        let (start, end) = parse_port_range("--port", &self.port)?;
+        Ok(wire::policies_body(&[Policy {
+            source: self.source_app.clone(),
+            destination: self.destination_app.clone(),
+            protocol: self.protocol,
+            start,
+            end,
+            tls_only: self.tls_only,
+        }]))
     }
 
     pub fn add(self, client: &Client) -> Result<()> {
@@ -54,7 +47,7 @@ impl PolicyArgs {
             "Adding network policy from app {} to app {} ({} {}): OK",
             self.source_app,
             self.destination_app,
-            self.body()?["policies"][0]["destination"]["protocol"].as_str().unwrap_or("?"),
+            self.protocol.name(),
             self.port
         );
         Ok(())

@@ -2,8 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use policy_agent::client::Client;
-use serde_json::json;
+use policy_agent::{api::wire, client::Client};
 
 use super::call;
 
@@ -19,7 +18,11 @@ pub struct RouteArgs {
 
 impl RouteArgs {
     fn body(&self) -> serde_json::Value {
-        json!({"app": self.app, "domain": self.domain, "hostname": self.hostname})
+        wire::route_json(&wire::Route {
+            app: self.app.clone(),
+            domain: self.domain.clone(),
+            hostname: self.hostname.clone(),
+        })
     }
 
     pub fn map(self, client: &Client) -> Result<()> {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use policy_agent::{Dataplane, config::Config, daemon};
+use policy_agent::{Dataplane, config::Config};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -24,7 +24,7 @@ impl RunArgs {
     pub fn run(self) -> Result<()> {
         let config = load_config(self.config.as_ref())?;
         super::init_logging(&config.log_level);
-        daemon::run(config)
+        crate::daemon::run(config)
     }
 }
 

@@ -9,8 +9,8 @@ use crate::ports::Allowance;
 
 /// In-memory maps, applying decisions the way the kernel program does.
 #[derive(Default)]
-struct MemTables {
-    endpoints: HashMap<u32, Endpoint>,
+struct MemLookups {
+    endpoints: HashMap<u32, EndpointValue>,
     policies: HashMap<PairKey, PortRules>,
     conns: HashMap<ConnKey, Conn>,
     fragments: HashSet<FragmentKey>,
@@ -19,8 +19,8 @@ struct MemTables {
     tracked_hits: u32,
 }
 
-impl Tables for MemTables {
-    fn endpoint(&self, addr: u32) -> Option<Endpoint> {
+impl Lookups for MemLookups {
+    fn endpoint(&self, addr: u32) -> Option<EndpointValue> {
         self.endpoints.get(&addr).copied()
     }
     fn port_rules(&self, key: &PairKey) -> Option<&PortRules> {
@@ -45,11 +45,11 @@ fn addr(ip: [u8; 4]) -> u32 {
     u32::from_ne_bytes(ip)
 }
 
-impl MemTables {
+impl MemLookups {
     fn with_endpoints() -> Self {
-        let mut t = MemTables::default();
-        t.endpoints.insert(addr(A), Endpoint { tag: 1, flags: 0 });
-        t.endpoints.insert(addr(B), Endpoint { tag: 2, flags: 0 });
+        let mut t = MemLookups::default();
+        t.endpoints.insert(addr(A), EndpointValue { tag: 1, flags: 0 });
+        t.endpoints.insert(addr(B), EndpointValue { tag: 2, flags: 0 });
         t
     }
 
@@ -101,7 +101,7 @@ impl MemTables {
 
 #[test]
 fn denied_by_default_allowed_by_policy_with_range_edges() {
-    let mut t = MemTables::with_endpoints();
+    let mut t = MemLookups::with_endpoints();
     assert_eq!(t.deliver(&PacketSpec::tcp(A, B, 40000, 8080)), Verdict::Drop(Reason::NoPolicy));
     t.allow(1, 2, proto::TCP, 8080, 8090, 9);
     for (port, ok) in [(8079, false), (8080, true), (8090, true), (8091, false)] {
@@ -115,7 +115,7 @@ fn denied_by_default_allowed_by_policy_with_range_edges() {
 
 #[test]
 fn replies_and_established_packets_pass() {
-    let mut t = MemTables::with_endpoints();
+    let mut t = MemLookups::with_endpoints();
     t.allow(1, 2, proto::TCP, 8080, 8080, 3);
     assert_eq!(t.deliver(&PacketSpec::tcp(A, B, 40000, 8080)), Verdict::Pass(Reason::NewAllowed));
     assert_eq!(t.deliver(&PacketSpec::tcp(A, B, 40000, 8080)), Verdict::Pass(Reason::Established));
@@ -127,7 +127,7 @@ fn replies_and_established_packets_pass() {
 
 #[test]
 fn removing_a_policy_revokes_its_connections_at_the_next_epoch() {
-    let mut t = MemTables::with_endpoints();
+    let mut t = MemLookups::with_endpoints();
     t.allow(1, 2, proto::UDP, 53, 53, 1);
     assert!(t.deliver(&PacketSpec::udp(A, B, 5000, 53)).is_pass());
     t.policies.clear();
@@ -141,7 +141,7 @@ fn removing_a_policy_revokes_its_connections_at_the_next_epoch() {
 
 #[test]
 fn a_new_epoch_keeps_connections_that_are_still_allowed() {
-    let mut t = MemTables::with_endpoints();
+    let mut t = MemLookups::with_endpoints();
     t.allow(1, 2, proto::TCP, 80, 90, 1);
     assert!(t.deliver(&PacketSpec::tcp(A, B, 5000, 85)).is_pass());
     t.epoch += 1;
@@ -151,7 +151,7 @@ fn a_new_epoch_keeps_connections_that_are_still_allowed() {
 
 #[test]
 fn traffic_not_between_two_endpoints_is_unmanaged() {
-    let mut t = MemTables::with_endpoints();
+    let mut t = MemLookups::with_endpoints();
     assert_eq!(t.deliver(&PacketSpec::tcp(HOST, B, 1, 22)), Verdict::Pass(Reason::Unmanaged));
     assert_eq!(t.deliver(&PacketSpec::tcp(A, HOST, 1, 22)), Verdict::Pass(Reason::Unmanaged));
     // ICMP echo between endpoints: no policy can allow it.
@@ -165,7 +165,7 @@ fn traffic_not_between_two_endpoints_is_unmanaged() {
 
 #[test]
 fn fragments_follow_their_first_fragment() {
-    let mut t = MemTables::with_endpoints();
+    let mut t = MemLookups::with_endpoints();
     t.allow(1, 2, proto::UDP, 9000, 9000, 1);
     let mut first = PacketSpec::udp(A, B, 7000, 9000);
     first.more_fragments = true;
@@ -188,7 +188,7 @@ fn fragments_follow_their_first_fragment() {
 
 #[test]
 fn icmp_errors_pass_only_for_tracked_connections() {
-    let mut t = MemTables::with_endpoints();
+    let mut t = MemLookups::with_endpoints();
     t.allow(1, 2, proto::UDP, 9000, 9000, 1);
     let request = PacketSpec::udp(A, B, 7000, 9000);
     let error = icmp_unreachable(B, A, &request);

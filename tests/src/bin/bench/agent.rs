@@ -125,7 +125,7 @@ fn cloud_foundry_scale(quick: bool, report: &mut Report) {
     // The same policies in the maps: the programs' per-packet cost.
     let row = crate::dataplane::measure("20k apps, 60k policies".into(), quick, |dataplane| {
         crate::dataplane::fill(dataplane, 0);
-        let tables = dataplane.tables();
+        let tables = dataplane.maps_mut();
         let mut pairs: std::collections::BTreeMap<PairKey, Vec<Allowance>> = Default::default();
         for (id, &(s, d, protocol, start, end)) in set.iter().enumerate() {
             let number = if protocol == "tcp" { proto::TCP } else { proto::UDP };

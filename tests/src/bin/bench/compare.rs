@@ -77,7 +77,7 @@ impl Setup {
                 let mut dataplane = pins.open();
                 host.register(&mut dataplane, 0, TAG_A);
                 host.register(&mut dataplane, 1, TAG_B);
-                let tables = dataplane.tables();
+                let tables = dataplane.maps_mut();
                 for i in 0..fillers {
                     let (tag, protocol, port) = filler(i);
                     let number = if protocol == "tcp" { proto::TCP } else { proto::UDP };

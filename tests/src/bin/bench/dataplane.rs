@@ -121,10 +121,10 @@ pub fn measure(label: String, quick: bool, fill: impl FnOnce(&mut Dataplane)) ->
     let fill_time = started.elapsed();
     // Test runs see the namespace's loopback (ifindex 1) as the device: bind
     // it to A for the source side's anti-spoofing lookup.
-    dataplane.tables().set_veth(1, Ipv4Addr::from(A), TAG_A).expect("veth");
+    dataplane.maps_mut().set_veth(1, Ipv4Addr::from(A), TAG_A).expect("veth");
     // The decision alone; `reporting` measures events and counters.
     dataplane
-        .tables()
+        .maps_mut()
         .set_settings(policy_agent::dataplane::EventSettings::off().kernel())
         .expect("settings");
     let prog = dataplane.tc_program(Direction::ToContainer);
@@ -234,7 +234,7 @@ pub fn run(quick: bool, report: &mut Report) {
 /// Registers A and B and writes `policies` pair entries, one of which
 /// allows A -> B tcp/8080; the others are between other apps.
 pub fn fill(dataplane: &mut Dataplane, policies: u32) {
-    let tables = dataplane.tables();
+    let tables = dataplane.maps_mut();
     tables.set_endpoint(Ipv4Addr::from(A), TAG_A).expect("endpoint");
     tables.set_endpoint(Ipv4Addr::from(B), TAG_B).expect("endpoint");
     for i in 0..u16::MAX {
@@ -289,7 +289,7 @@ pub fn reporting(quick: bool, report: &mut Report) {
     for (label, settings, instance) in
         [("off", EventSettings::off(), 1u8), ("on", EventSettings::default(), 2)]
     {
-        dataplane.tables().set_settings(settings.kernel()).expect("settings");
+        dataplane.maps_mut().set_settings(settings.kernel()).expect("settings");
         let prog = dataplane.tc_program(Direction::ToContainer);
         prog.test_run(TestRunOptions { data_in: Some(&established), ..Default::default() })
             .expect("open");
@@ -304,7 +304,7 @@ pub fn reporting(quick: bool, report: &mut Report) {
         drain();
         rows.push((label, est, flood, new));
     }
-    let stats = dataplane.tables_ref().event_stats().expect("event stats");
+    let stats = dataplane.maps().event_stats().expect("event stats");
     outln!(
         out,
         "\n### Reporting cost\n\n10k policies: flow events and per-policy counters off vs on, ns per packet\n"

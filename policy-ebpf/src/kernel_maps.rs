@@ -1,65 +1,48 @@
-//! The maps behind `policy_common::Tables`, and the effects of a decision.
+//! The maps behind `policy_common::Lookups`, and the effects of a decision.
+//! Counters are in `counting`.
 
 use core::cell::Cell;
 
 use policy_common::{
     Verdict,
-    decision::{ConnUpdate, Decision, Tables},
+    decision::{ConnUpdate, Decision, Lookups},
     maps::{
-        Attachment, COUNTER_FLUSH, Conn, ConnKey, EPOCH_INDEX, Endpoint, FragmentKey, PairKey,
-        PortRules,
+        Attachment, Conn, ConnKey, EPOCH_INDEX, EndpointValue, FragmentKey, PairKey, PortRules,
     },
 };
 
-use crate::maps::{
-    CGROUPS, CONNTRACK, ENDPOINT_SLOTS, ENDPOINTS, EPOCH, FRAGMENTS, OVERLAY, POLICIES, VERDICTS,
-    VETH_SLOTS, VETHS,
+use crate::{
+    counting::count_verdict,
+    maps::{
+        CGROUPS, CONNTRACK, ENDPOINT_SLOTS, ENDPOINTS, EPOCH, FRAGMENTS, OVERLAY, POLICIES,
+        VETH_SLOTS, VETHS,
+    },
 };
 
 /// The maps, remembering where the connection entry the decision read lives,
 /// so the packet can be counted in it without a second lookup.
-pub struct MapTables {
+pub struct KernelMaps {
     found: Cell<*mut Conn>,
 }
 
-impl MapTables {
+impl KernelMaps {
     #[inline(always)]
     pub fn new() -> Self {
         Self { found: Cell::new(core::ptr::null_mut()) }
     }
 
-    /// Counts a packet of an established connection in its entry; every
-    /// `COUNTER_FLUSH` packets the count moves to the policy's counters.
+    /// The `CONNTRACK` entry the last `conn` lookup found (null if none).
     #[inline(always)]
-    pub fn count_in_conn(&self, policy_id: u32, len: u32) {
-        let conn = self.found.get();
-        if conn.is_null() {
-            return;
-        }
-        // SAFETY: the pointer came from a lookup in this program run; hash
-        // map elements stay valid for the run (RCU). Concurrent CPUs may
-        // race on the counts, which only makes them approximate.
-        unsafe {
-            (*conn).pending_packets += 1;
-            (*conn).pending_bytes += u64::from(len);
-            if (*conn).pending_packets >= COUNTER_FLUSH {
-                crate::events::add_policy_counts(
-                    policy_id,
-                    (*conn).pending_packets,
-                    (*conn).pending_bytes,
-                );
-                (*conn).pending_packets = 0;
-                (*conn).pending_bytes = 0;
-            }
-        }
+    pub fn found_conn(&self) -> *mut Conn {
+        self.found.get()
     }
 }
 
-impl Tables for MapTables {
+impl Lookups for KernelMaps {
     /// In the overlay: an array slot (an inlined access); elsewhere, or
     /// while the loader rebuilds the slots, the hash map.
     #[inline(always)]
-    fn endpoint(&self, addr: u32) -> Option<Endpoint> {
+    fn endpoint(&self, addr: u32) -> Option<EndpointValue> {
         if let Some(slot) = OVERLAY.get(0).and_then(|overlay| overlay.slot(addr)) {
             // A u32 tag read by copy: an update is seen whole or not at all.
             return ENDPOINT_SLOTS.get(slot).copied().filter(|e| e.tag != 0);
@@ -111,16 +94,6 @@ pub fn cgroup_endpoint(cgroup_id: u64) -> Option<Attachment> {
     unsafe { CGROUPS.get(cgroup_id).copied() }
 }
 
-/// Counts the verdict under its reason.
-#[inline(always)]
-pub fn count(verdict: Verdict) -> Verdict {
-    if let Some(counter) = VERDICTS.get_ptr_mut(verdict.reason() as u32) {
-        // SAFETY: per-CPU slot; programs do not migrate CPUs mid-run.
-        unsafe { *counter += 1 };
-    }
-    verdict
-}
-
 /// Performs the map changes a decision asks for, counts it, and returns its
 /// verdict. A failed conntrack insert (the map is LRU, so only on memory
 /// pressure) still passes the packet: its successor is simply checked again.
@@ -138,5 +111,5 @@ pub fn apply(decision: &Decision) -> Verdict {
     if let Some(key) = decision.record_fragment {
         let _ = FRAGMENTS.insert(key, 1u32, 0);
     }
-    count(decision.verdict)
+    count_verdict(decision.verdict)
 }

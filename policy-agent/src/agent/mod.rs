@@ -5,21 +5,40 @@
 //! made to the state in place with an undo record, so they cost what they
 //! touch, not a copy of the state.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+mod reads;
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+pub use reads::{FlowQuery, PolicyStats, Status};
+use tracing::info;
+
+use crate::{
+    Dataplane, Error,
+    reconcile::{self, AppPair, Kernel},
+    state::{
+        Endpoint, Invalid, Policy, State, Undo, check_app_id, check_domain, check_endpoint,
+        check_hostname,
+    },
+    store::{Change, Store, StoreError},
+};
+
+/// The daemon's agent, shared by the API, DNS, TLS and the flow reader.
+pub type SharedAgent = Arc<Mutex<Agent<Dataplane>>>;
+
+/// Locks the shared agent; a panic in another holder does not stop the
+/// others (the state is changed only through undoable steps).
+pub fn lock(agent: &SharedAgent) -> MutexGuard<'_, Agent<Dataplane>> {
+    agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// The app pairs (and protocols) a policy change touches.
 fn touched(policies: &[Policy]) -> BTreeSet<AppPair> {
     policies.iter().map(|p| (p.source.clone(), p.destination.clone(), p.protocol)).collect()
 }
-
-use tracing::info;
-
-use crate::{
-    Error,
-    reconcile::{self, AppPair, Kernel},
-    state::{Endpoint, Invalid, Policy, State, Undo, check_app_id, check_domain, check_hostname},
-    store::{Change, Store, StoreError},
-};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -37,10 +56,16 @@ impl From<Invalid> for AgentError {
     }
 }
 
+impl<K: Kernel> std::fmt::Debug for Agent<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("policies", &self.state.policy_count()).finish()
+    }
+}
+
 pub struct Agent<K: Kernel> {
     kernel: K,
     state: State,
-    store: Store,
+    store: Box<dyn Store>,
     /// Most policies one source app may have (None: no limit).
     limit: Option<usize>,
 }
@@ -50,7 +75,7 @@ impl<K: Kernel> Agent<K> {
     /// clearing anything first. Returns the agent and reconcile warnings.
     pub fn start(
         mut kernel: K,
-        mut store: Store,
+        mut store: Box<dyn Store>,
         limit: Option<usize>,
         tls_ports: Option<crate::state::TlsPorts>,
     ) -> Result<(Self, Vec<String>), AgentError> {
@@ -70,7 +95,8 @@ impl<K: Kernel> Agent<K> {
         &self.state
     }
 
-    pub fn kernel(&self) -> &K {
+    #[cfg(test)]
+    pub(crate) fn kernel(&self) -> &K {
         &self.kernel
     }
 
@@ -131,11 +157,7 @@ impl<K: Kernel> Agent<K> {
 
     /// Registers (or replaces) an endpoint and attaches to its veth.
     pub fn add_endpoint(&mut self, endpoint: Endpoint) -> Result<(), AgentError> {
-        check_app_id("app", &endpoint.app)?;
-        if endpoint.ifname.is_empty() || endpoint.ifname.len() > 15 || endpoint.ifname.contains('/')
-        {
-            return Err(Invalid::new("ifname", "not a valid interface name").into());
-        }
+        check_endpoint(&endpoint)?;
         if self.state.endpoint(endpoint.ip) == Some(&endpoint) {
             return Ok(());
         }
@@ -238,12 +260,12 @@ impl<K: Kernel> Agent<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{reconcile::fake::FakeKernel, state::Protocol};
+    use crate::{reconcile::fake::FakeKernel, state::Protocol, store::Journal};
 
-    fn temp_store(name: &str) -> Store {
+    fn temp_store(name: &str) -> Box<dyn Store> {
         let dir = std::env::temp_dir().join(format!("policy-agent-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        Store::open(&dir).unwrap()
+        Box::new(Journal::open(&dir).unwrap())
     }
 
     fn policy(port: u16) -> Policy {
@@ -259,7 +281,7 @@ mod tests {
 
     fn reload(name: &str) -> State {
         let dir = std::env::temp_dir().join(format!("policy-agent-{name}-{}", std::process::id()));
-        Store::open(&dir).unwrap().load().unwrap()
+        Journal::open(&dir).unwrap().load().unwrap()
     }
 
     #[test]

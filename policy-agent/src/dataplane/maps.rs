@@ -14,17 +14,18 @@ use aya::maps::{
 use policy_common::{
     Reason,
     maps::{
-        Attachment, Conn, ConnKey, EPOCH_INDEX, Endpoint, FragmentKey, Overlay, PairKey,
+        Attachment, Conn, ConnKey, EPOCH_INDEX, EndpointValue, FragmentKey, Overlay, PairKey,
         PolicyCounters, PortRules, SETTINGS_INDEX, Settings, event_stat, names,
     },
     ports::Allowance,
 };
 
-use crate::{Error, dataplane::OverlayNetwork};
+use super::OverlayNetwork;
+use crate::Error;
 
 /// The dataplane's maps, typed.
-pub struct Tables {
-    endpoints: HashMap<MapData, u32, Endpoint>,
+pub struct Maps {
+    endpoints: HashMap<MapData, u32, EndpointValue>,
     veths: HashMap<MapData, u32, Attachment>,
     cgroups: HashMap<MapData, u64, Attachment>,
     policies: HashMap<MapData, PairKey, PortRules>,
@@ -36,7 +37,7 @@ pub struct Tables {
     event_stats: PerCpuArray<MapData, u64>,
     policy_stats: PerCpuHashMap<MapData, u32, PolicyCounters>,
     overlay: Array<MapData, Overlay>,
-    slots: Array<MapData, Endpoint>,
+    slots: Array<MapData, EndpointValue>,
     veth_slots: Array<MapData, Attachment>,
     /// What `OVERLAY` says (read at open, written by `set_overlay`).
     overlay_now: Overlay,
@@ -77,7 +78,7 @@ fn typed<T: TryFrom<Map, Error = MapError>>(map: Map, name: &'static str) -> Res
     T::try_from(map).map_err(map_err(name))
 }
 
-impl Tables {
+impl Maps {
     /// Takes the maps out of a loaded object.
     pub(crate) fn take(ebpf: &mut aya::Ebpf) -> Result<Self, Error> {
         Self::from_maps(|name| ebpf.take_map(name).ok_or(Error::MissingMap { name }))
@@ -145,7 +146,7 @@ impl Tables {
             // Slots of another network (or none): start from empty.
             for slot in 0..old.slots.min(capacity) {
                 self.slots
-                    .set(slot, Endpoint::default(), 0)
+                    .set(slot, EndpointValue::default(), 0)
                     .map_err(map_err(names::ENDPOINT_SLOTS))?;
             }
         }
@@ -173,7 +174,7 @@ impl Tables {
     pub fn set_endpoint(&mut self, addr: Ipv4Addr, tag: u32) -> Result<(), Error> {
         let previous = self.endpoints.get(&addr_key(addr), 0).ok();
         let capacity = Self::capacity(self.endpoints.map());
-        let endpoint = Endpoint { tag, flags: 0 };
+        let endpoint = EndpointValue { tag, flags: 0 };
         self.endpoints
             .insert(addr_key(addr), endpoint, 0)
             .map_err(insert_err(names::ENDPOINTS, capacity))?;
@@ -192,7 +193,9 @@ impl Tables {
     pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<(), Error> {
         // The slot first: a slot never outlives the hash entry.
         if let Some(slot) = self.overlay_now.slot(addr_key(addr)) {
-            self.slots.set(slot, Endpoint::default(), 0).map_err(map_err(names::ENDPOINT_SLOTS))?;
+            self.slots
+                .set(slot, EndpointValue::default(), 0)
+                .map_err(map_err(names::ENDPOINT_SLOTS))?;
         }
         match self.endpoints.remove(&addr_key(addr)) {
             Ok(()) => self.bump_epoch(),
@@ -201,11 +204,11 @@ impl Tables {
         }
     }
 
-    pub fn endpoint(&self, addr: Ipv4Addr) -> Option<Endpoint> {
+    pub fn endpoint(&self, addr: Ipv4Addr) -> Option<EndpointValue> {
         self.endpoints.get(&addr_key(addr), 0).ok()
     }
 
-    pub fn endpoints(&self) -> Vec<(Ipv4Addr, Endpoint)> {
+    pub fn endpoints(&self) -> Vec<(Ipv4Addr, EndpointValue)> {
         self.endpoints.iter().filter_map(Result::ok).map(|(k, v)| (addr_from_key(k), v)).collect()
     }
 

@@ -1,4 +1,5 @@
-//! Durable desired state: a snapshot plus a journal of changes.
+//! The local store (single-host mode): a snapshot plus a journal of
+//! changes in the state directory.
 //!
 //! - `journal.jsonl`: one line per acknowledged change, `{"seq":N,"change":...}`,
 //!   appended and fsynced before the API replies. Appending is cheap whatever
@@ -16,53 +17,14 @@
 use std::{
     fs::{self, File, OpenOptions},
     io::{BufRead as _, BufReader, Write as _},
-    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::state::{Endpoint, Policy, State};
-
-/// Changes between snapshots.
-pub const COMPACT_EVERY: u64 = 1000;
-
-/// One acknowledged change, as journaled. Replaying it on the state it was
-/// made on gives the same state (tags and ids included).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Change {
-    AddPolicies(Vec<Policy>),
-    RemovePolicies(Vec<Policy>),
-    AddEndpoint(Endpoint),
-    RemoveEndpoint(Ipv4Addr),
-    MapRoute { app: String, hostname: String },
-    UnmapRoute { app: String, hostname: String },
-}
-
-impl Change {
-    /// Applies the change without the checks the API made when it was
-    /// accepted (a per-source limit may have changed since).
-    pub fn replay(&self, state: &mut State) {
-        match self {
-            Change::AddPolicies(p) => state.insert_policies(p),
-            Change::RemovePolicies(p) => state.remove_policies(p),
-            Change::AddEndpoint(e) => {
-                state.add_endpoint(e.clone());
-            }
-            Change::RemoveEndpoint(ip) => {
-                state.remove_endpoint(*ip);
-            }
-            Change::MapRoute { app, hostname } => {
-                let _ = state.map_route(app, hostname);
-            }
-            Change::UnmapRoute { app, hostname } => {
-                let _ = state.unmap_route(app, hostname);
-            }
-        }
-    }
-}
+use super::{COMPACT_EVERY, Change, Store, StoreError, io};
+use crate::state::State;
 
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
@@ -76,7 +38,8 @@ struct Entry {
     change: Change,
 }
 
-pub struct Store {
+/// The local store: a snapshot plus a journal in the state directory.
+pub struct Journal {
     dir: PathBuf,
     /// Seq of the last change made durable.
     seq: u64,
@@ -84,20 +47,7 @@ pub struct Store {
     snapshot_seq: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("cannot {what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("stored state {path} is corrupt: {source}")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
-}
-
-fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
-    let path = path.to_path_buf();
-    move |source| StoreError::Io { what, path, source }
-}
-
-impl Store {
+impl Journal {
     /// A store in `state_dir` (created if missing).
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         fs::create_dir_all(state_dir).map_err(io("create state directory", state_dir))?;
@@ -111,9 +61,11 @@ impl Store {
     fn journal_path(&self) -> PathBuf {
         self.dir.join("journal.jsonl")
     }
+}
 
+impl Store for Journal {
     /// The stored state: snapshot plus journal (empty if nothing was stored).
-    pub fn load(&mut self) -> Result<State, StoreError> {
+    fn load(&mut self) -> Result<State, StoreError> {
         let snapshot_path = self.snapshot_path();
         let (mut state, snapshot_seq) = match fs::read(&snapshot_path) {
             Ok(bytes) => {
@@ -159,7 +111,7 @@ impl Store {
 
     /// Makes `change` durable; `state` is the state after it (snapshotted
     /// every [`COMPACT_EVERY`] changes).
-    pub fn append(&mut self, change: &Change, state: &State) -> Result<(), StoreError> {
+    fn append(&mut self, change: &Change, state: &State) -> Result<(), StoreError> {
         let path = self.journal_path();
         let seq = self.seq + 1;
         let mut line =
@@ -178,7 +130,7 @@ impl Store {
 
     /// Writes the snapshot of `state` (at the current seq) and empties the
     /// journal.
-    pub fn snapshot(&mut self, state: &State) -> Result<(), StoreError> {
+    fn snapshot(&mut self, state: &State) -> Result<(), StoreError> {
         let path = self.snapshot_path();
         let tmp = path.with_extension("json.tmp");
         // Streamed from a borrowed view: no copy of a large state in memory.
@@ -212,7 +164,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Protocol;
+    use std::net::Ipv4Addr;
+
+    use crate::state::{Endpoint, Policy, Protocol};
 
     #[test]
     fn the_borrowed_snapshot_is_the_stored_shape() {
@@ -243,7 +197,7 @@ mod tests {
     }
 
     /// Applies `n` changes through a store, as the agent does.
-    fn write(store: &mut Store, state: &mut State, ports: std::ops::Range<u16>) {
+    fn write(store: &mut Journal, state: &mut State, ports: std::ops::Range<u16>) {
         for port in ports {
             let change = Change::AddPolicies(vec![policy(port)]);
             change.replay(state);
@@ -254,7 +208,7 @@ mod tests {
     #[test]
     fn journal_and_snapshots_reload_the_same_state() {
         let dir = temp_dir("reload");
-        let mut store = Store::open(&dir).unwrap();
+        let mut store = Journal::open(&dir).unwrap();
         let mut state = store.load().unwrap();
         assert_eq!(state, State::default());
         // Past one compaction, then some more.
@@ -270,14 +224,14 @@ mod tests {
             store.append(&change, &state).unwrap();
         }
         assert!(fs::metadata(dir.join("state.json")).is_ok(), "compacted");
-        assert_eq!(Store::open(&dir).unwrap().load().unwrap(), state);
+        assert_eq!(Journal::open(&dir).unwrap().load().unwrap(), state);
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_torn_last_line_is_ignored_and_old_lines_are_not_replayed_twice() {
         let dir = temp_dir("torn");
-        let mut store = Store::open(&dir).unwrap();
+        let mut store = Journal::open(&dir).unwrap();
         let mut state = store.load().unwrap();
         write(&mut store, &mut state, 1..4);
         // A crash between the snapshot's rename and the journal truncation.
@@ -287,7 +241,7 @@ mod tests {
         // And a torn append.
         let mut f = OpenOptions::new().append(true).open(dir.join("journal.jsonl")).unwrap();
         f.write_all(b"{\"seq\":4,\"change\":{\"add_po").unwrap();
-        let reloaded = Store::open(&dir).unwrap().load().unwrap();
+        let reloaded = Journal::open(&dir).unwrap().load().unwrap();
         assert_eq!(reloaded, state);
         // A corrupt line in the middle is an error, not silently skipped.
         fs::write(
@@ -295,7 +249,7 @@ mod tests {
             b"garbage\n{\"seq\":9,\"change\":{\"remove_endpoint\":\"10.0.0.1\"}}\n",
         )
         .unwrap();
-        assert!(matches!(Store::open(&dir).unwrap().load(), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(Journal::open(&dir).unwrap().load(), Err(StoreError::Corrupt { .. })));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,0 +1,174 @@
+//! The HTTP API: Cloud Foundry's policy-server external API (request and
+//! response bodies unchanged) plus endpoints, routes and observability.
+//! One file per resource; the JSON shapes are in `wire`.
+//!
+//! - `GET  /networking/v1/external/policies[?id=&source_id=&dest_id=]`
+//! - `POST /networking/v1/external/policies`
+//! - `POST /networking/v1/external/policies/delete`
+//! - `GET  /networking/v1/external/tags`
+//! - `GET  /v1/policies/stats`
+//! - `GET  /v1/endpoints`, `POST /v1/endpoints`, `DELETE /v1/endpoints/{ip}`
+//! - `GET  /v1/routes`, `POST /v1/routes`, `POST /v1/routes/delete`
+//! - `GET  /v1/status`, `GET /v1/flows`, `GET /v1/explain`
+//!
+//! Errors are JSON: `{"error": "...", "field": "...", "reason": "..."}` with
+//! 400 for bad input (nothing of the request applied), 507 when a kernel
+//! map is full, 500 otherwise.
+
+mod endpoints;
+mod observe;
+mod policies;
+mod routes;
+pub mod wire;
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::{DefaultBodyLimit, MatchedPath, Request, State},
+    http::StatusCode,
+    middleware::{self, Next},
+    response::Response,
+    routing::{delete, get, post},
+};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::{
+    Dataplane, Error,
+    agent::{self, Agent, AgentError, SharedAgent},
+    flows::FlowHub,
+    metrics::{ApiLabels, Metrics},
+    state::Invalid,
+    tls::TlsProxies,
+};
+
+#[derive(Clone)]
+pub struct Api {
+    pub agent: SharedAgent,
+    pub max_body_bytes: usize,
+    pub hub: Arc<FlowHub>,
+    pub metrics: Arc<Metrics>,
+    /// Becomes true at shutdown: ends `flows --follow` streams.
+    pub stopping: watch::Receiver<bool>,
+    /// Platform TLS listeners (None: off).
+    pub tls: Option<Arc<TlsProxies>>,
+}
+
+type Reply = (StatusCode, Json<Value>);
+
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/networking/v1/external/policies", get(policies::list).post(policies::create))
+        .route("/networking/v1/external/policies/delete", post(policies::delete))
+        .route("/networking/v1/external/tags", get(policies::tags))
+        .route("/v1/policies/stats", get(policies::stats))
+        .route("/v1/endpoints", get(endpoints::list).post(endpoints::add))
+        .route("/v1/endpoints/{ip}", delete(endpoints::remove))
+        .route("/v1/routes", get(routes::list).post(routes::map))
+        .route("/v1/routes/delete", post(routes::unmap))
+        .route("/v1/status", get(observe::status))
+        .route("/v1/flows", get(observe::flows))
+        .route("/v1/explain", get(observe::explain))
+        .layer(middleware::from_fn_with_state(api.clone(), record_request))
+        // Bodies are read with our own limit, to answer 400 in JSON.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(api)
+}
+
+fn invalid(e: &Invalid) -> Reply {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": e.to_string(), "field": e.field, "reason": e.reason})),
+    )
+}
+
+fn failure(e: AgentError) -> Reply {
+    match e {
+        AgentError::Invalid(e) => invalid(&e),
+        AgentError::Kernel(e @ Error::MapFull { .. }) => {
+            (StatusCode::INSUFFICIENT_STORAGE, Json(json!({"error": e.to_string()})))
+        }
+        e => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e.to_string()}))),
+    }
+}
+
+fn ok(value: Value) -> Reply {
+    (StatusCode::OK, Json(value))
+}
+
+/// `{}` for a write, or its failure.
+fn written<T>(result: Result<T, AgentError>) -> Reply {
+    match result {
+        Ok(_) => ok(json!({})),
+        Err(e) => failure(e),
+    }
+}
+
+async fn read_json(api: &Api, body: Body) -> Result<Value, Invalid> {
+    let bytes = axum::body::to_bytes(body, api.max_body_bytes)
+        .await
+        .map_err(|_| Invalid::new("body", format!("larger than {} bytes", api.max_body_bytes)))?;
+    serde_json::from_slice(&bytes).map_err(|e| Invalid::new("body", format!("invalid JSON: {e}")))
+}
+
+/// Runs `f` on the agent off the async runtime (it makes syscalls and
+/// fsyncs).
+async fn with_agent<T: Send + 'static>(
+    api: &Api,
+    f: impl FnOnce(&mut Agent<Dataplane>) -> T + Send + 'static,
+) -> T {
+    let agent = api.agent.clone();
+    tokio::task::spawn_blocking(move || f(&mut agent::lock(&agent)))
+        .await
+        .expect("agent task panicked")
+}
+
+/// A write, timed into `enforceTime`; kernel and store failures counted.
+async fn timed_write<T: Send + 'static>(
+    api: &Api,
+    f: impl FnOnce(&mut Agent<Dataplane>) -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    let started = std::time::Instant::now();
+    let result = with_agent(api, f).await;
+    match &result {
+        Ok(_) => api.metrics.enforce_time.observe(started.elapsed().as_secs_f64()),
+        Err(AgentError::Kernel(_) | AgentError::Store(_)) => {
+            api.metrics.reconcile_errors.inc();
+        }
+        Err(AgentError::Invalid(_)) => {}
+    }
+    result
+}
+
+/// A write to endpoints or routes: the TLS listeners follow it.
+async fn tracked_write<T: Send + 'static>(
+    api: &Api,
+    f: impl FnOnce(&mut Agent<Dataplane>) -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    let tls = api.tls.clone();
+    timed_write(api, move |agent| {
+        let result = f(agent);
+        if let Some(tls) = &tls {
+            tls.sync(agent.state());
+        }
+        result
+    })
+    .await
+}
+
+/// Counts and times every request by method, route and status.
+async fn record_request(State(api): State<Api>, request: Request, next: Next) -> Response {
+    let method = request.method().to_string();
+    let path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let labels = ApiLabels { method, path, status: response.status().as_u16() };
+    api.metrics.api_requests.get_or_create(&labels).inc();
+    api.metrics.api_latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    response
+}

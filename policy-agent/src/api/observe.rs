@@ -1,0 +1,101 @@
+//! Seeing what the dataplane does: status, flow events, explain.
+
+use std::{collections::HashMap, convert::Infallible};
+
+use axum::{
+    body::Body,
+    extract::{Query, State},
+    http::header,
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{Api, Reply, failure, invalid, ok, wire, with_agent};
+use crate::{
+    agent::FlowQuery,
+    state::{Invalid, check_ports, parse_protocol},
+};
+
+/// `GET /v1/status`.
+pub async fn status(State(api): State<Api>) -> Reply {
+    match with_agent(&api, |agent| agent.status()).await {
+        Ok(status) => ok(json!(status)),
+        Err(e) => failure(e.into()),
+    }
+}
+
+fn flag(query: &HashMap<String, String>, key: &str) -> bool {
+    query.get(key).is_some_and(|v| !matches!(v.as_str(), "false" | "0" | "no"))
+}
+
+/// `GET /v1/flows[?follow=true][&denied=true][&app=ID]`: JSON lines; with
+/// `follow`, a stream of new events until the client or the agent goes.
+pub async fn flows(
+    State(api): State<Api>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let (denied, app) = (flag(&query, "denied"), query.get("app").cloned());
+    let ndjson = [(header::CONTENT_TYPE, "application/x-ndjson")];
+    if !flag(&query, "follow") {
+        let body: String = api
+            .hub
+            .recent()
+            .iter()
+            .filter(|l| l.matches(denied, app.as_deref()))
+            .map(|l| format!("{}\n", l.json))
+            .collect();
+        return (ndjson, body).into_response();
+    }
+    let state = (api.hub.subscribe(), api.stopping.clone(), app);
+    let stream = futures_util::stream::unfold(
+        state,
+        move |(mut rx, mut stopping, app)| async move {
+            loop {
+                if *stopping.borrow() {
+                    return None;
+                }
+                tokio::select! {
+                    received = rx.recv() => match received {
+                        Ok(line) if line.matches(denied, app.as_deref()) => {
+                            return Some((Ok::<_, Infallible>(format!("{}\n", line.json)), (rx, stopping, app)));
+                        }
+                        Ok(_) => {}
+                        Err(RecvError::Lagged(n)) => {
+                            return Some((Ok(format!("{{\"lagged\":{n}}}\n")), (rx, stopping, app)));
+                        }
+                        Err(RecvError::Closed) => return None,
+                    },
+                    _ = stopping.changed() => return None,
+                }
+            }
+        },
+    );
+    (ndjson, Body::from_stream(stream)).into_response()
+}
+
+fn parse_flow_query(query: &HashMap<String, String>) -> Result<FlowQuery, Invalid> {
+    let required =
+        |key: &str| query.get(key).map(String::as_str).ok_or_else(|| Invalid::new(key, "missing"));
+    let src = wire::parse_ip("src", required("src")?)?;
+    let dst = wire::parse_ip("dst", required("dst")?)?;
+    let from = query.get("from").map(|v| wire::parse_ip("from", v)).transpose()?;
+    let protocol = parse_protocol("protocol", required("protocol")?)?;
+    let port_text = required("port")?;
+    let port: i64 = port_text
+        .parse()
+        .map_err(|_| Invalid::new("port", format!("{port_text:?} is not a number")))?;
+    let (port, _) = check_ports("port", port, port)?;
+    Ok(FlowQuery { src, dst, protocol, port, from })
+}
+
+/// `GET /v1/explain?src=IP&dst=IP&protocol=tcp&port=N[&from=IP]`.
+pub async fn explain(
+    State(api): State<Api>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Reply {
+    match parse_flow_query(&query) {
+        Ok(q) => ok(with_agent(&api, move |agent| agent.explain(&q)).await),
+        Err(e) => invalid(&e),
+    }
+}

@@ -1,0 +1,87 @@
+//! Policies and tags: Cloud Foundry's policy-server external API.
+
+use std::collections::HashMap;
+
+use axum::{
+    body::Body,
+    extract::{Query, State},
+};
+use serde_json::{Value, json};
+
+use super::{Api, Reply, invalid, ok, read_json, timed_write, wire, with_agent, written};
+use crate::state::tag_text;
+
+/// `POST /networking/v1/external/policies`.
+pub async fn create(State(api): State<Api>, body: Body) -> Reply {
+    let policies = match read_json(&api, body).await.and_then(|v| wire::parse_policies(&v)) {
+        Ok(p) => p,
+        Err(e) => return invalid(&e),
+    };
+    written(timed_write(&api, move |agent| agent.add_policies(&policies)).await)
+}
+
+/// `POST /networking/v1/external/policies/delete`.
+pub async fn delete(State(api): State<Api>, body: Body) -> Reply {
+    let policies = match read_json(&api, body).await.and_then(|v| wire::parse_policies(&v)) {
+        Ok(p) => p,
+        Err(e) => return invalid(&e),
+    };
+    written(timed_write(&api, move |agent| agent.remove_policies(&policies)).await)
+}
+
+/// `GET /networking/v1/external/policies[?id=A,B&source_id=..&dest_id=..]`.
+pub async fn list(State(api): State<Api>, Query(query): Query<HashMap<String, String>>) -> Reply {
+    let filter = |key: &str| -> Option<Vec<String>> {
+        query.get(key).map(|v| v.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
+    };
+    let (ids, sources, dests) = (filter("id"), filter("source_id"), filter("dest_id"));
+    let policies: Vec<Value> = with_agent(&api, move |agent| {
+        agent
+            .state()
+            .policies()
+            .map(|(p, _)| p)
+            .filter(|p| {
+                ids.as_ref()
+                    .is_none_or(|ids| ids.contains(&p.source) || ids.contains(&p.destination))
+            })
+            .filter(|p| sources.as_ref().is_none_or(|s| s.contains(&p.source)))
+            .filter(|p| dests.as_ref().is_none_or(|d| d.contains(&p.destination)))
+            .map(wire::policy_json)
+            .collect()
+    })
+    .await;
+    ok(wire::policy_list(policies))
+}
+
+/// `GET /networking/v1/external/tags`.
+pub async fn tags(State(api): State<Api>) -> Reply {
+    let tags: Vec<Value> = with_agent(&api, |agent| {
+        agent
+            .state()
+            .tags()
+            .iter()
+            .map(|(id, tag)| json!({"id": id, "tag": tag_text(*tag)}))
+            .collect()
+    })
+    .await;
+    ok(json!({"tags": tags}))
+}
+
+/// `GET /v1/policies/stats`: every policy with its packet and byte counts.
+pub async fn stats(State(api): State<Api>) -> Reply {
+    let policies: Vec<Value> = with_agent(&api, |agent| {
+        agent
+            .policy_stats()
+            .into_iter()
+            .map(|s| {
+                let mut v = wire::policy_json(&s.policy);
+                v["id"] = json!(s.id);
+                v["packets"] = json!(s.counters.packets);
+                v["bytes"] = json!(s.counters.bytes);
+                v
+            })
+            .collect()
+    })
+    .await;
+    ok(wire::policy_list(policies))
+}

@@ -1,0 +1,265 @@
+//! The API's JSON shapes, both ways, in one place: Cloud Foundry's
+//! policy-server bodies (taken and given unchanged; `tls_only` is our
+//! documented extension), endpoints and routes. The server parses and
+//! renders with these; the CLI builds its requests with them.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::state::{
+    Endpoint, INTERNAL_DOMAIN, Invalid, Policy, check_app_id, check_ports, parse_protocol,
+};
+
+fn str_field<'a>(value: &'a Value, key: &str, field: &str) -> Result<&'a str, Invalid> {
+    match value.get(key) {
+        None | Some(Value::Null) => Err(Invalid::new(field, "missing")),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(Invalid::new(field, "must be a string")),
+    }
+}
+
+fn port_field(value: &Value, field: &str) -> Result<i64, Invalid> {
+    match value {
+        Value::Number(n) => n.as_i64().ok_or_else(|| Invalid::new(field, "must be an integer")),
+        Value::Null => Err(Invalid::new(field, "missing")),
+        _ => Err(Invalid::new(field, "must be an integer")),
+    }
+}
+
+/// Parses an IPv4 address named by `field`.
+pub fn parse_ip(field: &str, text: &str) -> Result<Ipv4Addr, Invalid> {
+    text.parse().map_err(|_| Invalid::new(field, format!("{text:?} is not an IPv4 address")))
+}
+
+/// Parses `{"policies": [...]}` in Cloud Foundry's shape. The first problem
+/// found is reported with the path of the field.
+pub fn parse_policies(body: &Value) -> Result<Vec<Policy>, Invalid> {
+    let list = match body.get("policies") {
+        Some(Value::Array(list)) if !list.is_empty() => list,
+        Some(Value::Array(_)) => return Err(Invalid::new("policies", "must not be empty")),
+        Some(_) => return Err(Invalid::new("policies", "must be an array")),
+        None => return Err(Invalid::new("policies", "missing")),
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, p)| parse_policy(p, &|f| format!("policies[{i}].{f}")))
+        .collect()
+}
+
+fn parse_policy(p: &Value, at: &dyn Fn(&str) -> String) -> Result<Policy, Invalid> {
+    let source = p
+        .get("source")
+        .filter(|s| s.is_object())
+        .ok_or_else(|| Invalid::new(at("source"), "missing or not an object"))?;
+    let dest = p
+        .get("destination")
+        .filter(|d| d.is_object())
+        .ok_or_else(|| Invalid::new(at("destination"), "missing or not an object"))?;
+    for (side, name) in [(source, "source"), (dest, "destination")] {
+        if side.get("tag").is_some() {
+            return Err(Invalid::new(
+                at(&format!("{name}.tag")),
+                "tags are assigned by the agent, not by clients",
+            ));
+        }
+    }
+    let source_id = str_field(source, "id", &at("source.id"))?;
+    check_app_id(&at("source.id"), source_id)?;
+    let dest_id = str_field(dest, "id", &at("destination.id"))?;
+    check_app_id(&at("destination.id"), dest_id)?;
+    let protocol_field = at("destination.protocol");
+    let protocol = parse_protocol(&protocol_field, str_field(dest, "protocol", &protocol_field)?)?;
+    let (start, end) = match (dest.get("ports"), dest.get("port")) {
+        (Some(ports @ Value::Object(_)), _) => {
+            let start = port_field(
+                ports.get("start").unwrap_or(&Value::Null),
+                &at("destination.ports.start"),
+            )?;
+            let end =
+                port_field(ports.get("end").unwrap_or(&Value::Null), &at("destination.ports.end"))?;
+            check_ports(&at("destination.ports"), start, end)?
+        }
+        (Some(_), _) => {
+            return Err(Invalid::new(
+                at("destination.ports"),
+                "must be an object with start and end",
+            ));
+        }
+        // The older single-port form.
+        (None, Some(port)) => {
+            let port = port_field(port, &at("destination.port"))?;
+            check_ports(&at("destination.port"), port, port)?
+        }
+        (None, None) => return Err(Invalid::new(at("destination.ports"), "missing")),
+    };
+    let tls_only = match p.get("tls_only") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(Invalid::new(at("tls_only"), "must be true or false")),
+    };
+    Ok(Policy {
+        source: source_id.to_owned(),
+        destination: dest_id.to_owned(),
+        protocol,
+        start,
+        end,
+        tls_only,
+    })
+}
+
+/// One policy in Cloud Foundry's shape.
+pub fn policy_json(p: &Policy) -> Value {
+    let mut v = json!({
+        "source": {"id": p.source},
+        "destination": {"id": p.destination, "protocol": p.protocol.name(), "ports": {"start": p.start, "end": p.end}},
+    });
+    if p.tls_only {
+        v["tls_only"] = json!(true);
+    }
+    v
+}
+
+/// `{"policies": [...]}`: the body of a policy write.
+pub fn policies_body(policies: &[Policy]) -> Value {
+    json!({"policies": policies.iter().map(policy_json).collect::<Vec<_>>()})
+}
+
+/// `{"total_policies": N, "policies": [...]}`: a policy listing.
+pub fn policy_list(policies: Vec<Value>) -> Value {
+    json!({"total_policies": policies.len(), "policies": policies})
+}
+
+pub fn endpoint_json(e: &Endpoint) -> Value {
+    json!({"ip": e.ip.to_string(), "app": e.app, "ifname": e.ifname, "netns": e.netns})
+}
+
+/// `{"app","ip","ifname","netns"}`.
+pub fn parse_endpoint(v: &Value) -> Result<Endpoint, Invalid> {
+    let app = str_field(v, "app", "app")?;
+    check_app_id("app", app)?;
+    let ip = parse_ip("ip", str_field(v, "ip", "ip")?)?;
+    let ifname = str_field(v, "ifname", "ifname")?;
+    let netns = match v.get("netns") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(PathBuf::from(s)),
+        Some(_) => return Err(Invalid::new("netns", "must be a path")),
+    };
+    Ok(Endpoint { ip, app: app.to_owned(), ifname: ifname.to_owned(), netns })
+}
+
+/// A route: app, domain, hostname.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub app: String,
+    pub domain: String,
+    pub hostname: String,
+}
+
+/// `{"app","domain","hostname"}` (domain defaults to `apps.internal`).
+pub fn parse_route(v: &Value) -> Result<Route, Invalid> {
+    let app = str_field(v, "app", "app")?;
+    let domain = match v.get("domain") {
+        None | Some(Value::Null) => INTERNAL_DOMAIN,
+        Some(Value::String(d)) => d.as_str(),
+        Some(_) => return Err(Invalid::new("domain", "must be a string")),
+    };
+    let hostname = str_field(v, "hostname", "hostname")?;
+    Ok(Route { app: app.to_owned(), domain: domain.to_owned(), hostname: hostname.to_owned() })
+}
+
+pub fn route_json(route: &Route) -> Value {
+    json!({"app": route.app, "domain": route.domain, "hostname": route.hostname})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Protocol;
+
+    #[test]
+    fn takes_cloud_foundrys_documented_body_unchanged() {
+        let body: Value = serde_json::from_str(include_str!(
+            "../../../fixtures/cf-policy-server/external-policies-post.json"
+        ))
+        .unwrap();
+        let policies = parse_policies(&body).unwrap();
+        assert_eq!(policies.len(), 2);
+        assert_eq!(policies[0].source, "1081ceac-f5c4-47a8-95e8-88e1e302efb5");
+        assert_eq!(
+            (policies[0].protocol, policies[0].start, policies[0].end),
+            (Protocol::Tcp, 1234, 1235)
+        );
+        // And renders policies in the documented GET shape.
+        let listed: Value = serde_json::from_str(include_str!(
+            "../../../fixtures/cf-policy-server/external-policies-get-response.json"
+        ))
+        .unwrap();
+        assert_eq!(listed["policies"][0], policy_json(&policies[0]));
+        // What the CLI sends parses back to the same policies.
+        assert_eq!(parse_policies(&policies_body(&policies)).unwrap(), policies);
+    }
+
+    #[test]
+    fn routes_and_endpoints_round_trip() {
+        let route = parse_route(&json!({"app": "b", "hostname": "api"})).unwrap();
+        assert_eq!(route.domain, INTERNAL_DOMAIN);
+        assert_eq!(parse_route(&route_json(&route)).unwrap(), route);
+        let endpoint = Endpoint {
+            ip: Ipv4Addr::new(10, 255, 0, 2),
+            app: "b".into(),
+            ifname: "hv0".into(),
+            netns: Some("/var/run/netns/x".into()),
+        };
+        assert_eq!(parse_endpoint(&endpoint_json(&endpoint)).unwrap(), endpoint);
+        assert_eq!(
+            parse_endpoint(&json!({"app": "b", "ip": "x", "ifname": "v"})).unwrap_err().field,
+            "ip"
+        );
+    }
+
+    #[test]
+    fn bad_policies_name_the_field() {
+        let cases = [
+            (json!({}), "policies"),
+            (json!({"policies": []}), "policies"),
+            (
+                json!({"policies": [{"destination": {"id": "b", "protocol": "tcp", "ports": {"start": 1, "end": 1}}}]}),
+                "policies[0].source",
+            ),
+            (
+                json!({"policies": [{"source": {"id": ""}, "destination": {"id": "b", "protocol": "tcp", "ports": {"start": 1, "end": 1}}}]}),
+                "policies[0].source.id",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "icmp", "ports": {"start": 1, "end": 1}}}]}),
+                "policies[0].destination.protocol",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "tcp", "ports": {"start": 0, "end": 1}}}]}),
+                "policies[0].destination.ports.start",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "tcp", "ports": {"start": 9, "end": 8}}}]}),
+                "policies[0].destination.ports",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "tcp", "ports": {"start": 1, "end": 65536}}}]}),
+                "policies[0].destination.ports.end",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a", "tag": "0001"}, "destination": {"id": "b", "protocol": "tcp", "ports": {"start": 1, "end": 1}}}]}),
+                "policies[0].source.tag",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "tcp"}}]}),
+                "policies[0].destination.ports",
+            ),
+        ];
+        for (body, field) in cases {
+            assert_eq!(parse_policies(&body).unwrap_err().field, field, "{body}");
+        }
+        let single = json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "udp", "port": 53}}]});
+        assert_eq!(parse_policies(&single).unwrap()[0].start, 53);
+    }
+}

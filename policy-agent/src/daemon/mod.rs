@@ -1,0 +1,132 @@
+//! `policy-agent run`: the process wiring of the daemon. Load the
+//! dataplane, reconcile it to the stored state, start the flow reader and
+//! the TLS listeners, serve the API, DNS and metrics until SIGTERM/SIGINT.
+//! Enforcement stays in place when the daemon stops (pinned maps and links).
+
+mod serve;
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+};
+
+use anyhow::{Context as _, Result};
+use policy_agent::{
+    Dataplane, DataplaneConfig,
+    agent::{self, Agent, SharedAgent},
+    api::Api,
+    config::Config,
+    flows::{self, FlowHub, FlowLog},
+    metrics::Metrics,
+    state::{Protocol, TlsFront, TlsPorts},
+    store::Journal,
+    tls::{self, Authorizer, ClientAuth, PlatformCa, TlsProxies},
+};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub fn run(config: Config) -> Result<()> {
+    let mut dataplane = open_dataplane(&config)?;
+    let ring = dataplane.take_flow_events().context("the flow event ring buffer is missing")?;
+    let store = Journal::open(&config.state_dir)
+        .with_context(|| format!("cannot open the state in {}", config.state_dir.display()))?;
+    let started = std::time::Instant::now();
+    let tls_ports = config.tls.then(|| TlsPorts {
+        default: TlsFront { app_port: config.tls_upstream_port, tls_port: tls::TLS_PORT },
+        per_app: config.tls_app_ports.clone(),
+    });
+    let (agent, warnings) =
+        Agent::start(dataplane, Box::new(store), config.policy_limit(), tls_ports)
+            .context("failed to reconcile the kernel to the stored state")?;
+    let reconcile_time = started.elapsed();
+    for w in warnings {
+        warn!("{w}");
+    }
+    let agent: SharedAgent = Arc::new(Mutex::new(agent));
+    let metrics = Arc::new(Metrics::new(agent.clone()));
+    metrics.reconcile_duration.observe(reconcile_time.as_secs_f64());
+    let hub = Arc::new(FlowHub::default());
+    let reader_stop = Arc::new(AtomicBool::new(false));
+    let reader = spawn_flow_reader(&config, ring, &agent, &hub, &reader_stop)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tls = if config.tls { Some(start_tls(&config, &agent)?) } else { None };
+    let api = Api {
+        agent,
+        max_body_bytes: config.max_body_bytes,
+        hub,
+        metrics: metrics.clone(),
+        stopping: stop_rx,
+        tls,
+    };
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?
+        .block_on(serve::serve(config, api, metrics, stop_tx));
+    reader_stop.store(true, Ordering::Relaxed);
+    let _ = reader.join();
+    result
+}
+
+/// Loads the programs and maps (taking over pinned ones).
+fn open_dataplane(config: &Config) -> Result<Dataplane> {
+    Dataplane::open(&DataplaneConfig {
+        pin_dir: config.pin_dir.clone(),
+        capacities: config.capacities.clone(),
+        events: config.flow_events.clone(),
+        overlay: config.overlay_network,
+    })
+    .with_context(|| {
+        format!(
+            "failed to load the dataplane with pins under {} - are we root?",
+            config.pin_dir.display()
+        )
+    })
+}
+
+/// The thread that turns the programs' flow events into log lines.
+fn spawn_flow_reader(
+    config: &Config,
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    agent: &SharedAgent,
+    hub: &Arc<FlowHub>,
+    stop: &Arc<AtomicBool>,
+) -> Result<JoinHandle<()>> {
+    let (agent, hub, stop) = (agent.clone(), hub.clone(), stop.clone());
+    let log =
+        FlowLog::new(config.flow_log.clone(), config.flow_log_max_bytes, config.flow_log_keep);
+    std::thread::Builder::new()
+        .name("flow-events".into())
+        .spawn(move || flows::run_reader(ring, agent, hub, log, stop))
+        .context("cannot start the flow event reader")
+}
+
+/// The platform CA and the per-instance TLS listeners (started by `serve`).
+fn start_tls(config: &Config, agent: &SharedAgent) -> Result<Arc<TlsProxies>> {
+    let ca = PlatformCa::load_or_create(&config.state_dir)
+        .context("failed to set up the platform CA")?;
+    info!(bundle = %ca.bundle().display(), "platform CA bundle");
+    let instances = config.state_dir.join("instances");
+    let authorize = {
+        let agent = agent.clone();
+        // Asked inside a handshake on the async runtime: waiting for the
+        // agent (a write may hold it for milliseconds) must not hold up the
+        // other tasks on this worker.
+        Authorizer::new(move |source, destination| {
+            tokio::task::block_in_place(|| {
+                agent::lock(&agent).state().allows(
+                    source,
+                    destination,
+                    Protocol::Tcp,
+                    tls::TLS_PORT,
+                )
+            })
+        })
+    };
+    let client_auth = ClientAuth { apps: config.mtls_apps.clone(), authorize };
+    Ok(Arc::new(TlsProxies::new(ca, instances, client_auth)))
+}

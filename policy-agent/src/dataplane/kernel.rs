@@ -1,0 +1,89 @@
+//! The reconciler's view of the real dataplane: [`Kernel`] on the maps
+//! and links of a loaded [`Dataplane`].
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use policy_common::{maps::PairKey, ports::Allowance};
+use tracing::warn;
+
+use super::{Dataplane, nix_ifindex};
+use crate::{Error, reconcile::Kernel};
+
+impl Kernel for Dataplane {
+    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, u32>, Error> {
+        Ok(self.maps().endpoints().into_iter().map(|(ip, e)| (ip, e.tag)).collect())
+    }
+
+    fn set_endpoint(&mut self, ip: Ipv4Addr, tag: u32) -> Result<(), Error> {
+        self.maps_mut().set_endpoint(ip, tag)
+    }
+
+    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error> {
+        let maps = self.maps_mut();
+        let bindings: Vec<u32> = maps
+            .veths()
+            .into_iter()
+            .filter(|(_, addr, _)| *addr == ip)
+            .map(|(ifindex, _, _)| ifindex)
+            .collect();
+        for ifindex in bindings {
+            maps.remove_veth(ifindex)?;
+        }
+        maps.remove_endpoint(ip)?;
+        maps.forget_address(ip)?;
+        Ok(())
+    }
+
+    fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, Error> {
+        Ok(self.maps().pairs().into_iter().collect())
+    }
+
+    fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), Error> {
+        self.maps_mut().set_pair(key, allowances)
+    }
+
+    fn attached(&self) -> Result<BTreeSet<String>, Error> {
+        Ok(self
+            .attachments()?
+            .into_iter()
+            .filter_map(|pin| {
+                let rest = pin.strip_prefix("tc-")?;
+                let (ifname, _hook) = rest.rsplit_once('-')?;
+                Some(ifname.to_owned())
+            })
+            .collect())
+    }
+
+    fn attach(&mut self, ifname: &str, ip: Ipv4Addr, tag: u32) -> Result<(), Error> {
+        let ifindex =
+            nix_ifindex(ifname).ok_or_else(|| Error::NoInterface { ifname: ifname.to_owned() })?;
+        self.maps_mut().set_veth(ifindex, ip, tag)?;
+        self.attach_veth(ifname)
+    }
+
+    fn forget_policies(&mut self, ids: &[u32]) {
+        for id in ids {
+            if let Err(e) = self.maps_mut().remove_policy_counters(*id) {
+                warn!(policy_id = id, error = %e, "cannot forget a removed policy's counters");
+            }
+        }
+    }
+
+    fn detach(&mut self, ifname: &str, ip: Ipv4Addr) -> Result<(), Error> {
+        self.detach_veth(ifname)?;
+        let stale: Vec<u32> = self
+            .maps()
+            .veths()
+            .into_iter()
+            .filter(|(ifindex, addr, _)| *addr == ip || Some(*ifindex) == nix_ifindex(ifname))
+            .map(|(ifindex, _, _)| ifindex)
+            .collect();
+        for ifindex in stale {
+            self.maps_mut().remove_veth(ifindex)?;
+        }
+        Ok(())
+    }
+}

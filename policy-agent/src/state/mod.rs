@@ -1,0 +1,329 @@
+//! Desired state: apps and their tags, policies, endpoints, routes. Pure
+//! data and rules; no kernel, no I/O. The agent changes it only through
+//! the methods here, which validate first (see `validate`) and change
+//! nothing on error.
+//!
+//! - `model`: the parts (policies, endpoints, protocols, TLS ports);
+//! - `validate`: every check on input, made before any change;
+//! - `undo`: changes made in place with a record that takes them back;
+//! - `stored`: the on-disk shape.
+
+mod model;
+mod stored;
+mod undo;
+mod validate;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+pub use model::{Endpoint, INTERNAL_DOMAIN, Policy, Protocol, TlsFront, TlsPorts, tag_text};
+use policy_common::{maps::PairKey, ports::Allowance};
+use serde::{Deserialize, Serialize};
+use stored::Stored;
+pub use stored::StoredRef;
+pub use undo::Undo;
+pub use validate::{
+    Invalid, MAX_ID_LEN, check_app_id, check_domain, check_endpoint, check_hostname, check_ifname,
+    check_ports, parse_port_range, parse_protocol,
+};
+
+/// The whole desired state, as stored on disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Stored", into = "Stored")]
+pub struct State {
+    next_tag: u32,
+    next_policy_id: u32,
+    tags: BTreeMap<String, u32>,
+    /// Ordered by (source, destination, protocol, ports): the policies of one
+    /// app pair and protocol are contiguous.
+    policies: BTreeMap<Policy, u32>,
+    endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    /// Internal routes: hostname (under [`INTERNAL_DOMAIN`]) → app.
+    routes: BTreeMap<String, String>,
+    /// Platform TLS: which TLS port fronts which app port (configuration,
+    /// not stored).
+    tls_ports: Option<TlsPorts>,
+    /// How many policy ends and endpoints name each app (derived, not
+    /// stored): an app whose count drops to zero loses its tag.
+    refs: BTreeMap<String, usize>,
+}
+
+/// What takes a change made in place back exactly — ids and tags included
+/// (see the `_undoable` methods of [`State`]): changes cost what they
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            next_tag: 1,
+            next_policy_id: 1,
+            tags: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            tls_ports: None,
+            refs: BTreeMap::new(),
+        }
+    }
+}
+
+/// A TLS port fronting an app port on every instance (Cloud Foundry's
+
+impl State {
+    pub fn tags(&self) -> &BTreeMap<String, u32> {
+        &self.tags
+    }
+
+    pub fn tag(&self, app: &str) -> Option<u32> {
+        self.tags.get(app).copied()
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = (&Policy, u32)> {
+        self.policies.iter().map(|(p, id)| (p, *id))
+    }
+
+    pub fn policy_id(&self, policy: &Policy) -> Option<u32> {
+        self.policies.get(policy).copied()
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.values()
+    }
+
+    pub fn endpoint(&self, ip: Ipv4Addr) -> Option<&Endpoint> {
+        self.endpoints.get(&ip)
+    }
+
+    /// Gives every app in `apps` that has none a tag, in id order (as Cloud
+    /// Foundry's policy server does within one request).
+    fn allocate_tags<'a>(&mut self, apps: impl IntoIterator<Item = &'a str>) {
+        let new: BTreeSet<&str> =
+            apps.into_iter().filter(|a| !self.tags.contains_key(*a)).collect();
+        for app in new {
+            self.tags.insert(app.to_owned(), self.next_tag);
+            self.next_tag += 1;
+        }
+    }
+
+    fn reference(&mut self, app: &str) {
+        *self.refs.entry(app.to_owned()).or_default() += 1;
+    }
+
+    /// Drops one reference to `app`; with none left it loses its tag. Tags
+    /// are never handed out again (`next_tag` only grows), so a forgotten tag
+    /// cannot be confused with a new app's.
+    fn unreference(&mut self, app: &str) {
+        if let Some(n) = self.refs.get_mut(app) {
+            *n -= 1;
+            if *n == 0 {
+                self.refs.remove(app);
+                self.tags.remove(app);
+            }
+        }
+    }
+
+    /// Adds policies (existing ones are not an error). `limit` caps the
+    /// policies of one source app. All or nothing.
+    pub fn add_policies(
+        &mut self,
+        policies: &[Policy],
+        limit: Option<usize>,
+    ) -> Result<(), Invalid> {
+        self.check_add(policies, limit)?;
+        self.insert_policies(policies);
+        Ok(())
+    }
+
+    /// [`Self::add_policies`], returning what [`Self::undo`] needs to take
+
+    /// replaying changes that were checked when they were accepted.
+    pub fn insert_policies(&mut self, policies: &[Policy]) {
+        self.allocate_tags(
+            policies.iter().flat_map(|p| [p.source.as_str(), p.destination.as_str()]),
+        );
+        for p in policies {
+            if !self.policies.contains_key(p) {
+                self.policies.insert(p.clone(), self.next_policy_id);
+                self.next_policy_id += 1;
+                self.reference(&p.source);
+                self.reference(&p.destination);
+            }
+        }
+    }
+
+    /// Removes policies (missing ones are not an error).
+    pub fn remove_policies(&mut self, policies: &[Policy]) {
+        for p in policies {
+            if self.policies.remove(p).is_some() {
+                self.unreference(&p.source);
+                self.unreference(&p.destination);
+            }
+        }
+    }
+
+    /// Adds or replaces the endpoint at `endpoint.ip`. Returns the endpoint
+    /// it replaced.
+    pub fn add_endpoint(&mut self, endpoint: Endpoint) -> Option<Endpoint> {
+        self.allocate_tags([endpoint.app.as_str()]);
+        self.reference(&endpoint.app);
+        let old = self.endpoints.insert(endpoint.ip, endpoint);
+        if let Some(old) = &old {
+            self.unreference(&old.app);
+        }
+        old
+    }
+
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Option<Endpoint> {
+        let old = self.endpoints.remove(&ip);
+        if let Some(old) = &old {
+            self.unreference(&old.app);
+        }
+        old
+    }
+
+    /// Declares that TLS port `tls` fronts app port `app_port` on every
+    /// instance (the agent's platform TLS); None: no TLS. Not stored: the
+    /// agent sets it from its configuration.
+    pub fn set_tls_ports(&mut self, ports: Option<TlsPorts>) {
+        self.tls_ports = ports;
+    }
+
+    /// The TLS front of `app`'s instances (None: platform TLS is off).
+    pub fn tls_front(&self, app: &str) -> Option<TlsFront> {
+        self.tls_ports.as_ref().map(|t| TlsFront {
+            app_port: t.per_app.get(app).copied().unwrap_or(t.default.app_port),
+            tls_port: t.default.tls_port,
+        })
+    }
+
+    /// The port ranges one policy allows: its own ports (unless TLS-only),
+    /// and the TLS port fronting the app port if the policy covers it.
+    pub(crate) fn allowances_of(&self, p: &Policy, policy_id: u32) -> Vec<Allowance> {
+        let mut out = Vec::with_capacity(2);
+        if !p.tls_only {
+            out.push(Allowance { start: p.start, end: p.end, policy_id });
+        }
+        if let Some(front) = self
+            .tls_front(&p.destination)
+            .filter(|f| p.protocol == Protocol::Tcp && p.start <= f.app_port && f.app_port <= p.end)
+        {
+            out.push(Allowance { start: front.tls_port, end: front.tls_port, policy_id });
+        }
+        out
+    }
+
+    /// What `POLICIES` must hold: the allowances of every app pair.
+    pub fn pairs(&self) -> BTreeMap<PairKey, Vec<Allowance>> {
+        let mut pairs: BTreeMap<PairKey, Vec<Allowance>> = BTreeMap::new();
+        for (p, &id) in &self.policies {
+            let (Some(src), Some(dst)) = (self.tag(&p.source), self.tag(&p.destination)) else {
+                continue; // unreachable: policies always have tags
+            };
+            pairs
+                .entry(PairKey::new(src, dst, p.protocol.number()))
+                .or_default()
+                .extend(self.allowances_of(p, id));
+        }
+        pairs
+    }
+
+    /// The allowances of one app pair and protocol (a range query: the
+    /// policies are ordered by source, destination, protocol).
+    pub fn pair_allowances(
+        &self,
+        source: &str,
+        destination: &str,
+        protocol: Protocol,
+    ) -> Vec<Allowance> {
+        let bound = |port, tls_only| Policy {
+            source: source.to_owned(),
+            destination: destination.to_owned(),
+            protocol,
+            start: port,
+            end: port,
+            tls_only,
+        };
+        self.policies
+            .range(bound(0, false)..=bound(u16::MAX, true))
+            .flat_map(|(p, &id)| self.allowances_of(p, id))
+            .collect()
+    }
+
+    /// Whether a policy lets `source` reach `port` of `destination`'s
+    /// instances (the policy's own ports or the TLS port fronting them).
+    pub fn allows(&self, source: &str, destination: &str, protocol: Protocol, port: u16) -> bool {
+        self.pair_allowances(source, destination, protocol)
+            .iter()
+            .any(|a| a.start <= port && port <= a.end)
+    }
+
+    /// Maps `hostname.apps.internal` to `app`. A hostname belongs to one
+    /// app at a time; mapping it again to the same app is not an error.
+    pub fn map_route(&mut self, app: &str, hostname: &str) -> Result<(), Invalid> {
+        match self.routes.get(hostname) {
+            Some(owner) if owner != app => Err(Invalid::new(
+                "hostname",
+                format!("{hostname}.{INTERNAL_DOMAIN} is mapped to app {owner}; unmap it first"),
+            )),
+            _ => {
+                self.routes.insert(hostname.to_owned(), app.to_owned());
+                Ok(())
+            }
+        }
+    }
+
+    /// Unmaps a route; a route that is not mapped is not an error, one
+    /// mapped to another app is.
+    pub fn unmap_route(&mut self, app: &str, hostname: &str) -> Result<(), Invalid> {
+        match self.routes.get(hostname) {
+            Some(owner) if owner != app => Err(Invalid::new(
+                "hostname",
+                format!("{hostname}.{INTERNAL_DOMAIN} is mapped to app {owner}, not {app}"),
+            )),
+            Some(_) => {
+                self.routes.remove(hostname);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// hostname → app.
+    pub fn routes(&self) -> &BTreeMap<String, String> {
+        &self.routes
+    }
+
+    /// The addresses of the instances of the app `hostname` names, or None
+    /// if no app has that route.
+    pub fn resolve(&self, hostname: &str) -> Option<Vec<Ipv4Addr>> {
+        let app = self.routes.get(hostname)?;
+        Some(self.endpoints.values().filter(|e| &e.app == app).map(|e| e.ip).collect())
+    }
+
+    /// What `ENDPOINTS` must hold: address → app tag.
+    pub fn endpoint_tags(&self) -> BTreeMap<Ipv4Addr, u32> {
+        self.endpoints.values().filter_map(|e| Some((e.ip, self.tag(&e.app)?))).collect()
+    }
+
+    /// Policies per source app (for the per-source limit and status).
+    pub fn policies_of(&self, source: &str) -> usize {
+        // Policies are ordered by source first: a range, not a scan.
+        let first = Policy {
+            source: source.to_owned(),
+            destination: String::new(),
+            protocol: Protocol::Tcp,
+            start: 0,
+            end: 0,
+            tls_only: false,
+        };
+        self.policies.range(first..).take_while(|(p, _)| p.source == source).count()
+    }
+}
+
+#[cfg(test)]
+mod tests;

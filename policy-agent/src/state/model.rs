@@ -1,0 +1,111 @@
+//! What the desired state is made of: policies, endpoints, and the platform
+//! TLS ports the agent knows about.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use policy_common::maps::proto;
+use serde::{Deserialize, Serialize};
+
+/// The one domain internal routes live under.
+pub const INTERNAL_DOMAIN: &str = "apps.internal";
+
+/// A policy's transport protocol (the CLI's `--protocol`, the API's
+/// `destination.protocol`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number, as the maps key it.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => proto::TCP,
+            Protocol::Udp => proto::UDP,
+        }
+    }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            proto::TCP => Some(Protocol::Tcp),
+            proto::UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// One policy: `source` app may reach `destination` app on `protocol`,
+/// destination ports `start..=end`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Policy {
+    pub source: String,
+    pub destination: String,
+    pub protocol: Protocol,
+    pub start: u16,
+    pub end: u16,
+    /// Allow only the TLS port fronting the app port, not the port itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_only: bool,
+}
+
+/// A container instance, as a CNI plugin reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub app: String,
+    /// Host-side veth.
+    pub ifname: String,
+    /// The container's network namespace (a path such as /var/run/netns/X).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+}
+
+/// A TLS port fronting an app port on every instance (Cloud Foundry's
+/// `internal_tls_proxy` for `internal`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsFront {
+    pub app_port: u16,
+    pub tls_port: u16,
+}
+
+/// Platform TLS ports: the default front and per-app app ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPorts {
+    pub default: TlsFront,
+    /// App id → the app port its TLS listener forwards to, if not the default.
+    pub per_app: BTreeMap<String, u16>,
+}
+
+/// Tags as the API shows them: zero-padded upper-case hex ("0001").
+pub fn tag_text(tag: u32) -> String {
+    format!("{tag:04X}")
+}

@@ -1,0 +1,121 @@
+//! The state's on-disk shape (JSON): lists instead of maps keyed by
+//! structs, and a borrowed view that serializes the same without a copy.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Endpoint, Policy, State};
+
+/// [`State`] (through `Stored`) without copying it, for snapshots of
+/// large states.
+#[derive(Serialize)]
+pub struct StoredRef<'a> {
+    version: u32,
+    next_tag: u32,
+    next_policy_id: u32,
+    tags: &'a BTreeMap<String, u32>,
+    #[serde(serialize_with = "policies_as_list")]
+    policies: &'a BTreeMap<Policy, u32>,
+    #[serde(serialize_with = "endpoints_as_list")]
+    endpoints: &'a BTreeMap<Ipv4Addr, Endpoint>,
+    routes: &'a BTreeMap<String, String>,
+}
+
+fn policies_as_list<S: serde::Serializer>(
+    policies: &&BTreeMap<Policy, u32>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Item<'a> {
+        id: u32,
+        #[serde(flatten)]
+        policy: &'a Policy,
+    }
+    s.collect_seq(policies.iter().map(|(policy, &id)| Item { id, policy }))
+}
+
+fn endpoints_as_list<S: serde::Serializer>(
+    endpoints: &&BTreeMap<Ipv4Addr, Endpoint>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(endpoints.values())
+}
+
+impl State {
+    /// The state in its stored shape, borrowed.
+    pub fn stored(&self) -> StoredRef<'_> {
+        StoredRef {
+            version: 1,
+            next_tag: self.next_tag,
+            next_policy_id: self.next_policy_id,
+            tags: &self.tags,
+            policies: &self.policies,
+            endpoints: &self.endpoints,
+            routes: &self.routes,
+        }
+    }
+}
+
+/// On-disk shape (JSON): lists instead of maps keyed by structs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct Stored {
+    version: u32,
+    next_tag: u32,
+    next_policy_id: u32,
+    tags: BTreeMap<String, u32>,
+    policies: Vec<StoredPolicy>,
+    endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    routes: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct StoredPolicy {
+    id: u32,
+    #[serde(flatten)]
+    policy: Policy,
+}
+
+impl From<Stored> for State {
+    fn from(s: Stored) -> Self {
+        let mut state = Self {
+            next_tag: s.next_tag,
+            next_policy_id: s.next_policy_id,
+            tags: s.tags,
+            policies: s.policies.into_iter().map(|p| (p.policy, p.id)).collect(),
+            endpoints: s.endpoints.into_iter().map(|e| (e.ip, e)).collect(),
+            routes: s.routes,
+            tls_ports: None,
+            refs: BTreeMap::new(),
+        };
+        let named: Vec<String> = state
+            .policies
+            .keys()
+            .flat_map(|p| [p.source.clone(), p.destination.clone()])
+            .chain(state.endpoints.values().map(|e| e.app.clone()))
+            .collect();
+        for app in named {
+            *state.refs.entry(app).or_default() += 1;
+        }
+        state
+    }
+}
+
+impl From<State> for Stored {
+    fn from(s: State) -> Self {
+        Self {
+            version: 1,
+            next_tag: s.next_tag,
+            next_policy_id: s.next_policy_id,
+            tags: s.tags,
+            policies: s
+                .policies
+                .into_iter()
+                .map(|(policy, id)| StoredPolicy { id, policy })
+                .collect(),
+            endpoints: s.endpoints.into_values().collect(),
+            routes: s.routes,
+        }
+    }
+}

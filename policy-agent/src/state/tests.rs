@@ -1,0 +1,214 @@
+use policy_common::maps::proto;
+
+use super::*;
+
+fn policy(src: &str, dst: &str, protocol: Protocol, start: u16, end: u16) -> Policy {
+    Policy { source: src.into(), destination: dst.into(), protocol, start, end, tls_only: false }
+}
+
+#[test]
+fn undo_takes_a_change_back_exactly() {
+    let mut s = State::default();
+    s.add_endpoint(Endpoint {
+        ip: Ipv4Addr::new(10, 255, 0, 1),
+        app: "web".into(),
+        ifname: "hv0".into(),
+        netns: None,
+    });
+    let kept = policy("web", "api", Protocol::Tcp, 8080, 8080);
+    s.add_policies(&[kept.clone(), policy("api", "db", Protocol::Udp, 53, 53)], None).unwrap();
+    let before = s.clone();
+    // Adding: new apps get tags, duplicates in the request count once.
+    let new = policy("new", "api", Protocol::Tcp, 1, 2);
+    let undo = s.add_policies_undoable(&[new.clone(), kept.clone(), new], None).unwrap();
+    assert!(undo.changes_anything());
+    assert_ne!(s, before);
+    s.undo(undo);
+    assert_eq!(s, before);
+    // Removing: db loses its tag, then gets the same one back.
+    let undo = s.remove_policies_undoable(&[policy("api", "db", Protocol::Udp, 53, 53)]);
+    assert_eq!(s.tag("db"), None);
+    s.undo(undo);
+    assert_eq!(s, before);
+    // An endpoint re-registered for a new app, and unregistered: the old
+    // app's tag comes back with it.
+    let ip = Ipv4Addr::new(10, 255, 0, 1);
+    let moved = Endpoint { ip, app: "fresh".into(), ifname: "hv0".into(), netns: None };
+    let undo = s.add_endpoint_undoable(moved);
+    assert!(s.tag("fresh").is_some());
+    s.undo(undo);
+    assert_eq!(s, before);
+    let undo = s.remove_endpoint_undoable(ip);
+    assert!(undo.changes_anything());
+    s.undo(undo);
+    assert_eq!(s, before);
+    // Routes: mapped, and unmapped.
+    let undo = s.map_route_undoable("api", "api").unwrap();
+    assert!(undo.changes_anything());
+    s.undo(undo);
+    assert_eq!(s, before);
+    s.map_route("api", "api").unwrap();
+    let mapped = s.clone();
+    assert!(!s.map_route_undoable("api", "api").unwrap().changes_anything());
+    let undo = s.unmap_route_undoable("api", "api").unwrap();
+    s.undo(undo);
+    assert_eq!(s, mapped);
+    s.unmap_route("api", "api").unwrap();
+    assert!(!s.remove_endpoint_undoable(Ipv4Addr::new(10, 0, 0, 9)).changes_anything());
+    // Nothing to do: nothing recorded.
+    assert!(!s.add_policies_undoable(&[kept], None).unwrap().changes_anything());
+    assert!(
+        !s.remove_policies_undoable(&[policy("x", "y", Protocol::Tcp, 1, 1)]).changes_anything()
+    );
+    assert_eq!(s, before);
+}
+
+#[test]
+fn tags_are_allocated_in_id_order_like_cloud_foundry() {
+    // shared/fixtures/cf-policy-server: the POST body's apps get tags
+    // 0001.. in id order.
+    let mut s = State::default();
+    s.add_policies(
+        &[
+            policy("1081ceac", "38f08df0", Protocol::Tcp, 1234, 1235),
+            policy("308e7ef1", "308e7ef1", Protocol::Tcp, 1234, 1235),
+        ],
+        None,
+    )
+    .unwrap();
+    let tags: Vec<(&str, String)> =
+        s.tags().iter().map(|(a, t)| (a.as_str(), tag_text(*t))).collect();
+    assert_eq!(
+        tags,
+        [("1081ceac", "0001".into()), ("308e7ef1", "0002".into()), ("38f08df0", "0003".into())]
+    );
+}
+
+#[test]
+fn adding_twice_and_removing_missing_are_no_ops() {
+    let mut s = State::default();
+    let p = policy("a", "b", Protocol::Udp, 53, 53);
+    s.add_policies(std::slice::from_ref(&p), None).unwrap();
+    let before = s.clone();
+    s.add_policies(std::slice::from_ref(&p), None).unwrap();
+    assert_eq!(s, before);
+    s.remove_policies(&[policy("a", "b", Protocol::Tcp, 53, 53)]);
+    assert_eq!(s, before);
+    s.remove_policies(&[p]);
+    assert!(s.tags().is_empty(), "unused apps are forgotten");
+    // Tags are not reused.
+    s.add_policies(&[policy("c", "d", Protocol::Udp, 1, 1)], None).unwrap();
+    assert_eq!(s.tag("c"), Some(3));
+}
+
+#[test]
+fn the_per_source_limit_applies_to_the_whole_batch() {
+    let mut s = State::default();
+    s.add_policies(&[policy("a", "b", Protocol::Tcp, 1, 1)], Some(2)).unwrap();
+    let batch = [policy("a", "b", Protocol::Tcp, 2, 2), policy("a", "c", Protocol::Tcp, 3, 3)];
+    let before = s.clone();
+    let err = s.add_policies(&batch, Some(2)).unwrap_err();
+    assert!(err.reason.contains("limit per source app is 2"), "{err}");
+    assert_eq!(s, before, "nothing applied");
+    // Re-adding an existing policy does not count twice.
+    s.add_policies(
+        &[policy("a", "b", Protocol::Tcp, 1, 1), policy("a", "b", Protocol::Tcp, 2, 2)],
+        Some(2),
+    )
+    .unwrap();
+}
+
+#[test]
+fn pairs_group_policies_by_app_pair_and_protocol() {
+    let mut s = State::default();
+    s.add_policies(
+        &[
+            policy("a", "b", Protocol::Tcp, 80, 80),
+            policy("a", "b", Protocol::Tcp, 8080, 8090),
+            policy("a", "b", Protocol::Udp, 53, 53),
+        ],
+        None,
+    )
+    .unwrap();
+    let pairs = s.pairs();
+    assert_eq!(pairs.len(), 2);
+    let tcp = &pairs[&PairKey::new(1, 2, proto::TCP)];
+    assert_eq!(tcp.len(), 2);
+}
+
+#[test]
+fn endpoints_keep_their_app_tagged() {
+    let mut s = State::default();
+    let ep = Endpoint {
+        ip: Ipv4Addr::new(10, 255, 0, 1),
+        app: "web".into(),
+        ifname: "hv0".into(),
+        netns: None,
+    };
+    assert!(s.add_endpoint(ep.clone()).is_none());
+    assert_eq!(s.endpoint_tags()[&ep.ip], 1);
+    s.remove_endpoint(ep.ip);
+    assert!(s.tags().is_empty());
+}
+
+#[test]
+fn validation_names_the_field() {
+    assert_eq!(check_ports("ports", 0, 5).unwrap_err().field, "ports.start");
+    assert_eq!(check_ports("ports", 5, 70000).unwrap_err().field, "ports.end");
+    assert!(check_ports("ports", 9, 8).unwrap_err().reason.contains("greater"));
+    assert_eq!(check_ports("ports", 1, 65535).unwrap(), (1, 65535));
+    assert!(check_app_id("source.id", "").is_err());
+    assert!(check_app_id("source.id", &"x".repeat(256)).is_err());
+    assert!(check_app_id("source.id", "a,b").is_err());
+    assert!(check_app_id("source.id", "1081ceac-f5c4-47a8-95e8-88e1e302efb5").is_ok());
+}
+
+#[test]
+fn state_round_trips_through_json() {
+    let mut s = State::default();
+    s.add_policies(&[policy("a", "b", Protocol::Tcp, 80, 90)], None).unwrap();
+    s.add_endpoint(Endpoint {
+        ip: Ipv4Addr::new(10, 0, 0, 1),
+        app: "b".into(),
+        ifname: "v".into(),
+        netns: Some("/run/netns/x".into()),
+    });
+    let json = serde_json::to_string(&s).unwrap();
+    let back: State = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, s);
+}
+
+#[test]
+fn more_ranges_than_a_pair_holds_are_refused_before_any_change() {
+    let mut s = State::default();
+    let fifteen: Vec<Policy> =
+        (0..15).map(|i| policy("a", "b", Protocol::Tcp, 1000 + i, 1000 + i)).collect();
+    s.add_policies(&fifteen, None).unwrap();
+    let before = s.clone();
+    // The same range again shares an entry; another protocol is another pair.
+    s.add_policies(&[policy("a", "b", Protocol::Udp, 1000, 1000)], None).unwrap();
+    let two_more =
+        [policy("a", "b", Protocol::Tcp, 2000, 2000), policy("a", "b", Protocol::Tcp, 2001, 2001)];
+    let mut refused = s.clone();
+    let err = refused.add_policies(&two_more, None).unwrap_err();
+    assert_eq!(err.field, "policies");
+    assert!(err.reason.contains("more than 16 distinct port ranges"), "{err}");
+    assert!(err.reason.contains("a to b, tcp"), "{err}");
+    assert_eq!(refused, s, "nothing applied");
+    s.add_policies(&two_more[..1], None).unwrap();
+    assert_ne!(s, before);
+}
+
+#[test]
+fn the_cli_port_form_is_parsed_once() {
+    assert_eq!(parse_port_range("port", "8080").unwrap(), (8080, 8080));
+    assert_eq!(parse_port_range("port", "8080-8090").unwrap(), (8080, 8090));
+    assert_eq!(parse_port_range("port", "1-65535").unwrap(), (1, 65535));
+    for bad in ["0", "65536", "90-80", "x", "1-", "-5", ""] {
+        assert!(parse_port_range("port", bad).is_err(), "{bad:?} must be rejected");
+    }
+    assert!(check_ifname("ifname", "veth0").is_ok());
+    for bad in ["", "a/b", "sixteen-chars-xx", "a b"] {
+        assert!(check_ifname("ifname", bad).is_err(), "{bad:?}");
+    }
+}

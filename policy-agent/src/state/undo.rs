@@ -1,0 +1,163 @@
+//! Changes made in place with an undo record: a change costs what it
+//! touches, not a copy of the state, and a failed write (kernel or store)
+//! takes it back exactly, ids and tags included.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use super::{Endpoint, Invalid, Policy, State};
+use std::collections::BTreeMap;
+
+/// touch, not a copy of the whole state.
+#[derive(Debug)]
+#[must_use]
+pub struct Undo {
+    added: Vec<Policy>,
+    removed: Vec<(Policy, u32)>,
+    /// An endpoint address and what it held before.
+    endpoint: Option<(Ipv4Addr, Option<Endpoint>)>,
+    /// A route hostname and the app it was mapped to before.
+    route: Option<(String, Option<String>)>,
+    /// Tags of the apps the change touched (it may take them away).
+    tags: BTreeMap<String, u32>,
+    next_tag: u32,
+    next_policy_id: u32,
+}
+
+impl Undo {
+    /// Whether the change changed anything.
+    pub fn changes_anything(&self) -> bool {
+        !self.added.is_empty()
+            || !self.removed.is_empty()
+            || self.endpoint.is_some()
+            || self.route.is_some()
+    }
+}
+
+/// The on-disk shape, borrowed from a state: serializes exactly like
+
+impl State {
+    /// the change back exactly (ids and tags included).
+    pub fn add_policies_undoable(
+        &mut self,
+        policies: &[Policy],
+        limit: Option<usize>,
+    ) -> Result<Undo, Invalid> {
+        self.check_add(policies, limit)?;
+        let mut undo = self.undo_record([]);
+        let mut seen = BTreeSet::new();
+        for p in policies {
+            if !self.policies.contains_key(p) && seen.insert(p) {
+                undo.added.push(p.clone());
+            }
+        }
+        self.insert_policies(policies);
+        Ok(undo)
+    }
+
+    /// [`Self::remove_policies`], returning what [`Self::undo`] needs.
+    pub fn remove_policies_undoable(&mut self, policies: &[Policy]) -> Undo {
+        let mut removed: Vec<(Policy, u32)> = Vec::new();
+        let mut seen = BTreeSet::new();
+        for p in policies {
+            if let Some(&id) = self.policies.get(p)
+                && seen.insert(p)
+            {
+                removed.push((p.clone(), id));
+            }
+        }
+        let apps = removed.iter().flat_map(|(p, _)| [p.source.as_str(), p.destination.as_str()]);
+        let mut undo = self.undo_record(apps);
+        undo.removed = removed;
+        self.remove_policies(policies);
+        undo
+    }
+
+    /// [`Self::add_endpoint`], returning what [`Self::undo`] needs.
+    pub fn add_endpoint_undoable(&mut self, endpoint: Endpoint) -> Undo {
+        let before = self.endpoints.get(&endpoint.ip).cloned();
+        let mut undo = self.undo_record(before.iter().map(|e| e.app.as_str()));
+        undo.endpoint = Some((endpoint.ip, before));
+        self.add_endpoint(endpoint);
+        undo
+    }
+
+    /// [`Self::remove_endpoint`], returning what [`Self::undo`] needs.
+    pub fn remove_endpoint_undoable(&mut self, ip: Ipv4Addr) -> Undo {
+        let before = self.endpoints.get(&ip).cloned();
+        let mut undo = self.undo_record(before.iter().map(|e| e.app.as_str()));
+        if self.remove_endpoint(ip).is_some() {
+            undo.endpoint = Some((ip, before));
+        }
+        undo
+    }
+
+    /// [`Self::map_route`], returning what [`Self::undo`] needs.
+    pub fn map_route_undoable(&mut self, app: &str, hostname: &str) -> Result<Undo, Invalid> {
+        let mut undo = self.undo_record([]);
+        let before = self.routes.get(hostname).cloned();
+        self.map_route(app, hostname)?;
+        if before.as_deref() != Some(app) {
+            undo.route = Some((hostname.to_owned(), before));
+        }
+        Ok(undo)
+    }
+
+    /// [`Self::unmap_route`], returning what [`Self::undo`] needs.
+    pub fn unmap_route_undoable(&mut self, app: &str, hostname: &str) -> Result<Undo, Invalid> {
+        let mut undo = self.undo_record([]);
+        let before = self.routes.get(hostname).cloned();
+        self.unmap_route(app, hostname)?;
+        if before.is_some() {
+            undo.route = Some((hostname.to_owned(), before));
+        }
+        Ok(undo)
+    }
+
+    /// An empty undo record holding the counters and the tags of `apps`.
+    fn undo_record<'a>(&self, apps: impl IntoIterator<Item = &'a str>) -> Undo {
+        Undo {
+            added: Vec::new(),
+            removed: Vec::new(),
+            endpoint: None,
+            route: None,
+            tags: apps
+                .into_iter()
+                .filter_map(|app| Some((app.to_owned(), *self.tags.get(app)?)))
+                .collect(),
+            next_tag: self.next_tag,
+            next_policy_id: self.next_policy_id,
+        }
+    }
+
+    /// Takes back a change made by one of the `_undoable` methods (the last
+    /// change made): what it added goes (taking new apps' tags with it),
+    /// what it took away comes back with its old tags and ids.
+    pub fn undo(&mut self, undo: Undo) {
+        self.remove_policies(&undo.added);
+        if let Some((ip, before)) = undo.endpoint {
+            self.remove_endpoint(ip);
+            if let Some(e) = before {
+                self.reference(&e.app);
+                self.endpoints.insert(ip, e);
+            }
+        }
+        for (p, id) in undo.removed {
+            self.reference(&p.source);
+            self.reference(&p.destination);
+            self.policies.insert(p, id);
+        }
+        for (app, tag) in undo.tags {
+            if self.refs.contains_key(&app) {
+                self.tags.entry(app).or_insert(tag);
+            }
+        }
+        if let Some((hostname, before)) = undo.route {
+            match before {
+                Some(app) => self.routes.insert(hostname, app),
+                None => self.routes.remove(&hostname),
+            };
+        }
+        self.next_tag = undo.next_tag;
+        self.next_policy_id = undo.next_policy_id;
+    }
+}

@@ -1,0 +1,217 @@
+//! Every check on input, in one place: ids, ports, hostnames, interface
+//! names, and the checks a change must pass against the current state
+//! (TLS-only policies, the per-source limit, the per-pair range limit) —
+//! all made before anything changes, so a refused request changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use policy_common::ports::{Allowance, PortsError};
+
+use super::{
+    State,
+    model::{Endpoint, INTERNAL_DOMAIN, Policy, Protocol},
+};
+use policy_common::maps::PortRules;
+
+/// Longest app id accepted (CF's are UUIDs, 36 characters).
+pub const MAX_ID_LEN: usize = 255;
+
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+pub const MAX_IFNAME_LEN: usize = 15;
+
+/// Why a change was refused. `field` names the offending input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Invalid {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { field: field.into(), reason: reason.into() }
+    }
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+/// Checks an app id: non-empty, at most [`MAX_ID_LEN`] bytes, printable, no
+/// whitespace, no commas (ids are comma-separated in API filters).
+pub fn check_app_id(field: &str, id: &str) -> Result<(), Invalid> {
+    if id.is_empty() {
+        return Err(Invalid::new(field, "must not be empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(Invalid::new(field, format!("longer than {MAX_ID_LEN} bytes")));
+    }
+    if id.chars().any(|c| c.is_control() || c.is_whitespace() || c == ',') {
+        return Err(Invalid::new(
+            field,
+            "must not contain whitespace, control characters or commas",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a port range (1-65535, start <= end).
+pub fn check_ports(field: &str, start: i64, end: i64) -> Result<(u16, u16), Invalid> {
+    for (name, port) in [("start", start), ("end", end)] {
+        if !(1..=65535).contains(&port) {
+            return Err(Invalid::new(
+                format!("{field}.{name}"),
+                format!("{port} is not a port in 1-65535"),
+            ));
+        }
+    }
+    if start > end {
+        return Err(Invalid::new(field, format!("start {start} is greater than end {end}")));
+    }
+    Ok((start as u16, end as u16))
+}
+
+/// Parses `PORT` or `START-END` (the CLI's form) and checks it like
+/// [`check_ports`].
+pub fn parse_port_range(field: &str, text: &str) -> Result<(u16, u16), Invalid> {
+    let (start, end) = match text.split_once('-') {
+        Some((a, b)) => (a.trim(), b.trim()),
+        None => (text.trim(), text.trim()),
+    };
+    let number = |s: &str| -> Result<i64, Invalid> {
+        s.parse().map_err(|_| {
+            Invalid::new(field, format!("{text:?} is not PORT or START-END (ports 1-65535)"))
+        })
+    };
+    check_ports(field, number(start)?, number(end)?)
+}
+
+/// Parses a protocol name.
+pub fn parse_protocol(field: &str, text: &str) -> Result<Protocol, Invalid> {
+    Protocol::parse(text).ok_or_else(|| Invalid::new(field, format!("{text:?} is not tcp or udp")))
+}
+
+/// Checks a host-side interface name as Linux would take it.
+pub fn check_ifname(field: &str, ifname: &str) -> Result<(), Invalid> {
+    if ifname.is_empty()
+        || ifname.len() > MAX_IFNAME_LEN
+        || ifname.contains('/')
+        || ifname.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(Invalid::new(field, "not a valid interface name"));
+    }
+    Ok(())
+}
+
+/// Checks an endpoint's fields.
+pub fn check_endpoint(endpoint: &Endpoint) -> Result<(), Invalid> {
+    check_app_id("app", &endpoint.app)?;
+    check_ifname("ifname", &endpoint.ifname)
+}
+
+/// Checks and normalises a route hostname: one DNS label (RFC 1035: 1-63
+/// letters, digits and hyphens, not starting or ending with a hyphen),
+/// lower-cased.
+pub fn check_hostname(field: &str, hostname: &str) -> Result<String, Invalid> {
+    let label = hostname.to_ascii_lowercase();
+    if label.is_empty() || label.len() > 63 {
+        return Err(Invalid::new(field, "must be 1 to 63 characters (one DNS label)"));
+    }
+    if !label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return Err(Invalid::new(
+            field,
+            format!("{hostname:?} may hold only letters, digits and hyphens"),
+        ));
+    }
+    if label.starts_with('-') || label.ends_with('-') {
+        return Err(Invalid::new(
+            field,
+            format!("{hostname:?} must not start or end with a hyphen"),
+        ));
+    }
+    Ok(label)
+}
+
+/// Checks the domain of a route: only [`INTERNAL_DOMAIN`].
+pub fn check_domain(field: &str, domain: &str) -> Result<(), Invalid> {
+    if domain.trim_end_matches('.').eq_ignore_ascii_case(INTERNAL_DOMAIN) {
+        Ok(())
+    } else {
+        Err(Invalid::new(field, format!("{domain:?}: only the {INTERNAL_DOMAIN} domain is served")))
+    }
+}
+
+impl State {
+    /// Everything adding `policies` must satisfy, checked before any change:
+    /// TLS-only policies cover the port platform TLS fronts; no source app
+    /// goes past `limit` policies; no app pair and protocol needs more port
+    /// ranges than its kernel entry holds.
+    pub(super) fn check_add(
+        &self,
+        policies: &[Policy],
+        limit: Option<usize>,
+    ) -> Result<(), Invalid> {
+        for (i, p) in policies.iter().enumerate().filter(|(_, p)| p.tls_only) {
+            let field = format!("policies[{i}].tls_only");
+            let Some(front) = self.tls_front(&p.destination) else {
+                return Err(Invalid::new(field, "platform TLS is off on this agent"));
+            };
+            if p.protocol != Protocol::Tcp || p.start > front.app_port || front.app_port > p.end {
+                return Err(Invalid::new(
+                    field,
+                    format!(
+                        "a TLS-only policy must be tcp and cover port {}, the port platform TLS fronts",
+                        front.app_port
+                    ),
+                ));
+            }
+        }
+        let new: BTreeSet<&Policy> =
+            policies.iter().filter(|p| !self.policies.contains_key(*p)).collect();
+        if let Some(limit) = limit {
+            let mut new_per_source: BTreeMap<&str, usize> = BTreeMap::new();
+            for p in &new {
+                *new_per_source.entry(p.source.as_str()).or_default() += 1;
+            }
+            for (source, added) in new_per_source {
+                let total = self.policies_of(source) + added;
+                if total > limit {
+                    return Err(Invalid::new(
+                        "policies",
+                        format!(
+                            "source app {source} would have {total} policies; the limit per source app is {limit}"
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut new_per_pair: BTreeMap<(&str, &str, Protocol), Vec<&Policy>> = BTreeMap::new();
+        for p in &new {
+            new_per_pair
+                .entry((p.source.as_str(), p.destination.as_str(), p.protocol))
+                .or_default()
+                .push(p);
+        }
+        for ((source, destination, protocol), added) in new_per_pair {
+            let mut allowances = self.pair_allowances(source, destination, protocol);
+            // Ids do not matter for the count: identical ranges share an entry.
+            allowances.extend(added.iter().flat_map(|p| self.allowances_of(p, u32::MAX)));
+            check_pair_fits(&allowances).map_err(|e| {
+                Invalid::new(
+                    "policies",
+                    format!("{e} ({source} to {destination}, {})", protocol.name()),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether one app pair's allowances fit its kernel entry (the same
+/// function builds the entry).
+fn check_pair_fits(allowances: &[Allowance]) -> Result<(), PortsError> {
+    PortRules::build(allowances).map(|_| ())
+}

@@ -1,0 +1,80 @@
+//! Durable desired state behind a small seam: the agent loads the state
+//! once, then appends each change it accepts (and may ask for a snapshot).
+//! `Journal` is the local store; a cluster store plugs in the same way
+//! without touching the agent's logic.
+
+mod journal;
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+pub use journal::Journal;
+use serde::{Deserialize, Serialize};
+
+use crate::state::{Endpoint, Policy, State};
+
+/// Where desired state is kept durably.
+pub trait Store: Send {
+    /// The stored state (empty if nothing was stored yet).
+    fn load(&mut self) -> Result<State, StoreError>;
+    /// Makes `change` durable before the agent answers; `state` is the state
+    /// after it (a store may snapshot it). Once this returns Ok the change is
+    /// committed; on error nothing of it may be loaded later.
+    fn append(&mut self, change: &Change, state: &State) -> Result<(), StoreError>;
+    /// Writes `state` whole (compaction).
+    fn snapshot(&mut self, state: &State) -> Result<(), StoreError>;
+}
+
+/// Changes between snapshots.
+pub const COMPACT_EVERY: u64 = 1000;
+
+/// One acknowledged change, as journaled. Replaying it on the state it was
+/// made on gives the same state (tags and ids included).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    AddPolicies(Vec<Policy>),
+    RemovePolicies(Vec<Policy>),
+    AddEndpoint(Endpoint),
+    RemoveEndpoint(Ipv4Addr),
+    MapRoute { app: String, hostname: String },
+    UnmapRoute { app: String, hostname: String },
+}
+
+impl Change {
+    /// Applies the change without the checks the API made when it was
+    /// accepted (a per-source limit may have changed since).
+    pub fn replay(&self, state: &mut State) {
+        match self {
+            Change::AddPolicies(p) => state.insert_policies(p),
+            Change::RemovePolicies(p) => state.remove_policies(p),
+            Change::AddEndpoint(e) => {
+                state.add_endpoint(e.clone());
+            }
+            Change::RemoveEndpoint(ip) => {
+                state.remove_endpoint(*ip);
+            }
+            Change::MapRoute { app, hostname } => {
+                let _ = state.map_route(app, hostname);
+            }
+            Change::UnmapRoute { app, hostname } => {
+                let _ = state.unmap_route(app, hostname);
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot {what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("stored state {path} is corrupt: {source}")]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { what, path, source }
+}

@@ -1,0 +1,177 @@
+//! The platform CA: created on first start, kept in the state directory,
+//! issuing route certificates for the 61443 listeners and instance
+//! identities (`CF_INSTANCE_CERT`).
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, date_time_ymd,
+};
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _},
+    sign::CertifiedKey,
+};
+use tracing::info;
+
+use super::{TlsError, io};
+use crate::state::INTERNAL_DOMAIN;
+
+/// An instance identity: PEM certificate and PKCS#8 key.
+pub struct Identity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+fn this_year() -> i32 {
+    let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    1970 + (secs / 31_556_952) as i32
+}
+
+/// The CA's parameters: the same every time, so an issuer rebuilt from the
+/// stored key names the stored certificate's subject.
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, "policy-agent");
+    name.push(DnType::CommonName, "policy-agent platform CA");
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = date_time_ymd(2025, 1, 1);
+    params.not_after = date_time_ymd(2045, 1, 1);
+    params
+}
+
+/// The platform CA, created on first start and kept in the state directory
+/// (`ca.pem`, the bundle clients trust; `ca-key.pem`, mode 0600).
+pub struct PlatformCa {
+    issuer: Issuer<'static, KeyPair>,
+    ca_der: CertificateDer<'static>,
+    bundle: PathBuf,
+}
+
+impl PlatformCa {
+    pub fn load_or_create(state_dir: &Path) -> Result<Self, TlsError> {
+        fs::create_dir_all(state_dir).map_err(io("create", state_dir))?;
+        let (cert_path, key_path) = (state_dir.join("ca.pem"), state_dir.join("ca-key.pem"));
+        let key = match fs::read_to_string(&key_path) {
+            Ok(pem) => KeyPair::from_pem(&pem)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = KeyPair::generate()?;
+                let cert = ca_params().self_signed(&key)?;
+                let tmp = key_path.with_extension("pem.tmp");
+                fs::write(&tmp, key.serialize_pem()).map_err(io("write", &tmp))?;
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
+                    .map_err(io("chmod", &tmp))?;
+                fs::write(&cert_path, cert.pem()).map_err(io("write", &cert_path))?;
+                fs::rename(&tmp, &key_path).map_err(io("rename into", &key_path))?;
+                info!(bundle = %cert_path.display(), "created the platform CA");
+                key
+            }
+            Err(e) => return Err(io("read", &key_path)(e)),
+        };
+        let ca_der = CertificateDer::from_pem_file(&cert_path).map_err(|e| {
+            io("parse", &cert_path)(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                e.to_string(),
+            ))
+        })?;
+        Ok(Self { issuer: Issuer::new(ca_params(), key), ca_der, bundle: cert_path })
+    }
+
+    /// The CA's own certificate.
+    pub(super) fn ca_der(&self) -> &CertificateDer<'static> {
+        &self.ca_der
+    }
+
+    /// The CA bundle clients point `--cacert` / `SSL_CERT_FILE` at.
+    pub fn bundle(&self) -> &Path {
+        &self.bundle
+    }
+
+    /// An instance identity: subject `CN=IP, OU=app:APP`, the instance's
+    /// address as its one SAN, usable as client and server certificate.
+    pub fn issue_identity(&self, app: &str, ip: Ipv4Addr) -> Result<Identity, TlsError> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::IpAddress(IpAddr::V4(ip))];
+        params.distinguished_name.push(DnType::CommonName, ip.to_string());
+        params.distinguished_name.push(DnType::OrganizationalUnitName, format!("app:{app}"));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
+        let year = this_year();
+        params.not_before = date_time_ymd(year - 1, 1, 1);
+        params.not_after = date_time_ymd(year + 2, 1, 1);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Identity { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// A certificate for one instance: its app's routes and its address.
+    pub fn issue(
+        &self,
+        app: &str,
+        hostnames: &[String],
+        ip: Ipv4Addr,
+    ) -> Result<Arc<CertifiedKey>, TlsError> {
+        let names: Vec<String> =
+            hostnames.iter().map(|h| format!("{h}.{INTERNAL_DOMAIN}")).collect();
+        let mut params = CertificateParams::new(names)?;
+        params.subject_alt_names.push(SanType::IpAddress(IpAddr::V4(ip)));
+        params.distinguished_name.push(DnType::CommonName, app);
+        let year = this_year();
+        params.not_before = date_time_ymd(year - 1, 1, 1);
+        params.not_after = date_time_ymd(year + 2, 1, 1);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let chain = vec![cert.der().clone(), self.ca_der.clone()];
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)?;
+        Ok(Arc::new(CertifiedKey::new(chain, signing)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::identity_app;
+
+    #[test]
+    fn the_ca_survives_a_restart_and_issues_route_certificates() {
+        let dir = std::env::temp_dir().join(format!("platform-ca-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let ca = PlatformCa::load_or_create(&dir).unwrap();
+        let first = fs::read(dir.join("ca.pem")).unwrap();
+        assert_eq!(
+            fs::metadata(dir.join("ca-key.pem")).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let again = PlatformCa::load_or_create(&dir).unwrap();
+        assert_eq!(fs::read(dir.join("ca.pem")).unwrap(), first, "the CA is kept");
+        assert_eq!(again.ca_der, ca.ca_der);
+        let cert = again
+            .issue("backend", &["backend".into(), "api".into()], Ipv4Addr::new(10, 255, 0, 2))
+            .unwrap();
+        assert_eq!(cert.cert.len(), 2, "leaf and CA");
+        assert_eq!(identity_app(&cert.cert[0]), None, "a route certificate is no identity");
+
+        let identity = again.issue_identity("frontend", Ipv4Addr::new(10, 255, 0, 3)).unwrap();
+        let der = CertificateDer::from_pem_slice(identity.cert_pem.as_bytes()).unwrap();
+        assert_eq!(identity_app(&der).as_deref(), Some("frontend"));
+        assert!(PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).is_ok());
+        assert_eq!(identity_app(b"not a certificate"), None);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,340 @@
+//! The per-instance 61443 listeners: made in each container's network
+//! namespace, terminating TLS and forwarding plaintext to the app port (or,
+//! with client certificates, HTTP/1.1 requests carrying the verified source
+//! app).
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File},
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddr},
+    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use base64::Engine as _;
+use hyper::{Request, body::Incoming};
+use hyper_util::rt::TokioIo;
+use rustls::{
+    ServerConfig,
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::{
+    CLIENT_CERT_HEADER, ClientAuth, PlatformCa, SOURCE_APP_HEADER, TLS_PORT, TlsError,
+    client_auth::client_verifier, identity_app, io,
+};
+use crate::state::State;
+
+/// Serves the current certificate of one instance; swapped on re-issue.
+#[derive(Debug)]
+struct CurrentCert(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+/// What one instance's listener serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Wanted {
+    app: String,
+    netns: PathBuf,
+    hostnames: Vec<String>,
+    app_port: u16,
+    client_auth: bool,
+}
+
+struct Running {
+    wanted: Wanted,
+    cert: Arc<CurrentCert>,
+    task: JoinHandle<()>,
+}
+
+/// The per-instance listeners.
+pub struct TlsProxies {
+    ca: PlatformCa,
+    /// Where each instance's port mapping is written (`<ip>.json`).
+    instances_dir: PathBuf,
+    client_auth: ClientAuth,
+    running: Mutex<BTreeMap<Ipv4Addr, Running>>,
+}
+
+/// An instance's ports in the shape of Cloud Foundry's `CF_INSTANCE_PORTS`,
+/// with the paths of its identity (`CF_INSTANCE_CERT`, `CF_INSTANCE_KEY`).
+pub fn instance_ports(
+    ip: Ipv4Addr,
+    app_port: u16,
+    (cert, key): (&Path, &Path),
+) -> serde_json::Value {
+    serde_json::json!({
+        "CF_INSTANCE_IP": ip.to_string(),
+        "CF_INSTANCE_PORTS": [{"internal": app_port, "internal_tls_proxy": TLS_PORT}],
+        "CF_INSTANCE_CERT": cert,
+        "CF_INSTANCE_KEY": key,
+    })
+}
+
+/// Runs `f` with the calling thread in the network namespace at `netns`
+/// and returns it to its own namespace before returning: sockets made in
+/// `f` belong to `netns`. Synchronous, so no other task runs on the thread
+/// meanwhile.
+fn in_netns<T>(netns: &Path, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+    let target = File::open(netns)?;
+    let own = File::open("/proc/thread-self/ns/net")?;
+    // SAFETY: setns on valid namespace fds; affects only this thread.
+    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let result = f();
+    // SAFETY: as above; back to the thread's own namespace.
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        // The thread is stranded in the container's namespace: no safe way on.
+        panic!(
+            "cannot return to the agent's network namespace: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    result
+}
+
+impl TlsProxies {
+    pub fn new(ca: PlatformCa, instances_dir: PathBuf, client_auth: ClientAuth) -> Self {
+        Self { ca, instances_dir, client_auth, running: Mutex::new(BTreeMap::new()) }
+    }
+
+    fn ports_file(&self, ip: Ipv4Addr) -> PathBuf {
+        self.instances_dir.join(format!("{ip}.json"))
+    }
+
+    /// Where an instance's identity certificate and key are written.
+    pub fn identity_files(&self, ip: Ipv4Addr) -> (PathBuf, PathBuf) {
+        (
+            self.instances_dir.join(format!("{ip}-cert.pem")),
+            self.instances_dir.join(format!("{ip}-key.pem")),
+        )
+    }
+
+    /// Writes the instance's identity and port mapping where the container
+    /// can read them (each file replaced whole; the key mode 0600).
+    fn write_instance(&self, ip: Ipv4Addr, app: &str, app_port: u16) -> Result<(), TlsError> {
+        let dir = &self.instances_dir;
+        fs::create_dir_all(dir).map_err(io("create", dir))?;
+        let identity = self.ca.issue_identity(app, ip)?;
+        let (cert, key) = self.identity_files(ip);
+        let ports = instance_ports(ip, app_port, (&cert, &key)).to_string();
+        for (path, text, mode) in [
+            (&key, &identity.key_pem, 0o600),
+            (&cert, &identity.cert_pem, 0o644),
+            (&self.ports_file(ip), &ports, 0o644),
+        ] {
+            let tmp = path.with_extension("tmp");
+            let _ = fs::remove_file(&tmp);
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)
+                .map_err(io("create", &tmp))?;
+            file.write_all(text.as_bytes()).map_err(io("write", &tmp))?;
+            fs::rename(&tmp, path).map_err(io("rename into", path))?;
+        }
+        Ok(())
+    }
+
+    fn remove_instance(&self, ip: Ipv4Addr) {
+        let (cert, key) = self.identity_files(ip);
+        for path in [self.ports_file(ip), cert, key] {
+            let _ = fs::remove_file(path);
+        }
+    }
+
+    pub fn bundle(&self) -> &Path {
+        self.ca.bundle()
+    }
+
+    /// Brings the listeners in line with the state: one per endpoint that
+    /// has a network namespace; certificates re-issued where the app's
+    /// routes changed. Call from the async runtime.
+    pub fn sync(&self, state: &State) {
+        let mut routes_of: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (host, app) in state.routes() {
+            routes_of.entry(app.as_str()).or_default().push(host.clone());
+        }
+        let wanted: BTreeMap<Ipv4Addr, Wanted> = state
+            .endpoints()
+            .filter_map(|e| {
+                Some((
+                    e.ip,
+                    Wanted {
+                        app: e.app.clone(),
+                        netns: e.netns.clone()?,
+                        hostnames: routes_of.get(e.app.as_str()).cloned().unwrap_or_default(),
+                        app_port: state.tls_front(&e.app)?.app_port,
+                        client_auth: self.client_auth.apps.contains(&e.app),
+                    },
+                ))
+            })
+            .collect();
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.retain(|ip, r| {
+            let keep = wanted.get(ip).is_some_and(|w| {
+                w.netns == r.wanted.netns
+                    && w.app == r.wanted.app
+                    && w.app_port == r.wanted.app_port
+                    && w.client_auth == r.wanted.client_auth
+            });
+            if !keep {
+                r.task.abort();
+                self.remove_instance(*ip);
+                info!(%ip, "TLS listener stopped");
+            }
+            keep
+        });
+        for (ip, want) in wanted {
+            if let Some(r) = running.get_mut(&ip) {
+                if r.wanted.hostnames != want.hostnames {
+                    match self.ca.issue(&want.app, &want.hostnames, ip) {
+                        Ok(cert) => {
+                            *r.cert.0.write().unwrap_or_else(|p| p.into_inner()) = cert;
+                            info!(%ip, app = want.app, names = ?want.hostnames, "certificate re-issued");
+                            r.wanted = want;
+                        }
+                        Err(e) => warn!(%ip, error = %e, "cannot re-issue the certificate"),
+                    }
+                }
+                continue;
+            }
+            match self.start(ip, &want) {
+                Ok(r) => {
+                    if let Err(e) = self.write_instance(ip, &want.app, want.app_port) {
+                        warn!(%ip, error = %e, "cannot write the instance's identity and ports");
+                    }
+                    running.insert(ip, r);
+                }
+                Err(e) => {
+                    warn!(%ip, netns = %want.netns.display(), error = %e, "cannot start the TLS listener")
+                }
+            }
+        }
+    }
+
+    fn start(&self, ip: Ipv4Addr, want: &Wanted) -> Result<Running, TlsError> {
+        let cert =
+            Arc::new(CurrentCert(RwLock::new(self.ca.issue(&want.app, &want.hostnames, ip)?)));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder =
+            ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
+        let builder = if want.client_auth {
+            builder.with_client_cert_verifier(client_verifier(
+                &self.ca,
+                &want.app,
+                &self.client_auth.authorize,
+            )?)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let config = builder.with_cert_resolver(cert.clone());
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listen = SocketAddr::from((ip, TLS_PORT));
+        let listener = in_netns(&want.netns, || {
+            let l = std::net::TcpListener::bind(listen)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .map_err(io("listen in", &want.netns))?;
+        let listener =
+            tokio::net::TcpListener::from_std(listener).map_err(io("listen in", &want.netns))?;
+        let (netns, upstream) = (want.netns.clone(), SocketAddr::from((ip, want.app_port)));
+        let http = want.client_auth;
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, peer)) = listener.accept().await else { continue };
+                let (acceptor, netns) = (acceptor.clone(), netns.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = proxy(client, acceptor, &netns, upstream, http).await {
+                        debug!(%peer, error = %e, "TLS connection ended");
+                    }
+                });
+            }
+        });
+        info!(%ip, app = want.app, names = ?want.hostnames, mtls = want.client_auth, "TLS listener on {listen}");
+        Ok(Running { wanted: want.clone(), cert, task })
+    }
+}
+
+/// One connection: handshake, then plaintext both ways to the app; with
+/// client certificates, HTTP/1.1 requests carrying the verified source app.
+async fn proxy(
+    client: tokio::net::TcpStream,
+    acceptor: TlsAcceptor,
+    netns: &Path,
+    upstream: SocketAddr,
+    http: bool,
+) -> std::io::Result<()> {
+    let mut tls =
+        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(client)).await.map_err(
+            |_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
+        )??;
+    // The upstream socket is made in the container's namespace.
+    let socket = in_netns(netns, tokio::net::TcpSocket::new_v4)?;
+    let mut app = socket.connect(upstream).await?;
+    if http {
+        return proxy_http(tls, app).await;
+    }
+    tokio::io::copy_bidirectional(&mut tls, &mut app).await?;
+    Ok(())
+}
+
+fn http_error(e: hyper::Error) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+/// Forwards HTTP/1.1 requests from a verified client to the app, each with
+/// the client's app and certificate in headers (replacing any the client
+/// sent), over one upstream connection.
+async fn proxy_http(
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    app: tokio::net::TcpStream,
+) -> std::io::Result<()> {
+    let peer = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
+    // The verifier accepted only identities naming an allowed app.
+    let Some((source, cert)) = peer.and_then(|c| Some((identity_app(&c)?, c))) else {
+        return Err(std::io::Error::other("no verified client identity"));
+    };
+    let source = hyper::header::HeaderValue::from_str(&source).map_err(std::io::Error::other)?;
+    let cert = hyper::header::HeaderValue::from_str(
+        &base64::engine::general_purpose::STANDARD.encode(cert.as_ref()),
+    )
+    .map_err(std::io::Error::other)?;
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(app)).await.map_err(http_error)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!(error = %e, "upstream connection ended");
+        }
+    });
+    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let (sender, source, cert) = (sender.clone(), source.clone(), cert.clone());
+        async move {
+            let headers = request.headers_mut();
+            headers.insert(SOURCE_APP_HEADER, source);
+            headers.insert(CLIENT_CERT_HEADER, cert);
+            let mut sender = sender.lock().await;
+            sender.ready().await?;
+            sender.send_request(request).await
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+        .map_err(http_error)
+}

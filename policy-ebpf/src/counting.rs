@@ -1,0 +1,83 @@
+//! Every counter the programs keep: packets per verdict reason
+//! (`VERDICTS`) and packets and bytes per policy (`POLICY_STATS`, through
+//! the pending counts in each connection's `CONNTRACK` entry).
+
+use policy_common::{
+    Verdict,
+    decision::{ConnUpdate, Decision},
+    maps::{COUNTER_FLUSH, Conn, PolicyCounters, SETTINGS_INDEX, settings},
+};
+
+use crate::maps::{POLICY_STATS, SETTINGS, VERDICTS};
+
+/// Counts the verdict under its reason.
+#[inline(always)]
+pub fn count_verdict(verdict: Verdict) -> Verdict {
+    if let Some(counter) = VERDICTS.get_ptr_mut(verdict.reason() as u32) {
+        // SAFETY: per-CPU slot; programs do not migrate CPUs mid-run.
+        unsafe { *counter += 1 };
+    }
+    verdict
+}
+
+/// Counts an allowed packet for its policy, if per-policy counting is on:
+/// in the connection entry the decision read (`found`, an established
+/// connection) or in the entry it is about to write (a new or re-checked
+/// one). Counting in the entry costs the fast path no extra map lookup.
+#[inline(always)]
+pub fn count_for_policy(decision: &mut Decision, found: *mut Conn, len: u32) {
+    if decision.policy_id == 0 || !decision.verdict.is_pass() || !policy_counters_on() {
+        return;
+    }
+    match &mut decision.conn {
+        ConnUpdate::None => count_in_conn(found, decision.policy_id, len),
+        ConnUpdate::Insert(_, conn) => {
+            conn.pending_packets += 1;
+            conn.pending_bytes += u64::from(len);
+        }
+        ConnUpdate::Remove(_) => {}
+    }
+}
+
+/// Whether packets are counted per policy.
+#[inline(always)]
+fn policy_counters_on() -> bool {
+    SETTINGS.get(SETTINGS_INDEX).is_some_and(|s| s.flags & settings::POLICY_COUNTERS != 0)
+}
+
+/// Counts a packet of an established connection in its entry; every
+/// `COUNTER_FLUSH` packets the count moves to the policy's counters.
+#[inline(always)]
+fn count_in_conn(conn: *mut Conn, policy_id: u32, len: u32) {
+    if conn.is_null() {
+        return;
+    }
+    // SAFETY: the pointer came from a lookup in this program run; hash map
+    // elements stay valid for the run (RCU). Concurrent CPUs may race on
+    // the counts, which only makes them approximate.
+    unsafe {
+        (*conn).pending_packets += 1;
+        (*conn).pending_bytes += u64::from(len);
+        if (*conn).pending_packets >= COUNTER_FLUSH {
+            add_policy_counts(policy_id, (*conn).pending_packets, (*conn).pending_bytes);
+            (*conn).pending_packets = 0;
+            (*conn).pending_bytes = 0;
+        }
+    }
+}
+
+/// Adds a connection's counted packets to its policy's counters.
+#[inline(always)]
+fn add_policy_counts(policy_id: u32, packets: u32, bytes: u64) {
+    match POLICY_STATS.get_ptr_mut(policy_id) {
+        // SAFETY: per-CPU value; programs do not migrate mid-run.
+        Some(c) => unsafe {
+            (*c).packets += u64::from(packets);
+            (*c).bytes += bytes;
+        },
+        None => {
+            let counters = PolicyCounters { packets: u64::from(packets), bytes };
+            let _ = POLICY_STATS.insert(policy_id, counters, 0);
+        }
+    }
+}
