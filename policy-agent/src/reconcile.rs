@@ -274,17 +274,10 @@ pub(crate) mod fake {
 #[cfg(test)]
 mod tests {
     use super::{fake::FakeKernel, *};
-    use crate::state::{Endpoint, Policy, Protocol};
+    use crate::state::{Endpoint, Policy};
 
     fn policy(src: &str, dst: &str, port: u16) -> Policy {
-        Policy {
-            source: src.into(),
-            destination: dst.into(),
-            protocol: Protocol::Tcp,
-            start: port,
-            end: port,
-            tls_only: false,
-        }
+        Policy::tcp(src, dst, port)
     }
 
     #[test]

@@ -67,7 +67,15 @@ unsafe extern "C" {
 
 pub fn build(root: &Path) -> Result<()> {
     let mut cmd = cargo(root);
-    cmd.args(["build", "--release", "--workspace", "--bins", "--tests"]);
+    cmd.args([
+        "build",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "policy-ebpf",
+        "--bins",
+        "--tests",
+    ]);
     run(cmd, "cargo build")
 }
 
@@ -112,8 +120,9 @@ pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
 
 pub fn bench(root: &Path, quick: bool) -> Result<()> {
     require_root("the benchmark")?;
+    build_agent(root)?;
     let mut cmd = cargo(root);
-    cmd.args(["run", "--quiet", "--release", "-p", "integration-tests", "--bin", "bench", "--"]);
+    cmd.args(["run", "--quiet", "--release", "-p", "policy-bench", "--bin", "bench", "--"]);
     if quick {
         cmd.arg("--quick");
     }

@@ -260,7 +260,7 @@ impl<K: Kernel> Agent<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{reconcile::fake::FakeKernel, state::Protocol, store::Journal};
+    use crate::{reconcile::fake::FakeKernel, store::Journal};
 
     fn temp_store(name: &str) -> Box<dyn Store> {
         let dir = std::env::temp_dir().join(format!("policy-agent-{name}-{}", std::process::id()));
@@ -269,14 +269,7 @@ mod tests {
     }
 
     fn policy(port: u16) -> Policy {
-        Policy {
-            source: "a".into(),
-            destination: "b".into(),
-            protocol: Protocol::Tcp,
-            start: port,
-            end: port,
-            tls_only: false,
-        }
+        Policy::tcp("a", "b", port)
     }
 
     fn reload(name: &str) -> State {

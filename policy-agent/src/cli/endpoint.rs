@@ -3,11 +3,11 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Result;
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use policy_agent::{api::wire, client::Client, state::Endpoint};
 use serde_json::Value;
 
-use super::call;
+use super::{JsonArgs, call};
 
 #[derive(Subcommand)]
 pub enum EndpointCommand {
@@ -58,31 +58,12 @@ impl EndpointCommand {
     }
 }
 
-#[derive(Args)]
-pub struct ListArgs {
-    /// Print the API's JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-impl ListArgs {
-    pub fn run(self, client: &Client) -> Result<()> {
-        let reply = call(client, "GET", "/v1/endpoints", None)?;
-        if self.json {
-            println!("{}", reply.body);
-            return Ok(());
-        }
-        println!("{:<16} {:<16} {:<38} netns", "ip", "ifname", "app");
-        for e in reply.body["endpoints"].as_array().into_iter().flatten() {
-            let text = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
-            println!(
-                "{:<16} {:<16} {:<38} {}",
-                text("ip"),
-                text("ifname"),
-                text("app"),
-                text("netns")
-            );
-        }
-        Ok(())
+pub fn list(args: &JsonArgs, client: &Client) -> Result<()> {
+    let Some(body) = args.get(client, "/v1/endpoints")? else { return Ok(()) };
+    println!("{:<16} {:<16} {:<38} netns", "ip", "ifname", "app");
+    for e in body["endpoints"].as_array().into_iter().flatten() {
+        let text = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+        println!("{:<16} {:<16} {:<38} {}", text("ip"), text("ifname"), text("app"), text("netns"));
     }
+    Ok(())
 }

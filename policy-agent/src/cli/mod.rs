@@ -11,7 +11,7 @@ mod status;
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use policy_agent::{
     client::{Client, Response},
     config::DEFAULT_SOCKET,
@@ -41,7 +41,7 @@ enum Command {
     #[command(subcommand)]
     Endpoint(endpoint::EndpointCommand),
     /// List registered endpoints.
-    Endpoints(endpoint::ListArgs),
+    Endpoints(JsonArgs),
     /// Allow SOURCE_APP to reach DEST_APP on a protocol and port (range).
     AddNetworkPolicy(policy::PolicyArgs),
     /// Remove a policy added with add-network-policy.
@@ -49,13 +49,13 @@ enum Command {
     /// List policies.
     NetworkPolicies(policy::ListArgs),
     /// Programs attached, endpoints, apps and tags, policies, map occupancy.
-    Status(status::StatusArgs),
+    Status(JsonArgs),
     /// Map HOST.apps.internal to APP: `map-route APP apps.internal --hostname HOST`.
     MapRoute(route::RouteArgs),
     /// Unmap a route: `unmap-route APP apps.internal --hostname HOST`.
     UnmapRoute(route::RouteArgs),
     /// List internal routes.
-    Routes(route::ListArgs),
+    Routes(JsonArgs),
     /// Flow events: denied packets and new allowed connections.
     Flows(observe::FlowsArgs),
     /// Why a flow is allowed or denied: SRC_IP DST_IP tcp|udp PORT.
@@ -71,15 +71,15 @@ impl Cli {
             Command::Run(args) => args.run(),
             Command::Teardown(args) => args.run(),
             Command::Endpoint(cmd) => cmd.run(&client),
-            Command::Endpoints(args) => args.run(&client),
+            Command::Endpoints(args) => endpoint::list(&args, &client),
             Command::AddNetworkPolicy(args) => args.add(&client),
             Command::RemoveNetworkPolicy(args) => args.remove(&client),
             Command::NetworkPolicies(args) => args.run(&client),
-            Command::Status(args) => args.run(&client),
+            Command::Status(args) => status::show(&args, &client),
             Command::Flows(args) => args.run(&client),
             Command::MapRoute(args) => args.map(&client),
             Command::UnmapRoute(args) => args.unmap(&client),
-            Command::Routes(args) => args.run(&client),
+            Command::Routes(args) => route::list(&args, &client),
             Command::Explain(args) => args.run(&client),
             Command::Dataplane(args) => {
                 init_logging("warn");
@@ -109,4 +109,25 @@ pub fn call(client: &Client, method: &str, path: &str, body: Option<&Value>) -> 
         bail!("{} (HTTP {})", response.error(), response.status);
     }
     Ok(response)
+}
+
+/// `--json` on a listing.
+#[derive(Args)]
+pub struct JsonArgs {
+    /// Print the API's JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl JsonArgs {
+    /// GETs `path`: with `--json` prints the API's JSON and returns None;
+    /// otherwise returns the body, for a table.
+    pub fn get(&self, client: &Client, path: &str) -> Result<Option<Value>> {
+        let body = call(client, "GET", path, None)?.body;
+        if self.json {
+            println!("{body}");
+            return Ok(None);
+        }
+        Ok(Some(body))
+    }
 }

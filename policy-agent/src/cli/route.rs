@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Args;
 use policy_agent::{api::wire, client::Client};
 
-use super::call;
+use super::{JsonArgs, call};
 
 #[derive(Args)]
 pub struct RouteArgs {
@@ -38,29 +38,16 @@ impl RouteArgs {
     }
 }
 
-#[derive(Args)]
-pub struct ListArgs {
-    /// Print the API's JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-impl ListArgs {
-    pub fn run(self, client: &Client) -> Result<()> {
-        let reply = call(client, "GET", "/v1/routes", None)?;
-        if self.json {
-            println!("{}", reply.body);
-            return Ok(());
-        }
-        println!("{:<40} app", "route");
-        for r in reply.body["routes"].as_array().into_iter().flatten() {
-            let route = format!(
-                "{}.{}",
-                r["hostname"].as_str().unwrap_or("?"),
-                r["domain"].as_str().unwrap_or("?")
-            );
-            println!("{route:<40} {}", r["app"].as_str().unwrap_or("?"));
-        }
-        Ok(())
+pub fn list(args: &JsonArgs, client: &Client) -> Result<()> {
+    let Some(body) = args.get(client, "/v1/routes")? else { return Ok(()) };
+    println!("{:<40} app", "route");
+    for r in body["routes"].as_array().into_iter().flatten() {
+        let route = format!(
+            "{}.{}",
+            r["hostname"].as_str().unwrap_or("?"),
+            r["domain"].as_str().unwrap_or("?")
+        );
+        println!("{route:<40} {}", r["app"].as_str().unwrap_or("?"));
     }
+    Ok(())
 }

@@ -1,70 +1,52 @@
 //! `status`.
 
 use anyhow::Result;
-use clap::Args;
 use policy_agent::client::Client;
 
-use super::call;
+use super::JsonArgs;
 
-#[derive(Args)]
-pub struct StatusArgs {
-    /// Print the API's JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-impl StatusArgs {
-    pub fn run(self, client: &Client) -> Result<()> {
-        let s = call(client, "GET", "/v1/status", None)?.body;
-        if self.json {
-            println!("{s}");
-            return Ok(());
-        }
-        println!("pins:      {}", s["pin_dir"].as_str().unwrap_or("?"));
-        let attached: Vec<&str> =
-            s["attached"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
-        println!(
-            "attached:  {} links{}",
-            attached.len(),
-            if attached.is_empty() { String::new() } else { format!(" ({})", attached.join(", ")) }
-        );
-        println!("endpoints: {}", s["endpoints"]);
-        println!("policies:  {}", s["policies"]);
-        println!("epoch:     {}", s["epoch"]);
-        match s["overlay"].as_object() {
-            Some(o) => println!(
-                "overlay:   {} ({} endpoint slots)",
-                o["network"].as_str().unwrap_or("?"),
-                o["slots"]
-            ),
-            None => println!("overlay:   none (every endpoint lookup hashed)"),
-        }
-        println!("apps:");
-        for app in s["apps"].as_array().into_iter().flatten() {
-            println!(
-                "  {} {}",
-                app["tag"].as_str().unwrap_or("?"),
-                app["id"].as_str().unwrap_or("?")
-            );
-        }
-        println!("maps:");
-        for m in s["maps"].as_array().into_iter().flatten() {
-            println!(
-                "  {:<10} {:>9} / {}",
-                m["name"].as_str().unwrap_or("?"),
-                m["entries"],
-                m["capacity"]
-            );
-        }
-        println!("verdicts:");
-        for v in s["verdicts"].as_array().into_iter().flatten() {
-            println!(
-                "  {} {:<17} {}",
-                v["verdict"].as_str().unwrap_or("?"),
-                v["reason"].as_str().unwrap_or("?"),
-                v["packets"]
-            );
-        }
-        Ok(())
+pub fn show(args: &JsonArgs, client: &Client) -> Result<()> {
+    let Some(s) = args.get(client, "/v1/status")? else { return Ok(()) };
+    println!("pins:      {}", s["pin_dir"].as_str().unwrap_or("?"));
+    let attached: Vec<&str> =
+        s["attached"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+    println!(
+        "attached:  {} links{}",
+        attached.len(),
+        if attached.is_empty() { String::new() } else { format!(" ({})", attached.join(", ")) }
+    );
+    println!("endpoints: {}", s["endpoints"]);
+    println!("policies:  {}", s["policies"]);
+    println!("epoch:     {}", s["epoch"]);
+    match s["overlay"].as_object() {
+        Some(o) => println!(
+            "overlay:   {} ({} endpoint slots)",
+            o["network"].as_str().unwrap_or("?"),
+            o["slots"]
+        ),
+        None => println!("overlay:   none (every endpoint lookup hashed)"),
     }
+    println!("apps:");
+    for app in s["apps"].as_array().into_iter().flatten() {
+        println!("  {} {}", app["tag"].as_str().unwrap_or("?"), app["id"].as_str().unwrap_or("?"));
+    }
+    println!("maps:");
+    for m in s["maps"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<10} {:>9} / {}",
+            m["name"].as_str().unwrap_or("?"),
+            m["entries"],
+            m["capacity"]
+        );
+    }
+    println!("verdicts:");
+    for v in s["verdicts"].as_array().into_iter().flatten() {
+        println!(
+            "  {} {:<17} {}",
+            v["verdict"].as_str().unwrap_or("?"),
+            v["reason"].as_str().unwrap_or("?"),
+            v["packets"]
+        );
+    }
+    Ok(())
 }

@@ -50,9 +50,6 @@ pub struct State {
     refs: BTreeMap<String, usize>,
 }
 
-/// What takes a change made in place back exactly — ids and tags included
-/// (see the `_undoable` methods of [`State`]): changes cost what they
-
 impl Default for State {
     fn default() -> Self {
         Self {
@@ -67,8 +64,6 @@ impl Default for State {
         }
     }
 }
-
-/// A TLS port fronting an app port on every instance (Cloud Foundry's
 
 impl State {
     pub fn tags(&self) -> &BTreeMap<String, u32> {
@@ -139,8 +134,7 @@ impl State {
         Ok(())
     }
 
-    /// [`Self::add_policies`], returning what [`Self::undo`] needs to take
-
+    /// Adds policies without the checks of [`Self::add_policies`]: for
     /// replaying changes that were checked when they were accepted.
     pub fn insert_policies(&mut self, policies: &[Policy]) {
         self.allocate_tags(

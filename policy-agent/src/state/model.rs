@@ -109,3 +109,18 @@ pub struct TlsPorts {
 pub fn tag_text(tag: u32) -> String {
     format!("{tag:04X}")
 }
+
+#[cfg(test)]
+impl Policy {
+    /// A TCP policy on one port (for tests).
+    pub(crate) fn tcp(source: &str, destination: &str, port: u16) -> Self {
+        Self {
+            source: source.into(),
+            destination: destination.into(),
+            protocol: Protocol::Tcp,
+            start: port,
+            end: port,
+            tls_only: false,
+        }
+    }
+}

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Endpoint, Policy, State};
 
+/// The on-disk shape, borrowed from a state: serializes exactly like
 /// [`State`] (through `Stored`) without copying it, for snapshots of
 /// large states.
 #[derive(Serialize)]

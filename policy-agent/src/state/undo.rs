@@ -2,11 +2,15 @@
 //! touches, not a copy of the state, and a failed write (kernel or store)
 //! takes it back exactly, ids and tags included.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use super::{Endpoint, Invalid, Policy, State};
-use std::collections::BTreeMap;
 
+/// What takes a change made in place back exactly — ids and tags included
+/// (see the `_undoable` methods of [`State`]): changes cost what they
 /// touch, not a copy of the whole state.
 #[derive(Debug)]
 #[must_use]
@@ -33,9 +37,8 @@ impl Undo {
     }
 }
 
-/// The on-disk shape, borrowed from a state: serializes exactly like
-
 impl State {
+    /// [`Self::add_policies`], returning what [`Self::undo`] needs to take
     /// the change back exactly (ids and tags included).
     pub fn add_policies_undoable(
         &mut self,

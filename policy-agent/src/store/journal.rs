@@ -166,7 +166,7 @@ mod tests {
     use super::*;
     use std::net::Ipv4Addr;
 
-    use crate::state::{Endpoint, Policy, Protocol};
+    use crate::state::{Endpoint, Policy};
 
     #[test]
     fn the_borrowed_snapshot_is_the_stored_shape() {
@@ -186,14 +186,7 @@ mod tests {
     }
 
     fn policy(port: u16) -> Policy {
-        Policy {
-            source: "a".into(),
-            destination: "b".into(),
-            protocol: Protocol::Tcp,
-            start: port,
-            end: port,
-            tls_only: false,
-        }
+        Policy::tcp("a", "b", port)
     }
 
     /// Applies `n` changes through a store, as the agent does.
