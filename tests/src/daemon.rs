@@ -131,34 +131,14 @@ impl Daemon {
     /// `policy-agent endpoint add` for a test container: its app, address,
     /// host-side veth and network namespace.
     pub fn register(&self, container: &crate::topology::Container, app: &str) {
-        let (ip, netns) = (container.ip.to_string(), container.ns.path());
-        self.cli_ok(&[
-            "endpoint",
-            "add",
-            "--app",
-            app,
-            "--ip",
-            &ip,
-            "--ifname",
-            &container.host_ifname,
-            "--netns",
-            netns.to_str().expect("netns path"),
-        ]);
+        let args = register_args(container, app);
+        self.cli_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     }
 
     /// `policy-agent add-network-policy SOURCE --destination-app DEST
     /// --protocol PROTOCOL --port PORT`.
     pub fn allow(&self, source: &str, destination: &str, protocol: &str, port: &str) {
-        self.cli_ok(&[
-            "add-network-policy",
-            source,
-            "--destination-app",
-            destination,
-            "--protocol",
-            protocol,
-            "--port",
-            port,
-        ]);
+        self.cli_ok(&policy_args("add-network-policy", source, destination, protocol, port));
     }
 
     /// An instance's port mapping as the agent wrote it (`CF_INSTANCE_PORTS`).
@@ -222,4 +202,35 @@ impl Drop for Daemon {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The arguments of `policy-agent endpoint add` for a test container.
+pub fn register_args(container: &crate::topology::Container, app: &str) -> Vec<String> {
+    let netns = container.ns.path();
+    [
+        "endpoint",
+        "add",
+        "--app",
+        app,
+        "--ip",
+        &container.ip.to_string(),
+        "--ifname",
+        &container.host_ifname,
+        "--netns",
+        netns.to_str().expect("netns path"),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// The arguments of `policy-agent VERB SOURCE --destination-app DEST
+/// --protocol PROTOCOL --port PORT` (VERB: add- or remove-network-policy).
+pub fn policy_args<'a>(
+    verb: &'a str,
+    source: &'a str,
+    destination: &'a str,
+    protocol: &'a str,
+    port: &'a str,
+) -> [&'a str; 8] {
+    [verb, source, "--destination-app", destination, "--protocol", protocol, "--port", port]
 }

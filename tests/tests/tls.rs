@@ -9,7 +9,7 @@ use std::{
 };
 
 use integration_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, policy_args},
     netns::NetNs,
     require_root,
     topology::{GATEWAY, Host},
@@ -158,17 +158,8 @@ fn a_policy_on_the_app_port_allows_its_tls_port_and_tls_only_allows_nothing_else
     assert!(ok && out.contains("hello from backend"), "TLS through the allowance: {out}");
 
     // TLS only: encrypted or nothing.
-    daemon.cli_ok(&[
-        "add-network-policy",
-        "worker",
-        "--destination-app",
-        "backend",
-        "--protocol",
-        "tcp",
-        "--port",
-        "8080",
-        "--tls-only",
-    ]);
+    let tls_only = policy_args("add-network-policy", "worker", "backend", "tcp", "8080");
+    daemon.cli_ok(&[&tls_only[..], &["--tls-only"]].concat());
     assert!(!curl(&w.ns, ca, &plain_url, &[]).0, "plaintext denied for a TLS-only policy");
     let (ok, out) = curl(&w.ns, ca, tls_url, &[]);
     assert!(ok && out.contains("hello from backend"), "{out}");

@@ -9,7 +9,7 @@
 use std::{process::ExitCode, time::Duration};
 
 use integration_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, policy_args, register_args},
     netns::NetNs,
     require_root,
     topology::{GATEWAY, Host},
@@ -80,22 +80,8 @@ fn main() -> ExitCode {
 
     println!("-- The container runtime registers each container (as a CNI plugin would):");
     for (c, app) in [(frontend, "frontend"), (backend, "backend")] {
-        let (ip, netns) = (c.ip.to_string(), c.ns.path().display().to_string());
-        agent(
-            &daemon,
-            &[
-                "endpoint",
-                "add",
-                "--app",
-                app,
-                "--ip",
-                &ip,
-                "--ifname",
-                &c.host_ifname,
-                "--netns",
-                &netns,
-            ],
-        );
+        let args = register_args(c, app);
+        agent(&daemon, &args.iter().map(String::as_str).collect::<Vec<_>>());
     }
     println!();
 
@@ -104,19 +90,7 @@ fn main() -> ExitCode {
     expect("frontend cannot reach backend:8080", reached, false);
 
     println!("-- The app developer allows frontend to reach backend on tcp 8080:");
-    agent(
-        &daemon,
-        &[
-            "add-network-policy",
-            "frontend",
-            "--destination-app",
-            "backend",
-            "--protocol",
-            "tcp",
-            "--port",
-            "8080",
-        ],
-    );
+    agent(&daemon, &policy_args("add-network-policy", "frontend", "backend", "tcp", "8080"));
     let (reached, _) = curl(&[], &url);
     expect("frontend reaches backend:8080", reached, true);
 
@@ -157,19 +131,7 @@ fn main() -> ExitCode {
     expect("explain names the ports backend allows", explained.contains("8080"), true);
 
     println!("-- Removing the policy cuts the flow again:");
-    agent(
-        &daemon,
-        &[
-            "remove-network-policy",
-            "frontend",
-            "--destination-app",
-            "backend",
-            "--protocol",
-            "tcp",
-            "--port",
-            "8080",
-        ],
-    );
+    agent(&daemon, &policy_args("remove-network-policy", "frontend", "backend", "tcp", "8080"));
     let (reached, _) = curl(&[], &url);
     expect("frontend cannot reach backend:8080 any more", reached, false);
 
