@@ -285,22 +285,14 @@ mod tests {
             2,
             "case-insensitive"
         );
-        assert_eq!(
-            ask("nope.apps.internal.", RecordType::A).metadata.response_code,
-            ResponseCode::NXDomain
-        );
-        assert_eq!(
-            ask("a.backend.apps.internal.", RecordType::A).metadata.response_code,
-            ResponseCode::NXDomain
-        );
-        assert_eq!(
-            ask("apps.internal.", RecordType::A).metadata.response_code,
-            ResponseCode::NXDomain
-        );
-        assert_eq!(
-            ask("example.com.", RecordType::A).metadata.response_code,
-            ResponseCode::Refused
-        );
+        for (name, code) in [
+            ("nope.apps.internal.", ResponseCode::NXDomain),
+            ("a.backend.apps.internal.", ResponseCode::NXDomain),
+            ("apps.internal.", ResponseCode::NXDomain),
+            ("example.com.", ResponseCode::Refused),
+        ] {
+            assert_eq!(ask(name, RecordType::A).metadata.response_code, code, "{name}");
+        }
         let aaaa = ask("backend.apps.internal.", RecordType::AAAA);
         assert_eq!((aaaa.metadata.response_code, aaaa.answers.len()), (ResponseCode::NoError, 0));
         let empty = ask("empty.apps.internal.", RecordType::A);
