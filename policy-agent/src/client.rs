@@ -2,7 +2,7 @@
 //! (what the CLI verbs use). One request per connection.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{Read, Write},
     os::unix::net::UnixStream,
     path::PathBuf,
     time::Duration,
@@ -56,19 +56,42 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Response, ClientError> {
-        let mut stream = UnixStream::connect(&self.socket)
+        let stream = UnixStream::connect(&self.socket)
             .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let payload = body.map(Value::to_string).unwrap_or_default();
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
-            payload.len()
-        )?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw)?;
-        parse_response(&raw)
+        exchange(stream, "localhost", method, path, body)
     }
+}
+
+/// One HTTP/1.1 request with a JSON body on its own connection, and its
+/// JSON response (the agent's socket, etcd's JSON gateway).
+pub(crate) fn exchange(
+    mut stream: impl Read + Write,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Response, ClientError> {
+    write_request(&mut stream, host, method, path, body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+fn write_request(
+    stream: &mut impl Write,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(), ClientError> {
+    let payload = body.map(Value::to_string).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    )?;
+    Ok(())
 }
 
 impl Client {
@@ -78,12 +101,28 @@ impl Client {
     pub fn stream_lines(
         &self,
         path: &str,
-        mut on_line: impl FnMut(&str) -> bool,
+        on_line: impl FnMut(&str) -> bool,
     ) -> Result<u16, ClientError> {
-        use std::io::{BufRead as _, BufReader};
-        let mut stream = UnixStream::connect(&self.socket)
+        let stream = UnixStream::connect(&self.socket)
             .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        stream_lines(stream, "localhost", "GET", path, None, on_line)
+    }
+}
+
+/// Sends a request and calls `on_line` with each line of the body as it
+/// arrives (a streamed, chunked response) until the server ends it or
+/// `on_line` returns false. Returns the HTTP status.
+pub(crate) fn stream_lines(
+    mut stream: impl Read + Write,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    mut on_line: impl FnMut(&str) -> bool,
+) -> Result<u16, ClientError> {
+    use std::io::{BufRead as _, BufReader};
+    write_request(&mut stream, host, method, path, body)?;
+    {
         let mut reader = BufReader::new(stream);
         let mut line = String::new();
         reader.read_line(&mut line)?;

@@ -32,6 +32,11 @@
 //! endpoints = 65536
 //! policies = 1048576
 //! conntrack = 262144
+//!
+//! [cluster]                                  # cluster mode (see `cluster`); absent: one host
+//! etcd_endpoints = ["http://10.0.0.10:2379"]
+//! host = "cell-1"
+//! underlay_address = "10.0.0.1"
 //! ```
 
 use std::{net::SocketAddr, path::PathBuf};
@@ -40,6 +45,7 @@ use serde::{Deserialize, Deserializer, de::Error as _};
 
 use crate::{
     Capacities,
+    cluster::ClusterConfig,
     dataplane::{EventSettings, OverlayNetwork},
 };
 
@@ -89,6 +95,9 @@ pub struct Config {
     /// hashed.
     #[serde(deserialize_with = "off_or_network")]
     pub overlay_network: Option<OverlayNetwork>,
+    /// Cluster mode: the desired state in etcd, shared by every host's
+    /// agent. None: a single host on its local store.
+    pub cluster: Option<ClusterConfig>,
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/policy-agent/agent.sock";
@@ -115,6 +124,7 @@ impl Default for Config {
             tls_app_ports: Default::default(),
             mtls_apps: Default::default(),
             overlay_network: Some(OverlayNetwork::default()),
+            cluster: None,
         }
     }
 }
@@ -232,6 +242,36 @@ mod tests {
             (10, 20, 262_144)
         );
         assert_eq!(Config::parse("max_policies_per_source = 0").unwrap().policy_limit(), None);
+    }
+
+    #[test]
+    fn the_cluster_section_is_checked() {
+        let c = Config::parse(
+            "[cluster]\netcd_endpoints = [\"http://10.0.0.10:2379\"]\nhost = \"cell-1\"\nunderlay_address = \"10.0.0.1\"\n",
+        )
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!((c.prefix.as_str(), c.lease_seconds), ("/policy-agent", 10));
+        for (text, key) in [
+            (
+                "etcd_endpoints = [\"etcd:2379\"]\nhost = \"a\"\nunderlay_address = \"10.0.0.1\"",
+                "etcd_endpoints",
+            ),
+            (
+                "etcd_endpoints = [\"http://10.0.0.10:2379\"]\nhost = \"a b\"\nunderlay_address = \"10.0.0.1\"",
+                "host",
+            ),
+            (
+                "etcd_endpoints = [\"http://10.0.0.10:2379\"]\nhost = \"a\"\nunderlay_address = \"x\"",
+                "underlay_address",
+            ),
+            ("etcd_endpoints = [\"http://10.0.0.10:2379\"]\nhost = \"a\"", "underlay_address"),
+        ] {
+            let err = Config::parse(&format!("[cluster]\n{text}")).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        assert_eq!(Config::default().cluster, None);
     }
 
     #[test]

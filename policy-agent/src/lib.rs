@@ -7,6 +7,7 @@ pub mod agent;
 pub mod api;
 pub mod bpffs;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod dns;

@@ -58,7 +58,7 @@ pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Err
             kernel.set_endpoint(*ip, *tag)?;
         }
     }
-    for e in state.endpoints() {
+    for e in state.local_endpoints() {
         let tag = want_endpoints[&e.ip];
         if let Err(err) = kernel.attach(&e.ifname, e.ip, tag) {
             warn!(ifname = %e.ifname, ip = %e.ip, error = %err, "endpoint's interface not attached");
@@ -76,7 +76,8 @@ pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Err
     for key in have_pairs.keys().filter(|k| !want_pairs.contains_key(k)) {
         kernel.set_pair(*key, &[])?;
     }
-    let wanted_ifnames: BTreeSet<&str> = state.endpoints().map(|e| e.ifname.as_str()).collect();
+    let wanted_ifnames: BTreeSet<&str> =
+        state.local_endpoints().map(|e| e.ifname.as_str()).collect();
     for ifname in kernel.attached()? {
         if !wanted_ifnames.contains(ifname.as_str()) {
             // The address is unknown here; detach drops the link only.
@@ -295,6 +296,7 @@ mod tests {
             app: "b".into(),
             ifname: "hv0".into(),
             netns: None,
+            host: None,
         });
         kernel.log.clear();
         full(&mut kernel, &new).unwrap();
@@ -321,6 +323,7 @@ mod tests {
             app: "b".into(),
             ifname: "gone".into(),
             netns: None,
+            host: None,
         });
         let warnings = full(&mut kernel, &state).unwrap();
         assert_eq!(warnings.len(), 1);

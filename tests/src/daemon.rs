@@ -172,6 +172,20 @@ impl Daemon {
         (status, serde_json::from_str(json).unwrap_or(Value::Null))
     }
 
+    /// A response header of `GET path` on the API socket, if present.
+    pub fn header(&self, path: &str, name: &str) -> Option<String> {
+        let out = Command::new("curl")
+            .args(["-s", "-S", "-o", "/dev/null", "-D", "-", "--unix-socket"])
+            .arg(&self.socket)
+            .arg(format!("http://localhost{path}"))
+            .output()
+            .expect("run curl");
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim().eq_ignore_ascii_case(name).then(|| value.trim().to_owned())
+        })
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.dir.join("state")
     }

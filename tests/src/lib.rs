@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod cluster;
 pub mod daemon;
 pub mod iptables;
 pub mod netns;

@@ -77,16 +77,7 @@ impl NetNs {
     /// Runs `f` on a thread that has entered this namespace. Sockets made in
     /// `f` stay in the namespace wherever they are used afterwards.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = self.path();
-        std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    enter(&path);
-                    f()
-                })
-                .join()
-                .unwrap_or_else(|e| std::panic::resume_unwind(e))
-        })
+        run_in(&self.path(), f)
     }
 
     /// Moves the calling thread into this namespace until the guard drops.
@@ -95,6 +86,19 @@ impl NetNs {
         enter(&self.path());
         EnteredNetNs { original }
     }
+}
+
+/// Runs `f` on a thread that has entered the namespace at `path`.
+pub fn run_in<T: Send>(path: &std::path::Path, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                enter(path);
+                f()
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
 }
 
 fn enter(path: &std::path::Path) {

@@ -29,18 +29,24 @@ pub struct Host {
 impl Host {
     /// A host with `n` containers at 10.255.0.1, 10.255.0.2, ...
     pub fn new(n: usize) -> Self {
+        Self::with_subnet(n, 0)
+    }
+
+    /// A host with `n` containers at 10.255.S.1, 10.255.S.2, ... (S:
+    /// `subnet`, this host's /24 of the overlay in a cluster).
+    pub fn with_subnet(n: usize, subnet: u8) -> Self {
         let ns = NetNs::new(crate::unique_name("h"));
         ns.sysctl("net.ipv4.ip_forward", "1");
         let mut host = Self { containers: Vec::new(), ns };
         for i in 0..n {
-            host.add_container(i);
+            host.add_container(i, subnet);
         }
         host
     }
 
-    fn add_container(&mut self, i: usize) {
+    fn add_container(&mut self, i: usize, subnet: u8) {
         let ns = NetNs::new(crate::unique_name(&format!("c{i}")));
-        let ip = Ipv4Addr::new(10, 255, 0, i as u8 + 1);
+        let ip = Ipv4Addr::new(10, 255, subnet, i as u8 + 1);
         let host_ifname = format!("hv{i}");
         let cidr = format!("{ip}/32");
         let gateway = GATEWAY.to_string();

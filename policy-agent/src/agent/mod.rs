@@ -5,12 +5,14 @@
 //! made to the state in place with an undo record, so they cost what they
 //! touch, not a copy of the state.
 
+mod committed;
 mod reads;
 
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
     sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
 pub use reads::{FlowQuery, PolicyStats, Status};
@@ -20,10 +22,10 @@ use crate::{
     Dataplane, Error,
     reconcile::{self, AppPair, Kernel},
     state::{
-        Endpoint, Invalid, Policy, State, Undo, check_app_id, check_domain, check_endpoint,
-        check_hostname,
+        Endpoint, Invalid, Policy, State, TlsPorts, Undo, check_app_id, check_domain,
+        check_endpoint, check_hostname,
     },
-    store::{Change, Store, StoreError},
+    store::{Change, Position, Store, StoreError},
 };
 
 /// The daemon's agent, shared by the API, DNS, TLS and the flow reader.
@@ -62,12 +64,29 @@ impl<K: Kernel> std::fmt::Debug for Agent<K> {
     }
 }
 
+/// How often a write is tried again after other agents committed first.
+const CONFLICT_RETRIES: usize = 20;
+
+/// What the agent is configured with.
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// Most policies one source app may have (None: no limit).
+    pub limit: Option<usize>,
+    /// Platform TLS ports (None: platform TLS off).
+    pub tls_ports: Option<TlsPorts>,
+    /// This agent's host in cluster mode (None: a single host).
+    pub host: Option<String>,
+}
+
 pub struct Agent<K: Kernel> {
     kernel: K,
     state: State,
     store: Box<dyn Store>,
     /// Most policies one source app may have (None: no limit).
     limit: Option<usize>,
+    /// When the state was last known to match the store (cluster mode:
+    /// the last successful read or write of etcd).
+    synced: Instant,
 }
 
 impl<K: Kernel> Agent<K> {
@@ -76,11 +95,11 @@ impl<K: Kernel> Agent<K> {
     pub fn start(
         mut kernel: K,
         mut store: Box<dyn Store>,
-        limit: Option<usize>,
-        tls_ports: Option<crate::state::TlsPorts>,
+        settings: Settings,
     ) -> Result<(Self, Vec<String>), AgentError> {
         let mut state = store.load()?;
-        state.set_tls_ports(tls_ports);
+        state.set_tls_ports(settings.tls_ports);
+        state.set_local_host(settings.host);
         let warnings = reconcile::full(&mut kernel, &state)?;
         info!(
             policies = state.policy_count(),
@@ -88,11 +107,63 @@ impl<K: Kernel> Agent<K> {
             apps = state.tags().len(),
             "reconciled the kernel to the stored state"
         );
-        Ok((Self { kernel, state, store, limit }, warnings))
+        let synced = Instant::now();
+        Ok((Self { kernel, state, store, limit: settings.limit, synced }, warnings))
     }
 
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// How far the store has been read and applied.
+    pub fn position(&self) -> Position {
+        self.store.position()
+    }
+
+    /// Time since the state was last known to match the store.
+    pub fn state_age(&self) -> Duration {
+        self.synced.elapsed()
+    }
+
+    /// Applies what other agents committed since the last read; returns
+    /// how many changes that was.
+    pub fn catch_up(&mut self) -> Result<usize, AgentError> {
+        let changes = self.store.pending()?;
+        for change in &changes {
+            self.apply_committed(change);
+        }
+        self.synced = Instant::now();
+        if !changes.is_empty() {
+            info!(
+                changes = changes.len(),
+                seq = self.store.position().seq,
+                "applied changes from the cluster"
+            );
+        }
+        Ok(changes.len())
+    }
+
+    /// Runs a write; when another agent committed first, applies its
+    /// changes and runs the write again (checked against them).
+    fn retrying<T>(
+        &mut self,
+        mut write: impl FnMut(&mut Self) -> Result<T, AgentError>,
+    ) -> Result<T, AgentError> {
+        let mut attempt = 0;
+        loop {
+            match write(self) {
+                Err(AgentError::Store(StoreError::Conflict)) if attempt < CONFLICT_RETRIES => {
+                    attempt += 1;
+                    self.catch_up()?;
+                }
+                result => {
+                    if result.is_ok() {
+                        self.synced = Instant::now();
+                    }
+                    return result;
+                }
+            }
+        }
     }
 
     #[cfg(test)]
@@ -117,6 +188,10 @@ impl<K: Kernel> Agent<K> {
     }
 
     pub fn add_policies(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
+        self.retrying(|agent| agent.add_policies_once(policies))
+    }
+
+    fn add_policies_once(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
         let before = reconcile::before_change(&self.state, touched(policies));
         let undo = self.state.add_policies_undoable(policies, self.limit)?;
         self.apply_policies(Change::AddPolicies(policies.to_vec()), before, undo)?;
@@ -125,6 +200,10 @@ impl<K: Kernel> Agent<K> {
     }
 
     pub fn remove_policies(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
+        self.retrying(|agent| agent.remove_policies_once(policies))
+    }
+
+    fn remove_policies_once(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
         let removed: Vec<u32> = policies.iter().filter_map(|p| self.state.policy_id(p)).collect();
         let before = reconcile::before_change(&self.state, touched(policies));
         let undo = self.state.remove_policies_undoable(policies);
@@ -155,11 +234,26 @@ impl<K: Kernel> Agent<K> {
         self.commit(change, undo, |kernel| reconcile::undo_pairs(kernel, written))
     }
 
-    /// Registers (or replaces) an endpoint and attaches to its veth.
-    pub fn add_endpoint(&mut self, endpoint: Endpoint) -> Result<(), AgentError> {
+    /// Registers (or replaces) an endpoint on this host and attaches to
+    /// its veth.
+    pub fn add_endpoint(&mut self, mut endpoint: Endpoint) -> Result<(), AgentError> {
+        endpoint.host = self.state.local_host().map(str::to_owned);
+        self.retrying(|agent| agent.add_endpoint_once(endpoint.clone()))
+    }
+
+    fn add_endpoint_once(&mut self, endpoint: Endpoint) -> Result<(), AgentError> {
         check_endpoint(&endpoint)?;
         if self.state.endpoint(endpoint.ip) == Some(&endpoint) {
             return Ok(());
+        }
+        if let Some(other) = self.state.endpoint(endpoint.ip).and_then(|e| e.host.as_ref())
+            && endpoint.host.as_ref() != Some(other)
+        {
+            return Err(Invalid::new(
+                "ip",
+                format!("{} is an endpoint on host {other}; remove it there first", endpoint.ip),
+            )
+            .into());
         }
         let old = self.state.endpoint(endpoint.ip).cloned();
         let undo = self.state.add_endpoint_undoable(endpoint.clone());
@@ -218,6 +312,16 @@ impl<K: Kernel> Agent<K> {
         hostname: &str,
         map: bool,
     ) -> Result<(), AgentError> {
+        self.retrying(|agent| agent.route_once(app, domain, hostname, map))
+    }
+
+    fn route_once(
+        &mut self,
+        app: &str,
+        domain: &str,
+        hostname: &str,
+        map: bool,
+    ) -> Result<(), AgentError> {
         check_app_id("app", app)?;
         check_domain("domain", domain)?;
         let hostname = check_hostname("hostname", hostname)?;
@@ -243,6 +347,10 @@ impl<K: Kernel> Agent<K> {
     /// Unregisters an endpoint: detaches from its veth and removes every map
     /// entry naming it. Unknown addresses are not an error.
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<bool, AgentError> {
+        self.retrying(|agent| agent.remove_endpoint_once(ip))
+    }
+
+    fn remove_endpoint_once(&mut self, ip: Ipv4Addr) -> Result<bool, AgentError> {
         let Some(endpoint) = self.state.endpoint(ip).cloned() else {
             return Ok(false);
         };
@@ -250,7 +358,9 @@ impl<K: Kernel> Agent<K> {
         // the restart reconcile finishes the removal from the stored state.
         let undo = self.state.remove_endpoint_undoable(ip);
         self.commit(Change::RemoveEndpoint(ip), undo, |_| {})?;
-        self.kernel.detach(&endpoint.ifname, ip)?;
+        if endpoint.runs_on(self.state.local_host()) {
+            self.kernel.detach(&endpoint.ifname, ip)?;
+        }
         self.kernel.remove_endpoint(ip)?;
         info!(%ip, app = endpoint.app, ifname = endpoint.ifname, "endpoint removed");
         Ok(true)
@@ -280,7 +390,7 @@ mod tests {
     #[test]
     fn writes_are_durable_and_failed_ones_change_nothing() {
         let store = temp_store("durable");
-        let (mut agent, _) = Agent::start(FakeKernel::new(1), store, None, None).unwrap();
+        let (mut agent, _) = Agent::start(FakeKernel::new(1), store, Settings::default()).unwrap();
         agent.add_policies(&[policy(80)]).unwrap();
         assert_eq!(&reload("durable"), agent.state());
         // A second pair does not fit in the fake kernel: nothing changes.
@@ -299,9 +409,11 @@ mod tests {
     fn endpoints_attach_and_a_missing_interface_is_invalid() {
         let mut kernel = FakeKernel::new(10);
         kernel.interfaces.insert("hv0".into());
-        let (mut agent, _) = Agent::start(kernel, temp_store("endpoints"), None, None).unwrap();
+        let (mut agent, _) =
+            Agent::start(kernel, temp_store("endpoints"), Settings::default()).unwrap();
         let ip = Ipv4Addr::new(10, 255, 0, 1);
-        let missing = Endpoint { ip, app: "web".into(), ifname: "nope".into(), netns: None };
+        let missing =
+            Endpoint { ip, app: "web".into(), ifname: "nope".into(), netns: None, host: None };
         match agent.add_endpoint(missing) {
             Err(AgentError::Invalid(e)) => assert_eq!(e.field, "ifname"),
             other => panic!("{other:?}"),
@@ -309,7 +421,13 @@ mod tests {
         assert!(agent.state().endpoints().next().is_none());
         assert!(agent.kernel().endpoints.is_empty());
         agent
-            .add_endpoint(Endpoint { ip, app: "web".into(), ifname: "hv0".into(), netns: None })
+            .add_endpoint(Endpoint {
+                ip,
+                app: "web".into(),
+                ifname: "hv0".into(),
+                netns: None,
+                host: None,
+            })
             .unwrap();
         assert_eq!(agent.kernel().endpoints[&ip], 1);
         assert!(agent.remove_endpoint(ip).unwrap());

@@ -15,6 +15,7 @@
 //! 400 for bad input (nothing of the request applied), 507 when a kernel
 //! map is full, 500 otherwise.
 
+mod cluster;
 mod endpoints;
 mod observe;
 mod policies;
@@ -38,9 +39,11 @@ use tokio::sync::watch;
 use crate::{
     Dataplane, Error,
     agent::{self, Agent, AgentError, SharedAgent},
+    cluster::{ClusterConfig, etcd::EtcdError},
     flows::FlowHub,
     metrics::{ApiLabels, Metrics},
     state::Invalid,
+    store::StoreError,
     tls::TlsProxies,
 };
 
@@ -54,9 +57,15 @@ pub struct Api {
     pub stopping: watch::Receiver<bool>,
     /// Platform TLS listeners (None: off).
     pub tls: Option<Arc<TlsProxies>>,
+    /// Cluster mode (None: a single host).
+    pub cluster: Option<ClusterConfig>,
 }
 
 type Reply = (StatusCode, Json<Value>);
+
+/// On reads in cluster mode: seconds since this agent's state last matched
+/// etcd.
+pub const STATE_AGE_HEADER: &str = "x-state-age-seconds";
 
 pub fn router(api: Api) -> Router {
     Router::new()
@@ -71,6 +80,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/status", get(observe::status))
         .route("/v1/flows", get(observe::flows))
         .route("/v1/explain", get(observe::explain))
+        .route("/v1/cluster", get(cluster::status))
         .layer(middleware::from_fn_with_state(api.clone(), record_request))
         // Bodies are read with our own limit, to answer 400 in JSON.
         .layer(DefaultBodyLimit::disable())
@@ -90,6 +100,10 @@ fn failure(e: AgentError) -> Reply {
         AgentError::Kernel(e @ Error::MapFull { .. }) => {
             (StatusCode::INSUFFICIENT_STORAGE, Json(json!({"error": e.to_string()})))
         }
+        // Cluster mode: nothing was applied; enforcement is as it was.
+        AgentError::Store(
+            e @ (StoreError::Etcd(EtcdError::Unreachable { .. }) | StoreError::Conflict),
+        ) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))),
         e => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e.to_string()}))),
     }
 }
@@ -166,7 +180,16 @@ async fn record_request(State(api): State<Api>, request: Request, next: Next) ->
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let started = std::time::Instant::now();
-    let response = next.run(request).await;
+    let is_read = request.method() == axum::http::Method::GET;
+    let mut response = next.run(request).await;
+    if is_read && api.cluster.is_some() {
+        // Reads are answered from this agent's copy of the cluster state:
+        // say how old it is (seconds since it last matched etcd).
+        let age = with_agent(&api, |agent| agent.state_age()).await;
+        if let Ok(value) = format!("{:.3}", age.as_secs_f64()).parse() {
+            response.headers_mut().insert(STATE_AGE_HEADER, value);
+        }
+    }
     let labels = ApiLabels { method, path, status: response.status().as_u16() };
     api.metrics.api_requests.get_or_create(&labels).inc();
     api.metrics.api_latency.get_or_create(&labels).observe(started.elapsed().as_secs_f64());

@@ -130,8 +130,13 @@ pub fn policy_list(policies: Vec<Value>) -> Value {
     json!({"total_policies": policies.len(), "policies": policies})
 }
 
+/// `{"ip","app","ifname","netns"}`, and `"host"` in cluster mode.
 pub fn endpoint_json(e: &Endpoint) -> Value {
-    json!({"ip": e.ip.to_string(), "app": e.app, "ifname": e.ifname, "netns": e.netns})
+    let mut v = json!({"ip": e.ip.to_string(), "app": e.app, "ifname": e.ifname, "netns": e.netns});
+    if let Some(host) = &e.host {
+        v["host"] = json!(host);
+    }
+    v
 }
 
 /// `{"app","ip","ifname","netns"}`.
@@ -145,7 +150,7 @@ pub fn parse_endpoint(v: &Value) -> Result<Endpoint, Invalid> {
         Some(Value::String(s)) => Some(PathBuf::from(s)),
         Some(_) => return Err(Invalid::new("netns", "must be a path")),
     };
-    Ok(Endpoint { ip, app: app.to_owned(), ifname: ifname.to_owned(), netns })
+    Ok(Endpoint { ip, app: app.to_owned(), ifname: ifname.to_owned(), netns, host: None })
 }
 
 /// A route: app, domain, hostname.
@@ -210,6 +215,7 @@ mod tests {
             app: "b".into(),
             ifname: "hv0".into(),
             netns: Some("/var/run/netns/x".into()),
+            host: None,
         };
         assert_eq!(parse_endpoint(&endpoint_json(&endpoint)).unwrap(), endpoint);
         assert_eq!(

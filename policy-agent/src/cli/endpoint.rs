@@ -41,6 +41,7 @@ impl EndpointCommand {
                     app: app.clone(),
                     ifname: ifname.clone(),
                     netns,
+                    host: None,
                 });
                 call(client, "POST", "/v1/endpoints", Some(&body))?;
                 println!("endpoint {ip} of app {app} on {ifname}: OK");

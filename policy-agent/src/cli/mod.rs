@@ -1,5 +1,6 @@
 //! Command line: one file per group of subcommands.
 
+mod cluster;
 mod dataplane;
 mod endpoint;
 mod observe;
@@ -60,6 +61,9 @@ enum Command {
     Flows(observe::FlowsArgs),
     /// Why a flow is allowed or denied: SRC_IP DST_IP tcp|udp PORT.
     Explain(observe::ExplainArgs),
+    /// Cluster mode: the hosts and how far each has applied the change log.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Low-level control of the kernel dataplane, without the daemon.
     Dataplane(dataplane::DataplaneArgs),
 }
@@ -81,6 +85,7 @@ impl Cli {
             Command::UnmapRoute(args) => args.unmap(&client),
             Command::Routes(args) => route::list(&args, &client),
             Command::Explain(args) => args.run(&client),
+            Command::Cluster(cmd) => cmd.run(&client),
             Command::Dataplane(args) => {
                 init_logging("warn");
                 args.run()

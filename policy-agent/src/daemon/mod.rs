@@ -18,11 +18,17 @@ use policy_agent::{
     Dataplane, DataplaneConfig,
     agent::{self, Agent, SharedAgent},
     api::Api,
+    cluster::{
+        ClusterConfig,
+        follow::{self, OnChange},
+        hosts,
+        store::EtcdStore,
+    },
     config::Config,
     flows::{self, FlowHub, FlowLog},
     metrics::Metrics,
     state::{Protocol, TlsFront, TlsPorts},
-    store::Journal,
+    store::{Journal, Store},
     tls::{self, Authorizer, ClientAuth, PlatformCa, TlsProxies},
 };
 use tokio::sync::watch;
@@ -31,16 +37,18 @@ use tracing::{info, warn};
 pub fn run(config: Config) -> Result<()> {
     let mut dataplane = open_dataplane(&config)?;
     let ring = dataplane.take_flow_events().context("the flow event ring buffer is missing")?;
-    let store = Journal::open(&config.state_dir)
-        .with_context(|| format!("cannot open the state in {}", config.state_dir.display()))?;
+    let store = open_store(&config)?;
     let started = std::time::Instant::now();
-    let tls_ports = config.tls.then(|| TlsPorts {
-        default: TlsFront { app_port: config.tls_upstream_port, tls_port: tls::TLS_PORT },
-        per_app: config.tls_app_ports.clone(),
-    });
-    let (agent, warnings) =
-        Agent::start(dataplane, Box::new(store), config.policy_limit(), tls_ports)
-            .context("failed to reconcile the kernel to the stored state")?;
+    let settings = agent::Settings {
+        limit: config.policy_limit(),
+        tls_ports: config.tls.then(|| TlsPorts {
+            default: TlsFront { app_port: config.tls_upstream_port, tls_port: tls::TLS_PORT },
+            per_app: config.tls_app_ports.clone(),
+        }),
+        host: config.cluster.as_ref().map(|c| c.host.clone()),
+    };
+    let (agent, warnings) = Agent::start(dataplane, store, settings)
+        .context("failed to reconcile the kernel to the stored state")?;
     let reconcile_time = started.elapsed();
     for w in warnings {
         warn!("{w}");
@@ -53,6 +61,14 @@ pub fn run(config: Config) -> Result<()> {
     let reader = spawn_flow_reader(&config, ring, &agent, &hub, &reader_stop)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let tls = if config.tls { Some(start_tls(&config, &agent)?) } else { None };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    if let Some(cluster) = &config.cluster {
+        follow_cluster(cluster, &agent, tls.clone(), runtime.handle())?;
+    }
     let api = Api {
         agent,
         max_body_bytes: config.max_body_bytes,
@@ -60,16 +76,56 @@ pub fn run(config: Config) -> Result<()> {
         metrics: metrics.clone(),
         stopping: stop_rx,
         tls,
+        cluster: config.cluster.clone(),
     };
-    let result = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("failed to start the async runtime")?
-        .block_on(serve::serve(config, api, metrics, stop_tx));
+    let result = runtime.block_on(serve::serve(config, api, metrics, stop_tx));
     reader_stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
     result
+}
+
+/// The desired state: etcd in cluster mode, else the local journal.
+fn open_store(config: &Config) -> Result<Box<dyn Store>> {
+    if let Some(cluster) = &config.cluster {
+        info!(etcd = ?cluster.etcd_endpoints, host = cluster.host, "cluster mode");
+        return Ok(Box::new(EtcdStore::new(cluster.etcd(), &cluster.prefix)));
+    }
+    let journal = Journal::open(&config.state_dir)
+        .with_context(|| format!("cannot open the state in {}", config.state_dir.display()))?;
+    Ok(Box::new(journal))
+}
+
+/// Cluster mode: a thread follows the change log in etcd, another keeps
+/// this host registered. Both apply what other agents commit; the TLS
+/// listeners follow.
+fn follow_cluster(
+    cluster: &ClusterConfig,
+    agent: &SharedAgent,
+    tls: Option<Arc<TlsProxies>>,
+    runtime: &tokio::runtime::Handle,
+) -> Result<()> {
+    let on_change = || -> OnChange {
+        let (tls, runtime) = (tls.clone(), runtime.clone());
+        Box::new(move |state| {
+            if let Some(tls) = &tls {
+                // The listeners are tasks of the runtime.
+                let _entered = runtime.enter();
+                tls.sync(state);
+            }
+        })
+    };
+    let watched = EtcdStore::new(cluster.etcd(), &cluster.prefix).watched_key();
+    let (follower, etcd, changed) = (agent.clone(), cluster.etcd(), on_change());
+    std::thread::Builder::new()
+        .name("cluster-follow".into())
+        .spawn(move || follow::follow(follower, etcd, watched, changed))
+        .context("cannot start the cluster follower")?;
+    let (registrar, config, changed) = (agent.clone(), cluster.clone(), on_change());
+    std::thread::Builder::new()
+        .name("cluster-hosts".into())
+        .spawn(move || hosts::register(registrar, config, changed))
+        .context("cannot start the host registration")?;
+    Ok(())
 }
 
 /// Loads the programs and maps (taking over pinned ones).

@@ -45,6 +45,9 @@ pub struct State {
     /// Platform TLS: which TLS port fronts which app port (configuration,
     /// not stored).
     tls_ports: Option<TlsPorts>,
+    /// This agent's host in cluster mode (configuration, not stored): its
+    /// endpoints are the local ones.
+    local_host: Option<String>,
     /// How many policy ends and endpoints name each app (derived, not
     /// stored): an app whose count drops to zero loses its tag.
     refs: BTreeMap<String, usize>,
@@ -60,6 +63,7 @@ impl Default for State {
             endpoints: BTreeMap::new(),
             routes: BTreeMap::new(),
             tls_ports: None,
+            local_host: None,
             refs: BTreeMap::new(),
         }
     }
@@ -88,6 +92,22 @@ impl State {
 
     pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
         self.endpoints.values()
+    }
+
+    /// The endpoints on this agent's host (all of them on a single host).
+    pub fn local_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.values().filter(|e| e.runs_on(self.local_host.as_deref()))
+    }
+
+    /// This agent's host in cluster mode.
+    pub fn local_host(&self) -> Option<&str> {
+        self.local_host.as_deref()
+    }
+
+    /// Sets this agent's host (cluster mode). Not stored: the agent sets
+    /// it from its configuration.
+    pub fn set_local_host(&mut self, host: Option<String>) {
+        self.local_host = host;
     }
 
     pub fn endpoint(&self, ip: Ipv4Addr) -> Option<&Endpoint> {

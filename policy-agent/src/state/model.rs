@@ -87,6 +87,18 @@ pub struct Endpoint {
     /// The container's network namespace (a path such as /var/run/netns/X).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
+    /// The host (cell) it runs on, in cluster mode; None on a single host.
+    /// Only that host's agent attaches to its veth and serves its TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+impl Endpoint {
+    /// Whether the endpoint runs on `host` (the agent's own host; None:
+    /// single-host mode, where every endpoint is local).
+    pub fn runs_on(&self, host: Option<&str>) -> bool {
+        host.is_none() || self.host.as_deref() == host
+    }
 }
 
 /// A TLS port fronting an app port on every instance (Cloud Foundry's

@@ -88,6 +88,7 @@ impl From<Stored> for State {
             endpoints: s.endpoints.into_iter().map(|e| (e.ip, e)).collect(),
             routes: s.routes,
             tls_ports: None,
+            local_host: None,
             refs: BTreeMap::new(),
         };
         let named: Vec<String> = state

@@ -14,6 +14,7 @@ fn undo_takes_a_change_back_exactly() {
         app: "web".into(),
         ifname: "hv0".into(),
         netns: None,
+        host: None,
     });
     let kept = policy("web", "api", Protocol::Tcp, 8080, 8080);
     s.add_policies(&[kept.clone(), policy("api", "db", Protocol::Udp, 53, 53)], None).unwrap();
@@ -33,7 +34,7 @@ fn undo_takes_a_change_back_exactly() {
     // An endpoint re-registered for a new app, and unregistered: the old
     // app's tag comes back with it.
     let ip = Ipv4Addr::new(10, 255, 0, 1);
-    let moved = Endpoint { ip, app: "fresh".into(), ifname: "hv0".into(), netns: None };
+    let moved = Endpoint { ip, app: "fresh".into(), ifname: "hv0".into(), netns: None, host: None };
     let undo = s.add_endpoint_undoable(moved);
     assert!(s.tag("fresh").is_some());
     s.undo(undo);
@@ -144,6 +145,7 @@ fn endpoints_keep_their_app_tagged() {
         app: "web".into(),
         ifname: "hv0".into(),
         netns: None,
+        host: None,
     };
     assert!(s.add_endpoint(ep.clone()).is_none());
     assert_eq!(s.endpoint_tags()[&ep.ip], 1);
@@ -172,6 +174,7 @@ fn state_round_trips_through_json() {
         app: "b".into(),
         ifname: "v".into(),
         netns: Some("/run/netns/x".into()),
+        host: None,
     });
     let json = serde_json::to_string(&s).unwrap();
     let back: State = serde_json::from_str(&json).unwrap();

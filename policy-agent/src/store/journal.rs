@@ -211,6 +211,7 @@ mod tests {
             app: "b".into(),
             ifname: "v".into(),
             netns: None,
+            host: None,
         };
         for change in [Change::AddEndpoint(endpoint), Change::RemovePolicies(vec![policy(7)])] {
             change.replay(&mut state);

@@ -25,6 +25,27 @@ pub trait Store: Send {
     fn append(&mut self, change: &Change, state: &State) -> Result<(), StoreError>;
     /// Writes `state` whole (compaction).
     fn snapshot(&mut self, state: &State) -> Result<(), StoreError>;
+    /// Changes other agents committed since this store last loaded,
+    /// appended or caught up, in order (a shared store's; a local store
+    /// has none). After a [`StoreError::Conflict`] the agent applies these
+    /// and tries its change again.
+    fn pending(&mut self) -> Result<Vec<Change>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// How far this store has read: the number of changes, and the
+    /// backend's revision (etcd's; 0 for a local store).
+    fn position(&self) -> Position {
+        Position::default()
+    }
+}
+
+/// How far a store has read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Position {
+    /// Changes applied, counted from the first.
+    pub seq: u64,
+    /// The backend's revision when last read or written (etcd's).
+    pub revision: i64,
 }
 
 /// Changes between snapshots.
@@ -72,6 +93,14 @@ pub enum StoreError {
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("stored state {path} is corrupt: {source}")]
     Corrupt { path: PathBuf, source: serde_json::Error },
+    /// Another agent committed a change first: catch up and try again.
+    #[error("another agent committed a change at the same time; try again")]
+    Conflict,
+    #[error(transparent)]
+    Etcd(#[from] crate::cluster::etcd::EtcdError),
+    /// The shared log is not a gapless sequence of changes.
+    #[error("the change log in etcd under {prefix} is damaged: {reason}")]
+    Damaged { prefix: String, reason: String },
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {

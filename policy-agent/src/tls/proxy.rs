@@ -169,7 +169,7 @@ impl TlsProxies {
             routes_of.entry(app.as_str()).or_default().push(host.clone());
         }
         let wanted: BTreeMap<Ipv4Addr, Wanted> = state
-            .endpoints()
+            .local_endpoints()
             .filter_map(|e| {
                 Some((
                     e.ip,

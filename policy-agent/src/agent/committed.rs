@@ -1,0 +1,69 @@
+//! Changes other agents committed (cluster mode): already validated and
+//! durable, so they are applied without checks and cannot be refused. The
+//! kernel follows make-before-break as for local writes; a kernel write that
+//! fails (a full map) is logged and counted, and the next start's full
+//! reconcile tries again — the state keeps the change, as the cluster does.
+
+use std::net::Ipv4Addr;
+
+use tracing::warn;
+
+use super::{Agent, touched};
+use crate::{
+    Error,
+    reconcile::{self, Kernel},
+    store::Change,
+};
+
+impl<K: Kernel> Agent<K> {
+    pub(super) fn apply_committed(&mut self, change: &Change) {
+        if let Err(e) = self.apply_committed_to_kernel(change) {
+            warn!(error = %e, ?change, "the kernel could not follow a change from the cluster");
+        }
+    }
+
+    fn apply_committed_to_kernel(&mut self, change: &Change) -> Result<(), Error> {
+        match change {
+            Change::AddPolicies(policies) | Change::RemovePolicies(policies) => {
+                let removed: Vec<u32> = match change {
+                    Change::RemovePolicies(_) => {
+                        policies.iter().filter_map(|p| self.state.policy_id(p)).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                let before = reconcile::before_change(&self.state, touched(policies));
+                change.replay(&mut self.state);
+                reconcile::touched_pairs(&mut self.kernel, &self.state, &before)?;
+                self.kernel.forget_policies(&removed);
+            }
+            Change::AddEndpoint(endpoint) => {
+                let old = self.state.endpoint(endpoint.ip).cloned();
+                change.replay(&mut self.state);
+                let tag = self.state.tag(&endpoint.app).expect("add_endpoint tags the app");
+                let local = self.state.local_host();
+                if endpoint.runs_on(local) {
+                    self.kernel.attach(&endpoint.ifname, endpoint.ip, tag)?;
+                }
+                self.kernel.set_endpoint(endpoint.ip, tag)?;
+                if let Some(old) = old.filter(|o| o.runs_on(local)) {
+                    let moved = !endpoint.runs_on(local) || old.ifname != endpoint.ifname;
+                    if moved {
+                        self.kernel.detach(&old.ifname, Ipv4Addr::UNSPECIFIED)?;
+                    }
+                }
+            }
+            Change::RemoveEndpoint(ip) => {
+                let old = self.state.endpoint(*ip).cloned();
+                change.replay(&mut self.state);
+                if let Some(old) = old {
+                    if old.runs_on(self.state.local_host()) {
+                        self.kernel.detach(&old.ifname, *ip)?;
+                    }
+                    self.kernel.remove_endpoint(*ip)?;
+                }
+            }
+            Change::MapRoute { .. } | Change::UnmapRoute { .. } => change.replay(&mut self.state),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,73 @@
+//! Following the cluster: a thread watches the head of the change log in
+//! etcd and applies what other agents commit, as it happens. A watch that
+//! breaks (etcd restarted, unreachable, its revision compacted) is
+//! re-established after reading whatever was missed: enforcement is never
+//! cleared, and the agent catches up without a restart. The host
+//! registration's keepalive (`hosts`) also catches up every few seconds, a
+//! safety net should a watch stall.
+
+use std::{thread, time::Duration};
+
+use tracing::{info, warn};
+
+use super::etcd::{Etcd, EtcdError, prefix_end};
+use crate::{
+    agent::{self, SharedAgent},
+    state::State,
+};
+
+/// Called with the state after changes from the cluster were applied (the
+/// TLS listeners follow it).
+pub type OnChange = Box<dyn Fn(&State) + Send>;
+
+/// Applies what is new; returns etcd's revision read up to.
+pub fn catch_up(agent: &SharedAgent, on_change: &OnChange) -> Result<i64, String> {
+    let mut agent = agent::lock(agent);
+    let applied = agent.catch_up().map_err(|e| e.to_string())?;
+    if applied > 0 {
+        on_change(agent.state());
+    }
+    Ok(agent.position().revision)
+}
+
+/// Runs forever on its own thread.
+pub fn follow(agent: SharedAgent, etcd: Etcd, watched_key: String, on_change: OnChange) {
+    const FIRST_RETRY: Duration = Duration::from_millis(100);
+    let mut retry = FIRST_RETRY;
+    let mut healthy = true;
+    loop {
+        let revision = match catch_up(&agent, &on_change) {
+            Ok(revision) => revision,
+            Err(e) => {
+                if healthy {
+                    warn!(error = %e, "cannot read the cluster state; enforcement stays as it is, retrying");
+                    healthy = false;
+                }
+                thread::sleep(retry);
+                retry = (retry * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        if !healthy {
+            info!("reading the cluster state again");
+            healthy = true;
+        }
+        retry = FIRST_RETRY;
+        let end = prefix_end(&watched_key);
+        let watched =
+            etcd.watch(&watched_key, &end, revision + 1, |_| match catch_up(&agent, &on_change) {
+                Ok(_) => true,
+                Err(e) => {
+                    warn!(error = %e, "cannot apply changes from the cluster");
+                    false
+                }
+            });
+        match watched {
+            Ok(()) | Err(EtcdError::Compacted { .. }) => {}
+            Err(e) => {
+                warn!(error = %e, "the watch on the cluster state broke; re-reading");
+                thread::sleep(retry);
+            }
+        }
+    }
+}

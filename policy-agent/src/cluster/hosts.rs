@@ -1,0 +1,100 @@
+//! The host registry: each agent keeps a record of its host in etcd
+//! (`hosts/NAME`: underlay address, how far it has applied the log, when it
+//! last reported) under a lease it renews every third of the lease time.
+//! When an agent is gone for longer than the lease, its record expires.
+
+use std::{
+    net::Ipv4Addr,
+    thread,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use super::{
+    ClusterConfig,
+    etcd::{Etcd, EtcdError, prefix_end},
+    follow::{self, OnChange},
+};
+use crate::agent::{self, SharedAgent};
+
+/// One host as registered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub host: String,
+    pub underlay_address: Ipv4Addr,
+    /// Changes of the log this host has applied.
+    pub applied_seq: u64,
+    /// etcd's revision it had read up to.
+    pub applied_revision: i64,
+    /// When it last reported (seconds since the epoch).
+    pub reported_at: u64,
+}
+
+fn hosts_prefix(prefix: &str) -> String {
+    format!("{}/hosts/", prefix.trim_end_matches('/'))
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Every registered host, by name.
+pub fn list(etcd: &Etcd, prefix: &str) -> Result<Vec<HostRecord>, EtcdError> {
+    let hosts = hosts_prefix(prefix);
+    let range = etcd.range(&hosts, &prefix_end(&hosts))?;
+    Ok(range.kvs.iter().filter_map(|kv| serde_json::from_slice(&kv.value).ok()).collect())
+}
+
+/// The newest change in the log (its sequence number), and etcd's revision.
+pub fn newest(etcd: &Etcd, prefix: &str) -> Result<(u64, i64), EtcdError> {
+    let head = format!("{}/log/head", prefix.trim_end_matches('/'));
+    let range = etcd.range(&head, &prefix_end(&head))?;
+    let seq = range
+        .kvs
+        .first()
+        .and_then(|kv| String::from_utf8_lossy(&kv.value).parse().ok())
+        .unwrap_or(0);
+    Ok((seq, range.revision))
+}
+
+/// Keeps this host registered, and catches up with the log at each
+/// renewal; runs forever on its own thread.
+pub fn register(agent: SharedAgent, config: ClusterConfig, on_change: OnChange) {
+    let etcd = config.etcd();
+    let key = format!("{}{}", hosts_prefix(&config.prefix), config.host);
+    let ttl = i64::from(config.lease_seconds.max(3));
+    let period = Duration::from_secs((ttl / 3) as u64);
+    let mut lease = 0;
+    let mut healthy = true;
+    loop {
+        let _ = follow::catch_up(&agent, &on_change);
+        let position = agent::lock(&agent).position();
+        let record = HostRecord {
+            host: config.host.clone(),
+            underlay_address: config.underlay_address,
+            applied_seq: position.seq,
+            applied_revision: position.revision,
+            reported_at: now(),
+        };
+        let result = (|| -> Result<(), EtcdError> {
+            if lease == 0 || !etcd.keep_alive(lease)? {
+                lease = etcd.grant_lease(ttl)?;
+            }
+            let value = serde_json::to_vec(&record).expect("host records serialize");
+            etcd.put_if(&[], &[(&key, &value, lease)])?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => healthy = true,
+            Err(e) if healthy => {
+                warn!(error = %e, "cannot register this host in the cluster; retrying");
+                healthy = false;
+                lease = 0;
+            }
+            Err(_) => lease = 0,
+        }
+        thread::sleep(period);
+    }
+}

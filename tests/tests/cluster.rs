@@ -1,0 +1,233 @@
+//! Cluster mode on a real etcd: one underlay, an etcd process started by
+//! the test, hosts each running their own agent. A write through any
+//! host's API is enforced on every host; tags agree; an etcd outage keeps
+//! enforcement, refuses writes with 503, and is caught up after.
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    cluster::{ClusterHost, Etcd, Underlay, hosts},
+    daemon::Daemon,
+    netns::NetNs,
+    require_root,
+    topology::GATEWAY,
+    traffic::{LONG, SHORT, echo_once, tcp_connect, tcp_echo_server, tcp_echo_works},
+};
+use serde_json::{Value, json};
+
+const POLICIES: &str = "/networking/v1/external/policies";
+const TAGS: &str = "/networking/v1/external/tags";
+
+fn policy(source: &str, destination: &str, port: u16) -> Value {
+    json!({"source": {"id": source}, "destination": {"id": destination, "protocol": "tcp", "ports": {"start": port, "end": port}}})
+}
+
+fn body(policies: &[Value]) -> String {
+    json!({ "policies": policies }).to_string()
+}
+
+/// Polls `check` until it holds or `within` passes; returns whether it held.
+fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    loop {
+        if check() {
+            return true;
+        }
+        if started.elapsed() > within {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Host `h`'s frontend (container 0) and backend (container 1) with an echo
+/// server on 8080 and 9000, registered with that host's agent.
+fn frontend_and_backend(h: &ClusterHost) -> (Ipv4Addr, Ipv4Addr) {
+    let (frontend, backend) = (h.host.container(0), h.host.container(1));
+    h.daemon.register(frontend, "frontend");
+    h.daemon.register(backend, "backend");
+    tcp_echo_server(&backend.ns, backend.ip, 8080);
+    tcp_echo_server(&backend.ns, backend.ip, 9000);
+    (frontend.ip, backend.ip)
+}
+
+fn reaches(h: &ClusterHost, to: Ipv4Addr, port: u16) -> bool {
+    tcp_echo_works(&h.host.container(0).ns, to, port, SHORT)
+}
+
+fn get(daemon: &Daemon, path: &str) -> Value {
+    let (status, value) = daemon.curl("GET", path, None);
+    assert_eq!(status, 200, "{path}: {value}");
+    value
+}
+
+#[test]
+fn a_policy_written_on_one_host_is_enforced_on_every_host() {
+    require_root();
+    let mut underlay = Underlay::new();
+    let _etcd = Etcd::start(&underlay);
+    let cells = hosts(&mut underlay, 2, 2);
+    let (a, b) = (&cells[0], &cells[1]);
+    let (_, backend_a) = frontend_and_backend(a);
+    let (_, backend_b) = frontend_and_backend(b);
+    assert!(!reaches(a, backend_a, 8080) && !reaches(b, backend_b, 8080), "default deny");
+
+    // Written through A's API, enforced on B.
+    let post = body(&[policy("frontend", "backend", 8080)]);
+    assert_eq!(a.daemon.curl("POST", POLICIES, Some(&post)), (200, json!({})));
+    assert!(reaches(a, backend_a, 8080), "enforced on the host that took the write");
+    assert!(eventually(LONG, || reaches(b, backend_b, 8080)), "enforced on the other host");
+    assert!(!reaches(b, backend_b, 9000), "other ports stay denied");
+    assert!(!tcp_echo_works(&b.host.container(1).ns, b.host.container(0).ip, 8080, SHORT));
+    assert_eq!(get(&b.daemon, POLICIES)["total_policies"], 1);
+    assert_eq!(get(&a.daemon, TAGS), get(&b.daemon, TAGS), "one tag per app everywhere");
+
+    // Every host's DNS answers with the instances of every host.
+    a.daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
+    let client = &b.host.container(0).ns;
+    let want = [backend_a, backend_b];
+    assert!(
+        eventually(LONG, || {
+            let mut got = dig(client, "backend.apps.internal");
+            got.sort();
+            got == want
+        }),
+        "B's DNS lists the backends of A and B"
+    );
+    let endpoints = get(&b.daemon, "/v1/endpoints");
+    let hosts_of: Vec<&str> = endpoints["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["host"].as_str())
+        .collect();
+    assert_eq!(hosts_of.iter().filter(|h| **h == "cell-0").count(), 2, "{endpoints}");
+
+    // Removed through B's API: an open connection on A is cut.
+    let mut open = tcp_connect(&a.host.container(0).ns, None, backend_a, 8080, LONG).unwrap();
+    assert!(echo_once(&mut open));
+    assert_eq!(b.daemon.curl("POST", &format!("{POLICIES}/delete"), Some(&post)), (200, json!({})));
+    open.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(eventually(LONG, || !echo_once(&mut open)), "the open connection on A is cut");
+    assert!(!reaches(a, backend_a, 8080));
+
+    // Every host is registered and has applied every change.
+    assert!(eventually(Duration::from_secs(5), || {
+        let status = get(&a.daemon, "/v1/cluster");
+        let hosts = status["hosts"].as_array().cloned().unwrap_or_default();
+        hosts.len() == 2 && hosts.iter().all(|h| h["lag"] == 0)
+    }));
+    let text = a.daemon.cli_ok(&["cluster", "status"]);
+    assert!(
+        text.contains("cell-0") && text.contains("cell-1") && text.contains("172.31.0.2"),
+        "{text}"
+    );
+}
+
+fn dig(ns: &NetNs, name: &str) -> Vec<Ipv4Addr> {
+    let out = ns
+        .command("dig")
+        .args([&format!("@{GATEWAY}"), "+short", "+time=1", "+tries=1", name])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+#[test]
+fn hosts_adding_the_same_new_apps_at_once_agree_on_their_tags() {
+    require_root();
+    let mut underlay = Underlay::new();
+    let _etcd = Etcd::start(&underlay);
+    let cells = hosts(&mut underlay, 2, 0);
+    // Both hosts write batches naming the same new apps, concurrently.
+    std::thread::scope(|scope| {
+        for (i, cell) in cells.iter().enumerate() {
+            scope.spawn(move || {
+                for round in 0..10u16 {
+                    let batch: Vec<Value> = (0..5)
+                        .map(|k| {
+                            policy(
+                                &format!("app-{round}-{k}"),
+                                &format!("app-{round}-x"),
+                                1000 + i as u16,
+                            )
+                        })
+                        .collect();
+                    let (status, reply) = cell.daemon.curl("POST", POLICIES, Some(&body(&batch)));
+                    assert_eq!(status, 200, "{reply}");
+                }
+            });
+        }
+    });
+    let (tags_a, tags_b) = (get(&cells[0].daemon, TAGS), get(&cells[1].daemon, TAGS));
+    assert!(eventually(LONG, || get(&cells[1].daemon, TAGS) == get(&cells[0].daemon, TAGS)));
+    let tags = get(&cells[0].daemon, TAGS)["tags"].as_array().unwrap().clone();
+    assert_eq!(tags.len(), 60, "every app once: {tags_a} / {tags_b}");
+    let mut numbers: Vec<&str> = tags.iter().map(|t| t["tag"].as_str().unwrap()).collect();
+    numbers.sort();
+    numbers.dedup();
+    assert_eq!(numbers.len(), 60, "no tag given twice");
+    assert_eq!(get(&cells[0].daemon, POLICIES)["total_policies"], 100);
+    assert!(eventually(LONG, || get(&cells[1].daemon, POLICIES)["total_policies"] == 100));
+}
+
+#[test]
+fn an_etcd_outage_keeps_enforcement_refuses_writes_and_is_caught_up() {
+    require_root();
+    let mut underlay = Underlay::new();
+    let mut etcd = Etcd::start(&underlay);
+    let cells = hosts(&mut underlay, 2, 2);
+    let (a, b) = (&cells[0], &cells[1]);
+    let (_, backend_a) = frontend_and_backend(a);
+    let (_, backend_b) = frontend_and_backend(b);
+    let allow = body(&[policy("frontend", "backend", 8080)]);
+    assert_eq!(a.daemon.curl("POST", POLICIES, Some(&allow)).0, 200);
+    assert!(eventually(LONG, || reaches(b, backend_b, 8080)));
+
+    etcd.kill();
+    // Enforcement stays exactly as it was.
+    assert!(reaches(a, backend_a, 8080) && reaches(b, backend_b, 8080));
+    assert!(!reaches(a, backend_a, 9000) && !reaches(b, backend_b, 9000));
+    // Writes are refused naming etcd; nothing of them is applied.
+    let more = body(&[policy("frontend", "backend", 9000)]);
+    let (status, reply) = b.daemon.curl("POST", POLICIES, Some(&more));
+    assert_eq!(status, 503, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("etcd"), "{reply}");
+    assert!(!reaches(b, backend_b, 9000));
+    // Reads are served from the last known state, saying how old it is.
+    let age = b.daemon.header(POLICIES, "x-state-age-seconds");
+    assert!(age.as_ref().is_some_and(|a| a.parse::<f64>().is_ok()), "{age:?}");
+    assert_eq!(get(&b.daemon, POLICIES)["total_policies"], 1);
+
+    etcd.spawn();
+    // The next write goes through once etcd answers, and reaches every host.
+    assert!(
+        eventually(Duration::from_secs(10), || b.daemon.curl("POST", POLICIES, Some(&more)).0
+            == 200),
+        "writes work again without a restart"
+    );
+    assert!(eventually(LONG, || reaches(a, backend_a, 9000)), "enforced on the other host");
+    assert!(reaches(b, backend_b, 9000));
+}
+
+#[test]
+fn a_restarted_agent_catches_up_from_etcd() {
+    require_root();
+    let mut underlay = Underlay::new();
+    let _etcd = Etcd::start(&underlay);
+    let mut cells = hosts(&mut underlay, 2, 2);
+    let (_, backend_b) = frontend_and_backend(&cells[1]);
+    frontend_and_backend(&cells[0]);
+    cells[1].daemon.kill9();
+    let allow = body(&[policy("frontend", "backend", 8080)]);
+    assert_eq!(cells[0].daemon.curl("POST", POLICIES, Some(&allow)).0, 200);
+    cells[1].daemon.spawn();
+    assert!(
+        eventually(LONG, || reaches(&cells[1], backend_b, 8080)),
+        "the write made while it was down"
+    );
+    assert_eq!(get(&cells[1].daemon, TAGS), get(&cells[0].daemon, TAGS));
+}
