@@ -16,7 +16,10 @@ use std::{
     net::Ipv4Addr,
 };
 
-use policy_common::{maps::PairKey, ports::Allowance};
+use policy_common::{
+    maps::{EndpointValue, PairKey},
+    ports::Allowance,
+};
 use tracing::warn;
 
 use crate::{
@@ -27,8 +30,8 @@ use crate::{
 /// What the reconciler needs from the kernel.
 pub trait Kernel {
     /// `ENDPOINTS`: address → tag.
-    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, u32>, Error>;
-    fn set_endpoint(&mut self, ip: Ipv4Addr, tag: u32) -> Result<(), Error>;
+    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointValue>, Error>;
+    fn set_endpoint(&mut self, ip: Ipv4Addr, value: EndpointValue) -> Result<(), Error>;
     /// Removes the endpoint and every entry naming its address.
     fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error>;
     /// `POLICIES`: pair → allowances.
@@ -50,16 +53,16 @@ pub trait Kernel {
 /// down) are reported, not fatal. Returns those warnings.
 pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Error> {
     let mut warnings = Vec::new();
-    let want_endpoints = state.endpoint_tags();
+    let want_endpoints = state.endpoint_values();
     let have_endpoints = kernel.endpoints()?;
     // Adds and changes.
-    for (ip, tag) in &want_endpoints {
-        if have_endpoints.get(ip) != Some(tag) {
-            kernel.set_endpoint(*ip, *tag)?;
+    for (ip, value) in &want_endpoints {
+        if have_endpoints.get(ip) != Some(value) {
+            kernel.set_endpoint(*ip, *value)?;
         }
     }
     for e in state.local_endpoints() {
-        let tag = want_endpoints[&e.ip];
+        let tag = want_endpoints[&e.ip].tag;
         if let Err(err) = kernel.attach(&e.ifname, e.ip, tag) {
             warn!(ifname = %e.ifname, ip = %e.ip, error = %err, "endpoint's interface not attached");
             warnings.push(format!("endpoint {} ({}): {err}", e.ip, e.ifname));
@@ -221,12 +224,16 @@ pub(crate) mod fake {
     }
 
     impl Kernel for FakeKernel {
-        fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, u32>, Error> {
-            Ok(self.endpoints.clone())
+        fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointValue>, Error> {
+            Ok(self
+                .endpoints
+                .iter()
+                .map(|(ip, tag)| (*ip, EndpointValue { tag: *tag, flags: 0 }))
+                .collect())
         }
-        fn set_endpoint(&mut self, ip: Ipv4Addr, tag: u32) -> Result<(), Error> {
+        fn set_endpoint(&mut self, ip: Ipv4Addr, value: EndpointValue) -> Result<(), Error> {
             self.log.push(format!("set_endpoint {ip}"));
-            self.endpoints.insert(ip, tag);
+            self.endpoints.insert(ip, value.tag);
             Ok(())
         }
         fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error> {

@@ -3,7 +3,8 @@
 //! behind [`Lookups`]; the host tests call them with in-memory tables.
 
 use crate::maps::{
-    Attachment, Conn, ConnKey, EndpointValue, FragmentKey, PairKey, PortRules, origin,
+    Attachment, Conn, ConnKey, EndpointValue, FragmentKey, PairKey, PortRules, endpoint_flags,
+    origin,
 };
 use crate::packet::{Flow, Parsed};
 use crate::verdict::{Reason, Verdict};
@@ -225,6 +226,104 @@ fn decide_flow<T: Lookups>(
         Check::Denied { src_tag, dst_tag } => {
             Decision { src_tag, dst_tag, ..Decision::just(Verdict::Drop(Reason::NoPolicy)) }
         }
+    }
+}
+
+/// The lookups for a packet that arrived through the cluster's tunnel: its
+/// source is the app whose tag the sending host wrote into the tunnel header
+/// (after that host's anti-spoofing check), whatever the endpoint map says
+/// of the address; every other lookup is the map's. Replies and re-checks of
+/// a tracked connection see the same identity, as the sender's host put it
+/// on every packet.
+pub struct TunnelSource<'a, L> {
+    pub lookups: &'a L,
+    /// The packet's source address (wire order).
+    pub saddr: u32,
+    /// The tag from the tunnel header; 0: none (not from the tunnel, or no
+    /// identity in its header), and the map decides.
+    pub tag: u32,
+}
+
+impl<L: Lookups> Lookups for TunnelSource<'_, L> {
+    #[inline(always)]
+    fn endpoint(&self, addr: u32) -> Option<EndpointValue> {
+        if self.tag != 0 && addr == self.saddr {
+            return Some(EndpointValue { tag: self.tag, flags: 0 });
+        }
+        self.lookups.endpoint(addr)
+    }
+    #[inline(always)]
+    fn port_rules(&self, key: &PairKey) -> Option<&PortRules> {
+        self.lookups.port_rules(key)
+    }
+    #[inline(always)]
+    fn conn(&self, key: &ConnKey) -> Option<Conn> {
+        self.lookups.conn(key)
+    }
+    #[inline(always)]
+    fn epoch(&self) -> u32 {
+        self.lookups.epoch()
+    }
+    #[inline(always)]
+    fn fragment_allowed(&self, key: &FragmentKey) -> bool {
+        self.lookups.fragment_allowed(key)
+    }
+}
+
+/// The source address of a parsed packet, if it has one.
+#[inline(always)]
+pub fn source_address(parsed: &Parsed) -> Option<u32> {
+    match *parsed {
+        Parsed::NotIpv4 | Parsed::Malformed => None,
+        Parsed::Flow { flow, .. } => Some(flow.saddr),
+        Parsed::LaterFragment(key) => Some(key.saddr),
+        Parsed::IcmpError { saddr, .. } => Some(saddr),
+    }
+}
+
+/// Source side, cluster mode: a packet a local container sends to an
+/// endpoint on another host opens (or continues) a connection that only
+/// the other host checks against policy; recording it here lets its replies
+/// in as replies. Returns the entry to create, if the connection is new.
+/// The epoch makes a reply after a policy change check the opening flow
+/// again, as for local connections.
+#[inline(always)]
+pub fn track_outgoing<T: Lookups>(tables: &T, parsed: &Parsed) -> ConnUpdate {
+    let Parsed::Flow { flow, .. } = *parsed else { return ConnUpdate::None };
+    if tables.endpoint(flow.daddr).is_none_or(|e| e.flags & endpoint_flags::REMOTE == 0) {
+        return ConnUpdate::None;
+    }
+    let (key, side) = ConnKey::of(&flow);
+    if tables.conn(&key).is_some() {
+        return ConnUpdate::None;
+    }
+    let conn = Conn {
+        epoch: tables.epoch(),
+        policy_id: 0,
+        origin: side,
+        pending_packets: 0,
+        pending_bytes: 0,
+    };
+    ConnUpdate::Insert(key, conn)
+}
+
+/// Underlay side (TC ingress of the underlay interface, cluster mode): a
+/// tunnel packet (UDP to the tunnel `port`) is accepted only from a host of
+/// the cluster (`is_peer`), so nothing else on the underlay can claim an
+/// app's identity in a tunnel header. Everything else passes untouched.
+#[inline(always)]
+pub fn decide_underlay(parsed: &Parsed, port: u16, is_peer: impl Fn(u32) -> bool) -> Verdict {
+    match *parsed {
+        Parsed::Flow { flow, .. }
+            if flow.protocol == crate::maps::proto::UDP && flow.dport == port =>
+        {
+            if is_peer(flow.saddr) {
+                Verdict::Pass(Reason::SourceVerified)
+            } else {
+                Verdict::Drop(Reason::Spoofed)
+            }
+        }
+        _ => Verdict::Pass(Reason::Unmanaged),
     }
 }
 

@@ -29,8 +29,10 @@ pub mod names {
     pub const OVERLAY: &str = "OVERLAY";
     pub const ENDPOINT_SLOTS: &str = "ENDPOINT_SLOTS";
     pub const VETH_SLOTS: &str = "VETH_SLOTS";
+    pub const TUNNEL: &str = "TUNNEL";
+    pub const PEERS: &str = "PEERS";
     /// Every map the object defines, in a stable order.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 18] = [
         ENDPOINTS,
         VETHS,
         CGROUPS,
@@ -47,6 +49,8 @@ pub mod names {
         OVERLAY,
         ENDPOINT_SLOTS,
         VETH_SLOTS,
+        TUNNEL,
+        PEERS,
     ];
 }
 
@@ -60,6 +64,9 @@ pub mod programs {
     pub const CGROUP_EGRESS: &str = "cgroup_egress";
     /// cgroup_skb ingress: packets delivered to the workloads of a cgroup.
     pub const CGROUP_INGRESS: &str = "cgroup_ingress";
+    /// TC ingress of the underlay interface (cluster mode): tunnel packets
+    /// from hosts outside the cluster are dropped.
+    pub const TC_FROM_UNDERLAY: &str = "tc_from_underlay";
 }
 
 /// Default capacities (max_entries). The agent may override each at load time.
@@ -80,6 +87,8 @@ pub mod capacity {
     pub const POLICY_STATS: u32 = 1 << 20;
     /// Endpoint slots: a /16 overlay, Cloud Foundry's default.
     pub const ENDPOINT_SLOTS: u32 = 1 << 16;
+    /// Hosts of the cluster whose tunnel packets are accepted.
+    pub const PEERS: u32 = 4_096;
 }
 
 /// `ENDPOINTS` value, keyed by the endpoint's IPv4 address (wire order `u32`).
@@ -89,8 +98,16 @@ pub mod capacity {
 pub struct EndpointValue {
     /// Tag of the endpoint's app (allocated by the agent, never 0).
     pub tag: u32,
-    /// Reserved, zero.
+    /// [`endpoint_flags`]; 0 for an endpoint on this host.
     pub flags: u32,
+}
+
+/// Bits of [`EndpointValue::flags`].
+pub mod endpoint_flags {
+    /// The endpoint runs on another host of the cluster: the source side
+    /// tracks connections local containers open to it, so that its replies,
+    /// which the other host checks against no conntrack of ours, are let in.
+    pub const REMOTE: u32 = 1;
 }
 const _: () = assert!(size_of::<EndpointValue>() == 8);
 
@@ -119,6 +136,26 @@ impl Overlay {
         if offset < self.slots { Some(offset) } else { None }
     }
 }
+
+/// `TUNNEL[0]`: the cluster's VXLAN device on this host (cluster mode).
+/// Packets that arrive through it carry their source app's tag in the
+/// VXLAN header's Group Based Policy id, which the kernel hands over as the
+/// low 16 bits of `skb->mark` (the D and A flag bits land in bits 22 and 19:
+/// masked off with [`TUNNEL_TAG_MASK`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Tunnel {
+    /// The VXLAN device's ifindex; 0: no overlay (a single host).
+    pub ifindex: u32,
+    /// Its UDP port, host byte order (4789).
+    pub port: u32,
+}
+const _: () = assert!(size_of::<Tunnel>() == 8);
+
+/// The bits of `skb->mark` the VXLAN GBP id travels in: tags above 65,535
+/// do not fit and travel as "no identity" (the receiver then uses its
+/// endpoint map), as Cloud Foundry's 2-byte `tag_length`.
+pub const TUNNEL_TAG_MASK: u32 = 0xFFFF;
 
 /// Value of `VETHS` (keyed by the host-side veth's ifindex, `u32`) and of
 /// `CGROUPS` (keyed by the cgroup id, `u64`): the one endpoint whose traffic
@@ -371,6 +408,7 @@ mod pod {
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Overlay {}
+    unsafe impl aya::Pod for Tunnel {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for EventLimit {}
     unsafe impl aya::Pod for PolicyCounters {}

@@ -35,6 +35,28 @@ impl SkbBytes {
         unsafe { (*self.skb).len }
     }
 
+    /// The interface the packet entered this host by (`skb->ingress_ifindex`;
+    /// for a decapsulated tunnel packet, the tunnel device).
+    #[inline(always)]
+    pub fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: reading a field of the context.
+        unsafe { (*self.skb).ingress_ifindex }
+    }
+
+    /// `skb->mark`.
+    #[inline(always)]
+    pub fn mark(&self) -> u32 {
+        // SAFETY: reading a field of the context.
+        unsafe { (*self.skb).mark }
+    }
+
+    /// Sets `skb->mark` (TC programs may write it).
+    #[inline(always)]
+    pub fn set_mark(&self, mark: u32) {
+        // SAFETY: a writable field of the context for TC programs.
+        unsafe { (*self.skb).mark = mark };
+    }
+
     /// `skb->protocol`, network byte order.
     #[inline(always)]
     pub fn protocol(&self) -> u32 {

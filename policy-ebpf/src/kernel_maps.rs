@@ -94,12 +94,10 @@ pub fn cgroup_endpoint(cgroup_id: u64) -> Option<Attachment> {
     unsafe { CGROUPS.get(cgroup_id).copied() }
 }
 
-/// Performs the map changes a decision asks for, counts it, and returns its
-/// verdict. A failed conntrack insert (the map is LRU, so only on memory
-/// pressure) still passes the packet: its successor is simply checked again.
+/// Writes a conntrack change.
 #[inline(always)]
-pub fn apply(decision: &Decision) -> Verdict {
-    match decision.conn {
+pub fn apply_conn(update: ConnUpdate) {
+    match update {
         ConnUpdate::None => {}
         ConnUpdate::Insert(key, conn) => {
             let _ = CONNTRACK.insert(key, conn, 0);
@@ -108,6 +106,14 @@ pub fn apply(decision: &Decision) -> Verdict {
             let _ = CONNTRACK.remove(key);
         }
     }
+}
+
+/// Performs the map changes a decision asks for, counts it, and returns its
+/// verdict. A failed conntrack insert (the map is LRU, so only on memory
+/// pressure) still passes the packet: its successor is simply checked again.
+#[inline(always)]
+pub fn apply(decision: &Decision) -> Verdict {
+    apply_conn(decision.conn);
     if let Some(key) = decision.record_fragment {
         let _ = FRAGMENTS.insert(key, 1u32, 0);
     }

@@ -17,8 +17,8 @@ use aya_ebpf::{
 };
 use policy_common::{
     Parsed, Verdict, decide_destination, decide_source,
-    decision::Decision,
-    maps::{Attachment, direction},
+    decision::{Decision, TunnelSource, decide_underlay, source_address, track_outgoing},
+    maps::{Attachment, TUNNEL_TAG_MASK, direction},
     packet::{ETH_P_IP, parse_ethernet, parse_ipv4},
 };
 
@@ -26,6 +26,7 @@ use crate::{
     bytes::SkbBytes,
     counting::{count_for_policy, count_verdict},
     kernel_maps::KernelMaps,
+    maps::{PEERS, TUNNEL},
 };
 
 const TC_ACT_OK: i32 = 0;
@@ -36,18 +37,56 @@ const CGROUP_SKB_PASS: i32 = 1;
 /// TC ingress of the host-side veth = packets leaving the container.
 /// Anti-spoofing only; the policy is enforced where the packet enters its
 /// destination, so that replies and cross-host traffic meet the same check.
+/// A verified packet carries its app's tag in `skb->mark`, which a VXLAN
+/// device with GBP puts in the tunnel header for the destination's host;
+/// whatever mark the container set is overwritten, so it can claim nothing.
 #[classifier]
 pub fn tc_from_container(ctx: TcContext) -> i32 {
     let bytes = SkbBytes::new(ctx.skb.skb);
     let ifindex = bytes.ifindex();
-    tc_action(source_side(&parse_ethernet(&bytes), kernel_maps::veth_endpoint(ifindex), ifindex))
+    let own = kernel_maps::veth_endpoint(ifindex);
+    let parsed = parse_ethernet(&bytes);
+    let verdict = source_side(&parsed, own, ifindex);
+    if verdict.is_pass() {
+        let tag = own.map_or(0, |a| a.tag);
+        bytes.set_mark(if tag & !TUNNEL_TAG_MASK == 0 { tag } else { 0 });
+        // Cluster mode only: connections to other hosts' endpoints.
+        if TUNNEL.get(0).is_some_and(|t| t.ifindex != 0) {
+            kernel_maps::apply_conn(track_outgoing(&KernelMaps::new(), &parsed));
+        }
+    }
+    tc_action(verdict)
 }
 
-/// TC egress of the host-side veth = packets entering the container.
+/// TC egress of the host-side veth = packets entering the container. A
+/// packet that came through the cluster's tunnel is checked as the app its
+/// tunnel header names (its sender's host verified it); others as the app
+/// their source address is registered to.
 #[classifier]
 pub fn tc_to_container(ctx: TcContext) -> i32 {
     let bytes = SkbBytes::new(ctx.skb.skb);
-    tc_action(destination_side(&parse_ethernet(&bytes), &bytes, bytes.ifindex()))
+    let tunnel_tag = match TUNNEL.get(0) {
+        Some(t) if t.ifindex != 0 && bytes.ingress_ifindex() == t.ifindex => {
+            bytes.mark() & TUNNEL_TAG_MASK
+        }
+        _ => 0,
+    };
+    tc_action(destination_side(&parse_ethernet(&bytes), &bytes, bytes.ifindex(), tunnel_tag))
+}
+
+/// TC ingress of the underlay interface (cluster mode) = packets from other
+/// hosts: tunnel packets only from the cluster's hosts (`PEERS`).
+#[classifier]
+pub fn tc_from_underlay(ctx: TcContext) -> i32 {
+    let bytes = SkbBytes::new(ctx.skb.skb);
+    let Some(tunnel) = TUNNEL.get(0).copied() else { return TC_ACT_OK };
+    // SAFETY: presence only.
+    let is_peer = |addr: u32| unsafe { PEERS.get(addr).is_some() };
+    let verdict = decide_underlay(&parse_ethernet(&bytes), tunnel.port as u16, is_peer);
+    if verdict.is_pass() {
+        return TC_ACT_OK;
+    }
+    tc_action(count_verdict(verdict))
 }
 
 /// cgroup_skb egress = packets sent by the cgroup's workloads.
@@ -62,7 +101,7 @@ pub fn cgroup_egress(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb(ingress)]
 pub fn cgroup_ingress(ctx: SkBuffContext) -> i32 {
     let bytes = SkbBytes::new(ctx.skb.skb);
-    cgroup_action(destination_side(&parse_l3(&bytes), &bytes, 0))
+    cgroup_action(destination_side(&parse_l3(&bytes), &bytes, 0, 0))
 }
 
 /// Anti-spoofing, counted; a spoofed packet is reported.
@@ -77,11 +116,14 @@ fn source_side(parsed: &Parsed, own: Option<Attachment>, ifindex: u32) -> Verdic
     count_verdict(verdict)
 }
 
-/// The policy decision, its map effects, counters and report.
+/// The policy decision, its map effects, counters and report. `tunnel_tag`:
+/// the source app's tag from the tunnel header (0: none).
 #[inline(always)]
-fn destination_side(parsed: &Parsed, bytes: &SkbBytes, ifindex: u32) -> Verdict {
+fn destination_side(parsed: &Parsed, bytes: &SkbBytes, ifindex: u32, tunnel_tag: u32) -> Verdict {
     let maps = KernelMaps::new();
-    let mut decision = decide_destination(&maps, parsed);
+    let saddr = source_address(parsed).unwrap_or(0);
+    let lookups = TunnelSource { lookups: &maps, saddr, tag: tunnel_tag };
+    let mut decision = decide_destination(&lookups, parsed);
     count_for_policy(&mut decision, maps.found_conn(), bytes.len());
     events::report(parsed, &decision, direction::INGRESS, ifindex);
     kernel_maps::apply(&decision)

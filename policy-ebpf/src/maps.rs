@@ -9,7 +9,7 @@ use policy_common::{
     Reason,
     maps::{
         Attachment, Conn, ConnKey, EndpointValue, EventLimit, FlowEvent, FragmentKey, Overlay,
-        PairKey, PolicyCounters, PortRules, Settings, capacity, event_stat,
+        PairKey, PolicyCounters, PortRules, Settings, Tunnel, capacity, event_stat,
     },
 };
 
@@ -98,3 +98,12 @@ pub static POLICY_STATS: PerCpuHashMap<
     { capacity::POLICY_STATS as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = PerCpuHashMap::new();
+
+/// The cluster's VXLAN device on this host (cluster mode; ifindex 0: none).
+#[btf_map]
+pub static TUNNEL: Array<Tunnel, 1> = Array::new();
+
+/// Underlay addresses of the cluster's hosts (value unused, 1): tunnel
+/// packets from anywhere else are dropped.
+#[btf_map]
+pub static PEERS: HashMap<u32, u32, { capacity::PEERS as usize }> = HashMap::new();

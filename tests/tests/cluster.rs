@@ -231,3 +231,132 @@ fn a_restarted_agent_catches_up_from_etcd() {
     );
     assert_eq!(get(&cells[1].daemon, TAGS), get(&cells[0].daemon, TAGS));
 }
+
+#[test]
+fn traffic_between_hosts_is_policed_by_the_tag_in_the_tunnel_header() {
+    require_root();
+    let mut underlay = Underlay::new();
+    let _etcd = Etcd::start(&underlay);
+    let cells = hosts(&mut underlay, 3, 2);
+    let (a, b, c) = (&cells[0], &cells[1], &cells[2]);
+    // Each host leased the /24 its containers use (10.255.I.0).
+    assert!(eventually(Duration::from_secs(5), || {
+        let status = get(&a.daemon, "/v1/cluster");
+        let subnets: Vec<Value> = status["hosts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|h| h["subnet"].clone())
+            .collect();
+        subnets == [json!("10.255.0.0"), json!("10.255.1.0"), json!("10.255.2.0")]
+    }));
+    let (frontend, other) = (b.host.container(0), b.host.container(1));
+    let backend = c.host.container(0);
+    b.daemon.register(frontend, "frontend");
+    b.daemon.register(other, "other");
+    c.daemon.register(backend, "backend");
+    tcp_echo_server(&backend.ns, backend.ip, 8080);
+    tcp_echo_server(&backend.ns, backend.ip, 9000);
+    tcp_echo_server(&frontend.ns, frontend.ip, 8080);
+    assert!(!tcp_echo_works(&frontend.ns, backend.ip, 8080, SHORT), "default deny across hosts");
+
+    // Written on A: frontend on B may reach backend on C, on 8080 only.
+    let post = body(&[policy("frontend", "backend", 8080)]);
+    assert_eq!(a.daemon.curl("POST", POLICIES, Some(&post)), (200, json!({})));
+    assert!(
+        eventually(Duration::from_secs(5), || tcp_echo_works(
+            &frontend.ns,
+            backend.ip,
+            8080,
+            SHORT
+        )),
+        "frontend on B reaches backend on C:\n{}",
+        c.daemon.cli_ok(&["status"])
+    );
+    assert!(!tcp_echo_works(&frontend.ns, backend.ip, 9000, SHORT), "other ports");
+    assert!(!tcp_echo_works(&other.ns, backend.ip, 8080, SHORT), "other apps");
+    assert!(!tcp_echo_works(&backend.ns, frontend.ip, 8080, SHORT), "the reverse direction");
+    // A mark a container sets claims nothing: the source side overwrites it.
+    let frontend_tag = get(&a.daemon, TAGS)["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == "frontend")
+        .map(|t| u32::from_str_radix(t["tag"].as_str().unwrap(), 16).unwrap())
+        .unwrap();
+    assert!(!marked_connect_works(&other.ns, backend.ip, 8080, frontend_tag), "a forged mark");
+
+    // Removed: the open cross-host connection is cut at its next packet.
+    let mut open = tcp_connect(&frontend.ns, None, backend.ip, 8080, LONG).unwrap();
+    assert!(echo_once(&mut open));
+    assert_eq!(a.daemon.curl("POST", &format!("{POLICIES}/delete"), Some(&post)).0, 200);
+    open.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(eventually(LONG, || !echo_once(&mut open)), "the open connection is cut");
+    let explained = c.daemon.cli_ok(&[
+        "explain",
+        &frontend.ip.to_string(),
+        &backend.ip.to_string(),
+        "tcp",
+        "8080",
+    ]);
+    assert!(explained.contains("denied"), "{explained}");
+}
+
+/// Whether a TCP echo from `ns` to `to:port` works on a socket marked
+/// `mark` (SO_MARK) by the container itself.
+fn marked_connect_works(ns: &NetNs, to: Ipv4Addr, port: u16, mark: u32) -> bool {
+    use std::{
+        io::{Read as _, Write as _},
+        os::fd::AsRawFd as _,
+    };
+    ns.run(move || {
+        // SAFETY: a fresh socket, configured before connecting.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        assert!(fd >= 0);
+        let value = mark as libc::c_int;
+        // SAFETY: setsockopt with a c_int option value.
+        let set = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&raw const value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0, "SO_MARK: {}", std::io::Error::last_os_error());
+        // SAFETY: the socket is ours; the stream owns it from here.
+        let socket = unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(to.octets()) },
+            sin_zero: [0; 8],
+        };
+        socket.set_nonblocking(true).unwrap();
+        // SAFETY: a valid sockaddr_in for this socket.
+        unsafe {
+            libc::connect(
+                socket.as_raw_fd(),
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        let started = Instant::now();
+        let mut socket = socket;
+        loop {
+            if socket.write_all(b"ping").is_ok() {
+                break;
+            }
+            if started.elapsed() > SHORT {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        socket.set_nonblocking(false).unwrap();
+        socket.set_read_timeout(Some(SHORT)).unwrap();
+        let mut buf = [0u8; 4];
+        socket.read_exact(&mut buf).is_ok()
+    })
+}

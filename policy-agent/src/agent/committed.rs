@@ -44,7 +44,8 @@ impl<K: Kernel> Agent<K> {
                 if endpoint.runs_on(local) {
                     self.kernel.attach(&endpoint.ifname, endpoint.ip, tag)?;
                 }
-                self.kernel.set_endpoint(endpoint.ip, tag)?;
+                let value = self.state.endpoint_value(endpoint).expect("tagged above");
+                self.kernel.set_endpoint(endpoint.ip, value)?;
                 if let Some(old) = old.filter(|o| o.runs_on(local)) {
                     let moved = !endpoint.runs_on(local) || old.ifname != endpoint.ifname;
                     if moved {

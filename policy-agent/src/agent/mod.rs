@@ -7,6 +7,7 @@
 
 mod committed;
 mod reads;
+mod tunnel;
 
 use std::{
     collections::BTreeSet,
@@ -269,7 +270,8 @@ impl<K: Kernel> Agent<K> {
                 e => e.into(),
             });
         }
-        if let Err(e) = self.kernel.set_endpoint(endpoint.ip, tag) {
+        let value = self.state.endpoint_value(&endpoint).expect("add_endpoint tags the app");
+        if let Err(e) = self.kernel.set_endpoint(endpoint.ip, value) {
             let _ = self.kernel.detach(&endpoint.ifname, endpoint.ip);
             self.state.undo(undo);
             return Err(e.into());

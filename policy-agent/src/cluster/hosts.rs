@@ -16,6 +16,7 @@ use super::{
     ClusterConfig,
     etcd::{Etcd, EtcdError, prefix_end},
     follow::{self, OnChange},
+    overlay::{self, Overlay, Peer},
 };
 use crate::agent::{self, SharedAgent};
 
@@ -30,6 +31,21 @@ pub struct HostRecord {
     pub applied_revision: i64,
     /// When it last reported (seconds since the epoch).
     pub reported_at: u64,
+    /// Its /24 of the overlay network.
+    #[serde(default)]
+    pub subnet: Option<Ipv4Addr>,
+    /// Its VXLAN device's MAC address.
+    #[serde(default)]
+    pub vtep_mac: Option<String>,
+}
+
+/// This host's part of the overlay, which the registration keeps in step
+/// with the other hosts' records.
+pub struct Membership {
+    pub subnet: Ipv4Addr,
+    pub overlay: Overlay,
+    /// The runtime netlink requests run on.
+    pub runtime: tokio::runtime::Handle,
 }
 
 fn hosts_prefix(prefix: &str) -> String {
@@ -59,9 +75,16 @@ pub fn newest(etcd: &Etcd, prefix: &str) -> Result<(u64, i64), EtcdError> {
     Ok((seq, range.revision))
 }
 
-/// Keeps this host registered, and catches up with the log at each
-/// renewal; runs forever on its own thread.
-pub fn register(agent: SharedAgent, config: ClusterConfig, on_change: OnChange) {
+/// Keeps this host registered, catches up with the log, and brings the
+/// overlay (routes to the other hosts, the peers the underlay program
+/// accepts) in line with the registry, at each renewal; runs forever on its
+/// own thread.
+pub fn register(
+    agent: SharedAgent,
+    config: ClusterConfig,
+    on_change: OnChange,
+    mut membership: Membership,
+) {
     let etcd = config.etcd();
     let key = format!("{}{}", hosts_prefix(&config.prefix), config.host);
     let ttl = i64::from(config.lease_seconds.max(3));
@@ -77,6 +100,8 @@ pub fn register(agent: SharedAgent, config: ClusterConfig, on_change: OnChange) 
             applied_seq: position.seq,
             applied_revision: position.revision,
             reported_at: now(),
+            subnet: Some(membership.subnet),
+            vtep_mac: Some(overlay::mac_text(&membership.overlay.mac)),
         };
         let result = (|| -> Result<(), EtcdError> {
             if lease == 0 || !etcd.keep_alive(lease)? {
@@ -84,6 +109,8 @@ pub fn register(agent: SharedAgent, config: ClusterConfig, on_change: OnChange) 
             }
             let value = serde_json::to_vec(&record).expect("host records serialize");
             etcd.put_if(&[], &[(&key, &value, lease)])?;
+            let hosts = list(&etcd, &config.prefix)?;
+            follow_peers(&agent, &mut membership, &config.host, &hosts);
             Ok(())
         })();
         match result {
@@ -96,5 +123,29 @@ pub fn register(agent: SharedAgent, config: ClusterConfig, on_change: OnChange) 
             Err(_) => lease = 0,
         }
         thread::sleep(period);
+    }
+}
+
+/// Routes to every other host's subnet, and accepts tunnel packets from
+/// every registered host.
+fn follow_peers(agent: &SharedAgent, membership: &mut Membership, me: &str, hosts: &[HostRecord]) {
+    let peers: std::collections::BTreeSet<Peer> = hosts
+        .iter()
+        .filter(|h| h.host != me)
+        .filter_map(|h| {
+            Some(Peer {
+                subnet: h.subnet?,
+                underlay: h.underlay_address,
+                mac: overlay::parse_mac(h.vtep_mac.as_deref()?)?,
+            })
+        })
+        .collect();
+    let addresses = hosts.iter().filter(|h| h.host != me).map(|h| h.underlay_address).collect();
+    if let Err(e) = agent::lock(agent).set_peers(&addresses) {
+        warn!(error = %e, "cannot update the cluster's peers in the kernel");
+    }
+    let Membership { overlay, runtime, .. } = membership;
+    if let Err(e) = runtime.block_on(overlay.sync(&peers)) {
+        warn!(error = %e, "cannot update the routes to the other hosts");
     }
 }

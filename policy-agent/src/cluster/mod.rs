@@ -9,6 +9,7 @@
 pub mod etcd;
 pub mod follow;
 pub mod hosts;
+pub mod overlay;
 pub mod store;
 
 use std::{net::Ipv4Addr, time::Duration};

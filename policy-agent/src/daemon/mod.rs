@@ -21,7 +21,8 @@ use policy_agent::{
     cluster::{
         ClusterConfig,
         follow::{self, OnChange},
-        hosts,
+        hosts::{self, Membership},
+        overlay::{self, Overlay},
         store::EtcdStore,
     },
     config::Config,
@@ -67,7 +68,8 @@ pub fn run(config: Config) -> Result<()> {
         .build()
         .context("failed to start the async runtime")?;
     if let Some(cluster) = &config.cluster {
-        follow_cluster(cluster, &agent, tls.clone(), runtime.handle())?;
+        let membership = join_overlay(&config, cluster, &agent, runtime.handle())?;
+        follow_cluster(cluster, &agent, tls.clone(), runtime.handle(), membership)?;
     }
     let api = Api {
         agent,
@@ -103,6 +105,7 @@ fn follow_cluster(
     agent: &SharedAgent,
     tls: Option<Arc<TlsProxies>>,
     runtime: &tokio::runtime::Handle,
+    membership: Membership,
 ) -> Result<()> {
     let on_change = || -> OnChange {
         let (tls, runtime) = (tls.clone(), runtime.clone());
@@ -123,9 +126,33 @@ fn follow_cluster(
     let (registrar, config, changed) = (agent.clone(), cluster.clone(), on_change());
     std::thread::Builder::new()
         .name("cluster-hosts".into())
-        .spawn(move || hosts::register(registrar, config, changed))
+        .spawn(move || hosts::register(registrar, config, changed, membership))
         .context("cannot start the host registration")?;
     Ok(())
+}
+
+/// Leases this host's /24 of the overlay network in etcd, sets up the
+/// VXLAN device and points the programs at it.
+fn join_overlay(
+    config: &Config,
+    cluster: &ClusterConfig,
+    agent: &SharedAgent,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Membership> {
+    let base = config.overlay_network.unwrap_or_default().network;
+    let index = overlay::lease_subnet(&cluster.etcd(), &cluster.prefix, &cluster.host)
+        .context("cannot lease this host's subnet of the overlay in etcd")?;
+    let subnet = overlay::subnet(base, index);
+    let overlay = runtime.block_on(Overlay::open(cluster.underlay_address)).with_context(|| {
+        format!("cannot set up the VXLAN device {} on the underlay", overlay::DEVICE)
+    })?;
+    agent::lock(agent)
+        .set_tunnel(overlay.ifindex, overlay::PORT, &overlay.underlay_ifname)
+        .with_context(|| {
+            format!("cannot guard the underlay interface {}", overlay.underlay_ifname)
+        })?;
+    info!(%subnet, device = overlay::DEVICE, underlay = overlay.underlay_ifname, "joined the overlay");
+    Ok(Membership { subnet, overlay, runtime: runtime.clone() })
 }
 
 /// Loads the programs and maps (taking over pinned ones).

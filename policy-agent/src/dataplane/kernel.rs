@@ -6,19 +6,22 @@ use std::{
     net::Ipv4Addr,
 };
 
-use policy_common::{maps::PairKey, ports::Allowance};
+use policy_common::{
+    maps::{EndpointValue, PairKey},
+    ports::Allowance,
+};
 use tracing::warn;
 
 use super::{Dataplane, nix_ifindex};
 use crate::{Error, reconcile::Kernel};
 
 impl Kernel for Dataplane {
-    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, u32>, Error> {
-        Ok(self.maps().endpoints().into_iter().map(|(ip, e)| (ip, e.tag)).collect())
+    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointValue>, Error> {
+        Ok(self.maps().endpoints().into_iter().collect())
     }
 
-    fn set_endpoint(&mut self, ip: Ipv4Addr, tag: u32) -> Result<(), Error> {
-        self.maps_mut().set_endpoint(ip, tag)
+    fn set_endpoint(&mut self, ip: Ipv4Addr, value: EndpointValue) -> Result<(), Error> {
+        self.maps_mut().set_endpoint_value(ip, value)
     }
 
     fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error> {

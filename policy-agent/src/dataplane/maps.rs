@@ -15,7 +15,7 @@ use policy_common::{
     Reason,
     maps::{
         Attachment, Conn, ConnKey, EPOCH_INDEX, EndpointValue, FragmentKey, Overlay, PairKey,
-        PolicyCounters, PortRules, SETTINGS_INDEX, Settings, event_stat, names,
+        PolicyCounters, PortRules, SETTINGS_INDEX, Settings, Tunnel, event_stat, names,
     },
     ports::Allowance,
 };
@@ -37,6 +37,8 @@ pub struct Maps {
     event_stats: PerCpuArray<MapData, u64>,
     policy_stats: PerCpuHashMap<MapData, u32, PolicyCounters>,
     overlay: Array<MapData, Overlay>,
+    tunnel: Array<MapData, Tunnel>,
+    peers: HashMap<MapData, u32, u32>,
     slots: Array<MapData, EndpointValue>,
     veth_slots: Array<MapData, Attachment>,
     /// What `OVERLAY` says (read at open, written by `set_overlay`).
@@ -113,6 +115,8 @@ impl Maps {
             event_stats: map!(names::EVENT_STATS),
             policy_stats: map!(names::POLICY_STATS),
             overlay: map!(names::OVERLAY),
+            tunnel: map!(names::TUNNEL),
+            peers: map!(names::PEERS),
             slots: map!(names::ENDPOINT_SLOTS),
             veth_slots: map!(names::VETH_SLOTS),
             overlay_now: Overlay::default(),
@@ -172,9 +176,18 @@ impl Maps {
     /// Registers (or re-tags) an endpoint: `ENDPOINTS` first, then its
     /// overlay slot, so a slot never names an endpoint the hash lacks.
     pub fn set_endpoint(&mut self, addr: Ipv4Addr, tag: u32) -> Result<(), Error> {
+        self.set_endpoint_value(addr, EndpointValue { tag, flags: 0 })
+    }
+
+    /// [`Self::set_endpoint`] with flags (an endpoint on another host).
+    pub fn set_endpoint_value(
+        &mut self,
+        addr: Ipv4Addr,
+        endpoint: EndpointValue,
+    ) -> Result<(), Error> {
+        let tag = endpoint.tag;
         let previous = self.endpoints.get(&addr_key(addr), 0).ok();
         let capacity = Self::capacity(self.endpoints.map());
-        let endpoint = EndpointValue { tag, flags: 0 };
         self.endpoints
             .insert(addr_key(addr), endpoint, 0)
             .map_err(insert_err(names::ENDPOINTS, capacity))?;
@@ -414,6 +427,38 @@ impl Maps {
     }
 
     /// What the programs report.
+    /// Points the programs at this host's tunnel device (cluster mode).
+    pub fn set_tunnel(&mut self, tunnel: Tunnel) -> Result<(), Error> {
+        self.tunnel.set(0, tunnel, 0).map_err(map_err(names::TUNNEL))
+    }
+
+    pub fn tunnel(&self) -> Tunnel {
+        self.tunnel.get(&0, 0).unwrap_or_default()
+    }
+
+    /// Makes `PEERS` exactly `peers` (underlay addresses): adds first, then
+    /// removes the hosts that left.
+    pub fn set_peers(&mut self, peers: &std::collections::BTreeSet<Ipv4Addr>) -> Result<(), Error> {
+        let capacity = self.peers.map().info().map_or(0, |i| i.max_entries());
+        for peer in peers {
+            self.peers.insert(addr_key(*peer), 1, 0).map_err(insert_err(names::PEERS, capacity))?;
+        }
+        let gone: Vec<u32> = self
+            .peers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !peers.contains(&addr_from_key(*k)))
+            .collect();
+        for key in gone {
+            self.peers.remove(&key).map_err(map_err(names::PEERS))?;
+        }
+        Ok(())
+    }
+
+    pub fn peers(&self) -> Vec<Ipv4Addr> {
+        self.peers.keys().filter_map(Result::ok).map(addr_from_key).collect()
+    }
+
     pub fn set_settings(&mut self, settings: Settings) -> Result<(), Error> {
         self.settings.set(SETTINGS_INDEX, settings, 0).map_err(map_err(names::SETTINGS))
     }

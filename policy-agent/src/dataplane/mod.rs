@@ -85,6 +85,9 @@ impl Direction {
     }
 }
 
+/// Pin name prefix of the underlay program's link.
+const UNDERLAY_PIN: &str = "underlay-";
+
 /// The loaded dataplane.
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -136,7 +139,9 @@ impl Dataplane {
             loader.map_pin_path(name, maps_dir.join(name));
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
-        for name in [programs::TC_FROM_CONTAINER, programs::TC_TO_CONTAINER] {
+        for name in
+            [programs::TC_FROM_CONTAINER, programs::TC_TO_CONTAINER, programs::TC_FROM_UNDERLAY]
+        {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load().map_err(|e| Error::LoadProgram { name, source: Box::new(e) })?;
         }
@@ -200,6 +205,9 @@ impl Dataplane {
     }
 
     fn program_for_pin(&self, pin_name: &str) -> Option<&'static str> {
+        if pin_name.starts_with(UNDERLAY_PIN) {
+            return Some(programs::TC_FROM_UNDERLAY);
+        }
         let kind_tc = pin_name.starts_with("tc-");
         let kind_cgroup = pin_name.starts_with("cgroup-");
         let hook = pin_name.rsplit('-').next()?;
@@ -266,6 +274,38 @@ impl Dataplane {
         let Ok(info) = FdLink::from(link).info() else { return false };
         SchedClassifier::query_tcx(ifname, direction.tc_attach_type())
             .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == info.program_id()))
+    }
+
+    /// Attaches the underlay program to TC ingress of the interface other
+    /// hosts' tunnel packets arrive on (cluster mode), pinned as
+    /// `links/underlay-IFNAME`. Idempotent.
+    pub fn attach_underlay(&mut self, ifname: &str) -> Result<(), Error> {
+        let pin = self.links_dir().join(format!("{UNDERLAY_PIN}{ifname}"));
+        let name = programs::TC_FROM_UNDERLAY;
+        if pin.exists() {
+            let live = PinnedLink::from_pin(&pin)
+                .ok()
+                .and_then(|link| FdLink::from(link).info().ok())
+                .is_some_and(|info| {
+                    SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
+                        .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == info.program_id()))
+                });
+            if live {
+                return Ok(());
+            }
+            remove_link_pin(&pin)?;
+        }
+        let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Attach {
+            program: name,
+            target: ifname.to_owned(),
+            source,
+        };
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        let id = prog.attach(ifname, TcAttachType::Ingress).map_err(|e| attach_err(Box::new(e)))?;
+        let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+        let link = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
+        link.pin(&pin).map_err(|e| attach_err(Box::new(e)))?;
+        Ok(())
     }
 
     /// Attaches both TC programs to a host-side veth (TCX) and pins the

@@ -19,7 +19,10 @@ use std::{
 };
 
 pub use model::{Endpoint, INTERNAL_DOMAIN, Policy, Protocol, TlsFront, TlsPorts, tag_text};
-use policy_common::{maps::PairKey, ports::Allowance};
+use policy_common::{
+    maps::{EndpointValue, PairKey, endpoint_flags},
+    ports::Allowance,
+};
 use serde::{Deserialize, Serialize};
 use stored::Stored;
 pub use stored::StoredRef;
@@ -319,9 +322,17 @@ impl State {
         Some(self.endpoints.values().filter(|e| &e.app == app).map(|e| e.ip).collect())
     }
 
-    /// What `ENDPOINTS` must hold: address → app tag.
-    pub fn endpoint_tags(&self) -> BTreeMap<Ipv4Addr, u32> {
-        self.endpoints.values().filter_map(|e| Some((e.ip, self.tag(&e.app)?))).collect()
+    /// What `ENDPOINTS` must hold: address → app tag, and whether the
+    /// endpoint runs on another host.
+    pub fn endpoint_values(&self) -> BTreeMap<Ipv4Addr, EndpointValue> {
+        self.endpoints.values().filter_map(|e| Some((e.ip, self.endpoint_value(e)?))).collect()
+    }
+
+    /// One endpoint's `ENDPOINTS` value (None: its app has no tag yet).
+    pub fn endpoint_value(&self, e: &Endpoint) -> Option<EndpointValue> {
+        let remote = !e.runs_on(self.local_host.as_deref());
+        let flags = if remote { endpoint_flags::REMOTE } else { 0 };
+        Some(EndpointValue { tag: self.tag(&e.app)?, flags })
     }
 
     /// Policies per source app (for the per-source limit and status).

@@ -148,7 +148,7 @@ fn endpoints_keep_their_app_tagged() {
         host: None,
     };
     assert!(s.add_endpoint(ep.clone()).is_none());
-    assert_eq!(s.endpoint_tags()[&ep.ip], 1);
+    assert_eq!(s.endpoint_values()[&ep.ip].tag, 1);
     s.remove_endpoint(ep.ip);
     assert!(s.tags().is_empty());
 }

@@ -258,3 +258,72 @@ fn conn_key_is_the_same_for_both_directions() {
     assert_ne!(s1, s2);
     assert_eq!(k1.opening_flow(s1), there);
 }
+
+#[test]
+fn a_tunnel_packet_is_checked_as_the_app_its_header_names() {
+    // R is a container on another host; its host put tag 1 (A's app) in the
+    // tunnel header. The endpoint map does not know R at all.
+    const R: [u8; 4] = [10, 255, 1, 7];
+    let mut t = MemLookups::with_endpoints();
+    t.allow(1, 2, proto::TCP, 8080, 8080, 9);
+    let parsed = parse_ethernet(PacketSpec::tcp(R, B, 40000, 8080).frame().as_slice());
+    assert_eq!(decide_destination(&t, &parsed).verdict, Verdict::Pass(Reason::Unmanaged));
+    let saddr = source_address(&parsed).unwrap();
+    let tunneled = TunnelSource { lookups: &t, saddr, tag: 1 };
+    let decision = decide_destination(&tunneled, &parsed);
+    assert_eq!((decision.verdict, decision.src_tag), (Verdict::Pass(Reason::NewAllowed), 1));
+    // Another app's tag, or another port: denied.
+    let other = TunnelSource { lookups: &t, saddr, tag: 3 };
+    assert_eq!(decide_destination(&other, &parsed).verdict, Verdict::Drop(Reason::NoPolicy));
+    let wrong_port = parse_ethernet(PacketSpec::tcp(R, B, 40000, 9000).frame().as_slice());
+    assert_eq!(decide_destination(&tunneled, &wrong_port).verdict, Verdict::Drop(Reason::NoPolicy));
+    // The header overrides what the map says of the address.
+    let claimed_a = parse_ethernet(PacketSpec::tcp(A, B, 40000, 8080).frame().as_slice());
+    let as_three = TunnelSource { lookups: &t, saddr: addr(A), tag: 3 };
+    assert_eq!(decide_destination(&as_three, &claimed_a).verdict, Verdict::Drop(Reason::NoPolicy));
+}
+
+#[test]
+fn tunnel_packets_are_accepted_only_from_peers() {
+    const PEER: [u8; 4] = [172, 31, 0, 2];
+    const STRANGER: [u8; 4] = [172, 31, 0, 99];
+    let is_peer = |a: u32| a == addr(PEER);
+    let vxlan = |src| {
+        parse_ethernet(
+            PacketSpec::new(src, [172, 31, 0, 1], proto::UDP, 1234, 4789).frame().as_slice(),
+        )
+    };
+    assert_eq!(decide_underlay(&vxlan(PEER), 4789, is_peer), Verdict::Pass(Reason::SourceVerified));
+    assert_eq!(decide_underlay(&vxlan(STRANGER), 4789, is_peer), Verdict::Drop(Reason::Spoofed));
+    // Other traffic on the underlay is none of this program's business.
+    let ssh =
+        parse_ethernet(PacketSpec::tcp(STRANGER, [172, 31, 0, 1], 1234, 22).frame().as_slice());
+    assert_eq!(decide_underlay(&ssh, 4789, is_peer), Verdict::Pass(Reason::Unmanaged));
+    let other_udp = parse_ethernet(
+        PacketSpec::new(STRANGER, [172, 31, 0, 1], proto::UDP, 1, 53).frame().as_slice(),
+    );
+    assert_eq!(decide_underlay(&other_udp, 4789, is_peer), Verdict::Pass(Reason::Unmanaged));
+}
+
+#[test]
+fn connections_to_other_hosts_are_tracked_where_they_leave() {
+    const R: [u8; 4] = [10, 255, 1, 7];
+    let mut t = MemLookups::with_endpoints();
+    let parsed =
+        |src, dst| parse_ethernet(PacketSpec::tcp(src, dst, 40000, 8080).frame().as_slice());
+    // To a local endpoint or an unknown address: the destination side decides.
+    assert_eq!(track_outgoing(&t, &parsed(A, B)), ConnUpdate::None);
+    assert_eq!(track_outgoing(&t, &parsed(A, R)), ConnUpdate::None);
+    // To an endpoint on another host: tracked once, at the current epoch.
+    t.endpoints
+        .insert(addr(R), EndpointValue { tag: 2, flags: crate::maps::endpoint_flags::REMOTE });
+    let ConnUpdate::Insert(key, conn) = track_outgoing(&t, &parsed(A, R)) else {
+        panic!("not tracked")
+    };
+    assert_eq!((conn.epoch, conn.policy_id), (t.epoch, 0));
+    t.conns.insert(key, conn);
+    assert_eq!(track_outgoing(&t, &parsed(A, R)), ConnUpdate::None);
+    // Its reply is let in as a reply while a policy allows the opening flow.
+    t.allow(1, 2, proto::TCP, 8080, 8080, 4);
+    assert_eq!(t.deliver(&PacketSpec::tcp(R, A, 8080, 40000)), Verdict::Pass(Reason::Reply));
+}

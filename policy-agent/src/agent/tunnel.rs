@@ -1,0 +1,28 @@
+//! The agent's part of the overlay in the kernel (cluster mode): which
+//! device tunnel packets arrive through, and which hosts may send them.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use policy_common::maps::Tunnel;
+
+use super::Agent;
+use crate::{Dataplane, Error};
+
+impl Agent<Dataplane> {
+    /// Points the programs at the tunnel device and guards the underlay
+    /// interface (`tc_from_underlay`).
+    pub fn set_tunnel(
+        &mut self,
+        ifindex: u32,
+        port: u16,
+        underlay_ifname: &str,
+    ) -> Result<(), Error> {
+        self.kernel.maps_mut().set_tunnel(Tunnel { ifindex, port: u32::from(port) })?;
+        self.kernel.attach_underlay(underlay_ifname)
+    }
+
+    /// The underlay addresses tunnel packets are accepted from.
+    pub fn set_peers(&mut self, peers: &BTreeSet<Ipv4Addr>) -> Result<(), Error> {
+        self.kernel.maps_mut().set_peers(peers)
+    }
+}

@@ -1,0 +1,245 @@
+//! The overlay, silk-style: each host leases a /24 of the overlay network in
+//! etcd (kept across restarts), and reaches the other hosts' containers
+//! through one VXLAN device with Group Based Policy (`gbp`), which carries
+//! `skb->mark` — the source app's tag, set by the source-side program — in
+//! the tunnel header. For every other host: a route to its /24 via its
+//! gateway address on the device, a permanent neighbour entry for that
+//! address with the host's device MAC, and a forwarding entry sending that
+//! MAC to the host's underlay address (as flannel's vxlan backend). All
+//! through netlink (rtnetlink), no `ip` commands.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use futures_util::TryStreamExt as _;
+use rtnetlink::{
+    Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder,
+    packet_route::{
+        address::AddressAttribute,
+        link::{InfoVxlan, LinkAttribute},
+        neighbour::{NeighbourFlags, NeighbourState},
+    },
+};
+
+use super::etcd::{Etcd, EtcdError, ModRevisionIs, prefix_end};
+
+/// The VXLAN device's name.
+pub const DEVICE: &str = "pa-vxlan";
+/// Its VXLAN network id.
+pub const VNI: u32 = 1;
+/// Its UDP port (IANA's).
+pub const PORT: u16 = 4789;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("netlink: {0}")]
+    Netlink(#[from] rtnetlink::Error),
+    #[error("cannot open a netlink socket: {0}")]
+    Socket(std::io::Error),
+    #[error("no interface holds the underlay address {0} - is underlay_address this host's?")]
+    NoUnderlay(Ipv4Addr),
+    #[error("the VXLAN device {DEVICE} has no index or address")]
+    NoDevice,
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("every /24 of the overlay is leased")]
+    NoSubnet,
+}
+
+/// Another host as the overlay needs it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Peer {
+    /// Its /24 (the network address, 10.255.N.0).
+    pub subnet: Ipv4Addr,
+    pub underlay: Ipv4Addr,
+    /// Its VXLAN device's MAC address.
+    pub mac: [u8; 6],
+}
+
+/// This host's end of the overlay.
+pub struct Overlay {
+    handle: Handle,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    /// The interface holding the underlay address (the underlay program
+    /// goes on its ingress).
+    pub underlay_ifname: String,
+    /// The peer subnets routed now.
+    routed: BTreeSet<Peer>,
+}
+
+/// The /24 at `index` of the overlay network `base` (a /16).
+pub fn subnet(base: Ipv4Addr, index: u8) -> Ipv4Addr {
+    let [a, b, _, _] = base.octets();
+    Ipv4Addr::new(a, b, index, 0)
+}
+
+/// The first index not in `taken` (0..=255).
+pub fn first_free(taken: &BTreeSet<u8>) -> Option<u8> {
+    (0..=255u8).find(|i| !taken.contains(i))
+}
+
+/// Leases this host's /24 in etcd (`subnets/N` → host name): the one it
+/// already holds, else the first free one, taken in a transaction that
+/// fails if another host took it first (then the next one is tried).
+pub fn lease_subnet(etcd: &Etcd, prefix: &str, host: &str) -> Result<u8, OverlayError> {
+    let dir = format!("{}/subnets/", prefix.trim_end_matches('/'));
+    loop {
+        let range = etcd.range(&dir, &prefix_end(&dir))?;
+        let mut taken = BTreeSet::new();
+        for kv in &range.kvs {
+            let Ok(index) = kv.key[dir.len()..].parse::<u8>() else { continue };
+            if kv.value == host.as_bytes() {
+                return Ok(index);
+            }
+            taken.insert(index);
+        }
+        let index = first_free(&taken).ok_or(OverlayError::NoSubnet)?;
+        let key = format!("{dir}{index}");
+        let (won, _) = etcd.put_if(
+            &[ModRevisionIs { key: key.clone(), mod_revision: 0 }],
+            &[(&key, host.as_bytes(), 0)],
+        )?;
+        if won {
+            return Ok(index);
+        }
+    }
+}
+
+impl Overlay {
+    /// Creates (or reuses) the VXLAN device on the interface holding
+    /// `underlay`.
+    pub async fn open(underlay: Ipv4Addr) -> Result<Self, OverlayError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(OverlayError::Socket)?;
+        tokio::spawn(connection);
+        let mut addresses = handle.address().get().execute();
+        let mut underlay_index = None;
+        while let Some(message) = addresses.try_next().await? {
+            if message
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == underlay))
+            {
+                underlay_index = Some(message.header.index);
+                break;
+            }
+        }
+        let underlay_index = underlay_index.ok_or(OverlayError::NoUnderlay(underlay))?;
+        let underlay_ifname = link_name(&handle, underlay_index).await?;
+        if find_link(&handle, DEVICE).await?.is_none() {
+            let device = LinkVxlan::new(DEVICE, VNI)
+                .dev(underlay_index)
+                .port(PORT)
+                .local(underlay)
+                .learning(false)
+                .append_info_data(InfoVxlan::Gbp(true))
+                .up()
+                .build();
+            handle.link().add(device).execute().await?;
+        }
+        let (ifindex, mac) = find_link(&handle, DEVICE).await?.ok_or(OverlayError::NoDevice)?;
+        handle.link().set(LinkUnspec::new_with_index(ifindex).up().build()).execute().await?;
+        Ok(Self { handle, ifindex, mac, underlay_ifname, routed: BTreeSet::new() })
+    }
+
+    /// Makes the routes, neighbour and forwarding entries exactly those of
+    /// `peers`: new ones first, then the ones of hosts that left.
+    pub async fn sync(&mut self, peers: &BTreeSet<Peer>) -> Result<(), OverlayError> {
+        for peer in peers.difference(&self.routed.clone()) {
+            let gateway = IpAddr::V4(peer.subnet);
+            self.handle
+                .neighbours()
+                .add(self.ifindex, gateway)
+                .link_layer_address(&peer.mac)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await?;
+            self.handle
+                .neighbours()
+                .add_bridge(self.ifindex, &peer.mac)
+                .destination(IpAddr::V4(peer.underlay))
+                .flags(NeighbourFlags::Own)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await?;
+            self.handle.route().add(route(peer, self.ifindex)).replace().execute().await?;
+            self.routed.insert(peer.clone());
+        }
+        for peer in self.routed.clone().difference(peers) {
+            // Gone already (e.g. removed by hand) is fine.
+            let _ = self.handle.route().del(route(peer, self.ifindex)).execute().await;
+            self.routed.remove(peer);
+        }
+        Ok(())
+    }
+}
+
+fn route(peer: &Peer, ifindex: u32) -> rtnetlink::packet_route::route::RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(peer.subnet, 24)
+        .gateway(peer.subnet)
+        .output_interface(ifindex)
+        .onlink()
+        .build()
+}
+
+async fn find_link(handle: &Handle, name: &str) -> Result<Option<(u32, [u8; 6])>, OverlayError> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(Some(link)) => {
+            let mac = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+                _ => None,
+            });
+            Ok(mac.map(|mac| (link.header.index, mac)))
+        }
+        Ok(None) => Ok(None),
+        // ENODEV: no such link.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn link_name(handle: &Handle, index: u32) -> Result<String, OverlayError> {
+    let mut links = handle.link().get().match_index(index).execute();
+    let link = links.try_next().await?.ok_or(OverlayError::NoDevice)?;
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        })
+        .ok_or(OverlayError::NoDevice)
+}
+
+/// A MAC address as text (`aa:bb:...`), and back.
+pub fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let bytes: Vec<u8> =
+        text.split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>().ok()?;
+    <[u8; 6]>::try_from(bytes.as_slice()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnets_and_macs() {
+        assert_eq!(subnet(Ipv4Addr::new(10, 255, 0, 0), 7), Ipv4Addr::new(10, 255, 7, 0));
+        assert_eq!(first_free(&BTreeSet::new()), Some(0));
+        assert_eq!(first_free(&[0, 1, 3].into()), Some(2));
+        assert_eq!(first_free(&(0..=255).collect()), None);
+        let mac = [0x02, 0xab, 0, 1, 2, 0xff];
+        assert_eq!(mac_text(&mac), "02:ab:00:01:02:ff");
+        assert_eq!(parse_mac(&mac_text(&mac)), Some(mac));
+        assert_eq!(parse_mac("02:ab"), None);
+    }
+}
