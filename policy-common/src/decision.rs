@@ -282,11 +282,15 @@ pub fn source_address(parsed: &Parsed) -> Option<u32> {
 }
 
 /// Source side, cluster mode: a packet a local container sends to an
-/// endpoint on another host opens (or continues) a connection that only
-/// the other host checks against policy; recording it here lets its replies
-/// in as replies. Returns the entry to create, if the connection is new.
-/// The epoch makes a reply after a policy change check the opening flow
-/// again, as for local connections.
+/// endpoint on another host opens (or continues) a connection that the
+/// other host checks against policy; its replies come back to a host that
+/// has no record of it. So the connection is recorded here too, when a
+/// policy allows it from this side (the same check the other host makes),
+/// and its replies come in as replies. Only allowed openings are recorded:
+/// a packet the local end sends on a connection the other end opened (or
+/// after the policy went) records nothing, so it can never turn the other
+/// end's packets into "replies". The epoch makes a reply after a policy
+/// change check the opening flow again, as for local connections.
 #[inline(always)]
 pub fn track_outgoing<T: Lookups>(tables: &T, parsed: &Parsed) -> ConnUpdate {
     let Parsed::Flow { flow, .. } = *parsed else { return ConnUpdate::None };
@@ -297,14 +301,19 @@ pub fn track_outgoing<T: Lookups>(tables: &T, parsed: &Parsed) -> ConnUpdate {
     if tables.conn(&key).is_some() {
         return ConnUpdate::None;
     }
-    let conn = Conn {
-        epoch: tables.epoch(),
-        policy_id: 0,
-        origin: side,
-        pending_packets: 0,
-        pending_bytes: 0,
-    };
-    ConnUpdate::Insert(key, conn)
+    match check_flow(tables, &flow) {
+        Check::Allowed { policy_id, .. } => ConnUpdate::Insert(
+            key,
+            Conn {
+                epoch: tables.epoch(),
+                policy_id,
+                origin: side,
+                pending_packets: 0,
+                pending_bytes: 0,
+            },
+        ),
+        Check::Unmanaged | Check::Denied { .. } => ConnUpdate::None,
+    }
 }
 
 /// Underlay side (TC ingress of the underlay interface, cluster mode): a

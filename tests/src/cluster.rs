@@ -23,7 +23,9 @@ impl Underlay {
 
     pub fn new() -> Self {
         let ns = NetNs::new(crate::unique_name("ul"));
-        ns.ip(&["link", "add", "br0", "type", "bridge"]);
+        // A fixed address: a bridge without one takes its lowest port's,
+        // which changes as hosts join and leaves stale ARP entries for etcd.
+        ns.ip(&["link", "add", "br0", "address", "02:00:00:00:00:fe", "type", "bridge"]);
         ns.ip(&["addr", "add", &format!("{}/24", Self::ETCD_ADDRESS), "dev", "br0"]);
         ns.ip(&["link", "set", "br0", "up"]);
         Self { ns, joined: 0 }

@@ -39,12 +39,17 @@ impl ClusterCommand {
             "newest:     change {} (etcd revision {})",
             c["newest"]["seq"], c["newest"]["revision"]
         );
-        println!("{:<24} {:<16} {:>9} {:>6}", "host", "underlay", "applied", "lag");
+        println!(
+            "{:<24} {:<16} {:<14} {:>9} {:>6}",
+            "host", "underlay", "subnet", "applied", "lag"
+        );
         for h in c["hosts"].as_array().into_iter().flatten() {
+            let subnet = h["subnet"].as_str().map_or_else(|| "-".to_owned(), |s| format!("{s}/24"));
             println!(
-                "{:<24} {:<16} {:>9} {:>6}",
+                "{:<24} {:<16} {:<14} {:>9} {:>6}",
                 text(&h["host"]),
                 text(&h["underlay_address"]),
+                subnet,
                 h["applied_seq"],
                 h["lag"]
             );

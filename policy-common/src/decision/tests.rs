@@ -314,16 +314,21 @@ fn connections_to_other_hosts_are_tracked_where_they_leave() {
     // To a local endpoint or an unknown address: the destination side decides.
     assert_eq!(track_outgoing(&t, &parsed(A, B)), ConnUpdate::None);
     assert_eq!(track_outgoing(&t, &parsed(A, R)), ConnUpdate::None);
-    // To an endpoint on another host: tracked once, at the current epoch.
+    // To an endpoint on another host: tracked only when a policy allows it
+    // from this side, once, at the current epoch.
     t.endpoints
         .insert(addr(R), EndpointValue { tag: 2, flags: crate::maps::endpoint_flags::REMOTE });
+    assert_eq!(track_outgoing(&t, &parsed(A, R)), ConnUpdate::None, "no policy");
+    t.allow(1, 2, proto::TCP, 8080, 8080, 4);
     let ConnUpdate::Insert(key, conn) = track_outgoing(&t, &parsed(A, R)) else {
         panic!("not tracked")
     };
-    assert_eq!((conn.epoch, conn.policy_id), (t.epoch, 0));
+    assert_eq!((conn.epoch, conn.policy_id), (t.epoch, 4));
     t.conns.insert(key, conn);
     assert_eq!(track_outgoing(&t, &parsed(A, R)), ConnUpdate::None);
+    // The other end's connections are never recorded from this side.
+    let from_server = parse_ethernet(PacketSpec::tcp(B, R, 8080, 40000).frame().as_slice());
+    assert_eq!(track_outgoing(&t, &from_server), ConnUpdate::None);
     // Its reply is let in as a reply while a policy allows the opening flow.
-    t.allow(1, 2, proto::TCP, 8080, 8080, 4);
     assert_eq!(t.deliver(&PacketSpec::tcp(R, A, 8080, 40000)), Verdict::Pass(Reason::Reply));
 }
