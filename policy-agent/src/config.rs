@@ -252,7 +252,10 @@ mod tests {
         .unwrap()
         .cluster
         .unwrap();
-        assert_eq!((c.prefix.as_str(), c.lease_seconds), ("/policy-agent", 10));
+        assert_eq!(
+            (c.prefix.as_str(), c.lease_seconds, c.host_grace_seconds),
+            ("/policy-agent", 10, 60)
+        );
         for (text, key) in [
             (
                 "etcd_endpoints = [\"etcd:2379\"]\nhost = \"a\"\nunderlay_address = \"10.0.0.1\"",

@@ -169,12 +169,23 @@ pub struct ClusterHost {
 /// own /24 (10.255.I.0), joined to `underlay`, each running an agent in
 /// cluster mode against `etcd`.
 pub fn hosts(underlay: &mut Underlay, count: u8, containers: usize) -> Vec<ClusterHost> {
+    hosts_with(underlay, count, containers, "")
+}
+
+/// [`hosts`] with extra lines in each host's `[cluster]` section.
+pub fn hosts_with(
+    underlay: &mut Underlay,
+    count: u8,
+    containers: usize,
+    cluster_extra: &str,
+) -> Vec<ClusterHost> {
     (0..count)
         .map(|i| {
             let host = Host::with_subnet(containers, i);
             let address = underlay.join(&host);
             let name = format!("cell-{i}");
-            let daemon = Daemon::start(&host.ns, &cluster_config(&name, address));
+            let config = format!("{}{cluster_extra}", cluster_config(&name, address));
+            let daemon = Daemon::start(&host.ns, &config);
             ClusterHost { daemon, host, name, underlay: address }
         })
         .collect()

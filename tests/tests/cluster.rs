@@ -9,12 +9,12 @@ use std::{
 };
 
 use integration_tests::{
-    cluster::{ClusterHost, Etcd, Underlay, hosts},
+    cluster::{ClusterHost, Etcd, Underlay, hosts, hosts_with},
     daemon::Daemon,
     netns::NetNs,
     require_root,
     topology::GATEWAY,
-    traffic::{LONG, SHORT, echo_once, tcp_connect, tcp_echo_server, tcp_echo_works},
+    traffic::{LONG, SHORT, echo_once, http_server, tcp_connect, tcp_echo_server, tcp_echo_works},
 };
 use serde_json::{Value, json};
 
@@ -359,4 +359,72 @@ fn marked_connect_works(ns: &NetNs, to: Ipv4Addr, port: u16, mark: u32) -> bool 
         let mut buf = [0u8; 4];
         socket.read_exact(&mut buf).is_ok()
     })
+}
+
+#[test]
+fn platform_tls_works_across_hosts_with_one_cluster_ca() {
+    require_root();
+    let mut underlay = Underlay::new();
+    let _etcd = Etcd::start(&underlay);
+    let cells = hosts(&mut underlay, 2, 1);
+    let (a, b) = (&cells[0], &cells[1]);
+    let ca = |h: &ClusterHost| std::fs::read(h.daemon.state_dir().join("ca.pem")).unwrap();
+    assert_eq!(ca(a), ca(b), "one platform CA for the cluster");
+    let (frontend, backend) = (a.host.container(0), b.host.container(0));
+    a.daemon.register(frontend, "frontend");
+    b.daemon.register(backend, "backend");
+    http_server(&backend.ns, backend.ip, 8080, "hello from backend on another host");
+    a.daemon.allow("frontend", "backend", "tcp", "8080");
+    a.daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
+    frontend.ns.use_nameserver(GATEWAY);
+    let bundle = a.daemon.state_dir().join("ca.pem");
+    let curl = || {
+        let out = frontend
+            .ns
+            .command("curl")
+            .args(["-sS", "--max-time", "2", "--cacert"])
+            .arg(&bundle)
+            .arg("https://backend.apps.internal:61443/")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let mut last = String::new();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            last = curl();
+            last.contains("hello from backend")
+        }),
+        "curl from A to backend.apps.internal:61443 on B, verified with A's bundle: {last}"
+    );
+}
+
+#[test]
+fn a_host_gone_past_its_grace_time_leaves_the_cluster() {
+    require_root();
+    let mut underlay = Underlay::new();
+    let _etcd = Etcd::start(&underlay);
+    let mut cells = hosts_with(&mut underlay, 2, 1, "host_grace_seconds = 2\n");
+    cells[0].daemon.register(cells[0].host.container(0), "backend");
+    cells[1].daemon.register(cells[1].host.container(0), "backend");
+    cells[0].daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
+    let (here, there) = (cells[0].host.container(0).ip, cells[1].host.container(0).ip);
+    let names =
+        |cells: &[ClusterHost]| dig(&cells[0].host.container(0).ns, "backend.apps.internal");
+    assert!(eventually(LONG, || names(&cells).len() == 2));
+    cells[1].daemon.kill9();
+    // Lease (3 s) and grace (2 s) pass, then the next renewal (1 s) acts.
+    assert!(
+        eventually(Duration::from_secs(15), || names(&cells) == [here]),
+        "the gone host's instance left DNS"
+    );
+    let endpoints = get(&cells[0].daemon, "/v1/endpoints");
+    assert!(!endpoints.to_string().contains(&there.to_string()), "{endpoints}");
+    let status = get(&cells[0].daemon, "/v1/cluster");
+    assert_eq!(status["hosts"].as_array().unwrap().len(), 1, "{status}");
+    // Back again: it takes a subnet and registers again.
+    cells[1].daemon.spawn();
+    assert!(eventually(Duration::from_secs(5), || {
+        get(&cells[0].daemon, "/v1/cluster")["hosts"].as_array().is_some_and(|h| h.len() == 2)
+    }));
 }

@@ -191,6 +191,20 @@ impl Etcd {
         Ok((body["succeeded"].as_bool().unwrap_or(false), int(&body["header"]["revision"])))
     }
 
+    /// Deletes `key` if every condition holds. Returns whether it did.
+    pub fn delete_if(&self, conditions: &[ModRevisionIs], key: &str) -> Result<bool, EtcdError> {
+        let compare: Vec<Value> = conditions
+            .iter()
+            .map(|c| {
+                json!({"key": b64(c.key.as_bytes()), "target": "MOD", "result": "EQUAL",
+                       "mod_revision": c.mod_revision.to_string()})
+            })
+            .collect();
+        let delete = json!({"request_delete_range": {"key": b64(key.as_bytes())}});
+        let body = self.call("kv/txn", &json!({"compare": compare, "success": [delete]}))?;
+        Ok(body["succeeded"].as_bool().unwrap_or(false))
+    }
+
     /// A lease of `ttl` seconds; keys put with it go when it expires.
     pub fn grant_lease(&self, ttl: i64) -> Result<i64, EtcdError> {
         let body = self.call("lease/grant", &json!({"TTL": ttl.to_string()}))?;

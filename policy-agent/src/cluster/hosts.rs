@@ -4,17 +4,18 @@
 //! When an agent is gone for longer than the lease, its record expires.
 
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     thread,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{
     ClusterConfig,
-    etcd::{Etcd, EtcdError, prefix_end},
+    etcd::{Etcd, EtcdError, ModRevisionIs, prefix_end},
     follow::{self, OnChange},
     overlay::{self, Overlay, Peer},
 };
@@ -91,6 +92,7 @@ pub fn register(
     let period = Duration::from_secs((ttl / 3) as u64);
     let mut lease = 0;
     let mut healthy = true;
+    let mut missing_since = BTreeMap::new();
     loop {
         let _ = follow::catch_up(&agent, &on_change);
         let position = agent::lock(&agent).position();
@@ -111,6 +113,7 @@ pub fn register(
             etcd.put_if(&[], &[(&key, &value, lease)])?;
             let hosts = list(&etcd, &config.prefix)?;
             follow_peers(&agent, &mut membership, &config.host, &hosts);
+            reap_gone_hosts(&agent, &etcd, &config, &hosts, &mut missing_since)?;
             Ok(())
         })();
         match result {
@@ -148,4 +151,58 @@ fn follow_peers(agent: &SharedAgent, membership: &mut Membership, me: &str, host
     if let Err(e) = runtime.block_on(overlay.sync(&peers)) {
         warn!(error = %e, "cannot update the routes to the other hosts");
     }
+}
+
+/// A host whose record has expired (its agent gone longer than the lease)
+/// for longer than `host_grace_seconds` leaves the cluster: its endpoints
+/// are removed from the shared state (so every host's DNS stops naming
+/// them) and its subnet is freed. Any agent may do it; doing it twice is
+/// harmless (removing a missing endpoint is not an error, the subnet is
+/// deleted only if unchanged).
+fn reap_gone_hosts(
+    agent: &SharedAgent,
+    etcd: &Etcd,
+    config: &ClusterConfig,
+    hosts: &[HostRecord],
+    missing_since: &mut BTreeMap<String, Instant>,
+) -> Result<(), EtcdError> {
+    let dir = format!("{}/subnets/", config.prefix.trim_end_matches('/'));
+    let subnets = etcd.range(&dir, &prefix_end(&dir))?;
+    let present: std::collections::BTreeSet<&str> = hosts.iter().map(|h| h.host.as_str()).collect();
+    let grace = Duration::from_secs(u64::from(config.host_grace_seconds));
+    missing_since.retain(|host, _| !present.contains(host.as_str()));
+    for kv in &subnets.kvs {
+        let owner = String::from_utf8_lossy(&kv.value).into_owned();
+        if present.contains(owner.as_str()) || owner == config.host {
+            continue;
+        }
+        let since = *missing_since.entry(owner.clone()).or_insert_with(Instant::now);
+        if since.elapsed() < grace {
+            continue;
+        }
+        let endpoints: Vec<Ipv4Addr> = agent::lock(agent)
+            .state()
+            .endpoints()
+            .filter(|e| e.host.as_deref() == Some(owner.as_str()))
+            .map(|e| e.ip)
+            .collect();
+        for ip in &endpoints {
+            if let Err(e) = agent::lock(agent).remove_endpoint(*ip) {
+                warn!(host = owner, %ip, error = %e, "cannot remove a gone host's endpoint");
+                return Ok(());
+            }
+        }
+        etcd.delete_if(
+            &[ModRevisionIs { key: kv.key.clone(), mod_revision: kv.mod_revision }],
+            &kv.key,
+        )?;
+        missing_since.remove(&owner);
+        info!(
+            host = owner,
+            endpoints = endpoints.len(),
+            subnet = kv.key,
+            "a host gone past its grace time left the cluster"
+        );
+    }
+    Ok(())
 }

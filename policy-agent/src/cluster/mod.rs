@@ -6,6 +6,7 @@
 //! Without a `[cluster]` section the agent is a single host on its local
 //! journal; nothing here runs.
 
+pub mod ca;
 pub mod etcd;
 pub mod follow;
 pub mod hosts;
@@ -27,6 +28,7 @@ use crate::state::check_app_id;
 /// underlay_address = "10.0.0.1"                # where other hosts reach it
 /// prefix = "/policy-agent"                     # keys in etcd
 /// lease_seconds = 10                           # a host's record outlives its agent this long
+/// host_grace_seconds = 60                      # then, after this, its endpoints and subnet go
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +42,14 @@ pub struct ClusterConfig {
     pub prefix: String,
     #[serde(default = "default_lease_seconds")]
     pub lease_seconds: u32,
+    /// How long a host may be gone (its record expired) before its
+    /// endpoints are removed from the cluster's state and its subnet freed.
+    #[serde(default = "default_host_grace_seconds")]
+    pub host_grace_seconds: u32,
+}
+
+fn default_host_grace_seconds() -> u32 {
+    60
 }
 
 fn default_prefix() -> String {

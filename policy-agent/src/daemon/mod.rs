@@ -19,7 +19,7 @@ use policy_agent::{
     agent::{self, Agent, SharedAgent},
     api::Api,
     cluster::{
-        ClusterConfig,
+        self, ClusterConfig,
         follow::{self, OnChange},
         hosts::{self, Membership},
         overlay::{self, Overlay},
@@ -190,6 +190,11 @@ fn spawn_flow_reader(
 
 /// The platform CA and the per-instance TLS listeners (started by `serve`).
 fn start_tls(config: &Config, agent: &SharedAgent) -> Result<Arc<TlsProxies>> {
+    if let Some(cluster) = &config.cluster {
+        // One CA for the cluster: certificates verify with every host's bundle.
+        cluster::ca::share(&cluster.etcd(), &cluster.prefix, &config.state_dir)
+            .context("cannot share the platform CA through etcd")?;
+    }
     let ca = PlatformCa::load_or_create(&config.state_dir)
         .context("failed to set up the platform CA")?;
     info!(bundle = %ca.bundle().display(), "platform CA bundle");
