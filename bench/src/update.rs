@@ -11,7 +11,7 @@ use std::{
 use integration_tests::{
     daemon::Daemon,
     iptables::{CfIptables, CfPolicy, CfRuleSet},
-    topology::Host,
+    topology::{Container, Host},
 };
 use policy_agent::client::Client;
 use serde_json::Value;
@@ -21,11 +21,11 @@ use crate::{
     report::{Plot, Report, Series, outln},
 };
 
-const PROBE_PORT: u16 = 7000;
+pub const PROBE_PORT: u16 = 7000;
 const POLICIES: &str = "/networking/v1/external/policies";
 
 /// A probe pair: A sends to B:7000; `arrived` polls for it.
-struct Probe {
+pub struct Probe {
     rx: UdpSocket,
     tx: UdpSocket,
     to: (std::net::Ipv4Addr, u16),
@@ -33,14 +33,18 @@ struct Probe {
 
 impl Probe {
     fn new(host: &Host) -> Self {
-        let (a, b) = (host.container(0), host.container(1));
+        Self::between(host.container(0), host.container(1))
+    }
+
+    /// From container `a` to container `b` (on any hosts).
+    pub fn between(a: &Container, b: &Container) -> Self {
         let rx = b.ns.run(|| UdpSocket::bind((b.ip, PROBE_PORT))).expect("bind");
         let tx = a.ns.run(|| UdpSocket::bind(("0.0.0.0", 0))).expect("bind");
         Self { rx, tx, to: (b.ip, PROBE_PORT) }
     }
 
     /// Asserts the probe does not get through now.
-    fn blocked(&self) {
+    pub fn blocked(&self) {
         let mut buf = [0u8; 16];
         self.rx.set_nonblocking(false).unwrap();
         self.rx.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
@@ -49,7 +53,7 @@ impl Probe {
     }
 
     /// Probes every 50 µs until one arrives; the time since `start`.
-    fn first_arrival(&self, start: Instant) -> Duration {
+    pub fn first_arrival(&self, start: Instant) -> Duration {
         let mut buf = [0u8; 16];
         self.rx.set_nonblocking(true).unwrap();
         loop {
@@ -64,7 +68,7 @@ impl Probe {
 }
 
 /// `n` policies between other apps, in API batches of 1000.
-fn preload(client: &Client, n: usize) {
+pub fn preload(client: &Client, n: usize) {
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
         let batch = chunk
             .iter()

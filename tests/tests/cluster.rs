@@ -428,3 +428,85 @@ fn a_host_gone_past_its_grace_time_leaves_the_cluster() {
         get(&cells[0].daemon, "/v1/cluster")["hosts"].as_array().is_some_and(|h| h.len() == 2)
     }));
 }
+
+#[test]
+fn tunnel_packets_from_outside_the_cluster_grant_nothing() {
+    require_root();
+    let mut underlay = Underlay::new();
+    let _etcd = Etcd::start(&underlay);
+    let cells = hosts(&mut underlay, 2, 1);
+    let (b, c) = (&cells[0], &cells[1]);
+    let (frontend, backend) = (b.host.container(0), c.host.container(0));
+    b.daemon.register(frontend, "frontend");
+    c.daemon.register(backend, "backend");
+    a_policy_between(b, "frontend", "backend", "udp", 7000);
+    let rx = backend.ns.run(|| std::net::UdpSocket::bind((backend.ip, 7000))).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    // The real thing, from frontend's own host, arrives.
+    let tx = frontend.ns.run(|| std::net::UdpSocket::bind(("0.0.0.0", 0))).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            tx.send_to(b"real", (backend.ip, 7000)).unwrap();
+            rx.recv(&mut buf).is_ok()
+        }),
+        "frontend on B reaches backend on C"
+    );
+    while rx.recv(&mut buf).is_ok() {}
+
+    // An intruder on the underlay, not a host of the cluster, forges the
+    // same datagram in a tunnel header naming frontend's app.
+    let intruder = integration_tests::topology::Host::with_subnet(0, 99);
+    underlay.join(&intruder);
+    let status = get(&c.daemon, "/v1/cluster");
+    let vtep = status["hosts"].as_array().unwrap().iter().find(|h| h["host"] == c.name).unwrap()
+        ["vtep_mac"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tags = get(&c.daemon, TAGS);
+    let tag =
+        tags["tags"].as_array().unwrap().iter().find(|t| t["id"] == "frontend").unwrap()["tag"]
+            .as_str()
+            .map(|t| u16::from_str_radix(t, 16).unwrap())
+            .unwrap();
+    let inner = policy_common::craft::PacketSpec::udp(
+        frontend.ip.octets(),
+        backend.ip.octets(),
+        40000,
+        7000,
+    )
+    .ipv4();
+    let mut frame = Vec::new();
+    // VXLAN with Group Based Policy: flags G|I, the group (app tag), VNI 1.
+    frame.extend_from_slice(&[0x88, 0x00]);
+    frame.extend_from_slice(&tag.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 1, 0]);
+    frame.extend(vtep.split(':').map(|b| u8::from_str_radix(b, 16).unwrap()));
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99, 0x08, 0x00]);
+    frame.extend_from_slice(&inner);
+    let spoofed_before = verdict_count(&c.daemon, "spoofed");
+    let forger = intruder.ns.run(|| std::net::UdpSocket::bind(("0.0.0.0", 0))).unwrap();
+    for _ in 0..5 {
+        forger.send_to(&frame, (c.underlay, 4789)).unwrap();
+    }
+    assert!(rx.recv(&mut buf).is_err(), "a forged tunnel packet reached the backend");
+    assert!(
+        eventually(LONG, || verdict_count(&c.daemon, "spoofed") >= spoofed_before + 5),
+        "dropped at C's underlay interface as spoofed"
+    );
+}
+
+fn a_policy_between(h: &ClusterHost, source: &str, destination: &str, protocol: &str, port: u16) {
+    h.daemon.allow(source, destination, protocol, &port.to_string());
+}
+
+fn verdict_count(daemon: &Daemon, reason: &str) -> u64 {
+    get(daemon, "/v1/status")["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["reason"] == reason)
+        .and_then(|v| v["packets"].as_u64())
+        .unwrap_or(0)
+}

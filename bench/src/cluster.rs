@@ -1,0 +1,179 @@
+//! Cluster mode: how fast a write on one host is enforced between
+//! containers on two others (Cloud Foundry's agents poll every 5 s), with
+//! and without 60,000 policies in force; and how the time for one write to
+//! reach every watcher grows with their number (the agent's own watch and
+//! catch-up code, without a dataplane), the figure that says how this
+//! scales to hundreds of hosts.
+
+use std::{
+    sync::{
+        Arc, Barrier, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use integration_tests::cluster::{Etcd, Underlay, hosts};
+use policy_agent::{
+    client::Client,
+    cluster::{etcd::prefix_end, store::EtcdStore},
+    state::{Policy, Protocol, State},
+    store::{Change, Store as _},
+};
+
+use crate::{
+    agent::{ms, percentile, policy, post},
+    report::{Report, outln},
+    update::{PROBE_PORT, Probe, preload},
+};
+
+const POLICIES: &str = "/networking/v1/external/policies";
+
+/// Write on host A → first probe from frontend on B to backend on C that
+/// the new policy lets through; `writes` times, sorted.
+fn cross_host(in_force: usize, writes: usize) -> Vec<Duration> {
+    let mut underlay = Underlay::new();
+    let _etcd = Etcd::start(&underlay);
+    let cells = hosts(&mut underlay, 3, 1);
+    let (frontend, backend) = (cells[1].host.container(0), cells[2].host.container(0));
+    cells[1].daemon.register(frontend, "frontend");
+    cells[2].daemon.register(backend, "backend");
+    let client = Client::new(&cells[0].daemon.socket);
+    preload(&client, in_force);
+    let probe = Probe::between(frontend, backend);
+    let allow = || vec![policy("frontend", "backend", "udp", PROBE_PORT)];
+    // The overlay routes follow the host registry (a renewal or two).
+    post(&client, POLICIES, allow());
+    probe.first_arrival(Instant::now());
+    let mut times = Vec::with_capacity(writes);
+    for _ in 0..writes {
+        post(&client, &format!("{POLICIES}/delete"), allow());
+        probe.blocked();
+        let start = Instant::now();
+        times.push(std::thread::scope(|s| {
+            s.spawn(|| post(&client, POLICIES, allow()));
+            probe.first_arrival(start)
+        }));
+    }
+    times.sort();
+    times
+}
+
+/// One writer and `watchers` followers of the change log, each its own
+/// etcd client watching the head and reading what is new, as an agent's
+/// follower does: the time from a write's commit to each follower having
+/// read it, over `writes` writes, sorted.
+fn fan_out(watchers: usize, writes: usize) -> Vec<Duration> {
+    let underlay = Underlay::new();
+    let _etcd = Etcd::start(&underlay);
+    let etcd =
+        || policy_agent::cluster::etcd::Etcd::new(&[Etcd::url()], Duration::from_secs(5)).unwrap();
+    let prefix = "/bench";
+    let committed: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(Barrier::new(watchers + 1));
+    let mut threads = Vec::new();
+    for _ in 0..watchers {
+        let (committed, seen, done, ready) =
+            (committed.clone(), seen.clone(), done.clone(), ready.clone());
+        let ns = underlay.ns.path();
+        let client = etcd();
+        threads.push(std::thread::spawn(move || {
+            integration_tests::netns::run_in(&ns, || {
+                let mut store = EtcdStore::new(client.clone(), prefix);
+                store.load().unwrap();
+                let key = store.watched_key();
+                let from = store.position().revision + 1;
+                ready.wait();
+                let _ = client.watch(&key, &prefix_end(&key), from, |_| {
+                    let before = store.position().seq as usize;
+                    let new = store.pending().unwrap_or_default().len();
+                    let now = Instant::now();
+                    let committed = committed.lock().unwrap();
+                    let mut seen = seen.lock().unwrap();
+                    // The first write warms the connections up: not counted.
+                    for seq in (before + 1..=before + new).filter(|s| *s > 1) {
+                        if let Some(at) = committed.get(seq - 1) {
+                            seen.push(now.saturating_duration_since(*at));
+                        }
+                    }
+                    !done.load(Ordering::Relaxed) || store.position().seq < writes as u64
+                });
+            });
+        }));
+    }
+    let ns = underlay.ns.path();
+    integration_tests::netns::run_in(&ns, || {
+        let mut writer = EtcdStore::new(etcd(), prefix);
+        let mut state = writer.load().unwrap();
+        ready.wait();
+        for i in 0..writes {
+            let change = Change::AddPolicies(vec![Policy {
+                source: format!("app-{i}"),
+                destination: "backend".into(),
+                protocol: Protocol::Tcp,
+                start: 8080,
+                end: 8080,
+                tls_only: false,
+            }]);
+            change.replay(&mut state);
+            writer.append(&change, &State::default()).unwrap();
+            committed.lock().unwrap().push(Instant::now());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    done.store(true, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.lock().unwrap().len() < watchers * (writes - 1) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(threads); // the watchers end with etcd
+    let mut times = seen.lock().unwrap().clone();
+    times.sort();
+    times
+}
+
+pub fn run(quick: bool, report: &mut Report) {
+    let (writes, loaded) = if quick { (50, 10_000) } else { (200, 60_000) };
+    let fan: &[usize] = if quick { &[10, 50] } else { &[10, 50, 100] };
+    let empty = cross_host(0, writes);
+    let full = cross_host(loaded, writes);
+    let mut out = String::new();
+    outln!(
+        out,
+        "\n### 7. Cluster mode\n\nA write through host A's API to the first UDP probe that the new policy lets through from frontend on host B to backend on host C (three hosts on one underlay, one etcd, probes every 50 µs through the VXLAN overlay), {writes} writes each. Cloud Foundry's agents poll the policy server every 5 s, so its figure is up to 5,000 ms plus its own rebuild. Goal: p99 ≤ 50 ms.\n"
+    );
+    outln!(out, "| policies in force | p50 | p99 | max |");
+    outln!(out, "|---:|---:|---:|---:|");
+    for (n, times) in [(0, &empty), (loaded, &full)] {
+        outln!(
+            out,
+            "| {n} | {} | {} | {} |",
+            ms(percentile(times, 0.5)),
+            ms(percentile(times, 0.99)),
+            ms(*times.last().unwrap())
+        );
+    }
+    outln!(
+        out,
+        "\nFan-out: one writer commits a change every 20 ms; N followers, each its own etcd client running the agent's follow code (watch the log's head, read what is new) without a dataplane; time from the commit to each follower having read it (the first write, which warms the connections up, not counted).\n"
+    );
+    outln!(out, "| followers | deliveries | p50 | p99 |");
+    outln!(out, "|---:|---:|---:|---:|");
+    for &n in fan {
+        let times = fan_out(n, if quick { 20 } else { 50 });
+        if times.is_empty() {
+            outln!(out, "| {n} | 0 | - | - |");
+            continue;
+        }
+        outln!(
+            out,
+            "| {n} | {} | {} | {} |",
+            times.len(),
+            ms(percentile(&times, 0.5)),
+            ms(percentile(&times, 0.99))
+        );
+    }
+    report.section(out);
+}
