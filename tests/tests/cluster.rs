@@ -510,3 +510,49 @@ fn verdict_count(daemon: &Daemon, reason: &str) -> u64 {
         .and_then(|v| v["packets"].as_u64())
         .unwrap_or(0)
 }
+
+#[test]
+fn agents_killed_under_cross_host_traffic_lose_nothing() {
+    require_root();
+    let mut underlay = Underlay::new();
+    let _etcd = Etcd::start(&underlay);
+    let mut cells = hosts(&mut underlay, 2, 1);
+    let (frontend_ip, backend_ip) = (cells[0].host.container(0).ip, cells[1].host.container(0).ip);
+    cells[0].daemon.register(cells[0].host.container(0), "frontend");
+    cells[1].daemon.register(cells[1].host.container(0), "backend");
+    cells[0].daemon.allow("frontend", "backend", "udp", "9000");
+    {
+        let (from, to) = (&cells[0].host.container(0).ns, &cells[1].host.container(0).ns);
+        let rx = to.run(|| std::net::UdpSocket::bind((backend_ip, 9000))).unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let tx = from.run(|| std::net::UdpSocket::bind((frontend_ip, 0))).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(eventually(Duration::from_secs(5), || {
+            tx.send_to(b"probe", (backend_ip, 9000)).unwrap();
+            rx.recv(&mut buf).is_ok()
+        }));
+    }
+    let flows = integration_tests::traffic::SteadyFlows::start(
+        &cells[0].host.container(0).ns,
+        &cells[1].host.container(0).ns,
+        backend_ip,
+        9000,
+        9001,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // The destination's agent, then the source's, killed and restarted; a
+    // write made while one is down reaches it when it is back.
+    cells[1].daemon.kill9();
+    cells[0].daemon.allow("frontend", "backend", "tcp", "443");
+    std::thread::sleep(Duration::from_millis(300));
+    cells[1].daemon.spawn();
+    cells[0].daemon.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    cells[0].daemon.spawn();
+    std::thread::sleep(Duration::from_millis(300));
+    let counts = flows.finish();
+    assert!(counts.sent > 500, "{counts:?}");
+    assert_eq!(counts.allowed_received, counts.sent, "allowed packets lost: {counts:?}");
+    assert_eq!(counts.denied_received, 0, "denied packets passed: {counts:?}");
+    assert!(eventually(LONG, || get(&cells[1].daemon, POLICIES)["total_policies"] == 2));
+}
