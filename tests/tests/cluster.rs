@@ -556,3 +556,36 @@ fn agents_killed_under_cross_host_traffic_lose_nothing() {
     assert_eq!(counts.denied_received, 0, "denied packets passed: {counts:?}");
     assert!(eventually(LONG, || get(&cells[1].daemon, POLICIES)["total_policies"] == 2));
 }
+
+#[test]
+fn an_agent_restarted_while_etcd_is_down_serves_its_last_known_state() {
+    require_root();
+    let mut underlay = Underlay::new();
+    let mut etcd = Etcd::start(&underlay);
+    let mut cells = hosts(&mut underlay, 2, 2);
+    let (_, backend) = frontend_and_backend(&cells[1]);
+    cells[0].daemon.allow("frontend", "backend", "tcp", "8080");
+    cells[0].daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
+    assert!(eventually(LONG, || reaches(&cells[1], backend, 8080)));
+    assert!(eventually(LONG, || dig(&cells[1].host.container(0).ns, "backend.apps.internal")
+        == [backend]));
+
+    etcd.kill();
+    cells[1].daemon.kill9();
+    cells[1].daemon.spawn();
+    // Up without etcd: the same verdicts, DNS and reads from its last state.
+    assert!(reaches(&cells[1], backend, 8080) && !reaches(&cells[1], backend, 9000));
+    assert_eq!(dig(&cells[1].host.container(0).ns, "backend.apps.internal"), [backend]);
+    assert_eq!(get(&cells[1].daemon, POLICIES)["total_policies"], 1);
+    let more = body(&[policy("frontend", "backend", 9000)]);
+    assert_eq!(cells[1].daemon.curl("POST", POLICIES, Some(&more)).0, 503);
+
+    etcd.spawn();
+    assert!(eventually(Duration::from_secs(10), || cells[0]
+        .daemon
+        .curl("POST", POLICIES, Some(&more))
+        .0
+        == 200));
+    assert!(eventually(Duration::from_secs(5), || reaches(&cells[1], backend, 9000)), "caught up");
+    assert!(reaches(&cells[1], backend, 8080));
+}

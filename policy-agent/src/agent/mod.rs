@@ -17,7 +17,7 @@ use std::{
 };
 
 pub use reads::{FlowQuery, PolicyStats, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     Dataplane, Error,
@@ -88,6 +88,9 @@ pub struct Agent<K: Kernel> {
     /// When the state was last known to match the store (cluster mode:
     /// the last successful read or write of etcd).
     synced: Instant,
+    /// The state was loaded from a possibly older local copy: the kernel
+    /// is reconciled to it only once the store has caught up.
+    reconcile_pending: bool,
 }
 
 impl<K: Kernel> Agent<K> {
@@ -101,15 +104,26 @@ impl<K: Kernel> Agent<K> {
         let mut state = store.load()?;
         state.set_tls_ports(settings.tls_ports);
         state.set_local_host(settings.host);
-        let warnings = reconcile::full(&mut kernel, &state)?;
-        info!(
-            policies = state.policy_count(),
-            endpoints = state.endpoints().count(),
-            apps = state.tags().len(),
-            "reconciled the kernel to the stored state"
-        );
+        let reconcile_pending = store.is_stale();
+        let warnings = if reconcile_pending {
+            // Fail-static: never take the kernel back to an older state.
+            warn!(
+                "the stored state may be older than the kernel's: enforcement is left as it is until the store catches up"
+            );
+            Vec::new()
+        } else {
+            let warnings = reconcile::full(&mut kernel, &state)?;
+            info!(
+                policies = state.policy_count(),
+                endpoints = state.endpoints().count(),
+                apps = state.tags().len(),
+                "reconciled the kernel to the stored state"
+            );
+            warnings
+        };
         let synced = Instant::now();
-        Ok((Self { kernel, state, store, limit: settings.limit, synced }, warnings))
+        let agent = Self { kernel, state, store, limit: settings.limit, synced, reconcile_pending };
+        Ok((agent, warnings))
     }
 
     pub fn state(&self) -> &State {
@@ -132,6 +146,16 @@ impl<K: Kernel> Agent<K> {
         let changes = self.store.pending()?;
         for change in &changes {
             self.apply_committed(change);
+        }
+        if !changes.is_empty() {
+            self.store.snapshot(&self.state)?;
+        }
+        if self.reconcile_pending && !self.store.is_stale() {
+            for w in reconcile::full(&mut self.kernel, &self.state)? {
+                warn!("{w}");
+            }
+            self.reconcile_pending = false;
+            info!("caught up with the store: the kernel is reconciled to it");
         }
         self.synced = Instant::now();
         if !changes.is_empty() {

@@ -21,15 +21,23 @@
 //! transaction of two operations (etcd allows 128) as long as it fits in a
 //! request (1.5 MiB by default: about 10,000 policies).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
-use super::etcd::{Etcd, ModRevisionIs, prefix_end};
+use super::etcd::{Etcd, EtcdError, ModRevisionIs, prefix_end};
 use crate::{
     state::State,
     store::{Change, Position, Store, StoreError},
 };
+
+/// How often at most the local copy of a large state is rewritten.
+pub const CACHE_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Serialize, Deserialize)]
 struct Entry {
@@ -40,6 +48,12 @@ struct Entry {
 pub struct EtcdStore {
     etcd: Etcd,
     prefix: String,
+    /// A local copy of the state (`{"seq","state"}`), so an agent that
+    /// starts while etcd is unreachable serves what it last knew.
+    cache: Option<PathBuf>,
+    cached_at: Option<Instant>,
+    /// Loaded from the cache, not yet caught up with etcd.
+    stale: bool,
     /// Changes applied (the newest one's sequence number).
     seq: u64,
     /// The head key's mod revision when last seen (0: no head yet).
@@ -54,10 +68,71 @@ impl EtcdStore {
         Self {
             etcd,
             prefix: prefix.trim_end_matches('/').to_owned(),
+            cache: None,
+            cached_at: None,
+            stale: false,
             seq: 0,
             head_revision: 0,
             revision: 0,
         }
+    }
+
+    /// Keeps a copy of the state at `path` (written at most every
+    /// [`CACHE_EVERY`]), loaded when etcd cannot be reached at start.
+    pub fn with_cache(mut self, path: PathBuf) -> Self {
+        self.cache = Some(path);
+        self
+    }
+
+    /// Writes the cache if it is due (or `now`).
+    fn cache(&mut self, state: &State, now: bool) {
+        let Some(path) = &self.cache else { return };
+        // Small states are cheap to write after every change; large ones at
+        // most every CACHE_EVERY.
+        let large = state.policy_count() > 10_000;
+        if !now && large && self.cached_at.is_some_and(|at| at.elapsed() < CACHE_EVERY) {
+            return;
+        }
+        #[derive(Serialize)]
+        struct CachedRef<'a> {
+            seq: u64,
+            state: crate::state::StoredRef<'a>,
+        }
+        let tmp = path.with_extension("json.tmp");
+        let written = (|| -> std::io::Result<()> {
+            let file = std::fs::File::create(&tmp)?;
+            let mut out = std::io::BufWriter::new(file);
+            serde_json::to_writer(&mut out, &CachedRef { seq: self.seq, state: state.stored() })?;
+            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        match written {
+            Ok(()) => self.cached_at = Some(Instant::now()),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot write the local copy of the cluster state")
+            }
+        }
+    }
+
+    /// The cached state, after etcd could not be reached.
+    fn load_cache(&mut self, unreachable: StoreError) -> Result<State, StoreError> {
+        #[derive(Deserialize)]
+        struct Cached {
+            seq: u64,
+            state: State,
+        }
+        let Some(path) = &self.cache else { return Err(unreachable) };
+        let Ok(bytes) = std::fs::read(path) else { return Err(unreachable) };
+        let cached: Cached = serde_json::from_slice(&bytes)
+            .map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
+        warn!(error = %unreachable, seq = cached.seq, cache = %path.display(),
+              "etcd is unreachable: serving the last known cluster state until it answers");
+        self.seq = cached.seq;
+        self.stale = true;
+        // Unknown: the first write conflicts, which makes the agent catch up
+        // (from `seq`) before it writes.
+        self.head_revision = -1;
+        Ok(cached.state)
     }
 
     fn log_prefix(&self) -> String {
@@ -114,6 +189,7 @@ impl EtcdStore {
         self.seq = newest;
         self.head_revision = head_revision;
         self.revision = range.revision;
+        self.stale = false;
         Ok(changes)
     }
 }
@@ -123,13 +199,20 @@ impl Store for EtcdStore {
         self.seq = 0;
         self.head_revision = 0;
         let mut state = State::default();
-        for change in self.read_from(1)? {
-            change.replay(&mut state);
+        match self.read_from(1) {
+            Ok(changes) => {
+                for change in changes {
+                    change.replay(&mut state);
+                }
+            }
+            Err(e @ StoreError::Etcd(EtcdError::Unreachable { .. })) => return self.load_cache(e),
+            Err(e) => return Err(e),
         }
+        self.cache(&state, true);
         Ok(state)
     }
 
-    fn append(&mut self, change: &Change, _state: &State) -> Result<(), StoreError> {
+    fn append(&mut self, change: &Change, state: &State) -> Result<(), StoreError> {
         let seq = self.seq + 1;
         let entry =
             serde_json::to_vec(&Entry { seq, change: change.clone() }).expect("changes serialize");
@@ -145,11 +228,13 @@ impl Store for EtcdStore {
         self.seq = seq;
         self.head_revision = revision;
         self.revision = revision;
+        self.cache(state, false);
         Ok(())
     }
 
-    /// The log is the state: nothing to compact here yet.
-    fn snapshot(&mut self, _state: &State) -> Result<(), StoreError> {
+    /// The log in etcd is the state; this refreshes the local copy.
+    fn snapshot(&mut self, state: &State) -> Result<(), StoreError> {
+        self.cache(state, false);
         Ok(())
     }
 
@@ -159,6 +244,10 @@ impl Store for EtcdStore {
 
     fn position(&self) -> Position {
         Position { seq: self.seq, revision: self.revision }
+    }
+
+    fn is_stale(&self) -> bool {
+        self.stale
     }
 }
 

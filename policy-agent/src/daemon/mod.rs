@@ -90,7 +90,10 @@ pub fn run(config: Config) -> Result<()> {
 fn open_store(config: &Config) -> Result<Box<dyn Store>> {
     if let Some(cluster) = &config.cluster {
         info!(etcd = ?cluster.etcd_endpoints, host = cluster.host, "cluster mode");
-        return Ok(Box::new(EtcdStore::new(cluster.etcd(), &cluster.prefix)));
+        std::fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("cannot create {}", config.state_dir.display()))?;
+        let cache = config.state_dir.join("cluster-state.json");
+        return Ok(Box::new(EtcdStore::new(cluster.etcd(), &cluster.prefix).with_cache(cache)));
     }
     let journal = Journal::open(&config.state_dir)
         .with_context(|| format!("cannot open the state in {}", config.state_dir.display()))?;
@@ -140,8 +143,24 @@ fn join_overlay(
     runtime: &tokio::runtime::Handle,
 ) -> Result<Membership> {
     let base = config.overlay_network.unwrap_or_default().network;
-    let index = overlay::lease_subnet(&cluster.etcd(), &cluster.prefix, &cluster.host)
-        .context("cannot lease this host's subnet of the overlay in etcd")?;
+    // The lease is kept in etcd; a copy here lets the host start while etcd
+    // is unreachable.
+    let kept = config.state_dir.join("cluster-subnet");
+    let index = match overlay::lease_subnet(&cluster.etcd(), &cluster.prefix, &cluster.host) {
+        Ok(index) => {
+            let _ = std::fs::write(&kept, index.to_string());
+            index
+        }
+        Err(e) => match std::fs::read_to_string(&kept).ok().and_then(|t| t.trim().parse().ok()) {
+            Some(index) => {
+                warn!(error = %e, index, "cannot reach etcd: using the subnet this host leased before");
+                index
+            }
+            None => {
+                return Err(e).context("cannot lease this host's subnet of the overlay in etcd");
+            }
+        },
+    };
     let subnet = overlay::subnet(base, index);
     let overlay = runtime.block_on(Overlay::open(cluster.underlay_address)).with_context(|| {
         format!("cannot set up the VXLAN device {} on the underlay", overlay::DEVICE)
@@ -192,8 +211,15 @@ fn spawn_flow_reader(
 fn start_tls(config: &Config, agent: &SharedAgent) -> Result<Arc<TlsProxies>> {
     if let Some(cluster) = &config.cluster {
         // One CA for the cluster: certificates verify with every host's bundle.
-        cluster::ca::share(&cluster.etcd(), &cluster.prefix, &config.state_dir)
-            .context("cannot share the platform CA through etcd")?;
+        let shared = cluster::ca::share(&cluster.etcd(), &cluster.prefix, &config.state_dir);
+        match shared {
+            Ok(()) => {}
+            // The cluster's CA from an earlier start is here already.
+            Err(e) if config.state_dir.join("ca.pem").exists() => {
+                warn!(error = %e, "cannot reach etcd: using the platform CA kept from before");
+            }
+            Err(e) => return Err(e).context("cannot share the platform CA through etcd"),
+        }
     }
     let ca = PlatformCa::load_or_create(&config.state_dir)
         .context("failed to set up the platform CA")?;

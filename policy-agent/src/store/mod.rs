@@ -32,6 +32,13 @@ pub trait Store: Send {
     fn pending(&mut self) -> Result<Vec<Change>, StoreError> {
         Ok(Vec::new())
     }
+    /// Whether the loaded state may be older than what the kernel enforces
+    /// (a shared store read from its local copy while the backend was
+    /// unreachable): the agent then leaves the kernel as it is until the
+    /// store has caught up.
+    fn is_stale(&self) -> bool {
+        false
+    }
     /// How far this store has read: the number of changes, and the
     /// backend's revision (etcd's; 0 for a local store).
     fn position(&self) -> Position {
