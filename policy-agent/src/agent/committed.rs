@@ -64,6 +64,14 @@ impl<K: Kernel> Agent<K> {
                 }
             }
             Change::MapRoute { .. } | Change::UnmapRoute { .. } => change.replay(&mut self.state),
+            Change::Reset(_) => {
+                // Fell behind a compacted log: the whole state, then the
+                // kernel to it, make-before-break as at start.
+                change.replay(&mut self.state);
+                for w in reconcile::full(&mut self.kernel, &self.state)? {
+                    warn!("{w}");
+                }
+            }
         }
         Ok(())
     }

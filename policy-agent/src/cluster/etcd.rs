@@ -163,6 +163,21 @@ impl Etcd {
         Ok(Range { kvs: key_values(&body["kvs"])?, revision: int(&body["header"]["revision"]) })
     }
 
+    /// The keys (no values) from `key` up to `end`.
+    pub fn keys(&self, key: &str, end: &[u8]) -> Result<Vec<String>, EtcdError> {
+        let body = self.call(
+            "kv/range",
+            &json!({"key": b64(key.as_bytes()), "range_end": b64(end), "keys_only": true}),
+        )?;
+        Ok(key_values(&body["kvs"])?.into_iter().map(|kv| kv.key).collect())
+    }
+
+    /// Deletes the keys from `key` up to (not including) `end`.
+    pub fn delete_range(&self, key: &str, end: &[u8]) -> Result<(), EtcdError> {
+        self.call("kv/deleterange", &json!({"key": b64(key.as_bytes()), "range_end": b64(end)}))?;
+        Ok(())
+    }
+
     /// Writes `puts` (key, value, lease or 0) if every condition holds, all
     /// in one transaction. Returns whether it did, and the revision after.
     pub fn put_if(

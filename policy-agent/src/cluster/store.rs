@@ -28,13 +28,19 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::etcd::{Etcd, EtcdError, ModRevisionIs, prefix_end};
 use crate::{
     state::State,
     store::{Change, Position, Store, StoreError},
 };
+
+/// Changes between snapshots of the state in etcd.
+pub const COMPACT_EVERY: u64 = 1000;
+
+/// The largest part of a snapshot (etcd takes requests up to 1.5 MiB).
+const SNAPSHOT_PART: usize = 512 << 10;
 
 /// How often at most the local copy of a large state is rewritten.
 pub const CACHE_EVERY: Duration = Duration::from_secs(5);
@@ -60,6 +66,8 @@ pub struct EtcdStore {
     head_revision: i64,
     /// etcd's revision when last read or written.
     revision: i64,
+    /// A snapshot of the state is written every this many changes.
+    compact_every: u64,
 }
 
 impl EtcdStore {
@@ -74,7 +82,81 @@ impl EtcdStore {
             seq: 0,
             head_revision: 0,
             revision: 0,
+            compact_every: COMPACT_EVERY,
         }
+    }
+
+    /// Snapshots every `n` changes instead of [`COMPACT_EVERY`].
+    pub fn with_compaction(mut self, n: u64) -> Self {
+        self.compact_every = n.max(1);
+        self
+    }
+
+    fn snapshots_prefix(&self) -> String {
+        format!("{}/snapshots/", self.prefix)
+    }
+
+    fn snapshot_dir(&self, seq: u64) -> String {
+        format!("{}{seq:020}/", self.snapshots_prefix())
+    }
+
+    /// The complete snapshots in etcd (those whose `parts` key is written),
+    /// oldest first.
+    fn snapshots(&self) -> Result<Vec<u64>, StoreError> {
+        let dir = self.snapshots_prefix();
+        let keys = self.etcd.keys(&dir, &prefix_end(&dir))?;
+        let mut complete: Vec<u64> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(&dir)?.strip_suffix("/parts")?.parse().ok())
+            .collect();
+        complete.sort_unstable();
+        Ok(complete)
+    }
+
+    /// The state of the snapshot at `seq`.
+    fn read_snapshot(&self, seq: u64) -> Result<State, StoreError> {
+        let dir = self.snapshot_dir(seq);
+        let range = self.etcd.range(&dir, &prefix_end(&dir))?;
+        let parts_key = format!("{dir}parts");
+        let mut bytes = Vec::new();
+        // Part keys sort in order, before `parts`.
+        for kv in range.kvs.iter().filter(|kv| kv.key != parts_key) {
+            bytes.extend_from_slice(&kv.value);
+        }
+        serde_json::from_slice(&bytes).map_err(|e| self.damaged(format!("snapshot {seq}: {e}")))
+    }
+
+    /// Writes the state at `self.seq` as a snapshot (parts of at most
+    /// [`SNAPSHOT_PART`] bytes, then the `parts` key that completes it), then
+    /// drops what the previous snapshot covers: older snapshots and log
+    /// entries up to it. An agent less than `compact_every` changes behind
+    /// still catches up change by change; one further behind reloads the
+    /// newest snapshot.
+    fn compact(&mut self, state: &State) -> Result<(), StoreError> {
+        let seq = self.seq;
+        let bytes = serde_json::to_vec(&state.stored()).expect("the state serializes");
+        let dir = self.snapshot_dir(seq);
+        let parts: Vec<&[u8]> = bytes.chunks(SNAPSHOT_PART).collect();
+        for (i, part) in parts.iter().enumerate() {
+            self.etcd.put_if(&[], &[(&format!("{dir}{i:06}"), part, 0)])?;
+        }
+        let count = parts.len().to_string();
+        self.etcd.put_if(&[], &[(&format!("{dir}parts"), count.as_bytes(), 0)])?;
+        let older: Vec<u64> = self.snapshots()?.into_iter().filter(|s| *s < seq).collect();
+        if let Some(&previous) = older.last() {
+            for old in older.iter().filter(|s| **s < previous) {
+                let old_dir = self.snapshot_dir(*old);
+                self.etcd.delete_range(&old_dir, &prefix_end(&old_dir))?;
+            }
+            self.etcd.delete_range(&self.entry_key(0), self.entry_key(previous + 1).as_bytes())?;
+        }
+        info!(
+            seq,
+            parts = parts.len(),
+            bytes = bytes.len(),
+            "snapshot of the cluster state written to etcd"
+        );
+        Ok(())
     }
 
     /// Keeps a copy of the state at `path` (written at most every
@@ -156,6 +238,20 @@ impl EtcdStore {
         StoreError::Damaged { prefix: self.prefix.clone(), reason }
     }
 
+    /// The state from the newest snapshot and the log after it.
+    fn load_from_etcd(&mut self) -> Result<State, StoreError> {
+        let (mut state, from) = match self.snapshots()?.last() {
+            Some(&seq) => (self.read_snapshot(seq)?, seq),
+            None => (State::default(), 0),
+        };
+        self.seq = from;
+        self.head_revision = 0;
+        for change in self.read_from(from + 1)? {
+            change.replay(&mut state);
+        }
+        Ok(state)
+    }
+
     /// The changes after `self.seq`, in order, checked for gaps; moves the
     /// position to the newest.
     fn read_from(&mut self, first: u64) -> Result<Vec<Change>, StoreError> {
@@ -196,20 +292,14 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     fn load(&mut self) -> Result<State, StoreError> {
-        self.seq = 0;
-        self.head_revision = 0;
-        let mut state = State::default();
-        match self.read_from(1) {
-            Ok(changes) => {
-                for change in changes {
-                    change.replay(&mut state);
-                }
+        match self.load_from_etcd() {
+            Ok(state) => {
+                self.cache(&state, true);
+                Ok(state)
             }
-            Err(e @ StoreError::Etcd(EtcdError::Unreachable { .. })) => return self.load_cache(e),
-            Err(e) => return Err(e),
+            Err(e @ StoreError::Etcd(EtcdError::Unreachable { .. })) => self.load_cache(e),
+            Err(e) => Err(e),
         }
-        self.cache(&state, true);
-        Ok(state)
     }
 
     fn append(&mut self, change: &Change, state: &State) -> Result<(), StoreError> {
@@ -229,6 +319,12 @@ impl Store for EtcdStore {
         self.head_revision = revision;
         self.revision = revision;
         self.cache(state, false);
+        if seq.is_multiple_of(self.compact_every) {
+            // Committed already: a failed snapshot is retried at the next.
+            if let Err(e) = self.compact(state) {
+                warn!(error = %e, seq, "cannot write a snapshot of the cluster state to etcd");
+            }
+        }
         Ok(())
     }
 
@@ -239,7 +335,18 @@ impl Store for EtcdStore {
     }
 
     fn pending(&mut self) -> Result<Vec<Change>, StoreError> {
-        self.read_from(self.seq + 1)
+        let behind = self.seq;
+        match self.read_from(behind + 1) {
+            // Fell behind the compacted log: the newest snapshot and what
+            // follows it, as one reset.
+            Err(StoreError::Damaged { .. })
+                if self.snapshots()?.last().is_some_and(|s| *s > behind) =>
+            {
+                let state = self.load_from_etcd()?;
+                Ok(vec![Change::Reset(Box::new(state))])
+            }
+            other => other,
+        }
     }
 
     fn position(&self) -> Position {
@@ -339,6 +446,39 @@ mod tests {
         assert_eq!(EtcdStore::new(etcd.client(), "/t").load().unwrap(), state_a);
         // Another prefix is another cluster.
         assert_eq!(EtcdStore::new(etcd.client(), "/other").load().unwrap(), State::default());
+    }
+
+    #[test]
+    fn snapshots_compact_the_log_and_reset_who_fell_behind() {
+        let etcd = TestEtcd::start("compact");
+        let mut lagging = EtcdStore::new(etcd.client(), "/c").with_compaction(5);
+        lagging.load().unwrap();
+        let mut writer = EtcdStore::new(etcd.client(), "/c").with_compaction(5);
+        let mut state = writer.load().unwrap();
+        for port in 1..=12 {
+            let change = Change::AddPolicies(vec![Policy::tcp("web", "api", port)]);
+            change.replay(&mut state);
+            writer.append(&change, &state).unwrap();
+        }
+        // Snapshots at 5 and 10; the log keeps what follows the older one.
+        let log = etcd.client().keys("/c/log/", b"/c/log0").unwrap();
+        assert_eq!(log.len(), 7 + 1, "entries 6..=12 and the head: {log:?}");
+        assert_eq!(writer.snapshots().unwrap(), [5, 10]);
+        // A new agent loads the newest snapshot and the changes after it.
+        let mut fresh = EtcdStore::new(etcd.client(), "/c");
+        assert_eq!(fresh.load().unwrap(), state);
+        assert_eq!(fresh.position().seq, 12);
+        // One that fell behind the compacted log gets the whole state.
+        match lagging.pending().unwrap().as_slice() {
+            [Change::Reset(reset)] => assert_eq!(**reset, state),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(lagging.position().seq, 12);
+        // One a few changes behind catches up change by change.
+        let change = Change::RemovePolicies(vec![Policy::tcp("web", "api", 1)]);
+        change.replay(&mut state);
+        writer.append(&change, &state).unwrap();
+        assert_eq!(fresh.pending().unwrap(), vec![change]);
     }
 
     #[test]

@@ -107,6 +107,15 @@ impl State {
         self.local_host.as_deref()
     }
 
+    /// Replaces the stored part of the state with `other`'s, keeping this
+    /// agent's configuration (TLS ports, host).
+    pub fn reset_to(&mut self, other: &State) {
+        let (tls_ports, local_host) = (self.tls_ports.take(), self.local_host.take());
+        *self = other.clone();
+        self.tls_ports = tls_ports;
+        self.local_host = local_host;
+    }
+
     /// Sets this agent's host (cluster mode). Not stored: the agent sets
     /// it from its configuration.
     pub fn set_local_host(&mut self, host: Option<String>) {

@@ -67,8 +67,17 @@ pub enum Change {
     RemovePolicies(Vec<Policy>),
     AddEndpoint(Endpoint),
     RemoveEndpoint(Ipv4Addr),
-    MapRoute { app: String, hostname: String },
-    UnmapRoute { app: String, hostname: String },
+    MapRoute {
+        app: String,
+        hostname: String,
+    },
+    UnmapRoute {
+        app: String,
+        hostname: String,
+    },
+    /// The whole state, replacing what the agent holds: what a shared store
+    /// hands an agent that fell behind its compacted log. Never journaled.
+    Reset(Box<State>),
 }
 
 impl Change {
@@ -90,6 +99,7 @@ impl Change {
             Change::UnmapRoute { app, hostname } => {
                 let _ = state.unmap_route(app, hostname);
             }
+            Change::Reset(new) => state.reset_to(new),
         }
     }
 }
