@@ -102,6 +102,9 @@ impl Etcd {
             .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
             .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
             .args(["--initial-cluster", "test=http://127.0.0.1:2380"])
+            // Extra flags for experiments, e.g. "--unsafe-no-fsync" to see
+            // what the disk's fsync costs a write.
+            .args(std::env::var("POLICY_TEST_ETCD_ARGS").unwrap_or_default().split_whitespace())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
