@@ -23,6 +23,7 @@ use policy_agent::{
 
 use crate::{
     agent::{ms, percentile, policy, post},
+    compare::{IPERF_PORT, UDP_PORT, iperf_between, udp_pps_between},
     report::{Report, outln},
     update::{PROBE_PORT, Probe, preload},
 };
@@ -142,6 +143,50 @@ fn fan_out(watchers: usize, writes: usize) -> Vec<Duration> {
     times
 }
 
+/// Cross-host throughput through the overlay, frontend on host A to backend
+/// on host B: (UDP packets/s, iperf3 Gbit/s) with this project enforcing
+/// (a policy allowing both), then with nothing attached (the agents
+/// stopped and their programs detached; the overlay stays as they left it).
+fn throughput(secs: f64) -> [(f64, f64); 2] {
+    let mut underlay = Underlay::new();
+    let _etcd = Etcd::start(&underlay);
+    let mut cells = hosts(&mut underlay, 2, 1);
+    cells[0].daemon.register(cells[0].host.container(0), "frontend");
+    cells[1].daemon.register(cells[1].host.container(0), "backend");
+    let client = Client::new(&cells[0].daemon.socket);
+    post(
+        &client,
+        POLICIES,
+        vec![
+            policy("frontend", "backend", "udp", UDP_PORT),
+            policy("frontend", "backend", "tcp", IPERF_PORT),
+            policy("frontend", "backend", "udp", PROBE_PORT),
+        ],
+    );
+    let (a, b) = (cells[0].host.container(0), cells[1].host.container(0));
+    // The routes to the other host follow the registry (a renewal or two).
+    let probe = Probe::between(a, b);
+    probe.first_arrival(Instant::now());
+    drop(probe);
+    let measure = || {
+        let pps = udp_pps_between(&a.ns, &b.ns, b.ip, secs);
+        let gbps = iperf_between(&a.ns, &b.ns, b.ip, secs.ceil() as u32);
+        (pps, gbps)
+    };
+    let ours = measure();
+    for cell in &mut cells {
+        cell.daemon.kill9();
+        policy_agent::Dataplane::remove_all(cell.daemon.pin_dir()).expect("detach");
+    }
+    let (a, b) = (cells[0].host.container(0), cells[1].host.container(0));
+    let none = {
+        let pps = udp_pps_between(&a.ns, &b.ns, b.ip, secs);
+        let gbps = iperf_between(&a.ns, &b.ns, b.ip, secs.ceil() as u32);
+        (pps, gbps)
+    };
+    [none, ours]
+}
+
 pub fn run(quick: bool, report: &mut Report) {
     let (writes, loaded) = if quick { (50, 10_000) } else { (200, 60_000) };
     let fan: &[usize] = if quick { &[10, 50] } else { &[10, 50, 100] };
@@ -189,5 +234,21 @@ pub fn run(quick: bool, report: &mut Report) {
             ms(percentile(&times, 0.99))
         );
     }
+    let [none, ours] = throughput(if quick { 2.0 } else { 5.0 });
+    outln!(
+        out,
+        "\nThroughput across hosts through the VXLAN overlay (frontend on A to backend on B, one flow): UDP packets/s from one pinned sender, and iperf3. Nothing attached: the same overlay after the agents stopped and their programs were detached. Cloud Foundry's iptables rules on the same overlay are not measured yet.\n"
+    );
+    outln!(out, "| | UDP packets/s | iperf3 |");
+    outln!(out, "|---|---:|---:|");
+    outln!(out, "| nothing attached | {:.0} | {:.2} Gbit/s |", none.0, none.1);
+    outln!(
+        out,
+        "| this project | {:.0} ({:.2}x) | {:.2} Gbit/s ({:+.1} %) |",
+        ours.0,
+        ours.0 / none.0,
+        ours.1,
+        (ours.1 / none.1 - 1.0) * 100.0
+    );
     report.section(out);
 }

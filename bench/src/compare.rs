@@ -30,9 +30,9 @@ use crate::report::{Plot, Report, Series, outln};
 
 const TAG_A: u32 = 1;
 const TAG_B: u32 = 2;
-const UDP_PORT: u16 = 5201;
+pub const UDP_PORT: u16 = 5201;
 const RR_PORT: u16 = 5202;
-const IPERF_PORT: u16 = 5203;
+pub const IPERF_PORT: u16 = 5203;
 /// The policies A -> B the traffic needs; the rest are between other apps.
 const OWN: [(&str, u16); 3] = [("udp", UDP_PORT), ("tcp", RR_PORT), ("tcp", IPERF_PORT)];
 
@@ -159,9 +159,15 @@ fn pin_to_cpu(cpu: usize) {
 /// (the receiver on CPU 1), over `secs`.
 fn udp_pps(setup: &Setup, secs: f64) -> f64 {
     let (b_ns, b_ip) = setup.b();
+    udp_pps_between(setup.a(), b_ns, b_ip, secs)
+}
+
+/// Datagrams per second `b_ns` receives at `b_ip` from one sender in
+/// `a_ns` pinned to CPU 0 (the receiver on CPU 1), over `secs`.
+pub fn udp_pps_between(a_ns: &NetNs, b_ns: &NetNs, b_ip: Ipv4Addr, secs: f64) -> f64 {
     let rx = b_ns.run(|| UdpSocket::bind((b_ip, UDP_PORT))).expect("bind receiver");
     rx.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
-    let tx = setup.a().run(|| UdpSocket::bind(("0.0.0.0", 0))).expect("bind sender");
+    let tx = a_ns.run(|| UdpSocket::bind(("0.0.0.0", 0))).expect("bind sender");
     tx.connect((b_ip, UDP_PORT)).expect("connect");
     let (stop, received) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let receiver = {
@@ -273,6 +279,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// iperf3 TCP throughput A -> B over `secs`, in Gbit/s.
 fn iperf(setup: &Setup, secs: u32) -> f64 {
     let (b_ns, b_ip) = setup.b();
+    iperf_between(setup.a(), b_ns, b_ip, secs)
+}
+
+/// iperf3 TCP throughput from `a_ns` to `b_ip` in `b_ns`, Gbit/s.
+pub fn iperf_between(a_ns: &NetNs, b_ns: &NetNs, b_ip: Ipv4Addr, secs: u32) -> f64 {
     let mut server = b_ns
         .command("iperf3")
         .args(["-s", "-1", "-B", &b_ip.to_string(), "-p", &IPERF_PORT.to_string()])
@@ -281,8 +292,7 @@ fn iperf(setup: &Setup, secs: u32) -> f64 {
         .spawn()
         .expect("iperf3 server");
     std::thread::sleep(Duration::from_millis(300));
-    let out = setup
-        .a()
+    let out = a_ns
         .command("iperf3")
         .args(["-c", &b_ip.to_string(), "-p", &IPERF_PORT.to_string()])
         .args(["-t", &secs.to_string(), "-J"])
