@@ -319,7 +319,7 @@ impl<K: Kernel> Agent<K> {
 
     /// Maps `hostname.apps.internal` to `app` (names only: no kernel state).
     pub fn map_route(&mut self, app: &str, domain: &str, hostname: &str) -> Result<(), AgentError> {
-        self.route(app, domain, hostname, true)
+        self.retrying(|agent| agent.route_once(app, domain, hostname, true))
     }
 
     pub fn unmap_route(
@@ -328,17 +328,7 @@ impl<K: Kernel> Agent<K> {
         domain: &str,
         hostname: &str,
     ) -> Result<(), AgentError> {
-        self.route(app, domain, hostname, false)
-    }
-
-    fn route(
-        &mut self,
-        app: &str,
-        domain: &str,
-        hostname: &str,
-        map: bool,
-    ) -> Result<(), AgentError> {
-        self.retrying(|agent| agent.route_once(app, domain, hostname, map))
+        self.retrying(|agent| agent.route_once(app, domain, hostname, false))
     }
 
     fn route_once(

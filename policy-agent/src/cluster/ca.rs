@@ -6,7 +6,7 @@
 //! bundle of every host. The key in etcd is as secret as etcd itself: run
 //! etcd with client TLS and authentication where untrusted parties reach it.
 
-use std::{fs, io::Write as _, os::unix::fs::OpenOptionsExt as _, path::Path};
+use std::{fs, path::Path};
 
 use serde::{Deserialize, Serialize};
 
@@ -62,25 +62,15 @@ pub fn share(etcd: &Etcd, prefix: &str, state_dir: &Path) -> Result<(), SharedCa
     }
 }
 
-/// Replaces `path` whole with `text` (temp file, rename), mode `mode`.
+/// Replaces `path` with `text` (mode `mode`) unless it holds it already.
 fn write(path: &Path, text: &str, mode: u32) -> Result<(), SharedCaError> {
-    let failed =
-        |source: std::io::Error| SharedCaError::Write { path: path.display().to_string(), source };
     if fs::read_to_string(path).is_ok_and(|now| now == text) {
         return Ok(());
     }
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(failed)?;
+        fs::create_dir_all(dir)
+            .map_err(|source| SharedCaError::Write { path: dir.display().to_string(), source })?;
     }
-    let tmp = path.with_extension("pem.tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(failed)?;
-    file.write_all(text.as_bytes()).map_err(failed)?;
-    file.sync_all().map_err(failed)?;
-    fs::rename(&tmp, path).map_err(failed)
+    crate::files::replace(path, text.as_bytes(), mode)
+        .map_err(|source| SharedCaError::Write { path: path.display().to_string(), source })
 }

@@ -76,6 +76,17 @@ fn int(value: &Value) -> i64 {
     }
 }
 
+/// A transaction's conditions in the gateway's JSON.
+fn compares(conditions: &[ModRevisionIs]) -> Vec<Value> {
+    conditions
+        .iter()
+        .map(|c| {
+            json!({"key": b64(c.key.as_bytes()), "target": "MOD", "result": "EQUAL",
+                   "mod_revision": c.mod_revision.to_string()})
+        })
+        .collect()
+}
+
 /// The end of the range of keys starting with `prefix`.
 pub fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
@@ -185,13 +196,7 @@ impl Etcd {
         conditions: &[ModRevisionIs],
         puts: &[(&str, &[u8], i64)],
     ) -> Result<(bool, i64), EtcdError> {
-        let compare: Vec<Value> = conditions
-            .iter()
-            .map(|c| {
-                json!({"key": b64(c.key.as_bytes()), "target": "MOD", "result": "EQUAL",
-                       "mod_revision": c.mod_revision.to_string()})
-            })
-            .collect();
+        let compare = compares(conditions);
         let success: Vec<Value> = puts
             .iter()
             .map(|(key, value, lease)| {
@@ -208,13 +213,7 @@ impl Etcd {
 
     /// Deletes `key` if every condition holds. Returns whether it did.
     pub fn delete_if(&self, conditions: &[ModRevisionIs], key: &str) -> Result<bool, EtcdError> {
-        let compare: Vec<Value> = conditions
-            .iter()
-            .map(|c| {
-                json!({"key": b64(c.key.as_bytes()), "target": "MOD", "result": "EQUAL",
-                       "mod_revision": c.mod_revision.to_string()})
-            })
-            .collect();
+        let compare = compares(conditions);
         let delete = json!({"request_delete_range": {"key": b64(key.as_bytes())}});
         let body = self.call("kv/txn", &json!({"compare": compare, "success": [delete]}))?;
         Ok(body["succeeded"].as_bool().unwrap_or(false))

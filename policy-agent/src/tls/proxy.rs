@@ -6,9 +6,8 @@
 use std::{
     collections::BTreeMap,
     fs::{self, File},
-    io::Write as _,
     net::{Ipv4Addr, SocketAddr},
-    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, RwLock},
     time::Duration,
@@ -135,16 +134,7 @@ impl TlsProxies {
             (&cert, &identity.cert_pem, 0o644),
             (&self.ports_file(ip), &ports, 0o644),
         ] {
-            let tmp = path.with_extension("tmp");
-            let _ = fs::remove_file(&tmp);
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .open(&tmp)
-                .map_err(io("create", &tmp))?;
-            file.write_all(text.as_bytes()).map_err(io("write", &tmp))?;
-            fs::rename(&tmp, path).map_err(io("rename into", path))?;
+            crate::files::replace(path, text.as_bytes(), mode).map_err(io("write", path))?;
         }
         Ok(())
     }
