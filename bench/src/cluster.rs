@@ -13,7 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::cluster::{Etcd, Underlay, hosts};
+use integration_tests::{
+    cluster::{Etcd, Underlay, hosts},
+    iptables::{CfIptables, CfPolicy, CfRuleSet},
+};
 use policy_agent::{
     client::Client,
     cluster::{etcd::prefix_end, store::EtcdStore},
@@ -146,8 +149,10 @@ fn fan_out(watchers: usize, writes: usize) -> Vec<Duration> {
 /// Cross-host throughput through the overlay, frontend on host A to backend
 /// on host B: (UDP packets/s, iperf3 Gbit/s) with this project enforcing
 /// (a policy allowing both), then with nothing attached (the agents
-/// stopped and their programs detached; the overlay stays as they left it).
-fn throughput(secs: f64) -> [(f64, f64); 2] {
+/// stopped and their programs detached; the overlay stays as they left it),
+/// then with Cloud Foundry's iptables rules on both hosts (the source's
+/// MARK travels in the same VXLAN GBP field, as with silk).
+fn throughput(secs: f64) -> [(f64, f64); 3] {
     let mut underlay = Underlay::new();
     let _etcd = Etcd::start(&underlay);
     let mut cells = hosts(&mut underlay, 2, 1);
@@ -179,12 +184,32 @@ fn throughput(secs: f64) -> [(f64, f64); 2] {
         policy_agent::Dataplane::remove_all(cell.daemon.pin_dir()).expect("detach");
     }
     let (a, b) = (cells[0].host.container(0), cells[1].host.container(0));
-    let none = {
+    let measure = || {
         let pps = udp_pps_between(&a.ns, &b.ns, b.ip, secs);
         let gbps = iperf_between(&a.ns, &b.ns, b.ip, secs.ceil() as u32);
         (pps, gbps)
     };
-    [none, ours]
+    let none = measure();
+    let set = CfRuleSet {
+        sources: vec![(a.ip, 1), (b.ip, 2)],
+        policies: [("udp", UDP_PORT), ("tcp", IPERF_PORT)]
+            .into_iter()
+            .map(|(protocol, port)| CfPolicy {
+                source_tag: 1,
+                destination: b.ip,
+                protocol,
+                start: port,
+                end: port,
+            })
+            .collect(),
+    };
+    let mut rules: Vec<CfIptables> =
+        cells.iter().map(|c| CfIptables::install(&c.host.ns)).collect();
+    for r in &mut rules {
+        r.enforce(&set);
+    }
+    let iptables = measure();
+    [none, ours, iptables]
 }
 
 pub fn run(quick: bool, report: &mut Report) {
@@ -234,10 +259,10 @@ pub fn run(quick: bool, report: &mut Report) {
             ms(percentile(&times, 0.99))
         );
     }
-    let [none, ours] = throughput(if quick { 2.0 } else { 5.0 });
+    let [none, ours, iptables] = throughput(if quick { 2.0 } else { 5.0 });
     outln!(
         out,
-        "\nThroughput across hosts through the VXLAN overlay (frontend on A to backend on B, one flow): UDP packets/s from one pinned sender, and iperf3. Nothing attached: the same overlay after the agents stopped and their programs were detached. Cloud Foundry's iptables rules on the same overlay are not measured yet.\n"
+        "\nThroughput across hosts through the VXLAN overlay (frontend on A to backend on B, one flow): UDP packets/s from one pinned sender, and iperf3. Nothing attached: the same overlay after the agents stopped and their programs were detached. iptables: then Cloud Foundry's rules (`tests/src/iptables.rs`) on both hosts, the source's MARK carried in the VXLAN GBP field as with silk.\n"
     );
     outln!(out, "| | UDP packets/s | iperf3 |");
     outln!(out, "|---|---:|---:|");
@@ -249,6 +274,14 @@ pub fn run(quick: bool, report: &mut Report) {
         ours.0 / none.0,
         ours.1,
         (ours.1 / none.1 - 1.0) * 100.0
+    );
+    outln!(
+        out,
+        "| iptables (Cloud Foundry rules) | {:.0} ({:.2}x) | {:.2} Gbit/s ({:+.1} %) |",
+        iptables.0,
+        iptables.0 / none.0,
+        iptables.1,
+        (iptables.1 / none.1 - 1.0) * 100.0
     );
     report.section(out);
 }
