@@ -267,21 +267,15 @@ pub fn run(quick: bool, report: &mut Report) {
     outln!(out, "| | UDP packets/s | iperf3 |");
     outln!(out, "|---|---:|---:|");
     outln!(out, "| nothing attached | {:.0} | {:.2} Gbit/s |", none.0, none.1);
-    outln!(
-        out,
-        "| this project | {:.0} ({:.2}x) | {:.2} Gbit/s ({:+.1} %) |",
-        ours.0,
-        ours.0 / none.0,
-        ours.1,
-        (ours.1 / none.1 - 1.0) * 100.0
-    );
-    outln!(
-        out,
-        "| iptables (Cloud Foundry rules) | {:.0} ({:.2}x) | {:.2} Gbit/s ({:+.1} %) |",
-        iptables.0,
-        iptables.0 / none.0,
-        iptables.1,
-        (iptables.1 / none.1 - 1.0) * 100.0
-    );
+    for (label, (pps, gbps)) in
+        [("this project", ours), ("iptables (Cloud Foundry rules)", iptables)]
+    {
+        outln!(
+            out,
+            "| {label} | {pps:.0} ({:.2}x) | {gbps:.2} Gbit/s ({:+.1} %) |",
+            pps / none.0,
+            (gbps / none.1 - 1.0) * 100.0
+        );
+    }
     report.section(out);
 }
