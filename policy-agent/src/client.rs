@@ -56,10 +56,14 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Response, ClientError> {
-        let stream = UnixStream::connect(&self.socket)
-            .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
+        let stream = self.connect()?;
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;
         exchange(stream, "localhost", method, path, body)
+    }
+
+    fn connect(&self) -> Result<UnixStream, ClientError> {
+        UnixStream::connect(&self.socket)
+            .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })
     }
 }
 
@@ -103,9 +107,7 @@ impl Client {
         path: &str,
         on_line: impl FnMut(&str) -> bool,
     ) -> Result<u16, ClientError> {
-        let stream = UnixStream::connect(&self.socket)
-            .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
-        stream_lines(stream, "localhost", "GET", path, None, on_line)
+        stream_lines(self.connect()?, "localhost", "GET", path, None, on_line)
     }
 }
 
@@ -122,56 +124,54 @@ pub(crate) fn stream_lines(
 ) -> Result<u16, ClientError> {
     use std::io::{BufRead as _, BufReader};
     write_request(&mut stream, host, method, path, body)?;
-    {
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| ClientError::Malformed(format!("bad status line {line:?}")))?;
-        let mut chunked = false;
-        loop {
-            line.clear();
-            if reader.read_line(&mut line)? == 0 || line == "\r\n" {
-                break;
-            }
-            chunked |= line.to_ascii_lowercase().starts_with("transfer-encoding: chunked");
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| ClientError::Malformed(format!("bad status line {line:?}")))?;
+    let mut chunked = false;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
         }
-        let mut pending = Vec::new();
-        let mut emit = |pending: &mut Vec<u8>| -> bool {
-            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-                let text = String::from_utf8_lossy(&pending[..end]).into_owned();
-                pending.drain(..=end);
-                if !on_line(&text) {
-                    return false;
-                }
+        chunked |= line.to_ascii_lowercase().starts_with("transfer-encoding: chunked");
+    }
+    let mut pending = Vec::new();
+    let mut emit = |pending: &mut Vec<u8>| -> bool {
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let text = String::from_utf8_lossy(&pending[..end]).into_owned();
+            pending.drain(..=end);
+            if !on_line(&text) {
+                return false;
             }
-            true
-        };
-        if !chunked {
-            reader.read_to_end(&mut pending)?;
-            pending.push(b'\n');
-            emit(&mut pending);
+        }
+        true
+    };
+    if !chunked {
+        reader.read_to_end(&mut pending)?;
+        pending.push(b'\n');
+        emit(&mut pending);
+        return Ok(status);
+    }
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
             return Ok(status);
         }
-        loop {
-            line.clear();
-            if reader.read_line(&mut line)? == 0 {
-                return Ok(status);
-            }
-            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                .map_err(|_| ClientError::Malformed(format!("bad chunk size {line:?}")))?;
-            if size == 0 {
-                return Ok(status);
-            }
-            let mut chunk = vec![0u8; size + 2];
-            reader.read_exact(&mut chunk)?;
-            pending.extend_from_slice(&chunk[..size]);
-            if !emit(&mut pending) {
-                return Ok(status);
-            }
+        let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+            .map_err(|_| ClientError::Malformed(format!("bad chunk size {line:?}")))?;
+        if size == 0 {
+            return Ok(status);
+        }
+        let mut chunk = vec![0u8; size + 2];
+        reader.read_exact(&mut chunk)?;
+        pending.extend_from_slice(&chunk[..size]);
+        if !emit(&mut pending) {
+            return Ok(status);
         }
     }
 }

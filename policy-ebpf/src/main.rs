@@ -47,13 +47,12 @@ pub fn tc_from_container(ctx: TcContext) -> i32 {
     let own = kernel_maps::veth_endpoint(ifindex);
     let parsed = parse_ethernet(&bytes);
     let verdict = source_side(&parsed, own, ifindex);
-    if verdict.is_pass() {
+    // Cluster mode only (one array read otherwise): the mark the tunnel
+    // carries, and connections to other hosts' endpoints.
+    if verdict.is_pass() && TUNNEL.get(0).is_some_and(|t| t.ifindex != 0) {
         let tag = own.map_or(0, |a| a.tag);
         bytes.set_mark(if tag & !TUNNEL_TAG_MASK == 0 { tag } else { 0 });
-        // Cluster mode only: connections to other hosts' endpoints.
-        if TUNNEL.get(0).is_some_and(|t| t.ifindex != 0) {
-            kernel_maps::apply_conn(track_outgoing(&KernelMaps::new(), &parsed));
-        }
+        kernel_maps::apply_conn(track_outgoing(&KernelMaps::new(), &parsed));
     }
     tc_action(verdict)
 }
@@ -121,7 +120,8 @@ fn source_side(parsed: &Parsed, own: Option<Attachment>, ifindex: u32) -> Verdic
 #[inline(always)]
 fn destination_side(parsed: &Parsed, bytes: &SkbBytes, ifindex: u32, tunnel_tag: u32) -> Verdict {
     let maps = KernelMaps::new();
-    let saddr = source_address(parsed).unwrap_or(0);
+    // Only a tunnel packet's source is looked up differently.
+    let saddr = if tunnel_tag != 0 { source_address(parsed).unwrap_or(0) } else { 0 };
     let lookups = TunnelSource { lookups: &maps, saddr, tag: tunnel_tag };
     let mut decision = decide_destination(&lookups, parsed);
     count_for_policy(&mut decision, maps.found_conn(), bytes.len());
