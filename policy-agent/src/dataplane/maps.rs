@@ -432,10 +432,6 @@ impl Maps {
         self.tunnel.set(0, tunnel, 0).map_err(map_err(names::TUNNEL))
     }
 
-    pub fn tunnel(&self) -> Tunnel {
-        self.tunnel.get(&0, 0).unwrap_or_default()
-    }
-
     /// Makes `PEERS` exactly `peers` (underlay addresses): adds first, then
     /// removes the hosts that left.
     pub fn set_peers(&mut self, peers: &std::collections::BTreeSet<Ipv4Addr>) -> Result<(), Error> {
@@ -453,10 +449,6 @@ impl Maps {
             self.peers.remove(&key).map_err(map_err(names::PEERS))?;
         }
         Ok(())
-    }
-
-    pub fn peers(&self) -> Vec<Ipv4Addr> {
-        self.peers.keys().filter_map(Result::ok).map(addr_from_key).collect()
     }
 
     pub fn set_settings(&mut self, settings: Settings) -> Result<(), Error> {
