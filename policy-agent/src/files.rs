@@ -5,7 +5,7 @@
 use std::{fs, io::Write as _, os::unix::fs::OpenOptionsExt as _, path::Path};
 
 /// Replaces `path` with `bytes`, mode `mode` (e.g. 0o600 for keys).
-pub(crate) fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
     let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;

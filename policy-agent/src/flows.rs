@@ -13,6 +13,7 @@ use std::{
     io::Write as _,
     net::Ipv4Addr,
     os::fd::AsRawFd as _,
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -112,7 +113,8 @@ impl FlowLog {
             if let Some(dir) = self.path.parent() {
                 fs::create_dir_all(dir)?;
             }
-            let file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+            // Flow records name every app's traffic: owner-only, like the state.
+            let file = OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path)?;
             self.size = file.metadata()?.len();
             self.file = Some(file);
         }

@@ -13,7 +13,7 @@ pub mod dataplane;
 pub mod dns;
 pub mod error;
 pub mod explain;
-mod files;
+pub mod files;
 pub mod flows;
 pub mod metrics;
 pub mod reconcile;

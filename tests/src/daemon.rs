@@ -81,6 +81,27 @@ impl Daemon {
         }
     }
 
+    /// Starts the process expecting it to refuse to start; returns what it
+    /// logged.
+    pub fn spawn_fails(&mut self) -> String {
+        assert!(self.child.is_none(), "already running");
+        let before = self.log().len();
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns.display()))
+            .arg(agent_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .output()
+            .expect("start policy-agent run");
+        assert!(
+            !out.status.success(),
+            "policy-agent started:\n{}",
+            self.log()[before..].to_owned()
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout)
+    }
+
     /// The daemon's PID (the nsenter'd process execs the agent).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -192,8 +213,7 @@ impl Daemon {
 
     /// The desired state as the daemon stored it (snapshot + journal).
     pub fn stored_state(&self) -> policy_agent::state::State {
-        use policy_agent::store::{Journal, Store as _};
-        Journal::open(&self.state_dir()).and_then(|mut s| s.load()).expect("load stored state")
+        policy_agent::store::Journal::peek(&self.state_dir()).expect("load stored state")
     }
 
     pub fn maps_dir(&self) -> PathBuf {

@@ -100,6 +100,12 @@ fn failure(e: AgentError) -> Reply {
         AgentError::Kernel(e @ Error::MapFull { .. }) => {
             (StatusCode::INSUFFICIENT_STORAGE, Json(json!({"error": e.to_string()})))
         }
+        AgentError::Store(e) if e.no_space().is_some() => {
+            let dir = e.no_space().unwrap_or(std::path::Path::new("")).display().to_string();
+            let error =
+                format!("no space left in the state directory {dir}: nothing was applied ({e})");
+            (StatusCode::INSUFFICIENT_STORAGE, Json(json!({"error": error})))
+        }
         // Cluster mode: nothing was applied; enforcement is as it was.
         AgentError::Store(
             e @ (StoreError::Etcd(EtcdError::Unreachable { .. }) | StoreError::Conflict),

@@ -7,6 +7,7 @@ mod observe;
 mod policy;
 mod route;
 mod run;
+mod state;
 mod status;
 
 use std::path::PathBuf;
@@ -64,6 +65,9 @@ enum Command {
     /// Cluster mode: the hosts and how far each has applied the change log.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// The stored state (agent stopped): `state rebuild --from snapshot`.
+    #[command(subcommand)]
+    State(state::StateCommand),
     /// Low-level control of the kernel dataplane, without the daemon.
     Dataplane(dataplane::DataplaneArgs),
 }
@@ -86,6 +90,7 @@ impl Cli {
             Command::Routes(args) => route::list(&args, &client),
             Command::Explain(args) => args.run(&client),
             Command::Cluster(cmd) => cmd.run(&client),
+            Command::State(cmd) => cmd.run(),
             Command::Dataplane(args) => {
                 init_logging("warn");
                 args.run()

@@ -13,7 +13,7 @@ pub struct RunArgs {
     config: Option<PathBuf>,
 }
 
-fn load_config(path: Option<&PathBuf>) -> Result<Config> {
+pub(super) fn load_config(path: Option<&PathBuf>) -> Result<Config> {
     let Some(path) = path else { return Ok(Config::default()) };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config {}", path.display()))?;

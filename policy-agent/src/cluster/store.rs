@@ -182,7 +182,10 @@ impl EtcdStore {
         }
         let tmp = path.with_extension("json.tmp");
         let written = (|| -> std::io::Result<()> {
-            let file = std::fs::File::create(&tmp)?;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let _ = std::fs::remove_file(&tmp);
+            let file =
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
             let mut out = std::io::BufWriter::new(file);
             serde_json::to_writer(&mut out, &CachedRef { seq: self.seq, state: state.stored() })?;
             out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
@@ -235,7 +238,10 @@ impl EtcdStore {
     }
 
     fn damaged(&self, reason: String) -> StoreError {
-        StoreError::Damaged { prefix: self.prefix.clone(), reason }
+        StoreError::Damaged {
+            what: format!("the change log in etcd under {}", self.prefix),
+            reason,
+        }
     }
 
     /// The state from the newest snapshot and the log after it.

@@ -148,7 +148,7 @@ fn join_overlay(
     let kept = config.state_dir.join("cluster-subnet");
     let index = match overlay::lease_subnet(&cluster.etcd(), &cluster.prefix, &cluster.host) {
         Ok(index) => {
-            let _ = std::fs::write(&kept, index.to_string());
+            let _ = policy_agent::files::replace(&kept, index.to_string().as_bytes(), 0o600);
             index
         }
         Err(e) => match std::fs::read_to_string(&kept).ok().and_then(|t| t.trim().parse().ok()) {

@@ -110,14 +110,30 @@ pub enum StoreError {
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("stored state {path} is corrupt: {source}")]
     Corrupt { path: PathBuf, source: serde_json::Error },
+    #[error("the state directory {dir} is in use by another running agent (or `state rebuild`)")]
+    InUse { dir: PathBuf },
     /// Another agent committed a change first: catch up and try again.
     #[error("another agent committed a change at the same time; try again")]
     Conflict,
     #[error(transparent)]
     Etcd(#[from] crate::cluster::etcd::EtcdError),
-    /// The shared log is not a gapless sequence of changes.
-    #[error("the change log in etcd under {prefix} is damaged: {reason}")]
-    Damaged { prefix: String, reason: String },
+    /// The stored history is not a gapless sequence of whole changes.
+    #[error("{what} is damaged: {reason}")]
+    Damaged { what: String, reason: String },
+}
+
+impl StoreError {
+    /// The directory that is full, when the store failed for lack of space.
+    pub fn no_space(&self) -> Option<&Path> {
+        match self {
+            StoreError::Io { path, source, .. }
+                if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+            {
+                Some(path.parent().unwrap_or(path))
+            }
+            _ => None,
+        }
+    }
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {

@@ -5,7 +5,6 @@
 use std::{
     fs,
     net::{IpAddr, Ipv4Addr},
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
@@ -71,12 +70,13 @@ impl PlatformCa {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = KeyPair::generate()?;
                 let cert = ca_params().self_signed(&key)?;
-                let tmp = key_path.with_extension("pem.tmp");
-                fs::write(&tmp, key.serialize_pem()).map_err(io("write", &tmp))?;
-                fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
-                    .map_err(io("chmod", &tmp))?;
-                fs::write(&cert_path, cert.pem()).map_err(io("write", &cert_path))?;
-                fs::rename(&tmp, &key_path).map_err(io("rename into", &key_path))?;
+                // The bundle stays readable (clients trust it); the key is
+                // owner-only from its creation and written last (its
+                // presence means the CA is whole).
+                crate::files::replace(&cert_path, cert.pem().as_bytes(), 0o644)
+                    .map_err(io("write", &cert_path))?;
+                crate::files::replace(&key_path, key.serialize_pem().as_bytes(), 0o600)
+                    .map_err(io("write", &key_path))?;
                 info!(bundle = %cert_path.display(), "created the platform CA");
                 key
             }
@@ -147,6 +147,7 @@ impl PlatformCa {
 mod tests {
     use super::*;
     use crate::tls::identity_app;
+    use std::os::unix::fs::PermissionsExt as _;
 
     #[test]
     fn the_ca_survives_a_restart_and_issues_route_certificates() {

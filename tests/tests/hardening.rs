@@ -1,0 +1,261 @@
+//! The agent as an unlucky operator and an attacker meet it: torn and
+//! damaged state files, a full disk, `kill -9` in the middle of a batch.
+//! Each probe that once lost or invented state is a test here.
+
+use std::{
+    collections::BTreeSet,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{daemon::Daemon, require_root, topology::Host};
+use policy_agent::Maps;
+use rand::Rng as _;
+use serde_json::{Value, json};
+
+const POLICIES: &str = "/networking/v1/external/policies";
+
+/// A CF policy body: `source` → `destination` on TCP `port`, for each.
+fn body(policies: &[(String, String, u16)]) -> String {
+    let list: Vec<Value> = policies
+        .iter()
+        .map(|(s, d, port)| {
+            json!({"source": {"id": s}, "destination": {"id": d, "protocol": "tcp", "ports": {"start": port, "end": port}}})
+        })
+        .collect();
+    json!({ "policies": list }).to_string()
+}
+
+fn one(source: &str, destination: &str, port: u16) -> String {
+    body(&[(source.into(), destination.into(), port)])
+}
+
+/// Policies the API lists, as (source, destination, port).
+fn listed(daemon: &Daemon) -> BTreeSet<(String, String, u64)> {
+    let (status, v) = daemon.curl("GET", POLICIES, None);
+    assert_eq!(status, 200, "{v}");
+    v["policies"]
+        .as_array()
+        .expect("policies")
+        .iter()
+        .map(|p| {
+            (
+                p["source"]["id"].as_str().unwrap().to_owned(),
+                p["destination"]["id"].as_str().unwrap().to_owned(),
+                p["destination"]["ports"]["start"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// (source tag, destination tag, protocol) pairs in the kernel's policy
+/// map (each test policy is its own pair).
+fn kernel_pairs(daemon: &Daemon) -> usize {
+    let maps = Maps::open_pinned(&daemon.maps_dir()).expect("open pinned maps");
+    maps.pairs().iter().filter(|(_, allowances)| !allowances.is_empty()).count()
+}
+
+fn journal(daemon: &Daemon) -> PathBuf {
+    daemon.state_dir().join("journal.jsonl")
+}
+
+#[test]
+fn a_torn_tail_then_a_write_then_a_restart_loses_nothing() {
+    require_root();
+    let host = Host::new(1);
+    let mut daemon = Daemon::start(&host.ns, "");
+    assert_eq!(daemon.curl("POST", POLICIES, Some(&one("a", "b", 8080))).0, 200);
+    daemon.stop();
+    // A crash in the middle of an append: half a record, no newline.
+    let mut f = std::fs::OpenOptions::new().append(true).open(journal(&daemon)).unwrap();
+    f.write_all(b"2 1234abcd {\"change\":{\"add_policies\":[{\"sour").unwrap();
+    drop(f);
+    daemon.spawn();
+    assert_eq!(daemon.curl("POST", POLICIES, Some(&one("a", "b", 8081))).0, 200);
+    daemon.kill9();
+    daemon.spawn();
+    let want: BTreeSet<_> =
+        [("a".into(), "b".into(), 8080), ("a".into(), "b".into(), 8081)].into_iter().collect();
+    assert_eq!(listed(&daemon), want, "the write after the torn tail survives a restart");
+    assert!(daemon.log().contains("cut a torn journal tail"), "{}", daemon.log());
+}
+
+#[test]
+fn a_damaged_state_is_refused_at_start_and_rebuilt_by_the_operator() {
+    require_root();
+    let host = Host::new(1);
+    let mut daemon = Daemon::start(&host.ns, "");
+    for port in 1..=4 {
+        let body = one("a", &format!("b{port}"), port);
+        assert_eq!(daemon.curl("POST", POLICIES, Some(&body)).0, 200);
+    }
+    daemon.stop();
+    // A middle record lost.
+    let text = std::fs::read_to_string(journal(&daemon)).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.remove(3); // header, 1, 2, [3], 4
+    std::fs::write(journal(&daemon), lines.join("\n") + "\n").unwrap();
+    let refusal = daemon.spawn_fails();
+    assert!(refusal.contains("journal.jsonl is damaged"), "{refusal}");
+    assert!(refusal.contains("record 4 follows record 2: changes 3 to 3 are missing"), "{refusal}");
+    let config = daemon.config.to_str().unwrap().to_owned();
+    // The operator's choice: keep what is whole.
+    let rebuilt = daemon.cli_ok(&["state", "rebuild", "--config", &config, "--from", "snapshot"]);
+    assert!(rebuilt.contains("plus 2 journal records = change 2 (2 policies"), "{rebuilt}");
+    daemon.spawn();
+    assert_eq!(listed(&daemon).len(), 2);
+    assert_eq!(kernel_pairs(&daemon), 2, "the kernel follows the rebuilt state");
+    // While the agent runs, a rebuild is refused.
+    let out = daemon.cli(&["state", "rebuild", "--config", &config, "--from", "snapshot"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another running agent"));
+}
+
+/// A tmpfs mounted on a path, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("mount");
+        assert!(ok.success(), "mount tmpfs on {}", path.display());
+        Self(path.to_owned())
+    }
+
+    /// Fills the filesystem with a file; returns its path.
+    fn fill(&self) -> PathBuf {
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![0xa5u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_gets_507_applies_nothing_and_recovers_when_space_is_freed() {
+    require_root();
+    let host = Host::new(1);
+    let mut daemon = Daemon::start(&host.ns, "");
+    daemon.stop();
+    let tmpfs = Tmpfs::mount(&daemon.state_dir(), "256k");
+    daemon.spawn();
+    // Records larger than a page: tmpfs hands out whole pages, and a small
+    // record may still fit in the journal's last one.
+    let big: Vec<(String, String, u16)> =
+        (0..100).map(|k| (format!("src-{k}"), "b".to_owned(), 8080)).collect();
+    assert_eq!(daemon.curl("POST", POLICIES, Some(&body(&big))).0, 200);
+    let filler = tmpfs.fill();
+    // A new batch and a delete: both refused, naming the directory.
+    let more: Vec<(String, String, u16)> =
+        (0..100).map(|k| (format!("src-{k}"), "b".to_owned(), 9090)).collect();
+    let (status, reply) = daemon.curl("POST", POLICIES, Some(&body(&more)));
+    assert_eq!(status, 507, "{reply}");
+    let error = reply["error"].as_str().unwrap();
+    assert!(error.contains("no space left in the state directory"), "{error}");
+    assert!(error.contains(daemon.state_dir().to_str().unwrap()), "{error}");
+    let (status, reply) = daemon.curl("POST", &format!("{POLICIES}/delete"), Some(&body(&big)));
+    assert_eq!(status, 507, "{reply}");
+    let before: BTreeSet<_> =
+        big.iter().map(|(s, d, p)| (s.clone(), d.clone(), u64::from(*p))).collect();
+    assert_eq!(listed(&daemon), before, "nothing applied");
+    assert_eq!(kernel_pairs(&daemon), 100, "nothing applied in the kernel");
+    // Space freed: writes work again, without a restart.
+    std::fs::remove_file(filler).unwrap();
+    assert_eq!(daemon.curl("POST", POLICIES, Some(&one("a", "b", 8081))).0, 200);
+    daemon.kill9();
+    daemon.spawn();
+    let mut want = before;
+    want.insert(("a".into(), "b".into(), 8081));
+    assert_eq!(listed(&daemon), want, "the refused writes never reappear");
+    assert_eq!(kernel_pairs(&daemon), 101);
+    let leftovers: Vec<_> = std::fs::read_dir(daemon.state_dir())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    daemon.kill9();
+    drop(tmpfs);
+}
+
+/// POSTs `body` with curl in the background; returns the child.
+fn post_in_background(daemon: &Daemon, body_file: &Path) -> std::process::Child {
+    Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "--unix-socket"])
+        .arg(&daemon.socket)
+        .args(["-H", "Content-Type: application/json", "--data-binary"])
+        .arg(format!("@{}", body_file.display()))
+        .arg(format!("http://localhost{POLICIES}"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl")
+}
+
+#[test]
+fn kill_9_during_a_1000_policy_batch_is_all_or_nothing() {
+    require_root();
+    let host = Host::new(1);
+    let mut daemon = Daemon::start(&host.ns, "");
+    let mut rng = rand::rng();
+    let runs = 20;
+    let mut acknowledged = BTreeSet::new();
+    let mut applied = 0;
+    let mut window = Duration::from_millis(400);
+    for run in 0..runs {
+        let batch: Vec<(String, String, u16)> =
+            (0..1000).map(|k| (format!("src-{run}-{k}"), format!("dst-{run}"), 8080)).collect();
+        let file = daemon.dir.join(format!("batch-{run}.json"));
+        std::fs::write(&file, body(&batch)).unwrap();
+        let started = Instant::now();
+        let curl = post_in_background(&daemon, &file);
+        if run == 0 {
+            // The first batch completes: how long one takes sets the window.
+            let out = curl.wait_with_output().unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+            window = started.elapsed().mul_f64(1.5).max(Duration::from_millis(20));
+            acknowledged.insert(run);
+        } else {
+            std::thread::sleep(window.mul_f64(rng.random::<f64>()));
+            daemon.kill9();
+            let out = curl.wait_with_output().unwrap();
+            if String::from_utf8_lossy(&out.stdout) == "200" {
+                acknowledged.insert(run);
+            }
+            daemon.spawn();
+        }
+        // After the restart: the batch is there whole or not at all, in
+        // the API and in the kernel.
+        let policies = listed(&daemon);
+        let of_run = |r: usize| policies.iter().filter(|p| p.1 == format!("dst-{r}")).count();
+        for r in 0..=run {
+            let n = of_run(r);
+            assert!(n == 0 || n == 1000, "run {r}: {n} of 1000 policies after a kill");
+            if acknowledged.contains(&r) {
+                assert_eq!(n, 1000, "run {r} was acknowledged");
+            }
+        }
+        assert_eq!(kernel_pairs(&daemon), policies.len(), "kernel = state after run {run}");
+        if of_run(run) == 1000 {
+            applied += 1;
+        }
+    }
+    println!(
+        "kill -9 during a 1,000-policy batch: {runs} runs, {applied} applied whole, {} lost whole \
+         (none acknowledged and lost), all-or-nothing in the API and the kernel every time",
+        runs - applied
+    );
+}
