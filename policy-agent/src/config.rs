@@ -33,6 +33,9 @@
 //! policies = 1048576
 //! conntrack = 262144
 //!
+//! [limits]                                   # what a client may hold (see `limits`)
+//! api_connections = 256
+//!
 //! [cluster]                                  # cluster mode (see `cluster`); absent: one host
 //! etcd_endpoints = ["http://10.0.0.10:2379"]
 //! host = "cell-1"
@@ -47,6 +50,7 @@ use crate::{
     Capacities,
     cluster::ClusterConfig,
     dataplane::{EventSettings, OverlayNetwork},
+    limits::Limits,
 };
 
 /// Every value is parsed into its type when the TOML is read, so
@@ -98,6 +102,8 @@ pub struct Config {
     /// Cluster mode: the desired state in etcd, shared by every host's
     /// agent. None: a single host on its local store.
     pub cluster: Option<ClusterConfig>,
+    /// Connections, timeouts and memory a client may hold (`[limits]`).
+    pub limits: Limits,
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/policy-agent/agent.sock";
@@ -125,6 +131,7 @@ impl Default for Config {
             mtls_apps: Default::default(),
             overlay_network: Some(OverlayNetwork::default()),
             cluster: None,
+            limits: Limits::default(),
         }
     }
 }

@@ -24,7 +24,10 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::state::INTERNAL_DOMAIN;
+use crate::{
+    limits::{Backoff, Gate},
+    state::INTERNAL_DOMAIN,
+};
 
 /// Largest UDP answer without EDNS (RFC 1035 4.2.1).
 const UDP_LIMIT: usize = 512;
@@ -183,7 +186,14 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
 }
 
 /// Answers on bound sockets until `stop` turns true.
-pub async fn run(udp: UdpSocket, tcp: TcpListener, lookup: Lookup, stop: watch::Receiver<bool>) {
+/// Serves DNS until `stop`; TCP connections within `gate`.
+pub async fn run(
+    udp: UdpSocket,
+    tcp: TcpListener,
+    lookup: Lookup,
+    gate: Arc<Gate>,
+    stop: watch::Receiver<bool>,
+) {
     let udp_task = {
         let (lookup, mut stop) = (lookup.clone(), stop.clone());
         async move {
@@ -205,12 +215,18 @@ pub async fn run(udp: UdpSocket, tcp: TcpListener, lookup: Lookup, stop: watch::
     };
     let tcp_task = {
         let mut stop = stop.clone();
+        let mut backoff = Backoff::default();
         async move {
             loop {
                 tokio::select! {
                     accepted = tcp.accept() => {
-                        let Ok((stream, _)) = accepted else { continue };
-                        tokio::spawn(serve_tcp(stream, lookup.clone()));
+                        let Some((stream, peer)) = backoff.accepted("dns-tcp", accepted).await else { continue };
+                        let Some(ticket) = gate.admit(Some(peer.ip())) else { continue };
+                        let lookup = lookup.clone();
+                        tokio::spawn(async move {
+                            serve_tcp(stream, lookup).await;
+                            drop(ticket);
+                        });
                     }
                     _ = stop.changed() => return,
                 }

@@ -259,3 +259,44 @@ fn kill_9_during_a_1000_policy_batch_is_all_or_nothing() {
         runs - applied
     );
 }
+
+#[test]
+fn inputs_from_outside_are_checked_before_the_state_is_locked() {
+    require_root();
+    let host = Host::new(1);
+    let daemon = Daemon::start(&host.ns, "");
+    let container = host.container(0);
+    // A FIFO as --netns: refused at once (it used to hang the agent while it
+    // held the state lock), and the API keeps answering.
+    let fifo = daemon.dir.join("not-a-netns");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a path the test owns.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut args = integration_tests::daemon::register_args(container, "app");
+    let at = args.iter().position(|a| a == "--netns").unwrap() + 1;
+    for (path, says) in [
+        (fifo.to_str().unwrap().to_owned(), "is a FIFO, not a network namespace"),
+        ("/etc/hostname".to_owned(), "is a file, not a network namespace"),
+        ("/proc/self/ns/mnt".to_owned(), "another kind of namespace"),
+    ] {
+        args[at] = path;
+        let started = Instant::now();
+        let out = daemon.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says) && stderr.contains("400"), "{stderr}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    assert_eq!(daemon.curl("GET", "/v1/endpoints", None), (200, json!({"endpoints": []})));
+    // Ids that look like other ids.
+    for id in ["db\u{200B}", "\u{202E}bd"] {
+        let (status, reply) = daemon.curl("POST", POLICIES, Some(&one("a", id, 80)));
+        assert_eq!(status, 400, "{reply}");
+        assert!(reply["reason"].as_str().unwrap().contains("invisible or text-direction"));
+    }
+    // Booleans are true or false.
+    let (status, reply) = daemon.curl("GET", "/v1/flows?follow=maybe", None);
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(reply["field"], "follow");
+    assert_eq!(daemon.curl("GET", "/v1/flows?follow=false", None).0, 200);
+}

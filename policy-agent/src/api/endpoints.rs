@@ -6,6 +6,8 @@ use axum::{
 };
 use serde_json::{Value, json};
 
+use crate::state::Invalid;
+
 use super::{Api, Reply, failure, invalid, ok, read_json, tracked_write, wire, with_agent};
 
 /// `GET /v1/endpoints`: each with its TLS ports (Cloud Foundry's
@@ -41,6 +43,11 @@ pub async fn add(State(api): State<Api>, body: Body) -> Reply {
         Ok(e) => e,
         Err(e) => return invalid(&e),
     };
+    // Checked before the agent's lock is taken: a FIFO or any file that is
+    // not a network namespace is refused without blocking anything.
+    if let Some(Err(reason)) = endpoint.netns.as_deref().map(crate::netns::open) {
+        return invalid(&Invalid::new("netns", reason));
+    }
     let reply = wire::endpoint_json(&endpoint);
     match tracked_write(&api, move |agent| agent.add_endpoint(endpoint)).await {
         Ok(()) => ok(reply),

@@ -30,7 +30,7 @@ use axum::{
     extract::{DefaultBodyLimit, MatchedPath, Request, State},
     http::StatusCode,
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse as _, Response},
     routing::{delete, get, post},
 };
 use serde_json::{Value, json};
@@ -51,6 +51,10 @@ use crate::{
 pub struct Api {
     pub agent: SharedAgent,
     pub max_body_bytes: usize,
+    /// Request bodies in memory at once, in KiB (`body_budget_bytes`).
+    pub body_budget: Arc<tokio::sync::Semaphore>,
+    /// Time to receive a request body.
+    pub request_timeout: std::time::Duration,
     pub hub: Arc<FlowHub>,
     pub metrics: Arc<Metrics>,
     /// Becomes true at shutdown: ends `flows --follow` streams.
@@ -81,6 +85,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/flows", get(observe::flows))
         .route("/v1/explain", get(observe::explain))
         .route("/v1/cluster", get(cluster::status))
+        .layer(middleware::from_fn_with_state(api.clone(), within_budget))
         .layer(middleware::from_fn_with_state(api.clone(), record_request))
         // Bodies are read with our own limit, to answer 400 in JSON.
         .layer(DefaultBodyLimit::disable())
@@ -127,9 +132,18 @@ fn written<T>(result: Result<T, AgentError>) -> Reply {
 }
 
 async fn read_json(api: &Api, body: Body) -> Result<Value, Invalid> {
-    let bytes = axum::body::to_bytes(body, api.max_body_bytes)
-        .await
-        .map_err(|_| Invalid::new("body", format!("larger than {} bytes", api.max_body_bytes)))?;
+    let bytes =
+        tokio::time::timeout(api.request_timeout, axum::body::to_bytes(body, api.max_body_bytes))
+            .await
+            .map_err(|_| {
+                Invalid::new(
+                    "body",
+                    format!("not received within {} s", api.request_timeout.as_secs()),
+                )
+            })?
+            .map_err(|_| {
+                Invalid::new("body", format!("larger than {} bytes", api.max_body_bytes))
+            })?;
     serde_json::from_slice(&bytes).map_err(|e| Invalid::new("body", format!("invalid JSON: {e}")))
 }
 
@@ -162,20 +176,58 @@ async fn timed_write<T: Send + 'static>(
     result
 }
 
-/// A write to endpoints or routes: the TLS listeners follow it.
+/// A write to endpoints or routes: the TLS listeners follow it (what they
+/// want is taken under the agent's lock, namespaces are entered after).
 async fn tracked_write<T: Send + 'static>(
     api: &Api,
     f: impl FnOnce(&mut Agent<Dataplane>) -> Result<T, AgentError> + Send + 'static,
 ) -> Result<T, AgentError> {
     let tls = api.tls.clone();
-    timed_write(api, move |agent| {
+    let wanted = tls.clone();
+    let (result, wants) = timed_write(api, move |agent| {
         let result = f(agent);
-        if let Some(tls) = &tls {
-            tls.sync(agent.state());
-        }
-        result
+        Ok((result, wanted.map(|tls| tls.wanted(agent.state()))))
     })
-    .await
+    .await?;
+    if let (Some(tls), Some(wants)) = (tls, wants) {
+        let _ = tokio::task::spawn_blocking(move || tls.apply(wants)).await;
+    }
+    result
+}
+
+/// Holds a request with a body to the memory budget for bodies: its
+/// `Content-Length` (or the largest body allowed, when it does not say) is
+/// taken from the budget for as long as the request runs. Past the budget a
+/// request waits up to the request timeout, then gets 503.
+async fn within_budget(State(api): State<Api>, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let has_body = declared.is_some_and(|n| n > 0)
+        || request.headers().contains_key(axum::http::header::TRANSFER_ENCODING);
+    if !has_body {
+        return next.run(request).await;
+    }
+    let bytes = declared.unwrap_or(api.max_body_bytes).min(api.max_body_bytes);
+    let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let permit =
+        tokio::time::timeout(api.request_timeout, api.body_budget.clone().acquire_many_owned(kib))
+            .await;
+    let Ok(Ok(_permit)) = permit else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "too many large requests in flight; try again"})),
+        )
+            .into_response();
+    };
+    let response = next.run(request).await;
+    if bytes >= 1 << 20 {
+        // Hand the freed buffers of a large body back to the system.
+        // SAFETY: malloc_trim only releases free memory.
+        unsafe { libc::malloc_trim(0) };
+    }
+    response
 }
 
 /// Counts and times every request by method, route and status.

@@ -25,8 +25,14 @@ pub async fn status(State(api): State<Api>) -> Reply {
     }
 }
 
-fn flag(query: &HashMap<String, String>, key: &str) -> bool {
-    query.get(key).is_some_and(|v| !matches!(v.as_str(), "false" | "0" | "no"))
+/// A boolean query parameter: absent is false; `true` or `false`, nothing
+/// else (`follow=maybe` is a 400, not a guess).
+fn flag(query: &HashMap<String, String>, key: &str) -> Result<bool, Invalid> {
+    match query.get(key).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(Invalid::new(key, format!("must be true or false, not {other:?}"))),
+    }
 }
 
 /// `GET /v1/flows[?follow=true][&denied=true][&app=ID]`: JSON lines; with
@@ -35,9 +41,13 @@ pub async fn flows(
     State(api): State<Api>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let (denied, app) = (flag(&query, "denied"), query.get("app").cloned());
+    let (denied, follow) = match (flag(&query, "denied"), flag(&query, "follow")) {
+        (Ok(denied), Ok(follow)) => (denied, follow),
+        (Err(e), _) | (_, Err(e)) => return invalid(&e).into_response(),
+    };
+    let app = query.get("app").cloned();
     let ndjson = [(header::CONTENT_TYPE, "application/x-ndjson")];
-    if !flag(&query, "follow") {
+    if !follow {
         let body: String = api
             .hub
             .recent()

@@ -16,18 +16,23 @@ use crate::{
     state::State,
 };
 
-/// Called with the state after changes from the cluster were applied (the
-/// TLS listeners follow it).
-pub type OnChange = Box<dyn Fn(&State) + Send>;
+/// Called with the state, under the agent's lock, after changes from the
+/// cluster were applied; what it returns runs after the lock is released
+/// (the TLS listeners follow the state without entering namespaces under
+/// the lock).
+pub type OnChange = Box<dyn Fn(&State) -> Box<dyn FnOnce() + Send> + Send>;
 
 /// Applies what is new; returns etcd's revision read up to.
 pub fn catch_up(agent: &SharedAgent, on_change: &OnChange) -> Result<i64, String> {
     let mut agent = agent::lock(agent);
     let applied = agent.catch_up().map_err(|e| e.to_string())?;
-    if applied > 0 {
-        on_change(agent.state());
+    let after = (applied > 0).then(|| on_change(agent.state()));
+    let revision = agent.position().revision;
+    drop(agent);
+    if let Some(after) = after {
+        after();
     }
-    Ok(agent.position().revision)
+    Ok(revision)
 }
 
 /// Runs forever on its own thread.

@@ -74,6 +74,10 @@ pub fn run(config: Config) -> Result<()> {
     let api = Api {
         agent,
         max_body_bytes: config.max_body_bytes,
+        body_budget: Arc::new(tokio::sync::Semaphore::new(
+            (config.limits.body_budget_bytes.max(config.max_body_bytes) / 1024).max(1),
+        )),
+        request_timeout: config.limits.request_timeout(),
         hub,
         metrics: metrics.clone(),
         stopping: stop_rx,
@@ -113,11 +117,13 @@ fn follow_cluster(
     let on_change = || -> OnChange {
         let (tls, runtime) = (tls.clone(), runtime.clone());
         Box::new(move |state| {
-            if let Some(tls) = &tls {
+            let Some(tls) = tls.clone() else { return Box::new(|| {}) };
+            let (wants, runtime) = (tls.wanted(state), runtime.clone());
+            Box::new(move || {
                 // The listeners are tasks of the runtime.
                 let _entered = runtime.enter();
-                tls.sync(state);
-            }
+                tls.apply(wants);
+            })
         })
     };
     let watched = EtcdStore::new(cluster.etcd(), &cluster.prefix).watched_key();
@@ -242,5 +248,5 @@ fn start_tls(config: &Config, agent: &SharedAgent) -> Result<Arc<TlsProxies>> {
         })
     };
     let client_auth = ClientAuth { apps: config.mtls_apps.clone(), authorize };
-    Ok(Arc::new(TlsProxies::new(ca, instances, client_auth)))
+    Ok(Arc::new(TlsProxies::new(ca, instances, client_auth, &config.limits)))
 }

@@ -9,6 +9,7 @@ use policy_agent::{
     api::{Api, router},
     config::Config,
     dns,
+    limits::{Gate, serve_http},
     metrics::Metrics,
 };
 use tokio::{
@@ -20,11 +21,6 @@ use tracing::{info, warn};
 
 type Servers = JoinSet<std::io::Result<()>>;
 
-/// Resolves when `stop` turns true.
-async fn stopped(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await;
-}
-
 pub async fn serve(
     config: Config,
     api: Api,
@@ -35,9 +31,12 @@ pub async fn serve(
     if let Some(tls) = api.tls.clone() {
         let agent = api.agent.clone();
         // Listeners for the endpoints already registered.
-        tokio::task::spawn_blocking(move || tls.sync(agent::lock(&agent).state()))
-            .await
-            .context("starting the TLS listeners")?;
+        tokio::task::spawn_blocking(move || {
+            let wants = tls.wanted(agent::lock(&agent).state());
+            tls.apply(wants);
+        })
+        .await
+        .context("starting the TLS listeners")?;
     }
     let mut servers = JoinSet::new();
     serve_dns(&config, &api, &stop, &mut servers)?;
@@ -70,16 +69,24 @@ async fn serve_api(
         .with_context(|| format!("cannot listen on {}", config.socket.display()))?;
     std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o660))?;
     let app = router(api);
-    servers.spawn(
-        axum::serve(unix, app.clone()).with_graceful_shutdown(stopped(stop.clone())).into_future(),
-    );
+    let limits = &config.limits;
+    // One budget of connections for the API, whichever listener they use.
+    let gate = Gate::new("api", limits.api_connections, limits.per_source_connections);
+    let serve =
+        serve_http("api", unix, app.clone(), gate.clone(), limits.header_timeout(), stop.clone());
+    servers.spawn(async move {
+        serve.await;
+        Ok(())
+    });
     if let Some(addr) = config.listen {
         let tcp =
             TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         info!(%addr, "API also on TCP");
-        servers.spawn(
-            axum::serve(tcp, app).with_graceful_shutdown(stopped(stop.clone())).into_future(),
-        );
+        let serve = serve_http("api-tcp", tcp, app, gate, limits.header_timeout(), stop.clone());
+        servers.spawn(async move {
+            serve.await;
+            Ok(())
+        });
     }
     Ok(())
 }
@@ -98,8 +105,10 @@ fn serve_dns(
         format!("cannot serve DNS on {addr} - is another DNS server on that port? set dns_listen (\"\" turns DNS off)")
     })?;
     let stop = stop.clone();
+    let limits = &config.limits;
+    let gate = Gate::new("dns-tcp", limits.dns_tcp_connections, limits.per_source_connections);
     servers.spawn(async move {
-        dns::run(udp, tcp, lookup, stop).await;
+        dns::run(udp, tcp, lookup, gate, stop).await;
         Ok(())
     });
     Ok(())
@@ -130,8 +139,13 @@ async fn serve_metrics(
             }
         }),
     );
-    servers
-        .spawn(axum::serve(tcp, app).with_graceful_shutdown(stopped(stop.clone())).into_future());
+    let limits = &config.limits;
+    let gate = Gate::new("metrics", limits.metrics_connections, limits.per_source_connections);
+    let serve = serve_http("metrics", tcp, app, gate, limits.header_timeout(), stop.clone());
+    servers.spawn(async move {
+        serve.await;
+        Ok(())
+    });
     Ok(())
 }
 

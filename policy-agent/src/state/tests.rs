@@ -162,6 +162,12 @@ fn validation_names_the_field() {
     assert!(check_app_id("source.id", "").is_err());
     assert!(check_app_id("source.id", &"x".repeat(256)).is_err());
     assert!(check_app_id("source.id", "a,b").is_err());
+    // Invisible and text-direction characters: "db\u{200B}" looks like "db".
+    for id in ["db\u{200B}", "\u{202E}bd", "a\u{2066}b", "\u{FEFF}db", "a\u{00AD}b", "a\u{E0041}"] {
+        let e = check_app_id("source.id", id).unwrap_err();
+        assert!(e.reason.contains("invisible or text-direction"), "{id:?}: {e}");
+    }
+    assert!(check_app_id("source.id", "café-ünïcode").is_ok());
     assert!(check_app_id("source.id", "1081ceac-f5c4-47a8-95e8-88e1e302efb5").is_ok());
 }
 

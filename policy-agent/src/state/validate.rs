@@ -55,7 +55,43 @@ pub fn check_app_id(field: &str, id: &str) -> Result<(), Invalid> {
             "must not contain whitespace, control characters or commas",
         ));
     }
+    if let Some(c) = id.chars().find(|c| is_invisible(*c)) {
+        return Err(Invalid::new(
+            field,
+            format!(
+                "must not contain invisible or text-direction characters (U+{:04X})",
+                u32::from(c)
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// Format characters (Unicode category Cf: zero-width spaces and joiners,
+/// bidirectional embeddings, overrides and isolates, the BOM, soft hyphen,
+/// tag characters) and other characters that render as nothing: an id
+/// holding one looks like another id.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x00AD
+            | 0x034F
+            | 0x061C
+            | 0x115F..=0x1160
+            | 0x17B4..=0x17B5
+            | 0x180B..=0x180F
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x206F
+            | 0x3164
+            | 0xFE00..=0xFE0F
+            | 0xFEFF
+            | 0xFFA0
+            | 0xFFF0..=0xFFFB
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0000..=0xE0FFF
+    )
 }
 
 /// Checks a port range (1-65535, start <= end).

@@ -7,9 +7,11 @@ use std::{
     collections::BTreeMap,
     fs::{self, File},
     net::{Ipv4Addr, SocketAddr},
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -29,7 +31,10 @@ use super::{
     CLIENT_CERT_HEADER, ClientAuth, PlatformCa, SOURCE_APP_HEADER, TLS_PORT, TlsError,
     client_auth::client_verifier, identity_app, io,
 };
-use crate::state::State;
+use crate::{
+    limits::{Backoff, Gate},
+    state::State,
+};
 
 /// Serves the current certificate of one instance; swapped on re-issue.
 #[derive(Debug)]
@@ -63,7 +68,26 @@ pub struct TlsProxies {
     /// Where each instance's port mapping is written (`<ip>.json`).
     instances_dir: PathBuf,
     client_auth: ClientAuth,
-    running: Mutex<BTreeMap<Ipv4Addr, Running>>,
+    /// Connections per listener and per source.
+    connections: (usize, usize),
+    running: Mutex<Listeners>,
+    /// Generations handed out by [`TlsProxies::wanted`].
+    generation: AtomicU64,
+}
+
+#[derive(Default)]
+struct Listeners {
+    /// The generation of the newest [`Wants`] applied.
+    applied: u64,
+    by_ip: BTreeMap<Ipv4Addr, Running>,
+}
+
+/// The listeners a state wants, taken under the agent's lock and applied
+/// after it is released ([`TlsProxies::apply`]): opening namespaces and
+/// binding sockets never happens while the state is locked.
+pub struct Wants {
+    generation: u64,
+    by_ip: BTreeMap<Ipv4Addr, Wanted>,
 }
 
 /// An instance's ports in the shape of Cloud Foundry's `CF_INSTANCE_PORTS`,
@@ -81,32 +105,21 @@ pub fn instance_ports(
     })
 }
 
-/// Runs `f` with the calling thread in the network namespace at `netns`
-/// and returns it to its own namespace before returning: sockets made in
-/// `f` belong to `netns`. Synchronous, so no other task runs on the thread
-/// meanwhile.
-fn in_netns<T>(netns: &Path, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
-    let target = File::open(netns)?;
-    let own = File::open("/proc/thread-self/ns/net")?;
-    // SAFETY: setns on valid namespace fds; affects only this thread.
-    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let result = f();
-    // SAFETY: as above; back to the thread's own namespace.
-    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        // The thread is stranded in the container's namespace: no safe way on.
-        panic!(
-            "cannot return to the agent's network namespace: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    result
-}
-
 impl TlsProxies {
-    pub fn new(ca: PlatformCa, instances_dir: PathBuf, client_auth: ClientAuth) -> Self {
-        Self { ca, instances_dir, client_auth, running: Mutex::new(BTreeMap::new()) }
+    pub fn new(
+        ca: PlatformCa,
+        instances_dir: PathBuf,
+        client_auth: ClientAuth,
+        limits: &crate::limits::Limits,
+    ) -> Self {
+        Self {
+            ca,
+            instances_dir,
+            client_auth,
+            connections: (limits.tls_connections, limits.per_source_connections),
+            running: Mutex::new(Listeners::default()),
+            generation: AtomicU64::new(0),
+        }
     }
 
     fn ports_file(&self, ip: Ipv4Addr) -> PathBuf {
@@ -150,15 +163,16 @@ impl TlsProxies {
         self.ca.bundle()
     }
 
-    /// Brings the listeners in line with the state: one per endpoint that
-    /// has a network namespace; certificates re-issued where the app's
-    /// routes changed. Call from the async runtime.
-    pub fn sync(&self, state: &State) {
+    /// What the state wants: one listener per local endpoint that has a
+    /// network namespace and a TLS front. Cheap; take it under the agent's
+    /// lock (its generation orders it against other writes) and
+    /// [`apply`](Self::apply) it after.
+    pub fn wanted(&self, state: &State) -> Wants {
         let mut routes_of: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for (host, app) in state.routes() {
             routes_of.entry(app.as_str()).or_default().push(host.clone());
         }
-        let wanted: BTreeMap<Ipv4Addr, Wanted> = state
+        let by_ip: BTreeMap<Ipv4Addr, Wanted> = state
             .local_endpoints()
             .filter_map(|e| {
                 Some((
@@ -173,7 +187,20 @@ impl TlsProxies {
                 ))
             })
             .collect();
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        Wants { generation: self.generation.fetch_add(1, Ordering::SeqCst) + 1, by_ip }
+    }
+
+    /// Brings the listeners in line with `wants`: certificates re-issued
+    /// where the app's routes changed. Call from the async runtime, without
+    /// the agent's lock; wants older than ones already applied are skipped.
+    pub fn apply(&self, wants: Wants) {
+        let mut listeners = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if wants.generation < listeners.applied {
+            return; // a newer state was applied already
+        }
+        listeners.applied = wants.generation;
+        let wanted = wants.by_ip;
+        let running = &mut listeners.by_ip;
         running.retain(|ip, r| {
             let keep = wanted.get(ip).is_some_and(|w| {
                 w.netns == r.wanted.netns
@@ -217,6 +244,11 @@ impl TlsProxies {
     }
 
     fn start(&self, ip: Ipv4Addr, want: &Wanted) -> Result<Running, TlsError> {
+        // Opened and checked once; the connections' upstream sockets are
+        // made in it through this descriptor.
+        let ns = Arc::new(crate::netns::open(&want.netns).map_err(|e| {
+            io("open", &want.netns)(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+        })?);
         let cert =
             Arc::new(CurrentCert(RwLock::new(self.ca.issue(&want.app, &want.hostnames, ip)?)));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -234,7 +266,7 @@ impl TlsProxies {
         let config = builder.with_cert_resolver(cert.clone());
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listen = SocketAddr::from((ip, TLS_PORT));
-        let listener = in_netns(&want.netns, || {
+        let listener = crate::netns::run_in(&ns, || {
             let l = std::net::TcpListener::bind(listen)?;
             l.set_nonblocking(true)?;
             Ok(l)
@@ -242,16 +274,23 @@ impl TlsProxies {
         .map_err(io("listen in", &want.netns))?;
         let listener =
             tokio::net::TcpListener::from_std(listener).map_err(io("listen in", &want.netns))?;
-        let (netns, upstream) = (want.netns.clone(), SocketAddr::from((ip, want.app_port)));
+        let (netns, upstream) = (ns.clone(), SocketAddr::from((ip, want.app_port)));
         let http = want.client_auth;
+        let gate = Gate::new("tls", self.connections.0, self.connections.1);
         let task = tokio::spawn(async move {
+            let mut backoff = Backoff::default();
             loop {
-                let Ok((client, peer)) = listener.accept().await else { continue };
+                let accepted = listener.accept().await;
+                let Some((client, peer)) = backoff.accepted("tls", accepted).await else {
+                    continue;
+                };
+                let Some(ticket) = gate.admit(Some(peer.ip())) else { continue };
                 let (acceptor, netns) = (acceptor.clone(), netns.clone());
                 tokio::spawn(async move {
                     if let Err(e) = proxy(client, acceptor, &netns, upstream, http).await {
                         debug!(%peer, error = %e, "TLS connection ended");
                     }
+                    drop(ticket);
                 });
             }
         });
@@ -265,7 +304,7 @@ impl TlsProxies {
 async fn proxy(
     client: tokio::net::TcpStream,
     acceptor: TlsAcceptor,
-    netns: &Path,
+    netns: &File,
     upstream: SocketAddr,
     http: bool,
 ) -> std::io::Result<()> {
@@ -274,7 +313,7 @@ async fn proxy(
             |_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
         )??;
     // The upstream socket is made in the container's namespace.
-    let socket = in_netns(netns, tokio::net::TcpSocket::new_v4)?;
+    let socket = crate::netns::run_in(netns, tokio::net::TcpSocket::new_v4)?;
     let mut app = socket.connect(upstream).await?;
     if http {
         return proxy_http(tls, app).await;
