@@ -4,7 +4,8 @@
 //! state_dir = "/var/lib/policy-agent"        # durable desired state
 //! socket = "/run/policy-agent/agent.sock"    # API on a Unix socket
 //! pin_dir = "/sys/fs/bpf/policy-agent"       # pinned maps and links
-//! listen = "127.0.0.1:9090"                  # optional TCP API address
+//! listen = "127.0.0.1:9090"                  # optional TCP API address (mTLS)
+//! listen_plaintext = false                   # plain HTTP there; loopback only
 //! log_level = "info"                         # error, warn, info, debug, trace
 //! overlay_network = "10.255.0.0/16"          # container network; "": no array slots
 //! max_policies_per_source = 150              # absent or 0: no limit
@@ -19,6 +20,7 @@
 //! tls_upstream_port = 8080                   # where it forwards, in the same netns
 //!
 //! mtls_apps = ["my-app-guid"]                # apps whose 61443 requires client certificates
+//! identity_validity = "24h"                  # instance identities and 61443 certificates
 //!
 //! [tls_app_ports]                            # per app, where not tls_upstream_port
 //! "my-app-guid" = 9090
@@ -63,6 +65,8 @@ pub struct Config {
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
     pub listen: Option<SocketAddr>,
+    /// Plain HTTP on `listen` (no client certificates): only on loopback.
+    pub listen_plaintext: bool,
     pub log_level: String,
     pub max_policies_per_source: Option<usize>,
     pub max_body_bytes: usize,
@@ -93,6 +97,10 @@ pub struct Config {
     /// identity of an app a policy allows) and pass the verified source app
     /// on in a header.
     pub mtls_apps: std::collections::BTreeSet<String>,
+    /// How long instance identities and 61443 certificates are valid; each
+    /// is re-issued when a third of it is left (`"24h"`, `"90m"`).
+    #[serde(deserialize_with = "validity")]
+    pub identity_validity: std::time::Duration,
     /// The container network (silk's overlay): its endpoints are found by an
     /// array index in the kernel instead of a hash lookup. "" (None) turns
     /// that off (every endpoint hashed); addresses outside it are always
@@ -115,6 +123,7 @@ impl Default for Config {
             socket: PathBuf::from(DEFAULT_SOCKET),
             pin_dir: PathBuf::from("/sys/fs/bpf/policy-agent"),
             listen: None,
+            listen_plaintext: false,
             log_level: "info".to_owned(),
             max_policies_per_source: None,
             max_body_bytes: 8 << 20,
@@ -129,6 +138,7 @@ impl Default for Config {
             tls_upstream_port: 8080,
             tls_app_ports: Default::default(),
             mtls_apps: Default::default(),
+            identity_validity: std::time::Duration::from_secs(24 * 3600),
             overlay_network: Some(OverlayNetwork::default()),
             cluster: None,
             limits: Limits::default(),
@@ -145,6 +155,18 @@ impl Config {
     pub fn policy_limit(&self) -> Option<usize> {
         self.max_policies_per_source.filter(|&n| n > 0)
     }
+}
+
+/// A duration such as `"24h"`, at least 5 s and at most 10 years.
+fn validity<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    let d = humantime::parse_duration(&text)
+        .map_err(|e| D::Error::custom(format!("{text:?} is not a duration like \"24h\": {e}")))?;
+    if d < std::time::Duration::from_secs(5) || d > std::time::Duration::from_secs(10 * 365 * 86400)
+    {
+        return Err(D::Error::custom(format!("{text:?} is not between 5s and 10 years")));
+    }
+    Ok(d)
 }
 
 /// `""` → None, else `ADDRESS:PORT`.

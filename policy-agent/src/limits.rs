@@ -226,12 +226,35 @@ impl Accept for tokio::net::UnixListener {
     }
 }
 
-/// Serves `router` over HTTP/1.1 on `listener` within `gate`, headers (and
-/// idle keep-alive) within `header_timeout`, until `stop`; then gives open
-/// connections 5 s to finish.
-pub async fn serve_http<L: Accept>(
+/// What happens on a connection before HTTP: nothing ([`Plain`]) or a TLS
+/// handshake that also says who the client is. The `Caller` is put in
+/// every request's extensions.
+pub trait Handshake<I>: Clone + Send + Sync + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Caller: Clone + Send + Sync + 'static;
+    fn handshake(&self, io: I)
+    -> impl Future<Output = io::Result<(Self::Io, Self::Caller)>> + Send;
+}
+
+/// No handshake: HTTP on the connection as accepted.
+#[derive(Clone)]
+pub struct Plain;
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Handshake<I> for Plain {
+    type Io = I;
+    type Caller = ();
+    async fn handshake(&self, io: I) -> io::Result<(I, ())> {
+        Ok((io, ()))
+    }
+}
+
+/// Serves `router` over HTTP/1.1 on `listener` within `gate`, the handshake
+/// and headers (and idle keep-alive) within `header_timeout`, until `stop`;
+/// then gives open connections 5 s to finish.
+pub async fn serve_http<L: Accept, H: Handshake<L::Io>>(
     name: &'static str,
     listener: L,
+    handshake: H,
     router: axum::Router,
     gate: Arc<Gate>,
     header_timeout: Duration,
@@ -248,9 +271,15 @@ pub async fn serve_http<L: Accept>(
         };
         let Some((io, source)) = backoff.accepted(name, accepted).await else { continue };
         let Some(ticket) = gate.admit(source) else { continue }; // dropped: closed
-        let (service, stop) = (TowerToHyperService::new(router.clone()), stop.clone());
+        let (router, stop, handshake) = (router.clone(), stop.clone(), handshake.clone());
         connections.spawn(async move {
             let _ticket = ticket;
+            let Ok(Ok((io, caller))) =
+                tokio::time::timeout(header_timeout, handshake.handshake(io)).await
+            else {
+                return;
+            };
+            let service = TowerToHyperService::new(router.layer(axum::Extension(caller)));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)

@@ -379,7 +379,7 @@ fn the_api_is_also_served_on_tcp_when_configured() {
     require_root();
     let host = Host::new(1);
     // The host namespace is the test's own: any port is free there.
-    let daemon = Daemon::start(&host.ns, "listen = \"127.0.0.1:9090\"");
+    let daemon = Daemon::start(&host.ns, "listen = \"127.0.0.1:9090\"\nlisten_plaintext = true");
     let post = fixture("external-policies-post.json");
     assert_eq!(daemon.curl("POST", POLICIES, Some(&post)).0, 200);
     let out = host

@@ -300,3 +300,98 @@ fn inputs_from_outside_are_checked_before_the_state_is_locked() {
     assert_eq!(reply["field"], "follow");
     assert_eq!(daemon.curl("GET", "/v1/flows?follow=false", None).0, 200);
 }
+
+/// `curl` in `ns` against the mTLS API: (HTTP status, body); status 0 when
+/// the connection or handshake failed.
+fn curl_tls(
+    host: &Host,
+    daemon: &Daemon,
+    method: &str,
+    path: &str,
+    identity: Option<(&Path, &Path)>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let ca = daemon.state_dir().join("ca.pem");
+    let mut cmd = host.ns.command("curl");
+    cmd.args(["-s", "-S", "-X", method, "--cacert"]).arg(&ca).args(["-w", "\n%{http_code}"]);
+    if let Some((cert, key)) = identity {
+        cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+    }
+    if let Some(body) = body {
+        cmd.args(["-H", "Content-Type: application/json", "--data-binary", body]);
+    }
+    let out = cmd.arg(format!("https://127.0.0.1:9091{path}")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[test]
+fn the_tcp_api_takes_only_platform_identities_and_their_roles() {
+    require_root();
+    let host = Host::new(1);
+    let mut daemon = Daemon::start(&host.ns, "listen = \"0.0.0.0:9091\"");
+    daemon.register(host.container(0), "app");
+    let config = daemon.config.to_str().unwrap().to_owned();
+    let out = daemon.dir.join("identities");
+    let out_s = out.to_str().unwrap().to_owned();
+    for (role, name) in [("admin", "ops"), ("read-only", "dashboard")] {
+        let said = daemon.cli_ok(&[
+            "api-identity",
+            "--role",
+            role,
+            "--name",
+            name,
+            "--out",
+            &out_s,
+            "--config",
+            &config,
+        ]);
+        assert!(said.contains(&format!("{role} identity")), "{said}");
+    }
+    let ops = (out.join("ops.pem"), out.join("ops-key.pem"));
+    let dashboard = (out.join("dashboard.pem"), out.join("dashboard-key.pem"));
+    let policy = one("a", "b", 8080);
+    // No certificate: the handshake is refused.
+    let (status, said) = curl_tls(&host, &daemon, "GET", POLICIES, None, None);
+    assert_eq!(status, 0, "{said}");
+    // The admin identity reads and writes.
+    let (status, said) =
+        curl_tls(&host, &daemon, "POST", POLICIES, Some((&ops.0, &ops.1)), Some(&policy));
+    assert_eq!(status, 200, "{said}");
+    // The read-only one reads, and cannot write.
+    let ro = Some((dashboard.0.as_path(), dashboard.1.as_path()));
+    let (status, said) = curl_tls(&host, &daemon, "GET", POLICIES, ro, None);
+    assert_eq!(status, 200, "{said}");
+    assert!(said.contains("\"total_policies\":1"), "{said}");
+    let (status, said) =
+        curl_tls(&host, &daemon, "POST", &format!("{POLICIES}/delete"), ro, Some(&policy));
+    assert_eq!(status, 403, "{said}");
+    assert!(said.contains("read-only"), "{said}");
+    // An instance identity (the platform CA's, given to every container) is
+    // no API identity.
+    let ip = host.container(0).ip;
+    let instances = daemon.state_dir().join("instances");
+    let instance =
+        (instances.join(format!("{ip}-cert.pem")), instances.join(format!("{ip}-key.pem")));
+    let (status, said) = curl_tls(
+        &host,
+        &daemon,
+        "POST",
+        POLICIES,
+        Some((&instance.0, &instance.1)),
+        Some(&one("app", "db", 5432)),
+    );
+    assert_eq!(status, 403, "{said}");
+    assert!(said.contains("not an API identity"), "{said}");
+    assert_eq!(listed(&daemon).len(), 1, "only the admin's write happened");
+
+    // Plain HTTP beyond loopback: refused at start.
+    daemon.stop();
+    let mut toml = std::fs::read_to_string(&daemon.config).unwrap();
+    toml = toml
+        .replace("listen = \"0.0.0.0:9091\"", "listen = \"0.0.0.0:9091\"\nlisten_plaintext = true");
+    std::fs::write(&daemon.config, toml).unwrap();
+    let refusal = daemon.spawn_fails();
+    assert!(refusal.contains("plain HTTP is allowed on loopback only"), "{refusal}");
+}

@@ -295,3 +295,112 @@ fn mtls_admits_only_identities_a_policy_allows_and_names_the_source_app() {
     let (ok, out) = curl(&b.ns, ca, "https://frontend.apps.internal:61443/", &[]);
     assert!(ok && out.contains("hello from frontend"), "{out}");
 }
+
+/// `openssl x509 -noout ARG` on a PEM file.
+fn x509(path: &str, arg: &str) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", arg, "-in", path])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn identities_are_short_lived_and_rotate_under_an_open_mtls_connection() {
+    require_root();
+    let host = Host::new(2);
+    let daemon = Daemon::start(&host.ns, "mtls_apps = [\"backend\"]\nidentity_validity = \"6s\"");
+    let (a, b) = (host.container(0), host.container(1));
+    for (c, app) in [(a, "frontend"), (b, "backend")] {
+        daemon.register(c, app);
+    }
+    daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
+    http_echo_server(&b.ns, b.ip, 8080);
+    daemon.allow("frontend", "backend", "tcp", "8080");
+    let ports = daemon.instance_ports(a.ip);
+    let cert = ports["CF_INSTANCE_CERT"].as_str().unwrap().to_owned();
+    let key = ports["CF_INSTANCE_KEY"].as_str().unwrap().to_owned();
+    let first = std::fs::read_to_string(&cert).unwrap();
+    let (start, end) = (x509(&cert, "-startdate"), x509(&cert, "-enddate"));
+    println!("first identity: {start}, {end}");
+
+    // An mTLS connection with frontend's identity, kept open.
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
+    let ca = daemon.state_dir().join("ca.pem");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(&ca).unwrap()).unwrap();
+    let chain: Vec<CertificateDer> =
+        CertificateDer::pem_file_iter(&cert).unwrap().map(Result::unwrap).collect();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(&key).unwrap())
+        .unwrap();
+    let name = ServerName::try_from("backend.apps.internal").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let ip = b.ip;
+    let tcp = a.ns.run(move || TcpStream::connect((ip, 61443))).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut open = rustls::StreamOwned::new(conn, tcp);
+    assert!(get_whole(&mut open).contains("x-source-app: frontend"));
+
+    // Re-issued when a third of the 6 s is left: new files, replaced whole.
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&cert).unwrap() == first {
+        assert!(started.elapsed() < Duration::from_secs(15), "the identity was not rotated");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rotated_after = started.elapsed();
+    let end2 = x509(&cert, "-enddate");
+    assert_ne!(end2, end, "a new expiry");
+    assert_eq!(x509(&cert, "-subject"), x509(&first_path(&daemon, &first), "-subject"));
+    println!("rotated after {:.1} s: {end2}", rotated_after.as_secs_f64());
+
+    // The open connection was not dropped; a new one with the new identity
+    // is admitted.
+    let reply = get_whole(&mut open);
+    assert!(reply.contains("x-source-app: frontend"), "{reply}");
+    let (ok, out) = curl(
+        &a.ns,
+        ca.to_str().unwrap(),
+        &format!("https://{}:61443/", b.ip),
+        &["--cert", &cert, "--key", &key],
+    );
+    assert!(ok && out.contains("x-source-app: frontend"), "{out}");
+}
+
+/// One request on a kept-alive connection and its whole response (headers
+/// and `Content-Length` bytes of body).
+fn get_whole(stream: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>) -> String {
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: backend.apps.internal\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+    }
+}
+
+/// The first identity, written beside the state for openssl to read.
+fn first_path(daemon: &Daemon, pem: &str) -> String {
+    let path = daemon.dir.join("first-identity.pem");
+    std::fs::write(&path, pem).unwrap();
+    path.to_str().unwrap().to_owned()
+}

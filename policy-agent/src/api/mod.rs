@@ -15,6 +15,7 @@
 //! 400 for bad input (nothing of the request applied), 507 when a kernel
 //! map is full, 500 otherwise.
 
+pub mod auth;
 mod cluster;
 mod endpoints;
 mod observe;
@@ -86,6 +87,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/explain", get(observe::explain))
         .route("/v1/cluster", get(cluster::status))
         .layer(middleware::from_fn_with_state(api.clone(), within_budget))
+        .layer(middleware::from_fn(auth::authorize))
         .layer(middleware::from_fn_with_state(api.clone(), record_request))
         // Bodies are read with our own limit, to answer 400 in JSON.
         .layer(DefaultBodyLimit::disable())

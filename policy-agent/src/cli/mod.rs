@@ -3,6 +3,7 @@
 mod cluster;
 mod dataplane;
 mod endpoint;
+mod identity;
 mod observe;
 mod policy;
 mod route;
@@ -65,6 +66,9 @@ enum Command {
     /// Cluster mode: the hosts and how far each has applied the change log.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// A client certificate for the TCP API (`listen`), from the platform
+    /// CA: `api-identity --role admin|read-only --name NAME`.
+    ApiIdentity(identity::ApiIdentityArgs),
     /// The stored state (agent stopped): `state rebuild --from snapshot`.
     #[command(subcommand)]
     State(state::StateCommand),
@@ -91,6 +95,7 @@ impl Cli {
             Command::Explain(args) => args.run(&client),
             Command::Cluster(cmd) => cmd.run(&client),
             Command::State(cmd) => cmd.run(),
+            Command::ApiIdentity(args) => args.run(),
             Command::Dataplane(args) => {
                 init_logging("warn");
                 args.run()

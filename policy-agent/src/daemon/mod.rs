@@ -228,7 +228,8 @@ fn start_tls(config: &Config, agent: &SharedAgent) -> Result<Arc<TlsProxies>> {
         }
     }
     let ca = PlatformCa::load_or_create(&config.state_dir)
-        .context("failed to set up the platform CA")?;
+        .context("failed to set up the platform CA")?
+        .with_validity(config.identity_validity);
     info!(bundle = %ca.bundle().display(), "platform CA bundle");
     let instances = config.state_dir.join("instances");
     let authorize = {

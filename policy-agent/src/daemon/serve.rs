@@ -3,14 +3,15 @@
 
 use std::{os::unix::fs::PermissionsExt as _, sync::Arc};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use policy_agent::{
     agent,
-    api::{Api, router},
+    api::{Api, auth::Mtls, router},
     config::Config,
     dns,
-    limits::{Gate, serve_http},
+    limits::{Gate, Plain, serve_http},
     metrics::Metrics,
+    tls::PlatformCa,
 };
 use tokio::{
     net::{TcpListener, UnixListener},
@@ -29,14 +30,27 @@ pub async fn serve(
 ) -> Result<()> {
     let stop = stop_tx.subscribe();
     if let Some(tls) = api.tls.clone() {
-        let agent = api.agent.clone();
+        let (agent, starting) = (api.agent.clone(), tls.clone());
         // Listeners for the endpoints already registered.
         tokio::task::spawn_blocking(move || {
-            let wants = tls.wanted(agent::lock(&agent).state());
-            tls.apply(wants);
+            let wants = starting.wanted(agent::lock(&agent).state());
+            starting.apply(wants);
         })
         .await
         .context("starting the TLS listeners")?;
+        // Certificates and instance identities re-issued before they expire.
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let every = tls.rotation_check_every();
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    _ = stop.changed() => return,
+                }
+                let tls = tls.clone();
+                let _ = tokio::task::spawn_blocking(move || tls.rotate_due()).await;
+            }
+        });
     }
     let mut servers = JoinSet::new();
     serve_dns(&config, &api, &stop, &mut servers)?;
@@ -72,22 +86,35 @@ async fn serve_api(
     let limits = &config.limits;
     // One budget of connections for the API, whichever listener they use.
     let gate = Gate::new("api", limits.api_connections, limits.per_source_connections);
-    let serve =
-        serve_http("api", unix, app.clone(), gate.clone(), limits.header_timeout(), stop.clone());
+    let timeout = limits.header_timeout();
+    let serve = serve_http("api", unix, Plain, app.clone(), gate.clone(), timeout, stop.clone());
     servers.spawn(async move {
         serve.await;
         Ok(())
     });
-    if let Some(addr) = config.listen {
-        let tcp =
-            TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-        info!(%addr, "API also on TCP");
-        let serve = serve_http("api-tcp", tcp, app, gate, limits.header_timeout(), stop.clone());
-        servers.spawn(async move {
-            serve.await;
-            Ok(())
-        });
+    let Some(addr) = config.listen else { return Ok(()) };
+    if config.listen_plaintext && !addr.ip().is_loopback() {
+        bail!(
+            "listen = \"{addr}\" with listen_plaintext = true would let anyone who reaches \
+             {addr} write policies: plain HTTP is allowed on loopback only (without \
+             listen_plaintext the TCP API requires client certificates from the platform CA)"
+        );
     }
+    let tcp = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let serve = if config.listen_plaintext {
+        info!(%addr, "API also on TCP, plain HTTP (loopback)");
+        tokio::spawn(serve_http("api-tcp", tcp, Plain, app, gate, timeout, stop.clone()))
+    } else {
+        let ca =
+            PlatformCa::load_or_create(&config.state_dir).context("loading the platform CA")?;
+        let mtls = Mtls::new(&ca, addr).context("the TCP API's TLS")?;
+        info!(%addr, "API also on TCP, HTTPS with client certificates (policy-agent api-identity)");
+        tokio::spawn(serve_http("api-tcp", tcp, mtls, app, gate, timeout, stop.clone()))
+    };
+    servers.spawn(async move {
+        let _ = serve.await;
+        Ok(())
+    });
     Ok(())
 }
 
@@ -141,7 +168,7 @@ async fn serve_metrics(
     );
     let limits = &config.limits;
     let gate = Gate::new("metrics", limits.metrics_connections, limits.per_source_connections);
-    let serve = serve_http("metrics", tcp, app, gate, limits.header_timeout(), stop.clone());
+    let serve = serve_http("metrics", tcp, Plain, app, gate, limits.header_timeout(), stop.clone());
     servers.spawn(async move {
         serve.await;
         Ok(())

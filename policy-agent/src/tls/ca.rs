@@ -57,6 +57,8 @@ fn ca_params() -> CertificateParams {
 /// (`ca.pem`, the bundle clients trust; `ca-key.pem`, mode 0600).
 pub struct PlatformCa {
     issuer: Issuer<'static, KeyPair>,
+    /// How long instance identities and route certificates are valid.
+    validity: std::time::Duration,
     ca_der: CertificateDer<'static>,
     bundle: PathBuf,
 }
@@ -88,11 +90,33 @@ impl PlatformCa {
                 e.to_string(),
             ))
         })?;
-        Ok(Self { issuer: Issuer::new(ca_params(), key), ca_der, bundle: cert_path })
+        Ok(Self {
+            issuer: Issuer::new(ca_params(), key),
+            validity: std::time::Duration::from_secs(24 * 3600),
+            ca_der,
+            bundle: cert_path,
+        })
+    }
+
+    /// Instance identities and route certificates valid for `validity`.
+    pub fn with_validity(mut self, validity: std::time::Duration) -> Self {
+        self.validity = validity;
+        self
+    }
+
+    pub fn validity(&self) -> std::time::Duration {
+        self.validity
+    }
+
+    /// From five minutes ago (clock skew) to `validity` from now.
+    fn validity_window(&self, params: &mut CertificateParams) {
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + self.validity;
     }
 
     /// The CA's own certificate.
-    pub(super) fn ca_der(&self) -> &CertificateDer<'static> {
+    pub fn ca_der(&self) -> &CertificateDer<'static> {
         &self.ca_der
     }
 
@@ -111,12 +135,56 @@ impl PlatformCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages =
             vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
-        let year = this_year();
-        params.not_before = date_time_ymd(year - 1, 1, 1);
-        params.not_after = date_time_ymd(year + 2, 1, 1);
+        self.validity_window(&mut params);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Identity { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// A client identity for the TCP API: subject `CN=NAME, OU=api:ROLE`,
+    /// client authentication only, valid for `days`.
+    pub fn issue_api_identity(
+        &self,
+        role: &str,
+        name: &str,
+        days: u32,
+    ) -> Result<Identity, TlsError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.distinguished_name.push(DnType::OrganizationalUnitName, format!("api:{role}"));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(i64::from(days.max(1)));
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Identity { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// A server certificate for the agent's own TCP API: `names` and `ips`.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        ips: &[IpAddr],
+    ) -> Result<Arc<CertifiedKey>, TlsError> {
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.distinguished_name.push(DnType::CommonName, "policy-agent API");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let year = this_year();
+        params.not_before = date_time_ymd(year - 1, 1, 1);
+        params.not_after = date_time_ymd(year + 2, 1, 1);
+        self.certified(&params)
+    }
+
+    fn certified(&self, params: &CertificateParams) -> Result<Arc<CertifiedKey>, TlsError> {
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let chain = vec![cert.der().clone(), self.ca_der.clone()];
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)?;
+        Ok(Arc::new(CertifiedKey::new(chain, signing)))
     }
 
     /// A certificate for one instance: its app's routes and its address.
@@ -131,15 +199,8 @@ impl PlatformCa {
         let mut params = CertificateParams::new(names)?;
         params.subject_alt_names.push(SanType::IpAddress(IpAddr::V4(ip)));
         params.distinguished_name.push(DnType::CommonName, app);
-        let year = this_year();
-        params.not_before = date_time_ymd(year - 1, 1, 1);
-        params.not_after = date_time_ymd(year + 2, 1, 1);
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let chain = vec![cert.der().clone(), self.ca_der.clone()];
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)?;
-        Ok(Arc::new(CertifiedKey::new(chain, signing)))
+        self.validity_window(&mut params);
+        self.certified(&params)
     }
 }
 

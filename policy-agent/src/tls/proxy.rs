@@ -12,7 +12,7 @@ use std::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use base64::Engine as _;
@@ -58,6 +58,8 @@ struct Wanted {
 
 struct Running {
     wanted: Wanted,
+    /// When the certificate and the instance identity are re-issued.
+    renew_at: Instant,
     cert: Arc<CurrentCert>,
     task: JoinHandle<()>,
 }
@@ -295,7 +297,42 @@ impl TlsProxies {
             }
         });
         info!(%ip, app = want.app, names = ?want.hostnames, mtls = want.client_auth, "TLS listener on {listen}");
-        Ok(Running { wanted: want.clone(), cert, task })
+        Ok(Running { wanted: want.clone(), renew_at: self.renew_at(), cert, task })
+    }
+
+    /// When a certificate issued now is re-issued: a third of its validity
+    /// before it expires.
+    fn renew_at(&self) -> Instant {
+        Instant::now() + self.ca.validity() * 2 / 3
+    }
+
+    /// How often [`rotate_due`](Self::rotate_due) should run.
+    pub fn rotation_check_every(&self) -> Duration {
+        (self.ca.validity() / 12).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
+    /// Re-issues every certificate and instance identity whose renewal time
+    /// has come. The listener's certificate is swapped in place (open
+    /// connections are not touched; the next handshake gets the new one);
+    /// the identity files are replaced whole.
+    pub fn rotate_due(&self) {
+        let mut listeners = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        for (ip, r) in listeners.by_ip.iter_mut().filter(|(_, r)| r.renew_at <= now) {
+            match self.ca.issue(&r.wanted.app, &r.wanted.hostnames, *ip) {
+                Ok(cert) => *r.cert.0.write().unwrap_or_else(|p| p.into_inner()) = cert,
+                Err(e) => {
+                    warn!(%ip, error = %e, "cannot re-issue the certificate; trying again");
+                    continue;
+                }
+            }
+            if let Err(e) = self.write_instance(*ip, &r.wanted.app, r.wanted.app_port) {
+                warn!(%ip, error = %e, "cannot re-issue the instance identity; trying again");
+                continue;
+            }
+            r.renew_at = self.renew_at();
+            info!(%ip, app = r.wanted.app, valid_for = ?self.ca.validity(), "certificate and instance identity rotated");
+        }
     }
 }
 
