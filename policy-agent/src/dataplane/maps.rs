@@ -504,7 +504,11 @@ impl Maps {
     /// Forgets a removed policy's counters (its id is never reused).
     pub fn remove_policy_counters(&mut self, policy_id: u32) -> Result<(), Error> {
         match self.policy_stats.remove(&policy_id) {
+            // A policy no packet matched has no counters yet.
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
             Err(e) => Err(map_err(names::POLICY_STATS)(e)),
         }
     }
