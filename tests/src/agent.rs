@@ -10,15 +10,20 @@ pub fn agent_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("POLICY_AGENT_BIN") {
         return bin.into();
     }
+    built_bin("policy-agent")
+}
+
+/// A workspace binary next to the test binary (built by `cargo xtask test`).
+pub fn built_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // Tests run from target/<profile>/deps/, binaries from target/<profile>/.
     exe.ancestors()
         .skip(1)
         .take(2)
-        .map(|dir| dir.join("policy-agent"))
+        .map(|dir| dir.join(name))
         .find(|bin| bin.exists())
         .unwrap_or_else(|| {
-            panic!("no policy-agent binary near {}: run through `cargo xtask`", exe.display())
+            panic!("no {name} binary near {}: run through `cargo xtask`", exe.display())
         })
 }
 

@@ -82,7 +82,7 @@ pub fn build(root: &Path) -> Result<()> {
 /// The demo and the integration tests drive the real `policy-agent` binary.
 fn build_agent(root: &Path) -> Result<()> {
     let mut agent = cargo(root);
-    agent.args(["build", "--release", "-p", "policy-agent", "--bins"]);
+    agent.args(["build", "--release", "-p", "policy-agent", "-p", "policy-cni", "--bins"]);
     run(agent, "building policy-agent")
 }
 

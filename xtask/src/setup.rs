@@ -36,6 +36,12 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables-legacy-restore"),
     ("etcd-server", "etcd"),
     ("etcd-client", "etcdctl"),
+    // The CNI plugin's tests: a real runtime (podman's CNI backend, runc),
+    // the reference plugins, a static busybox as the containers' root.
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("containernetworking-plugins", "/usr/lib/cni/ptp"),
+    ("busybox-static", "/bin/busybox"),
     ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
 ];
 

@@ -64,6 +64,22 @@ pub struct Api {
     pub tls: Option<Arc<TlsProxies>>,
     /// Cluster mode (None: a single host).
     pub cluster: Option<ClusterConfig>,
+    /// Addresses for containers on this host (`GET /v1/ipam`).
+    pub ipam: Ipam,
+}
+
+/// The gateway address every container routes through (silk's layout): on
+/// every host-side veth.
+pub const GATEWAY: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 0, 1);
+
+/// Where this host's containers get addresses: what a CNI plugin asks for.
+#[derive(Clone, Debug)]
+pub struct Ipam {
+    /// This host's part of the overlay (None: the overlay is off).
+    pub subnet: Option<(std::net::Ipv4Addr, u8)>,
+    pub gateway: std::net::Ipv4Addr,
+    /// The containers' MTU when traffic leaves through the VXLAN device.
+    pub mtu: Option<u32>,
 }
 
 type Reply = (StatusCode, Json<Value>);
@@ -86,12 +102,24 @@ pub fn router(api: Api) -> Router {
         .route("/v1/flows", get(observe::flows))
         .route("/v1/explain", get(observe::explain))
         .route("/v1/cluster", get(cluster::status))
+        .route("/v1/ipam", get(ipam))
         .layer(middleware::from_fn_with_state(api.clone(), within_budget))
         .layer(middleware::from_fn(auth::authorize))
         .layer(middleware::from_fn_with_state(api.clone(), record_request))
         // Bodies are read with our own limit, to answer 400 in JSON.
         .layer(DefaultBodyLimit::disable())
         .with_state(api)
+}
+
+/// `GET /v1/ipam`: `{"subnet": "10.255.3.0/24", "gateway": "169.254.0.1",
+/// "mtu": 1450}` (`subnet` and `mtu` null when unknown).
+async fn ipam(State(api): State<Api>) -> Reply {
+    let ipam = &api.ipam;
+    ok(json!({
+        "subnet": ipam.subnet.map(|(net, prefix)| format!("{net}/{prefix}")),
+        "gateway": ipam.gateway.to_string(),
+        "mtu": ipam.mtu,
+    }))
 }
 
 fn invalid(e: &Invalid) -> Reply {

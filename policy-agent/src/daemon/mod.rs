@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result};
 use policy_agent::{
     Dataplane, DataplaneConfig,
     agent::{self, Agent, SharedAgent},
-    api::Api,
+    api::{Api, GATEWAY, Ipam},
     cluster::{
         self, ClusterConfig,
         follow::{self, OnChange},
@@ -67,8 +67,19 @@ pub fn run(config: Config) -> Result<()> {
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
+    // What a CNI plugin hands out: the whole overlay on one host, this
+    // host's leased /24 in a cluster (at the VXLAN device's MTU).
+    let mut ipam = Ipam {
+        subnet: config.overlay_network.map(|o| (o.network, o.prefix)),
+        gateway: GATEWAY,
+        mtu: None,
+    };
     if let Some(cluster) = &config.cluster {
         let membership = join_overlay(&config, cluster, &agent, runtime.handle())?;
+        ipam.subnet = Some((membership.subnet, 24));
+        ipam.mtu = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", overlay::DEVICE))
+            .ok()
+            .and_then(|m| m.trim().parse().ok());
         follow_cluster(cluster, &agent, tls.clone(), runtime.handle(), membership)?;
     }
     let api = Api {
@@ -83,6 +94,7 @@ pub fn run(config: Config) -> Result<()> {
         stopping: stop_rx,
         tls,
         cluster: config.cluster.clone(),
+        ipam,
     };
     let result = runtime.block_on(serve::serve(config, api, metrics, stop_tx));
     reader_stop.store(true, Ordering::Relaxed);

@@ -1,0 +1,315 @@
+//! The network configuration on stdin and the `CNI_*` environment, and
+//! which app a container belongs to.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{CniError, Result, code};
+
+/// Spec versions this plugin speaks (garden sends 0.3.1).
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// The app a container is registered under when nothing names one: it is
+/// policed like any other app (denied by default), never left unmanaged.
+pub const DEFAULT_APP: &str = "unassigned";
+
+pub const DEFAULT_SOCKET: &str = "/run/policy-agent/agent.sock";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/policy-cni";
+
+/// The network configuration (unknown keys are ignored, as CNI configs
+/// carry keys for other plugins).
+#[derive(Debug, Deserialize)]
+pub struct NetConf {
+    #[serde(rename = "cniVersion")]
+    pub cni_version: String,
+    pub name: String,
+    /// The agent's API socket.
+    #[serde(default)]
+    pub agent_socket: Option<PathBuf>,
+    /// Where leases are kept (a directory per network name).
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    /// Addresses to hand out, `A.B.C.D/N`; default: the agent's
+    /// (`GET /v1/ipam`: the overlay on one host, the host's /24 in a cluster).
+    #[serde(default)]
+    pub subnet: Option<String>,
+    /// The containers' MTU; absent or 0: the agent's (the VXLAN device's
+    /// when the overlay crosses hosts), else the kernel's default.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// Listed in the result's DNS (as silk).
+    #[serde(default)]
+    pub dns_servers: Vec<String>,
+    /// The app of containers that name none (default `unassigned`).
+    #[serde(default)]
+    pub default_app: Option<String>,
+    #[serde(default, rename = "runtimeConfig")]
+    pub runtime_config: RuntimeConfig,
+    /// CNI 1.1 GC: the attachments that are still valid.
+    #[serde(default, rename = "cni.dev/valid-attachments")]
+    pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RuntimeConfig {
+    /// NetIn (garden's `host_port`/`container_port`, or the CNI
+    /// convention's `hostPort`/`containerPort`).
+    #[serde(default, rename = "portMappings")]
+    pub port_mappings: Vec<Value>,
+    /// NetOut: Application Security Groups as egress allow rules.
+    #[serde(default, rename = "netOutRules")]
+    pub net_out_rules: Vec<Value>,
+    /// garden's: `policy_group_id` is the app id policies name.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, Value>,
+    /// podman's network aliases, per network name.
+    #[serde(default)]
+    pub aliases: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+impl NetConf {
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        let conf: NetConf = serde_json::from_slice(bytes).map_err(|e| {
+            CniError::new(code::DECODE_FAILURE, "the network configuration is not valid JSON")
+                .details(e)
+        })?;
+        if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
+            return Err(CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                format!(
+                    "cniVersion {} is not supported (supported: {})",
+                    conf.cni_version,
+                    SUPPORTED_VERSIONS.join(", ")
+                ),
+            ));
+        }
+        if conf.name.is_empty()
+            || !conf.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("network name {:?} must be letters, digits, '-', '_' or '.'", conf.name),
+            ));
+        }
+        if let Some(subnet) = &conf.subnet {
+            parse_subnet(subnet)?;
+        }
+        Ok(conf)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.agent_socket.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    }
+
+    pub fn lease_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)).join(&self.name)
+    }
+
+    /// The app the container belongs to, and where that came from, in
+    /// order: garden's `runtimeConfig.metadata.policy_group_id`; the
+    /// `POLICY_APP_ID` key of `CNI_ARGS`; a podman network alias
+    /// `app.ID`; else `default_app` (`unassigned`).
+    pub fn app(&self, cni_args: &str) -> (String, &'static str) {
+        if let Some(Value::String(id)) = self.runtime_config.metadata.get("policy_group_id")
+            && !id.is_empty()
+        {
+            return (id.clone(), "runtimeConfig.metadata.policy_group_id");
+        }
+        if let Some(id) = cni_args
+            .split(';')
+            .find_map(|kv| kv.strip_prefix("POLICY_APP_ID="))
+            .filter(|id| !id.is_empty())
+        {
+            return (id.to_owned(), "CNI_ARGS POLICY_APP_ID");
+        }
+        if let Some(id) = self
+            .runtime_config
+            .aliases
+            .get(&self.name)
+            .into_iter()
+            .flatten()
+            .find_map(|a| a.strip_prefix("app."))
+            .filter(|id| !id.is_empty())
+        {
+            return (id.to_owned(), "network alias app.ID");
+        }
+        (self.default_app.clone().unwrap_or_else(|| DEFAULT_APP.to_owned()), "default_app")
+    }
+
+    /// What this plugin does not do yet, refused by name rather than
+    /// silently dropped.
+    pub fn check_supported(&self) -> Result<()> {
+        if !self.runtime_config.port_mappings.is_empty() {
+            return Err(CniError::new(
+                code::UNSUPPORTED_FIELD,
+                "runtimeConfig.portMappings (NetIn) is not supported yet by policy-cni",
+            ));
+        }
+        if !self.runtime_config.net_out_rules.is_empty() {
+            return Err(CniError::new(
+                code::UNSUPPORTED_FIELD,
+                "runtimeConfig.netOutRules (NetOut, security groups) is not supported yet by policy-cni",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `A.B.C.D/N` → (network, prefix), the host bits cleared.
+pub fn parse_subnet(text: &str) -> Result<(Ipv4Addr, u8)> {
+    let bad = || {
+        CniError::new(code::INVALID_CONFIG, format!("subnet {text:?} is not A.B.C.D/N (N 8-30)"))
+    };
+    let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    if !(8..=30).contains(&prefix) {
+        return Err(bad());
+    }
+    let mask = u32::MAX << (32 - prefix);
+    Ok((Ipv4Addr::from(u32::from(addr) & mask), prefix))
+}
+
+/// The `CNI_*` environment.
+#[derive(Debug)]
+pub struct Env {
+    pub command: String,
+    pub container_id: String,
+    pub netns: Option<PathBuf>,
+    pub ifname: String,
+    pub args: String,
+}
+
+impl Env {
+    pub fn from_env() -> Result<Self> {
+        let var = |k: &str| std::env::var(k).unwrap_or_default();
+        let env = Self {
+            command: var("CNI_COMMAND"),
+            container_id: var("CNI_CONTAINERID"),
+            netns: std::env::var_os("CNI_NETNS").filter(|v| !v.is_empty()).map(PathBuf::from),
+            ifname: var("CNI_IFNAME"),
+            args: var("CNI_ARGS"),
+        };
+        if env.command.is_empty() {
+            return Err(CniError::new(code::INVALID_ENVIRONMENT, "CNI_COMMAND is not set"));
+        }
+        Ok(env)
+    }
+
+    /// Checks what ADD, CHECK and DEL need.
+    pub fn require_attachment(&self, netns: bool) -> Result<()> {
+        if self.container_id.is_empty() {
+            return Err(CniError::new(code::INVALID_ENVIRONMENT, "CNI_CONTAINERID is not set"));
+        }
+        if self.ifname.is_empty()
+            || self.ifname.len() > 15
+            || self.ifname.contains('/')
+            || self.ifname.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(CniError::new(
+                code::INVALID_ENVIRONMENT,
+                format!("CNI_IFNAME {:?} is not a valid interface name", self.ifname),
+            ));
+        }
+        if netns && self.netns.is_none() {
+            return Err(CniError::new(code::INVALID_ENVIRONMENT, "CNI_NETNS is not set"));
+        }
+        Ok(())
+    }
+
+    /// The host-side veth's name: `pc` and 8 hex digits of the container
+    /// id and interface (stable, so DEL after a crash finds it).
+    pub fn host_ifname(&self) -> String {
+        let mut h = crc32fast::Hasher::new();
+        h.update(self.container_id.as_bytes());
+        h.update(b"/");
+        h.update(self.ifname.as_bytes());
+        format!("pc{:08x}", h.finalize())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GARDEN: &str = include_str!("../../fixtures/cf-cni/garden-add-config.json");
+
+    #[test]
+    fn garden_config_parses_and_names_its_app() {
+        let conf = NetConf::parse(GARDEN.as_bytes()).unwrap();
+        assert_eq!(conf.cni_version, "0.3.1");
+        assert_eq!(conf.dns_servers, ["169.254.0.1"]);
+        assert_eq!(
+            conf.app(""),
+            (
+                "5b8d7c1e-0c3f-4a52-9d1e-0f6a2b7c9e41".to_owned(),
+                "runtimeConfig.metadata.policy_group_id"
+            )
+        );
+        assert_eq!(conf.runtime_config.port_mappings.len(), 2);
+        assert!(conf.check_supported().is_err(), "NetIn is refused by name, not dropped");
+    }
+
+    #[test]
+    fn other_runtimes_name_the_app_by_cni_args_or_alias_or_get_the_default() {
+        let conf = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"net","type":"policy-cni",
+                "runtimeConfig":{"aliases":{"net":["web","app.frontend","abc123"]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(conf.app("IgnoreUnknown=1;POLICY_APP_ID=backend").0, "backend");
+        assert_eq!(conf.app("IgnoreUnknown=1;K8S_POD_NAME=c1").0, "frontend");
+        let bare = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"net"}"#).unwrap();
+        assert_eq!(bare.app(""), (DEFAULT_APP.to_owned(), "default_app"));
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_their_code() {
+        let e = NetConf::parse(b"{").unwrap_err();
+        assert_eq!(e.code, code::DECODE_FAILURE);
+        let e = NetConf::parse(br#"{"cniVersion":"9.9.9","name":"n"}"#).unwrap_err();
+        assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
+        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","subnet":"10.0.0.0/33"}"#)
+            .unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"../x"}"#).unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert_eq!(parse_subnet("10.255.3.7/24").unwrap(), (Ipv4Addr::new(10, 255, 3, 0), 24));
+    }
+
+    #[test]
+    fn the_shipped_examples_parse() {
+        let garden = NetConf::parse(include_bytes!("../../deploy/cni/cf-garden.json")).unwrap();
+        assert_eq!(garden.socket(), PathBuf::from(DEFAULT_SOCKET));
+        let list: Value =
+            serde_json::from_str(include_str!("../../deploy/cni/policy-net.conflist")).unwrap();
+        let mut plugin = list["plugins"][0].clone();
+        plugin["cniVersion"] = list["cniVersion"].clone();
+        plugin["name"] = list["name"].clone();
+        let podman = NetConf::parse(plugin.to_string().as_bytes()).unwrap();
+        assert_eq!(podman.lease_dir(), PathBuf::from("/var/lib/policy-cni/policy-net"));
+    }
+
+    #[test]
+    fn host_veth_names_are_stable_and_short() {
+        let env = Env {
+            command: "ADD".into(),
+            container_id: "1b19ec20c8117becaab70c8709ec96423f7b339e43d88625bb0d2c07d6521e3b".into(),
+            netns: None,
+            ifname: "eth0".into(),
+            args: String::new(),
+        };
+        let name = env.host_ifname();
+        assert_eq!(name.len(), 10);
+        assert_eq!(name, env.host_ifname());
+    }
+}

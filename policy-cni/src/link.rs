@@ -1,0 +1,215 @@
+//! The veth pair, through netlink: the host side named from the container,
+//! the container side moved into its namespace and renamed, a /32 address
+//! with a default route via the link-local gateway (silk's layout), the
+//! gateway address on the host side and a /32 route to the container.
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use futures_util::TryStreamExt as _;
+use rtnetlink::{
+    Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    packet_route::{
+        address::AddressAttribute,
+        link::LinkAttribute,
+        route::{RouteAddress, RouteAttribute, RouteScope},
+    },
+};
+
+use crate::error::{CniError, Result, code};
+
+/// What ADD made: for the result.
+pub struct Plumbing {
+    pub host_mac: [u8; 6],
+    pub container_mac: [u8; 6],
+}
+
+fn netlink(what: &str) -> impl FnOnce(rtnetlink::Error) -> CniError + '_ {
+    move |e| CniError::io(format!("netlink: cannot {what}"), e)
+}
+
+/// A netlink handle in this namespace (None) or in `ns`.
+fn connect(ns: Option<&File>) -> Result<Handle> {
+    let made = match ns {
+        None => rtnetlink::new_connection(),
+        // The socket belongs to the namespace it is made in.
+        Some(ns) => policy_agent::netns::run_in(ns, rtnetlink::new_connection),
+    };
+    let (connection, handle, _) =
+        made.map_err(|e| CniError::io("cannot open a netlink socket", e))?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+/// A link's index and MAC, if it exists.
+async fn find(handle: &Handle, name: &str) -> Result<Option<(u32, [u8; 6])>> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(Some(link)) => {
+            let mac = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+                _ => None,
+            });
+            Ok(Some((link.header.index, mac.unwrap_or_default())))
+        }
+        Ok(None) => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(netlink("look up a link")(e)),
+    }
+}
+
+/// Creates the pair and configures both sides. On error the caller removes
+/// the host side (which takes the pair with it).
+pub async fn create(
+    host_ifname: &str,
+    ifname: &str,
+    ns: &File,
+    ip: Ipv4Addr,
+    gateway: Ipv4Addr,
+    mtu: Option<u32>,
+) -> Result<Plumbing> {
+    let host = connect(None)?;
+    if find(&host, host_ifname).await?.is_some() {
+        // Left by an ADD that crashed half-way: start over.
+        remove(host_ifname).await?;
+    }
+    // The peer gets a temporary name unique to this container, so parallel
+    // ADDs do not collide before it is moved and renamed.
+    let peer = format!("{host_ifname}p");
+    let mut veth = LinkVeth::new(host_ifname, &peer);
+    if let Some(mtu) = mtu {
+        veth = veth.mtu(mtu);
+    }
+    host.link().add(veth.build()).execute().await.map_err(netlink("create the veth pair"))?;
+    let (peer_index, _) = find(&host, &peer)
+        .await?
+        .ok_or_else(|| CniError::new(code::IO_FAILURE, "the new veth peer vanished"))?;
+    use std::os::fd::AsRawFd as _;
+    host.link()
+        .set(LinkUnspec::new_with_index(peer_index).setns_by_fd(ns.as_raw_fd()).build())
+        .execute()
+        .await
+        .map_err(netlink("move the veth into the container's namespace"))?;
+
+    // Inside the container.
+    let inside = connect(Some(ns))?;
+    let (index, container_mac) = find(&inside, &peer).await?.ok_or_else(|| {
+        CniError::new(code::IO_FAILURE, "the veth did not arrive in the container")
+    })?;
+    if let Some((existing, _)) = find(&inside, ifname).await? {
+        return Err(CniError::new(
+            code::INVALID_ENVIRONMENT,
+            format!("the container already has an interface {ifname} (index {existing})"),
+        ));
+    }
+    inside
+        .link()
+        .set(LinkUnspec::new_with_index(index).name(ifname.to_owned()).build())
+        .execute()
+        .await
+        .map_err(netlink("rename the container's interface"))?;
+    inside
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(netlink("bring the container's interface up"))?;
+    inside
+        .address()
+        .add(index, IpAddr::V4(ip), 32)
+        .execute()
+        .await
+        .map_err(netlink("address the container's interface"))?;
+    let to_gateway = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(gateway, 32)
+        .output_interface(index)
+        .scope(RouteScope::Link)
+        .build();
+    inside.route().add(to_gateway).execute().await.map_err(netlink("route to the gateway"))?;
+    let default =
+        RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).output_interface(index).build();
+    inside.route().add(default).execute().await.map_err(netlink("add the default route"))?;
+
+    // The host side.
+    let (host_index, host_mac) = find(&host, host_ifname)
+        .await?
+        .ok_or_else(|| CniError::new(code::IO_FAILURE, "the host-side veth vanished"))?;
+    host.address()
+        .add(host_index, IpAddr::V4(gateway), 32)
+        .execute()
+        .await
+        .map_err(netlink("put the gateway address on the host side"))?;
+    host.link()
+        .set(LinkUnspec::new_with_index(host_index).up().build())
+        .execute()
+        .await
+        .map_err(netlink("bring the host side up"))?;
+    let to_container = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(ip, 32)
+        .output_interface(host_index)
+        .scope(RouteScope::Link)
+        .build();
+    host.route()
+        .add(to_container)
+        .replace()
+        .execute()
+        .await
+        .map_err(netlink("route to the container"))?;
+    Ok(Plumbing { host_mac, container_mac })
+}
+
+/// Deletes the host side (the pair goes with it); false if it was not there.
+pub async fn remove(host_ifname: &str) -> Result<bool> {
+    let host = connect(None)?;
+    let Some((index, _)) = find(&host, host_ifname).await? else { return Ok(false) };
+    match host.link().del(index).execute().await {
+        Ok(()) => Ok(true),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(false),
+        Err(e) => Err(netlink("delete the veth")(e)),
+    }
+}
+
+/// Checks what ADD left: the host side up, the container's interface with
+/// its /32 and a default route via the gateway.
+pub async fn check(
+    host_ifname: &str,
+    ifname: &str,
+    ns: &File,
+    ip: Ipv4Addr,
+    gateway: Ipv4Addr,
+) -> Result<()> {
+    let failed = |what: String| CniError::new(code::CHECK_FAILED, what);
+    let host = connect(None)?;
+    if find(&host, host_ifname).await?.is_none() {
+        return Err(failed(format!("the host-side veth {host_ifname} is missing")));
+    }
+    let inside = connect(Some(ns))?;
+    let (index, _) = find(&inside, ifname)
+        .await?
+        .ok_or_else(|| failed(format!("the container has no interface {ifname}")))?;
+    let mut addresses = inside.address().get().set_link_index_filter(index).execute();
+    let mut has_ip = false;
+    while let Some(a) = addresses.try_next().await.map_err(netlink("list addresses"))? {
+        has_ip |= a.header.prefix_len == 32
+            && a.attributes
+                .iter()
+                .any(|x| matches!(x, AddressAttribute::Address(IpAddr::V4(v)) if *v == ip));
+    }
+    if !has_ip {
+        return Err(failed(format!("{ifname} does not hold {ip}/32")));
+    }
+    let mut routes = inside.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+    let mut has_default = false;
+    while let Some(r) = routes.try_next().await.map_err(netlink("list routes"))? {
+        has_default |= r.header.destination_prefix_length == 0
+            && r.attributes.iter().any(
+                |x| matches!(x, RouteAttribute::Gateway(RouteAddress::Inet(g)) if *g == gateway),
+            );
+    }
+    if !has_default {
+        return Err(failed(format!("the container has no default route via {gateway}")));
+    }
+    Ok(())
+}

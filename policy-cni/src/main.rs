@@ -1,0 +1,271 @@
+//! `policy-cni`: a CNI plugin (spec 1.0.0 and 0.3.x/0.4.0) that gives a
+//! container a veth, an address from this host's part of the overlay and
+//! silk's routes, and registers it with the local policy-agent, which then
+//! polices it like every endpoint.
+//!
+//! ADD: lease → veth → register → result. Any failure undoes what was done
+//! (nothing is left behind). DEL: deregister → delete the veth → release;
+//! idempotent, and complete after an ADD that crashed half-way. CHECK:
+//! veth, address, default route and the agent's registration. VERSION,
+//! STATUS (is the agent answering) and GC (leases and endpoints of
+//! attachments no longer valid).
+
+mod config;
+mod error;
+mod ipam;
+mod link;
+
+use std::{collections::BTreeSet, io::Read as _, net::Ipv4Addr};
+
+use policy_agent::client::Client;
+use serde_json::{Value, json};
+
+use crate::{
+    config::{Env, NetConf, SUPPORTED_VERSIONS},
+    error::{CniError, Result, code},
+    ipam::Leases,
+};
+
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
+
+fn main() {
+    let mut stdin = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut stdin);
+    // The version errors are reported in: the config's when it parses.
+    let version = serde_json::from_slice::<Value>(&stdin)
+        .ok()
+        .and_then(|v| v["cniVersion"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "1.0.0".to_owned());
+    match run(&stdin) {
+        Ok(Some(out)) => println!("{out}"),
+        Ok(None) => {}
+        Err(e) => {
+            println!("{}", e.json(&version));
+            eprintln!("policy-cni: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(stdin: &[u8]) -> Result<Option<Value>> {
+    let env = Env::from_env()?;
+    if env.command == "VERSION" {
+        return Ok(Some(json!({"cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS})));
+    }
+    let conf = NetConf::parse(stdin)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CniError::io("cannot start a runtime", e))?;
+    match env.command.as_str() {
+        "ADD" => runtime.block_on(add(&conf, &env)).map(Some),
+        "DEL" => runtime.block_on(del(&conf, &env)).map(|()| None),
+        "CHECK" => runtime.block_on(check(&conf, &env)).map(|()| None),
+        "STATUS" => status(&conf).map(|()| None),
+        "GC" => runtime.block_on(gc(&conf)).map(|()| None),
+        other => Err(CniError::new(
+            code::INVALID_ENVIRONMENT,
+            format!("CNI_COMMAND {other:?} is not ADD, DEL, CHECK, VERSION, STATUS or GC"),
+        )),
+    }
+}
+
+/// The agent's API, or "try again later" naming the socket.
+fn agent(conf: &NetConf, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+    let socket = conf.socket();
+    let response = Client::new(&socket).request(method, path, body).map_err(|e| {
+        CniError::new(
+            code::TRY_AGAIN_LATER,
+            format!("policy-agent is not answering on {} - is it running?", socket.display()),
+        )
+        .details(e)
+    })?;
+    if !response.is_success() {
+        return Err(CniError::new(
+            code::AGENT_REFUSED,
+            format!(
+                "policy-agent refused {method} {path}: {} (HTTP {})",
+                response.error(),
+                response.status
+            ),
+        ));
+    }
+    Ok(response.body)
+}
+
+/// Where addresses come from and the MTU: the config's, else the agent's.
+fn addressing(conf: &NetConf) -> Result<((Ipv4Addr, u8), Option<u32>)> {
+    let ipam = agent(conf, "GET", "/v1/ipam", None)?;
+    let subnet = match (conf.subnet.as_deref(), ipam["subnet"].as_str()) {
+        (Some(s), _) | (None, Some(s)) => config::parse_subnet(s)?,
+        (None, None) => {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "no subnet: set \"subnet\" in the network configuration (the agent's overlay_network is off)",
+            ));
+        }
+    };
+    let mtu = conf
+        .mtu
+        .filter(|m| *m > 0)
+        .or_else(|| ipam["mtu"].as_u64().and_then(|m| u32::try_from(m).ok()));
+    Ok((subnet, mtu))
+}
+
+/// Addresses the agent has registered (by hand or by other plugins).
+fn registered(conf: &NetConf) -> Result<BTreeSet<Ipv4Addr>> {
+    let list = agent(conf, "GET", "/v1/endpoints", None)?;
+    Ok(list["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["ip"].as_str()?.parse().ok())
+        .collect())
+}
+
+async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
+    env.require_attachment(true)?;
+    conf.check_supported()?;
+    let netns_path = env.netns.clone().expect("checked");
+    let ns = policy_agent::netns::open(&netns_path)
+        .map_err(|e| CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS: {e}")))?;
+    let (app, _from) = conf.app(&env.args);
+    policy_agent::state::check_app_id("app", &app).map_err(|e| {
+        CniError::new(code::INVALID_CONFIG, format!("app id {app:?}: {}", e.reason))
+    })?;
+    let (subnet, mtu) = addressing(conf)?;
+    let taken = registered(conf)?;
+    let host_ifname = env.host_ifname();
+    let mut leases = Leases::open(&conf.lease_dir())?;
+    let ip = leases.reserve(&env.container_id, &env.ifname, subnet, &taken)?;
+    let made = async {
+        // Containers route through the host, as the reference ptp plugin
+        // and silk arrange.
+        enable_forwarding()?;
+        let plumbing = link::create(&host_ifname, &env.ifname, &ns, ip, GATEWAY, mtu).await?;
+        let endpoint = json!({
+            "app": app,
+            "ip": ip.to_string(),
+            "ifname": host_ifname,
+            "netns": netns_path,
+        });
+        agent(conf, "POST", "/v1/endpoints", Some(&endpoint))?;
+        Ok::<_, CniError>(plumbing)
+    }
+    .await;
+    let plumbing = match made {
+        Ok(p) => p,
+        Err(e) => {
+            // Nothing left behind: the veth, the registration, the lease.
+            let _ = link::remove(&host_ifname).await;
+            let _ = agent(conf, "DELETE", &format!("/v1/endpoints/{ip}"), None);
+            let _ = leases.release(&env.container_id, &env.ifname);
+            return Err(e);
+        }
+    };
+    Ok(result(conf, env, &host_ifname, ip, &plumbing))
+}
+
+fn enable_forwarding() -> Result<()> {
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
+    std::fs::write(path, "1").map_err(|e| CniError::io("cannot enable IPv4 forwarding", e))
+}
+
+fn mac(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// The ADD result, in the shape of the configuration's spec version.
+fn result(conf: &NetConf, env: &Env, host_ifname: &str, ip: Ipv4Addr, p: &link::Plumbing) -> Value {
+    let old = conf.cni_version.starts_with("0.");
+    let mut address =
+        json!({"address": format!("{ip}/32"), "gateway": GATEWAY.to_string(), "interface": 1});
+    if old {
+        address["version"] = json!("4");
+    }
+    json!({
+        "cniVersion": conf.cni_version,
+        "interfaces": [
+            {"name": host_ifname, "mac": mac(&p.host_mac)},
+            {"name": env.ifname, "mac": mac(&p.container_mac), "sandbox": env.netns},
+        ],
+        "ips": [address],
+        "routes": [{"dst": "0.0.0.0/0", "gw": GATEWAY.to_string()}],
+        "dns": {"nameservers": conf.dns_servers},
+    })
+}
+
+async fn del(conf: &NetConf, env: &Env) -> Result<()> {
+    env.require_attachment(false)?;
+    let host_ifname = env.host_ifname();
+    let mut leases = Leases::open(&conf.lease_dir())?;
+    if let Some(ip) = leases.find(&env.container_id, &env.ifname) {
+        // Deregistered before the lease is released: the address is never
+        // handed to another container while the agent still names it.
+        agent(conf, "DELETE", &format!("/v1/endpoints/{ip}"), None)?;
+    }
+    link::remove(&host_ifname).await?;
+    leases.release(&env.container_id, &env.ifname)?;
+    Ok(())
+}
+
+async fn check(conf: &NetConf, env: &Env) -> Result<()> {
+    env.require_attachment(true)?;
+    let ns = policy_agent::netns::open(env.netns.as_deref().expect("checked"))
+        .map_err(|e| CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS: {e}")))?;
+    let host_ifname = env.host_ifname();
+    let ip =
+        Leases::open(&conf.lease_dir())?.find(&env.container_id, &env.ifname).ok_or_else(|| {
+            CniError::new(
+                code::CHECK_FAILED,
+                format!("no lease for {} {}", env.container_id, env.ifname),
+            )
+        })?;
+    link::check(&host_ifname, &env.ifname, &ns, ip, GATEWAY).await?;
+    let (app, _) = conf.app(&env.args);
+    let list = agent(conf, "GET", "/v1/endpoints", None)?;
+    let registered = list["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|e| e["ip"] == ip.to_string() && e["app"] == app && e["ifname"] == host_ifname);
+    if !registered {
+        return Err(CniError::new(
+            code::CHECK_FAILED,
+            format!("policy-agent has no endpoint {ip} of app {app} on {host_ifname}"),
+        ));
+    }
+    Ok(())
+}
+
+fn status(conf: &NetConf) -> Result<()> {
+    agent(conf, "GET", "/v1/ipam", None)
+        .map(|_| ())
+        .map_err(|e| CniError::new(code::NOT_AVAILABLE, e.msg).details(e.details))
+}
+
+/// Releases every lease (and its endpoint and veth) whose attachment is
+/// not in `cni.dev/valid-attachments`.
+async fn gc(conf: &NetConf) -> Result<()> {
+    let Some(valid) = &conf.valid_attachments else { return Ok(()) };
+    let mut leases = Leases::open(&conf.lease_dir())?;
+    for lease in leases.all() {
+        if valid.iter().any(|a| a.container_id == lease.container_id && a.ifname == lease.ifname) {
+            continue;
+        }
+        agent(conf, "DELETE", &format!("/v1/endpoints/{}", lease.ip), None)?;
+        let env = Env {
+            command: "GC".into(),
+            container_id: lease.container_id.clone(),
+            netns: None,
+            ifname: lease.ifname.clone(),
+            args: String::new(),
+        };
+        link::remove(&env.host_ifname()).await?;
+        leases.release(&lease.container_id, &lease.ifname)?;
+    }
+    Ok(())
+}

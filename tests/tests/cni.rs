@@ -1,0 +1,356 @@
+//! The `policy-cni` plugin driven as garden-external-networker drives it:
+//! the network configuration on stdin, `CNI_*` in the environment, in the
+//! host's namespace, with the real agent and real traffic.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, path::Path};
+
+use integration_tests::{
+    cni::{Outcome, links, result_ip, run_plugin, run_plugin_with},
+    daemon::Daemon,
+    netns::NetNs,
+    require_root,
+    traffic::{LONG, SHORT, tcp_echo_server, tcp_echo_works},
+};
+use serde_json::{Value, json};
+
+const FIXTURE: &str =
+    include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/cf-cni/garden-add-config.json"));
+
+/// A network configuration for this daemon (garden's keys), `app` as
+/// garden's `policy_group_id`.
+fn config(daemon: &Daemon, version: &str, app: Option<&str>) -> Value {
+    let mut c = json!({
+        "cniVersion": version,
+        "name": "policy-net",
+        "type": "policy-cni",
+        "agent_socket": daemon.socket,
+        "data_dir": daemon.dir.join("cni"),
+        "dns_servers": ["169.254.0.1"],
+        "mtu": 0,
+    });
+    if let Some(app) = app {
+        c["runtimeConfig"] = json!({"metadata": {"policy_group_id": app}});
+    }
+    c
+}
+
+fn endpoints(daemon: &Daemon) -> Vec<Value> {
+    daemon.curl("GET", "/v1/endpoints", None).1["endpoints"].as_array().unwrap().clone()
+}
+
+fn leases(daemon: &Daemon) -> Vec<String> {
+    std::fs::read_dir(daemon.dir.join("cni/policy-net"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.parse::<Ipv4Addr>().is_ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn plugin_links(host: &NetNs) -> Vec<String> {
+    links(host).into_iter().filter(|l| l.starts_with("pc")).collect()
+}
+
+fn assert_failed(o: &Outcome, code: u64, says: &str) {
+    assert!(!o.ok, "expected a failure: {}", o.out);
+    assert_eq!(o.out["code"], code, "{} {}", o.out, o.stderr);
+    let msg = o.out["msg"].as_str().unwrap_or_default();
+    assert!(msg.contains(says), "{msg:?} does not say {says:?}: {}", o.out);
+}
+
+#[test]
+fn garden_style_add_check_del_with_real_traffic() {
+    require_root();
+    let host = NetNs::new(integration_tests::unique_name("h"));
+    host.sysctl("net.ipv4.ip_forward", "1");
+    let daemon = Daemon::start(&host, "");
+    let (front_ns, back_ns) = (
+        NetNs::new(integration_tests::unique_name("c")),
+        NetNs::new(integration_tests::unique_name("c")),
+    );
+    // garden sends 0.3.1; another runtime 1.0.0.
+    let front = run_plugin(
+        &host,
+        "ADD",
+        "front-1",
+        Some(&front_ns.path()),
+        "eth0",
+        &config(&daemon, "0.3.1", Some("frontend")),
+    );
+    assert!(front.ok, "{} {}", front.out, front.stderr);
+    let back = run_plugin(
+        &host,
+        "ADD",
+        "back-1",
+        Some(&back_ns.path()),
+        "eth0",
+        &config(&daemon, "1.0.0", Some("backend")),
+    );
+    assert!(back.ok, "{} {}", back.out, back.stderr);
+    // The result: interfaces, a /32 from the overlay, the route and DNS.
+    let r = &front.out;
+    assert_eq!(r["cniVersion"], "0.3.1");
+    assert_eq!(r["ips"][0]["version"], "4", "0.3.x results carry the version");
+    assert_eq!(r["ips"][0]["gateway"], "169.254.0.1");
+    assert_eq!(r["routes"][0], json!({"dst": "0.0.0.0/0", "gw": "169.254.0.1"}));
+    assert_eq!(r["dns"]["nameservers"], json!(["169.254.0.1"]));
+    assert_eq!(r["interfaces"][1]["name"], "eth0");
+    assert_eq!(r["interfaces"][1]["sandbox"], front_ns.path().to_str().unwrap());
+    assert!(back.out["ips"][0].get("version").is_none());
+    let (front_ip, back_ip) = (result_ip(&front.out), result_ip(&back.out));
+    assert_ne!(front_ip, back_ip);
+    assert_eq!(front_ip.octets()[..2], [10, 255], "from the overlay");
+    // Registered as their apps, with their host-side veths.
+    let listed = endpoints(&daemon);
+    let app_of = |ip: Ipv4Addr| {
+        listed
+            .iter()
+            .find(|e| e["ip"] == ip.to_string())
+            .map(|e| e["app"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(app_of(front_ip).as_deref(), Some("frontend"));
+    assert_eq!(app_of(back_ip).as_deref(), Some("backend"));
+    // Denied by default, allowed by a policy.
+    tcp_echo_server(&back_ns, back_ip, 8080);
+    assert!(!tcp_echo_works(&front_ns, back_ip, 8080, SHORT), "default deny");
+    daemon.allow("frontend", "backend", "tcp", "8080");
+    assert!(tcp_echo_works(&front_ns, back_ip, 8080, LONG), "allowed by the policy");
+    assert!(!tcp_echo_works(&back_ns, front_ip, 8080, SHORT), "not the reverse");
+    // CHECK.
+    let check = run_plugin(
+        &host,
+        "CHECK",
+        "front-1",
+        Some(&front_ns.path()),
+        "eth0",
+        &config(&daemon, "1.0.0", Some("frontend")),
+    );
+    assert!(check.ok, "{} {}", check.out, check.stderr);
+    // DEL removes everything; DEL again is fine; CHECK then fails.
+    for _ in 0..2 {
+        let del = run_plugin(
+            &host,
+            "DEL",
+            "front-1",
+            Some(&front_ns.path()),
+            "eth0",
+            &config(&daemon, "0.3.1", Some("frontend")),
+        );
+        assert!(del.ok, "{} {}", del.out, del.stderr);
+    }
+    assert!(app_of(front_ip).is_some(), "(the list above was taken before)");
+    assert!(endpoints(&daemon).iter().all(|e| e["ip"] != front_ip.to_string()), "deregistered");
+    assert_eq!(leases(&daemon), [back_ip.to_string()], "lease released");
+    assert_eq!(plugin_links(&host).len(), 1, "the veth is gone: {:?}", plugin_links(&host));
+    assert!(!links(&front_ns).contains(&"eth0".to_owned()));
+    let check = run_plugin(
+        &host,
+        "CHECK",
+        "front-1",
+        Some(&front_ns.path()),
+        "eth0",
+        &config(&daemon, "1.0.0", Some("frontend")),
+    );
+    assert_failed(&check, 102, "no lease");
+    // DEL with the namespace already gone (a runtime that removed it first).
+    drop(back_ns);
+    let del = run_plugin(&host, "DEL", "back-1", None, "eth0", &config(&daemon, "1.0.0", None));
+    assert!(del.ok, "{} {}", del.out, del.stderr);
+    assert!(
+        endpoints(&daemon).is_empty()
+            && leases(&daemon).is_empty()
+            && plugin_links(&host).is_empty()
+    );
+}
+
+#[test]
+fn failures_name_the_problem_and_leave_nothing_behind() {
+    require_root();
+    let host = NetNs::new(integration_tests::unique_name("h"));
+    let mut daemon = Daemon::start(&host, "");
+    let ns = NetNs::new(integration_tests::unique_name("c"));
+    let conf = config(&daemon, "1.0.0", Some("app"));
+    // The container already has an interface of that name: the veth was
+    // made and moved before that showed; all of it is undone.
+    let o = run_plugin(&host, "ADD", "c-1", Some(&ns.path()), "lo", &conf);
+    assert_failed(&o, 4, "already has an interface lo");
+    assert!(
+        plugin_links(&host).is_empty()
+            && leases(&daemon).is_empty()
+            && endpoints(&daemon).is_empty()
+    );
+    // Not a network namespace.
+    let o = run_plugin(&host, "ADD", "c-1", Some(Path::new("/etc/hostname")), "eth0", &conf);
+    assert_failed(&o, 4, "not a network namespace");
+    // garden's NetIn and NetOut are refused by name, not dropped.
+    let mut garden: Value = serde_json::from_str(FIXTURE).unwrap();
+    garden["agent_socket"] = json!(daemon.socket);
+    garden["data_dir"] = json!(daemon.dir.join("cni"));
+    let o = run_plugin(&host, "ADD", "c-1", Some(&ns.path()), "eth0", &garden);
+    assert_failed(&o, 2, "portMappings");
+    // Bad configuration, unknown command, unsupported version.
+    let o = run_plugin(
+        &host,
+        "ADD",
+        "c-1",
+        Some(&ns.path()),
+        "eth0",
+        &json!({"cniVersion": "0.1.0", "name": "x"}),
+    );
+    assert_failed(&o, 1, "cniVersion 0.1.0 is not supported");
+    let o = run_plugin(&host, "FROB", "c-1", Some(&ns.path()), "eth0", &conf);
+    assert_failed(&o, 4, "FROB");
+    let v = run_plugin(&host, "VERSION", "", None, "", &json!({"cniVersion": "1.0.0"}));
+    assert!(v.out["supportedVersions"].as_array().unwrap().contains(&json!("0.3.1")));
+    // The agent not running.
+    daemon.stop();
+    let o = run_plugin(&host, "ADD", "c-1", Some(&ns.path()), "eth0", &conf);
+    assert_failed(&o, 11, "is it running?");
+    let o = run_plugin(&host, "STATUS", "", None, "", &conf);
+    assert_failed(&o, 50, "not answering");
+    assert!(plugin_links(&host).is_empty() && leases(&daemon).is_empty());
+}
+
+#[test]
+fn add_again_after_a_crash_between_the_veth_and_the_registration() {
+    require_root();
+    let host = NetNs::new(integration_tests::unique_name("h"));
+    let daemon = Daemon::start(&host, "");
+    let ns = NetNs::new(integration_tests::unique_name("c"));
+    let conf = config(&daemon, "1.0.0", None);
+    let first = run_plugin(&host, "ADD", "c-1", Some(&ns.path()), "eth0", &conf);
+    assert!(first.ok, "{}", first.out);
+    let ip = result_ip(&first.out);
+    // No app named: the documented default app, policed like any other.
+    assert_eq!(endpoints(&daemon)[0]["app"], "unassigned");
+    // The crash: the veth and the lease are there, the registration is not.
+    assert_eq!(daemon.curl("DELETE", &format!("/v1/endpoints/{ip}"), None).0, 200);
+    let again = run_plugin(&host, "ADD", "c-1", Some(&ns.path()), "eth0", &conf);
+    assert!(again.ok, "{} {}", again.out, again.stderr);
+    assert_eq!(result_ip(&again.out), ip, "the same lease");
+    assert_eq!(endpoints(&daemon).len(), 1);
+    assert_eq!(plugin_links(&host).len(), 1);
+    let check = run_plugin(&host, "CHECK", "c-1", Some(&ns.path()), "eth0", &conf);
+    assert!(check.ok, "{}", check.out);
+    // Another runtime names the app in CNI_ARGS.
+    let other = NetNs::new(integration_tests::unique_name("c"));
+    let o = run_plugin_with(
+        &host,
+        "ADD",
+        "c-2",
+        Some(&other.path()),
+        "eth0",
+        "IgnoreUnknown=1;POLICY_APP_ID=worker",
+        &conf,
+    );
+    assert!(o.ok, "{}", o.out);
+    assert!(endpoints(&daemon).iter().any(|e| e["app"] == "worker"));
+    for (id, n) in [("c-1", &ns), ("c-2", &other)] {
+        assert!(run_plugin(&host, "DEL", id, Some(&n.path()), "eth0", &conf).ok);
+    }
+    assert!(
+        endpoints(&daemon).is_empty()
+            && leases(&daemon).is_empty()
+            && plugin_links(&host).is_empty()
+    );
+}
+
+#[test]
+fn a_hundred_containers_in_parallel_get_distinct_addresses_and_leave_nothing() {
+    require_root();
+    let host = NetNs::new(integration_tests::unique_name("h"));
+    let daemon = Daemon::start(&host, "log_level = \"info\"");
+    let namespaces: Vec<NetNs> =
+        (0..100).map(|_| NetNs::new(integration_tests::unique_name("c"))).collect();
+    let conf = config(&daemon, "1.0.0", Some("app"));
+    let started = std::time::Instant::now();
+    let ips: Vec<Ipv4Addr> = std::thread::scope(|scope| {
+        let handles: Vec<_> = namespaces
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let (host, conf) = (&host, &conf);
+                scope.spawn(move || {
+                    let o =
+                        run_plugin(host, "ADD", &format!("p-{i}"), Some(&ns.path()), "eth0", conf);
+                    assert!(o.ok, "ADD {i}: {} {}", o.out, o.stderr);
+                    result_ip(&o.out)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let added = started.elapsed();
+    let distinct: BTreeSet<_> = ips.iter().collect();
+    assert_eq!(distinct.len(), 100, "no address given twice");
+    assert_eq!(endpoints(&daemon).len(), 100);
+    assert_eq!(plugin_links(&host).len(), 100);
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for (i, ns) in namespaces.iter().enumerate() {
+            let (host, conf) = (&host, &conf);
+            scope.spawn(move || {
+                let o = run_plugin(host, "DEL", &format!("p-{i}"), Some(&ns.path()), "eth0", conf);
+                assert!(o.ok, "DEL {i}: {} {}", o.out, o.stderr);
+            });
+        }
+    });
+    println!(
+        "100 containers in parallel: ADD all in {:.2} s, DEL all in {:.2} s",
+        added.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(endpoints(&daemon).is_empty(), "every endpoint removed");
+    assert!(leases(&daemon).is_empty(), "every lease released");
+    assert!(plugin_links(&host).is_empty(), "every veth gone");
+}
+
+#[test]
+fn podman_containers_on_our_network_are_policed_and_leave_no_trace() {
+    require_root();
+    let host = NetNs::new(integration_tests::unique_name("h"));
+    host.sysctl("net.ipv4.ip_forward", "1");
+    let daemon = Daemon::start(&host, "log_level = \"info\"");
+    let podman = integration_tests::cni::Podman::new(&host, &daemon.socket);
+    let mut args = podman.run_args("back", "backend");
+    args.insert(3, "-d".into());
+    args.extend(["/bin/httpd", "-f", "-p", "8080", "-h", "/www"].map(String::from));
+    let (ok, out) = podman.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "podman run backend: {out}");
+    let listed = endpoints(&daemon);
+    let backend =
+        listed.iter().find(|e| e["app"] == "backend").unwrap_or_else(|| panic!("{listed:?}"));
+    let back_ip = backend["ip"].as_str().unwrap().to_owned();
+    let fetch = |podman: &integration_tests::cni::Podman| {
+        let mut args = podman.run_args("front", "frontend");
+        args.insert(3, "--rm".into());
+        // busybox's static wget crashes resolving even a literal address
+        // (glibc's static NSS); nc takes the address as it is.
+        let request = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {back_ip} 8080");
+        args.extend(["/bin/sh", "-c", &request].map(String::from));
+        podman.run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let started = std::time::Instant::now();
+    let (ok, out) = fetch(&podman);
+    assert!(!ok && !out.contains("hello"), "denied by default: {out}");
+    println!("podman run --rm, denied: {:.2} s", started.elapsed().as_secs_f64());
+    daemon.allow("frontend", "backend", "tcp", "8080");
+    let started = std::time::Instant::now();
+    let (ok, out) = fetch(&podman);
+    assert!(ok && out.contains("hello from a podman container"), "allowed by the policy: {out}");
+    println!("podman run --rm to a fetched page: {:.2} s", started.elapsed().as_secs_f64());
+    // The frontend container was removed (--rm): its endpoint, lease, veth.
+    assert_eq!(endpoints(&daemon).len(), 1, "{:?}", endpoints(&daemon));
+    let (ok, out) = podman.run(&["rm", "-f", "-t", "0", "back"]);
+    assert!(ok, "{out}");
+    assert!(endpoints(&daemon).is_empty(), "podman rm deregisters");
+    assert!(plugin_links(&host).is_empty(), "podman rm removes the veth");
+    let leases = std::fs::read_dir(podman.dir.join("leases").join(&podman.network))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok()?.parse::<Ipv4Addr>().ok())
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(leases, 0, "podman rm releases the lease");
+}
