@@ -21,6 +21,7 @@
 //!
 //! mtls_apps = ["my-app-guid"]                # apps whose 61443 requires client certificates
 //! identity_validity = "24h"                  # instance identities and 61443 certificates
+//! netin_interfaces = ["eth0"]                # NetIn port mappings listen on these addresses
 //!
 //! [tls_app_ports]                            # per app, where not tls_upstream_port
 //! "my-app-guid" = 9090
@@ -112,6 +113,9 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// Connections, timeouts and memory a client may hold (`[limits]`).
     pub limits: Limits,
+    /// NetIn: the host's uplinks whose addresses port mappings listen on
+    /// (cluster mode adds the underlay interface).
+    pub netin_interfaces: Vec<String>,
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/policy-agent/agent.sock";
@@ -142,6 +146,7 @@ impl Default for Config {
             overlay_network: Some(OverlayNetwork::default()),
             cluster: None,
             limits: Limits::default(),
+            netin_interfaces: Vec::new(),
         }
     }
 }

@@ -24,7 +24,7 @@ use tracing::warn;
 
 use crate::{
     Error,
-    state::{Protocol, State},
+    state::{PortMapping, Protocol, State},
 };
 
 /// What the reconciler needs from the kernel.
@@ -46,6 +46,11 @@ pub trait Kernel {
     fn detach(&mut self, ifname: &str, ip: Ipv4Addr) -> Result<(), Error>;
     /// Forgets the counters of removed policies (ids are never reused).
     fn forget_policies(&mut self, _ids: &[u32]) {}
+    /// NetIn: makes the port mappings exactly `wanted` (container address
+    /// and its mapping, for every local endpoint).
+    fn set_port_mappings(&mut self, _wanted: &[(Ipv4Addr, PortMapping)]) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Brings the kernel to `state` without clearing it first (the agent's start).
@@ -90,7 +95,17 @@ pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Err
     for ip in have_endpoints.keys().filter(|ip| !want_endpoints.contains_key(ip)) {
         kernel.remove_endpoint(*ip)?;
     }
+    port_mappings(kernel, state)?;
     Ok(warnings)
+}
+
+/// NetIn: the kernel's port mappings made those of the local endpoints.
+pub fn port_mappings<K: Kernel>(kernel: &mut K, state: &State) -> Result<(), Error> {
+    let wanted: Vec<(Ipv4Addr, PortMapping)> = state
+        .local_endpoints()
+        .flat_map(|e| e.port_mappings.iter().map(move |m| (e.ip, *m)))
+        .collect();
+    kernel.set_port_mappings(&wanted)
 }
 
 fn same_allowances(have: Option<&Vec<Allowance>>, want: &[Allowance]) -> bool {
@@ -304,6 +319,7 @@ mod tests {
             ifname: "hv0".into(),
             netns: None,
             host: None,
+            port_mappings: Vec::new(),
         });
         kernel.log.clear();
         full(&mut kernel, &new).unwrap();
@@ -331,6 +347,7 @@ mod tests {
             ifname: "gone".into(),
             netns: None,
             host: None,
+            port_mappings: Vec::new(),
         });
         let warnings = full(&mut kernel, &state).unwrap();
         assert_eq!(warnings.len(), 1);

@@ -148,12 +148,6 @@ impl NetConf {
     /// What this plugin does not do yet, refused by name rather than
     /// silently dropped.
     pub fn check_supported(&self) -> Result<()> {
-        if !self.runtime_config.port_mappings.is_empty() {
-            return Err(CniError::new(
-                code::UNSUPPORTED_FIELD,
-                "runtimeConfig.portMappings (NetIn) is not supported yet by policy-cni",
-            ));
-        }
         if !self.runtime_config.net_out_rules.is_empty() {
             return Err(CniError::new(
                 code::UNSUPPORTED_FIELD,
@@ -256,7 +250,8 @@ mod tests {
             )
         );
         assert_eq!(conf.runtime_config.port_mappings.len(), 2);
-        assert!(conf.check_supported().is_err(), "NetIn is refused by name, not dropped");
+        let e = conf.check_supported().unwrap_err();
+        assert!(e.msg.contains("netOutRules"), "NetOut is refused by name, not dropped: {e}");
     }
 
     #[test]

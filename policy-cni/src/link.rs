@@ -13,7 +13,6 @@ use rtnetlink::{
     Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
-        link::LinkAttribute,
         route::{RouteAddress, RouteAttribute, RouteScope},
     },
 };
@@ -45,19 +44,7 @@ fn connect(ns: Option<&File>) -> Result<Handle> {
 
 /// A link's index and MAC, if it exists.
 async fn find(handle: &Handle, name: &str) -> Result<Option<(u32, [u8; 6])>> {
-    let mut links = handle.link().get().match_name(name.to_owned()).execute();
-    match links.try_next().await {
-        Ok(Some(link)) => {
-            let mac = link.attributes.iter().find_map(|a| match a {
-                LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
-                _ => None,
-            });
-            Ok(Some((link.header.index, mac.unwrap_or_default())))
-        }
-        Ok(None) => Ok(None),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(netlink("look up a link")(e)),
-    }
+    policy_agent::cluster::overlay::find_link(handle, name).await.map_err(netlink("look up a link"))
 }
 
 /// Creates the pair and configures both sides. On error the caller removes

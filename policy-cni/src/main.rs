@@ -143,11 +143,13 @@ async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
         // and silk arrange.
         enable_forwarding()?;
         let plumbing = link::create(&host_ifname, &env.ifname, &ns, ip, GATEWAY, mtu).await?;
+        // NetIn: the agent takes garden's keys and the CNI convention's.
         let endpoint = json!({
             "app": app,
             "ip": ip.to_string(),
             "ifname": host_ifname,
             "netns": netns_path,
+            "port_mappings": conf.runtime_config.port_mappings,
         });
         agent(conf, "POST", "/v1/endpoints", Some(&endpoint))?;
         Ok::<_, CniError>(plumbing)

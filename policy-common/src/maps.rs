@@ -31,8 +31,11 @@ pub mod names {
     pub const VETH_SLOTS: &str = "VETH_SLOTS";
     pub const TUNNEL: &str = "TUNNEL";
     pub const PEERS: &str = "PEERS";
+    pub const NETIN: &str = "NETIN";
+    pub const NETIN_CONNS: &str = "NETIN_CONNS";
+    pub const NETIN_STATE: &str = "NETIN_STATE";
     /// Every map the object defines, in a stable order.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 21] = [
         ENDPOINTS,
         VETHS,
         CGROUPS,
@@ -51,6 +54,9 @@ pub mod names {
         VETH_SLOTS,
         TUNNEL,
         PEERS,
+        NETIN,
+        NETIN_CONNS,
+        NETIN_STATE,
     ];
 }
 
@@ -89,6 +95,10 @@ pub mod capacity {
     pub const ENDPOINT_SLOTS: u32 = 1 << 16;
     /// Hosts of the cluster whose tunnel packets are accepted.
     pub const PEERS: u32 = 4_096;
+    /// NetIn port mappings (host address, host port, protocol).
+    pub const NETIN: u32 = 65_536;
+    /// Connections through NetIn port mappings, for their replies (LRU).
+    pub const NETIN_CONNS: u32 = 65_536;
 }
 
 /// `ENDPOINTS` value, keyed by the endpoint's IPv4 address (wire order `u32`).
@@ -151,6 +161,53 @@ pub struct Tunnel {
     pub port: u32,
 }
 const _: () = assert!(size_of::<Tunnel>() == 8);
+
+/// `NETIN` key: a host address and port a NetIn mapping listens on
+/// (address in wire order, port in host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct NatKey {
+    pub addr: u32,
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<NatKey>() == 8);
+
+/// `NETIN` value: the container address and port the mapping leads to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatTarget {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<NatTarget>() == 8);
+
+/// `NETIN_CONNS` key: a connection through a NetIn mapping, as its replies
+/// leave the container (container end first).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatConnKey {
+    pub container: u32,
+    pub client: u32,
+    pub container_port: u16,
+    pub client_port: u16,
+    pub protocol: u32,
+}
+const _: () = assert!(size_of::<NatConnKey>() == 16);
+
+/// `NETIN_CONNS` value: what the replies' source is rewritten to, and the
+/// interface the connection came in by (the replies leave by it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatConn {
+    pub host_addr: u32,
+    pub host_port: u16,
+    pub _pad: u16,
+    pub ifindex: u32,
+}
+const _: () = assert!(size_of::<NatConn>() == 12);
 
 /// The bits of `skb->mark` the VXLAN GBP id travels in: tags above 65,535
 /// do not fit and travel as "no identity" (the receiver then uses its
@@ -409,6 +466,10 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Overlay {}
     unsafe impl aya::Pod for Tunnel {}
+    unsafe impl aya::Pod for NatKey {}
+    unsafe impl aya::Pod for NatTarget {}
+    unsafe impl aya::Pod for NatConnKey {}
+    unsafe impl aya::Pod for NatConn {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for EventLimit {}
     unsafe impl aya::Pod for PolicyCounters {}

@@ -10,6 +10,7 @@ mod counting;
 mod events;
 mod kernel_maps;
 mod maps;
+mod netin;
 
 use aya_ebpf::{
     macros::{cgroup_skb, classifier},
@@ -47,6 +48,13 @@ pub fn tc_from_container(ctx: TcContext) -> i32 {
     let own = kernel_maps::veth_endpoint(ifindex);
     let parsed = parse_ethernet(&bytes);
     let verdict = source_side(&parsed, own, ifindex);
+    // A reply through a NetIn port mapping leaves as the host's address.
+    if verdict.is_pass()
+        && let Parsed::Flow { flow, fragment: None } = parsed
+        && let Some(action) = netin::reply(&ctx, &flow)
+    {
+        return action;
+    }
     // Cluster mode only (one array read otherwise): the mark the tunnel
     // carries, and connections to other hosts' endpoints.
     if verdict.is_pass() && TUNNEL.get(0).is_some_and(|t| t.ifindex != 0) {
@@ -73,19 +81,28 @@ pub fn tc_to_container(ctx: TcContext) -> i32 {
     tc_action(destination_side(&parse_ethernet(&bytes), &bytes, bytes.ifindex(), tunnel_tag))
 }
 
-/// TC ingress of the underlay interface (cluster mode) = packets from other
-/// hosts: tunnel packets only from the cluster's hosts (`PEERS`).
+/// TC ingress of the host's uplinks (the underlay interface in cluster
+/// mode, `netin_interfaces`) = packets from outside the host: tunnel
+/// packets only from the cluster's hosts (`PEERS`); connections to a NetIn
+/// port mapping go to their container.
 #[classifier]
 pub fn tc_from_underlay(ctx: TcContext) -> i32 {
     let bytes = SkbBytes::new(ctx.skb.skb);
-    let Some(tunnel) = TUNNEL.get(0).copied() else { return TC_ACT_OK };
-    // SAFETY: presence only.
-    let is_peer = |addr: u32| unsafe { PEERS.get(addr).is_some() };
-    let verdict = decide_underlay(&parse_ethernet(&bytes), tunnel.port as u16, is_peer);
-    if verdict.is_pass() {
-        return TC_ACT_OK;
+    let parsed = parse_ethernet(&bytes);
+    if let Some(tunnel) = TUNNEL.get(0).copied()
+        && tunnel.ifindex != 0
+    {
+        // SAFETY: presence only.
+        let is_peer = |addr: u32| unsafe { PEERS.get(addr).is_some() };
+        let verdict = decide_underlay(&parsed, tunnel.port as u16, is_peer);
+        if !verdict.is_pass() {
+            return tc_action(count_verdict(verdict));
+        }
     }
-    tc_action(count_verdict(verdict))
+    if let Parsed::Flow { flow, fragment: None } = parsed {
+        netin::incoming(&ctx, &flow, bytes.ifindex());
+    }
+    TC_ACT_OK
 }
 
 /// cgroup_skb egress = packets sent by the cgroup's workloads.

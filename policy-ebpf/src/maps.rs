@@ -8,8 +8,9 @@ use aya_ebpf::{
 use policy_common::{
     Reason,
     maps::{
-        Attachment, Conn, ConnKey, EndpointValue, EventLimit, FlowEvent, FragmentKey, Overlay,
-        PairKey, PolicyCounters, PortRules, Settings, Tunnel, capacity, event_stat,
+        Attachment, Conn, ConnKey, EndpointValue, EventLimit, FlowEvent, FragmentKey, NatConn,
+        NatConnKey, NatKey, NatTarget, Overlay, PairKey, PolicyCounters, PortRules, Settings,
+        Tunnel, capacity, event_stat,
     },
 };
 
@@ -107,3 +108,19 @@ pub static TUNNEL: Array<Tunnel, 1> = Array::new();
 /// packets from anywhere else are dropped.
 #[btf_map]
 pub static PEERS: HashMap<u32, u32, { capacity::PEERS as usize }> = HashMap::new();
+
+/// NetIn: (host address, host port, protocol) → the container's address and
+/// port (written by the agent from the endpoints' port mappings).
+#[btf_map]
+pub static NETIN: HashMap<NatKey, NatTarget, { capacity::NETIN as usize }> = HashMap::new();
+
+/// Connections through a NetIn mapping, so their replies leave as the host
+/// address and port the client used. LRU: a forgotten connection's replies
+/// go out unrewritten and the client resets it.
+#[btf_map]
+pub static NETIN_CONNS: LruHashMap<NatConnKey, NatConn, { capacity::NETIN_CONNS as usize }> =
+    LruHashMap::new();
+
+/// How many NetIn mappings exist (0: the programs skip NetIn entirely).
+#[btf_map]
+pub static NETIN_STATE: Array<u32, 1> = Array::new();

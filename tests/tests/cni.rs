@@ -9,7 +9,9 @@ use integration_tests::{
     daemon::Daemon,
     netns::NetNs,
     require_root,
-    traffic::{LONG, SHORT, tcp_echo_server, tcp_echo_works},
+    traffic::{
+        LONG, SHORT, tcp_echo_server, tcp_echo_works, udp_echo_server, udp_echo_works, udp_socket,
+    },
 };
 use serde_json::{Value, json};
 
@@ -52,6 +54,21 @@ fn plugin_links(host: &NetNs) -> Vec<String> {
     links(host).into_iter().filter(|l| l.starts_with("pc")).collect()
 }
 
+/// No endpoint, lease or plugin veth is left.
+fn assert_nothing_left(daemon: &Daemon, host: &NetNs) {
+    assert!(endpoints(daemon).is_empty(), "endpoints left: {:?}", endpoints(daemon));
+    assert!(leases(daemon).is_empty(), "leases left: {:?}", leases(daemon));
+    assert!(plugin_links(host).is_empty(), "veths left: {:?}", plugin_links(host));
+}
+
+/// A host namespace that forwards, with an agent in it.
+fn host_with_agent(extra_config: &str) -> (NetNs, Daemon) {
+    let host = NetNs::new(integration_tests::unique_name("h"));
+    host.sysctl("net.ipv4.ip_forward", "1");
+    let daemon = Daemon::start(&host, extra_config);
+    (host, daemon)
+}
+
 fn assert_failed(o: &Outcome, code: u64, says: &str) {
     assert!(!o.ok, "expected a failure: {}", o.out);
     assert_eq!(o.out["code"], code, "{} {}", o.out, o.stderr);
@@ -62,9 +79,7 @@ fn assert_failed(o: &Outcome, code: u64, says: &str) {
 #[test]
 fn garden_style_add_check_del_with_real_traffic() {
     require_root();
-    let host = NetNs::new(integration_tests::unique_name("h"));
-    host.sysctl("net.ipv4.ip_forward", "1");
-    let daemon = Daemon::start(&host, "");
+    let (host, daemon) = host_with_agent("");
     let (front_ns, back_ns) = (
         NetNs::new(integration_tests::unique_name("c")),
         NetNs::new(integration_tests::unique_name("c")),
@@ -157,18 +172,13 @@ fn garden_style_add_check_del_with_real_traffic() {
     drop(back_ns);
     let del = run_plugin(&host, "DEL", "back-1", None, "eth0", &config(&daemon, "1.0.0", None));
     assert!(del.ok, "{} {}", del.out, del.stderr);
-    assert!(
-        endpoints(&daemon).is_empty()
-            && leases(&daemon).is_empty()
-            && plugin_links(&host).is_empty()
-    );
+    assert_nothing_left(&daemon, &host);
 }
 
 #[test]
 fn failures_name_the_problem_and_leave_nothing_behind() {
     require_root();
-    let host = NetNs::new(integration_tests::unique_name("h"));
-    let mut daemon = Daemon::start(&host, "");
+    let (host, mut daemon) = host_with_agent("");
     let ns = NetNs::new(integration_tests::unique_name("c"));
     let conf = config(&daemon, "1.0.0", Some("app"));
     // The container already has an interface of that name: the veth was
@@ -188,7 +198,7 @@ fn failures_name_the_problem_and_leave_nothing_behind() {
     garden["agent_socket"] = json!(daemon.socket);
     garden["data_dir"] = json!(daemon.dir.join("cni"));
     let o = run_plugin(&host, "ADD", "c-1", Some(&ns.path()), "eth0", &garden);
-    assert_failed(&o, 2, "portMappings");
+    assert_failed(&o, 2, "netOutRules");
     // Bad configuration, unknown command, unsupported version.
     let o = run_plugin(
         &host,
@@ -215,8 +225,7 @@ fn failures_name_the_problem_and_leave_nothing_behind() {
 #[test]
 fn add_again_after_a_crash_between_the_veth_and_the_registration() {
     require_root();
-    let host = NetNs::new(integration_tests::unique_name("h"));
-    let daemon = Daemon::start(&host, "");
+    let (host, daemon) = host_with_agent("");
     let ns = NetNs::new(integration_tests::unique_name("c"));
     let conf = config(&daemon, "1.0.0", None);
     let first = run_plugin(&host, "ADD", "c-1", Some(&ns.path()), "eth0", &conf);
@@ -249,18 +258,13 @@ fn add_again_after_a_crash_between_the_veth_and_the_registration() {
     for (id, n) in [("c-1", &ns), ("c-2", &other)] {
         assert!(run_plugin(&host, "DEL", id, Some(&n.path()), "eth0", &conf).ok);
     }
-    assert!(
-        endpoints(&daemon).is_empty()
-            && leases(&daemon).is_empty()
-            && plugin_links(&host).is_empty()
-    );
+    assert_nothing_left(&daemon, &host);
 }
 
 #[test]
 fn a_hundred_containers_in_parallel_get_distinct_addresses_and_leave_nothing() {
     require_root();
-    let host = NetNs::new(integration_tests::unique_name("h"));
-    let daemon = Daemon::start(&host, "log_level = \"info\"");
+    let (host, daemon) = host_with_agent("log_level = \"info\"");
     let namespaces: Vec<NetNs> =
         (0..100).map(|_| NetNs::new(integration_tests::unique_name("c"))).collect();
     let conf = config(&daemon, "1.0.0", Some("app"));
@@ -301,17 +305,13 @@ fn a_hundred_containers_in_parallel_get_distinct_addresses_and_leave_nothing() {
         added.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
-    assert!(endpoints(&daemon).is_empty(), "every endpoint removed");
-    assert!(leases(&daemon).is_empty(), "every lease released");
-    assert!(plugin_links(&host).is_empty(), "every veth gone");
+    assert_nothing_left(&daemon, &host);
 }
 
 #[test]
 fn podman_containers_on_our_network_are_policed_and_leave_no_trace() {
     require_root();
-    let host = NetNs::new(integration_tests::unique_name("h"));
-    host.sysctl("net.ipv4.ip_forward", "1");
-    let daemon = Daemon::start(&host, "log_level = \"info\"");
+    let (host, daemon) = host_with_agent("log_level = \"info\"");
     let podman = integration_tests::cni::Podman::new(&host, &daemon.socket);
     let mut args = podman.run_args("back", "backend");
     args.insert(3, "-d".into());
@@ -353,4 +353,69 @@ fn podman_containers_on_our_network_are_policed_and_leave_no_trace() {
         })
         .unwrap_or(0);
     assert_eq!(leases, 0, "podman rm releases the lease");
+}
+
+#[test]
+fn netin_port_mappings_reach_the_container_and_go_with_it() {
+    require_root();
+    // A client outside the host, on the host's uplink.
+    let host = NetNs::new(integration_tests::unique_name("h"));
+    host.sysctl("net.ipv4.ip_forward", "1");
+    let client = NetNs::new(integration_tests::unique_name("x"));
+    host.ip(&[
+        "link",
+        "add",
+        "uplink",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        client.name(),
+    ]);
+    host.ip(&["addr", "add", "192.168.50.1/24", "dev", "uplink"]);
+    host.ip(&["link", "set", "uplink", "up"]);
+    client.ip(&["addr", "add", "192.168.50.2/24", "dev", "eth0"]);
+    client.ip(&["link", "set", "eth0", "up"]);
+    let daemon = Daemon::start(&host, "netin_interfaces = [\"uplink\"]");
+    let host_ip = Ipv4Addr::new(192, 168, 50, 1);
+    let (web_ns, other_ns) = (
+        NetNs::new(integration_tests::unique_name("c")),
+        NetNs::new(integration_tests::unique_name("c")),
+    );
+    // garden's keys for TCP, the CNI convention's for UDP.
+    let mut conf = config(&daemon, "0.3.1", Some("web"));
+    conf["runtimeConfig"]["portMappings"] = json!([
+        {"host_port": 61001, "container_port": 8080},
+        {"hostPort": 61002, "containerPort": 9000, "protocol": "udp"}
+    ]);
+    let web = run_plugin(&host, "ADD", "web-1", Some(&web_ns.path()), "eth0", &conf);
+    assert!(web.ok, "{} {}", web.out, web.stderr);
+    let web_ip = result_ip(&web.out);
+    tcp_echo_server(&web_ns, web_ip, 8080);
+    udp_echo_server(&web_ns, web_ip, 9000);
+    let listed = endpoints(&daemon);
+    assert_eq!(
+        listed[0]["port_mappings"],
+        json!([
+            {"host_port": 61001, "container_port": 8080, "protocol": "tcp"},
+            {"host_port": 61002, "container_port": 9000, "protocol": "udp"}
+        ])
+    );
+    // The client reaches HOST_IP:host_port and lands on the container port.
+    assert!(tcp_echo_works(&client, host_ip, 61001, LONG), "TCP through the port mapping");
+    let socket = udp_socket(&client, None);
+    assert!(udp_echo_works(&socket, host_ip, 61002, 64, LONG), "UDP through the port mapping");
+    assert!(!tcp_echo_works(&client, host_ip, 61003, SHORT), "an unmapped port");
+    // Another container cannot take the same host port: refused, nothing left.
+    let o = run_plugin(&host, "ADD", "other-1", Some(&other_ns.path()), "eth0", &conf);
+    assert_failed(&o, 101, "host port 61001/tcp already leads to");
+    assert_eq!(endpoints(&daemon).len(), 1);
+    assert_eq!(plugin_links(&host).len(), 1);
+    // After DEL the mapping is gone.
+    let del = run_plugin(&host, "DEL", "web-1", Some(&web_ns.path()), "eth0", &conf);
+    assert!(del.ok, "{}", del.out);
+    assert!(!tcp_echo_works(&client, host_ip, 61001, SHORT), "no mapping after DEL");
+    assert_nothing_left(&daemon, &host);
 }

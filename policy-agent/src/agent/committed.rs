@@ -63,7 +63,10 @@ impl<K: Kernel> Agent<K> {
                     self.kernel.remove_endpoint(*ip)?;
                 }
             }
-            Change::MapRoute { .. } | Change::UnmapRoute { .. } => change.replay(&mut self.state),
+            Change::MapRoute { .. } | Change::UnmapRoute { .. } => {
+                change.replay(&mut self.state);
+                return Ok(());
+            }
             Change::Reset(_) => {
                 // Fell behind a compacted log: the whole state, then the
                 // kernel to it, make-before-break as at start.
@@ -71,7 +74,11 @@ impl<K: Kernel> Agent<K> {
                 for w in reconcile::full(&mut self.kernel, &self.state)? {
                     warn!("{w}");
                 }
+                return Ok(());
             }
+        }
+        if matches!(change, Change::AddEndpoint(_) | Change::RemoveEndpoint(_)) {
+            reconcile::port_mappings(&mut self.kernel, &self.state)?;
         }
         Ok(())
     }

@@ -268,6 +268,7 @@ impl<K: Kernel> Agent<K> {
 
     fn add_endpoint_once(&mut self, endpoint: Endpoint) -> Result<(), AgentError> {
         check_endpoint(&endpoint)?;
+        self.state.check_port_mappings(&endpoint)?;
         if self.state.endpoint(endpoint.ip) == Some(&endpoint) {
             return Ok(());
         }
@@ -295,9 +296,14 @@ impl<K: Kernel> Agent<K> {
             });
         }
         let value = self.state.endpoint_value(&endpoint).expect("add_endpoint tags the app");
-        if let Err(e) = self.kernel.set_endpoint(endpoint.ip, value) {
+        let kernel_written = self
+            .kernel
+            .set_endpoint(endpoint.ip, value)
+            .and_then(|()| reconcile::port_mappings(&mut self.kernel, &self.state));
+        if let Err(e) = kernel_written {
             let _ = self.kernel.detach(&endpoint.ifname, endpoint.ip);
             self.state.undo(undo);
+            let _ = reconcile::port_mappings(&mut self.kernel, &self.state);
             return Err(e.into());
         }
         if let Some(old) = old.as_ref().filter(|o| o.ifname != endpoint.ifname)
@@ -309,10 +315,14 @@ impl<K: Kernel> Agent<K> {
         let ip = endpoint.ip;
         let ifname = endpoint.ifname.clone();
         let (app, logged_ifname) = (endpoint.app.clone(), endpoint.ifname.clone());
-        self.commit(Change::AddEndpoint(endpoint), undo, move |kernel| {
+        let committed = self.commit(Change::AddEndpoint(endpoint), undo, move |kernel| {
             let _ = kernel.detach(&ifname, ip);
             let _ = kernel.remove_endpoint(ip);
-        })?;
+        });
+        if committed.is_err() {
+            let _ = reconcile::port_mappings(&mut self.kernel, &self.state);
+        }
+        committed?;
         info!(%ip, app, ifname = logged_ifname, tag, "endpoint added");
         Ok(())
     }
@@ -378,6 +388,9 @@ impl<K: Kernel> Agent<K> {
             self.kernel.detach(&endpoint.ifname, ip)?;
         }
         self.kernel.remove_endpoint(ip)?;
+        if !endpoint.port_mappings.is_empty() {
+            reconcile::port_mappings(&mut self.kernel, &self.state)?;
+        }
         info!(%ip, app = endpoint.app, ifname = endpoint.ifname, "endpoint removed");
         Ok(true)
     }
@@ -428,8 +441,14 @@ mod tests {
         let (mut agent, _) =
             Agent::start(kernel, temp_store("endpoints"), Settings::default()).unwrap();
         let ip = Ipv4Addr::new(10, 255, 0, 1);
-        let missing =
-            Endpoint { ip, app: "web".into(), ifname: "nope".into(), netns: None, host: None };
+        let missing = Endpoint {
+            ip,
+            app: "web".into(),
+            ifname: "nope".into(),
+            netns: None,
+            host: None,
+            port_mappings: Vec::new(),
+        };
         match agent.add_endpoint(missing) {
             Err(AgentError::Invalid(e)) => assert_eq!(e.field, "ifname"),
             other => panic!("{other:?}"),
@@ -443,6 +462,7 @@ mod tests {
                 ifname: "hv0".into(),
                 netns: None,
                 host: None,
+                port_mappings: Vec::new(),
             })
             .unwrap();
         assert_eq!(agent.kernel().endpoints[&ip], 1);

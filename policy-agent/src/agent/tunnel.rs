@@ -21,6 +21,14 @@ impl Agent<Dataplane> {
         self.kernel.attach_underlay(underlay_ifname)
     }
 
+    /// NetIn through `ifname`: port mappings listen on its addresses (the
+    /// kernel's mappings are rewritten to include them).
+    pub fn attach_netin(&mut self, ifname: &str) -> Result<Vec<Ipv4Addr>, Error> {
+        let addrs = self.kernel.attach_netin(ifname)?;
+        crate::reconcile::port_mappings(&mut self.kernel, &self.state)?;
+        Ok(addrs)
+    }
+
     /// The underlay addresses tunnel packets are accepted from.
     pub fn set_peers(&mut self, peers: &BTreeSet<Ipv4Addr>) -> Result<(), Error> {
         self.kernel.maps_mut().set_peers(peers)

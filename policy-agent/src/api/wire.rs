@@ -8,7 +8,8 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use serde_json::{Value, json};
 
 use crate::state::{
-    Endpoint, INTERNAL_DOMAIN, Invalid, Policy, check_app_id, check_ports, parse_protocol,
+    Endpoint, INTERNAL_DOMAIN, Invalid, Policy, PortMapping, Protocol, check_app_id, check_ports,
+    parse_protocol,
 };
 
 fn str_field<'a>(value: &'a Value, key: &str, field: &str) -> Result<&'a str, Invalid> {
@@ -136,7 +137,48 @@ pub fn endpoint_json(e: &Endpoint) -> Value {
     if let Some(host) = &e.host {
         v["host"] = json!(host);
     }
+    if !e.port_mappings.is_empty() {
+        v["port_mappings"] = json!(e.port_mappings);
+    }
     v
+}
+
+/// NetIn mappings: garden's `{"host_port", "container_port"}` or the CNI
+/// convention's `{"hostPort", "containerPort", "protocol"}` (default tcp).
+pub fn parse_port_mappings(v: &Value) -> Result<Vec<PortMapping>, Invalid> {
+    let list = match v {
+        Value::Null => return Ok(Vec::new()),
+        Value::Array(list) => list,
+        _ => return Err(Invalid::new("port_mappings", "must be a list")),
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = format!("port_mappings[{i}]");
+            let port = |keys: [&str; 2]| {
+                let n = keys.iter().find_map(|k| m.get(*k)).and_then(Value::as_i64).ok_or_else(
+                    || {
+                        Invalid::new(
+                            &field,
+                            format!("{} (or {}) must be a number", keys[0], keys[1]),
+                        )
+                    },
+                )?;
+                u16::try_from(n).ok().filter(|p| *p != 0).ok_or_else(|| {
+                    Invalid::new(&field, format!("{} {n} is not a port (1-65535)", keys[0]))
+                })
+            };
+            let protocol = match m.get("protocol").and_then(Value::as_str) {
+                None => Protocol::Tcp,
+                Some(p) => parse_protocol(&format!("{field}.protocol"), p)?,
+            };
+            Ok(PortMapping {
+                host_port: port(["host_port", "hostPort"])?,
+                container_port: port(["container_port", "containerPort"])?,
+                protocol,
+            })
+        })
+        .collect()
 }
 
 /// `{"app","ip","ifname","netns"}`.
@@ -150,7 +192,15 @@ pub fn parse_endpoint(v: &Value) -> Result<Endpoint, Invalid> {
         Some(Value::String(s)) => Some(PathBuf::from(s)),
         Some(_) => return Err(Invalid::new("netns", "must be a path")),
     };
-    Ok(Endpoint { ip, app: app.to_owned(), ifname: ifname.to_owned(), netns, host: None })
+    let port_mappings = parse_port_mappings(v.get("port_mappings").unwrap_or(&Value::Null))?;
+    Ok(Endpoint {
+        ip,
+        app: app.to_owned(),
+        ifname: ifname.to_owned(),
+        netns,
+        host: None,
+        port_mappings,
+    })
 }
 
 /// A route: app, domain, hostname.
@@ -216,6 +266,7 @@ mod tests {
             ifname: "hv0".into(),
             netns: Some("/var/run/netns/x".into()),
             host: None,
+            port_mappings: Vec::new(),
         };
         assert_eq!(parse_endpoint(&endpoint_json(&endpoint)).unwrap(), endpoint);
         assert_eq!(

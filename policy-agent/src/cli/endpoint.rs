@@ -4,7 +4,11 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Result;
 use clap::Subcommand;
-use policy_agent::{api::wire, client::Client, state::Endpoint};
+use policy_agent::{
+    api::wire,
+    client::Client,
+    state::{Endpoint, PortMapping, Protocol},
+};
 use serde_json::Value;
 
 use super::{JsonArgs, call};
@@ -24,6 +28,10 @@ pub enum EndpointCommand {
         /// The container's network namespace.
         #[arg(long)]
         netns: Option<PathBuf>,
+        /// NetIn: HOST_PORT:CONTAINER_PORT[/udp] (repeatable): the host's
+        /// `netin_interfaces` addresses on HOST_PORT lead to the container.
+        #[arg(long = "port-mapping", value_parser = parse_mapping)]
+        port_mappings: Vec<PortMapping>,
     },
     /// Remove a container: detaches and removes every entry naming it.
     Del {
@@ -32,16 +40,31 @@ pub enum EndpointCommand {
     },
 }
 
+/// `61001:8080` or `61002:9000/udp`.
+fn parse_mapping(text: &str) -> Result<PortMapping, String> {
+    let (ports, protocol) = match text.split_once('/') {
+        None => (text, Protocol::Tcp),
+        Some((ports, "tcp")) => (ports, Protocol::Tcp),
+        Some((ports, "udp")) => (ports, Protocol::Udp),
+        Some((_, other)) => return Err(format!("protocol {other:?} is not tcp or udp")),
+    };
+    let bad = || format!("{text:?} is not HOST_PORT:CONTAINER_PORT[/udp]");
+    let (host, container) = ports.split_once(':').ok_or_else(bad)?;
+    let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
+    Ok(PortMapping { host_port: port(host)?, container_port: port(container)?, protocol })
+}
+
 impl EndpointCommand {
     pub fn run(self, client: &Client) -> Result<()> {
         match self {
-            EndpointCommand::Add { app, ip, ifname, netns } => {
+            EndpointCommand::Add { app, ip, ifname, netns, port_mappings } => {
                 let body = wire::endpoint_json(&Endpoint {
                     ip,
                     app: app.clone(),
                     ifname: ifname.clone(),
                     netns,
                     host: None,
+                    port_mappings,
                 });
                 call(client, "POST", "/v1/endpoints", Some(&body))?;
                 println!("endpoint {ip} of app {app} on {ifname}: OK");

@@ -187,7 +187,11 @@ fn route(peer: &Peer, ifindex: u32) -> rtnetlink::packet_route::route::RouteMess
         .build()
 }
 
-async fn find_link(handle: &Handle, name: &str) -> Result<Option<(u32, [u8; 6])>, OverlayError> {
+/// A link's index and MAC address (zeros if it has none), if it exists.
+pub async fn find_link(
+    handle: &Handle,
+    name: &str,
+) -> Result<Option<(u32, [u8; 6])>, rtnetlink::Error> {
     let mut links = handle.link().get().match_name(name.to_owned()).execute();
     match links.try_next().await {
         Ok(Some(link)) => {
@@ -195,12 +199,12 @@ async fn find_link(handle: &Handle, name: &str) -> Result<Option<(u32, [u8; 6])>
                 LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
                 _ => None,
             });
-            Ok(mac.map(|mac| (link.header.index, mac)))
+            Ok(Some((link.header.index, mac.unwrap_or_default())))
         }
         Ok(None) => Ok(None),
         // ENODEV: no such link.
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 

@@ -499,6 +499,7 @@ mod tests {
                 ifname: format!("hv{port}"),
                 netns: None,
                 host: Some("cell-0".into()),
+                port_mappings: Vec::new(),
             });
             change.replay(&mut state);
             store.append(&change, &state).unwrap();

@@ -54,6 +54,13 @@ pub fn run(config: Config) -> Result<()> {
     for w in warnings {
         warn!("{w}");
     }
+    let mut agent = agent;
+    for ifname in &config.netin_interfaces {
+        let addrs = agent
+            .attach_netin(ifname)
+            .with_context(|| format!("cannot serve NetIn on netin_interfaces entry {ifname:?}"))?;
+        info!(ifname, addresses = ?addrs, "NetIn port mappings listen here");
+    }
     let agent: SharedAgent = Arc::new(Mutex::new(agent));
     let metrics = Arc::new(Metrics::new(agent.clone()));
     metrics.reconcile_duration.observe(reconcile_time.as_secs_f64());
@@ -183,11 +190,15 @@ fn join_overlay(
     let overlay = runtime.block_on(Overlay::open(cluster.underlay_address)).with_context(|| {
         format!("cannot set up the VXLAN device {} on the underlay", overlay::DEVICE)
     })?;
-    agent::lock(agent)
-        .set_tunnel(overlay.ifindex, overlay::PORT, &overlay.underlay_ifname)
-        .with_context(|| {
-            format!("cannot guard the underlay interface {}", overlay.underlay_ifname)
-        })?;
+    {
+        let mut agent = agent::lock(agent);
+        agent
+            .set_tunnel(overlay.ifindex, overlay::PORT, &overlay.underlay_ifname)
+            .and_then(|()| agent.attach_netin(&overlay.underlay_ifname).map(|_| ()))
+            .with_context(|| {
+                format!("cannot guard the underlay interface {}", overlay.underlay_ifname)
+            })?;
+    }
     info!(%subnet, device = overlay::DEVICE, underlay = overlay.underlay_ifname, "joined the overlay");
     Ok(Membership { subnet, overlay, runtime: runtime.clone() })
 }

@@ -7,13 +7,13 @@ use std::{
 };
 
 use policy_common::{
-    maps::{EndpointValue, PairKey},
+    maps::{EndpointValue, NatKey, NatTarget, PairKey},
     ports::Allowance,
 };
 use tracing::warn;
 
 use super::{Dataplane, nix_ifindex};
-use crate::{Error, reconcile::Kernel};
+use crate::{Error, dataplane::addr_key, reconcile::Kernel, state::PortMapping};
 
 impl Kernel for Dataplane {
     fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointValue>, Error> {
@@ -65,6 +65,24 @@ impl Kernel for Dataplane {
             nix_ifindex(ifname).ok_or_else(|| Error::NoInterface { ifname: ifname.to_owned() })?;
         self.maps_mut().set_veth(ifindex, ip, tag)?;
         self.attach_veth(ifname)
+    }
+
+    fn set_port_mappings(&mut self, wanted: &[(Ipv4Addr, PortMapping)]) -> Result<(), Error> {
+        let mut entries = BTreeMap::new();
+        for host in self.netin_addresses() {
+            for (container, m) in wanted {
+                let key = NatKey {
+                    addr: addr_key(*host),
+                    port: m.host_port,
+                    protocol: m.protocol.number(),
+                    _pad: 0,
+                };
+                let target =
+                    NatTarget { addr: addr_key(*container), port: m.container_port, _pad: 0 };
+                entries.insert(key, target);
+            }
+        }
+        self.maps_mut().set_netin(&entries)
     }
 
     fn forget_policies(&mut self, ids: &[u32]) {

@@ -14,8 +14,9 @@ use aya::maps::{
 use policy_common::{
     Reason,
     maps::{
-        Attachment, Conn, ConnKey, EPOCH_INDEX, EndpointValue, FragmentKey, Overlay, PairKey,
-        PolicyCounters, PortRules, SETTINGS_INDEX, Settings, Tunnel, event_stat, names,
+        Attachment, Conn, ConnKey, EPOCH_INDEX, EndpointValue, FragmentKey, NatConn, NatConnKey,
+        NatKey, NatTarget, Overlay, PairKey, PolicyCounters, PortRules, SETTINGS_INDEX, Settings,
+        Tunnel, event_stat, names,
     },
     ports::Allowance,
 };
@@ -39,6 +40,9 @@ pub struct Maps {
     overlay: Array<MapData, Overlay>,
     tunnel: Array<MapData, Tunnel>,
     peers: HashMap<MapData, u32, u32>,
+    netin: HashMap<MapData, NatKey, NatTarget>,
+    netin_conns: HashMap<MapData, NatConnKey, NatConn>,
+    netin_state: Array<MapData, u32>,
     slots: Array<MapData, EndpointValue>,
     veth_slots: Array<MapData, Attachment>,
     /// What `OVERLAY` says (read at open, written by `set_overlay`).
@@ -117,6 +121,9 @@ impl Maps {
             overlay: map!(names::OVERLAY),
             tunnel: map!(names::TUNNEL),
             peers: map!(names::PEERS),
+            netin: map!(names::NETIN),
+            netin_conns: map!(names::NETIN_CONNS),
+            netin_state: map!(names::NETIN_STATE),
             slots: map!(names::ENDPOINT_SLOTS),
             veth_slots: map!(names::VETH_SLOTS),
             overlay_now: Overlay::default(),
@@ -449,6 +456,50 @@ impl Maps {
             self.peers.remove(&key).map_err(map_err(names::PEERS))?;
         }
         Ok(())
+    }
+
+    /// Makes `NETIN` hold exactly `wanted` (new entries before the count
+    /// the programs check, gone ones after), and forgets the connections
+    /// of mappings that are gone.
+    pub fn set_netin(
+        &mut self,
+        wanted: &std::collections::BTreeMap<NatKey, NatTarget>,
+    ) -> Result<(), Error> {
+        let capacity = self.netin.map().info().map_or(0, |i| i.max_entries());
+        for (key, target) in wanted {
+            if self.netin.get(key, 0).ok().as_ref() != Some(target) {
+                self.netin.insert(*key, *target, 0).map_err(insert_err(names::NETIN, capacity))?;
+            }
+        }
+        let count = u32::try_from(wanted.len()).unwrap_or(u32::MAX);
+        if count > 0 {
+            self.netin_state.set(0, count, 0).map_err(map_err(names::NETIN_STATE))?;
+        }
+        let gone: Vec<NatKey> =
+            self.netin.keys().filter_map(Result::ok).filter(|k| !wanted.contains_key(k)).collect();
+        for key in gone {
+            self.netin.remove(&key).map_err(map_err(names::NETIN))?;
+        }
+        if count == 0 {
+            self.netin_state.set(0, 0, 0).map_err(map_err(names::NETIN_STATE))?;
+        }
+        let targets: std::collections::BTreeSet<(u32, u16)> =
+            wanted.values().map(|t| (t.addr, t.port)).collect();
+        let stale: Vec<NatConnKey> = self
+            .netin_conns
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !targets.contains(&(k.container, k.container_port)))
+            .collect();
+        for key in stale {
+            let _ = self.netin_conns.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// `NETIN`'s entries.
+    pub fn netin(&self) -> Vec<(NatKey, NatTarget)> {
+        self.netin.iter().filter_map(Result::ok).collect()
     }
 
     pub fn set_settings(&mut self, settings: Settings) -> Result<(), Error> {

@@ -12,6 +12,7 @@
 
 use std::{
     fs,
+    net::Ipv4Addr,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
@@ -94,6 +95,9 @@ pub struct Dataplane {
     maps: Maps,
     pin_dir: PathBuf,
     flow_events: Option<RingBuf<MapData>>,
+    /// The host addresses NetIn port mappings listen on (those of the
+    /// interfaces given to `attach_netin`).
+    netin_addrs: Vec<Ipv4Addr>,
 }
 
 impl Dataplane {
@@ -160,7 +164,8 @@ impl Dataplane {
                 RingBuf::try_from(map)
                     .map_err(|e| Error::Map { name: names::FLOW_EVENTS, source: Box::new(e) })
             })?;
-        let dataplane = Self { ebpf, maps, pin_dir, flow_events: Some(flow_events) };
+        let dataplane =
+            Self { ebpf, maps, pin_dir, flow_events: Some(flow_events), netin_addrs: Vec::new() };
         dataplane.take_over_links()?;
         Ok(dataplane)
     }
@@ -306,6 +311,28 @@ impl Dataplane {
         let link = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
         link.pin(&pin).map_err(|e| attach_err(Box::new(e)))?;
         Ok(())
+    }
+
+    /// NetIn through `ifname` (an uplink of the host): attaches the uplink
+    /// program at its ingress and adds its IPv4 addresses to those port
+    /// mappings listen on. Returns those addresses.
+    pub fn attach_netin(&mut self, ifname: &str) -> Result<Vec<Ipv4Addr>, Error> {
+        if nix_ifindex(ifname).is_none() {
+            return Err(Error::NoInterface { ifname: ifname.to_owned() });
+        }
+        self.attach_underlay(ifname)?;
+        let addrs = interface_addresses(ifname);
+        for addr in &addrs {
+            if !self.netin_addrs.contains(addr) {
+                self.netin_addrs.push(*addr);
+            }
+        }
+        Ok(addrs)
+    }
+
+    /// The host addresses NetIn mappings listen on.
+    pub fn netin_addresses(&self) -> &[Ipv4Addr] {
+        &self.netin_addrs
     }
 
     /// Attaches both TC programs to a host-side veth (TCX) and pins the
@@ -463,6 +490,34 @@ fn list_pins(dir: &Path) -> Result<Vec<String>, Error> {
 }
 
 /// The ifindex of an interface in this network namespace.
+/// The IPv4 addresses of interface `ifname` in this network namespace.
+pub fn interface_addresses(ifname: &str) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list freed below; entries are read while
+    // it is alive.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut at = list;
+        while !at.is_null() {
+            let (addr, name) = ((*at).ifa_addr, (*at).ifa_name);
+            if !addr.is_null()
+                && !name.is_null()
+                && i32::from((*addr).sa_family) == libc::AF_INET
+                && std::ffi::CStr::from_ptr(name).to_bytes() == ifname.as_bytes()
+            {
+                let sin = &*(addr as *const libc::sockaddr_in);
+                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+            at = (*at).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
+}
+
 pub fn nix_ifindex(ifname: &str) -> Option<u32> {
     let c_name = std::ffi::CString::new(ifname).ok()?;
     // SAFETY: c_name is a valid NUL-terminated string.

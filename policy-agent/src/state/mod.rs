@@ -18,7 +18,9 @@ use std::{
     net::Ipv4Addr,
 };
 
-pub use model::{Endpoint, INTERNAL_DOMAIN, Policy, Protocol, TlsFront, TlsPorts, tag_text};
+pub use model::{
+    Endpoint, INTERNAL_DOMAIN, Policy, PortMapping, Protocol, TlsFront, TlsPorts, tag_text,
+};
 use policy_common::{
     maps::{EndpointValue, PairKey, endpoint_flags},
     ports::Allowance,

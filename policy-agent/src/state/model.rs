@@ -91,6 +91,17 @@ pub struct Endpoint {
     /// Only that host's agent attaches to its veth and serves its TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// NetIn: ports of the host's addresses that lead to the container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_mappings: Vec<PortMapping>,
+}
+
+/// A NetIn port mapping (garden's `host_port` → `container_port`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortMapping {
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: Protocol,
 }
 
 impl Endpoint {

@@ -15,6 +15,7 @@ fn undo_takes_a_change_back_exactly() {
         ifname: "hv0".into(),
         netns: None,
         host: None,
+        port_mappings: Vec::new(),
     });
     let kept = policy("web", "api", Protocol::Tcp, 8080, 8080);
     s.add_policies(&[kept.clone(), policy("api", "db", Protocol::Udp, 53, 53)], None).unwrap();
@@ -34,7 +35,14 @@ fn undo_takes_a_change_back_exactly() {
     // An endpoint re-registered for a new app, and unregistered: the old
     // app's tag comes back with it.
     let ip = Ipv4Addr::new(10, 255, 0, 1);
-    let moved = Endpoint { ip, app: "fresh".into(), ifname: "hv0".into(), netns: None, host: None };
+    let moved = Endpoint {
+        ip,
+        app: "fresh".into(),
+        ifname: "hv0".into(),
+        netns: None,
+        host: None,
+        port_mappings: Vec::new(),
+    };
     let undo = s.add_endpoint_undoable(moved);
     assert!(s.tag("fresh").is_some());
     s.undo(undo);
@@ -146,6 +154,7 @@ fn endpoints_keep_their_app_tagged() {
         ifname: "hv0".into(),
         netns: None,
         host: None,
+        port_mappings: Vec::new(),
     };
     assert!(s.add_endpoint(ep.clone()).is_none());
     assert_eq!(s.endpoint_values()[&ep.ip].tag, 1);
@@ -181,6 +190,7 @@ fn state_round_trips_through_json() {
         ifname: "v".into(),
         netns: Some("/run/netns/x".into()),
         host: None,
+        port_mappings: Vec::new(),
     });
     let json = serde_json::to_string(&s).unwrap();
     let back: State = serde_json::from_str(&json).unwrap();

@@ -181,6 +181,39 @@ pub fn check_domain(field: &str, domain: &str) -> Result<(), Invalid> {
 }
 
 impl State {
+    /// NetIn: ports 1-65535, and a host port (per protocol) leads to one
+    /// container on its host.
+    pub fn check_port_mappings(&self, endpoint: &Endpoint) -> Result<(), Invalid> {
+        let mut seen = BTreeSet::new();
+        for (i, m) in endpoint.port_mappings.iter().enumerate() {
+            let field = format!("port_mappings[{i}]");
+            if m.host_port == 0 || m.container_port == 0 {
+                return Err(Invalid::new(field, "host_port and container_port must be 1-65535"));
+            }
+            let proto = if m.protocol == Protocol::Tcp { "tcp" } else { "udp" };
+            if !seen.insert((m.host_port, m.protocol)) {
+                return Err(Invalid::new(
+                    field,
+                    format!("host port {}/{proto} is listed twice", m.host_port),
+                ));
+            }
+            let taken = self.endpoints().find(|e| {
+                e.ip != endpoint.ip
+                    && e.host == endpoint.host
+                    && e.port_mappings
+                        .iter()
+                        .any(|o| o.host_port == m.host_port && o.protocol == m.protocol)
+            });
+            if let Some(other) = taken {
+                return Err(Invalid::new(
+                    field,
+                    format!("host port {}/{proto} already leads to {}", m.host_port, other.ip),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Everything adding `policies` must satisfy, checked before any change:
     /// TLS-only policies cover the port platform TLS fronts; no source app
     /// goes past `limit` policies; no app pair and protocol needs more port

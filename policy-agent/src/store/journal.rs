@@ -581,6 +581,7 @@ mod tests {
             ifname: "v".into(),
             netns: None,
             host: None,
+            port_mappings: Vec::new(),
         };
         for change in [Change::AddEndpoint(endpoint), Change::RemovePolicies(vec![policy(7)])] {
             change.replay(&mut state);
