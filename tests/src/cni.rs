@@ -47,16 +47,54 @@ pub fn run_plugin_with(
     args: &str,
     config: &Value,
 ) -> Outcome {
+    let plugin = Plugin { bin: &cni_bin(), cni_path: "/opt/cni/bin" };
+    plugin.run(host, command, id, netns, ifname, args, config)
+}
+
+/// Any CNI plugin binary, with the directory it finds its delegates in
+/// (`CNI_PATH`; the reference `ptp` calls `host-local` from there).
+pub struct Plugin<'a> {
+    pub bin: &'a Path,
+    pub cni_path: &'a str,
+}
+
+impl Plugin<'_> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        host: &NetNs,
+        command: &str,
+        id: &str,
+        netns: Option<&Path>,
+        ifname: &str,
+        args: &str,
+        config: &Value,
+    ) -> Outcome {
+        run_binary(self, host, command, id, netns, ifname, args, config)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_binary(
+    plugin: &Plugin,
+    host: &NetNs,
+    command: &str,
+    id: &str,
+    netns: Option<&Path>,
+    ifname: &str,
+    args: &str,
+    config: &Value,
+) -> Outcome {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net={}", host.path().display()))
-        .arg(cni_bin())
+        .arg(plugin.bin)
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", id)
         .env("CNI_IFNAME", ifname)
         .env("CNI_ARGS", args)
-        .env("CNI_PATH", "/opt/cni/bin")
+        .env("CNI_PATH", plugin.cni_path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -154,6 +192,37 @@ impl Podman {
         Self { dir, network, host: host.path(), cgroup_parent }
     }
 
+    /// A second network on the reference plugins (`ptp` + `host-local`,
+    /// 10.66.0.0/16), for comparisons; returns its name.
+    pub fn add_reference_network(&self) -> String {
+        let name = format!("{}-ref", self.network);
+        for plugin in ["ptp", "host-local"] {
+            let link = self.dir.join("plugins").join(plugin);
+            if !link.exists() {
+                std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(plugin), link).unwrap();
+            }
+        }
+        let conflist = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": name,
+            "plugins": [{
+                "type": "ptp",
+                "ipam": {
+                    "type": "host-local",
+                    "subnet": "10.66.0.0/16",
+                    "dataDir": self.dir.join("ref-leases"),
+                    "routes": [{"dst": "0.0.0.0/0"}]
+                }
+            }]
+        });
+        std::fs::write(
+            self.dir.join("networks").join(format!("{name}.conflist")),
+            conflist.to_string(),
+        )
+        .unwrap();
+        name
+    }
+
     /// `podman ARGS...` in the host namespace; (success, stdout + stderr).
     pub fn run(&self, args: &[&str]) -> (bool, String) {
         let out = Command::new("nsenter")
@@ -171,7 +240,13 @@ impl Podman {
 
     /// The arguments of `podman run` on this network as app `app`, with
     /// the settings this machine needs (runc, no raised limits).
-    pub fn run_args<'a>(&'a self, name: &'a str, app: &'a str) -> Vec<String> {
+    pub fn run_args(&self, name: &str, app: &str) -> Vec<String> {
+        self.run_args_on(&self.network, name, app)
+    }
+
+    /// `run_args` on another of its networks (the app alias only means
+    /// something on a `policy-cni` one).
+    pub fn run_args_on(&self, network: &str, name: &str, app: &str) -> Vec<String> {
         [
             "--runtime",
             "runc",
@@ -179,7 +254,7 @@ impl Podman {
             "--name",
             name,
             "--network",
-            &self.network,
+            network,
             "--network-alias",
             &format!("app.{app}"),
             "--cgroup-parent",

@@ -78,7 +78,7 @@ impl Mtls {
     pub fn new(ca: &PlatformCa, listen: SocketAddr) -> Result<Self, TlsError> {
         let mut ips = vec![IpAddr::from([127, 0, 0, 1])];
         if listen.ip().is_unspecified() {
-            ips.extend(local_addresses());
+            ips.extend(crate::dataplane::ipv4_addresses(None).into_iter().map(IpAddr::V4));
         } else {
             ips.push(listen.ip());
         }
@@ -139,30 +139,6 @@ pub async fn authorize(request: Request, next: Next) -> Response {
         }
         Some(_) => next.run(request).await,
     }
-}
-
-/// The IPv4 addresses of this network namespace's interfaces.
-fn local_addresses() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we free below; entries are read while
-    // it is alive.
-    unsafe {
-        if libc::getifaddrs(&mut list) != 0 {
-            return out;
-        }
-        let mut at = list;
-        while !at.is_null() {
-            let addr = (*at).ifa_addr;
-            if !addr.is_null() && i32::from((*addr).sa_family) == libc::AF_INET {
-                let sin = &*(addr as *const libc::sockaddr_in);
-                out.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
-            }
-            at = (*at).ifa_next;
-        }
-        libc::freeifaddrs(list);
-    }
-    out
 }
 
 fn hostname() -> Option<String> {

@@ -492,6 +492,12 @@ fn list_pins(dir: &Path) -> Result<Vec<String>, Error> {
 /// The ifindex of an interface in this network namespace.
 /// The IPv4 addresses of interface `ifname` in this network namespace.
 pub fn interface_addresses(ifname: &str) -> Vec<Ipv4Addr> {
+    ipv4_addresses(Some(ifname))
+}
+
+/// The IPv4 addresses of this network namespace's interfaces (of `ifname`
+/// only, if given).
+pub fn ipv4_addresses(ifname: Option<&str>) -> Vec<Ipv4Addr> {
     let mut out = Vec::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a list freed below; entries are read while
@@ -506,7 +512,7 @@ pub fn interface_addresses(ifname: &str) -> Vec<Ipv4Addr> {
             if !addr.is_null()
                 && !name.is_null()
                 && i32::from((*addr).sa_family) == libc::AF_INET
-                && std::ffi::CStr::from_ptr(name).to_bytes() == ifname.as_bytes()
+                && ifname.is_none_or(|n| std::ffi::CStr::from_ptr(name).to_bytes() == n.as_bytes())
             {
                 let sin = &*(addr as *const libc::sockaddr_in);
                 out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
