@@ -73,6 +73,20 @@ fn new_flow_frames(n: usize, instance: u8, dport: u16) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The baseline object (an empty TC program), loaded.
+pub fn baseline() -> Ebpf {
+    let mut baseline = Ebpf::load(BASELINE_OBJECT).expect("load baseline");
+    let empty: &mut SchedClassifier =
+        baseline.program_mut("tc_baseline").expect("tc_baseline").try_into().expect("classifier");
+    empty.load().expect("load tc_baseline");
+    baseline
+}
+
+/// The empty program of a loaded baseline.
+pub fn empty_program(baseline: &mut Ebpf) -> &mut SchedClassifier {
+    baseline.program_mut("tc_baseline").expect("tc_baseline").try_into().expect("classifier")
+}
+
 /// The programs' costs with one set of maps, next to the empty program's.
 pub struct Row {
     pub label: String,
@@ -109,10 +123,8 @@ pub fn measure(label: String, quick: bool, fill: impl FnOnce(&mut Dataplane)) ->
     let p = Params::new(quick);
     let ns = NetNs::new(unique_name("bench"));
     let _in_ns = ns.enter();
-    let mut baseline = Ebpf::load(BASELINE_OBJECT).expect("load baseline");
-    let empty: &mut SchedClassifier =
-        baseline.program_mut("tc_baseline").expect("tc_baseline").try_into().expect("classifier");
-    empty.load().expect("load tc_baseline");
+    let mut baseline = baseline();
+    let empty = empty_program(&mut baseline);
 
     let pins = PinDir::new();
     let mut dataplane = pins.open();

@@ -8,13 +8,15 @@
 //! 5. scale: loading 10k to 1M policies, a Cloud Foundry-sized deployment;
 //! 6. platform TLS on 61443 versus plain TCP;
 //! 7. cluster mode: a write enforced across hosts, fan-out to followers;
-//! 8. the CNI plugin against the reference plugins, and with podman.
+//! 8. the CNI plugin against the reference plugins, and with podman;
+//! 9. NetOut's per-packet cost at 0 to 1,000 rules.
 
 mod agent;
 mod cluster;
 mod cni;
 mod compare;
 mod dataplane;
+mod netout;
 mod report;
 mod tls;
 mod update;
@@ -22,7 +24,7 @@ mod update;
 fn main() {
     integration_tests::require_root();
     let quick = std::env::args().any(|a| a == "--quick");
-    // BENCH_ONLY=dataplane|compare|update|agent|tls|cluster|cni runs one part.
+    // BENCH_ONLY=dataplane|compare|update|agent|tls|cluster|cni|netout runs one part.
     let only = std::env::var("BENCH_ONLY").ok();
     let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
     if runs("compare") || runs("update") {
@@ -53,6 +55,9 @@ fn main() {
     }
     if runs("cni") {
         cni::run(quick, &mut report);
+    }
+    if runs("netout") {
+        netout::run(quick, &mut report);
     }
     // A whole run writes bench/ (committed with the code it measured); one
     // part alone writes under target/, leaving the whole run's figures be.

@@ -18,6 +18,7 @@ pub mod flows;
 pub mod limits;
 pub mod metrics;
 pub mod netns;
+pub mod netout;
 pub mod reconcile;
 pub mod state;
 pub mod store;

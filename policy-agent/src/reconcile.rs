@@ -51,6 +51,13 @@ pub trait Kernel {
     fn set_port_mappings(&mut self, _wanted: &[(Ipv4Addr, PortMapping)]) -> Result<(), Error> {
         Ok(())
     }
+    /// NetOut: makes the security group trie exactly `wanted`.
+    fn set_netout(
+        &mut self,
+        _wanted: &BTreeMap<crate::netout::TrieKey, policy_common::netout::NetOutRules>,
+    ) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Brings the kernel to `state` without clearing it first (the agent's start).
@@ -96,7 +103,14 @@ pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Err
         kernel.remove_endpoint(*ip)?;
     }
     port_mappings(kernel, state)?;
+    netout(kernel, state)?;
     Ok(warnings)
+}
+
+/// NetOut: the kernel's security group trie made the state's (apps with
+/// security groups and a tag).
+pub fn netout<K: Kernel>(kernel: &mut K, state: &State) -> Result<(), Error> {
+    kernel.set_netout(&crate::netout::trie(state))
 }
 
 /// NetIn: the kernel's port mappings made those of the local endpoints.

@@ -59,8 +59,10 @@ pub struct RuntimeConfig {
     #[serde(default, rename = "portMappings")]
     pub port_mappings: Vec<Value>,
     /// NetOut: Application Security Groups as egress allow rules.
+    /// (absent: the app's egress out of the overlay is not checked;
+    /// present, even empty: only what the rules allow).
     #[serde(default, rename = "netOutRules")]
-    pub net_out_rules: Vec<Value>,
+    pub net_out_rules: Option<Vec<Value>>,
     /// garden's: `policy_group_id` is the app id policies name.
     #[serde(default)]
     pub metadata: BTreeMap<String, Value>,
@@ -143,18 +145,6 @@ impl NetConf {
             return (id.to_owned(), "network alias app.ID");
         }
         (self.default_app.clone().unwrap_or_else(|| DEFAULT_APP.to_owned()), "default_app")
-    }
-
-    /// What this plugin does not do yet, refused by name rather than
-    /// silently dropped.
-    pub fn check_supported(&self) -> Result<()> {
-        if !self.runtime_config.net_out_rules.is_empty() {
-            return Err(CniError::new(
-                code::UNSUPPORTED_FIELD,
-                "runtimeConfig.netOutRules (NetOut, security groups) is not supported yet by policy-cni",
-            ));
-        }
-        Ok(())
     }
 }
 
@@ -250,8 +240,7 @@ mod tests {
             )
         );
         assert_eq!(conf.runtime_config.port_mappings.len(), 2);
-        let e = conf.check_supported().unwrap_err();
-        assert!(e.msg.contains("netOutRules"), "NetOut is refused by name, not dropped: {e}");
+        assert_eq!(conf.runtime_config.net_out_rules.as_ref().map(Vec::len), Some(4));
     }
 
     #[test]

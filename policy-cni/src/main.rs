@@ -125,7 +125,6 @@ fn registered(conf: &NetConf) -> Result<BTreeSet<Ipv4Addr>> {
 
 async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
     env.require_attachment(true)?;
-    conf.check_supported()?;
     let netns_path = env.netns.clone().expect("checked");
     let ns = policy_agent::netns::open(&netns_path)
         .map_err(|e| CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS: {e}")))?;
@@ -151,6 +150,10 @@ async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
             "netns": netns_path,
             "port_mappings": conf.runtime_config.port_mappings,
         });
+        // NetOut: the app's security groups, as the runtime passed them.
+        if let Some(rules) = &conf.runtime_config.net_out_rules {
+            agent(conf, "PUT", &format!("/v1/asgs/{app}"), Some(&json!({ "rules": rules })))?;
+        }
         agent(conf, "POST", "/v1/endpoints", Some(&endpoint))?;
         Ok::<_, CniError>(plumbing)
     }

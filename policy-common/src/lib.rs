@@ -9,6 +9,7 @@
 pub mod craft;
 pub mod decision;
 pub mod maps;
+pub mod netout;
 pub mod packet;
 pub mod ports;
 pub mod verdict;

@@ -34,8 +34,10 @@ pub mod names {
     pub const NETIN: &str = "NETIN";
     pub const NETIN_CONNS: &str = "NETIN_CONNS";
     pub const NETIN_STATE: &str = "NETIN_STATE";
+    pub const NETOUT: &str = "NETOUT";
+    pub const NETOUT_STATE: &str = "NETOUT_STATE";
     /// Every map the object defines, in a stable order.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 23] = [
         ENDPOINTS,
         VETHS,
         CGROUPS,
@@ -57,6 +59,8 @@ pub mod names {
         NETIN,
         NETIN_CONNS,
         NETIN_STATE,
+        NETOUT,
+        NETOUT_STATE,
     ];
 }
 
@@ -99,6 +103,8 @@ pub mod capacity {
     pub const NETIN: u32 = 65_536;
     /// Connections through NetIn port mappings, for their replies (LRU).
     pub const NETIN_CONNS: u32 = 65_536;
+    /// NetOut trie entries: (app, destination prefix) pairs.
+    pub const NETOUT: u32 = 65_536;
 }
 
 /// `ENDPOINTS` value, keyed by the endpoint's IPv4 address (wire order `u32`).

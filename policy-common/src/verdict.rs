@@ -33,11 +33,15 @@ pub enum Reason {
     FragmentUnknown = 11,
     /// A packet of a tracked connection whose policy has since been removed.
     Revoked = 12,
+    /// Leaving the overlay, allowed by a security group rule marked `log`.
+    AsgAllowed = 13,
+    /// Leaving the overlay, allowed by no security group rule of its app.
+    AsgDenied = 14,
 }
 
 impl Reason {
     /// Number of reasons: the size of the `VERDICTS` array.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::NotIpv4,
@@ -53,6 +57,8 @@ impl Reason {
         Reason::Malformed,
         Reason::FragmentUnknown,
         Reason::Revoked,
+        Reason::AsgAllowed,
+        Reason::AsgDenied,
     ];
 
     /// Stable lower-case name, used in metrics and the CLI.
@@ -71,12 +77,14 @@ impl Reason {
             Reason::Malformed => "malformed",
             Reason::FragmentUnknown => "fragment_unknown",
             Reason::Revoked => "revoked",
+            Reason::AsgAllowed => "asg_allowed",
+            Reason::AsgDenied => "asg_denied",
         }
     }
 
     /// Whether packets counted under this reason were passed.
     pub const fn passes(self) -> bool {
-        (self as u32) < (Reason::NoPolicy as u32)
+        (self as u32) < (Reason::NoPolicy as u32) || matches!(self, Reason::AsgAllowed)
     }
 }
 
@@ -111,5 +119,7 @@ mod tests {
         assert!(Reason::Related.passes());
         assert!(!Reason::NoPolicy.passes());
         assert!(!Reason::Revoked.passes());
+        assert!(Reason::AsgAllowed.passes());
+        assert!(!Reason::AsgDenied.passes());
     }
 }

@@ -3,7 +3,7 @@
 
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use policy_common::{
-    Parsed, Reason, Verdict,
+    Parsed, Reason,
     decision::Decision,
     maps::{EventLimit, FlowEvent, SETTINGS_INDEX, event_stat, settings},
 };
@@ -53,8 +53,13 @@ fn within_limit(daddr: u32, now: u64, per_second: u32) -> bool {
 #[inline(always)]
 pub fn report(parsed: &Parsed, decision: &Decision, direction: u8, ifindex: u32) {
     let verdict = decision.verdict;
-    let new_connection = verdict == Verdict::Pass(Reason::NewAllowed);
-    if verdict.is_pass() && !new_connection {
+    // Plain integer compares: both variants carry a reason (comparing the
+    // enums lets LLVM read a register some paths never set).
+    let (passed, reason) = (verdict.is_pass(), verdict.reason() as u32);
+    let new_connection = passed && reason == Reason::NewAllowed as u32;
+    // A security group rule marked `log`: reported like a denial (rate-limited).
+    let logged = passed && reason == Reason::AsgAllowed as u32;
+    if passed && !new_connection && !logged {
         return;
     }
     let Some(settings) = SETTINGS.get(SETTINGS_INDEX) else { return };

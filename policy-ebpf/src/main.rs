@@ -11,6 +11,7 @@ mod events;
 mod kernel_maps;
 mod maps;
 mod netin;
+mod netout;
 
 use aya_ebpf::{
     macros::{cgroup_skb, classifier},
@@ -54,6 +55,16 @@ pub fn tc_from_container(ctx: TcContext) -> i32 {
         && let Some(action) = netin::reply(&ctx, &flow)
     {
         return action;
+    }
+    // Leaving the overlay: the app's security groups, if it has any.
+    if verdict.is_pass()
+        && netout::active()
+        && let Some(own) = own
+        && let Parsed::Flow { flow, .. } = parsed
+        && let Some(netout) = netout::check(&ctx, &parsed, &flow, own.tag, ifindex)
+        && !netout.is_pass()
+    {
+        return TC_ACT_SHOT;
     }
     // Cluster mode only (one array read otherwise): the mark the tunnel
     // carries, and connections to other hosts' endpoints.
@@ -141,6 +152,7 @@ fn destination_side(parsed: &Parsed, bytes: &SkbBytes, ifindex: u32, tunnel_tag:
     let saddr = if tunnel_tag != 0 { source_address(parsed).unwrap_or(0) } else { 0 };
     let lookups = TunnelSource { lookups: &maps, saddr, tag: tunnel_tag };
     let mut decision = decide_destination(&lookups, parsed);
+    netout::track_inbound(parsed, decision.verdict);
     count_for_policy(&mut decision, maps.found_conn(), bytes.len());
     events::report(parsed, &decision, direction::INGRESS, ifindex);
     kernel_maps::apply(&decision)

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
 };
 use policy_common::{
@@ -12,6 +12,7 @@ use policy_common::{
         NatConnKey, NatKey, NatTarget, Overlay, PairKey, PolicyCounters, PortRules, Settings,
         Tunnel, capacity, event_stat,
     },
+    netout::NetOutRules,
 };
 
 /// Registered endpoints by address.
@@ -124,3 +125,12 @@ pub static NETIN_CONNS: LruHashMap<NatConnKey, NatConn, { capacity::NETIN_CONNS 
 /// How many NetIn mappings exist (0: the programs skip NetIn entirely).
 #[btf_map]
 pub static NETIN_STATE: Array<u32, 1> = Array::new();
+
+/// NetOut (security groups): (app tag, destination prefix) → the rules
+/// covering it. An app without an entry has no security groups.
+#[btf_map]
+pub static NETOUT: LpmTrie<[u8; 8], NetOutRules, { capacity::NETOUT as usize }> = LpmTrie::new();
+
+/// How many apps have security groups (0: the programs skip NetOut).
+#[btf_map]
+pub static NETOUT_STATE: Array<u32, 1> = Array::new();

@@ -61,6 +61,34 @@ fn assert_nothing_left(daemon: &Daemon, host: &NetNs) {
     assert!(plugin_links(host).is_empty(), "veths left: {:?}", plugin_links(host));
 }
 
+/// A host namespace that forwards and a namespace outside it, joined by a
+/// veth (`ifname` on the host, with `host_cidr`; `eth0` outside, with
+/// `outside_cidrs`).
+fn host_with_outside(ifname: &str, host_cidr: &str, outside_cidrs: &[&str]) -> (NetNs, NetNs) {
+    let host = NetNs::new(integration_tests::unique_name("h"));
+    host.sysctl("net.ipv4.ip_forward", "1");
+    let outside = NetNs::new(integration_tests::unique_name("x"));
+    host.ip(&[
+        "link",
+        "add",
+        ifname,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        outside.name(),
+    ]);
+    host.ip(&["addr", "add", host_cidr, "dev", ifname]);
+    host.ip(&["link", "set", ifname, "up"]);
+    for cidr in outside_cidrs {
+        outside.ip(&["addr", "add", cidr, "dev", "eth0"]);
+    }
+    outside.ip(&["link", "set", "eth0", "up"]);
+    (host, outside)
+}
+
 /// A host namespace that forwards, with an agent in it.
 fn host_with_agent(extra_config: &str) -> (NetNs, Daemon) {
     let host = NetNs::new(integration_tests::unique_name("h"));
@@ -193,12 +221,6 @@ fn failures_name_the_problem_and_leave_nothing_behind() {
     // Not a network namespace.
     let o = run_plugin(&host, "ADD", "c-1", Some(Path::new("/etc/hostname")), "eth0", &conf);
     assert_failed(&o, 4, "not a network namespace");
-    // garden's NetIn and NetOut are refused by name, not dropped.
-    let mut garden: Value = serde_json::from_str(FIXTURE).unwrap();
-    garden["agent_socket"] = json!(daemon.socket);
-    garden["data_dir"] = json!(daemon.dir.join("cni"));
-    let o = run_plugin(&host, "ADD", "c-1", Some(&ns.path()), "eth0", &garden);
-    assert_failed(&o, 2, "netOutRules");
     // Bad configuration, unknown command, unsupported version.
     let o = run_plugin(
         &host,
@@ -359,25 +381,7 @@ fn podman_containers_on_our_network_are_policed_and_leave_no_trace() {
 fn netin_port_mappings_reach_the_container_and_go_with_it() {
     require_root();
     // A client outside the host, on the host's uplink.
-    let host = NetNs::new(integration_tests::unique_name("h"));
-    host.sysctl("net.ipv4.ip_forward", "1");
-    let client = NetNs::new(integration_tests::unique_name("x"));
-    host.ip(&[
-        "link",
-        "add",
-        "uplink",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        client.name(),
-    ]);
-    host.ip(&["addr", "add", "192.168.50.1/24", "dev", "uplink"]);
-    host.ip(&["link", "set", "uplink", "up"]);
-    client.ip(&["addr", "add", "192.168.50.2/24", "dev", "eth0"]);
-    client.ip(&["link", "set", "eth0", "up"]);
+    let (host, client) = host_with_outside("uplink", "192.168.50.1/24", &["192.168.50.2/24"]);
     let daemon = Daemon::start(&host, "netin_interfaces = [\"uplink\"]");
     let host_ip = Ipv4Addr::new(192, 168, 50, 1);
     let (web_ns, other_ns) = (
@@ -417,5 +421,113 @@ fn netin_port_mappings_reach_the_container_and_go_with_it() {
     let del = run_plugin(&host, "DEL", "web-1", Some(&web_ns.path()), "eth0", &conf);
     assert!(del.ok, "{}", del.out);
     assert!(!tcp_echo_works(&client, host_ip, 61001, SHORT), "no mapping after DEL");
+    assert_nothing_left(&daemon, &host);
+}
+
+/// Whether `ping -c 1` from `ns` to `to` gets an answer within a second.
+fn ping(ns: &NetNs, to: Ipv4Addr) -> bool {
+    ns.command("ping")
+        .args(["-c", "1", "-W", "1", &to.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Flow event reasons the agent has seen (`GET /v1/flows`).
+fn flow_reasons(daemon: &Daemon) -> Vec<String> {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(&daemon.socket)
+        .arg("http://localhost/v1/flows")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["data"]["packet"]["reason"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn netout_security_groups_allow_only_their_rules_and_follow_changes() {
+    require_root();
+    // An "external" network outside the overlay, behind the host.
+    let (host, ext) =
+        host_with_outside("extlink", "192.0.2.1/24", &["192.0.2.10/24", "192.0.2.21/24"]);
+    ext.ip(&["route", "add", "default", "via", "192.0.2.1"]);
+    let daemon = Daemon::start(&host, "");
+    let (inside, outside, far) =
+        (Ipv4Addr::new(192, 0, 2, 10), Ipv4Addr::new(192, 0, 2, 21), Ipv4Addr::new(192, 0, 2, 10));
+    for (ip, port) in [(inside, 443), (outside, 443), (far, 444)] {
+        tcp_echo_server(&ext, ip, port);
+    }
+    udp_echo_server(&ext, inside, 53);
+    // garden's shape: TCP 443 to .10-.20 (logged), ICMP echo to the /24.
+    let web_ns = NetNs::new(integration_tests::unique_name("c"));
+    let mut conf = config(&daemon, "0.3.1", Some("web"));
+    conf["runtimeConfig"]["netOutRules"] = json!([
+        {"protocol": 1, "networks": [{"start": "192.0.2.10", "end": "192.0.2.20"}],
+         "ports": [{"start": 443, "end": 443}], "log": true},
+        {"protocol": 3, "networks": [{"start": "192.0.2.0", "end": "192.0.2.255"}],
+         "icmps": {"type": 8, "code": 0}}
+    ]);
+    let web = run_plugin(&host, "ADD", "web-1", Some(&web_ns.path()), "eth0", &conf);
+    assert!(web.ok, "{} {}", web.out, web.stderr);
+    let web_ip = result_ip(&web.out);
+    assert!(tcp_echo_works(&web_ns, inside, 443, LONG), "allowed by the rule's range and port");
+    assert!(!tcp_echo_works(&web_ns, outside, 443, SHORT), "just outside the range");
+    assert!(!tcp_echo_works(&web_ns, far, 444, SHORT), "just outside the ports");
+    assert!(ping(&web_ns, inside), "ICMP echo is allowed");
+    let socket = udp_socket(&web_ns, None);
+    assert!(!udp_echo_works(&socket, inside, 53, 16, SHORT), "no UDP rule");
+    // A connection from outside to the container: its replies pass.
+    ext.ip(&["route", "add", &format!("{web_ip}/32"), "via", "192.0.2.1"]);
+    tcp_echo_server(&web_ns, web_ip, 8080);
+    assert!(tcp_echo_works(&ext, web_ip, 8080, LONG), "replies to connections from outside");
+    // The group changes: the running container follows, no restart.
+    let mut rules = conf["runtimeConfig"]["netOutRules"].clone();
+    rules.as_array_mut().unwrap().push(
+        json!({"protocol": "tcp", "networks": [{"start": "192.0.2.10", "end": "192.0.2.10"}], "ports": [{"start": 444, "end": 444}]}),
+    );
+    let (status, reply) =
+        daemon.curl("PUT", "/v1/asgs/web", Some(&json!({"rules": rules}).to_string()));
+    assert_eq!(status, 200, "{reply}");
+    assert!(tcp_echo_works(&web_ns, far, 444, LONG), "the added rule applies at once");
+    assert_eq!(daemon.curl("GET", "/v1/asgs", None).1["asgs"]["web"].as_array().unwrap().len(), 3);
+    // Bad rules are a 400 naming the field, and change nothing.
+    let bad = json!({"rules": [{"protocol": "tcp", "networks": [{"start": "192.0.2.9", "end": "192.0.2.1"}]}]});
+    let (status, reply) = daemon.curl("PUT", "/v1/asgs/web", Some(&bad.to_string()));
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(reply["field"], "rules[0].networks[0]");
+    assert!(!tcp_echo_works(&web_ns, outside, 443, SHORT));
+    // Denials and logged allowances are flow events.
+    let reasons = flow_reasons(&daemon);
+    assert!(reasons.iter().any(|r| r == "asg_denied"), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "asg_allowed"), "{reasons:?}");
+    // Without security groups the app's egress is not checked.
+    assert_eq!(daemon.curl("DELETE", "/v1/asgs/web", None).0, 200);
+    assert!(tcp_echo_works(&web_ns, outside, 443, LONG), "no groups: unchecked");
+    assert!(run_plugin(&host, "DEL", "web-1", Some(&web_ns.path()), "eth0", &conf).ok);
+    assert_nothing_left(&daemon, &host);
+}
+
+#[test]
+fn garden_fixture_is_taken_whole() {
+    require_root();
+    let (host, daemon) = host_with_agent("");
+    let ns = NetNs::new(integration_tests::unique_name("c"));
+    let mut garden: Value = serde_json::from_str(FIXTURE).unwrap();
+    garden["agent_socket"] = json!(daemon.socket);
+    garden["data_dir"] = json!(daemon.dir.join("cni"));
+    let o = run_plugin(&host, "ADD", "instance-guid", Some(&ns.path()), "eth0", &garden);
+    assert!(o.ok, "{} {}", o.out, o.stderr);
+    let app = "5b8d7c1e-0c3f-4a52-9d1e-0f6a2b7c9e41";
+    let listed = endpoints(&daemon);
+    assert_eq!(listed[0]["app"], app);
+    assert_eq!(listed[0]["port_mappings"].as_array().unwrap().len(), 2, "NetIn");
+    let asgs = daemon.curl("GET", "/v1/asgs", None).1;
+    assert_eq!(asgs["asgs"][app].as_array().unwrap().len(), 4, "NetOut: {asgs}");
+    let check = run_plugin(&host, "CHECK", "instance-guid", Some(&ns.path()), "eth0", &garden);
+    assert!(check.ok, "{}", check.out);
+    assert!(run_plugin(&host, "DEL", "instance-guid", Some(&ns.path()), "eth0", &garden).ok);
     assert_nothing_left(&daemon, &host);
 }

@@ -67,6 +67,10 @@ impl<K: Kernel> Agent<K> {
                 change.replay(&mut self.state);
                 return Ok(());
             }
+            Change::SetAsgs { .. } => {
+                change.replay(&mut self.state);
+                return reconcile::netout(&mut self.kernel, &self.state);
+            }
             Change::Reset(_) => {
                 // Fell behind a compacted log: the whole state, then the
                 // kernel to it, make-before-break as at start.
@@ -79,6 +83,10 @@ impl<K: Kernel> Agent<K> {
         }
         if matches!(change, Change::AddEndpoint(_) | Change::RemoveEndpoint(_)) {
             reconcile::port_mappings(&mut self.kernel, &self.state)?;
+        }
+        // An app's tag may have come or gone with it.
+        if !self.state.asgs().is_empty() {
+            reconcile::netout(&mut self.kernel, &self.state)?;
         }
         Ok(())
     }

@@ -23,7 +23,7 @@ use crate::{
     Dataplane, Error,
     reconcile::{self, AppPair, Kernel},
     state::{
-        Endpoint, Invalid, Policy, State, TlsPorts, Undo, check_app_id, check_domain,
+        Endpoint, Invalid, NetOutRule, Policy, State, TlsPorts, Undo, check_app_id, check_domain,
         check_endpoint, check_hostname,
     },
     store::{Change, Position, Store, StoreError},
@@ -299,7 +299,8 @@ impl<K: Kernel> Agent<K> {
         let kernel_written = self
             .kernel
             .set_endpoint(endpoint.ip, value)
-            .and_then(|()| reconcile::port_mappings(&mut self.kernel, &self.state));
+            .and_then(|()| reconcile::port_mappings(&mut self.kernel, &self.state))
+            .and_then(|()| self.netout_if_any());
         if let Err(e) = kernel_written {
             let _ = self.kernel.detach(&endpoint.ifname, endpoint.ip);
             self.state.undo(undo);
@@ -324,6 +325,57 @@ impl<K: Kernel> Agent<K> {
         }
         committed?;
         info!(%ip, app, ifname = logged_ifname, tag, "endpoint added");
+        Ok(())
+    }
+
+    /// The security group trie follows the state, when any app has groups
+    /// (an endpoint change may give or take an app's tag).
+    fn netout_if_any(&mut self) -> Result<(), Error> {
+        if self.state.asgs().is_empty() {
+            return Ok(());
+        }
+        reconcile::netout(&mut self.kernel, &self.state)
+    }
+
+    /// Sets (Some) or removes (None) `app`'s security groups (NetOut): the
+    /// rules its containers' egress out of the overlay must match. Running
+    /// containers follow at once.
+    pub fn set_asgs(
+        &mut self,
+        app: &str,
+        rules: Option<Vec<NetOutRule>>,
+    ) -> Result<(), AgentError> {
+        self.retrying(|agent| agent.set_asgs_once(app, rules.clone()))
+    }
+
+    fn set_asgs_once(
+        &mut self,
+        app: &str,
+        rules: Option<Vec<NetOutRule>>,
+    ) -> Result<(), AgentError> {
+        check_app_id("app", app)?;
+        if let Some(rules) = &rules {
+            crate::netout::app_entries(1, rules).map_err(|e| Invalid::new("rules", e))?;
+        }
+        let undo = self.state.set_asgs_undoable(app, rules.clone());
+        if !undo.changes_anything() {
+            return Ok(());
+        }
+        if let Err(e) = reconcile::netout(&mut self.kernel, &self.state) {
+            self.state.undo(undo);
+            let _ = reconcile::netout(&mut self.kernel, &self.state);
+            return Err(e.into());
+        }
+        let change = Change::SetAsgs { app: app.to_owned(), rules };
+        if let Err(e) = self.commit(change, undo, |_| {}) {
+            let _ = reconcile::netout(&mut self.kernel, &self.state);
+            return Err(e);
+        }
+        info!(
+            app,
+            "security groups {}",
+            if self.state.asgs().contains_key(app) { "set" } else { "removed" }
+        );
         Ok(())
     }
 
@@ -391,6 +443,7 @@ impl<K: Kernel> Agent<K> {
         if !endpoint.port_mappings.is_empty() {
             reconcile::port_mappings(&mut self.kernel, &self.state)?;
         }
+        self.netout_if_any()?;
         info!(%ip, app = endpoint.app, ifname = endpoint.ifname, "endpoint removed");
         Ok(true)
     }

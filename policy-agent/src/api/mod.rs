@@ -15,6 +15,7 @@
 //! 400 for bad input (nothing of the request applied), 507 when a kernel
 //! map is full, 500 otherwise.
 
+mod asgs;
 pub mod auth;
 mod cluster;
 mod endpoints;
@@ -32,7 +33,7 @@ use axum::{
     http::StatusCode,
     middleware::{self, Next},
     response::{IntoResponse as _, Response},
-    routing::{delete, get, post},
+    routing::{delete, get, post, put},
 };
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -103,6 +104,8 @@ pub fn router(api: Api) -> Router {
         .route("/v1/explain", get(observe::explain))
         .route("/v1/cluster", get(cluster::status))
         .route("/v1/ipam", get(ipam))
+        .route("/v1/asgs", get(asgs::list))
+        .route("/v1/asgs/{app}", put(asgs::set).delete(asgs::remove))
         .layer(middleware::from_fn_with_state(api.clone(), within_budget))
         .layer(middleware::from_fn(auth::authorize))
         .layer(middleware::from_fn_with_state(api.clone(), record_request))

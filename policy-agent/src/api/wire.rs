@@ -8,8 +8,8 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use serde_json::{Value, json};
 
 use crate::state::{
-    Endpoint, INTERNAL_DOMAIN, Invalid, Policy, PortMapping, Protocol, check_app_id, check_ports,
-    parse_protocol,
+    AddressRange, Endpoint, INTERNAL_DOMAIN, IcmpMatch, Invalid, NetOutProtocol, NetOutRule,
+    Policy, PortMapping, PortSpan, Protocol, check_app_id, check_ports, parse_protocol,
 };
 
 fn str_field<'a>(value: &'a Value, key: &str, field: &str) -> Result<&'a str, Invalid> {
@@ -141,6 +141,116 @@ pub fn endpoint_json(e: &Endpoint) -> Value {
         v["port_mappings"] = json!(e.port_mappings);
     }
     v
+}
+
+/// Security group rules in garden's NetOutRule shape: `protocol` 0-3 or
+/// `all`/`tcp`/`udp`/`icmp`; `networks` `[{start, end}]`; `ports`
+/// `[{start, end}]` (TCP/UDP); `icmps` `{type, code}` (ICMP); `log`.
+pub fn parse_net_out_rules(v: &Value) -> Result<Vec<NetOutRule>, Invalid> {
+    let Value::Array(list) = v else {
+        return Err(Invalid::new("rules", "must be a list of rules"));
+    };
+    list.iter().enumerate().map(|(i, r)| parse_net_out_rule(&format!("rules[{i}]"), r)).collect()
+}
+
+fn parse_net_out_rule(field: &str, r: &Value) -> Result<NetOutRule, Invalid> {
+    let protocol = match r.get("protocol") {
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(0) => NetOutProtocol::All,
+            Some(1) => NetOutProtocol::Tcp,
+            Some(2) => NetOutProtocol::Udp,
+            Some(3) => NetOutProtocol::Icmp,
+            _ => {
+                return Err(Invalid::new(
+                    format!("{field}.protocol"),
+                    "must be 0-3 or all, tcp, udp, icmp",
+                ));
+            }
+        },
+        Some(Value::String(s)) => match s.as_str() {
+            "all" => NetOutProtocol::All,
+            "tcp" => NetOutProtocol::Tcp,
+            "udp" => NetOutProtocol::Udp,
+            "icmp" => NetOutProtocol::Icmp,
+            _ => {
+                return Err(Invalid::new(
+                    format!("{field}.protocol"),
+                    "must be 0-3 or all, tcp, udp, icmp",
+                ));
+            }
+        },
+        None => NetOutProtocol::All,
+        Some(_) => {
+            return Err(Invalid::new(format!("{field}.protocol"), "must be a number or a name"));
+        }
+    };
+    let list = |key: &str| match r.get(key) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => Ok(items.clone()),
+        Some(_) => Err(Invalid::new(format!("{field}.{key}"), "must be a list")),
+    };
+    let networks = list("networks")?
+        .iter()
+        .enumerate()
+        .map(|(j, n)| {
+            let at = format!("{field}.networks[{j}]");
+            let start = parse_ip(&format!("{at}.start"), n["start"].as_str().unwrap_or_default())?;
+            let end = parse_ip(&format!("{at}.end"), n["end"].as_str().unwrap_or_default())?;
+            if start > end {
+                return Err(Invalid::new(at, format!("start {start} is after end {end}")));
+            }
+            Ok(AddressRange { start, end })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if networks.is_empty() {
+        return Err(Invalid::new(
+            format!("{field}.networks"),
+            "must list at least one address range",
+        ));
+    }
+    let ports = list("ports")?
+        .iter()
+        .enumerate()
+        .map(|(j, p)| {
+            let at = format!("{field}.ports[{j}]");
+            let (start, end) = check_ports(
+                &at,
+                p["start"].as_i64().unwrap_or(0),
+                p["end"].as_i64().unwrap_or(p["start"].as_i64().unwrap_or(0)),
+            )?;
+            Ok(PortSpan { start, end })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if !ports.is_empty() && !matches!(protocol, NetOutProtocol::Tcp | NetOutProtocol::Udp) {
+        return Err(Invalid::new(format!("{field}.ports"), "only tcp and udp rules have ports"));
+    }
+    let icmps = match r.get("icmps") {
+        None | Some(Value::Null) => None,
+        Some(i) => {
+            if protocol != NetOutProtocol::Icmp {
+                return Err(Invalid::new(format!("{field}.icmps"), "only icmp rules have icmps"));
+            }
+            let byte = |key: &str| i.get(key).and_then(Value::as_u64).map(u8::try_from);
+            let icmp_type = match byte("type") {
+                Some(Ok(t)) => t,
+                _ => return Err(Invalid::new(format!("{field}.icmps.type"), "must be 0-255")),
+            };
+            let code = match byte("code") {
+                None => None,
+                Some(Ok(c)) => Some(c),
+                Some(Err(_)) => {
+                    return Err(Invalid::new(format!("{field}.icmps.code"), "must be 0-255"));
+                }
+            };
+            Some(IcmpMatch { icmp_type, code })
+        }
+    };
+    let log = match r.get("log") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(Invalid::new(format!("{field}.log"), "must be true or false")),
+    };
+    Ok(NetOutRule { protocol, networks, ports, icmps, log })
 }
 
 /// NetIn mappings: garden's `{"host_port", "container_port"}` or the CNI

@@ -85,6 +85,13 @@ impl Kernel for Dataplane {
         self.maps_mut().set_netin(&entries)
     }
 
+    fn set_netout(
+        &mut self,
+        wanted: &BTreeMap<crate::netout::TrieKey, policy_common::netout::NetOutRules>,
+    ) -> Result<(), Error> {
+        self.maps_mut().set_netout(wanted)
+    }
+
     fn forget_policies(&mut self, ids: &[u32]) {
         for id in ids {
             if let Err(e) = self.maps_mut().remove_policy_counters(*id) {

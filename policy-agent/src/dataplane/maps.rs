@@ -10,6 +10,7 @@ use std::{net::Ipv4Addr, path::Path};
 
 use aya::maps::{
     Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+    lpm_trie::{Key as LpmKey, LpmTrie},
 };
 use policy_common::{
     Reason,
@@ -18,6 +19,7 @@ use policy_common::{
         NatKey, NatTarget, Overlay, PairKey, PolicyCounters, PortRules, SETTINGS_INDEX, Settings,
         Tunnel, event_stat, names,
     },
+    netout::NetOutRules,
     ports::Allowance,
 };
 
@@ -43,6 +45,8 @@ pub struct Maps {
     netin: HashMap<MapData, NatKey, NatTarget>,
     netin_conns: HashMap<MapData, NatConnKey, NatConn>,
     netin_state: Array<MapData, u32>,
+    netout: LpmTrie<MapData, [u8; 8], NetOutRules>,
+    netout_state: Array<MapData, u32>,
     slots: Array<MapData, EndpointValue>,
     veth_slots: Array<MapData, Attachment>,
     /// What `OVERLAY` says (read at open, written by `set_overlay`).
@@ -124,6 +128,8 @@ impl Maps {
             netin: map!(names::NETIN),
             netin_conns: map!(names::NETIN_CONNS),
             netin_state: map!(names::NETIN_STATE),
+            netout: map!(names::NETOUT),
+            netout_state: map!(names::NETOUT_STATE),
             slots: map!(names::ENDPOINT_SLOTS),
             veth_slots: map!(names::VETH_SLOTS),
             overlay_now: Overlay::default(),
@@ -493,6 +499,40 @@ impl Maps {
             .collect();
         for key in stale {
             let _ = self.netin_conns.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Makes `NETOUT` hold exactly `wanted`; `NETOUT_STATE` counts its
+    /// apps (new entries before it turns on, gone ones after it turns off).
+    pub fn set_netout(
+        &mut self,
+        wanted: &std::collections::BTreeMap<crate::netout::TrieKey, NetOutRules>,
+    ) -> Result<(), Error> {
+        let capacity = self.netout.map().info().map_or(0, |i| i.max_entries());
+        let have: std::collections::BTreeMap<crate::netout::TrieKey, NetOutRules> = self
+            .netout
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+            .collect();
+        for (key, rules) in wanted {
+            if have.get(key) != Some(rules) {
+                let k = LpmKey::new(key.0, key.1);
+                self.netout.insert(&k, rules, 0).map_err(insert_err(names::NETOUT, capacity))?;
+            }
+        }
+        let apps = wanted.keys().filter(|k| k.0 == policy_common::netout::key_prefix(0)).count();
+        let apps = u32::try_from(apps).unwrap_or(u32::MAX);
+        if apps > 0 {
+            self.netout_state.set(0, apps, 0).map_err(map_err(names::NETOUT_STATE))?;
+        }
+        for key in have.keys().filter(|k| !wanted.contains_key(k)) {
+            let k = LpmKey::new(key.0, key.1);
+            self.netout.remove(&k).map_err(map_err(names::NETOUT))?;
+        }
+        if apps == 0 {
+            self.netout_state.set(0, 0, 0).map_err(map_err(names::NETOUT_STATE))?;
         }
         Ok(())
     }

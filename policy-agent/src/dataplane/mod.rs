@@ -139,6 +139,13 @@ impl Dataplane {
         loader.map_max_entries(names::ENDPOINT_SLOTS, slots);
         let veth_slots = pinned_size(names::VETH_SLOTS).unwrap_or(caps.veths.max(1));
         loader.map_max_entries(names::VETH_SLOTS, veth_slots);
+        // A pinned verdict counter array from a version with fewer reasons
+        // is replaced (its counts restart): the programs index it by reason.
+        if pinned_size(names::VERDICTS).is_some_and(|n| n < policy_common::Reason::COUNT) {
+            let pin = maps_dir.join(names::VERDICTS);
+            fs::remove_file(&pin).map_err(Error::io("cannot replace", &pin))?;
+            tracing::info!("verdict counters restart: this version counts more reasons");
+        }
         for name in names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
         }

@@ -19,7 +19,8 @@ use std::{
 };
 
 pub use model::{
-    Endpoint, INTERNAL_DOMAIN, Policy, PortMapping, Protocol, TlsFront, TlsPorts, tag_text,
+    AddressRange, Endpoint, INTERNAL_DOMAIN, IcmpMatch, NetOutProtocol, NetOutRule, Policy,
+    PortMapping, PortSpan, Protocol, TlsFront, TlsPorts, tag_text,
 };
 use policy_common::{
     maps::{EndpointValue, PairKey, endpoint_flags},
@@ -47,6 +48,9 @@ pub struct State {
     endpoints: BTreeMap<Ipv4Addr, Endpoint>,
     /// Internal routes: hostname (under [`INTERNAL_DOMAIN`]) → app.
     routes: BTreeMap<String, String>,
+    /// NetOut: each app's security group rules (an app absent: egress out
+    /// of the overlay unchecked; present with no rules: all denied).
+    asgs: BTreeMap<String, Vec<NetOutRule>>,
     /// Platform TLS: which TLS port fronts which app port (configuration,
     /// not stored).
     tls_ports: Option<TlsPorts>,
@@ -67,6 +71,7 @@ impl Default for State {
             policies: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             routes: BTreeMap::new(),
+            asgs: BTreeMap::new(),
             tls_ports: None,
             local_host: None,
             refs: BTreeMap::new(),
@@ -111,6 +116,19 @@ impl State {
 
     /// Replaces the stored part of the state with `other`'s, keeping this
     /// agent's configuration (TLS ports, host).
+    /// The security groups of every app.
+    pub fn asgs(&self) -> &BTreeMap<String, Vec<NetOutRule>> {
+        &self.asgs
+    }
+
+    /// Sets (Some) or removes (None) an app's security group rules.
+    pub fn set_asgs(&mut self, app: &str, rules: Option<Vec<NetOutRule>>) {
+        match rules {
+            Some(rules) => self.asgs.insert(app.to_owned(), rules),
+            None => self.asgs.remove(app),
+        };
+    }
+
     pub fn reset_to(&mut self, other: &State) {
         let (tls_ports, local_host) = (self.tls_ports.take(), self.local_host.take());
         *self = other.clone();

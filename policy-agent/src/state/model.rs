@@ -96,6 +96,65 @@ pub struct Endpoint {
     pub port_mappings: Vec<PortMapping>,
 }
 
+/// One Application Security Group rule (garden's NetOutRule): egress to
+/// destinations outside the overlay that it allows.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NetOutRule {
+    pub protocol: NetOutProtocol,
+    /// Inclusive address ranges; empty: none.
+    pub networks: Vec<AddressRange>,
+    /// Inclusive TCP/UDP destination port ranges; empty: any port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpan>,
+    /// ICMP type and code (absent: any; code absent: any code).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmps: Option<IcmpMatch>,
+    /// Report the packets it allows.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub log: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetOutProtocol {
+    All,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl NetOutProtocol {
+    /// The IP protocol number the kernel matches (0: all).
+    pub fn number(self) -> u8 {
+        match self {
+            NetOutProtocol::All => 0,
+            NetOutProtocol::Tcp => proto::TCP,
+            NetOutProtocol::Udp => proto::UDP,
+            NetOutProtocol::Icmp => 1,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AddressRange {
+    pub start: Ipv4Addr,
+    pub end: Ipv4Addr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortSpan {
+    pub start: u16,
+    pub end: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IcmpMatch {
+    #[serde(rename = "type")]
+    pub icmp_type: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u8>,
+}
+
 /// A NetIn port mapping (garden's `host_port` → `container_port`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PortMapping {

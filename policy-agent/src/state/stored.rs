@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Endpoint, Policy, State};
+use super::{Endpoint, NetOutRule, Policy, State};
 
 /// The on-disk shape, borrowed from a state: serializes exactly like
 /// [`State`] (through `Stored`) without copying it, for snapshots of
@@ -21,6 +21,8 @@ pub struct StoredRef<'a> {
     #[serde(serialize_with = "endpoints_as_list")]
     endpoints: &'a BTreeMap<Ipv4Addr, Endpoint>,
     routes: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    asgs: &'a BTreeMap<String, Vec<NetOutRule>>,
 }
 
 fn policies_as_list<S: serde::Serializer>(
@@ -54,6 +56,7 @@ impl State {
             policies: &self.policies,
             endpoints: &self.endpoints,
             routes: &self.routes,
+            asgs: &self.asgs,
         }
     }
 }
@@ -69,6 +72,8 @@ pub(super) struct Stored {
     endpoints: Vec<Endpoint>,
     #[serde(default)]
     routes: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    asgs: BTreeMap<String, Vec<NetOutRule>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -87,6 +92,7 @@ impl From<Stored> for State {
             policies: s.policies.into_iter().map(|p| (p.policy, p.id)).collect(),
             endpoints: s.endpoints.into_iter().map(|e| (e.ip, e)).collect(),
             routes: s.routes,
+            asgs: s.asgs,
             tls_ports: None,
             local_host: None,
             refs: BTreeMap::new(),
@@ -118,6 +124,7 @@ impl From<State> for Stored {
                 .collect(),
             endpoints: s.endpoints.into_values().collect(),
             routes: s.routes,
+            asgs: s.asgs,
         }
     }
 }

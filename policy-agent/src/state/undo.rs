@@ -21,6 +21,8 @@ pub struct Undo {
     endpoint: Option<(Ipv4Addr, Option<Endpoint>)>,
     /// A route hostname and the app it was mapped to before.
     route: Option<(String, Option<String>)>,
+    /// An app and the security group rules it had before.
+    asgs: Option<(String, Option<Vec<super::NetOutRule>>)>,
     /// Tags of the apps the change touched (it may take them away).
     tags: BTreeMap<String, u32>,
     next_tag: u32,
@@ -34,6 +36,7 @@ impl Undo {
             || !self.removed.is_empty()
             || self.endpoint.is_some()
             || self.route.is_some()
+            || self.asgs.is_some()
     }
 }
 
@@ -105,6 +108,17 @@ impl State {
         Ok(undo)
     }
 
+    /// [`Self::set_asgs`], returning what [`Self::undo`] needs.
+    pub fn set_asgs_undoable(&mut self, app: &str, rules: Option<Vec<super::NetOutRule>>) -> Undo {
+        let mut undo = self.undo_record([]);
+        let before = self.asgs.get(app).cloned();
+        if before != rules {
+            undo.asgs = Some((app.to_owned(), before));
+            self.set_asgs(app, rules);
+        }
+        undo
+    }
+
     /// [`Self::unmap_route`], returning what [`Self::undo`] needs.
     pub fn unmap_route_undoable(&mut self, app: &str, hostname: &str) -> Result<Undo, Invalid> {
         let mut undo = self.undo_record([]);
@@ -123,6 +137,7 @@ impl State {
             removed: Vec::new(),
             endpoint: None,
             route: None,
+            asgs: None,
             tags: apps
                 .into_iter()
                 .filter_map(|app| Some((app.to_owned(), *self.tags.get(app)?)))
@@ -153,6 +168,9 @@ impl State {
             if self.refs.contains_key(&app) {
                 self.tags.entry(app).or_insert(tag);
             }
+        }
+        if let Some((app, before)) = undo.asgs {
+            self.set_asgs(&app, before);
         }
         if let Some((hostname, before)) = undo.route {
             match before {

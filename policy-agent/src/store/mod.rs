@@ -75,6 +75,11 @@ pub enum Change {
         app: String,
         hostname: String,
     },
+    /// An app's security groups set (Some) or removed (None).
+    SetAsgs {
+        app: String,
+        rules: Option<Vec<crate::state::NetOutRule>>,
+    },
     /// The whole state, replacing what the agent holds: what a shared store
     /// hands an agent that fell behind its compacted log. Never journaled.
     Reset(Box<State>),
@@ -99,6 +104,7 @@ impl Change {
             Change::UnmapRoute { app, hostname } => {
                 let _ = state.unmap_route(app, hostname);
             }
+            Change::SetAsgs { app, rules } => state.set_asgs(app, rules.clone()),
             Change::Reset(new) => state.reset_to(new),
         }
     }

@@ -149,7 +149,8 @@ impl TlsProxies {
             (&cert, &identity.cert_pem, 0o644),
             (&self.ports_file(ip), &ports, 0o644),
         ] {
-            crate::files::replace_unsynced(path, text.as_bytes(), mode).map_err(io("write", path))?;
+            crate::files::replace_unsynced(path, text.as_bytes(), mode)
+                .map_err(io("write", path))?;
         }
         Ok(())
     }

@@ -1,0 +1,56 @@
+//! NetOut, Application Security Groups per app: `GET /v1/asgs`,
+//! `PUT /v1/asgs/{app}` (garden's NetOutRule list), `DELETE /v1/asgs/{app}`.
+//! Running containers of the app follow a change at once.
+
+use axum::{
+    body::Body,
+    extract::{Path, State},
+};
+use serde_json::{Value, json};
+
+use super::{Api, Reply, failure, invalid, ok, read_json, timed_write, wire, with_agent};
+use crate::state::check_app_id;
+
+/// `GET /v1/asgs`: `{"asgs": {"APP": [rules]}}`.
+pub async fn list(State(api): State<Api>) -> Reply {
+    let asgs = with_agent(&api, |agent| json!(agent.state().asgs())).await;
+    ok(json!({ "asgs": asgs }))
+}
+
+/// `PUT /v1/asgs/{app}`: `{"rules": [...]}` or the list itself.
+pub async fn set(State(api): State<Api>, Path(app): Path<String>, body: Body) -> Reply {
+    if let Err(e) = check_app_id("app", &app) {
+        return invalid(&e);
+    }
+    let rules = match read_json(&api, body).await.and_then(|v| {
+        let list = match &v {
+            Value::Object(o) => o.get("rules").cloned().unwrap_or(Value::Null),
+            other => other.clone(),
+        };
+        wire::parse_net_out_rules(&list)
+    }) {
+        Ok(r) => r,
+        Err(e) => return invalid(&e),
+    };
+    let count = rules.len();
+    let name = app.clone();
+    match timed_write(&api, move |agent| agent.set_asgs(&name, Some(rules))).await {
+        Ok(()) => ok(json!({"app": app, "rules": count})),
+        Err(e) => failure(e),
+    }
+}
+
+/// `DELETE /v1/asgs/{app}`: the app's egress out of the overlay is no
+/// longer checked.
+pub async fn remove(State(api): State<Api>, Path(app): Path<String>) -> Reply {
+    if let Err(e) = check_app_id("app", &app) {
+        return invalid(&e);
+    }
+    let name = app.clone();
+    let had = with_agent(&api, move |agent| agent.state().asgs().contains_key(&name)).await;
+    let name = app.clone();
+    match timed_write(&api, move |agent| agent.set_asgs(&name, None)).await {
+        Ok(()) => ok(json!({"app": app, "removed": had})),
+        Err(e) => failure(e),
+    }
+}
