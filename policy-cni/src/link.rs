@@ -93,7 +93,14 @@ pub async fn create(
     }
     inside
         .link()
-        .set(LinkUnspec::new_with_index(index).name(ifname.to_owned()).build())
+        .set({
+            // The peer was made with the kernel's default MTU: set it too.
+            let renamed = LinkUnspec::new_with_index(index).name(ifname.to_owned());
+            match mtu {
+                Some(mtu) => renamed.mtu(mtu).build(),
+                None => renamed.build(),
+            }
+        })
         .execute()
         .await
         .map_err(netlink("rename the container's interface"))?;

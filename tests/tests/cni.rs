@@ -531,3 +531,70 @@ fn garden_fixture_is_taken_whole() {
     assert!(run_plugin(&host, "DEL", "instance-guid", Some(&ns.path()), "eth0", &garden).ok);
     assert_nothing_left(&daemon, &host);
 }
+
+#[test]
+fn gc_releases_what_the_runtime_no_longer_has() {
+    require_root();
+    let (host, daemon) = host_with_agent("");
+    let (keep, gone) = (
+        NetNs::new(integration_tests::unique_name("c")),
+        NetNs::new(integration_tests::unique_name("c")),
+    );
+    let conf = config(&daemon, "1.1.0", Some("app"));
+    for (id, ns) in [("keep", &keep), ("gone", &gone)] {
+        let o = run_plugin(&host, "ADD", id, Some(&ns.path()), "eth0", &conf);
+        assert!(o.ok, "{} {}", o.out, o.stderr);
+    }
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);
+    let o = run_plugin(&host, "GC", "", None, "", &gc);
+    assert!(o.ok, "{} {}", o.out, o.stderr);
+    assert_eq!(endpoints(&daemon).len(), 1, "the gone attachment's endpoint is removed");
+    assert_eq!(leases(&daemon).len(), 1);
+    assert_eq!(plugin_links(&host).len(), 1);
+    assert!(run_plugin(&host, "CHECK", "keep", Some(&keep.path()), "eth0", &conf).ok);
+    assert!(run_plugin(&host, "DEL", "keep", Some(&keep.path()), "eth0", &conf).ok);
+    assert_nothing_left(&daemon, &host);
+}
+
+#[test]
+fn in_a_cluster_containers_get_the_hosts_subnet_and_the_overlay_mtu() {
+    use integration_tests::cluster::{Etcd, Underlay, hosts};
+    require_root();
+    let mut underlay = Underlay::new();
+    let _etcd = Etcd::start(&underlay);
+    let cells = hosts(&mut underlay, 2, 0);
+    let mut added = Vec::new();
+    for (cell, app) in cells.iter().zip(["frontend", "backend"]) {
+        let ns = NetNs::new(integration_tests::unique_name("c"));
+        let conf = config(&cell.daemon, "1.0.0", Some(app));
+        let o = run_plugin(&cell.host.ns, "ADD", app, Some(&ns.path()), "eth0", &conf);
+        assert!(o.ok, "{} {}", o.out, o.stderr);
+        let ip = result_ip(&o.out);
+        let ipam = cell.daemon.curl("GET", "/v1/ipam", None).1;
+        let subnet = ipam["subnet"].as_str().unwrap().to_owned();
+        assert!(subnet.ends_with("/24"), "{ipam}");
+        let (net, _) = subnet.split_once('/').unwrap();
+        let net: Ipv4Addr = net.parse().unwrap();
+        assert_eq!(ip.octets()[..3], net.octets()[..3], "{ip} in the host's {subnet}");
+        let mtu = ipam["mtu"].as_u64().expect("the overlay's MTU");
+        assert!(mtu < 1500, "below the underlay's: {ipam}");
+        let link = ns.command("ip").args(["-o", "link", "show", "eth0"]).output().unwrap();
+        let link = String::from_utf8_lossy(&link.stdout).into_owned();
+        assert!(link.contains(&format!("mtu {mtu} ")), "{link}");
+        added.push((ns, ip, conf));
+    }
+    // Across hosts through the overlay: denied, then allowed by a policy.
+    let (front_ns, back_ip) = (&added[0].0, added[1].1);
+    tcp_echo_server(&added[1].0, back_ip, 8080);
+    assert!(!tcp_echo_works(front_ns, back_ip, 8080, SHORT), "default deny across hosts");
+    cells[0].daemon.allow("frontend", "backend", "tcp", "8080");
+    let started = std::time::Instant::now();
+    while !tcp_echo_works(front_ns, back_ip, 8080, SHORT) {
+        assert!(started.elapsed() < LONG * 3, "the policy reaches the other host");
+    }
+    for ((ns, _, conf), (cell, app)) in added.iter().zip(cells.iter().zip(["frontend", "backend"]))
+    {
+        assert!(run_plugin(&cell.host.ns, "DEL", app, Some(&ns.path()), "eth0", conf).ok);
+    }
+}

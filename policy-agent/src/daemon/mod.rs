@@ -84,9 +84,7 @@ pub fn run(config: Config) -> Result<()> {
     if let Some(cluster) = &config.cluster {
         let membership = join_overlay(&config, cluster, &agent, runtime.handle())?;
         ipam.subnet = Some((membership.subnet, 24));
-        ipam.mtu = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", overlay::DEVICE))
-            .ok()
-            .and_then(|m| m.trim().parse().ok());
+        ipam.mtu = policy_agent::dataplane::interface_mtu(overlay::DEVICE);
         follow_cluster(cluster, &agent, tls.clone(), runtime.handle(), membership)?;
     }
     let api = Api {

@@ -497,6 +497,31 @@ fn list_pins(dir: &Path) -> Result<Vec<String>, Error> {
 }
 
 /// The ifindex of an interface in this network namespace.
+/// The MTU of interface `ifname` in this network namespace (asked through
+/// a socket of the namespace: `/sys/class/net` shows the namespace sysfs
+/// was mounted in).
+pub fn interface_mtu(ifname: &str) -> Option<u32> {
+    let name = ifname.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    // SAFETY: a datagram socket closed below; the ifreq is zeroed and its
+    // name NUL-terminated within IFNAMSIZ.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+            *dst = *src as libc::c_char;
+        }
+        let ok = libc::ioctl(fd, libc::SIOCGIFMTU as _, &mut req) == 0;
+        libc::close(fd);
+        ok.then_some(req.ifr_ifru.ifru_mtu as u32)
+    }
+}
+
 /// The IPv4 addresses of interface `ifname` in this network namespace.
 pub fn interface_addresses(ifname: &str) -> Vec<Ipv4Addr> {
     ipv4_addresses(Some(ifname))
