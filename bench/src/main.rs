@@ -58,6 +58,7 @@ fn main() {
     }
     if runs("netout") {
         netout::run(quick, &mut report);
+        netout::traffic(quick, &mut report);
     }
     // A whole run writes bench/ (committed with the code it measured); one
     // part alone writes under target/, leaving the whole run's figures be.
