@@ -41,7 +41,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("podman", "podman"),
     ("runc", "runc"),
     ("containernetworking-plugins", "/usr/lib/cni/ptp"),
-    ("busybox-static", "/bin/busybox"),
+    // By package: the dynamic `busybox` installs the same /bin/busybox, and
+    // a container's root has no libc for it.
+    ("busybox-static", "dpkg:busybox-static"),
     ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
 ];
 
@@ -162,7 +164,15 @@ fn on_path(command: &str) -> bool {
         || ["/usr/sbin", "/sbin"].iter().any(|dir| Path::new(dir).join(command).is_file())
 }
 
+/// Whether what a package provides is here: a path, a `dpkg:PACKAGE`
+/// installed, or a command on PATH.
 fn present(provides: &str) -> bool {
+    if let Some(package) = provides.strip_prefix("dpkg:") {
+        return Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", package])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"));
+    }
     if provides.starts_with('/') { Path::new(provides).exists() } else { on_path(provides) }
 }
 
