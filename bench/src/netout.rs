@@ -96,23 +96,9 @@ const TARGET: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
 /// `TARGET`: (host, container namespace, external namespace).
 fn outside_topology() -> (integration_tests::topology::Host, NetNs) {
     let host = integration_tests::topology::Host::new(1);
-    let ext = NetNs::new(unique_name("x"));
-    host.ns.ip(&[
-        "link",
-        "add",
-        "extlink",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        ext.name(),
-    ]);
-    host.ns.ip(&["addr", "add", "198.19.255.254/24", "dev", "extlink"]);
-    host.ns.ip(&["link", "set", "extlink", "up"]);
-    ext.ip(&["addr", "add", &format!("{TARGET}/24"), "dev", "eth0"]);
-    ext.ip(&["link", "set", "eth0", "up"]);
+    let target = format!("{TARGET}/24");
+    let ext =
+        integration_tests::topology::outside(&host.ns, "extlink", "198.19.255.254/24", &[&target]);
     ext.ip(&["route", "add", "default", "via", "198.19.255.254"]);
     (host, ext)
 }

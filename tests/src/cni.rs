@@ -70,44 +70,30 @@ impl Plugin<'_> {
         args: &str,
         config: &Value,
     ) -> Outcome {
-        run_binary(self, host, command, id, netns, ifname, args, config)
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_binary(
-    plugin: &Plugin,
-    host: &NetNs,
-    command: &str,
-    id: &str,
-    netns: Option<&Path>,
-    ifname: &str,
-    args: &str,
-    config: &Value,
-) -> Outcome {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", host.path().display()))
-        .arg(plugin.bin)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", id)
-        .env("CNI_IFNAME", ifname)
-        .env("CNI_ARGS", args)
-        .env("CNI_PATH", plugin.cni_path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(netns) = netns {
-        cmd.env("CNI_NETNS", netns);
-    }
-    let mut child = cmd.spawn().expect("run policy-cni");
-    child.stdin.take().unwrap().write_all(config.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    Outcome {
-        ok: out.status.success(),
-        out: serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", host.path().display()))
+            .arg(self.bin)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_IFNAME", ifname)
+            .env("CNI_ARGS", args)
+            .env("CNI_PATH", self.cni_path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(netns) = netns {
+            cmd.env("CNI_NETNS", netns);
+        }
+        let mut child = cmd.spawn().expect("run policy-cni");
+        child.stdin.take().unwrap().write_all(config.to_string().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        Outcome {
+            ok: out.status.success(),
+            out: serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 }
 

@@ -106,3 +106,29 @@ impl Drop for Host {
         self.containers.clear();
     }
 }
+
+/// A namespace outside `host` (not a container: a client or a server
+/// beyond the host's uplink), joined by a veth: `ifname` in `host` with
+/// `host_cidr`, `eth0` outside with `outside_cidrs`.
+pub fn outside(host: &NetNs, ifname: &str, host_cidr: &str, outside_cidrs: &[&str]) -> NetNs {
+    let outside = NetNs::new(crate::unique_name("x"));
+    host.ip(&[
+        "link",
+        "add",
+        ifname,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        outside.name(),
+    ]);
+    host.ip(&["addr", "add", host_cidr, "dev", ifname]);
+    host.ip(&["link", "set", ifname, "up"]);
+    for cidr in outside_cidrs {
+        outside.ip(&["addr", "add", cidr, "dev", "eth0"]);
+    }
+    outside.ip(&["link", "set", "eth0", "up"]);
+    outside
+}

@@ -67,25 +67,7 @@ fn assert_nothing_left(daemon: &Daemon, host: &NetNs) {
 fn host_with_outside(ifname: &str, host_cidr: &str, outside_cidrs: &[&str]) -> (NetNs, NetNs) {
     let host = NetNs::new(integration_tests::unique_name("h"));
     host.sysctl("net.ipv4.ip_forward", "1");
-    let outside = NetNs::new(integration_tests::unique_name("x"));
-    host.ip(&[
-        "link",
-        "add",
-        ifname,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        outside.name(),
-    ]);
-    host.ip(&["addr", "add", host_cidr, "dev", ifname]);
-    host.ip(&["link", "set", ifname, "up"]);
-    for cidr in outside_cidrs {
-        outside.ip(&["addr", "add", cidr, "dev", "eth0"]);
-    }
-    outside.ip(&["link", "set", "eth0", "up"]);
+    let outside = integration_tests::topology::outside(&host, ifname, host_cidr, outside_cidrs);
     (host, outside)
 }
 
