@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use crate::{
     Maps,
     agent::FlowQuery,
+    api::wire,
     state::{State, tag_text},
 };
 
@@ -64,8 +65,20 @@ pub fn explain(maps: &Maps, state: &State, query: &FlowQuery) -> Value {
         "source": side(src, src_ep),
         "destination": side(dst, dst_ep),
         "protocol": protocol.name(),
-        "port": port,
     });
+    if protocol.has_ports() {
+        answer["port"] = json!(port);
+    } else {
+        let [icmp_type, code] = port.to_be_bytes();
+        answer["icmp_type"] = json!(icmp_type);
+        answer["icmp_code"] = json!(code);
+    }
+    let what = if protocol.has_ports() {
+        port.to_string()
+    } else {
+        let [icmp_type, code] = port.to_be_bytes();
+        format!("type {icmp_type} code {code}")
+    };
     let (src_app, dst_app) = (app_of(src, src_ep), app_of(dst, dst_ep));
     let name = |app: &Option<String>, ip: Ipv4Addr| app.clone().unwrap_or_else(|| ip.to_string());
 
@@ -110,7 +123,13 @@ pub fn explain(maps: &Maps, state: &State, query: &FlowQuery) -> Value {
         (Some(s), Some(d)) => state
             .policies()
             .filter(|(p, _)| &p.source == s && &p.destination == d)
-            .map(|(p, id)| json!({"id": id, "protocol": p.protocol.name(), "ports": {"start": p.start, "end": p.end}}))
+            .map(|(p, id)| {
+                // The policy's destination in the API's shape, its id the
+                // policy's.
+                let mut v = wire::policy_json(p)["destination"].take();
+                v["id"] = json!(id);
+                v
+            })
             .collect(),
         _ => Vec::new(),
     };
@@ -135,9 +154,10 @@ pub fn explain(maps: &Maps, state: &State, query: &FlowQuery) -> Value {
         }
         Check::Allowed { policy_id, .. } => {
             let policy = state.policies().find(|(_, id)| *id == policy_id).map(|(p, _)| p.clone());
-            let ports = policy
-                .as_ref()
-                .map_or(String::new(), |p| format!(" {} {}-{}", p.protocol.name(), p.start, p.end));
+            let ports = policy.as_ref().map_or(String::new(), |p| {
+                let destination = wire::policy_json(p)["destination"].take();
+                format!(" {} {}", p.protocol.name(), wire::destination_text(&destination))
+            });
             answer["policy_id"] = json!(policy_id);
             (
                 "allowed",
@@ -153,10 +173,7 @@ pub fn explain(maps: &Maps, state: &State, query: &FlowQuery) -> Value {
             let same_protocol: Vec<String> = between
                 .iter()
                 .filter(|p| p["protocol"] == protocol.name())
-                .map(|p| {
-                    let (s, e) = (&p["ports"]["start"], &p["ports"]["end"]);
-                    if s == e { s.to_string() } else { format!("{s}-{e}") }
-                })
+                .map(wire::destination_text)
                 .collect();
             let message = if same_protocol.is_empty() && between.is_empty() {
                 format!(
@@ -173,7 +190,7 @@ pub fn explain(maps: &Maps, state: &State, query: &FlowQuery) -> Value {
                 )
             } else {
                 format!(
-                    "denied: {} allows {} on {} {}, not {port}",
+                    "denied: {} allows {} on {} {}, not {what}",
                     name(&dst_app, dst),
                     name(&src_app, src),
                     protocol.name(),

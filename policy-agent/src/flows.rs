@@ -205,7 +205,7 @@ pub fn render(event: &FlowEvent, wall: SystemTime, names: &Names) -> FlowLine {
         }
         v
     };
-    let json = json!({
+    let mut json = json!({
         "timestamp": humantime::format_rfc3339_nanos(wall).to_string(),
         "source": "policy-agent",
         "message": format!("policy-agent.{dir}-{}", if allowed { "allowed" } else { "denied" }),
@@ -227,6 +227,15 @@ pub fn render(event: &FlowEvent, wall: SystemTime, names: &Names) -> FlowLine {
             "policy_id": (event.policy_id != 0).then_some(event.policy_id),
         },
     });
+    if event.protocol == proto::ICMP {
+        // The programs carry an ICMP message's identifier and type/code in
+        // the port fields (policy_common::packet::Flow); say what they are.
+        let [icmp_type, code] = event.dport.to_be_bytes();
+        let packet = &mut json["data"]["packet"];
+        packet["icmp_type"] = json!(icmp_type);
+        packet["icmp_code"] = json!(code);
+        packet["icmp_id"] = json!(event.sport);
+    }
     FlowLine { json: json.to_string(), allowed, src_app, dst_app }
 }
 

@@ -49,6 +49,13 @@ impl PacketSpec {
         Self::new(src, dst, proto::UDP, sport, dport)
     }
 
+    /// An ICMP message of `icmp_type` and `code` with identifier `id` (the
+    /// ports as [`crate::packet::Flow`] has them for ICMP).
+    pub fn icmp(src: [u8; 4], dst: [u8; 4], icmp_type: u8, code: u8, id: u16) -> Self {
+        let port = crate::packet::icmp_port(icmp_type, code);
+        Self::new(src, dst, proto::ICMP, id, port)
+    }
+
     /// The L4 header (and payload) as it follows the IP header.
     fn l4(&self) -> Vec<u8> {
         let mut l4 = Vec::new();
@@ -69,7 +76,17 @@ impl PacketSpec {
                 l4.extend_from_slice(&len.to_be_bytes());
                 l4.extend_from_slice(&[0, 0]);
             }
-            proto::ICMP => l4.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]), // echo request
+            proto::ICMP => {
+                // type, code, checksum, identifier, sequence 1; the
+                // checksum covers the payload too.
+                let [icmp_type, code] = self.dport.to_be_bytes();
+                let [id_hi, id_lo] = self.sport.to_be_bytes();
+                let mut message = std::vec![icmp_type, code, 0, 0, id_hi, id_lo, 0, 1];
+                message.extend_from_slice(&self.payload);
+                let sum = checksum(&message).to_be_bytes();
+                message[2..4].copy_from_slice(&sum);
+                return message;
+            }
             _ => {}
         }
         l4.extend_from_slice(&self.payload);
@@ -118,7 +135,7 @@ pub fn icmp_unreachable(src: [u8; 4], dst: [u8; 4], about: &PacketSpec) -> Packe
     let quoted_len = quoted.len().min(20 + about.ip_options.len() + 8);
     let mut payload = std::vec![3, 3, 0, 0, 0, 0, 0, 0];
     payload.extend_from_slice(&quoted[..quoted_len]);
-    PacketSpec { payload, raw_l4: true, ..PacketSpec::new(src, dst, proto::ICMP, 0, 0) }
+    PacketSpec { payload, raw_l4: true, ..PacketSpec::new(src, dst, proto::ICMP, 0, 0x0303) }
 }
 
 /// Wraps an IPv4 packet in an Ethernet header.

@@ -2,11 +2,12 @@
 //! map contents. The kernel programs call these functions with their maps
 //! behind [`Lookups`]; the host tests call them with in-memory tables.
 
+use crate::maps::proto;
 use crate::maps::{
     Attachment, Conn, ConnKey, EndpointValue, FragmentKey, PairKey, PortRules, endpoint_flags,
     origin,
 };
-use crate::packet::{Flow, Parsed};
+use crate::packet::{Flow, Parsed, icmp_port, icmp_query};
 use crate::verdict::{Reason, Verdict};
 
 /// Read access to the maps the destination-side decision consults.
@@ -68,8 +69,37 @@ impl Decision {
 
 impl ConnKey {
     /// The connection a packet belongs to, and which end of it sent the packet.
+    ///
+    /// An ICMP query and its answer are one connection: the key holds the
+    /// two addresses (lower first), the identifier as `port_lo`, and as
+    /// `port_hi` the request's type and which address asked
+    /// (`icmp_port(request, 1 if the lower one)`), whichever of the pair the
+    /// packet is. So an echo request the other way with the same identifier
+    /// is another exchange, and the key rebuilds the request
+    /// ([`ConnKey::opening_flow`]) for a re-check. Only requests open
+    /// exchanges (see [`Flow::opens_connection`]).
     #[inline(always)]
     pub fn of(flow: &Flow) -> (ConnKey, u32) {
+        if flow.protocol == proto::ICMP {
+            let sender_is_lo = flow.saddr <= flow.daddr;
+            let port_hi = match icmp_query((flow.dport >> 8) as u8) {
+                Some(q) => icmp_port(q.request, (sender_is_lo != q.is_reply) as u8),
+                None => flow.dport,
+            };
+            let (addr_lo, addr_hi, side) = if sender_is_lo {
+                (flow.saddr, flow.daddr, origin::LO)
+            } else {
+                (flow.daddr, flow.saddr, origin::HI)
+            };
+            let key = ConnKey {
+                addr_lo,
+                addr_hi,
+                port_lo: flow.sport,
+                port_hi,
+                protocol: u32::from(proto::ICMP),
+            };
+            return (key, side);
+        }
         let sender_is_lo = (flow.saddr, flow.sport) <= (flow.daddr, flow.dport);
         let (addr_lo, port_lo, addr_hi, port_hi, side) = if sender_is_lo {
             (flow.saddr, flow.sport, flow.daddr, flow.dport, origin::LO)
@@ -84,6 +114,15 @@ impl ConnKey {
     /// The first packet of the connection, as the end `origin` sent it.
     #[inline(always)]
     pub fn opening_flow(&self, origin: u32) -> Flow {
+        if self.protocol == u32::from(proto::ICMP) {
+            let (saddr, daddr) = if origin == origin::LO {
+                (self.addr_lo, self.addr_hi)
+            } else {
+                (self.addr_hi, self.addr_lo)
+            };
+            let (sport, dport) = (self.port_lo, self.port_hi & 0xff00);
+            return Flow { saddr, daddr, sport, dport, protocol: proto::ICMP };
+        }
         let (saddr, sport, daddr, dport) = if origin == origin::LO {
             (self.addr_lo, self.port_lo, self.addr_hi, self.port_hi)
         } else {
@@ -214,10 +253,14 @@ fn decide_flow<T: Lookups>(
         Check::Unmanaged => Decision::just(Verdict::Pass(Reason::Unmanaged)),
         Check::Allowed { policy_id, src_tag, dst_tag } => Decision {
             verdict: Verdict::Pass(Reason::NewAllowed),
-            conn: ConnUpdate::Insert(
-                key,
-                Conn { epoch, policy_id, origin: side, pending_packets: 0, pending_bytes: 0 },
-            ),
+            conn: if flow.opens_connection() {
+                ConnUpdate::Insert(
+                    key,
+                    Conn { epoch, policy_id, origin: side, pending_packets: 0, pending_bytes: 0 },
+                )
+            } else {
+                ConnUpdate::None
+            },
             record_fragment: fragment,
             policy_id,
             src_tag,
@@ -298,7 +341,7 @@ pub fn track_outgoing<T: Lookups>(tables: &T, parsed: &Parsed) -> ConnUpdate {
         return ConnUpdate::None;
     }
     let (key, side) = ConnKey::of(&flow);
-    if tables.conn(&key).is_some() {
+    if !flow.opens_connection() || tables.conn(&key).is_some() {
         return ConnUpdate::None;
     }
     match check_flow(tables, &flow) {

@@ -18,8 +18,12 @@ impl PacketBytes for [u8] {
 }
 
 /// The 5-tuple of a packet. Addresses in wire order, ports in host order
-/// (see [`crate::maps`]). Protocols without ports (ICMP echo, GRE, ...) have
-/// both ports 0.
+/// (see [`crate::maps`]). ICMP messages other than errors stand in ports'
+/// place as policies match them: `dport` is `type << 8 | code` (what an icmp
+/// policy's range holds, see [`icmp_port`]) and `sport` the query's
+/// identifier (echo, timestamp, information and address-mask messages; 0 for
+/// other types), which pairs a reply with its request. Other protocols
+/// without ports (GRE, ...) have both ports 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Flow {
     pub saddr: u32,
@@ -58,6 +62,63 @@ const IP_OFFSET_MASK: u16 = 0x1fff;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
+
+/// The "port" an ICMP message of `icmp_type` and `code` has for policies:
+/// an icmp policy allowing a type and code holds the range of one such
+/// value, a type with any code `type << 8 ..= type << 8 | 0xff`.
+#[inline(always)]
+pub const fn icmp_port(icmp_type: u8, code: u8) -> u16 {
+    (icmp_type as u16) << 8 | code as u16
+}
+
+/// ICMP query types that come in request/reply pairs with an identifier
+/// (RFC 792, RFC 950): echo, timestamp, information, address mask. The
+/// answer to `request` is `request - 8` for echo and `request + 1` for the
+/// others.
+#[inline(always)]
+pub const fn icmp_query(icmp_type: u8) -> Option<IcmpQuery> {
+    match icmp_type {
+        8 | 13 | 15 | 17 => Some(IcmpQuery { request: icmp_type, is_reply: false }),
+        0 => Some(IcmpQuery { request: 8, is_reply: true }),
+        14 | 16 | 18 => Some(IcmpQuery { request: icmp_type - 1, is_reply: true }),
+        _ => None,
+    }
+}
+
+/// See [`icmp_query`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpQuery {
+    /// The type of the request of the pair.
+    pub request: u8,
+    /// This message is the answer.
+    pub is_reply: bool,
+}
+
+impl Flow {
+    /// Whether an allowed packet like this one starts something whose
+    /// answers must pass: every TCP and UDP flow; of ICMP, only query
+    /// requests (echo, ...). An ICMP answer or a one-way message (router
+    /// advertisement, ...) that a policy allows passes on its own, tracking
+    /// nothing.
+    #[inline(always)]
+    pub fn opens_connection(&self) -> bool {
+        self.protocol != proto::ICMP
+            || match icmp_query((self.dport >> 8) as u8) {
+                Some(q) => !q.is_reply,
+                None => false,
+            }
+    }
+}
+
+/// `sport` and `dport` of an ICMP message (see [`Flow`]) whose header
+/// starts at `l4`, or `None` if its first 8 bytes are not there.
+#[inline(always)]
+fn icmp_ports<B: PacketBytes + ?Sized>(bytes: &B, l4: usize) -> Option<(u16, u16)> {
+    let [icmp_type, code, _, _] = bytes.read::<4>(l4)?;
+    let [id_hi, id_lo, _, _] = bytes.read::<4>(l4 + 4)?;
+    let id = if icmp_query(icmp_type).is_some() { u16::from_be_bytes([id_hi, id_lo]) } else { 0 };
+    Some((id, icmp_port(icmp_type, code)))
+}
 
 /// Parses an Ethernet frame (TC programs see one).
 #[inline(always)]
@@ -168,7 +229,10 @@ pub fn parse_ipv4<B: PacketBytes + ?Sized>(bytes: &B, l3: usize) -> Parsed {
                         None => Parsed::Malformed,
                     }
                 }
-                _ => Parsed::Flow { flow: flow(0, 0), fragment },
+                _ => match icmp_ports(bytes, l4) {
+                    Some((sport, dport)) => Parsed::Flow { flow: flow(sport, dport), fragment },
+                    None => Parsed::Malformed,
+                },
             }
         }
         _ => Parsed::Flow { flow: flow(0, 0), fragment },
@@ -181,6 +245,7 @@ fn icmp_error_subject<B: PacketBytes + ?Sized>(bytes: &B, inner: usize) -> Optio
     let ip = ipv4_header(bytes, inner)?;
     let (sport, dport) = match ip.protocol {
         proto::TCP | proto::UDP => ports(bytes, inner + ip.hlen)?,
+        proto::ICMP => icmp_ports(bytes, inner + ip.hlen)?,
         _ => (0, 0),
     };
     Some(Flow { saddr: ip.saddr, daddr: ip.daddr, sport, dport, protocol: ip.protocol })

@@ -20,7 +20,7 @@ pub struct Allowance {
 /// Why a set of ranges cannot be stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PortsError {
-    /// Port 0, or `start > end`.
+    /// `start > end`.
     InvalidRange { start: u16, end: u16 },
     /// More distinct ranges than one pair can hold.
     TooManyRanges { limit: usize },
@@ -60,7 +60,7 @@ impl PortRules {
         let mut rules = PortRules::EMPTY;
         let mut len = 0usize;
         for a in allowances {
-            if a.start == 0 || a.start > a.end {
+            if a.start > a.end {
                 return Err(PortsError::InvalidRange { start: a.start, end: a.end });
             }
             if let Some(same) =
@@ -202,10 +202,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_ranges_and_overflow() {
-        assert_eq!(
-            PortRules::build(&[allow(0, 10, 1)]),
-            Err(PortsError::InvalidRange { start: 0, end: 10 })
-        );
+        // 0 is a value like any other here (an icmp policy for echo
+        // replies, type 0); TCP and UDP ports are checked by the agent.
+        assert_eq!(PortRules::build(&[allow(0, 10, 1)]).unwrap().find(0), Some(1));
         assert_eq!(
             PortRules::build(&[allow(10, 9, 1)]),
             Err(PortsError::InvalidRange { start: 10, end: 9 })

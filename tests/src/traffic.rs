@@ -322,3 +322,11 @@ fn serve_http(
         }
     })
 }
+
+/// Whether `ping -c 1` from `ns` to `to` gets an answer within a second.
+pub fn ping(ns: &NetNs, to: Ipv4Addr) -> bool {
+    ns.command("ping")
+        .args(["-c", "1", "-W", "1", &to.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}

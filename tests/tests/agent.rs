@@ -8,7 +8,7 @@ use integration_tests::{
     require_root,
     topology::Host,
     traffic::{
-        LONG, SHORT, SteadyFlows, echo_once, tcp_connect, tcp_echo_server, tcp_echo_works,
+        LONG, SHORT, SteadyFlows, echo_once, ping, tcp_connect, tcp_echo_server, tcp_echo_works,
         udp_echo_server, udp_echo_works, udp_socket,
     },
 };
@@ -409,4 +409,91 @@ fn more_port_ranges_than_a_pair_holds_is_a_400() {
         "{reply}"
     );
     assert_eq!(daemon.curl("GET", POLICIES, None).1["total_policies"], 0);
+}
+
+#[test]
+fn icmp_policies_allow_ping_by_type_and_its_replies() {
+    require_root();
+    let host = Host::new(2);
+    let daemon = Daemon::start(&host.ns, "");
+    add_endpoint(&daemon, &host, 0, "frontend");
+    add_endpoint(&daemon, &host, 1, "backend");
+    let (a, b) = (host.container(0), host.container(1));
+    let icmp = |verb: &str, extra: &[&str]| {
+        let mut args = vec![verb, "frontend", "--destination-app", "backend", "--protocol", "icmp"];
+        args.extend_from_slice(extra);
+        daemon.cli_ok(&args)
+    };
+    assert!(!ping(&a.ns, b.ip), "denied without a policy");
+    // A TCP policy on every port allows no ICMP; a timestamp policy no echo.
+    daemon.allow("frontend", "backend", "tcp", "1-65535");
+    icmp("add-network-policy", &["--icmp-type", "13"]);
+    assert!(!ping(&a.ns, b.ip), "type 13 does not allow echo requests");
+    let added = icmp("add-network-policy", &["--icmp-type", "8"]);
+    assert!(added.contains("icmp type 8"), "{added}");
+    assert!(ping(&a.ns, b.ip), "echo request allowed, its reply came back");
+    assert!(!ping(&b.ns, a.ip), "the other way needs its own policy");
+
+    // Listed in the API with icmp_type in place of ports, in the CLI's table,
+    // and explained.
+    let (_, listed) = daemon.curl("GET", &format!("{POLICIES}?source_id=frontend"), None);
+    let destinations: Vec<&Value> =
+        listed["policies"].as_array().unwrap().iter().map(|p| &p["destination"]).collect();
+    assert!(
+        destinations.contains(&&json!({"id": "backend", "protocol": "icmp", "icmp_type": 8})),
+        "{listed}"
+    );
+    let table = daemon.cli_ok(&["network-policies", "--source", "frontend"]);
+    assert!(table.contains("type 8") && table.contains("type 13"), "{table}");
+    let (a_ip, b_ip) = (a.ip.to_string(), b.ip.to_string());
+    let explained = daemon.cli_ok(&["explain", &a_ip, &b_ip, "icmp", "8", "--json"]);
+    let explained: Value = serde_json::from_str(&explained).unwrap();
+    assert_eq!(explained["verdict"], "allowed", "{explained}");
+    let explained = daemon.cli_ok(&["explain", &b_ip, &a_ip, "icmp", "8"]);
+    assert!(explained.contains("denied"), "{explained}");
+
+    // Refused, naming the problem: ports on icmp, a code with no type, a type
+    // out of range, ICMP fields on tcp, a TLS-only icmp policy.
+    let body = |destination: Value| {
+        json!({"policies": [{"source": {"id": "frontend"}, "destination": destination}]})
+            .to_string()
+    };
+    for (destination, field) in [
+        (json!({"id": "backend", "protocol": "icmp", "ports": {"start": 1, "end": 2}}), "ports"),
+        (json!({"id": "backend", "protocol": "icmp", "icmp_code": 0}), "icmp_code"),
+        (json!({"id": "backend", "protocol": "icmp", "icmp_type": 256}), "icmp_type"),
+        (json!({"id": "backend", "protocol": "tcp", "port": 80, "icmp_type": 8}), "icmp_type"),
+    ] {
+        let (status, answer) = daemon.curl("POST", POLICIES, Some(&body(destination.clone())));
+        assert_eq!(status, 400, "{destination}: {answer}");
+        assert!(answer.to_string().contains(field), "{destination}: {answer}");
+    }
+    let out = daemon.cli(&[
+        "add-network-policy",
+        "frontend",
+        "--destination-app",
+        "backend",
+        "--protocol",
+        "icmp",
+        "--port",
+        "80",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no ports"));
+
+    // Removed with the same verb: denied again. A policy for all of ICMP
+    // (no type) allows echo too.
+    icmp("remove-network-policy", &["--icmp-type", "8"]);
+    assert!(!ping(&a.ns, b.ip), "removed");
+    icmp("add-network-policy", &[]);
+    assert!(ping(&a.ns, b.ip), "every ICMP type");
+    let (_, listed) = daemon.curl("GET", &format!("{POLICIES}?source_id=frontend"), None);
+    assert!(
+        listed["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["destination"] == json!({"id": "backend", "protocol": "icmp"})),
+        "{listed}"
+    );
 }

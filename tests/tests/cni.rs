@@ -10,7 +10,8 @@ use integration_tests::{
     netns::NetNs,
     require_root,
     traffic::{
-        LONG, SHORT, tcp_echo_server, tcp_echo_works, udp_echo_server, udp_echo_works, udp_socket,
+        LONG, SHORT, ping, tcp_echo_server, tcp_echo_works, udp_echo_server, udp_echo_works,
+        udp_socket,
     },
 };
 use serde_json::{Value, json};
@@ -404,14 +405,6 @@ fn netin_port_mappings_reach_the_container_and_go_with_it() {
     assert!(del.ok, "{}", del.out);
     assert!(!tcp_echo_works(&client, host_ip, 61001, SHORT), "no mapping after DEL");
     assert_nothing_left(&daemon, &host);
-}
-
-/// Whether `ping -c 1` from `ns` to `to` gets an answer within a second.
-fn ping(ns: &NetNs, to: Ipv4Addr) -> bool {
-    ns.command("ping")
-        .args(["-c", "1", "-W", "1", &to.to_string()])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 /// Flow event reasons the agent has seen (`GET /v1/flows`).

@@ -145,17 +145,14 @@ fn unmanaged_and_non_ip_traffic_passes() {
         ipv6,
         PacketSpec::tcp(OUTSIDE, B, 1, 22).frame(),
         PacketSpec::udp(B, OUTSIDE, 53, 53).frame(),
-        PacketSpec::new(OUTSIDE, B, proto::ICMP, 0, 0).frame(),
+        PacketSpec::icmp(OUTSIDE, B, 8, 0, 1).frame(),
     ] {
         assert_eq!(f.entering_container(&frame), TC_ACT_OK);
     }
     assert_eq!(f.count(Reason::NotIpv4), 2);
     assert_eq!(f.count(Reason::Unmanaged), 3);
-    // Between endpoints, ICMP echo and other protocols have no policy.
-    assert_eq!(
-        f.entering_container(&PacketSpec::new(A, B, proto::ICMP, 0, 0).frame()),
-        TC_ACT_SHOT
-    );
+    // Between endpoints, ICMP echo and other protocols without a policy.
+    assert_eq!(f.entering_container(&PacketSpec::icmp(A, B, 8, 0, 1).frame()), TC_ACT_SHOT);
     assert_eq!(f.entering_container(&PacketSpec::new(A, B, 47, 0, 0).frame()), TC_ACT_SHOT);
 }
 
@@ -351,6 +348,9 @@ impl Model {
         if !self.tags.contains_key(&src) || !self.tags.contains_key(&dst) {
             return true;
         }
+        if protocol == proto::ICMP {
+            return self.deliver_icmp(src, sport, dst, dport);
+        }
         for opening in [(src, sport, dst, dport, protocol), (dst, dport, src, sport, protocol)] {
             if self.conns.contains(&opening) {
                 if self.allowed(opening.0, opening.2, protocol, opening.3) {
@@ -365,6 +365,32 @@ impl Model {
             return true;
         }
         false
+    }
+
+    /// ICMP echo (type 8, `dport` 0x0800) and echo reply (type 0, `dport`
+    /// 0) with identifier `id`: a request a policy allows opens an exchange
+    /// (requester, id, responder) whose replies pass while the request is
+    /// still allowed; a reply outside any exchange passes only if a policy
+    /// allows replies, and opens nothing.
+    fn deliver_icmp(&mut self, src: [u8; 4], id: u16, dst: [u8; 4], dport: u16) -> bool {
+        const ECHO: u16 = 0x0800;
+        let is_request = dport == ECHO;
+        let (requester, responder) = if is_request { (src, dst) } else { (dst, src) };
+        let exchange = (requester, id, responder, ECHO, proto::ICMP);
+        if self.conns.contains(&exchange) {
+            if self.allowed(requester, responder, proto::ICMP, ECHO) {
+                return true;
+            }
+            self.conns.remove(&exchange);
+            return false;
+        }
+        if !self.allowed(src, dst, proto::ICMP, dport) {
+            return false;
+        }
+        if is_request {
+            self.conns.insert(exchange);
+        }
+        true
     }
 }
 
@@ -398,7 +424,13 @@ fn program_agrees_with_a_reference_model_on_random_traffic() {
         let mut random_policy = |rng: &mut StdRng| {
             let start = *edges.choose(rng).unwrap();
             let end = start.saturating_add(*[0u16, 1, 10, 1000].choose(rng).unwrap());
-            let protocol = *[proto::TCP, proto::UDP].choose(rng).unwrap();
+            let protocol = *[proto::TCP, proto::UDP, proto::ICMP].choose(rng).unwrap();
+            // ICMP policies: every type, echo requests, echo replies.
+            let (start, end) = if protocol == proto::ICMP {
+                *[(0, u16::MAX), (0x0800, 0x08ff), (0, 0xff)].choose(rng).unwrap()
+            } else {
+                (start, end)
+            };
             let src = base_tag + rng.random_range(0..3);
             let dst = base_tag + rng.random_range(0..3);
             next_id += 1;
@@ -422,18 +454,29 @@ fn program_agrees_with_a_reference_model_on_random_traffic() {
             }
             let packet = if !sent.is_empty() && rng.random_bool(0.4) {
                 let (a, ap, b, bp, p) = *sent.choose(&mut rng).unwrap();
-                (b, bp, a, ap, p) // a reply
+                if p == proto::ICMP {
+                    // The answer (or, to a reply, a request) with the same id.
+                    (b, ap, a, bp ^ 0x0800, p)
+                } else {
+                    (b, bp, a, ap, p) // a reply
+                }
             } else {
                 let src = *addrs.choose(&mut rng).unwrap();
                 let dst = *addrs.choose(&mut rng).unwrap();
-                let protocol = *[proto::TCP, proto::UDP].choose(&mut rng).unwrap();
-                (
-                    src,
-                    rng.random_range(30000..30008),
-                    dst,
-                    *edges.choose(&mut rng).unwrap(),
-                    protocol,
-                )
+                let protocol = *[proto::TCP, proto::UDP, proto::ICMP].choose(&mut rng).unwrap();
+                if protocol == proto::ICMP {
+                    // Echo request or reply, identifier as the source port.
+                    let dport = *[0x0800u16, 0].choose(&mut rng).unwrap();
+                    (src, rng.random_range(1..4), dst, dport, protocol)
+                } else {
+                    (
+                        src,
+                        rng.random_range(30000..30008),
+                        dst,
+                        *edges.choose(&mut rng).unwrap(),
+                        protocol,
+                    )
+                }
             };
             let (src, sport, dst, dport, protocol) = packet;
             if src == dst {

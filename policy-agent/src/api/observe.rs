@@ -14,7 +14,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{Api, Reply, failure, invalid, ok, wire, with_agent};
 use crate::{
     agent::FlowQuery,
-    state::{Invalid, check_ports, parse_protocol},
+    state::{Invalid, check_icmp_types, check_ports, parse_protocol},
 };
 
 /// `GET /v1/status`.
@@ -91,15 +91,24 @@ fn parse_flow_query(query: &HashMap<String, String>) -> Result<FlowQuery, Invali
     let dst = wire::parse_ip("dst", required("dst")?)?;
     let from = query.get("from").map(|v| wire::parse_ip("from", v)).transpose()?;
     let protocol = parse_protocol("protocol", required("protocol")?)?;
-    let port_text = required("port")?;
-    let port: i64 = port_text
-        .parse()
-        .map_err(|_| Invalid::new("port", format!("{port_text:?} is not a number")))?;
-    let (port, _) = check_ports("port", port, port)?;
+    let number = |key: &str, text: &str| -> Result<i64, Invalid> {
+        text.parse().map_err(|_| Invalid::new(key, format!("{text:?} is not a number")))
+    };
+    // An ICMP message's "port" is its type and code, as the programs match it.
+    let port = if protocol.has_ports() {
+        let port = number("port", required("port")?)?;
+        check_ports("port", port, port)?.0
+    } else {
+        let icmp_type = number("icmp_type", required("icmp_type")?)?;
+        let code = query.get("icmp_code").map(|c| number("icmp_code", c)).transpose()?;
+        let types = check_icmp_types("query", Some(icmp_type), Some(code.unwrap_or(0)))?;
+        types.range().0
+    };
     Ok(FlowQuery { src, dst, protocol, port, from })
 }
 
-/// `GET /v1/explain?src=IP&dst=IP&protocol=tcp&port=N[&from=IP]`.
+/// `GET /v1/explain?src=IP&dst=IP&protocol=tcp&port=N[&from=IP]`; for
+/// icmp `icmp_type=T[&icmp_code=C]` (code 0 if absent) in place of `port`.
 pub async fn explain(
     State(api): State<Api>,
     Query(query): Query<HashMap<String, String>>,

@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 
 use crate::state::{
     AddressRange, Endpoint, INTERNAL_DOMAIN, IcmpMatch, Invalid, NetOutProtocol, NetOutRule,
-    Policy, PortMapping, PortSpan, Protocol, check_app_id, check_ports, parse_protocol,
+    Policy, PortMapping, PortSpan, Protocol, check_app_id, check_icmp_types, check_ports,
+    parse_protocol, parse_transport,
 };
 
 fn str_field<'a>(value: &'a Value, key: &str, field: &str) -> Result<&'a str, Invalid> {
@@ -71,7 +72,52 @@ fn parse_policy(p: &Value, at: &dyn Fn(&str) -> String) -> Result<Policy, Invali
     check_app_id(&at("destination.id"), dest_id)?;
     let protocol_field = at("destination.protocol");
     let protocol = parse_protocol(&protocol_field, str_field(dest, "protocol", &protocol_field)?)?;
-    let (start, end) = match (dest.get("ports"), dest.get("port")) {
+    let icmp_keys = ["icmp_type", "icmp_code"].map(|k| dest.get(k).filter(|v| !v.is_null()));
+    let (start, end) = if protocol.has_ports() {
+        if let Some(key) =
+            ["icmp_type", "icmp_code"].iter().zip(icmp_keys).find(|(_, v)| v.is_some())
+        {
+            return Err(Invalid::new(
+                at(&format!("destination.{}", key.0)),
+                format!("only icmp policies have one ({} policies have ports)", protocol.name()),
+            ));
+        }
+        transport_ports(dest, at)?
+    } else {
+        if dest.get("ports").is_some() || dest.get("port").is_some() {
+            return Err(Invalid::new(
+                at("destination.ports"),
+                "icmp policies have no ports: give icmp_type (and icmp_code), or neither for all ICMP",
+            ));
+        }
+        let number = |v: Option<&Value>, key: &str| {
+            v.map(|v| port_field(v, &at(&format!("destination.{key}")))).transpose()
+        };
+        let icmp_type = number(icmp_keys[0], "icmp_type")?;
+        let code = number(icmp_keys[1], "icmp_code")?;
+        check_icmp_types(&at("destination"), icmp_type, code)?.range()
+    };
+    let tls_only = match p.get("tls_only") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(Invalid::new(at("tls_only"), "must be true or false")),
+    };
+    if tls_only && !protocol.has_ports() {
+        return Err(Invalid::new(at("tls_only"), "a TLS-only policy must be tcp"));
+    }
+    Ok(Policy {
+        source: source_id.to_owned(),
+        destination: dest_id.to_owned(),
+        protocol,
+        start,
+        end,
+        tls_only,
+    })
+}
+
+/// A tcp or udp policy's `ports` (or the older single `port`).
+fn transport_ports(dest: &Value, at: &dyn Fn(&str) -> String) -> Result<(u16, u16), Invalid> {
+    Ok(match (dest.get("ports"), dest.get("port")) {
         (Some(ports @ Value::Object(_)), _) => {
             let start = port_field(
                 ports.get("start").unwrap_or(&Value::Null),
@@ -93,32 +139,43 @@ fn parse_policy(p: &Value, at: &dyn Fn(&str) -> String) -> Result<Policy, Invali
             check_ports(&at("destination.port"), port, port)?
         }
         (None, None) => return Err(Invalid::new(at("destination.ports"), "missing")),
-    };
-    let tls_only = match p.get("tls_only") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(Invalid::new(at("tls_only"), "must be true or false")),
-    };
-    Ok(Policy {
-        source: source_id.to_owned(),
-        destination: dest_id.to_owned(),
-        protocol,
-        start,
-        end,
-        tls_only,
     })
 }
 
-/// One policy in Cloud Foundry's shape.
+/// One policy in Cloud Foundry's shape; an icmp policy has `icmp_type` and
+/// `icmp_code` (where it names them) in place of `ports`.
 pub fn policy_json(p: &Policy) -> Value {
-    let mut v = json!({
-        "source": {"id": p.source},
-        "destination": {"id": p.destination, "protocol": p.protocol.name(), "ports": {"start": p.start, "end": p.end}},
-    });
+    let mut destination = json!({"id": p.destination, "protocol": p.protocol.name()});
+    match p.icmp_types() {
+        Some(icmp) => {
+            if let Some(t) = icmp.icmp_type {
+                destination["icmp_type"] = json!(t);
+            }
+            if let Some(c) = icmp.code {
+                destination["icmp_code"] = json!(c);
+            }
+        }
+        None => destination["ports"] = json!({"start": p.start, "end": p.end}),
+    }
+    let mut v = json!({"source": {"id": p.source}, "destination": destination});
     if p.tls_only {
         v["tls_only"] = json!(true);
     }
     v
+}
+
+/// What a policy's destination allows, as the CLI prints it: `8080`,
+/// `8080-8090`, `type 8`, `type 3 code 13`, `any`.
+pub fn destination_text(destination: &Value) -> String {
+    if destination["protocol"] == "icmp" {
+        return match (&destination["icmp_type"], &destination["icmp_code"]) {
+            (Value::Null, _) => "any".into(),
+            (t, Value::Null) => format!("type {t}"),
+            (t, c) => format!("type {t} code {c}"),
+        };
+    }
+    let (start, end) = (&destination["ports"]["start"], &destination["ports"]["end"]);
+    if start == end { start.to_string() } else { format!("{start}-{end}") }
 }
 
 /// `{"policies": [...]}`: the body of a policy write.
@@ -280,7 +337,7 @@ pub fn parse_port_mappings(v: &Value) -> Result<Vec<PortMapping>, Invalid> {
             };
             let protocol = match m.get("protocol").and_then(Value::as_str) {
                 None => Protocol::Tcp,
-                Some(p) => parse_protocol(&format!("{field}.protocol"), p)?,
+                Some(p) => parse_transport(&format!("{field}.protocol"), p)?,
             };
             Ok(PortMapping {
                 host_port: port(["host_port", "hostPort"])?,
@@ -366,6 +423,26 @@ mod tests {
     }
 
     #[test]
+    fn icmp_policies_round_trip_with_type_and_code() {
+        for destination in [
+            json!({"id": "b", "protocol": "icmp"}),
+            json!({"id": "b", "protocol": "icmp", "icmp_type": 0}),
+            json!({"id": "b", "protocol": "icmp", "icmp_type": 8}),
+            json!({"id": "b", "protocol": "icmp", "icmp_type": 3, "icmp_code": 13}),
+        ] {
+            let body = json!({"policies": [{"source": {"id": "a"}, "destination": destination}]});
+            let policies = parse_policies(&body).unwrap();
+            assert_eq!(policies[0].protocol, Protocol::Icmp);
+            assert_eq!(policy_json(&policies[0])["destination"], destination);
+        }
+        let echo = json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "icmp", "icmp_type": 8}}]});
+        let policy = &parse_policies(&echo).unwrap()[0];
+        // What the kernel matches: type << 8 | code, any code.
+        assert_eq!((policy.start, policy.end), (0x0800, 0x08ff));
+        assert_eq!(destination_text(&policy_json(policy)["destination"]), "type 8");
+    }
+
+    #[test]
     fn routes_and_endpoints_round_trip() {
         let route = parse_route(&json!({"app": "b", "hostname": "api"})).unwrap();
         assert_eq!(route.domain, INTERNAL_DOMAIN);
@@ -399,8 +476,28 @@ mod tests {
                 "policies[0].source.id",
             ),
             (
-                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "icmp", "ports": {"start": 1, "end": 1}}}]}),
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "sctp", "ports": {"start": 1, "end": 1}}}]}),
                 "policies[0].destination.protocol",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "icmp", "ports": {"start": 1, "end": 1}}}]}),
+                "policies[0].destination.ports",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "icmp", "icmp_code": 1}}]}),
+                "policies[0].destination.icmp_code",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "icmp", "icmp_type": -1}}]}),
+                "policies[0].destination.icmp_type",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "udp", "port": 53, "icmp_type": 8}}]}),
+                "policies[0].destination.icmp_type",
+            ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "icmp"}, "tls_only": true}]}),
+                "policies[0].tls_only",
             ),
             (
                 json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "tcp", "ports": {"start": 0, "end": 1}}}]}),

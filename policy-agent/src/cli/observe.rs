@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use policy_agent::client::Client;
+use policy_agent::{api::wire, client::Client};
 use serde_json::Value;
 
 use policy_agent::state::Protocol;
@@ -76,9 +76,14 @@ impl FlowsArgs {
 pub struct ExplainArgs {
     src_ip: Ipv4Addr,
     dst_ip: Ipv4Addr,
+    /// tcp, udp or icmp.
     #[arg(value_enum)]
     protocol: Protocol,
+    /// The destination port; for icmp, the ICMP type (8: echo request).
     port: u16,
+    /// icmp only: the ICMP code (default 0).
+    #[arg(long)]
+    icmp_code: Option<u8>,
     /// The endpoint whose veth the packet leaves, if not SRC_IP's own
     /// (explains anti-spoofing drops).
     #[arg(long)]
@@ -91,10 +96,20 @@ pub struct ExplainArgs {
 impl ExplainArgs {
     pub fn run(self, client: &Client) -> Result<()> {
         let protocol = self.protocol.name();
-        let mut path = format!(
-            "/v1/explain?src={}&dst={}&protocol={protocol}&port={}",
-            self.src_ip, self.dst_ip, self.port
-        );
+        let mut path = if self.protocol.has_ports() {
+            format!(
+                "/v1/explain?src={}&dst={}&protocol={protocol}&port={}",
+                self.src_ip, self.dst_ip, self.port
+            )
+        } else {
+            format!(
+                "/v1/explain?src={}&dst={}&protocol={protocol}&icmp_type={}&icmp_code={}",
+                self.src_ip,
+                self.dst_ip,
+                self.port,
+                self.icmp_code.unwrap_or(0)
+            )
+        };
         if let Some(from) = self.from {
             path.push_str(&format!("&from={from}"));
         }
@@ -121,10 +136,9 @@ impl ExplainArgs {
             .flatten()
             .map(|p| {
                 format!(
-                    "{} {}-{} (policy {})",
+                    "{} {} (policy {})",
                     p["protocol"].as_str().unwrap_or("?"),
-                    p["ports"]["start"],
-                    p["ports"]["end"],
+                    wire::destination_text(p),
                     p["id"]
                 )
             })

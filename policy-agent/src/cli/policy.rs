@@ -6,7 +6,7 @@ use clap::Args;
 use policy_agent::{
     api::wire,
     client::Client,
-    state::{Policy, Protocol, parse_port_range},
+    state::{IcmpTypes, Policy, Protocol, parse_port_range},
 };
 
 use super::call;
@@ -18,19 +18,53 @@ pub struct PolicyArgs {
     /// The app that accepts them.
     #[arg(long)]
     destination_app: String,
+    /// tcp, udp, or icmp (an extension of Cloud Foundry's verbs).
     #[arg(long, value_enum)]
     protocol: Protocol,
-    /// PORT or START-END (1-65535).
-    #[arg(long)]
-    port: String,
+    /// PORT or START-END (1-65535); tcp and udp only.
+    #[arg(long, required_if_eq_any([("protocol", "tcp"), ("protocol", "udp")]))]
+    port: Option<String>,
+    /// icmp only: the ICMP type allowed (8: echo request, as ping sends);
+    /// without it, every ICMP message. Replies to an allowed request pass.
+    #[arg(long, value_parser = clap::value_parser!(u8))]
+    icmp_type: Option<u8>,
+    /// icmp only: the ICMP code within --icmp-type; without it, any code.
+    #[arg(long, requires = "icmp_type", value_parser = clap::value_parser!(u8))]
+    icmp_code: Option<u8>,
     /// Allow only the platform TLS port (61443) fronting PORT, not PORT.
     #[arg(long)]
     tls_only: bool,
 }
 
 impl PolicyArgs {
+    /// What the policy allows, as the confirmation line prints it.
+    fn what(&self) -> String {
+        match (&self.port, self.icmp_type, self.icmp_code) {
+            (Some(port), ..) => format!("{} {port}", self.protocol.name()),
+            (None, None, _) => format!("{} any", self.protocol.name()),
+            (None, Some(t), None) => format!("{} type {t}", self.protocol.name()),
+            (None, Some(t), Some(c)) => format!("{} type {t} code {c}", self.protocol.name()),
+        }
+    }
+
     fn body(&self) -> Result<serde_json::Value> {
-        let (start, end) = parse_port_range("--port", &self.port)?;
+        let (start, end) = if self.protocol.has_ports() {
+            if self.icmp_type.is_some() {
+                anyhow::bail!(
+                    "--icmp-type is for --protocol icmp; {} policies take --port",
+                    self.protocol.name()
+                );
+            }
+            let port = self.port.as_deref().unwrap_or_default();
+            parse_port_range("--port", port)?
+        } else {
+            if self.port.is_some() {
+                anyhow::bail!(
+                    "icmp policies have no ports: give --icmp-type (and --icmp-code), or neither for all ICMP"
+                );
+            }
+            IcmpTypes { icmp_type: self.icmp_type, code: self.icmp_code }.range()
+        };
         Ok(wire::policies_body(&[Policy {
             source: self.source_app.clone(),
             destination: self.destination_app.clone(),
@@ -44,11 +78,10 @@ impl PolicyArgs {
     pub fn add(self, client: &Client) -> Result<()> {
         call(client, "POST", "/networking/v1/external/policies", Some(&self.body()?))?;
         println!(
-            "Adding network policy from app {} to app {} ({} {}): OK",
+            "Adding network policy from app {} to app {} ({}): OK",
             self.source_app,
             self.destination_app,
-            self.protocol.name(),
-            self.port
+            self.what()
         );
         Ok(())
     }
@@ -95,8 +128,7 @@ impl ListArgs {
         println!("{:<38} {:<38} {:<9} ports", "source", "destination", "protocol");
         for p in reply.body["policies"].as_array().into_iter().flatten() {
             let d = &p["destination"];
-            let (start, end) = (&d["ports"]["start"], &d["ports"]["end"]);
-            let ports = if start == end { start.to_string() } else { format!("{start}-{end}") };
+            let ports = wire::destination_text(d);
             println!(
                 "{:<38} {:<38} {:<9} {ports}",
                 p["source"]["id"].as_str().unwrap_or("?"),
@@ -142,8 +174,7 @@ impl ListArgs {
         );
         for p in policies {
             let d = &p["destination"];
-            let (start, end) = (&d["ports"]["start"], &d["ports"]["end"]);
-            let ports = if start == end { start.to_string() } else { format!("{start}-{end}") };
+            let ports = wire::destination_text(d);
             println!(
                 "{:<6} {:<30} {:<30} {:<9} {:<12} {:>12} {:>14}",
                 p["id"],

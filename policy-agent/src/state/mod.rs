@@ -19,8 +19,8 @@ use std::{
 };
 
 pub use model::{
-    AddressRange, Endpoint, INTERNAL_DOMAIN, IcmpMatch, NetOutProtocol, NetOutRule, Policy,
-    PortMapping, PortSpan, Protocol, TlsFront, TlsPorts, tag_text,
+    AddressRange, Endpoint, INTERNAL_DOMAIN, IcmpMatch, IcmpTypes, NetOutProtocol, NetOutRule,
+    Policy, PortMapping, PortSpan, Protocol, TlsFront, TlsPorts, tag_text,
 };
 use policy_common::{
     maps::{EndpointValue, PairKey, endpoint_flags},
@@ -31,8 +31,8 @@ use stored::Stored;
 pub use stored::StoredRef;
 pub use undo::Undo;
 pub use validate::{
-    Invalid, MAX_ID_LEN, check_app_id, check_domain, check_endpoint, check_hostname, check_ifname,
-    check_ports, parse_port_range, parse_protocol,
+    Invalid, MAX_ID_LEN, check_app_id, check_domain, check_endpoint, check_hostname,
+    check_icmp_types, check_ifname, check_ports, parse_port_range, parse_protocol, parse_transport,
 };
 
 /// The whole desired state, as stored on disk.

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 /// The one domain internal routes live under.
 pub const INTERNAL_DOMAIN: &str = "apps.internal";
 
-/// A policy's transport protocol (the CLI's `--protocol`, the API's
-/// `destination.protocol`).
+/// A policy's protocol (the CLI's `--protocol`, the API's
+/// `destination.protocol`). `icmp` is our documented extension: Cloud
+/// Foundry's policy server takes tcp and udp only.
 #[derive(
     Clone,
     Copy,
@@ -28,6 +29,7 @@ pub const INTERNAL_DOMAIN: &str = "apps.internal";
 pub enum Protocol {
     Tcp,
     Udp,
+    Icmp,
 }
 
 impl Protocol {
@@ -36,6 +38,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => proto::TCP,
             Protocol::Udp => proto::UDP,
+            Protocol::Icmp => proto::ICMP,
         }
     }
 
@@ -43,6 +46,7 @@ impl Protocol {
         match number {
             proto::TCP => Some(Protocol::Tcp),
             proto::UDP => Some(Protocol::Udp),
+            proto::ICMP => Some(Protocol::Icmp),
             _ => None,
         }
     }
@@ -51,6 +55,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
         }
     }
 
@@ -58,8 +63,48 @@ impl Protocol {
         match text {
             "tcp" => Some(Protocol::Tcp),
             "udp" => Some(Protocol::Udp),
+            "icmp" => Some(Protocol::Icmp),
             _ => None,
         }
+    }
+
+    /// TCP and UDP: policies name destination ports. ICMP policies name a
+    /// type and code instead.
+    pub fn has_ports(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Udp)
+    }
+}
+
+/// The ICMP messages an icmp policy allows: a type (None: any) and a code
+/// (None: any code of the type). Stored in the policy's `start..=end` as
+/// the kernel matches ICMP messages: `type << 8 | code`
+/// ([`policy_common::packet::icmp_port`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpTypes {
+    pub icmp_type: Option<u8>,
+    pub code: Option<u8>,
+}
+
+impl IcmpTypes {
+    /// `start..=end` of a policy allowing these messages. A code without a
+    /// type is not a set of messages: the caller refuses it first.
+    pub fn range(self) -> (u16, u16) {
+        use policy_common::packet::icmp_port;
+        match (self.icmp_type, self.code) {
+            (None, _) => (0, u16::MAX),
+            (Some(t), None) => (icmp_port(t, 0), icmp_port(t, u8::MAX)),
+            (Some(t), Some(c)) => (icmp_port(t, c), icmp_port(t, c)),
+        }
+    }
+
+    /// The messages a policy's range stands for, if it is one [`Self::range`]
+    /// makes.
+    pub fn from_range(start: u16, end: u16) -> Option<Self> {
+        let [t, c] = start.to_be_bytes();
+        let all = Self { icmp_type: None, code: None };
+        let of_type = Self { icmp_type: Some(t), code: None };
+        let exact = Self { icmp_type: Some(t), code: Some(c) };
+        [all, of_type, exact].into_iter().find(|m| m.range() == (start, end))
     }
 }
 
@@ -161,6 +206,13 @@ pub struct PortMapping {
     pub host_port: u16,
     pub container_port: u16,
     pub protocol: Protocol,
+}
+
+impl Policy {
+    /// The ICMP messages an icmp policy allows (None for tcp and udp).
+    pub fn icmp_types(&self) -> Option<IcmpTypes> {
+        (self.protocol == Protocol::Icmp).then(|| IcmpTypes::from_range(self.start, self.end))?
+    }
 }
 
 impl Endpoint {

@@ -9,7 +9,7 @@ use policy_common::ports::{Allowance, PortsError};
 
 use super::{
     State,
-    model::{Endpoint, INTERNAL_DOMAIN, Policy, Protocol},
+    model::{Endpoint, INTERNAL_DOMAIN, IcmpTypes, Policy, Protocol},
 };
 use policy_common::maps::PortRules;
 
@@ -125,9 +125,36 @@ pub fn parse_port_range(field: &str, text: &str) -> Result<(u16, u16), Invalid> 
     check_ports(field, number(start)?, number(end)?)
 }
 
-/// Parses a protocol name.
+/// Parses a policy's protocol name.
 pub fn parse_protocol(field: &str, text: &str) -> Result<Protocol, Invalid> {
-    Protocol::parse(text).ok_or_else(|| Invalid::new(field, format!("{text:?} is not tcp or udp")))
+    Protocol::parse(text)
+        .ok_or_else(|| Invalid::new(field, format!("{text:?} is not tcp, udp or icmp")))
+}
+
+/// Parses a transport protocol name (tcp or udp: NetIn mappings).
+pub fn parse_transport(field: &str, text: &str) -> Result<Protocol, Invalid> {
+    Protocol::parse(text)
+        .filter(|p| p.has_ports())
+        .ok_or_else(|| Invalid::new(field, format!("{text:?} is not tcp or udp")))
+}
+
+/// Checks an icmp policy's type and code (`field` names the policy's
+/// destination): each 0-255, a code only with a type.
+pub fn check_icmp_types(
+    field: &str,
+    icmp_type: Option<i64>,
+    code: Option<i64>,
+) -> Result<IcmpTypes, Invalid> {
+    let byte = |name: &str, n: i64| {
+        u8::try_from(n)
+            .map_err(|_| Invalid::new(format!("{field}.{name}"), format!("{n} is not 0-255")))
+    };
+    let icmp_type = icmp_type.map(|t| byte("icmp_type", t)).transpose()?;
+    let code = code.map(|c| byte("icmp_code", c)).transpose()?;
+    if icmp_type.is_none() && code.is_some() {
+        return Err(Invalid::new(format!("{field}.icmp_code"), "needs an icmp_type"));
+    }
+    Ok(IcmpTypes { icmp_type, code })
 }
 
 /// Checks a host-side interface name as Linux would take it.
@@ -190,7 +217,10 @@ impl State {
             if m.host_port == 0 || m.container_port == 0 {
                 return Err(Invalid::new(field, "host_port and container_port must be 1-65535"));
             }
-            let proto = if m.protocol == Protocol::Tcp { "tcp" } else { "udp" };
+            if !m.protocol.has_ports() {
+                return Err(Invalid::new(field, "a port mapping is tcp or udp"));
+            }
+            let proto = m.protocol.name();
             if !seen.insert((m.host_port, m.protocol)) {
                 return Err(Invalid::new(
                     field,
@@ -223,6 +253,20 @@ impl State {
         policies: &[Policy],
         limit: Option<usize>,
     ) -> Result<(), Invalid> {
+        for (i, p) in policies.iter().enumerate() {
+            let field = format!("policies[{i}].destination");
+            let well_formed = if p.protocol.has_ports() {
+                p.start >= 1 && p.start <= p.end
+            } else {
+                p.icmp_types().is_some() && !p.tls_only
+            };
+            if !well_formed {
+                return Err(Invalid::new(
+                    field,
+                    format!("{}-{} is not a {} policy's range", p.start, p.end, p.protocol.name()),
+                ));
+            }
+        }
         for (i, p) in policies.iter().enumerate().filter(|(_, p)| p.tls_only) {
             let field = format!("policies[{i}].tls_only");
             let Some(front) = self.tls_front(&p.destination) else {

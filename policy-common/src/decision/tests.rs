@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use super::*;
 use crate::craft::{PacketSpec, icmp_unreachable};
 use crate::maps::proto;
-use crate::packet::{parse_ethernet, parse_ipv4};
+use crate::packet::{icmp_port, parse_ethernet, parse_ipv4};
 use crate::ports::Allowance;
 
 /// In-memory maps, applying decisions the way the kernel program does.
@@ -154,13 +154,78 @@ fn traffic_not_between_two_endpoints_is_unmanaged() {
     let mut t = MemLookups::with_endpoints();
     assert_eq!(t.deliver(&PacketSpec::tcp(HOST, B, 1, 22)), Verdict::Pass(Reason::Unmanaged));
     assert_eq!(t.deliver(&PacketSpec::tcp(A, HOST, 1, 22)), Verdict::Pass(Reason::Unmanaged));
-    // ICMP echo between endpoints: no policy can allow it.
-    let ping = PacketSpec::new(A, B, proto::ICMP, 0, 0);
+    // ICMP echo between endpoints: denied without an icmp policy.
+    let ping = PacketSpec::icmp(A, B, 8, 0, 1);
     assert_eq!(t.deliver(&ping), Verdict::Drop(Reason::NoPolicy));
-    assert_eq!(
-        t.deliver(&PacketSpec::new(HOST, B, proto::ICMP, 0, 0)),
-        Verdict::Pass(Reason::Unmanaged)
-    );
+    assert_eq!(t.deliver(&PacketSpec::icmp(HOST, B, 8, 0, 1)), Verdict::Pass(Reason::Unmanaged));
+}
+
+/// An icmp policy's range for one type, any code.
+fn icmp_type_range(icmp_type: u8) -> (u16, u16) {
+    (icmp_port(icmp_type, 0), icmp_port(icmp_type, 0xff))
+}
+
+#[test]
+fn icmp_policies_allow_their_type_and_the_replies() {
+    let mut t = MemLookups::with_endpoints();
+    let (start, end) = icmp_type_range(8);
+    t.allow(1, 2, proto::ICMP, start, end, 4);
+    assert_eq!(t.deliver(&PacketSpec::icmp(A, B, 8, 0, 77)), Verdict::Pass(Reason::NewAllowed));
+    assert_eq!(t.deliver(&PacketSpec::icmp(B, A, 0, 0, 77)), Verdict::Pass(Reason::Reply));
+    assert_eq!(t.deliver(&PacketSpec::icmp(A, B, 8, 0, 77)), Verdict::Pass(Reason::Established));
+    // A reply with another identifier answers nothing that was sent.
+    assert_eq!(t.deliver(&PacketSpec::icmp(B, A, 0, 0, 78)), Verdict::Drop(Reason::NoPolicy));
+    // The other way needs its own policy, even with the tracked identifier:
+    // an echo request from B is not a reply to A's.
+    assert_eq!(t.deliver(&PacketSpec::icmp(B, A, 8, 0, 77)), Verdict::Drop(Reason::NoPolicy));
+    assert_eq!(t.deliver(&PacketSpec::icmp(B, A, 0, 0, 77)), Verdict::Pass(Reason::Reply));
+    // Other types stay denied: timestamp, and an unsolicited echo reply.
+    assert_eq!(t.deliver(&PacketSpec::icmp(A, B, 13, 0, 5)), Verdict::Drop(Reason::NoPolicy));
+    assert_eq!(t.deliver(&PacketSpec::icmp(A, B, 0, 0, 6)), Verdict::Drop(Reason::NoPolicy));
+    // A policy for echo replies lets them pass, but they open nothing: B's
+    // echo request (same identifier) after A's allowed reply is still denied.
+    t.allow(1, 2, proto::ICMP, icmp_port(0, 0), icmp_port(0, 0), 7);
+    let conns = t.conns.len();
+    assert_eq!(t.deliver(&PacketSpec::icmp(A, B, 0, 0, 6)), Verdict::Pass(Reason::NewAllowed));
+    assert_eq!(t.conns.len(), conns, "an answer tracks nothing");
+    assert_eq!(t.deliver(&PacketSpec::icmp(B, A, 8, 0, 6)), Verdict::Drop(Reason::NoPolicy));
+    // A code-specific policy matches that code only.
+    t.allow(1, 2, proto::ICMP, icmp_port(13, 0), icmp_port(13, 0), 5);
+    assert_eq!(t.deliver(&PacketSpec::icmp(A, B, 13, 1, 9)), Verdict::Drop(Reason::NoPolicy));
+    assert_eq!(t.deliver(&PacketSpec::icmp(A, B, 13, 0, 9)), Verdict::Pass(Reason::NewAllowed));
+    assert_eq!(t.deliver(&PacketSpec::icmp(B, A, 14, 0, 9)), Verdict::Pass(Reason::Reply));
+    // A TCP policy allows no ICMP, an ICMP policy no TCP.
+    t.allow(1, 2, proto::TCP, 1, 65535, 6);
+    assert_eq!(t.deliver(&PacketSpec::icmp(A, B, 17, 0, 9)), Verdict::Drop(Reason::NoPolicy));
+    assert_eq!(t.deliver(&PacketSpec::udp(A, B, 1, 2048)), Verdict::Drop(Reason::NoPolicy));
+}
+
+#[test]
+fn icmp_exchanges_are_revoked_like_connections() {
+    let mut t = MemLookups::with_endpoints();
+    let (start, end) = icmp_type_range(8);
+    t.allow(1, 2, proto::ICMP, start, end, 4);
+    assert!(t.deliver(&PacketSpec::icmp(A, B, 8, 0, 3)).is_pass());
+    t.policies.clear();
+    t.epoch += 1;
+    assert_eq!(t.deliver(&PacketSpec::icmp(B, A, 0, 0, 3)), Verdict::Drop(Reason::Revoked));
+    // Re-checked against the request the key rebuilds, not the reply.
+    t.allow(1, 2, proto::ICMP, start, end, 4);
+    assert!(t.deliver(&PacketSpec::icmp(A, B, 8, 0, 3)).is_pass());
+    t.epoch += 1;
+    assert_eq!(t.deliver(&PacketSpec::icmp(B, A, 0, 0, 3)), Verdict::Pass(Reason::Reply));
+}
+
+#[test]
+fn icmp_errors_about_an_echo_pass_when_it_is_tracked() {
+    let mut t = MemLookups::with_endpoints();
+    let (start, end) = icmp_type_range(8);
+    t.allow(1, 2, proto::ICMP, start, end, 4);
+    let request = PacketSpec::icmp(A, B, 8, 0, 21);
+    let error = icmp_unreachable(B, A, &request);
+    assert_eq!(t.deliver(&error), Verdict::Drop(Reason::NoPolicy));
+    assert!(t.deliver(&request).is_pass());
+    assert_eq!(t.deliver(&error), Verdict::Pass(Reason::Related));
 }
 
 #[test]
