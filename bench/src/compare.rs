@@ -37,7 +37,7 @@ pub const IPERF_PORT: u16 = 5203;
 const OWN: [(&str, u16); 3] = [("udp", UDP_PORT), ("tcp", RR_PORT), ("tcp", IPERF_PORT)];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
+pub enum Mode {
     None,
     Ours,
     Iptables,
@@ -55,9 +55,9 @@ impl Mode {
 
 /// Two containers, A (client) and B (server), enforced one of three ways
 /// with `policies` policies, A's own among them.
-struct Setup {
+pub struct Setup {
     host: Host,
-    _pins: Option<(PinDir, Dataplane)>,
+    pins: Option<(PinDir, Dataplane)>,
 }
 
 /// The filler policies: other apps' sources to B's address, ports spread.
@@ -66,7 +66,7 @@ fn filler(i: u32) -> (u32, &'static str, u16) {
 }
 
 impl Setup {
-    fn new(mode: Mode, policies: u32) -> Self {
+    pub fn new(mode: Mode, policies: u32) -> Self {
         let host = Host::new(2);
         let fillers = policies.saturating_sub(OWN.len() as u32);
         let (a, b) = (host.container(0).ip, host.container(1).ip);
@@ -133,14 +133,22 @@ impl Setup {
                 None
             }
         };
-        Self { host, _pins: pins }
+        Self { host, pins }
     }
 
-    fn a(&self) -> &NetNs {
+    /// How this project's programs answer denied packets (Mode::Ours).
+    pub fn set_deny(&mut self, deny: policy_agent::dataplane::DenySettings) {
+        use policy_agent::dataplane::{EventSettings, kernel_settings};
+        let (_, dataplane) = self.pins.as_mut().expect("this project's programs");
+        let settings = kernel_settings(&EventSettings::default(), &deny);
+        dataplane.maps_mut().set_settings(settings).expect("settings");
+    }
+
+    pub fn a(&self) -> &NetNs {
         &self.host.container(0).ns
     }
 
-    fn b(&self) -> (&NetNs, Ipv4Addr) {
+    pub fn b(&self) -> (&NetNs, Ipv4Addr) {
         let b = self.host.container(1);
         (&b.ns, b.ip)
     }

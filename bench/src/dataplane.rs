@@ -46,8 +46,9 @@ fn median_repeated(prog: &SchedClassifier, frame: &[u8], repeat: u32, rounds: us
     samples[samples.len() / 2]
 }
 
-/// Mean kernel-timed ns of one run per distinct packet (new connections).
-fn one_run_each(prog: &SchedClassifier, frames: &[Vec<u8>]) -> f64 {
+/// Mean kernel-timed ns of one run per distinct packet (new connections;
+/// packets a program rewrites).
+pub fn one_run_each(prog: &SchedClassifier, frames: &[Vec<u8>]) -> f64 {
     let total: u128 = frames
         .iter()
         .map(|frame| {
@@ -137,7 +138,10 @@ pub fn measure(label: String, quick: bool, fill: impl FnOnce(&mut Dataplane)) ->
     // The decision alone; `reporting` measures events and counters.
     dataplane
         .maps_mut()
-        .set_settings(policy_agent::dataplane::EventSettings::off().kernel())
+        .set_settings(policy_agent::dataplane::kernel_settings(
+            &policy_agent::dataplane::EventSettings::off(),
+            &policy_agent::dataplane::DenySettings::drop(),
+        ))
         .expect("settings");
     let prog = dataplane.tc_program(Direction::ToContainer);
     let established = PacketSpec::tcp(A, B, 40000, 8080).frame();
@@ -301,7 +305,13 @@ pub fn reporting(quick: bool, report: &mut Report) {
     for (label, settings, instance) in
         [("off", EventSettings::off(), 1u8), ("on", EventSettings::default(), 2)]
     {
-        dataplane.maps_mut().set_settings(settings.kernel()).expect("settings");
+        dataplane
+            .maps_mut()
+            .set_settings(policy_agent::dataplane::kernel_settings(
+                &settings,
+                &policy_agent::dataplane::DenySettings::drop(),
+            ))
+            .expect("settings");
         let prog = dataplane.tc_program(Direction::ToContainer);
         prog.test_run(TestRunOptions { data_in: Some(&established), ..Default::default() })
             .expect("open");

@@ -17,6 +17,7 @@ mod cni;
 mod compare;
 mod dataplane;
 mod netout;
+mod reject;
 mod report;
 mod tls;
 mod update;
@@ -24,10 +25,10 @@ mod update;
 fn main() {
     integration_tests::require_root();
     let quick = std::env::args().any(|a| a == "--quick");
-    // BENCH_ONLY=dataplane|compare|update|agent|tls|cluster|cni|netout runs one part.
+    // BENCH_ONLY=dataplane|compare|update|agent|tls|cluster|cni|netout|reject runs one part.
     let only = std::env::var("BENCH_ONLY").ok();
     let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
-    if runs("compare") || runs("update") {
+    if runs("compare") || runs("update") || runs("reject") {
         assert!(
             integration_tests::iptables::available(),
             "iptables-legacy is missing: run `cargo xtask setup`"
@@ -59,6 +60,9 @@ fn main() {
     if runs("netout") {
         netout::run(quick, &mut report);
         netout::traffic(quick, &mut report);
+    }
+    if runs("reject") {
+        reject::run(quick, &mut report);
     }
     // A whole run writes bench/ (committed with the code it measured); one
     // part alone writes under target/, leaving the whole run's figures be.

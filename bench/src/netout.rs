@@ -58,8 +58,11 @@ pub fn run(quick: bool, report: &mut Report) {
         let maps = dataplane.maps_mut();
         maps.set_endpoint(Ipv4Addr::from(A), TAG_A).expect("endpoint");
         maps.set_veth(1, Ipv4Addr::from(A), TAG_A).expect("veth");
-        maps.set_settings(policy_agent::dataplane::EventSettings::off().kernel())
-            .expect("settings");
+        maps.set_settings(policy_agent::dataplane::kernel_settings(
+            &policy_agent::dataplane::EventSettings::off(),
+            &policy_agent::dataplane::DenySettings::drop(),
+        ))
+        .expect("settings");
         if n > 0 {
             let rules: Vec<NetOutRule> = (0..n)
                 .map(|i| NetOutRule {

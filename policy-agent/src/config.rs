@@ -52,7 +52,7 @@ use serde::{Deserialize, Deserializer, de::Error as _};
 use crate::{
     Capacities,
     cluster::ClusterConfig,
-    dataplane::{EventSettings, OverlayNetwork},
+    dataplane::{DenyAction, DenySettings, EventSettings, OverlayNetwork},
     limits::Limits,
 };
 
@@ -74,6 +74,12 @@ pub struct Config {
     pub capacities: Capacities,
     /// Which flow events the programs report.
     pub flow_events: EventSettings,
+    /// What a packet the policy denies gets: `"reject"` (a TCP RST or an
+    /// ICMP port unreachable back to the sender, as Cloud Foundry) or
+    /// `"drop"` (silence).
+    pub deny_action: DenyAction,
+    /// Rejects sent to one sender address per second at most.
+    pub rejects_per_second: u32,
     /// Flow events as JSON lines, rotated by size.
     pub flow_log: PathBuf,
     pub flow_log_max_bytes: u64,
@@ -133,6 +139,8 @@ impl Default for Config {
             max_body_bytes: 8 << 20,
             capacities: Capacities::default(),
             flow_events: EventSettings::default(),
+            deny_action: DenySettings::default().action,
+            rejects_per_second: DenySettings::default().rejects_per_second,
             flow_log: PathBuf::from("/var/log/policy-agent/flows.log"),
             flow_log_max_bytes: 100 << 20,
             flow_log_keep: 3,
@@ -237,6 +245,17 @@ mod tests {
         assert_eq!(c.overlay_network, Some(OverlayNetwork::default()));
         assert!(c.tls);
         assert_eq!(c.tls_upstream_port, 8080);
+        assert_eq!(c.deny_action, DenyAction::Reject);
+        assert_eq!(c.rejects_per_second, 1000);
+    }
+
+    #[test]
+    fn deny_action_is_reject_or_drop() {
+        let action =
+            |text: &str| Config::parse(&format!("deny_action = {text:?}")).map(|c| c.deny_action);
+        assert_eq!(action("drop").unwrap(), DenyAction::Drop);
+        assert_eq!(action("reject").unwrap(), DenyAction::Reject);
+        assert!(action("refuse").unwrap_err().to_string().contains("reject"));
     }
 
     #[test]

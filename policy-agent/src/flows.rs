@@ -25,7 +25,7 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use policy_common::{
     Reason,
-    maps::{FlowEvent, direction, proto},
+    maps::{FlowEvent, action, direction, proto},
 };
 use serde_json::json;
 use tokio::sync::broadcast;
@@ -197,7 +197,13 @@ pub fn render(event: &FlowEvent, wall: SystemTime, names: &Names) -> FlowLine {
     let (src_ip, dst_ip) = (addr_from_key(event.saddr), addr_from_key(event.daddr));
     let (src_app, dst_app) = (names.app(event.src_tag, src_ip), names.app(event.dst_tag, dst_ip));
     let dir = if event.direction == direction::EGRESS { "egress" } else { "ingress" };
-    let allowed = event.allowed != 0;
+    let allowed = event.allowed == action::PASSED;
+    // What was done: passed, dropped, or dropped and answered with a reject.
+    let action = match event.allowed {
+        action::PASSED => "allow",
+        action::REJECTED => "reject",
+        _ => "drop",
+    };
     let side = |app: &Option<String>, tag: u32| {
         let mut v = json!({"app_guid": app});
         if tag != 0 {
@@ -214,6 +220,7 @@ pub fn render(event: &FlowEvent, wall: SystemTime, names: &Names) -> FlowLine {
             "packet": {
                 "direction": dir,
                 "allowed": allowed,
+                "action": action,
                 "reason": reason_name(event.reason),
                 "src_ip": src_ip.to_string(),
                 "src_port": event.sport,

@@ -219,6 +219,17 @@ fn decide_flow<T: Lookups>(
 ) -> Decision {
     let (key, side) = ConnKey::of(flow);
     if let Some(conn) = tables.conn(&key) {
+        if conn.origin & origin::REJECTED != 0 {
+            if side != conn.origin & origin::END {
+                // The reject itself (sent from this end's address).
+                return Decision {
+                    conn: ConnUpdate::Remove(key),
+                    ..Decision::just(Verdict::Pass(Reason::Related))
+                };
+            }
+            // The rejected end tries again: decided afresh.
+            return decide_new(tables, epoch, flow, key, side, fragment);
+        }
         let reason = if side == conn.origin { Reason::Established } else { Reason::Reply };
         if conn.epoch == epoch {
             return Decision {
@@ -249,6 +260,19 @@ fn decide_flow<T: Lookups>(
             },
         };
     }
+    decide_new(tables, epoch, flow, key, side, fragment)
+}
+
+/// A flow with no tracked connection: the policy decides.
+#[inline(always)]
+fn decide_new<T: Lookups>(
+    tables: &T,
+    epoch: u32,
+    flow: &Flow,
+    key: ConnKey,
+    side: u32,
+    fragment: Option<FragmentKey>,
+) -> Decision {
     match check_flow(tables, flow) {
         Check::Unmanaged => Decision::just(Verdict::Pass(Reason::Unmanaged)),
         Check::Allowed { policy_id, src_tag, dst_tag } => Decision {
@@ -270,6 +294,44 @@ fn decide_flow<T: Lookups>(
             Decision { src_tag, dst_tag, ..Decision::just(Verdict::Drop(Reason::NoPolicy)) }
         }
     }
+}
+
+/// The flow of a denied packet that is answered with a reject when rejects
+/// are on: TCP and UDP packets that no policy allows (`no_policy`) or whose
+/// connection lost its policy (`revoked`). Not answered: ICMP (no error
+/// about ICMP), later fragments, malformed packets, spoofed sources (an
+/// answer would go to the forged address), and security-group denials. The
+/// program also leaves TCP RSTs unanswered, as every TCP stack does.
+#[inline(always)]
+pub fn rejectable(parsed: &Parsed, verdict: Verdict) -> Option<Flow> {
+    // Integer compares (see `Verdict::reason`): no enum compare in BPF.
+    let reason = verdict.reason() as u32;
+    if verdict.is_pass() || (reason != Reason::NoPolicy as u32 && reason != Reason::Revoked as u32)
+    {
+        return None;
+    }
+    match *parsed {
+        Parsed::Flow { flow, .. } if flow.protocol == proto::TCP || flow.protocol == proto::UDP => {
+            Some(flow)
+        }
+        _ => None,
+    }
+}
+
+/// The `CONNTRACK` entry recorded when a reject is sent for `flow`: it
+/// lets the reject, and nothing else, pass where it enters the sender (see
+/// [`origin::REJECTED`]).
+#[inline(always)]
+pub fn reject_entry(flow: &Flow, epoch: u32) -> (ConnKey, Conn) {
+    let (key, side) = ConnKey::of(flow);
+    let conn = Conn {
+        epoch,
+        policy_id: 0,
+        origin: side | origin::REJECTED,
+        pending_packets: 0,
+        pending_bytes: 0,
+    };
+    (key, conn)
 }
 
 /// The lookups for a packet that arrived through the cluster's tunnel: its
@@ -324,6 +386,16 @@ pub fn source_address(parsed: &Parsed) -> Option<u32> {
     }
 }
 
+/// What the source side does about a packet to another host's endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    pub conn: ConnUpdate,
+    /// No policy allows this opening: the other host will drop it, so this
+    /// host may answer it with a reject now (its packets to that host are
+    /// dropped here then, as the other host would).
+    pub denied: bool,
+}
+
 /// Source side, cluster mode: a packet a local container sends to an
 /// endpoint on another host opens (or continues) a connection that the
 /// other host checks against policy; its replies come back to a host that
@@ -333,29 +405,39 @@ pub fn source_address(parsed: &Parsed) -> Option<u32> {
 /// a packet the local end sends on a connection the other end opened (or
 /// after the policy went) records nothing, so it can never turn the other
 /// end's packets into "replies". The epoch makes a reply after a policy
-/// change check the opening flow again, as for local connections.
+/// change check the opening flow again, as for local connections. An
+/// opening no policy allows is `denied` (the entry of a reject sent for it
+/// does not count as tracked).
 #[inline(always)]
-pub fn track_outgoing<T: Lookups>(tables: &T, parsed: &Parsed) -> ConnUpdate {
-    let Parsed::Flow { flow, .. } = *parsed else { return ConnUpdate::None };
+pub fn track_outgoing<T: Lookups>(tables: &T, parsed: &Parsed) -> Outgoing {
+    let nothing = Outgoing { conn: ConnUpdate::None, denied: false };
+    let Parsed::Flow { flow, .. } = *parsed else { return nothing };
     if tables.endpoint(flow.daddr).is_none_or(|e| e.flags & endpoint_flags::REMOTE == 0) {
-        return ConnUpdate::None;
+        return nothing;
     }
     let (key, side) = ConnKey::of(&flow);
-    if !flow.opens_connection() || tables.conn(&key).is_some() {
-        return ConnUpdate::None;
+    if !flow.opens_connection() {
+        return nothing;
+    }
+    if tables.conn(&key).is_some_and(|c| c.origin & origin::REJECTED == 0) {
+        return nothing;
     }
     match check_flow(tables, &flow) {
-        Check::Allowed { policy_id, .. } => ConnUpdate::Insert(
-            key,
-            Conn {
-                epoch: tables.epoch(),
-                policy_id,
-                origin: side,
-                pending_packets: 0,
-                pending_bytes: 0,
-            },
-        ),
-        Check::Unmanaged | Check::Denied { .. } => ConnUpdate::None,
+        Check::Allowed { policy_id, .. } => Outgoing {
+            conn: ConnUpdate::Insert(
+                key,
+                Conn {
+                    epoch: tables.epoch(),
+                    policy_id,
+                    origin: side,
+                    pending_packets: 0,
+                    pending_bytes: 0,
+                },
+            ),
+            denied: false,
+        },
+        Check::Denied { .. } => Outgoing { conn: ConnUpdate::None, denied: true },
+        Check::Unmanaged => nothing,
     }
 }
 

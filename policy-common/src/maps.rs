@@ -36,8 +36,9 @@ pub mod names {
     pub const NETIN_STATE: &str = "NETIN_STATE";
     pub const NETOUT: &str = "NETOUT";
     pub const NETOUT_STATE: &str = "NETOUT_STATE";
+    pub const REJECT_LIMITS: &str = "REJECT_LIMITS";
     /// Every map the object defines, in a stable order.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         ENDPOINTS,
         VETHS,
         CGROUPS,
@@ -61,6 +62,7 @@ pub mod names {
         NETIN_STATE,
         NETOUT,
         NETOUT_STATE,
+        REJECT_LIMITS,
     ];
 }
 
@@ -105,6 +107,8 @@ pub mod capacity {
     pub const NETIN_CONNS: u32 = 65_536;
     /// NetOut trie entries: (app, destination prefix) pairs.
     pub const NETOUT: u32 = 65_536;
+    /// Senders tracked by the reject rate limit (LRU).
+    pub const REJECT_LIMITS: u32 = 16_384;
 }
 
 /// `ENDPOINTS` value, keyed by the endpoint's IPv4 address (wire order `u32`).
@@ -319,6 +323,14 @@ const _: () = assert!(size_of::<ConnKey>() == 16);
 pub mod origin {
     pub const LO: u32 = 0;
     pub const HI: u32 = 1;
+    /// The end's bit ([`LO`] or [`HI`]) of an origin value.
+    pub const END: u32 = 1;
+    /// Set along with the end's bit: the connection was denied and that end
+    /// was sent a reject (TCP RST, ICMP unreachable) from the other end's
+    /// address. The entry allows nothing but the reject: its one packet from
+    /// the other end passes (and removes the entry), and the rejected end's
+    /// next packet is checked against policy as a new connection.
+    pub const REJECTED: u32 = 2;
 }
 
 /// `CONNTRACK` value.
@@ -332,7 +344,8 @@ pub struct Conn {
     pub epoch: u32,
     /// Policy that allowed the connection.
     pub policy_id: u32,
-    /// [`origin::LO`] or [`origin::HI`]: the end that sent the first packet.
+    /// [`origin::LO`] or [`origin::HI`]: the end that sent the first packet
+    /// (with [`origin::REJECTED`]: see there).
     pub origin: u32,
     /// Packets of this connection not yet added to `POLICY_STATS`: the
     /// programs count here (the entry is already at hand) and move the count
@@ -376,14 +389,29 @@ pub struct Settings {
     pub flags: u32,
     /// Denied-packet events per destination address per second; 0: none.
     pub denied_events_per_second: u32,
+    /// With [`settings::REJECT`]: rejects sent to one source address per
+    /// second at most; denied packets past it are dropped unanswered.
+    pub rejects_per_second: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Settings>() == 8);
+const _: () = assert!(size_of::<Settings>() == 16);
 
 pub mod settings {
     /// Report the first packet of each allowed connection.
     pub const ALLOWED_EVENTS: u32 = 1;
     /// Count packets and bytes per policy (`POLICY_STATS`).
     pub const POLICY_COUNTERS: u32 = 2;
+    /// Answer a denied TCP segment with a RST and a denied UDP datagram with
+    /// an ICMP port unreachable, instead of dropping it silently.
+    pub const REJECT: u32 = 4;
+}
+
+/// [`FlowEvent::allowed`]: what was done with the packet.
+pub mod action {
+    pub const DROPPED: u8 = 0;
+    pub const PASSED: u8 = 1;
+    /// Dropped, and the sender was sent a reject.
+    pub const REJECTED: u8 = 2;
 }
 
 /// Which way a reported packet was going, from the container's side (Cloud
@@ -409,7 +437,7 @@ pub struct FlowEvent {
     pub protocol: u8,
     /// [`direction::INGRESS`] or [`direction::EGRESS`].
     pub direction: u8,
-    /// 1 passed, 0 dropped.
+    /// An [`action`]: passed, dropped, or dropped and rejected.
     pub allowed: u8,
     /// A `crate::Reason` discriminant.
     pub reason: u8,

@@ -20,7 +20,8 @@ pub enum Reason {
     NewAllowed = 5,
     /// A later fragment of a datagram whose first fragment was allowed.
     Fragment = 6,
-    /// An ICMP error about an allowed connection.
+    /// An ICMP error about an allowed connection, or the reject (TCP RST,
+    /// ICMP unreachable) the programs sent for a denied one.
     Related = 7,
     /// Destination side: no policy allows this source app, protocol and port.
     NoPolicy = 8,

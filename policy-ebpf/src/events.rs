@@ -1,11 +1,14 @@
 //! Reporting: flow events, and the counters of the events themselves. Off
 //! the fast path of established connections.
 
-use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
+use aya_ebpf::{
+    btf_maps::LruHashMap,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+};
 use policy_common::{
     Parsed, Reason,
     decision::Decision,
-    maps::{EventLimit, FlowEvent, SETTINGS_INDEX, event_stat, settings},
+    maps::{EventLimit, FlowEvent, SETTINGS_INDEX, action, event_stat, settings},
 };
 
 use crate::maps::{EVENT_LIMITS, EVENT_STATS, FLOW_EVENTS, SETTINGS};
@@ -20,10 +23,16 @@ fn bump(stat: u32) {
     }
 }
 
-/// Whether another denied event for `daddr` fits this second's budget.
+/// Whether another event for `key` fits this second's budget in `limits`
+/// (the denied-event limit per destination, the reject limit per source).
 #[inline(always)]
-fn within_limit(daddr: u32, now: u64, per_second: u32) -> bool {
-    match EVENT_LIMITS.get_ptr_mut(daddr) {
+pub fn within_limit<const N: usize>(
+    limits: &LruHashMap<u32, EventLimit, N>,
+    key: u32,
+    now: u64,
+    per_second: u32,
+) -> bool {
+    match limits.get_ptr_mut(key) {
         // SAFETY: the entry is ours for this run; concurrent CPUs may race on
         // the count, which only makes the limit approximate.
         Some(limit) => unsafe {
@@ -39,19 +48,16 @@ fn within_limit(daddr: u32, now: u64, per_second: u32) -> bool {
             }
         },
         None => {
-            let _ = EVENT_LIMITS.insert(
-                daddr,
-                EventLimit { window_start_ns: now, count: 1, _pad: 0 },
-                0,
-            );
+            let _ = limits.insert(key, EventLimit { window_start_ns: now, count: 1, _pad: 0 }, 0);
             true
         }
     }
 }
 
-/// Reports a decision if it is a denial or a new allowed connection.
+/// Reports a decision if it is a denial or a new allowed connection;
+/// `rejected`: the denied packet was answered with a reject.
 #[inline(always)]
-pub fn report(parsed: &Parsed, decision: &Decision, direction: u8, ifindex: u32) {
+pub fn report(parsed: &Parsed, decision: &Decision, direction: u8, ifindex: u32, rejected: bool) {
     let verdict = decision.verdict;
     // Plain integer compares: both variants carry a reason (comparing the
     // enums lets LLVM read a register some paths never set).
@@ -82,7 +88,7 @@ pub fn report(parsed: &Parsed, decision: &Decision, direction: u8, ifindex: u32)
         // windows; a flood spends most of its time on this path.
         // SAFETY: a helper without arguments.
         let coarse = unsafe { bpf_ktime_get_coarse_ns() };
-        if !within_limit(daddr, coarse, settings.denied_events_per_second) {
+        if !within_limit(&EVENT_LIMITS, daddr, coarse, settings.denied_events_per_second) {
             bump(event_stat::RATE_LIMITED);
             return;
         }
@@ -97,7 +103,13 @@ pub fn report(parsed: &Parsed, decision: &Decision, direction: u8, ifindex: u32)
         dport,
         protocol,
         direction,
-        allowed: u8::from(verdict.is_pass()),
+        allowed: if verdict.is_pass() {
+            action::PASSED
+        } else if rejected {
+            action::REJECTED
+        } else {
+            action::DROPPED
+        },
         reason: verdict.reason() as u8,
         src_tag: decision.src_tag,
         dst_tag: decision.dst_tag,

@@ -12,13 +12,14 @@ mod kernel_maps;
 mod maps;
 mod netin;
 mod netout;
+mod reject;
 
 use aya_ebpf::{
     macros::{cgroup_skb, classifier},
     programs::{SkBuffContext, TcContext},
 };
 use policy_common::{
-    Parsed, Verdict, decide_destination, decide_source,
+    Parsed, Reason, Verdict, decide_destination, decide_source,
     decision::{Decision, TunnelSource, decide_underlay, source_address, track_outgoing},
     maps::{Attachment, TUNNEL_TAG_MASK, direction},
     packet::{ETH_P_IP, parse_ethernet, parse_ipv4},
@@ -67,11 +68,17 @@ pub fn tc_from_container(ctx: TcContext) -> i32 {
         return TC_ACT_SHOT;
     }
     // Cluster mode only (one array read otherwise): the mark the tunnel
-    // carries, and connections to other hosts' endpoints.
+    // carries, and connections to other hosts' endpoints. An opening to
+    // another host that no policy allows is rejected here, back into the
+    // container (the other host drops it unanswered).
     if verdict.is_pass() && TUNNEL.get(0).is_some_and(|t| t.ifindex != 0) {
         let tag = own.map_or(0, |a| a.tag);
         bytes.set_mark(if tag & !TUNNEL_TAG_MASK == 0 { tag } else { 0 });
-        kernel_maps::apply_conn(track_outgoing(&KernelMaps::new(), &parsed));
+        let outgoing = track_outgoing(&KernelMaps::new(), &parsed);
+        kernel_maps::apply_conn(outgoing.conn);
+        if outgoing.denied && reject::wanted(&ctx, &parsed, Verdict::Drop(Reason::NoPolicy)) {
+            return reject::send(&ctx, &parsed, reject::Back::ToSender(ifindex));
+        }
     }
     tc_action(verdict)
 }
@@ -80,16 +87,27 @@ pub fn tc_from_container(ctx: TcContext) -> i32 {
 /// packet that came through the cluster's tunnel is checked as the app its
 /// tunnel header names (its sender's host verified it); others as the app
 /// their source address is registered to.
+///
+/// A packet denied by policy from a local sender may be answered with a
+/// reject (see `reject`); one from another host is dropped unanswered (its
+/// sender's host rejects what its own check denies).
 #[classifier]
 pub fn tc_to_container(ctx: TcContext) -> i32 {
     let bytes = SkbBytes::new(ctx.skb.skb);
-    let tunnel_tag = match TUNNEL.get(0) {
+    let (from_tunnel, tunnel_tag) = match TUNNEL.get(0) {
         Some(t) if t.ifindex != 0 && bytes.ingress_ifindex() == t.ifindex => {
-            bytes.mark() & TUNNEL_TAG_MASK
+            (true, bytes.mark() & TUNNEL_TAG_MASK)
         }
-        _ => 0,
+        _ => (false, 0),
     };
-    tc_action(destination_side(&parse_ethernet(&bytes), &bytes, bytes.ifindex(), tunnel_tag))
+    let parsed = parse_ethernet(&bytes);
+    let ifindex = bytes.ifindex();
+    let (verdict, rejected) =
+        destination_side(Some(&ctx), &parsed, &bytes, ifindex, tunnel_tag, !from_tunnel);
+    if rejected {
+        return reject::send(&ctx, &parsed, reject::Back::FromDestination(ifindex));
+    }
+    tc_action(verdict)
 }
 
 /// TC ingress of the host's uplinks (the underlay interface in cluster
@@ -125,10 +143,11 @@ pub fn cgroup_egress(ctx: SkBuffContext) -> i32 {
 }
 
 /// cgroup_skb ingress = packets delivered to the cgroup's workloads.
+/// Denied packets are dropped (a cgroup_skb program cannot send a reject).
 #[cgroup_skb(ingress)]
 pub fn cgroup_ingress(ctx: SkBuffContext) -> i32 {
     let bytes = SkbBytes::new(ctx.skb.skb);
-    cgroup_action(destination_side(&parse_l3(&bytes), &bytes, 0, 0))
+    cgroup_action(destination_side(None, &parse_l3(&bytes), &bytes, 0, 0, false).0)
 }
 
 /// Anti-spoofing, counted; a spoofed packet is reported.
@@ -138,15 +157,23 @@ fn source_side(parsed: &Parsed, own: Option<Attachment>, ifindex: u32) -> Verdic
     if !verdict.is_pass() {
         let decision =
             Decision { src_tag: own.map_or(0, |a| a.tag), ..Decision::from_verdict(verdict) };
-        events::report(parsed, &decision, direction::EGRESS, ifindex);
+        events::report(parsed, &decision, direction::EGRESS, ifindex, false);
     }
     count_verdict(verdict)
 }
 
 /// The policy decision, its map effects, counters and report. `tunnel_tag`:
-/// the source app's tag from the tunnel header (0: none).
+/// the source app's tag from the tunnel header (0: none). Also says whether
+/// a denied packet is to be answered with a reject (only if `may_reject`).
 #[inline(always)]
-fn destination_side(parsed: &Parsed, bytes: &SkbBytes, ifindex: u32, tunnel_tag: u32) -> Verdict {
+fn destination_side(
+    ctx: Option<&TcContext>,
+    parsed: &Parsed,
+    bytes: &SkbBytes,
+    ifindex: u32,
+    tunnel_tag: u32,
+    may_reject: bool,
+) -> (Verdict, bool) {
     let maps = KernelMaps::new();
     // Only a tunnel packet's source is looked up differently.
     let saddr = if tunnel_tag != 0 { source_address(parsed).unwrap_or(0) } else { 0 };
@@ -154,8 +181,12 @@ fn destination_side(parsed: &Parsed, bytes: &SkbBytes, ifindex: u32, tunnel_tag:
     let mut decision = decide_destination(&lookups, parsed);
     netout::track_inbound(parsed, decision.verdict);
     count_for_policy(&mut decision, maps.found_conn(), bytes.len());
-    events::report(parsed, &decision, direction::INGRESS, ifindex);
-    kernel_maps::apply(&decision)
+    let rejected = match ctx {
+        Some(ctx) if may_reject => reject::wanted(ctx, parsed, decision.verdict),
+        _ => false,
+    };
+    events::report(parsed, &decision, direction::INGRESS, ifindex, rejected);
+    (kernel_maps::apply(&decision), rejected)
 }
 
 /// cgroup_skb programs see the packet from its network header on.

@@ -88,6 +88,11 @@ pub static FLOW_EVENTS: RingBuf<FlowEvent, { capacity::FLOW_EVENTS as usize }> =
 pub static EVENT_LIMITS: LruHashMap<u32, EventLimit, { capacity::EVENT_LIMITS as usize }> =
     LruHashMap::new();
 
+/// Reject budget per source address for the current second.
+#[btf_map]
+pub static REJECT_LIMITS: LruHashMap<u32, EventLimit, { capacity::REJECT_LIMITS as usize }> =
+    LruHashMap::new();
+
 /// Events emitted, lost to a full ring buffer, held back by the rate limit.
 #[btf_map]
 pub static EVENT_STATS: PerCpuArray<u64, { event_stat::COUNT as usize }> = PerCpuArray::new();

@@ -66,7 +66,7 @@ pub fn check(
         None => Verdict::Drop(Reason::AsgDenied),
     };
     let decision = Decision { src_tag: tag, ..Decision::from_verdict(verdict) };
-    events::report(parsed, &decision, direction::EGRESS, ifindex);
+    events::report(parsed, &decision, direction::EGRESS, ifindex, false);
     Some(count_verdict(verdict))
 }
 

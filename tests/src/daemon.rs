@@ -207,6 +207,20 @@ impl Daemon {
         })
     }
 
+    /// The flow events the agent holds (`GET /v1/flows`), parsed.
+    pub fn flows(&self) -> Vec<Value> {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "--unix-socket"])
+            .arg(&self.socket)
+            .arg("http://localhost/v1/flows")
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect()
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.dir.join("state")
     }

@@ -18,8 +18,13 @@ impl PinDir {
         &self.path
     }
 
+    /// The dataplane's configuration here. Denied packets are dropped: the
+    /// tables check verdicts, and rejects have their own tests.
     pub fn config(&self) -> DataplaneConfig {
-        DataplaneConfig::new(&self.path)
+        DataplaneConfig {
+            deny: policy_agent::dataplane::DenySettings::drop(),
+            ..DataplaneConfig::new(&self.path)
+        }
     }
 
     /// Loads the dataplane (or takes over what is pinned here).

@@ -260,6 +260,9 @@ fn traffic_between_hosts_is_policed_by_the_tag_in_the_tunnel_header() {
     tcp_echo_server(&backend.ns, backend.ip, 9000);
     tcp_echo_server(&frontend.ns, frontend.ip, 8080);
     assert!(!tcp_echo_works(&frontend.ns, backend.ip, 8080, SHORT), "default deny across hosts");
+    // Refused at once, by the sender's host, not left to time out.
+    let refused = tcp_connect(&frontend.ns, None, backend.ip, 8080, LONG).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
 
     // Written on A: frontend on B may reach backend on C, on 8080 only.
     let post = body(&[policy("frontend", "backend", 8080)]);

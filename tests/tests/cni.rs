@@ -409,15 +409,9 @@ fn netin_port_mappings_reach_the_container_and_go_with_it() {
 
 /// Flow event reasons the agent has seen (`GET /v1/flows`).
 fn flow_reasons(daemon: &Daemon) -> Vec<String> {
-    let out = std::process::Command::new("curl")
-        .args(["-s", "--unix-socket"])
-        .arg(&daemon.socket)
-        .arg("http://localhost/v1/flows")
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    daemon
+        .flows()
+        .iter()
         .filter_map(|v| v["data"]["packet"]["reason"].as_str().map(str::to_owned))
         .collect()
 }

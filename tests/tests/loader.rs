@@ -82,6 +82,7 @@ fn a_full_map_is_reported_and_leaves_entries_intact() {
         pin_dir: pins.path().to_path_buf(),
         capacities: Capacities { endpoints: 4, policies: 2, ..Capacities::default() },
         events: Default::default(),
+        deny: Default::default(),
         overlay: None,
     };
     let mut dataplane = Dataplane::open(&config).unwrap();

@@ -207,6 +207,10 @@ fn open_dataplane(config: &Config) -> Result<Dataplane> {
         pin_dir: config.pin_dir.clone(),
         capacities: config.capacities.clone(),
         events: config.flow_events.clone(),
+        deny: policy_agent::dataplane::DenySettings {
+            action: config.deny_action,
+            rejects_per_second: config.rejects_per_second,
+        },
         overlay: config.overlay_network,
     })
     .with_context(|| {

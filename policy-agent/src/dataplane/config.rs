@@ -65,7 +65,7 @@ impl EventSettings {
         Self { allowed: false, denied_per_second: 0, policy_counters: false }
     }
 
-    pub fn kernel(&self) -> Settings {
+    fn flags(&self) -> u32 {
         let mut flags = 0;
         if self.allowed {
             flags |= settings::ALLOWED_EVENTS;
@@ -73,7 +73,40 @@ impl EventSettings {
         if self.policy_counters {
             flags |= settings::POLICY_COUNTERS;
         }
-        Settings { flags, denied_events_per_second: self.denied_per_second }
+        flags
+    }
+}
+
+/// What happens to a packet the policy denies (`deny_action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DenyAction {
+    /// TCP gets a RST, UDP an ICMP port unreachable: the client fails at
+    /// once ("connection refused"), as with Cloud Foundry's iptables REJECT.
+    Reject,
+    /// Dropped silently: the client waits out its timeout.
+    Drop,
+}
+
+/// How denied packets are answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenySettings {
+    pub action: DenyAction,
+    /// Rejects sent to one sender address per second at most; denied
+    /// packets past it are dropped unanswered.
+    pub rejects_per_second: u32,
+}
+
+impl Default for DenySettings {
+    fn default() -> Self {
+        Self { action: DenyAction::Reject, rejects_per_second: 1000 }
+    }
+}
+
+impl DenySettings {
+    /// Every denied packet dropped silently.
+    pub fn drop() -> Self {
+        Self { action: DenyAction::Drop, ..Self::default() }
     }
 }
 
@@ -83,6 +116,7 @@ pub struct DataplaneConfig {
     pub pin_dir: PathBuf,
     pub capacities: Capacities,
     pub events: EventSettings,
+    pub deny: DenySettings,
     /// The container network whose endpoints get array slots; None: every
     /// endpoint lookup hashes.
     pub overlay: Option<OverlayNetwork>,
@@ -94,8 +128,28 @@ impl DataplaneConfig {
             pin_dir: pin_dir.into(),
             capacities: Capacities::default(),
             events: EventSettings::default(),
+            deny: DenySettings::default(),
             overlay: Some(OverlayNetwork::default()),
         }
+    }
+
+    /// The programs' `SETTINGS`.
+    pub fn kernel_settings(&self) -> Settings {
+        kernel_settings(&self.events, &self.deny)
+    }
+}
+
+/// The programs' `SETTINGS` for what they report and how they deny.
+pub fn kernel_settings(events: &EventSettings, deny: &DenySettings) -> Settings {
+    let mut flags = events.flags();
+    if deny.action == DenyAction::Reject {
+        flags |= settings::REJECT;
+    }
+    Settings {
+        flags,
+        denied_events_per_second: events.denied_per_second,
+        rejects_per_second: deny.rejects_per_second,
+        _pad: 0,
     }
 }
 

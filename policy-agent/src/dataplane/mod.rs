@@ -32,7 +32,10 @@ mod config;
 mod kernel;
 mod maps;
 
-pub use config::{Capacities, DataplaneConfig, EventSettings, OverlayNetwork};
+pub use config::{
+    Capacities, DataplaneConfig, DenyAction, DenySettings, EventSettings, OverlayNetwork,
+    kernel_settings,
+};
 pub use maps::{EventStats, Maps, addr_from_key, addr_key};
 
 use crate::{EBPF_OBJECT, Error, bpffs, sys};
@@ -146,6 +149,16 @@ impl Dataplane {
             fs::remove_file(&pin).map_err(Error::io("cannot replace", &pin))?;
             tracing::info!("verdict counters restart: this version counts more reasons");
         }
+        // A pinned settings array from a version with a smaller value is
+        // replaced (the loader writes it again just below).
+        let settings_pin = maps_dir.join(names::SETTINGS);
+        let value_size = MapData::from_pin(&settings_pin)
+            .ok()
+            .and_then(|m| m.info().ok())
+            .map(|i| i.value_size());
+        if value_size.is_some_and(|n| n as usize != size_of::<policy_common::maps::Settings>()) {
+            fs::remove_file(&settings_pin).map_err(Error::io("cannot replace", &settings_pin))?;
+        }
         for name in names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
         }
@@ -161,7 +174,7 @@ impl Dataplane {
             prog.load().map_err(|e| Error::LoadProgram { name, source: Box::new(e) })?;
         }
         let mut maps = Maps::take(&mut ebpf)?;
-        maps.set_settings(config.events.kernel())?;
+        maps.set_settings(config.kernel_settings())?;
         maps.set_overlay(config.overlay)?;
         maps.fill_veth_slots()?;
         let flow_events = ebpf

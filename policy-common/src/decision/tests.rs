@@ -69,7 +69,11 @@ impl MemLookups {
         let parsed = parse_ethernet(frame.as_slice());
         let tracked = match parsed {
             Parsed::Flow { flow, fragment: None } => {
-                self.conns.get(&ConnKey::of(&flow).0).filter(|c| c.epoch == self.epoch).copied()
+                // (A reject's entry tracks nothing.)
+                self.conns
+                    .get(&ConnKey::of(&flow).0)
+                    .filter(|c| c.epoch == self.epoch && c.origin & origin::REJECTED == 0)
+                    .copied()
             }
             _ => None,
         };
@@ -376,24 +380,98 @@ fn connections_to_other_hosts_are_tracked_where_they_leave() {
     let mut t = MemLookups::with_endpoints();
     let parsed =
         |src, dst| parse_ethernet(PacketSpec::tcp(src, dst, 40000, 8080).frame().as_slice());
+    let none = Outgoing { conn: ConnUpdate::None, denied: false };
     // To a local endpoint or an unknown address: the destination side decides.
-    assert_eq!(track_outgoing(&t, &parsed(A, B)), ConnUpdate::None);
-    assert_eq!(track_outgoing(&t, &parsed(A, R)), ConnUpdate::None);
+    assert_eq!(track_outgoing(&t, &parsed(A, B)), none);
+    assert_eq!(track_outgoing(&t, &parsed(A, R)), none);
     // To an endpoint on another host: tracked only when a policy allows it
-    // from this side, once, at the current epoch.
+    // from this side, once, at the current epoch; denied without one.
     t.endpoints
         .insert(addr(R), EndpointValue { tag: 2, flags: crate::maps::endpoint_flags::REMOTE });
-    assert_eq!(track_outgoing(&t, &parsed(A, R)), ConnUpdate::None, "no policy");
+    let denied = track_outgoing(&t, &parsed(A, R));
+    assert_eq!(denied, Outgoing { conn: ConnUpdate::None, denied: true }, "no policy");
+    // A reject's entry does not count as tracked: still denied.
+    let frame = PacketSpec::tcp(A, R, 40000, 8080).frame();
+    let Parsed::Flow { flow, .. } = parse_ethernet(frame.as_slice()) else { panic!() };
+    let (key, conn) = reject_entry(&flow, t.epoch);
+    t.conns.insert(key, conn);
+    assert!(track_outgoing(&t, &parsed(A, R)).denied);
     t.allow(1, 2, proto::TCP, 8080, 8080, 4);
-    let ConnUpdate::Insert(key, conn) = track_outgoing(&t, &parsed(A, R)) else {
+    let Outgoing { conn: ConnUpdate::Insert(key, conn), denied: false } =
+        track_outgoing(&t, &parsed(A, R))
+    else {
         panic!("not tracked")
     };
     assert_eq!((conn.epoch, conn.policy_id), (t.epoch, 4));
     t.conns.insert(key, conn);
-    assert_eq!(track_outgoing(&t, &parsed(A, R)), ConnUpdate::None);
+    assert_eq!(track_outgoing(&t, &parsed(A, R)), none);
     // The other end's connections are never recorded from this side.
     let from_server = parse_ethernet(PacketSpec::tcp(B, R, 8080, 40000).frame().as_slice());
-    assert_eq!(track_outgoing(&t, &from_server), ConnUpdate::None);
+    assert_eq!(track_outgoing(&t, &from_server).conn, ConnUpdate::None);
     // Its reply is let in as a reply while a policy allows the opening flow.
     assert_eq!(t.deliver(&PacketSpec::tcp(R, A, 8080, 40000)), Verdict::Pass(Reason::Reply));
+}
+
+#[test]
+fn a_reject_passes_once_and_the_rejected_end_is_checked_again() {
+    let mut t = MemLookups::with_endpoints();
+    let syn = PacketSpec::tcp(A, B, 40000, 8080);
+    let frame = syn.frame();
+    let parsed = parse_ethernet(frame.as_slice());
+    let denied = decide_destination(&t, &parsed);
+    assert_eq!(denied.verdict, Verdict::Drop(Reason::NoPolicy));
+    let flow = rejectable(&parsed, denied.verdict).expect("a denied TCP SYN is rejectable");
+    let (key, conn) = reject_entry(&flow, t.epoch);
+    t.conns.insert(key, conn);
+    // The RST from B's address passes once, and takes the entry with it.
+    let rst = PacketSpec::tcp(B, A, 8080, 40000);
+    assert_eq!(t.deliver(&rst), Verdict::Pass(Reason::Related));
+    assert!(t.conns.is_empty());
+    assert_eq!(t.deliver(&rst), Verdict::Drop(Reason::NoPolicy), "only once");
+    // The rejected end's retry is not "established": checked, denied again.
+    t.conns.insert(key, conn);
+    assert_eq!(t.deliver(&syn), Verdict::Drop(Reason::NoPolicy));
+    // And allowed once a policy is there, replacing the entry.
+    t.allow(1, 2, proto::TCP, 8080, 8080, 3);
+    assert_eq!(t.deliver(&syn), Verdict::Pass(Reason::NewAllowed));
+    assert_eq!(t.deliver(&rst), Verdict::Pass(Reason::Reply));
+}
+
+#[test]
+fn an_icmp_unreachable_for_a_rejected_datagram_passes() {
+    let mut t = MemLookups::with_endpoints();
+    let datagram = PacketSpec::udp(A, B, 5000, 53);
+    let frame = datagram.frame();
+    let parsed = parse_ethernet(frame.as_slice());
+    let denied = decide_destination(&t, &parsed);
+    let flow = rejectable(&parsed, denied.verdict).unwrap();
+    let (key, conn) = reject_entry(&flow, t.epoch);
+    t.conns.insert(key, conn);
+    assert_eq!(t.deliver(&icmp_unreachable(B, A, &datagram)), Verdict::Pass(Reason::Related));
+}
+
+#[test]
+fn only_policy_denials_of_tcp_and_udp_are_rejectable() {
+    let t = MemLookups::with_endpoints();
+    let verdict_of = |spec: &PacketSpec| {
+        let frame = spec.frame();
+        let parsed = parse_ethernet(frame.as_slice());
+        (parsed, decide_destination(&t, &parsed).verdict)
+    };
+    for spec in [PacketSpec::icmp(A, B, 8, 0, 1), PacketSpec::new(A, B, 47, 0, 0)] {
+        let (parsed, verdict) = verdict_of(&spec);
+        assert!(!verdict.is_pass());
+        assert_eq!(rejectable(&parsed, verdict), None, "{spec:?}");
+    }
+    let (parsed, verdict) = verdict_of(&PacketSpec::udp(HOST, B, 1, 2));
+    assert!(verdict.is_pass() && rejectable(&parsed, verdict).is_none());
+    let mut later = PacketSpec::udp(A, B, 0, 0);
+    later.frag_offset = 10;
+    let (parsed, verdict) = verdict_of(&later);
+    assert_eq!(verdict, Verdict::Drop(Reason::FragmentUnknown));
+    assert_eq!(rejectable(&parsed, verdict), None);
+    let (parsed, _) = verdict_of(&PacketSpec::tcp(A, B, 1, 2));
+    assert_eq!(rejectable(&parsed, Verdict::Drop(Reason::Spoofed)), None);
+    assert_eq!(rejectable(&parsed, Verdict::Drop(Reason::Malformed)), None);
+    assert!(rejectable(&parsed, Verdict::Drop(Reason::Revoked)).is_some());
 }
