@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeMap, VecDeque},
     fs::{self, File, OpenOptions},
     io::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd as _,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
@@ -25,7 +25,7 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use policy_common::{
     Reason,
-    maps::{FlowEvent, action, direction, proto},
+    maps::{FlowEvent, Ipv6Key, action, direction, proto},
 };
 use serde_json::json;
 use tokio::sync::broadcast;
@@ -171,11 +171,11 @@ impl Names {
         }
     }
 
-    fn app(&self, tag: u32, ip: Ipv4Addr) -> Option<String> {
-        (tag != 0)
-            .then(|| self.apps_by_tag.get(&tag).cloned())
-            .flatten()
-            .or_else(|| self.apps_by_ip.get(&ip).cloned())
+    fn app(&self, tag: u32, ip: IpAddr) -> Option<String> {
+        (tag != 0).then(|| self.apps_by_tag.get(&tag).cloned()).flatten().or_else(|| match ip {
+            IpAddr::V4(ip) => self.apps_by_ip.get(&ip).cloned(),
+            IpAddr::V6(_) => None,
+        })
     }
 }
 
@@ -188,13 +188,49 @@ fn protocol_name(protocol: u8) -> String {
         proto::TCP => "TCP".into(),
         proto::UDP => "UDP".into(),
         proto::ICMP => "ICMP".into(),
+        proto::ICMPV6 => "ICMPv6".into(),
         n => n.to_string(),
     }
 }
 
+/// An event record of either family with its addresses as `IpAddr`.
+fn with_ip_addrs<A>(event: &FlowEvent<A>, ip: impl Fn(&A) -> IpAddr) -> FlowEvent<IpAddr> {
+    FlowEvent {
+        time_ns: event.time_ns,
+        saddr: ip(&event.saddr),
+        daddr: ip(&event.daddr),
+        sport: event.sport,
+        dport: event.dport,
+        protocol: event.protocol,
+        direction: event.direction,
+        allowed: event.allowed,
+        reason: event.reason,
+        src_tag: event.src_tag,
+        dst_tag: event.dst_tag,
+        policy_id: event.policy_id,
+        ifindex: event.ifindex,
+    }
+}
+
+/// Reads one ring buffer record: an IPv4 or an IPv6 event, by its size.
+fn read_event(record: &[u8]) -> Option<FlowEvent<IpAddr>> {
+    if record.len() == size_of::<FlowEvent>() {
+        // SAFETY: a record of exactly a FlowEvent's size, which is Pod.
+        let event = unsafe { std::ptr::read_unaligned(record.as_ptr().cast::<FlowEvent>()) };
+        return Some(with_ip_addrs(&event, |a| IpAddr::V4(addr_from_key(*a))));
+    }
+    if record.len() == size_of::<FlowEvent<Ipv6Key>>() {
+        // SAFETY: as above, for the IPv6 record.
+        let event =
+            unsafe { std::ptr::read_unaligned(record.as_ptr().cast::<FlowEvent<Ipv6Key>>()) };
+        return Some(with_ip_addrs(&event, |a| IpAddr::V6(Ipv6Addr::from(a.octets()))));
+    }
+    None
+}
+
 /// Renders one event; `wall` is the event's wall-clock time.
-pub fn render(event: &FlowEvent, wall: SystemTime, names: &Names) -> FlowLine {
-    let (src_ip, dst_ip) = (addr_from_key(event.saddr), addr_from_key(event.daddr));
+pub fn render(event: &FlowEvent<IpAddr>, wall: SystemTime, names: &Names) -> FlowLine {
+    let (src_ip, dst_ip) = (event.saddr, event.daddr);
     let (src_app, dst_app) = (names.app(event.src_tag, src_ip), names.app(event.dst_tag, dst_ip));
     let dir = if event.direction == direction::EGRESS { "egress" } else { "ingress" };
     let allowed = event.allowed == action::PASSED;
@@ -234,7 +270,7 @@ pub fn render(event: &FlowEvent, wall: SystemTime, names: &Names) -> FlowLine {
             "policy_id": (event.policy_id != 0).then_some(event.policy_id),
         },
     });
-    if event.protocol == proto::ICMP {
+    if event.protocol == proto::ICMP || event.protocol == proto::ICMPV6 {
         // The programs carry an ICMP message's identifier and type/code in
         // the port fields (policy_common::packet::Flow); say what they are.
         let [icmp_type, code] = event.dport.to_be_bytes();
@@ -268,10 +304,7 @@ pub fn run_reader(
         unsafe { libc::poll(&mut pfd, 1, 200) };
         let mut events = Vec::new();
         while let Some(item) = ring.next() {
-            if item.len() == size_of::<FlowEvent>() {
-                // SAFETY: the programs write one FlowEvent per record.
-                events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
-            }
+            events.extend(read_event(&item));
         }
         if events.is_empty() {
             continue;
@@ -304,8 +337,8 @@ mod tests {
         };
         let event = FlowEvent {
             time_ns: 0,
-            saddr: u32::from_ne_bytes([10, 255, 0, 1]),
-            daddr: u32::from_ne_bytes([10, 255, 0, 2]),
+            saddr: IpAddr::from([10, 255, 0, 1]),
+            daddr: IpAddr::from([10, 255, 0, 2]),
             sport: 40000,
             dport: 9000,
             protocol: proto::TCP,
@@ -334,6 +367,34 @@ mod tests {
         assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000000000Z");
         assert!(line.matches(true, Some("backend")));
         assert!(!line.matches(false, Some("other")));
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_records_are_told_apart_by_size() {
+        let v6 = FlowEvent {
+            saddr: Ipv6Key::from_octets("fd00::1".parse::<Ipv6Addr>().unwrap().octets()),
+            daddr: Ipv6Key::from_octets("fd00::2".parse::<Ipv6Addr>().unwrap().octets()),
+            protocol: proto::ICMPV6,
+            dport: 128 << 8,
+            sport: 7,
+            ..FlowEvent::default()
+        };
+        // SAFETY: FlowEvent is Pod; its bytes are what the ring buffer holds.
+        let bytes =
+            unsafe { std::slice::from_raw_parts((&raw const v6).cast::<u8>(), size_of_val(&v6)) };
+        let event = read_event(bytes).unwrap();
+        assert_eq!(event.saddr, "fd00::1".parse::<IpAddr>().unwrap());
+        let line = render(&event, SystemTime::UNIX_EPOCH, &Names::default());
+        let v: Value = serde_json::from_str(&line.json).unwrap();
+        assert_eq!(v["data"]["packet"]["protocol"], "ICMPv6");
+        assert_eq!(v["data"]["packet"]["icmp_type"], 128);
+        assert_eq!(v["data"]["packet"]["dst_ip"], "fd00::2");
+        let v4 = FlowEvent { saddr: u32::from_ne_bytes([10, 0, 0, 1]), ..FlowEvent::default() };
+        // SAFETY: as above.
+        let bytes =
+            unsafe { std::slice::from_raw_parts((&raw const v4).cast::<u8>(), size_of_val(&v4)) };
+        assert_eq!(read_event(bytes).unwrap().saddr, IpAddr::from([10, 0, 0, 1]));
+        assert!(read_event(&bytes[..20]).is_none());
     }
 
     #[test]

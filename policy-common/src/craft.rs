@@ -156,3 +156,46 @@ fn checksum(bytes: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
+
+/// An IPv6 packet in an Ethernet frame: the fixed header, `extensions`
+/// (raw extension headers; the first one's type is `first_next`, each
+/// names the next), and `upper` (the upper-layer header and payload) whose
+/// protocol is `protocol`.
+pub fn ipv6_frame(
+    src: [u8; 16],
+    dst: [u8; 16],
+    first_next: u8,
+    extensions: &[u8],
+    upper: &[u8],
+) -> Vec<u8> {
+    let mut frame = std::vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x86, 0xdd];
+    let payload_len = (extensions.len() + upper.len()) as u16;
+    frame.extend_from_slice(&[0x60, 0, 0, 0]);
+    frame.extend_from_slice(&payload_len.to_be_bytes());
+    frame.extend_from_slice(&[first_next, 64]);
+    frame.extend_from_slice(&src);
+    frame.extend_from_slice(&dst);
+    frame.extend_from_slice(extensions);
+    frame.extend_from_slice(upper);
+    frame
+}
+
+/// A TCP SYN or UDP header (8 payload bytes for UDP) from `sport` to `dport`.
+pub fn l4_header(protocol: u8, sport: u16, dport: u16) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    if protocol == proto::TCP {
+        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    } else {
+        l4.extend_from_slice(&[0, 16, 0, 0]);
+        l4.extend_from_slice(&[0; 8]);
+    }
+    l4
+}
+
+/// An ICMP(v6) message header of `icmp_type`, `code`, identifier `id`.
+pub fn icmp_header(icmp_type: u8, code: u8, id: u16) -> Vec<u8> {
+    let [id_hi, id_lo] = id.to_be_bytes();
+    std::vec![icmp_type, code, 0, 0, id_hi, id_lo, 0, 1]
+}

@@ -2,45 +2,46 @@
 //! map contents. The kernel programs call these functions with their maps
 //! behind [`Lookups`]; the host tests call them with in-memory tables.
 
-use crate::maps::proto;
+use crate::family::Family;
 use crate::maps::{
-    Attachment, Conn, ConnKey, EndpointValue, FragmentKey, PairKey, PortRules, endpoint_flags,
-    origin,
+    Attachment, Conn, ConnKey, EndpointValue, Ipv6Key, PairKey, PortRules, endpoint_flags, origin,
+    proto,
 };
-use crate::packet::{Flow, Parsed, icmp_port, icmp_query};
+use crate::packet::{Flow, Parsed, icmp_port};
 use crate::verdict::{Reason, Verdict};
 
-/// Read access to the maps the destination-side decision consults.
-pub trait Lookups {
-    /// `ENDPOINTS[addr]`.
-    fn endpoint(&self, addr: u32) -> Option<EndpointValue>;
-    /// `POLICIES[key]`.
+/// Read access to the maps the destination-side decision consults, for the
+/// address family `A` (the IPv4 maps, or their IPv6 twins).
+pub trait Lookups<A: Family = u32> {
+    /// `ENDPOINTS[addr]` (`ENDPOINTS6`).
+    fn endpoint(&self, addr: A) -> Option<EndpointValue>;
+    /// `POLICIES[key]` (one map for both families: tags name apps).
     fn port_rules(&self, key: &PairKey) -> Option<&PortRules>;
-    /// `CONNTRACK[key]`.
-    fn conn(&self, key: &ConnKey) -> Option<Conn>;
+    /// `CONNTRACK[key]` (`CONNTRACK6`).
+    fn conn(&self, key: &ConnKey<A>) -> Option<Conn>;
     /// `EPOCH[0]`.
     fn epoch(&self) -> u32;
-    /// Whether `FRAGMENTS` holds `key`.
-    fn fragment_allowed(&self, key: &FragmentKey) -> bool;
+    /// Whether `FRAGMENTS` (`FRAGMENTS6`) holds `key`.
+    fn fragment_allowed(&self, key: &A::Fragment) -> bool;
 }
 
 /// A change the program makes to `CONNTRACK` along with its verdict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConnUpdate {
+pub enum ConnUpdate<A = u32> {
     None,
     /// Create the entry, or refresh it after a re-check.
-    Insert(ConnKey, Conn),
+    Insert(ConnKey<A>, Conn),
     /// The connection is no longer allowed (or no longer managed).
-    Remove(ConnKey),
+    Remove(ConnKey<A>),
 }
 
 /// The verdict and the map changes that go with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Decision {
+pub struct Decision<A: Family = u32> {
     pub verdict: Verdict,
-    pub conn: ConnUpdate,
+    pub conn: ConnUpdate<A>,
     /// The first fragment of a datagram passed: let its later fragments pass.
-    pub record_fragment: Option<FragmentKey>,
+    pub record_fragment: Option<A::Fragment>,
     /// The policy that allowed the packet (its connection's), 0 if none.
     pub policy_id: u32,
     /// App tags of the two ends, where the decision looked them up (new
@@ -49,7 +50,7 @@ pub struct Decision {
     pub dst_tag: u32,
 }
 
-impl Decision {
+impl<A: Family> Decision<A> {
     /// A decision with no map effects.
     pub const fn from_verdict(verdict: Verdict) -> Self {
         Self::just(verdict)
@@ -67,7 +68,7 @@ impl Decision {
     }
 }
 
-impl ConnKey {
+impl<A: Family> ConnKey<A> {
     /// The connection a packet belongs to, and which end of it sent the packet.
     ///
     /// An ICMP query and its answer are one connection: the key holds the
@@ -79,10 +80,10 @@ impl ConnKey {
     /// ([`ConnKey::opening_flow`]) for a re-check. Only requests open
     /// exchanges (see [`Flow::opens_connection`]).
     #[inline(always)]
-    pub fn of(flow: &Flow) -> (ConnKey, u32) {
-        if flow.protocol == proto::ICMP {
+    pub fn of(flow: &Flow<A>) -> (ConnKey<A>, u32) {
+        if flow.protocol == A::ICMP {
             let sender_is_lo = flow.saddr <= flow.daddr;
-            let port_hi = match icmp_query((flow.dport >> 8) as u8) {
+            let port_hi = match A::icmp_query((flow.dport >> 8) as u8) {
                 Some(q) => icmp_port(q.request, (sender_is_lo != q.is_reply) as u8),
                 None => flow.dport,
             };
@@ -96,7 +97,7 @@ impl ConnKey {
                 addr_hi,
                 port_lo: flow.sport,
                 port_hi,
-                protocol: u32::from(proto::ICMP),
+                protocol: u32::from(A::ICMP),
             };
             return (key, side);
         }
@@ -113,15 +114,15 @@ impl ConnKey {
 
     /// The first packet of the connection, as the end `origin` sent it.
     #[inline(always)]
-    pub fn opening_flow(&self, origin: u32) -> Flow {
-        if self.protocol == u32::from(proto::ICMP) {
+    pub fn opening_flow(&self, origin: u32) -> Flow<A> {
+        if self.protocol == u32::from(A::ICMP) {
             let (saddr, daddr) = if origin == origin::LO {
                 (self.addr_lo, self.addr_hi)
             } else {
                 (self.addr_hi, self.addr_lo)
             };
             let (sport, dport) = (self.port_lo, self.port_hi & 0xff00);
-            return Flow { saddr, daddr, sport, dport, protocol: proto::ICMP };
+            return Flow { saddr, daddr, sport, dport, protocol: A::ICMP };
         }
         let (saddr, sport, daddr, dport) = if origin == origin::LO {
             (self.addr_lo, self.port_lo, self.addr_hi, self.port_hi)
@@ -146,7 +147,7 @@ pub enum Check {
 /// Checks a new flow: (source app tag, destination app tag, protocol) selects
 /// the pair's port ranges; the destination port must fall in one of them.
 #[inline(always)]
-pub fn check_flow<T: Lookups>(tables: &T, flow: &Flow) -> Check {
+pub fn check_flow<A: Family, T: Lookups<A>>(tables: &T, flow: &Flow<A>) -> Check {
     let Some(dst) = tables.endpoint(flow.daddr) else {
         return Check::Unmanaged;
     };
@@ -179,16 +180,18 @@ pub fn check_flow<T: Lookups>(tables: &T, flow: &Flow) -> Check {
 /// Later fragments pass iff their first fragment passed (4 still applies);
 /// ICMP errors pass iff they quote a tracked connection (4 still applies).
 #[inline(always)]
-pub fn decide_destination<T: Lookups>(tables: &T, parsed: &Parsed) -> Decision {
+pub fn decide_destination<A: Family, T: Lookups<A>>(tables: &T, parsed: &Parsed<A>) -> Decision<A> {
     // Read the epoch before any policy lookup: the agent removes policies
     // first and bumps the epoch second, so a connection recorded with this
     // epoch was checked against rules at least as new as the epoch.
     let epoch = tables.epoch();
     match *parsed {
         Parsed::NotIpv4 => Decision::just(Verdict::Pass(Reason::NotIpv4)),
+        Parsed::LinkControl => Decision::just(Verdict::Pass(Reason::LinkControl)),
         Parsed::Malformed => Decision::just(Verdict::Drop(Reason::Malformed)),
         Parsed::LaterFragment(key) => {
-            if tables.endpoint(key.daddr).is_none() || tables.endpoint(key.saddr).is_none() {
+            let (saddr, daddr) = A::fragment_ends(&key);
+            if tables.endpoint(daddr).is_none() || tables.endpoint(saddr).is_none() {
                 Decision::just(Verdict::Pass(Reason::Unmanaged))
             } else if tables.fragment_allowed(&key) {
                 Decision::just(Verdict::Pass(Reason::Fragment))
@@ -211,12 +214,12 @@ pub fn decide_destination<T: Lookups>(tables: &T, parsed: &Parsed) -> Decision {
 }
 
 #[inline(always)]
-fn decide_flow<T: Lookups>(
+fn decide_flow<A: Family, T: Lookups<A>>(
     tables: &T,
     epoch: u32,
-    flow: &Flow,
-    fragment: Option<FragmentKey>,
-) -> Decision {
+    flow: &Flow<A>,
+    fragment: Option<A::Fragment>,
+) -> Decision<A> {
     let (key, side) = ConnKey::of(flow);
     if let Some(conn) = tables.conn(&key) {
         if conn.origin & origin::REJECTED != 0 {
@@ -265,14 +268,14 @@ fn decide_flow<T: Lookups>(
 
 /// A flow with no tracked connection: the policy decides.
 #[inline(always)]
-fn decide_new<T: Lookups>(
+fn decide_new<A: Family, T: Lookups<A>>(
     tables: &T,
     epoch: u32,
-    flow: &Flow,
-    key: ConnKey,
+    flow: &Flow<A>,
+    key: ConnKey<A>,
     side: u32,
-    fragment: Option<FragmentKey>,
-) -> Decision {
+    fragment: Option<A::Fragment>,
+) -> Decision<A> {
     match check_flow(tables, flow) {
         Check::Unmanaged => Decision::just(Verdict::Pass(Reason::Unmanaged)),
         Check::Allowed { policy_id, src_tag, dst_tag } => Decision {
@@ -303,7 +306,7 @@ fn decide_new<T: Lookups>(
 /// answer would go to the forged address), and security-group denials. The
 /// program also leaves TCP RSTs unanswered, as every TCP stack does.
 #[inline(always)]
-pub fn rejectable(parsed: &Parsed, verdict: Verdict) -> Option<Flow> {
+pub fn rejectable<A: Family>(parsed: &Parsed<A>, verdict: Verdict) -> Option<Flow<A>> {
     // Integer compares (see `Verdict::reason`): no enum compare in BPF.
     let reason = verdict.reason() as u32;
     if verdict.is_pass() || (reason != Reason::NoPolicy as u32 && reason != Reason::Revoked as u32)
@@ -322,7 +325,7 @@ pub fn rejectable(parsed: &Parsed, verdict: Verdict) -> Option<Flow> {
 /// lets the reject, and nothing else, pass where it enters the sender (see
 /// [`origin::REJECTED`]).
 #[inline(always)]
-pub fn reject_entry(flow: &Flow, epoch: u32) -> (ConnKey, Conn) {
+pub fn reject_entry<A: Family>(flow: &Flow<A>, epoch: u32) -> (ConnKey<A>, Conn) {
     let (key, side) = ConnKey::of(flow);
     let conn = Conn {
         epoch,
@@ -340,18 +343,18 @@ pub fn reject_entry(flow: &Flow, epoch: u32) -> (ConnKey, Conn) {
 /// of the address; every other lookup is the map's. Replies and re-checks of
 /// a tracked connection see the same identity, as the sender's host put it
 /// on every packet.
-pub struct TunnelSource<'a, L> {
+pub struct TunnelSource<'a, L, A = u32> {
     pub lookups: &'a L,
     /// The packet's source address (wire order).
-    pub saddr: u32,
+    pub saddr: A,
     /// The tag from the tunnel header; 0: none (not from the tunnel, or no
     /// identity in its header), and the map decides.
     pub tag: u32,
 }
 
-impl<L: Lookups> Lookups for TunnelSource<'_, L> {
+impl<A: Family, L: Lookups<A>> Lookups<A> for TunnelSource<'_, L, A> {
     #[inline(always)]
-    fn endpoint(&self, addr: u32) -> Option<EndpointValue> {
+    fn endpoint(&self, addr: A) -> Option<EndpointValue> {
         if self.tag != 0 && addr == self.saddr {
             return Some(EndpointValue { tag: self.tag, flags: 0 });
         }
@@ -362,7 +365,7 @@ impl<L: Lookups> Lookups for TunnelSource<'_, L> {
         self.lookups.port_rules(key)
     }
     #[inline(always)]
-    fn conn(&self, key: &ConnKey) -> Option<Conn> {
+    fn conn(&self, key: &ConnKey<A>) -> Option<Conn> {
         self.lookups.conn(key)
     }
     #[inline(always)]
@@ -370,26 +373,26 @@ impl<L: Lookups> Lookups for TunnelSource<'_, L> {
         self.lookups.epoch()
     }
     #[inline(always)]
-    fn fragment_allowed(&self, key: &FragmentKey) -> bool {
+    fn fragment_allowed(&self, key: &A::Fragment) -> bool {
         self.lookups.fragment_allowed(key)
     }
 }
 
 /// The source address of a parsed packet, if it has one.
 #[inline(always)]
-pub fn source_address(parsed: &Parsed) -> Option<u32> {
+pub fn source_address<A: Family>(parsed: &Parsed<A>) -> Option<A> {
     match *parsed {
-        Parsed::NotIpv4 | Parsed::Malformed => None,
+        Parsed::NotIpv4 | Parsed::Malformed | Parsed::LinkControl => None,
         Parsed::Flow { flow, .. } => Some(flow.saddr),
-        Parsed::LaterFragment(key) => Some(key.saddr),
+        Parsed::LaterFragment(key) => Some(A::fragment_ends(&key).0),
         Parsed::IcmpError { saddr, .. } => Some(saddr),
     }
 }
 
 /// What the source side does about a packet to another host's endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Outgoing {
-    pub conn: ConnUpdate,
+pub struct Outgoing<A = u32> {
+    pub conn: ConnUpdate<A>,
     /// No policy allows this opening: the other host will drop it, so this
     /// host may answer it with a reject now (its packets to that host are
     /// dropped here then, as the other host would).
@@ -409,7 +412,7 @@ pub struct Outgoing {
 /// opening no policy allows is `denied` (the entry of a reject sent for it
 /// does not count as tracked).
 #[inline(always)]
-pub fn track_outgoing<T: Lookups>(tables: &T, parsed: &Parsed) -> Outgoing {
+pub fn track_outgoing<A: Family, T: Lookups<A>>(tables: &T, parsed: &Parsed<A>) -> Outgoing<A> {
     let nothing = Outgoing { conn: ConnUpdate::None, denied: false };
     let Parsed::Flow { flow, .. } = *parsed else { return nothing };
     if tables.endpoint(flow.daddr).is_none_or(|e| e.flags & endpoint_flags::REMOTE == 0) {
@@ -469,7 +472,7 @@ pub fn decide_underlay(parsed: &Parsed, port: u16, is_peer: impl Fn(u32) -> bool
 #[inline(always)]
 pub fn decide_source(parsed: &Parsed, own: Option<Attachment>) -> Verdict {
     let saddr = match *parsed {
-        Parsed::NotIpv4 => return Verdict::Pass(Reason::NotIpv4),
+        Parsed::NotIpv4 | Parsed::LinkControl => return Verdict::Pass(Reason::NotIpv4),
         Parsed::Malformed => return Verdict::Drop(Reason::Malformed),
         Parsed::Flow { flow, .. } => flow.saddr,
         Parsed::LaterFragment(key) => key.saddr,
@@ -478,6 +481,38 @@ pub fn decide_source(parsed: &Parsed, own: Option<Attachment>) -> Verdict {
     match own {
         None => Verdict::Pass(Reason::Unmanaged),
         Some(own) if own.addr == saddr => Verdict::Pass(Reason::SourceVerified),
+        Some(_) => Verdict::Drop(Reason::Spoofed),
+    }
+}
+
+/// The IPv6 anti-spoofing check. `own` is the IPv6 address of the endpoint
+/// behind this interface; `Ipv6Key::default()` (::, which nothing sends
+/// from) for an endpoint without one, so that its IPv6 packets are dropped.
+///
+/// 1. not IPv6 → pass;
+/// 2. link plumbing (neighbour discovery, router solicitation, MLD) → pass;
+/// 3. malformed → drop;
+/// 4. no endpoint here → pass;
+/// 5. source address is the endpoint's → pass;
+/// 6. a link-local source to a link-scoped destination (traffic with the
+///    host on the link) → pass;
+/// 7. otherwise → drop (spoofed).
+#[inline(always)]
+pub fn decide_source6(parsed: &Parsed<Ipv6Key>, own: Option<Ipv6Key>) -> Verdict {
+    let (saddr, daddr) = match *parsed {
+        Parsed::NotIpv4 => return Verdict::Pass(Reason::NotIpv4),
+        Parsed::LinkControl => return Verdict::Pass(Reason::LinkControl),
+        Parsed::Malformed => return Verdict::Drop(Reason::Malformed),
+        Parsed::Flow { flow, .. } => (flow.saddr, flow.daddr),
+        Parsed::LaterFragment(key) => (key.saddr, key.daddr),
+        Parsed::IcmpError { saddr, daddr, .. } => (saddr, daddr),
+    };
+    match own {
+        None => Verdict::Pass(Reason::Unmanaged),
+        Some(own) if own == saddr => Verdict::Pass(Reason::SourceVerified),
+        Some(_) if saddr.is_link_scoped() && daddr.is_link_scoped() => {
+            Verdict::Pass(Reason::Unmanaged)
+        }
         Some(_) => Verdict::Drop(Reason::Spoofed),
     }
 }

@@ -8,6 +8,7 @@
 #[cfg(any(test, feature = "user"))]
 pub mod craft;
 pub mod decision;
+pub mod family;
 pub mod maps;
 pub mod netout;
 pub mod packet;
@@ -15,5 +16,6 @@ pub mod ports;
 pub mod verdict;
 
 pub use decision::{Decision, Lookups, decide_destination, decide_source};
-pub use packet::{Flow, PacketBytes, Parsed, parse_ipv4};
+pub use family::Family;
+pub use packet::{Flow, PacketBytes, Parsed, parse_ipv4, parse_ipv6};
 pub use verdict::{Reason, Verdict};

@@ -242,6 +242,30 @@ pub mod proto {
     pub const ICMP: u8 = 1;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+}
+
+/// An IPv6 address as the maps key it: its 16 wire bytes read as four
+/// native-endian `u32` words (each word as an IPv4 address is stored).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Ipv6Key(pub [u32; 4]);
+const _: () = assert!(size_of::<Ipv6Key>() == 16);
+
+impl Ipv6Key {
+    pub fn from_octets(octets: [u8; 16]) -> Self {
+        let word =
+            |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+        Self([word(0), word(4), word(8), word(12)])
+    }
+
+    pub fn octets(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        for (i, word) in self.0.iter().enumerate() {
+            out[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        out
+    }
 }
 
 /// `POLICIES` key: one per (source app, destination app, protocol).
@@ -302,22 +326,24 @@ pub struct PortRules {
 }
 const _: () = assert!(size_of::<PortRules>() == 8 + 12 * MAX_PORT_RANGES);
 
-/// `CONNTRACK` key: a connection, the same for both of its directions.
+/// `CONNTRACK` key (IPv4, `A` = `u32`) and `CONNTRACK6` key (IPv6, `A` =
+/// [`Ipv6Key`]): a connection, the same for both of its directions.
 ///
 /// The two (address, port) ends are stored in a canonical order (the lower
 /// end first, comparing address then port), so a reply finds the entry its
 /// request made with one lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct ConnKey {
-    pub addr_lo: u32,
-    pub addr_hi: u32,
+pub struct ConnKey<A = u32> {
+    pub addr_lo: A,
+    pub addr_hi: A,
     pub port_lo: u16,
     pub port_hi: u16,
     /// IP protocol number, 32 bits wide: no padding to zero per packet.
     pub protocol: u32,
 }
 const _: () = assert!(size_of::<ConnKey>() == 16);
+const _: () = assert!(size_of::<ConnKey<Ipv6Key>>() == 40);
 
 /// Which end of a [`ConnKey`] opened the connection.
 pub mod origin {
@@ -374,6 +400,20 @@ pub struct FragmentKey {
 }
 const _: () = assert!(size_of::<FragmentKey>() == 12);
 
+/// `FRAGMENTS6` key: one fragmented IPv6 datagram whose first fragment was
+/// allowed (the Fragment extension header's 32-bit identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragmentKey6 {
+    pub saddr: Ipv6Key,
+    pub daddr: Ipv6Key,
+    /// Identification, host order.
+    pub id: u32,
+    /// The protocol after the extension headers, 32 bits wide.
+    pub protocol: u32,
+}
+const _: () = assert!(size_of::<FragmentKey6>() == 40);
+
 /// Index of the only `EPOCH` entry.
 pub const EPOCH_INDEX: u32 = 0;
 
@@ -424,14 +464,16 @@ pub mod direction {
 }
 
 /// One `FLOW_EVENTS` record: a denied packet, or the first packet of an
-/// allowed connection. Addresses wire order, ports host order.
+/// allowed connection. Addresses wire order, ports host order. IPv4
+/// records (`A` = `u32`) are 40 bytes, IPv6 records (`A` = [`Ipv6Key`]) 64:
+/// the reader tells them apart by size.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct FlowEvent {
+pub struct FlowEvent<A = u32> {
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
     pub time_ns: u64,
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub protocol: u8,
@@ -450,6 +492,7 @@ pub struct FlowEvent {
     pub ifindex: u32,
 }
 const _: () = assert!(size_of::<FlowEvent>() == 40);
+const _: () = assert!(size_of::<FlowEvent<Ipv6Key>>() == 64);
 
 /// `EVENT_LIMITS` value (keyed by destination address): denied events
 /// reported for that destination in the current one-second window.
@@ -495,6 +538,9 @@ mod pod {
     unsafe impl aya::Pod for PortRange {}
     unsafe impl aya::Pod for PortRules {}
     unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ConnKey<Ipv6Key> {}
+    unsafe impl aya::Pod for Ipv6Key {}
+    unsafe impl aya::Pod for FragmentKey6 {}
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for Settings {}
@@ -505,6 +551,7 @@ mod pod {
     unsafe impl aya::Pod for NatConnKey {}
     unsafe impl aya::Pod for NatConn {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for FlowEvent<Ipv6Key> {}
     unsafe impl aya::Pod for EventLimit {}
     unsafe impl aya::Pod for PolicyCounters {}
 }

@@ -2,7 +2,10 @@
 //! host tests (over a byte slice). Every read is bounds-checked by the
 //! [`PacketBytes`] implementation; this module only decides what to read.
 
-use crate::maps::{FragmentKey, proto};
+use crate::{
+    family::Family,
+    maps::{FragmentKey, FragmentKey6, Ipv6Key, proto},
+};
 
 /// Bounds-checked access to the bytes of a packet.
 pub trait PacketBytes {
@@ -17,17 +20,18 @@ impl PacketBytes for [u8] {
     }
 }
 
-/// The 5-tuple of a packet. Addresses in wire order, ports in host order
-/// (see [`crate::maps`]). ICMP messages other than errors stand in ports'
-/// place as policies match them: `dport` is `type << 8 | code` (what an icmp
-/// policy's range holds, see [`icmp_port`]) and `sport` the query's
-/// identifier (echo, timestamp, information and address-mask messages; 0 for
-/// other types), which pairs a reply with its request. Other protocols
-/// without ports (GRE, ...) have both ports 0.
+/// The 5-tuple of a packet; `A` is the address type ([`Family`]).
+/// Addresses in wire order, ports in host order (see [`crate::maps`]). ICMP
+/// messages other than errors stand in ports' place as policies match them:
+/// `dport` is `type << 8 | code` (what an icmp policy's range holds, see
+/// [`icmp_port`]) and `sport` the query's identifier (echo, timestamp,
+/// information and address-mask messages; 0 for other types), which pairs a
+/// reply with its request. Other protocols without ports (GRE, ...) have
+/// both ports 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Flow {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct Flow<A = u32> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub protocol: u8,
@@ -35,25 +39,33 @@ pub struct Flow {
 
 /// What a packet is, as far as the policy is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Parsed {
-    /// Not IPv4: ARP, IPv6, LLDP, ...
+pub enum Parsed<A: Family = u32> {
+    /// Not this family: ARP, LLDP, ... (and IPv6 on the IPv4 path).
     NotIpv4,
-    /// Cut short or inconsistent IPv4 / L4 headers.
+    /// Cut short or inconsistent IP / L4 headers; for IPv6 also an extension
+    /// header chain longer than the walk allows.
     Malformed,
     /// A datagram, or the first fragment of one (then `fragment` is set so the
     /// later fragments can follow its verdict).
-    Flow { flow: Flow, fragment: Option<FragmentKey> },
+    Flow { flow: Flow<A>, fragment: Option<A::Fragment> },
     /// A fragment other than the first: no L4 header.
-    LaterFragment(FragmentKey),
-    /// An ICMP error (unreachable, time exceeded, parameter problem) from
-    /// `saddr` to `daddr` about the datagram `about` (as originally sent).
-    IcmpError { saddr: u32, daddr: u32, about: Flow },
+    LaterFragment(A::Fragment),
+    /// An ICMP error (unreachable, time exceeded, parameter problem, packet
+    /// too big) from `saddr` to `daddr` about the datagram `about` (as
+    /// originally sent).
+    IcmpError { saddr: A, daddr: A, about: Flow<A> },
+    /// ICMPv6 neighbour discovery, router solicitation and advertisement,
+    /// redirects and multicast listener messages: the link's own plumbing,
+    /// always passed (IPv6 does not work without it).
+    LinkControl,
 }
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
 
 const IPV4_MIN_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
 const TCP_MIN_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const ICMP_HLEN: usize = 8;
@@ -63,6 +75,11 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
 
+/// Extension headers walked before the upper-layer header; a longer chain
+/// is dropped as malformed (RFC 8200 orders at most 7 kinds, but real
+/// traffic carries one or two).
+pub const MAX_EXTENSION_HEADERS: usize = 6;
+
 /// The "port" an ICMP message of `icmp_type` and `code` has for policies:
 /// an icmp policy allowing a type and code holds the range of one such
 /// value, a type with any code `type << 8 ..= type << 8 | 0xff`.
@@ -71,30 +88,7 @@ pub const fn icmp_port(icmp_type: u8, code: u8) -> u16 {
     (icmp_type as u16) << 8 | code as u16
 }
 
-/// ICMP query types that come in request/reply pairs with an identifier
-/// (RFC 792, RFC 950): echo, timestamp, information, address mask. The
-/// answer to `request` is `request - 8` for echo and `request + 1` for the
-/// others.
-#[inline(always)]
-pub const fn icmp_query(icmp_type: u8) -> Option<IcmpQuery> {
-    match icmp_type {
-        8 | 13 | 15 | 17 => Some(IcmpQuery { request: icmp_type, is_reply: false }),
-        0 => Some(IcmpQuery { request: 8, is_reply: true }),
-        14 | 16 | 18 => Some(IcmpQuery { request: icmp_type - 1, is_reply: true }),
-        _ => None,
-    }
-}
-
-/// See [`icmp_query`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IcmpQuery {
-    /// The type of the request of the pair.
-    pub request: u8,
-    /// This message is the answer.
-    pub is_reply: bool,
-}
-
-impl Flow {
+impl<A: Family> Flow<A> {
     /// Whether an allowed packet like this one starts something whose
     /// answers must pass: every TCP and UDP flow; of ICMP, only query
     /// requests (echo, ...). An ICMP answer or a one-way message (router
@@ -102,8 +96,8 @@ impl Flow {
     /// nothing.
     #[inline(always)]
     pub fn opens_connection(&self) -> bool {
-        self.protocol != proto::ICMP
-            || match icmp_query((self.dport >> 8) as u8) {
+        self.protocol != A::ICMP
+            || match A::icmp_query((self.dport >> 8) as u8) {
                 Some(q) => !q.is_reply,
                 None => false,
             }
@@ -113,10 +107,11 @@ impl Flow {
 /// `sport` and `dport` of an ICMP message (see [`Flow`]) whose header
 /// starts at `l4`, or `None` if its first 8 bytes are not there.
 #[inline(always)]
-fn icmp_ports<B: PacketBytes + ?Sized>(bytes: &B, l4: usize) -> Option<(u16, u16)> {
+fn icmp_ports<A: Family, B: PacketBytes + ?Sized>(bytes: &B, l4: usize) -> Option<(u16, u16)> {
     let [icmp_type, code, _, _] = bytes.read::<4>(l4)?;
     let [id_hi, id_lo, _, _] = bytes.read::<4>(l4 + 4)?;
-    let id = if icmp_query(icmp_type).is_some() { u16::from_be_bytes([id_hi, id_lo]) } else { 0 };
+    let id =
+        if A::icmp_query(icmp_type).is_some() { u16::from_be_bytes([id_hi, id_lo]) } else { 0 };
     Some((id, icmp_port(icmp_type, code)))
 }
 
@@ -131,6 +126,199 @@ pub fn parse_ethernet<B: PacketBytes + ?Sized>(bytes: &B) -> Parsed {
         return Parsed::NotIpv4;
     }
     parse_ipv4(bytes, ETH_HLEN)
+}
+
+/// The frame's ethertype (0 for a frame shorter than its Ethernet header).
+#[inline(always)]
+pub fn ethertype<B: PacketBytes + ?Sized>(bytes: &B) -> u16 {
+    bytes.read::<2>(12).map_or(0, u16::from_be_bytes)
+}
+
+/// Parses an Ethernet frame carrying IPv6 (`NotIpv4` for anything else).
+#[inline(always)]
+pub fn parse_ethernet6<B: PacketBytes + ?Sized>(bytes: &B) -> Parsed<Ipv6Key> {
+    if ethertype(bytes) != ETH_P_IPV6 {
+        return Parsed::NotIpv4;
+    }
+    parse_ipv6(bytes, ETH_HLEN)
+}
+
+/// The fixed IPv6 header fields the policy uses.
+struct Ipv6 {
+    payload_len: usize,
+    next: u8,
+    saddr: Ipv6Key,
+    daddr: Ipv6Key,
+}
+
+#[inline(always)]
+fn ipv6_address<B: PacketBytes + ?Sized>(bytes: &B, at: usize) -> Option<Ipv6Key> {
+    let word = |i: usize| bytes.read::<4>(at + i * 4).map(u32::from_ne_bytes);
+    Some(Ipv6Key([word(0)?, word(1)?, word(2)?, word(3)?]))
+}
+
+#[inline(always)]
+fn ipv6_header<B: PacketBytes + ?Sized>(bytes: &B, l3: usize) -> Option<Ipv6> {
+    let [version, _, _, _] = bytes.read::<4>(l3)?;
+    let [len_hi, len_lo, next, _hop_limit] = bytes.read::<4>(l3 + 4)?;
+    if version >> 4 != 6 {
+        return None;
+    }
+    Some(Ipv6 {
+        payload_len: u16::from_be_bytes([len_hi, len_lo]) as usize,
+        next,
+        saddr: ipv6_address(bytes, l3 + 8)?,
+        daddr: ipv6_address(bytes, l3 + 24)?,
+    })
+}
+
+/// IPv6 extension header numbers the walk steps over (RFC 8200 4.1).
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
+const IPV6_DEST_OPTS: u8 = 60;
+const IPV6_FRAG_OFFSET_MASK: u16 = 0xfff8;
+const IPV6_FRAG_MORE: u16 = 1;
+
+/// ICMPv6 errors (RFC 4443): destination unreachable, packet too big, time
+/// exceeded, parameter problem.
+const ICMPV6_ERROR_LAST: u8 = 4;
+
+/// ICMPv6 messages of the link itself: multicast listener query, report,
+/// done (130-132), router solicitation and advertisement, neighbour
+/// solicitation and advertisement, redirect (133-137), MLDv2 report (143).
+#[inline(always)]
+fn is_link_control(icmp_type: u8) -> bool {
+    matches!(icmp_type, 130..=137 | 143)
+}
+
+/// Parses an IPv6 packet whose header starts at `l3`: the fixed header, a
+/// walk over at most [`MAX_EXTENSION_HEADERS`] extension headers (hop-by-hop
+/// options, routing, destination options, authentication, fragment), then
+/// the upper-layer header as for IPv4.
+#[inline(always)]
+pub fn parse_ipv6<B: PacketBytes + ?Sized>(bytes: &B, l3: usize) -> Parsed<Ipv6Key> {
+    let Some(ip) = ipv6_header(bytes, l3) else {
+        return Parsed::Malformed;
+    };
+    let end = l3 + IPV6_HLEN + ip.payload_len;
+    let mut next = ip.next;
+    let mut at = l3 + IPV6_HLEN;
+    // Plain values, not an Option built up in the loop (see DESIGN.md on
+    // registers LLVM may read unset).
+    let mut first_fragment = false;
+    let mut fragment_id = 0u32;
+    let mut upper_layer = false;
+    for _ in 0..MAX_EXTENSION_HEADERS {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                let Some([following, len]) = bytes.read::<2>(at) else {
+                    return Parsed::Malformed;
+                };
+                next = following;
+                at += (len as usize + 1) * 8;
+            }
+            IPV6_AUTH => {
+                let Some([following, len]) = bytes.read::<2>(at) else {
+                    return Parsed::Malformed;
+                };
+                next = following;
+                at += (len as usize + 2) * 4;
+            }
+            IPV6_FRAGMENT => {
+                let (Some([following, _, off_hi, off_lo]), Some(id)) =
+                    (bytes.read::<4>(at), bytes.read::<4>(at + 4))
+                else {
+                    return Parsed::Malformed;
+                };
+                let offset = u16::from_be_bytes([off_hi, off_lo]);
+                let key = FragmentKey6 {
+                    saddr: ip.saddr,
+                    daddr: ip.daddr,
+                    id: u32::from_be_bytes(id),
+                    protocol: u32::from(following),
+                };
+                if offset & IPV6_FRAG_OFFSET_MASK != 0 {
+                    return Parsed::LaterFragment(key);
+                }
+                if offset & IPV6_FRAG_MORE != 0 {
+                    first_fragment = true;
+                    fragment_id = key.id;
+                }
+                next = following;
+                at += 8;
+            }
+            _ => {
+                upper_layer = true;
+                break;
+            }
+        }
+    }
+    if !upper_layer || at > end {
+        return Parsed::Malformed;
+    }
+    let fragment = if first_fragment {
+        Some(FragmentKey6 {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            id: fragment_id,
+            protocol: u32::from(next),
+        })
+    } else {
+        None
+    };
+    let l4_len = end - at;
+    let flow =
+        |sport, dport| Flow { saddr: ip.saddr, daddr: ip.daddr, sport, dport, protocol: next };
+    match next {
+        proto::TCP | proto::UDP => {
+            let need = if next == proto::TCP { TCP_MIN_HLEN } else { UDP_HLEN };
+            if l4_len < need || bytes.read::<1>(at + need - 1).is_none() {
+                return Parsed::Malformed;
+            }
+            match ports(bytes, at) {
+                Some((sport, dport)) => Parsed::Flow { flow: flow(sport, dport), fragment },
+                None => Parsed::Malformed,
+            }
+        }
+        proto::ICMPV6 => {
+            if l4_len < ICMP_HLEN {
+                return Parsed::Malformed;
+            }
+            let Some([icmp_type, _code]) = bytes.read::<2>(at) else {
+                return Parsed::Malformed;
+            };
+            if (1..=ICMPV6_ERROR_LAST).contains(&icmp_type) {
+                return match icmpv6_error_subject(bytes, at + ICMP_HLEN) {
+                    Some(about) => Parsed::IcmpError { saddr: ip.saddr, daddr: ip.daddr, about },
+                    None => Parsed::Malformed,
+                };
+            }
+            if is_link_control(icmp_type) {
+                return Parsed::LinkControl;
+            }
+            match icmp_ports::<Ipv6Key, B>(bytes, at) {
+                Some((sport, dport)) => Parsed::Flow { flow: flow(sport, dport), fragment },
+                None => Parsed::Malformed,
+            }
+        }
+        _ => Parsed::Flow { flow: flow(0, 0), fragment },
+    }
+}
+
+/// The datagram an ICMPv6 error quotes: its IPv6 header and, if the
+/// upper-layer header follows it directly, that header's ports.
+#[inline(always)]
+fn icmpv6_error_subject<B: PacketBytes + ?Sized>(bytes: &B, inner: usize) -> Option<Flow<Ipv6Key>> {
+    let ip = ipv6_header(bytes, inner)?;
+    let l4 = inner + IPV6_HLEN;
+    let (sport, dport) = match ip.next {
+        proto::TCP | proto::UDP => ports(bytes, l4)?,
+        proto::ICMPV6 => icmp_ports::<Ipv6Key, B>(bytes, l4)?,
+        _ => (0, 0),
+    };
+    Some(Flow { saddr: ip.saddr, daddr: ip.daddr, sport, dport, protocol: ip.next })
 }
 
 /// The fixed IPv4 header fields the policy uses.
@@ -229,7 +417,7 @@ pub fn parse_ipv4<B: PacketBytes + ?Sized>(bytes: &B, l3: usize) -> Parsed {
                         None => Parsed::Malformed,
                     }
                 }
-                _ => match icmp_ports(bytes, l4) {
+                _ => match icmp_ports::<u32, B>(bytes, l4) {
                     Some((sport, dport)) => Parsed::Flow { flow: flow(sport, dport), fragment },
                     None => Parsed::Malformed,
                 },
@@ -245,7 +433,7 @@ fn icmp_error_subject<B: PacketBytes + ?Sized>(bytes: &B, inner: usize) -> Optio
     let ip = ipv4_header(bytes, inner)?;
     let (sport, dport) = match ip.protocol {
         proto::TCP | proto::UDP => ports(bytes, inner + ip.hlen)?,
-        proto::ICMP => icmp_ports(bytes, inner + ip.hlen)?,
+        proto::ICMP => icmp_ports::<u32, B>(bytes, inner + ip.hlen)?,
         _ => (0, 0),
     };
     Some(Flow { saddr: ip.saddr, daddr: ip.daddr, sport, dport, protocol: ip.protocol })

@@ -38,11 +38,14 @@ pub enum Reason {
     AsgAllowed = 13,
     /// Leaving the overlay, allowed by no security group rule of its app.
     AsgDenied = 14,
+    /// IPv6 link plumbing: neighbour discovery, router solicitation and
+    /// advertisement, multicast listener messages (always passed).
+    LinkControl = 15,
 }
 
 impl Reason {
     /// Number of reasons: the size of the `VERDICTS` array.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::NotIpv4,
@@ -60,6 +63,7 @@ impl Reason {
         Reason::Revoked,
         Reason::AsgAllowed,
         Reason::AsgDenied,
+        Reason::LinkControl,
     ];
 
     /// Stable lower-case name, used in metrics and the CLI.
@@ -80,12 +84,14 @@ impl Reason {
             Reason::Revoked => "revoked",
             Reason::AsgAllowed => "asg_allowed",
             Reason::AsgDenied => "asg_denied",
+            Reason::LinkControl => "link_control",
         }
     }
 
     /// Whether packets counted under this reason were passed.
     pub const fn passes(self) -> bool {
-        (self as u32) < (Reason::NoPolicy as u32) || matches!(self, Reason::AsgAllowed)
+        (self as u32) < (Reason::NoPolicy as u32)
+            || matches!(self, Reason::AsgAllowed | Reason::LinkControl)
     }
 }
 
@@ -122,5 +128,6 @@ mod tests {
         assert!(!Reason::Revoked.passes());
         assert!(Reason::AsgAllowed.passes());
         assert!(!Reason::AsgDenied.passes());
+        assert!(Reason::LinkControl.passes());
     }
 }

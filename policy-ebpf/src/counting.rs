@@ -3,7 +3,7 @@
 //! the pending counts in each connection's `CONNTRACK` entry).
 
 use policy_common::{
-    Verdict,
+    Family, Verdict,
     decision::{ConnUpdate, Decision},
     maps::{COUNTER_FLUSH, Conn, PolicyCounters, SETTINGS_INDEX, settings},
 };
@@ -25,7 +25,7 @@ pub fn count_verdict(verdict: Verdict) -> Verdict {
 /// connection) or in the entry it is about to write (a new or re-checked
 /// one). Counting in the entry costs the fast path no extra map lookup.
 #[inline(always)]
-pub fn count_for_policy(decision: &mut Decision, found: *mut Conn, len: u32) {
+pub fn count_for_policy<A: Family>(decision: &mut Decision<A>, found: *mut Conn, len: u32) {
     if decision.policy_id == 0 || !decision.verdict.is_pass() || !policy_counters_on() {
         return;
     }

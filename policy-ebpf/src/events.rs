@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use policy_common::{
-    Parsed, Reason,
+    Family, Parsed, Reason,
     decision::Decision,
     maps::{EventLimit, FlowEvent, SETTINGS_INDEX, action, event_stat, settings},
 };
@@ -57,7 +57,13 @@ pub fn within_limit<const N: usize>(
 /// Reports a decision if it is a denial or a new allowed connection;
 /// `rejected`: the denied packet was answered with a reject.
 #[inline(always)]
-pub fn report(parsed: &Parsed, decision: &Decision, direction: u8, ifindex: u32, rejected: bool) {
+pub fn report<A: Family>(
+    parsed: &Parsed<A>,
+    decision: &Decision<A>,
+    direction: u8,
+    ifindex: u32,
+    rejected: bool,
+) {
     let verdict = decision.verdict;
     // Plain integer compares: both variants carry a reason (comparing the
     // enums lets LLVM read a register some paths never set).
@@ -73,9 +79,14 @@ pub fn report(parsed: &Parsed, decision: &Decision, direction: u8, ifindex: u32,
         Parsed::Flow { flow, .. } => {
             (flow.saddr, flow.daddr, flow.sport, flow.dport, flow.protocol)
         }
-        Parsed::LaterFragment(k) => (k.saddr, k.daddr, 0, 0, k.protocol),
-        Parsed::IcmpError { saddr, daddr, .. } => (saddr, daddr, 0, 0, 1),
-        Parsed::NotIpv4 | Parsed::Malformed => (0, 0, 0, 0, 0),
+        Parsed::LaterFragment(k) => {
+            let (saddr, daddr) = A::fragment_ends(&k);
+            (saddr, daddr, 0, 0, A::fragment_protocol(&k))
+        }
+        Parsed::IcmpError { saddr, daddr, .. } => (saddr, daddr, 0, 0, A::ICMP),
+        Parsed::NotIpv4 | Parsed::Malformed | Parsed::LinkControl => {
+            (A::default(), A::default(), 0, 0, 0)
+        }
     };
     if new_connection {
         if settings.flags & settings::ALLOWED_EVENTS == 0 {
@@ -88,7 +99,8 @@ pub fn report(parsed: &Parsed, decision: &Decision, direction: u8, ifindex: u32,
         // windows; a flood spends most of its time on this path.
         // SAFETY: a helper without arguments.
         let coarse = unsafe { bpf_ktime_get_coarse_ns() };
-        if !within_limit(&EVENT_LIMITS, daddr, coarse, settings.denied_events_per_second) {
+        let key = daddr.limit_key();
+        if !within_limit(&EVENT_LIMITS, key, coarse, settings.denied_events_per_second) {
             bump(event_stat::RATE_LIMITED);
             return;
         }
@@ -116,7 +128,7 @@ pub fn report(parsed: &Parsed, decision: &Decision, direction: u8, ifindex: u32,
         policy_id: decision.policy_id,
         ifindex,
     };
-    if FLOW_EVENTS.output(event, 0).is_ok() {
+    if FLOW_EVENTS.output_untyped::<FlowEvent<A>>(event, 0).is_ok() {
         bump(event_stat::EMITTED);
     } else {
         bump(event_stat::LOST);
