@@ -17,6 +17,7 @@ use std::{
 use integration_tests::{
     iptables::{CfIptables, CfPolicy, CfRuleSet},
     netns::NetNs,
+    nftables::CfNftables,
     pins::PinDir,
     topology::Host,
 };
@@ -41,6 +42,7 @@ pub enum Mode {
     None,
     Ours,
     Iptables,
+    Nftables,
 }
 
 impl Mode {
@@ -49,11 +51,12 @@ impl Mode {
             Mode::None => "no filtering",
             Mode::Ours => "eBPF (this project)",
             Mode::Iptables => "iptables (Cloud Foundry rules)",
+            Mode::Nftables => "nftables (one set lookup)",
         }
     }
 }
 
-/// Two containers, A (client) and B (server), enforced one of three ways
+/// Two containers, A (client) and B (server), enforced one of four ways
 /// with `policies` policies, A's own among them.
 pub struct Setup {
     host: Host,
@@ -130,6 +133,25 @@ impl Setup {
                     );
                 }
                 CfIptables::install(&host.ns).enforce(&set);
+                None
+            }
+            Mode::Nftables => {
+                let policy = |source_tag, protocol, port| CfPolicy {
+                    source_tag,
+                    destination: b,
+                    protocol,
+                    start: port,
+                    end: port,
+                };
+                let mut policies: Vec<CfPolicy> = (0..fillers)
+                    .map(|i| {
+                        let (tag, protocol, port) = filler(i);
+                        policy(tag, protocol, port)
+                    })
+                    .collect();
+                policies.extend(OWN.iter().map(|&(protocol, port)| policy(TAG_A, protocol, port)));
+                // The table stays in the namespace; the handle is not needed.
+                CfNftables::install(&host.ns, &[(a, TAG_A), (b, TAG_B)], &policies);
                 None
             }
         };
@@ -319,17 +341,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(quick: bool, report: &mut Report) {
     let counts: &[u32] = if quick { &[10, 1_000, 10_000] } else { &[10, 100, 1_000, 10_000] };
     let (secs, exchanges, rounds) = if quick { (1.0, 300, 1) } else { (3.0, 2_000, 3) };
-    let modes = [Mode::None, Mode::Ours, Mode::Iptables];
+    let modes = [Mode::None, Mode::Ours, Mode::Iptables, Mode::Nftables];
     struct Point {
-        pps: [f64; 3],
-        p50: [Duration; 3],
-        p99: [Duration; 3],
+        pps: [f64; 4],
+        p50: [Duration; 4],
+        p99: [Duration; 4],
     }
     let mut points = Vec::new();
     for &n in counts {
         let setups: Vec<Setup> = modes.iter().map(|&m| Setup::new(m, n)).collect();
         // Modes interleaved, medians over rounds: drift hits all alike.
-        let mut pps = [vec![], vec![], vec![]];
+        let mut pps = [vec![], vec![], vec![], vec![]];
         for _ in 0..rounds {
             for (i, s) in setups.iter().enumerate() {
                 pps[i].push(udp_pps(s, secs));
@@ -338,42 +360,48 @@ pub fn run(quick: bool, report: &mut Report) {
         let latency: Vec<Vec<Duration>> = setups.iter().map(|s| tcp_rr(s, exchanges)).collect();
         points.push(Point {
             pps: pps.map(median),
-            p50: [0, 1, 2].map(|i| percentile(&latency[i], 0.5)),
-            p99: [0, 1, 2].map(|i| percentile(&latency[i], 0.99)),
+            p50: [0, 1, 2, 3].map(|i| percentile(&latency[i], 0.5)),
+            p99: [0, 1, 2, 3].map(|i| percentile(&latency[i], 0.99)),
         });
     }
 
     let mut out = String::new();
     outln!(
         out,
-        "\n### 2. Against iptables, real traffic\n\nTwo container namespaces joined to a host namespace by veth pairs (silk layout); the same policies enforced by this project's TC programs (default settings: flow events and per-policy counters on) or by Cloud Foundry's iptables rules (`iptables-legacy`: per source container a MARK rule, per destination and policy an ACCEPT rule on address, protocol, port range and mark, conntrack for replies, a final REJECT; the measured flows' rules in the middle of the chain), or not at all. One UDP sender pinned to CPU 0 sends 32-byte datagrams as fast as it can (sendmmsg, 64 per call) for {secs} s (median of {rounds}); the receiver on CPU 1 counts what arrives. TCP: {exchanges} exchanges, each a new connection (connect, 32 bytes each way, close).\n"
+        "\n### 2. Against iptables and nftables, real traffic\n\nTwo container namespaces joined to a host namespace by veth pairs (silk layout); the same policies enforced by this project's TC programs (default settings: flow events and per-policy counters on), by Cloud Foundry's iptables rules (`iptables-legacy`: per source container a MARK rule, per destination and policy an ACCEPT rule on address, protocol, port range and mark, conntrack for replies, a final REJECT; the measured flows' rules in the middle of the chain), by nftables as an expert would write them (`tests/src/nftables.rs`: a map from source address to mark, one concatenated-range set `mark . daddr . l4proto . dport` matched in one rule, conntrack for replies, a final reject), or not at all. One UDP sender pinned to CPU 0 sends 32-byte datagrams as fast as it can (sendmmsg, 64 per call) for {secs} s (median of {rounds}); the receiver on CPU 1 counts what arrives. TCP: {exchanges} exchanges, each a new connection (connect, 32 bytes each way, close).\n"
     );
     outln!(
         out,
-        "| policies | UDP pkt/s, no filtering | UDP pkt/s, eBPF | UDP pkt/s, iptables | eBPF / iptables | µs added per packet, eBPF / iptables | TCP exchange p50 / p99, no filtering | eBPF | iptables |"
+        "| policies | UDP pkt/s, no filtering | UDP pkt/s, eBPF | UDP pkt/s, iptables | UDP pkt/s, nftables | eBPF / iptables | eBPF / nftables | µs added per packet, eBPF / iptables / nftables | TCP exchange p50 / p99, no filtering | eBPF | iptables | nftables |"
     );
-    outln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    outln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     // What enforcement adds to each packet's time on the sender's CPU.
     let added = |pps: f64, none: f64| 1e6 / pps - 1e6 / none;
     let us = |d: Duration| format!("{:.0}", d.as_secs_f64() * 1e6);
     for (&n, p) in counts.iter().zip(&points) {
         outln!(
             out,
-            "| {n} | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | **{:.1}x** | {:+.2} / {:+.2} | {} / {} µs | {} / {} µs | {} / {} µs |",
+            "| {n} | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | {:.0} ({:.2}x) | **{:.1}x** | **{:.2}x** | {:+.2} / {:+.2} / {:+.2} | {} / {} µs | {} / {} µs | {} / {} µs | {} / {} µs |",
             p.pps[0],
             p.pps[1],
             p.pps[1] / p.pps[0],
             p.pps[2],
             p.pps[2] / p.pps[0],
+            p.pps[3],
+            p.pps[3] / p.pps[0],
             p.pps[1] / p.pps[2],
+            p.pps[1] / p.pps[3],
             added(p.pps[1], p.pps[0]),
             added(p.pps[2], p.pps[0]),
+            added(p.pps[3], p.pps[0]),
             us(p.p50[0]),
             us(p.p99[0]),
             us(p.p50[1]),
             us(p.p99[1]),
             us(p.p50[2]),
             us(p.p99[2]),
+            us(p.p50[3]),
+            us(p.p99[3]),
         );
     }
     outln!(
@@ -391,7 +419,7 @@ pub fn run(quick: bool, report: &mut Report) {
         x_label: "policies",
         y_label: "packets per second",
         log_y: true,
-        series: (0..3).map(|m| series(m, &|p, m| p.pps[m])).collect(),
+        series: (0..4).map(|m| series(m, &|p, m| p.pps[m])).collect(),
     });
     let mut latency_series = Vec::new();
     for (m, mode) in modes.iter().enumerate() {
@@ -417,9 +445,9 @@ pub fn run(quick: bool, report: &mut Report) {
 /// iperf3 over the veth pair: no program, ours, iptables with 1k policies.
 fn throughput(quick: bool, report: &mut Report) {
     let (secs, rounds) = if quick { (2, 1) } else { (5, 3) };
-    let modes = [Mode::None, Mode::Ours, Mode::Iptables];
+    let modes = [Mode::None, Mode::Ours, Mode::Iptables, Mode::Nftables];
     let setups: Vec<Setup> = modes.iter().map(|&m| Setup::new(m, 1_000)).collect();
-    let mut gbits = [vec![], vec![], vec![]];
+    let mut gbits = [vec![], vec![], vec![], vec![]];
     for _ in 0..rounds {
         for (i, s) in setups.iter().enumerate() {
             gbits[i].push(iperf(s, secs));
@@ -429,7 +457,7 @@ fn throughput(quick: bool, report: &mut Report) {
     let mut out = String::new();
     outln!(
         out,
-        "\n### 3. Throughput\n\niperf3 TCP A -> B over the veth pair, {secs} s per run, modes interleaved, median of {rounds}; 1k policies for both enforcers.\n"
+        "\n### 3. Throughput\n\niperf3 TCP A -> B over the veth pair, {secs} s per run, modes interleaved, median of {rounds}; 1k policies for each enforcer.\n"
     );
     outln!(out, "| enforcement | Gbit/s | vs no filtering |");
     outln!(out, "|---|---:|---:|");

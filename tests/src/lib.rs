@@ -10,6 +10,7 @@ pub mod cni;
 pub mod daemon;
 pub mod iptables;
 pub mod netns;
+pub mod nftables;
 pub mod pins;
 pub mod topology;
 pub mod traffic;

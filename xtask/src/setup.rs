@@ -22,7 +22,7 @@ const LLVM_FEATURE: &str = "llvm-22";
 /// and openssl are the real clients of the DNS and TLS tests), with the
 /// command each provides, or a file's absolute path (checked instead of
 /// asking dpkg when present). iptables is the benchmarks' Cloud Foundry
-/// baseline; the font labels the benchmarks' plots; etcd is the cluster
+/// baseline, nftables (with sets) the strongest non-eBPF one; the font labels the benchmarks' plots; etcd is the cluster
 /// tests' shared store (each test starts its own process).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
@@ -34,6 +34,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("openssl", "openssl"),
     ("iptables", "iptables-legacy-restore"),
+    ("nftables", "nft"),
     ("etcd-server", "etcd"),
     ("etcd-client", "etcdctl"),
     // The CNI plugin's tests: a real runtime (podman's CNI backend, runc),
