@@ -11,6 +11,7 @@ use std::{
 use integration_tests::{
     daemon::Daemon,
     iptables::{CfIptables, CfPolicy, CfRuleSet},
+    nftables::CfNftables,
     topology::{Container, Host},
 };
 use policy_agent::client::Client;
@@ -173,11 +174,49 @@ fn iptables(n: usize, rounds: usize) -> (Vec<Duration>, Vec<Duration>) {
     (single, batch)
 }
 
+/// nftables with `n` policies in its set: (one element added → first
+/// packet, 1k elements added in one transaction → first packet), each
+/// sorted. The added elements are deleted again between rounds.
+fn nftables(n: usize, rounds: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let host = Host::new(2);
+    let (a, b) = (host.container(0).ip, host.container(1).ip);
+    let others = |count: usize, from: usize| -> Vec<CfPolicy> {
+        (from..from + count)
+            .map(|i| CfPolicy {
+                source_tag: 100 + i as u32,
+                destination: b,
+                protocol: "tcp",
+                start: 8080,
+                end: 8080,
+            })
+            .collect()
+    };
+    let own = CfPolicy { source_tag: 1, destination: b, protocol: "udp", start: 7000, end: 7000 };
+    let rules = CfNftables::install(&host.ns, &[(a, 1), (b, 2)], &others(n, 0));
+    let probe = Probe::new(&host);
+    let time = |extra: usize| {
+        probe.blocked();
+        let mut added = others(extra, n);
+        added.push(own.clone());
+        let start = Instant::now();
+        rules.add(&added);
+        let took = probe.first_arrival(start);
+        rules.remove(&added);
+        took
+    };
+    let mut single: Vec<Duration> = (0..rounds).map(|_| time(0)).collect();
+    let mut batch: Vec<Duration> = (0..rounds).map(|_| time(999)).collect();
+    single.sort();
+    batch.sort();
+    (single, batch)
+}
+
 pub fn run(quick: bool, report: &mut Report) {
     let counts: &[usize] = if quick { &[10, 1_000, 10_000] } else { &[10, 100, 1_000, 10_000] };
     let (singles, batches, rounds) = if quick { (20, 2, 2) } else { (100, 5, 5) };
     let rows: Vec<_> =
         counts.iter().map(|&n| (n, ours(n, singles, batches), iptables(n, rounds))).collect();
+    let nft_rows: Vec<_> = counts.iter().map(|&n| (n, nftables(n, singles.min(20)))).collect();
     let mut out = String::new();
     outln!(
         out,
@@ -204,6 +243,27 @@ pub fn run(quick: bool, report: &mut Report) {
             percentile(ip_batch, 0.5).as_secs_f64() / percentile(batch, 0.5).as_secs_f64(),
         );
     }
+    outln!(
+        out,
+        "\nnftables (`tests/src/nftables.rs`): the policy set updated in place, one `nft -f` transaction adding the element(s) — the process start of `nft` included, as a Cloud Foundry agent shelling out to it would pay it — to the first probe through.\n"
+    );
+    outln!(
+        out,
+        "| policies | nftables, one policy p50 / max | nftables / eBPF (p50) | nftables, batch of 1k p50 / max | nftables / eBPF (p50) |"
+    );
+    outln!(out, "|---:|---:|---:|---:|---:|");
+    for ((n, (single, batch), _), (_, (nft_single, nft_batch))) in rows.iter().zip(&nft_rows) {
+        outln!(
+            out,
+            "| {n} | {} / {} | {:.1}x | {} / {} | {:.1}x |",
+            ms(percentile(nft_single, 0.5)),
+            ms(*nft_single.last().unwrap()),
+            percentile(nft_single, 0.5).as_secs_f64() / percentile(single, 0.5).as_secs_f64(),
+            ms(percentile(nft_batch, 0.5)),
+            ms(*nft_batch.last().unwrap()),
+            percentile(nft_batch, 0.5).as_secs_f64() / percentile(batch, 0.5).as_secs_f64(),
+        );
+    }
     report.section(out);
     // Which of (eBPF single, iptables single, eBPF batch, iptables batch).
     let series = |label: &str, which: usize| Series {
@@ -227,6 +287,22 @@ pub fn run(quick: bool, report: &mut Report) {
             series("iptables rebuild, one policy", 1),
             series("eBPF agent, batch of 1k", 2),
             series("iptables rebuild, batch of 1k", 3),
+            Series {
+                label: "nftables element add, one policy".into(),
+                points: nft_rows
+                    .iter()
+                    .map(|(n, (single, _))| {
+                        (*n as f64, percentile(single, 0.5).as_secs_f64() * 1e3)
+                    })
+                    .collect(),
+            },
+            Series {
+                label: "nftables element add, batch of 1k".into(),
+                points: nft_rows
+                    .iter()
+                    .map(|(n, (_, batch))| (*n as f64, percentile(batch, 0.5).as_secs_f64() * 1e3))
+                    .collect(),
+            },
         ],
     });
 }
