@@ -4,7 +4,7 @@
 //! chain (new chain, jump, delete old) and the first packet after it.
 
 use std::{
-    net::UdpSocket,
+    net::{Ipv4Addr, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -135,6 +135,24 @@ pub fn agent_latency(
     (single, batch)
 }
 
+/// `count` policies of other apps (tags from `100 + from`) to `b`, tcp/8080.
+fn other_policies(b: Ipv4Addr, count: usize, from: usize) -> Vec<CfPolicy> {
+    (from..from + count)
+        .map(|i| CfPolicy {
+            source_tag: 100 + i as u32,
+            destination: b,
+            protocol: "tcp",
+            start: 8080,
+            end: 8080,
+        })
+        .collect()
+}
+
+/// The probe's policy: A (tag 1) to `b`, udp/7000.
+fn probe_policy(b: Ipv4Addr) -> CfPolicy {
+    CfPolicy { source_tag: 1, destination: b, protocol: "udp", start: PROBE_PORT, end: PROBE_PORT }
+}
+
 /// iptables with `n` policies: (rebuild for one more policy → first packet,
 /// rebuild with 1k more → first packet), each sorted.
 fn iptables(n: usize, rounds: usize) -> (Vec<Duration>, Vec<Duration>) {
@@ -142,18 +160,8 @@ fn iptables(n: usize, rounds: usize) -> (Vec<Duration>, Vec<Duration>) {
     let (a, b) = (host.container(0).ip, host.container(1).ip);
     let mut rules = CfIptables::install(&host.ns);
     let probe = Probe::new(&host);
-    let others = |count: usize, from: usize| -> Vec<CfPolicy> {
-        (from..from + count)
-            .map(|i| CfPolicy {
-                source_tag: 100 + i as u32,
-                destination: b,
-                protocol: "tcp",
-                start: 8080,
-                end: 8080,
-            })
-            .collect()
-    };
-    let own = CfPolicy { source_tag: 1, destination: b, protocol: "udp", start: 7000, end: 7000 };
+    let others = |count, from| other_policies(b, count, from);
+    let own = probe_policy(b);
     let base = CfRuleSet { sources: vec![(a, 1), (b, 2)], policies: others(n, 0) };
     let mut time = |extra: usize| {
         rules.enforce(&base);
@@ -180,18 +188,8 @@ fn iptables(n: usize, rounds: usize) -> (Vec<Duration>, Vec<Duration>) {
 fn nftables(n: usize, rounds: usize) -> (Vec<Duration>, Vec<Duration>) {
     let host = Host::new(2);
     let (a, b) = (host.container(0).ip, host.container(1).ip);
-    let others = |count: usize, from: usize| -> Vec<CfPolicy> {
-        (from..from + count)
-            .map(|i| CfPolicy {
-                source_tag: 100 + i as u32,
-                destination: b,
-                protocol: "tcp",
-                start: 8080,
-                end: 8080,
-            })
-            .collect()
-    };
-    let own = CfPolicy { source_tag: 1, destination: b, protocol: "udp", start: 7000, end: 7000 };
+    let others = |count, from| other_policies(b, count, from);
+    let own = probe_policy(b);
     let rules = CfNftables::install(&host.ns, &[(a, 1), (b, 2)], &others(n, 0));
     let probe = Probe::new(&host);
     let time = |extra: usize| {

@@ -66,17 +66,13 @@ pub fn explain(maps: &Maps, state: &State, query: &FlowQuery) -> Value {
         "destination": side(dst, dst_ep),
         "protocol": protocol.name(),
     });
-    if protocol.has_ports() {
+    let what = if protocol.has_ports() {
         answer["port"] = json!(port);
+        port.to_string()
     } else {
         let [icmp_type, code] = port.to_be_bytes();
         answer["icmp_type"] = json!(icmp_type);
         answer["icmp_code"] = json!(code);
-    }
-    let what = if protocol.has_ports() {
-        port.to_string()
-    } else {
-        let [icmp_type, code] = port.to_be_bytes();
         format!("type {icmp_type} code {code}")
     };
     let (src_app, dst_app) = (app_of(src, src_ep), app_of(dst, dst_ep));

@@ -50,18 +50,7 @@ impl Host {
         let host_ifname = format!("hv{i}");
         let cidr = format!("{ip}/32");
         let gateway = GATEWAY.to_string();
-        self.ns.ip(&[
-            "link",
-            "add",
-            &host_ifname,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ]);
+        veth_into(&self.ns, &host_ifname, &ns);
         ns.ip(&["addr", "add", &cidr, "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"]);
@@ -112,18 +101,7 @@ impl Drop for Host {
 /// `host_cidr`, `eth0` outside with `outside_cidrs`.
 pub fn outside(host: &NetNs, ifname: &str, host_cidr: &str, outside_cidrs: &[&str]) -> NetNs {
     let outside = NetNs::new(crate::unique_name("x"));
-    host.ip(&[
-        "link",
-        "add",
-        ifname,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        outside.name(),
-    ]);
+    veth_into(host, ifname, &outside);
     host.ip(&["addr", "add", host_cidr, "dev", ifname]);
     host.ip(&["link", "set", ifname, "up"]);
     for cidr in outside_cidrs {
@@ -131,4 +109,9 @@ pub fn outside(host: &NetNs, ifname: &str, host_cidr: &str, outside_cidrs: &[&st
     }
     outside.ip(&["link", "set", "eth0", "up"]);
     outside
+}
+
+/// A veth pair: `ifname` in `host`, its peer `eth0` in `ns`.
+fn veth_into(host: &NetNs, ifname: &str, ns: &NetNs) {
+    host.ip(&["link", "add", ifname, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
 }

@@ -37,16 +37,6 @@ pub struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    /// What the policy allows, as the confirmation line prints it.
-    fn what(&self) -> String {
-        match (&self.port, self.icmp_type, self.icmp_code) {
-            (Some(port), ..) => format!("{} {port}", self.protocol.name()),
-            (None, None, _) => format!("{} any", self.protocol.name()),
-            (None, Some(t), None) => format!("{} type {t}", self.protocol.name()),
-            (None, Some(t), Some(c)) => format!("{} type {t} code {c}", self.protocol.name()),
-        }
-    }
-
     fn body(&self) -> Result<serde_json::Value> {
         let (start, end) = if self.protocol.has_ports() {
             if self.icmp_type.is_some() {
@@ -76,12 +66,14 @@ impl PolicyArgs {
     }
 
     pub fn add(self, client: &Client) -> Result<()> {
-        call(client, "POST", "/networking/v1/external/policies", Some(&self.body()?))?;
+        let body = self.body()?;
+        call(client, "POST", "/networking/v1/external/policies", Some(&body))?;
         println!(
-            "Adding network policy from app {} to app {} ({}): OK",
+            "Adding network policy from app {} to app {} ({} {}): OK",
             self.source_app,
             self.destination_app,
-            self.what()
+            self.protocol.name(),
+            wire::destination_text(&body["policies"][0]["destination"])
         );
         Ok(())
     }
