@@ -2,7 +2,10 @@
 //! running kernel, next to an empty TC program measured the same way in the
 //! same run.
 
-use std::{net::Ipv4Addr, time::Instant};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
 
 use aya::{
     Ebpf,
@@ -13,7 +16,7 @@ use integration_tests::{netns::NetNs, pins::PinDir, unique_name};
 use crate::report::{Plot, Report, Series, outln};
 use policy_agent::{BASELINE_OBJECT, Dataplane, Direction};
 use policy_common::{
-    craft::PacketSpec,
+    craft::{PacketSpec, ipv6_frame, l4_header},
     maps::{PairKey, proto},
     ports::Allowance,
 };
@@ -22,6 +25,36 @@ const A: [u8; 4] = [10, 255, 0, 1];
 const B: [u8; 4] = [10, 255, 0, 2];
 const TAG_A: u32 = 1;
 const TAG_B: u32 = 2;
+/// A's and B's IPv6 addresses: fd00:255::1 and fd00:255::2 (A's other
+/// instances fd00:255::N:1).
+const A6: [u8; 16] = [0xfd, 0, 2, 0x55, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const B6: [u8; 16] = [0xfd, 0, 2, 0x55, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+/// Which family a table's packets are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// A 64-byte-class TCP frame (74 bytes for IPv6) from A's instance
+    /// `instance` to B.
+    fn frame(self, instance: u8, sport: u16, dport: u16) -> Vec<u8> {
+        match self {
+            Family::V4 => {
+                let mut spec = PacketSpec::tcp(A, B, sport, dport);
+                spec.src[2] = instance;
+                spec.frame()
+            }
+            Family::V6 => {
+                let mut src = A6;
+                src[13] = instance;
+                ipv6_frame(src, B6, proto::TCP, &[], &l4_header(proto::TCP, sport, dport))
+            }
+        }
+    }
+}
 
 struct Costs {
     /// ns per run with `repeat` runs of one packet.
@@ -64,13 +97,9 @@ pub fn one_run_each(prog: &SchedClassifier, frames: &[Vec<u8>]) -> f64 {
 /// `n` distinct frames A -> B tcp/`dport`, from distinct source ports of
 /// the A app's instance 10.255.`instance`.1 (then the next instances once
 /// ports run out). Distinct `instance`s give distinct flows.
-fn new_flow_frames(n: usize, instance: u8, dport: u16) -> Vec<Vec<u8>> {
+fn new_flow_frames(family: Family, n: usize, instance: u8, dport: u16) -> Vec<Vec<u8>> {
     (0..n)
-        .map(|i| {
-            let mut spec = PacketSpec::tcp(A, B, (i % 60000) as u16 + 1024, dport);
-            spec.src[2] = instance + (i / 60000) as u8;
-            spec.frame()
-        })
+        .map(|i| family.frame(instance + (i / 60000) as u8, (i % 60000) as u16 + 1024, dport))
         .collect()
 }
 
@@ -121,6 +150,17 @@ impl Params {
 /// A -> B tcp/8080-8090) and measures tc_to_container on them, and the empty
 /// program on the same frames.
 pub fn measure(label: String, quick: bool, fill: impl FnOnce(&mut Dataplane)) -> Row {
+    measure_family(Family::V4, label, quick, fill)
+}
+
+/// [`measure`] on `family`'s packets (for IPv6, A and B and A's instances
+/// are registered on IPv6 too, with the same tags).
+pub fn measure_family(
+    family: Family,
+    label: String,
+    quick: bool,
+    fill: impl FnOnce(&mut Dataplane),
+) -> Row {
     let p = Params::new(quick);
     let ns = NetNs::new(unique_name("bench"));
     let _in_ns = ns.enter();
@@ -135,6 +175,16 @@ pub fn measure(label: String, quick: bool, fill: impl FnOnce(&mut Dataplane)) ->
     // Test runs see the namespace's loopback (ifindex 1) as the device: bind
     // it to A for the source side's anti-spoofing lookup.
     dataplane.maps_mut().set_veth(1, Ipv4Addr::from(A), TAG_A).expect("veth");
+    if family == Family::V6 {
+        let tables = dataplane.maps_mut();
+        tables.set_veth6(1, Ipv6Addr::from(A6)).expect("veth6");
+        tables.set_endpoint6(Ipv6Addr::from(B6), TAG_B).expect("endpoint6");
+        for instance in 0..=20u8 {
+            let mut addr = A6;
+            addr[13] = instance;
+            tables.set_endpoint6(Ipv6Addr::from(addr), TAG_A).expect("endpoint6");
+        }
+    }
     // The decision alone; `reporting` measures events and counters.
     dataplane
         .maps_mut()
@@ -144,12 +194,12 @@ pub fn measure(label: String, quick: bool, fill: impl FnOnce(&mut Dataplane)) ->
         ))
         .expect("settings");
     let prog = dataplane.tc_program(Direction::ToContainer);
-    let established = PacketSpec::tcp(A, B, 40000, 8080).frame();
+    let established = family.frame(0, 40000, 8080);
     prog.test_run(TestRunOptions { data_in: Some(&established), ..Default::default() })
         .expect("open");
-    let denied = PacketSpec::tcp(A, B, 40001, 9999).frame();
-    let frames = new_flow_frames(p.new_flows, 0, 8080);
-    let denied_frames = new_flow_frames(p.new_flows, 0, 9999);
+    let denied = family.frame(0, 40001, 9999);
+    let frames = new_flow_frames(family, p.new_flows, 0, 8080);
+    let denied_frames = new_flow_frames(family, p.new_flows, 0, 9999);
     let row = Row {
         label,
         fill_time,
@@ -225,6 +275,29 @@ pub fn run(quick: bool, report: &mut Report) {
         worst(|r| r.established - r.empty.repeated),
         worst(|r| r.denied - r.empty.repeated),
     );
+    // The same table on IPv6 packets (the same policies: tags are
+    // family-agnostic), for the IPv4 rows above.
+    let rows6: Vec<Row> = counts
+        .iter()
+        .map(|&n| measure_family(Family::V6, n.to_string(), quick, |dataplane| fill(dataplane, n)))
+        .collect();
+    table(
+        &mut out,
+        "1b. The same on IPv6 (74-byte TCP frames; A and B registered on both families)",
+        "policy entries",
+        &rows6,
+        quick,
+    );
+    for (r4, r6) in rows.iter().zip(&rows6) {
+        outln!(
+            out,
+            "\n{} policies: IPv6 − IPv4 over each one's empty program: established {:+.1} ns, new flow denied {:+.1} ns, source side {:+.1} ns.",
+            r4.label,
+            (r6.established - r6.empty.repeated) - (r4.established - r4.empty.repeated),
+            (r6.denied - r6.empty.repeated) - (r4.denied - r4.empty.repeated),
+            (r6.source - r6.empty.repeated) - (r4.source - r4.empty.repeated),
+        );
+    }
     report.section(out);
     let series = |label: &str, f: fn(&Row) -> f64| Series {
         label: label.to_owned(),
@@ -321,7 +394,7 @@ pub fn reporting(quick: bool, report: &mut Report) {
         // of the second, every run takes the rate-limited path (a flood).
         let flood = median_repeated(prog, &denied, repeat, rounds);
         drain();
-        let frames = new_flow_frames(new_flows, instance, 8080);
+        let frames = new_flow_frames(Family::V4, new_flows, instance, 8080);
         let new = one_run_each(prog, &frames);
         drain();
         rows.push((label, est, flood, new));

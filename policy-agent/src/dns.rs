@@ -6,7 +6,7 @@
 //! is hickory-proto's.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     os::fd::AsRawFd as _,
     sync::Arc,
     time::Duration,
@@ -14,7 +14,10 @@ use std::{
 
 use hickory_proto::{
     op::{Message, MessageType, OpCode, ResponseCode},
-    rr::{DNSClass, Name, RData, Record, RecordType, rdata::A},
+    rr::{
+        DNSClass, Name, RData, Record, RecordType,
+        rdata::{A, AAAA},
+    },
 };
 use rand::seq::SliceRandom as _;
 use tokio::{
@@ -33,8 +36,9 @@ use crate::{
 const UDP_LIMIT: usize = 512;
 const HEADER_LEN: usize = 12;
 
-/// Finds the addresses behind a hostname (None: no such route).
-pub type Lookup = Arc<dyn Fn(&str) -> Option<Vec<Ipv4Addr>> + Send + Sync>;
+/// Finds the addresses behind a hostname, both families (None: no such
+/// route).
+pub type Lookup = Arc<dyn Fn(&str) -> Option<Vec<IpAddr>> + Send + Sync>;
 
 fn zone() -> Name {
     Name::from_ascii(format!("{INTERNAL_DOMAIN}.")).expect("a valid name")
@@ -43,7 +47,7 @@ fn zone() -> Name {
 /// The answer to one query message, or None to drop it.
 pub fn answer(
     request: &[u8],
-    lookup: &dyn Fn(&str) -> Option<Vec<Ipv4Addr>>,
+    lookup: &dyn Fn(&str) -> Option<Vec<IpAddr>>,
     udp: bool,
 ) -> Option<Vec<u8>> {
     let request = match Message::from_vec(request) {
@@ -85,11 +89,23 @@ pub fn answer(
         response.metadata.response_code = ResponseCode::NXDomain;
         return response.to_vec().ok();
     };
-    if matches!(query.query_type(), RecordType::A | RecordType::ANY) {
-        addresses.shuffle(&mut rand::rng());
-        for ip in addresses {
-            response.add_answer(Record::from_rdata(query.name().clone(), 0, RData::A(A(ip))));
-        }
+    // A for IPv4 instances, AAAA for IPv6 ones (dual-stack instances have
+    // both), ANY both; a name without addresses of the asked family is
+    // NOERROR with no answer.
+    let (want_a, want_aaaa) = match query.query_type() {
+        RecordType::A => (true, false),
+        RecordType::AAAA => (false, true),
+        RecordType::ANY => (true, true),
+        _ => (false, false),
+    };
+    addresses.shuffle(&mut rand::rng());
+    for ip in addresses {
+        let rdata = match ip {
+            IpAddr::V4(a) if want_a => RData::A(A(a)),
+            IpAddr::V6(a) if want_aaaa => RData::AAAA(AAAA(a)),
+            _ => continue,
+        };
+        response.add_answer(Record::from_rdata(query.name().clone(), 0, rdata));
     }
     let bytes = response.to_vec().ok()?;
     if udp && bytes.len() > UDP_LIMIT {
@@ -265,6 +281,8 @@ async fn serve_tcp(mut stream: tokio::net::TcpStream, lookup: Lookup) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use hickory_proto::op::Query;
 
     use super::*;
@@ -277,9 +295,12 @@ mod tests {
         m.to_vec().unwrap()
     }
 
-    fn lookup(host: &str) -> Option<Vec<Ipv4Addr>> {
+    fn lookup(host: &str) -> Option<Vec<IpAddr>> {
+        let v4 = |d| IpAddr::V4(Ipv4Addr::new(10, 255, 0, d));
         match host {
-            "backend" => Some(vec![Ipv4Addr::new(10, 255, 0, 2), Ipv4Addr::new(10, 255, 0, 3)]),
+            "backend" => Some(vec![v4(2), v4(3)]),
+            // Dual stack: one instance with both families, one IPv4 only.
+            "dual" => Some(vec![v4(4), "fd00::4".parse().unwrap(), v4(5)]),
             "empty" => Some(vec![]),
             _ => None,
         }
@@ -311,6 +332,11 @@ mod tests {
         }
         let aaaa = ask("backend.apps.internal.", RecordType::AAAA);
         assert_eq!((aaaa.metadata.response_code, aaaa.answers.len()), (ResponseCode::NoError, 0));
+        let dual = ask("dual.apps.internal.", RecordType::AAAA);
+        let v6: Vec<_> = dual.answers.iter().map(|r| r.data.clone()).collect();
+        assert_eq!(v6, [RData::AAAA(AAAA("fd00::4".parse::<Ipv6Addr>().unwrap()))]);
+        assert_eq!(ask("dual.apps.internal.", RecordType::A).answers.len(), 2);
+        assert_eq!(ask("dual.apps.internal.", RecordType::ANY).answers.len(), 3);
         let empty = ask("empty.apps.internal.", RecordType::A);
         assert_eq!((empty.metadata.response_code, empty.answers.len()), (ResponseCode::NoError, 0));
     }
@@ -330,7 +356,8 @@ mod tests {
 
     #[test]
     fn too_many_instances_for_udp_set_the_truncation_bit() {
-        let many = |_: &str| Some((1..=100).map(|i| Ipv4Addr::new(10, 255, 1, i)).collect());
+        let many =
+            |_: &str| Some((1..=100).map(|i| IpAddr::V4(Ipv4Addr::new(10, 255, 1, i))).collect());
         let udp = Message::from_vec(
             &answer(&query("x.apps.internal.", RecordType::A), &many, true).unwrap(),
         )

@@ -13,7 +13,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use policy_common::{
@@ -34,6 +34,22 @@ pub trait Kernel {
     fn set_endpoint(&mut self, ip: Ipv4Addr, value: EndpointValue) -> Result<(), Error>;
     /// Removes the endpoint and every entry naming its address.
     fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error>;
+    /// `ENDPOINTS6`: IPv6 address → tag (dual-stack endpoints).
+    fn endpoints6(&self) -> Result<BTreeMap<Ipv6Addr, EndpointValue>, Error> {
+        Ok(BTreeMap::new())
+    }
+    fn set_endpoint6(&mut self, _ip: Ipv6Addr, _value: EndpointValue) -> Result<(), Error> {
+        Ok(())
+    }
+    fn remove_endpoint6(&mut self, _ip: Ipv6Addr) -> Result<(), Error> {
+        Ok(())
+    }
+    /// Binds the attached `ifname` to the endpoint's IPv6 address for the
+    /// IPv6 anti-spoofing check (None: the endpoint has none, and sends no
+    /// IPv6 but link-local).
+    fn bind_veth6(&mut self, _ifname: &str, _ip: Option<Ipv6Addr>) -> Result<(), Error> {
+        Ok(())
+    }
     /// `POLICIES`: pair → allowances.
     fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, Error>;
     /// Replaces a pair's allowances; empty removes the pair.
@@ -73,9 +89,18 @@ pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Err
             kernel.set_endpoint(*ip, *value)?;
         }
     }
+    let want_endpoints6 = state.endpoint6_values();
+    let have_endpoints6 = kernel.endpoints6()?;
+    for (ip, value) in &want_endpoints6 {
+        if have_endpoints6.get(ip) != Some(value) {
+            kernel.set_endpoint6(*ip, *value)?;
+        }
+    }
     for e in state.local_endpoints() {
         let tag = want_endpoints[&e.ip].tag;
-        if let Err(err) = kernel.attach(&e.ifname, e.ip, tag) {
+        let attached =
+            kernel.attach(&e.ifname, e.ip, tag).and_then(|()| kernel.bind_veth6(&e.ifname, e.ipv6));
+        if let Err(err) = attached {
             warn!(ifname = %e.ifname, ip = %e.ip, error = %err, "endpoint's interface not attached");
             warnings.push(format!("endpoint {} ({}): {err}", e.ip, e.ifname));
         }
@@ -101,6 +126,9 @@ pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Err
     }
     for ip in have_endpoints.keys().filter(|ip| !want_endpoints.contains_key(ip)) {
         kernel.remove_endpoint(*ip)?;
+    }
+    for ip in have_endpoints6.keys().filter(|ip| !want_endpoints6.contains_key(ip)) {
+        kernel.remove_endpoint6(*ip)?;
     }
     port_mappings(kernel, state)?;
     netout(kernel, state)?;
@@ -329,6 +357,7 @@ mod tests {
         new.add_policies(&[policy("a", "b", 82)], None).unwrap();
         new.add_endpoint(Endpoint {
             ip: Ipv4Addr::new(10, 0, 0, 1),
+            ipv6: None,
             app: "b".into(),
             ifname: "hv0".into(),
             netns: None,
@@ -357,6 +386,7 @@ mod tests {
         let mut state = State::default();
         state.add_endpoint(Endpoint {
             ip: Ipv4Addr::new(10, 0, 0, 1),
+            ipv6: None,
             app: "b".into(),
             ifname: "gone".into(),
             netns: None,

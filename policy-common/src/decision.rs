@@ -25,14 +25,43 @@ pub trait Lookups<A: Family = u32> {
     fn fragment_allowed(&self, key: &A::Fragment) -> bool;
 }
 
-/// A change the program makes to `CONNTRACK` along with its verdict.
+/// A change the program makes to `CONNTRACK` along with its verdict:
+/// `kind` (see [`conn_update`]) says which; `key` and `conn` are always set
+/// (zero where unused). Not an enum with payloads: stored where a
+/// decision's paths meet, the payload a variant lacks would be undefined on
+/// its paths, and the kernel programs would read registers those paths never
+/// set (the verifier refuses that, `!read_ok`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConnUpdate<A = u32> {
-    None,
+pub struct ConnUpdate<A = u32> {
+    pub kind: u8,
+    pub key: ConnKey<A>,
+    pub conn: Conn,
+}
+
+/// [`ConnUpdate::kind`].
+pub mod conn_update {
+    pub const NONE: u8 = 0;
     /// Create the entry, or refresh it after a re-check.
-    Insert(ConnKey<A>, Conn),
+    pub const INSERT: u8 = 1;
     /// The connection is no longer allowed (or no longer managed).
-    Remove(ConnKey<A>),
+    pub const REMOVE: u8 = 2;
+}
+
+impl<A: Family> ConnUpdate<A> {
+    #[inline(always)]
+    pub fn none() -> Self {
+        Self { kind: conn_update::NONE, key: ConnKey::default(), conn: Conn::default() }
+    }
+
+    #[inline(always)]
+    pub fn insert(key: ConnKey<A>, conn: Conn) -> Self {
+        Self { kind: conn_update::INSERT, key, conn }
+    }
+
+    #[inline(always)]
+    pub fn remove(key: ConnKey<A>) -> Self {
+        Self { kind: conn_update::REMOVE, key, conn: Conn::default() }
+    }
 }
 
 /// The verdict and the map changes that go with it.
@@ -52,14 +81,16 @@ pub struct Decision<A: Family = u32> {
 
 impl<A: Family> Decision<A> {
     /// A decision with no map effects.
-    pub const fn from_verdict(verdict: Verdict) -> Self {
+    #[inline(always)]
+    pub fn from_verdict(verdict: Verdict) -> Self {
         Self::just(verdict)
     }
 
-    const fn just(verdict: Verdict) -> Self {
+    #[inline(always)]
+    fn just(verdict: Verdict) -> Self {
         Self {
             verdict,
-            conn: ConnUpdate::None,
+            conn: ConnUpdate::none(),
             record_fragment: None,
             policy_id: 0,
             src_tag: 0,
@@ -226,7 +257,7 @@ fn decide_flow<A: Family, T: Lookups<A>>(
             if side != conn.origin & origin::END {
                 // The reject itself (sent from this end's address).
                 return Decision {
-                    conn: ConnUpdate::Remove(key),
+                    conn: ConnUpdate::remove(key),
                     ..Decision::just(Verdict::Pass(Reason::Related))
                 };
             }
@@ -245,18 +276,18 @@ fn decide_flow<A: Family, T: Lookups<A>>(
         return match check_flow(tables, &key.opening_flow(conn.origin)) {
             Check::Allowed { policy_id, src_tag, dst_tag } => Decision {
                 verdict: Verdict::Pass(reason),
-                conn: ConnUpdate::Insert(key, Conn { epoch, policy_id, ..conn }),
+                conn: ConnUpdate::insert(key, Conn { epoch, policy_id, ..conn }),
                 record_fragment: fragment,
                 policy_id,
                 src_tag,
                 dst_tag,
             },
             Check::Unmanaged => Decision {
-                conn: ConnUpdate::Remove(key),
+                conn: ConnUpdate::remove(key),
                 ..Decision::just(Verdict::Pass(Reason::Unmanaged))
             },
             Check::Denied { src_tag, dst_tag } => Decision {
-                conn: ConnUpdate::Remove(key),
+                conn: ConnUpdate::remove(key),
                 src_tag,
                 dst_tag,
                 ..Decision::just(Verdict::Drop(Reason::Revoked))
@@ -281,12 +312,12 @@ fn decide_new<A: Family, T: Lookups<A>>(
         Check::Allowed { policy_id, src_tag, dst_tag } => Decision {
             verdict: Verdict::Pass(Reason::NewAllowed),
             conn: if flow.opens_connection() {
-                ConnUpdate::Insert(
+                ConnUpdate::insert(
                     key,
                     Conn { epoch, policy_id, origin: side, pending_packets: 0, pending_bytes: 0 },
                 )
             } else {
-                ConnUpdate::None
+                ConnUpdate::none()
             },
             record_fragment: fragment,
             policy_id,
@@ -413,7 +444,7 @@ pub struct Outgoing<A = u32> {
 /// does not count as tracked).
 #[inline(always)]
 pub fn track_outgoing<A: Family, T: Lookups<A>>(tables: &T, parsed: &Parsed<A>) -> Outgoing<A> {
-    let nothing = Outgoing { conn: ConnUpdate::None, denied: false };
+    let nothing = Outgoing { conn: ConnUpdate::none(), denied: false };
     let Parsed::Flow { flow, .. } = *parsed else { return nothing };
     if tables.endpoint(flow.daddr).is_none_or(|e| e.flags & endpoint_flags::REMOTE == 0) {
         return nothing;
@@ -427,7 +458,7 @@ pub fn track_outgoing<A: Family, T: Lookups<A>>(tables: &T, parsed: &Parsed<A>) 
     }
     match check_flow(tables, &flow) {
         Check::Allowed { policy_id, .. } => Outgoing {
-            conn: ConnUpdate::Insert(
+            conn: ConnUpdate::insert(
                 key,
                 Conn {
                     epoch: tables.epoch(),
@@ -439,7 +470,7 @@ pub fn track_outgoing<A: Family, T: Lookups<A>>(tables: &T, parsed: &Parsed<A>) 
             ),
             denied: false,
         },
-        Check::Denied { .. } => Outgoing { conn: ConnUpdate::None, denied: true },
+        Check::Denied { .. } => Outgoing { conn: ConnUpdate::none(), denied: true },
         Check::Unmanaged => nothing,
     }
 }

@@ -4,6 +4,7 @@
 //! Everything here is `no_std` and allocation-free so that the eBPF crate can
 //! use it unchanged; the `user` feature adds `aya::Pod` for the map types.
 #![no_std]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(any(test, feature = "user"))]
 pub mod craft;

@@ -37,8 +37,12 @@ pub mod names {
     pub const NETOUT: &str = "NETOUT";
     pub const NETOUT_STATE: &str = "NETOUT_STATE";
     pub const REJECT_LIMITS: &str = "REJECT_LIMITS";
+    pub const ENDPOINTS6: &str = "ENDPOINTS6";
+    pub const VETHS6: &str = "VETHS6";
+    pub const CONNTRACK6: &str = "CONNTRACK6";
+    pub const FRAGMENTS6: &str = "FRAGMENTS6";
     /// Every map the object defines, in a stable order.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 28] = [
         ENDPOINTS,
         VETHS,
         CGROUPS,
@@ -63,6 +67,10 @@ pub mod names {
         NETOUT,
         NETOUT_STATE,
         REJECT_LIMITS,
+        ENDPOINTS6,
+        VETHS6,
+        CONNTRACK6,
+        FRAGMENTS6,
     ];
 }
 

@@ -12,6 +12,35 @@ pub trait PacketBytes {
     /// `N` bytes at `offset` from the start of the packet, or `None` if the
     /// packet is shorter.
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
+
+    /// [`read`](Self::read) by copy only, one way for all bytes: the kernel
+    /// programs read IPv6 extension headers so, where a second (direct
+    /// access) path per header would double the paths a verifier follows.
+    #[inline(always)]
+    fn read_copy<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        self.read::<N>(offset)
+    }
+}
+
+/// `v`, which the compiler may no longer reason about (in BPF: an asm
+/// statement it must keep where it is), so arithmetic on it stays
+/// arithmetic instead of becoming branches the verifier would follow one by
+/// one, and a value merged from several paths is set on all of them.
+#[inline(always)]
+pub fn opaque(v: u64) -> u64 {
+    #[cfg(target_arch = "bpf")]
+    {
+        let mut v = v;
+        // SAFETY: one register move onto itself: the value passes unchanged
+        // (an empty statement would leave two line-info records on one
+        // instruction, which the kernel rejects).
+        unsafe {
+            core::arch::asm!("{0} = {0}", inout(reg) v, options(nomem, nostack, preserves_flags));
+        }
+        v
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    v
 }
 
 impl PacketBytes for [u8] {
@@ -151,24 +180,20 @@ struct Ipv6 {
     daddr: Ipv6Key,
 }
 
-#[inline(always)]
-fn ipv6_address<B: PacketBytes + ?Sized>(bytes: &B, at: usize) -> Option<Ipv6Key> {
-    let word = |i: usize| bytes.read::<4>(at + i * 4).map(u32::from_ne_bytes);
-    Some(Ipv6Key([word(0)?, word(1)?, word(2)?, word(3)?]))
-}
-
+/// The fixed IPv6 header at `l3`, read in one copy (the IPv6 parse reads
+/// only by copy: see [`PacketBytes::read_copy`]).
 #[inline(always)]
 fn ipv6_header<B: PacketBytes + ?Sized>(bytes: &B, l3: usize) -> Option<Ipv6> {
-    let [version, _, _, _] = bytes.read::<4>(l3)?;
-    let [len_hi, len_lo, next, _hop_limit] = bytes.read::<4>(l3 + 4)?;
-    if version >> 4 != 6 {
+    let h = bytes.read_copy::<IPV6_HLEN>(l3)?;
+    if h[0] >> 4 != 6 {
         return None;
     }
+    let word = |at: usize| u32::from_ne_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
     Some(Ipv6 {
-        payload_len: u16::from_be_bytes([len_hi, len_lo]) as usize,
-        next,
-        saddr: ipv6_address(bytes, l3 + 8)?,
-        daddr: ipv6_address(bytes, l3 + 24)?,
+        payload_len: u16::from_be_bytes([h[4], h[5]]) as usize,
+        next: h[6],
+        saddr: Ipv6Key([word(8), word(12), word(16), word(20)]),
+        daddr: Ipv6Key([word(24), word(28), word(32), word(36)]),
     })
 }
 
@@ -178,6 +203,12 @@ const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_AUTH: u8 = 51;
 const IPV6_DEST_OPTS: u8 = 60;
+/// The extension headers as a bit set over their numbers (all below 64).
+const EXTENSION_HEADERS: u64 = 1 << IPV6_HOP_BY_HOP
+    | 1 << IPV6_ROUTING
+    | 1 << IPV6_FRAGMENT
+    | 1 << IPV6_AUTH
+    | 1 << IPV6_DEST_OPTS;
 const IPV6_FRAG_OFFSET_MASK: u16 = 0xfff8;
 const IPV6_FRAG_MORE: u16 = 1;
 
@@ -199,112 +230,205 @@ fn is_link_control(icmp_type: u8) -> bool {
 /// the upper-layer header as for IPv4.
 #[inline(always)]
 pub fn parse_ipv6<B: PacketBytes + ?Sized>(bytes: &B, l3: usize) -> Parsed<Ipv6Key> {
+    Ipv6Parts::parse(bytes, l3).build()
+}
+
+/// What [`parse_ipv6`] found, as plain values that are set on every path
+/// (zero until known). The kernel programs turn it into a [`Parsed`] with
+/// one function per variant (see `policy-ebpf`): built as one enum where
+/// the paths meet, the fields a variant lacks are undefined on its paths,
+/// and where LLVM merges the paths' stores it reads registers those paths
+/// never set, which the verifier rejects (`!read_ok`).
+#[derive(Clone, Copy, Default)]
+pub struct Ipv6Parts {
+    /// One of [`ipv6_kind`].
+    pub kind: u8,
+    pub saddr: Ipv6Key,
+    pub daddr: Ipv6Key,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    /// A first fragment (kind `FLOW`; a later one is kind `LATER_FRAGMENT`).
+    pub fragment: bool,
+    pub fragment_id: u32,
+    /// The datagram an ICMPv6 error quotes.
+    pub about: Flow<Ipv6Key>,
+}
+
+impl Default for Flow<Ipv6Key> {
+    fn default() -> Self {
+        Flow {
+            saddr: Ipv6Key::default(),
+            daddr: Ipv6Key::default(),
+            sport: 0,
+            dport: 0,
+            protocol: 0,
+        }
+    }
+}
+
+/// [`Ipv6Parts::kind`].
+pub mod ipv6_kind {
+    pub const MALFORMED: u8 = 0;
+    pub const FLOW: u8 = 1;
+    pub const LATER_FRAGMENT: u8 = 2;
+    pub const ICMP_ERROR: u8 = 3;
+    pub const LINK_CONTROL: u8 = 4;
+}
+
+impl Ipv6Parts {
+    #[inline(always)]
+    pub fn parse<B: PacketBytes + ?Sized>(bytes: &B, l3: usize) -> Self {
+        let mut parts = Self::default();
+        walk_ipv6(bytes, l3, &mut parts);
+        parts
+    }
+
+    #[inline(always)]
+    pub fn flow(&self) -> Flow<Ipv6Key> {
+        Flow {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+            protocol: self.protocol,
+        }
+    }
+
+    /// The key of the fragmented datagram (first or later fragment).
+    #[inline(always)]
+    pub fn fragment_key(&self) -> FragmentKey6 {
+        FragmentKey6 {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            id: self.fragment_id,
+            protocol: u32::from(self.protocol),
+        }
+    }
+
+    /// The parsed packet (host code; see above for the kernel programs).
+    #[inline(always)]
+    pub fn build(&self) -> Parsed<Ipv6Key> {
+        match self.kind {
+            ipv6_kind::FLOW => Parsed::Flow {
+                flow: self.flow(),
+                fragment: self.fragment.then(|| self.fragment_key()),
+            },
+            ipv6_kind::LATER_FRAGMENT => Parsed::LaterFragment(self.fragment_key()),
+            ipv6_kind::ICMP_ERROR => {
+                Parsed::IcmpError { saddr: self.saddr, daddr: self.daddr, about: self.about }
+            }
+            ipv6_kind::LINK_CONTROL => Parsed::LinkControl,
+            _ => Parsed::Malformed,
+        }
+    }
+}
+
+/// Fills `parts`; returning early leaves it malformed.
+#[inline(always)]
+fn walk_ipv6<B: PacketBytes + ?Sized>(bytes: &B, l3: usize, parts: &mut Ipv6Parts) {
     let Some(ip) = ipv6_header(bytes, l3) else {
-        return Parsed::Malformed;
+        return;
     };
+    parts.saddr = ip.saddr;
+    parts.daddr = ip.daddr;
     let end = l3 + IPV6_HLEN + ip.payload_len;
     let mut next = ip.next;
     let mut at = l3 + IPV6_HLEN;
-    // Plain values, not an Option built up in the loop (see DESIGN.md on
-    // registers LLVM may read unset).
-    let mut first_fragment = false;
+    // The walk is arithmetic, not a branch per header kind: a verifier
+    // follows every path through a loop separately, and three kinds over six
+    // headers would be 3^6 paths.
+    let mut fragment_headers = 0u64;
+    let mut fragment_more = 0u64;
     let mut fragment_id = 0u32;
     let mut upper_layer = false;
     for _ in 0..MAX_EXTENSION_HEADERS {
-        match next {
-            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
-                let Some([following, len]) = bytes.read::<2>(at) else {
-                    return Parsed::Malformed;
-                };
-                next = following;
-                at += (len as usize + 1) * 8;
-            }
-            IPV6_AUTH => {
-                let Some([following, len]) = bytes.read::<2>(at) else {
-                    return Parsed::Malformed;
-                };
-                next = following;
-                at += (len as usize + 2) * 4;
-            }
-            IPV6_FRAGMENT => {
-                let (Some([following, _, off_hi, off_lo]), Some(id)) =
-                    (bytes.read::<4>(at), bytes.read::<4>(at + 4))
-                else {
-                    return Parsed::Malformed;
-                };
-                let offset = u16::from_be_bytes([off_hi, off_lo]);
-                let key = FragmentKey6 {
-                    saddr: ip.saddr,
-                    daddr: ip.daddr,
-                    id: u32::from_be_bytes(id),
-                    protocol: u32::from(following),
-                };
-                if offset & IPV6_FRAG_OFFSET_MASK != 0 {
-                    return Parsed::LaterFragment(key);
-                }
-                if offset & IPV6_FRAG_MORE != 0 {
-                    first_fragment = true;
-                    fragment_id = key.id;
-                }
-                next = following;
-                at += 8;
-            }
-            _ => {
-                upper_layer = true;
-                break;
-            }
+        if next >= 64 || (EXTENSION_HEADERS >> next) & 1 == 0 {
+            upper_layer = true;
+            break;
         }
+        // Every extension header is at least 8 bytes: next header, length
+        // (reserved in a fragment header), then for a fragment header the
+        // offset and flags and the identification.
+        let Some(h) = bytes.read_copy::<8>(at) else {
+            return;
+        };
+        // Each value the compiler could tell is 0 or 1 passes through
+        // `opaque`, or it picks between two values with a branch.
+        let kind = u64::from(next);
+        let is_fragment = opaque((1u64 << IPV6_FRAGMENT >> kind) & 1);
+        let is_auth = opaque((1u64 << IPV6_AUTH >> kind) & 1);
+        let fragment_mask = opaque(0u64.wrapping_sub(is_fragment));
+        let flags = u64::from(u16::from_be_bytes([h[2], h[3]])) & fragment_mask;
+        let id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        if flags & u64::from(IPV6_FRAG_OFFSET_MASK) != 0 {
+            parts.kind = ipv6_kind::LATER_FRAGMENT;
+            parts.fragment = true;
+            parts.fragment_id = id;
+            parts.protocol = h[0];
+            return;
+        }
+        fragment_headers += is_fragment;
+        fragment_more |= flags & u64::from(IPV6_FRAG_MORE);
+        fragment_id |= id & fragment_mask as u32;
+        // Length: 8-byte units not counting the first (hop-by-hop, routing,
+        // destination options); 4-byte units not counting the first two
+        // (authentication); always 8 (fragment).
+        let units = (u64::from(h[1]) & !fragment_mask) + 1 + is_auth;
+        at += (units << (3 - is_auth)) as usize;
+        next = h[0];
     }
-    if !upper_layer || at > end {
-        return Parsed::Malformed;
+    if !upper_layer || at > end || fragment_headers > 1 {
+        return;
     }
-    let fragment = if first_fragment {
-        Some(FragmentKey6 {
-            saddr: ip.saddr,
-            daddr: ip.daddr,
-            id: fragment_id,
-            protocol: u32::from(next),
-        })
-    } else {
-        None
-    };
+    parts.protocol = next;
+    parts.fragment = fragment_more != 0;
+    parts.fragment_id = fragment_id;
     let l4_len = end - at;
-    let flow =
-        |sport, dport| Flow { saddr: ip.saddr, daddr: ip.daddr, sport, dport, protocol: next };
-    match next {
-        proto::TCP | proto::UDP => {
-            let need = if next == proto::TCP { TCP_MIN_HLEN } else { UDP_HLEN };
-            if l4_len < need || bytes.read::<1>(at + need - 1).is_none() {
-                return Parsed::Malformed;
-            }
-            match ports(bytes, at) {
-                Some((sport, dport)) => Parsed::Flow { flow: flow(sport, dport), fragment },
-                None => Parsed::Malformed,
-            }
+    // The upper-layer header's first bytes, in one copy: the ports (and
+    // the rest of a minimal TCP header, which must be there), or ICMPv6's
+    // type, code and identifier.
+    let (sport, dport) = match next {
+        proto::TCP => {
+            let Some(h) = bytes.read_copy::<TCP_MIN_HLEN>(at).filter(|_| l4_len >= TCP_MIN_HLEN)
+            else {
+                return;
+            };
+            (u16::from_be_bytes([h[0], h[1]]), u16::from_be_bytes([h[2], h[3]]))
+        }
+        proto::UDP => {
+            let Some(h) = bytes.read_copy::<UDP_HLEN>(at).filter(|_| l4_len >= UDP_HLEN) else {
+                return;
+            };
+            (u16::from_be_bytes([h[0], h[1]]), u16::from_be_bytes([h[2], h[3]]))
         }
         proto::ICMPV6 => {
-            if l4_len < ICMP_HLEN {
-                return Parsed::Malformed;
-            }
-            let Some([icmp_type, _code]) = bytes.read::<2>(at) else {
-                return Parsed::Malformed;
+            let Some(h) = bytes.read_copy::<ICMP_HLEN>(at).filter(|_| l4_len >= ICMP_HLEN) else {
+                return;
             };
-            if (1..=ICMPV6_ERROR_LAST).contains(&icmp_type) {
-                return match icmpv6_error_subject(bytes, at + ICMP_HLEN) {
-                    Some(about) => Parsed::IcmpError { saddr: ip.saddr, daddr: ip.daddr, about },
-                    None => Parsed::Malformed,
-                };
+            if (1..=ICMPV6_ERROR_LAST).contains(&h[0]) {
+                if let Some(about) = icmpv6_error_subject(bytes, at + ICMP_HLEN) {
+                    (parts.about, parts.kind) = (about, ipv6_kind::ICMP_ERROR);
+                }
+                return;
             }
-            if is_link_control(icmp_type) {
-                return Parsed::LinkControl;
+            if is_link_control(h[0]) {
+                parts.kind = ipv6_kind::LINK_CONTROL;
+                return;
             }
-            match icmp_ports::<Ipv6Key, B>(bytes, at) {
-                Some((sport, dport)) => Parsed::Flow { flow: flow(sport, dport), fragment },
-                None => Parsed::Malformed,
-            }
+            icmpv6_ports(&h)
         }
-        _ => Parsed::Flow { flow: flow(0, 0), fragment },
-    }
+        _ => (0, 0),
+    };
+    (parts.sport, parts.dport, parts.kind) = (sport, dport, ipv6_kind::FLOW);
+}
+
+/// `sport` and `dport` of the ICMPv6 message whose first 8 bytes are `h`
+/// (see [`Flow`]).
+#[inline(always)]
+fn icmpv6_ports(h: &[u8; ICMP_HLEN]) -> (u16, u16) {
+    let id = if Ipv6Key::icmp_query(h[0]).is_some() { u16::from_be_bytes([h[4], h[5]]) } else { 0 };
+    (id, icmp_port(h[0], h[1]))
 }
 
 /// The datagram an ICMPv6 error quotes: its IPv6 header and, if the
@@ -314,8 +438,11 @@ fn icmpv6_error_subject<B: PacketBytes + ?Sized>(bytes: &B, inner: usize) -> Opt
     let ip = ipv6_header(bytes, inner)?;
     let l4 = inner + IPV6_HLEN;
     let (sport, dport) = match ip.next {
-        proto::TCP | proto::UDP => ports(bytes, l4)?,
-        proto::ICMPV6 => icmp_ports::<Ipv6Key, B>(bytes, l4)?,
+        proto::TCP | proto::UDP => {
+            let [s_hi, s_lo, d_hi, d_lo] = bytes.read_copy::<4>(l4)?;
+            (u16::from_be_bytes([s_hi, s_lo]), u16::from_be_bytes([d_hi, d_lo]))
+        }
+        proto::ICMPV6 => icmpv6_ports(&bytes.read_copy::<ICMP_HLEN>(l4)?),
         _ => (0, 0),
     };
     Some(Flow { saddr: ip.saddr, daddr: ip.daddr, sport, dport, protocol: ip.next })

@@ -22,6 +22,12 @@ impl SkbBytes {
         Self { skb, data, data_end }
     }
 
+    /// The context, for helpers and `TcContext`.
+    #[inline(always)]
+    pub fn skb(&self) -> *mut __sk_buff {
+        self.skb
+    }
+
     #[inline(always)]
     pub fn ifindex(&self) -> u32 {
         // SAFETY: as in `new`.
@@ -118,6 +124,11 @@ impl PacketBytes for SkbBytes {
                 }
             }
         }
+        self.read_copy::<N>(offset)
+    }
+
+    #[inline(always)]
+    fn read_copy<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
         let mut buf = [0u8; N];
         // SAFETY: buf is N writable bytes.
         let ret = unsafe {

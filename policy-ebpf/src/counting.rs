@@ -4,7 +4,7 @@
 
 use policy_common::{
     Family, Verdict,
-    decision::{ConnUpdate, Decision},
+    decision::{Decision, conn_update},
     maps::{COUNTER_FLUSH, Conn, PolicyCounters, SETTINGS_INDEX, settings},
 };
 
@@ -29,13 +29,13 @@ pub fn count_for_policy<A: Family>(decision: &mut Decision<A>, found: *mut Conn,
     if decision.policy_id == 0 || !decision.verdict.is_pass() || !policy_counters_on() {
         return;
     }
-    match &mut decision.conn {
-        ConnUpdate::None => count_in_conn(found, decision.policy_id, len),
-        ConnUpdate::Insert(_, conn) => {
-            conn.pending_packets += 1;
-            conn.pending_bytes += u64::from(len);
+    match decision.conn.kind {
+        conn_update::NONE => count_in_conn(found, decision.policy_id, len),
+        conn_update::INSERT => {
+            decision.conn.conn.pending_packets += 1;
+            decision.conn.conn.pending_bytes += u64::from(len);
         }
-        ConnUpdate::Remove(_) => {}
+        _ => {}
     }
 }
 

@@ -5,17 +5,18 @@ use core::cell::Cell;
 
 use policy_common::{
     Verdict,
-    decision::{ConnUpdate, Decision, Lookups},
+    decision::{ConnUpdate, Decision, Lookups, conn_update},
     maps::{
-        Attachment, Conn, ConnKey, EPOCH_INDEX, EndpointValue, FragmentKey, PairKey, PortRules,
+        Attachment, Conn, ConnKey, EPOCH_INDEX, EndpointValue, FragmentKey, FragmentKey6, Ipv6Key,
+        PairKey, PortRules,
     },
 };
 
 use crate::{
     counting::count_verdict,
     maps::{
-        CGROUPS, CONNTRACK, ENDPOINT_SLOTS, ENDPOINTS, EPOCH, FRAGMENTS, OVERLAY, POLICIES,
-        VETH_SLOTS, VETHS,
+        CGROUPS, CONNTRACK, CONNTRACK6, ENDPOINT_SLOTS, ENDPOINTS, ENDPOINTS6, EPOCH, FRAGMENTS,
+        FRAGMENTS6, OVERLAY, POLICIES, VETH_SLOTS, VETHS, VETHS6,
     },
 };
 
@@ -97,14 +98,14 @@ pub fn cgroup_endpoint(cgroup_id: u64) -> Option<Attachment> {
 /// Writes a conntrack change.
 #[inline(always)]
 pub fn apply_conn(update: ConnUpdate) {
-    match update {
-        ConnUpdate::None => {}
-        ConnUpdate::Insert(key, conn) => {
-            let _ = CONNTRACK.insert(key, conn, 0);
+    match update.kind {
+        conn_update::INSERT => {
+            let _ = CONNTRACK.insert(update.key, update.conn, 0);
         }
-        ConnUpdate::Remove(key) => {
-            let _ = CONNTRACK.remove(key);
+        conn_update::REMOVE => {
+            let _ = CONNTRACK.remove(update.key);
         }
+        _ => {}
     }
 }
 
@@ -116,6 +117,95 @@ pub fn apply(decision: &Decision) -> Verdict {
     apply_conn(decision.conn);
     if let Some(key) = decision.record_fragment {
         let _ = FRAGMENTS.insert(key, 1u32, 0);
+    }
+    count_verdict(decision.verdict)
+}
+
+/// The IPv6 maps behind `Lookups<Ipv6Key>` (policies and the epoch are
+/// shared with IPv4).
+pub struct KernelMaps6 {
+    found: Cell<*mut Conn>,
+}
+
+impl KernelMaps6 {
+    #[inline(always)]
+    pub fn new() -> Self {
+        Self { found: Cell::new(core::ptr::null_mut()) }
+    }
+
+    /// The `CONNTRACK6` entry the last `conn` lookup found (null if none).
+    #[inline(always)]
+    pub fn found_conn(&self) -> *mut Conn {
+        self.found.get()
+    }
+}
+
+impl Lookups<Ipv6Key> for KernelMaps6 {
+    #[inline(always)]
+    fn endpoint(&self, addr: Ipv6Key) -> Option<EndpointValue> {
+        // SAFETY: read by copy; the agent replaces whole elements.
+        unsafe { ENDPOINTS6.get(addr).copied() }
+    }
+
+    #[inline(always)]
+    fn port_rules(&self, key: &PairKey) -> Option<&PortRules> {
+        // SAFETY: as for IPv4: updates swap in a new element.
+        unsafe { POLICIES.get(key) }
+    }
+
+    #[inline(always)]
+    fn conn(&self, key: &ConnKey<Ipv6Key>) -> Option<Conn> {
+        let conn = CONNTRACK6.get_ptr_mut(key)?;
+        self.found.set(conn);
+        // SAFETY: read by copy; see `count_in_conn` for the pointer.
+        Some(unsafe { *conn })
+    }
+
+    #[inline(always)]
+    fn epoch(&self) -> u32 {
+        EPOCH.get(EPOCH_INDEX).copied().unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn fragment_allowed(&self, key: &FragmentKey6) -> bool {
+        // SAFETY: only presence is checked.
+        unsafe { FRAGMENTS6.get(key).is_some() }
+    }
+}
+
+/// The IPv6 address of the endpoint behind veth `ifindex`, for the IPv6
+/// anti-spoofing check: `::` (which nothing sends from, so every IPv6
+/// packet from it is dropped) for an endpoint registered without one; None
+/// where no endpoint is.
+#[inline(always)]
+pub fn veth_endpoint6(ifindex: u32, own4: Option<Attachment>) -> Option<Ipv6Key> {
+    // SAFETY: read by copy.
+    if let Some(addr) = unsafe { VETHS6.get(ifindex) } {
+        return Some(*addr);
+    }
+    if own4.is_some() { Some(Ipv6Key::default()) } else { None }
+}
+
+/// Writes an IPv6 conntrack change.
+#[inline(always)]
+pub fn apply_conn6(update: ConnUpdate<Ipv6Key>) {
+    match update.kind {
+        conn_update::INSERT => {
+            let _ = CONNTRACK6.insert(update.key, update.conn, 0);
+        }
+        conn_update::REMOVE => {
+            let _ = CONNTRACK6.remove(update.key);
+        }
+        _ => {}
+    }
+}
+
+/// [`apply`] for IPv6.
+#[inline(always)]
+pub fn apply6(decision: &Decision<Ipv6Key>) -> Verdict {
+    apply_conn6(decision.conn);
+    if let Some(key) = decision.record_fragment {
+        let _ = FRAGMENTS6.insert(key, 1u32, 0);
     }
     count_verdict(decision.verdict)
 }

@@ -15,21 +15,26 @@ mod netout;
 mod reject;
 
 use aya_ebpf::{
+    bindings::__sk_buff,
     macros::{cgroup_skb, classifier},
     programs::{SkBuffContext, TcContext},
 };
 use policy_common::{
     Parsed, Reason, Verdict, decide_destination, decide_source,
-    decision::{Decision, TunnelSource, decide_underlay, source_address, track_outgoing},
-    maps::{Attachment, TUNNEL_TAG_MASK, direction},
-    packet::{ETH_P_IP, parse_ethernet, parse_ipv4},
+    decision::{
+        Decision, TunnelSource, decide_source6, decide_underlay, source_address, track_outgoing,
+    },
+    maps::{Attachment, Ipv6Key, TUNNEL_TAG_MASK, direction},
+    packet::{
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Ipv6Parts, ipv6_kind, opaque, parse_ethernet, parse_ipv4,
+    },
 };
 
 use crate::{
     bytes::SkbBytes,
     counting::{count_for_policy, count_verdict},
-    kernel_maps::KernelMaps,
-    maps::{PEERS, TUNNEL},
+    kernel_maps::{KernelMaps, KernelMaps6},
+    maps::{PEERS, SCRATCH6, TUNNEL, scratch},
 };
 
 const TC_ACT_OK: i32 = 0;
@@ -43,9 +48,102 @@ const CGROUP_SKB_PASS: i32 = 1;
 /// A verified packet carries its app's tag in `skb->mark`, which a VXLAN
 /// device with GBP puts in the tunnel header for the destination's host;
 /// whatever mark the container set is overwritten, so it can claim nothing.
+///
+/// Each family's path is its own BPF function: one call deep, each within
+/// the 512-byte stack, which the two inlined together would exceed.
 #[classifier]
 pub fn tc_from_container(ctx: TcContext) -> i32 {
-    let bytes = SkbBytes::new(ctx.skb.skb);
+    if is_ipv6(ctx.skb.skb) {
+        return from_container6(ctx.skb.skb);
+    }
+    from_container4(ctx.skb.skb)
+}
+
+/// Whether the skb carries IPv6 (`skb->protocol`, a context field: no
+/// packet read).
+#[inline(always)]
+fn is_ipv6(skb: *mut __sk_buff) -> bool {
+    SkbBytes::new(skb).protocol() == u32::from(ETH_P_IPV6.to_be())
+}
+
+/// The IPv6 packet, parsed into this CPU's scratch `slot` (see `SCRATCH6`).
+#[inline(always)]
+fn parsed6(skb: *mut __sk_buff, l3: usize, slot: u32) -> Option<&'static Parsed<Ipv6Key>> {
+    let out = SCRATCH6.get_ptr_mut(slot)?;
+    // SAFETY: this CPU's slot, which no other program run uses meanwhile.
+    unsafe {
+        parse6_into(skb, l3, &mut *out);
+        Some(&*out)
+    }
+}
+
+/// Parses the IPv6 packet into `out`. A function of
+/// its own, so its stack frame is not added to the decision's, and every
+/// path through the header walk ends at its return: the verifier follows the
+/// decision after it once, not once per path. Each variant is written by a
+/// function of its own (see `Ipv6Parts`: one store of the enum where the
+/// paths meet would read registers some paths never set).
+#[inline(never)]
+fn parse6_into(skb: *mut __sk_buff, l3: usize, out: &mut Parsed<Ipv6Key>) {
+    let parts = Ipv6Parts::parse(&SkbBytes::new(skb), l3);
+    match parts.kind {
+        ipv6_kind::FLOW if parts.fragment => put_first_fragment(out, &parts),
+        ipv6_kind::FLOW => put_flow(out, &parts),
+        ipv6_kind::LATER_FRAGMENT => put_later_fragment(out, &parts),
+        ipv6_kind::ICMP_ERROR => put_icmp_error(out, &parts),
+        ipv6_kind::LINK_CONTROL => *out = Parsed::LinkControl,
+        _ => *out = Parsed::Malformed,
+    }
+    clear_r0();
+}
+
+/// Ends a BPF function that returns nothing with R0 cleared: the verifier
+/// rejects one whose R0 still points into its own stack (where LLVM may
+/// leave an address it copied from), whether or not its caller reads it.
+#[inline(always)]
+fn clear_r0() {
+    // SAFETY: writes only R0, which a function without a result leaves
+    // undefined anyway.
+    unsafe { core::arch::asm!("r0 = 0", out("r0") _, options(nostack, preserves_flags)) };
+}
+
+#[inline(never)]
+fn put_flow(out: &mut Parsed<Ipv6Key>, parts: &Ipv6Parts) {
+    *out = Parsed::Flow { flow: parts.flow(), fragment: None };
+    clear_r0();
+}
+
+#[inline(never)]
+fn put_first_fragment(out: &mut Parsed<Ipv6Key>, parts: &Ipv6Parts) {
+    *out = Parsed::Flow { flow: parts.flow(), fragment: Some(parts.fragment_key()) };
+    clear_r0();
+}
+
+#[inline(never)]
+fn put_later_fragment(out: &mut Parsed<Ipv6Key>, parts: &Ipv6Parts) {
+    *out = Parsed::LaterFragment(parts.fragment_key());
+    clear_r0();
+}
+
+#[inline(never)]
+fn put_icmp_error(out: &mut Parsed<Ipv6Key>, parts: &Ipv6Parts) {
+    *out = Parsed::IcmpError { saddr: parts.saddr, daddr: parts.daddr, about: parts.about };
+    clear_r0();
+}
+
+#[inline(never)]
+fn from_container6(skb: *mut __sk_buff) -> i32 {
+    let Some(parsed) = parsed6(skb, ETH_HLEN, scratch::TC) else { return TC_ACT_SHOT };
+    let bytes = SkbBytes::new(skb);
+    let ifindex = bytes.ifindex();
+    let own = kernel_maps::veth_endpoint(ifindex);
+    tc_action(source_side6(parsed, &bytes, own, ifindex))
+}
+
+#[inline(never)]
+fn from_container4(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    let bytes = SkbBytes::new(skb);
     let ifindex = bytes.ifindex();
     let own = kernel_maps::veth_endpoint(ifindex);
     let parsed = parse_ethernet(&bytes);
@@ -93,13 +191,43 @@ pub fn tc_from_container(ctx: TcContext) -> i32 {
 /// sender's host rejects what its own check denies).
 #[classifier]
 pub fn tc_to_container(ctx: TcContext) -> i32 {
-    let bytes = SkbBytes::new(ctx.skb.skb);
-    let (from_tunnel, tunnel_tag) = match TUNNEL.get(0) {
+    if is_ipv6(ctx.skb.skb) {
+        return to_container6(ctx.skb.skb);
+    }
+    to_container4(ctx.skb.skb)
+}
+
+/// The tag a packet that came through the cluster's tunnel carries, and
+/// whether it did.
+#[inline(always)]
+fn tunnel_source(bytes: &SkbBytes) -> (bool, u32) {
+    match TUNNEL.get(0) {
         Some(t) if t.ifindex != 0 && bytes.ingress_ifindex() == t.ifindex => {
             (true, bytes.mark() & TUNNEL_TAG_MASK)
         }
         _ => (false, 0),
-    };
+    }
+}
+
+#[inline(never)]
+fn to_container6(skb: *mut __sk_buff) -> i32 {
+    let bytes = SkbBytes::new(skb);
+    let (from_tunnel, tunnel_tag) = tunnel_source(&bytes);
+    let Some(parsed) = parsed6(skb, ETH_HLEN, scratch::TC) else { return TC_ACT_SHOT };
+    // Packets from another host are never answered (as for IPv4).
+    let ifindex = bytes.ifindex();
+    match destination_side6(parsed, &bytes, ifindex, tunnel_tag, !from_tunnel) {
+        outcome::PASS => TC_ACT_OK,
+        outcome::REJECT => reject6(skb, parsed, ifindex),
+        _ => TC_ACT_SHOT,
+    }
+}
+
+#[inline(never)]
+fn to_container4(skb: *mut __sk_buff) -> i32 {
+    let ctx = TcContext::new(skb);
+    let bytes = SkbBytes::new(skb);
+    let (from_tunnel, tunnel_tag) = tunnel_source(&bytes);
     let parsed = parse_ethernet(&bytes);
     let ifindex = bytes.ifindex();
     let (verdict, rejected) =
@@ -137,17 +265,133 @@ pub fn tc_from_underlay(ctx: TcContext) -> i32 {
 /// cgroup_skb egress = packets sent by the cgroup's workloads.
 #[cgroup_skb(egress)]
 pub fn cgroup_egress(ctx: SkBuffContext) -> i32 {
-    let bytes = SkbBytes::new(ctx.skb.skb);
+    // The verdict leaves each family's function as a plain value and
+    // becomes the return code here: the verifier checks that code's range,
+    // which it does not follow through a function's result (and `opaque`
+    // keeps LLVM, which does, from folding the check away).
+    let verdict = if is_ipv6(ctx.skb.skb) {
+        cgroup_egress6(ctx.skb.skb)
+    } else {
+        cgroup_egress4(ctx.skb.skb)
+    };
+    if opaque(verdict as u64) == CGROUP_SKB_PASS as u64 { CGROUP_SKB_PASS } else { CGROUP_SKB_DROP }
+}
+
+#[inline(never)]
+fn cgroup_egress4(skb: *mut __sk_buff) -> i32 {
+    let bytes = SkbBytes::new(skb);
     let own = kernel_maps::cgroup_endpoint(bytes.cgroup_id());
     cgroup_action(source_side(&parse_l3(&bytes), own, 0))
+}
+
+/// Cgroups register no IPv6 address: their endpoint sends none (but
+/// link-local neighbour traffic). Egress runs in process context, so its
+/// parse stays on its own stack (no shared scratch slot); the verdict is
+/// all it needs, so the parse is never stored as a `Parsed`.
+#[inline(never)]
+fn cgroup_egress6(skb: *mut __sk_buff) -> i32 {
+    let bytes = SkbBytes::new(skb);
+    let own6 = kernel_maps::cgroup_endpoint(bytes.cgroup_id()).map(|_| Ipv6Key::default());
+    let parts = Ipv6Parts::parse(&bytes, 0);
+    cgroup_action(count_verdict(decide_source6(&parts.build(), own6)))
 }
 
 /// cgroup_skb ingress = packets delivered to the cgroup's workloads.
 /// Denied packets are dropped (a cgroup_skb program cannot send a reject).
 #[cgroup_skb(ingress)]
 pub fn cgroup_ingress(ctx: SkBuffContext) -> i32 {
-    let bytes = SkbBytes::new(ctx.skb.skb);
+    let verdict = if is_ipv6(ctx.skb.skb) {
+        cgroup_ingress6(ctx.skb.skb)
+    } else {
+        cgroup_ingress4(ctx.skb.skb)
+    };
+    if opaque(verdict as u64) == CGROUP_SKB_PASS as u64 { CGROUP_SKB_PASS } else { CGROUP_SKB_DROP }
+}
+
+#[inline(never)]
+fn cgroup_ingress4(skb: *mut __sk_buff) -> i32 {
+    let bytes = SkbBytes::new(skb);
     cgroup_action(destination_side(None, &parse_l3(&bytes), &bytes, 0, 0, false).0)
+}
+
+#[inline(never)]
+fn cgroup_ingress6(skb: *mut __sk_buff) -> i32 {
+    let Some(parsed) = parsed6(skb, 0, scratch::CGROUP_INGRESS) else { return CGROUP_SKB_DROP };
+    let outcome = destination_side6(parsed, &SkbBytes::new(skb), 0, 0, false);
+    if outcome == outcome::PASS { CGROUP_SKB_PASS } else { CGROUP_SKB_DROP }
+}
+
+/// The IPv6 anti-spoofing check, counted and reported; in cluster mode the
+/// mark for the tunnel and connections to other hosts' endpoints, as for
+/// IPv4. (NetIn, NetOut and rejects are IPv4 only.)
+#[inline(never)]
+fn source_side6(
+    parsed: &Parsed<Ipv6Key>,
+    bytes: &SkbBytes,
+    own: Option<Attachment>,
+    ifindex: u32,
+) -> Verdict {
+    let verdict = decide_source6(parsed, kernel_maps::veth_endpoint6(ifindex, own));
+    if !verdict.is_pass() {
+        let decision =
+            Decision { src_tag: own.map_or(0, |a| a.tag), ..Decision::from_verdict(verdict) };
+        events::report(parsed, &decision, direction::EGRESS, ifindex, false);
+        return count_verdict(verdict);
+    }
+    if TUNNEL.get(0).is_some_and(|t| t.ifindex != 0) {
+        let tag = own.map_or(0, |a| a.tag);
+        bytes.set_mark(if tag & !TUNNEL_TAG_MASK == 0 { tag } else { 0 });
+        kernel_maps::apply_conn6(track_outgoing(&KernelMaps6::new(), parsed).conn);
+    }
+    count_verdict(verdict)
+}
+
+/// [`destination_side`] for IPv6 (denied packets are dropped). A function
+/// of its own: its stack frame is not added to the parser's.
+#[inline(never)]
+fn destination_side6(
+    parsed: &Parsed<Ipv6Key>,
+    bytes: &SkbBytes,
+    ifindex: u32,
+    tunnel_tag: u32,
+    may_reject: bool,
+) -> u32 {
+    let maps = KernelMaps6::new();
+    let saddr = if tunnel_tag != 0 {
+        source_address(parsed).unwrap_or_default()
+    } else {
+        Ipv6Key::default()
+    };
+    let lookups = TunnelSource { lookups: &maps, saddr, tag: tunnel_tag };
+    let mut decision = decide_destination(&lookups, parsed);
+    count_for_policy(&mut decision, maps.found_conn(), bytes.len());
+    let rejected = may_reject && wants_reject6(bytes.skb(), parsed, decision.verdict);
+    events::report(parsed, &decision, direction::INGRESS, ifindex, rejected);
+    match kernel_maps::apply6(&decision).is_pass() {
+        true => outcome::PASS,
+        false if rejected => outcome::REJECT,
+        false => outcome::DROP,
+    }
+}
+
+/// What [`destination_side6`] decided (a plain value: it leaves a BPF
+/// function).
+mod outcome {
+    pub const PASS: u32 = 0;
+    pub const DROP: u32 = 1;
+    pub const REJECT: u32 = 2;
+}
+
+/// Whether a denied IPv6 packet gets a reject (see `reject::wanted6`).
+#[inline(always)]
+fn wants_reject6(skb: *mut __sk_buff, parsed: &Parsed<Ipv6Key>, verdict: Verdict) -> bool {
+    reject::wanted6(&TcContext::new(skb), parsed, verdict)
+}
+
+/// Answers a denied IPv6 packet (see `reject`).
+#[inline(always)]
+fn reject6(skb: *mut __sk_buff, parsed: &Parsed<Ipv6Key>, ifindex: u32) -> i32 {
+    reject::send6(&TcContext::new(skb), parsed, ifindex)
 }
 
 /// Anti-spoofing, counted; a spoofed packet is reported.

@@ -6,11 +6,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use policy_common::{
-    Reason,
+    Parsed, Reason,
     maps::{
-        Attachment, Conn, ConnKey, EndpointValue, EventLimit, FlowEvent, FragmentKey, NatConn,
-        NatConnKey, NatKey, NatTarget, Overlay, PairKey, PolicyCounters, PortRules, Settings,
-        Tunnel, capacity, event_stat,
+        Attachment, Conn, ConnKey, EndpointValue, EventLimit, FlowEvent, FragmentKey, FragmentKey6,
+        Ipv6Key, NatConn, NatConnKey, NatKey, NatTarget, Overlay, PairKey, PolicyCounters,
+        PortRules, Settings, Tunnel, capacity, event_stat,
     },
     netout::NetOutRules,
 };
@@ -65,6 +65,49 @@ pub static CONNTRACK: LruHashMap<ConnKey, Conn, { capacity::CONNTRACK as usize }
 #[btf_map]
 pub static FRAGMENTS: LruHashMap<FragmentKey, u32, { capacity::FRAGMENTS as usize }> =
     LruHashMap::new();
+
+/// Registered endpoints by IPv6 address.
+#[btf_map]
+pub static ENDPOINTS6: HashMap<Ipv6Key, EndpointValue, { capacity::ENDPOINTS as usize }> =
+    HashMap::new();
+
+/// Host-side veth ifindex → the IPv6 address of the endpoint behind it.
+#[btf_map]
+pub static VETHS6: HashMap<u32, Ipv6Key, { capacity::VETHS as usize }> = HashMap::new();
+
+/// Tracked IPv6 connections (see `CONNTRACK`).
+#[btf_map]
+pub static CONNTRACK6: LruHashMap<ConnKey<Ipv6Key>, Conn, { capacity::CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// IPv6 datagrams whose first fragment passed (value unused, 1).
+#[btf_map]
+pub static FRAGMENTS6: LruHashMap<FragmentKey6, u32, { capacity::FRAGMENTS as usize }> =
+    LruHashMap::new();
+
+/// The parsed IPv6 packet, per CPU: slot [`scratch::TC`] for the TC
+/// programs, [`scratch::CGROUP_INGRESS`] for cgroup ingress. In map memory,
+/// not on the stack: its bytes are then unknown to the verifier, so the
+/// many paths through the IPv6 header walk meet in one state where the
+/// parse returns and the decision after it is verified once (what the parse
+/// wrote on the stack, it would tell apart path by path). Programs of one
+/// slot never interleave on a CPU: TC programs run with bottom halves
+/// disabled, cgroup ingress in softirq context.
+#[btf_map]
+pub static SCRATCH6: PerCpuArray<Parsed<Ipv6Key>, 2> = PerCpuArray::new();
+
+/// Where an IPv6 reject is built (see `reject`), per CPU; TC programs only.
+#[btf_map]
+pub static REJECT6_BUFFER: PerCpuArray<[u8; REJECT6_BUFFER_LEN], 1> = PerCpuArray::new();
+
+/// Ethernet, IPv6 and ICMPv6 headers and the quoted IPv6 and UDP headers,
+/// the longer IPv6 answer, rounded up to 8.
+pub const REJECT6_BUFFER_LEN: usize = 112;
+
+pub mod scratch {
+    pub const TC: u32 = 0;
+    pub const CGROUP_INGRESS: u32 = 1;
+}
 
 /// Policy epoch, bumped by the agent after it takes an allowance away.
 #[btf_map]

@@ -87,5 +87,5 @@ pub fn track_inbound(parsed: &Parsed, verdict: Verdict) {
     let (key, side) = ConnKey::of(flow);
     let epoch = maps.epoch();
     let conn = Conn { epoch, policy_id: 0, origin: side, pending_packets: 0, pending_bytes: 0 };
-    kernel_maps::apply_conn(ConnUpdate::Insert(key, conn));
+    kernel_maps::apply_conn(ConnUpdate::insert(key, conn));
 }

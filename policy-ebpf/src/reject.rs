@@ -17,19 +17,22 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect, generated::bpf_skb_change_tail},
+    helpers::{
+        bpf_ktime_get_coarse_ns, bpf_redirect,
+        generated::{bpf_skb_change_tail, bpf_skb_load_bytes},
+    },
     programs::TcContext,
 };
 use policy_common::{
-    Parsed, Verdict,
+    Family as _, Flow, Parsed, Verdict,
     decision::{Lookups, reject_entry, rejectable},
-    maps::{SETTINGS_INDEX, proto, settings},
+    maps::{Ipv6Key, SETTINGS_INDEX, proto, settings},
 };
 
 use crate::{
     events::within_limit,
-    kernel_maps::KernelMaps,
-    maps::{CONNTRACK, REJECT_LIMITS, SETTINGS},
+    kernel_maps::{KernelMaps, KernelMaps6},
+    maps::{CONNTRACK, CONNTRACK6, REJECT_LIMITS, REJECT6_BUFFER, REJECT6_BUFFER_LEN, SETTINGS},
 };
 
 const ETH_HLEN: usize = 14;
@@ -214,4 +217,206 @@ fn resize_and_store<const N: usize>(ctx: &TcContext, out: &[u8; N]) -> Option<()
         return None;
     }
     ctx.store(0, out, 0).ok()
+}
+
+/// The fixed IPv6 header; IPv6 rejects answer only packets whose upper-layer
+/// header follows it directly (no extension headers).
+const IP6_HLEN: usize = 40;
+/// Ethernet, IPv6 and TCP headers of the RST.
+const RST6_LEN: usize = ETH_HLEN + IP6_HLEN + 20;
+/// Ethernet, IPv6 and ICMPv6 headers, and the quoted IPv6 and UDP headers.
+const UNREACH6_LEN: usize = ETH_HLEN + IP6_HLEN + 8 + IP6_HLEN + 8;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+/// "Port unreachable" (RFC 4443 3.1): the sender's socket reports
+/// ECONNREFUSED.
+const ICMPV6_PORT_UNREACH: u8 = 4;
+
+/// [`wanted`] for IPv6: the same rules, and no extension headers.
+#[inline(always)]
+pub fn wanted6(ctx: &TcContext, parsed: &Parsed<Ipv6Key>, verdict: Verdict) -> bool {
+    let Some(flow) = rejectable(parsed, verdict) else { return false };
+    let Some(config) = SETTINGS.get(SETTINGS_INDEX) else { return false };
+    if config.flags & settings::REJECT == 0 {
+        return false;
+    }
+    match ctx.load::<u8>(ETH_HLEN + 6) {
+        Ok(next) if next == flow.protocol => {}
+        _ => return false,
+    }
+    if flow.protocol == proto::TCP {
+        match ctx.load::<u8>(ETH_HLEN + IP6_HLEN + 13) {
+            Ok(flags) if flags & TCP_RST == 0 => {}
+            _ => return false,
+        }
+    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    within_limit(&REJECT_LIMITS, flow.saddr.limit_key(), now, config.rejects_per_second)
+}
+
+/// [`send`] for IPv6, from where the packet enters its destination. The
+/// answer, and the entry that lets it in, are each written by a function of
+/// its own: one frame at a time on top of the caller's.
+#[inline(always)]
+pub fn send6(ctx: &TcContext, parsed: &Parsed<Ipv6Key>, ifindex: u32) -> i32 {
+    let Parsed::Flow { flow: Flow { protocol, .. }, .. } = *parsed else { return TC_ACT_SHOT };
+    let written = if protocol == proto::TCP { tcp_reset6(ctx) } else { port_unreachable6(ctx) };
+    if written.is_none() || !record6(parsed) {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: plain helper call; the redirect happens when we return its value.
+    let action = unsafe { bpf_redirect(ifindex, u64::from(BPF_F_INGRESS)) };
+    if action == i64::from(TC_ACT_REDIRECT) { TC_ACT_REDIRECT } else { TC_ACT_SHOT }
+}
+
+/// Records the `CONNTRACK6` entry that lets the reject of `parsed` in at its
+/// sender (see [`reject_entry`]).
+#[inline(never)]
+fn record6(parsed: &Parsed<Ipv6Key>) -> bool {
+    let Parsed::Flow { flow, .. } = *parsed else { return false };
+    let (key, conn) = reject_entry(&flow, KernelMaps6::new().epoch());
+    let _ = CONNTRACK6.insert(key, conn, 0);
+    true
+}
+
+/// The IPv6 answer is built in this CPU's slot of `REJECT6_BUFFER`, not on
+/// the stack (with the decision before it, the stack would not hold it; TC
+/// programs run with bottom halves off, so the slot is this run's).
+#[inline(always)]
+fn answer_buffer() -> Option<&'static mut [u8; REJECT6_BUFFER_LEN]> {
+    // SAFETY: see above.
+    REJECT6_BUFFER.get_ptr_mut(0).map(|b| unsafe { &mut *b })
+}
+
+/// Copies `N` packet bytes at `offset` into `buf[at..at + N]`.
+#[inline(always)]
+fn load_into<const N: usize>(
+    ctx: &TcContext,
+    offset: usize,
+    buf: &mut [u8; REJECT6_BUFFER_LEN],
+    at: usize,
+) -> Option<()> {
+    if at + N > REJECT6_BUFFER_LEN {
+        return None;
+    }
+    // SAFETY: `buf[at..at + N]` is in bounds (checked above).
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            offset as u32,
+            buf.as_mut_ptr().add(at).cast(),
+            N as u32,
+        )
+    };
+    if ret == 0 { Some(()) } else { None }
+}
+
+/// Writes the answer's Ethernet and IPv6 headers into `buf[..54]`: the
+/// denied packet's, with MAC and IP addresses swapped, for an upper layer
+/// `next` of `payload_len` bytes.
+#[inline(always)]
+fn headers6(
+    ctx: &TcContext,
+    buf: &mut [u8; REJECT6_BUFFER_LEN],
+    next: u8,
+    payload_len: u16,
+) -> Option<()> {
+    load_into::<{ ETH_HLEN + IP6_HLEN }>(ctx, 0, buf, 0)?;
+    for i in 0..6 {
+        buf.swap(i, i + 6);
+    }
+    for i in 0..16 {
+        buf.swap(ETH_HLEN + 8 + i, ETH_HLEN + 24 + i);
+    }
+    let len = payload_len.to_be_bytes();
+    buf[ETH_HLEN..ETH_HLEN + 8].copy_from_slice(&[0x60, 0, 0, 0, len[0], len[1], next, 64]);
+    Some(())
+}
+
+/// The IPv6 pseudo header's sum (RFC 8200 8.1): the answer's addresses,
+/// upper-layer length, next header.
+#[inline(always)]
+fn pseudo6(buf: &[u8; REJECT6_BUFFER_LEN], upper_len: u32, next: u8) -> u32 {
+    add_words(&buf[ETH_HLEN + 8..ETH_HLEN + IP6_HLEN], upper_len + u32::from(next))
+}
+
+/// Makes the packet `len` bytes and writes `buf[..len]` over it.
+#[inline(always)]
+fn resize_and_store6(ctx: &TcContext, buf: &[u8; REJECT6_BUFFER_LEN], len: usize) -> Option<()> {
+    // SAFETY: the context's skb; the helper checks the length.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) } != 0 {
+        return None;
+    }
+    // SAFETY: `len` is at most the buffer's length (the callers' constants).
+    let ret = unsafe {
+        aya_ebpf::helpers::generated::bpf_skb_store_bytes(
+            ctx.skb.skb.cast(),
+            0,
+            buf.as_ptr().cast(),
+            len as u32,
+            0,
+        )
+    };
+    if ret == 0 { Some(()) } else { None }
+}
+
+/// [`tcp_reset`] for IPv6. Each IPv6 answer is a function of its own.
+#[inline(never)]
+fn tcp_reset6(ctx: &TcContext) -> Option<()> {
+    let tcp: [u8; 20] = ctx.load(ETH_HLEN + IP6_HLEN).ok()?;
+    let [len_hi, len_lo]: [u8; 2] = ctx.load(ETH_HLEN + 4).ok()?;
+    let buf = answer_buffer()?;
+    headers6(ctx, buf, proto::TCP, 20)?;
+    let payload_len = u32::from(u16::from_be_bytes([len_hi, len_lo]));
+    let header_len = u32::from(tcp[12] >> 4) * 4;
+    let payload = payload_len.saturating_sub(header_len);
+    let flags = tcp[13];
+    let (seq, ack, out_flags) = if flags & TCP_ACK != 0 {
+        (u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]), 0, TCP_RST)
+    } else {
+        let seq_in = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let ack = seq_in
+            .wrapping_add(payload)
+            .wrapping_add(u32::from(flags & TCP_SYN != 0))
+            .wrapping_add(u32::from(flags & TCP_FIN != 0));
+        (0, ack, TCP_RST | TCP_ACK)
+    };
+    let (s, a) = (seq.to_be_bytes(), ack.to_be_bytes());
+    let at = ETH_HLEN + IP6_HLEN;
+    buf[at..at + 20].copy_from_slice(&[
+        tcp[2], tcp[3], tcp[0], tcp[1], s[0], s[1], s[2], s[3], a[0], a[1], a[2], a[3], 0x50,
+        out_flags, 0, 0, 0, 0, 0, 0,
+    ]);
+    let check = fold(add_words(&buf[at..at + 20], pseudo6(buf, 20, proto::TCP)));
+    buf[at + 16] = check[0];
+    buf[at + 17] = check[1];
+    resize_and_store6(ctx, buf, RST6_LEN)
+}
+
+/// An ICMPv6 destination unreachable (port unreachable) quoting the denied
+/// datagram's IPv6 header and first 8 bytes.
+#[inline(never)]
+fn port_unreachable6(ctx: &TcContext) -> Option<()> {
+    const QUOTE_AT: usize = ETH_HLEN + IP6_HLEN + 8;
+    let buf = answer_buffer()?;
+    // The quote first: the headers are then written over the packet's copy.
+    load_into::<{ IP6_HLEN + 8 }>(ctx, ETH_HLEN, buf, QUOTE_AT)?;
+    let icmp_len = (UNREACH6_LEN - ETH_HLEN - IP6_HLEN) as u16;
+    headers6(ctx, buf, proto::ICMPV6, icmp_len)?;
+    let icmp = ETH_HLEN + IP6_HLEN;
+    buf[icmp..QUOTE_AT].copy_from_slice(&[
+        ICMPV6_DEST_UNREACH,
+        ICMPV6_PORT_UNREACH,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]);
+    let sum = pseudo6(buf, u32::from(icmp_len), proto::ICMPV6);
+    let check = fold(add_words(&buf[icmp..UNREACH6_LEN], sum));
+    buf[icmp + 2] = check[0];
+    buf[icmp + 3] = check[1];
+    resize_and_store6(ctx, buf, UNREACH6_LEN)
 }

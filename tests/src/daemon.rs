@@ -268,7 +268,9 @@ pub fn register_args(container: &crate::topology::Container, app: &str) -> Vec<S
         netns.to_str().expect("netns path"),
     ]
     .map(str::to_owned)
-    .to_vec()
+    .into_iter()
+    .chain(container.ipv6.iter().flat_map(|a| ["--ip".to_owned(), a.to_string()]))
+    .collect()
 }
 
 /// The arguments of `policy-agent VERB SOURCE --destination-app DEST

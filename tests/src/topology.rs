@@ -3,7 +3,7 @@
 //! address and a default route via a link-local gateway; the host routes that
 //! /32 to the host-side veth; no bridge.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use policy_agent::Dataplane;
 
@@ -11,10 +11,15 @@ use crate::netns::NetNs;
 
 /// The gateway address every container uses; on every host-side veth.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
+/// The IPv6 gateway of dual-stack containers (link-local, on every
+/// host-side veth).
+pub const GATEWAY6: &str = "fe80::1";
 
 pub struct Container {
     pub ns: NetNs,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on a dual-stack host (`Host::dual_stack`).
+    pub ipv6: Option<Ipv6Addr>,
     /// Name of the host-side veth (in the host namespace).
     pub host_ifname: String,
 }
@@ -44,6 +49,33 @@ impl Host {
         host
     }
 
+    /// A host with `n` dual-stack containers: 10.255.0.N as in [`Self::new`]
+    /// and fd00:255::N (a /128 each, routed by the host to the veth, with
+    /// the link-local gateway fe80::1 on every host-side veth).
+    pub fn dual_stack(n: usize) -> Self {
+        let host = Self::new(n);
+        host.ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+        let mut host = host;
+        for (i, c) in host.containers.iter_mut().enumerate() {
+            let ipv6 = Ipv6Addr::new(0xfd00, 0x255, 0, 0, 0, 0, 0, i as u16 + 1);
+            // No duplicate address detection: the address works at once.
+            c.ns.ip(&["-6", "addr", "add", &format!("{ipv6}/128"), "dev", "eth0", "nodad"]);
+            c.ns.ip(&["-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0"]);
+            host.ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{GATEWAY6}/64"),
+                "dev",
+                &c.host_ifname,
+                "nodad",
+            ]);
+            host.ns.ip(&["-6", "route", "add", &format!("{ipv6}/128"), "dev", &c.host_ifname]);
+            c.ipv6 = Some(ipv6);
+        }
+        host
+    }
+
     fn add_container(&mut self, i: usize, subnet: u8) {
         let ns = NetNs::new(crate::unique_name(&format!("c{i}")));
         let ip = Ipv4Addr::new(10, 255, subnet, i as u8 + 1);
@@ -58,7 +90,7 @@ impl Host {
         self.ns.ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_ifname]);
         self.ns.ip(&["link", "set", &host_ifname, "up"]);
         self.ns.ip(&["route", "add", &cidr, "dev", &host_ifname]);
-        self.containers.push(Container { ns, ip, host_ifname });
+        self.containers.push(Container { ns, ip, ipv6: None, host_ifname });
     }
 
     pub fn container(&self, i: usize) -> &Container {

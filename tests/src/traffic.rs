@@ -2,7 +2,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     thread::JoinHandle,
     time::Duration,
 };
@@ -15,7 +15,8 @@ pub const LONG: Duration = Duration::from_secs(3);
 /// A TCP echo server in a namespace: echoes every connection until the
 /// peer closes. Runs until the process ends (its namespace going away closes
 /// nothing, but tests are short).
-pub fn tcp_echo_server(ns: &NetNs, ip: Ipv4Addr, port: u16) -> JoinHandle<()> {
+pub fn tcp_echo_server(ns: &NetNs, ip: impl Into<IpAddr>, port: u16) -> JoinHandle<()> {
+    let ip = ip.into();
     let listener = ns.run(move || TcpListener::bind((ip, port))).expect("bind echo server");
     std::thread::spawn(move || {
         for stream in listener.incoming() {
@@ -33,7 +34,8 @@ pub fn tcp_echo_server(ns: &NetNs, ip: Ipv4Addr, port: u16) -> JoinHandle<()> {
 }
 
 /// A UDP echo server in a namespace.
-pub fn udp_echo_server(ns: &NetNs, ip: Ipv4Addr, port: u16) -> JoinHandle<()> {
+pub fn udp_echo_server(ns: &NetNs, ip: impl Into<IpAddr>, port: u16) -> JoinHandle<()> {
+    let ip = ip.into();
     let socket = ns.run(move || UdpSocket::bind((ip, port))).expect("bind udp echo");
     std::thread::spawn(move || {
         let mut buf = [0u8; 65536];
@@ -48,12 +50,13 @@ pub fn udp_echo_server(ns: &NetNs, ip: Ipv4Addr, port: u16) -> JoinHandle<()> {
 pub fn tcp_connect(
     ns: &NetNs,
     from: Option<Ipv4Addr>,
-    to: Ipv4Addr,
+    to: impl Into<IpAddr>,
     port: u16,
     timeout: Duration,
 ) -> std::io::Result<TcpStream> {
+    let to = to.into();
     ns.run(move || {
-        let target = SocketAddr::V4(SocketAddrV4::new(to, port));
+        let target = SocketAddr::new(to, port);
         let stream = match from {
             None => TcpStream::connect_timeout(&target, timeout)?,
             Some(src) => {
@@ -69,7 +72,7 @@ pub fn tcp_connect(
 
 /// Whether a TCP connection from `ns` to `to:port` gets established and
 /// echoes a message within `timeout`.
-pub fn tcp_echo_works(ns: &NetNs, to: Ipv4Addr, port: u16, timeout: Duration) -> bool {
+pub fn tcp_echo_works(ns: &NetNs, to: impl Into<IpAddr>, port: u16, timeout: Duration) -> bool {
     match tcp_connect(ns, None, to, port, timeout) {
         Ok(mut stream) => echo_once(&mut stream),
         Err(_) => false,
@@ -277,20 +280,25 @@ impl SteadyFlows {
 
 /// A minimal HTTP/1.1 server with keep-alive: every request gets `200 OK`
 /// and `body`.
-pub fn http_server(ns: &NetNs, ip: Ipv4Addr, port: u16, body: &'static str) -> JoinHandle<()> {
-    serve_http(ns, ip, port, move |_| body.to_owned())
+pub fn http_server(
+    ns: &NetNs,
+    ip: impl Into<IpAddr>,
+    port: u16,
+    body: &'static str,
+) -> JoinHandle<()> {
+    serve_http(ns, ip.into(), port, move |_| body.to_owned())
 }
 
 /// An HTTP/1.1 server at `ip:port` in `ns` whose reply body is the request
 /// head it received (request line and headers), for checking what a proxy
 /// forwarded.
 pub fn http_echo_server(ns: &NetNs, ip: Ipv4Addr, port: u16) -> JoinHandle<()> {
-    serve_http(ns, ip, port, |head| String::from_utf8_lossy(head).into_owned())
+    serve_http(ns, IpAddr::V4(ip), port, |head| String::from_utf8_lossy(head).into_owned())
 }
 
 fn serve_http(
     ns: &NetNs,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     port: u16,
     respond: impl Fn(&[u8]) -> String + Send + Sync + Copy + 'static,
 ) -> JoinHandle<()> {
@@ -323,10 +331,13 @@ fn serve_http(
     })
 }
 
-/// Whether `ping -c 1` from `ns` to `to` gets an answer within a second.
-pub fn ping(ns: &NetNs, to: Ipv4Addr) -> bool {
+/// Whether `ping -c 1` from `ns` to `to` (either family) gets an answer
+/// within a second.
+pub fn ping(ns: &NetNs, to: impl Into<IpAddr>) -> bool {
+    let to = to.into();
+    let family = if to.is_ipv6() { "-6" } else { "-4" };
     ns.command("ping")
-        .args(["-c", "1", "-W", "1", &to.to_string()])
+        .args([family, "-c", "1", "-W", "1", &to.to_string()])
         .output()
         .is_ok_and(|o| o.status.success())
 }

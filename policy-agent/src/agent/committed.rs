@@ -43,9 +43,18 @@ impl<K: Kernel> Agent<K> {
                 let local = self.state.local_host();
                 if endpoint.runs_on(local) {
                     self.kernel.attach(&endpoint.ifname, endpoint.ip, tag)?;
+                    self.kernel.bind_veth6(&endpoint.ifname, endpoint.ipv6)?;
                 }
                 let value = self.state.endpoint_value(endpoint).expect("tagged above");
                 self.kernel.set_endpoint(endpoint.ip, value)?;
+                if let Some(ipv6) = endpoint.ipv6 {
+                    self.kernel.set_endpoint6(ipv6, value)?;
+                }
+                if let Some(stale) =
+                    old.as_ref().and_then(|o| o.ipv6).filter(|a| endpoint.ipv6 != Some(*a))
+                {
+                    self.kernel.remove_endpoint6(stale)?;
+                }
                 if let Some(old) = old.filter(|o| o.runs_on(local)) {
                     let moved = !endpoint.runs_on(local) || old.ifname != endpoint.ifname;
                     if moved {
@@ -61,6 +70,9 @@ impl<K: Kernel> Agent<K> {
                         self.kernel.detach(&old.ifname, *ip)?;
                     }
                     self.kernel.remove_endpoint(*ip)?;
+                    if let Some(ipv6) = old.ipv6 {
+                        self.kernel.remove_endpoint6(ipv6)?;
+                    }
                 }
             }
             Change::MapRoute { .. } | Change::UnmapRoute { .. } => {

@@ -281,10 +281,23 @@ impl<K: Kernel> Agent<K> {
             )
             .into());
         }
+        if let Some(ipv6) = endpoint.ipv6
+            && let Some(other) = self.state.endpoint_by_ipv6(ipv6).filter(|e| e.ip != endpoint.ip)
+        {
+            return Err(Invalid::new(
+                "ips",
+                format!("{ipv6} is already the IPv6 address of endpoint {}", other.ip),
+            )
+            .into());
+        }
         let old = self.state.endpoint(endpoint.ip).cloned();
         let undo = self.state.add_endpoint_undoable(endpoint.clone());
         let tag = self.state.tag(&endpoint.app).expect("add_endpoint tags the app");
-        if let Err(e) = self.kernel.attach(&endpoint.ifname, endpoint.ip, tag) {
+        let attached = self
+            .kernel
+            .attach(&endpoint.ifname, endpoint.ip, tag)
+            .and_then(|()| self.kernel.bind_veth6(&endpoint.ifname, endpoint.ipv6));
+        if let Err(e) = attached {
             self.state.undo(undo);
             return Err(match e {
                 Error::NoInterface { ifname } => Invalid::new(
@@ -296,13 +309,27 @@ impl<K: Kernel> Agent<K> {
             });
         }
         let value = self.state.endpoint_value(&endpoint).expect("add_endpoint tags the app");
+        let stale6 = old.as_ref().and_then(|o| o.ipv6).filter(|a| endpoint.ipv6 != Some(*a));
         let kernel_written = self
             .kernel
             .set_endpoint(endpoint.ip, value)
+            .and_then(|()| match endpoint.ipv6 {
+                Some(ipv6) => self.kernel.set_endpoint6(ipv6, value),
+                None => Ok(()),
+            })
+            .and_then(|()| match stale6 {
+                Some(ipv6) => self.kernel.remove_endpoint6(ipv6),
+                None => Ok(()),
+            })
             .and_then(|()| reconcile::port_mappings(&mut self.kernel, &self.state))
             .and_then(|()| self.netout_if_any());
         if let Err(e) = kernel_written {
             let _ = self.kernel.detach(&endpoint.ifname, endpoint.ip);
+            if let Some(ipv6) =
+                endpoint.ipv6.filter(|a| old.as_ref().and_then(|o| o.ipv6) != Some(*a))
+            {
+                let _ = self.kernel.remove_endpoint6(ipv6);
+            }
             self.state.undo(undo);
             let _ = reconcile::port_mappings(&mut self.kernel, &self.state);
             return Err(e.into());
@@ -313,18 +340,21 @@ impl<K: Kernel> Agent<K> {
             self.state.undo(undo);
             return Err(e.into());
         }
-        let ip = endpoint.ip;
+        let (ip, ipv6) = (endpoint.ip, endpoint.ipv6);
         let ifname = endpoint.ifname.clone();
         let (app, logged_ifname) = (endpoint.app.clone(), endpoint.ifname.clone());
         let committed = self.commit(Change::AddEndpoint(endpoint), undo, move |kernel| {
             let _ = kernel.detach(&ifname, ip);
             let _ = kernel.remove_endpoint(ip);
+            if let Some(ipv6) = ipv6 {
+                let _ = kernel.remove_endpoint6(ipv6);
+            }
         });
         if committed.is_err() {
             let _ = reconcile::port_mappings(&mut self.kernel, &self.state);
         }
         committed?;
-        info!(%ip, app, ifname = logged_ifname, tag, "endpoint added");
+        info!(%ip, ?ipv6, app, ifname = logged_ifname, tag, "endpoint added");
         Ok(())
     }
 
@@ -440,6 +470,9 @@ impl<K: Kernel> Agent<K> {
             self.kernel.detach(&endpoint.ifname, ip)?;
         }
         self.kernel.remove_endpoint(ip)?;
+        if let Some(ipv6) = endpoint.ipv6 {
+            self.kernel.remove_endpoint6(ipv6)?;
+        }
         if !endpoint.port_mappings.is_empty() {
             reconcile::port_mappings(&mut self.kernel, &self.state)?;
         }
@@ -496,6 +529,7 @@ mod tests {
         let ip = Ipv4Addr::new(10, 255, 0, 1);
         let missing = Endpoint {
             ip,
+            ipv6: None,
             app: "web".into(),
             ifname: "nope".into(),
             netns: None,
@@ -511,6 +545,7 @@ mod tests {
         agent
             .add_endpoint(Endpoint {
                 ip,
+                ipv6: None,
                 app: "web".into(),
                 ifname: "hv0".into(),
                 netns: None,

@@ -3,7 +3,10 @@
 //! documented extension), endpoints and routes. The server parses and
 //! renders with these; the CLI builds its requests with them.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use serde_json::{Value, json};
 
@@ -32,6 +35,82 @@ fn port_field(value: &Value, field: &str) -> Result<i64, Invalid> {
 /// Parses an IPv4 address named by `field`.
 pub fn parse_ip(field: &str, text: &str) -> Result<Ipv4Addr, Invalid> {
     text.parse().map_err(|_| Invalid::new(field, format!("{text:?} is not an IPv4 address")))
+}
+
+/// An endpoint's addresses: `ip` (one address, either family) and/or
+/// `ips` (a list), at most one per family. An IPv4 address is required:
+/// IPv6-only endpoints are not supported yet.
+fn parse_endpoint_addresses(v: &Value) -> Result<(Ipv4Addr, Option<Ipv6Addr>), Invalid> {
+    let mut texts: Vec<(String, &str)> = Vec::new();
+    match v.get("ip") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => texts.push(("ip".into(), s)),
+        Some(_) => return Err(Invalid::new("ip", "must be a string")),
+    }
+    match v.get("ips") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(list)) => {
+            for (i, item) in list.iter().enumerate() {
+                let Value::String(s) = item else {
+                    return Err(Invalid::new(format!("ips[{i}]"), "must be a string"));
+                };
+                texts.push((format!("ips[{i}]"), s));
+            }
+        }
+        Some(_) => return Err(Invalid::new("ips", "must be a list of addresses")),
+    }
+    if texts.is_empty() {
+        return Err(Invalid::new("ip", "missing"));
+    }
+    let (mut v4, mut v6) = (None::<Ipv4Addr>, None::<Ipv6Addr>);
+    for (field, text) in texts {
+        match text.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => {
+                if v4.is_some_and(|b| b != a) {
+                    return Err(Invalid::new(field, "a second IPv4 address (one per family)"));
+                }
+                v4 = Some(a);
+            }
+            Ok(IpAddr::V6(a)) => {
+                check_endpoint_ipv6(&field, a)?;
+                if v6.is_some_and(|b| b != a) {
+                    return Err(Invalid::new(field, "a second IPv6 address (one per family)"));
+                }
+                v6 = Some(a);
+            }
+            Err(_) => {
+                return Err(Invalid::new(field, format!("{text:?} is not an IP address")));
+            }
+        }
+    }
+    let Some(v4) = v4 else {
+        return Err(Invalid::new(
+            "ip",
+            "an endpoint needs an IPv4 address (IPv6-only endpoints are not supported yet)",
+        ));
+    };
+    Ok((v4, v6))
+}
+
+/// An address a container can be reached at across hosts: not link-local
+/// (every container has its own, which names no one), multicast, loopback,
+/// unspecified or IPv4-mapped.
+fn check_endpoint_ipv6(field: &str, a: Ipv6Addr) -> Result<(), Invalid> {
+    let bad = if a.is_unspecified() || a.is_loopback() {
+        Some("unspecified or loopback")
+    } else if a.is_multicast() {
+        Some("multicast")
+    } else if a.segments()[0] & 0xffc0 == 0xfe80 {
+        Some("link-local")
+    } else if a.to_ipv4_mapped().is_some() {
+        Some("IPv4-mapped (give the IPv4 address itself)")
+    } else {
+        None
+    };
+    match bad {
+        Some(why) => Err(Invalid::new(field, format!("{a} is {why}: not an endpoint address"))),
+        None => Ok(()),
+    }
 }
 
 /// Parses `{"policies": [...]}` in Cloud Foundry's shape. The first problem
@@ -167,7 +246,7 @@ pub fn policy_json(p: &Policy) -> Value {
 /// What a policy's destination allows, as the CLI prints it: `8080`,
 /// `8080-8090`, `type 8`, `type 3 code 13`, `any`.
 pub fn destination_text(destination: &Value) -> String {
-    if destination["protocol"] == "icmp" {
+    if destination["protocol"] == "icmp" || destination["protocol"] == "icmpv6" {
         return match (&destination["icmp_type"], &destination["icmp_code"]) {
             (Value::Null, _) => "any".into(),
             (t, Value::Null) => format!("type {t}"),
@@ -190,7 +269,15 @@ pub fn policy_list(policies: Vec<Value>) -> Value {
 
 /// `{"ip","app","ifname","netns"}`, and `"host"` in cluster mode.
 pub fn endpoint_json(e: &Endpoint) -> Value {
-    let mut v = json!({"ip": e.ip.to_string(), "app": e.app, "ifname": e.ifname, "netns": e.netns});
+    let ips: Vec<String> =
+        std::iter::once(e.ip.to_string()).chain(e.ipv6.map(|a| a.to_string())).collect();
+    let mut v = json!({
+        "ip": e.ip.to_string(),
+        "ips": ips,
+        "app": e.app,
+        "ifname": e.ifname,
+        "netns": e.netns,
+    });
     if let Some(host) = &e.host {
         v["host"] = json!(host);
     }
@@ -352,7 +439,7 @@ pub fn parse_port_mappings(v: &Value) -> Result<Vec<PortMapping>, Invalid> {
 pub fn parse_endpoint(v: &Value) -> Result<Endpoint, Invalid> {
     let app = str_field(v, "app", "app")?;
     check_app_id("app", app)?;
-    let ip = parse_ip("ip", str_field(v, "ip", "ip")?)?;
+    let (ip, ipv6) = parse_endpoint_addresses(v)?;
     let ifname = str_field(v, "ifname", "ifname")?;
     let netns = match v.get("netns") {
         None | Some(Value::Null) => None,
@@ -362,6 +449,7 @@ pub fn parse_endpoint(v: &Value) -> Result<Endpoint, Invalid> {
     let port_mappings = parse_port_mappings(v.get("port_mappings").unwrap_or(&Value::Null))?;
     Ok(Endpoint {
         ip,
+        ipv6,
         app: app.to_owned(),
         ifname: ifname.to_owned(),
         netns,
@@ -449,6 +537,7 @@ mod tests {
         assert_eq!(parse_route(&route_json(&route)).unwrap(), route);
         let endpoint = Endpoint {
             ip: Ipv4Addr::new(10, 255, 0, 2),
+            ipv6: None,
             app: "b".into(),
             ifname: "hv0".into(),
             netns: Some("/var/run/netns/x".into()),

@@ -1,13 +1,15 @@
 //! `endpoint add|del` and `endpoints`.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
 
 use anyhow::Result;
 use clap::Subcommand;
 use policy_agent::{
-    api::wire,
     client::Client,
-    state::{Endpoint, PortMapping, Protocol},
+    state::{PortMapping, Protocol},
 };
 use serde_json::Value;
 
@@ -20,8 +22,10 @@ pub enum EndpointCommand {
     Add {
         #[arg(long)]
         app: String,
-        #[arg(long)]
-        ip: Ipv4Addr,
+        /// Its address; repeat for a dual-stack endpoint (one IPv4 and one
+        /// IPv6 address).
+        #[arg(long = "ip", required = true)]
+        ips: Vec<IpAddr>,
         /// Host-side veth of the container.
         #[arg(long)]
         ifname: String,
@@ -57,17 +61,18 @@ fn parse_mapping(text: &str) -> Result<PortMapping, String> {
 impl EndpointCommand {
     pub fn run(self, client: &Client) -> Result<()> {
         match self {
-            EndpointCommand::Add { app, ip, ifname, netns, port_mappings } => {
-                let body = wire::endpoint_json(&Endpoint {
-                    ip,
-                    app: app.clone(),
-                    ifname: ifname.clone(),
-                    netns,
-                    host: None,
-                    port_mappings,
+            EndpointCommand::Add { app, ips, ifname, netns, port_mappings } => {
+                // The API checks the addresses (one per family, IPv4 needed).
+                let ips: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+                let body = serde_json::json!({
+                    "ips": ips,
+                    "app": app,
+                    "ifname": ifname,
+                    "netns": netns,
+                    "port_mappings": port_mappings,
                 });
                 call(client, "POST", "/v1/endpoints", Some(&body))?;
-                println!("endpoint {ip} of app {app} on {ifname}: OK");
+                println!("endpoint {} of app {app} on {ifname}: OK", ips.join(" "));
             }
             EndpointCommand::Del { ip } => {
                 let reply = call(client, "DELETE", &format!("/v1/endpoints/{ip}"), None)?;

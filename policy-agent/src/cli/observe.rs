@@ -76,7 +76,7 @@ impl FlowsArgs {
 pub struct ExplainArgs {
     src_ip: Ipv4Addr,
     dst_ip: Ipv4Addr,
-    /// tcp, udp or icmp.
+    /// tcp, udp, icmp or icmpv6.
     #[arg(value_enum)]
     protocol: Protocol,
     /// The destination port; for icmp, the ICMP type (8: echo request).

@@ -495,6 +495,7 @@ mod tests {
         for port in 1..=3 {
             let change = Change::AddEndpoint(Endpoint {
                 ip: std::net::Ipv4Addr::new(10, 255, 0, port),
+                ipv6: None,
                 app: "web".into(),
                 ifname: format!("hv{port}"),
                 netns: None,

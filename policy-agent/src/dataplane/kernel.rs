@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use policy_common::{
@@ -38,6 +38,33 @@ impl Kernel for Dataplane {
         maps.remove_endpoint(ip)?;
         maps.forget_address(ip)?;
         Ok(())
+    }
+
+    fn endpoints6(&self) -> Result<BTreeMap<Ipv6Addr, EndpointValue>, Error> {
+        Ok(self.maps().endpoints6().into_iter().collect())
+    }
+
+    fn set_endpoint6(&mut self, ip: Ipv6Addr, value: EndpointValue) -> Result<(), Error> {
+        self.maps_mut().set_endpoint6_value(ip, value)
+    }
+
+    fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<(), Error> {
+        let maps = self.maps_mut();
+        let bindings: Vec<u32> =
+            maps.veths6().into_iter().filter(|(_, a)| *a == ip).map(|(i, _)| i).collect();
+        for ifindex in bindings {
+            maps.remove_veth6(ifindex)?;
+        }
+        maps.remove_endpoint6(ip)
+    }
+
+    fn bind_veth6(&mut self, ifname: &str, ip: Option<Ipv6Addr>) -> Result<(), Error> {
+        let ifindex =
+            nix_ifindex(ifname).ok_or_else(|| Error::NoInterface { ifname: ifname.to_owned() })?;
+        match ip {
+            Some(ip) => self.maps_mut().set_veth6(ifindex, ip),
+            None => self.maps_mut().remove_veth6(ifindex),
+        }
     }
 
     fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, Error> {
@@ -111,6 +138,9 @@ impl Kernel for Dataplane {
             .collect();
         for ifindex in stale {
             self.maps_mut().remove_veth(ifindex)?;
+        }
+        if let Some(ifindex) = nix_ifindex(ifname) {
+            self.maps_mut().remove_veth6(ifindex)?;
         }
         Ok(())
     }

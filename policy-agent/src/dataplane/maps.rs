@@ -6,7 +6,10 @@
 //! are checked against the new rules at their next packet (see
 //! `policy_common::decision::decide_destination`).
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use aya::maps::{
     Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
@@ -15,9 +18,9 @@ use aya::maps::{
 use policy_common::{
     Reason,
     maps::{
-        Attachment, Conn, ConnKey, EPOCH_INDEX, EndpointValue, FragmentKey, NatConn, NatConnKey,
-        NatKey, NatTarget, Overlay, PairKey, PolicyCounters, PortRules, SETTINGS_INDEX, Settings,
-        Tunnel, event_stat, names,
+        Attachment, Conn, ConnKey, EPOCH_INDEX, EndpointValue, FragmentKey, Ipv6Key, NatConn,
+        NatConnKey, NatKey, NatTarget, Overlay, PairKey, PolicyCounters, PortRules, SETTINGS_INDEX,
+        Settings, Tunnel, event_stat, names,
     },
     netout::NetOutRules,
     ports::Allowance,
@@ -49,6 +52,9 @@ pub struct Maps {
     netout_state: Array<MapData, u32>,
     slots: Array<MapData, EndpointValue>,
     veth_slots: Array<MapData, Attachment>,
+    endpoints6: HashMap<MapData, Ipv6Key, EndpointValue>,
+    veths6: HashMap<MapData, u32, Ipv6Key>,
+    conntrack6: HashMap<MapData, ConnKey<Ipv6Key>, Conn>,
     /// What `OVERLAY` says (read at open, written by `set_overlay`).
     overlay_now: Overlay,
 }
@@ -132,6 +138,9 @@ impl Maps {
             netout_state: map!(names::NETOUT_STATE),
             slots: map!(names::ENDPOINT_SLOTS),
             veth_slots: map!(names::VETH_SLOTS),
+            endpoints6: map!(names::ENDPOINTS6),
+            veths6: map!(names::VETHS6),
+            conntrack6: map!(names::CONNTRACK6),
             overlay_now: Overlay::default(),
         }
         .with_overlay_read())
@@ -272,7 +281,8 @@ impl Maps {
     pub fn remove_veth(&mut self, ifindex: u32) -> Result<(), Error> {
         self.set_veth_slot(ifindex, Attachment::default())?;
         match self.veths.remove(&ifindex) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if is_absent(&e) => Ok(()),
             Err(e) => Err(map_err(names::VETHS)(e)),
         }
     }
@@ -596,10 +606,8 @@ impl Maps {
     pub fn remove_policy_counters(&mut self, policy_id: u32) -> Result<(), Error> {
         match self.policy_stats.remove(&policy_id) {
             // A policy no packet matched has no counters yet.
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
+            Ok(()) => Ok(()),
+            Err(e) if is_absent(&e) => Ok(()),
             Err(e) => Err(map_err(names::POLICY_STATS)(e)),
         }
     }
@@ -609,7 +617,89 @@ impl Maps {
         self.conntrack.iter().filter_map(Result::ok).collect()
     }
 
+    /// Registers an endpoint's IPv6 address for app `tag` (`ENDPOINTS6`).
+    pub fn set_endpoint6(&mut self, addr: Ipv6Addr, tag: u32) -> Result<(), Error> {
+        self.set_endpoint6_value(addr, EndpointValue { tag, flags: 0 })
+    }
+
+    /// [`Self::set_endpoint6`] with the whole value (flags: see
+    /// `endpoint_flags`). A changed tag bumps the epoch, as for IPv4.
+    pub fn set_endpoint6_value(
+        &mut self,
+        addr: Ipv6Addr,
+        endpoint: EndpointValue,
+    ) -> Result<(), Error> {
+        let key = Ipv6Key::from_octets(addr.octets());
+        let previous = self.endpoints6.get(&key, 0).ok();
+        let capacity = Self::capacity(self.endpoints6.map());
+        self.endpoints6
+            .insert(key, endpoint, 0)
+            .map_err(insert_err(names::ENDPOINTS6, capacity))?;
+        if previous.is_some_and(|p| p.tag != endpoint.tag) {
+            self.bump_epoch()?;
+        }
+        Ok(())
+    }
+
+    pub fn endpoints6(&self) -> Vec<(Ipv6Addr, EndpointValue)> {
+        self.endpoints6
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Ipv6Addr::from(k.octets()), v))
+            .collect()
+    }
+
+    pub fn veths6(&self) -> Vec<(u32, Ipv6Addr)> {
+        self.veths6
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ifindex, k)| (ifindex, Ipv6Addr::from(k.octets())))
+            .collect()
+    }
+
+    /// Unregisters an endpoint's IPv6 address; its connections are checked
+    /// again.
+    pub fn remove_endpoint6(&mut self, addr: Ipv6Addr) -> Result<(), Error> {
+        match self.endpoints6.remove(&Ipv6Key::from_octets(addr.octets())) {
+            Ok(()) => self.bump_epoch(),
+            Err(e) if is_absent(&e) => Ok(()),
+            Err(e) => Err(map_err(names::ENDPOINTS6)(e)),
+        }
+    }
+
+    /// Binds a host-side veth to its endpoint's IPv6 address, for the IPv6
+    /// anti-spoofing check (the veth's IPv4 binding, `set_veth`, names the
+    /// endpoint; without this one its IPv6 packets are dropped).
+    pub fn set_veth6(&mut self, ifindex: u32, addr: Ipv6Addr) -> Result<(), Error> {
+        let capacity = Self::capacity(self.veths6.map());
+        self.veths6
+            .insert(ifindex, Ipv6Key::from_octets(addr.octets()), 0)
+            .map_err(insert_err(names::VETHS6, capacity))
+    }
+
+    pub fn remove_veth6(&mut self, ifindex: u32) -> Result<(), Error> {
+        match self.veths6.remove(&ifindex) {
+            Ok(()) => Ok(()),
+            Err(e) if is_absent(&e) => Ok(()),
+            Err(e) => Err(map_err(names::VETHS6)(e)),
+        }
+    }
+
+    pub fn connections6(&self) -> Vec<(ConnKey<Ipv6Key>, Conn)> {
+        self.conntrack6.iter().filter_map(Result::ok).collect()
+    }
+
     pub fn fragments_tracked(&self) -> usize {
         self.fragments.keys().filter_map(Result::ok).count()
+    }
+}
+
+/// Whether a map delete failed only because the key was not there (aya
+/// reports that as `KeyNotFound` or as the syscall's ENOENT).
+fn is_absent(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }

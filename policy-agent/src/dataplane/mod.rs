@@ -122,6 +122,11 @@ impl Dataplane {
             (names::POLICIES, caps.policies),
             (names::CONNTRACK, caps.conntrack),
             (names::FRAGMENTS, caps.fragments),
+            // The IPv6 twins, sized like the IPv4 maps.
+            (names::ENDPOINTS6, caps.endpoints),
+            (names::VETHS6, caps.veths),
+            (names::CONNTRACK6, caps.conntrack),
+            (names::FRAGMENTS6, caps.fragments),
             (names::FLOW_EVENTS, caps.flow_events),
             (names::EVENT_LIMITS, caps.event_limits),
             (names::POLICY_STATS, caps.policy_stats),

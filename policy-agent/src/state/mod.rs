@@ -15,7 +15,7 @@ mod validate;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 pub use model::{
@@ -346,15 +346,32 @@ impl State {
 
     /// The addresses of the instances of the app `hostname` names, or None
     /// if no app has that route.
-    pub fn resolve(&self, hostname: &str) -> Option<Vec<Ipv4Addr>> {
+    pub fn resolve(&self, hostname: &str) -> Option<Vec<IpAddr>> {
         let app = self.routes.get(hostname)?;
-        Some(self.endpoints.values().filter(|e| &e.app == app).map(|e| e.ip).collect())
+        Some(
+            self.endpoints
+                .values()
+                .filter(|e| &e.app == app)
+                .flat_map(|e| std::iter::once(IpAddr::V4(e.ip)).chain(e.ipv6.map(IpAddr::V6)))
+                .collect(),
+        )
     }
 
     /// What `ENDPOINTS` must hold: address → app tag, and whether the
     /// endpoint runs on another host.
     pub fn endpoint_values(&self) -> BTreeMap<Ipv4Addr, EndpointValue> {
         self.endpoints.values().filter_map(|e| Some((e.ip, self.endpoint_value(e)?))).collect()
+    }
+
+    /// `ENDPOINTS6` as the state wants it: IPv6 address → the same value as
+    /// the endpoint's IPv4 address.
+    pub fn endpoint6_values(&self) -> BTreeMap<Ipv6Addr, EndpointValue> {
+        self.endpoints.values().filter_map(|e| Some((e.ipv6?, self.endpoint_value(e)?))).collect()
+    }
+
+    /// The endpoint with IPv6 address `addr`, if any.
+    pub fn endpoint_by_ipv6(&self, addr: Ipv6Addr) -> Option<&Endpoint> {
+        self.endpoints.values().find(|e| e.ipv6 == Some(addr))
     }
 
     /// One endpoint's `ENDPOINTS` value (None: its app has no tag yet).

@@ -1,7 +1,11 @@
 //! What the desired state is made of: policies, endpoints, and the platform
 //! TLS ports the agent knows about.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use policy_common::maps::proto;
 use serde::{Deserialize, Serialize};
@@ -10,8 +14,10 @@ use serde::{Deserialize, Serialize};
 pub const INTERNAL_DOMAIN: &str = "apps.internal";
 
 /// A policy's protocol (the CLI's `--protocol`, the API's
-/// `destination.protocol`). `icmp` is our documented extension: Cloud
-/// Foundry's policy server takes tcp and udp only.
+/// `destination.protocol`). `icmp` and `icmpv6` are our documented
+/// extension (Cloud Foundry's policy server takes tcp and udp only): ICMP
+/// allows IPv4's messages, ICMPv6 IPv6's (echo request is type 8 in one,
+/// 128 in the other). TCP and UDP policies allow both families.
 #[derive(
     Clone,
     Copy,
@@ -30,6 +36,7 @@ pub enum Protocol {
     Tcp,
     Udp,
     Icmp,
+    Icmpv6,
 }
 
 impl Protocol {
@@ -39,6 +46,7 @@ impl Protocol {
             Protocol::Tcp => proto::TCP,
             Protocol::Udp => proto::UDP,
             Protocol::Icmp => proto::ICMP,
+            Protocol::Icmpv6 => proto::ICMPV6,
         }
     }
 
@@ -47,6 +55,7 @@ impl Protocol {
             proto::TCP => Some(Protocol::Tcp),
             proto::UDP => Some(Protocol::Udp),
             proto::ICMP => Some(Protocol::Icmp),
+            proto::ICMPV6 => Some(Protocol::Icmpv6),
             _ => None,
         }
     }
@@ -56,6 +65,7 @@ impl Protocol {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
             Protocol::Icmp => "icmp",
+            Protocol::Icmpv6 => "icmpv6",
         }
     }
 
@@ -64,6 +74,7 @@ impl Protocol {
             "tcp" => Some(Protocol::Tcp),
             "udp" => Some(Protocol::Udp),
             "icmp" => Some(Protocol::Icmp),
+            "icmpv6" => Some(Protocol::Icmpv6),
             _ => None,
         }
     }
@@ -126,6 +137,10 @@ pub struct Policy {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, on a dual-stack network. Policies are
+    /// family-agnostic: they allow the app on both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Addr>,
     pub app: String,
     /// Host-side veth.
     pub ifname: String,
@@ -211,7 +226,7 @@ pub struct PortMapping {
 impl Policy {
     /// The ICMP messages an icmp policy allows (None for tcp and udp).
     pub fn icmp_types(&self) -> Option<IcmpTypes> {
-        (self.protocol == Protocol::Icmp).then(|| IcmpTypes::from_range(self.start, self.end))?
+        (!self.protocol.has_ports()).then(|| IcmpTypes::from_range(self.start, self.end))?
     }
 }
 

@@ -11,6 +11,7 @@ fn undo_takes_a_change_back_exactly() {
     let mut s = State::default();
     s.add_endpoint(Endpoint {
         ip: Ipv4Addr::new(10, 255, 0, 1),
+        ipv6: None,
         app: "web".into(),
         ifname: "hv0".into(),
         netns: None,
@@ -37,6 +38,7 @@ fn undo_takes_a_change_back_exactly() {
     let ip = Ipv4Addr::new(10, 255, 0, 1);
     let moved = Endpoint {
         ip,
+        ipv6: None,
         app: "fresh".into(),
         ifname: "hv0".into(),
         netns: None,
@@ -150,6 +152,7 @@ fn endpoints_keep_their_app_tagged() {
     let mut s = State::default();
     let ep = Endpoint {
         ip: Ipv4Addr::new(10, 255, 0, 1),
+        ipv6: None,
         app: "web".into(),
         ifname: "hv0".into(),
         netns: None,
@@ -186,6 +189,7 @@ fn state_round_trips_through_json() {
     s.add_policies(&[policy("a", "b", Protocol::Tcp, 80, 90)], None).unwrap();
     s.add_endpoint(Endpoint {
         ip: Ipv4Addr::new(10, 0, 0, 1),
+        ipv6: None,
         app: "b".into(),
         ifname: "v".into(),
         netns: Some("/run/netns/x".into()),

@@ -128,7 +128,7 @@ pub fn parse_port_range(field: &str, text: &str) -> Result<(u16, u16), Invalid> 
 /// Parses a policy's protocol name.
 pub fn parse_protocol(field: &str, text: &str) -> Result<Protocol, Invalid> {
     Protocol::parse(text)
-        .ok_or_else(|| Invalid::new(field, format!("{text:?} is not tcp, udp or icmp")))
+        .ok_or_else(|| Invalid::new(field, format!("{text:?} is not tcp, udp, icmp or icmpv6")))
 }
 
 /// Parses a transport protocol name (tcp or udp: NetIn mappings).

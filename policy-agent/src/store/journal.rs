@@ -577,6 +577,7 @@ mod tests {
         write(&mut store, &mut state, 1..(COMPACT_EVERY as u16 + 50));
         let endpoint = Endpoint {
             ip: Ipv4Addr::new(10, 0, 0, 1),
+            ipv6: None,
             app: "b".into(),
             ifname: "v".into(),
             netns: None,

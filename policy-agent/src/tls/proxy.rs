@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     fs::{self, File},
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, RwLock,
@@ -50,6 +50,9 @@ impl ResolvesServerCert for CurrentCert {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Wanted {
     app: String,
+    /// The instance's IPv6 address (dual stack): a second listener, and a
+    /// second SAN.
+    ipv6: Option<Ipv6Addr>,
     netns: PathBuf,
     hostnames: Vec<String>,
     app_port: u16,
@@ -138,12 +141,12 @@ impl TlsProxies {
 
     /// Writes the instance's identity and port mapping where the container
     /// can read them (each file replaced whole; the key mode 0600).
-    fn write_instance(&self, ip: Ipv4Addr, app: &str, app_port: u16) -> Result<(), TlsError> {
+    fn write_instance(&self, ip: Ipv4Addr, want: &Wanted) -> Result<(), TlsError> {
         let dir = &self.instances_dir;
         fs::create_dir_all(dir).map_err(io("create", dir))?;
-        let identity = self.ca.issue_identity(app, ip)?;
+        let identity = self.ca.issue_identity(&want.app, ip, want.ipv6)?;
         let (cert, key) = self.identity_files(ip);
-        let ports = instance_ports(ip, app_port, (&cert, &key)).to_string();
+        let ports = instance_ports(ip, want.app_port, (&cert, &key)).to_string();
         for (path, text, mode) in [
             (&key, &identity.key_pem, 0o600),
             (&cert, &identity.cert_pem, 0o644),
@@ -182,6 +185,7 @@ impl TlsProxies {
                     e.ip,
                     Wanted {
                         app: e.app.clone(),
+                        ipv6: e.ipv6,
                         netns: e.netns.clone()?,
                         hostnames: routes_of.get(e.app.as_str()).cloned().unwrap_or_default(),
                         app_port: state.tls_front(&e.app)?.app_port,
@@ -208,6 +212,7 @@ impl TlsProxies {
             let keep = wanted.get(ip).is_some_and(|w| {
                 w.netns == r.wanted.netns
                     && w.app == r.wanted.app
+                    && w.ipv6 == r.wanted.ipv6
                     && w.app_port == r.wanted.app_port
                     && w.client_auth == r.wanted.client_auth
             });
@@ -221,7 +226,7 @@ impl TlsProxies {
         for (ip, want) in wanted {
             if let Some(r) = running.get_mut(&ip) {
                 if r.wanted.hostnames != want.hostnames {
-                    match self.ca.issue(&want.app, &want.hostnames, ip) {
+                    match self.ca.issue(&want.app, &want.hostnames, ip, want.ipv6) {
                         Ok(cert) => {
                             *r.cert.0.write().unwrap_or_else(|p| p.into_inner()) = cert;
                             info!(%ip, app = want.app, names = ?want.hostnames, "certificate re-issued");
@@ -234,7 +239,7 @@ impl TlsProxies {
             }
             match self.start(ip, &want) {
                 Ok(r) => {
-                    if let Err(e) = self.write_instance(ip, &want.app, want.app_port) {
+                    if let Err(e) = self.write_instance(ip, &want) {
                         warn!(%ip, error = %e, "cannot write the instance's identity and ports");
                     }
                     running.insert(ip, r);
@@ -252,8 +257,12 @@ impl TlsProxies {
         let ns = Arc::new(crate::netns::open(&want.netns).map_err(|e| {
             io("open", &want.netns)(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
         })?);
-        let cert =
-            Arc::new(CurrentCert(RwLock::new(self.ca.issue(&want.app, &want.hostnames, ip)?)));
+        let cert = Arc::new(CurrentCert(RwLock::new(self.ca.issue(
+            &want.app,
+            &want.hostnames,
+            ip,
+            want.ipv6,
+        )?)));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder =
             ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
@@ -268,22 +277,40 @@ impl TlsProxies {
         };
         let config = builder.with_cert_resolver(cert.clone());
         let acceptor = TlsAcceptor::from(Arc::new(config));
+        // The IPv4 address's listener, and the IPv6 address's on a dual-stack
+        // network; both forward to the app over IPv4 (where every app
+        // listens).
         let listen = SocketAddr::from((ip, TLS_PORT));
-        let listener = crate::netns::run_in(&ns, || {
-            let l = std::net::TcpListener::bind(listen)?;
-            l.set_nonblocking(true)?;
-            Ok(l)
+        let listen6 = want.ipv6.map(|a| SocketAddr::from((a, TLS_PORT)));
+        let listeners = crate::netns::run_in(&ns, || {
+            let bind = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+                let l = std::net::TcpListener::bind(addr)?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            };
+            Ok::<_, std::io::Error>((bind(listen)?, listen6.map(bind).transpose()?))
         })
         .map_err(io("listen in", &want.netns))?;
         let listener =
-            tokio::net::TcpListener::from_std(listener).map_err(io("listen in", &want.netns))?;
+            tokio::net::TcpListener::from_std(listeners.0).map_err(io("listen in", &want.netns))?;
+        let listener6 = listeners
+            .1
+            .map(tokio::net::TcpListener::from_std)
+            .transpose()
+            .map_err(io("listen in", &want.netns))?;
         let (netns, upstream) = (ns.clone(), SocketAddr::from((ip, want.app_port)));
         let http = want.client_auth;
         let gate = Gate::new("tls", self.connections.0, self.connections.1);
         let task = tokio::spawn(async move {
             let mut backoff = Backoff::default();
             loop {
-                let accepted = listener.accept().await;
+                let accepted = match &listener6 {
+                    None => listener.accept().await,
+                    Some(listener6) => tokio::select! {
+                        a = listener.accept() => a,
+                        a = listener6.accept() => a,
+                    },
+                };
                 let Some((client, peer)) = backoff.accepted("tls", accepted).await else {
                     continue;
                 };
@@ -320,14 +347,14 @@ impl TlsProxies {
         let mut listeners = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         for (ip, r) in listeners.by_ip.iter_mut().filter(|(_, r)| r.renew_at <= now) {
-            match self.ca.issue(&r.wanted.app, &r.wanted.hostnames, *ip) {
+            match self.ca.issue(&r.wanted.app, &r.wanted.hostnames, *ip, r.wanted.ipv6) {
                 Ok(cert) => *r.cert.0.write().unwrap_or_else(|p| p.into_inner()) = cert,
                 Err(e) => {
                     warn!(%ip, error = %e, "cannot re-issue the certificate; trying again");
                     continue;
                 }
             }
-            if let Err(e) = self.write_instance(*ip, &r.wanted.app, r.wanted.app_port) {
+            if let Err(e) = self.write_instance(*ip, &r.wanted) {
                 warn!(%ip, error = %e, "cannot re-issue the instance identity; trying again");
                 continue;
             }

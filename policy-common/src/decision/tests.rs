@@ -7,6 +7,22 @@ use crate::maps::{FragmentKey, proto};
 use crate::packet::{icmp_port, parse_ethernet, parse_ipv4};
 use crate::ports::Allowance;
 
+/// What the kernel programs do with a decision's `CONNTRACK` change.
+fn apply_to<A: Family + Eq + std::hash::Hash>(
+    conns: &mut HashMap<ConnKey<A>, Conn>,
+    update: ConnUpdate<A>,
+) {
+    match update.kind {
+        conn_update::INSERT => {
+            conns.insert(update.key, update.conn);
+        }
+        conn_update::REMOVE => {
+            conns.remove(&update.key);
+        }
+        _ => {}
+    }
+}
+
 /// In-memory maps, applying decisions the way the kernel program does.
 #[derive(Default)]
 struct MemLookups {
@@ -84,18 +100,10 @@ impl MemLookups {
                 "{spec:?}: {decision:?}"
             );
             assert_eq!(decision.policy_id, conn.policy_id, "{spec:?}");
-            assert_eq!((decision.conn, decision.record_fragment), (ConnUpdate::None, None));
+            assert_eq!((decision.conn, decision.record_fragment), (ConnUpdate::none(), None));
             self.tracked_hits += 1;
         }
-        match decision.conn {
-            ConnUpdate::None => {}
-            ConnUpdate::Insert(k, v) => {
-                self.conns.insert(k, v);
-            }
-            ConnUpdate::Remove(k) => {
-                self.conns.remove(&k);
-            }
-        }
+        apply_to(&mut self.conns, decision.conn);
         if let Some(f) = decision.record_fragment {
             self.fragments.insert(f);
         }
@@ -380,7 +388,7 @@ fn connections_to_other_hosts_are_tracked_where_they_leave() {
     let mut t = MemLookups::with_endpoints();
     let parsed =
         |src, dst| parse_ethernet(PacketSpec::tcp(src, dst, 40000, 8080).frame().as_slice());
-    let none = Outgoing { conn: ConnUpdate::None, denied: false };
+    let none = Outgoing { conn: ConnUpdate::none(), denied: false };
     // To a local endpoint or an unknown address: the destination side decides.
     assert_eq!(track_outgoing(&t, &parsed(A, B)), none);
     assert_eq!(track_outgoing(&t, &parsed(A, R)), none);
@@ -389,7 +397,7 @@ fn connections_to_other_hosts_are_tracked_where_they_leave() {
     t.endpoints
         .insert(addr(R), EndpointValue { tag: 2, flags: crate::maps::endpoint_flags::REMOTE });
     let denied = track_outgoing(&t, &parsed(A, R));
-    assert_eq!(denied, Outgoing { conn: ConnUpdate::None, denied: true }, "no policy");
+    assert_eq!(denied, Outgoing { conn: ConnUpdate::none(), denied: true }, "no policy");
     // A reject's entry does not count as tracked: still denied.
     let frame = PacketSpec::tcp(A, R, 40000, 8080).frame();
     let Parsed::Flow { flow, .. } = parse_ethernet(frame.as_slice()) else { panic!() };
@@ -397,17 +405,15 @@ fn connections_to_other_hosts_are_tracked_where_they_leave() {
     t.conns.insert(key, conn);
     assert!(track_outgoing(&t, &parsed(A, R)).denied);
     t.allow(1, 2, proto::TCP, 8080, 8080, 4);
-    let Outgoing { conn: ConnUpdate::Insert(key, conn), denied: false } =
-        track_outgoing(&t, &parsed(A, R))
-    else {
-        panic!("not tracked")
-    };
+    let outgoing = track_outgoing(&t, &parsed(A, R));
+    assert!(outgoing.conn.kind == conn_update::INSERT && !outgoing.denied, "not tracked");
+    let (key, conn) = (outgoing.conn.key, outgoing.conn.conn);
     assert_eq!((conn.epoch, conn.policy_id), (t.epoch, 4));
     t.conns.insert(key, conn);
     assert_eq!(track_outgoing(&t, &parsed(A, R)), none);
     // The other end's connections are never recorded from this side.
     let from_server = parse_ethernet(PacketSpec::tcp(B, R, 8080, 40000).frame().as_slice());
-    assert_eq!(track_outgoing(&t, &from_server).conn, ConnUpdate::None);
+    assert_eq!(track_outgoing(&t, &from_server).conn, ConnUpdate::none());
     // Its reply is let in as a reply while a policy allows the opening flow.
     assert_eq!(t.deliver(&PacketSpec::tcp(R, A, 8080, 40000)), Verdict::Pass(Reason::Reply));
 }
@@ -481,6 +487,7 @@ mod ipv6 {
     use std::collections::{HashMap, HashSet};
 
     use super::super::*;
+    use super::apply_to;
     use crate::craft::{icmp_header, ipv6_frame, l4_header};
     use crate::maps::{FragmentKey6, Ipv6Key, proto};
     use crate::packet::{MAX_EXTENSION_HEADERS, icmp_port, parse_ethernet6};
@@ -535,15 +542,7 @@ mod ipv6 {
         fn deliver(&mut self, frame: &[u8]) -> Verdict {
             let parsed = parse_ethernet6(frame);
             let decision = decide_destination(self, &parsed);
-            match decision.conn {
-                ConnUpdate::Insert(k, v) => {
-                    self.conns.insert(k, v);
-                }
-                ConnUpdate::Remove(k) => {
-                    self.conns.remove(&k);
-                }
-                ConnUpdate::None => {}
-            }
+            apply_to(&mut self.conns, decision.conn);
             if let Some(f) = decision.record_fragment {
                 self.fragments.insert(f);
             }
