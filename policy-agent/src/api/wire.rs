@@ -615,4 +615,35 @@ mod tests {
         let single = json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "udp", "port": 53}}]});
         assert_eq!(parse_policies(&single).unwrap()[0].start, 53);
     }
+
+    #[test]
+    fn endpoint_addresses_take_one_per_family_and_need_ipv4() {
+        let parse = |v: Value| parse_endpoint(&v).map(|e| (e.ip, e.ipv6));
+        let base = |ips: Value| json!({"app": "a", "ifname": "hv0", "ips": ips});
+        let v4: Ipv4Addr = "10.255.0.2".parse().unwrap();
+        let v6: Ipv6Addr = "fd00:255::2".parse().unwrap();
+        assert_eq!(parse(json!({"app": "a", "ifname": "hv0", "ip": "10.255.0.2"})), Ok((v4, None)));
+        assert_eq!(parse(base(json!(["fd00:255::2", "10.255.0.2"]))), Ok((v4, Some(v6))));
+        // `ip` and `ips` together; the same address twice is one.
+        let both = json!({"app": "a", "ifname": "hv0", "ip": "10.255.0.2", "ips": ["fd00:255::2", "10.255.0.2"]});
+        assert_eq!(parse(both), Ok((v4, Some(v6))));
+        for (ips, field, says) in [
+            (json!(["fd00:255::2"]), "ip", "needs an IPv4 address"),
+            (json!(["10.255.0.2", "10.255.0.3"]), "ips[1]", "one per family"),
+            (json!(["10.255.0.2", "fd00::1", "fd00::2"]), "ips[2]", "one per family"),
+            (json!(["10.255.0.2", "fe80::1"]), "ips[1]", "link-local"),
+            (json!(["10.255.0.2", "ff02::1"]), "ips[1]", "multicast"),
+            (json!(["10.255.0.2", "::"]), "ips[1]", "unspecified"),
+            (json!(["10.255.0.2", "::ffff:10.0.0.1"]), "ips[1]", "IPv4-mapped"),
+            (json!(["10.255.0.2", "nope"]), "ips[1]", "not an IP address"),
+            (json!(["10.255.0.2", 7]), "ips[1]", "must be a string"),
+            (json!("10.255.0.2"), "ips", "must be a list"),
+        ] {
+            let err = parse(base(ips.clone())).unwrap_err();
+            assert_eq!(err.field, field, "{ips}: {err}");
+            assert!(err.reason.contains(says), "{ips}: {err}");
+        }
+        let err = parse(json!({"app": "a", "ifname": "hv0"})).unwrap_err();
+        assert_eq!((err.field.as_str(), err.reason.as_str()), ("ip", "missing"));
+    }
 }
