@@ -5,7 +5,7 @@
 
 use std::{
     fs::File,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use futures_util::TryStreamExt as _;
@@ -45,6 +45,23 @@ fn connect(ns: Option<&File>) -> Result<Handle> {
 /// A link's index and MAC, if it exists.
 async fn find(handle: &Handle, name: &str) -> Result<Option<(u32, [u8; 6])>> {
     policy_agent::cluster::overlay::find_link(handle, name).await.map_err(netlink("look up a link"))
+}
+
+/// The host-side veth's index and MAC.
+async fn host_side(host: &Handle, host_ifname: &str) -> Result<(u32, [u8; 6])> {
+    find(host, host_ifname)
+        .await?
+        .ok_or_else(|| CniError::new(code::IO_FAILURE, "the host-side veth vanished"))
+}
+
+async fn add_address(
+    handle: &Handle,
+    index: u32,
+    addr: IpAddr,
+    prefix: u8,
+    what: &'static str,
+) -> Result<()> {
+    handle.address().add(index, addr, prefix).execute().await.map_err(netlink(what))
 }
 
 /// Creates the pair and configures both sides. On error the caller removes
@@ -110,12 +127,7 @@ pub async fn create(
         .execute()
         .await
         .map_err(netlink("bring the container's interface up"))?;
-    inside
-        .address()
-        .add(index, IpAddr::V4(ip), 32)
-        .execute()
-        .await
-        .map_err(netlink("address the container's interface"))?;
+    add_address(&inside, index, IpAddr::V4(ip), 32, "address the container's interface").await?;
     let to_gateway = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(gateway, 32)
         .output_interface(index)
@@ -127,14 +139,15 @@ pub async fn create(
     inside.route().add(default).execute().await.map_err(netlink("add the default route"))?;
 
     // The host side.
-    let (host_index, host_mac) = find(&host, host_ifname)
-        .await?
-        .ok_or_else(|| CniError::new(code::IO_FAILURE, "the host-side veth vanished"))?;
-    host.address()
-        .add(host_index, IpAddr::V4(gateway), 32)
-        .execute()
-        .await
-        .map_err(netlink("put the gateway address on the host side"))?;
+    let (host_index, host_mac) = host_side(&host, host_ifname).await?;
+    add_address(
+        &host,
+        host_index,
+        IpAddr::V4(gateway),
+        32,
+        "put the gateway address on the host side",
+    )
+    .await?;
     host.link()
         .set(LinkUnspec::new_with_index(host_index).up().build())
         .execute()
@@ -152,6 +165,55 @@ pub async fn create(
         .await
         .map_err(netlink("route to the container"))?;
     Ok(Plumbing { host_mac, container_mac })
+}
+
+/// The IPv6 gateway of dual-stack containers: link-local, on every
+/// host-side veth.
+pub const GATEWAY6: &str = "fe80::1";
+
+/// Dual stack: `ip6`/128 on the container's interface with a default route
+/// via [`GATEWAY6`], the gateway on the host side and a /128 route to the
+/// container. Duplicate address detection is off on both ends (the
+/// addresses are the plugin's to give; with it on they would not work for
+/// the first second).
+pub async fn add_ipv6(host_ifname: &str, ifname: &str, ns: &File, ip6: Ipv6Addr) -> Result<()> {
+    let gateway: Ipv6Addr = GATEWAY6.parse().expect("a valid address");
+    let no_dad =
+        |name: &str| std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/accept_dad"), "0");
+    policy_agent::netns::run_in(ns, || no_dad(ifname))
+        .map_err(|e| CniError::io("cannot turn off IPv6 DAD in the container", e))?;
+    no_dad(host_ifname)
+        .map_err(|e| CniError::io("cannot turn off IPv6 DAD on the host side", e))?;
+    let inside = connect(Some(ns))?;
+    let (index, _) = find(&inside, ifname)
+        .await?
+        .ok_or_else(|| CniError::new(code::IO_FAILURE, "the container's interface vanished"))?;
+    add_address(&inside, index, IpAddr::V6(ip6), 128, "give the container its IPv6 address")
+        .await?;
+    let default =
+        RouteMessageBuilder::<Ipv6Addr>::new().gateway(gateway).output_interface(index).build();
+    inside.route().add(default).execute().await.map_err(netlink("add the IPv6 default route"))?;
+    let host = connect(None)?;
+    let (host_index, _) = host_side(&host, host_ifname).await?;
+    add_address(
+        &host,
+        host_index,
+        IpAddr::V6(gateway),
+        64,
+        "put the IPv6 gateway on the host side",
+    )
+    .await?;
+    let to_container = RouteMessageBuilder::<Ipv6Addr>::new()
+        .destination_prefix(ip6, 128)
+        .output_interface(host_index)
+        .build();
+    host.route()
+        .add(to_container)
+        .replace()
+        .execute()
+        .await
+        .map_err(netlink("route to the container's IPv6 address"))?;
+    Ok(())
 }
 
 /// Deletes the host side (the pair goes with it); false if it was not there.

@@ -15,7 +15,11 @@ mod error;
 mod ipam;
 mod link;
 
-use std::{collections::BTreeSet, io::Read as _, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    io::Read as _,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use policy_agent::client::Client;
 use serde_json::{Value, json};
@@ -133,19 +137,26 @@ async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
         CniError::new(code::INVALID_CONFIG, format!("app id {app:?}: {}", e.reason))
     })?;
     let (subnet, mtu) = addressing(conf)?;
+    let prefix6 = conf.ipv6_prefix.as_deref().map(config::parse_ipv6_prefix).transpose()?;
     let taken = registered(conf)?;
     let host_ifname = env.host_ifname();
     let mut leases = Leases::open(&conf.lease_dir())?;
     let ip = leases.reserve(&env.container_id, &env.ifname, subnet, &taken)?;
+    let ip6 = prefix6.map(|p| config::ipv6_of(p, ip));
     let made = async {
         // Containers route through the host, as the reference ptp plugin
         // and silk arrange.
-        enable_forwarding()?;
+        enable_forwarding(ip6.is_some())?;
         let plumbing = link::create(&host_ifname, &env.ifname, &ns, ip, GATEWAY, mtu).await?;
+        if let Some(ip6) = ip6 {
+            link::add_ipv6(&host_ifname, &env.ifname, &ns, ip6).await?;
+        }
+        let ips: Vec<String> =
+            std::iter::once(ip.to_string()).chain(ip6.map(|a| a.to_string())).collect();
         // NetIn: the agent takes garden's keys and the CNI convention's.
         let endpoint = json!({
             "app": app,
-            "ip": ip.to_string(),
+            "ips": ips,
             "ifname": host_ifname,
             "netns": netns_path,
             "port_mappings": conf.runtime_config.port_mappings,
@@ -168,15 +179,23 @@ async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
             return Err(e);
         }
     };
-    Ok(result(conf, env, &host_ifname, ip, &plumbing))
+    Ok(result(conf, env, &host_ifname, ip, ip6, &plumbing))
 }
 
-fn enable_forwarding() -> Result<()> {
-    let path = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
-        return Ok(());
+/// IPv4 forwarding, and IPv6's for dual-stack containers.
+fn enable_forwarding(ipv6: bool) -> Result<()> {
+    let mut paths = vec![("/proc/sys/net/ipv4/ip_forward", "IPv4")];
+    if ipv6 {
+        paths.push(("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6"));
     }
-    std::fs::write(path, "1").map_err(|e| CniError::io("cannot enable IPv4 forwarding", e))
+    for (path, family) in paths {
+        if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
+            continue;
+        }
+        std::fs::write(path, "1")
+            .map_err(|e| CniError::io(format!("cannot enable {family} forwarding"), e))?;
+    }
+    Ok(())
 }
 
 fn mac(m: &[u8; 6]) -> String {
@@ -184,12 +203,30 @@ fn mac(m: &[u8; 6]) -> String {
 }
 
 /// The ADD result, in the shape of the configuration's spec version.
-fn result(conf: &NetConf, env: &Env, host_ifname: &str, ip: Ipv4Addr, p: &link::Plumbing) -> Value {
+fn result(
+    conf: &NetConf,
+    env: &Env,
+    host_ifname: &str,
+    ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
+    p: &link::Plumbing,
+) -> Value {
     let old = conf.cni_version.starts_with("0.");
     let mut address =
         json!({"address": format!("{ip}/32"), "gateway": GATEWAY.to_string(), "interface": 1});
     if old {
         address["version"] = json!("4");
+    }
+    let mut ips = vec![address];
+    let mut routes = vec![json!({"dst": "0.0.0.0/0", "gw": GATEWAY.to_string()})];
+    if let Some(ip6) = ip6 {
+        let mut address6 =
+            json!({"address": format!("{ip6}/128"), "gateway": link::GATEWAY6, "interface": 1});
+        if old {
+            address6["version"] = json!("6");
+        }
+        ips.push(address6);
+        routes.push(json!({"dst": "::/0", "gw": link::GATEWAY6}));
     }
     json!({
         "cniVersion": conf.cni_version,
@@ -197,8 +234,8 @@ fn result(conf: &NetConf, env: &Env, host_ifname: &str, ip: Ipv4Addr, p: &link::
             {"name": host_ifname, "mac": mac(&p.host_mac)},
             {"name": env.ifname, "mac": mac(&p.container_mac), "sandbox": env.netns},
         ],
-        "ips": [address],
-        "routes": [{"dst": "0.0.0.0/0", "gw": GATEWAY.to_string()}],
+        "ips": ips,
+        "routes": routes,
         "dns": {"nameservers": conf.dns_servers},
     })
 }

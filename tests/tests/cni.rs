@@ -187,6 +187,61 @@ fn garden_style_add_check_del_with_real_traffic() {
 }
 
 #[test]
+fn dual_stack_containers_get_an_ipv6_address_policed_like_their_ipv4_one() {
+    require_root();
+    let (host, daemon) = host_with_agent("");
+    let namespaces = [
+        NetNs::new(integration_tests::unique_name("c")),
+        NetNs::new(integration_tests::unique_name("c")),
+    ];
+    let dual = |app: &str| {
+        let mut c = config(&daemon, "1.0.0", Some(app));
+        c["ipv6_prefix"] = json!("fd00:255::/96");
+        c
+    };
+    let mut ips6 = Vec::new();
+    for (i, (ns, app)) in namespaces.iter().zip(["frontend", "backend"]).enumerate() {
+        let added =
+            run_plugin(&host, "ADD", &format!("dual-{i}"), Some(&ns.path()), "eth0", &dual(app));
+        assert!(added.ok, "{} {}", added.out, added.stderr);
+        // The IPv6 address is the prefix with the IPv4 address in its last
+        // 32 bits, a /128 via fe80::1.
+        let ip = result_ip(&added.out);
+        let ip6: std::net::Ipv6Addr = format!("fd00:255::{ip}").parse().unwrap();
+        assert_eq!(added.out["ips"][1]["address"], format!("{ip6}/128"), "{}", added.out);
+        assert_eq!(added.out["ips"][1]["gateway"], "fe80::1");
+        assert!(
+            added.out["routes"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"dst": "::/0", "gw": "fe80::1"}))
+        );
+        let listed = endpoints(&daemon);
+        let entry = listed.iter().find(|e| e["ip"] == ip.to_string()).expect("registered");
+        assert_eq!(entry["ips"], json!([ip.to_string(), ip6.to_string()]));
+        ips6.push(ip6);
+    }
+    let (front, back) = (&namespaces[0], &namespaces[1]);
+    tcp_echo_server(back, ips6[1], 8080);
+    assert!(!tcp_echo_works(front, ips6[1], 8080, SHORT), "default deny on IPv6");
+    daemon.allow("frontend", "backend", "tcp", "8080");
+    assert!(tcp_echo_works(front, ips6[1], 8080, LONG), "the policy allows IPv6 too");
+    assert!(!tcp_echo_works(back, ips6[0], 8080, SHORT), "not the reverse");
+    // A bad prefix is refused before anything is made.
+    let mut bad = dual("frontend");
+    bad["ipv6_prefix"] = json!("fd00:255::/64");
+    let extra = NetNs::new(integration_tests::unique_name("c"));
+    let refused = run_plugin(&host, "ADD", "dual-bad", Some(&extra.path()), "eth0", &bad);
+    assert_failed(&refused, 7, "/96");
+    for (i, ns) in namespaces.iter().enumerate() {
+        let del =
+            run_plugin(&host, "DEL", &format!("dual-{i}"), Some(&ns.path()), "eth0", &dual("x"));
+        assert!(del.ok, "{} {}", del.out, del.stderr);
+    }
+    assert_nothing_left(&daemon, &host);
+}
+
+#[test]
 fn failures_name_the_problem_and_leave_nothing_behind() {
     require_root();
     let (host, mut daemon) = host_with_agent("");
