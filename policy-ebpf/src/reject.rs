@@ -157,16 +157,13 @@ fn headers(ctx: &TcContext, out: &mut [u8], protocol: u8, total_len: u16) -> Opt
     Some(ip)
 }
 
-/// RFC 9293 3.10.7.1: to a segment with ACK, a RST with its acknowledgment
-/// number as sequence number; to one without, a RST+ACK acknowledging it.
+/// The RST answering TCP header `tcp` (checksum 0) of a segment whose TCP
+/// header and payload are `tcp_len` bytes: RFC 9293 3.10.7.1, to a segment
+/// with ACK a RST with its acknowledgment number as sequence number, to one
+/// without a RST+ACK acknowledging it. Both families.
 #[inline(always)]
-fn tcp_reset(ctx: &TcContext) -> Option<()> {
-    let mut out = [0u8; RST_LEN];
-    let tcp: [u8; 20] = ctx.load(ETH_HLEN + IP_HLEN).ok()?;
-    let ip = headers(ctx, &mut out, proto::TCP, (IP_HLEN + 20) as u16)?;
-    let total_len = u32::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let header_len = u32::from(tcp[12] >> 4) * 4;
-    let payload = total_len.saturating_sub(IP_HLEN as u32 + header_len);
+fn rst_header(tcp: &[u8; 20], tcp_len: u32) -> [u8; 20] {
+    let payload = tcp_len.saturating_sub(u32::from(tcp[12] >> 4) * 4);
     let flags = tcp[13];
     let (seq, ack, out_flags) = if flags & TCP_ACK != 0 {
         (u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]), 0, TCP_RST)
@@ -179,10 +176,21 @@ fn tcp_reset(ctx: &TcContext) -> Option<()> {
         (0, ack, TCP_RST | TCP_ACK)
     };
     let (s, a) = (seq.to_be_bytes(), ack.to_be_bytes());
-    let mut rst = [
+    [
         tcp[2], tcp[3], tcp[0], tcp[1], s[0], s[1], s[2], s[3], a[0], a[1], a[2], a[3], 0x50,
         out_flags, 0, 0, 0, 0, 0, 0,
-    ];
+    ]
+}
+
+/// RFC 9293 3.10.7.1: to a segment with ACK, a RST with its acknowledgment
+/// number as sequence number; to one without, a RST+ACK acknowledging it.
+#[inline(always)]
+fn tcp_reset(ctx: &TcContext) -> Option<()> {
+    let mut out = [0u8; RST_LEN];
+    let tcp: [u8; 20] = ctx.load(ETH_HLEN + IP_HLEN).ok()?;
+    let ip = headers(ctx, &mut out, proto::TCP, (IP_HLEN + 20) as u16)?;
+    let total_len = u32::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let mut rst = rst_header(&tcp, total_len.saturating_sub(IP_HLEN as u32));
     // Pseudo header: the answer's addresses, protocol, TCP length.
     let pseudo = add_words(&out[ETH_HLEN + 12..ETH_HLEN + 20], u32::from(proto::TCP) + 20);
     let check = fold(add_words(&rst, pseudo));
@@ -368,25 +376,8 @@ fn tcp_reset6(ctx: &TcContext) -> Option<()> {
     let buf = answer_buffer()?;
     headers6(ctx, buf, proto::TCP, 20)?;
     let payload_len = u32::from(u16::from_be_bytes([len_hi, len_lo]));
-    let header_len = u32::from(tcp[12] >> 4) * 4;
-    let payload = payload_len.saturating_sub(header_len);
-    let flags = tcp[13];
-    let (seq, ack, out_flags) = if flags & TCP_ACK != 0 {
-        (u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]), 0, TCP_RST)
-    } else {
-        let seq_in = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-        let ack = seq_in
-            .wrapping_add(payload)
-            .wrapping_add(u32::from(flags & TCP_SYN != 0))
-            .wrapping_add(u32::from(flags & TCP_FIN != 0));
-        (0, ack, TCP_RST | TCP_ACK)
-    };
-    let (s, a) = (seq.to_be_bytes(), ack.to_be_bytes());
     let at = ETH_HLEN + IP6_HLEN;
-    buf[at..at + 20].copy_from_slice(&[
-        tcp[2], tcp[3], tcp[0], tcp[1], s[0], s[1], s[2], s[3], a[0], a[1], a[2], a[3], 0x50,
-        out_flags, 0, 0, 0, 0, 0, 0,
-    ]);
+    buf[at..at + 20].copy_from_slice(&rst_header(&tcp, payload_len));
     let check = fold(add_words(&buf[at..at + 20], pseudo6(buf, 20, proto::TCP)));
     buf[at + 16] = check[0];
     buf[at + 17] = check[1];
