@@ -2,11 +2,12 @@
 //! (through the same decision function the programs run) and named with the
 //! agent's state.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::net::IpAddr;
 
 use policy_common::{
     decision::{Check, Lookups, check_flow},
-    maps::{Conn, ConnKey, EndpointValue, FragmentKey, PairKey, PortRules},
+    family::Family,
+    maps::{Conn, ConnKey, EndpointValue, Ipv6Key, PairKey, PortRules},
     packet::Flow,
 };
 use serde_json::{Value, json};
@@ -19,41 +20,77 @@ use crate::{
 };
 
 /// The entries of the kernel maps one flow's check reads, fetched once.
-struct Snapshot {
-    endpoints: HashMap<u32, EndpointValue>,
+struct Snapshot<A> {
+    endpoints: Vec<(A, EndpointValue)>,
     rules: Option<PortRules>,
 }
 
-impl Lookups for Snapshot {
-    fn endpoint(&self, addr: u32) -> Option<EndpointValue> {
-        self.endpoints.get(&addr).copied()
+impl<A: Family> Lookups<A> for Snapshot<A> {
+    fn endpoint(&self, addr: A) -> Option<EndpointValue> {
+        self.endpoints.iter().find(|(a, _)| *a == addr).map(|(_, ep)| *ep)
     }
     fn port_rules(&self, _key: &PairKey) -> Option<&PortRules> {
         self.rules.as_ref()
     }
-    fn conn(&self, _key: &ConnKey) -> Option<Conn> {
+    fn conn(&self, _key: &ConnKey<A>) -> Option<Conn> {
         None
     }
     fn epoch(&self) -> u32 {
         0
     }
-    fn fragment_allowed(&self, _key: &FragmentKey) -> bool {
+    fn fragment_allowed(&self, _key: &A::Fragment) -> bool {
         false
     }
 }
 
-/// What a flow meets, step by step, and its verdict.
+/// An address as the programs key it (the IPv4 or the IPv6 maps).
+fn key<A: From<IpKey>>(ip: IpAddr) -> A {
+    A::from(IpKey(ip))
+}
+
+/// Conversion of an [`IpAddr`] to a family's map key; the caller has
+/// checked the family.
+struct IpKey(IpAddr);
+
+impl From<IpKey> for u32 {
+    fn from(IpKey(ip): IpKey) -> u32 {
+        match ip {
+            IpAddr::V4(v4) => u32::from_ne_bytes(v4.octets()),
+            IpAddr::V6(_) => 0,
+        }
+    }
+}
+
+impl From<IpKey> for Ipv6Key {
+    fn from(IpKey(ip): IpKey) -> Ipv6Key {
+        match ip {
+            IpAddr::V6(v6) => Ipv6Key::from_octets(v6.octets()),
+            IpAddr::V4(_) => Ipv6Key::default(),
+        }
+    }
+}
+
+/// What a flow meets, step by step, and its verdict. The query's addresses
+/// are of one family (the API checks it); IPv6 flows are checked against
+/// the IPv6 maps with the same decision.
 pub fn explain(maps: &Maps, state: &State, query: &FlowQuery) -> Value {
+    if query.src.is_ipv6() {
+        explain_in::<Ipv6Key>(maps, state, query)
+    } else {
+        explain_in::<u32>(maps, state, query)
+    }
+}
+
+fn explain_in<A: Family + From<IpKey>>(maps: &Maps, state: &State, query: &FlowQuery) -> Value {
     let FlowQuery { src, dst, protocol, port, from } = *query;
-    let key = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
-    let (src_ep, dst_ep) = (maps.endpoint(src), maps.endpoint(dst));
-    let app_of = |ip: Ipv4Addr, ep: Option<EndpointValue>| {
-        state.endpoint(ip).map(|e| e.app.clone()).or_else(|| {
+    let (src_ep, dst_ep) = (maps.endpoint_at(src), maps.endpoint_at(dst));
+    let app_of = |ip: IpAddr, ep: Option<EndpointValue>| {
+        state.endpoint_at(ip).map(|e| e.app.clone()).or_else(|| {
             let tag = ep?.tag;
             state.tags().iter().find(|(_, t)| **t == tag).map(|(a, _)| a.clone())
         })
     };
-    let side = |ip: Ipv4Addr, ep: Option<EndpointValue>| {
+    let side = |ip: IpAddr, ep: Option<EndpointValue>| {
         json!({
             "ip": ip.to_string(),
             "registered": ep.is_some(),
@@ -76,11 +113,11 @@ pub fn explain(maps: &Maps, state: &State, query: &FlowQuery) -> Value {
         format!("type {icmp_type} code {code}")
     };
     let (src_app, dst_app) = (app_of(src, src_ep), app_of(dst, dst_ep));
-    let name = |app: &Option<String>, ip: Ipv4Addr| app.clone().unwrap_or_else(|| ip.to_string());
+    let name = |app: &Option<String>, ip: IpAddr| app.clone().unwrap_or_else(|| ip.to_string());
 
     // 1. Anti-spoofing where the packet leaves its container.
     let sender = from.unwrap_or(src);
-    if let Some(sender_ep) = maps.endpoint(sender) {
+    if let Some(sender_ep) = maps.endpoint_at(sender) {
         if sender != src {
             answer["verdict"] = json!("denied");
             answer["reason"] = json!("spoofed");
@@ -97,20 +134,18 @@ pub fn explain(maps: &Maps, state: &State, query: &FlowQuery) -> Value {
     }
 
     // 2. The destination's policy check, with the programs' own function.
-    let mut endpoints = HashMap::new();
-    for (ip, ep) in [(src, src_ep), (dst, dst_ep)] {
-        if let Some(ep) = ep {
-            endpoints.insert(key(ip), ep);
-        }
-    }
+    let endpoints = [(src, src_ep), (dst, dst_ep)]
+        .into_iter()
+        .filter_map(|(ip, ep)| Some((key::<A>(ip), ep?)))
+        .collect();
     let rules = match (src_ep, dst_ep) {
         (Some(s), Some(d)) => maps.pair_rules(&PairKey::new(s.tag, d.tag, protocol.number())),
         _ => None,
     };
     let snapshot = Snapshot { endpoints, rules };
     let flow = Flow {
-        saddr: key(src),
-        daddr: key(dst),
+        saddr: key::<A>(src),
+        daddr: key::<A>(dst),
         sport: 0,
         dport: port,
         protocol: protocol.number(),

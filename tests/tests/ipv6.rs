@@ -93,6 +93,29 @@ fn one_policy_allows_both_families_and_its_absence_denies_both() {
     assert_eq!(curl(&a.ns, b6, 8080), 200, "the same policy allows IPv6");
     assert_eq!(curl(&c.ns, b6, 8080), -7, "another app is still denied on IPv6");
 
+    // explain answers for IPv6 addresses, from the IPv6 maps.
+    let (a6, c6) = (a.ipv6.unwrap().to_string(), c.ipv6.unwrap().to_string());
+    let b6_text = b6.to_string();
+    let explain = |args: &[&str]| -> Value {
+        let args = [&["explain"], args, &["--json"]].concat();
+        serde_json::from_str(&daemon.cli_ok(&args)).unwrap()
+    };
+    let allowed = explain(&[&a6, &b6_text, "tcp", "8080"]);
+    assert_eq!(allowed["verdict"], "allowed", "{allowed}");
+    assert_eq!(allowed["reason"], "policy", "{allowed}");
+    assert_eq!(allowed["source"]["app"], "frontend", "{allowed}");
+    assert_eq!(allowed["destination"]["ip"], b6_text, "{allowed}");
+    let wrong_port = explain(&[&a6, &b6_text, "tcp", "9000"]);
+    assert_eq!(wrong_port["reason"], "wrong_port", "{wrong_port}");
+    let no_policy = explain(&[&c6, &b6_text, "tcp", "8080"]);
+    assert_eq!(no_policy["reason"], "no_policy", "{no_policy}");
+    let spoofed = explain(&[&c6, &b6_text, "tcp", "8080", "--from", &a6]);
+    assert_eq!(spoofed["reason"], "spoofed", "{spoofed}");
+    let mixed = format!("/v1/explain?src={}&dst={b6_text}&protocol=tcp&port=8080", a.ip);
+    let (status, body) = daemon.curl("GET", &mixed, None);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("dst"), "{body}");
+
     // The endpoint lists both addresses.
     let (_, listed) = daemon.curl("GET", "/v1/endpoints", None);
     let entry = listed["endpoints"]
@@ -138,6 +161,8 @@ fn one_policy_allows_both_families_and_its_absence_denies_both() {
     assert!(!ping(&a.ns, b6), "an icmp policy is not an icmpv6 one");
     icmp("icmpv6", "128");
     assert!(ping(&a.ns, b6), "ping -6 by the icmpv6 policy, reply included");
+    let echo = explain(&[&a6, &b6_text, "icmpv6", "128"]);
+    assert_eq!(echo["verdict"], "allowed", "{echo}");
     assert!(!ping(&b.ns, IpAddr::V6(a.ipv6.unwrap())), "the other way needs its own policy");
 
     // DNS answers AAAA with the instances' IPv6 addresses.

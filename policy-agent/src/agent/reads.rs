@@ -2,7 +2,7 @@
 //! explanations. The API, metrics and the CLI read through these, never
 //! through the kernel handle.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use policy_common::maps::{Overlay, PolicyCounters};
 use serde::Serialize;
@@ -69,12 +69,13 @@ pub struct PolicyStats {
 /// A flow to explain: `src → dst`, `protocol`, destination `port`; `from`
 /// is the endpoint whose veth the packet leaves, if not `src`'s own.
 #[derive(Clone, Copy, Debug)]
+/// Source, destination and sender (`from`) are of one family.
 pub struct FlowQuery {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub protocol: Protocol,
     pub port: u16,
-    pub from: Option<Ipv4Addr>,
+    pub from: Option<IpAddr>,
 }
 
 fn overlay_status(o: Overlay) -> Option<OverlayStatus> {

@@ -1,6 +1,6 @@
 //! Seeing what the dataplane does: status, flow events, explain.
 
-use std::{collections::HashMap, convert::Infallible};
+use std::{collections::HashMap, convert::Infallible, net::IpAddr};
 
 use axum::{
     body::Body,
@@ -11,10 +11,10 @@ use axum::{
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{Api, Reply, failure, invalid, ok, wire, with_agent};
+use super::{Api, Reply, failure, invalid, ok, with_agent};
 use crate::{
     agent::FlowQuery,
-    state::{Invalid, check_icmp_types, check_ports, parse_protocol},
+    state::{Invalid, Protocol, check_icmp_types, check_ports, parse_protocol},
 };
 
 /// `GET /v1/status`.
@@ -87,10 +87,32 @@ pub async fn flows(
 fn parse_flow_query(query: &HashMap<String, String>) -> Result<FlowQuery, Invalid> {
     let required =
         |key: &str| query.get(key).map(String::as_str).ok_or_else(|| Invalid::new(key, "missing"));
-    let src = wire::parse_ip("src", required("src")?)?;
-    let dst = wire::parse_ip("dst", required("dst")?)?;
-    let from = query.get("from").map(|v| wire::parse_ip("from", v)).transpose()?;
+    let address = |key: &str, text: &str| -> Result<IpAddr, Invalid> {
+        text.parse().map_err(|_| Invalid::new(key, format!("{text:?} is not an IP address")))
+    };
+    let src = address("src", required("src")?)?;
+    let dst = address("dst", required("dst")?)?;
+    let from = query.get("from").map(|v| address("from", v)).transpose()?;
+    let family = |ip: &IpAddr| if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    for (key, ip) in [("dst", Some(dst)), ("from", from)] {
+        if let Some(ip) = ip
+            && ip.is_ipv4() != src.is_ipv4()
+        {
+            return Err(Invalid::new(
+                key,
+                format!("{ip} is an {} address but src {src} is {}", family(&ip), family(&src)),
+            ));
+        }
+    }
     let protocol = parse_protocol("protocol", required("protocol")?)?;
+    let wrong_icmp = match protocol {
+        Protocol::Icmp => src.is_ipv6().then_some("icmp is IPv4's; IPv6 flows use icmpv6"),
+        Protocol::Icmpv6 => src.is_ipv4().then_some("icmpv6 is IPv6's; IPv4 flows use icmp"),
+        _ => None,
+    };
+    if let Some(wrong) = wrong_icmp {
+        return Err(Invalid::new("protocol", wrong));
+    }
     let number = |key: &str, text: &str| -> Result<i64, Invalid> {
         text.parse().map_err(|_| Invalid::new(key, format!("{text:?} is not a number")))
     };

@@ -1,6 +1,6 @@
 //! `flows` and `explain`: what the dataplane decided, and why.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use anyhow::{Result, bail};
 use clap::Args;
@@ -74,8 +74,10 @@ impl FlowsArgs {
 
 #[derive(Args)]
 pub struct ExplainArgs {
-    src_ip: Ipv4Addr,
-    dst_ip: Ipv4Addr,
+    /// The source address (IPv4 or IPv6).
+    src_ip: IpAddr,
+    /// The destination address, of the source's family.
+    dst_ip: IpAddr,
     /// tcp, udp, icmp or icmpv6.
     #[arg(value_enum)]
     protocol: Protocol,
@@ -87,7 +89,7 @@ pub struct ExplainArgs {
     /// The endpoint whose veth the packet leaves, if not SRC_IP's own
     /// (explains anti-spoofing drops).
     #[arg(long)]
-    from: Option<Ipv4Addr>,
+    from: Option<IpAddr>,
     /// Print the API's JSON.
     #[arg(long)]
     json: bool,

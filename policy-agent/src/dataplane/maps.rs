@@ -7,7 +7,7 @@
 //! `policy_common::decision::decide_destination`).
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
@@ -241,6 +241,14 @@ impl Maps {
 
     pub fn endpoint(&self, addr: Ipv4Addr) -> Option<EndpointValue> {
         self.endpoints.get(&addr_key(addr), 0).ok()
+    }
+
+    /// The `ENDPOINTS` or `ENDPOINTS6` entry of an address.
+    pub fn endpoint_at(&self, addr: IpAddr) -> Option<EndpointValue> {
+        match addr {
+            IpAddr::V4(v4) => self.endpoint(v4),
+            IpAddr::V6(v6) => self.endpoints6.get(&Ipv6Key::from_octets(v6.octets()), 0).ok(),
+        }
     }
 
     pub fn endpoints(&self) -> Vec<(Ipv4Addr, EndpointValue)> {

@@ -374,6 +374,14 @@ impl State {
         self.endpoints.values().find(|e| e.ipv6 == Some(addr))
     }
 
+    /// The endpoint with this address, of either family.
+    pub fn endpoint_at(&self, addr: IpAddr) -> Option<&Endpoint> {
+        match addr {
+            IpAddr::V4(v4) => self.endpoint(v4),
+            IpAddr::V6(v6) => self.endpoint_by_ipv6(v6),
+        }
+    }
+
     /// One endpoint's `ENDPOINTS` value (None: its app has no tag yet).
     pub fn endpoint_value(&self, e: &Endpoint) -> Option<EndpointValue> {
         let remote = !e.runs_on(self.local_host.as_deref());
