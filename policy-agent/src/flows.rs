@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeMap, VecDeque},
     fs::{self, File, OpenOptions},
     io::Write as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr},
     os::fd::AsRawFd as _,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
@@ -158,7 +158,7 @@ impl FlowLog {
 #[derive(Default)]
 pub struct Names {
     apps_by_tag: BTreeMap<u32, String>,
-    apps_by_ip: BTreeMap<Ipv4Addr, String>,
+    apps_by_ip: BTreeMap<IpAddr, String>,
 }
 
 impl Names {
@@ -167,15 +167,18 @@ impl Names {
         let state = agent.state();
         Self {
             apps_by_tag: state.tags().iter().map(|(app, tag)| (*tag, app.clone())).collect(),
-            apps_by_ip: state.endpoints().map(|e| (e.ip, e.app.clone())).collect(),
+            apps_by_ip: state
+                .endpoints()
+                .flat_map(|e| e.addresses().map(|ip| (ip, e.app.clone())))
+                .collect(),
         }
     }
 
     fn app(&self, tag: u32, ip: IpAddr) -> Option<String> {
-        (tag != 0).then(|| self.apps_by_tag.get(&tag).cloned()).flatten().or_else(|| match ip {
-            IpAddr::V4(ip) => self.apps_by_ip.get(&ip).cloned(),
-            IpAddr::V6(_) => None,
-        })
+        (tag != 0)
+            .then(|| self.apps_by_tag.get(&tag).cloned())
+            .flatten()
+            .or_else(|| self.apps_by_ip.get(&ip).cloned())
     }
 }
 

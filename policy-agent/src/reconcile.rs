@@ -24,7 +24,7 @@ use tracing::warn;
 
 use crate::{
     Error,
-    state::{PortMapping, Protocol, State},
+    state::{Endpoint, PortMapping, Protocol, State},
 };
 
 /// What the reconciler needs from the kernel.
@@ -57,9 +57,10 @@ pub trait Kernel {
     /// Host-side veths with programs attached.
     fn attached(&self) -> Result<BTreeSet<String>, Error>;
     /// Binds `ifname` to the endpoint (anti-spoofing) and attaches to it.
-    fn attach(&mut self, ifname: &str, ip: Ipv4Addr, tag: u32) -> Result<(), Error>;
+    /// `ip` None: an IPv6-only endpoint, whose veth lets no IPv4 out.
+    fn attach(&mut self, ifname: &str, ip: Option<Ipv4Addr>, tag: u32) -> Result<(), Error>;
     /// Detaches from `ifname` and drops the binding of `ip`.
-    fn detach(&mut self, ifname: &str, ip: Ipv4Addr) -> Result<(), Error>;
+    fn detach(&mut self, ifname: &str, ip: Option<Ipv4Addr>) -> Result<(), Error>;
     /// Forgets the counters of removed policies (ids are never reused).
     fn forget_policies(&mut self, _ids: &[u32]) {}
     /// NetIn: makes the port mappings exactly `wanted` (container address
@@ -97,9 +98,10 @@ pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Err
         }
     }
     for e in state.local_endpoints() {
-        let tag = want_endpoints[&e.ip].tag;
-        let attached =
-            kernel.attach(&e.ifname, e.ip, tag).and_then(|()| kernel.bind_veth6(&e.ifname, e.ipv6));
+        let Some(tag) = state.endpoint_value(e).map(|v| v.tag) else { continue };
+        let attached = kernel
+            .attach(&e.ifname, e.ipv4(), tag)
+            .and_then(|()| kernel.bind_veth6(&e.ifname, e.ipv6));
         if let Err(err) = attached {
             warn!(ifname = %e.ifname, ip = %e.ip, error = %err, "endpoint's interface not attached");
             warnings.push(format!("endpoint {} ({}): {err}", e.ip, e.ifname));
@@ -121,7 +123,7 @@ pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Err
     for ifname in kernel.attached()? {
         if !wanted_ifnames.contains(ifname.as_str()) {
             // The address is unknown here; detach drops the link only.
-            kernel.detach(&ifname, Ipv4Addr::UNSPECIFIED)?;
+            kernel.detach(&ifname, None)?;
         }
     }
     for ip in have_endpoints.keys().filter(|ip| !want_endpoints.contains_key(ip)) {
@@ -135,6 +137,32 @@ pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Err
     Ok(warnings)
 }
 
+/// An endpoint's addresses into `ENDPOINTS` and `ENDPOINTS6`, each it has.
+pub fn set_endpoint_addresses<K: Kernel>(
+    kernel: &mut K,
+    e: &Endpoint,
+    value: EndpointValue,
+) -> Result<(), Error> {
+    if let Some(ip) = e.ipv4() {
+        kernel.set_endpoint(ip, value)?;
+    }
+    if let Some(ip) = e.ipv6 {
+        kernel.set_endpoint6(ip, value)?;
+    }
+    Ok(())
+}
+
+/// An endpoint's addresses out of `ENDPOINTS` and `ENDPOINTS6`.
+pub fn remove_endpoint_addresses<K: Kernel>(kernel: &mut K, e: &Endpoint) -> Result<(), Error> {
+    if let Some(ip) = e.ipv4() {
+        kernel.remove_endpoint(ip)?;
+    }
+    if let Some(ip) = e.ipv6 {
+        kernel.remove_endpoint6(ip)?;
+    }
+    Ok(())
+}
+
 /// NetOut: the kernel's security group trie made the state's (apps with
 /// security groups and a tag).
 pub fn netout<K: Kernel>(kernel: &mut K, state: &State) -> Result<(), Error> {
@@ -145,7 +173,8 @@ pub fn netout<K: Kernel>(kernel: &mut K, state: &State) -> Result<(), Error> {
 pub fn port_mappings<K: Kernel>(kernel: &mut K, state: &State) -> Result<(), Error> {
     let wanted: Vec<(Ipv4Addr, PortMapping)> = state
         .local_endpoints()
-        .flat_map(|e| e.port_mappings.iter().map(move |m| (e.ip, *m)))
+        .filter_map(|e| Some((e.ipv4()?, &e.port_mappings)))
+        .flat_map(|(ip, mappings)| mappings.iter().map(move |m| (ip, *m)))
         .collect();
     kernel.set_port_mappings(&wanted)
 }
@@ -267,7 +296,7 @@ pub(crate) mod fake {
     pub struct FakeKernel {
         pub endpoints: BTreeMap<Ipv4Addr, u32>,
         pub pairs: BTreeMap<PairKey, Vec<Allowance>>,
-        pub attached: BTreeMap<String, Ipv4Addr>,
+        pub attached: BTreeMap<String, Option<Ipv4Addr>>,
         pub interfaces: BTreeSet<String>,
         pub pair_capacity: usize,
         /// Every write, in order: ("set_pair", ...), ("remove_pair", ...).
@@ -320,7 +349,7 @@ pub(crate) mod fake {
         fn attached(&self) -> Result<BTreeSet<String>, Error> {
             Ok(self.attached.keys().cloned().collect())
         }
-        fn attach(&mut self, ifname: &str, ip: Ipv4Addr, _tag: u32) -> Result<(), Error> {
+        fn attach(&mut self, ifname: &str, ip: Option<Ipv4Addr>, _tag: u32) -> Result<(), Error> {
             if !self.interfaces.contains(ifname) {
                 return Err(Error::NoInterface { ifname: ifname.to_owned() });
             }
@@ -328,7 +357,7 @@ pub(crate) mod fake {
             self.attached.insert(ifname.to_owned(), ip);
             Ok(())
         }
-        fn detach(&mut self, ifname: &str, _ip: Ipv4Addr) -> Result<(), Error> {
+        fn detach(&mut self, ifname: &str, _ip: Option<Ipv4Addr>) -> Result<(), Error> {
             self.log.push(format!("detach {ifname}"));
             self.attached.remove(ifname);
             Ok(())
@@ -356,7 +385,7 @@ mod tests {
         new.remove_policies(&[policy("c", "d", 81)]);
         new.add_policies(&[policy("a", "b", 82)], None).unwrap();
         new.add_endpoint(Endpoint {
-            ip: Ipv4Addr::new(10, 0, 0, 1),
+            ip: Ipv4Addr::new(10, 0, 0, 1).into(),
             ipv6: None,
             app: "b".into(),
             ifname: "hv0".into(),
@@ -385,7 +414,7 @@ mod tests {
         let mut kernel = FakeKernel::new(10);
         let mut state = State::default();
         state.add_endpoint(Endpoint {
-            ip: Ipv4Addr::new(10, 0, 0, 1),
+            ip: Ipv4Addr::new(10, 0, 0, 1).into(),
             ipv6: None,
             app: "b".into(),
             ifname: "gone".into(),

@@ -4,8 +4,8 @@
 
 use crate::family::Family;
 use crate::maps::{
-    Attachment, Conn, ConnKey, EndpointValue, Ipv6Key, PairKey, PortRules, endpoint_flags, origin,
-    proto,
+    Attachment, Conn, ConnKey, EndpointValue, Ipv6Key, NO_IPV4, PairKey, PortRules, endpoint_flags,
+    origin, proto,
 };
 use crate::packet::{Flow, Parsed, icmp_port};
 use crate::verdict::{Reason, Verdict};
@@ -500,6 +500,9 @@ pub fn decide_underlay(parsed: &Parsed, port: u16, is_peer: impl Fn(u32) -> bool
 ///
 /// 1. not IPv4 → pass; 2. malformed → drop; 3. no endpoint here → pass;
 /// 4. source address is the endpoint's → pass; 5. otherwise → drop (spoofed).
+///
+/// An IPv6-only endpoint has no IPv4 address ([`NO_IPV4`]): all its IPv4
+/// packets are dropped.
 #[inline(always)]
 pub fn decide_source(parsed: &Parsed, own: Option<Attachment>) -> Verdict {
     let saddr = match *parsed {
@@ -511,7 +514,7 @@ pub fn decide_source(parsed: &Parsed, own: Option<Attachment>) -> Verdict {
     };
     match own {
         None => Verdict::Pass(Reason::Unmanaged),
-        Some(own) if own.addr == saddr => Verdict::Pass(Reason::SourceVerified),
+        Some(own) if own.addr == saddr && saddr != NO_IPV4 => Verdict::Pass(Reason::SourceVerified),
         Some(_) => Verdict::Drop(Reason::Spoofed),
     }
 }

@@ -245,6 +245,10 @@ pub struct Attachment {
 }
 const _: () = assert!(size_of::<Attachment>() == 8);
 
+/// `Attachment::addr` of an IPv6-only endpoint (0.0.0.0): the binding names
+/// its app (the tag), and its IPv4 packets are all dropped as spoofed.
+pub const NO_IPV4: u32 = 0;
+
 /// IP protocol numbers the policy understands.
 pub mod proto {
     pub const ICMP: u8 = 1;

@@ -61,6 +61,13 @@ fn dig_aaaa(ns: &NetNs, name: &str) -> Vec<Ipv6Addr> {
     String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
+/// The endpoint of `app` as `GET /v1/endpoints` lists it.
+fn listed_endpoint(daemon: &Daemon, app: &str) -> Value {
+    let (_, listed) = daemon.curl("GET", "/v1/endpoints", None);
+    let found = listed["endpoints"].as_array().unwrap().iter().find(|e| e["app"] == app).cloned();
+    found.unwrap_or_else(|| panic!("no endpoint of {app}: {listed}"))
+}
+
 /// Two dual-stack containers registered as `frontend` and `backend`.
 fn frontend_and_backend() -> (Host, Daemon) {
     require_root();
@@ -117,14 +124,7 @@ fn one_policy_allows_both_families_and_its_absence_denies_both() {
     assert!(body.to_string().contains("dst"), "{body}");
 
     // The endpoint lists both addresses.
-    let (_, listed) = daemon.curl("GET", "/v1/endpoints", None);
-    let entry = listed["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["app"] == "backend")
-        .cloned()
-        .unwrap();
+    let entry = listed_endpoint(&daemon, "backend");
     assert_eq!(entry["ips"], serde_json::json!([b.ip.to_string(), b.ipv6.unwrap().to_string()]));
 
     // Denied IPv6 packets are reported with their addresses.
@@ -231,7 +231,7 @@ fn endpoint_addresses_are_checked_and_an_ipv6_address_is_owned_once() {
         (vec![b4.as_str(), "fe80::5"], "link-local"),
         (vec![b4.as_str(), "ff02::1"], "multicast"),
         (vec![b4.as_str(), "fd00::1", "fd00::2"], "one per family"),
-        (vec!["fd00::7"], "needs an IPv4 address"),
+        (vec!["0.0.0.0"], "unspecified"),
         (vec![b4.as_str(), a6.as_str()], "already the IPv6 address"),
     ] {
         let out = add(&ips);
@@ -290,4 +290,89 @@ fn platform_tls_listens_on_the_ipv6_address_with_a_certificate_naming_it() {
     assert!(ok && out.contains("hello over IPv6"), "{out}");
     let (ok, out) = https(&[], &format!("https://[{b6}]:61443/"));
     assert!(ok && out.contains("hello over IPv6"), "the IPv6 address is a SAN: {out}");
+}
+
+#[test]
+fn an_ipv6_only_endpoint_is_policed_and_sends_no_ipv4() {
+    require_root();
+    let host = Host::dual_stack(2);
+    let mut daemon = Daemon::start(&host.ns, "");
+    let (a, b) = (host.container(0), host.container(1));
+    daemon.register(a, "frontend");
+    let (a6, b6) = (a.ipv6.unwrap(), b.ipv6.unwrap());
+    let b6_text = b6.to_string();
+    let netns = b.ns.path();
+    daemon.cli_ok(&[
+        "endpoint",
+        "add",
+        "--app",
+        "backend",
+        "--ip",
+        &b6_text,
+        "--ifname",
+        &b.host_ifname,
+        "--netns",
+        netns.to_str().unwrap(),
+    ]);
+    let entry = listed_endpoint(&daemon, "backend");
+    assert_eq!(entry["ip"], b6_text, "keyed by its IPv6 address: {entry}");
+    assert_eq!(entry["ips"], serde_json::json!([b6_text]));
+
+    // Policed like any endpoint: refused without a policy, allowed with one.
+    http_server(&b.ns, IpAddr::V6(b6), 8080, "IPv6 only");
+    assert_eq!(curl(&a.ns, IpAddr::V6(b6), 8080), -7, "refused without a policy");
+    daemon.allow("frontend", "backend", "tcp", "8080");
+    assert_eq!(curl(&a.ns, IpAddr::V6(b6), 8080), 200);
+    let explained: Value = serde_json::from_str(&daemon.cli_ok(&[
+        "explain",
+        &a6.to_string(),
+        &b6_text,
+        "tcp",
+        "8080",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(explained["destination"]["app"], "backend", "{explained}");
+    assert_eq!(explained["verdict"], "allowed", "{explained}");
+
+    // Its own traffic: IPv6 by policy; IPv4 (its namespace still has an
+    // IPv4 address) dropped where it leaves, as from an address not its own.
+    http_server(&a.ns, IpAddr::V6(a6), 9090, "frontend v6");
+    http_server(&a.ns, IpAddr::V4(a.ip), 9090, "frontend v4");
+    daemon.allow("backend", "frontend", "tcp", "9090");
+    assert_eq!(curl(&b.ns, IpAddr::V6(a6), 9090), 200);
+    assert_eq!(curl(&b.ns, IpAddr::V4(a.ip), 9090), -28, "no IPv4 out of an IPv6-only endpoint");
+    let spoofed = daemon.flows().into_iter().any(|f: Value| {
+        f["data"]["packet"]["src_ip"] == b.ip.to_string()
+            && f["data"]["packet"]["reason"] == "spoofed"
+    });
+    assert!(spoofed, "its IPv4 packet is reported as spoofed");
+
+    // DNS answers AAAA only; platform TLS listens on the IPv6 address and
+    // forwards to the app there.
+    daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
+    assert_eq!(dig_aaaa(&a.ns, "backend.apps.internal"), vec![b6]);
+    daemon.allow("frontend", "backend", "tcp", "61443");
+    let ca = daemon.state_dir().join("ca.pem");
+    let out =
+        a.ns.command("curl")
+            .args(["-6", "-sS", "--max-time", "3", "--cacert", ca.to_str().unwrap()])
+            .arg(format!("https://[{b6}]:61443/"))
+            .output()
+            .expect("run curl");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("IPv6 only"), "TLS to the app: {text}");
+
+    // Restored as it was after a restart (keyed by its IPv6 address).
+    assert!(daemon.stop().success());
+    daemon.spawn();
+    assert_eq!(curl(&a.ns, IpAddr::V6(b6), 8080), 200, "after a restart");
+    assert_eq!(curl(&b.ns, IpAddr::V4(a.ip), 9090), -28, "still no IPv4 after a restart");
+
+    // Removed by its address.
+    let removed = daemon.cli_ok(&["endpoint", "del", "--ip", &b6_text]);
+    assert!(removed.contains("removed"), "{removed}");
+    let (_, listed) = daemon.curl("GET", "/v1/endpoints", None);
+    assert_eq!(listed["endpoints"].as_array().unwrap().len(), 1, "{listed}");
 }

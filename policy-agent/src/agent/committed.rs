@@ -4,8 +4,6 @@
 //! fails (a full map) is logged and counted, and the next start's full
 //! reconcile tries again — the state keeps the change, as the cluster does.
 
-use std::net::Ipv4Addr;
-
 use tracing::warn;
 
 use super::{Agent, touched};
@@ -42,14 +40,11 @@ impl<K: Kernel> Agent<K> {
                 let tag = self.state.tag(&endpoint.app).expect("add_endpoint tags the app");
                 let local = self.state.local_host();
                 if endpoint.runs_on(local) {
-                    self.kernel.attach(&endpoint.ifname, endpoint.ip, tag)?;
+                    self.kernel.attach(&endpoint.ifname, endpoint.ipv4(), tag)?;
                     self.kernel.bind_veth6(&endpoint.ifname, endpoint.ipv6)?;
                 }
                 let value = self.state.endpoint_value(endpoint).expect("tagged above");
-                self.kernel.set_endpoint(endpoint.ip, value)?;
-                if let Some(ipv6) = endpoint.ipv6 {
-                    self.kernel.set_endpoint6(ipv6, value)?;
-                }
+                reconcile::set_endpoint_addresses(&mut self.kernel, endpoint, value)?;
                 if let Some(stale) =
                     old.as_ref().and_then(|o| o.ipv6).filter(|a| endpoint.ipv6 != Some(*a))
                 {
@@ -58,7 +53,7 @@ impl<K: Kernel> Agent<K> {
                 if let Some(old) = old.filter(|o| o.runs_on(local)) {
                     let moved = !endpoint.runs_on(local) || old.ifname != endpoint.ifname;
                     if moved {
-                        self.kernel.detach(&old.ifname, Ipv4Addr::UNSPECIFIED)?;
+                        self.kernel.detach(&old.ifname, None)?;
                     }
                 }
             }
@@ -67,12 +62,9 @@ impl<K: Kernel> Agent<K> {
                 change.replay(&mut self.state);
                 if let Some(old) = old {
                     if old.runs_on(self.state.local_host()) {
-                        self.kernel.detach(&old.ifname, *ip)?;
+                        self.kernel.detach(&old.ifname, old.ipv4())?;
                     }
-                    self.kernel.remove_endpoint(*ip)?;
-                    if let Some(ipv6) = old.ipv6 {
-                        self.kernel.remove_endpoint6(ipv6)?;
-                    }
+                    reconcile::remove_endpoint_addresses(&mut self.kernel, &old)?;
                 }
             }
             Change::MapRoute { .. } | Change::UnmapRoute { .. } => {

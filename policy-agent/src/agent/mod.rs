@@ -11,7 +11,7 @@ mod tunnel;
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -295,7 +295,7 @@ impl<K: Kernel> Agent<K> {
         let tag = self.state.tag(&endpoint.app).expect("add_endpoint tags the app");
         let attached = self
             .kernel
-            .attach(&endpoint.ifname, endpoint.ip, tag)
+            .attach(&endpoint.ifname, endpoint.ipv4(), tag)
             .and_then(|()| self.kernel.bind_veth6(&endpoint.ifname, endpoint.ipv6));
         if let Err(e) = attached {
             self.state.undo(undo);
@@ -310,13 +310,7 @@ impl<K: Kernel> Agent<K> {
         }
         let value = self.state.endpoint_value(&endpoint).expect("add_endpoint tags the app");
         let stale6 = old.as_ref().and_then(|o| o.ipv6).filter(|a| endpoint.ipv6 != Some(*a));
-        let kernel_written = self
-            .kernel
-            .set_endpoint(endpoint.ip, value)
-            .and_then(|()| match endpoint.ipv6 {
-                Some(ipv6) => self.kernel.set_endpoint6(ipv6, value),
-                None => Ok(()),
-            })
+        let kernel_written = reconcile::set_endpoint_addresses(&mut self.kernel, &endpoint, value)
             .and_then(|()| match stale6 {
                 Some(ipv6) => self.kernel.remove_endpoint6(ipv6),
                 None => Ok(()),
@@ -324,7 +318,7 @@ impl<K: Kernel> Agent<K> {
             .and_then(|()| reconcile::port_mappings(&mut self.kernel, &self.state))
             .and_then(|()| self.netout_if_any());
         if let Err(e) = kernel_written {
-            let _ = self.kernel.detach(&endpoint.ifname, endpoint.ip);
+            let _ = self.kernel.detach(&endpoint.ifname, endpoint.ipv4());
             if let Some(ipv6) =
                 endpoint.ipv6.filter(|a| old.as_ref().and_then(|o| o.ipv6) != Some(*a))
             {
@@ -335,20 +329,17 @@ impl<K: Kernel> Agent<K> {
             return Err(e.into());
         }
         if let Some(old) = old.as_ref().filter(|o| o.ifname != endpoint.ifname)
-            && let Err(e) = self.kernel.detach(&old.ifname, Ipv4Addr::UNSPECIFIED)
+            && let Err(e) = self.kernel.detach(&old.ifname, None)
         {
             self.state.undo(undo);
             return Err(e.into());
         }
         let (ip, ipv6) = (endpoint.ip, endpoint.ipv6);
-        let ifname = endpoint.ifname.clone();
+        let added = endpoint.clone();
         let (app, logged_ifname) = (endpoint.app.clone(), endpoint.ifname.clone());
         let committed = self.commit(Change::AddEndpoint(endpoint), undo, move |kernel| {
-            let _ = kernel.detach(&ifname, ip);
-            let _ = kernel.remove_endpoint(ip);
-            if let Some(ipv6) = ipv6 {
-                let _ = kernel.remove_endpoint6(ipv6);
-            }
+            let _ = kernel.detach(&added.ifname, added.ipv4());
+            let _ = reconcile::remove_endpoint_addresses(kernel, &added);
         });
         if committed.is_err() {
             let _ = reconcile::port_mappings(&mut self.kernel, &self.state);
@@ -454,25 +445,24 @@ impl<K: Kernel> Agent<K> {
 
     /// Unregisters an endpoint: detaches from its veth and removes every map
     /// entry naming it. Unknown addresses are not an error.
-    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<bool, AgentError> {
+    /// `ip` is either of its addresses.
+    pub fn remove_endpoint(&mut self, ip: IpAddr) -> Result<bool, AgentError> {
         self.retrying(|agent| agent.remove_endpoint_once(ip))
     }
 
-    fn remove_endpoint_once(&mut self, ip: Ipv4Addr) -> Result<bool, AgentError> {
-        let Some(endpoint) = self.state.endpoint(ip).cloned() else {
+    fn remove_endpoint_once(&mut self, ip: IpAddr) -> Result<bool, AgentError> {
+        let Some(endpoint) = self.state.endpoint_at(ip).cloned() else {
             return Ok(false);
         };
+        let ip = endpoint.ip;
         // Durable first: were the agent to die before the kernel is updated,
         // the restart reconcile finishes the removal from the stored state.
         let undo = self.state.remove_endpoint_undoable(ip);
         self.commit(Change::RemoveEndpoint(ip), undo, |_| {})?;
         if endpoint.runs_on(self.state.local_host()) {
-            self.kernel.detach(&endpoint.ifname, ip)?;
+            self.kernel.detach(&endpoint.ifname, endpoint.ipv4())?;
         }
-        self.kernel.remove_endpoint(ip)?;
-        if let Some(ipv6) = endpoint.ipv6 {
-            self.kernel.remove_endpoint6(ipv6)?;
-        }
+        reconcile::remove_endpoint_addresses(&mut self.kernel, &endpoint)?;
         if !endpoint.port_mappings.is_empty() {
             reconcile::port_mappings(&mut self.kernel, &self.state)?;
         }
@@ -526,7 +516,7 @@ mod tests {
         kernel.interfaces.insert("hv0".into());
         let (mut agent, _) =
             Agent::start(kernel, temp_store("endpoints"), Settings::default()).unwrap();
-        let ip = Ipv4Addr::new(10, 255, 0, 1);
+        let ip = IpAddr::from([10, 255, 0, 1]);
         let missing = Endpoint {
             ip,
             ipv6: None,
@@ -553,7 +543,7 @@ mod tests {
                 port_mappings: Vec::new(),
             })
             .unwrap();
-        assert_eq!(agent.kernel().endpoints[&ip], 1);
+        assert_eq!(agent.kernel().endpoints[&std::net::Ipv4Addr::new(10, 255, 0, 1)], 1);
         assert!(agent.remove_endpoint(ip).unwrap());
         assert!(agent.kernel().endpoints.is_empty() && agent.kernel().attached.is_empty());
         assert!(!agent.remove_endpoint(ip).unwrap());

@@ -1,5 +1,7 @@
 //! Endpoints: what a CNI plugin registers and removes.
 
+use std::net::IpAddr;
+
 use axum::{
     body::Body,
     extract::{Path, State},
@@ -55,11 +57,11 @@ pub async fn add(State(api): State<Api>, body: Body) -> Reply {
     }
 }
 
-/// `DELETE /v1/endpoints/{ip}`.
+/// `DELETE /v1/endpoints/{ip}`: either of the endpoint's addresses.
 pub async fn remove(State(api): State<Api>, Path(ip): Path<String>) -> Reply {
-    let ip = match wire::parse_ip("ip", &ip) {
+    let ip = match ip.parse::<IpAddr>() {
         Ok(ip) => ip,
-        Err(e) => return invalid(&e),
+        Err(_) => return invalid(&Invalid::new("ip", format!("{ip:?} is not an IP address"))),
     };
     match tracked_write(&api, move |agent| agent.remove_endpoint(ip)).await {
         Ok(removed) => ok(json!({"removed": removed})),

@@ -38,9 +38,9 @@ pub fn parse_ip(field: &str, text: &str) -> Result<Ipv4Addr, Invalid> {
 }
 
 /// An endpoint's addresses: `ip` (one address, either family) and/or
-/// `ips` (a list), at most one per family. An IPv4 address is required:
-/// IPv6-only endpoints are not supported yet.
-fn parse_endpoint_addresses(v: &Value) -> Result<(Ipv4Addr, Option<Ipv6Addr>), Invalid> {
+/// `ips` (a list), at most one per family. Returns its key (the IPv4
+/// address, or the IPv6 one of an IPv6-only endpoint) and its IPv6 address.
+fn parse_endpoint_addresses(v: &Value) -> Result<(IpAddr, Option<Ipv6Addr>), Invalid> {
     let mut texts: Vec<(String, &str)> = Vec::new();
     match v.get("ip") {
         None | Some(Value::Null) => {}
@@ -66,6 +66,7 @@ fn parse_endpoint_addresses(v: &Value) -> Result<(Ipv4Addr, Option<Ipv6Addr>), I
     for (field, text) in texts {
         match text.parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => {
+                check_endpoint_ipv4(&field, a)?;
                 if v4.is_some_and(|b| b != a) {
                     return Err(Invalid::new(field, "a second IPv4 address (one per family)"));
                 }
@@ -83,13 +84,38 @@ fn parse_endpoint_addresses(v: &Value) -> Result<(Ipv4Addr, Option<Ipv6Addr>), I
             }
         }
     }
-    let Some(v4) = v4 else {
-        return Err(Invalid::new(
-            "ip",
-            "an endpoint needs an IPv4 address (IPv6-only endpoints are not supported yet)",
-        ));
+    match (v4, v6) {
+        (Some(v4), v6) => Ok((IpAddr::V4(v4), v6)),
+        (None, Some(v6)) => Ok((IpAddr::V6(v6), Some(v6))),
+        (None, None) => unreachable!("at least one address was parsed"),
+    }
+}
+
+fn not_an_endpoint_address(
+    field: &str,
+    a: impl std::fmt::Display,
+    bad: Option<&str>,
+) -> Result<(), Invalid> {
+    match bad {
+        Some(why) => Err(Invalid::new(field, format!("{a} is {why}: not an endpoint address"))),
+        None => Ok(()),
+    }
+}
+
+/// An IPv4 address a container can have: not unspecified (0.0.0.0 is how
+/// the programs mark an endpoint without IPv4), broadcast, multicast or
+/// loopback.
+fn check_endpoint_ipv4(field: &str, a: Ipv4Addr) -> Result<(), Invalid> {
+    let bad = if a.is_unspecified() || a.is_broadcast() {
+        Some("unspecified or broadcast")
+    } else if a.is_multicast() {
+        Some("multicast")
+    } else if a.is_loopback() {
+        Some("loopback")
+    } else {
+        None
     };
-    Ok((v4, v6))
+    not_an_endpoint_address(field, a, bad)
 }
 
 /// An address a container can be reached at across hosts: not link-local
@@ -107,10 +133,7 @@ fn check_endpoint_ipv6(field: &str, a: Ipv6Addr) -> Result<(), Invalid> {
     } else {
         None
     };
-    match bad {
-        Some(why) => Err(Invalid::new(field, format!("{a} is {why}: not an endpoint address"))),
-        None => Ok(()),
-    }
+    not_an_endpoint_address(field, a, bad)
 }
 
 /// Parses `{"policies": [...]}` in Cloud Foundry's shape. The first problem
@@ -269,8 +292,7 @@ pub fn policy_list(policies: Vec<Value>) -> Value {
 
 /// `{"ip","app","ifname","netns"}`, and `"host"` in cluster mode.
 pub fn endpoint_json(e: &Endpoint) -> Value {
-    let ips: Vec<String> =
-        std::iter::once(e.ip.to_string()).chain(e.ipv6.map(|a| a.to_string())).collect();
+    let ips: Vec<String> = e.addresses().map(|a| a.to_string()).collect();
     let mut v = json!({
         "ip": e.ip.to_string(),
         "ips": ips,
@@ -447,6 +469,12 @@ pub fn parse_endpoint(v: &Value) -> Result<Endpoint, Invalid> {
         Some(_) => return Err(Invalid::new("netns", "must be a path")),
     };
     let port_mappings = parse_port_mappings(v.get("port_mappings").unwrap_or(&Value::Null))?;
+    if !port_mappings.is_empty() && ip.is_ipv6() {
+        return Err(Invalid::new(
+            "port_mappings",
+            "NetIn port mappings lead to an IPv4 address; this endpoint has none",
+        ));
+    }
     Ok(Endpoint {
         ip,
         ipv6,
@@ -536,7 +564,7 @@ mod tests {
         assert_eq!(route.domain, INTERNAL_DOMAIN);
         assert_eq!(parse_route(&route_json(&route)).unwrap(), route);
         let endpoint = Endpoint {
-            ip: Ipv4Addr::new(10, 255, 0, 2),
+            ip: Ipv4Addr::new(10, 255, 0, 2).into(),
             ipv6: None,
             app: "b".into(),
             ifname: "hv0".into(),
@@ -617,24 +645,32 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_addresses_take_one_per_family_and_need_ipv4() {
+    fn endpoint_addresses_take_one_per_family() {
         let parse = |v: Value| parse_endpoint(&v).map(|e| (e.ip, e.ipv6));
         let base = |ips: Value| json!({"app": "a", "ifname": "hv0", "ips": ips});
-        let v4: Ipv4Addr = "10.255.0.2".parse().unwrap();
+        let v4: IpAddr = "10.255.0.2".parse().unwrap();
         let v6: Ipv6Addr = "fd00:255::2".parse().unwrap();
         assert_eq!(parse(json!({"app": "a", "ifname": "hv0", "ip": "10.255.0.2"})), Ok((v4, None)));
         assert_eq!(parse(base(json!(["fd00:255::2", "10.255.0.2"]))), Ok((v4, Some(v6))));
         // `ip` and `ips` together; the same address twice is one.
         let both = json!({"app": "a", "ifname": "hv0", "ip": "10.255.0.2", "ips": ["fd00:255::2", "10.255.0.2"]});
         assert_eq!(parse(both), Ok((v4, Some(v6))));
+        // IPv6-only: keyed by its IPv6 address; NetIn needs an IPv4 one.
+        assert_eq!(parse(base(json!(["fd00:255::2"]))), Ok((IpAddr::V6(v6), Some(v6))));
+        let mapped = json!({"app": "a", "ifname": "hv0", "ip": "fd00:255::2",
+            "port_mappings": [{"host_port": 8080, "container_port": 80}]});
+        assert_eq!(parse(mapped).unwrap_err().field, "port_mappings");
         for (ips, field, says) in [
-            (json!(["fd00:255::2"]), "ip", "needs an IPv4 address"),
             (json!(["10.255.0.2", "10.255.0.3"]), "ips[1]", "one per family"),
             (json!(["10.255.0.2", "fd00::1", "fd00::2"]), "ips[2]", "one per family"),
             (json!(["10.255.0.2", "fe80::1"]), "ips[1]", "link-local"),
             (json!(["10.255.0.2", "ff02::1"]), "ips[1]", "multicast"),
             (json!(["10.255.0.2", "::"]), "ips[1]", "unspecified"),
             (json!(["10.255.0.2", "::ffff:10.0.0.1"]), "ips[1]", "IPv4-mapped"),
+            (json!(["0.0.0.0"]), "ips[0]", "unspecified"),
+            (json!(["fd00::1", "255.255.255.255"]), "ips[1]", "broadcast"),
+            (json!(["224.0.0.1"]), "ips[0]", "multicast"),
+            (json!(["127.0.0.1"]), "ips[0]", "loopback"),
             (json!(["10.255.0.2", "nope"]), "ips[1]", "not an IP address"),
             (json!(["10.255.0.2", 7]), "ips[1]", "must be a string"),
             (json!("10.255.0.2"), "ips", "must be a list"),

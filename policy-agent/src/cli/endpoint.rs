@@ -1,9 +1,6 @@
 //! `endpoint add|del` and `endpoints`.
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
-};
+use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -39,8 +36,9 @@ pub enum EndpointCommand {
     },
     /// Remove a container: detaches and removes every entry naming it.
     Del {
+        /// Either of its addresses.
         #[arg(long)]
-        ip: Ipv4Addr,
+        ip: IpAddr,
     },
 }
 
@@ -92,7 +90,11 @@ pub fn list(args: &JsonArgs, client: &Client) -> Result<()> {
     println!("{:<16} {:<16} {:<38} netns", "ip", "ifname", "app");
     for e in body["endpoints"].as_array().into_iter().flatten() {
         let text = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
-        println!("{:<16} {:<16} {:<38} {}", text("ip"), text("ifname"), text("app"), text("netns"));
+        // Every address (IPv4 first), comma-separated.
+        let ips: Vec<&str> =
+            e["ips"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let ips = if ips.is_empty() { text("ip") } else { ips.join(",") };
+        println!("{ips:<16} {:<16} {:<38} {}", text("ifname"), text("app"), text("netns"));
     }
     Ok(())
 }

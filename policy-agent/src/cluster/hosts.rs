@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -180,7 +180,7 @@ fn reap_gone_hosts(
         if since.elapsed() < grace {
             continue;
         }
-        let endpoints: Vec<Ipv4Addr> = agent::lock(agent)
+        let endpoints: Vec<IpAddr> = agent::lock(agent)
             .state()
             .endpoints()
             .filter(|e| e.host.as_deref() == Some(owner.as_str()))

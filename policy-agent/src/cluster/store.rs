@@ -494,7 +494,7 @@ mod tests {
         let mut state = store.load().unwrap();
         for port in 1..=3 {
             let change = Change::AddEndpoint(Endpoint {
-                ip: std::net::Ipv4Addr::new(10, 255, 0, port),
+                ip: std::net::Ipv4Addr::new(10, 255, 0, port).into(),
                 ipv6: None,
                 app: "web".into(),
                 ifname: format!("hv{port}"),

@@ -7,7 +7,7 @@ use std::{
 };
 
 use policy_common::{
-    maps::{EndpointValue, NatKey, NatTarget, PairKey},
+    maps::{EndpointValue, NO_IPV4, NatKey, NatTarget, PairKey},
     ports::Allowance,
 };
 use tracing::warn;
@@ -87,10 +87,13 @@ impl Kernel for Dataplane {
             .collect())
     }
 
-    fn attach(&mut self, ifname: &str, ip: Ipv4Addr, tag: u32) -> Result<(), Error> {
+    fn attach(&mut self, ifname: &str, ip: Option<Ipv4Addr>, tag: u32) -> Result<(), Error> {
         let ifindex =
             nix_ifindex(ifname).ok_or_else(|| Error::NoInterface { ifname: ifname.to_owned() })?;
-        self.maps_mut().set_veth(ifindex, ip, tag)?;
+        // An IPv6-only endpoint's binding names it (its tag) with an address
+        // the programs let nothing out from.
+        let own = ip.unwrap_or(Ipv4Addr::from(NO_IPV4.to_ne_bytes()));
+        self.maps_mut().set_veth(ifindex, own, tag)?;
         self.attach_veth(ifname)
     }
 
@@ -127,13 +130,13 @@ impl Kernel for Dataplane {
         }
     }
 
-    fn detach(&mut self, ifname: &str, ip: Ipv4Addr) -> Result<(), Error> {
+    fn detach(&mut self, ifname: &str, ip: Option<Ipv4Addr>) -> Result<(), Error> {
         self.detach_veth(ifname)?;
         let stale: Vec<u32> = self
             .maps()
             .veths()
             .into_iter()
-            .filter(|(ifindex, addr, _)| *addr == ip || Some(*ifindex) == nix_ifindex(ifname))
+            .filter(|(ifindex, addr, _)| Some(*addr) == ip || Some(*ifindex) == nix_ifindex(ifname))
             .map(|(ifindex, _, _)| ifindex)
             .collect();
         for ifindex in stale {

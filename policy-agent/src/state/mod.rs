@@ -45,7 +45,8 @@ pub struct State {
     /// Ordered by (source, destination, protocol, ports): the policies of one
     /// app pair and protocol are contiguous.
     policies: BTreeMap<Policy, u32>,
-    endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    /// By key: the IPv4 address, or the IPv6 one of an IPv6-only endpoint.
+    endpoints: BTreeMap<IpAddr, Endpoint>,
     /// Internal routes: hostname (under [`INTERNAL_DOMAIN`]) → app.
     routes: BTreeMap<String, String>,
     /// NetOut: each app's security group rules (an app absent: egress out
@@ -142,8 +143,9 @@ impl State {
         self.local_host = host;
     }
 
-    pub fn endpoint(&self, ip: Ipv4Addr) -> Option<&Endpoint> {
-        self.endpoints.get(&ip)
+    /// The endpoint whose key (see [`Endpoint::ip`]) is `ip`.
+    pub fn endpoint(&self, ip: impl Into<IpAddr>) -> Option<&Endpoint> {
+        self.endpoints.get(&ip.into())
     }
 
     /// Gives every app in `apps` that has none a tag, in id order (as Cloud
@@ -224,7 +226,7 @@ impl State {
         old
     }
 
-    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Option<Endpoint> {
+    pub fn remove_endpoint(&mut self, ip: IpAddr) -> Option<Endpoint> {
         let old = self.endpoints.remove(&ip);
         if let Some(old) = &old {
             self.unreference(&old.app);
@@ -352,7 +354,7 @@ impl State {
             self.endpoints
                 .values()
                 .filter(|e| &e.app == app)
-                .flat_map(|e| std::iter::once(IpAddr::V4(e.ip)).chain(e.ipv6.map(IpAddr::V6)))
+                .flat_map(Endpoint::addresses)
                 .collect(),
         )
     }
@@ -360,11 +362,11 @@ impl State {
     /// What `ENDPOINTS` must hold: address → app tag, and whether the
     /// endpoint runs on another host.
     pub fn endpoint_values(&self) -> BTreeMap<Ipv4Addr, EndpointValue> {
-        self.endpoints.values().filter_map(|e| Some((e.ip, self.endpoint_value(e)?))).collect()
+        self.endpoints.values().filter_map(|e| Some((e.ipv4()?, self.endpoint_value(e)?))).collect()
     }
 
     /// `ENDPOINTS6` as the state wants it: IPv6 address → the same value as
-    /// the endpoint's IPv4 address.
+    /// the endpoint's IPv4 address (if it has one).
     pub fn endpoint6_values(&self) -> BTreeMap<Ipv6Addr, EndpointValue> {
         self.endpoints.values().filter_map(|e| Some((e.ipv6?, self.endpoint_value(e)?))).collect()
     }
@@ -377,8 +379,8 @@ impl State {
     /// The endpoint with this address, of either family.
     pub fn endpoint_at(&self, addr: IpAddr) -> Option<&Endpoint> {
         match addr {
-            IpAddr::V4(v4) => self.endpoint(v4),
-            IpAddr::V6(v6) => self.endpoint_by_ipv6(v6),
+            IpAddr::V4(_) => self.endpoint(addr),
+            IpAddr::V6(v6) => self.endpoint(addr).or_else(|| self.endpoint_by_ipv6(v6)),
         }
     }
 

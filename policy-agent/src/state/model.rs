@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
 
@@ -136,9 +136,12 @@ pub struct Policy {
 /// A container instance, as a CNI plugin reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
-    /// Its IPv6 address, on a dual-stack network. Policies are
-    /// family-agnostic: they allow the app on both.
+    /// The endpoint's key: its IPv4 address, or its IPv6 address if it has
+    /// no IPv4 one (an IPv6-only endpoint).
+    pub ip: IpAddr,
+    /// Its IPv6 address, if it has one (dual stack, or the same as `ip` on
+    /// an IPv6-only endpoint). Policies are family-agnostic: they allow the
+    /// app on both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<Ipv6Addr>,
     pub app: String,
@@ -231,6 +234,19 @@ impl Policy {
 }
 
 impl Endpoint {
+    /// Its IPv4 address, if it has one.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        match self.ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    /// Its addresses: IPv4 first, then IPv6.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ipv4().map(IpAddr::V4).into_iter().chain(self.ipv6.map(IpAddr::V6))
+    }
+
     /// Whether the endpoint runs on `host` (the agent's own host; None:
     /// single-host mode, where every endpoint is local).
     pub fn runs_on(&self, host: Option<&str>) -> bool {

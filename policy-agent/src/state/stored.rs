@@ -1,7 +1,7 @@
 //! The state's on-disk shape (JSON): lists instead of maps keyed by
 //! structs, and a borrowed view that serializes the same without a copy.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +19,7 @@ pub struct StoredRef<'a> {
     #[serde(serialize_with = "policies_as_list")]
     policies: &'a BTreeMap<Policy, u32>,
     #[serde(serialize_with = "endpoints_as_list")]
-    endpoints: &'a BTreeMap<Ipv4Addr, Endpoint>,
+    endpoints: &'a BTreeMap<IpAddr, Endpoint>,
     routes: &'a BTreeMap<String, String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     asgs: &'a BTreeMap<String, Vec<NetOutRule>>,
@@ -39,7 +39,7 @@ fn policies_as_list<S: serde::Serializer>(
 }
 
 fn endpoints_as_list<S: serde::Serializer>(
-    endpoints: &&BTreeMap<Ipv4Addr, Endpoint>,
+    endpoints: &&BTreeMap<IpAddr, Endpoint>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     s.collect_seq(endpoints.values())

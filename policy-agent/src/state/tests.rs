@@ -10,7 +10,7 @@ fn policy(src: &str, dst: &str, protocol: Protocol, start: u16, end: u16) -> Pol
 fn undo_takes_a_change_back_exactly() {
     let mut s = State::default();
     s.add_endpoint(Endpoint {
-        ip: Ipv4Addr::new(10, 255, 0, 1),
+        ip: Ipv4Addr::new(10, 255, 0, 1).into(),
         ipv6: None,
         app: "web".into(),
         ifname: "hv0".into(),
@@ -37,7 +37,7 @@ fn undo_takes_a_change_back_exactly() {
     // app's tag comes back with it.
     let ip = Ipv4Addr::new(10, 255, 0, 1);
     let moved = Endpoint {
-        ip,
+        ip: ip.into(),
         ipv6: None,
         app: "fresh".into(),
         ifname: "hv0".into(),
@@ -49,7 +49,7 @@ fn undo_takes_a_change_back_exactly() {
     assert!(s.tag("fresh").is_some());
     s.undo(undo);
     assert_eq!(s, before);
-    let undo = s.remove_endpoint_undoable(ip);
+    let undo = s.remove_endpoint_undoable(ip.into());
     assert!(undo.changes_anything());
     s.undo(undo);
     assert_eq!(s, before);
@@ -65,7 +65,7 @@ fn undo_takes_a_change_back_exactly() {
     s.undo(undo);
     assert_eq!(s, mapped);
     s.unmap_route("api", "api").unwrap();
-    assert!(!s.remove_endpoint_undoable(Ipv4Addr::new(10, 0, 0, 9)).changes_anything());
+    assert!(!s.remove_endpoint_undoable(Ipv4Addr::new(10, 0, 0, 9).into()).changes_anything());
     // Nothing to do: nothing recorded.
     assert!(!s.add_policies_undoable(&[kept], None).unwrap().changes_anything());
     assert!(
@@ -151,7 +151,7 @@ fn pairs_group_policies_by_app_pair_and_protocol() {
 fn endpoints_keep_their_app_tagged() {
     let mut s = State::default();
     let ep = Endpoint {
-        ip: Ipv4Addr::new(10, 255, 0, 1),
+        ip: Ipv4Addr::new(10, 255, 0, 1).into(),
         ipv6: None,
         app: "web".into(),
         ifname: "hv0".into(),
@@ -160,7 +160,7 @@ fn endpoints_keep_their_app_tagged() {
         port_mappings: Vec::new(),
     };
     assert!(s.add_endpoint(ep.clone()).is_none());
-    assert_eq!(s.endpoint_values()[&ep.ip].tag, 1);
+    assert_eq!(s.endpoint_values()[&ep.ipv4().unwrap()].tag, 1);
     s.remove_endpoint(ep.ip);
     assert!(s.tags().is_empty());
 }
@@ -188,7 +188,7 @@ fn state_round_trips_through_json() {
     let mut s = State::default();
     s.add_policies(&[policy("a", "b", Protocol::Tcp, 80, 90)], None).unwrap();
     s.add_endpoint(Endpoint {
-        ip: Ipv4Addr::new(10, 0, 0, 1),
+        ip: Ipv4Addr::new(10, 0, 0, 1).into(),
         ipv6: None,
         app: "b".into(),
         ifname: "v".into(),

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use super::{Endpoint, Invalid, Policy, State};
@@ -18,7 +18,7 @@ pub struct Undo {
     added: Vec<Policy>,
     removed: Vec<(Policy, u32)>,
     /// An endpoint address and what it held before.
-    endpoint: Option<(Ipv4Addr, Option<Endpoint>)>,
+    endpoint: Option<(IpAddr, Option<Endpoint>)>,
     /// A route hostname and the app it was mapped to before.
     route: Option<(String, Option<String>)>,
     /// An app and the security group rules it had before.
@@ -88,7 +88,7 @@ impl State {
     }
 
     /// [`Self::remove_endpoint`], returning what [`Self::undo`] needs.
-    pub fn remove_endpoint_undoable(&mut self, ip: Ipv4Addr) -> Undo {
+    pub fn remove_endpoint_undoable(&mut self, ip: IpAddr) -> Undo {
         let before = self.endpoints.get(&ip).cloned();
         let mut undo = self.undo_record(before.iter().map(|e| e.app.as_str()));
         if self.remove_endpoint(ip).is_some() {

@@ -576,7 +576,7 @@ mod tests {
         // Past one compaction, then some more.
         write(&mut store, &mut state, 1..(COMPACT_EVERY as u16 + 50));
         let endpoint = Endpoint {
-            ip: Ipv4Addr::new(10, 0, 0, 1),
+            ip: Ipv4Addr::new(10, 0, 0, 1).into(),
             ipv6: None,
             app: "b".into(),
             ifname: "v".into(),

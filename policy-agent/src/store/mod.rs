@@ -6,7 +6,7 @@
 mod journal;
 
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -66,7 +66,7 @@ pub enum Change {
     AddPolicies(Vec<Policy>),
     RemovePolicies(Vec<Policy>),
     AddEndpoint(Endpoint),
-    RemoveEndpoint(Ipv4Addr),
+    RemoveEndpoint(IpAddr),
     MapRoute {
         app: String,
         hostname: String,

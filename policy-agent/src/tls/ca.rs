@@ -4,7 +4,7 @@
 
 use std::{
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
@@ -128,15 +128,11 @@ impl PlatformCa {
     /// An instance identity: subject `CN=IP, OU=app:APP`, the instance's
     /// addresses as its SANs (IPv4, and IPv6 on a dual-stack network),
     /// usable as client and server certificate.
-    pub fn issue_identity(
-        &self,
-        app: &str,
-        ip: Ipv4Addr,
-        ipv6: Option<Ipv6Addr>,
-    ) -> Result<Identity, TlsError> {
+    pub fn issue_identity(&self, app: &str, addresses: &[IpAddr]) -> Result<Identity, TlsError> {
         let mut params = CertificateParams::default();
-        params.subject_alt_names = addresses(ip, ipv6);
-        params.distinguished_name.push(DnType::CommonName, ip.to_string());
+        params.subject_alt_names = sans(addresses);
+        let first = addresses.first().map(IpAddr::to_string).unwrap_or_default();
+        params.distinguished_name.push(DnType::CommonName, first);
         params.distinguished_name.push(DnType::OrganizationalUnitName, format!("app:{app}"));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages =
@@ -198,13 +194,12 @@ impl PlatformCa {
         &self,
         app: &str,
         hostnames: &[String],
-        ip: Ipv4Addr,
-        ipv6: Option<Ipv6Addr>,
+        addresses: &[IpAddr],
     ) -> Result<Arc<CertifiedKey>, TlsError> {
         let names: Vec<String> =
             hostnames.iter().map(|h| format!("{h}.{INTERNAL_DOMAIN}")).collect();
         let mut params = CertificateParams::new(names)?;
-        params.subject_alt_names.extend(addresses(ip, ipv6));
+        params.subject_alt_names.extend(sans(addresses));
         params.distinguished_name.push(DnType::CommonName, app);
         self.validity_window(&mut params);
         self.certified(&params)
@@ -212,8 +207,8 @@ impl PlatformCa {
 }
 
 /// An instance's addresses as SANs.
-fn addresses(ip: Ipv4Addr, ipv6: Option<Ipv6Addr>) -> Vec<SanType> {
-    std::iter::once(IpAddr::V4(ip)).chain(ipv6.map(IpAddr::V6)).map(SanType::IpAddress).collect()
+fn sans(addresses: &[IpAddr]) -> Vec<SanType> {
+    addresses.iter().copied().map(SanType::IpAddress).collect()
 }
 
 #[cfg(test)]
@@ -236,13 +231,12 @@ mod tests {
         assert_eq!(fs::read(dir.join("ca.pem")).unwrap(), first, "the CA is kept");
         assert_eq!(again.ca_der, ca.ca_der);
         let cert = again
-            .issue("backend", &["backend".into(), "api".into()], Ipv4Addr::new(10, 255, 0, 2), None)
+            .issue("backend", &["backend".into(), "api".into()], &[[10, 255, 0, 2].into()])
             .unwrap();
         assert_eq!(cert.cert.len(), 2, "leaf and CA");
         assert_eq!(identity_app(&cert.cert[0]), None, "a route certificate is no identity");
 
-        let identity =
-            again.issue_identity("frontend", Ipv4Addr::new(10, 255, 0, 3), None).unwrap();
+        let identity = again.issue_identity("frontend", &[[10, 255, 0, 3].into()]).unwrap();
         let der = CertificateDer::from_pem_slice(identity.cert_pem.as_bytes()).unwrap();
         assert_eq!(identity_app(&der).as_deref(), Some("frontend"));
         assert!(PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).is_ok());

@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     fs::{self, File},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, RwLock,
@@ -50,9 +50,9 @@ impl ResolvesServerCert for CurrentCert {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Wanted {
     app: String,
-    /// The instance's IPv6 address (dual stack): a second listener, and a
-    /// second SAN.
-    ipv6: Option<Ipv6Addr>,
+    /// The instance's addresses, IPv4 first (see [`Endpoint::addresses`]):
+    /// a listener and a SAN each.
+    addresses: Vec<IpAddr>,
     netns: PathBuf,
     hostnames: Vec<String>,
     app_port: u16,
@@ -84,7 +84,7 @@ pub struct TlsProxies {
 struct Listeners {
     /// The generation of the newest [`Wants`] applied.
     applied: u64,
-    by_ip: BTreeMap<Ipv4Addr, Running>,
+    by_ip: BTreeMap<IpAddr, Running>,
 }
 
 /// The listeners a state wants, taken under the agent's lock and applied
@@ -92,16 +92,12 @@ struct Listeners {
 /// binding sockets never happens while the state is locked.
 pub struct Wants {
     generation: u64,
-    by_ip: BTreeMap<Ipv4Addr, Wanted>,
+    by_ip: BTreeMap<IpAddr, Wanted>,
 }
 
 /// An instance's ports in the shape of Cloud Foundry's `CF_INSTANCE_PORTS`,
 /// with the paths of its identity (`CF_INSTANCE_CERT`, `CF_INSTANCE_KEY`).
-pub fn instance_ports(
-    ip: Ipv4Addr,
-    app_port: u16,
-    (cert, key): (&Path, &Path),
-) -> serde_json::Value {
+pub fn instance_ports(ip: IpAddr, app_port: u16, (cert, key): (&Path, &Path)) -> serde_json::Value {
     serde_json::json!({
         "CF_INSTANCE_IP": ip.to_string(),
         "CF_INSTANCE_PORTS": [{"internal": app_port, "internal_tls_proxy": TLS_PORT}],
@@ -127,12 +123,12 @@ impl TlsProxies {
         }
     }
 
-    fn ports_file(&self, ip: Ipv4Addr) -> PathBuf {
+    fn ports_file(&self, ip: IpAddr) -> PathBuf {
         self.instances_dir.join(format!("{ip}.json"))
     }
 
     /// Where an instance's identity certificate and key are written.
-    pub fn identity_files(&self, ip: Ipv4Addr) -> (PathBuf, PathBuf) {
+    pub fn identity_files(&self, ip: IpAddr) -> (PathBuf, PathBuf) {
         (
             self.instances_dir.join(format!("{ip}-cert.pem")),
             self.instances_dir.join(format!("{ip}-key.pem")),
@@ -141,10 +137,10 @@ impl TlsProxies {
 
     /// Writes the instance's identity and port mapping where the container
     /// can read them (each file replaced whole; the key mode 0600).
-    fn write_instance(&self, ip: Ipv4Addr, want: &Wanted) -> Result<(), TlsError> {
+    fn write_instance(&self, ip: IpAddr, want: &Wanted) -> Result<(), TlsError> {
         let dir = &self.instances_dir;
         fs::create_dir_all(dir).map_err(io("create", dir))?;
-        let identity = self.ca.issue_identity(&want.app, ip, want.ipv6)?;
+        let identity = self.ca.issue_identity(&want.app, &want.addresses)?;
         let (cert, key) = self.identity_files(ip);
         let ports = instance_ports(ip, want.app_port, (&cert, &key)).to_string();
         for (path, text, mode) in [
@@ -158,7 +154,7 @@ impl TlsProxies {
         Ok(())
     }
 
-    fn remove_instance(&self, ip: Ipv4Addr) {
+    fn remove_instance(&self, ip: IpAddr) {
         let (cert, key) = self.identity_files(ip);
         for path in [self.ports_file(ip), cert, key] {
             let _ = fs::remove_file(path);
@@ -178,14 +174,14 @@ impl TlsProxies {
         for (host, app) in state.routes() {
             routes_of.entry(app.as_str()).or_default().push(host.clone());
         }
-        let by_ip: BTreeMap<Ipv4Addr, Wanted> = state
+        let by_ip: BTreeMap<IpAddr, Wanted> = state
             .local_endpoints()
             .filter_map(|e| {
                 Some((
                     e.ip,
                     Wanted {
                         app: e.app.clone(),
-                        ipv6: e.ipv6,
+                        addresses: e.addresses().collect(),
                         netns: e.netns.clone()?,
                         hostnames: routes_of.get(e.app.as_str()).cloned().unwrap_or_default(),
                         app_port: state.tls_front(&e.app)?.app_port,
@@ -212,7 +208,7 @@ impl TlsProxies {
             let keep = wanted.get(ip).is_some_and(|w| {
                 w.netns == r.wanted.netns
                     && w.app == r.wanted.app
-                    && w.ipv6 == r.wanted.ipv6
+                    && w.addresses == r.wanted.addresses
                     && w.app_port == r.wanted.app_port
                     && w.client_auth == r.wanted.client_auth
             });
@@ -226,7 +222,7 @@ impl TlsProxies {
         for (ip, want) in wanted {
             if let Some(r) = running.get_mut(&ip) {
                 if r.wanted.hostnames != want.hostnames {
-                    match self.ca.issue(&want.app, &want.hostnames, ip, want.ipv6) {
+                    match self.ca.issue(&want.app, &want.hostnames, &want.addresses) {
                         Ok(cert) => {
                             *r.cert.0.write().unwrap_or_else(|p| p.into_inner()) = cert;
                             info!(%ip, app = want.app, names = ?want.hostnames, "certificate re-issued");
@@ -251,7 +247,7 @@ impl TlsProxies {
         }
     }
 
-    fn start(&self, ip: Ipv4Addr, want: &Wanted) -> Result<Running, TlsError> {
+    fn start(&self, ip: IpAddr, want: &Wanted) -> Result<Running, TlsError> {
         // Opened and checked once; the connections' upstream sockets are
         // made in it through this descriptor.
         let ns = Arc::new(crate::netns::open(&want.netns).map_err(|e| {
@@ -260,8 +256,7 @@ impl TlsProxies {
         let cert = Arc::new(CurrentCert(RwLock::new(self.ca.issue(
             &want.app,
             &want.hostnames,
-            ip,
-            want.ipv6,
+            &want.addresses,
         )?)));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder =
@@ -277,11 +272,11 @@ impl TlsProxies {
         };
         let config = builder.with_cert_resolver(cert.clone());
         let acceptor = TlsAcceptor::from(Arc::new(config));
-        // The IPv4 address's listener, and the IPv6 address's on a dual-stack
-        // network; both forward to the app over IPv4 (where every app
-        // listens).
+        // A listener on each address (IPv4 and, dual stack, IPv6); both
+        // forward to the app at the endpoint's first address (IPv4 where it
+        // has one, as apps listen there).
         let listen = SocketAddr::from((ip, TLS_PORT));
-        let listen6 = want.ipv6.map(|a| SocketAddr::from((a, TLS_PORT)));
+        let listen6 = want.addresses.get(1).map(|a| SocketAddr::from((*a, TLS_PORT)));
         let listeners = crate::netns::run_in(&ns, || {
             let bind = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
                 let l = std::net::TcpListener::bind(addr)?;
@@ -347,7 +342,7 @@ impl TlsProxies {
         let mut listeners = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         for (ip, r) in listeners.by_ip.iter_mut().filter(|(_, r)| r.renew_at <= now) {
-            match self.ca.issue(&r.wanted.app, &r.wanted.hostnames, *ip, r.wanted.ipv6) {
+            match self.ca.issue(&r.wanted.app, &r.wanted.hostnames, &r.wanted.addresses) {
                 Ok(cert) => *r.cert.0.write().unwrap_or_else(|p| p.into_inner()) = cert,
                 Err(e) => {
                     warn!(%ip, error = %e, "cannot re-issue the certificate; trying again");
@@ -378,7 +373,12 @@ async fn proxy(
             |_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
         )??;
     // The upstream socket is made in the container's namespace.
-    let socket = crate::netns::run_in(netns, tokio::net::TcpSocket::new_v4)?;
+    let new_socket = if upstream.is_ipv4() {
+        tokio::net::TcpSocket::new_v4
+    } else {
+        tokio::net::TcpSocket::new_v6
+    };
+    let socket = crate::netns::run_in(netns, new_socket)?;
     let mut app = socket.connect(upstream).await?;
     if http {
         return proxy_http(tls, app).await;

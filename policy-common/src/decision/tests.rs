@@ -326,6 +326,16 @@ fn source_side_drops_spoofed_addresses() {
 }
 
 #[test]
+fn an_ipv6_only_endpoint_sends_no_ipv4() {
+    let own = Some(Attachment { addr: crate::maps::NO_IPV4, tag: 1 });
+    let from_a = parse_ipv4(PacketSpec::tcp(A, B, 1, 2).ipv4().as_slice(), 0);
+    let unspecified = [0, 0, 0, 0];
+    let from_nothing = parse_ipv4(PacketSpec::tcp(unspecified, B, 68, 67).ipv4().as_slice(), 0);
+    assert_eq!(decide_source(&from_a, own), Verdict::Drop(Reason::Spoofed));
+    assert_eq!(decide_source(&from_nothing, own), Verdict::Drop(Reason::Spoofed));
+}
+
+#[test]
 fn conn_key_is_the_same_for_both_directions() {
     let there = Flow { saddr: addr(A), daddr: addr(B), sport: 40000, dport: 80, protocol: 6 };
     let back = Flow { saddr: addr(B), daddr: addr(A), sport: 80, dport: 40000, protocol: 6 };
