@@ -1,16 +1,13 @@
 //! The network configuration on stdin and the `CNI_*` environment, and
 //! which app a container belongs to.
 
-use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{CniError, Result, code};
+use policy_agent::cluster::overlay::Ipv6Prefix;
 
 /// Spec versions this plugin speaks (garden sends 0.3.1).
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -174,27 +171,8 @@ pub fn parse_subnet(text: &str) -> Result<(Ipv4Addr, u8)> {
 
 /// `ipv6_prefix`: a /96 whose last 32 bits are zero, not link-local or
 /// multicast.
-pub fn parse_ipv6_prefix(text: &str) -> Result<Ipv6Addr> {
-    let bad =
-        |why: &str| CniError::new(code::INVALID_CONFIG, format!("ipv6_prefix {text:?} {why}"));
-    let (addr, prefix) = text.split_once('/').ok_or_else(|| bad("is not an IPv6 /96"))?;
-    let addr: Ipv6Addr = addr.parse().map_err(|_| bad("is not an IPv6 /96"))?;
-    if prefix != "96" {
-        return Err(bad("must be a /96 (the container's IPv4 address fills the last 32 bits)"));
-    }
-    if u128::from(addr) & u128::from(u32::MAX) != 0 {
-        return Err(bad("has bits set past /96"));
-    }
-    if addr.is_multicast() || addr.segments()[0] & 0xffc0 == 0xfe80 || addr.is_unspecified() {
-        return Err(bad("is link-local, multicast or unspecified"));
-    }
-    Ok(addr)
-}
-
-/// The container's IPv6 address under `prefix`: its IPv4 address in the
-/// last 32 bits.
-pub fn ipv6_of(prefix: Ipv6Addr, ip: Ipv4Addr) -> Ipv6Addr {
-    Ipv6Addr::from(u128::from(prefix) | u128::from(u32::from(ip)))
+pub fn parse_ipv6_prefix(text: &str) -> Result<Ipv6Prefix> {
+    Ipv6Prefix::parse(text).map_err(|why| CniError::new(code::INVALID_CONFIG, why))
 }
 
 /// The `CNI_*` environment.

@@ -142,7 +142,7 @@ async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
     let host_ifname = env.host_ifname();
     let mut leases = Leases::open(&conf.lease_dir())?;
     let ip = leases.reserve(&env.container_id, &env.ifname, subnet, &taken)?;
-    let ip6 = prefix6.map(|p| config::ipv6_of(p, ip));
+    let ip6 = prefix6.map(|p| p.address_of(ip));
     let made = async {
         // Containers route through the host, as the reference ptp plugin
         // and silk arrange.

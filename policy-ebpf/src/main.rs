@@ -136,8 +136,14 @@ fn from_container6(skb: *mut __sk_buff) -> i32 {
     let Some(parsed) = parsed6(skb, ETH_HLEN, scratch::TC) else { return TC_ACT_SHOT };
     let bytes = SkbBytes::new(skb);
     let ifindex = bytes.ifindex();
-    let own = kernel_maps::veth_endpoint(ifindex);
-    tc_action(source_side6(parsed, &bytes, own, ifindex))
+    // A plain value across the call (tag 0: no endpoint here): an Option's
+    // payload register is unset when it is None, and the callee may spill it.
+    let own = kernel_maps::veth_endpoint(ifindex).unwrap_or_default();
+    match source_side6(parsed, &bytes, own, ifindex) {
+        outcome::PASS => TC_ACT_OK,
+        outcome::REJECT => reject6(skb, parsed, reject::Back::ToSender(ifindex)),
+        _ => TC_ACT_SHOT,
+    }
 }
 
 #[inline(never)]
@@ -218,7 +224,7 @@ fn to_container6(skb: *mut __sk_buff) -> i32 {
     let ifindex = bytes.ifindex();
     match destination_side6(parsed, &bytes, ifindex, tunnel_tag, !from_tunnel) {
         outcome::PASS => TC_ACT_OK,
-        outcome::REJECT => reject6(skb, parsed, ifindex),
+        outcome::REJECT => reject6(skb, parsed, reject::Back::FromDestination(ifindex)),
         _ => TC_ACT_SHOT,
     }
 }
@@ -323,27 +329,30 @@ fn cgroup_ingress6(skb: *mut __sk_buff) -> i32 {
 
 /// The IPv6 anti-spoofing check, counted and reported; in cluster mode the
 /// mark for the tunnel and connections to other hosts' endpoints, as for
-/// IPv4. (NetIn, NetOut and rejects are IPv4 only.)
+/// IPv4: an opening to another host that no policy allows is rejected here,
+/// back into the container. (NetIn and NetOut are IPv4 only.)
 #[inline(never)]
-fn source_side6(
-    parsed: &Parsed<Ipv6Key>,
-    bytes: &SkbBytes,
-    own: Option<Attachment>,
-    ifindex: u32,
-) -> Verdict {
+fn source_side6(parsed: &Parsed<Ipv6Key>, bytes: &SkbBytes, own: Attachment, ifindex: u32) -> u32 {
+    let own = (own.tag != 0).then_some(own);
     let verdict = decide_source6(parsed, kernel_maps::veth_endpoint6(ifindex, own));
     if !verdict.is_pass() {
         let decision =
             Decision { src_tag: own.map_or(0, |a| a.tag), ..Decision::from_verdict(verdict) };
         events::report(parsed, &decision, direction::EGRESS, ifindex, false);
-        return count_verdict(verdict);
+        count_verdict(verdict);
+        return outcome::DROP;
     }
+    count_verdict(verdict);
     if TUNNEL.get(0).is_some_and(|t| t.ifindex != 0) {
         let tag = own.map_or(0, |a| a.tag);
         bytes.set_mark(if tag & !TUNNEL_TAG_MASK == 0 { tag } else { 0 });
-        kernel_maps::apply_conn6(track_outgoing(&KernelMaps6::new(), parsed).conn);
+        let outgoing = track_outgoing(&KernelMaps6::new(), parsed);
+        kernel_maps::apply_conn6(outgoing.conn);
+        if outgoing.denied && wants_reject6(bytes.skb(), parsed, Verdict::Drop(Reason::NoPolicy)) {
+            return outcome::REJECT;
+        }
     }
-    count_verdict(verdict)
+    outcome::PASS
 }
 
 /// [`destination_side`] for IPv6 (denied packets are dropped). A function
@@ -390,8 +399,8 @@ fn wants_reject6(skb: *mut __sk_buff, parsed: &Parsed<Ipv6Key>, verdict: Verdict
 
 /// Answers a denied IPv6 packet (see `reject`).
 #[inline(always)]
-fn reject6(skb: *mut __sk_buff, parsed: &Parsed<Ipv6Key>, ifindex: u32) -> i32 {
-    reject::send6(&TcContext::new(skb), parsed, ifindex)
+fn reject6(skb: *mut __sk_buff, parsed: &Parsed<Ipv6Key>, back: reject::Back) -> i32 {
+    reject::send6(&TcContext::new(skb), parsed, back)
 }
 
 /// Anti-spoofing, counted; a spoofed packet is reported.

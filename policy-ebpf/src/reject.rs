@@ -106,6 +106,12 @@ pub fn send(ctx: &TcContext, parsed: &Parsed, back: Back) -> i32 {
     }
     let (key, conn) = reject_entry(&flow, KernelMaps::new().epoch());
     let _ = CONNTRACK.insert(key, conn, 0);
+    redirect(back)
+}
+
+/// Sends the rewritten packet `back`.
+#[inline(always)]
+fn redirect(back: Back) -> i32 {
     let (ifindex, flags) = match back {
         Back::FromDestination(ifindex) => (ifindex, u64::from(BPF_F_INGRESS)),
         Back::ToSender(ifindex) => (ifindex, 0),
@@ -266,15 +272,13 @@ pub fn wanted6(ctx: &TcContext, parsed: &Parsed<Ipv6Key>, verdict: Verdict) -> b
 /// answer, and the entry that lets it in, are each written by a function of
 /// its own: one frame at a time on top of the caller's.
 #[inline(always)]
-pub fn send6(ctx: &TcContext, parsed: &Parsed<Ipv6Key>, ifindex: u32) -> i32 {
+pub fn send6(ctx: &TcContext, parsed: &Parsed<Ipv6Key>, back: Back) -> i32 {
     let Parsed::Flow { flow: Flow { protocol, .. }, .. } = *parsed else { return TC_ACT_SHOT };
     let written = if protocol == proto::TCP { tcp_reset6(ctx) } else { port_unreachable6(ctx) };
     if written.is_none() || !record6(parsed) {
         return TC_ACT_SHOT;
     }
-    // SAFETY: plain helper call; the redirect happens when we return its value.
-    let action = unsafe { bpf_redirect(ifindex, u64::from(BPF_F_INGRESS)) };
-    if action == i64::from(TC_ACT_REDIRECT) { TC_ACT_REDIRECT } else { TC_ACT_SHOT }
+    redirect(back)
 }
 
 /// Records the `CONNTRACK6` entry that lets the reject of `parsed` in at its

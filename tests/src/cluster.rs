@@ -9,7 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{daemon::Daemon, netns::NetNs, topology::Host};
+use crate::{
+    daemon::Daemon,
+    netns::NetNs,
+    topology::{Host, IPV6_PREFIX},
+};
 
 /// The underlay network, 172.31.0.0/24; etcd listens on its bridge.
 pub struct Underlay {
@@ -182,9 +186,25 @@ pub fn hosts_with(
     containers: usize,
     cluster_extra: &str,
 ) -> Vec<ClusterHost> {
+    make_hosts(underlay, count, |i| Host::with_subnet(containers, i), cluster_extra)
+}
+
+/// [`hosts`] with dual-stack containers (their IPv6 addresses under
+/// [`IPV6_PREFIX`]), the agents routing IPv6 between hosts.
+pub fn dual_stack_hosts(underlay: &mut Underlay, count: u8, containers: usize) -> Vec<ClusterHost> {
+    let extra = format!("ipv6_prefix = \"{IPV6_PREFIX}\"\n");
+    make_hosts(underlay, count, |i| Host::dual_stack_with_subnet(containers, i), &extra)
+}
+
+fn make_hosts(
+    underlay: &mut Underlay,
+    count: u8,
+    host: impl Fn(u8) -> Host,
+    cluster_extra: &str,
+) -> Vec<ClusterHost> {
     (0..count)
         .map(|i| {
-            let host = Host::with_subnet(containers, i);
+            let host = host(i);
             let address = underlay.join(&host);
             let name = format!("cell-{i}");
             let config = format!("{}{cluster_extra}", cluster_config(&name, address));

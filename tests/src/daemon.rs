@@ -162,6 +162,12 @@ impl Daemon {
         self.cli_ok(&policy_args("add-network-policy", source, destination, protocol, port));
     }
 
+    /// `policy-agent remove-network-policy SOURCE --destination-app DEST
+    /// --protocol PROTOCOL --port PORT`.
+    pub fn disallow(&self, source: &str, destination: &str, protocol: &str, port: &str) {
+        self.cli_ok(&policy_args("remove-network-policy", source, destination, protocol, port));
+    }
+
     /// An instance's port mapping as the agent wrote it (`CF_INSTANCE_PORTS`).
     pub fn instance_ports(&self, ip: std::net::Ipv4Addr) -> Value {
         let path = self.state_dir().join(format!("instances/{ip}.json"));

@@ -5,7 +5,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use policy_agent::Dataplane;
+use policy_agent::{Dataplane, cluster::overlay::Ipv6Prefix};
 
 use crate::netns::NetNs;
 
@@ -14,6 +14,9 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
 /// The IPv6 gateway of dual-stack containers (link-local, on every
 /// host-side veth).
 pub const GATEWAY6: &str = "fe80::1";
+/// The /96 dual-stack containers' IPv6 addresses are in: the prefix plus
+/// their IPv4 address (the CNI plugin's and the cluster's `ipv6_prefix`).
+pub const IPV6_PREFIX: &str = "fd00:255::/96";
 
 pub struct Container {
     pub ns: NetNs,
@@ -50,14 +53,20 @@ impl Host {
     }
 
     /// A host with `n` dual-stack containers: 10.255.0.N as in [`Self::new`]
-    /// and fd00:255::N (a /128 each, routed by the host to the veth, with
-    /// the link-local gateway fe80::1 on every host-side veth).
+    /// and the same address under [`IPV6_PREFIX`] (a /128 each, routed by
+    /// the host to the veth, with the link-local gateway fe80::1 on every
+    /// host-side veth), as the CNI plugin gives them.
     pub fn dual_stack(n: usize) -> Self {
-        let host = Self::new(n);
+        Self::dual_stack_with_subnet(n, 0)
+    }
+
+    /// [`Self::dual_stack`] in subnet 10.255.S.0 (a cluster host's).
+    pub fn dual_stack_with_subnet(n: usize, subnet: u8) -> Self {
+        let mut host = Self::with_subnet(n, subnet);
         host.ns.sysctl("net.ipv6.conf.all.forwarding", "1");
-        let mut host = host;
-        for (i, c) in host.containers.iter_mut().enumerate() {
-            let ipv6 = Ipv6Addr::new(0xfd00, 0x255, 0, 0, 0, 0, 0, i as u16 + 1);
+        let prefix = Ipv6Prefix::parse(IPV6_PREFIX).expect("a /96");
+        for c in &mut host.containers {
+            let ipv6 = prefix.address_of(c.ip);
             // No duplicate address detection: the address works at once.
             c.ns.ip(&["-6", "addr", "add", &format!("{ipv6}/128"), "dev", "eth0", "nodad"]);
             c.ns.ip(&["-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0"]);

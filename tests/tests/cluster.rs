@@ -4,12 +4,12 @@
 //! enforcement, refuses writes with 503, and is caught up after.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
 use integration_tests::{
-    cluster::{ClusterHost, Etcd, Underlay, hosts, hosts_with},
+    cluster::{ClusterHost, Etcd, Underlay, dual_stack_hosts, hosts, hosts_with},
     daemon::Daemon,
     netns::NetNs,
     require_root,
@@ -591,4 +591,43 @@ fn an_agent_restarted_while_etcd_is_down_serves_its_last_known_state() {
         == 200));
     assert!(eventually(Duration::from_secs(5), || reaches(&cells[1], backend, 9000)), "caught up");
     assert!(reaches(&cells[1], backend, 8080));
+}
+
+#[test]
+fn ipv6_between_hosts_is_routed_and_policed_by_the_same_policies() {
+    require_root();
+    let mut underlay = Underlay::new();
+    let _etcd = Etcd::start(&underlay);
+    let cells = dual_stack_hosts(&mut underlay, 2, 2);
+    let (a, b) = (&cells[0], &cells[1]);
+    let (frontend, other) = (a.host.container(0), a.host.container(1));
+    let backend = b.host.container(0);
+    a.daemon.register(frontend, "frontend");
+    a.daemon.register(other, "other");
+    b.daemon.register(backend, "backend");
+    let backend6 = IpAddr::V6(backend.ipv6.unwrap());
+    tcp_echo_server(&backend.ns, backend6, 8080);
+    tcp_echo_server(&backend.ns, backend.ip, 8080);
+
+    // One policy, written on A, allows both families across hosts (the
+    // IPv6 /120 of each host's /24 routed through the tunnel).
+    a_policy_between(a, "frontend", "backend", "tcp", 8080);
+    assert!(
+        eventually(Duration::from_secs(5), || tcp_echo_works(&frontend.ns, backend6, 8080, SHORT)),
+        "frontend on A reaches backend on B over IPv6:\n{}",
+        b.daemon.cli_ok(&["status"])
+    );
+    assert!(tcp_echo_works(&frontend.ns, backend.ip, 8080, SHORT), "and over IPv4");
+    // Another app is denied, refused at once by the sender's host (a RST
+    // back into the container; B would drop it unanswered).
+    assert!(!tcp_echo_works(&other.ns, backend6, 8080, SHORT), "other apps, over IPv6");
+    let refused = tcp_connect(&other.ns, None, backend6, 8080, LONG).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
+
+    // Removed: the open IPv6 connection across hosts is cut.
+    let mut open = tcp_connect(&frontend.ns, None, backend6, 8080, LONG).unwrap();
+    assert!(echo_once(&mut open));
+    a.daemon.disallow("frontend", "backend", "tcp", "8080");
+    open.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(eventually(LONG, || !echo_once(&mut open)), "the open connection is cut");
 }

@@ -179,16 +179,7 @@ fn revocation_cuts_ipv6_connections_and_spoofed_sources_are_dropped() {
     daemon.allow("frontend", "backend", "tcp", "7000");
     let mut stream = tcp_connect(&a.ns, None, b6, 7000, LONG).expect("connect over IPv6");
     assert!(echo_once(&mut stream), "echo over IPv6");
-    daemon.cli_ok(&[
-        "remove-network-policy",
-        "frontend",
-        "--destination-app",
-        "backend",
-        "--protocol",
-        "tcp",
-        "--port",
-        "7000",
-    ]);
+    daemon.disallow("frontend", "backend", "tcp", "7000");
     stream.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
     assert!(!echo_once(&mut stream), "the open IPv6 connection is cut");
 

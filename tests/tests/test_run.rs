@@ -343,19 +343,37 @@ fn cgroup_programs_make_the_same_decisions() {
 }
 
 /// (source, source port, destination, destination port, protocol).
-type Tuple = ([u8; 4], u16, [u8; 4], u16, u8);
+type Tuple<A> = (A, u16, A, u16, u8);
+
+/// The family a reference-model run sends: its ICMP protocol and echo
+/// request/reply (as `icmp_port`s), its addresses, how an endpoint is
+/// registered and how a packet is framed.
+struct ModelFamily<A> {
+    icmp: u8,
+    echo_request: u16,
+    echo_reply: u16,
+    /// The `i`th address of round `round`.
+    address: fn(round: u8, i: u8) -> A,
+    register: fn(&mut Dataplane, A, u32),
+    /// The frames of (src, sport, dst, dport, protocol): one packet, or its
+    /// fragments; `rng` may vary their shape (IPv6: extension headers,
+    /// fragments) but never their meaning. Each gets the model's verdict.
+    frames: fn(&mut rand::rngs::StdRng, &Tuple<A>) -> Vec<Vec<u8>>,
+}
 
 /// A deliberately naive model of the policy: a list of policies scanned
 /// linearly and a set of open connections. It shares no code with the
 /// program's decision logic.
-struct Model {
-    tags: std::collections::HashMap<[u8; 4], u32>,
+struct Model<A> {
+    tags: std::collections::HashMap<A, u32>,
     policies: Vec<(u32, u32, u8, u16, u16)>,
-    conns: std::collections::HashSet<Tuple>,
+    conns: std::collections::HashSet<Tuple<A>>,
+    /// The ICMP protocol and echo request/reply ports of the family.
+    icmp: (u8, u16, u16),
 }
 
-impl Model {
-    fn allowed(&self, src: [u8; 4], dst: [u8; 4], protocol: u8, dport: u16) -> bool {
+impl<A: Copy + Eq + std::hash::Hash> Model<A> {
+    fn allowed(&self, src: A, dst: A, protocol: u8, dport: u16) -> bool {
         let (Some(&s), Some(&d)) = (self.tags.get(&src), self.tags.get(&dst)) else {
             return true;
         };
@@ -366,18 +384,11 @@ impl Model {
 
     /// Pass or drop, updating the open connections as a stateful firewall
     /// that re-checks a connection's opening packet would.
-    fn deliver(
-        &mut self,
-        src: [u8; 4],
-        sport: u16,
-        dst: [u8; 4],
-        dport: u16,
-        protocol: u8,
-    ) -> bool {
+    fn deliver(&mut self, src: A, sport: u16, dst: A, dport: u16, protocol: u8) -> bool {
         if !self.tags.contains_key(&src) || !self.tags.contains_key(&dst) {
             return true;
         }
-        if protocol == proto::ICMP {
+        if protocol == self.icmp.0 {
             return self.deliver_icmp(src, sport, dst, dport);
         }
         for opening in [(src, sport, dst, dport, protocol), (dst, dport, src, sport, protocol)] {
@@ -396,24 +407,24 @@ impl Model {
         false
     }
 
-    /// ICMP echo (type 8, `dport` 0x0800) and echo reply (type 0, `dport`
-    /// 0) with identifier `id`: a request a policy allows opens an exchange
+    /// ICMP echo request and echo reply (`dport` the type and code) with
+    /// identifier `id`: a request a policy allows opens an exchange
     /// (requester, id, responder) whose replies pass while the request is
     /// still allowed; a reply outside any exchange passes only if a policy
     /// allows replies, and opens nothing.
-    fn deliver_icmp(&mut self, src: [u8; 4], id: u16, dst: [u8; 4], dport: u16) -> bool {
-        const ECHO: u16 = 0x0800;
-        let is_request = dport == ECHO;
+    fn deliver_icmp(&mut self, src: A, id: u16, dst: A, dport: u16) -> bool {
+        let (icmp, request, _) = self.icmp;
+        let is_request = dport == request;
         let (requester, responder) = if is_request { (src, dst) } else { (dst, src) };
-        let exchange = (requester, id, responder, ECHO, proto::ICMP);
+        let exchange = (requester, id, responder, request, icmp);
         if self.conns.contains(&exchange) {
-            if self.allowed(requester, responder, proto::ICMP, ECHO) {
+            if self.allowed(requester, responder, icmp, request) {
                 return true;
             }
             self.conns.remove(&exchange);
             return false;
         }
-        if !self.allowed(src, dst, proto::ICMP, dport) {
+        if !self.allowed(src, dst, icmp, dport) {
             return false;
         }
         if is_request {
@@ -423,40 +434,47 @@ impl Model {
     }
 }
 
-#[test]
-fn program_agrees_with_a_reference_model_on_random_traffic() {
+/// Random policies, revocations and traffic (new flows, replies, ICMP
+/// echo both ways) through the program entering a container, each packet's
+/// verdict compared with the model's. Returns how many were checked.
+fn agrees_with_the_model<A: Copy + Eq + std::hash::Hash + std::fmt::Debug>(
+    family: &ModelFamily<A>,
+    seed: u64,
+) -> u32 {
     use rand::{Rng as _, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};
     let mut f = Fixture::new();
-    let seed: u64 =
-        std::env::var("MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x00c0_ffee);
     let mut rng = StdRng::seed_from_u64(seed);
     let edges = [1u16, 2, 79, 80, 81, 443, 8079, 8080, 8090, 8091, 65534, 65535];
+    let (icmp, request, reply) = (family.icmp, family.echo_request, family.echo_reply);
     let mut checked = 0u32;
     for round in 0..12u8 {
         // Fresh addresses and tags each round, so earlier rounds' connections
         // cannot interfere.
         let base_tag = 100 * (u32::from(round) + 1);
-        // Half in the overlay (array slots), half outside it (hashed).
-        let addrs: Vec<[u8; 4]> = (1..=6)
-            .map(|i| if i % 2 == 0 { [10, 100 + round, 0, i] } else { [10, 255, 100 + round, i] })
-            .collect();
-        let mut model =
-            Model { tags: Default::default(), policies: Vec::new(), conns: Default::default() };
+        let addrs: Vec<A> = (1..=6).map(|i| (family.address)(round, i)).collect();
+        let mut model = Model {
+            tags: Default::default(),
+            policies: Vec::new(),
+            conns: Default::default(),
+            icmp: (icmp, request, reply),
+        };
         for (i, a) in addrs.iter().enumerate().take(5) {
             // Five registered endpoints in three apps; the sixth address is
             // not registered.
             let tag = base_tag + (i as u32 % 3);
-            f.dataplane.maps_mut().set_endpoint(Ipv4Addr::from(*a), tag).unwrap();
+            (family.register)(&mut f.dataplane, *a, tag);
             model.tags.insert(*a, tag);
         }
         let mut next_id = 1u32;
         let mut random_policy = |rng: &mut StdRng| {
             let start = *edges.choose(rng).unwrap();
             let end = start.saturating_add(*[0u16, 1, 10, 1000].choose(rng).unwrap());
-            let protocol = *[proto::TCP, proto::UDP, proto::ICMP].choose(rng).unwrap();
+            let protocol = *[proto::TCP, proto::UDP, icmp].choose(rng).unwrap();
             // ICMP policies: every type, echo requests, echo replies.
-            let (start, end) = if protocol == proto::ICMP {
-                *[(0, u16::MAX), (0x0800, 0x08ff), (0, 0xff)].choose(rng).unwrap()
+            let (start, end) = if protocol == icmp {
+                *[(0, u16::MAX), (request, request | 0xff), (reply, reply | 0xff)]
+                    .choose(rng)
+                    .unwrap()
             } else {
                 (start, end)
             };
@@ -470,7 +488,7 @@ fn program_agrees_with_a_reference_model_on_random_traffic() {
             f.allow(s, d, p, lo, hi, id);
             model.policies.push((s, d, p, lo, hi));
         }
-        let mut sent: Vec<Tuple> = Vec::new();
+        let mut sent: Vec<Tuple<A>> = Vec::new();
         for step in 0..300 {
             if step % 75 == 74 && !model.policies.is_empty() {
                 // Take a policy away (same semantics as the agent: exact range).
@@ -483,19 +501,19 @@ fn program_agrees_with_a_reference_model_on_random_traffic() {
             }
             let packet = if !sent.is_empty() && rng.random_bool(0.4) {
                 let (a, ap, b, bp, p) = *sent.choose(&mut rng).unwrap();
-                if p == proto::ICMP {
+                if p == icmp {
                     // The answer (or, to a reply, a request) with the same id.
-                    (b, ap, a, bp ^ 0x0800, p)
+                    (b, ap, a, if bp == request { reply } else { request }, p)
                 } else {
                     (b, bp, a, ap, p) // a reply
                 }
             } else {
                 let src = *addrs.choose(&mut rng).unwrap();
                 let dst = *addrs.choose(&mut rng).unwrap();
-                let protocol = *[proto::TCP, proto::UDP, proto::ICMP].choose(&mut rng).unwrap();
-                if protocol == proto::ICMP {
+                let protocol = *[proto::TCP, proto::UDP, icmp].choose(&mut rng).unwrap();
+                if protocol == icmp {
                     // Echo request or reply, identifier as the source port.
-                    let dport = *[0x0800u16, 0].choose(&mut rng).unwrap();
+                    let dport = *[request, reply].choose(&mut rng).unwrap();
                     (src, rng.random_range(1..4), dst, dport, protocol)
                 } else {
                     (
@@ -512,13 +530,42 @@ fn program_agrees_with_a_reference_model_on_random_traffic() {
                 continue;
             }
             sent.push(packet);
-            let spec = PacketSpec::new(src, dst, protocol, sport, dport);
             let want = model.deliver(src, sport, dst, dport, protocol);
-            let got = f.entering_container(&spec.frame()) == TC_ACT_OK;
-            assert_eq!(got, want, "seed {seed}, round {round}, step {step}: {spec:?}");
-            checked += 1;
+            for frame in (family.frames)(&mut rng, &packet) {
+                let got = f.entering_container(&frame) == TC_ACT_OK;
+                assert_eq!(
+                    got, want,
+                    "seed {seed}, round {round}, step {step}: {packet:?} as {frame:02x?}"
+                );
+                checked += 1;
+            }
         }
     }
+    checked
+}
+
+fn model_seed() -> u64 {
+    std::env::var("MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x00c0_ffee)
+}
+
+#[test]
+fn program_agrees_with_a_reference_model_on_random_traffic() {
+    let ipv4 = ModelFamily {
+        icmp: proto::ICMP,
+        echo_request: policy_common::packet::icmp_port(8, 0),
+        echo_reply: policy_common::packet::icmp_port(0, 0),
+        // Half in the overlay (array slots), half outside it (hashed).
+        address: |round, i| {
+            if i % 2 == 0 { [10, 100 + round, 0, i] } else { [10, 255, 100 + round, i] }
+        },
+        register: |dataplane, a, tag| {
+            dataplane.maps_mut().set_endpoint(Ipv4Addr::from(a), tag).unwrap()
+        },
+        frames: |_, &(src, sport, dst, dport, protocol)| {
+            vec![PacketSpec::new(src, dst, protocol, sport, dport).frame()]
+        },
+    };
+    let checked = agrees_with_the_model(&ipv4, model_seed());
     assert!(checked > 3000, "only {checked} packets checked");
 }
 
@@ -838,6 +885,73 @@ mod ipv6 {
         assert_eq!(f.entering_container(&echo(B6, A6, 129)), TC_ACT_OK);
         // Unregistered addresses are not container-to-container.
         assert_eq!(f.entering_container(&tcp(LINK, B6, 1, 22)), TC_ACT_OK);
+    }
+
+    /// An IPv6 packet with extension headers chosen at random (none of
+    /// which changes its meaning: hop-by-hop first, destination options, a
+    /// routing header with no segments left), sometimes as two fragments.
+    fn random_ipv6_frames(
+        rng: &mut rand::rngs::StdRng,
+        &(src, sport, dst, dport, protocol): &super::Tuple<[u8; 16]>,
+    ) -> Vec<Vec<u8>> {
+        use rand::Rng as _;
+        let [icmp_type, code] = dport.to_be_bytes();
+        let upper = if protocol == proto::ICMPV6 {
+            icmp_header(icmp_type, code, sport)
+        } else {
+            l4_header(protocol, sport, dport)
+        };
+        let mut kinds: Vec<u8> = Vec::new();
+        for (kind, p) in [(0u8, 0.25), (60, 0.25), (43, 0.15)] {
+            if rng.random_bool(p) {
+                kinds.push(kind);
+            }
+        }
+        let id: u32 = rng.random();
+        let fragmented = rng.random_bool(0.2);
+        if fragmented {
+            kinds.push(44);
+        }
+        let chain = |offset: u16, more: bool| -> (u8, Vec<u8>) {
+            let mut bytes = Vec::new();
+            for (i, kind) in kinds.iter().enumerate() {
+                let next = kinds.get(i + 1).copied().unwrap_or(protocol);
+                match kind {
+                    44 => {
+                        bytes.extend_from_slice(&[next, 0]);
+                        bytes.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+                        bytes.extend_from_slice(&id.to_be_bytes());
+                    }
+                    43 => bytes.extend_from_slice(&[next, 0, 4, 0, 0, 0, 0, 0]),
+                    _ => bytes.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]),
+                }
+            }
+            (kinds.first().copied().unwrap_or(protocol), bytes)
+        };
+        let (first_next, ext) = chain(0, fragmented);
+        let mut frames = vec![ipv6_frame(src, dst, first_next, &ext, &upper)];
+        if fragmented {
+            let offset = upper.len().div_ceil(8) as u16;
+            let (first_next, ext) = chain(offset, false);
+            frames.push(ipv6_frame(src, dst, first_next, &ext, &[0; 16]));
+        }
+        frames
+    }
+
+    #[test]
+    fn program_agrees_with_a_reference_model_on_random_ipv6_traffic() {
+        let ipv6 = super::ModelFamily {
+            icmp: proto::ICMPV6,
+            echo_request: icmp_port(128, 0),
+            echo_reply: icmp_port(129, 0),
+            address: |round, i| [0xfd, 0, 0, 100 + round, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, i],
+            register: |dataplane, a, tag| {
+                dataplane.maps_mut().set_endpoint6(Ipv6Addr::from(a), tag).unwrap()
+            },
+            frames: random_ipv6_frames,
+        };
+        let checked = super::agrees_with_the_model(&ipv6, super::model_seed());
+        assert!(checked > 3000, "only {checked} packets checked");
     }
 
     #[test]

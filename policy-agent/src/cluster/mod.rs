@@ -29,6 +29,7 @@ use crate::state::check_app_id;
 /// prefix = "/policy-agent"                     # keys in etcd
 /// lease_seconds = 10                           # a host's record outlives its agent this long
 /// host_grace_seconds = 60                      # then, after this, its endpoints and subnet go
+/// ipv6_prefix = "fd00:255::/96"                # optional: route IPv6 between hosts too
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +47,10 @@ pub struct ClusterConfig {
     /// endpoints are removed from the cluster's state and its subnet freed.
     #[serde(default = "default_host_grace_seconds")]
     pub host_grace_seconds: u32,
+    /// The CNI plugin's `ipv6_prefix` (a /96 the containers' IPv4 addresses
+    /// complete): with it, IPv6 is routed between hosts as well.
+    #[serde(default)]
+    pub ipv6_prefix: Option<overlay::Ipv6Prefix>,
 }
 
 fn default_host_grace_seconds() -> u32 {

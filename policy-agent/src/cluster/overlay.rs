@@ -10,7 +10,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use futures_util::TryStreamExt as _;
@@ -48,6 +48,44 @@ pub enum OverlayError {
     NoSubnet,
 }
 
+/// An IPv6 /96 whose addresses end in the overlay's IPv4 ones: a
+/// container's IPv6 address is the prefix plus its IPv4 address (as the CNI
+/// plugin's `ipv6_prefix` gives them), so a host's /24 is a /120 of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct Ipv6Prefix(Ipv6Addr);
+
+impl Ipv6Prefix {
+    /// `"fd00:255::/96"`; the error says what is wrong with it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("ipv6_prefix {text:?} {why}");
+        let (addr, bits) = text.split_once('/').ok_or_else(|| bad("is not an IPv6 /96"))?;
+        let addr: Ipv6Addr = addr.parse().map_err(|_| bad("is not an IPv6 /96"))?;
+        if bits != "96" {
+            return Err(bad("must be a /96 (the container's IPv4 address fills the last 32 bits)"));
+        }
+        if u128::from(addr) & u128::from(u32::MAX) != 0 {
+            return Err(bad("has bits set past /96"));
+        }
+        if addr.is_multicast() || addr.segments()[0] & 0xffc0 == 0xfe80 || addr.is_unspecified() {
+            return Err(bad("is link-local, multicast or unspecified"));
+        }
+        Ok(Self(addr))
+    }
+
+    /// The IPv6 address under the prefix that ends in `ip`.
+    pub fn address_of(self, ip: Ipv4Addr) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.0) | u128::from(u32::from(ip)))
+    }
+}
+
+impl TryFrom<String> for Ipv6Prefix {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        Self::parse(&text)
+    }
+}
+
 /// Another host as the overlay needs it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Peer {
@@ -68,6 +106,8 @@ pub struct Overlay {
     pub underlay_ifname: String,
     /// The peer subnets routed now.
     routed: BTreeSet<Peer>,
+    /// With it, each peer's /24 is routed on IPv6 too (its /120 of it).
+    ipv6_prefix: Option<Ipv6Prefix>,
 }
 
 /// The /24 at `index` of the overlay network `base` (a /16).
@@ -111,7 +151,10 @@ pub fn lease_subnet(etcd: &Etcd, prefix: &str, host: &str) -> Result<u8, Overlay
 impl Overlay {
     /// Creates (or reuses) the VXLAN device on the interface holding
     /// `underlay`.
-    pub async fn open(underlay: Ipv4Addr) -> Result<Self, OverlayError> {
+    pub async fn open(
+        underlay: Ipv4Addr,
+        ipv6_prefix: Option<Ipv6Prefix>,
+    ) -> Result<Self, OverlayError> {
         let (connection, handle, _) = rtnetlink::new_connection().map_err(OverlayError::Socket)?;
         tokio::spawn(connection);
         let mut addresses = handle.address().get().execute();
@@ -141,22 +184,27 @@ impl Overlay {
         }
         let (ifindex, mac) = find_link(&handle, DEVICE).await?.ok_or(OverlayError::NoDevice)?;
         handle.link().set(LinkUnspec::new_with_index(ifindex).up().build()).execute().await?;
-        Ok(Self { handle, ifindex, mac, underlay_ifname, routed: BTreeSet::new() })
+        Ok(Self { handle, ifindex, mac, underlay_ifname, routed: BTreeSet::new(), ipv6_prefix })
     }
 
     /// Makes the routes, neighbour and forwarding entries exactly those of
     /// `peers`: new ones first, then the ones of hosts that left.
     pub async fn sync(&mut self, peers: &BTreeSet<Peer>) -> Result<(), OverlayError> {
         for peer in peers.difference(&self.routed.clone()) {
-            let gateway = IpAddr::V4(peer.subnet);
-            self.handle
-                .neighbours()
-                .add(self.ifindex, gateway)
-                .link_layer_address(&peer.mac)
-                .state(NeighbourState::Permanent)
-                .replace()
-                .execute()
-                .await?;
+            // The peer's gateway on each family: its subnet's network
+            // address (an address nothing holds: a name for its MAC).
+            let gateways = std::iter::once(IpAddr::V4(peer.subnet))
+                .chain(self.ipv6_prefix.map(|p| IpAddr::V6(p.address_of(peer.subnet))));
+            for gateway in gateways {
+                self.handle
+                    .neighbours()
+                    .add(self.ifindex, gateway)
+                    .link_layer_address(&peer.mac)
+                    .state(NeighbourState::Permanent)
+                    .replace()
+                    .execute()
+                    .await?;
+            }
             self.handle
                 .neighbours()
                 .add_bridge(self.ifindex, &peer.mac)
@@ -166,25 +214,45 @@ impl Overlay {
                 .replace()
                 .execute()
                 .await?;
-            self.handle.route().add(route(peer, self.ifindex)).replace().execute().await?;
+            for route in self.routes(peer) {
+                self.handle.route().add(route).replace().execute().await?;
+            }
             self.routed.insert(peer.clone());
         }
         for peer in self.routed.clone().difference(peers) {
             // Gone already (e.g. removed by hand) is fine.
-            let _ = self.handle.route().del(route(peer, self.ifindex)).execute().await;
+            for route in self.routes(peer) {
+                let _ = self.handle.route().del(route).execute().await;
+            }
             self.routed.remove(peer);
         }
         Ok(())
     }
-}
 
-fn route(peer: &Peer, ifindex: u32) -> rtnetlink::packet_route::route::RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(peer.subnet, 24)
-        .gateway(peer.subnet)
-        .output_interface(ifindex)
-        .onlink()
-        .build()
+    /// The routes to a peer's containers: its /24 via its gateway on the
+    /// device, and with an IPv6 prefix the /120 of the same addresses.
+    fn routes(&self, peer: &Peer) -> Vec<rtnetlink::packet_route::route::RouteMessage> {
+        let mut routes = vec![
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(peer.subnet, 24)
+                .gateway(peer.subnet)
+                .output_interface(self.ifindex)
+                .onlink()
+                .build(),
+        ];
+        if let Some(prefix) = self.ipv6_prefix {
+            let network = prefix.address_of(peer.subnet);
+            routes.push(
+                RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(network, 120)
+                    .gateway(network)
+                    .output_interface(self.ifindex)
+                    .onlink()
+                    .build(),
+            );
+        }
+        routes
+    }
 }
 
 /// A link's index and MAC address (zeros if it has none), if it exists.
@@ -245,5 +313,22 @@ mod tests {
         assert_eq!(mac_text(&mac), "02:ab:00:01:02:ff");
         assert_eq!(parse_mac(&mac_text(&mac)), Some(mac));
         assert_eq!(parse_mac("02:ab"), None);
+    }
+
+    #[test]
+    fn ipv6_prefixes_are_a_96_that_ipv4_addresses_complete() {
+        let prefix = Ipv6Prefix::parse("fd00:255::/96").unwrap();
+        let address = prefix.address_of(Ipv4Addr::new(10, 255, 2, 7));
+        assert_eq!(address, "fd00:255::a0ff:207".parse::<Ipv6Addr>().unwrap());
+        for (text, says) in [
+            ("fd00:255::", "not an IPv6 /96"),
+            ("fd00:255::/64", "must be a /96"),
+            ("fd00:255::1/96", "bits set past /96"),
+            ("fe80::/96", "link-local"),
+            ("10.0.0.0/96", "not an IPv6 /96"),
+        ] {
+            let err = Ipv6Prefix::parse(text).unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 }

@@ -185,7 +185,8 @@ fn join_overlay(
         },
     };
     let subnet = overlay::subnet(base, index);
-    let overlay = runtime.block_on(Overlay::open(cluster.underlay_address)).with_context(|| {
+    let opened = Overlay::open(cluster.underlay_address, cluster.ipv6_prefix);
+    let overlay = runtime.block_on(opened).with_context(|| {
         format!("cannot set up the VXLAN device {} on the underlay", overlay::DEVICE)
     })?;
     {
