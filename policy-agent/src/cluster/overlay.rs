@@ -319,7 +319,7 @@ mod tests {
     fn ipv6_prefixes_are_a_96_that_ipv4_addresses_complete() {
         let prefix = Ipv6Prefix::parse("fd00:255::/96").unwrap();
         let address = prefix.address_of(Ipv4Addr::new(10, 255, 2, 7));
-        assert_eq!(address, "fd00:255::a0ff:207".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(address, "fd00:255::aff:207".parse::<Ipv6Addr>().unwrap());
         for (text, says) in [
             ("fd00:255::", "not an IPv6 /96"),
             ("fd00:255::/64", "must be a /96"),
