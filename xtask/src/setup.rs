@@ -22,7 +22,8 @@ const LLVM_FEATURE: &str = "llvm-22";
 /// and openssl are the real clients of the DNS and TLS tests), with the
 /// command each provides, or a file's absolute path (checked instead of
 /// asking dpkg when present). iptables is the benchmarks' Cloud Foundry
-/// baseline, nftables (with sets) the strongest non-eBPF one; the font labels the benchmarks' plots; etcd is the cluster
+/// baseline, nftables (with sets) the strongest non-eBPF one, haproxy the
+/// TLS terminator peer; the font labels the benchmarks' plots; etcd is the cluster
 /// tests' shared store (each test starts its own process).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
@@ -46,6 +47,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // a container's root has no libc for it.
     ("busybox-static", "dpkg:busybox-static"),
     ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
+    // The TLS benchmark's peer: a per-container terminator on 61443's model.
+    ("haproxy", "/usr/sbin/haproxy"),
 ];
 
 pub fn tools_dir() -> Result<PathBuf> {

@@ -361,6 +361,9 @@ impl TlsProxies {
 
 /// One connection: handshake, then plaintext both ways to the app; with
 /// client certificates, HTTP/1.1 requests carrying the verified source app.
+/// Each direction's copy buffer (per connection).
+const COPY_BUFFER: usize = 64 << 10;
+
 async fn proxy(
     client: tokio::net::TcpStream,
     acceptor: TlsAcceptor,
@@ -368,6 +371,10 @@ async fn proxy(
     upstream: SocketAddr,
     http: bool,
 ) -> std::io::Result<()> {
+    // Small handshake flights and one-byte answers go out at once: with
+    // Nagle's algorithm a write behind an unacknowledged one waits for the
+    // peer's delayed ACK (tens of ms per new connection).
+    client.set_nodelay(true)?;
     let mut tls =
         tokio::time::timeout(Duration::from_secs(10), acceptor.accept(client)).await.map_err(
             |_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
@@ -380,10 +387,13 @@ async fn proxy(
     };
     let socket = crate::netns::run_in(netns, new_socket)?;
     let mut app = socket.connect(upstream).await?;
+    app.set_nodelay(true)?;
     if http {
         return proxy_http(tls, app).await;
     }
-    tokio::io::copy_bidirectional(&mut tls, &mut app).await?;
+    // Buffers of a TLS record's size and more (tokio's default is 8 KiB):
+    // fewer reads, writes and records per byte.
+    tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut app, COPY_BUFFER, COPY_BUFFER).await?;
     Ok(())
 }
 
