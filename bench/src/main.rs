@@ -25,7 +25,7 @@ mod update;
 fn main() {
     integration_tests::require_root();
     let quick = std::env::args().any(|a| a == "--quick");
-    // BENCH_ONLY=dataplane|compare|gap|update|agent|tls|cluster|cni|netout|reject runs one part.
+    // BENCH_ONLY=dataplane|compare|gap|large|update|agent|tls|cluster|cni|netout|reject runs one part.
     let only = std::env::var("BENCH_ONLY").ok();
     let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
     if runs("compare") || runs("update") || runs("reject") {
@@ -44,6 +44,9 @@ fn main() {
     }
     if runs("compare") || runs("gap") {
         compare::gap(quick, &mut report);
+    }
+    if runs("compare") || runs("large") {
+        compare::large(quick, &mut report);
     }
     if runs("update") {
         update::run(quick, &mut report);
