@@ -13,7 +13,7 @@ use rtnetlink::{
     Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
-        route::{RouteAddress, RouteAttribute, RouteScope},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope},
     },
 };
 
@@ -158,12 +158,7 @@ pub async fn create(
         .output_interface(host_index)
         .scope(RouteScope::Link)
         .build();
-    host.route()
-        .add(to_container)
-        .replace()
-        .execute()
-        .await
-        .map_err(netlink("route to the container"))?;
+    put_route(&host, to_container, "route to the container").await?;
     Ok(Plumbing { host_mac, container_mac })
 }
 
@@ -207,13 +202,12 @@ pub async fn add_ipv6(host_ifname: &str, ifname: &str, ns: &File, ip6: Ipv6Addr)
         .destination_prefix(ip6, 128)
         .output_interface(host_index)
         .build();
-    host.route()
-        .add(to_container)
-        .replace()
-        .execute()
-        .await
-        .map_err(netlink("route to the container's IPv6 address"))?;
-    Ok(())
+    put_route(&host, to_container, "route to the container's IPv6 address").await
+}
+
+/// Adds `route`, or replaces one to the same destination.
+async fn put_route(handle: &Handle, route: RouteMessage, what: &str) -> Result<()> {
+    handle.route().add(route).replace().execute().await.map_err(netlink(what))
 }
 
 /// Deletes the host side (the pair goes with it); false if it was not there.

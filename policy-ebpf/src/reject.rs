@@ -58,27 +58,37 @@ const ICMP_PORT_UNREACH: u8 = 3;
 /// within its budget.
 #[inline(always)]
 pub fn wanted(ctx: &TcContext, parsed: &Parsed, verdict: Verdict) -> bool {
-    let Some(flow) = rejectable(parsed, verdict) else { return false };
-    let Some(config) = SETTINGS.get(SETTINGS_INDEX) else { return false };
-    if config.flags & settings::REJECT == 0 {
-        return false;
-    }
     // Loads through the helper: the source side calls this after helpers
     // that may have moved the packet (direct packet pointers taken before
     // them are no longer valid).
-    match ctx.load::<u8>(ETH_HLEN) {
-        Ok(VER_IHL) => {}
-        _ => return false,
+    let plain_header = |_: &Flow| matches!(ctx.load::<u8>(ETH_HLEN), Ok(VER_IHL));
+    wanted_in(ctx, parsed, verdict, plain_header, ETH_HLEN + IP_HLEN)
+}
+
+/// [`wanted`] for either family: `plain_header` says whether the L4 header
+/// follows the IP header at `l4` (what the answer is built on).
+#[inline(always)]
+fn wanted_in<A: policy_common::Family>(
+    ctx: &TcContext,
+    parsed: &Parsed<A>,
+    verdict: Verdict,
+    plain_header: impl FnOnce(&Flow<A>) -> bool,
+    l4: usize,
+) -> bool {
+    let Some(flow) = rejectable(parsed, verdict) else { return false };
+    let Some(config) = SETTINGS.get(SETTINGS_INDEX) else { return false };
+    if config.flags & settings::REJECT == 0 || !plain_header(&flow) {
+        return false;
     }
     if flow.protocol == proto::TCP {
-        match ctx.load::<u8>(ETH_HLEN + IP_HLEN + 13) {
+        match ctx.load::<u8>(l4 + 13) {
             Ok(flags) if flags & TCP_RST == 0 => {}
             _ => return false,
         }
     }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    within_limit(&REJECT_LIMITS, flow.saddr, now, config.rejects_per_second)
+    within_limit(&REJECT_LIMITS, flow.saddr.limit_key(), now, config.rejects_per_second)
 }
 
 /// Where a reject goes.
@@ -248,24 +258,8 @@ const ICMPV6_PORT_UNREACH: u8 = 4;
 /// [`wanted`] for IPv6: the same rules, and no extension headers.
 #[inline(always)]
 pub fn wanted6(ctx: &TcContext, parsed: &Parsed<Ipv6Key>, verdict: Verdict) -> bool {
-    let Some(flow) = rejectable(parsed, verdict) else { return false };
-    let Some(config) = SETTINGS.get(SETTINGS_INDEX) else { return false };
-    if config.flags & settings::REJECT == 0 {
-        return false;
-    }
-    match ctx.load::<u8>(ETH_HLEN + 6) {
-        Ok(next) if next == flow.protocol => {}
-        _ => return false,
-    }
-    if flow.protocol == proto::TCP {
-        match ctx.load::<u8>(ETH_HLEN + IP6_HLEN + 13) {
-            Ok(flags) if flags & TCP_RST == 0 => {}
-            _ => return false,
-        }
-    }
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    within_limit(&REJECT_LIMITS, flow.saddr.limit_key(), now, config.rejects_per_second)
+    let no_extensions = |flow: &Flow<Ipv6Key>| matches!(ctx.load::<u8>(ETH_HLEN + 6), Ok(next) if next == flow.protocol);
+    wanted_in(ctx, parsed, verdict, no_extensions, ETH_HLEN + IP6_HLEN)
 }
 
 /// [`send`] for IPv6, from where the packet enters its destination. The
