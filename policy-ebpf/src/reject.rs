@@ -24,7 +24,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use policy_common::{
-    Family as _, Flow, Parsed, Verdict,
+    Family, Flow, Parsed, Verdict,
     decision::{Lookups, reject_entry, rejectable},
     maps::{Ipv6Key, SETTINGS_INDEX, proto, settings},
 };
@@ -68,7 +68,7 @@ pub fn wanted(ctx: &TcContext, parsed: &Parsed, verdict: Verdict) -> bool {
 /// [`wanted`] for either family: `plain_header` says whether the L4 header
 /// follows the IP header at `l4` (what the answer is built on).
 #[inline(always)]
-fn wanted_in<A: policy_common::Family>(
+fn wanted_in<A: Family>(
     ctx: &TcContext,
     parsed: &Parsed<A>,
     verdict: Verdict,
