@@ -29,8 +29,8 @@ use policy_common::{
 
 use crate::report::{Plot, Report, Series, outln};
 
-const TAG_A: u32 = 1;
-const TAG_B: u32 = 2;
+pub const TAG_A: u32 = 1;
+pub const TAG_B: u32 = 2;
 pub const UDP_PORT: u16 = 5201;
 const RR_PORT: u16 = 5202;
 pub const IPERF_PORT: u16 = 5203;
@@ -200,6 +200,16 @@ impl Setup {
         dataplane.maps_mut().set_settings(settings).expect("settings");
     }
 
+    /// This project's dataplane (Mode::Ours).
+    pub fn dataplane_mut(&mut self) -> &mut Dataplane {
+        &mut self.pins.as_mut().expect("this project's programs").1
+    }
+
+    /// The empty program, if attached.
+    pub fn empty_mut(&mut self) -> Option<&mut aya::Ebpf> {
+        self.empty.as_mut()
+    }
+
     pub fn a(&self) -> &NetNs {
         &self.host.container(0).ns
     }
@@ -210,7 +220,7 @@ impl Setup {
     }
 }
 
-fn pin_to_cpu(cpu: usize) {
+pub fn pin_to_cpu(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -367,7 +377,7 @@ pub fn iperf_between(a_ns: &NetNs, b_ns: &NetNs, b_ip: Ipv4Addr, secs: u32) -> f
     json["end"]["sum_received"]["bits_per_second"].as_f64().expect("iperf3 result") / 1e9
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

@@ -16,6 +16,7 @@ mod cluster;
 mod cni;
 mod compare;
 mod dataplane;
+mod flows;
 mod netout;
 mod reject;
 mod report;
@@ -25,7 +26,7 @@ mod update;
 fn main() {
     integration_tests::require_root();
     let quick = std::env::args().any(|a| a == "--quick");
-    // BENCH_ONLY=dataplane|compare|gap|large|update|agent|tls|cluster|cni|netout|reject runs one part.
+    // BENCH_ONLY=dataplane|compare|gap|large|flows|update|agent|tls|cluster|cni|netout|reject runs one part.
     let only = std::env::var("BENCH_ONLY").ok();
     let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
     if runs("compare") || runs("update") || runs("reject") {
@@ -47,6 +48,9 @@ fn main() {
     }
     if runs("compare") || runs("large") {
         compare::large(quick, &mut report);
+    }
+    if runs("flows") {
+        flows::run(quick, &mut report);
     }
     if runs("update") {
         update::run(quick, &mut report);

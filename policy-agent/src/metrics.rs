@@ -133,6 +133,18 @@ impl Collector for KernelCollector {
             }
         }
 
+        if let Ok((fills, evictions)) = agent.flow_cache_stats() {
+            let mut family = encoder.encode_descriptor(
+                "policy_flow_cache",
+                "Per-CPU flow cache: fills (established packets it did not answer), evictions (fills that pushed out a live connection)",
+                None,
+                counter.metric_type(),
+            )?;
+            for (event, n) in [("fills", fills), ("evictions", evictions)] {
+                ConstCounter::new(n).encode(family.encode_family(&[("event", event)])?)?;
+            }
+        }
+
         let gauge = ConstGauge::new(0i64);
         let occupancy = agent.map_occupancy();
         for (metric, help, pick) in [

@@ -19,7 +19,7 @@ pub trait Lookups<A: Family = u32> {
     fn port_rules(&self, key: &PairKey) -> Option<&PortRules>;
     /// `CONNTRACK[key]` (`CONNTRACK6`).
     fn conn(&self, key: &ConnKey<A>) -> Option<Conn>;
-    /// `EPOCH[0]`.
+    /// `Config::epoch`.
     fn epoch(&self) -> u32;
     /// Whether `FRAGMENTS` (`FRAGMENTS6`) holds `key`.
     fn fragment_allowed(&self, key: &A::Fragment) -> bool;

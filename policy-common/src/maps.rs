@@ -19,58 +19,58 @@ pub mod names {
     pub const POLICIES: &str = "POLICIES";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const FRAGMENTS: &str = "FRAGMENTS";
-    pub const EPOCH: &str = "EPOCH";
     pub const VERDICTS: &str = "VERDICTS";
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     pub const EVENT_LIMITS: &str = "EVENT_LIMITS";
     pub const EVENT_STATS: &str = "EVENT_STATS";
     pub const POLICY_STATS: &str = "POLICY_STATS";
-    pub const SETTINGS: &str = "SETTINGS";
-    pub const OVERLAY: &str = "OVERLAY";
     pub const ENDPOINT_SLOTS: &str = "ENDPOINT_SLOTS";
     pub const VETH_SLOTS: &str = "VETH_SLOTS";
-    pub const TUNNEL: &str = "TUNNEL";
     pub const PEERS: &str = "PEERS";
     pub const NETIN: &str = "NETIN";
     pub const NETIN_CONNS: &str = "NETIN_CONNS";
-    pub const NETIN_STATE: &str = "NETIN_STATE";
     pub const NETOUT: &str = "NETOUT";
-    pub const NETOUT_STATE: &str = "NETOUT_STATE";
     pub const REJECT_LIMITS: &str = "REJECT_LIMITS";
     pub const ENDPOINTS6: &str = "ENDPOINTS6";
     pub const VETHS6: &str = "VETHS6";
     pub const CONNTRACK6: &str = "CONNTRACK6";
     pub const FRAGMENTS6: &str = "FRAGMENTS6";
+    pub const CONFIG: &str = "CONFIG";
+    pub const FLOW_CACHE: &str = "FLOW_CACHE";
+    pub const FLOW_CACHE_STATS: &str = "FLOW_CACHE_STATS";
+    /// Single-value arrays of versions before `CONFIG` held their values
+    /// (the epoch, the settings, the overlay, the tunnel, NetIn's and
+    /// NetOut's counts): read once by the loader when it creates `CONFIG`
+    /// over their pins, then unpinned.
+    pub const LEGACY_CONFIG: [&str; 6] =
+        ["EPOCH", "SETTINGS", "OVERLAY", "TUNNEL", "NETIN_STATE", "NETOUT_STATE"];
     /// Every map the object defines, in a stable order.
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 25] = [
         ENDPOINTS,
         VETHS,
         CGROUPS,
         POLICIES,
         CONNTRACK,
         FRAGMENTS,
-        EPOCH,
         VERDICTS,
         FLOW_EVENTS,
         EVENT_LIMITS,
         EVENT_STATS,
         POLICY_STATS,
-        SETTINGS,
-        OVERLAY,
         ENDPOINT_SLOTS,
         VETH_SLOTS,
-        TUNNEL,
         PEERS,
         NETIN,
         NETIN_CONNS,
-        NETIN_STATE,
         NETOUT,
-        NETOUT_STATE,
         REJECT_LIMITS,
         ENDPOINTS6,
         VETHS6,
         CONNTRACK6,
         FRAGMENTS6,
+        CONFIG,
+        FLOW_CACHE,
+        FLOW_CACHE_STATS,
     ];
 }
 
@@ -139,7 +139,7 @@ pub mod endpoint_flags {
 }
 const _: () = assert!(size_of::<EndpointValue>() == 8);
 
-/// `OVERLAY[0]`: the container network whose endpoints also sit in
+/// `Config::overlay`: the container network whose endpoints also sit in
 /// `ENDPOINT_SLOTS`, an array indexed by address offset — an inlined array
 /// access instead of a hash lookup for the two endpoint lookups of every new
 /// flow. `ENDPOINTS` still holds every endpoint: addresses outside the
@@ -165,7 +165,7 @@ impl Overlay {
     }
 }
 
-/// `TUNNEL[0]`: the cluster's VXLAN device on this host (cluster mode).
+/// `Config::tunnel`: the cluster's VXLAN device on this host (cluster mode).
 /// Packets that arrive through it carry their source app's tag in the
 /// VXLAN header's Group Based Policy id, which the kernel hands over as the
 /// low 16 bits of `skb->mark` (the D and A flag bits land in bits 22 and 19:
@@ -375,10 +375,10 @@ pub mod origin {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Conn {
-    /// Value of `EPOCH` when the connection was last checked against policy.
-    /// The agent bumps `EPOCH` whenever it takes an allowance away; a packet
-    /// of a connection with an older epoch is checked again (and the
-    /// connection cut if no longer allowed).
+    /// Value of `Config::epoch` when the connection was last checked
+    /// against policy. The agent bumps the epoch whenever it takes an
+    /// allowance away; a packet of a connection with an older epoch is
+    /// checked again (and the connection cut if no longer allowed).
     pub epoch: u32,
     /// Policy that allowed the connection.
     pub policy_id: u32,
@@ -397,6 +397,53 @@ const _: () = assert!(size_of::<Conn>() == 24);
 
 /// Packets a connection counts before its count moves to `POLICY_STATS`.
 pub const COUNTER_FLUSH: u32 = 64;
+
+/// Sets of `FLOW_CACHE` per CPU (a power of two): 8,192 sets of two ways,
+/// 16,384 connections and 512 KiB per CPU.
+pub const FLOW_CACHE_SETS: u32 = 16_384;
+/// `log2(FLOW_CACHE_SETS)`.
+pub const FLOW_CACHE_SET_BITS: u32 = 14;
+const _: () = assert!(1 << FLOW_CACHE_SET_BITS == FLOW_CACHE_SETS);
+
+/// One `FLOW_CACHE` entry: an established IPv4 connection as `CONNTRACK`
+/// holds it, valid while `epoch` is the current one. 32 bytes: a set of two
+/// is one cache line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CachedFlow {
+    /// All zero: an empty way (no connection has two zero addresses).
+    pub key: ConnKey,
+    pub epoch: u32,
+    pub policy_id: u32,
+    /// Packets and bytes counted here and not yet in `POLICY_STATS`
+    /// (moved there every [`COUNTER_FLUSH`] packets and when the entry is
+    /// replaced; the agent adds what is pending when it reports).
+    pub pending_packets: u16,
+    /// [`Conn::origin`] ([`origin::LO`] or [`origin::HI`]).
+    pub origin: u8,
+    pub _pad: u8,
+    pub pending_bytes: u32,
+}
+const _: () = assert!(size_of::<CachedFlow>() == 32);
+
+/// `FLOW_CACHE` value: one set, two ways, the most recently filled first.
+/// (Not `align(64)`: BPF's LLVM backend aborts on a copy aligned above 8
+/// bytes; the array's values start on a page, so each set is one line.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowSet {
+    pub ways: [CachedFlow; 2],
+}
+const _: () = assert!(size_of::<FlowSet>() == 64);
+
+/// Indexes of `FLOW_CACHE_STATS` (per CPU).
+pub mod flow_cache_stat {
+    /// Entries written: established packets the cache did not answer.
+    pub const FILLS: u32 = 0;
+    /// Fills that pushed another live connection out of its set.
+    pub const EVICTIONS: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
 
 /// `FRAGMENTS` key: one fragmented datagram whose first fragment was allowed.
 /// Later fragments carry no ports; they pass if their datagram is here.
@@ -426,13 +473,37 @@ pub struct FragmentKey6 {
 }
 const _: () = assert!(size_of::<FragmentKey6>() == 40);
 
-/// Index of the only `EPOCH` entry.
-pub const EPOCH_INDEX: u32 = 0;
+/// Index of the only `CONFIG` entry.
+pub const CONFIG_INDEX: u32 = 0;
 
-/// Index of the only `SETTINGS` entry.
-pub const SETTINGS_INDEX: u32 = 0;
+/// `CONFIG[0]`: every per-packet setting in one 48-byte value, so a packet
+/// touches one or two cache lines for them, not one per setting (they were
+/// six single-value arrays until the real-traffic gap measurement showed
+/// the programs' cost there is cache misses, not instructions). Written
+/// only by the agent, field by field (read, change one field, write back);
+/// the programs only read it.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Policy epoch: bumped on every revocation, so that every tracked
+    /// connection is checked against policy again at its next packet
+    /// (`Conn::epoch`).
+    pub epoch: u32,
+    /// NetIn port mappings in `NETIN` (0: the programs skip NetIn).
+    pub netin_mappings: u32,
+    /// Apps with NetOut rules in `NETOUT` (0: the programs skip NetOut).
+    pub netout_apps: u32,
+    pub _pad: u32,
+    /// The overlay network of `ENDPOINT_SLOTS`.
+    pub overlay: Overlay,
+    /// The cluster's tunnel device (cluster mode).
+    pub tunnel: Tunnel,
+    /// What the programs report, and whether they reject.
+    pub settings: Settings,
+}
+const _: () = assert!(size_of::<Config>() == 48);
 
-/// `SETTINGS` value: what the programs report. Written by the loader; all
+/// `Config::settings`: what the programs report. Written by the loader; all
 /// zero (nothing reported) until then.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -456,6 +527,9 @@ pub mod settings {
     /// Answer a denied TCP segment with a RST and a denied UDP datagram with
     /// an ICMP port unreachable, instead of dropping it silently.
     pub const REJECT: u32 = 4;
+    /// Answer established IPv4 packets from `FLOW_CACHE` (on by default;
+    /// off only to measure what it saves).
+    pub const FLOW_CACHE: u32 = 8;
 }
 
 /// [`FlowEvent::allowed`]: what was done with the packet.
@@ -556,6 +630,8 @@ mod pod {
     unsafe impl aya::Pod for Conn {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for FlowSet {}
     unsafe impl aya::Pod for Overlay {}
     unsafe impl aya::Pod for Tunnel {}
     unsafe impl aya::Pod for NatKey {}

@@ -5,10 +5,10 @@
 use policy_common::{
     Family, Verdict,
     decision::{Decision, conn_update},
-    maps::{COUNTER_FLUSH, Conn, PolicyCounters, SETTINGS_INDEX, settings},
+    maps::{COUNTER_FLUSH, Conn, PolicyCounters, settings},
 };
 
-use crate::maps::{POLICY_STATS, SETTINGS, VERDICTS};
+use crate::maps::{POLICY_STATS, VERDICTS, config};
 
 /// Counts the verdict under its reason.
 #[inline(always)]
@@ -42,7 +42,7 @@ pub fn count_for_policy<A: Family>(decision: &mut Decision<A>, found: *mut Conn,
 /// Whether packets are counted per policy.
 #[inline(always)]
 fn policy_counters_on() -> bool {
-    SETTINGS.get(SETTINGS_INDEX).is_some_and(|s| s.flags & settings::POLICY_COUNTERS != 0)
+    config().is_some_and(|c| c.settings.flags & settings::POLICY_COUNTERS != 0)
 }
 
 /// Counts a packet of an established connection in its entry; every
@@ -68,7 +68,7 @@ fn count_in_conn(conn: *mut Conn, policy_id: u32, len: u32) {
 
 /// Adds a connection's counted packets to its policy's counters.
 #[inline(always)]
-fn add_policy_counts(policy_id: u32, packets: u32, bytes: u64) {
+pub fn add_policy_counts(policy_id: u32, packets: u32, bytes: u64) {
     match POLICY_STATS.get_ptr_mut(policy_id) {
         // SAFETY: per-CPU value; programs do not migrate mid-run.
         Some(c) => unsafe {

@@ -8,10 +8,10 @@ use aya_ebpf::{
 use policy_common::{
     Family, Parsed, Reason,
     decision::Decision,
-    maps::{EventLimit, FlowEvent, SETTINGS_INDEX, action, event_stat, settings},
+    maps::{EventLimit, FlowEvent, action, event_stat, settings},
 };
 
-use crate::maps::{EVENT_LIMITS, EVENT_STATS, FLOW_EVENTS, SETTINGS};
+use crate::maps::{EVENT_LIMITS, EVENT_STATS, FLOW_EVENTS, config};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -74,7 +74,7 @@ pub fn report<A: Family>(
     if passed && !new_connection && !logged {
         return;
     }
-    let Some(settings) = SETTINGS.get(SETTINGS_INDEX) else { return };
+    let Some(settings) = config().map(|c| &c.settings) else { return };
     let (saddr, daddr, sport, dport, protocol) = match *parsed {
         Parsed::Flow { flow, .. } => {
             (flow.saddr, flow.daddr, flow.sport, flow.dport, flow.protocol)

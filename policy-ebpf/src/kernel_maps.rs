@@ -7,16 +7,16 @@ use policy_common::{
     Verdict,
     decision::{ConnUpdate, Decision, Lookups, conn_update},
     maps::{
-        Attachment, Conn, ConnKey, EPOCH_INDEX, EndpointValue, FragmentKey, FragmentKey6, Ipv6Key,
-        PairKey, PortRules,
+        Attachment, Conn, ConnKey, EndpointValue, FragmentKey, FragmentKey6, Ipv6Key, PairKey,
+        PortRules,
     },
 };
 
 use crate::{
     counting::count_verdict,
     maps::{
-        CGROUPS, CONNTRACK, CONNTRACK6, ENDPOINT_SLOTS, ENDPOINTS, ENDPOINTS6, EPOCH, FRAGMENTS,
-        FRAGMENTS6, OVERLAY, POLICIES, VETH_SLOTS, VETHS, VETHS6,
+        CGROUPS, CONNTRACK, CONNTRACK6, ENDPOINT_SLOTS, ENDPOINTS, ENDPOINTS6, FRAGMENTS,
+        FRAGMENTS6, POLICIES, VETH_SLOTS, VETHS, VETHS6, config,
     },
 };
 
@@ -44,7 +44,7 @@ impl Lookups for KernelMaps {
     /// while the loader rebuilds the slots, the hash map.
     #[inline(always)]
     fn endpoint(&self, addr: u32) -> Option<EndpointValue> {
-        if let Some(slot) = OVERLAY.get(0).and_then(|overlay| overlay.slot(addr)) {
+        if let Some(slot) = config().and_then(|c| c.overlay.slot(addr)) {
             // A u32 tag read by copy: an update is seen whole or not at all.
             return ENDPOINT_SLOTS.get(slot).copied().filter(|e| e.tag != 0);
         }
@@ -70,7 +70,7 @@ impl Lookups for KernelMaps {
 
     #[inline(always)]
     fn epoch(&self) -> u32 {
-        EPOCH.get(EPOCH_INDEX).copied().unwrap_or(0)
+        config().map_or(0, |c| c.epoch)
     }
 
     #[inline(always)]
@@ -163,7 +163,7 @@ impl Lookups<Ipv6Key> for KernelMaps6 {
 
     #[inline(always)]
     fn epoch(&self) -> u32 {
-        EPOCH.get(EPOCH_INDEX).copied().unwrap_or(0)
+        config().map_or(0, |c| c.epoch)
     }
 
     #[inline(always)]

@@ -8,6 +8,7 @@
 mod bytes;
 mod counting;
 mod events;
+mod flow_cache;
 mod kernel_maps;
 mod maps;
 mod netin;
@@ -22,9 +23,10 @@ use aya_ebpf::{
 use policy_common::{
     Parsed, Reason, Verdict, decide_destination, decide_source,
     decision::{
-        Decision, TunnelSource, decide_source6, decide_underlay, source_address, track_outgoing,
+        Decision, TunnelSource, conn_update, decide_source6, decide_underlay, source_address,
+        track_outgoing,
     },
-    maps::{Attachment, Ipv6Key, TUNNEL_TAG_MASK, direction},
+    maps::{Attachment, ConnKey, Ipv6Key, TUNNEL_TAG_MASK, direction, settings},
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Ipv6Parts, ipv6_kind, opaque, parse_ethernet, parse_ipv4,
     },
@@ -34,7 +36,7 @@ use crate::{
     bytes::SkbBytes,
     counting::{count_for_policy, count_verdict},
     kernel_maps::{KernelMaps, KernelMaps6},
-    maps::{PEERS, SCRATCH6, TUNNEL, scratch},
+    maps::{PEERS, SCRATCH6, config, scratch},
 };
 
 const TC_ACT_OK: i32 = 0;
@@ -175,7 +177,7 @@ fn from_container4(skb: *mut __sk_buff) -> i32 {
     // carries, and connections to other hosts' endpoints. An opening to
     // another host that no policy allows is rejected here, back into the
     // container (the other host drops it unanswered).
-    if verdict.is_pass() && TUNNEL.get(0).is_some_and(|t| t.ifindex != 0) {
+    if verdict.is_pass() && config().is_some_and(|c| c.tunnel.ifindex != 0) {
         let tag = own.map_or(0, |a| a.tag);
         bytes.set_mark(if tag & !TUNNEL_TAG_MASK == 0 { tag } else { 0 });
         let outgoing = track_outgoing(&KernelMaps::new(), &parsed);
@@ -207,7 +209,7 @@ pub fn tc_to_container(ctx: TcContext) -> i32 {
 /// whether it did.
 #[inline(always)]
 fn tunnel_source(bytes: &SkbBytes) -> (bool, u32) {
-    match TUNNEL.get(0) {
+    match config().map(|c| &c.tunnel) {
         Some(t) if t.ifindex != 0 && bytes.ingress_ifindex() == t.ifindex => {
             (true, bytes.mark() & TUNNEL_TAG_MASK)
         }
@@ -252,7 +254,7 @@ fn to_container4(skb: *mut __sk_buff) -> i32 {
 pub fn tc_from_underlay(ctx: TcContext) -> i32 {
     let bytes = SkbBytes::new(ctx.skb.skb);
     let parsed = parse_ethernet(&bytes);
-    if let Some(tunnel) = TUNNEL.get(0).copied()
+    if let Some(tunnel) = config().map(|c| c.tunnel)
         && tunnel.ifindex != 0
     {
         // SAFETY: presence only.
@@ -343,7 +345,7 @@ fn source_side6(parsed: &Parsed<Ipv6Key>, bytes: &SkbBytes, own: Attachment, ifi
         return outcome::DROP;
     }
     count_verdict(verdict);
-    if TUNNEL.get(0).is_some_and(|t| t.ifindex != 0) {
+    if config().is_some_and(|c| c.tunnel.ifindex != 0) {
         let tag = own.map_or(0, |a| a.tag);
         bytes.set_mark(if tag & !TUNNEL_TAG_MASK == 0 { tag } else { 0 });
         let outgoing = track_outgoing(&KernelMaps6::new(), parsed);
@@ -427,6 +429,21 @@ fn destination_side(
     tunnel_tag: u32,
     may_reject: bool,
 ) -> (Verdict, bool) {
+    // TC only: an established connection this CPU's flow cache knows.
+    let mut cached = None;
+    if ctx.is_some()
+        && let Parsed::Flow { flow, fragment: None } = parsed
+        && let Some(config) = config()
+        && config.settings.flags & settings::FLOW_CACHE != 0
+    {
+        let (key, side) = ConnKey::of(flow);
+        let count = config.settings.flags & settings::POLICY_COUNTERS != 0;
+        if let Some(reason) = flow_cache::established(&key, side, config.epoch, count, bytes.len())
+        {
+            return (count_verdict(Verdict::Pass(reason)), false);
+        }
+        cached = Some(key);
+    }
     let maps = KernelMaps::new();
     // Only a tunnel packet's source is looked up differently.
     let saddr = if tunnel_tag != 0 { source_address(parsed).unwrap_or(0) } else { 0 };
@@ -434,6 +451,17 @@ fn destination_side(
     let mut decision = decide_destination(&lookups, parsed);
     netout::track_inbound(parsed, decision.verdict);
     count_for_policy(&mut decision, maps.found_conn(), bytes.len());
+    // An established packet the cache did not know (integer compares, see
+    // `events::report`): its connection goes into the cache.
+    let reason = decision.verdict.reason() as u32;
+    if let Some(key) = cached
+        && decision.conn.kind == conn_update::NONE
+        && (reason == Reason::Established as u32 || reason == Reason::Reply as u32)
+        && !maps.found_conn().is_null()
+    {
+        // SAFETY: the entry the decision read, valid for this run (RCU).
+        flow_cache::fill(&key, unsafe { &*maps.found_conn() });
+    }
     let rejected = match ctx {
         Some(ctx) if may_reject => reject::wanted(ctx, parsed, decision.verdict),
         _ => false,

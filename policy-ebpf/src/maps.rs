@@ -8,21 +8,29 @@ use aya_ebpf::{
 use policy_common::{
     Parsed, Reason,
     maps::{
-        Attachment, Conn, ConnKey, EndpointValue, EventLimit, FlowEvent, FragmentKey, FragmentKey6,
-        Ipv6Key, NatConn, NatConnKey, NatKey, NatTarget, Overlay, PairKey, PolicyCounters,
-        PortRules, Settings, Tunnel, capacity, event_stat,
+        Attachment, CONFIG_INDEX, Config, Conn, ConnKey, EndpointValue, EventLimit, FlowEvent,
+        FragmentKey, FragmentKey6, Ipv6Key, NatConn, NatConnKey, NatKey, NatTarget, PairKey,
+        PolicyCounters, PortRules, capacity, event_stat,
     },
     netout::NetOutRules,
 };
+
+/// Every per-packet setting, in one value (see `policy_common::maps::Config`;
+/// written by the agent, all zero until then).
+#[btf_map]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// This host's `CONFIG` value; None only if the map were empty, which an
+/// array of one is not (an inlined array access: no helper call).
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    CONFIG.get(CONFIG_INDEX)
+}
 
 /// Registered endpoints by address.
 #[btf_map]
 pub static ENDPOINTS: HashMap<u32, EndpointValue, { capacity::ENDPOINTS as usize }> =
     HashMap::new();
-
-/// The overlay network `ENDPOINT_SLOTS` covers (written by the loader).
-#[btf_map]
-pub static OVERLAY: Array<Overlay, 1> = Array::new();
 
 /// Endpoints in the overlay by address offset (tag 0: none); see
 /// `policy_common::maps::Overlay`. Sized by the loader.
@@ -109,17 +117,9 @@ pub mod scratch {
     pub const CGROUP_INGRESS: u32 = 1;
 }
 
-/// Policy epoch, bumped by the agent after it takes an allowance away.
-#[btf_map]
-pub static EPOCH: Array<u32, 1> = Array::new();
-
 /// Packets per verdict reason.
 #[btf_map]
 pub static VERDICTS: PerCpuArray<u64, { Reason::COUNT as usize }> = PerCpuArray::new();
-
-/// What the programs report (written by the loader).
-#[btf_map]
-pub static SETTINGS: Array<Settings, 1> = Array::new();
 
 /// Flow events for the agent: denied packets (rate-limited per destination)
 /// and first packets of allowed connections.
@@ -149,10 +149,6 @@ pub static POLICY_STATS: PerCpuHashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = PerCpuHashMap::new();
 
-/// The cluster's VXLAN device on this host (cluster mode; ifindex 0: none).
-#[btf_map]
-pub static TUNNEL: Array<Tunnel, 1> = Array::new();
-
 /// Underlay addresses of the cluster's hosts (value unused, 1): tunnel
 /// packets from anywhere else are dropped.
 #[btf_map]
@@ -170,15 +166,7 @@ pub static NETIN: HashMap<NatKey, NatTarget, { capacity::NETIN as usize }> = Has
 pub static NETIN_CONNS: LruHashMap<NatConnKey, NatConn, { capacity::NETIN_CONNS as usize }> =
     LruHashMap::new();
 
-/// How many NetIn mappings exist (0: the programs skip NetIn entirely).
-#[btf_map]
-pub static NETIN_STATE: Array<u32, 1> = Array::new();
-
 /// NetOut (security groups): (app tag, destination prefix) → the rules
 /// covering it. An app without an entry has no security groups.
 #[btf_map]
 pub static NETOUT: LpmTrie<[u8; 8], NetOutRules, { capacity::NETOUT as usize }> = LpmTrie::new();
-
-/// How many apps have security groups (0: the programs skip NetOut).
-#[btf_map]
-pub static NETOUT_STATE: Array<u32, 1> = Array::new();

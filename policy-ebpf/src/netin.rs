@@ -17,7 +17,7 @@ use policy_common::{
     maps::{NatConn, NatConnKey, NatKey},
 };
 
-use crate::maps::{NETIN, NETIN_CONNS, NETIN_STATE};
+use crate::maps::{NETIN, NETIN_CONNS, config};
 
 const ETH_HLEN: usize = 14;
 const IP_CHECK: usize = ETH_HLEN + 10;
@@ -28,7 +28,7 @@ const UDP: u8 = 17;
 
 #[inline(always)]
 fn active() -> bool {
-    NETIN_STATE.get(0).is_some_and(|n| *n != 0)
+    config().is_some_and(|c| c.netin_mappings != 0)
 }
 
 /// The L4 header's offset and its checksum's offset within it, and the

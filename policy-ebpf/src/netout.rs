@@ -15,14 +15,14 @@ use crate::{
     counting::count_verdict,
     events,
     kernel_maps::{self, KernelMaps},
-    maps::{NETOUT, NETOUT_STATE},
+    maps::{NETOUT, config},
 };
 
 const ICMP: u8 = 1;
 
 #[inline(always)]
 pub fn active() -> bool {
-    NETOUT_STATE.get(0).is_some_and(|n| *n != 0)
+    config().is_some_and(|c| c.netout_apps != 0)
 }
 
 /// The ICMP type and code of the packet (0, 0 if unreadable).

@@ -26,13 +26,13 @@ use aya_ebpf::{
 use policy_common::{
     Family, Flow, Parsed, Verdict,
     decision::{Lookups, reject_entry, rejectable},
-    maps::{Ipv6Key, SETTINGS_INDEX, proto, settings},
+    maps::{Ipv6Key, proto, settings},
 };
 
 use crate::{
     events::within_limit,
     kernel_maps::{KernelMaps, KernelMaps6},
-    maps::{CONNTRACK, CONNTRACK6, REJECT_LIMITS, REJECT6_BUFFER, REJECT6_BUFFER_LEN, SETTINGS},
+    maps::{CONNTRACK, CONNTRACK6, REJECT_LIMITS, REJECT6_BUFFER, REJECT6_BUFFER_LEN, config},
 };
 
 const ETH_HLEN: usize = 14;
@@ -76,8 +76,8 @@ fn wanted_in<A: Family>(
     l4: usize,
 ) -> bool {
     let Some(flow) = rejectable(parsed, verdict) else { return false };
-    let Some(config) = SETTINGS.get(SETTINGS_INDEX) else { return false };
-    if config.flags & settings::REJECT == 0 || !plain_header(&flow) {
+    let Some(current) = config().map(|c| &c.settings) else { return false };
+    if current.flags & settings::REJECT == 0 || !plain_header(&flow) {
         return false;
     }
     if flow.protocol == proto::TCP {
@@ -88,7 +88,7 @@ fn wanted_in<A: Family>(
     }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    within_limit(&REJECT_LIMITS, flow.saddr.limit_key(), now, config.rejects_per_second)
+    within_limit(&REJECT_LIMITS, flow.saddr.limit_key(), now, current.rejects_per_second)
 }
 
 /// Where a reject goes.

@@ -165,6 +165,53 @@ fn state_survives_reopening_and_remove_all_cleans_up() {
     assert!(!pins.path().exists());
 }
 
+/// An upgrade from a version that kept the per-packet settings in
+/// single-value arrays: their values move into `CONFIG` (the epoch above
+/// all: connections tracked under the old programs keep their re-checks)
+/// and the old pins go.
+#[test]
+fn settings_pinned_by_an_older_version_move_into_config() {
+    require_root();
+    let pins = PinDir::new();
+    let maps = pins.path().join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    // What the older version pinned: (name, value size, value bytes).
+    let legacy: [(&str, usize, &[u8]); 6] = [
+        ("EPOCH", 4, &[7, 0, 0, 0]),
+        ("NETIN_STATE", 4, &[2, 0, 0, 0]),
+        ("NETOUT_STATE", 4, &[1, 0, 0, 0]),
+        ("TUNNEL", 8, &[9, 0, 0, 0, 0xb5, 0x12, 0, 0]),
+        ("OVERLAY", 8, &[0, 0, 0, 0, 0, 0, 0, 0]),
+        ("SETTINGS", 16, &[0; 16]),
+    ];
+    for (name, size, value) in legacy {
+        let pin = maps.join(name);
+        let pin = pin.to_str().unwrap();
+        let size = size.to_string();
+        let create = ["map", "create", pin, "type", "array", "key", "4", "value", &size];
+        let create: Vec<&str> = create.into_iter().chain(["entries", "1", "name", name]).collect();
+        bpftool_json(&create);
+        let bytes: Vec<String> = value.iter().map(u8::to_string).collect();
+        let mut update = vec!["map", "update", "pinned", pin, "key", "0", "0", "0", "0", "value"];
+        update.extend(bytes.iter().map(String::as_str));
+        bpftool_json(&update);
+    }
+    let dataplane = pins.open();
+    let config = dataplane.maps().config().unwrap();
+    assert_eq!(config.epoch, 7, "the epoch is carried over");
+    assert_eq!((config.netin_mappings, config.netout_apps), (2, 1));
+    assert_eq!((config.tunnel.ifindex, config.tunnel.port), (9, 4789));
+    assert_eq!(config.settings, pins.config().kernel_settings(), "settings are written anew");
+    for (name, _, _) in legacy {
+        assert!(!maps.join(name).exists(), "{name} is still pinned");
+    }
+    assert!(maps.join("CONFIG").exists());
+    drop(dataplane);
+    // Opening again finds nothing to carry over and keeps the values.
+    let dataplane = pins.open();
+    assert_eq!(dataplane.maps().config().unwrap().epoch, 7);
+}
+
 #[test]
 fn a_recreated_interface_gets_attached_again() {
     require_root();

@@ -265,6 +265,17 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     let requests = |s: &prometheus_parse::Scrape| value(s, "policy_api_requests_total", None);
     assert!(requests(&after) > requests(&before));
     assert!(value(&after, "policy_flow_events_total", Some(("outcome", "emitted"))) >= 1.0);
+    // An allowed flow's second packet is established: the CPU that sees it
+    // caches its connection.
+    let fills = |s: &prometheus_parse::Scrape| {
+        value(s, "policy_flow_cache_total", Some(("event", "fills")))
+    };
+    for _ in 0..5 {
+        socket.send_to(b"x", (b.ip, 53)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let cached = scrape();
+    assert!(fills(&cached) >= fills(&before) + 1.0, "{} -> {}", fills(&before), fills(&cached));
     assert!(
         after.samples.iter().any(|s| s.metric.starts_with("enforceTime")),
         "enforce-time histogram"

@@ -137,6 +137,78 @@ fn port_range_edges_and_default_deny() {
     assert_eq!(f.dataplane.maps().connections().len(), 5);
 }
 
+/// Established IPv4 packets are answered from the CPU's flow cache: one
+/// fill, then hits, counted for their policy exactly; a revocation sends
+/// them back to the full check; a conntrack entry pushed out while the
+/// cache answered comes back at the next counter flush; with the cache
+/// switched off nothing is filled.
+#[test]
+fn the_flow_cache_answers_established_packets_until_a_revocation() {
+    use aya::maps::{HashMap, MapData};
+    use policy_common::maps::{COUNTER_FLUSH, Conn, ConnKey, names, settings};
+    let mut f = Fixture::new();
+    pin_this_thread_to_cpu0();
+    let fills = |f: &Fixture| f.dataplane.maps().flow_cache_stats().unwrap().0;
+    f.allow(TAG_A, TAG_B, proto::TCP, 8080, 8080, 7);
+    let request = PacketSpec::tcp(A, B, 40000, 8080).frame();
+    let reply = PacketSpec::tcp(B, A, 8080, 40000).frame();
+    assert_eq!(f.entering_container(&request), TC_ACT_OK); // new: tracked
+    assert_eq!(fills(&f), 0);
+    assert_eq!(f.entering_container(&request), TC_ACT_OK); // established: filled
+    assert_eq!(fills(&f), 1);
+    for _ in 0..100 {
+        assert_eq!(f.entering_container(&request), TC_ACT_OK);
+        assert_eq!(f.entering_container(&reply), TC_ACT_OK);
+    }
+    assert_eq!(fills(&f), 1, "one connection, one fill: every other packet was a hit");
+    assert_eq!((f.count(Reason::Established), f.count(Reason::Reply)), (101, 100));
+    assert_eq!(f.dataplane.maps().policy_counters(7).packets, 202, "counted exactly");
+
+    // The conntrack entry pushed out (as LRU pressure would): the cache
+    // goes on answering, and the next flush puts the entry back.
+    let conntrack_pin = f._pins.path().join("maps").join(names::CONNTRACK);
+    let mut conntrack: HashMap<MapData, ConnKey, Conn> =
+        HashMap::try_from(aya::maps::Map::HashMap(MapData::from_pin(conntrack_pin).unwrap()))
+            .unwrap();
+    let (key, _) = f.dataplane.maps().connections()[0];
+    conntrack.remove(&key).unwrap();
+    for _ in 0..COUNTER_FLUSH {
+        assert_eq!(f.entering_container(&request), TC_ACT_OK);
+    }
+    assert_eq!(f.dataplane.maps().connections().len(), 1, "back in conntrack");
+    assert_eq!(f.dataplane.maps().connections()[0].1.policy_id, 7);
+    assert_eq!(fills(&f), 1);
+
+    // Revoked: the next packet is checked in full and dropped.
+    f.dataplane.maps_mut().revoke(PairKey::new(TAG_A, TAG_B, proto::TCP), 8080, 8080).unwrap();
+    assert_eq!(f.entering_container(&request), TC_ACT_SHOT);
+    assert_eq!(f.count(Reason::Revoked), 1);
+    assert_eq!(f.entering_container(&reply), TC_ACT_SHOT);
+
+    // Switched off: established packets are decided from conntrack alone.
+    let mut off = f.dataplane.maps().settings().unwrap();
+    off.flags &= !settings::FLOW_CACHE;
+    f.dataplane.maps_mut().set_settings(off).unwrap();
+    f.allow(TAG_A, TAG_B, proto::TCP, 8080, 8080, 8);
+    let other = PacketSpec::tcp(A, B, 40001, 8080).frame();
+    for _ in 0..10 {
+        assert_eq!(f.entering_container(&other), TC_ACT_OK);
+    }
+    assert_eq!(fills(&f), 1, "nothing filled with the cache off");
+    assert_eq!(f.dataplane.maps().policy_counters(8).packets, 10);
+}
+
+/// Keeps this test's thread on CPU 0, so its test runs share one CPU's
+/// flow cache.
+fn pin_this_thread_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is an empty set; 0 = the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0);
+    }
+}
+
 #[test]
 fn replies_pass_and_revocation_cuts() {
     let mut f = Fixture::new();

@@ -134,6 +134,11 @@ impl Agent<Dataplane> {
         self.kernel.maps().event_stats()
     }
 
+    /// Flow cache entries written and live connections they pushed out.
+    pub fn flow_cache_stats(&self) -> Result<(u64, u64), Error> {
+        self.kernel.maps().flow_cache_stats()
+    }
+
     /// Every policy with its counters (pending counts included).
     pub fn policy_stats(&self) -> Vec<PolicyStats> {
         let counters = self.kernel.maps().policy_counters_all();

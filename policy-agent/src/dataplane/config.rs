@@ -133,15 +133,15 @@ impl DataplaneConfig {
         }
     }
 
-    /// The programs' `SETTINGS`.
+    /// The programs' `Config::settings`.
     pub fn kernel_settings(&self) -> Settings {
         kernel_settings(&self.events, &self.deny)
     }
 }
 
-/// The programs' `SETTINGS` for what they report and how they deny.
+/// The programs' `Config::settings` for what they report and how they deny.
 pub fn kernel_settings(events: &EventSettings, deny: &DenySettings) -> Settings {
-    let mut flags = events.flags();
+    let mut flags = events.flags() | settings::FLOW_CACHE;
     if deny.action == DenyAction::Reject {
         flags |= settings::REJECT;
     }

@@ -18,9 +18,9 @@ use aya::maps::{
 use policy_common::{
     Reason,
     maps::{
-        Attachment, Conn, ConnKey, EPOCH_INDEX, EndpointValue, FragmentKey, Ipv6Key, NatConn,
-        NatConnKey, NatKey, NatTarget, Overlay, PairKey, PolicyCounters, PortRules, SETTINGS_INDEX,
-        Settings, Tunnel, event_stat, names,
+        Attachment, CONFIG_INDEX, Config, Conn, ConnKey, EndpointValue, FlowSet, FragmentKey,
+        Ipv6Key, NatConn, NatConnKey, NatKey, NatTarget, Overlay, PairKey, PolicyCounters,
+        PortRules, Settings, Tunnel, event_stat, flow_cache_stat, names,
     },
     netout::NetOutRules,
     ports::Allowance,
@@ -37,25 +37,22 @@ pub struct Maps {
     policies: HashMap<MapData, PairKey, PortRules>,
     conntrack: HashMap<MapData, ConnKey, Conn>,
     fragments: HashMap<MapData, FragmentKey, u32>,
-    epoch: Array<MapData, u32>,
     verdicts: PerCpuArray<MapData, u64>,
-    settings: Array<MapData, Settings>,
     event_stats: PerCpuArray<MapData, u64>,
     policy_stats: PerCpuHashMap<MapData, u32, PolicyCounters>,
-    overlay: Array<MapData, Overlay>,
-    tunnel: Array<MapData, Tunnel>,
     peers: HashMap<MapData, u32, u32>,
     netin: HashMap<MapData, NatKey, NatTarget>,
     netin_conns: HashMap<MapData, NatConnKey, NatConn>,
-    netin_state: Array<MapData, u32>,
     netout: LpmTrie<MapData, [u8; 8], NetOutRules>,
-    netout_state: Array<MapData, u32>,
+    config: Array<MapData, Config>,
+    flow_cache: Array<MapData, FlowSet>,
+    flow_cache_stats: PerCpuArray<MapData, u64>,
     slots: Array<MapData, EndpointValue>,
     veth_slots: Array<MapData, Attachment>,
     endpoints6: HashMap<MapData, Ipv6Key, EndpointValue>,
     veths6: HashMap<MapData, u32, Ipv6Key>,
     conntrack6: HashMap<MapData, ConnKey<Ipv6Key>, Conn>,
-    /// What `OVERLAY` says (read at open, written by `set_overlay`).
+    /// What `Config::overlay` says (read at open, written by `set_overlay`).
     overlay_now: Overlay,
 }
 
@@ -123,19 +120,16 @@ impl Maps {
             policies: map!(names::POLICIES),
             conntrack: map!(names::CONNTRACK),
             fragments: map!(names::FRAGMENTS),
-            epoch: map!(names::EPOCH),
             verdicts: map!(names::VERDICTS),
-            settings: map!(names::SETTINGS),
             event_stats: map!(names::EVENT_STATS),
             policy_stats: map!(names::POLICY_STATS),
-            overlay: map!(names::OVERLAY),
-            tunnel: map!(names::TUNNEL),
             peers: map!(names::PEERS),
             netin: map!(names::NETIN),
             netin_conns: map!(names::NETIN_CONNS),
-            netin_state: map!(names::NETIN_STATE),
             netout: map!(names::NETOUT),
-            netout_state: map!(names::NETOUT_STATE),
+            config: map!(names::CONFIG),
+            flow_cache: map!(names::FLOW_CACHE),
+            flow_cache_stats: map!(names::FLOW_CACHE_STATS),
             slots: map!(names::ENDPOINT_SLOTS),
             veth_slots: map!(names::VETH_SLOTS),
             endpoints6: map!(names::ENDPOINTS6),
@@ -147,11 +141,33 @@ impl Maps {
     }
 
     fn with_overlay_read(mut self) -> Self {
-        self.overlay_now = self.overlay.get(&0, 0).unwrap_or_default();
+        self.overlay_now = self.config().map(|c| c.overlay).unwrap_or_default();
         self
     }
 
-    /// Points `OVERLAY` at `network` and fills its slots from `ENDPOINTS`.
+    /// `CONFIG`'s value.
+    pub fn config(&self) -> Result<Config, Error> {
+        self.config.get(&CONFIG_INDEX, 0).map_err(map_err(names::CONFIG))
+    }
+
+    /// Writes `CONFIG` whole. The kernel copies the value in place, so a
+    /// program may read a mix of the old and the new value: every caller
+    /// here changes one field per write (see `set_overlay` for the two
+    /// fields that must agree).
+    pub fn set_config(&mut self, config: Config) -> Result<(), Error> {
+        self.config.set(CONFIG_INDEX, config, 0).map_err(map_err(names::CONFIG))?;
+        self.overlay_now = config.overlay;
+        Ok(())
+    }
+
+    /// Changes one part of `CONFIG`, keeping the rest as it is.
+    fn update_config(&mut self, change: impl FnOnce(&mut Config)) -> Result<(), Error> {
+        let mut config = self.config()?;
+        change(&mut config);
+        self.set_config(config)
+    }
+
+    /// Points `Config::overlay` at `network` and fills its slots from `ENDPOINTS`.
     /// The programs use `ENDPOINTS` alone while the slots are rebuilt, so
     /// every lookup stays right throughout. The slots array keeps the size it
     /// was created with: a larger network than it holds gets slots for its
@@ -162,11 +178,8 @@ impl Maps {
             base: u32::from(n.network),
             slots: n.slots().min(capacity),
         });
-        let set = |overlay: &mut Array<MapData, Overlay>, value| {
-            overlay.set(0, value, 0).map_err(map_err(names::OVERLAY))
-        };
         let old = self.overlay_now;
-        set(&mut self.overlay, Overlay { slots: 0, ..old })?;
+        self.update_config(|c| c.overlay = Overlay { slots: 0, ..old })?;
         self.overlay_now = Overlay { slots: 0, ..old };
         if old != want {
             // Slots of another network (or none): start from empty.
@@ -181,7 +194,10 @@ impl Maps {
                 self.slots.set(slot, endpoint, 0).map_err(map_err(names::ENDPOINT_SLOTS))?;
             }
         }
-        set(&mut self.overlay, want)?;
+        // Base first, then the slot count: no mix of old and new names a
+        // slot of the wrong network.
+        self.update_config(|c| c.overlay = Overlay { slots: 0, ..want })?;
+        self.update_config(|c| c.overlay = want)?;
         self.overlay_now = want;
         Ok(())
     }
@@ -305,7 +321,9 @@ impl Maps {
     }
 
     /// Deletes every conntrack and fragment entry naming `addr` (an endpoint
-    /// that went away: a new container may get its address).
+    /// that went away: a new container may get its address), and bumps the
+    /// epoch if it deleted any connection, so the CPUs' flow caches stop
+    /// answering for them too.
     pub fn forget_address(&mut self, addr: Ipv4Addr) -> Result<usize, Error> {
         let key = addr_key(addr);
         let conns: Vec<ConnKey> = self
@@ -321,6 +339,7 @@ impl Maps {
             .filter(|k| k.saddr == key || k.daddr == key)
             .collect();
         let forgotten = conns.len() + fragments.len();
+        let any_conn = !conns.is_empty();
         for k in conns {
             match self.conntrack.remove(&k) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
@@ -332,6 +351,9 @@ impl Maps {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err(names::FRAGMENTS)(e)),
             }
+        }
+        if any_conn {
+            self.bump_epoch()?;
         }
         Ok(forgotten)
     }
@@ -429,14 +451,13 @@ impl Maps {
     }
 
     pub fn epoch(&self) -> Result<u32, Error> {
-        self.epoch.get(&EPOCH_INDEX, 0).map_err(map_err(names::EPOCH))
+        self.config().map(|c| c.epoch)
     }
 
     /// Makes every tracked connection be checked against policy again at its
     /// next packet.
     pub fn bump_epoch(&mut self) -> Result<(), Error> {
-        let next = self.epoch()?.wrapping_add(1);
-        self.epoch.set(EPOCH_INDEX, next, 0).map_err(map_err(names::EPOCH))
+        self.update_config(|c| c.epoch = c.epoch.wrapping_add(1))
     }
 
     /// Packets per verdict reason, summed over CPUs.
@@ -460,7 +481,7 @@ impl Maps {
     /// What the programs report.
     /// Points the programs at this host's tunnel device (cluster mode).
     pub fn set_tunnel(&mut self, tunnel: Tunnel) -> Result<(), Error> {
-        self.tunnel.set(0, tunnel, 0).map_err(map_err(names::TUNNEL))
+        self.update_config(|c| c.tunnel = tunnel)
     }
 
     /// Makes `PEERS` exactly `peers` (underlay addresses): adds first, then
@@ -497,7 +518,7 @@ impl Maps {
         }
         let count = u32::try_from(wanted.len()).unwrap_or(u32::MAX);
         if count > 0 {
-            self.netin_state.set(0, count, 0).map_err(map_err(names::NETIN_STATE))?;
+            self.update_config(|c| c.netin_mappings = count)?;
         }
         let gone: Vec<NatKey> =
             self.netin.keys().filter_map(Result::ok).filter(|k| !wanted.contains_key(k)).collect();
@@ -505,7 +526,7 @@ impl Maps {
             self.netin.remove(&key).map_err(map_err(names::NETIN))?;
         }
         if count == 0 {
-            self.netin_state.set(0, 0, 0).map_err(map_err(names::NETIN_STATE))?;
+            self.update_config(|c| c.netin_mappings = 0)?;
         }
         let targets: std::collections::BTreeSet<(u32, u16)> =
             wanted.values().map(|t| (t.addr, t.port)).collect();
@@ -521,7 +542,7 @@ impl Maps {
         Ok(())
     }
 
-    /// Makes `NETOUT` hold exactly `wanted`; `NETOUT_STATE` counts its
+    /// Makes `NETOUT` hold exactly `wanted`; `Config::netout_apps` counts its
     /// apps (new entries before it turns on, gone ones after it turns off).
     pub fn set_netout(
         &mut self,
@@ -543,14 +564,14 @@ impl Maps {
         let apps = wanted.keys().filter(|k| k.0 == policy_common::netout::key_prefix(0)).count();
         let apps = u32::try_from(apps).unwrap_or(u32::MAX);
         if apps > 0 {
-            self.netout_state.set(0, apps, 0).map_err(map_err(names::NETOUT_STATE))?;
+            self.update_config(|c| c.netout_apps = apps)?;
         }
         for key in have.keys().filter(|k| !wanted.contains_key(k)) {
             let k = LpmKey::new(key.0, key.1);
             self.netout.remove(&k).map_err(map_err(names::NETOUT))?;
         }
         if apps == 0 {
-            self.netout_state.set(0, 0, 0).map_err(map_err(names::NETOUT_STATE))?;
+            self.update_config(|c| c.netout_apps = 0)?;
         }
         Ok(())
     }
@@ -561,11 +582,11 @@ impl Maps {
     }
 
     pub fn set_settings(&mut self, settings: Settings) -> Result<(), Error> {
-        self.settings.set(SETTINGS_INDEX, settings, 0).map_err(map_err(names::SETTINGS))
+        self.update_config(|c| c.settings = settings)
     }
 
     pub fn settings(&self) -> Result<Settings, Error> {
-        self.settings.get(&SETTINGS_INDEX, 0).map_err(map_err(names::SETTINGS))
+        self.config().map(|c| c.settings)
     }
 
     pub fn event_stats(&self) -> Result<EventStats, Error> {
@@ -602,7 +623,56 @@ impl Maps {
                 entry.bytes += conn.pending_bytes;
             }
         }
+        self.for_each_cached_flow(|way| {
+            if way.policy_id != 0 && way.pending_packets != 0 {
+                let entry = all.entry(way.policy_id).or_default();
+                entry.packets += u64::from(way.pending_packets);
+                entry.bytes += u64::from(way.pending_bytes);
+            }
+        });
         all
+    }
+
+    /// Calls `f` with every way of every CPU's flow cache, read through a
+    /// read-only mapping of the array (one pass over it, no syscall per
+    /// set). Nothing if it cannot be mapped (the counts then lack what the
+    /// cache holds, at most `COUNTER_FLUSH - 1` packets per connection).
+    fn for_each_cached_flow(&self, mut f: impl FnMut(&policy_common::maps::CachedFlow)) {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let sets = Self::capacity(self.flow_cache.map()) as usize;
+        let len = sets * size_of::<FlowSet>();
+        if len == 0 {
+            return;
+        }
+        let fd = self.flow_cache.map().fd().as_fd().as_raw_fd();
+        // SAFETY: a new read-only shared mapping of the map's fd, unmapped
+        // below; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0)
+        };
+        if base == libc::MAP_FAILED {
+            tracing::warn!("cannot map {}: {}", names::FLOW_CACHE, std::io::Error::last_os_error());
+            return;
+        }
+        for i in 0..sets {
+            // SAFETY: within the mapping; the kernel writes the sets
+            // concurrently, so each is read by volatile copy.
+            let set = unsafe { std::ptr::read_volatile(base.cast::<FlowSet>().add(i)) };
+            set.ways.iter().for_each(&mut f);
+        }
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(base, len) };
+    }
+
+    /// Flow cache entries written and live connections they pushed out,
+    /// summed over CPUs (see `policy_common::maps::flow_cache_stat`).
+    pub fn flow_cache_stats(&self) -> Result<(u64, u64), Error> {
+        let sum = |i: u32| -> Result<u64, Error> {
+            let per_cpu =
+                self.flow_cache_stats.get(&i, 0).map_err(map_err(names::FLOW_CACHE_STATS))?;
+            Ok(per_cpu.iter().sum())
+        };
+        Ok((sum(flow_cache_stat::FILLS)?, sum(flow_cache_stat::EVICTIONS)?))
     }
 
     /// Packets and bytes one policy let through (see [`Self::policy_counters_all`]).

@@ -19,14 +19,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, RingBuf},
+    maps::{Array, Map, MapData, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
     },
 };
 use log::{info, warn};
-use policy_common::maps::{names, programs};
+use policy_common::maps::{Config, FLOW_CACHE_SETS, names, programs};
 
 mod config;
 mod kernel;
@@ -89,6 +89,42 @@ impl Direction {
     }
 }
 
+/// The values a version before `CONFIG` pinned as single-value arrays
+/// (`names::LEGACY_CONFIG`), if it did. The settings and the overlay are
+/// written again by every load; the epoch, the tunnel and the NetIn/NetOut
+/// counts are carried over as they are.
+fn legacy_config(maps_dir: &Path) -> Option<Config> {
+    let [epoch, settings, overlay, tunnel, netin, netout] = names::LEGACY_CONFIG;
+    let epoch = read_pinned::<u32>(maps_dir, epoch)?;
+    Some(Config {
+        epoch,
+        netin_mappings: read_pinned(maps_dir, netin).unwrap_or(0),
+        netout_apps: read_pinned(maps_dir, netout).unwrap_or(0),
+        _pad: 0,
+        overlay: read_pinned(maps_dir, overlay).unwrap_or_default(),
+        tunnel: read_pinned(maps_dir, tunnel).unwrap_or_default(),
+        settings: read_pinned(maps_dir, settings).unwrap_or_default(),
+    })
+}
+
+/// `FLOW_CACHE`'s size: its sets for each possible CPU.
+fn flow_cache_entries() -> Result<u32, Error> {
+    let cpus =
+        aya::util::nr_cpus().map_err(|(path, e)| Error::io("cannot read", Path::new(path))(e))?;
+    Ok(u32::try_from(cpus).unwrap_or(u32::MAX / FLOW_CACHE_SETS) * FLOW_CACHE_SETS)
+}
+
+/// Entry 0 of the array pinned as `maps_dir/name`, if it is one of `T`s.
+fn read_pinned<T: aya::Pod>(maps_dir: &Path, name: &str) -> Option<T> {
+    let data = MapData::from_pin(maps_dir.join(name)).ok()?;
+    let array = Array::<MapData, T>::try_from(Map::from_map_data(data).ok()?).ok()?;
+    array.get(&0, 0).ok()
+}
+
+fn ignore_absent(e: std::io::Error) -> std::io::Result<()> {
+    if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
+}
+
 /// Pin name prefix of the underlay program's link.
 const UNDERLAY_PIN: &str = "underlay-";
 
@@ -147,6 +183,14 @@ impl Dataplane {
         loader.map_max_entries(names::ENDPOINT_SLOTS, slots);
         let veth_slots = pinned_size(names::VETH_SLOTS).unwrap_or(caps.veths.max(1));
         loader.map_max_entries(names::VETH_SLOTS, veth_slots);
+        // The flow cache has a region per possible CPU; one pinned for
+        // another count (or set size) is replaced: it only caches.
+        let flow_cache = flow_cache_entries()?;
+        if pinned_size(names::FLOW_CACHE).is_some_and(|n| n != flow_cache) {
+            let pin = maps_dir.join(names::FLOW_CACHE);
+            fs::remove_file(&pin).map_err(Error::io("cannot replace", &pin))?;
+        }
+        loader.map_max_entries(names::FLOW_CACHE, flow_cache);
         // A pinned verdict counter array from a version with fewer reasons
         // is replaced (its counts restart): the programs index it by reason.
         if pinned_size(names::VERDICTS).is_some_and(|n| n < policy_common::Reason::COUNT) {
@@ -154,16 +198,8 @@ impl Dataplane {
             fs::remove_file(&pin).map_err(Error::io("cannot replace", &pin))?;
             tracing::info!("verdict counters restart: this version counts more reasons");
         }
-        // A pinned settings array from a version with a smaller value is
-        // replaced (the loader writes it again just below).
-        let settings_pin = maps_dir.join(names::SETTINGS);
-        let value_size = MapData::from_pin(&settings_pin)
-            .ok()
-            .and_then(|m| m.info().ok())
-            .map(|i| i.value_size());
-        if value_size.is_some_and(|n| n as usize != size_of::<policy_common::maps::Settings>()) {
-            fs::remove_file(&settings_pin).map_err(Error::io("cannot replace", &settings_pin))?;
-        }
+        // What a version before `CONFIG` kept in single-value arrays.
+        let legacy = legacy_config(&maps_dir);
         for name in names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
         }
@@ -179,6 +215,20 @@ impl Dataplane {
             prog.load().map_err(|e| Error::LoadProgram { name, source: Box::new(e) })?;
         }
         let mut maps = Maps::take(&mut ebpf)?;
+        if let Some(values) = legacy {
+            // Carried over before the new programs run: the epoch above
+            // all (a tracked connection stamped with an epoch the new
+            // programs also read would skip its re-check). The old arrays
+            // stay referenced by the old programs until their links move.
+            maps.set_config(values)?;
+            for name in names::LEGACY_CONFIG {
+                let pin = maps_dir.join(name);
+                fs::remove_file(&pin)
+                    .or_else(ignore_absent)
+                    .map_err(Error::io("cannot unpin", &pin))?;
+            }
+            info!("per-packet settings moved into {}", names::CONFIG);
+        }
         maps.set_settings(config.kernel_settings())?;
         maps.set_overlay(config.overlay)?;
         maps.fill_veth_slots()?;
