@@ -41,6 +41,36 @@ fn sink(ns: &NetNs, ip: Ipv4Addr, port: u16) {
     });
 }
 
+/// A TLS endpoint that only reads and discards (rustls, one thread per
+/// connection, the certificate and key in `pem`): the benchmark client's own
+/// ceiling, with no proxy hop and no app behind it.
+fn tls_sink(ns: &NetNs, addr: SocketAddr, pem: &Path) {
+    use rustls::pki_types::PrivateKeyDer;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(pem).expect("PEM").map(|c| c.expect("cert")).collect();
+    let key = PrivateKeyDer::from_pem_file(pem).expect("key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("certificate");
+    let config = Arc::new(config);
+    let listener = ns.run(move || TcpListener::bind(addr)).expect("bind TLS sink");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let conn = rustls::ServerConnection::new(config.clone()).expect("server");
+            std::thread::spawn(move || {
+                let mut tls = rustls::StreamOwned::new(conn, stream);
+                let mut buf = vec![0u8; 1 << 16];
+                while matches!(tls.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+}
+
 fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from_pem_file(ca).expect("CA")).expect("root");
@@ -331,6 +361,7 @@ pub fn run(quick: bool, report: &mut Report) {
     daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
     daemon.allow("frontend", "backend", "tcp", "8080");
     daemon.allow("frontend", "backend", "tcp", "61444");
+    daemon.allow("frontend", "backend", "tcp", "61445");
     sink(&b.ns, b.ip, 8080);
     let config = client_config(&daemon.state_dir().join("ca.pem"));
     let peer = Haproxy::start(
@@ -352,6 +383,10 @@ pub fn run(quick: bool, report: &mut Report) {
     let cps: Vec<f64> = targets.iter().map(|t| connections_per_second(&a.ns, t, window)).collect();
     let rtt: Vec<Vec<Duration>> = targets.iter().map(|t| round_trips(&a.ns, t, trips)).collect();
     let tp: Vec<f64> = targets.iter().map(|t| throughput(&a.ns, t, total)).collect();
+    let pem = identity_pem(&daemon, b.ip);
+    tls_sink(&b.ns, (b.ip, 61445).into(), &pem);
+    let ceiling = Target { addr: (b.ip, 61445).into(), tls: targets[1].tls.clone() };
+    let client_ceiling = throughput(&a.ns, &ceiling, total);
     drop(peer);
     outln!(
         out,
@@ -389,6 +424,12 @@ pub fn run(quick: bool, report: &mut Report) {
         );
     }
     row(&mut out, "throughput, one connection (MiB/s)", [tp[0], tp[1], tp[2]], 0);
+    outln!(
+        out,
+        "\nThe client's own ceiling on one connection: the same TLS client straight into a rustls endpoint in B that decrypts and discards (no proxy hop, no app): {client_ceiling:.0} MiB/s; the agent reaches {:.2}x of it, haproxy {:.2}x.",
+        tp[1] / client_ceiling,
+        tp[2] / client_ceiling
+    );
     let counts: &[usize] = if quick { &[1, 10, 100] } else { &[1, 100, 1000] };
     let rows = memory(counts);
     outln!(
