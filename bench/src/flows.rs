@@ -15,7 +15,7 @@ use std::{
 use policy_agent::{Direction, dataplane::kernel_settings};
 use policy_common::{
     Reason,
-    maps::{PairKey, proto, settings},
+    maps::{FLOW_CACHE_SETS, FlowSet, PairKey, proto, settings},
     ports::Allowance,
 };
 
@@ -25,7 +25,7 @@ use crate::{
 };
 
 /// The destination ports the flows go to (one flow per port and sender).
-const FIRST_PORT: u16 = 20_000;
+const FIRST_PORT: u16 = 10_000;
 
 /// One measured set-up: the empty program, ours without the cache, ours
 /// with it.
@@ -97,9 +97,12 @@ pub fn run(quick: bool, report: &mut Report) {
         );
     }
     drop(stats);
+    let sets = FLOW_CACHE_SETS;
     outln!(
         out,
-        "\nThe cache is 8,192 two-way sets per CPU (16,384 connections, 512 KiB per CPU); a flow misses when two other flows of its CPU share its set, which round-robin traffic over more flows than that makes common. A miss costs a little more than no cache (the set is read, then `CONNTRACK`, then the set written)."
+        "\nThe cache is {sets} two-way sets per CPU ({} connections, {} KiB per CPU); a flow misses when two other flows of its CPU share its set, which round-robin traffic over about as many flows per CPU as there are sets makes common. A miss costs more than no cache (the set is read, then `CONNTRACK`, then the set written).",
+        2 * sets,
+        sets as usize * size_of::<FlowSet>() / 1024
     );
     report.section(out);
 }

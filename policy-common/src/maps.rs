@@ -398,8 +398,8 @@ const _: () = assert!(size_of::<Conn>() == 24);
 /// Packets a connection counts before its count moves to `POLICY_STATS`.
 pub const COUNTER_FLUSH: u32 = 64;
 
-/// Sets of `FLOW_CACHE` per CPU (a power of two): 8,192 sets of two ways,
-/// 16,384 connections and 512 KiB per CPU.
+/// Sets of `FLOW_CACHE` per CPU (a power of two): 16,384 sets of two ways,
+/// 32,768 connections and 1 MiB per CPU.
 pub const FLOW_CACHE_SETS: u32 = 16_384;
 /// `log2(FLOW_CACHE_SETS)`.
 pub const FLOW_CACHE_SET_BITS: u32 = 14;
