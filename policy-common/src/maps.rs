@@ -421,7 +421,9 @@ pub struct CachedFlow {
     pub pending_packets: u16,
     /// [`Conn::origin`] ([`origin::LO`] or [`origin::HI`]).
     pub origin: u8,
-    pub _pad: u8,
+    /// Packets answered since `CONNTRACK` last saw the connection used
+    /// (every [`COUNTER_FLUSH`] the entry is looked up, counting on or off).
+    pub unrefreshed: u8,
     pub pending_bytes: u32,
 }
 const _: () = assert!(size_of::<CachedFlow>() == 32);

@@ -11,9 +11,10 @@
 //! its next packet, as it does for `CONNTRACK` itself.
 //!
 //! Per-policy counting goes on in the way, and moves to `POLICY_STATS`
-//! every `COUNTER_FLUSH` packets and when the way is replaced. The flush
-//! also looks the connection up in `CONNTRACK`, so the LRU map sees it used
-//! (and gets it back if it was pushed out meanwhile).
+//! every `COUNTER_FLUSH` packets and when the way is replaced. Every
+//! `COUNTER_FLUSH` packets the way also looks the connection up in
+//! `CONNTRACK`, counting on or off, so the LRU map sees it used (and gets
+//! it back if it was pushed out meanwhile).
 //!
 //! The array has a region of `FLOW_CACHE_SETS` sets per CPU (the loader
 //! sizes it for the possible CPUs; it is mmapable, so its values start on
@@ -77,8 +78,12 @@ pub fn established(key: &ConnKey, side: u32, epoch: u32, count: bool, len: u32) 
         way.pending_bytes = way.pending_bytes.wrapping_add(len);
         if u32::from(way.pending_packets) >= COUNTER_FLUSH {
             flush(way);
-            refresh_conntrack(way);
         }
+    }
+    way.unrefreshed += 1;
+    if u32::from(way.unrefreshed) >= COUNTER_FLUSH {
+        way.unrefreshed = 0;
+        refresh_conntrack(way);
     }
     Some(if side == u32::from(way.origin) { Reason::Established } else { Reason::Reply })
 }
@@ -106,7 +111,7 @@ pub fn fill(key: &ConnKey, conn: &Conn) {
         policy_id: conn.policy_id,
         pending_packets: 0,
         origin: conn.origin as u8,
-        _pad: 0,
+        unrefreshed: 0,
         pending_bytes: 0,
     };
     count(flow_cache_stat::FILLS);

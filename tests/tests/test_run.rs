@@ -140,8 +140,8 @@ fn port_range_edges_and_default_deny() {
 /// Established IPv4 packets are answered from the CPU's flow cache: one
 /// fill, then hits, counted for their policy exactly; a revocation sends
 /// them back to the full check; a conntrack entry pushed out while the
-/// cache answered comes back at the next counter flush; with the cache
-/// switched off nothing is filled.
+/// cache answered comes back within 64 packets (per-policy counting on or
+/// off); with the cache switched off nothing is filled.
 #[test]
 fn the_flow_cache_answers_established_packets_until_a_revocation() {
     use aya::maps::{HashMap, MapData};
@@ -177,6 +177,18 @@ fn the_flow_cache_answers_established_packets_until_a_revocation() {
     }
     assert_eq!(f.dataplane.maps().connections().len(), 1, "back in conntrack");
     assert_eq!(f.dataplane.maps().connections()[0].1.policy_id, 7);
+    assert_eq!(fills(&f), 1);
+    // The same with per-policy counting off: the cache still refreshes it.
+    let on = f.dataplane.maps().settings().unwrap();
+    let counting_off =
+        policy_common::maps::Settings { flags: on.flags & !settings::POLICY_COUNTERS, ..on };
+    f.dataplane.maps_mut().set_settings(counting_off).unwrap();
+    conntrack.remove(&key).unwrap();
+    for _ in 0..COUNTER_FLUSH {
+        assert_eq!(f.entering_container(&request), TC_ACT_OK);
+    }
+    assert_eq!(f.dataplane.maps().connections().len(), 1, "back in conntrack, counting off");
+    f.dataplane.maps_mut().set_settings(on).unwrap();
     assert_eq!(fills(&f), 1);
 
     // Revoked: the next packet is checked in full and dropped.
