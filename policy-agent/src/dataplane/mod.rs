@@ -90,11 +90,12 @@ impl Direction {
 }
 
 /// The values a version before `CONFIG` pinned as single-value arrays
-/// (`names::LEGACY_CONFIG`), if it did. The settings and the overlay are
-/// written again by every load; the epoch, the tunnel and the NetIn/NetOut
-/// counts are carried over as they are.
+/// (`names::LEGACY_CONFIG`), if it did: the epoch, the tunnel and the
+/// NetIn/NetOut counts as they are, and the overlay (the network whose
+/// slots `set_overlay` clears if the configured one differs). The settings
+/// are not read: every load writes them.
 fn legacy_config(maps_dir: &Path) -> Option<Config> {
-    let [epoch, settings, overlay, tunnel, netin, netout] = names::LEGACY_CONFIG;
+    let [epoch, _settings, overlay, tunnel, netin, netout] = names::LEGACY_CONFIG;
     let epoch = read_pinned::<u32>(maps_dir, epoch)?;
     Some(Config {
         epoch,
@@ -103,7 +104,7 @@ fn legacy_config(maps_dir: &Path) -> Option<Config> {
         _pad: 0,
         overlay: read_pinned(maps_dir, overlay).unwrap_or_default(),
         tunnel: read_pinned(maps_dir, tunnel).unwrap_or_default(),
-        settings: read_pinned(maps_dir, settings).unwrap_or_default(),
+        settings: Default::default(),
     })
 }
 
