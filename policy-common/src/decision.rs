@@ -209,7 +209,8 @@ pub fn check_flow<A: Family, T: Lookups<A>>(tables: &T, flow: &Flow<A>) -> Check
 /// 6. otherwise → drop.
 ///
 /// Later fragments pass iff their first fragment passed (4 still applies);
-/// ICMP errors pass iff they quote a tracked connection (4 still applies).
+/// ICMP errors pass iff they quote a tracked connection between their own
+/// two ends (see [`decide_icmp_error`]).
 #[inline(always)]
 pub fn decide_destination<A: Family, T: Lookups<A>>(tables: &T, parsed: &Parsed<A>) -> Decision<A> {
     // Read the epoch before any policy lookup: the agent removes policies
@@ -231,16 +232,48 @@ pub fn decide_destination<A: Family, T: Lookups<A>>(tables: &T, parsed: &Parsed<
             }
         }
         Parsed::IcmpError { saddr, daddr, about } => {
-            let (key, _) = ConnKey::of(&about);
-            if tables.conn(&key).is_some_and(|conn| conn.epoch == epoch) {
-                Decision::just(Verdict::Pass(Reason::Related))
-            } else if tables.endpoint(daddr).is_none() || tables.endpoint(saddr).is_none() {
-                Decision::just(Verdict::Pass(Reason::Unmanaged))
-            } else {
-                Decision::just(Verdict::Drop(Reason::NoPolicy))
-            }
+            Decision::just(decide_icmp_error(tables, epoch, saddr, daddr, about))
         }
         Parsed::Flow { flow, fragment } => decide_flow(tables, epoch, &flow, fragment),
+    }
+}
+
+/// An ICMP error from `saddr` to `daddr` quoting the datagram `about`. What
+/// it claims (that `about` met trouble on its way) is believed only from
+/// where such an error can come from: it goes back to the quoted datagram's
+/// sender, and comes from that datagram's destination or from a router on
+/// its path, which is never an endpoint (the host's gateway address, a
+/// router beyond the host for traffic leaving the overlay). Containers
+/// cannot forge those addresses (the source side's anti-spoofing check;
+/// another host's containers, that host's).
+///
+/// 1. `daddr` is not the quoted datagram's source → drop (spoofed: it
+///    quotes someone else's packet, a way to carry data past the policy);
+/// 2. `saddr` is an endpoint other than the quoted datagram's destination
+///    → drop (spoofed: an endpoint speaking for another's connection);
+/// 3. the quoted connection is tracked at the current epoch → pass;
+/// 4. either end is not an endpoint → pass (unmanaged: a router's error,
+///    or nothing here to protect);
+/// 5. otherwise → drop (no policy: two endpoints with no connection).
+///
+/// Values only, and the lookups in the order the checks need them: in the
+/// kernel programs the decision's stack frame is near the 512-byte limit.
+#[inline(always)]
+pub fn decide_icmp_error<A: Family, T: Lookups<A>>(
+    tables: &T,
+    epoch: u32,
+    saddr: A,
+    daddr: A,
+    about: Flow<A>,
+) -> Verdict {
+    if about.saddr != daddr || (saddr != about.daddr && tables.endpoint(saddr).is_some()) {
+        Verdict::Drop(Reason::Spoofed)
+    } else if tables.conn(&ConnKey::of(&about).0).is_some_and(|conn| conn.epoch == epoch) {
+        Verdict::Pass(Reason::Related)
+    } else if tables.endpoint(daddr).is_none() || tables.endpoint(saddr).is_none() {
+        Verdict::Pass(Reason::Unmanaged)
+    } else {
+        Verdict::Drop(Reason::NoPolicy)
     }
 }
 
@@ -424,10 +457,13 @@ pub fn source_address<A: Family>(parsed: &Parsed<A>) -> Option<A> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outgoing<A = u32> {
     pub conn: ConnUpdate<A>,
-    /// No policy allows this opening: the other host will drop it, so this
-    /// host may answer it with a reject now (its packets to that host are
-    /// dropped here then, as the other host would).
+    /// No policy allows this opening: this host decides, as the other host
+    /// would (same policies), and drops it here — answered with a reject
+    /// where rejects are on — so the decision is recorded where it is made.
     pub denied: bool,
+    /// The two ends' app tags, where `denied` (for its report).
+    pub src_tag: u32,
+    pub dst_tag: u32,
 }
 
 /// Source side, cluster mode: a packet a local container sends to an
@@ -444,7 +480,7 @@ pub struct Outgoing<A = u32> {
 /// does not count as tracked).
 #[inline(always)]
 pub fn track_outgoing<A: Family, T: Lookups<A>>(tables: &T, parsed: &Parsed<A>) -> Outgoing<A> {
-    let nothing = Outgoing { conn: ConnUpdate::none(), denied: false };
+    let nothing = Outgoing { conn: ConnUpdate::none(), denied: false, src_tag: 0, dst_tag: 0 };
     let Parsed::Flow { flow, .. } = *parsed else { return nothing };
     if tables.endpoint(flow.daddr).is_none_or(|e| e.flags & endpoint_flags::REMOTE == 0) {
         return nothing;
@@ -468,17 +504,20 @@ pub fn track_outgoing<A: Family, T: Lookups<A>>(tables: &T, parsed: &Parsed<A>) 
                     pending_bytes: 0,
                 },
             ),
-            denied: false,
+            ..nothing
         },
-        Check::Denied { .. } => Outgoing { conn: ConnUpdate::none(), denied: true },
+        Check::Denied { src_tag, dst_tag } => {
+            Outgoing { conn: ConnUpdate::none(), denied: true, src_tag, dst_tag }
+        }
         Check::Unmanaged => nothing,
     }
 }
 
 /// Underlay side (TC ingress of the underlay interface, cluster mode): a
 /// tunnel packet (UDP to the tunnel `port`) is accepted only from a host of
-/// the cluster (`is_peer`), so nothing else on the underlay can claim an
-/// app's identity in a tunnel header. Everything else passes untouched.
+/// the cluster (`is_peer`), by its source address: the underlay is trusted
+/// as far as source addresses go (no authenticated overlay on this
+/// kernel), as silk's is. Everything else passes untouched.
 #[inline(always)]
 pub fn decide_underlay(parsed: &Parsed, port: u16, is_peer: impl Fn(u32) -> bool) -> Verdict {
     match *parsed {
@@ -495,16 +534,50 @@ pub fn decide_underlay(parsed: &Parsed, port: u16, is_peer: impl Fn(u32) -> bool
     }
 }
 
+/// The cluster's tunnel as the source side sees it: a container's packet
+/// to its UDP `port` at an address that is no endpoint reaches a VXLAN
+/// socket (the kernel's listens on every local address, and another host's
+/// takes what this host's masquerade sends it from the host's own address),
+/// which would decapsulate it and believe the app tag in its header. So no
+/// container may send one: tunnel headers come from the host's VXLAN device
+/// only. `port` 0: no tunnel (a single host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelPort(pub u16);
+
+impl TunnelPort {
+    /// Whether `parsed` is a datagram to the tunnel port of an address that
+    /// is not an endpoint (endpoints get it as any datagram, by policy).
+    #[inline(always)]
+    pub fn aimed_at<A: Family, T: Lookups<A>>(self, tables: &T, parsed: &Parsed<A>) -> bool {
+        match *parsed {
+            Parsed::Flow { flow, .. } => {
+                self.0 != 0
+                    && flow.protocol == proto::UDP
+                    && flow.dport == self.0
+                    && tables.endpoint(flow.daddr).is_none()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Source side (TC ingress of the host-side veth, cgroup_skb egress): the
 /// anti-spoofing check. `own` is the endpoint behind this interface or cgroup.
 ///
 /// 1. not IPv4 → pass; 2. malformed → drop; 3. no endpoint here → pass;
-/// 4. source address is the endpoint's → pass; 5. otherwise → drop (spoofed).
+/// 4. a datagram to the tunnel port of a non-endpoint (see [`TunnelPort`])
+///    → drop (spoofed: a tunnel header claims an app);
+/// 5. source address is the endpoint's → pass; 6. otherwise → drop (spoofed).
 ///
 /// An IPv6-only endpoint has no IPv4 address ([`NO_IPV4`]): all its IPv4
 /// packets are dropped.
 #[inline(always)]
-pub fn decide_source(parsed: &Parsed, own: Option<Attachment>) -> Verdict {
+pub fn decide_source<T: Lookups>(
+    tables: &T,
+    parsed: &Parsed,
+    own: Option<Attachment>,
+    tunnel: TunnelPort,
+) -> Verdict {
     let saddr = match *parsed {
         Parsed::NotIpv4 | Parsed::LinkControl => return Verdict::Pass(Reason::NotIpv4),
         Parsed::Malformed => return Verdict::Drop(Reason::Malformed),
@@ -514,6 +587,7 @@ pub fn decide_source(parsed: &Parsed, own: Option<Attachment>) -> Verdict {
     };
     match own {
         None => Verdict::Pass(Reason::Unmanaged),
+        Some(_) if tunnel.aimed_at(tables, parsed) => Verdict::Drop(Reason::Spoofed),
         Some(own) if own.addr == saddr && saddr != NO_IPV4 => Verdict::Pass(Reason::SourceVerified),
         Some(_) => Verdict::Drop(Reason::Spoofed),
     }
@@ -524,15 +598,25 @@ pub fn decide_source(parsed: &Parsed, own: Option<Attachment>) -> Verdict {
 /// from) for an endpoint without one, so that its IPv6 packets are dropped.
 ///
 /// 1. not IPv6 → pass;
-/// 2. link plumbing (neighbour discovery, router solicitation, MLD) → pass;
+/// 2. link plumbing (neighbour discovery, router solicitation, MLD) that
+///    stays on the link → pass (the parser gives `LinkControl` only to
+///    messages from a link-local or unspecified source to a link-local or
+///    multicast destination, which the host never forwards; every other
+///    such message is a flow, checked as any other below);
 /// 3. malformed → drop;
 /// 4. no endpoint here → pass;
-/// 5. source address is the endpoint's → pass;
-/// 6. a link-local source to a link-scoped destination (traffic with the
+/// 5. a datagram to the tunnel port of a non-endpoint → drop (spoofed);
+/// 6. source address is the endpoint's → pass;
+/// 7. a link-local source to a link-scoped destination (traffic with the
 ///    host on the link) → pass;
-/// 7. otherwise → drop (spoofed).
+/// 8. otherwise → drop (spoofed).
 #[inline(always)]
-pub fn decide_source6(parsed: &Parsed<Ipv6Key>, own: Option<Ipv6Key>) -> Verdict {
+pub fn decide_source6<T: Lookups<Ipv6Key>>(
+    tables: &T,
+    parsed: &Parsed<Ipv6Key>,
+    own: Option<Ipv6Key>,
+    tunnel: TunnelPort,
+) -> Verdict {
     let (saddr, daddr) = match *parsed {
         Parsed::NotIpv4 => return Verdict::Pass(Reason::NotIpv4),
         Parsed::LinkControl => return Verdict::Pass(Reason::LinkControl),
@@ -543,8 +627,11 @@ pub fn decide_source6(parsed: &Parsed<Ipv6Key>, own: Option<Ipv6Key>) -> Verdict
     };
     match own {
         None => Verdict::Pass(Reason::Unmanaged),
-        Some(own) if own == saddr => Verdict::Pass(Reason::SourceVerified),
-        Some(_) if saddr.is_link_scoped() && daddr.is_link_scoped() => {
+        Some(_) if tunnel.aimed_at(tables, parsed) => Verdict::Drop(Reason::Spoofed),
+        Some(own) if own == saddr && !saddr.is_unspecified() => {
+            Verdict::Pass(Reason::SourceVerified)
+        }
+        Some(_) if saddr.is_link_local() && daddr.is_link_scoped() => {
             Verdict::Pass(Reason::Unmanaged)
         }
         Some(_) => Verdict::Drop(Reason::Spoofed),

@@ -271,6 +271,20 @@ impl Ipv6Key {
         Self([word(0), word(4), word(8), word(12)])
     }
 
+    /// fe80::/10: an address that names a host on one link only.
+    #[inline(always)]
+    pub fn is_link_local(self) -> bool {
+        let [b0, b1, _, _] = self.0[0].to_ne_bytes();
+        b0 == 0xfe && b1 & 0xc0 == 0x80
+    }
+
+    /// ::, the source of a host whose address is still tentative (duplicate
+    /// address detection, RFC 4862 5.4.2).
+    #[inline(always)]
+    pub fn is_unspecified(self) -> bool {
+        self.0[0] | self.0[1] | self.0[2] | self.0[3] == 0
+    }
+
     pub fn octets(&self) -> [u8; 16] {
         let mut out = [0u8; 16];
         for (i, word) in self.0.iter().enumerate() {

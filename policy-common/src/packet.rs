@@ -84,8 +84,9 @@ pub enum Parsed<A: Family = u32> {
     /// originally sent).
     IcmpError { saddr: A, daddr: A, about: Flow<A> },
     /// ICMPv6 neighbour discovery, router solicitation and advertisement,
-    /// redirects and multicast listener messages: the link's own plumbing,
-    /// always passed (IPv6 does not work without it).
+    /// redirects and multicast listener messages between link-local (or
+    /// unspecified) and link-scoped addresses: the link's own plumbing,
+    /// always passed (IPv6 does not work without it), never forwarded.
     LinkControl,
 }
 
@@ -222,6 +223,20 @@ const ICMPV6_ERROR_LAST: u8 = 4;
 #[inline(always)]
 fn is_link_control(icmp_type: u8) -> bool {
     matches!(icmp_type, 130..=137 | 143)
+}
+
+/// Whether a link-plumbing message (see [`is_link_control`]) stays on its
+/// link: from a link-local or unspecified source (neighbour discovery and
+/// MLD use these, RFC 4861 4.3, RFC 3590) to a link-local or multicast
+/// destination, which the host never forwards (it routes no multicast).
+/// Such a message cannot reach another container, and claims no address
+/// another container holds. Anything else with these types (a neighbour
+/// solicitation to another container's address, an MLD report from a
+/// global address) is parsed as the ordinary ICMPv6 flow it is: the
+/// source's anti-spoofing check and the destination's policy apply to it.
+#[inline(always)]
+fn stays_on_link(saddr: Ipv6Key, daddr: Ipv6Key) -> bool {
+    (saddr.is_link_local() || saddr.is_unspecified()) && daddr.is_link_scoped()
 }
 
 /// Parses an IPv6 packet whose header starts at `l3`: the fixed header, a
@@ -412,7 +427,7 @@ fn walk_ipv6<B: PacketBytes + ?Sized>(bytes: &B, l3: usize, parts: &mut Ipv6Part
                 }
                 return;
             }
-            if is_link_control(h[0]) {
+            if is_link_control(h[0]) && stays_on_link(ip.saddr, ip.daddr) {
                 parts.kind = ipv6_kind::LINK_CONTROL;
                 return;
             }

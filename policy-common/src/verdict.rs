@@ -25,7 +25,10 @@ pub enum Reason {
     Related = 7,
     /// Destination side: no policy allows this source app, protocol and port.
     NoPolicy = 8,
-    /// Source side: the source address is not the endpoint's.
+    /// A packet claims what it is not: a source address not the endpoint's
+    /// (source side), a container's datagram to the cluster's tunnel port,
+    /// a tunnel packet from outside the cluster, an ICMP error between
+    /// addresses that are not the ends of the connection it quotes.
     Spoofed = 9,
     /// An IPv4 header (or the TCP/UDP/ICMP header after it) that is cut short
     /// or inconsistent; the kernel's IP stack would drop it too.

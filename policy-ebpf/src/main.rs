@@ -23,8 +23,8 @@ use aya_ebpf::{
 use policy_common::{
     Parsed, Reason, Verdict, decide_destination, decide_source,
     decision::{
-        Decision, TunnelSource, conn_update, decide_source6, decide_underlay, source_address,
-        track_outgoing,
+        Decision, Outgoing, TunnelPort, TunnelSource, conn_update, decide_source6, decide_underlay,
+        source_address, track_outgoing,
     },
     maps::{Attachment, ConnKey, Ipv6Key, TUNNEL_TAG_MASK, direction, settings},
     packet::{
@@ -182,11 +182,31 @@ fn from_container4(skb: *mut __sk_buff) -> i32 {
         bytes.set_mark(if tag & !TUNNEL_TAG_MASK == 0 { tag } else { 0 });
         let outgoing = track_outgoing(&KernelMaps::new(), &parsed);
         kernel_maps::apply_conn(outgoing.conn);
-        if outgoing.denied && reject::wanted(&ctx, &parsed, Verdict::Drop(Reason::NoPolicy)) {
-            return reject::send(&ctx, &parsed, reject::Back::ToSender(ifindex));
+        if outgoing.denied {
+            let denial = denied_opening(&outgoing);
+            let rejected = reject::wanted(&ctx, &parsed, denial.verdict);
+            events::report(&parsed, &denial, direction::EGRESS, ifindex, rejected);
+            if rejected {
+                return reject::send(&ctx, &parsed, reject::Back::ToSender(ifindex));
+            }
+            return TC_ACT_SHOT;
         }
     }
     tc_action(verdict)
+}
+
+/// An opening to another host's endpoint that no policy allows: decided
+/// here, where it leaves, and counted and reported here as a local denial
+/// is where it enters (the other host would decide the same from the same
+/// policies, and never sees the packet).
+#[inline(always)]
+fn denied_opening<A: policy_common::Family>(outgoing: &Outgoing<A>) -> Decision<A> {
+    let verdict = count_verdict(Verdict::Drop(Reason::NoPolicy));
+    Decision {
+        src_tag: outgoing.src_tag,
+        dst_tag: outgoing.dst_tag,
+        ..Decision::from_verdict(verdict)
+    }
 }
 
 /// TC egress of the host-side veth = packets entering the container. A
@@ -205,8 +225,20 @@ pub fn tc_to_container(ctx: TcContext) -> i32 {
     to_container4(ctx.skb.skb)
 }
 
+/// The cluster's tunnel port, which no container may send to (see
+/// `TunnelPort`); 0 on a single host.
+#[inline(always)]
+fn tunnel_port() -> TunnelPort {
+    TunnelPort(config().map_or(0, |c| if c.tunnel.ifindex != 0 { c.tunnel.port as u16 } else { 0 }))
+}
+
 /// The tag a packet that came through the cluster's tunnel carries, and
-/// whether it did.
+/// whether it did: the device's ingress, whose mark the VXLAN driver sets
+/// from the GBP field of the header it took off. That header is believed
+/// because only two kinds of packet reach the device's socket: from the
+/// underlay, from a host of the cluster (`tc_from_underlay` drops the
+/// rest), and from this host itself; no container's packet to the tunnel
+/// port gets past its source side (`TunnelPort`).
 #[inline(always)]
 fn tunnel_source(bytes: &SkbBytes) -> (bool, u32) {
     match config().map(|c| &c.tunnel) {
@@ -301,7 +333,8 @@ fn cgroup_egress6(skb: *mut __sk_buff) -> i32 {
     let bytes = SkbBytes::new(skb);
     let own6 = kernel_maps::cgroup_endpoint(bytes.cgroup_id()).map(|_| Ipv6Key::default());
     let parts = Ipv6Parts::parse(&bytes, 0);
-    cgroup_action(count_verdict(decide_source6(&parts.build(), own6)))
+    let verdict = decide_source6(&KernelMaps6::new(), &parts.build(), own6, tunnel_port());
+    cgroup_action(count_verdict(verdict))
 }
 
 /// cgroup_skb ingress = packets delivered to the cgroup's workloads.
@@ -336,7 +369,8 @@ fn cgroup_ingress6(skb: *mut __sk_buff) -> i32 {
 #[inline(never)]
 fn source_side6(parsed: &Parsed<Ipv6Key>, bytes: &SkbBytes, own: Attachment, ifindex: u32) -> u32 {
     let own = (own.tag != 0).then_some(own);
-    let verdict = decide_source6(parsed, kernel_maps::veth_endpoint6(ifindex, own));
+    let own6 = kernel_maps::veth_endpoint6(ifindex, own);
+    let verdict = decide_source6(&KernelMaps6::new(), parsed, own6, tunnel_port());
     if !verdict.is_pass() {
         let decision =
             Decision { src_tag: own.map_or(0, |a| a.tag), ..Decision::from_verdict(verdict) };
@@ -350,8 +384,11 @@ fn source_side6(parsed: &Parsed<Ipv6Key>, bytes: &SkbBytes, own: Attachment, ifi
         bytes.set_mark(if tag & !TUNNEL_TAG_MASK == 0 { tag } else { 0 });
         let outgoing = track_outgoing(&KernelMaps6::new(), parsed);
         kernel_maps::apply_conn6(outgoing.conn);
-        if outgoing.denied && wants_reject6(bytes.skb(), parsed, Verdict::Drop(Reason::NoPolicy)) {
-            return outcome::REJECT;
+        if outgoing.denied {
+            let denial = denied_opening(&outgoing);
+            let rejected = wants_reject6(bytes.skb(), parsed, denial.verdict);
+            events::report(parsed, &denial, direction::EGRESS, ifindex, rejected);
+            return if rejected { outcome::REJECT } else { outcome::DROP };
         }
     }
     outcome::PASS
@@ -408,7 +445,7 @@ fn reject6(skb: *mut __sk_buff, parsed: &Parsed<Ipv6Key>, back: reject::Back) ->
 /// Anti-spoofing, counted; a spoofed packet is reported.
 #[inline(always)]
 fn source_side(parsed: &Parsed, own: Option<Attachment>, ifindex: u32) -> Verdict {
-    let verdict = decide_source(parsed, own);
+    let verdict = decide_source(&KernelMaps::new(), parsed, own, tunnel_port());
     if !verdict.is_pass() {
         let decision =
             Decision { src_tag: own.map_or(0, |a| a.tag), ..Decision::from_verdict(verdict) };

@@ -213,3 +213,16 @@ fn make_hosts(
         })
         .collect()
 }
+
+/// A VXLAN packet's UDP payload as a forger writes it: Group Based Policy
+/// flags (G|I) with `tag` as the group, VNI 1, then an Ethernet frame to
+/// `mac` (`aa:bb:...`) carrying the IPv4 packet `inner`.
+pub fn vxlan_gbp(tag: u16, mac: &str, inner: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x88, 0x00];
+    frame.extend_from_slice(&tag.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 1, 0]);
+    frame.extend(mac.split(':').map(|b| u8::from_str_radix(b, 16).expect("hex MAC")));
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99, 0x08, 0x00]);
+    frame.extend_from_slice(inner);
+    frame
+}

@@ -199,6 +199,32 @@ impl Daemon {
         (status, serde_json::from_str(json).unwrap_or(Value::Null))
     }
 
+    /// `GET path` on the API socket, which must answer 200: its JSON body.
+    pub fn get(&self, path: &str) -> Value {
+        let (status, value) = self.curl("GET", path, None);
+        assert_eq!(status, 200, "{path}: {value}");
+        value
+    }
+
+    /// Packets the programs counted under the verdict `reason` (`/v1/status`).
+    pub fn verdict_count(&self, reason: &str) -> u64 {
+        self.get("/v1/status")["verdicts"]
+            .as_array()
+            .expect("verdicts")
+            .iter()
+            .find(|v| v["reason"] == reason)
+            .and_then(|v| v["packets"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// The tag of `app` (hex in `.../tags`, as Cloud Foundry lists it).
+    pub fn tag(&self, app: &str) -> u32 {
+        let tags = self.get("/networking/v1/external/tags");
+        let tag = tags["tags"].as_array().expect("tags").iter().find(|t| t["id"] == app);
+        let tag = tag.unwrap_or_else(|| panic!("no tag for {app}: {tags}"));
+        u32::from_str_radix(tag["tag"].as_str().expect("tag"), 16).expect("hex tag")
+    }
+
     /// A response header of `GET path` on the API socket, if present.
     pub fn header(&self, path: &str, name: &str) -> Option<String> {
         let out = Command::new("curl")

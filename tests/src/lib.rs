@@ -12,6 +12,7 @@ pub mod iptables;
 pub mod netns;
 pub mod nftables;
 pub mod pins;
+pub mod raw;
 pub mod topology;
 pub mod traffic;
 
@@ -33,4 +34,18 @@ pub fn require_root() {
         0,
         "these tests need root: run them through `cargo xtask test` as root"
     );
+}
+
+/// Polls `check` until it holds or `within` passes; returns whether it held.
+pub fn eventually(within: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
+    let started = std::time::Instant::now();
+    loop {
+        if check() {
+            return true;
+        }
+        if started.elapsed() > within {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

@@ -11,6 +11,7 @@ use std::{
 use integration_tests::{
     cluster::{ClusterHost, Etcd, Underlay, dual_stack_hosts, hosts, hosts_with},
     daemon::Daemon,
+    eventually,
     netns::NetNs,
     require_root,
     topology::GATEWAY,
@@ -29,20 +30,6 @@ fn body(policies: &[Value]) -> String {
     json!({ "policies": policies }).to_string()
 }
 
-/// Polls `check` until it holds or `within` passes; returns whether it held.
-fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    loop {
-        if check() {
-            return true;
-        }
-        if started.elapsed() > within {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Host `h`'s frontend (container 0) and backend (container 1) with an echo
 /// server on 8080 and 9000, registered with that host's agent.
 fn frontend_and_backend(h: &ClusterHost) -> (Ipv4Addr, Ipv4Addr) {
@@ -59,9 +46,7 @@ fn reaches(h: &ClusterHost, to: Ipv4Addr, port: u16) -> bool {
 }
 
 fn get(daemon: &Daemon, path: &str) -> Value {
-    let (status, value) = daemon.curl("GET", path, None);
-    assert_eq!(status, 200, "{path}: {value}");
-    value
+    daemon.get(path)
 }
 
 #[test]
@@ -480,14 +465,7 @@ fn tunnel_packets_from_outside_the_cluster_grant_nothing() {
         7000,
     )
     .ipv4();
-    let mut frame = Vec::new();
-    // VXLAN with Group Based Policy: flags G|I, the group (app tag), VNI 1.
-    frame.extend_from_slice(&[0x88, 0x00]);
-    frame.extend_from_slice(&tag.to_be_bytes());
-    frame.extend_from_slice(&[0, 0, 1, 0]);
-    frame.extend(vtep.split(':').map(|b| u8::from_str_radix(b, 16).unwrap()));
-    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99, 0x08, 0x00]);
-    frame.extend_from_slice(&inner);
+    let frame = integration_tests::cluster::vxlan_gbp(tag, &vtep, &inner);
     let spoofed_before = verdict_count(&c.daemon, "spoofed");
     let forger = intruder.ns.run(|| std::net::UdpSocket::bind(("0.0.0.0", 0))).unwrap();
     for _ in 0..5 {
@@ -505,13 +483,7 @@ fn a_policy_between(h: &ClusterHost, source: &str, destination: &str, protocol: 
 }
 
 fn verdict_count(daemon: &Daemon, reason: &str) -> u64 {
-    get(daemon, "/v1/status")["verdicts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["reason"] == reason)
-        .and_then(|v| v["packets"].as_u64())
-        .unwrap_or(0)
+    daemon.verdict_count(reason)
 }
 
 #[test]

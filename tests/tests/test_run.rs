@@ -443,15 +443,25 @@ struct ModelFamily<A> {
     /// fragments; `rng` may vary their shape (IPv6: extension headers,
     /// fragments) but never their meaning. Each gets the model's verdict.
     frames: fn(&mut rand::rngs::StdRng, &Tuple<A>) -> Vec<Vec<u8>>,
+    /// An ICMP message that is neither a query nor an error (IPv4: router
+    /// advertisement; IPv6: neighbour solicitation, here between global
+    /// addresses, where it is an ordinary flow), as an `icmp_port`.
+    one_way: u16,
+    /// An ICMP destination unreachable from `from` to `to` quoting the
+    /// datagram `about`.
+    error_frame: fn(from: A, to: A, about: &Tuple<A>) -> Vec<u8>,
 }
 
 /// A deliberately naive model of the policy: a list of policies scanned
-/// linearly and a set of open connections. It shares no code with the
-/// program's decision logic.
+/// linearly and the open connections, each with the revocation count it
+/// was last checked at. It shares no code with the program's decision
+/// logic.
 struct Model<A> {
     tags: std::collections::HashMap<A, u32>,
     policies: Vec<(u32, u32, u8, u16, u16)>,
-    conns: std::collections::HashSet<Tuple<A>>,
+    conns: std::collections::HashMap<Tuple<A>, u32>,
+    /// How many revocations took something away (the program's epoch).
+    epoch: u32,
     /// The ICMP protocol and echo request/reply ports of the family.
     icmp: (u8, u16, u16),
 }
@@ -466,6 +476,22 @@ impl<A: Copy + Eq + std::hash::Hash> Model<A> {
         })
     }
 
+    /// Takes a policy away (the agent's semantics: the exact range). The
+    /// epoch moves when a port it allowed is allowed no more.
+    fn revoke(&mut self, (s, d, p, lo, hi): (u32, u32, u8, u16, u16)) {
+        self.policies.retain(|&(ps, pd, pp, plo, phi)| {
+            !(ps == s && pd == d && pp == p && plo == lo && phi == hi)
+        });
+        let still = |port: u16| {
+            self.policies.iter().any(|&(ps, pd, pp, plo, phi)| {
+                ps == s && pd == d && pp == p && plo <= port && port <= phi
+            })
+        };
+        if !(lo..=hi).all(still) {
+            self.epoch += 1;
+        }
+    }
+
     /// Pass or drop, updating the open connections as a stateful firewall
     /// that re-checks a connection's opening packet would.
     fn deliver(&mut self, src: A, sport: u16, dst: A, dport: u16, protocol: u8) -> bool {
@@ -476,8 +502,9 @@ impl<A: Copy + Eq + std::hash::Hash> Model<A> {
             return self.deliver_icmp(src, sport, dst, dport);
         }
         for opening in [(src, sport, dst, dport, protocol), (dst, dport, src, sport, protocol)] {
-            if self.conns.contains(&opening) {
+            if self.conns.contains_key(&opening) {
                 if self.allowed(opening.0, opening.2, protocol, opening.3) {
+                    self.conns.insert(opening, self.epoch);
                     return true;
                 }
                 self.conns.remove(&opening);
@@ -485,10 +512,26 @@ impl<A: Copy + Eq + std::hash::Hash> Model<A> {
             }
         }
         if self.allowed(src, dst, protocol, dport) {
-            self.conns.insert((src, sport, dst, dport, protocol));
+            self.conns.insert((src, sport, dst, dport, protocol), self.epoch);
             return true;
         }
         false
+    }
+
+    /// An ICMP error from `from` to `to` about the TCP or UDP datagram
+    /// `about`: it must go back to the datagram's sender, from its
+    /// destination or from an address that is no endpoint (a router), and
+    /// then passes if its connection was checked since the last revocation,
+    /// or if either end is no endpoint.
+    fn deliver_error(&self, from: A, to: A, about: &Tuple<A>) -> bool {
+        let &(p, ps, q, qs, protocol) = about;
+        if to != p || (from != q && self.tags.contains_key(&from)) {
+            return false;
+        }
+        let tracked = [(p, ps, q, qs, protocol), (q, qs, p, ps, protocol)]
+            .iter()
+            .any(|c| self.conns.get(c) == Some(&self.epoch));
+        tracked || !self.tags.contains_key(&from) || !self.tags.contains_key(&to)
     }
 
     /// ICMP echo request and echo reply (`dport` the type and code) with
@@ -497,12 +540,17 @@ impl<A: Copy + Eq + std::hash::Hash> Model<A> {
     /// still allowed; a reply outside any exchange passes only if a policy
     /// allows replies, and opens nothing.
     fn deliver_icmp(&mut self, src: A, id: u16, dst: A, dport: u16) -> bool {
-        let (icmp, request, _) = self.icmp;
+        let (icmp, request, reply) = self.icmp;
+        if dport != request && dport != reply {
+            // A one-way message: its own policy, nothing to answer.
+            return self.allowed(src, dst, icmp, dport);
+        }
         let is_request = dport == request;
         let (requester, responder) = if is_request { (src, dst) } else { (dst, src) };
         let exchange = (requester, id, responder, request, icmp);
-        if self.conns.contains(&exchange) {
+        if self.conns.contains_key(&exchange) {
             if self.allowed(requester, responder, icmp, request) {
+                self.conns.insert(exchange, self.epoch);
                 return true;
             }
             self.conns.remove(&exchange);
@@ -512,15 +560,17 @@ impl<A: Copy + Eq + std::hash::Hash> Model<A> {
             return false;
         }
         if is_request {
-            self.conns.insert(exchange);
+            self.conns.insert(exchange, self.epoch);
         }
         true
     }
 }
 
 /// Random policies, revocations and traffic (new flows, replies, ICMP
-/// echo both ways) through the program entering a container, each packet's
-/// verdict compared with the model's. Returns how many were checked.
+/// echo both ways, one-way ICMP messages, ICMP errors quoting earlier
+/// datagrams from their far end, from a router or forged by anyone)
+/// through the program entering a container, each packet's verdict
+/// compared with the model's. Returns how many were checked.
 fn agrees_with_the_model<A: Copy + Eq + std::hash::Hash + std::fmt::Debug>(
     family: &ModelFamily<A>,
     seed: u64,
@@ -540,6 +590,7 @@ fn agrees_with_the_model<A: Copy + Eq + std::hash::Hash + std::fmt::Debug>(
             tags: Default::default(),
             policies: Vec::new(),
             conns: Default::default(),
+            epoch: 0,
             icmp: (icmp, request, reply),
         };
         for (i, a) in addrs.iter().enumerate().take(5) {
@@ -579,9 +630,29 @@ fn agrees_with_the_model<A: Copy + Eq + std::hash::Hash + std::fmt::Debug>(
                 let i = rng.random_range(0..model.policies.len());
                 let (s, d, p, lo, hi) = model.policies[i];
                 f.dataplane.maps_mut().revoke(PairKey::new(s, d, p), lo, hi).unwrap();
-                model.policies.retain(|&(ps, pd, pp, plo, phi)| {
-                    !(ps == s && pd == d && pp == p && plo == lo && phi == hi)
-                });
+                model.revoke((s, d, p, lo, hi));
+            }
+            let quotable: Vec<Tuple<A>> = sent.iter().filter(|t| t.4 != icmp).copied().collect();
+            if !quotable.is_empty() && rng.random_bool(0.12) {
+                let about = *quotable.choose(&mut rng).unwrap();
+                let anyone = *addrs.choose(&mut rng).unwrap();
+                let (from, to) = match rng.random_range(0..4) {
+                    0 | 1 => (about.2, about.0),
+                    2 => (anyone, about.0),
+                    _ => (anyone, *addrs.choose(&mut rng).unwrap()),
+                };
+                if from != to {
+                    let want = model.deliver_error(from, to, &about);
+                    let frame = (family.error_frame)(from, to, &about);
+                    let got = f.entering_container(&frame) == TC_ACT_OK;
+                    assert_eq!(
+                        got, want,
+                        "seed {seed}, round {round}, step {step}: error {from:?} -> {to:?} \
+                         about {about:?} as {frame:02x?}"
+                    );
+                    checked += 1;
+                }
+                continue;
             }
             let packet = if !sent.is_empty() && rng.random_bool(0.4) {
                 let (a, ap, b, bp, p) = *sent.choose(&mut rng).unwrap();
@@ -596,8 +667,9 @@ fn agrees_with_the_model<A: Copy + Eq + std::hash::Hash + std::fmt::Debug>(
                 let dst = *addrs.choose(&mut rng).unwrap();
                 let protocol = *[proto::TCP, proto::UDP, icmp].choose(&mut rng).unwrap();
                 if protocol == icmp {
-                    // Echo request or reply, identifier as the source port.
-                    let dport = *[request, reply].choose(&mut rng).unwrap();
+                    // Echo request or reply, identifier as the source port,
+                    // or a one-way message.
+                    let dport = *[request, reply, family.one_way].choose(&mut rng).unwrap();
                     (src, rng.random_range(1..4), dst, dport, protocol)
                 } else {
                     (
@@ -647,6 +719,14 @@ fn program_agrees_with_a_reference_model_on_random_traffic() {
         },
         frames: |_, &(src, sport, dst, dport, protocol)| {
             vec![PacketSpec::new(src, dst, protocol, sport, dport).frame()]
+        },
+        one_way: policy_common::packet::icmp_port(9, 0),
+        error_frame: |from, to, &(src, sport, dst, dport, protocol)| {
+            let mut quoted = PacketSpec::new(src, dst, protocol, sport, dport).ipv4();
+            quoted.truncate(28);
+            let mut error = PacketSpec::icmp(from, to, 3, 3, 0);
+            error.payload = quoted;
+            error.frame()
         },
     };
     let checked = agrees_with_the_model(&ipv4, model_seed());
@@ -1033,6 +1113,14 @@ mod ipv6 {
                 dataplane.maps_mut().set_endpoint6(Ipv6Addr::from(a), tag).unwrap()
             },
             frames: random_ipv6_frames,
+            one_way: icmp_port(135, 0),
+            error_frame: |from, to, &(src, sport, dst, dport, protocol)| {
+                let quoted =
+                    ipv6_frame(src, dst, protocol, &[], &l4_header(protocol, sport, dport));
+                let mut body = icmp_header(1, 4, 0);
+                body.extend_from_slice(&quoted[14..14 + 48]);
+                ipv6_frame(from, to, proto::ICMPV6, &[], &body)
+            },
         };
         let checked = super::agrees_with_the_model(&ipv6, super::model_seed());
         assert!(checked > 3000, "only {checked} packets checked");

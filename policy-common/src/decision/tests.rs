@@ -275,6 +275,37 @@ fn icmp_errors_pass_only_for_tracked_connections() {
 }
 
 #[test]
+fn icmp_errors_pass_only_between_the_ends_of_what_they_quote() {
+    // E (app 3) has an allowed flow to C (app 2); A has one to B.
+    const C: [u8; 4] = [10, 255, 0, 3];
+    const E: [u8; 4] = [10, 255, 0, 5];
+    let mut t = MemLookups::with_endpoints();
+    t.endpoints.insert(addr(C), EndpointValue { tag: 2, flags: 0 });
+    t.endpoints.insert(addr(E), EndpointValue { tag: 3, flags: 0 });
+    t.allow(3, 2, proto::UDP, 9000, 9000, 1);
+    t.allow(1, 2, proto::UDP, 9000, 9000, 2);
+    let e_to_c = PacketSpec::udp(E, C, 7000, 9000);
+    let a_to_b = PacketSpec::udp(A, B, 7000, 9000);
+    assert!(t.deliver(&e_to_c).is_pass() && t.deliver(&a_to_b).is_pass());
+    let spoofed = Verdict::Drop(Reason::Spoofed);
+    // E quoting its own flow to a third app, sent to A: data past the policy.
+    assert_eq!(t.deliver(&icmp_unreachable(E, A, &e_to_c)), spoofed);
+    // E speaking for B about A's connection (a forged port unreachable).
+    assert_eq!(t.deliver(&icmp_unreachable(E, A, &a_to_b)), spoofed);
+    // An error going the wrong way: to the quoted datagram's destination.
+    assert_eq!(t.deliver(&icmp_unreachable(A, B, &a_to_b)), spoofed);
+    // The far end, and a router on the path (the host), are believed.
+    let related = Verdict::Pass(Reason::Related);
+    assert_eq!(t.deliver(&icmp_unreachable(B, A, &a_to_b)), related);
+    assert_eq!(t.deliver(&icmp_unreachable(HOST, A, &a_to_b)), related);
+    // The host's error about a flow nobody tracks is not c2c traffic.
+    let untracked = PacketSpec::udp(A, C, 7001, 9001);
+    assert_eq!(t.deliver(&icmp_unreachable(HOST, A, &untracked)), Verdict::Pass(Reason::Unmanaged));
+    // Between the two ends, but about nothing tracked: no policy.
+    assert_eq!(t.deliver(&icmp_unreachable(C, A, &untracked)), Verdict::Drop(Reason::NoPolicy));
+}
+
+#[test]
 fn parse_rejects_truncated_and_inconsistent_headers() {
     let good = PacketSpec::tcp(A, B, 1, 2).ipv4();
     assert!(matches!(parse_ipv4(good.as_slice(), 0), Parsed::Flow { .. }));
@@ -319,10 +350,46 @@ fn source_side_drops_spoofed_addresses() {
     let own = Some(Attachment { addr: addr(A), tag: 1 });
     let from_a = parse_ipv4(PacketSpec::tcp(A, B, 1, 2).ipv4().as_slice(), 0);
     let from_b = parse_ipv4(PacketSpec::tcp(B, A, 1, 2).ipv4().as_slice(), 0);
-    assert_eq!(decide_source(&from_a, own), Verdict::Pass(Reason::SourceVerified));
-    assert_eq!(decide_source(&from_b, own), Verdict::Drop(Reason::Spoofed));
-    assert_eq!(decide_source(&from_b, None), Verdict::Pass(Reason::Unmanaged));
-    assert_eq!(decide_source(&Parsed::NotIpv4, own), Verdict::Pass(Reason::NotIpv4));
+    let t = MemLookups::with_endpoints();
+    let source = |parsed: &Parsed, own| decide_source(&t, parsed, own, TunnelPort(0));
+    assert_eq!(source(&from_a, own), Verdict::Pass(Reason::SourceVerified));
+    assert_eq!(source(&from_b, own), Verdict::Drop(Reason::Spoofed));
+    assert_eq!(source(&from_b, None), Verdict::Pass(Reason::Unmanaged));
+    assert_eq!(source(&Parsed::NotIpv4, own), Verdict::Pass(Reason::NotIpv4));
+}
+
+#[test]
+fn no_container_sends_to_the_tunnel_port_of_the_host() {
+    // A VXLAN header with an app's tag in it, to the host's gateway address
+    // or to any address that is no endpoint: the host's (or another host's)
+    // VXLAN socket would take it and believe the tag.
+    const UNDERLAY: [u8; 4] = [172, 31, 0, 1];
+    let own = Some(Attachment { addr: addr(A), tag: 1 });
+    let t = MemLookups::with_endpoints();
+    let udp = |dst, dport| parse_ethernet(PacketSpec::udp(A, dst, 40000, dport).frame().as_slice());
+    let cluster = TunnelPort(4789);
+    for dst in [HOST, UNDERLAY, [10, 255, 1, 9]] {
+        assert_eq!(
+            decide_source(&t, &udp(dst, 4789), own, cluster),
+            Verdict::Drop(Reason::Spoofed)
+        );
+    }
+    // The first fragment carries the port too.
+    let mut first = PacketSpec::udp(A, HOST, 40000, 4789);
+    first.more_fragments = true;
+    let first = parse_ethernet(first.frame().as_slice());
+    assert_eq!(decide_source(&t, &first, own, cluster), Verdict::Drop(Reason::Spoofed));
+    // To an endpoint it is a datagram like any other: its policy decides.
+    let to_b = udp(B, 4789);
+    assert_eq!(decide_source(&t, &to_b, own, cluster), Verdict::Pass(Reason::SourceVerified));
+    // Other ports and protocols, a single host, an interface with no endpoint.
+    let verified = Verdict::Pass(Reason::SourceVerified);
+    assert_eq!(decide_source(&t, &udp(HOST, 4790), own, cluster), verified);
+    let tcp = parse_ethernet(PacketSpec::tcp(A, HOST, 40000, 4789).frame().as_slice());
+    assert_eq!(decide_source(&t, &tcp, own, cluster), verified);
+    assert_eq!(decide_source(&t, &udp(HOST, 4789), own, TunnelPort(0)), verified);
+    let unmanaged = Verdict::Pass(Reason::Unmanaged);
+    assert_eq!(decide_source(&t, &udp(HOST, 4789), None, cluster), unmanaged);
 }
 
 #[test]
@@ -331,8 +398,10 @@ fn an_ipv6_only_endpoint_sends_no_ipv4() {
     let from_a = parse_ipv4(PacketSpec::tcp(A, B, 1, 2).ipv4().as_slice(), 0);
     let unspecified = [0, 0, 0, 0];
     let from_nothing = parse_ipv4(PacketSpec::tcp(unspecified, B, 68, 67).ipv4().as_slice(), 0);
-    assert_eq!(decide_source(&from_a, own), Verdict::Drop(Reason::Spoofed));
-    assert_eq!(decide_source(&from_nothing, own), Verdict::Drop(Reason::Spoofed));
+    let t = MemLookups::with_endpoints();
+    let source = |parsed: &Parsed| decide_source(&t, parsed, own, TunnelPort(0));
+    assert_eq!(source(&from_a), Verdict::Drop(Reason::Spoofed));
+    assert_eq!(source(&from_nothing), Verdict::Drop(Reason::Spoofed));
 }
 
 #[test]
@@ -398,7 +467,7 @@ fn connections_to_other_hosts_are_tracked_where_they_leave() {
     let mut t = MemLookups::with_endpoints();
     let parsed =
         |src, dst| parse_ethernet(PacketSpec::tcp(src, dst, 40000, 8080).frame().as_slice());
-    let none = Outgoing { conn: ConnUpdate::none(), denied: false };
+    let none = Outgoing { conn: ConnUpdate::none(), denied: false, src_tag: 0, dst_tag: 0 };
     // To a local endpoint or an unknown address: the destination side decides.
     assert_eq!(track_outgoing(&t, &parsed(A, B)), none);
     assert_eq!(track_outgoing(&t, &parsed(A, R)), none);
@@ -407,7 +476,8 @@ fn connections_to_other_hosts_are_tracked_where_they_leave() {
     t.endpoints
         .insert(addr(R), EndpointValue { tag: 2, flags: crate::maps::endpoint_flags::REMOTE });
     let denied = track_outgoing(&t, &parsed(A, R));
-    assert_eq!(denied, Outgoing { conn: ConnUpdate::none(), denied: true }, "no policy");
+    let expected = Outgoing { conn: ConnUpdate::none(), denied: true, src_tag: 1, dst_tag: 2 };
+    assert_eq!(denied, expected, "no policy, with both apps for the report");
     // A reject's entry does not count as tracked: still denied.
     let frame = PacketSpec::tcp(A, R, 40000, 8080).frame();
     let Parsed::Flow { flow, .. } = parse_ethernet(frame.as_slice()) else { panic!() };
@@ -645,20 +715,82 @@ mod ipv6 {
         assert_eq!(t.deliver(&error), Verdict::Drop(Reason::NoPolicy));
         assert!(t.deliver(&request).is_pass());
         assert_eq!(t.deliver(&error), Verdict::Pass(Reason::Related));
-        // Neighbour solicitation and router solicitation: always.
+        // Neighbour solicitation and router solicitation on the link: always.
         for ty in [135, 136, 133, 134, 143] {
             let nd = ipv6_frame(LINK, ALL_NODES, proto::ICMPV6, &[], &icmp_header(ty, 0, 0));
             assert_eq!(t.deliver(&nd), Verdict::Pass(Reason::LinkControl), "type {ty}");
             let parsed = parse_ethernet6(nd.as_slice());
-            assert_eq!(decide_source6(&parsed, Some(key(A6))), Verdict::Pass(Reason::LinkControl));
+            let verdict = decide_source6(&t, &parsed, Some(key(A6)), TunnelPort(0));
+            assert_eq!(verdict, Verdict::Pass(Reason::LinkControl));
         }
+    }
+
+    #[test]
+    fn link_plumbing_stays_on_the_link() {
+        const SOLICITED: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 1];
+        const STRANGER: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x99];
+        let t = Mem6::new();
+        let nd = |src, dst, ty| {
+            let mut body = icmp_header(ty, 0, 0);
+            body.extend_from_slice(&[0x5a; 800]);
+            parse_ethernet6(ipv6_frame(src, dst, proto::ICMPV6, &[], &body).as_slice())
+        };
+        let from_a =
+            |parsed: &Parsed<Ipv6Key>| decide_source6(&t, parsed, Some(key(A6)), TunnelPort(0));
+        // Duplicate address detection (from ::) and MLD from a link-local
+        // address, to multicast: plumbing.
+        assert_eq!(nd([0; 16], SOLICITED, 135), Parsed::LinkControl);
+        assert_eq!(nd(LINK, ALL_NODES, 143), Parsed::LinkControl);
+        // A solicitation with B's address forged as its source, an MLD
+        // report from an arbitrary address, to B: flows, spoofed at A's side.
+        for parsed in [nd(B6, B6, 135), nd(B6, SOLICITED, 135), nd(STRANGER, B6, 131)] {
+            assert!(matches!(parsed, Parsed::Flow { .. }), "{parsed:?}");
+            assert_eq!(from_a(&parsed), Verdict::Drop(Reason::Spoofed));
+        }
+        // From A's own address to B: a flow that B's side judges by policy.
+        let mut t = Mem6::new();
+        let own = nd(A6, B6, 135);
+        assert_eq!(from_a(&own), Verdict::Pass(Reason::SourceVerified));
+        let frame = ipv6_frame(A6, B6, proto::ICMPV6, &[], &icmp_header(135, 0, 0));
+        assert_eq!(t.deliver(&frame), Verdict::Drop(Reason::NoPolicy));
+        // Link-local, but to another container's address: never plumbing.
+        assert_eq!(from_a(&nd(LINK, B6, 135)), Verdict::Drop(Reason::Spoofed));
+        // The container's own global address to the gateway: its own.
+        assert_eq!(from_a(&nd(A6, LINK, 136)), Verdict::Pass(Reason::SourceVerified));
+        // An endpoint without IPv6 (::) claims nothing by sending from ::.
+        let unspecified = Some(Ipv6Key::default());
+        let udp = ipv6_frame([0; 16], B6, proto::UDP, &[], &l4_header(proto::UDP, 1, 2));
+        let verdict =
+            decide_source6(&t, &parse_ethernet6(udp.as_slice()), unspecified, TunnelPort(0));
+        assert_eq!(verdict, Verdict::Drop(Reason::Spoofed));
+    }
+
+    #[test]
+    fn icmpv6_errors_pass_only_between_the_ends_of_what_they_quote() {
+        const C6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
+        let mut t = Mem6::new();
+        t.endpoints.insert(key(C6), EndpointValue { tag: 3, flags: 0 });
+        t.allow(proto::TCP, 8080, 8080);
+        let request = tcp(A6, B6, 40000, 8080);
+        assert!(t.deliver(&request).is_pass());
+        let error = |src, dst| {
+            let mut body = icmp_header(1, 4, 0);
+            body.extend_from_slice(&request[14..14 + 40 + 8]);
+            ipv6_frame(src, dst, proto::ICMPV6, &[], &body)
+        };
+        assert_eq!(t.deliver(&error(B6, A6)), Verdict::Pass(Reason::Related));
+        assert_eq!(t.deliver(&error(LINK, A6)), Verdict::Pass(Reason::Related));
+        assert_eq!(t.deliver(&error(C6, A6)), Verdict::Drop(Reason::Spoofed));
+        assert_eq!(t.deliver(&error(A6, B6)), Verdict::Drop(Reason::Spoofed));
     }
 
     #[test]
     fn the_source_side_checks_ipv6_sources() {
         let own = Some(key(A6));
-        let verdict =
-            |frame: std::vec::Vec<u8>, own| decide_source6(&parse_ethernet6(frame.as_slice()), own);
+        let t = Mem6::new();
+        let verdict = |frame: std::vec::Vec<u8>, own| {
+            decide_source6(&t, &parse_ethernet6(frame.as_slice()), own, TunnelPort(0))
+        };
         assert_eq!(verdict(tcp(A6, B6, 1, 2), own), Verdict::Pass(Reason::SourceVerified));
         assert_eq!(verdict(tcp(B6, A6, 1, 2), own), Verdict::Drop(Reason::Spoofed));
         assert_eq!(verdict(tcp(LINK, B6, 1, 2), own), Verdict::Drop(Reason::Spoofed));
