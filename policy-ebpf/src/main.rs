@@ -222,6 +222,10 @@ pub fn tc_to_container(ctx: TcContext) -> i32 {
     if is_ipv6(ctx.skb.skb) {
         return to_container6(ctx.skb.skb);
     }
+    // Here, not in `to_container4`: its frame leaves no room for a call.
+    if forges_endpoint4(ctx.skb.skb) {
+        return refuse_spoofed4(ctx.skb.skb);
+    }
     to_container4(ctx.skb.skb)
 }
 
@@ -256,6 +260,9 @@ fn to_container6(skb: *mut __sk_buff) -> i32 {
     let Some(parsed) = parsed6(skb, ETH_HLEN, scratch::TC) else { return TC_ACT_SHOT };
     // Packets from another host are never answered (as for IPv4).
     let ifindex = bytes.ifindex();
+    if forges_endpoint6(skb, parsed) {
+        return refuse_spoofed6(parsed, ifindex);
+    }
     match destination_side6(parsed, &bytes, ifindex, tunnel_tag, !from_tunnel) {
         outcome::PASS => TC_ACT_OK,
         outcome::REJECT => reject6(skb, parsed, reject::Back::FromDestination(ifindex)),
@@ -276,6 +283,64 @@ fn to_container4(skb: *mut __sk_buff) -> i32 {
         return reject::send(&ctx, &parsed, reject::Back::FromDestination(ifindex));
     }
     tc_action(verdict)
+}
+
+/// Whether an IPv4 packet entering a container forges an endpoint's source
+/// address: it came in by an interface that checked nothing (see
+/// [`unchecked_ingress`]) and names an endpoint's address, so it claims that
+/// endpoint's app. Established packets too: a forged copy of a tracked
+/// connection's packet from outside is dropped. For a packet from a
+/// container: one array read.
+#[inline(never)]
+fn forges_endpoint4(skb: *mut __sk_buff) -> bool {
+    use policy_common::Lookups as _;
+    let bytes = SkbBytes::new(skb);
+    unchecked_ingress(&bytes)
+        && source_address(&parse_ethernet(&bytes))
+            .is_some_and(|saddr| KernelMaps::new().endpoint(saddr).is_some())
+}
+
+/// [`forges_endpoint4`] for an IPv6 packet (the parse in its scratch slot).
+#[inline(never)]
+fn forges_endpoint6(skb: *mut __sk_buff, parsed: &Parsed<Ipv6Key>) -> bool {
+    use policy_common::Lookups as _;
+    unchecked_ingress(&SkbBytes::new(skb))
+        && source_address(parsed).is_some_and(|saddr| KernelMaps6::new().endpoint(saddr).is_some())
+}
+
+/// Whether a packet entering a container came in by an interface that
+/// checked nothing of its source address. Not so for a packet from this
+/// host itself (no ingress interface), through the cluster's tunnel (the
+/// sending host checked it), or by an endpoint's veth (its source side
+/// drops every packet not from the endpoint's own addresses). So: an
+/// uplink, or a veth without an endpoint.
+#[inline(always)]
+fn unchecked_ingress(bytes: &SkbBytes) -> bool {
+    let via = bytes.ingress_ifindex();
+    via != 0 && !tunnel_source(bytes).0 && kernel_maps::veth_endpoint(via).is_none()
+}
+
+/// Drops an IPv4 packet that forges an endpoint's source address, counted
+/// and reported as spoofed where it would have entered the container.
+#[inline(never)]
+fn refuse_spoofed4(skb: *mut __sk_buff) -> i32 {
+    let bytes = SkbBytes::new(skb);
+    refuse_spoofed(&parse_ethernet(&bytes), bytes.ifindex())
+}
+
+/// [`refuse_spoofed4`] for IPv6 (a function of its own: the event it
+/// builds is not added to `to_container6`'s frame, under the decision's).
+#[inline(never)]
+fn refuse_spoofed6(parsed: &Parsed<Ipv6Key>, ifindex: u32) -> i32 {
+    refuse_spoofed(parsed, ifindex)
+}
+
+/// [`refuse_spoofed4`] for either family.
+#[inline(always)]
+fn refuse_spoofed<A: policy_common::Family>(parsed: &Parsed<A>, ifindex: u32) -> i32 {
+    let decision = Decision::from_verdict(count_verdict(Verdict::Drop(Reason::Spoofed)));
+    events::report(parsed, &decision, direction::INGRESS, ifindex, false);
+    TC_ACT_SHOT
 }
 
 /// TC ingress of the host's uplinks (the underlay interface in cluster

@@ -268,3 +268,63 @@ fn a_denied_opening_to_another_host_is_recorded_where_it_is_decided() {
         SHORT
     )));
 }
+
+/// Found looking for the same class of hole: a packet that enters the host
+/// from outside (an uplink), with a container's address forged as its
+/// source, is not checked by any container's source side. It must not
+/// count as that container's app: dropped where it would enter the
+/// destination container and counted as spoofed, IPv4 and IPv6. Outside
+/// addresses of their own are not container-to-container traffic and
+/// still pass.
+#[test]
+fn a_packet_from_outside_the_host_cannot_claim_an_endpoint_address() {
+    require_root();
+    let host = Host::dual_stack(2);
+    let daemon = Daemon::start(&host.ns, "");
+    let (frontend, backend) = (host.container(0), host.container(1));
+    daemon.register(frontend, "frontend");
+    daemon.register(backend, "backend");
+    daemon.allow("frontend", "backend", "udp", "7000");
+    let outside = integration_tests::topology::outside(
+        &host.ns,
+        "uplink",
+        "192.168.77.1/24",
+        &["192.168.77.2/24"],
+    );
+    host.ns.ip(&["-6", "addr", "add", "fd00:77::1/64", "dev", "uplink", "nodad"]);
+    outside.ip(&["-6", "addr", "add", "fd00:77::2/64", "dev", "eth0", "nodad"]);
+    outside.ip(&["route", "add", "10.255.0.0/16", "via", "192.168.77.1"]);
+    outside.ip(&["-6", "route", "add", "fd00:255::/96", "via", "fd00:77::1"]);
+    let rx = backend.ns.run(|| UdpSocket::bind((backend.ip, 7000))).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut buf = [0u8; 64];
+    // Control: frontend itself.
+    let tx = frontend.ns.run(|| UdpSocket::bind((frontend.ip, 0))).unwrap();
+    tx.send_to(b"real", (backend.ip, 7000)).unwrap();
+    assert_eq!(rx.recv(&mut buf).map(|n| buf[..n].to_vec()).unwrap(), b"real");
+    // Forged from outside: frontend's addresses, frontend's allowed port.
+    let capture = Capture::start(&backend.ns, "eth0");
+    let spoofed_before = daemon.verdict_count("spoofed");
+    let marker = b"forged-from-outside";
+    let mut forged = PacketSpec::udp(frontend.ip.octets(), backend.ip.octets(), 40000, 7000);
+    forged.payload = marker.to_vec();
+    let (f6, b6) = (frontend.ipv6.unwrap().octets(), backend.ipv6.unwrap().octets());
+    let mut udp6 = policy_common::craft::l4_header(proto::UDP, 40000, 7000);
+    udp6.extend_from_slice(marker);
+    let forged6 = ipv6_frame(f6, b6, proto::UDP, &[], &udp6);
+    for _ in 0..10 {
+        send_ip(&outside, &forged.ipv4());
+        send_ip(&outside, &forged6[14..]);
+    }
+    assert_eq!(capture.count(marker, Duration::from_millis(500)), 0, "forged sources delivered");
+    assert!(rx.recv(&mut buf).is_err(), "a forged endpoint address from outside was delivered");
+    assert!(
+        eventually(LONG, || daemon.verdict_count("spoofed") >= spoofed_before + 20),
+        "counted as spoofed where they would enter the backend"
+    );
+    // The outside's own address is not an app: outside the policy.
+    let mut own = PacketSpec::udp([192, 168, 77, 2], backend.ip.octets(), 40000, 7000);
+    own.payload = b"outside".to_vec();
+    send_ip(&outside, &own.ipv4());
+    assert_eq!(rx.recv(&mut buf).map(|n| buf[..n].to_vec()).unwrap(), b"outside");
+}
