@@ -180,7 +180,9 @@ async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
         // order the new container is policed by its app's current groups
         // (none: unchecked, as any app without groups) until the PUT, and
         // it has no default route before `route_out` below: until its own
-        // groups apply it reaches nothing but its gateway.
+        // groups apply it reaches nothing but its gateway. (Only a netlink
+        // failure in that last step comes after the PUT: the registration
+        // is undone, the groups the agent accepted for the app stay.)
         if let Some(rules) = &conf.runtime_config.net_out_rules {
             agent(conf, "PUT", &format!("/v1/asgs/{app}"), Some(&json!({ "rules": rules })))?;
         }
