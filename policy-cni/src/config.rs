@@ -176,6 +176,10 @@ pub fn parse_ipv6_prefix(text: &str) -> Result<Ipv6Prefix> {
 }
 
 /// The `CNI_*` environment.
+/// Hex digits of the hash in a host-side veth's name: `pc` and 13 fill
+/// IFNAMSIZ - 1.
+const HOST_IFNAME_DIGITS: usize = 13;
+
 #[derive(Debug)]
 pub struct Env {
     pub command: String,
@@ -222,9 +226,26 @@ impl Env {
         Ok(())
     }
 
-    /// The host-side veth's name: `pc` and 8 hex digits of the container
-    /// id and interface (stable, so DEL after a crash finds it).
+    /// The host-side veth's name: `pc` and the first 13 hex digits (52
+    /// bits) of SHA-256 over `CONTAINER_ID/IFNAME`, IFNAMSIZ - 1 = 15
+    /// characters. Stable, so DEL after a crash finds it. Unambiguous input
+    /// (an interface name holds no `/`), and a cryptographic hash: making
+    /// a container id whose name is a given container's takes about 2^52
+    /// hashes (with the CRC32 names of [`Self::legacy_host_ifname`] a
+    /// colliding id took milliseconds). ADD never takes over a veth another
+    /// container holds anyway (see `main.rs`).
     pub fn host_ifname(&self) -> String {
+        let input = format!("{}/{}", self.container_id, self.ifname);
+        let digest = ring::digest::digest(&ring::digest::SHA256, input.as_bytes());
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        format!("pc{}", &hex[..HOST_IFNAME_DIGITS])
+    }
+
+    /// The name earlier versions gave the host-side veth: `pc` and the
+    /// CRC32 of `CONTAINER_ID/IFNAME` in 8 hex digits. DEL, CHECK and GC
+    /// still find containers made by them (only where the name is shown to
+    /// be this container's: see `main.rs`).
+    pub fn legacy_host_ifname(&self) -> String {
         let mut h = crc32fast::Hasher::new();
         h.update(self.container_id.as_bytes());
         h.update(b"/");
@@ -295,17 +316,38 @@ mod tests {
         assert_eq!(podman.lease_dir(), PathBuf::from("/var/lib/policy-cni/policy-net"));
     }
 
-    #[test]
-    fn host_veth_names_are_stable_and_short() {
-        let env = Env {
+    fn attachment(container_id: &str, ifname: &str) -> Env {
+        Env {
             command: "ADD".into(),
-            container_id: "1b19ec20c8117becaab70c8709ec96423f7b339e43d88625bb0d2c07d6521e3b".into(),
+            container_id: container_id.into(),
             netns: None,
-            ifname: "eth0".into(),
+            ifname: ifname.into(),
             args: String::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn host_veth_names_are_stable_full_length_and_do_not_collide_as_crc32_did() {
+        let env =
+            attachment("1b19ec20c8117becaab70c8709ec96423f7b339e43d88625bb0d2c07d6521e3b", "eth0");
         let name = env.host_ifname();
-        assert_eq!(name.len(), 10);
+        // SHA-256("1b19...3b/eth0"), its first 13 hex digits: fixed, so a
+        // plugin upgrade never renames a running container's veth.
+        assert_eq!(name, "pc0309cbe7143c3");
+        assert_eq!(name.len(), 15, "IFNAMSIZ - 1");
         assert_eq!(name, env.host_ifname());
+        assert_ne!(name, attachment(&env.container_id, "eth1").host_ifname());
+        // Two ids whose CRC32 names collide (found by a birthday search; a
+        // targeted one takes milliseconds, CRC32 being linear): their
+        // names now differ.
+        let (a, b) = (attachment("victim-68", "eth0"), attachment("victim-21326606", "eth0"));
+        assert_eq!(a.legacy_host_ifname(), b.legacy_host_ifname(), "the old names collide");
+        assert_eq!(a.legacy_host_ifname(), "pc0d1c4b06");
+        assert_ne!(a.host_ifname(), b.host_ifname());
+        // Among 100,000 names of 32 bits about one collision is expected; of
+        // 52 bits, none.
+        let names: std::collections::BTreeSet<String> =
+            (0..100_000).map(|i| attachment(&format!("c-{i}"), "eth0").host_ifname()).collect();
+        assert_eq!(names.len(), 100_000);
     }
 }

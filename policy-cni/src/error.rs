@@ -18,6 +18,9 @@ pub mod code {
     pub const AGENT_REFUSED: u32 = 101;
     /// CHECK found the container not as ADD left it.
     pub const CHECK_FAILED: u32 = 102;
+    /// The host-side veth's name is held by another container (or is not
+    /// a veth): ADD never takes it over.
+    pub const VETH_HELD: u32 = 103;
 }
 
 #[derive(Debug)]

@@ -2,17 +2,23 @@
 //! the container side moved into its namespace and renamed, a /32 address
 //! with a default route via the link-local gateway (silk's layout), the
 //! gateway address on the host side and a /32 route to the container.
+//! The default routes come last ([`route_out`]), once the agent polices the
+//! veth: until then the container reaches nothing but its gateway.
 
 use std::{
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use futures_util::TryStreamExt as _;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use rtnetlink::{
     Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
     packet_route::{
+        RouteNetlinkMessage,
         address::AddressAttribute,
+        link::{InfoKind, LinkAttribute, LinkInfo},
+        nsid::{NsidAttribute, NsidMessage},
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope},
     },
 };
@@ -64,8 +70,94 @@ async fn add_address(
     handle.address().add(index, addr, prefix).execute().await.map_err(netlink(what))
 }
 
-/// Creates the pair and configures both sides. On error the caller removes
-/// the host side (which takes the pair with it).
+/// Where the other end of an existing host-side veth is: what tells a
+/// leftover of this container from another container's veth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// Still in the host's namespace: made by an ADD that stopped before
+    /// moving it, so no container has it.
+    Host,
+    /// In the namespace this call is for: this container's own.
+    ThisContainer,
+    /// In another namespace: another container's.
+    Elsewhere,
+    /// The name is not a veth at all.
+    NotVeth,
+}
+
+/// Where the peer of the host-side veth `host_ifname` is (None: there is
+/// no such interface), `ns` being the container's namespace if known. The
+/// host's view of the peer's namespace is an id (`IFLA_LINK_NETNSID`,
+/// allocated as the link is dumped: net/core/rtnetlink.c,
+/// `rtnl_fill_link_netnsid`); the id of `ns` comes from `RTM_GETNSID` with
+/// its descriptor, so equal ids mean the same namespace.
+pub async fn peer(host_ifname: &str, ns: Option<&File>) -> Result<Option<Peer>> {
+    let host = connect(None)?;
+    let mut links = host.link().get().match_name(host_ifname.to_owned()).execute();
+    let link = match links.try_next().await {
+        Ok(Some(link)) => link,
+        Ok(None) => return Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+            return Ok(None);
+        }
+        Err(e) => return Err(netlink("look up a link")(e)),
+    };
+    let is_veth = link.attributes.iter().any(|a| {
+        matches!(a, LinkAttribute::LinkInfo(infos)
+            if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+    });
+    if !is_veth {
+        return Ok(Some(Peer::NotVeth));
+    }
+    let peer_nsid = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkNetNsId(id) => Some(*id),
+        _ => None,
+    });
+    let Some(peer_nsid) = peer_nsid else { return Ok(Some(Peer::Host)) };
+    let Some(ns) = ns else { return Ok(Some(Peer::Elsewhere)) };
+    Ok(Some(if nsid(&host, ns).await? == Some(peer_nsid) {
+        Peer::ThisContainer
+    } else {
+        Peer::Elsewhere
+    }))
+}
+
+/// The id the namespace `handle` is in gives `ns` (None: it has none, so
+/// none of its links has a peer there).
+async fn nsid(handle: &Handle, ns: &File) -> Result<Option<i32>> {
+    use std::os::fd::AsRawFd as _;
+    let mut message = NsidMessage::default();
+    message.attributes.push(NsidAttribute::Fd(ns.as_raw_fd() as u32));
+    let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(message));
+    request.header.flags = NLM_F_REQUEST;
+    let failed = |e: &dyn std::fmt::Display| CniError::io("netlink: cannot get a namespace id", e);
+    let mut replies = handle.clone().request(request).map_err(|e| failed(&e))?;
+    while let Some(reply) = replies.next().await {
+        match reply.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) => {
+                // -1 (NETNSA_NSID_NOT_ASSIGNED): no id.
+                return Ok(m.attributes.iter().find_map(|a| match a {
+                    NsidAttribute::Id(id) if *id >= 0 => Some(*id),
+                    _ => None,
+                }));
+            }
+            NetlinkPayload::Error(e) if e.code.is_some() => return Err(failed(&e)),
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+/// The temporary name of the container side while it is still in the
+/// host's namespace: `pt` and the host side's digits, so it can collide
+/// with no other container's host side or peer.
+fn peer_name(host_ifname: &str) -> String {
+    format!("pt{}", host_ifname.strip_prefix("pc").unwrap_or(host_ifname))
+}
+
+/// Creates the pair and configures both sides (all but the default routes:
+/// [`route_out`]). Never touches an interface it did not make: a name that
+/// is taken fails the call. On error what it made is removed.
 pub async fn create(
     host_ifname: &str,
     ifname: &str,
@@ -75,100 +167,137 @@ pub async fn create(
     mtu: Option<u32>,
 ) -> Result<Plumbing> {
     let host = connect(None)?;
-    if find(&host, host_ifname).await?.is_some() {
-        // Left by an ADD that crashed half-way: start over.
-        remove(host_ifname).await?;
-    }
     // The peer gets a temporary name unique to this container, so parallel
     // ADDs do not collide before it is moved and renamed.
-    let peer = format!("{host_ifname}p");
+    let peer = peer_name(host_ifname);
     let mut veth = LinkVeth::new(host_ifname, &peer);
     if let Some(mtu) = mtu {
         veth = veth.mtu(mtu);
     }
-    host.link().add(veth.build()).execute().await.map_err(netlink("create the veth pair"))?;
-    let (peer_index, _) = find(&host, &peer)
-        .await?
-        .ok_or_else(|| CniError::new(code::IO_FAILURE, "the new veth peer vanished"))?;
-    use std::os::fd::AsRawFd as _;
-    host.link()
-        .set(LinkUnspec::new_with_index(peer_index).setns_by_fd(ns.as_raw_fd()).build())
-        .execute()
-        .await
-        .map_err(netlink("move the veth into the container's namespace"))?;
-
-    // Inside the container.
-    let inside = connect(Some(ns))?;
-    let (index, container_mac) = find(&inside, &peer).await?.ok_or_else(|| {
-        CniError::new(code::IO_FAILURE, "the veth did not arrive in the container")
+    host.link().add(veth.build()).execute().await.map_err(|e| match e {
+        rtnetlink::Error::NetlinkError(ref n) if n.raw_code() == -libc::EEXIST => CniError::new(
+            code::VETH_HELD,
+            format!("cannot create the host-side veth {host_ifname}: the name is taken"),
+        )
+        .details(e),
+        e => netlink("create the veth pair")(e),
     })?;
-    if let Some((existing, _)) = find(&inside, ifname).await? {
-        return Err(CniError::new(
-            code::INVALID_ENVIRONMENT,
-            format!("the container already has an interface {ifname} (index {existing})"),
-        ));
+    let configured = async {
+        let (peer_index, _) = find(&host, &peer)
+            .await?
+            .ok_or_else(|| CniError::new(code::IO_FAILURE, "the new veth peer vanished"))?;
+        use std::os::fd::AsRawFd as _;
+        host.link()
+            .set(LinkUnspec::new_with_index(peer_index).setns_by_fd(ns.as_raw_fd()).build())
+            .execute()
+            .await
+            .map_err(netlink("move the veth into the container's namespace"))?;
+
+        // Inside the container.
+        let inside = connect(Some(ns))?;
+        let (index, container_mac) = find(&inside, &peer).await?.ok_or_else(|| {
+            CniError::new(code::IO_FAILURE, "the veth did not arrive in the container")
+        })?;
+        if let Some((existing, _)) = find(&inside, ifname).await? {
+            return Err(CniError::new(
+                code::INVALID_ENVIRONMENT,
+                format!("the container already has an interface {ifname} (index {existing})"),
+            ));
+        }
+        inside
+            .link()
+            .set({
+                // The peer was made with the kernel's default MTU: set it too.
+                let renamed = LinkUnspec::new_with_index(index).name(ifname.to_owned());
+                match mtu {
+                    Some(mtu) => renamed.mtu(mtu).build(),
+                    None => renamed.build(),
+                }
+            })
+            .execute()
+            .await
+            .map_err(netlink("rename the container's interface"))?;
+        inside
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(netlink("bring the container's interface up"))?;
+        add_address(&inside, index, IpAddr::V4(ip), 32, "address the container's interface")
+            .await?;
+        let to_gateway = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(gateway, 32)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .build();
+        inside.route().add(to_gateway).execute().await.map_err(netlink("route to the gateway"))?;
+
+        // The host side.
+        let (host_index, host_mac) = host_side(&host, host_ifname).await?;
+        add_address(
+            &host,
+            host_index,
+            IpAddr::V4(gateway),
+            32,
+            "put the gateway address on the host side",
+        )
+        .await?;
+        host.link()
+            .set(LinkUnspec::new_with_index(host_index).up().build())
+            .execute()
+            .await
+            .map_err(netlink("bring the host side up"))?;
+        let to_container = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(ip, 32)
+            .output_interface(host_index)
+            .scope(RouteScope::Link)
+            .build();
+        put_route(&host, to_container, "route to the container").await?;
+        Ok(Plumbing { host_mac, container_mac })
     }
-    inside
-        .link()
-        .set({
-            // The peer was made with the kernel's default MTU: set it too.
-            let renamed = LinkUnspec::new_with_index(index).name(ifname.to_owned());
-            match mtu {
-                Some(mtu) => renamed.mtu(mtu).build(),
-                None => renamed.build(),
-            }
-        })
-        .execute()
-        .await
-        .map_err(netlink("rename the container's interface"))?;
-    inside
-        .link()
-        .set(LinkUnspec::new_with_index(index).up().build())
-        .execute()
-        .await
-        .map_err(netlink("bring the container's interface up"))?;
-    add_address(&inside, index, IpAddr::V4(ip), 32, "address the container's interface").await?;
-    let to_gateway = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(gateway, 32)
-        .output_interface(index)
-        .scope(RouteScope::Link)
-        .build();
-    inside.route().add(to_gateway).execute().await.map_err(netlink("route to the gateway"))?;
+    .await;
+    if configured.is_err() {
+        let _ = remove(host_ifname).await;
+    }
+    configured
+}
+
+/// The container's default routes (IPv4's, and IPv6's when dual stack):
+/// the last step of ADD, once the agent polices the veth and the app's
+/// security groups are set. Before it the container reaches only its
+/// gateway (the host), so nothing it sends can pass unpoliced.
+pub async fn route_out(ifname: &str, ns: &File, gateway: Ipv4Addr, ipv6: bool) -> Result<()> {
+    let inside = connect(Some(ns))?;
+    let (index, _) = find(&inside, ifname)
+        .await?
+        .ok_or_else(|| CniError::new(code::IO_FAILURE, "the container's interface vanished"))?;
     let default =
         RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).output_interface(index).build();
     inside.route().add(default).execute().await.map_err(netlink("add the default route"))?;
-
-    // The host side.
-    let (host_index, host_mac) = host_side(&host, host_ifname).await?;
-    add_address(
-        &host,
-        host_index,
-        IpAddr::V4(gateway),
-        32,
-        "put the gateway address on the host side",
-    )
-    .await?;
-    host.link()
-        .set(LinkUnspec::new_with_index(host_index).up().build())
-        .execute()
-        .await
-        .map_err(netlink("bring the host side up"))?;
-    let to_container = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(ip, 32)
-        .output_interface(host_index)
-        .scope(RouteScope::Link)
-        .build();
-    put_route(&host, to_container, "route to the container").await?;
-    Ok(Plumbing { host_mac, container_mac })
+    if ipv6 {
+        let gateway6: Ipv6Addr = GATEWAY6.parse().expect("a valid address");
+        let default = RouteMessageBuilder::<Ipv6Addr>::new()
+            .gateway(gateway6)
+            .output_interface(index)
+            .build();
+        inside
+            .route()
+            .add(default)
+            .execute()
+            .await
+            .map_err(netlink("add the IPv6 default route"))?;
+    }
+    Ok(())
 }
 
 /// The IPv6 gateway of dual-stack containers: link-local, on every
 /// host-side veth.
 pub const GATEWAY6: &str = "fe80::1";
 
-/// Dual stack: `ip6`/128 on the container's interface with a default route
-/// via [`GATEWAY6`], the gateway on the host side and a /128 route to the
-/// container. Duplicate address detection is off on both ends (the
+/// Dual stack: `ip6`/128 on the container's interface (its default route
+/// via [`GATEWAY6`] comes with [`route_out`]), the gateway on the host side
+/// and a /128 route to the container. Duplicate address detection is off on
+/// both ends (the
 /// addresses are the plugin's to give; with it on they would not work for
 /// the first second).
 pub async fn add_ipv6(host_ifname: &str, ifname: &str, ns: &File, ip6: Ipv6Addr) -> Result<()> {
@@ -185,9 +314,6 @@ pub async fn add_ipv6(host_ifname: &str, ifname: &str, ns: &File, ip6: Ipv6Addr)
         .ok_or_else(|| CniError::new(code::IO_FAILURE, "the container's interface vanished"))?;
     add_address(&inside, index, IpAddr::V6(ip6), 128, "give the container its IPv6 address")
         .await?;
-    let default =
-        RouteMessageBuilder::<Ipv6Addr>::new().gateway(gateway).output_interface(index).build();
-    inside.route().add(default).execute().await.map_err(netlink("add the IPv6 default route"))?;
     let host = connect(None)?;
     let (host_index, _) = host_side(&host, host_ifname).await?;
     add_address(
@@ -208,6 +334,25 @@ pub async fn add_ipv6(host_ifname: &str, ifname: &str, ns: &File, ip6: Ipv6Addr)
 /// Adds `route`, or replaces one to the same destination.
 async fn put_route(handle: &Handle, route: RouteMessage, what: &str) -> Result<()> {
     handle.route().add(route).replace().execute().await.map_err(netlink(what))
+}
+
+/// Whether the host routes `ip`/32 through the interface `host_ifname` (the
+/// route ADD makes to each container).
+pub async fn routes_to(host_ifname: &str, ip: Ipv4Addr) -> Result<bool> {
+    let host = connect(None)?;
+    let Some((index, _)) = find(&host, host_ifname).await? else { return Ok(false) };
+    let mut routes = host.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+    while let Some(r) = routes.try_next().await.map_err(netlink("list routes"))? {
+        let to_ip = r.header.destination_prefix_length == 32
+            && r.attributes.iter().any(
+                |a| matches!(a, RouteAttribute::Destination(RouteAddress::Inet(d)) if *d == ip),
+            );
+        if to_ip && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Deletes the host side (the pair goes with it); false if it was not there.

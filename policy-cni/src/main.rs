@@ -116,15 +116,16 @@ fn addressing(conf: &NetConf) -> Result<((Ipv4Addr, u8), Option<u32>)> {
     Ok((subnet, mtu))
 }
 
-/// Addresses the agent has registered (by hand or by other plugins).
-fn registered(conf: &NetConf) -> Result<BTreeSet<Ipv4Addr>> {
+/// The endpoints the agent has (registered by hand, by this plugin, in a
+/// cluster also on other hosts).
+fn endpoints(conf: &NetConf) -> Result<Vec<Value>> {
     let list = agent(conf, "GET", "/v1/endpoints", None)?;
-    Ok(list["endpoints"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e["ip"].as_str()?.parse().ok())
-        .collect())
+    Ok(list["endpoints"].as_array().cloned().unwrap_or_default())
+}
+
+/// Their addresses: a lease skips them.
+fn addresses(endpoints: &[Value]) -> BTreeSet<Ipv4Addr> {
+    endpoints.iter().filter_map(|e| e["ip"].as_str()?.parse().ok()).collect()
 }
 
 async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
@@ -138,16 +139,22 @@ async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
     })?;
     let (subnet, mtu) = addressing(conf)?;
     let prefix6 = conf.ipv6_prefix.as_deref().map(config::parse_ipv6_prefix).transpose()?;
-    let taken = registered(conf)?;
+    let listed = endpoints(conf)?;
     let host_ifname = env.host_ifname();
     let mut leases = Leases::open(&conf.lease_dir())?;
-    let ip = leases.reserve(&env.container_id, &env.ifname, subnet, &taken)?;
+    let ip = leases.reserve(&env.container_id, &env.ifname, subnet, &addresses(&listed))?;
     let ip6 = prefix6.map(|p| p.address_of(ip));
+    // What this ADD made, so that a failure undoes exactly that: never a
+    // veth or a registration it did not make (a refused registration may
+    // have been refused because the address or veth is another's).
+    let (mut made_veth, mut registered) = (false, false);
     let made = async {
         // Containers route through the host, as the reference ptp plugin
         // and silk arrange.
         enable_forwarding(ip6.is_some())?;
+        clear_leftover(conf, &host_ifname, &ns, ip, &listed).await?;
         let plumbing = link::create(&host_ifname, &env.ifname, &ns, ip, GATEWAY, mtu).await?;
+        made_veth = true;
         if let Some(ip6) = ip6 {
             link::add_ipv6(&host_ifname, &env.ifname, &ns, ip6).await?;
         }
@@ -161,25 +168,128 @@ async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
             "netns": netns_path,
             "port_mappings": conf.runtime_config.port_mappings,
         });
-        // NetOut: the app's security groups, as the runtime passed them.
+        agent(conf, "POST", "/v1/endpoints", Some(&endpoint))?;
+        registered = true;
+        // NetOut: the app's security groups, as the runtime passed them,
+        // set only once the registration succeeded, so a refused ADD
+        // changes no group. Groups are the app's, not the container's: set
+        // first and restored on a refusal, they would give the app's
+        // running containers the refused container's groups until the
+        // restore, and the restore could undo groups a concurrent ADD of
+        // the same app set meanwhile (or fail and leave them). In this
+        // order the new container is policed by its app's current groups
+        // (none: unchecked, as any app without groups) until the PUT, and
+        // it has no default route before `route_out` below: until its own
+        // groups apply it reaches nothing but its gateway. (Only a netlink
+        // failure in that last step comes after the PUT: the registration
+        // is undone, the groups the agent accepted for the app stay.)
         if let Some(rules) = &conf.runtime_config.net_out_rules {
             agent(conf, "PUT", &format!("/v1/asgs/{app}"), Some(&json!({ "rules": rules })))?;
         }
-        agent(conf, "POST", "/v1/endpoints", Some(&endpoint))?;
+        link::route_out(&env.ifname, &ns, GATEWAY, ip6.is_some()).await?;
         Ok::<_, CniError>(plumbing)
     }
     .await;
     let plumbing = match made {
         Ok(p) => p,
         Err(e) => {
-            // Nothing left behind: the veth, the registration, the lease.
-            let _ = link::remove(&host_ifname).await;
-            let _ = agent(conf, "DELETE", &format!("/v1/endpoints/{ip}"), None);
+            // Nothing left behind: the registration, the veth, the lease.
+            if registered {
+                let _ = agent(conf, "DELETE", &format!("/v1/endpoints/{ip}"), None);
+            }
+            if made_veth {
+                let _ = link::remove(&host_ifname).await;
+            }
             let _ = leases.release(&env.container_id, &env.ifname);
             return Err(e);
         }
     };
     Ok(result(conf, env, &host_ifname, ip, ip6, &plumbing))
+}
+
+/// A veth of this container's name that is already there is removed only
+/// when it is this container's own leftover (an ADD that stopped half-way,
+/// or a runtime trying ADD again): its other end is still in the host's
+/// namespace (the ADD stopped before moving it: no container has it) or in
+/// this ADD's namespace, and no endpoint of another address is registered
+/// on it. Anything else belongs to another container (or is not a veth):
+/// ADD fails and leaves it alone. (With the CRC32 names of earlier
+/// versions, an ADD for a colliding container id deleted its victim's veth
+/// and registered itself there.)
+async fn clear_leftover(
+    conf: &NetConf,
+    host_ifname: &str,
+    ns: &std::fs::File,
+    ip: Ipv4Addr,
+    listed: &[Value],
+) -> Result<()> {
+    let Some(peer) = link::peer(host_ifname, Some(ns)).await? else { return Ok(()) };
+    let holder = listed.iter().find(|e| e["ifname"] == host_ifname);
+    let held = |why: String| {
+        Err(CniError::new(
+            code::VETH_HELD,
+            format!(
+                "the host-side veth {host_ifname} is held by another container ({why}); ADD does not take it over"
+            ),
+        ))
+    };
+    match (peer, holder) {
+        (link::Peer::NotVeth, _) => {
+            return Err(CniError::new(
+                code::VETH_HELD,
+                format!(
+                    "interface {host_ifname} exists and is not a veth; ADD does not take it over"
+                ),
+            ));
+        }
+        (link::Peer::Elsewhere, _) => {
+            return held("its other end is in another network namespace".into());
+        }
+        (_, Some(e)) if e["ip"] != ip.to_string() => {
+            return held(format!(
+                "endpoint {} of app {} is registered on it",
+                e["ip"].as_str().unwrap_or_default(),
+                e["app"].as_str().unwrap_or_default()
+            ));
+        }
+        (link::Peer::Host | link::Peer::ThisContainer, _) => {}
+    }
+    if holder.is_some() {
+        // This container's own registration, on the veth about to go: the
+        // one this ADD makes then attaches to the new veth.
+        agent(conf, "DELETE", &format!("/v1/endpoints/{ip}"), None)?;
+    }
+    link::remove(host_ifname).await?;
+    Ok(())
+}
+
+/// This container's host-side veth, if there, by its name or the CRC32
+/// name an earlier version gave it (containers made before an upgrade):
+/// only a veth shown to be this container's, as another container's may
+/// have the same old name (and DEL follows a failed ADD, whose name may be
+/// another's). Shown by its other end: still in the host's namespace (no
+/// container has it), or in the container's namespace `ns` (when the
+/// runtime still has it); or by the host routing the container's leased
+/// address through it (the /32 route ADD made).
+async fn host_veth(
+    env: &Env,
+    ns: Option<&std::fs::File>,
+    lease: Option<Ipv4Addr>,
+) -> Result<Option<String>> {
+    for name in [env.host_ifname(), env.legacy_host_ifname()] {
+        let ours = match link::peer(&name, ns).await? {
+            None | Some(link::Peer::NotVeth) => false,
+            Some(link::Peer::Host | link::Peer::ThisContainer) => true,
+            Some(link::Peer::Elsewhere) => match lease {
+                Some(ip) => link::routes_to(&name, ip).await?,
+                None => false,
+            },
+        };
+        if ours {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
 }
 
 /// IPv4 forwarding, and IPv6's for dual-stack containers.
@@ -242,14 +352,20 @@ fn result(
 
 async fn del(conf: &NetConf, env: &Env) -> Result<()> {
     env.require_attachment(false)?;
-    let host_ifname = env.host_ifname();
     let mut leases = Leases::open(&conf.lease_dir())?;
-    if let Some(ip) = leases.find(&env.container_id, &env.ifname) {
+    let lease = leases.find(&env.container_id, &env.ifname);
+    // The runtime may have removed the namespace already (its veths go
+    // with it).
+    let ns = env.netns.as_deref().and_then(|p| policy_agent::netns::open(p).ok());
+    let host_ifname = host_veth(env, ns.as_ref(), lease).await?;
+    if let Some(ip) = lease {
         // Deregistered before the lease is released: the address is never
         // handed to another container while the agent still names it.
         agent(conf, "DELETE", &format!("/v1/endpoints/{ip}"), None)?;
     }
-    link::remove(&host_ifname).await?;
+    if let Some(host_ifname) = host_ifname {
+        link::remove(&host_ifname).await?;
+    }
     leases.release(&env.container_id, &env.ifname)?;
     Ok(())
 }
@@ -258,7 +374,6 @@ async fn check(conf: &NetConf, env: &Env) -> Result<()> {
     env.require_attachment(true)?;
     let ns = policy_agent::netns::open(env.netns.as_deref().expect("checked"))
         .map_err(|e| CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS: {e}")))?;
-    let host_ifname = env.host_ifname();
     let ip =
         Leases::open(&conf.lease_dir())?.find(&env.container_id, &env.ifname).ok_or_else(|| {
             CniError::new(
@@ -266,6 +381,8 @@ async fn check(conf: &NetConf, env: &Env) -> Result<()> {
                 format!("no lease for {} {}", env.container_id, env.ifname),
             )
         })?;
+    let host_ifname =
+        host_veth(env, Some(&ns), Some(ip)).await?.unwrap_or_else(|| env.host_ifname());
     link::check(&host_ifname, &env.ifname, &ns, ip, GATEWAY).await?;
     let (app, _) = conf.app(&env.args);
     let list = agent(conf, "GET", "/v1/endpoints", None)?;
@@ -298,7 +415,6 @@ async fn gc(conf: &NetConf) -> Result<()> {
         if valid.iter().any(|a| a.container_id == lease.container_id && a.ifname == lease.ifname) {
             continue;
         }
-        agent(conf, "DELETE", &format!("/v1/endpoints/{}", lease.ip), None)?;
         let env = Env {
             command: "GC".into(),
             container_id: lease.container_id.clone(),
@@ -306,7 +422,11 @@ async fn gc(conf: &NetConf) -> Result<()> {
             ifname: lease.ifname.clone(),
             args: String::new(),
         };
-        link::remove(&env.host_ifname()).await?;
+        let host_ifname = host_veth(&env, None, Some(lease.ip)).await?;
+        agent(conf, "DELETE", &format!("/v1/endpoints/{}", lease.ip), None)?;
+        if let Some(host_ifname) = host_ifname {
+            link::remove(&host_ifname).await?;
+        }
         leases.release(&lease.container_id, &lease.ifname)?;
     }
     Ok(())

@@ -86,20 +86,9 @@ impl Host {
     }
 
     fn add_container(&mut self, i: usize, subnet: u8) {
-        let ns = NetNs::new(crate::unique_name(&format!("c{i}")));
         let ip = Ipv4Addr::new(10, 255, subnet, i as u8 + 1);
-        let host_ifname = format!("hv{i}");
-        let cidr = format!("{ip}/32");
-        let gateway = GATEWAY.to_string();
-        veth_into(&self.ns, &host_ifname, &ns);
-        ns.ip(&["addr", "add", &cidr, "dev", "eth0"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"]);
-        ns.ip(&["route", "add", "default", "via", &gateway, "dev", "eth0"]);
-        self.ns.ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_ifname]);
-        self.ns.ip(&["link", "set", &host_ifname, "up"]);
-        self.ns.ip(&["route", "add", &cidr, "dev", &host_ifname]);
-        self.containers.push(Container { ns, ip, ipv6: None, host_ifname });
+        let container = container_on(&self.ns, &format!("hv{i}"), ip);
+        self.containers.push(container);
     }
 
     pub fn container(&self, i: usize) -> &Container {
@@ -150,6 +139,24 @@ pub fn outside(host: &NetNs, ifname: &str, host_cidr: &str, outside_cidrs: &[&st
     }
     outside.ip(&["link", "set", "eth0", "up"]);
     outside
+}
+
+/// A container of `host` laid out as silk does, its host-side veth named
+/// `host_ifname`: `ip`/32 on its `eth0` with a default route via the
+/// gateway, which the host side holds, and the host's route to `ip`.
+pub fn container_on(host: &NetNs, host_ifname: &str, ip: Ipv4Addr) -> Container {
+    let ns = NetNs::new(crate::unique_name("c"));
+    let cidr = format!("{ip}/32");
+    let gateway = GATEWAY.to_string();
+    veth_into(host, host_ifname, &ns);
+    ns.ip(&["addr", "add", &cidr, "dev", "eth0"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"]);
+    ns.ip(&["route", "add", "default", "via", &gateway, "dev", "eth0"]);
+    host.ip(&["addr", "add", &format!("{gateway}/32"), "dev", host_ifname]);
+    host.ip(&["link", "set", host_ifname, "up"]);
+    host.ip(&["route", "add", &cidr, "dev", host_ifname]);
+    Container { ns, ip, ipv6: None, host_ifname: host_ifname.to_owned() }
 }
 
 /// A veth pair: `ifname` in `host`, its peer `eth0` in `ns`.

@@ -498,3 +498,74 @@ fn icmp_policies_allow_ping_by_type_and_its_replies() {
         "{listed}"
     );
 }
+
+/// How many of `n` datagrams from `socket` to the echo server at
+/// `to:port` come back.
+fn udp_echoes(socket: &std::net::UdpSocket, to: std::net::Ipv4Addr, port: u16, n: usize) -> usize {
+    (0..n).filter(|_| udp_echo_works(socket, to, port, 64, Duration::from_millis(150))).count()
+}
+
+#[test]
+fn an_endpoint_on_another_endpoints_veth_is_refused_and_the_holder_stays_policed() {
+    require_root();
+    let host = Host::new(3);
+    let daemon = Daemon::start(&host.ns, "");
+    add_endpoint(&daemon, &host, 0, "frontend");
+    add_endpoint(&daemon, &host, 1, "backend");
+    let (front, back, other) = (host.container(0), host.container(1), host.container(2));
+    udp_echo_server(&back.ns, back.ip, 5353);
+    udp_echo_server(&other.ns, other.ip, 5353);
+    let socket = udp_socket(&front.ns, None);
+    assert_eq!(udp_echoes(&socket, back.ip, 5353, 10), 0, "no policy: denied");
+    let listed = daemon.curl("GET", "/v1/endpoints", None);
+    let stored = daemon.stored_state();
+    // The attack: another endpoint registered on backend's veth, by the API
+    // and by the CLI, IPv4 or IPv6 only; then deleted (which used to detach
+    // the veth and leave backend unpoliced).
+    for ip in ["10.255.0.9", "fd00:255::9"] {
+        let body = json!({"app": "intruder", "ip": ip, "ifname": back.host_ifname});
+        let (status, reply) = daemon.curl("POST", "/v1/endpoints", Some(&body.to_string()));
+        assert_eq!((status, &reply["field"]), (400, &json!("ifname")), "{reply}");
+        let error = reply["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(&format!("endpoint {} (app backend)", back.ip)),
+            "names the holder: {error}"
+        );
+        let out = daemon.cli(&[
+            "endpoint",
+            "add",
+            "--app",
+            "intruder",
+            "--ip",
+            ip,
+            "--ifname",
+            &back.host_ifname,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(&back.ip.to_string()), "{stderr}");
+        daemon.cli_ok(&["endpoint", "del", "--ip", ip]);
+    }
+    // Nor may an existing endpoint move onto it.
+    add_endpoint(&daemon, &host, 2, "backend");
+    let moved = json!({"app": "backend", "ip": other.ip.to_string(), "ifname": back.host_ifname});
+    assert_eq!(daemon.curl("POST", "/v1/endpoints", Some(&moved.to_string())).0, 400);
+    daemon.cli_ok(&["endpoint", "del", "--ip", &other.ip.to_string()]);
+    // Nothing changed: listed, stored, attached, and real traffic to the
+    // holder is still dropped.
+    assert_eq!(daemon.curl("GET", "/v1/endpoints", None), listed);
+    assert_eq!(daemon.stored_state(), stored);
+    let status: Value = serde_json::from_str(&daemon.cli_ok(&["status", "--json"])).unwrap();
+    assert!(status["attached"].to_string().contains(&back.host_ifname), "{status}");
+    let tables = Maps::open_pinned(&daemon.maps_dir()).unwrap();
+    let bound = tables.veths().iter().filter(|(_, ip, _)| *ip == back.ip).count();
+    assert_eq!(bound, 1, "backend's veth is still bound to it");
+    assert_eq!(udp_echoes(&socket, back.ip, 5353, 10), 0, "still policed: 10 of 10 dropped");
+    // The control: a second endpoint on its own veth works, and the holder
+    // re-registering itself is not refused.
+    add_endpoint(&daemon, &host, 2, "backend");
+    add_endpoint(&daemon, &host, 1, "backend");
+    assert_eq!(udp_echoes(&socket, other.ip, 5353, 3), 0, "denied until a policy");
+    daemon.allow("frontend", "backend", "udp", "5353");
+    assert!(udp_echo_works(&socket, other.ip, 5353, 64, LONG), "the second endpoint");
+    assert!(udp_echo_works(&socket, back.ip, 5353, 64, LONG), "the first");
+}

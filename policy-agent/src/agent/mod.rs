@@ -24,7 +24,7 @@ use crate::{
     reconcile::{self, AppPair, Kernel},
     state::{
         Endpoint, Invalid, NetOutRule, Policy, State, TlsPorts, Undo, check_app_id, check_domain,
-        check_endpoint, check_hostname,
+        check_hostname,
     },
     store::{Change, Position, Store, StoreError},
 };
@@ -267,28 +267,9 @@ impl<K: Kernel> Agent<K> {
     }
 
     fn add_endpoint_once(&mut self, endpoint: Endpoint) -> Result<(), AgentError> {
-        check_endpoint(&endpoint)?;
-        self.state.check_port_mappings(&endpoint)?;
+        self.state.check_endpoint_add(&endpoint)?;
         if self.state.endpoint(endpoint.ip) == Some(&endpoint) {
             return Ok(());
-        }
-        if let Some(other) = self.state.endpoint(endpoint.ip).and_then(|e| e.host.as_ref())
-            && endpoint.host.as_ref() != Some(other)
-        {
-            return Err(Invalid::new(
-                "ip",
-                format!("{} is an endpoint on host {other}; remove it there first", endpoint.ip),
-            )
-            .into());
-        }
-        if let Some(ipv6) = endpoint.ipv6
-            && let Some(other) = self.state.endpoint_by_ipv6(ipv6).filter(|e| e.ip != endpoint.ip)
-        {
-            return Err(Invalid::new(
-                "ips",
-                format!("{ipv6} is already the IPv6 address of endpoint {}", other.ip),
-            )
-            .into());
         }
         let old = self.state.endpoint(endpoint.ip).cloned();
         let undo = self.state.add_endpoint_undoable(endpoint.clone());
@@ -547,5 +528,65 @@ mod tests {
         assert!(agent.remove_endpoint(ip).unwrap());
         assert!(agent.kernel().endpoints.is_empty() && agent.kernel().attached.is_empty());
         assert!(!agent.remove_endpoint(ip).unwrap());
+    }
+
+    fn endpoint(last: u8, app: &str, ifname: &str) -> Endpoint {
+        Endpoint {
+            ip: IpAddr::from([10, 255, 0, last]),
+            ipv6: None,
+            app: app.into(),
+            ifname: ifname.into(),
+            netns: None,
+            host: None,
+            port_mappings: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn one_veth_is_one_endpoint() {
+        let mut kernel = FakeKernel::new(10);
+        kernel.interfaces.extend(["hv0".to_owned(), "hv1".to_owned()]);
+        let (mut agent, _) =
+            Agent::start(kernel, temp_store("one-veth"), Settings::default()).unwrap();
+        let first = Endpoint {
+            ipv6: Some("fd00:255::10.255.0.1".parse().unwrap()),
+            ..endpoint(1, "web", "hv0")
+        };
+        agent.add_endpoint(first.clone()).unwrap();
+        let before = (agent.state().clone(), agent.kernel().attached.clone());
+        // Another endpoint on the first one's veth: refused, naming the
+        // holder, and nothing changes (state, kernel, journal).
+        match agent.add_endpoint(endpoint(9, "evil", "hv0")) {
+            Err(AgentError::Invalid(e)) => {
+                assert_eq!(e.field, "ifname");
+                assert!(e.reason.contains("endpoint 10.255.0.1 fd00:255::aff:1 (app web)"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((agent.state().clone(), agent.kernel().attached.clone()), before);
+        assert_eq!(reload("one-veth"), before.0);
+        // Nor by moving an existing endpoint onto it.
+        agent.add_endpoint(endpoint(2, "api", "hv1")).unwrap();
+        assert!(matches!(
+            agent.add_endpoint(endpoint(2, "api", "hv0")),
+            Err(AgentError::Invalid(e)) if e.field == "ifname"
+        ));
+        // The holder itself may register again: the same, or with a new app.
+        agent.add_endpoint(first.clone()).unwrap();
+        agent.add_endpoint(Endpoint { app: "web2".into(), ..first.clone() }).unwrap();
+        assert_eq!(agent.state().endpoint(first.ip).unwrap().app, "web2");
+        // Once the holder is gone the veth is free.
+        assert!(agent.remove_endpoint(first.ip).unwrap());
+        agent.add_endpoint(endpoint(9, "new", "hv0")).unwrap();
+        // Interface names are per host: another host's veth of the same
+        // name is another veth.
+        let mut state = agent.state().clone();
+        state.set_local_host(Some("cell-1".into()));
+        let elsewhere = Endpoint { host: Some("cell-2".into()), ..endpoint(3, "x", "hv0") };
+        state.add_endpoint(elsewhere);
+        let here = Endpoint { host: Some("cell-1".into()), ..endpoint(4, "y", "hv1") };
+        state.check_endpoint_add(&here).unwrap();
+        let taken = Endpoint { host: Some("cell-2".into()), ..endpoint(5, "z", "hv0") };
+        assert_eq!(state.check_endpoint_add(&taken).unwrap_err().field, "ifname");
     }
 }

@@ -208,6 +208,65 @@ pub fn check_domain(field: &str, domain: &str) -> Result<(), Invalid> {
 }
 
 impl State {
+    /// Everything registering `endpoint` (new, or replacing the endpoint
+    /// with its key) must satisfy against the current state, checked before
+    /// any change: its own fields, its NetIn ports, and that it takes
+    /// nothing another endpoint holds — its key on another host, its IPv6
+    /// address, its veth. Local writes in both modes come through here
+    /// (changes other agents committed were checked where they were made).
+    pub fn check_endpoint_add(&self, endpoint: &Endpoint) -> Result<(), Invalid> {
+        check_endpoint(endpoint)?;
+        self.check_port_mappings(endpoint)?;
+        if let Some(other) = self.endpoint(endpoint.ip).and_then(|e| e.host.as_ref())
+            && endpoint.host.as_ref() != Some(other)
+        {
+            return Err(Invalid::new(
+                "ip",
+                format!("{} is an endpoint on host {other}; remove it there first", endpoint.ip),
+            ));
+        }
+        if let Some(ipv6) = endpoint.ipv6
+            && let Some(other) = self.endpoint_by_ipv6(ipv6).filter(|e| e.ip != endpoint.ip)
+        {
+            return Err(Invalid::new(
+                "ips",
+                format!("{ipv6} is already the IPv6 address of endpoint {}", other.ip),
+            ));
+        }
+        self.check_veth_free(endpoint)
+    }
+
+    /// One veth is one endpoint: the programs on a veth, its anti-spoofing
+    /// binding (`VETHS`, keyed by ifindex) and its attachment belong to one
+    /// endpoint, and removing an endpoint detaches its veth. A second
+    /// endpoint on the same veth would overwrite the first's binding, and
+    /// removing either would leave the other listed but unpoliced. So a
+    /// veth another endpoint (another key) holds on the same host is
+    /// refused; re-registering the holder itself (same key: a new app, a new
+    /// IPv6 address, the same again) is not. Dual stack is one endpoint with
+    /// both addresses, not two. Interface names are per host: in a cluster
+    /// another host's endpoint may have the same name.
+    fn check_veth_free(&self, endpoint: &Endpoint) -> Result<(), Invalid> {
+        let holder = self.endpoints().find(|e| {
+            e.ip != endpoint.ip && e.host == endpoint.host && e.ifname == endpoint.ifname
+        });
+        match holder {
+            None => Ok(()),
+            Some(holder) => {
+                let addresses: Vec<String> = holder.addresses().map(|a| a.to_string()).collect();
+                Err(Invalid::new(
+                    "ifname",
+                    format!(
+                        "interface {} is the veth of endpoint {} (app {}); one veth is one endpoint: remove that endpoint first, or register both addresses as one endpoint (dual stack)",
+                        endpoint.ifname,
+                        addresses.join(" "),
+                        holder.app
+                    ),
+                ))
+            }
+        }
+    }
+
     /// NetIn: ports 1-65535, and a host port (per protocol) leads to one
     /// container on its host.
     pub fn check_port_mappings(&self, endpoint: &Endpoint) -> Result<(), Invalid> {
