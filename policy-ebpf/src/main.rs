@@ -223,7 +223,8 @@ pub fn tc_to_container(ctx: TcContext) -> i32 {
         return to_container6(ctx.skb.skb);
     }
     // Here, not in `to_container4`: its frame leaves no room for a call.
-    if forges_endpoint4(ctx.skb.skb) {
+    // (The host's own packets, without an ingress interface, skip the call.)
+    if SkbBytes::new(ctx.skb.skb).ingress_ifindex() != 0 && forges_endpoint4(ctx.skb.skb) {
         return refuse_spoofed4(ctx.skb.skb);
     }
     to_container4(ctx.skb.skb)
