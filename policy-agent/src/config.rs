@@ -300,7 +300,7 @@ mod tests {
     #[test]
     fn the_cluster_section_is_checked() {
         let c = Config::parse(
-            "[cluster]\netcd_endpoints = [\"http://10.0.0.10:2379\"]\nhost = \"cell-1\"\nunderlay_address = \"10.0.0.1\"\n",
+            "[cluster]\netcd_endpoints = [\"http://10.0.0.10:2379\"]\netcd_allow_plaintext = true\nhost = \"cell-1\"\nunderlay_address = \"10.0.0.1\"\n",
         )
         .unwrap()
         .cluster
@@ -315,14 +315,38 @@ mod tests {
                 "etcd_endpoints",
             ),
             (
-                "etcd_endpoints = [\"http://10.0.0.10:2379\"]\nhost = \"a b\"\nunderlay_address = \"10.0.0.1\"",
+                "etcd_endpoints = [\"http://10.0.0.10:2379\"]\netcd_allow_plaintext = true\nhost = \"a b\"\nunderlay_address = \"10.0.0.1\"",
                 "host",
             ),
             (
-                "etcd_endpoints = [\"http://10.0.0.10:2379\"]\nhost = \"a\"\nunderlay_address = \"x\"",
+                "etcd_endpoints = [\"http://10.0.0.10:2379\"]\netcd_allow_plaintext = true\nhost = \"a\"\nunderlay_address = \"x\"",
                 "underlay_address",
             ),
-            ("etcd_endpoints = [\"http://10.0.0.10:2379\"]\nhost = \"a\"", "underlay_address"),
+            (
+                "etcd_endpoints = [\"http://10.0.0.10:2379\"]\netcd_allow_plaintext = true\nhost = \"a\"",
+                "underlay_address",
+            ),
+            // Plain text only when the operator says so; https with its CA.
+            (
+                "etcd_endpoints = [\"http://10.0.0.10:2379\"]\nhost = \"a\"\nunderlay_address = \"10.0.0.1\"",
+                "etcd_allow_plaintext = true",
+            ),
+            (
+                "etcd_endpoints = [\"https://10.0.0.10:2379\"]\nhost = \"a\"\nunderlay_address = \"10.0.0.1\"",
+                "etcd_ca_file",
+            ),
+            (
+                "etcd_endpoints = [\"https://10.0.0.10:2379\"]\netcd_ca_file = \"/nonexistent/ca.pem\"\nhost = \"a\"\nunderlay_address = \"10.0.0.1\"",
+                "etcd_ca_file: cannot read /nonexistent/ca.pem",
+            ),
+            (
+                "etcd_endpoints = [\"https://10.0.0.10:2379\", \"http://10.0.0.11:2379\"]\nhost = \"a\"\nunderlay_address = \"10.0.0.1\"",
+                "not both",
+            ),
+            (
+                "etcd_endpoints = [\"http://10.0.0.10:2379\"]\netcd_allow_plaintext = true\netcd_username = \"u\"\nhost = \"a\"\nunderlay_address = \"10.0.0.1\"",
+                "etcd_username and etcd_password_file go together",
+            ),
         ] {
             let err = Config::parse(&format!("[cluster]\n{text}")).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");

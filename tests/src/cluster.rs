@@ -159,7 +159,7 @@ impl Drop for Etcd {
 /// The `[cluster]` section for host `name` at `underlay`.
 pub fn cluster_config(name: &str, underlay: Ipv4Addr) -> String {
     format!(
-        "[cluster]\netcd_endpoints = [\"{}\"]\nhost = \"{name}\"\nunderlay_address = \"{underlay}\"\nlease_seconds = 3\n",
+        "[cluster]\netcd_endpoints = [\"{}\"]\netcd_allow_plaintext = true\nhost = \"{name}\"\nunderlay_address = \"{underlay}\"\nlease_seconds = 3\n",
         Etcd::url()
     )
 }

@@ -24,7 +24,8 @@ const LLVM_FEATURE: &str = "llvm-22";
 /// asking dpkg when present). iptables is the benchmarks' Cloud Foundry
 /// baseline, nftables (with sets) the strongest non-eBPF one, haproxy the
 /// TLS terminator peer; the font labels the benchmarks' plots; etcd is the cluster
-/// tests' shared store (each test starts its own process).
+/// tests' shared store (each test starts its own process); protoc builds the
+/// agent's etcd client.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
@@ -49,6 +50,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
     // The TLS benchmark's peer: a per-container terminator on 61443's model.
     ("haproxy", "/usr/sbin/haproxy"),
+    // The agent's etcd client (etcd-client, gRPC over tonic) generates its
+    // protocol code at build time: protoc and the well-known .proto files.
+    ("protobuf-compiler", "protoc"),
+    ("libprotobuf-dev", "/usr/include/google/protobuf/descriptor.proto"),
 ];
 
 pub fn tools_dir() -> Result<PathBuf> {

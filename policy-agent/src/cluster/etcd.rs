@@ -1,7 +1,25 @@
-//! A small blocking client for etcd's v3 JSON gateway (`/v3/kv/range`,
-//! `/v3/kv/txn`, `/v3/watch`, `/v3/lease/*`), over plain HTTP/1.1: keys
-//! and values travel base64-encoded, 64-bit numbers as strings. Every
-//! request tries the endpoints in turn until one answers.
+//! The agent's etcd client: a blocking face over the `etcd-client` crate
+//! (etcd's v3 gRPC API over tonic), for the agent's threads.
+//!
+//! - **TLS and authentication**: `https://` endpoints with the operator's
+//!   CA, and a client certificate and key (etcd's `--client-cert-auth`,
+//!   whose certificate's CN is the user etcd's role-based access checks),
+//!   or a user and password. Plain `http://` only where the configuration
+//!   says so explicitly (see [`super::ClusterConfig`]).
+//! - **Several members, with failover**: one gRPC connection per member,
+//!   made on first use; a call goes to the member that last answered and,
+//!   if that one fails (down, cut off, or without a leader: every request
+//!   requires one), to the next, each within [`Settings::timeout`]. A
+//!   member that failed is connected afresh the next time. A write whose
+//!   answer was lost may be tried again on the next member; every write
+//!   the store makes either carries a condition (a lost-and-repeated
+//!   write fails its condition and reads as a concurrent one) or puts the
+//!   same value twice.
+//! - **Watches as streams**, and leases renewed through etcd's keepalive
+//!   stream.
+//!
+//! The gRPC calls run on a small runtime of their own, so that any thread
+//! may call, tokio's included (its `spawn_blocking` threads).
 //!
 //! etcd's limits shape what is asked of it: a transaction holds at most
 //! 128 operations (`--max-txn-ops`) and a request at most 1.5 MiB
@@ -9,21 +27,29 @@
 //! one per policy.
 
 use std::{
-    net::{SocketAddr, TcpStream},
+    fmt,
+    future::Future,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
     time::Duration,
 };
 
-use base64::{Engine as _, engine::general_purpose::STANDARD};
-use serde_json::{Value, json};
-
-use crate::client::{self, ClientError, Response};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use tonic::Code;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     #[error("etcd is unreachable at {endpoints}: {reason}")]
     Unreachable { endpoints: String, reason: String },
-    #[error("etcd answered HTTP {status}: {message}")]
-    Refused { status: u16, message: String },
+    #[error("etcd refused the request ({code}): {message}")]
+    Refused { code: String, message: String },
     #[error("etcd sent something unexpected: {0}")]
     Malformed(String),
     #[error("the watch's revision {revision} has been compacted")]
@@ -53,38 +79,112 @@ pub struct ModRevisionIs {
     pub mod_revision: i64,
 }
 
-#[derive(Clone, Debug)]
-pub struct Etcd {
-    endpoints: Vec<SocketAddr>,
-    timeout: Duration,
+/// The files a TLS connection to etcd is made with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA etcd's serving certificates are checked against.
+    pub ca: PathBuf,
+    /// This agent's client certificate and key, if etcd asks for one.
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
-fn b64(bytes: &[u8]) -> String {
-    STANDARD.encode(bytes)
+/// How to reach etcd.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// `http://HOST:PORT` or `https://HOST:PORT`, one per member.
+    pub endpoints: Vec<String>,
+    pub tls: Option<TlsFiles>,
+    /// A user and password for etcd's role-based access.
+    pub user: Option<(String, String)>,
+    /// How long one member has to answer one request.
+    pub timeout: Duration,
 }
 
-fn unb64(text: &str) -> Result<Vec<u8>, EtcdError> {
-    STANDARD.decode(text).map_err(|e| EtcdError::Malformed(format!("base64: {e}")))
-}
-
-/// etcd's JSON gateway writes int64 as strings, and omits zero values.
-fn int(value: &Value) -> i64 {
-    match value {
-        Value::String(s) => s.parse().unwrap_or(0),
-        Value::Number(n) => n.as_i64().unwrap_or(0),
-        _ => 0,
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls)
+            .field("user", &self.user.as_ref().map(|(name, _)| name))
+            .field("timeout", &self.timeout)
+            .finish()
     }
 }
 
-/// A transaction's conditions in the gateway's JSON.
-fn compares(conditions: &[ModRevisionIs]) -> Vec<Value> {
-    conditions
-        .iter()
-        .map(|c| {
-            json!({"key": b64(c.key.as_bytes()), "target": "MOD", "result": "EQUAL",
-                   "mod_revision": c.mod_revision.to_string()})
-        })
-        .collect()
+impl Settings {
+    /// The connection options: TLS files read and checked now.
+    fn options(&self) -> Result<ConnectOptions, String> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(self.timeout)
+            // A member that dies or is cut off under a watch is noticed.
+            .with_keep_alive(Duration::from_secs(5), self.timeout)
+            .with_keep_alive_while_idle(true)
+            // A member without a leader fails fast, and the next is asked.
+            .with_require_leader(true);
+        if let Some(tls) = &self.tls {
+            let read = |path: &PathBuf, key: &str| {
+                std::fs::read(path)
+                    .map_err(|e| format!("cannot read {key} {}: {e}", path.display()))
+            };
+            let mut config = TlsOptions::new()
+                .ca_certificate(Certificate::from_pem(read(&tls.ca, "etcd_ca_file")?));
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(Identity::from_pem(
+                    read(cert, "etcd_cert_file")?,
+                    read(key, "etcd_key_file")?,
+                ));
+            }
+            options = options.with_tls(config);
+        }
+        if let Some((name, password)) = &self.user {
+            options = options.with_user(name, password).with_auto_token_refresh(true);
+        }
+        Ok(options)
+    }
+}
+
+/// A client of one etcd cluster; clones share its connections.
+#[derive(Clone)]
+pub struct Etcd {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: Settings,
+    /// The connection options, or why there are none (an unreadable file).
+    options: Result<ConnectOptions, String>,
+    /// One client per member, connected on first use.
+    members: Vec<Mutex<Option<Client>>>,
+    /// The member that answered last: asked first.
+    current: AtomicUsize,
+}
+
+impl fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Etcd").field("endpoints", &self.inner.settings.endpoints).finish()
+    }
+}
+
+/// The runtime the gRPC calls run on: one worker, for every client.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("etcd")
+            .enable_all()
+            .build()
+            .expect("the etcd client's runtime starts")
+    })
+}
+
+/// Runs `future` on the etcd runtime and waits for it, from any thread.
+fn block<T: Send + 'static>(future: impl Future<Output = T> + Send + 'static) -> T {
+    let (tx, rx) = mpsc::sync_channel(1);
+    runtime().spawn(async move {
+        let _ = tx.send(future.await);
+    });
+    rx.recv().expect("the etcd runtime runs every call to its end")
 }
 
 /// The end of the range of keys starting with `prefix`.
@@ -99,93 +199,210 @@ pub fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
-fn key_values(kvs: &Value) -> Result<Vec<KeyValue>, EtcdError> {
-    kvs.as_array()
-        .into_iter()
-        .flatten()
-        .map(|kv| {
-            let key = unb64(kv["key"].as_str().unwrap_or_default())?;
-            Ok(KeyValue {
-                key: String::from_utf8(key)
-                    .map_err(|_| EtcdError::Malformed("a key is not UTF-8".into()))?,
-                value: unb64(kv["value"].as_str().unwrap_or_default())?,
-                mod_revision: int(&kv["mod_revision"]),
-            })
-        })
-        .collect()
+/// Checks `url` is `http://HOST:PORT` or `https://HOST:PORT`; returns
+/// whether it is `https`.
+pub fn check_endpoint(url: &str) -> Result<bool, String> {
+    let (https, rest) = if let Some(rest) = url.strip_prefix("https://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        (false, rest)
+    } else {
+        return Err(format!("{url:?} is not https://HOST:PORT (an etcd member's client URL)"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let port = rest.rsplit_once(':').and_then(|(host, port)| {
+        (!host.is_empty() && !host.contains('/')).then_some(port)?.parse::<u16>().ok()
+    });
+    match port {
+        Some(p) if p != 0 => Ok(https),
+        _ => Err(format!("{url:?} is not https://HOST:PORT (an etcd member's client URL)")),
+    }
+}
+
+/// A refusal: the same on every member, so not worth asking another.
+fn refusal(e: &etcd_client::Error) -> Option<EtcdError> {
+    let etcd_client::Error::GRpcStatus(status) = e else { return None };
+    let refused = matches!(
+        status.code(),
+        Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::ResourceExhausted
+            | Code::NotFound
+            | Code::AlreadyExists
+    );
+    refused.then(|| EtcdError::Refused {
+        code: format!("{:?}", status.code()),
+        message: status.message().to_owned(),
+    })
+}
+
+fn failure(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            format!("{:?}: {}", status.code(), status.message())
+        }
+        other => other.to_string(),
+    }
 }
 
 impl Etcd {
-    /// A client of the etcd members at `endpoints` (`http://HOST:PORT`).
+    /// A client of the members at `endpoints` (`http://HOST:PORT`), in
+    /// plain text: for tests and for callers that checked the choice.
     pub fn new(endpoints: &[String], timeout: Duration) -> Result<Self, String> {
-        let endpoints = endpoints
-            .iter()
-            .map(|url| {
-                let addr = url.strip_prefix("http://").unwrap_or(url).trim_end_matches('/');
-                addr.parse::<SocketAddr>().map_err(|_| {
-                    format!("{url:?} is not http://ADDRESS:PORT (etcd's client URL, by IP address)")
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if endpoints.is_empty() {
+        Self::with_settings(Settings {
+            endpoints: endpoints.to_vec(),
+            tls: None,
+            user: None,
+            timeout,
+        })
+    }
+
+    /// A client with `settings`; nothing is connected until the first call.
+    pub fn with_settings(settings: Settings) -> Result<Self, String> {
+        if settings.endpoints.is_empty() {
             return Err("no etcd endpoints".into());
         }
-        Ok(Self { endpoints, timeout })
-    }
-
-    fn endpoints_text(&self) -> String {
-        self.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-    }
-
-    fn connect(&self) -> Result<TcpStream, EtcdError> {
-        let mut last = String::new();
-        for addr in &self.endpoints {
-            match TcpStream::connect_timeout(addr, self.timeout) {
-                Ok(stream) => return Ok(stream),
-                Err(e) => last = format!("{addr}: {e}"),
+        for url in &settings.endpoints {
+            let https = check_endpoint(url)?;
+            if https && settings.tls.is_none() {
+                return Err(format!("{url:?} is https: etcd_ca_file must name etcd's CA"));
             }
         }
-        Err(EtcdError::Unreachable { endpoints: self.endpoints_text(), reason: last })
+        let options = settings.options();
+        let members = settings.endpoints.iter().map(|_| Mutex::new(None)).collect();
+        Ok(Self {
+            inner: Arc::new(Inner { settings, options, members, current: AtomicUsize::new(0) }),
+        })
     }
 
-    fn unreachable(&self, e: ClientError) -> EtcdError {
-        EtcdError::Unreachable { endpoints: self.endpoints_text(), reason: e.to_string() }
+    pub fn endpoints(&self) -> &[String] {
+        &self.inner.settings.endpoints
     }
 
-    /// A unary call: `POST /v3/PATH` with `body`.
-    fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
-        let stream = self.connect()?;
-        stream.set_read_timeout(Some(self.timeout)).map_err(|e| self.unreachable(e.into()))?;
-        stream.set_write_timeout(Some(self.timeout)).map_err(|e| self.unreachable(e.into()))?;
-        let Response { status, body } =
-            client::exchange(stream, "etcd", "POST", &format!("/v3/{path}"), Some(body))
-                .map_err(|e| self.unreachable(e))?;
-        if !(200..300).contains(&status) {
-            let message = body["message"].as_str().or(body["error"].as_str()).unwrap_or("");
-            return Err(EtcdError::Refused { status, message: message.to_owned() });
+    fn unreachable(&self, reason: String) -> EtcdError {
+        EtcdError::Unreachable { endpoints: self.inner.settings.endpoints.join(", "), reason }
+    }
+
+    /// Member `index`'s client, connected now if need be.
+    async fn member(inner: &Inner, index: usize) -> Result<Client, String> {
+        if let Some(client) = inner.members[index].lock().expect("etcd members").clone() {
+            return Ok(client);
         }
-        Ok(body)
+        let options = inner.options.clone()?;
+        let url = &inner.settings.endpoints[index];
+        // Connecting is lazy but for the authentication of a user.
+        let client = tokio::time::timeout(
+            inner.settings.timeout,
+            Client::connect([url.as_str()], Some(options)),
+        )
+        .await
+        .map_err(|_| format!("{url}: no answer within {:?}", inner.settings.timeout))?
+        .map_err(|e| format!("{url}: {}", failure(&e)))?;
+        *inner.members[index].lock().expect("etcd members") = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Runs `op` against the members in turn, starting with the one that
+    /// answered last, until one answers or refuses.
+    fn call<T, F, Fut>(&self, op: F) -> Result<T, EtcdError>
+    where
+        T: Send + 'static,
+        F: Fn(Client) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send,
+    {
+        let inner = self.inner.clone();
+        let outcome = block(async move {
+            let count = inner.members.len();
+            let first = inner.current.load(Ordering::Relaxed);
+            let mut reasons = Vec::new();
+            for i in 0..count {
+                let index = (first + i) % count;
+                let client = match Self::member(&inner, index).await {
+                    Ok(client) => client,
+                    Err(reason) => {
+                        reasons.push(reason);
+                        continue;
+                    }
+                };
+                let url = &inner.settings.endpoints[index];
+                match tokio::time::timeout(inner.settings.timeout, op(client)).await {
+                    Ok(Ok(answer)) => {
+                        inner.current.store(index, Ordering::Relaxed);
+                        return Ok(answer);
+                    }
+                    Ok(Err(e)) => {
+                        if let Some(refused) = refusal(&e) {
+                            return Err(Ok(refused));
+                        }
+                        reasons.push(format!("{url}: {}", failure(&e)));
+                    }
+                    Err(_) => {
+                        reasons
+                            .push(format!("{url}: no answer within {:?}", inner.settings.timeout));
+                    }
+                }
+                // Connected afresh next time.
+                *inner.members[index].lock().expect("etcd members") = None;
+            }
+            Err(Err(reasons.join("; ")))
+        });
+        outcome.map_err(|e| e.unwrap_or_else(|reason| self.unreachable(reason)))
     }
 
     /// Keys from `key` up to (not including) `end`.
     pub fn range(&self, key: &str, end: &[u8]) -> Result<Range, EtcdError> {
-        let body =
-            self.call("kv/range", &json!({"key": b64(key.as_bytes()), "range_end": b64(end)}))?;
-        Ok(Range { kvs: key_values(&body["kvs"])?, revision: int(&body["header"]["revision"]) })
+        let (key, end) = (key.to_owned(), end.to_vec());
+        let response = self.call(move |mut client| {
+            let (key, end) = (key.clone(), end.clone());
+            async move { client.get(key, Some(GetOptions::new().with_range(end))).await }
+        })?;
+        let kvs = response
+            .kvs()
+            .iter()
+            .map(|kv| {
+                Ok(KeyValue {
+                    key: kv
+                        .key_str()
+                        .map_err(|_| EtcdError::Malformed("a key is not UTF-8".into()))?
+                        .to_owned(),
+                    value: kv.value().to_vec(),
+                    mod_revision: kv.mod_revision(),
+                })
+            })
+            .collect::<Result<_, EtcdError>>()?;
+        Ok(Range { kvs, revision: response.header().map_or(0, |h| h.revision()) })
     }
 
     /// The keys (no values) from `key` up to `end`.
     pub fn keys(&self, key: &str, end: &[u8]) -> Result<Vec<String>, EtcdError> {
-        let body = self.call(
-            "kv/range",
-            &json!({"key": b64(key.as_bytes()), "range_end": b64(end), "keys_only": true}),
-        )?;
-        Ok(key_values(&body["kvs"])?.into_iter().map(|kv| kv.key).collect())
+        let (key, end) = (key.to_owned(), end.to_vec());
+        let response = self.call(move |mut client| {
+            let (key, end) = (key.clone(), end.clone());
+            async move {
+                client.get(key, Some(GetOptions::new().with_range(end).with_keys_only())).await
+            }
+        })?;
+        response
+            .kvs()
+            .iter()
+            .map(|kv| {
+                kv.key_str()
+                    .map(str::to_owned)
+                    .map_err(|_| EtcdError::Malformed("a key is not UTF-8".into()))
+            })
+            .collect()
     }
 
     /// Deletes the keys from `key` up to (not including) `end`.
     pub fn delete_range(&self, key: &str, end: &[u8]) -> Result<(), EtcdError> {
-        self.call("kv/deleterange", &json!({"key": b64(key.as_bytes()), "range_end": b64(end)}))?;
+        let (key, end) = (key.to_owned(), end.to_vec());
+        self.call(move |mut client| {
+            let (key, end) = (key.clone(), end.clone());
+            async move { client.delete(key, Some(DeleteOptions::new().with_range(end))).await }
+        })?;
         Ok(())
     }
 
@@ -196,54 +413,65 @@ impl Etcd {
         conditions: &[ModRevisionIs],
         puts: &[(&str, &[u8], i64)],
     ) -> Result<(bool, i64), EtcdError> {
-        let compare = compares(conditions);
-        let success: Vec<Value> = puts
-            .iter()
-            .map(|(key, value, lease)| {
-                let mut put = json!({"key": b64(key.as_bytes()), "value": b64(value)});
-                if *lease != 0 {
-                    put["lease"] = json!(lease.to_string());
-                }
-                json!({"request_put": put})
-            })
-            .collect();
-        let body = self.call("kv/txn", &json!({"compare": compare, "success": success}))?;
-        Ok((body["succeeded"].as_bool().unwrap_or(false), int(&body["header"]["revision"])))
+        let compares = compares(conditions);
+        let puts: Vec<(String, Vec<u8>, i64)> =
+            puts.iter().map(|(k, v, l)| ((*k).to_owned(), v.to_vec(), *l)).collect();
+        self.txn(move || {
+            let operations = puts
+                .iter()
+                .map(|(key, value, lease)| {
+                    let options = (*lease != 0).then(|| PutOptions::new().with_lease(*lease));
+                    TxnOp::put(key.clone(), value.clone(), options)
+                })
+                .collect::<Vec<_>>();
+            Txn::new().when(compares.clone()).and_then(operations)
+        })
     }
 
     /// Deletes `key` if every condition holds. Returns whether it did.
     pub fn delete_if(&self, conditions: &[ModRevisionIs], key: &str) -> Result<bool, EtcdError> {
-        let compare = compares(conditions);
-        let delete = json!({"request_delete_range": {"key": b64(key.as_bytes())}});
-        let body = self.call("kv/txn", &json!({"compare": compare, "success": [delete]}))?;
-        Ok(body["succeeded"].as_bool().unwrap_or(false))
+        let compares = compares(conditions);
+        let key = key.to_owned();
+        let (done, _) = self.txn(move || {
+            Txn::new().when(compares.clone()).and_then(vec![TxnOp::delete(key.clone(), None)])
+        })?;
+        Ok(done)
+    }
+
+    fn txn(&self, make: impl Fn() -> Txn + Send + 'static) -> Result<(bool, i64), EtcdError> {
+        let response = self.call(move |mut client| {
+            let txn = make();
+            async move { client.txn(txn).await }
+        })?;
+        Ok((response.succeeded(), response.header().map_or(0, |h| h.revision())))
     }
 
     /// A lease of `ttl` seconds; keys put with it go when it expires.
     pub fn grant_lease(&self, ttl: i64) -> Result<i64, EtcdError> {
-        let body = self.call("lease/grant", &json!({"TTL": ttl.to_string()}))?;
-        match int(&body["ID"]) {
-            0 => Err(EtcdError::Malformed(format!("no lease id in {body}"))),
+        let response =
+            self.call(move |mut client| async move { client.lease_grant(ttl, None).await })?;
+        match response.id() {
+            0 => Err(EtcdError::Malformed("no lease id in the answer".into())),
             id => Ok(id),
         }
     }
 
     /// Renews a lease; false if it has expired (its keys are gone).
     pub fn keep_alive(&self, lease: i64) -> Result<bool, EtcdError> {
-        // The gateway streams keepalive responses; the first one is enough.
-        let mut first = None;
-        self.stream("lease/keepalive", &json!({"ID": lease.to_string()}), |v| {
-            first = Some(v);
-            false
+        let answer = self.call(move |mut client| async move {
+            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            stream.message().await
         })?;
-        let result = first.ok_or_else(|| EtcdError::Malformed("no keepalive answer".into()))?;
-        Ok(int(&result["result"]["TTL"]) > 0)
+        let answer = answer.ok_or_else(|| EtcdError::Malformed("no keepalive answer".into()))?;
+        Ok(answer.ttl() > 0)
     }
 
     /// Watches the keys from `key` to `end` from `revision` on, calling
     /// `on_event` with the header revision of each batch of changes until
     /// it returns false or the stream ends. A compacted start revision is
-    /// [`EtcdError::Compacted`].
+    /// [`EtcdError::Compacted`]; a stream that breaks (its member gone or
+    /// without a leader) is [`EtcdError::Unreachable`]: watch again.
     pub fn watch(
         &self,
         key: &str,
@@ -251,63 +479,66 @@ impl Etcd {
         revision: i64,
         mut on_event: impl FnMut(i64) -> bool,
     ) -> Result<(), EtcdError> {
-        let request = json!({"create_request": {"key": b64(key.as_bytes()), "range_end": b64(end),
-                                                "start_revision": revision.to_string()}});
-        let mut outcome = Ok(());
-        self.stream("watch", &request, |message| {
-            let result = &message["result"];
-            let compacted = int(&result["compact_revision"]);
-            if compacted != 0 {
-                outcome = Err(EtcdError::Compacted { revision: compacted });
-                return false;
-            }
-            if result["events"].as_array().is_some_and(|e| !e.is_empty()) {
-                return on_event(int(&result["header"]["revision"]));
-            }
-            result["canceled"].as_bool() != Some(true)
+        enum Message {
+            Events(i64),
+            Compacted(i64),
+            Ended(Option<String>),
+        }
+        let (key, end) = (key.to_owned(), end.to_vec());
+        // The stream is opened like any call (the first member to answer),
+        // then read on the runtime and handed over message by message.
+        let mut stream = self.call(move |mut client| {
+            let options = WatchOptions::new().with_range(end.clone()).with_start_revision(revision);
+            let key = key.clone();
+            async move { client.watch(key, Some(options)).await }
         })?;
-        outcome
-    }
-
-    /// A streaming call: `on_message` gets each JSON line until it returns
-    /// false or the server ends the stream. The read timeout does not apply:
-    /// a watch waits as long as nothing changes.
-    fn stream(
-        &self,
-        path: &str,
-        body: &Value,
-        mut on_message: impl FnMut(Value) -> bool,
-    ) -> Result<(), EtcdError> {
-        let stream = self.connect()?;
-        let mut malformed = None;
-        let status = client::stream_lines(
-            stream,
-            "etcd",
-            "POST",
-            &format!("/v3/{path}"),
-            Some(body),
-            |line| {
-                if line.trim().is_empty() {
-                    return true;
+        let (tx, rx) = mpsc::sync_channel(16);
+        runtime().spawn(async move {
+            loop {
+                let message = match stream.message().await {
+                    Ok(Some(response)) if response.compact_revision() != 0 => {
+                        Message::Compacted(response.compact_revision())
+                    }
+                    Ok(Some(response)) if response.canceled() => {
+                        Message::Ended(Some(format!("canceled: {}", response.cancel_reason())))
+                    }
+                    Ok(Some(response)) if response.events().is_empty() => continue,
+                    Ok(Some(response)) => {
+                        Message::Events(response.header().map_or(0, |h| h.revision()))
+                    }
+                    Ok(None) => Message::Ended(None),
+                    Err(e) => Message::Ended(Some(failure(&e))),
+                };
+                let last = !matches!(message, Message::Events(_));
+                if tx.send(message).is_err() || last {
+                    return; // Dropping the stream cancels the watch.
                 }
-                match serde_json::from_str::<Value>(line) {
-                    Ok(v) => on_message(v),
-                    Err(e) => {
-                        malformed = Some(format!("{e}: {line}"));
-                        false
+            }
+        });
+        for message in rx {
+            match message {
+                Message::Events(revision) => {
+                    if !on_event(revision) {
+                        return Ok(());
                     }
                 }
-            },
-        )
-        .map_err(|e| self.unreachable(e))?;
-        if let Some(m) = malformed {
-            return Err(EtcdError::Malformed(m));
-        }
-        if !(200..300).contains(&status) {
-            return Err(EtcdError::Refused { status, message: format!("{path} stream") });
+                Message::Compacted(revision) => return Err(EtcdError::Compacted { revision }),
+                Message::Ended(None) => return Ok(()),
+                Message::Ended(Some(reason)) => {
+                    return Err(self.unreachable(format!("the watch broke: {reason}")));
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// A transaction's conditions.
+fn compares(conditions: &[ModRevisionIs]) -> Vec<Compare> {
+    conditions
+        .iter()
+        .map(|c| Compare::mod_revision(c.key.clone(), CompareOp::Equal, c.mod_revision))
+        .collect()
 }
 
 #[cfg(test)]
@@ -318,8 +549,44 @@ mod tests {
     fn prefix_ends_cover_the_prefix_only() {
         assert_eq!(prefix_end("/a/"), b"/a0".to_vec());
         assert_eq!(prefix_end("ab\u{7f}"), b"ab\x80".to_vec());
-        assert!(Etcd::new(&["http://127.0.0.1:2379".into()], Duration::from_secs(1)).is_ok());
-        assert!(Etcd::new(&["etcd.example:2379".into()], Duration::from_secs(1)).is_err());
-        assert!(Etcd::new(&[], Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn endpoints_are_client_urls() {
+        let timeout = Duration::from_secs(1);
+        assert!(Etcd::new(&["http://127.0.0.1:2379".into()], timeout).is_ok());
+        assert!(Etcd::new(&["http://etcd-0.internal:2379/".into()], timeout).is_ok());
+        for bad in
+            ["etcd.example:2379", "http://127.0.0.1", "http://:2379", "ftp://a:1", "http://a:0"]
+        {
+            assert!(Etcd::new(&[bad.into()], timeout).is_err(), "{bad}");
+        }
+        assert!(Etcd::new(&[], timeout).is_err());
+        // https needs the CA that etcd's certificates are checked against.
+        let err = Etcd::new(&["https://10.0.0.1:2379".into()], timeout).unwrap_err();
+        assert!(err.contains("etcd_ca_file"), "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_tls_file_is_named_at_every_call() {
+        let etcd = Etcd::with_settings(Settings {
+            endpoints: vec!["https://127.0.0.1:1".into()],
+            tls: Some(TlsFiles { ca: "/nonexistent/ca.pem".into(), identity: None }),
+            user: None,
+            timeout: Duration::from_millis(200),
+        })
+        .unwrap();
+        let err = etcd.range("/a", b"/b").unwrap_err().to_string();
+        assert!(err.contains("etcd_ca_file /nonexistent/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn a_member_that_does_not_answer_is_unreachable_not_hung() {
+        // A listener that accepts and never speaks: the call times out.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let etcd = Etcd::new(&[url], Duration::from_millis(300)).unwrap();
+        let err = etcd.range("/a", b"/b").unwrap_err();
+        assert!(matches!(err, EtcdError::Unreachable { .. }), "{err}");
     }
 }

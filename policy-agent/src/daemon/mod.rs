@@ -111,6 +111,13 @@ pub fn run(config: Config) -> Result<()> {
 fn open_store(config: &Config) -> Result<Box<dyn Store>> {
     if let Some(cluster) = &config.cluster {
         info!(etcd = ?cluster.etcd_endpoints, host = cluster.host, "cluster mode");
+        if cluster.plaintext() {
+            warn!(
+                "etcd is reached in plain text (etcd_allow_plaintext): anyone on its network \
+                 can read and rewrite every host's policies; use https:// endpoints with \
+                 etcd_ca_file, etcd_cert_file and etcd_key_file"
+            );
+        }
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("cannot create {}", config.state_dir.display()))?;
         let cache = config.state_dir.join("cluster-state.json");
