@@ -77,9 +77,9 @@ fn cross_host(in_force: usize, writes: usize) -> (Vec<Duration>, Vec<Duration>) 
 /// read it, over `writes` writes, sorted.
 fn fan_out(watchers: usize, writes: usize) -> Vec<Duration> {
     let underlay = Underlay::new();
-    let _etcd = Etcd::start(&underlay);
-    let etcd =
-        || policy_agent::cluster::etcd::Etcd::new(&[Etcd::url()], Duration::from_secs(5)).unwrap();
+    let server = Etcd::start(&underlay);
+    let settings = server.client_settings("root");
+    let etcd = || policy_agent::cluster::etcd::Etcd::with_settings(settings.clone()).unwrap();
     let prefix = "/bench";
     let committed: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let seen: Arc<Mutex<Vec<Duration>>> = Arc::default();

@@ -1,11 +1,14 @@
 //! A test cluster on one machine: an underlay (a bridge in a namespace of
-//! its own), an etcd process on it started by the test, and hosts joined
+//! its own), etcd on it started by the test (by default over mutual TLS
+//! with role-based access, as an operator should run it), and hosts joined
 //! to it, each a `Host` with its own agent daemon in cluster mode.
 
 use std::{
+    cell::RefCell,
     net::{Ipv4Addr, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,6 +22,11 @@ use crate::{
 pub struct Underlay {
     pub ns: NetNs,
     joined: u8,
+    /// The PKI etcd and the agents use, made for this underlay.
+    pub pki: Arc<Pki>,
+    /// The `etcd_*` lines of the agents' `[cluster]` sections, set by the
+    /// etcd started on this underlay.
+    etcd_lines: RefCell<String>,
 }
 
 impl Underlay {
@@ -32,7 +40,8 @@ impl Underlay {
         ns.ip(&["link", "add", "br0", "address", "02:00:00:00:00:fe", "type", "bridge"]);
         ns.ip(&["addr", "add", &format!("{}/24", Self::ETCD_ADDRESS), "dev", "br0"]);
         ns.ip(&["link", "set", "br0", "up"]);
-        Self { ns, joined: 0 }
+        ns.ip(&["link", "set", "lo", "up"]);
+        Self { ns, joined: 0, pki: Arc::new(Pki::new()), etcd_lines: RefCell::default() }
     }
 
     /// Joins `host` to the underlay; returns its underlay address
@@ -59,6 +68,16 @@ impl Underlay {
         host.ns.ip(&["link", "set", "ul0", "up"]);
         address
     }
+
+    /// The `[cluster]` section for host `name` at `underlay`, reaching the
+    /// etcd started on this underlay as the agents' etcd user.
+    pub fn cluster_config(&self, name: &str, underlay: Ipv4Addr) -> String {
+        let etcd = self.etcd_lines.borrow();
+        assert!(!etcd.is_empty(), "start etcd on the underlay before the hosts");
+        format!(
+            "[cluster]\n{etcd}host = \"{name}\"\nunderlay_address = \"{underlay}\"\nlease_seconds = 3\n"
+        )
+    }
 }
 
 impl Default for Underlay {
@@ -67,45 +86,278 @@ impl Default for Underlay {
     }
 }
 
-/// An `etcd` process (Debian's etcd-server) in the underlay namespace, with
-/// its data in a directory of its own; killed by its PID and removed on drop.
-pub struct Etcd {
-    child: Option<Child>,
-    ns: PathBuf,
+/// A CA and certificates made with `openssl` for one test: etcd's serving
+/// certificate (for 172.31.0.254 and 127.0.0.1) and client certificates
+/// whose common names are etcd users (`policy-agent`, `root`) or nobody
+/// etcd knows (`intruder`). Removed on drop.
+pub struct Pki {
     dir: PathBuf,
 }
 
+/// A new P-256 key, unencrypted: one argument of `Pki::openssl`, which
+/// splits it.
+const NEW_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+
+impl Pki {
+    /// The client identities made: etcd maps a certificate's CN to a user.
+    pub const CLIENTS: [&str; 3] = ["policy-agent", "root", "intruder"];
+
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(crate::unique_name("pki"));
+        std::fs::create_dir_all(&dir).expect("pki dir");
+        let pki = Self { dir };
+        pki.make_ca("ca", "policy-test etcd CA");
+        pki.make_cert(
+            "server",
+            "etcd",
+            &format!(
+                "subjectAltName=IP:{},IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+                Underlay::ETCD_ADDRESS
+            ),
+            "ca",
+        );
+        for client in Self::CLIENTS {
+            pki.make_cert(client, client, "extendedKeyUsage=clientAuth\n", "ca");
+        }
+        pki
+    }
+
+    /// A self-signed CA `NAME.pem`, `NAME-key.pem` in this PKI's directory
+    /// (another CA than etcd's when `name` is not "ca").
+    pub fn make_ca(&self, name: &str, subject: &str) {
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            NEW_KEY,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={subject}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            &format!("{name}-key.pem"),
+            "-out",
+            &format!("{name}.pem"),
+        ]);
+    }
+
+    /// A certificate `NAME.pem` + `NAME-key.pem` for CN `cn` with the
+    /// extensions `ext`, signed by the CA `ca`.
+    pub fn make_cert(&self, name: &str, cn: &str, ext: &str, ca: &str) {
+        let ext_file = format!("{name}.ext");
+        std::fs::write(
+            self.dir.join(&ext_file),
+            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n{ext}"),
+        )
+        .expect("extensions file");
+        self.openssl(&[
+            "req",
+            "-new",
+            NEW_KEY,
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &format!("{name}-key.pem"),
+            "-out",
+            &format!("{name}.csr"),
+        ]);
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}-key.pem"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext_file,
+            "-out",
+            &format!("{name}.pem"),
+        ]);
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args.iter().flat_map(|a| match *a {
+                NEW_KEY => a.split(' ').collect(),
+                _ => vec![*a],
+            }))
+            .current_dir(&self.dir)
+            .output()
+            .expect("run openssl (`cargo xtask setup` installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// etcd's CA certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The certificate and key named `name` (a client's CN, or "server").
+    pub fn identity(&self, name: &str) -> (PathBuf, PathBuf) {
+        (self.dir.join(format!("{name}.pem")), self.dir.join(format!("{name}-key.pem")))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// How the test etcd is run.
+#[derive(Clone, Copy, Debug)]
+pub struct EtcdOptions {
+    /// 1, or 3 for a cluster that survives a member's loss.
+    pub members: usize,
+    /// Client TLS with certificate authentication and role-based access
+    /// (the agents' user reaches `/policy-agent/` only); plain HTTP and no
+    /// authentication otherwise.
+    pub tls: bool,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        Self { members: 1, tls: true }
+    }
+}
+
+/// `etcd` processes (Debian's etcd-server) in the underlay namespace, each
+/// member with its data in a directory of its own; killed by their PIDs
+/// and removed on drop. Members listen for clients on the underlay address,
+/// ports 2379, 2479, 2579; they talk to each other on loopback.
+pub struct Etcd {
+    members: Vec<Option<Child>>,
+    options: EtcdOptions,
+    ns: PathBuf,
+    dir: PathBuf,
+    pki: Arc<Pki>,
+}
+
+/// The agents' etcd user and the keys its role reaches.
+pub const AGENT_USER: &str = "policy-agent";
+pub const AGENT_PREFIX: &str = "/policy-agent/";
+
 impl Etcd {
+    /// One member, TLS with client certificates and role-based access.
     pub fn start(underlay: &Underlay) -> Self {
+        Self::start_with(underlay, EtcdOptions::default())
+    }
+
+    pub fn start_with(underlay: &Underlay, options: EtcdOptions) -> Self {
         let dir = std::env::temp_dir().join(crate::unique_name("etcd"));
         std::fs::create_dir_all(&dir).expect("etcd data dir");
-        let mut etcd = Self { child: None, ns: underlay.ns.path(), dir };
+        let mut etcd = Self {
+            members: (0..options.members).map(|_| None).collect(),
+            options,
+            ns: underlay.ns.path(),
+            dir,
+            pki: underlay.pki.clone(),
+        };
         etcd.spawn();
+        if options.tls {
+            etcd.set_up_access();
+        }
+        *underlay.etcd_lines.borrow_mut() = etcd.agent_config();
         etcd
     }
 
-    /// `http://ADDRESS:2379`, for the agents' `etcd_endpoints`.
-    pub fn url() -> String {
-        format!("http://{}:2379", Underlay::ETCD_ADDRESS)
+    /// Member `i`'s client URL.
+    pub fn member_url(&self, i: usize) -> String {
+        let scheme = if self.options.tls { "https" } else { "http" };
+        format!("{scheme}://{}:{}", Underlay::ETCD_ADDRESS, 2379 + 100 * i)
     }
 
-    /// (Re)starts etcd on the same data, and waits until it answers.
+    /// Every member's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        (0..self.members.len()).map(|i| self.member_url(i)).collect()
+    }
+
+    /// The `etcd_*` lines of an agent's `[cluster]` section.
+    pub fn agent_config(&self) -> String {
+        let urls: Vec<String> = self.urls().iter().map(|u| format!("\"{u}\"")).collect();
+        let mut lines = format!("etcd_endpoints = [{}]\n", urls.join(", "));
+        if self.options.tls {
+            let (cert, key) = self.pki.identity(AGENT_USER);
+            lines += &format!(
+                "etcd_ca_file = \"{}\"\netcd_cert_file = \"{}\"\netcd_key_file = \"{}\"\n",
+                self.pki.ca().display(),
+                cert.display(),
+                key.display()
+            );
+        } else {
+            lines += "etcd_allow_plaintext = true\n";
+        }
+        lines
+    }
+
+    /// Client settings for the agent's etcd client as `identity` (a
+    /// client CN of the [`Pki`]).
+    pub fn client_settings(&self, identity: &str) -> policy_agent::cluster::etcd::Settings {
+        policy_agent::cluster::etcd::Settings {
+            endpoints: self.urls(),
+            tls: self.options.tls.then(|| policy_agent::cluster::etcd::TlsFiles {
+                ca: self.pki.ca(),
+                identity: Some(self.pki.identity(identity)),
+            }),
+            user: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// (Re)starts every member that is not running, on the same data, and
+    /// waits until each answers.
     pub fn spawn(&mut self) {
-        assert!(self.child.is_none(), "etcd is running");
+        for i in 0..self.members.len() {
+            if self.members[i].is_none() {
+                self.spawn_member(i);
+            }
+        }
+    }
+
+    /// (Re)starts member `i` on its data; waits until it listens.
+    pub fn spawn_member(&mut self, i: usize) {
+        assert!(self.members[i].is_none(), "etcd member {i} is running");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("etcd.log"))
+            .open(self.dir.join(format!("etcd-{i}.log")))
             .expect("etcd log");
-        let client = Self::url();
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", self.ns.display()))
-            .args(["etcd", "--name", "test", "--data-dir"])
-            .arg(self.dir.join("data"))
+        let client = self.member_url(i);
+        let peer = |m: usize| format!("http://127.0.0.1:{}", 2380 + 100 * m);
+        let initial: Vec<String> =
+            (0..self.members.len()).map(|m| format!("m{m}={}", peer(m))).collect();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ns.display()))
+            .args(["etcd", "--name", &format!("m{i}"), "--data-dir"])
+            .arg(self.data(i))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-cluster", "test=http://127.0.0.1:2380"])
+            .args(["--listen-peer-urls", &peer(i), "--initial-advertise-peer-urls", &peer(i)])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-token", &self.dir.display().to_string()])
+            .args(["--listen-metrics-urls", &self.metrics_url(i)]);
+        if self.options.tls {
+            let (cert, key) = self.pki.identity("server");
+            cmd.args(["--client-cert-auth", "--trusted-ca-file"])
+                .arg(self.pki.ca())
+                .arg("--cert-file")
+                .arg(cert)
+                .arg("--key-file")
+                .arg(key);
+        }
+        let child = cmd
             // Extra flags for experiments, e.g. "--unsafe-no-fsync" to see
             // what the disk's fsync costs a write.
             .args(std::env::var("POLICY_TEST_ETCD_ARGS").unwrap_or_default().split_whitespace())
@@ -114,11 +366,12 @@ impl Etcd {
             .stderr(log)
             .spawn()
             .expect("start etcd (Debian's etcd-server; `cargo xtask setup` installs it)");
-        self.child = Some(child);
+        self.members[i] = Some(child);
+        let port = u16::try_from(2379 + 100 * i).expect("port");
         let started = Instant::now();
         while crate::netns::run_in(&self.ns, || {
             TcpStream::connect_timeout(
-                &(Underlay::ETCD_ADDRESS, 2379).into(),
+                &(Underlay::ETCD_ADDRESS, port).into(),
                 Duration::from_millis(200),
             )
         })
@@ -133,16 +386,128 @@ impl Etcd {
         }
     }
 
-    /// SIGKILL (an etcd crash); `spawn` brings it back on the same data.
+    /// Where member `i` serves its Prometheus metrics (`/metrics`), on
+    /// loopback without TLS.
+    fn metrics_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", 2381 + 100 * i)
+    }
+
+    /// The sum over every running member of the samples of `metric` whose
+    /// labels include every `labels` pair.
+    pub fn metric(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut total = 0.0;
+        for i in (0..self.members.len()).filter(|i| self.members[*i].is_some()) {
+            let out = Command::new("nsenter")
+                .arg(format!("--net={}", self.ns.display()))
+                .args([
+                    "curl",
+                    "-s",
+                    "--max-time",
+                    "3",
+                    &format!("{}/metrics", self.metrics_url(i)),
+                ])
+                .output()
+                .expect("curl etcd metrics");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+                .expect("etcd metrics");
+            for sample in scrape.samples.iter().filter(|s| s.metric == metric) {
+                if labels.iter().all(|(k, v)| sample.labels.get(k) == Some(*v)) {
+                    total += match sample.value {
+                        prometheus_parse::Value::Counter(v)
+                        | prometheus_parse::Value::Gauge(v)
+                        | prometheus_parse::Value::Untyped(v) => v,
+                        _ => 0.0,
+                    };
+                }
+            }
+        }
+        total
+    }
+
+    fn data(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("data-{i}"))
+    }
+
+    /// Users and roles as an operator sets them up: `root`, and the
+    /// agents' user whose role reads and writes their prefix only; then
+    /// authentication on (a client certificate's CN names its user).
+    fn set_up_access(&self) {
+        for args in [
+            &["user", "add", "root", "--no-password"][..],
+            &["user", "grant-role", "root", "root"],
+            &["role", "add", AGENT_USER],
+            &["role", "grant-permission", AGENT_USER, "--prefix=true", "readwrite", AGENT_PREFIX],
+            &["user", "add", AGENT_USER, "--no-password"],
+            &["user", "grant-role", AGENT_USER, AGENT_USER],
+            &["auth", "enable"],
+        ] {
+            let out = self.ctl(args);
+            assert!(
+                out.status.success(),
+                "etcdctl {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    /// Runs `etcdctl ARGS` against every member as `root`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_as("root", args)
+    }
+
+    /// Runs `etcdctl ARGS` against every member with the client
+    /// certificate `identity` (a file name in the [`Pki`]'s directory).
+    pub fn ctl_as(&self, identity: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ns.display()))
+            .args(["etcdctl", "--dial-timeout", "3s", "--command-timeout", "5s", "--endpoints"])
+            .arg(self.urls().join(","));
+        if self.options.tls {
+            let (cert, key) = self.pki.identity(identity);
+            cmd.arg("--cacert").arg(self.pki.ca()).arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+        cmd.args(args).env("ETCDCTL_API", "3").output().expect("run etcdctl")
+    }
+
+    /// The index of the member that is the leader now.
+    pub fn leader(&self) -> Option<usize> {
+        let out = self.ctl(&["endpoint", "status", "-w", "json"]);
+        let statuses: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        statuses.as_array()?.iter().find_map(|s| {
+            let status = &s["Status"];
+            let leader = status["leader"].as_u64()?;
+            (status["header"]["member_id"].as_u64()? == leader)
+                .then(|| s["Endpoint"].as_str())
+                .flatten()
+                .and_then(|url| self.urls().iter().position(|u| u == url))
+        })
+    }
+
+    /// SIGKILL every member (an etcd crash); `spawn` brings them back on
+    /// the same data.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        for i in 0..self.members.len() {
+            self.kill_member(i);
+        }
+    }
+
+    /// SIGKILL member `i`.
+    pub fn kill_member(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+        (0..self.members.len())
+            .map(|i| {
+                let log = std::fs::read_to_string(self.dir.join(format!("etcd-{i}.log")));
+                format!("--- member {i}\n{}", log.unwrap_or_default())
+            })
+            .collect()
     }
 }
 
@@ -154,14 +519,6 @@ impl Drop for Etcd {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// The `[cluster]` section for host `name` at `underlay`.
-pub fn cluster_config(name: &str, underlay: Ipv4Addr) -> String {
-    format!(
-        "[cluster]\netcd_endpoints = [\"{}\"]\netcd_allow_plaintext = true\nhost = \"{name}\"\nunderlay_address = \"{underlay}\"\nlease_seconds = 3\n",
-        Etcd::url()
-    )
 }
 
 /// A host of the test cluster: its namespaces, containers and agent.
@@ -207,7 +564,7 @@ fn make_hosts(
             let host = host(i);
             let address = underlay.join(&host);
             let name = format!("cell-{i}");
-            let config = format!("{}{cluster_extra}", cluster_config(&name, address));
+            let config = format!("{}{cluster_extra}", underlay.cluster_config(&name, address));
             let daemon = Daemon::start(&host.ns, &config);
             ClusterHost { daemon, host, name, underlay: address }
         })
