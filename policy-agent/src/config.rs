@@ -40,7 +40,10 @@
 //! api_connections = 256
 //!
 //! [cluster]                                  # cluster mode (see `cluster`); absent: one host
-//! etcd_endpoints = ["http://10.0.0.10:2379"]
+//! etcd_endpoints = ["https://10.0.0.10:2379"]
+//! etcd_ca_file = "/etc/policy-agent/etcd/ca.pem"
+//! etcd_cert_file = "/etc/policy-agent/etcd/client.pem"
+//! etcd_key_file = "/etc/policy-agent/etcd/client-key.pem"
 //! host = "cell-1"
 //! underlay_address = "10.0.0.1"
 //! ```

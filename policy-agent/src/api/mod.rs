@@ -144,9 +144,12 @@ fn failure(e: AgentError) -> Reply {
                 format!("no space left in the state directory {dir}: nothing was applied ({e})");
             (StatusCode::INSUFFICIENT_STORAGE, Json(json!({"error": error})))
         }
-        // Cluster mode: nothing was applied; enforcement is as it was.
+        // Cluster mode: nothing was applied; enforcement is as it was. A
+        // refusal by etcd (its role does not reach the prefix, say) is the
+        // operator's to fix, as an outage is.
         AgentError::Store(
-            e @ (StoreError::Etcd(EtcdError::Unreachable { .. }) | StoreError::Conflict),
+            e @ (StoreError::Etcd(EtcdError::Unreachable { .. } | EtcdError::Refused { .. })
+            | StoreError::Conflict),
         ) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))),
         e => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e.to_string()}))),
     }
