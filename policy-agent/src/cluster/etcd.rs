@@ -157,6 +157,23 @@ struct Inner {
     members: Vec<Mutex<Option<Client>>>,
     /// The member that answered last: asked first.
     current: AtomicUsize,
+    runtime: OnceLock<Runtime>,
+}
+
+impl Inner {
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.get_or_init(Runtime::start).handle()
+    }
+
+    /// Runs `future` on this client's runtime and waits for it, from any
+    /// thread but the runtime's own.
+    fn block<T: Send + 'static>(&self, future: impl Future<Output = T> + Send + 'static) -> T {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.runtime().spawn(async move {
+            let _ = tx.send(future.await);
+        });
+        rx.recv().expect("the etcd runtime runs every call to its end")
+    }
 }
 
 impl fmt::Debug for Etcd {
@@ -165,26 +182,34 @@ impl fmt::Debug for Etcd {
     }
 }
 
-/// The runtime the gRPC calls run on: one worker, for every client.
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
+/// The runtime a client's gRPC calls run on: one worker thread, started at
+/// the client's first call, so in the network namespace of the thread that
+/// made it (a test process talks to etcds in several). Shut down without
+/// waiting when the client goes, which may be on its own worker.
+struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl Runtime {
+    fn start() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("etcd")
             .enable_all()
             .build()
-            .expect("the etcd client's runtime starts")
-    })
+            .expect("the etcd client's runtime starts");
+        Self(Some(runtime))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("the runtime runs until dropped")
+    }
 }
 
-/// Runs `future` on the etcd runtime and waits for it, from any thread.
-fn block<T: Send + 'static>(future: impl Future<Output = T> + Send + 'static) -> T {
-    let (tx, rx) = mpsc::sync_channel(1);
-    runtime().spawn(async move {
-        let _ = tx.send(future.await);
-    });
-    rx.recv().expect("the etcd runtime runs every call to its end")
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// The end of the range of keys starting with `prefix`.
@@ -274,7 +299,13 @@ impl Etcd {
         let options = settings.options();
         let members = settings.endpoints.iter().map(|_| Mutex::new(None)).collect();
         Ok(Self {
-            inner: Arc::new(Inner { settings, options, members, current: AtomicUsize::new(0) }),
+            inner: Arc::new(Inner {
+                settings,
+                options,
+                members,
+                current: AtomicUsize::new(0),
+                runtime: OnceLock::new(),
+            }),
         })
     }
 
@@ -314,7 +345,7 @@ impl Etcd {
         Fut: Future<Output = Result<T, etcd_client::Error>> + Send,
     {
         let inner = self.inner.clone();
-        let outcome = block(async move {
+        let outcome = self.inner.block(async move {
             let count = inner.members.len();
             let first = inner.current.load(Ordering::Relaxed);
             let mut reasons = Vec::new();
@@ -492,8 +523,10 @@ impl Etcd {
             let key = key.clone();
             async move { client.watch(key, Some(options)).await }
         })?;
-        let (tx, rx) = mpsc::sync_channel(16);
-        runtime().spawn(async move {
+        // Unbounded: the runtime's one worker must never wait for
+        // `on_event`, which may itself call etcd.
+        let (tx, rx) = mpsc::channel();
+        self.inner.runtime().spawn(async move {
             loop {
                 let message = match stream.message().await {
                     Ok(Some(response)) if response.compact_revision() != 0 => {
