@@ -13,7 +13,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use policy_common::{
@@ -56,6 +56,8 @@ pub trait Kernel {
     fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), Error>;
     /// Host-side veths with programs attached.
     fn attached(&self) -> Result<BTreeSet<String>, Error>;
+    /// Whether the interface `ifname` exists (in the agent's namespace).
+    fn interface_exists(&self, ifname: &str) -> bool;
     /// Binds `ifname` to the endpoint (anti-spoofing) and attaches to it.
     /// `ip` None: an IPv6-only endpoint, whose veth lets no IPv4 out.
     fn attach(&mut self, ifname: &str, ip: Option<Ipv4Addr>, tag: u32) -> Result<(), Error>;
@@ -81,6 +83,18 @@ pub trait Kernel {
 /// Interfaces that do not exist (a container deleted while the agent was
 /// down) are reported, not fatal. Returns those warnings.
 pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Error> {
+    full_keeping(kernel, state, &BTreeMap::new())
+}
+
+/// [`full`], leaving the endpoints `held` exactly as the kernel has them
+/// (attached, their addresses' entries kept): this host's endpoints the
+/// cluster removed while their containers are still here (see
+/// `agent::returning`).
+pub fn full_keeping<K: Kernel>(
+    kernel: &mut K,
+    state: &State,
+    held: &BTreeMap<IpAddr, Endpoint>,
+) -> Result<Vec<String>, Error> {
     let mut warnings = Vec::new();
     let want_endpoints = state.endpoint_values();
     let have_endpoints = kernel.endpoints()?;
@@ -119,7 +133,9 @@ pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Err
         kernel.set_pair(*key, &[])?;
     }
     let wanted_ifnames: BTreeSet<&str> =
-        state.local_endpoints().map(|e| e.ifname.as_str()).collect();
+        state.local_endpoints().chain(held.values()).map(|e| e.ifname.as_str()).collect();
+    let kept4: BTreeSet<Ipv4Addr> = held.values().filter_map(Endpoint::ipv4).collect();
+    let kept6: BTreeSet<Ipv6Addr> = held.values().filter_map(|e| e.ipv6).collect();
     for ifname in kernel.attached()? {
         if !wanted_ifnames.contains(ifname.as_str()) {
             // The address is unknown here; detach drops the link only.
@@ -127,9 +143,13 @@ pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Err
         }
     }
     for ip in have_endpoints.keys().filter(|ip| !want_endpoints.contains_key(ip)) {
-        kernel.remove_endpoint(*ip)?;
+        if !kept4.contains(ip) {
+            kernel.remove_endpoint(*ip)?;
+        }
     }
-    for ip in have_endpoints6.keys().filter(|ip| !want_endpoints6.contains_key(ip)) {
+    for ip in
+        have_endpoints6.keys().filter(|ip| !want_endpoints6.contains_key(ip) && !kept6.contains(ip))
+    {
         kernel.remove_endpoint6(*ip)?;
     }
     port_mappings(kernel, state)?;
@@ -348,6 +368,9 @@ pub(crate) mod fake {
         }
         fn attached(&self) -> Result<BTreeSet<String>, Error> {
             Ok(self.attached.keys().cloned().collect())
+        }
+        fn interface_exists(&self, ifname: &str) -> bool {
+            self.interfaces.contains(ifname)
         }
         fn attach(&mut self, ifname: &str, ip: Option<Ipv4Addr>, _tag: u32) -> Result<(), Error> {
             if !self.interfaces.contains(ifname) {

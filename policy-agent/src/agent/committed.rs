@@ -61,7 +61,14 @@ impl<K: Kernel> Agent<K> {
                 let old = self.state.endpoint(*ip).cloned();
                 change.replay(&mut self.state);
                 if let Some(old) = old {
-                    if old.runs_on(self.state.local_host()) {
+                    // Removed by another host while its container is still
+                    // here (this host was gone past its grace time): held
+                    // as it is, never left unpoliced.
+                    let local = old.runs_on(self.state.local_host());
+                    if local && self.hold(&old) {
+                        return Ok(());
+                    }
+                    if local {
                         self.kernel.detach(&old.ifname, old.ipv4())?;
                     }
                     reconcile::remove_endpoint_addresses(&mut self.kernel, &old)?;
@@ -78,8 +85,14 @@ impl<K: Kernel> Agent<K> {
             Change::Reset(_) => {
                 // Fell behind a compacted log: the whole state, then the
                 // kernel to it, make-before-break as at start.
+                let before: Vec<_> = self.state.local_endpoints().cloned().collect();
                 change.replay(&mut self.state);
-                for w in reconcile::full(&mut self.kernel, &self.state)? {
+                let gone: Vec<_> =
+                    before.into_iter().filter(|e| self.state.endpoint(e.ip).is_none()).collect();
+                for endpoint in &gone {
+                    self.hold(endpoint);
+                }
+                for w in reconcile::full_keeping(&mut self.kernel, &self.state, &self.held)? {
                     warn!("{w}");
                 }
                 return Ok(());

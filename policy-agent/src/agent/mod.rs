@@ -7,16 +7,19 @@
 
 mod committed;
 mod reads;
+mod returning;
 mod tunnel;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 pub use reads::{FlowQuery, PolicyStats, Status};
+pub use returning::{DENIED_TAG, Held, read_held};
 use tracing::{info, warn};
 
 use crate::{
@@ -77,6 +80,13 @@ pub struct Settings {
     pub tls_ports: Option<TlsPorts>,
     /// This agent's host in cluster mode (None: a single host).
     pub host: Option<String>,
+    /// Cluster mode: this host's endpoints as it last knew them (its local
+    /// copy and the endpoints it held); those the cluster has since
+    /// removed while their veths are still here are held (see
+    /// `returning`).
+    pub known_here: Vec<Endpoint>,
+    /// Where the held endpoints are kept across restarts.
+    pub held_file: Option<PathBuf>,
 }
 
 pub struct Agent<K: Kernel> {
@@ -91,6 +101,10 @@ pub struct Agent<K: Kernel> {
     /// The state was loaded from a possibly older local copy: the kernel
     /// is reconciled to it only once the store has caught up.
     reconcile_pending: bool,
+    /// This host's endpoints the cluster removed while their veths are
+    /// still here: left as they are in the kernel until registered again.
+    held: BTreeMap<IpAddr, Endpoint>,
+    held_file: Option<PathBuf>,
 }
 
 impl<K: Kernel> Agent<K> {
@@ -105,6 +119,7 @@ impl<K: Kernel> Agent<K> {
         state.set_tls_ports(settings.tls_ports);
         state.set_local_host(settings.host);
         let reconcile_pending = store.is_stale();
+        let held = returning::still_here(&kernel, &state, settings.known_here);
         let warnings = if reconcile_pending {
             // Fail-static: never take the kernel back to an older state.
             warn!(
@@ -112,7 +127,7 @@ impl<K: Kernel> Agent<K> {
             );
             Vec::new()
         } else {
-            let warnings = reconcile::full(&mut kernel, &state)?;
+            let warnings = reconcile::full_keeping(&mut kernel, &state, &held)?;
             info!(
                 policies = state.policy_count(),
                 endpoints = state.endpoints().count(),
@@ -122,7 +137,17 @@ impl<K: Kernel> Agent<K> {
             warnings
         };
         let synced = Instant::now();
-        let agent = Self { kernel, state, store, limit: settings.limit, synced, reconcile_pending };
+        let agent = Self {
+            kernel,
+            state,
+            store,
+            limit: settings.limit,
+            synced,
+            reconcile_pending,
+            held,
+            held_file: settings.held_file,
+        };
+        agent.save_held();
         Ok((agent, warnings))
     }
 

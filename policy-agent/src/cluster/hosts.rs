@@ -44,6 +44,8 @@ pub struct HostRecord {
 /// with the other hosts' records.
 pub struct Membership {
     pub subnet: Ipv4Addr,
+    /// Its index: the key `subnets/INDEX` in etcd.
+    pub index: u8,
     pub overlay: Overlay,
     /// The runtime netlink requests run on.
     pub runtime: tokio::runtime::Handle,
@@ -114,6 +116,7 @@ pub fn register(
             let hosts = list(&etcd, &config.prefix)?;
             follow_peers(&agent, &mut membership, &config.host, &hosts);
             reap_gone_hosts(&agent, &etcd, &config, &hosts, &mut missing_since)?;
+            register_held(&agent, &etcd, &config, &membership)?;
             Ok(())
         })();
         match result {
@@ -151,6 +154,53 @@ fn follow_peers(agent: &SharedAgent, membership: &mut Membership, me: &str, host
     if let Err(e) = runtime.block_on(overlay.sync(&peers)) {
         warn!(error = %e, "cannot update the routes to the other hosts");
     }
+}
+
+/// This host's endpoints that the cluster removed while it was gone (see
+/// `agent::returning`) are registered again once the host holds its /24
+/// again: kept if still its own, taken back if freed meanwhile. If another
+/// host has leased it, they stay held (and denied where their addresses
+/// went to other endpoints).
+fn register_held(
+    agent: &SharedAgent,
+    etcd: &Etcd,
+    config: &ClusterConfig,
+    membership: &Membership,
+) -> Result<(), EtcdError> {
+    if agent::lock(agent).held().is_empty() {
+        return Ok(());
+    }
+    let key = format!("{}/subnets/{}", config.prefix.trim_end_matches('/'), membership.index);
+    let range = etcd.range(&key, &prefix_end(&key))?;
+    let ours = match range.kvs.first() {
+        Some(kv) => kv.value == config.host.as_bytes(),
+        None => {
+            let taken = etcd.put_if(
+                &[ModRevisionIs { key: key.clone(), mod_revision: 0 }],
+                &[(&key, config.host.as_bytes(), 0)],
+            )?;
+            taken.0
+        }
+    };
+    if !ours {
+        warn!(
+            subnet = %membership.subnet,
+            "this host's /24 was leased by another host while it was gone: its held endpoints \
+             stay held until their containers go"
+        );
+    }
+    let subnet = u32::from(membership.subnet) >> 8;
+    let in_subnet = |ip: IpAddr| matches!(ip, IpAddr::V4(v4) if u32::from(v4) >> 8 == subnet);
+    let held = agent::lock(agent).register_held(ours, in_subnet);
+    if !held.registered.is_empty() || !held.gone.is_empty() {
+        info!(
+            registered = held.registered.len(),
+            gone = held.gone.len(),
+            kept = held.kept.len(),
+            "held endpoints"
+        );
+    }
+    Ok(())
 }
 
 /// A host whose record has expired (its agent gone longer than the lease)

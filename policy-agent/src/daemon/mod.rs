@@ -28,7 +28,7 @@ use policy_agent::{
     config::Config,
     flows::{self, FlowHub, FlowLog},
     metrics::Metrics,
-    state::{Protocol, TlsFront, TlsPorts},
+    state::{Endpoint, Protocol, State, TlsFront, TlsPorts},
     store::{Journal, Store},
     tls::{self, Authorizer, ClientAuth, PlatformCa, TlsProxies},
 };
@@ -38,6 +38,9 @@ use tracing::{info, warn};
 pub fn run(config: Config) -> Result<()> {
     let mut dataplane = open_dataplane(&config)?;
     let ring = dataplane.take_flow_events().context("the flow event ring buffer is missing")?;
+    // Before the store rewrites the local copy: this host's endpoints as
+    // it last knew them.
+    let known_here = config.cluster.as_ref().map(|c| known_here(&config, c)).unwrap_or_default();
     let store = open_store(&config)?;
     let started = std::time::Instant::now();
     let settings = agent::Settings {
@@ -47,6 +50,8 @@ pub fn run(config: Config) -> Result<()> {
             per_app: config.tls_app_ports.clone(),
         }),
         host: config.cluster.as_ref().map(|c| c.host.clone()),
+        known_here,
+        held_file: config.cluster.as_ref().map(|_| config.state_dir.join(HELD_FILE)),
     };
     let (agent, warnings) = Agent::start(dataplane, store, settings)
         .context("failed to reconcile the kernel to the stored state")?;
@@ -107,6 +112,31 @@ pub fn run(config: Config) -> Result<()> {
     result
 }
 
+/// Cluster mode: this host's endpoints the agent held (see
+/// `agent::returning`), kept across restarts.
+const HELD_FILE: &str = "cluster-held.json";
+
+/// Cluster mode: the local copy of the cluster state.
+const LOCAL_COPY: &str = "cluster-state.json";
+
+/// This host's endpoints as the agent last knew them: those it held, and
+/// those of its local copy of the cluster state.
+fn known_here(config: &Config, cluster: &ClusterConfig) -> Vec<Endpoint> {
+    #[derive(serde::Deserialize)]
+    struct LocalCopy {
+        state: State,
+    }
+    let mut known = agent::read_held(&config.state_dir.join(HELD_FILE));
+    let copy = std::fs::read(config.state_dir.join(LOCAL_COPY))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<LocalCopy>(&bytes).ok());
+    if let Some(copy) = copy {
+        let mine = copy.state.endpoints().filter(|e| e.host.as_deref() == Some(&cluster.host));
+        known.extend(mine.cloned());
+    }
+    known
+}
+
 /// The desired state: etcd in cluster mode, else the local journal.
 fn open_store(config: &Config) -> Result<Box<dyn Store>> {
     if let Some(cluster) = &config.cluster {
@@ -120,7 +150,7 @@ fn open_store(config: &Config) -> Result<Box<dyn Store>> {
         }
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("cannot create {}", config.state_dir.display()))?;
-        let cache = config.state_dir.join("cluster-state.json");
+        let cache = config.state_dir.join(LOCAL_COPY);
         return Ok(Box::new(EtcdStore::new(cluster.etcd(), &cluster.prefix).with_cache(cache)));
     }
     let journal = Journal::open(&config.state_dir)
@@ -206,7 +236,7 @@ fn join_overlay(
             })?;
     }
     info!(%subnet, device = overlay::DEVICE, underlay = overlay.underlay_ifname, "joined the overlay");
-    Ok(Membership { subnet, overlay, runtime: runtime.clone() })
+    Ok(Membership { subnet, index, overlay, runtime: runtime.clone() })
 }
 
 /// Loads the programs and maps (taking over pinned ones).

@@ -87,6 +87,10 @@ impl Kernel for Dataplane {
             .collect())
     }
 
+    fn interface_exists(&self, ifname: &str) -> bool {
+        nix_ifindex(ifname).is_some()
+    }
+
     fn attach(&mut self, ifname: &str, ip: Option<Ipv4Addr>, tag: u32) -> Result<(), Error> {
         let ifindex =
             nix_ifindex(ifname).ok_or_else(|| Error::NoInterface { ifname: ifname.to_owned() })?;
