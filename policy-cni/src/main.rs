@@ -64,6 +64,12 @@ fn run(stdin: &[u8]) -> Result<Option<Value>> {
     match env.command.as_str() {
         "ADD" => runtime.block_on(add(&conf, &env)).map(Some),
         "DEL" => runtime.block_on(del(&conf, &env)).map(|()| None),
+        // CHECK came with spec 0.4.0: older configs cannot ask for it (as
+        // the reference plugins' skeleton answers).
+        "CHECK" if conf.cni_version.starts_with("0.3.") => Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!("cniVersion {} does not allow CHECK (0.4.0 and later do)", conf.cni_version),
+        )),
         "CHECK" => runtime.block_on(check(&conf, &env)).map(|()| None),
         "STATUS" => status(&conf).map(|()| None),
         "GC" => runtime.block_on(gc(&conf)).map(|()| None),

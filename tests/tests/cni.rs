@@ -551,7 +551,13 @@ fn garden_fixture_is_taken_whole() {
     assert_eq!(listed[0]["port_mappings"].as_array().unwrap().len(), 2, "NetIn");
     let asgs = daemon.curl("GET", "/v1/asgs", None).1;
     assert_eq!(asgs["asgs"][app].as_array().unwrap().len(), 4, "NetOut: {asgs}");
+    // CHECK came with spec 0.4.0: refused on garden's 0.3.1, as the
+    // reference plugins do, and done on the same config at 1.0.0.
     let check = run_plugin(&host, "CHECK", "instance-guid", Some(&ns.path()), "eth0", &garden);
+    assert_failed(&check, 1, "does not allow CHECK");
+    let mut newer = garden.clone();
+    newer["cniVersion"] = json!("1.0.0");
+    let check = run_plugin(&host, "CHECK", "instance-guid", Some(&ns.path()), "eth0", &newer);
     assert!(check.ok, "{}", check.out);
     assert!(run_plugin(&host, "DEL", "instance-guid", Some(&ns.path()), "eth0", &garden).ok);
     assert_nothing_left(&daemon, &host);
