@@ -164,7 +164,11 @@ impl HostCas {
             if kv.key == self.legacy {
                 let unchanged =
                     ModRevisionIs { key: kv.key.clone(), mod_revision: kv.mod_revision };
-                self.etcd.delete_if(&[unchanged], &kv.key)?;
+                if !self.etcd.delete_if(&[unchanged], &kv.key)? {
+                    // Another agent deleted it first, or it was written
+                    // again (its watch event brings this back here).
+                    continue;
+                }
                 warn!(
                     key = kv.key,
                     "deleted a platform CA shared through etcd (written by an older agent): \
