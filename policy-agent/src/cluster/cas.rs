@@ -100,7 +100,8 @@ impl HostCas {
             warn!(
                 error = %e,
                 trusted = trusted.len(),
-                "cannot reach etcd: trusting the CAs this host knew (its own and its last bundle)"
+                "cannot publish this host's CA in etcd or read the others' (retrying): trusting \
+                 the CAs this host knew, its own and its last bundle's"
             );
         }
         Ok(cas)
@@ -179,17 +180,15 @@ impl HostCas {
                 continue;
             }
             let Some(host) = kv.key.strip_prefix(&self.dir) else { continue };
+            published |= host == self.host;
             match parse_ca(&kv.value) {
                 Ok(ca) => {
-                    if host == self.host {
-                        published = true;
-                        if ca != self.own {
-                            warn!(
-                                key = kv.key,
-                                "etcd holds another CA than this host's under its name: is \
-                                 another agent configured with host = {host:?}? Trusting both",
-                            );
-                        }
+                    if host == self.host && ca != self.own {
+                        warn!(
+                            key = kv.key,
+                            "etcd holds another CA than this host's under its name: is \
+                             another agent configured with host = {host:?}? Trusting both",
+                        );
                     }
                     by_host.insert(host.to_owned(), ca);
                 }
@@ -201,8 +200,9 @@ impl HostCas {
             // offered again, unless another agent put one meanwhile.
             let key = format!("{}{}", self.dir, self.host);
             let absent = ModRevisionIs { key: key.clone(), mod_revision: 0 };
-            self.etcd.put_if(&[absent], &[(&key, pem_of(&self.own).as_bytes(), 0)])?;
-            info!(key, "published this host's CA certificate again");
+            if self.etcd.put_if(&[absent], &[(&key, pem_of(&self.own).as_bytes(), 0)])?.0 {
+                info!(key, "published this host's CA certificate again");
+            }
         }
         let mut trusted: Vec<CertificateDer<'static>> = Vec::new();
         by_host.entry(self.host.clone()).or_insert_with(|| self.own.clone());
