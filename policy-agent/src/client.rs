@@ -50,6 +50,11 @@ impl Client {
         Self { socket: socket.into() }
     }
 
+    /// The socket this client talks to.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
     pub fn request(
         &self,
         method: &str,

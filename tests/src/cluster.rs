@@ -543,20 +543,32 @@ pub fn hosts_with(
     containers: usize,
     cluster_extra: &str,
 ) -> Vec<ClusterHost> {
-    make_hosts(underlay, count, |i| Host::with_subnet(containers, i), cluster_extra)
+    make_hosts(underlay, count, |i| Host::with_subnet(containers, i), "", cluster_extra)
+}
+
+/// [`hosts`] with agent settings (top-level lines of the config, e.g.
+/// `listen`, `mtls_apps`) for every host.
+pub fn hosts_configured(
+    underlay: &mut Underlay,
+    count: u8,
+    containers: usize,
+    settings: &str,
+) -> Vec<ClusterHost> {
+    make_hosts(underlay, count, |i| Host::with_subnet(containers, i), settings, "")
 }
 
 /// [`hosts`] with dual-stack containers (their IPv6 addresses under
 /// [`IPV6_PREFIX`]), the agents routing IPv6 between hosts.
 pub fn dual_stack_hosts(underlay: &mut Underlay, count: u8, containers: usize) -> Vec<ClusterHost> {
     let extra = format!("ipv6_prefix = \"{IPV6_PREFIX}\"\n");
-    make_hosts(underlay, count, |i| Host::dual_stack_with_subnet(containers, i), &extra)
+    make_hosts(underlay, count, |i| Host::dual_stack_with_subnet(containers, i), "", &extra)
 }
 
 fn make_hosts(
     underlay: &mut Underlay,
     count: u8,
     host: impl Fn(u8) -> Host,
+    settings: &str,
     cluster_extra: &str,
 ) -> Vec<ClusterHost> {
     (0..count)
@@ -564,7 +576,8 @@ fn make_hosts(
             let host = host(i);
             let address = underlay.join(&host);
             let name = format!("cell-{i}");
-            let config = format!("{}{cluster_extra}", underlay.cluster_config(&name, address));
+            let cluster = underlay.cluster_config(&name, address);
+            let config = format!("{settings}\n{cluster}{cluster_extra}");
             let daemon = Daemon::start(&host.ns, &config);
             ClusterHost { daemon, host, name, underlay: address }
         })

@@ -278,6 +278,23 @@ impl SteadyFlows {
     }
 }
 
+/// `curl URL` over HTTPS from `ns`, trusting the CA bundle `cacert`, with
+/// `extra` arguments (e.g. `--cert`, `--key`): whether it succeeded, and
+/// what it printed (body and errors).
+pub fn curl_https(ns: &NetNs, cacert: &str, url: &str, extra: &[&str]) -> (bool, String) {
+    let out = ns
+        .command("curl")
+        .args(["-sS", "--max-time", "3", "--cacert", cacert])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("run curl");
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
 /// A minimal HTTP/1.1 server with keep-alive: every request gets `200 OK`
 /// and `body`.
 pub fn http_server(

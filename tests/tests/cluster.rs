@@ -15,7 +15,10 @@ use integration_tests::{
     netns::NetNs,
     require_root,
     topology::GATEWAY,
-    traffic::{LONG, SHORT, echo_once, http_server, tcp_connect, tcp_echo_server, tcp_echo_works},
+    traffic::{
+        LONG, SHORT, curl_https, echo_once, http_server, tcp_connect, tcp_echo_server,
+        tcp_echo_works,
+    },
 };
 use serde_json::{Value, json};
 
@@ -350,14 +353,22 @@ fn marked_connect_works(ns: &NetNs, to: Ipv4Addr, port: u16, mark: u32) -> bool 
 }
 
 #[test]
-fn platform_tls_works_across_hosts_with_one_cluster_ca() {
+fn platform_tls_works_across_hosts_each_with_its_own_ca() {
     require_root();
     let mut underlay = Underlay::new();
     let _etcd = Etcd::start(&underlay);
     let cells = hosts(&mut underlay, 2, 1);
     let (a, b) = (&cells[0], &cells[1]);
-    let ca = |h: &ClusterHost| std::fs::read(h.daemon.state_dir().join("ca.pem")).unwrap();
-    assert_eq!(ca(a), ca(b), "one platform CA for the cluster");
+    let read =
+        |h: &ClusterHost, file: &str| std::fs::read(h.daemon.state_dir().join(file)).unwrap();
+    assert_ne!(read(a, "host-ca.pem"), read(b, "host-ca.pem"), "a CA per host");
+    // The trust bundle: every host's CA, the same on every host.
+    let one_bundle = || {
+        let bundle = read(a, "ca.pem");
+        bundle == read(b, "ca.pem")
+            && bundle.windows(17).filter(|w| w == b"BEGIN CERTIFICATE").count() == 2
+    };
+    assert!(eventually(Duration::from_secs(5), one_bundle), "one bundle of both hosts' CAs");
     let (frontend, backend) = (a.host.container(0), b.host.container(0));
     a.daemon.register(frontend, "frontend");
     b.daemon.register(backend, "backend");
@@ -366,21 +377,11 @@ fn platform_tls_works_across_hosts_with_one_cluster_ca() {
     a.daemon.cli_ok(&["map-route", "backend", "apps.internal", "--hostname", "backend"]);
     frontend.ns.use_nameserver(GATEWAY);
     let bundle = a.daemon.state_dir().join("ca.pem");
-    let curl = || {
-        let out = frontend
-            .ns
-            .command("curl")
-            .args(["-sS", "--max-time", "2", "--cacert"])
-            .arg(&bundle)
-            .arg("https://backend.apps.internal:61443/")
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-    };
+    let url = "https://backend.apps.internal:61443/";
     let mut last = String::new();
     assert!(
         eventually(Duration::from_secs(5), || {
-            last = curl();
+            last = curl_https(&frontend.ns, bundle.to_str().unwrap(), url, &[]).1;
             last.contains("hello from backend")
         }),
         "curl from A to backend.apps.internal:61443 on B, verified with A's bundle: {last}"

@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{daemon::Daemon, require_root, topology::Host};
+use integration_tests::{
+    agent::agent_bin, daemon::Daemon, require_root, topology::Host, unique_name,
+};
 use policy_agent::Maps;
 use rand::Rng as _;
 use serde_json::{Value, json};
@@ -398,4 +400,75 @@ fn the_tcp_api_takes_only_platform_identities_and_their_roles() {
     std::fs::write(&daemon.config, toml).unwrap();
     let refusal = daemon.spawn_fails();
     assert!(refusal.contains("plain HTTP is allowed on loopback only"), "{refusal}");
+}
+
+/// Whether each CA file is in `dir`, and when it was last written.
+fn ca_files(dir: &Path) -> Vec<Option<std::time::SystemTime>> {
+    ["ca.pem", "ca-key.pem", "host-ca.pem", "host-ca-key.pem"]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+#[test]
+fn api_identity_mints_from_the_running_agents_ca_and_never_makes_one() {
+    require_root();
+    let scratch = std::env::temp_dir().join(unique_name("identity"));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let out = scratch.join("out");
+    let out_s = out.to_str().unwrap().to_owned();
+    // Where a CA would be made without a configuration.
+    let default_state = Path::new("/var/lib/policy-agent");
+    let before = ca_files(default_state);
+    let mint = |socket: &Path, extra: &[&str]| {
+        Command::new(agent_bin())
+            .args(["api-identity", "--role", "admin", "--name", "ops", "--out", &out_s])
+            .args(extra)
+            .env("POLICY_AGENT_SOCKET", socket)
+            .current_dir(&scratch)
+            .output()
+            .unwrap()
+    };
+
+    // No agent answers and no --config: refused, saying what to do.
+    let refused = mint(&scratch.join("agent.sock"), &[]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(said.contains("no agent answers at") && said.contains("--config FILE"), "{said}");
+    assert!(said.contains("never makes one"), "{said}");
+    assert!(!out.exists(), "no identity written");
+    assert_eq!(ca_files(default_state), before, "no CA made under {}", default_state.display());
+
+    // A configuration whose state directory has no CA (the agent never ran
+    // with it): refused, none made.
+    let config = scratch.join("agent.toml");
+    let state = scratch.join("state");
+    std::fs::write(&config, format!("state_dir = \"{}\"\n", state.display())).unwrap();
+    let refused = mint(&scratch.join("agent.sock"), &["--config", config.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(said.contains(&format!("no platform CA in {}", state.display())), "{said}");
+    assert_eq!(ca_files(&state), vec![None; 4], "no CA made in {}", state.display());
+
+    // A running agent: its own CA mints, and its HTTPS API takes the
+    // identity.
+    let host = Host::new(1);
+    let daemon = Daemon::start(&host.ns, "listen = \"0.0.0.0:9091\"");
+    let minted = mint(&daemon.socket, &[]);
+    assert!(minted.status.success(), "{}", String::from_utf8_lossy(&minted.stderr));
+    let said = String::from_utf8_lossy(&minted.stdout);
+    assert!(said.contains(&daemon.state_dir().join("ca.pem").display().to_string()), "{said}");
+    let ops = (out.join("ops.pem"), out.join("ops-key.pem"));
+    let (status, said) = curl_tls(&host, &daemon, "GET", POLICIES, Some((&ops.0, &ops.1)), None);
+    assert_eq!(status, 200, "{said}");
+    assert_eq!(ca_files(default_state), before, "still no CA made by the command");
+
+    // An agent without a CA (no TLS listeners, no HTTPS API): refused.
+    let bare_host = Host::new(1);
+    let bare = Daemon::start(&bare_host.ns, "tls = false");
+    let refused = mint(&bare.socket, &[]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && said.contains("has no platform CA"), "{said}");
+    assert_eq!(ca_files(&bare.state_dir()), vec![None; 4]);
+    std::fs::remove_dir_all(&scratch).unwrap();
 }

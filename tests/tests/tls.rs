@@ -13,22 +13,8 @@ use integration_tests::{
     netns::NetNs,
     require_root,
     topology::{GATEWAY, Host},
-    traffic::{http_echo_server, http_server},
+    traffic::{curl_https, http_echo_server, http_server},
 };
-
-fn curl(ns: &NetNs, ca: &str, url: &str, extra: &[&str]) -> (bool, String) {
-    let out = ns
-        .command("curl")
-        .args(["-sS", "--max-time", "3", "--cacert", ca])
-        .args(extra)
-        .arg(url)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
-    )
-}
 
 /// The subject alternative names the listener at `ip:61443` presents now.
 fn sans(ns: &NetNs, ca: &str, ip: Ipv4Addr) -> String {
@@ -85,13 +71,13 @@ fn tls_on_61443_needs_a_policy_and_follows_the_routes() {
     let ca = ca.to_str().unwrap();
     let url = "https://backend.apps.internal:61443/";
 
-    let (ok, out) = curl(&a.ns, ca, url, &[]);
+    let (ok, out) = curl_https(&a.ns, ca, url, &[]);
     assert!(!ok, "61443 needs a policy: {out}");
     daemon.allow("frontend", "backend", "tcp", "61443");
-    let (ok, out) = curl(&a.ns, ca, url, &[]);
+    let (ok, out) = curl_https(&a.ns, ca, url, &[]);
     assert!(ok && out.contains("hello from backend"), "{out}");
     // 61443 is not on the host.
-    let (ok, _) = curl(&host.ns, ca, &format!("https://{GATEWAY}:61443/"), &["--insecure"]);
+    let (ok, _) = curl_https(&host.ns, ca, &format!("https://{GATEWAY}:61443/"), &["--insecure"]);
     assert!(!ok);
 
     assert!(
@@ -110,14 +96,14 @@ fn tls_on_61443_needs_a_policy_and_follows_the_routes() {
         names.contains("DNS:backend.apps.internal") && names.contains("DNS:api.apps.internal"),
         "{names}"
     );
-    let (ok, out) = curl(&a.ns, ca, "https://api.apps.internal:61443/", &[]);
+    let (ok, out) = curl_https(&a.ns, ca, "https://api.apps.internal:61443/", &[]);
     assert!(ok && out.contains("hello from backend"), "{out}");
 
     // Unmapped: the removed name fails verification (pinned to the address,
     // as DNS no longer has it); the open connection goes on.
     daemon.cli_ok(&["unmap-route", "backend", "apps.internal", "--hostname", "backend"]);
     let resolve = format!("backend.apps.internal:61443:{}", b.ip);
-    let (ok, out) = curl(&a.ns, ca, url, &["--resolve", &resolve]);
+    let (ok, out) = curl_https(&a.ns, ca, url, &["--resolve", &resolve]);
     assert!(!ok && out.contains("no alternative certificate subject name matches"), "{out}");
     assert!(
         get(&mut open).contains("hello from backend"),
@@ -153,15 +139,15 @@ fn a_policy_on_the_app_port_allows_its_tls_port_and_tls_only_allows_nothing_else
 
     // A policy on the app port also allows the TLS port fronting it.
     daemon.allow("frontend", "backend", "tcp", "8080");
-    assert!(curl(&a.ns, ca, &plain_url, &[]).0, "plaintext to 8080");
-    let (ok, out) = curl(&a.ns, ca, tls_url, &[]);
+    assert!(curl_https(&a.ns, ca, &plain_url, &[]).0, "plaintext to 8080");
+    let (ok, out) = curl_https(&a.ns, ca, tls_url, &[]);
     assert!(ok && out.contains("hello from backend"), "TLS through the allowance: {out}");
 
     // TLS only: encrypted or nothing.
     let tls_only = policy_args("add-network-policy", "worker", "backend", "tcp", "8080");
     daemon.cli_ok(&[&tls_only[..], &["--tls-only"]].concat());
-    assert!(!curl(&w.ns, ca, &plain_url, &[]).0, "plaintext denied for a TLS-only policy");
-    let (ok, out) = curl(&w.ns, ca, tls_url, &[]);
+    assert!(!curl_https(&w.ns, ca, &plain_url, &[]).0, "plaintext denied for a TLS-only policy");
+    let (ok, out) = curl_https(&w.ns, ca, tls_url, &[]);
     assert!(ok && out.contains("hello from backend"), "{out}");
     let listed: serde_json::Value =
         serde_json::from_str(&daemon.cli_ok(&["network-policies", "--json", "--source", "worker"]))
@@ -203,7 +189,8 @@ fn the_tls_upstream_port_is_configurable_per_app() {
     );
     // A policy on the app's own port (9090) allows the TLS port fronting it.
     daemon.allow("frontend", "admin", "tcp", "9090");
-    let (ok, out) = curl(&a.ns, ca.to_str().unwrap(), "https://admin.apps.internal:61443/", &[]);
+    let (ok, out) =
+        curl_https(&a.ns, ca.to_str().unwrap(), "https://admin.apps.internal:61443/", &[]);
     assert!(ok && out.contains("hello from admin"), "{out}");
 }
 
@@ -245,7 +232,7 @@ fn mtls_admits_only_identities_a_policy_allows_and_names_the_source_app() {
     daemon.allow("frontend", "backend", "tcp", "8080");
 
     // No client certificate: refused.
-    let (ok, out) = curl(&a.ns, ca, url, &[]);
+    let (ok, out) = curl_https(&a.ns, ca, url, &[]);
     assert!(!ok && out.contains("alert certificate required"), "no certificate: {out}");
 
     // frontend's own identity: admitted, and the app is told who called,
@@ -253,7 +240,7 @@ fn mtls_admits_only_identities_a_policy_allows_and_names_the_source_app() {
     let with = |cert: &str, key: &str, extra: &[&str]| {
         let mut args = vec!["--cert", cert, "--key", key];
         args.extend_from_slice(extra);
-        curl(&a.ns, ca, url, &args)
+        curl_https(&a.ns, ca, url, &args)
     };
     let (ok, out) = with(&front_cert, &front_key, &["-H", "X-Source-App: admin"]);
     assert!(ok, "{out}");
@@ -292,7 +279,7 @@ fn mtls_admits_only_identities_a_policy_allows_and_names_the_source_app() {
     http_server(&a.ns, a.ip, 8080, "hello from frontend");
     b.ns.use_nameserver(GATEWAY);
     daemon.allow("backend", "frontend", "tcp", "61443");
-    let (ok, out) = curl(&b.ns, ca, "https://frontend.apps.internal:61443/", &[]);
+    let (ok, out) = curl_https(&b.ns, ca, "https://frontend.apps.internal:61443/", &[]);
     assert!(ok && out.contains("hello from frontend"), "{out}");
 }
 
@@ -362,7 +349,7 @@ fn identities_are_short_lived_and_rotate_under_an_open_mtls_connection() {
     // is admitted.
     let reply = get_whole(&mut open);
     assert!(reply.contains("x-source-app: frontend"), "{reply}");
-    let (ok, out) = curl(
+    let (ok, out) = curl_https(
         &a.ns,
         ca.to_str().unwrap(),
         &format!("https://{}:61443/", b.ip),

@@ -15,7 +15,7 @@ use axum::{
     middleware::Next,
     response::{IntoResponse as _, Response},
 };
-use rustls::{ServerConfig, server::WebPkiClientVerifier};
+use rustls::ServerConfig;
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
@@ -23,7 +23,7 @@ use tracing::info;
 
 use crate::{
     limits::Handshake,
-    tls::{PlatformCa, TlsError},
+    tls::{PlatformCa, TlsError, Trust},
 };
 
 /// An API role, from the client certificate's `OU=api:ROLE`.
@@ -65,8 +65,8 @@ pub struct Caller {
     pub name: String,
 }
 
-/// The TLS handshake of the TCP API: a client certificate from the platform
-/// CA is required.
+/// The TLS handshake of the TCP API: a client certificate from a trusted
+/// platform CA (this host's; in a cluster, any host's) is required.
 #[derive(Clone)]
 pub struct Mtls {
     acceptor: TlsAcceptor,
@@ -75,7 +75,7 @@ pub struct Mtls {
 impl Mtls {
     /// A server certificate naming `listen`'s address (every local address
     /// when it is unspecified), `localhost` and this host's name.
-    pub fn new(ca: &PlatformCa, listen: SocketAddr) -> Result<Self, TlsError> {
+    pub fn new(ca: &PlatformCa, trust: &Arc<Trust>, listen: SocketAddr) -> Result<Self, TlsError> {
         let mut ips = vec![IpAddr::from([127, 0, 0, 1])];
         if listen.ip().is_unspecified() {
             ips.extend(crate::dataplane::ipv4_addresses(None).into_iter().map(IpAddr::V4));
@@ -89,15 +89,10 @@ impl Mtls {
             names.push(host);
         }
         let cert = ca.issue_server(&names, &ips)?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.ca_der().clone())?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()?;
         let config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(trust.client_verifier(None))
             .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(cert)));
         info!(names = ?names, ips = ?ips, "TCP API: TLS with client certificates from the platform CA");
         Ok(Self { acceptor: TlsAcceptor::from(Arc::new(config)) })

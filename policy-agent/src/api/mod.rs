@@ -67,6 +67,9 @@ pub struct Api {
     pub cluster: Option<ClusterConfig>,
     /// Addresses for containers on this host (`GET /v1/ipam`).
     pub ipam: Ipam,
+    /// Where this host's platform CA is kept (None: the agent has none,
+    /// neither TLS listeners nor an HTTPS API), for `api-identity`.
+    pub platform_ca: Option<crate::tls::CaFiles>,
 }
 
 /// The gateway address every container routes through (silk's layout): on

@@ -17,10 +17,15 @@ use crate::{
     state::{Invalid, Protocol, check_icmp_types, check_ports, parse_protocol},
 };
 
-/// `GET /v1/status`.
+/// `GET /v1/status`, with where the platform CA is kept (`platform_ca`:
+/// `certificate`, `key`, `bundle`; null without one).
 pub async fn status(State(api): State<Api>) -> Reply {
     match with_agent(&api, |agent| agent.status()).await {
-        Ok(status) => ok(json!(status)),
+        Ok(status) => {
+            let mut status = json!(status);
+            status["platform_ca"] = json!(api.platform_ca);
+            ok(status)
+        }
         Err(e) => failure(e.into()),
     }
 }

@@ -67,7 +67,8 @@ enum Command {
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
     /// A client certificate for the TCP API (`listen`), from the platform
-    /// CA: `api-identity --role admin|read-only --name NAME`.
+    /// CA of this host's agent (`--config`, or the one on the socket):
+    /// `api-identity --role admin|read-only --name NAME`.
     ApiIdentity(identity::ApiIdentityArgs),
     /// The stored state (agent stopped): `state rebuild --from snapshot`.
     #[command(subcommand)]
@@ -95,7 +96,7 @@ impl Cli {
             Command::Explain(args) => args.run(&client),
             Command::Cluster(cmd) => cmd.run(&client),
             Command::State(cmd) => cmd.run(),
-            Command::ApiIdentity(args) => args.run(),
+            Command::ApiIdentity(args) => args.run(&client),
             Command::Dataplane(args) => {
                 init_logging("warn");
                 args.run()

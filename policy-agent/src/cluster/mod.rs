@@ -1,12 +1,13 @@
 //! Cluster mode: the desired state of every host in etcd, shared by the
 //! agents of all hosts (see `store` for the data layout and how writes stay
 //! all-or-nothing and ordered), each agent following it (`follow`) and
-//! registering its host with a lease (`hosts`).
+//! registering its host with a lease (`hosts`), and trusting every host's
+//! platform CA, whose certificates (never keys) it finds there (`cas`).
 //!
 //! Without a `[cluster]` section the agent is a single host on its local
 //! journal; nothing here runs.
 
-pub mod ca;
+pub mod cas;
 pub mod etcd;
 pub mod follow;
 pub mod hosts;

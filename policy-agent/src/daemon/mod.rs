@@ -19,7 +19,8 @@ use policy_agent::{
     agent::{self, Agent, SharedAgent},
     api::{Api, GATEWAY, Ipam},
     cluster::{
-        self, ClusterConfig,
+        ClusterConfig,
+        cas::HostCas,
         follow::{self, OnChange},
         hosts::{self, Membership},
         overlay::{self, Overlay},
@@ -30,7 +31,7 @@ use policy_agent::{
     metrics::Metrics,
     state::{Endpoint, Protocol, State, TlsFront, TlsPorts},
     store::{Journal, Store},
-    tls::{self, Authorizer, ClientAuth, PlatformCa, TlsProxies},
+    tls::{self, Authorizer, ClientAuth, PlatformCa, Sharing, TlsProxies, Trust},
 };
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -73,7 +74,11 @@ pub fn run(config: Config) -> Result<()> {
     let reader_stop = Arc::new(AtomicBool::new(false));
     let reader = spawn_flow_reader(&config, ring, &agent, &hub, &reader_stop)?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let tls = if config.tls { Some(start_tls(&config, &agent)?) } else { None };
+    let pki = platform_ca(&config)?;
+    let tls = match (&pki, config.tls) {
+        (Some(pki), true) => Some(start_tls(&config, &agent, pki)),
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -105,8 +110,9 @@ pub fn run(config: Config) -> Result<()> {
         tls,
         cluster: config.cluster.clone(),
         ipam,
+        platform_ca: pki.as_ref().map(|p| p.ca.files().clone()),
     };
-    let result = runtime.block_on(serve::serve(config, api, metrics, stop_tx));
+    let result = runtime.block_on(serve::serve(config, api, metrics, stop_tx, pki));
     reader_stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
     result
@@ -276,24 +282,58 @@ fn spawn_flow_reader(
         .context("cannot start the flow event reader")
 }
 
-/// The platform CA and the per-instance TLS listeners (started by `serve`).
-fn start_tls(config: &Config, agent: &SharedAgent) -> Result<Arc<TlsProxies>> {
-    if let Some(cluster) = &config.cluster {
-        // One CA for the cluster: certificates verify with every host's bundle.
-        let shared = cluster::ca::share(&cluster.etcd(), &cluster.prefix, &config.state_dir);
-        match shared {
-            Ok(()) => {}
-            // The cluster's CA from an earlier start is here already.
-            Err(e) if config.state_dir.join("ca.pem").exists() => {
-                warn!(error = %e, "cannot reach etcd: using the platform CA kept from before");
-            }
-            Err(e) => return Err(e).context("cannot share the platform CA through etcd"),
-        }
+/// The platform CA and the CAs client certificates may come from.
+#[derive(Clone)]
+pub struct Pki {
+    pub ca: Arc<PlatformCa>,
+    pub trust: Arc<Trust>,
+}
+
+/// This host's platform CA, made on first start, if anything needs one
+/// (the 61443 listeners, the HTTPS API). On one host it alone is trusted;
+/// in a cluster every host's is, as published in etcd (a thread follows
+/// them).
+fn platform_ca(config: &Config) -> Result<Option<Pki>> {
+    let https_api = config.listen.is_some() && !config.listen_plaintext;
+    if !config.tls && !https_api {
+        return Ok(None);
     }
-    let ca = PlatformCa::load_or_create(&config.state_dir)
+    let sharing = match &config.cluster {
+        Some(cluster) => Sharing::Cluster { host: cluster.host.clone() },
+        None => Sharing::SingleHost,
+    };
+    let ca = PlatformCa::load_or_create(&config.state_dir, &sharing)
         .context("failed to set up the platform CA")?
         .with_validity(config.identity_validity);
-    info!(bundle = %ca.bundle().display(), "platform CA bundle");
+    let trust = match &config.cluster {
+        None => Trust::new(vec![ca.ca_der().clone()]).context("the platform CA")?,
+        Some(cluster) => {
+            let cas = HostCas::start(
+                cluster.etcd(),
+                &cluster.prefix,
+                &cluster.host,
+                &ca,
+                &config.state_dir,
+            )
+            .context("cannot set up the trust in the hosts' CAs")?;
+            let trust = cas.trust();
+            std::thread::Builder::new()
+                .name("cluster-cas".into())
+                .spawn(move || cas.follow())
+                .context("cannot start following the hosts' CAs")?;
+            trust
+        }
+    };
+    info!(
+        certificate = %ca.files().certificate.display(),
+        bundle = %ca.bundle().display(),
+        "platform CA"
+    );
+    Ok(Some(Pki { ca: Arc::new(ca), trust }))
+}
+
+/// The per-instance TLS listeners (started by `serve`).
+fn start_tls(config: &Config, agent: &SharedAgent, pki: &Pki) -> Arc<TlsProxies> {
     let instances = config.state_dir.join("instances");
     let authorize = {
         let agent = agent.clone();
@@ -312,5 +352,11 @@ fn start_tls(config: &Config, agent: &SharedAgent) -> Result<Arc<TlsProxies>> {
         })
     };
     let client_auth = ClientAuth { apps: config.mtls_apps.clone(), authorize };
-    Ok(Arc::new(TlsProxies::new(ca, instances, client_auth, &config.limits)))
+    Arc::new(TlsProxies::new(
+        pki.ca.clone(),
+        pki.trust.clone(),
+        instances,
+        client_auth,
+        &config.limits,
+    ))
 }

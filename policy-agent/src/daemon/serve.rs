@@ -11,7 +11,6 @@ use policy_agent::{
     dns,
     limits::{Gate, Plain, serve_http},
     metrics::Metrics,
-    tls::PlatformCa,
 };
 use tokio::{
     net::{TcpListener, UnixListener},
@@ -27,6 +26,7 @@ pub async fn serve(
     api: Api,
     metrics: Arc<Metrics>,
     stop_tx: watch::Sender<bool>,
+    pki: Option<super::Pki>,
 ) -> Result<()> {
     let stop = stop_tx.subscribe();
     if let Some(tls) = api.tls.clone() {
@@ -54,7 +54,7 @@ pub async fn serve(
     }
     let mut servers = JoinSet::new();
     serve_dns(&config, &api, &stop, &mut servers)?;
-    serve_api(&config, api, &stop, &mut servers).await?;
+    serve_api(&config, api, pki, &stop, &mut servers).await?;
     serve_metrics(&config, metrics, &stop, &mut servers).await?;
     info!(socket = %config.socket.display(), "policy-agent ready");
     shutdown_signal().await;
@@ -71,6 +71,7 @@ pub async fn serve(
 async fn serve_api(
     config: &Config,
     api: Api,
+    pki: Option<super::Pki>,
     stop: &watch::Receiver<bool>,
     servers: &mut Servers,
 ) -> Result<()> {
@@ -105,9 +106,8 @@ async fn serve_api(
         info!(%addr, "API also on TCP, plain HTTP (loopback)");
         tokio::spawn(serve_http("api-tcp", tcp, Plain, app, gate, timeout, stop.clone()))
     } else {
-        let ca =
-            PlatformCa::load_or_create(&config.state_dir).context("loading the platform CA")?;
-        let mtls = Mtls::new(&ca, addr).context("the TCP API's TLS")?;
+        let pki = pki.context("the TCP API needs the platform CA")?;
+        let mtls = Mtls::new(&pki.ca, &pki.trust, addr).context("the TCP API's TLS")?;
         info!(%addr, "API also on TCP, HTTPS with client certificates (policy-agent api-identity)");
         tokio::spawn(serve_http("api-tcp", tcp, mtls, app, gate, timeout, stop.clone()))
     };

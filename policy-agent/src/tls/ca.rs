@@ -1,6 +1,17 @@
-//! The platform CA: created on first start, kept in the state directory,
-//! issuing route certificates for the 61443 listeners and instance
-//! identities (`CF_INSTANCE_CERT`).
+//! The platform CA: issues route certificates for the 61443 listeners,
+//! instance identities (`CF_INSTANCE_CERT`) and API identities.
+//!
+//! - **One host** ([`Sharing::SingleHost`]): created on first start and
+//!   kept in the state directory, `ca.pem` (also the bundle clients trust)
+//!   and `ca-key.pem` (mode 0600).
+//! - **Cluster** ([`Sharing::Cluster`]): every host's agent has a CA of its
+//!   own, `host-ca.pem` and `host-ca-key.pem` (mode 0600), created on first
+//!   start and kept; its key never leaves the host. `ca.pem` is then the
+//!   trust bundle, every host's CA certificate, which `cluster::cas` keeps
+//!   from the certificates (only) the hosts publish in etcd.
+//!
+//! The CA is made on first start only (`load_or_create`, the agent);
+//! everything else (`api-identity`) only [`PlatformCa::load`]s it.
 
 use std::{
     fs,
@@ -12,12 +23,13 @@ use std::{
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, date_time_ymd,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData as _, SanType, date_time_ymd,
 };
 use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _},
     sign::CertifiedKey,
 };
+use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use super::{TlsError, io};
@@ -34,13 +46,60 @@ fn this_year() -> i32 {
     1970 + (secs / 31_556_952) as i32
 }
 
-/// The CA's parameters: the same every time, so an issuer rebuilt from the
-/// stored key names the stored certificate's subject.
-fn ca_params() -> CertificateParams {
+/// Whose CA this is: the only one of a single host, or one host's among
+/// the cluster's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sharing {
+    SingleHost,
+    Cluster { host: String },
+}
+
+impl Sharing {
+    /// The CA's common name: each host's differs, so that a client (or an
+    /// operator) holding the cluster's bundle tells them apart.
+    fn common_name(&self) -> String {
+        match self {
+            Sharing::SingleHost => "policy-agent platform CA".to_owned(),
+            Sharing::Cluster { host } => format!("policy-agent host CA {host}"),
+        }
+    }
+}
+
+/// Where a host's CA is kept (`GET /v1/status` shows them as
+/// `platform_ca`, which is how `api-identity` finds them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaFiles {
+    /// This host's CA certificate.
+    pub certificate: PathBuf,
+    /// Its private key (mode 0600).
+    pub key: PathBuf,
+    /// What clients trust (`--cacert`, `SSL_CERT_FILE`): this CA alone on
+    /// one host, every host's CA in a cluster.
+    pub bundle: PathBuf,
+}
+
+impl CaFiles {
+    pub fn new(state_dir: &Path, sharing: &Sharing) -> Self {
+        let bundle = state_dir.join("ca.pem");
+        match sharing {
+            Sharing::SingleHost => {
+                Self { certificate: bundle.clone(), key: state_dir.join("ca-key.pem"), bundle }
+            }
+            Sharing::Cluster { .. } => Self {
+                certificate: state_dir.join("host-ca.pem"),
+                key: state_dir.join("host-ca-key.pem"),
+                bundle,
+            },
+        }
+    }
+}
+
+/// A new CA's parameters.
+fn ca_params(common_name: String) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
     name.push(DnType::OrganizationName, "policy-agent");
-    name.push(DnType::CommonName, "policy-agent platform CA");
+    name.push(DnType::CommonName, common_name);
     params.distinguished_name = name;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
@@ -53,48 +112,63 @@ fn ca_params() -> CertificateParams {
     params
 }
 
-/// The platform CA, created on first start and kept in the state directory
-/// (`ca.pem`, the bundle clients trust; `ca-key.pem`, mode 0600).
+/// A host's platform CA (see the module's notes for its files).
 pub struct PlatformCa {
     issuer: Issuer<'static, KeyPair>,
     /// How long instance identities and route certificates are valid.
     validity: std::time::Duration,
     ca_der: CertificateDer<'static>,
-    bundle: PathBuf,
+    ca_pem: String,
+    files: CaFiles,
 }
 
 impl PlatformCa {
-    pub fn load_or_create(state_dir: &Path) -> Result<Self, TlsError> {
+    /// The CA in `state_dir`, made there if it has none yet (the agent, at
+    /// start).
+    pub fn load_or_create(state_dir: &Path, sharing: &Sharing) -> Result<Self, TlsError> {
         fs::create_dir_all(state_dir).map_err(io("create", state_dir))?;
-        let (cert_path, key_path) = (state_dir.join("ca.pem"), state_dir.join("ca-key.pem"));
-        let key = match fs::read_to_string(&key_path) {
-            Ok(pem) => KeyPair::from_pem(&pem)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key = KeyPair::generate()?;
-                let cert = ca_params().self_signed(&key)?;
-                // The bundle stays readable (clients trust it); the key is
-                // owner-only from its creation and written last (its
-                // presence means the CA is whole).
-                crate::files::replace(&cert_path, cert.pem().as_bytes(), 0o644)
-                    .map_err(io("write", &cert_path))?;
-                crate::files::replace(&key_path, key.serialize_pem().as_bytes(), 0o600)
-                    .map_err(io("write", &key_path))?;
-                info!(bundle = %cert_path.display(), "created the platform CA");
-                key
-            }
-            Err(e) => return Err(io("read", &key_path)(e)),
-        };
-        let ca_der = CertificateDer::from_pem_file(&cert_path).map_err(|e| {
-            io("parse", &cert_path)(std::io::Error::new(
+        let files = CaFiles::new(state_dir, sharing);
+        match fs::metadata(&files.key) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(&files, sharing)?,
+            Err(e) => return Err(io("read", &files.key)(e)),
+        }
+        Self::load(files)
+    }
+
+    /// The CA kept in `files`; never makes one.
+    pub fn load(files: CaFiles) -> Result<Self, TlsError> {
+        let key_pem = fs::read_to_string(&files.key).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => TlsError::NoCa { key: files.key.clone() },
+            _ => io("read", &files.key)(e),
+        })?;
+        let key = KeyPair::from_pem(&key_pem)?;
+        let ca_pem =
+            fs::read_to_string(&files.certificate).map_err(io("read", &files.certificate))?;
+        let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| {
+            io("parse", &files.certificate)(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 e.to_string(),
             ))
         })?;
+        let public_key = x509_parser::parse_x509_certificate(&ca_der)
+            .map(|(_, cert)| cert.public_key().raw.to_vec())
+            .unwrap_or_default();
+        if public_key != key.subject_public_key_info() {
+            return Err(TlsError::KeyMismatch {
+                certificate: files.certificate.clone(),
+                key: files.key.clone(),
+            });
+        }
+        // The issuer names exactly the stored certificate's subject.
+        let issuer = Issuer::from_ca_cert_der(&ca_der, key)?;
+        let ca_pem = pem_of(&ca_der);
         Ok(Self {
-            issuer: Issuer::new(ca_params(), key),
+            issuer,
             validity: std::time::Duration::from_secs(24 * 3600),
             ca_der,
-            bundle: cert_path,
+            ca_pem,
+            files,
         })
     }
 
@@ -120,9 +194,19 @@ impl PlatformCa {
         &self.ca_der
     }
 
+    /// The CA's own certificate, PEM.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
     /// The CA bundle clients point `--cacert` / `SSL_CERT_FILE` at.
     pub fn bundle(&self) -> &Path {
-        &self.bundle
+        &self.files.bundle
+    }
+
+    /// Where the CA is kept.
+    pub fn files(&self) -> &CaFiles {
+        &self.files
     }
 
     /// An instance identity: subject `CN=IP, OU=app:APP`, the instance's
@@ -206,6 +290,33 @@ impl PlatformCa {
     }
 }
 
+/// Makes a CA in `files`: the certificate first, readable (clients trust
+/// it), the key last and owner-only from its creation (its presence means
+/// the CA is whole).
+fn create(files: &CaFiles, sharing: &Sharing) -> Result<(), TlsError> {
+    let key = KeyPair::generate()?;
+    let cert = ca_params(sharing.common_name()).self_signed(&key)?;
+    crate::files::replace(&files.certificate, cert.pem().as_bytes(), 0o644)
+        .map_err(io("write", &files.certificate))?;
+    crate::files::replace(&files.key, key.serialize_pem().as_bytes(), 0o600)
+        .map_err(io("write", &files.key))?;
+    info!(certificate = %files.certificate.display(), "created the platform CA");
+    Ok(())
+}
+
+/// A certificate as PEM.
+pub fn pem_of(der: &CertificateDer<'_>) -> String {
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in text.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
 /// An instance's addresses as SANs.
 fn sans(addresses: &[IpAddr]) -> Vec<SanType> {
     addresses.iter().copied().map(SanType::IpAddress).collect()
@@ -217,19 +328,26 @@ mod tests {
     use crate::tls::identity_app;
     use std::os::unix::fs::PermissionsExt as _;
 
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("platform-ca-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
     #[test]
     fn the_ca_survives_a_restart_and_issues_route_certificates() {
-        let dir = std::env::temp_dir().join(format!("platform-ca-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let ca = PlatformCa::load_or_create(&dir).unwrap();
+        let dir = scratch("single");
+        let ca = PlatformCa::load_or_create(&dir, &Sharing::SingleHost).unwrap();
         let first = fs::read(dir.join("ca.pem")).unwrap();
-        assert_eq!(
-            fs::metadata(dir.join("ca-key.pem")).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        let again = PlatformCa::load_or_create(&dir).unwrap();
+        assert_eq!(mode(&dir.join("ca-key.pem")), 0o600);
+        let again = PlatformCa::load_or_create(&dir, &Sharing::SingleHost).unwrap();
         assert_eq!(fs::read(dir.join("ca.pem")).unwrap(), first, "the CA is kept");
         assert_eq!(again.ca_der, ca.ca_der);
+        assert_eq!(again.bundle(), dir.join("ca.pem"));
         let cert = again
             .issue("backend", &["backend".into(), "api".into()], &[[10, 255, 0, 2].into()])
             .unwrap();
@@ -242,5 +360,45 @@ mod tests {
         assert!(PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).is_ok());
         assert_eq!(identity_app(b"not a certificate"), None);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_cluster_host_keeps_its_own_ca_beside_the_bundle() {
+        let dir = scratch("cluster");
+        let sharing = Sharing::Cluster { host: "cell-7".into() };
+        let ca = PlatformCa::load_or_create(&dir, &sharing).unwrap();
+        assert_eq!(mode(&dir.join("host-ca-key.pem")), 0o600);
+        assert!(!dir.join("ca-key.pem").exists() && !dir.join("ca.pem").exists());
+        assert_eq!(ca.bundle(), dir.join("ca.pem"), "the bundle is the cluster's");
+        let (_, cert) = x509_parser::parse_x509_certificate(&ca.ca_der).unwrap();
+        assert_eq!(cert.subject().to_string(), "O=policy-agent, CN=policy-agent host CA cell-7");
+        assert_eq!(ca.ca_pem(), fs::read_to_string(dir.join("host-ca.pem")).unwrap());
+        // Issued certificates name the stored CA as their issuer.
+        let identity = ca.issue_api_identity("admin", "ops", 1).unwrap();
+        let der = CertificateDer::from_pem_slice(identity.cert_pem.as_bytes()).unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(leaf.issuer(), cert.subject());
+        assert!(leaf.verify_signature(Some(cert.public_key())).is_ok());
+        let again = PlatformCa::load_or_create(&dir, &sharing).unwrap();
+        assert_eq!(again.ca_der, ca.ca_der, "kept across restarts");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn loading_never_creates_a_ca_and_checks_the_key_is_the_certificates() {
+        let dir = scratch("load");
+        let files = CaFiles::new(&dir, &Sharing::SingleHost);
+        let err = PlatformCa::load(files.clone()).err().unwrap();
+        assert!(matches!(err, TlsError::NoCa { .. }), "{err}");
+        assert!(!dir.exists(), "nothing made");
+
+        PlatformCa::load_or_create(&dir, &Sharing::SingleHost).unwrap();
+        let other = scratch("load-other");
+        PlatformCa::load_or_create(&other, &Sharing::SingleHost).unwrap();
+        fs::copy(other.join("ca-key.pem"), &files.key).unwrap();
+        let err = PlatformCa::load(files).err().unwrap();
+        assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+        fs::remove_dir_all(&other).unwrap();
     }
 }

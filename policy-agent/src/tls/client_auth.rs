@@ -4,18 +4,10 @@
 
 use std::{collections::BTreeSet, sync::Arc};
 
-use rustls::{
-    CertificateError, DigitallySignedStruct, SignatureScheme,
-    client::danger::HandshakeSignatureValid,
-    pki_types::{CertificateDer, UnixTime},
-    server::{
-        WebPkiClientVerifier,
-        danger::{ClientCertVerified, ClientCertVerifier},
-    },
-};
+use rustls::{CertificateError, pki_types::CertificateDer, server::danger::ClientCertVerifier};
 use tracing::info;
 
-use super::{PlatformCa, TlsError};
+use super::Trust;
 
 /// The header carrying the verified source app to an mTLS app.
 pub const SOURCE_APP_HEADER: &str = "x-source-app";
@@ -58,86 +50,28 @@ pub struct ClientAuth {
     pub authorize: Authorizer,
 }
 
-/// Accepts a client certificate only if the platform CA issued it and it
-/// names an app that a policy allows to reach `destination`.
-#[derive(Debug)]
-struct PolicyClientVerifier {
-    chain: Arc<dyn ClientCertVerifier>,
-    destination: String,
-    authorize: Authorizer,
-}
-
-impl ClientCertVerifier for PolicyClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        self.chain.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.chain.verify_client_cert(end_entity, intermediates, now)?;
+/// A verifier of client certificates for the listener of `destination`:
+/// accepted only if a trusted platform CA issued it (this host's, or in a
+/// cluster any host's) and it names an app that a policy allows to reach
+/// `destination`, at the time of the handshake.
+pub(super) fn client_verifier(
+    trust: &Arc<Trust>,
+    destination: &str,
+    authorize: &Authorizer,
+) -> Arc<dyn ClientCertVerifier> {
+    let (destination, authorize) = (destination.to_owned(), authorize.clone());
+    trust.client_verifier(Some(Arc::new(move |end_entity: &CertificateDer<'_>| {
         let refuse = Err(rustls::Error::InvalidCertificate(
             CertificateError::ApplicationVerificationFailure,
         ));
         let Some(source) = identity_app(end_entity) else {
-            info!(destination = self.destination, "mTLS: refused a certificate naming no app");
+            info!(destination, "mTLS: refused a certificate naming no app");
             return refuse;
         };
-        if !(self.authorize.0)(&source, &self.destination) {
-            info!(source, destination = self.destination, "mTLS: refused, no policy allows it");
+        if !(authorize.0)(&source, &destination) {
+            info!(source, destination, "mTLS: refused, no policy allows it");
             return refuse;
         }
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.chain.supported_verify_schemes()
-    }
-}
-
-/// A verifier of client certificates: the platform CA's, then the
-/// policies'.
-pub(super) fn client_verifier(
-    ca: &PlatformCa,
-    destination: &str,
-    authorize: &Authorizer,
-) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.ca_der().clone())?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
-    Ok(Arc::new(PolicyClientVerifier {
-        chain,
-        destination: destination.to_owned(),
-        authorize: authorize.clone(),
-    }))
+        Ok(())
+    })))
 }

@@ -17,14 +17,16 @@
 mod ca;
 mod client_auth;
 mod proxy;
+mod trust;
 
 use std::path::{Path, PathBuf};
 
-pub use ca::{Identity, PlatformCa};
+pub use ca::{CaFiles, Identity, PlatformCa, Sharing, pem_of};
 pub use client_auth::{
     Authorizer, CLIENT_CERT_HEADER, ClientAuth, SOURCE_APP_HEADER, identity_app,
 };
 pub use proxy::{TlsProxies, instance_ports};
+pub use trust::Trust;
 
 /// The platform TLS port, as in Cloud Foundry.
 pub const TLS_PORT: u16 = 61443;
@@ -37,11 +39,19 @@ pub enum TlsError {
     Cert(#[from] rcgen::Error),
     #[error("TLS: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error(
+        "no platform CA in {}: the agent makes it at its first start; start it with this \
+         configuration, or name the running agent's (--config)",
+        key.parent().unwrap_or(key).display()
+    )]
+    NoCa { key: PathBuf },
+    #[error("{certificate} is not the certificate of the key {key}: restore the pair")]
+    KeyMismatch { certificate: PathBuf, key: PathBuf },
     #[error("client certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
-fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TlsError {
+pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TlsError {
     let path = path.to_path_buf();
     move |source| TlsError::Io { what, path, source }
 }

@@ -28,7 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
-    CLIENT_CERT_HEADER, ClientAuth, PlatformCa, SOURCE_APP_HEADER, TLS_PORT, TlsError,
+    CLIENT_CERT_HEADER, ClientAuth, PlatformCa, SOURCE_APP_HEADER, TLS_PORT, TlsError, Trust,
     client_auth::client_verifier, identity_app, io,
 };
 use crate::{
@@ -69,7 +69,9 @@ struct Running {
 
 /// The per-instance listeners.
 pub struct TlsProxies {
-    ca: PlatformCa,
+    ca: Arc<PlatformCa>,
+    /// The CAs client certificates of `mtls_apps` may come from.
+    trust: Arc<Trust>,
     /// Where each instance's port mapping is written (`<ip>.json`).
     instances_dir: PathBuf,
     client_auth: ClientAuth,
@@ -108,13 +110,15 @@ pub fn instance_ports(ip: IpAddr, app_port: u16, (cert, key): (&Path, &Path)) ->
 
 impl TlsProxies {
     pub fn new(
-        ca: PlatformCa,
+        ca: Arc<PlatformCa>,
+        trust: Arc<Trust>,
         instances_dir: PathBuf,
         client_auth: ClientAuth,
         limits: &crate::limits::Limits,
     ) -> Self {
         Self {
             ca,
+            trust,
             instances_dir,
             client_auth,
             connections: (limits.tls_connections, limits.per_source_connections),
@@ -263,10 +267,10 @@ impl TlsProxies {
             ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
         let builder = if want.client_auth {
             builder.with_client_cert_verifier(client_verifier(
-                &self.ca,
+                &self.trust,
                 &want.app,
                 &self.client_auth.authorize,
-            )?)
+            ))
         } else {
             builder.with_no_client_auth()
         };
