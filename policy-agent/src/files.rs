@@ -20,10 +20,17 @@ pub fn replace_unsynced(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result
 fn write_and_rename(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-    file.write_all(bytes)?;
-    if sync {
-        file.sync_all()?;
+    let written = (|| {
+        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        file.write_all(bytes)?;
+        if sync {
+            file.sync_all()?;
+        }
+        fs::rename(&tmp, path)
+    })();
+    // A write cut short (a full disk) leaves no partial file behind.
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-    fs::rename(&tmp, path)
+    written
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use integration_tests::{
-    agent::agent_bin, daemon::Daemon, require_root, topology::Host, unique_name,
+    agent::agent_bin, daemon::Daemon, eventually, require_root, topology::Host, unique_name,
 };
 use policy_agent::Maps;
 use rand::Rng as _;
@@ -190,6 +190,72 @@ fn a_full_disk_gets_507_applies_nothing_and_recovers_when_space_is_freed() {
         .filter(|n| n.ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    daemon.kill9();
+    drop(tmpfs);
+}
+
+#[test]
+fn a_registration_whose_identity_cannot_be_stored_gets_507_and_a_lost_identity_is_rewritten() {
+    require_root();
+    let host = Host::new(2);
+    let mut daemon = Daemon::start(&host.ns, "");
+    daemon.stop();
+    let instances = daemon.state_dir().join("instances");
+    let tmpfs = Tmpfs::mount(&instances, "64k");
+    daemon.spawn();
+    let (first, second) = (host.container(0), host.container(1));
+    let files = |ip: std::net::Ipv4Addr| {
+        ["-cert.pem", "-key.pem", ".json"].map(|end| instances.join(format!("{ip}{end}")))
+    };
+    let registered = |daemon: &Daemon| -> Vec<String> {
+        let listed = daemon.get("/v1/endpoints");
+        listed["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["ip"].as_str().map(str::to_owned))
+            .collect()
+    };
+    daemon.register(first, "web");
+    assert!(files(first.ip).iter().all(|f| f.exists()), "the control's identity is written");
+
+    // The instances' disk is full: the registration is refused, nothing
+    // registered and nothing left behind.
+    let filler = tmpfs.fill();
+    let args = integration_tests::daemon::register_args(second, "api");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = daemon.cli(&args);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(said.contains("507") || said.contains("no space left"), "{said}");
+    assert_eq!(registered(&daemon), vec![first.ip.to_string()], "nothing registered");
+    assert!(files(second.ip).iter().all(|f| !f.exists()), "no identity left behind");
+    let leftovers: Vec<_> = std::fs::read_dir(&instances)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Space again: the same registration goes through, identity written.
+    std::fs::remove_file(&filler).unwrap();
+    daemon.register(second, "api");
+    assert!(files(second.ip).iter().all(|f| f.exists()));
+
+    // An identity lost while the disk is full (the agent restarted onto
+    // it) is written once there is space, without a restart.
+    daemon.stop();
+    for f in files(first.ip) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let filler = tmpfs.fill();
+    daemon.spawn();
+    assert!(files(first.ip).iter().any(|f| !f.exists()), "cannot be written yet");
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || files(first.ip).iter().all(|f| f.exists())),
+        "written once space returns"
+    );
+    assert_eq!(daemon.instance_ports(first.ip)["CF_INSTANCE_IP"], first.ip.to_string());
     daemon.kill9();
     drop(tmpfs);
 }

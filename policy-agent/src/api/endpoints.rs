@@ -1,6 +1,6 @@
 //! Endpoints: what a CNI plugin registers and removes.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, path::PathBuf};
 
 use axum::{
     body::Body,
@@ -8,7 +8,7 @@ use axum::{
 };
 use serde_json::{Value, json};
 
-use crate::state::Invalid;
+use crate::{agent::AgentError, state::Invalid, store::StoreError, tls::TlsError};
 
 use super::{Api, Reply, failure, invalid, ok, read_json, tracked_write, wire, with_agent};
 
@@ -51,10 +51,34 @@ pub async fn add(State(api): State<Api>, body: Body) -> Reply {
         return invalid(&Invalid::new("netns", reason));
     }
     let reply = wire::endpoint_json(&endpoint);
-    match tracked_write(&api, move |agent| agent.add_endpoint(endpoint)).await {
+    let tls = api.tls.clone();
+    let registered = tracked_write(&api, move |agent| {
+        // Its identity is stored before it is registered: a full disk
+        // refuses the registration (507) with nothing changed.
+        if let Some(tls) = &tls {
+            tls.prepare(&endpoint, agent.state()).map_err(identity_not_stored)?;
+        }
+        let ip = endpoint.ip;
+        agent.add_endpoint(endpoint).inspect_err(|_| {
+            if let Some(tls) = &tls {
+                tls.unprepare(ip);
+            }
+        })
+    });
+    match registered.await {
         Ok(()) => ok(reply),
         Err(e) => failure(e),
     }
+}
+
+/// A registration refused because its instance identity could not be
+/// written: as the store's own failures (507 when the disk is full).
+fn identity_not_stored(e: TlsError) -> AgentError {
+    let (what, path, source) = match e {
+        TlsError::Io { what, path, source } => (what, path, source),
+        other => ("issue the instance identity for", PathBuf::new(), std::io::Error::other(other)),
+    };
+    AgentError::Store(StoreError::Io { what, path, source })
 }
 
 /// `DELETE /v1/endpoints/{ip}`: either of the endpoint's addresses.

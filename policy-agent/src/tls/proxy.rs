@@ -33,7 +33,7 @@ use super::{
 };
 use crate::{
     limits::{Backoff, Gate},
-    state::State,
+    state::{Endpoint, State},
 };
 
 /// Serves the current certificate of one instance; swapped on re-issue.
@@ -158,6 +158,34 @@ impl TlsProxies {
         Ok(())
     }
 
+    /// Writes the identity and port mapping of `endpoint`, which is about
+    /// to be registered, if it will have a listener: so a registration
+    /// whose identity cannot be stored (a full disk) is refused before
+    /// anything changes. The listener's start writes them again.
+    pub fn prepare(&self, endpoint: &Endpoint, state: &State) -> Result<(), TlsError> {
+        let (Some(front), Some(netns)) = (state.tls_front(&endpoint.app), &endpoint.netns) else {
+            return Ok(());
+        };
+        let want = Wanted {
+            app: endpoint.app.clone(),
+            addresses: endpoint.addresses().collect(),
+            netns: netns.clone(),
+            hostnames: Vec::new(),
+            app_port: front.app_port,
+            client_auth: false,
+        };
+        self.write_instance(endpoint.ip, &want).inspect_err(|_| self.remove_instance(endpoint.ip))
+    }
+
+    /// Undoes [`prepare`](Self::prepare) after a refused registration,
+    /// unless a listener already serves the address.
+    pub fn unprepare(&self, ip: IpAddr) {
+        let listeners = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if !listeners.by_ip.contains_key(&ip) {
+            self.remove_instance(ip);
+        }
+    }
+
     fn remove_instance(&self, ip: IpAddr) {
         let (cert, key) = self.identity_files(ip);
         for path in [self.ports_file(ip), cert, key] {
@@ -238,9 +266,11 @@ impl TlsProxies {
                 continue;
             }
             match self.start(ip, &want) {
-                Ok(r) => {
+                Ok(mut r) => {
                     if let Err(e) = self.write_instance(ip, &want) {
-                        warn!(%ip, error = %e, "cannot write the instance's identity and ports");
+                        // Due now: `rotate_due` writes it once it can.
+                        warn!(%ip, error = %e, "cannot write the instance's identity and ports; trying again");
+                        r.renew_at = Instant::now();
                     }
                     running.insert(ip, r);
                 }
@@ -333,9 +363,10 @@ impl TlsProxies {
         Instant::now() + self.ca.validity() * 2 / 3
     }
 
-    /// How often [`rotate_due`](Self::rotate_due) should run.
+    /// How often [`rotate_due`](Self::rotate_due) should run: also how soon
+    /// an identity that could not be written (a full disk) is tried again.
     pub fn rotation_check_every(&self) -> Duration {
-        (self.ca.validity() / 12).clamp(Duration::from_secs(1), Duration::from_secs(60))
+        (self.ca.validity() / 12).clamp(Duration::from_secs(1), Duration::from_secs(5))
     }
 
     /// Re-issues every certificate and instance identity whose renewal time
