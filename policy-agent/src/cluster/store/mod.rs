@@ -250,7 +250,9 @@ impl EtcdStore {
         let (head_seq, head_revision) = view.head.unwrap_or((0, 0));
         let mut changes = Vec::new();
         let mut stamp = self.stamp;
-        for (expected, (seq, entry)) in (first..).zip(view.entries.range(first..=head_seq)) {
+        for (expected, (seq, entry)) in
+            (first..).zip(view.entries.range(first..).take_while(|(seq, _)| **seq <= head_seq))
+        {
             if *seq != expected {
                 return Err(self.damaged(format!("change {expected} is missing")));
             }

@@ -78,6 +78,7 @@ fn two_writers_share_one_ordered_log() {
     second.replay(&mut state_a);
     assert_eq!(state_a, state_b, "the same tags and ids on both");
     assert_eq!(a.position().seq, 2);
+    assert_eq!(a.pending().unwrap(), vec![], "nothing new");
     // A third agent loads the same state.
     assert_eq!(EtcdStore::new(etcd.client(), "/t").load().unwrap(), state_a);
     // Another prefix is another cluster.
