@@ -186,8 +186,7 @@ impl EtcdStore {
             error!(
                 cause = divergence.cause(),
                 applied = self.applied().seq,
-                "{divergence}; \
-                   enforcement stays as this host last applied it and writes are refused"
+                "{divergence}; enforcement stays as this host last applied it, writes are refused"
             );
             self.diverged = Some(divergence.clone());
         }
@@ -249,7 +248,9 @@ impl EtcdStore {
     fn follow(&mut self, view: LogView, first: u64) -> Result<Vec<Change>, StoreError> {
         let (head_seq, head_revision) = view.head.unwrap_or((0, 0));
         let mut changes = Vec::new();
-        let mut stamp = self.stamp;
+        // The stamp of the change before `first`, if the view holds it
+        // (after a snapshot's position, where none was known).
+        let mut stamp = view.entries.get(&(first - 1)).map_or(self.stamp, |e| e.stamp);
         for (expected, (seq, entry)) in
             (first..).zip(view.entries.range(first..).take_while(|(seq, _)| **seq <= head_seq))
         {
