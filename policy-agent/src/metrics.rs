@@ -3,6 +3,9 @@
 //! (verdict counters, flow event counters, map occupancy) and the totals are
 //! read from the maps and the state at each scrape.
 //!
+//! In cluster mode: `policy_cluster_applied_seq` and
+//! `policy_cluster_log_diverged{cause}` (see `cluster::lineage`).
+//!
 //! Cloud Foundry's agent names are kept where the meaning matches:
 //! `totalPolicies`, and `enforceTime` for the time from an API write to the
 //! kernel holding it.
@@ -19,7 +22,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::agent::{self, SharedAgent};
+use crate::{
+    agent::{self, SharedAgent},
+    cluster::lineage::{CAUSES, Divergence},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
@@ -171,6 +177,27 @@ impl Collector for KernelCollector {
                 None,
                 gauge.metric_type(),
             )?)?;
+        }
+
+        if state.local_host().is_some() {
+            let seq = i64::try_from(agent.position().seq).unwrap_or(i64::MAX);
+            ConstGauge::new(seq).encode(encoder.encode_descriptor(
+                "policy_cluster_applied_seq",
+                "The newest change of the cluster's log this host applied",
+                None,
+                gauge.metric_type(),
+            )?)?;
+            let diverged = agent.diverged().map(Divergence::cause);
+            let mut family = encoder.encode_descriptor(
+                "policy_cluster_log_diverged",
+                "1 while the cluster's log in etcd is not the one this host applied, by cause: enforcement stays as it was and writes are refused until `policy-agent cluster republish`",
+                None,
+                gauge.metric_type(),
+            )?;
+            for cause in CAUSES {
+                let value = i64::from(diverged == Some(cause));
+                ConstGauge::new(value).encode(family.encode_family(&[("cause", cause)])?)?;
+            }
         }
         Ok(())
     }

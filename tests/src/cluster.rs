@@ -596,3 +596,49 @@ pub fn vxlan_gbp(tag: u16, mac: &str, inner: &[u8]) -> Vec<u8> {
     frame.extend_from_slice(inner);
     frame
 }
+
+/// What an operator does to etcd's data: a backup, a restore of it, a
+/// wipe. Each stops every member (by its PID) and starts them again.
+impl Etcd {
+    /// A copy of every member's data directory as it is now (etcd stopped
+    /// for the copy, then started again): a backup; kept until etcd is
+    /// dropped.
+    pub fn backup(&mut self) -> PathBuf {
+        self.kill();
+        let backup = self.dir.join(crate::unique_name("backup"));
+        std::fs::create_dir_all(&backup).expect("backup dir");
+        for i in 0..self.members.len() {
+            copy_dir(&self.data(i), &backup.join(format!("data-{i}")));
+        }
+        self.spawn();
+        backup
+    }
+
+    /// etcd started again on a copy of `backup` (a restore).
+    pub fn restore(&mut self, backup: &Path) {
+        self.kill();
+        for i in 0..self.members.len() {
+            let _ = std::fs::remove_dir_all(self.data(i));
+            copy_dir(&backup.join(format!("data-{i}")), &self.data(i));
+        }
+        self.spawn();
+    }
+
+    /// etcd started again on empty data directories, its users and roles
+    /// set up again as an operator would (the data is gone, not the rules).
+    pub fn wipe(&mut self) {
+        self.kill();
+        for i in 0..self.members.len() {
+            std::fs::remove_dir_all(self.data(i)).expect("remove etcd's data");
+        }
+        self.spawn();
+        if self.options.tls {
+            self.set_up_access();
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let status = Command::new("cp").arg("-a").arg(from).arg(to).status().expect("run cp");
+    assert!(status.success(), "cp -a {} {}", from.display(), to.display());
+}

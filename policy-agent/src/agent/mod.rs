@@ -8,6 +8,7 @@
 mod committed;
 mod reads;
 mod returning;
+mod shared_log;
 mod tunnel;
 
 use std::{
@@ -122,9 +123,12 @@ impl<K: Kernel> Agent<K> {
         let held = returning::still_here(&kernel, &state, settings.known_here);
         let warnings = if reconcile_pending {
             // Fail-static: never take the kernel back to an older state.
-            warn!(
-                "the stored state may be older than the kernel's: enforcement is left as it is until the store catches up"
-            );
+            match store.diverged() {
+                Some(d) => warn!(cause = d.cause(), "{d}: enforcement is left as it is"),
+                None => warn!(
+                    "the stored state may be older than the kernel's: enforcement is left as it is until the store catches up"
+                ),
+            }
             Vec::new()
         } else {
             let warnings = reconcile::full_keeping(&mut kernel, &state, &held)?;
@@ -176,7 +180,7 @@ impl<K: Kernel> Agent<K> {
             self.store.snapshot(&self.state)?;
         }
         if self.reconcile_pending && !self.store.is_stale() {
-            for w in reconcile::full(&mut self.kernel, &self.state)? {
+            for w in reconcile::full_keeping(&mut self.kernel, &self.state, &self.held)? {
                 warn!("{w}");
             }
             self.reconcile_pending = false;
@@ -199,6 +203,10 @@ impl<K: Kernel> Agent<K> {
         &mut self,
         mut write: impl FnMut(&mut Self) -> Result<T, AgentError>,
     ) -> Result<T, AgentError> {
+        // A diverged log is refused before anything reaches the kernel.
+        if let Some(divergence) = self.store.diverged() {
+            return Err(StoreError::Diverged(divergence.clone()).into());
+        }
         let mut attempt = 0;
         loop {
             match write(self) {

@@ -10,10 +10,13 @@
 //! - `GET  /v1/endpoints`, `POST /v1/endpoints`, `DELETE /v1/endpoints/{ip}`
 //! - `GET  /v1/routes`, `POST /v1/routes`, `POST /v1/routes/delete`
 //! - `GET  /v1/status`, `GET /v1/flows`, `GET /v1/explain`
+//! - `GET  /v1/cluster`, `POST /v1/cluster/republish`
 //!
 //! Errors are JSON: `{"error": "...", "field": "...", "reason": "..."}` with
 //! 400 for bad input (nothing of the request applied), 507 when a kernel
-//! map is full, 500 otherwise.
+//! map is full, 503 in cluster mode when etcd cannot take the write
+//! (unreachable, a concurrent write, a log that diverged from this host's:
+//! then with its `"cause"`), 500 otherwise.
 
 mod asgs;
 pub mod auth;
@@ -106,6 +109,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/flows", get(observe::flows))
         .route("/v1/explain", get(observe::explain))
         .route("/v1/cluster", get(cluster::status))
+        .route("/v1/cluster/republish", post(cluster::republish))
         .route("/v1/ipam", get(ipam))
         .route("/v1/asgs", get(asgs::list))
         .route("/v1/asgs/{app}", put(asgs::set).delete(asgs::remove))
@@ -154,6 +158,11 @@ fn failure(e: AgentError) -> Reply {
             e @ (StoreError::Etcd(EtcdError::Unreachable { .. } | EtcdError::Refused { .. })
             | StoreError::Conflict),
         ) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))),
+        // Enforcement stays as this host last applied it.
+        AgentError::Store(StoreError::Diverged(d)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": format!("writes are refused: {d}"), "cause": d.cause()})),
+        ),
         e => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e.to_string()}))),
     }
 }

@@ -79,6 +79,15 @@ pub struct ModRevisionIs {
     pub mod_revision: i64,
 }
 
+/// One write of a transaction.
+#[derive(Clone, Debug)]
+pub enum Write {
+    /// `key` = `value`, under `lease` (0: none).
+    Put { key: String, value: Vec<u8>, lease: i64 },
+    /// Every key from `key` up to (not including) `end`.
+    DeleteRange { key: String, end: Vec<u8> },
+}
+
 /// The files a TLS connection to etcd is made with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -444,15 +453,38 @@ impl Etcd {
         conditions: &[ModRevisionIs],
         puts: &[(&str, &[u8], i64)],
     ) -> Result<(bool, i64), EtcdError> {
+        let writes: Vec<Write> = puts
+            .iter()
+            .map(|(key, value, lease)| Write::Put {
+                key: (*key).to_owned(),
+                value: value.to_vec(),
+                lease: *lease,
+            })
+            .collect();
+        self.write_if(conditions, writes)
+    }
+
+    /// Makes `writes` if every condition holds, all in one transaction (no
+    /// put may fall in a deleted range: etcd refuses such a transaction).
+    /// Returns whether it did, and the revision after.
+    pub fn write_if(
+        &self,
+        conditions: &[ModRevisionIs],
+        writes: Vec<Write>,
+    ) -> Result<(bool, i64), EtcdError> {
         let compares = compares(conditions);
-        let puts: Vec<(String, Vec<u8>, i64)> =
-            puts.iter().map(|(k, v, l)| ((*k).to_owned(), v.to_vec(), *l)).collect();
         self.txn(move || {
-            let operations = puts
+            let operations = writes
                 .iter()
-                .map(|(key, value, lease)| {
-                    let options = (*lease != 0).then(|| PutOptions::new().with_lease(*lease));
-                    TxnOp::put(key.clone(), value.clone(), options)
+                .map(|write| match write {
+                    Write::Put { key, value, lease } => {
+                        let options = (*lease != 0).then(|| PutOptions::new().with_lease(*lease));
+                        TxnOp::put(key.clone(), value.clone(), options)
+                    }
+                    Write::DeleteRange { key, end } => TxnOp::delete(
+                        key.clone(),
+                        Some(DeleteOptions::new().with_range(end.clone())),
+                    ),
                 })
                 .collect::<Vec<_>>();
             Txn::new().when(compares.clone()).and_then(operations)

@@ -15,8 +15,10 @@ use tracing::{info, warn};
 
 use super::{
     ClusterConfig,
-    etcd::{Etcd, EtcdError, ModRevisionIs, prefix_end},
+    etcd::{Etcd, EtcdError, ModRevisionIs, Range, prefix_end},
     follow::{self, OnChange},
+    keys::Keys,
+    lineage::LogId,
     overlay::{self, Overlay, Peer},
 };
 use crate::agent::{self, SharedAgent};
@@ -38,6 +40,24 @@ pub struct HostRecord {
     /// Its VXLAN device's MAC address.
     #[serde(default)]
     pub vtep_mac: Option<String>,
+    /// The identity of the log it applied (see `lineage`).
+    #[serde(default)]
+    pub log_id: Option<String>,
+    /// Why the log in etcd is not the one it applied (`lineage`'s cause),
+    /// if it is not.
+    #[serde(default)]
+    pub diverged: Option<String>,
+}
+
+/// The newest change of the log in etcd.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Newest {
+    /// Its number (0: no log).
+    pub seq: u64,
+    /// etcd's revision when read.
+    pub revision: i64,
+    /// The log's identity, if it has one.
+    pub log: Option<LogId>,
 }
 
 /// This host's part of the overlay, which the registration keeps in step
@@ -51,31 +71,30 @@ pub struct Membership {
     pub runtime: tokio::runtime::Handle,
 }
 
-fn hosts_prefix(prefix: &str) -> String {
-    format!("{}/hosts/", prefix.trim_end_matches('/'))
-}
-
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Every registered host, by name.
-pub fn list(etcd: &Etcd, prefix: &str) -> Result<Vec<HostRecord>, EtcdError> {
-    let hosts = hosts_prefix(prefix);
+pub fn list(etcd: &Etcd, keys: &Keys) -> Result<Vec<HostRecord>, EtcdError> {
+    let hosts = keys.hosts();
     let range = etcd.range(&hosts, &prefix_end(&hosts))?;
     Ok(range.kvs.iter().filter_map(|kv| serde_json::from_slice(&kv.value).ok()).collect())
 }
 
-/// The newest change in the log (its sequence number), and etcd's revision.
-pub fn newest(etcd: &Etcd, prefix: &str) -> Result<(u64, i64), EtcdError> {
-    let head = format!("{}/log/head", prefix.trim_end_matches('/'));
-    let range = etcd.range(&head, &prefix_end(&head))?;
-    let seq = range
-        .kvs
-        .first()
-        .and_then(|kv| String::from_utf8_lossy(&kv.value).parse().ok())
-        .unwrap_or(0);
-    Ok((seq, range.revision))
+/// The newest change in the log, the log's identity and etcd's revision
+/// (the head and the id, which sort last in the log, in one read).
+pub fn newest(etcd: &Etcd, keys: &Keys) -> Result<Newest, EtcdError> {
+    let range = etcd.range(&keys.head(), &prefix_end(&keys.log()))?;
+    let mut newest = Newest { revision: range.revision, ..Newest::default() };
+    for kv in &range.kvs {
+        if kv.key == keys.head() {
+            newest.seq = String::from_utf8_lossy(&kv.value).parse().unwrap_or(0);
+        } else if kv.key == keys.log_id() {
+            newest.log = serde_json::from_slice(&kv.value).ok();
+        }
+    }
+    Ok(newest)
 }
 
 /// Keeps this host registered, catches up with the log, and brings the
@@ -88,8 +107,8 @@ pub fn register(
     on_change: OnChange,
     mut membership: Membership,
 ) {
-    let etcd = config.etcd();
-    let key = format!("{}{}", hosts_prefix(&config.prefix), config.host);
+    let (etcd, keys) = (config.etcd(), config.keys());
+    let key = keys.host(&config.host);
     let ttl = i64::from(config.lease_seconds.max(3));
     let period = Duration::from_secs((ttl / 3) as u64);
     let mut lease = 0;
@@ -97,7 +116,11 @@ pub fn register(
     let mut missing_since = BTreeMap::new();
     loop {
         let _ = follow::catch_up(&agent, &on_change);
-        let position = agent::lock(&agent).position();
+        let (position, log_id, diverged) = {
+            let agent = agent::lock(&agent);
+            let diverged = agent.diverged().map(|d| d.cause().to_owned());
+            (agent.position(), agent.log_id().map(str::to_owned), diverged)
+        };
         let record = HostRecord {
             host: config.host.clone(),
             underlay_address: config.underlay_address,
@@ -106,6 +129,8 @@ pub fn register(
             reported_at: now(),
             subnet: Some(membership.subnet),
             vtep_mac: Some(overlay::mac_text(&membership.overlay.mac)),
+            log_id,
+            diverged: diverged.clone(),
         };
         let result = (|| -> Result<(), EtcdError> {
             if lease == 0 || !etcd.keep_alive(lease)? {
@@ -113,10 +138,17 @@ pub fn register(
             }
             let value = serde_json::to_vec(&record).expect("host records serialize");
             etcd.put_if(&[], &[(&key, &value, lease)])?;
-            let hosts = list(&etcd, &config.prefix)?;
-            follow_peers(&agent, &mut membership, &config.host, &hosts);
-            reap_gone_hosts(&agent, &etcd, &config, &hosts, &mut missing_since)?;
-            register_held(&agent, &etcd, &config, &membership)?;
+            let hosts = list(&etcd, &keys)?;
+            let subnets = etcd.range(&keys.subnets(), &prefix_end(&keys.subnets()))?;
+            overlay::keep_lease(&etcd, &keys, &config.host, membership.index, &subnets)?;
+            // A diverged log (a wiped or restored etcd) may lack hosts that
+            // are there: routes are only added, and nobody is reaped or
+            // registered again, until it is republished.
+            follow_peers(&agent, &mut membership, &config.host, &hosts, diverged.is_none());
+            if diverged.is_none() {
+                reap_gone_hosts(&agent, &etcd, &config, &hosts, &subnets, &mut missing_since)?;
+                register_held(&agent, &etcd, &keys, &config, &membership)?;
+            }
             Ok(())
         })();
         match result {
@@ -133,9 +165,16 @@ pub fn register(
 }
 
 /// Routes to every other host's subnet, and accepts tunnel packets from
-/// every registered host.
-fn follow_peers(agent: &SharedAgent, membership: &mut Membership, me: &str, hosts: &[HostRecord]) {
-    let peers: std::collections::BTreeSet<Peer> = hosts
+/// every registered host; with `remove` false, keeps those of hosts that
+/// are not registered too.
+fn follow_peers(
+    agent: &SharedAgent,
+    membership: &mut Membership,
+    me: &str,
+    hosts: &[HostRecord],
+    remove: bool,
+) {
+    let mut peers: std::collections::BTreeSet<Peer> = hosts
         .iter()
         .filter(|h| h.host != me)
         .filter_map(|h| {
@@ -146,11 +185,20 @@ fn follow_peers(agent: &SharedAgent, membership: &mut Membership, me: &str, host
             })
         })
         .collect();
-    let addresses = hosts.iter().filter(|h| h.host != me).map(|h| h.underlay_address).collect();
+    let Membership { overlay, runtime, .. } = membership;
+    if !remove {
+        let named: std::collections::BTreeSet<Ipv4Addr> = peers.iter().map(|p| p.subnet).collect();
+        peers.extend(overlay.routed().iter().filter(|p| !named.contains(&p.subnet)).cloned());
+    }
+    let addresses = hosts
+        .iter()
+        .filter(|h| h.host != me)
+        .map(|h| h.underlay_address)
+        .chain(peers.iter().map(|p| p.underlay))
+        .collect();
     if let Err(e) = agent::lock(agent).set_peers(&addresses) {
         warn!(error = %e, "cannot update the cluster's peers in the kernel");
     }
-    let Membership { overlay, runtime, .. } = membership;
     if let Err(e) = runtime.block_on(overlay.sync(&peers)) {
         warn!(error = %e, "cannot update the routes to the other hosts");
     }
@@ -164,14 +212,16 @@ fn follow_peers(agent: &SharedAgent, membership: &mut Membership, me: &str, host
 fn register_held(
     agent: &SharedAgent,
     etcd: &Etcd,
+    keys: &Keys,
     config: &ClusterConfig,
     membership: &Membership,
 ) -> Result<(), EtcdError> {
     if agent::lock(agent).held().is_empty() {
         return Ok(());
     }
-    let key = format!("{}/subnets/{}", config.prefix.trim_end_matches('/'), membership.index);
-    let range = etcd.range(&key, &prefix_end(&key))?;
+    let key = keys.subnet(membership.index);
+    // This key alone (`subnets/1` is a prefix of `subnets/10`).
+    let range = etcd.range(&key, format!("{key}\0").as_bytes())?;
     let ours = match range.kvs.first() {
         Some(kv) => kv.value == config.host.as_bytes(),
         None => {
@@ -214,10 +264,9 @@ fn reap_gone_hosts(
     etcd: &Etcd,
     config: &ClusterConfig,
     hosts: &[HostRecord],
+    subnets: &Range,
     missing_since: &mut BTreeMap<String, Instant>,
 ) -> Result<(), EtcdError> {
-    let dir = format!("{}/subnets/", config.prefix.trim_end_matches('/'));
-    let subnets = etcd.range(&dir, &prefix_end(&dir))?;
     let present: std::collections::BTreeSet<&str> = hosts.iter().map(|h| h.host.as_str()).collect();
     let grace = Duration::from_secs(u64::from(config.host_grace_seconds));
     missing_since.retain(|host, _| !present.contains(host.as_str()));

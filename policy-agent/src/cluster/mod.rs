@@ -1,8 +1,10 @@
 //! Cluster mode: the desired state of every host in etcd, shared by the
-//! agents of all hosts (see `store` for the data layout and how writes stay
-//! all-or-nothing and ordered), each agent following it (`follow`) and
-//! registering its host with a lease (`hosts`), and trusting every host's
-//! platform CA, whose certificates (never keys) it finds there (`cas`).
+//! agents of all hosts (see `store` for how writes stay all-or-nothing and
+//! ordered, `keys` for the layout), each agent following it (`follow`)
+//! unless it diverged from what the agent applied (`lineage`, recovered
+//! with `republish`), registering its host with a lease (`hosts`), and
+//! trusting every host's platform CA, whose certificates (never keys) it
+//! finds there (`cas`).
 //!
 //! Without a `[cluster]` section the agent is a single host on its local
 //! journal; nothing here runs.
@@ -11,7 +13,10 @@ pub mod cas;
 pub mod etcd;
 pub mod follow;
 pub mod hosts;
+pub mod keys;
+pub mod lineage;
 pub mod overlay;
+pub mod republish;
 pub mod store;
 
 use std::{
@@ -227,6 +232,11 @@ impl ClusterConfig {
                     .expect("the settings were checked when the config was read")
             })
             .clone()
+    }
+
+    /// The cluster's keys in etcd.
+    pub fn keys(&self) -> keys::Keys {
+        keys::Keys::new(&self.prefix)
     }
 
     /// Whether etcd is reached in plain text (logged as a warning at start).

@@ -9,7 +9,7 @@
 //! through netlink (rtnetlink), no `ip` commands.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -23,7 +23,12 @@ use rtnetlink::{
     },
 };
 
-use super::etcd::{Etcd, EtcdError, ModRevisionIs, prefix_end};
+use tracing::{info, warn};
+
+use super::{
+    etcd::{Etcd, EtcdError, ModRevisionIs, Range, prefix_end},
+    keys::Keys,
+};
 
 /// The VXLAN device's name.
 pub const DEVICE: &str = "pa-vxlan";
@@ -121,31 +126,142 @@ pub fn first_free(taken: &BTreeSet<u8>) -> Option<u8> {
     (0..=255u8).find(|i| !taken.contains(i))
 }
 
-/// Leases this host's /24 in etcd (`subnets/N` → host name): the one it
-/// already holds, else the first free one, taken in a transaction that
-/// fails if another host took it first (then the next one is tried).
-pub fn lease_subnet(etcd: &Etcd, prefix: &str, host: &str) -> Result<u8, OverlayError> {
-    let dir = format!("{}/subnets/", prefix.trim_end_matches('/'));
-    loop {
-        let range = etcd.range(&dir, &prefix_end(&dir))?;
-        let mut taken = BTreeSet::new();
-        for kv in &range.kvs {
-            let Ok(index) = kv.key[dir.len()..].parse::<u8>() else { continue };
-            if kv.value == host.as_bytes() {
-                return Ok(index);
-            }
-            taken.insert(index);
-        }
-        let index = first_free(&taken).ok_or(OverlayError::NoSubnet)?;
-        let key = format!("{dir}{index}");
-        let (won, _) = etcd.put_if(
-            &[ModRevisionIs { key: key.clone(), mod_revision: 0 }],
-            &[(&key, host.as_bytes(), 0)],
-        )?;
-        if won {
-            return Ok(index);
+/// Which /24 a host takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// One etcd says it holds already.
+    Held(u8),
+    /// One nobody holds: to lease.
+    Free(u8),
+}
+
+/// The /24 for `host`, which remembers holding `remembered` (its
+/// `cluster-subnet`; its containers have addresses in it). `leased`: the
+/// leases in etcd (index → holder); `claimed`: the /24s other hosts'
+/// records name (theirs even where etcd lost their leases: a wiped or
+/// restored etcd). In order:
+///
+/// 1. the remembered one, if it is this host's lease, or nobody's lease
+///    and no other host's record names it;
+/// 2. a lease etcd says is this host's;
+/// 3. the first /24 that neither a lease nor another host's record names.
+pub fn choose(
+    host: &str,
+    remembered: Option<u8>,
+    leased: &BTreeMap<u8, String>,
+    claimed: &BTreeSet<u8>,
+) -> Option<Choice> {
+    if let Some(index) = remembered {
+        match leased.get(&index) {
+            Some(holder) if holder == host => return Some(Choice::Held(index)),
+            None if !claimed.contains(&index) => return Some(Choice::Free(index)),
+            _ => {}
         }
     }
+    if let Some((&index, _)) = leased.iter().find(|(_, holder)| *holder == host) {
+        return Some(Choice::Held(index));
+    }
+    let taken: BTreeSet<u8> = leased.keys().chain(claimed).copied().collect();
+    first_free(&taken).map(Choice::Free)
+}
+
+/// The leases in a read of `subnets/` (index → holder).
+fn leases(keys: &Keys, range: &Range) -> BTreeMap<u8, String> {
+    let dir = keys.subnets();
+    range
+        .kvs
+        .iter()
+        .filter_map(|kv| {
+            let index = kv.key.strip_prefix(&dir)?.parse::<u8>().ok()?;
+            Some((index, String::from_utf8_lossy(&kv.value).into_owned()))
+        })
+        .collect()
+}
+
+/// Leases this host's /24 in etcd (`subnets/N` → host name), chosen by
+/// [`choose`] and taken in a transaction that fails if another host took
+/// it first (then the choice is made again). Leases of this host's other
+/// than the chosen one are given back.
+pub fn lease_subnet(
+    etcd: &Etcd,
+    keys: &Keys,
+    host: &str,
+    remembered: Option<u8>,
+) -> Result<u8, OverlayError> {
+    let dir = keys.subnets();
+    loop {
+        let range = etcd.range(&dir, &prefix_end(&dir))?;
+        let leased = leases(keys, &range);
+        let claimed: BTreeSet<u8> = super::hosts::list(etcd, keys)?
+            .iter()
+            .filter(|h| h.host != host)
+            .filter_map(|h| Some(h.subnet?.octets()[2]))
+            .collect();
+        let index =
+            match choose(host, remembered, &leased, &claimed).ok_or(OverlayError::NoSubnet)? {
+                Choice::Held(index) => index,
+                Choice::Free(index) => {
+                    let key = keys.subnet(index);
+                    let (won, _) = etcd.put_if(
+                        &[ModRevisionIs { key: key.clone(), mod_revision: 0 }],
+                        &[(&key, host.as_bytes(), 0)],
+                    )?;
+                    if !won {
+                        continue;
+                    }
+                    index
+                }
+            };
+        if let Some(kept) = remembered.filter(|r| *r != index) {
+            warn!(
+                kept,
+                index,
+                "the /24 this host had is another host's now: its containers need new addresses"
+            );
+        }
+        for kv in range.kvs.iter().filter(|kv| kv.value == host.as_bytes()) {
+            if kv.key != keys.subnet(index) {
+                etcd.delete_if(
+                    &[ModRevisionIs { key: kv.key.clone(), mod_revision: kv.mod_revision }],
+                    &kv.key,
+                )?;
+            }
+        }
+        return Ok(index);
+    }
+}
+
+/// Keeps this host's lease of the /24 `index` in etcd (`subnets` a read
+/// of the leases): written again if etcd lost it (wiped, or restored from
+/// before it was taken), so that no other host takes it.
+pub fn keep_lease(
+    etcd: &Etcd,
+    keys: &Keys,
+    host: &str,
+    index: u8,
+    subnets: &Range,
+) -> Result<(), EtcdError> {
+    match leases(keys, subnets).get(&index) {
+        Some(holder) if holder == host => {}
+        Some(holder) => {
+            warn!(
+                index,
+                holder,
+                "etcd says another host holds this host's /24; routing to one of them breaks"
+            );
+        }
+        None => {
+            let key = keys.subnet(index);
+            let (won, _) = etcd.put_if(
+                &[ModRevisionIs { key: key.clone(), mod_revision: 0 }],
+                &[(&key, host.as_bytes(), 0)],
+            )?;
+            if won {
+                info!(index, "leased this host's /24 in etcd again (its lease was gone)");
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Overlay {
@@ -185,6 +301,11 @@ impl Overlay {
         let (ifindex, mac) = find_link(&handle, DEVICE).await?.ok_or(OverlayError::NoDevice)?;
         handle.link().set(LinkUnspec::new_with_index(ifindex).up().build()).execute().await?;
         Ok(Self { handle, ifindex, mac, underlay_ifname, routed: BTreeSet::new(), ipv6_prefix })
+    }
+
+    /// The peers routed now.
+    pub fn routed(&self) -> &BTreeSet<Peer> {
+        &self.routed
     }
 
     /// Makes the routes, neighbour and forwarding entries exactly those of
@@ -313,6 +434,27 @@ mod tests {
         assert_eq!(mac_text(&mac), "02:ab:00:01:02:ff");
         assert_eq!(parse_mac(&mac_text(&mac)), Some(mac));
         assert_eq!(parse_mac("02:ab"), None);
+    }
+
+    #[test]
+    fn a_host_keeps_the_subnet_it_remembers_and_never_takes_another_hosts() {
+        let leased: BTreeMap<u8, String> =
+            [(0, "cell-0".to_owned()), (2, "cell-2".to_owned())].into();
+        // Its own lease, or a free one it remembers.
+        assert_eq!(choose("cell-0", Some(0), &leased, &BTreeSet::new()), Some(Choice::Held(0)));
+        assert_eq!(choose("cell-1", Some(1), &leased, &BTreeSet::new()), Some(Choice::Free(1)));
+        // A wiped etcd: no leases, but the other hosts' records name theirs.
+        let (none, claimed) = (BTreeMap::new(), BTreeSet::from([0, 1]));
+        assert_eq!(choose("cell-1", Some(1), &none, &BTreeSet::from([0])), Some(Choice::Free(1)));
+        assert_eq!(choose("cell-9", None, &none, &claimed), Some(Choice::Free(2)));
+        // Remembered, but another host's now (it was away past its grace).
+        assert_eq!(choose("cell-1", Some(2), &leased, &BTreeSet::new()), Some(Choice::Free(1)));
+        assert_eq!(choose("cell-1", Some(1), &none, &claimed), Some(Choice::Free(2)));
+        // Nothing remembered: the lease etcd holds, else the first free.
+        assert_eq!(choose("cell-2", None, &leased, &BTreeSet::new()), Some(Choice::Held(2)));
+        assert_eq!(choose("cell-3", None, &leased, &BTreeSet::new()), Some(Choice::Free(1)));
+        let all: BTreeMap<u8, String> = (0..=255).map(|i| (i, "x".to_owned())).collect();
+        assert_eq!(choose("cell-3", None, &all, &BTreeSet::new()), None);
     }
 
     #[test]

@@ -157,7 +157,10 @@ fn open_store(config: &Config) -> Result<Box<dyn Store>> {
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("cannot create {}", config.state_dir.display()))?;
         let cache = config.state_dir.join(LOCAL_COPY);
-        return Ok(Box::new(EtcdStore::new(cluster.etcd(), &cluster.prefix).with_cache(cache)));
+        let store = EtcdStore::new(cluster.etcd(), &cluster.prefix)
+            .with_host(&cluster.host)
+            .with_cache(cache);
+        return Ok(Box::new(store));
     }
     let journal = Journal::open(&config.state_dir)
         .with_context(|| format!("cannot open the state in {}", config.state_dir.display()))?;
@@ -186,7 +189,7 @@ fn follow_cluster(
             })
         })
     };
-    let watched = EtcdStore::new(cluster.etcd(), &cluster.prefix).watched_key();
+    let watched = cluster.keys().head();
     let (follower, etcd, changed) = (agent.clone(), cluster.etcd(), on_change());
     std::thread::Builder::new()
         .name("cluster-follow".into())
@@ -210,14 +213,17 @@ fn join_overlay(
 ) -> Result<Membership> {
     let base = config.overlay_network.unwrap_or_default().network;
     // The lease is kept in etcd; a copy here lets the host start while etcd
-    // is unreachable.
+    // is unreachable, and keep its /24 when etcd lost the lease (wiped,
+    // restored).
     let kept = config.state_dir.join("cluster-subnet");
-    let index = match overlay::lease_subnet(&cluster.etcd(), &cluster.prefix, &cluster.host) {
+    let remembered = std::fs::read_to_string(&kept).ok().and_then(|t| t.trim().parse().ok());
+    let leased = overlay::lease_subnet(&cluster.etcd(), &cluster.keys(), &cluster.host, remembered);
+    let index = match leased {
         Ok(index) => {
             let _ = policy_agent::files::replace(&kept, index.to_string().as_bytes(), 0o600);
             index
         }
-        Err(e) => match std::fs::read_to_string(&kept).ok().and_then(|t| t.trim().parse().ok()) {
+        Err(e) => match remembered {
             Some(index) => {
                 warn!(error = %e, index, "cannot reach etcd: using the subnet this host leased before");
                 index

@@ -13,7 +13,10 @@ use std::{
 pub use journal::Journal;
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Endpoint, Policy, State};
+use crate::{
+    cluster::{lineage::Divergence, republish::Republished},
+    state::{Endpoint, Policy, State},
+};
 
 /// Where desired state is kept durably.
 pub trait Store: Send {
@@ -43,6 +46,27 @@ pub trait Store: Send {
     /// backend's revision (etcd's; 0 for a local store).
     fn position(&self) -> Position {
         Position::default()
+    }
+    /// Why a shared store's log is not the one this store applied (went
+    /// back, vanished, replaced): writes are refused and nothing of it is
+    /// applied while it is. None for a local store.
+    fn diverged(&self) -> Option<&Divergence> {
+        None
+    }
+    /// The identity of the shared log this store follows.
+    fn log_id(&self) -> Option<&str> {
+        None
+    }
+    /// Publishes `state` as the newest state of a shared store, past change
+    /// `floor`, if the backend's head is still at `expected_head` (see
+    /// `cluster::republish`).
+    fn republish(
+        &mut self,
+        _state: &State,
+        _floor: u64,
+        _expected_head: u64,
+    ) -> Result<Republished, StoreError> {
+        Err(StoreError::Unsupported("a local store has no shared log to republish"))
     }
 }
 
@@ -126,6 +150,12 @@ pub enum StoreError {
     /// The stored history is not a gapless sequence of whole changes.
     #[error("{what} is damaged: {reason}")]
     Damaged { what: String, reason: String },
+    /// The shared log is not the one this agent applied: nothing of it is
+    /// applied and no write is made until it is republished.
+    #[error("{0}")]
+    Diverged(Divergence),
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 impl StoreError {

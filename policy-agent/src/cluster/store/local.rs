@@ -1,0 +1,155 @@
+//! The local copy of the cluster state in the state directory:
+//!
+//! - `cluster-state.json`: `{"seq","log_id","stamp","state"}`, the state
+//!   and the newest change it holds, rewritten after changes (at most every
+//!   [`super::CACHE_EVERY`] past 10,000 policies);
+//! - `cluster-applied.json`: `{"seq","log_id","stamp"}` alone, written
+//!   instead where the state's copy was not (a large state between two
+//!   copies), so that what this host applied is always known.
+//!
+//! What this host applied is whichever of the two is further: an agent's
+//! position only moves forward (a republish or a superseding log moves it
+//! past every change it had).
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::{cluster::lineage::Applied, state::State, store::StoreError};
+
+pub(super) struct LocalCopy {
+    /// `cluster-state.json`.
+    state: PathBuf,
+    /// `cluster-applied.json`, beside it.
+    applied: PathBuf,
+    written_at: Option<Instant>,
+}
+
+#[derive(Serialize)]
+struct CopyRef<'a> {
+    #[serde(flatten)]
+    applied: &'a Applied,
+    state: crate::state::StoredRef<'a>,
+}
+
+#[derive(Deserialize)]
+struct Copy {
+    #[serde(flatten)]
+    applied: Applied,
+    state: State,
+}
+
+impl LocalCopy {
+    pub(super) fn new(state: PathBuf) -> Self {
+        let applied = state.with_file_name("cluster-applied.json");
+        Self { state, applied, written_at: None }
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.state
+    }
+
+    /// The newest change this host applied, if it ever applied one.
+    pub(super) fn remembered(&self) -> Option<Applied> {
+        // Only the position is parsed out of the state's copy.
+        let read = |path: &Path| -> Option<Applied> {
+            let bytes = std::fs::read(path).ok()?;
+            match serde_json::from_slice(&bytes) {
+                Ok(applied) => Some(applied),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot read what this host applied");
+                    None
+                }
+            }
+        };
+        match (read(&self.state), read(&self.applied)) {
+            (Some(a), Some(b)) => Some(if b.seq > a.seq { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The state's copy and the change it holds (None: there is none).
+    pub(super) fn read_state(&self) -> Result<Option<(Applied, State)>, StoreError> {
+        let Ok(bytes) = std::fs::read(&self.state) else { return Ok(None) };
+        let copy: Copy = serde_json::from_slice(&bytes)
+            .map_err(|source| StoreError::Corrupt { path: self.state.clone(), source })?;
+        Ok(Some((copy.applied, copy.state)))
+    }
+
+    /// Writes the state's copy if it is due (or `now`), else what was
+    /// applied alone. Small states are cheap to write after every change;
+    /// large ones at most every [`super::CACHE_EVERY`].
+    pub(super) fn write(&mut self, applied: &Applied, state: &State, now: bool) {
+        let large = state.policy_count() > 10_000;
+        let due =
+            now || !large || self.written_at.is_none_or(|at| at.elapsed() >= super::CACHE_EVERY);
+        let written = if due {
+            write_synced(&self.state, |out| {
+                serde_json::to_writer(out, &CopyRef { applied, state: state.stored() })
+            })
+            .inspect(|()| self.written_at = Some(Instant::now()))
+        } else {
+            write_synced(&self.applied, |out| serde_json::to_writer(out, applied))
+        };
+        if let Err(e) = written {
+            warn!(dir = %self.state.parent().unwrap_or(&self.state).display(), error = %e,
+                  "cannot write the local copy of the cluster state");
+        }
+    }
+}
+
+/// Replaces `path` with what `write` writes, synced before the rename.
+fn write_synced(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> serde_json::Result<()>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("json.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    let mut out = std::io::BufWriter::new(file);
+    write(&mut out)?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Policy;
+
+    #[test]
+    fn what_was_applied_is_the_further_of_the_two_files() {
+        let dir = std::env::temp_dir().join(format!("local-copy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut copy = LocalCopy::new(dir.join("cluster-state.json"));
+        assert_eq!(copy.remembered(), None);
+        assert!(copy.read_state().unwrap().is_none());
+        let mut state = State::default();
+        state.insert_policies(&[Policy::tcp("a", "b", 80)]);
+        let at = |seq| Applied { seq, log: Some("abc".into()), stamp: Some(seq * 7) };
+        copy.write(&at(3), &state, false);
+        assert_eq!(copy.remembered(), Some(at(3)));
+        assert_eq!(copy.read_state().unwrap(), Some((at(3), state.clone())));
+        // A large state between copies: the position alone.
+        let large: Vec<Policy> = (1..=10_001).map(|p| Policy::tcp("a", "c", p as u16)).collect();
+        let mut big = state.clone();
+        big.insert_policies(&large);
+        copy.write(&at(4), &big, false);
+        copy.write(&at(5), &big, false);
+        assert_eq!(copy.remembered(), Some(at(5)));
+        assert_eq!(copy.read_state().unwrap().unwrap().0, at(3), "the state's copy lags");
+        copy.write(&at(6), &state, true);
+        assert_eq!(copy.remembered(), Some(at(6)));
+        // A copy from before positions had a log id and stamp.
+        std::fs::write(dir.join("cluster-state.json"), br#"{"seq":9,"state":{}}"#).unwrap();
+        std::fs::remove_file(dir.join("cluster-applied.json")).unwrap();
+        assert_eq!(copy.remembered(), Some(Applied { seq: 9, log: None, stamp: None }));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
