@@ -11,7 +11,12 @@ use std::{
 };
 
 use integration_tests::{
-    agent::agent_bin, daemon::Daemon, eventually, require_root, topology::Host, unique_name,
+    agent::agent_bin,
+    daemon::Daemon,
+    eventually, require_root,
+    tmpfs::{Tmpfs, tmp_files},
+    topology::Host,
+    unique_name,
 };
 use policy_agent::Maps;
 use rand::Rng as _;
@@ -115,38 +120,6 @@ fn a_damaged_state_is_refused_at_start_and_rebuilt_by_the_operator() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another running agent"));
 }
 
-/// A tmpfs mounted on a path, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path, size: &str) -> Self {
-        std::fs::create_dir_all(path).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
-            .arg(path)
-            .status()
-            .expect("mount");
-        assert!(ok.success(), "mount tmpfs on {}", path.display());
-        Self(path.to_owned())
-    }
-
-    /// Fills the filesystem with a file; returns its path.
-    fn fill(&self) -> PathBuf {
-        let path = self.0.join("filler");
-        let mut f = std::fs::File::create(&path).unwrap();
-        let block = vec![0xa5u8; 4096];
-        while f.write_all(&block).is_ok() {}
-        let _ = f.sync_all();
-        path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_disk_gets_507_applies_nothing_and_recovers_when_space_is_freed() {
     require_root();
@@ -184,11 +157,7 @@ fn a_full_disk_gets_507_applies_nothing_and_recovers_when_space_is_freed() {
     want.insert(("a".into(), "b".into(), 8081));
     assert_eq!(listed(&daemon), want, "the refused writes never reappear");
     assert_eq!(kernel_pairs(&daemon), 101);
-    let leftovers: Vec<_> = std::fs::read_dir(daemon.state_dir())
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".tmp"))
-        .collect();
+    let leftovers = tmp_files(&daemon.state_dir());
     assert!(leftovers.is_empty(), "{leftovers:?}");
     daemon.kill9();
     drop(tmpfs);
@@ -230,11 +199,7 @@ fn a_registration_whose_identity_cannot_be_stored_gets_507_and_a_lost_identity_i
     assert!(said.contains("507") || said.contains("no space left"), "{said}");
     assert_eq!(registered(&daemon), vec![first.ip.to_string()], "nothing registered");
     assert!(files(second.ip).iter().all(|f| !f.exists()), "no identity left behind");
-    let leftovers: Vec<_> = std::fs::read_dir(&instances)
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".tmp"))
-        .collect();
+    let leftovers = tmp_files(&instances);
     assert!(leftovers.is_empty(), "{leftovers:?}");
     // Space again: the same registration goes through, identity written.
     std::fs::remove_file(&filler).unwrap();

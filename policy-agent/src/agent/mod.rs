@@ -179,6 +179,7 @@ impl<K: Kernel> Agent<K> {
         if !changes.is_empty() {
             self.store.snapshot(&self.state)?;
         }
+        self.store.settle(&self.state);
         if self.reconcile_pending && !self.store.is_stale() {
             for w in reconcile::full_keeping(&mut self.kernel, &self.state, &self.held)? {
                 warn!("{w}");

@@ -28,6 +28,9 @@ pub trait Store: Send {
     fn append(&mut self, change: &Change, state: &State) -> Result<(), StoreError>;
     /// Writes `state` whole (compaction).
     fn snapshot(&mut self, state: &State) -> Result<(), StoreError>;
+    /// Makes good what a write could not keep locally (a full disk), if
+    /// anything; called whenever the agent catches up.
+    fn settle(&mut self, _state: &State) {}
     /// Changes other agents committed since this store last loaded,
     /// appended or caught up, in order (a shared store's; a local store
     /// has none). After a [`StoreError::Conflict`] the agent applies these

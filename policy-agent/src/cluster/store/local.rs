@@ -17,7 +17,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{cluster::lineage::Applied, state::State, store::StoreError};
 
@@ -27,7 +27,13 @@ pub(super) struct LocalCopy {
     /// `cluster-applied.json`, beside it.
     applied: PathBuf,
     written_at: Option<Instant>,
+    /// A write of the state's copy failed (a full disk): the next chance
+    /// writes it whole, whatever is due.
+    owed: bool,
 }
+
+/// Room kept free beyond the copy's own size before a change is committed.
+const MARGIN: u64 = 256 << 10;
 
 #[derive(Serialize)]
 struct CopyRef<'a> {
@@ -46,7 +52,7 @@ struct Copy {
 impl LocalCopy {
     pub(super) fn new(state: PathBuf) -> Self {
         let applied = state.with_file_name("cluster-applied.json");
-        Self { state, applied, written_at: None }
+        Self { state, applied, written_at: None, owed: false }
     }
 
     pub(super) fn path(&self) -> &Path {
@@ -85,8 +91,10 @@ impl LocalCopy {
     /// large ones at most every [`super::CACHE_EVERY`].
     pub(super) fn write(&mut self, applied: &Applied, state: &State, now: bool) {
         let large = state.policy_count() > 10_000;
-        let due =
-            now || !large || self.written_at.is_none_or(|at| at.elapsed() >= super::CACHE_EVERY);
+        let due = now
+            || self.owed
+            || !large
+            || self.written_at.is_none_or(|at| at.elapsed() >= super::CACHE_EVERY);
         let written = if due {
             write_synced(&self.state, |out| {
                 serde_json::to_writer(out, &CopyRef { applied, state: state.stored() })
@@ -95,11 +103,54 @@ impl LocalCopy {
         } else {
             write_synced(&self.applied, |out| serde_json::to_writer(out, applied))
         };
-        if let Err(e) = written {
-            warn!(dir = %self.state.parent().unwrap_or(&self.state).display(), error = %e,
-                  "cannot write the local copy of the cluster state");
+        match written {
+            Err(e) => {
+                warn!(dir = %self.dir().display(), error = %e,
+                      "cannot write the local copy of the cluster state; trying again");
+                self.owed = true;
+            }
+            Ok(()) if due && self.owed => {
+                info!(path = %self.state.display(), "the local copy of the cluster state is written again");
+                self.owed = false;
+            }
+            Ok(()) => {}
         }
     }
+
+    /// Whether a failed write of the state's copy is still to be made good.
+    pub(super) fn owed(&self) -> bool {
+        self.owed
+    }
+
+    fn dir(&self) -> &Path {
+        self.state.parent().unwrap_or(&self.state)
+    }
+
+    /// Refuses (ENOSPC, before anything is committed) when the directory
+    /// has not room for the copy rewritten with `more` bytes: a change is
+    /// acknowledged only if this host can keep what it must.
+    pub(super) fn has_room(&self, more: usize) -> std::io::Result<()> {
+        let copy = std::fs::metadata(&self.state).map_or(0, |m| m.len());
+        let need = copy + more as u64 * 2 + MARGIN;
+        let free = free_bytes(self.dir())?;
+        if free < need {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        Ok(())
+    }
+}
+
+/// Bytes an unprivileged writer may still use on `dir`'s filesystem.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: `path` is NUL-terminated; `stat` is written by the call.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 /// Replaces `path` with what `write` writes, synced before the rename.

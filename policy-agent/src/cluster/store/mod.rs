@@ -337,6 +337,15 @@ impl Store for EtcdStore {
         let stamp = rand::random::<u64>();
         let entry = serde_json::to_vec(&Entry { seq, change: change.clone(), stamp: Some(stamp) })
             .expect("changes serialize");
+        // Acknowledged means stored here too: no commit this host could not
+        // keep in its local copy (507, nothing changed).
+        if let Some(local) = &self.local {
+            local.has_room(entry.len()).map_err(|source| StoreError::Io {
+                what: "keep the local copy",
+                path: local.path().to_owned(),
+                source,
+            })?;
+        }
         let (key, head) = (self.keys.entry(seq), self.keys.head());
         let seq_text = seq.to_string();
         let mut conditions =
@@ -376,6 +385,12 @@ impl Store for EtcdStore {
     fn snapshot(&mut self, state: &State) -> Result<(), StoreError> {
         self.keep_local(state, false);
         Ok(())
+    }
+
+    fn settle(&mut self, state: &State) {
+        if self.local.as_ref().is_some_and(local::LocalCopy::owed) {
+            self.keep_local(state, true);
+        }
     }
 
     fn pending(&mut self) -> Result<Vec<Change>, StoreError> {
