@@ -102,6 +102,8 @@ pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     let mut unit = cargo(root);
     unit.args(["test", "--release"]);
     if filter.is_none() {
+        // The whole run lints first, as CI runs it: rustfmt and clippy.
+        lint(root)?;
         run_tests(unit, "the unit tests", &mut totals)?;
     }
     build_agent(root)?;
