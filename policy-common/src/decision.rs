@@ -198,8 +198,11 @@ pub fn check_flow<A: Family, T: Lookups<A>>(tables: &T, flow: &Flow<A>) -> Check
 /// the policy decision for a packet about to enter an endpoint.
 ///
 /// Precedence, first match wins:
-/// 1. not IPv4 → pass (ARP and IPv6 are outside the policy);
-/// 2. malformed IPv4/L4 headers → drop;
+/// 1. not an IP packet of this family → pass (ARP; for the IPv4 programs an
+///    IPv6 packet, which the same decision decides with `A` = IPv6 in the
+///    IPv6 programs); IPv6 link plumbing that stays on the link (neighbour
+///    discovery, router solicitation, MLD) → pass;
+/// 2. malformed IP/L4 headers → drop;
 /// 3. a tracked connection checked at the current epoch → pass (established
 ///    or reply); one checked at an older epoch is checked again now and
 ///    refreshed, or removed and dropped (the policy that allowed it is gone);

@@ -82,7 +82,8 @@ pub struct Position {
     pub revision: i64,
 }
 
-/// Changes between snapshots.
+/// Changes between snapshots: of the local journal, and of the state in
+/// etcd in cluster mode.
 pub const COMPACT_EVERY: u64 = 1000;
 
 /// One acknowledged change, as journaled. Replaying it on the state it was

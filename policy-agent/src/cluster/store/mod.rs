@@ -43,11 +43,8 @@ use super::{
 };
 use crate::{
     state::State,
-    store::{Change, Position, Store, StoreError},
+    store::{COMPACT_EVERY, Change, Position, Store, StoreError},
 };
-
-/// Changes between snapshots of the state in etcd.
-pub const COMPACT_EVERY: u64 = 1000;
 
 /// How often at most the local copy of a large state is rewritten.
 pub const CACHE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
