@@ -642,3 +642,30 @@ fn copy_dir(from: &Path, to: &Path) {
     let status = Command::new("cp").arg("-a").arg(from).arg(to).status().expect("run cp");
     assert!(status.success(), "cp -a {} {}", from.display(), to.display());
 }
+
+/// A policy in the external API's shape: `source` to `destination` on TCP
+/// `port`.
+pub fn policy(source: &str, destination: &str, port: u16) -> serde_json::Value {
+    serde_json::json!({"source": {"id": source}, "destination": {"id": destination, "protocol": "tcp", "ports": {"start": port, "end": port}}})
+}
+
+/// The body of a policies write.
+pub fn body(policies: &[serde_json::Value]) -> String {
+    serde_json::json!({ "policies": policies }).to_string()
+}
+
+/// Host `h`'s frontend (container 0) and backend (container 1) with an echo
+/// server on 8080 and 9000, registered with that host's agent.
+pub fn frontend_and_backend(h: &ClusterHost) -> (Ipv4Addr, Ipv4Addr) {
+    let (frontend, backend) = (h.host.container(0), h.host.container(1));
+    h.daemon.register(frontend, "frontend");
+    h.daemon.register(backend, "backend");
+    crate::traffic::tcp_echo_server(&backend.ns, backend.ip, 8080);
+    crate::traffic::tcp_echo_server(&backend.ns, backend.ip, 9000);
+    (frontend.ip, backend.ip)
+}
+
+/// Whether `h`'s frontend (container 0) reaches `to` on TCP `port`.
+pub fn reaches(h: &ClusterHost, to: Ipv4Addr, port: u16) -> bool {
+    crate::traffic::tcp_echo_works(&h.host.container(0).ns, to, port, crate::traffic::SHORT)
+}

@@ -9,7 +9,10 @@ use std::{
 };
 
 use integration_tests::{
-    cluster::{ClusterHost, Etcd, Underlay, dual_stack_hosts, hosts, hosts_with},
+    cluster::{
+        ClusterHost, Etcd, Underlay, body, dual_stack_hosts, frontend_and_backend, hosts,
+        hosts_with, policy, reaches,
+    },
     daemon::Daemon,
     eventually,
     netns::NetNs,
@@ -24,29 +27,6 @@ use serde_json::{Value, json};
 
 const POLICIES: &str = "/networking/v1/external/policies";
 const TAGS: &str = "/networking/v1/external/tags";
-
-fn policy(source: &str, destination: &str, port: u16) -> Value {
-    json!({"source": {"id": source}, "destination": {"id": destination, "protocol": "tcp", "ports": {"start": port, "end": port}}})
-}
-
-fn body(policies: &[Value]) -> String {
-    json!({ "policies": policies }).to_string()
-}
-
-/// Host `h`'s frontend (container 0) and backend (container 1) with an echo
-/// server on 8080 and 9000, registered with that host's agent.
-fn frontend_and_backend(h: &ClusterHost) -> (Ipv4Addr, Ipv4Addr) {
-    let (frontend, backend) = (h.host.container(0), h.host.container(1));
-    h.daemon.register(frontend, "frontend");
-    h.daemon.register(backend, "backend");
-    tcp_echo_server(&backend.ns, backend.ip, 8080);
-    tcp_echo_server(&backend.ns, backend.ip, 9000);
-    (frontend.ip, backend.ip)
-}
-
-fn reaches(h: &ClusterHost, to: Ipv4Addr, port: u16) -> bool {
-    tcp_echo_works(&h.host.container(0).ns, to, port, SHORT)
-}
 
 fn get(daemon: &Daemon, path: &str) -> Value {
     daemon.get(path)

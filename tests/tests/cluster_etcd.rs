@@ -6,43 +6,22 @@
 //! restart.
 
 use std::{
-    net::Ipv4Addr,
     process::Output,
     sync::OnceLock,
     time::{Duration, Instant},
 };
 
 use integration_tests::{
-    cluster::{AGENT_USER, ClusterHost, Etcd, EtcdOptions, Underlay, hosts},
+    cluster::{
+        AGENT_USER, ClusterHost, Etcd, EtcdOptions, Underlay, body, frontend_and_backend, hosts,
+        policy, reaches,
+    },
     eventually, require_root,
-    traffic::{LONG, SHORT, tcp_echo_server, tcp_echo_works},
+    traffic::LONG,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 const POLICIES: &str = "/networking/v1/external/policies";
-
-fn policy(source: &str, destination: &str, port: u16) -> Value {
-    json!({"source": {"id": source}, "destination": {"id": destination, "protocol": "tcp", "ports": {"start": port, "end": port}}})
-}
-
-fn body(policies: &[Value]) -> String {
-    json!({ "policies": policies }).to_string()
-}
-
-/// Host `h`'s frontend (container 0) and backend (container 1) with an echo
-/// server on 8080 and 9000, registered with that host's agent.
-fn frontend_and_backend(h: &ClusterHost) -> Ipv4Addr {
-    let (frontend, backend) = (h.host.container(0), h.host.container(1));
-    h.daemon.register(frontend, "frontend");
-    h.daemon.register(backend, "backend");
-    tcp_echo_server(&backend.ns, backend.ip, 8080);
-    tcp_echo_server(&backend.ns, backend.ip, 9000);
-    backend.ip
-}
-
-fn reaches(h: &ClusterHost, to: Ipv4Addr, port: u16) -> bool {
-    tcp_echo_works(&h.host.container(0).ns, to, port, SHORT)
-}
 
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
@@ -85,8 +64,8 @@ fn etcd_refuses_the_underlay_other_certificates_and_keys_outside_the_agents_pref
     let etcd = Etcd::start(&underlay);
     let cells = hosts(&mut underlay, 2, 2);
     let (a, b) = (&cells[0], &cells[1]);
-    let backend_a = frontend_and_backend(a);
-    let backend_b = frontend_and_backend(b);
+    let backend_a = frontend_and_backend(a).1;
+    let backend_b = frontend_and_backend(b).1;
     // Control: the agents, with their certificate, write and follow.
     let allow = body(&[policy("frontend", "backend", 8080)]);
     assert_eq!(a.daemon.curl("POST", POLICIES, Some(&allow)).0, 200);
@@ -161,8 +140,8 @@ fn writes_go_on_when_the_etcd_leader_is_killed_and_none_acknowledged_is_lost() {
     let mut etcd = Etcd::start_with(&underlay, EtcdOptions { members: 3, tls: true });
     let cells = hosts(&mut underlay, 2, 2);
     let (a, b) = (&cells[0], &cells[1]);
-    let backend_a = frontend_and_backend(a);
-    let backend_b = frontend_and_backend(b);
+    let backend_a = frontend_and_backend(a).1;
+    let backend_b = frontend_and_backend(b).1;
     let pids = (a.daemon.pid(), b.daemon.pid());
     let mut leader = None;
     assert!(eventually(Duration::from_secs(10), || {

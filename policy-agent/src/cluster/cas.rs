@@ -29,8 +29,6 @@ use std::{
     fs,
     path::{Path, PathBuf},
     sync::Arc,
-    thread,
-    time::Duration,
 };
 
 use rustls::pki_types::{
@@ -39,7 +37,10 @@ use rustls::pki_types::{
 };
 use tracing::{info, warn};
 
-use super::etcd::{Etcd, EtcdError, ModRevisionIs, prefix_end};
+use super::{
+    etcd::{Etcd, EtcdError, ModRevisionIs, prefix_end},
+    follow::read_and_watch,
+};
 use crate::tls::{PlatformCa, TlsError, Trust, pem_of};
 
 /// This host's part in the cluster's trust.
@@ -114,37 +115,9 @@ impl HostCas {
 
     /// Follows `cas/` in etcd; runs forever on its own thread.
     pub fn follow(self) {
-        const FIRST_RETRY: Duration = Duration::from_millis(100);
-        let mut retry = FIRST_RETRY;
-        let mut healthy = true;
-        loop {
-            let revision = match self.sync() {
-                Ok(revision) => revision,
-                Err(e) => {
-                    if healthy {
-                        warn!(error = %e, "cannot read the hosts' CAs; trusting those known, retrying");
-                        healthy = false;
-                    }
-                    thread::sleep(retry);
-                    retry = (retry * 2).min(Duration::from_secs(2));
-                    continue;
-                }
-            };
-            healthy = true;
-            retry = FIRST_RETRY;
-            // `ca` up to `cas0`: the legacy key and every host's.
-            let watched =
-                self.etcd.watch(&self.legacy, &prefix_end(&self.dir), revision + 1, |_| {
-                    self.sync().map_err(|e| warn!(error = %e, "cannot read the hosts' CAs")).is_ok()
-                });
-            match watched {
-                Ok(()) | Err(EtcdError::Compacted { .. }) => {}
-                Err(e) => {
-                    warn!(error = %e, "the watch on the hosts' CAs broke; re-reading");
-                    thread::sleep(retry);
-                }
-            }
-        }
+        // `ca` up to `cas0`: the legacy key and every host's.
+        let end = prefix_end(&self.dir);
+        read_and_watch(&self.etcd, &self.legacy, &end, "the hosts' CAs", || self.sync());
     }
 
     /// Puts this host's CA certificate in etcd (at start: a host that was

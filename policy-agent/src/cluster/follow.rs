@@ -37,15 +37,31 @@ pub fn catch_up(agent: &SharedAgent, on_change: &OnChange) -> Result<i64, String
 
 /// Runs forever on its own thread.
 pub fn follow(agent: SharedAgent, etcd: Etcd, watched_key: String, on_change: OnChange) {
+    let end = prefix_end(&watched_key);
+    read_and_watch(&etcd, &watched_key, &end, "the cluster state", || catch_up(&agent, &on_change))
+}
+
+/// Reads with `read` (which returns etcd's revision read at), then watches
+/// the keys `key..end` from the next revision and reads again at every
+/// change; forever. While etcd does not answer, what is known is kept and
+/// the read retried (backing off to 2 s); a broken watch is set up again
+/// after a fresh read. `what` names what is followed in the log.
+pub fn read_and_watch<E: std::fmt::Display>(
+    etcd: &Etcd,
+    key: &str,
+    end: &[u8],
+    what: &str,
+    mut read: impl FnMut() -> Result<i64, E>,
+) {
     const FIRST_RETRY: Duration = Duration::from_millis(100);
     let mut retry = FIRST_RETRY;
     let mut healthy = true;
     loop {
-        let revision = match catch_up(&agent, &on_change) {
+        let revision = match read() {
             Ok(revision) => revision,
             Err(e) => {
                 if healthy {
-                    warn!(error = %e, "cannot read the cluster state; enforcement stays as it is, retrying");
+                    warn!(error = %e, "cannot read {what}; keeping what is known, retrying");
                     healthy = false;
                 }
                 thread::sleep(retry);
@@ -54,23 +70,21 @@ pub fn follow(agent: SharedAgent, etcd: Etcd, watched_key: String, on_change: On
             }
         };
         if !healthy {
-            info!("reading the cluster state again");
+            info!("reading {what} again");
             healthy = true;
         }
         retry = FIRST_RETRY;
-        let end = prefix_end(&watched_key);
-        let watched =
-            etcd.watch(&watched_key, &end, revision + 1, |_| match catch_up(&agent, &on_change) {
-                Ok(_) => true,
-                Err(e) => {
-                    warn!(error = %e, "cannot apply changes from the cluster");
-                    false
-                }
-            });
+        let watched = etcd.watch(key, end, revision + 1, |_| match read() {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(error = %e, "cannot read {what}");
+                false
+            }
+        });
         match watched {
             Ok(()) | Err(EtcdError::Compacted { .. }) => {}
             Err(e) => {
-                warn!(error = %e, "the watch on the cluster state broke; re-reading");
+                warn!(error = %e, "the watch on {what} broke; re-reading");
                 thread::sleep(retry);
             }
         }

@@ -29,7 +29,7 @@ use policy_agent::{
     config::Config,
     flows::{self, FlowHub, FlowLog},
     metrics::Metrics,
-    state::{Endpoint, Protocol, State, TlsFront, TlsPorts},
+    state::{Endpoint, Protocol, TlsFront, TlsPorts},
     store::{Journal, Store},
     tls::{self, Authorizer, ClientAuth, PlatformCa, Sharing, TlsProxies, Trust},
 };
@@ -128,16 +128,9 @@ const LOCAL_COPY: &str = "cluster-state.json";
 /// This host's endpoints as the agent last knew them: those it held, and
 /// those of its local copy of the cluster state.
 fn known_here(config: &Config, cluster: &ClusterConfig) -> Vec<Endpoint> {
-    #[derive(serde::Deserialize)]
-    struct LocalCopy {
-        state: State,
-    }
     let mut known = agent::read_held(&config.state_dir.join(HELD_FILE));
-    let copy = std::fs::read(config.state_dir.join(LOCAL_COPY))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<LocalCopy>(&bytes).ok());
-    if let Some(copy) = copy {
-        let mine = copy.state.endpoints().filter(|e| e.host.as_deref() == Some(&cluster.host));
+    if let Some(copy) = EtcdStore::local_state(config.state_dir.join(LOCAL_COPY)) {
+        let mine = copy.endpoints().filter(|e| e.host.as_deref() == Some(&cluster.host));
         known.extend(mine.cloned());
     }
     known

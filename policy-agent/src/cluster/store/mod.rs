@@ -151,6 +151,12 @@ impl EtcdStore {
     /// and of the newest change applied (`cluster-applied.json` beside it,
     /// where the state's copy was not written): loaded when etcd cannot be
     /// reached at start, or holds a log that diverged from this host's.
+    /// The state held by the local copy at `path`, as written by a store
+    /// [`with_cache`](Self::with_cache) (None: none, or unreadable).
+    pub fn local_state(path: PathBuf) -> Option<State> {
+        local::LocalCopy::new(path).read_state().ok().flatten().map(|(_, state)| state)
+    }
+
     pub fn with_cache(mut self, path: PathBuf) -> Self {
         self.local = Some(local::LocalCopy::new(path));
         self
