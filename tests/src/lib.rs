@@ -13,6 +13,7 @@ pub mod netns;
 pub mod nftables;
 pub mod pins;
 pub mod raw;
+pub mod scratch_root;
 pub mod tmpfs;
 pub mod topology;
 pub mod traffic;

@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask <setup|build|demo|test|bench>`.
+//! Project tasks: `cargo xtask <setup|build|demo|test|lint|bench|package>`.
 //!
 //! Every task that needs the toolchain runs `setup` first, so a fresh machine
 //! needs nothing but `cargo xtask demo` or `cargo xtask test`.
 
+mod package;
 mod run;
 mod setup;
 
@@ -43,6 +44,10 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Build the Debian package (target/debian/policy-agent_VERSION_ARCH.deb):
+    /// the agent, the CNI plugin, the systemd unit, the default configuration
+    /// and the CNI network list. Prints its path.
+    Package,
 }
 
 fn workspace_root() -> PathBuf {
@@ -77,6 +82,12 @@ fn main() -> Result<()> {
         Task::Bench { quick } => {
             setup::run()?;
             run::bench(&root, quick)
+        }
+        Task::Package => {
+            setup::run()?;
+            let deb = package::build(&root)?;
+            println!("{}", deb.display());
+            Ok(())
         }
     }
 }

@@ -4,9 +4,23 @@ use std::{env, path::Path, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
-fn cargo(root: &Path) -> Command {
+/// A cargo command in the workspace, without the variables `cargo run` gave
+/// this process (`CARGO_PKG_NAME=xtask`, ...): cargo compares those a build
+/// script tracks (ring's tracks `CARGO_PKG_*` and `CARGO_MANIFEST_*`) with its
+/// own environment, so a build through xtask and one from a shell (or from a
+/// test) would otherwise rebuild ring and everything above it in turn.
+pub fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(root);
+    for (name, _) in env::vars_os() {
+        if let Some(text) = name.to_str()
+            && (text.starts_with("CARGO_PKG_")
+                || text.starts_with("CARGO_MANIFEST_")
+                || ["CARGO_CRATE_NAME", "CARGO_BIN_NAME"].contains(&text))
+        {
+            cmd.env_remove(&name);
+        }
+    }
     cmd
 }
 
@@ -41,7 +55,7 @@ fn run_tests(mut cmd: Command, what: &str, totals: &mut (u64, u64)) -> Result<()
     Ok(())
 }
 
-fn run(mut cmd: Command, what: &str) -> Result<()> {
+pub fn run(mut cmd: Command, what: &str) -> Result<()> {
     let status = cmd.status().with_context(|| format!("failed to start {what}"))?;
     if !status.success() {
         bail!("{what} failed: {status}");
@@ -79,8 +93,9 @@ pub fn build(root: &Path) -> Result<()> {
     run(cmd, "cargo build")
 }
 
-/// The demo and the integration tests drive the real `policy-agent` binary.
-fn build_agent(root: &Path) -> Result<()> {
+/// The demo, the integration tests and the package use the real binaries;
+/// always this package set, so their dependencies are built once.
+pub fn build_agent(root: &Path) -> Result<()> {
     let mut agent = cargo(root);
     agent.args(["build", "--release", "-p", "policy-agent", "-p", "policy-cni", "--bins"]);
     run(agent, "building policy-agent")

@@ -3,7 +3,7 @@
 //! - bpf-linker 0.13, built against that nightly's LLVM 22, under the
 //!   project's tools directory (`$POLICY_TOOLS_DIR`, default
 //!   `~/.cache/policy-dataplane`), where policy-agent's build.rs finds it;
-//! - the Debian packages the tests and the demo use.
+//! - the Debian packages the tests, the demo and the package build use.
 
 use std::{
     env, fs,
@@ -54,6 +54,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // protocol code at build time: protoc and the well-known .proto files.
     ("protobuf-compiler", "protoc"),
     ("libprotobuf-dev", "/usr/include/google/protobuf/descriptor.proto"),
+    // `cargo xtask package`: dpkg-shlibdeps computes the package's
+    // dependencies, strip makes the binaries Debian-sized.
+    ("dpkg-dev", "dpkg-shlibdeps"),
+    ("binutils", "strip"),
 ];
 
 pub fn tools_dir() -> Result<PathBuf> {
@@ -71,7 +75,7 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+pub fn output(cmd: &mut Command) -> Result<String> {
     let out =
         cmd.stderr(Stdio::inherit()).output().with_context(|| format!("failed to run {cmd:?}"))?;
     if !out.status.success() {
