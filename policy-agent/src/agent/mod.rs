@@ -12,7 +12,7 @@ mod shared_log;
 mod tunnel;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
@@ -25,10 +25,10 @@ use tracing::{info, warn};
 
 use crate::{
     Dataplane, Error,
-    reconcile::{self, AppPair, Kernel},
+    reconcile::{self, Kernel},
     state::{
         Endpoint, Invalid, NetOutRule, Policy, State, TlsPorts, Undo, check_app_id, check_domain,
-        check_hostname,
+        check_hostname, check_veth_exists, missing_veth,
     },
     store::{Change, Position, Store, StoreError},
 };
@@ -40,11 +40,6 @@ pub type SharedAgent = Arc<Mutex<Agent<Dataplane>>>;
 /// others (the state is changed only through undoable steps).
 pub fn lock(agent: &SharedAgent) -> MutexGuard<'_, Agent<Dataplane>> {
     agent.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The app pairs (and protocols) a policy change touches.
-fn touched(policies: &[Policy]) -> BTreeSet<AppPair> {
-    policies.iter().map(|p| (p.source.clone(), p.destination.clone(), p.protocol)).collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +55,17 @@ pub enum AgentError {
 impl From<Invalid> for AgentError {
     fn from(e: Invalid) -> Self {
         AgentError::Invalid(e)
+    }
+}
+
+impl AgentError {
+    /// A kernel write a local write made failed: a veth that vanished
+    /// since it was checked is refused as if it had been missing then.
+    fn from_kernel(e: Error) -> Self {
+        match e {
+            Error::NoInterface { ifname } => missing_veth(&ifname).into(),
+            e => e.into(),
+        }
     }
 }
 
@@ -230,16 +236,47 @@ impl<K: Kernel> Agent<K> {
         &self.kernel
     }
 
-    /// Makes `change`, which the state already holds, durable; if that
-    /// fails, puts the kernel back (`undo_kernel`) and then the state.
-    fn commit(
+    /// Writes `change`, which the state already holds (`undo` takes it
+    /// back; `before` was read before it): the kernel follows
+    /// ([`reconcile::apply`]), then the store commits; if either fails,
+    /// the kernel and the state are taken back. An endpoint's removal is
+    /// made durable first: were the agent to die before the kernel
+    /// follows, the restart's reconcile finishes the removal from the
+    /// stored state.
+    fn write(
         &mut self,
         change: Change,
+        before: reconcile::Before,
         undo: Undo,
-        undo_kernel: impl FnOnce(&mut K),
     ) -> Result<(), AgentError> {
-        if let Err(e) = self.store.append(&change, &self.state) {
-            undo_kernel(&mut self.kernel);
+        if !undo.changes_anything() {
+            return Ok(()); // already there / already gone
+        }
+        if matches!(change, Change::RemoveEndpoint(_)) {
+            self.commit(&change, undo)?;
+            let applied = reconcile::apply(&mut self.kernel, &self.state, before, &self.held)?;
+            applied.keep(&mut self.kernel);
+            return Ok(());
+        }
+        let applied = match reconcile::apply(&mut self.kernel, &self.state, before, &self.held) {
+            Ok(applied) => applied,
+            Err(e) => {
+                self.state.undo(undo);
+                return Err(AgentError::from_kernel(e));
+            }
+        };
+        if let Err(e) = self.commit(&change, undo) {
+            applied.undo(&mut self.kernel);
+            return Err(e);
+        }
+        applied.keep(&mut self.kernel);
+        Ok(())
+    }
+
+    /// Makes `change`, which the state already holds, durable; if that
+    /// fails, takes it back out of the state.
+    fn commit(&mut self, change: &Change, undo: Undo) -> Result<(), AgentError> {
+        if let Err(e) = self.store.append(change, &self.state) {
             self.state.undo(undo);
             return Err(e.into());
         }
@@ -251,9 +288,10 @@ impl<K: Kernel> Agent<K> {
     }
 
     fn add_policies_once(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
-        let before = reconcile::before_change(&self.state, touched(policies));
+        let change = Change::AddPolicies(policies.to_vec());
+        let before = reconcile::before(&self.state, &change);
         let undo = self.state.add_policies_undoable(policies, self.limit)?;
-        self.apply_policies(Change::AddPolicies(policies.to_vec()), before, undo)?;
+        self.write(change, before, undo)?;
         info!(requested = policies.len(), total = self.state.policy_count(), "policies added");
         Ok(())
     }
@@ -263,34 +301,12 @@ impl<K: Kernel> Agent<K> {
     }
 
     fn remove_policies_once(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
-        let removed: Vec<u32> = policies.iter().filter_map(|p| self.state.policy_id(p)).collect();
-        let before = reconcile::before_change(&self.state, touched(policies));
+        let change = Change::RemovePolicies(policies.to_vec());
+        let before = reconcile::before(&self.state, &change);
         let undo = self.state.remove_policies_undoable(policies);
-        self.apply_policies(Change::RemovePolicies(policies.to_vec()), before, undo)?;
-        self.kernel.forget_policies(&removed);
+        self.write(change, before, undo)?;
         info!(requested = policies.len(), total = self.state.policy_count(), "policies removed");
         Ok(())
-    }
-
-    /// The state already holds the change: write the touched pairs, then
-    /// the journal; on failure undo both.
-    fn apply_policies(
-        &mut self,
-        change: Change,
-        before: reconcile::Before,
-        undo: Undo,
-    ) -> Result<(), AgentError> {
-        if !undo.changes_anything() {
-            return Ok(()); // already there / already gone
-        }
-        let written = match reconcile::touched_pairs(&mut self.kernel, &self.state, &before) {
-            Ok(written) => written,
-            Err(e) => {
-                self.state.undo(undo);
-                return Err(e.into());
-            }
-        };
-        self.commit(change, undo, |kernel| reconcile::undo_pairs(kernel, written))
     }
 
     /// Registers (or replaces) an endpoint on this host and attaches to
@@ -305,72 +321,16 @@ impl<K: Kernel> Agent<K> {
         if self.state.endpoint(endpoint.ip) == Some(&endpoint) {
             return Ok(());
         }
-        let old = self.state.endpoint(endpoint.ip).cloned();
-        let undo = self.state.add_endpoint_undoable(endpoint.clone());
-        let tag = self.state.tag(&endpoint.app).expect("add_endpoint tags the app");
-        let attached = self
-            .kernel
-            .attach(&endpoint.ifname, endpoint.ipv4(), tag)
-            .and_then(|()| self.kernel.bind_veth6(&endpoint.ifname, endpoint.ipv6));
-        if let Err(e) = attached {
-            self.state.undo(undo);
-            return Err(match e {
-                Error::NoInterface { ifname } => Invalid::new(
-                    "ifname",
-                    format!("interface {ifname} not found in the agent's network namespace"),
-                )
-                .into(),
-                e => e.into(),
-            });
-        }
-        let value = self.state.endpoint_value(&endpoint).expect("add_endpoint tags the app");
-        let stale6 = old.as_ref().and_then(|o| o.ipv6).filter(|a| endpoint.ipv6 != Some(*a));
-        let kernel_written = reconcile::set_endpoint_addresses(&mut self.kernel, &endpoint, value)
-            .and_then(|()| match stale6 {
-                Some(ipv6) => self.kernel.remove_endpoint6(ipv6),
-                None => Ok(()),
-            })
-            .and_then(|()| reconcile::port_mappings(&mut self.kernel, &self.state))
-            .and_then(|()| self.netout_if_any());
-        if let Err(e) = kernel_written {
-            let _ = self.kernel.detach(&endpoint.ifname, endpoint.ipv4());
-            if let Some(ipv6) =
-                endpoint.ipv6.filter(|a| old.as_ref().and_then(|o| o.ipv6) != Some(*a))
-            {
-                let _ = self.kernel.remove_endpoint6(ipv6);
-            }
-            self.state.undo(undo);
-            let _ = reconcile::port_mappings(&mut self.kernel, &self.state);
-            return Err(e.into());
-        }
-        if let Some(old) = old.as_ref().filter(|o| o.ifname != endpoint.ifname)
-            && let Err(e) = self.kernel.detach(&old.ifname, None)
-        {
-            self.state.undo(undo);
-            return Err(e.into());
-        }
-        let (ip, ipv6) = (endpoint.ip, endpoint.ipv6);
-        let added = endpoint.clone();
-        let (app, logged_ifname) = (endpoint.app.clone(), endpoint.ifname.clone());
-        let committed = self.commit(Change::AddEndpoint(endpoint), undo, move |kernel| {
-            let _ = kernel.detach(&added.ifname, added.ipv4());
-            let _ = reconcile::remove_endpoint_addresses(kernel, &added);
-        });
-        if committed.is_err() {
-            let _ = reconcile::port_mappings(&mut self.kernel, &self.state);
-        }
-        committed?;
-        info!(%ip, ?ipv6, app, ifname = logged_ifname, tag, "endpoint added");
+        check_veth_exists(&endpoint, |ifname| self.kernel.interface_exists(ifname))?;
+        let (ip, ipv6, app, ifname) =
+            (endpoint.ip, endpoint.ipv6, endpoint.app.clone(), endpoint.ifname.clone());
+        let change = Change::AddEndpoint(endpoint.clone());
+        let before = reconcile::before(&self.state, &change);
+        let undo = self.state.add_endpoint_undoable(endpoint);
+        self.write(change, before, undo)?;
+        let tag = self.state.tag(&app).expect("add_endpoint tags the app");
+        info!(%ip, ?ipv6, app, ifname, tag, "endpoint added");
         Ok(())
-    }
-
-    /// The security group trie follows the state, when any app has groups
-    /// (an endpoint change may give or take an app's tag).
-    fn netout_if_any(&mut self) -> Result<(), Error> {
-        if self.state.asgs().is_empty() {
-            return Ok(());
-        }
-        reconcile::netout(&mut self.kernel, &self.state)
     }
 
     /// Sets (Some) or removes (None) `app`'s security groups (NetOut): the
@@ -393,20 +353,13 @@ impl<K: Kernel> Agent<K> {
         if let Some(rules) = &rules {
             crate::netout::app_entries(1, rules).map_err(|e| Invalid::new("rules", e))?;
         }
-        let undo = self.state.set_asgs_undoable(app, rules.clone());
+        let change = Change::SetAsgs { app: app.to_owned(), rules: rules.clone() };
+        let before = reconcile::before(&self.state, &change);
+        let undo = self.state.set_asgs_undoable(app, rules);
         if !undo.changes_anything() {
             return Ok(());
         }
-        if let Err(e) = reconcile::netout(&mut self.kernel, &self.state) {
-            self.state.undo(undo);
-            let _ = reconcile::netout(&mut self.kernel, &self.state);
-            return Err(e.into());
-        }
-        let change = Change::SetAsgs { app: app.to_owned(), rules };
-        if let Err(e) = self.commit(change, undo, |_| {}) {
-            let _ = reconcile::netout(&mut self.kernel, &self.state);
-            return Err(e);
-        }
+        self.write(change, before, undo)?;
         info!(
             app,
             "security groups {}",
@@ -439,6 +392,13 @@ impl<K: Kernel> Agent<K> {
         check_app_id("app", app)?;
         check_domain("domain", domain)?;
         let hostname = check_hostname("hostname", hostname)?;
+        let (owner, name) = (app.to_owned(), hostname.clone());
+        let change = if map {
+            Change::MapRoute { app: owner, hostname: name }
+        } else {
+            Change::UnmapRoute { app: owner, hostname: name }
+        };
+        let before = reconcile::before(&self.state, &change);
         let undo = if map {
             self.state.map_route_undoable(app, &hostname)?
         } else {
@@ -447,13 +407,7 @@ impl<K: Kernel> Agent<K> {
         if !undo.changes_anything() {
             return Ok(());
         }
-        let (owner, name) = (app.to_owned(), hostname.clone());
-        let change = if map {
-            Change::MapRoute { app: owner, hostname: name }
-        } else {
-            Change::UnmapRoute { app: owner, hostname: name }
-        };
-        self.commit(change, undo, |_| {})?;
+        self.write(change, before, undo)?;
         info!(app, hostname, "route {}", if map { "mapped" } else { "unmapped" });
         Ok(())
     }
@@ -470,18 +424,10 @@ impl<K: Kernel> Agent<K> {
             return Ok(false);
         };
         let ip = endpoint.ip;
-        // Durable first: were the agent to die before the kernel is updated,
-        // the restart reconcile finishes the removal from the stored state.
+        let change = Change::RemoveEndpoint(ip);
+        let before = reconcile::before(&self.state, &change);
         let undo = self.state.remove_endpoint_undoable(ip);
-        self.commit(Change::RemoveEndpoint(ip), undo, |_| {})?;
-        if endpoint.runs_on(self.state.local_host()) {
-            self.kernel.detach(&endpoint.ifname, endpoint.ipv4())?;
-        }
-        reconcile::remove_endpoint_addresses(&mut self.kernel, &endpoint)?;
-        if !endpoint.port_mappings.is_empty() {
-            reconcile::port_mappings(&mut self.kernel, &self.state)?;
-        }
-        self.netout_if_any()?;
+        self.write(change, before, undo)?;
         info!(%ip, app = endpoint.app, ifname = endpoint.ifname, "endpoint removed");
         Ok(true)
     }
@@ -558,7 +504,7 @@ mod tests {
                 port_mappings: Vec::new(),
             })
             .unwrap();
-        assert_eq!(agent.kernel().endpoints[&std::net::Ipv4Addr::new(10, 255, 0, 1)], 1);
+        assert_eq!(agent.kernel().endpoints[&std::net::Ipv4Addr::new(10, 255, 0, 1)].tag, 1);
         assert!(agent.remove_endpoint(ip).unwrap());
         assert!(agent.kernel().endpoints.is_empty() && agent.kernel().attached.is_empty());
         assert!(!agent.remove_endpoint(ip).unwrap());

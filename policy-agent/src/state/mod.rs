@@ -34,6 +34,7 @@ pub use validate::{
     Invalid, MAX_ID_LEN, check_app_id, check_domain, check_endpoint, check_hostname,
     check_icmp_types, check_ifname, check_ports, parse_port_range, parse_protocol, parse_transport,
 };
+pub use validate::{check_veth_exists, missing_veth};
 
 /// The whole desired state, as stored on disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -175,6 +175,21 @@ pub fn check_endpoint(endpoint: &Endpoint) -> Result<(), Invalid> {
     check_ifname("ifname", &endpoint.ifname)
 }
 
+/// Checks that an endpoint's veth exists in the agent's network namespace
+/// (`exists`: the kernel's answer), before anything changes.
+pub fn check_veth_exists(
+    endpoint: &Endpoint,
+    exists: impl FnOnce(&str) -> bool,
+) -> Result<(), Invalid> {
+    if exists(&endpoint.ifname) { Ok(()) } else { Err(missing_veth(&endpoint.ifname)) }
+}
+
+/// The refusal of an endpoint whose veth is not in the agent's network
+/// namespace (also when it vanished between the check and the attach).
+pub fn missing_veth(ifname: &str) -> Invalid {
+    Invalid::new("ifname", format!("interface {ifname} not found in the agent's network namespace"))
+}
+
 /// Checks and normalises a route hostname: one DNS label (RFC 1035: 1-63
 /// letters, digits and hyphens, not starting or ending with a hyphen),
 /// lower-cased.

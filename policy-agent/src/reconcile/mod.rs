@@ -1,0 +1,199 @@
+//! Desired state → kernel maps. The kernel is reached through [`Kernel`], so
+//! the ordering and rollback rules here are tested without root against an
+//! in-memory fake (`fake.rs`, which keeps every map the trait writes, IPv6,
+//! NetIn and NetOut included), and against the real maps by the
+//! integration tests.
+//!
+//! Two ways in: [`full`] brings the whole kernel to a state (the agent's
+//! start, a state replaced whole); [`apply`] writes one change — the
+//! agent's own writes and the changes it follows from the cluster alike,
+//! so a change reaches the kernel through the same steps wherever it was
+//! made.
+//!
+//! Rules:
+//! 1. Adds before removes: every entry the new state needs is written before
+//!    any entry it no longer needs is removed.
+//! 2. Every map write replaces one whole entry, so the kernel sees each pair's
+//!    port ranges either before or after a change, never half of it.
+//! 3. A change reaches the kernel whole or not at all: [`apply`] keeps the
+//!    undo of every write it makes; a write that fails (a full map) takes
+//!    back those already made, last first, so the kernel is as it was
+//!    before the change. A change the store then refuses is taken back the
+//!    same way ([`Applied::undo`]).
+//! 4. A change writes what it touches, computed from the state before it
+//!    ([`before`]) and after it: the pairs of its policies' apps; one
+//!    endpoint's addresses and veth; NetIn when a local endpoint's mappings
+//!    come or go; NetOut when an app with security groups is touched (a
+//!    tag may come or go with it). The undo of a write is the entry as the
+//!    state before the change wanted it; the kernel is not read back.
+//! 5. What cannot be taken back waits until the change is kept
+//!    ([`Applied::keep`]): the counters of removed policies are forgotten
+//!    only then.
+
+mod apply;
+#[cfg(test)]
+pub(crate) mod fake;
+mod pairs;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+pub use apply::{Applied, Before, apply, before};
+pub use pairs::{AppPair, PairChange, pairs};
+use policy_common::{
+    maps::{EndpointValue, PairKey},
+    ports::Allowance,
+};
+use tracing::warn;
+
+use crate::{
+    Error,
+    netout::TrieKey,
+    state::{Endpoint, PortMapping, State},
+};
+
+/// The NetOut trie: key → the rules of the longest match.
+pub type NetOutTrie = BTreeMap<TrieKey, policy_common::netout::NetOutRules>;
+
+/// What the reconciler needs from the kernel. No method has a default: the
+/// in-memory fake implements each, so the reconciler's tests see every map.
+pub trait Kernel {
+    /// `ENDPOINTS`: address → tag.
+    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointValue>, Error>;
+    fn set_endpoint(&mut self, ip: Ipv4Addr, value: EndpointValue) -> Result<(), Error>;
+    /// Removes the endpoint and every entry naming its address.
+    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error>;
+    /// `ENDPOINTS6`: IPv6 address → tag (dual-stack endpoints).
+    fn endpoints6(&self) -> Result<BTreeMap<Ipv6Addr, EndpointValue>, Error>;
+    fn set_endpoint6(&mut self, ip: Ipv6Addr, value: EndpointValue) -> Result<(), Error>;
+    /// Removes the IPv6 endpoint and the veth bindings naming its address.
+    fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<(), Error>;
+    /// Binds the attached `ifname` to the endpoint's IPv6 address for the
+    /// IPv6 anti-spoofing check (None: the endpoint has none, and sends no
+    /// IPv6 but link-local).
+    fn bind_veth6(&mut self, ifname: &str, ip: Option<Ipv6Addr>) -> Result<(), Error>;
+    /// `POLICIES`: pair → allowances.
+    fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, Error>;
+    /// Replaces a pair's allowances; empty removes the pair.
+    fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), Error>;
+    /// Host-side veths with programs attached.
+    fn attached(&self) -> Result<BTreeSet<String>, Error>;
+    /// Whether the interface `ifname` exists (in the agent's namespace).
+    fn interface_exists(&self, ifname: &str) -> bool;
+    /// Binds `ifname` to the endpoint (anti-spoofing) and attaches to it.
+    /// `ip` None: an IPv6-only endpoint, whose veth lets no IPv4 out.
+    fn attach(&mut self, ifname: &str, ip: Option<Ipv4Addr>, tag: u32) -> Result<(), Error>;
+    /// Detaches from `ifname` and drops its bindings (both families) and
+    /// those of `ip`.
+    fn detach(&mut self, ifname: &str, ip: Option<Ipv4Addr>) -> Result<(), Error>;
+    /// Forgets the counters of removed policies (ids are never reused).
+    fn forget_policies(&mut self, ids: &[u32]);
+    /// NetIn: makes the port mappings exactly `wanted` (container address
+    /// and its mapping, for every local endpoint).
+    fn set_port_mappings(&mut self, wanted: &[(Ipv4Addr, PortMapping)]) -> Result<(), Error>;
+    /// NetOut: makes the security group trie exactly `wanted`.
+    fn set_netout(&mut self, wanted: &NetOutTrie) -> Result<(), Error>;
+}
+
+/// Brings the kernel to `state` without clearing it first (the agent's start).
+/// Interfaces that do not exist (a container deleted while the agent was
+/// down) are reported, not fatal. Returns those warnings.
+pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Error> {
+    full_keeping(kernel, state, &BTreeMap::new())
+}
+
+/// [`full`], leaving the endpoints `held` exactly as the kernel has them
+/// (attached, their addresses' entries kept): this host's endpoints the
+/// cluster removed while their containers are still here (see
+/// `agent::returning`).
+pub fn full_keeping<K: Kernel>(
+    kernel: &mut K,
+    state: &State,
+    held: &BTreeMap<IpAddr, Endpoint>,
+) -> Result<Vec<String>, Error> {
+    let mut warnings = Vec::new();
+    let want_endpoints = state.endpoint_values();
+    let have_endpoints = kernel.endpoints()?;
+    // Adds and changes.
+    for (ip, value) in &want_endpoints {
+        if have_endpoints.get(ip) != Some(value) {
+            kernel.set_endpoint(*ip, *value)?;
+        }
+    }
+    let want_endpoints6 = state.endpoint6_values();
+    let have_endpoints6 = kernel.endpoints6()?;
+    for (ip, value) in &want_endpoints6 {
+        if have_endpoints6.get(ip) != Some(value) {
+            kernel.set_endpoint6(*ip, *value)?;
+        }
+    }
+    for e in state.local_endpoints() {
+        let Some(tag) = state.endpoint_value(e).map(|v| v.tag) else { continue };
+        let attached = kernel
+            .attach(&e.ifname, e.ipv4(), tag)
+            .and_then(|()| kernel.bind_veth6(&e.ifname, e.ipv6));
+        if let Err(err) = attached {
+            warn!(ifname = %e.ifname, ip = %e.ip, error = %err, "endpoint's interface not attached");
+            warnings.push(format!("endpoint {} ({}): {err}", e.ip, e.ifname));
+        }
+    }
+    let want_pairs = state.pairs();
+    let have_pairs = kernel.pairs()?;
+    for (key, allowances) in &want_pairs {
+        if !pairs::same_allowances(have_pairs.get(key), allowances) {
+            kernel.set_pair(*key, allowances)?;
+        }
+    }
+    // Removes.
+    for key in have_pairs.keys().filter(|k| !want_pairs.contains_key(k)) {
+        kernel.set_pair(*key, &[])?;
+    }
+    let wanted_ifnames: BTreeSet<&str> =
+        state.local_endpoints().chain(held.values()).map(|e| e.ifname.as_str()).collect();
+    let kept4: BTreeSet<Ipv4Addr> = held.values().filter_map(Endpoint::ipv4).collect();
+    let kept6: BTreeSet<Ipv6Addr> = held.values().filter_map(|e| e.ipv6).collect();
+    for ifname in kernel.attached()? {
+        if !wanted_ifnames.contains(ifname.as_str()) {
+            // The address is unknown here; detach drops the link only.
+            kernel.detach(&ifname, None)?;
+        }
+    }
+    for ip in have_endpoints.keys().filter(|ip| !want_endpoints.contains_key(ip)) {
+        if !kept4.contains(ip) {
+            kernel.remove_endpoint(*ip)?;
+        }
+    }
+    for ip in
+        have_endpoints6.keys().filter(|ip| !want_endpoints6.contains_key(ip) && !kept6.contains(ip))
+    {
+        kernel.remove_endpoint6(*ip)?;
+    }
+    port_mappings(kernel, state)?;
+    netout(kernel, state)?;
+    Ok(warnings)
+}
+
+/// NetOut: the kernel's security group trie made the state's (apps with
+/// security groups and a tag).
+fn netout<K: Kernel>(kernel: &mut K, state: &State) -> Result<(), Error> {
+    kernel.set_netout(&crate::netout::trie(state))
+}
+
+/// NetIn: the kernel's port mappings made those of the local endpoints.
+pub fn port_mappings<K: Kernel>(kernel: &mut K, state: &State) -> Result<(), Error> {
+    kernel.set_port_mappings(&netin(state))
+}
+
+/// The port mappings of the local endpoints (NetIn), as the kernel takes
+/// them.
+fn netin(state: &State) -> Vec<(Ipv4Addr, PortMapping)> {
+    state
+        .local_endpoints()
+        .filter_map(|e| Some((e.ipv4()?, &e.port_mappings)))
+        .flat_map(|(ip, mappings)| mappings.iter().map(move |m| (ip, *m)))
+        .collect()
+}

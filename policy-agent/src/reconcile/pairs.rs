@@ -1,0 +1,127 @@
+//! `POLICIES`, one entry per app pair and protocol: the pairs a policy
+//! change touches, read before it and written after it, adds and changes
+//! before removals, all or nothing.
+
+use std::collections::BTreeSet;
+
+use policy_common::{maps::PairKey, ports::Allowance};
+use tracing::warn;
+
+use super::Kernel;
+use crate::{
+    Error,
+    state::{Policy, Protocol, State},
+};
+
+/// An app pair and protocol, by app id.
+pub type AppPair = (String, String, Protocol);
+
+/// One pair entry to write: key, its old allowances, its new ones.
+pub type PairChange = (PairKey, Vec<Allowance>, Vec<Allowance>);
+
+/// The app pairs (and protocols) a policy change touches.
+pub fn touched(policies: &[Policy]) -> BTreeSet<AppPair> {
+    policies.iter().map(|p| (p.source.clone(), p.destination.clone(), p.protocol)).collect()
+}
+
+pub(super) fn same_allowances(have: Option<&Vec<Allowance>>, want: &[Allowance]) -> bool {
+    let sorted = |v: &[Allowance]| {
+        let mut v: Vec<_> = v.iter().map(|a| (a.start, a.end, a.policy_id)).collect();
+        v.sort_unstable();
+        v
+    };
+    have.is_some_and(|h| sorted(h) == sorted(want))
+}
+
+/// Writes pair changes, adds and changes first, removals last. On error,
+/// every pair already written is restored and the error returned.
+fn write_pairs<K: Kernel>(kernel: &mut K, changes: &mut [PairChange]) -> Result<(), Error> {
+    // Entries that remain (non-empty) before entries that go.
+    changes.sort_by_key(|(_, _, new)| new.is_empty());
+    for (i, (key, _, new)) in changes.iter().enumerate() {
+        if let Err(err) = kernel.set_pair(*key, new) {
+            for (key, old, _) in changes[..i].iter().rev() {
+                if let Err(undo) = kernel.set_pair(*key, old) {
+                    warn!(error = %undo, "rolling back a policy pair failed");
+                }
+            }
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Writes every pair that differs between two states (walks all policies:
+/// for tests and small states; a change writes [`touched_pairs`]).
+pub fn pairs<K: Kernel>(kernel: &mut K, old: &State, new: &State) -> Result<(), Error> {
+    let (old_pairs, new_pairs) = (old.pairs(), new.pairs());
+    let mut changes: Vec<PairChange> = new_pairs
+        .iter()
+        .filter(|(k, v)| !same_allowances(old_pairs.get(k), v))
+        .map(|(k, v)| (*k, old_pairs.get(k).cloned().unwrap_or_default(), v.clone()))
+        .collect();
+    changes.extend(
+        old_pairs
+            .iter()
+            .filter(|(k, _)| !new_pairs.contains_key(k))
+            .map(|(k, v)| (*k, v.clone(), Vec::new())),
+    );
+    write_pairs(kernel, &mut changes)
+}
+
+/// The pairs a change will touch as they were before it: allowances and
+/// the apps' tags (a removal may take an app's tag away).
+#[derive(Debug)]
+pub struct PairsBefore(Vec<PairBefore>);
+
+/// A pair, its allowances, and its source and destination apps' tags.
+type PairBefore = (AppPair, Vec<Allowance>, Option<u32>, Option<u32>);
+
+/// Reads the touched pairs before the change: range queries, so the cost is
+/// proportional to the change, not to the number of policies.
+pub fn before_change(state: &State, touched: BTreeSet<AppPair>) -> PairsBefore {
+    PairsBefore(
+        touched
+            .into_iter()
+            .map(|pair| {
+                let allowances = state.pair_allowances(&pair.0, &pair.1, pair.2);
+                let (src, dst) = (state.tag(&pair.0), state.tag(&pair.1));
+                (pair, allowances, src, dst)
+            })
+            .collect(),
+    )
+}
+
+/// Writes the touched pairs that differ between `before` and `state` now;
+/// returns what it wrote, for [`undo_pairs`]. On error nothing stays written.
+pub fn touched_pairs<K: Kernel>(
+    kernel: &mut K,
+    state: &State,
+    before: &PairsBefore,
+) -> Result<Vec<PairChange>, Error> {
+    let mut changes = Vec::new();
+    for ((source, destination, protocol), old, old_src, old_dst) in &before.0 {
+        let after = state.pair_allowances(source, destination, *protocol);
+        if same_allowances(Some(old), &after) {
+            continue;
+        }
+        let (Some(src), Some(dst)) =
+            (state.tag(source).or(*old_src), state.tag(destination).or(*old_dst))
+        else {
+            continue;
+        };
+        changes.push((PairKey::new(src, dst, protocol.number()), old.clone(), after));
+    }
+    write_pairs(kernel, &mut changes)?;
+    Ok(changes)
+}
+
+/// Puts back what [`touched_pairs`] wrote (best effort: failures are
+/// logged; the next start reconciles).
+pub fn undo_pairs<K: Kernel>(kernel: &mut K, written: Vec<PairChange>) {
+    let mut reverse: Vec<PairChange> =
+        written.into_iter().map(|(key, old, new)| (key, new, old)).collect();
+    if let Err(e) = write_pairs(kernel, &mut reverse) {
+        warn!(error = %e, "undoing policy pairs failed");
+    }
+}

@@ -1,0 +1,290 @@
+//! The reconciler against the in-memory kernel: the full reconcile, and
+//! [`apply`] of every kind of change — its result is what a full reconcile
+//! to the new state gives, and a failure at any write, or an undo after
+//! the fact, leaves every map exactly as before.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use super::{fake::FakeKernel, *};
+use crate::{
+    state::{AddressRange, Endpoint, NetOutProtocol, NetOutRule, Policy, Protocol},
+    store::Change,
+};
+
+fn policy(src: &str, dst: &str, port: u16) -> Policy {
+    Policy::tcp(src, dst, port)
+}
+
+#[test]
+fn full_reconcile_adds_before_it_removes_and_keeps_what_matches() {
+    let mut kernel = FakeKernel::new(100);
+    kernel.interfaces.insert("hv0".into());
+    let mut old = State::default();
+    old.add_policies(&[policy("a", "b", 80), policy("c", "d", 81)], None).unwrap();
+    full(&mut kernel, &old).unwrap();
+    let mut new = old.clone();
+    new.remove_policies(&[policy("c", "d", 81)]);
+    new.add_policies(&[policy("a", "b", 82)], None).unwrap();
+    new.add_endpoint(Endpoint {
+        ip: Ipv4Addr::new(10, 0, 0, 1).into(),
+        ipv6: None,
+        app: "b".into(),
+        ifname: "hv0".into(),
+        netns: None,
+        host: None,
+        port_mappings: Vec::new(),
+    });
+    kernel.log.clear();
+    full(&mut kernel, &new).unwrap();
+    let first_remove = kernel.log.iter().position(|l| l.starts_with("remove")).unwrap();
+    let last_add =
+        kernel.log.iter().rposition(|l| l.starts_with("set") || l.starts_with("attach")).unwrap();
+    assert!(last_add < first_remove, "adds before removes: {:?}", kernel.log);
+    assert_eq!(kernel.pairs, new.pairs());
+    // Reconciling again writes nothing.
+    kernel.log.clear();
+    full(&mut kernel, &new).unwrap();
+    assert_eq!(kernel.log, ["attach hv0"], "only the idempotent attach");
+}
+
+#[test]
+fn a_missing_interface_is_a_warning_at_start() {
+    let mut kernel = FakeKernel::new(10);
+    let mut state = State::default();
+    state.add_endpoint(Endpoint {
+        ip: Ipv4Addr::new(10, 0, 0, 1).into(),
+        ipv6: None,
+        app: "b".into(),
+        ifname: "gone".into(),
+        netns: None,
+        host: None,
+        port_mappings: Vec::new(),
+    });
+    let warnings = full(&mut kernel, &state).unwrap();
+    assert_eq!(warnings.len(), 1);
+    assert!(warnings[0].contains("gone"));
+    assert_eq!(kernel.endpoints.len(), 1);
+}
+
+#[test]
+fn a_full_map_rolls_the_change_back() {
+    let mut kernel = FakeKernel::new(2);
+    let mut old = State::default();
+    old.add_policies(&[policy("a", "b", 80)], None).unwrap();
+    pairs(&mut kernel, &State::default(), &old).unwrap();
+    let mut new = old.clone();
+    new.add_policies(&[policy("a", "b", 81), policy("a", "c", 80), policy("a", "d", 80)], None)
+        .unwrap();
+    let err = pairs(&mut kernel, &old, &new).unwrap_err();
+    assert!(matches!(err, Error::MapFull { .. }));
+    assert_eq!(kernel.pairs, old.pairs(), "kernel back to the old state");
+}
+
+/// An endpoint of `app` on veth `hv{last}` at 10.255.0.`last`, dual-stack,
+/// on `host`.
+fn dual(last: u8, app: &str, host: Option<&str>) -> Endpoint {
+    Endpoint {
+        ip: Ipv4Addr::new(10, 255, 0, last).into(),
+        ipv6: Some(Ipv6Addr::new(0xfd00, 0x255, 0, 0, 0, 0, 0, u16::from(last))),
+        app: app.into(),
+        ifname: format!("hv{last}"),
+        netns: None,
+        host: host.map(str::to_owned),
+        port_mappings: vec![PortMapping {
+            host_port: 8000 + u16::from(last),
+            container_port: 8080,
+            protocol: Protocol::Tcp,
+        }],
+    }
+}
+
+fn egress_to(network: &str) -> NetOutRule {
+    let net: Ipv4Addr = network.parse().unwrap();
+    NetOutRule {
+        protocol: NetOutProtocol::All,
+        networks: vec![AddressRange { start: net, end: net }],
+        ports: Vec::new(),
+        icmps: None,
+        log: false,
+    }
+}
+
+/// This host's state before each change: a policy web → api, web's
+/// security groups, and two endpoints here (one per app), dual-stack with
+/// NetIn mappings; `host` Some: cluster mode.
+fn state_before(host: Option<&str>) -> State {
+    let mut state = State::default();
+    state.set_local_host(host.map(str::to_owned));
+    state.add_policies(&[Policy::tcp("web", "api", 8080)], None).unwrap();
+    state.set_asgs("web", Some(vec![egress_to("192.0.2.1")]));
+    state.add_endpoint(dual(1, "web", host));
+    state.add_endpoint(dual(2, "api", host));
+    state
+}
+
+/// The kernel reconciled to `state`, with veths hv0..hv9.
+fn kernel_at(state: &State) -> FakeKernel {
+    let mut kernel = FakeKernel::new(100);
+    kernel.interfaces.extend((0..10).map(|i| format!("hv{i}")));
+    assert!(full(&mut kernel, state).unwrap().is_empty());
+    kernel.log.clear();
+    kernel
+}
+
+/// Applies `change` to `state` failing at each write in turn — each time
+/// the kernel is left exactly as before — then without a failure: the
+/// kernel is then as a full reconcile to the new state makes it, and an
+/// undo (the store refused the change) puts it back as before. Returns the
+/// kernel after the change and how many writes it took.
+fn applies_whole_or_not_at_all(state: &State, change: &Change) -> (FakeKernel, usize) {
+    let base = kernel_at(state);
+    let mut after = state.clone();
+    change.replay(&mut after);
+    let mut expected = base.clone();
+    full(&mut expected, &after).unwrap();
+    for fail_after in 0.. {
+        let mut kernel = base.clone();
+        kernel.fail_after = Some(fail_after);
+        match apply(&mut kernel, &after, before(state, change), &BTreeMap::new()) {
+            Err(e) => {
+                assert!(matches!(e, Error::MapFull { capacity: 0, .. }), "{e}");
+                assert_eq!(
+                    kernel.maps(),
+                    base.maps(),
+                    "failing after {fail_after} writes of {change:?} is taken back: {:?}",
+                    kernel.log
+                );
+            }
+            Ok(applied) => {
+                assert!(kernel.fail_after.is_some(), "no write failed unnoticed");
+                assert_eq!(kernel.maps(), expected.maps(), "{change:?}: {:?}", kernel.log);
+                let mut undone = kernel.maps();
+                applied.undo(&mut undone);
+                assert_eq!(undone.maps(), base.maps(), "{change:?} undone after the fact");
+                return (kernel, fail_after);
+            }
+        }
+    }
+    unreachable!("the loop returns once no write fails")
+}
+
+#[test]
+fn policies_added_and_removed_apply_whole_or_not_at_all() {
+    let state = state_before(None);
+    // A new pair, and an app with security groups gaining a tag: the
+    // NetOut trie follows.
+    let mut grown = state.clone();
+    grown.set_asgs("db", Some(vec![egress_to("192.0.2.2")]));
+    let add =
+        Change::AddPolicies(vec![Policy::tcp("api", "web", 9000), Policy::tcp("db", "web", 5432)]);
+    let (kernel, writes) = applies_whole_or_not_at_all(&grown, &add);
+    assert!(writes >= 3, "two pairs and the trie: {:?}", kernel.log);
+    assert_eq!(
+        kernel.netout,
+        crate::netout::trie(&{
+            let mut s = grown.clone();
+            add.replay(&mut s);
+            s
+        })
+    );
+    let remove = Change::RemovePolicies(vec![Policy::tcp("web", "api", 8080)]);
+    applies_whole_or_not_at_all(&state, &remove);
+}
+
+#[test]
+fn removed_policies_forget_their_counters_only_when_kept() {
+    let state = state_before(None);
+    let id = state.policy_id(&Policy::tcp("web", "api", 8080)).unwrap();
+    let change = Change::RemovePolicies(vec![Policy::tcp("web", "api", 8080)]);
+    let mut after = state.clone();
+    change.replay(&mut after);
+    let mut kernel = kernel_at(&state);
+    let applied = apply(&mut kernel, &after, before(&state, &change), &BTreeMap::new()).unwrap();
+    assert!(kernel.forgotten.is_empty() && kernel.pairs.is_empty());
+    applied.keep(&mut kernel);
+    assert_eq!(kernel.forgotten, [id]);
+}
+
+#[test]
+fn endpoints_added_replaced_and_removed_apply_whole_or_not_at_all() {
+    for host in [None, Some("me")] {
+        let state = state_before(host);
+        // New, dual-stack, with a mapping, of an app with security groups.
+        let (kernel, _) =
+            applies_whole_or_not_at_all(&state, &Change::AddEndpoint(dual(3, "web", host)));
+        assert_eq!(kernel.veths6["hv3"], dual(3, "web", host).ipv6.unwrap());
+        assert_eq!(kernel.port_mappings.len(), 3);
+        // Replaced on its veth: another app, another IPv6 address, no mapping.
+        let moved_app = Endpoint {
+            app: "api".into(),
+            ipv6: Some("fd00:255::99".parse().unwrap()),
+            port_mappings: Vec::new(),
+            ..dual(1, "web", host)
+        };
+        let (kernel, _) = applies_whole_or_not_at_all(&state, &Change::AddEndpoint(moved_app));
+        assert_eq!(kernel.veths["hv1"].1, state.tag("api").unwrap());
+        // Replaced on another veth, IPv4 only.
+        let moved_veth = Endpoint { ifname: "hv7".into(), ipv6: None, ..dual(1, "web", host) };
+        let (kernel, _) = applies_whole_or_not_at_all(&state, &Change::AddEndpoint(moved_veth));
+        assert!(!kernel.attached.contains_key("hv1") && kernel.attached.contains_key("hv7"));
+        // Removed: its app keeps its tag (a policy names it) …
+        let ip = IpAddr::from([10, 255, 0, 1]);
+        applies_whole_or_not_at_all(&state, &Change::RemoveEndpoint(ip));
+        // … or loses it, and its security groups leave the trie.
+        let mut alone = state.clone();
+        alone.remove_policies(&[Policy::tcp("web", "api", 8080)]);
+        let (kernel, _) = applies_whole_or_not_at_all(&alone, &Change::RemoveEndpoint(ip));
+        assert!(kernel.netout.is_empty());
+    }
+}
+
+#[test]
+fn endpoints_of_other_hosts_are_addresses_only() {
+    let state = state_before(Some("me"));
+    let there = dual(4, "api", Some("other"));
+    let (kernel, _) = applies_whole_or_not_at_all(&state, &Change::AddEndpoint(there.clone()));
+    let value = kernel.endpoints[&Ipv4Addr::new(10, 255, 0, 4)];
+    assert_eq!(value.flags, policy_common::maps::endpoint_flags::REMOTE);
+    assert!(!kernel.attached.contains_key("hv4"), "no veth here");
+    assert_eq!(kernel.port_mappings.len(), 2, "its NetIn is its host's");
+    // Moved here from the other host, and from here to it.
+    let mut with_there = state.clone();
+    with_there.add_endpoint(there.clone());
+    let here = Endpoint { host: Some("me".into()), ..there.clone() };
+    applies_whole_or_not_at_all(&with_there, &Change::AddEndpoint(here));
+    let gone = Endpoint { host: Some("other".into()), ..dual(2, "api", Some("me")) };
+    let (kernel, _) = applies_whole_or_not_at_all(&state, &Change::AddEndpoint(gone));
+    assert!(!kernel.attached.contains_key("hv2"));
+    applies_whole_or_not_at_all(&with_there, &Change::RemoveEndpoint(there.ip));
+}
+
+#[test]
+fn security_groups_and_routes_apply_whole_or_not_at_all() {
+    let state = state_before(None);
+    let set = Change::SetAsgs { app: "api".into(), rules: Some(vec![egress_to("198.51.100.1")]) };
+    let (kernel, writes) = applies_whole_or_not_at_all(&state, &set);
+    assert_eq!((writes, kernel.log.len()), (1, 1), "{:?}", kernel.log);
+    let removed = Change::SetAsgs { app: "web".into(), rules: None };
+    let (kernel, _) = applies_whole_or_not_at_all(&state, &removed);
+    assert!(kernel.netout.is_empty());
+    let route = Change::MapRoute { app: "web".into(), hostname: "www".into() };
+    let (kernel, writes) = applies_whole_or_not_at_all(&state, &route);
+    assert_eq!((writes, kernel.log.len()), (0, 0), "routes are names, not kernel state");
+}
+
+#[test]
+fn a_state_replaced_whole_is_the_full_reconcile() {
+    let state = state_before(None);
+    let mut kernel = kernel_at(&State::default());
+    let change = Change::Reset(Box::new(state.clone()));
+    let mut after = State::default();
+    change.replay(&mut after);
+    let applied =
+        apply(&mut kernel, &after, before(&State::default(), &change), &BTreeMap::new()).unwrap();
+    assert!(applied.warnings.is_empty());
+    applied.keep(&mut kernel);
+    assert_eq!(kernel.maps(), kernel_at(&state).maps());
+}
