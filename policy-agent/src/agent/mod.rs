@@ -1,9 +1,12 @@
 //! The agent's core: desired state, its durable store, and the kernel, kept
-//! consistent. Every change is validated, written to the kernel (rolled back
-//! if that fails), then saved; only then is it answered. So a reply means
-//! "enforced and durable", and a failed request changes nothing. Changes are
-//! made to the state in place with an undo record, so they cost what they
-//! touch, not a copy of the state.
+//! consistent. Every change is validated (`state::validate`), made to the
+//! state, written to the kernel by `reconcile::apply` (taken back if that
+//! fails), then saved (the kernel and the state taken back if that fails);
+//! only then is it answered. So a reply means "enforced and durable", and a
+//! failed request changes nothing. Changes are made to the state in place
+//! with an undo record, so they cost what they touch, not a copy of the
+//! state. Changes other agents committed reach the kernel through the same
+//! `reconcile::apply` (`committed.rs`).
 
 mod committed;
 mod reads;
