@@ -1,11 +1,11 @@
 //! One change into the kernel, and its undo: the only place that turns a
 //! [`Change`] into kernel steps (see the rules in `reconcile`).
 //!
-//! The agent's own write: validate → change the state (undoable) →
-//! [`before`] read first, [`apply`] after → commit to the store → on
-//! success [`Applied::keep`], on failure [`Applied::undo`] and the state's
-//! undo. A change followed from the cluster: [`before`] → replay →
-//! [`apply`] → [`Applied::keep`].
+//! The agent's own write: validate → [`before`] → change the state
+//! (undoable) → [`apply`] → commit to the store → [`Applied::keep`], or,
+//! the commit failing, [`Applied::undo`] and the state's undo. A change
+//! followed from the cluster: [`before`] → replay → [`apply`] →
+//! [`Applied::keep`].
 
 use std::{
     collections::BTreeMap,
@@ -191,6 +191,8 @@ fn steps<K: Kernel>(
     held: &BTreeMap<IpAddr, Endpoint>,
     applied: &mut Applied,
 ) -> Result<(), Error> {
+    // Rule 1: the new endpoint's entries, then the whole-table writes
+    // (NetIn, NetOut), then what the old endpoint leaves behind.
     let mut removes = None;
     match before.step {
         Step::Pairs { before, removed } => {
@@ -204,6 +206,8 @@ fn steps<K: Kernel>(
         }
         Step::Tables => {}
         Step::Full => {
+            // Make-before-break over the whole state; there is no state
+            // before it to go back to, so nothing to undo.
             applied.warnings = full_keeping(kernel, state, held)?;
         }
     }
