@@ -19,9 +19,9 @@ use integration_tests::{
 };
 use policy_agent::{
     client::Client,
-    cluster::{etcd::prefix_end, store::EtcdStore},
+    etcd::prefix_end,
     state::{Policy, Protocol, State},
-    store::{Change, Store as _},
+    store::{Change, Store as _, etcd::EtcdStore},
 };
 
 use crate::{
@@ -80,7 +80,7 @@ fn fan_out(watchers: usize, writes: usize) -> Vec<Duration> {
     let underlay = Underlay::new();
     let server = Etcd::start(&underlay);
     let settings = server.client_settings("root");
-    let etcd = || policy_agent::cluster::etcd::Etcd::with_settings(settings.clone()).unwrap();
+    let etcd = || policy_agent::etcd::Etcd::with_settings(settings.clone()).unwrap();
     let prefix = "/bench";
     let committed: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let seen: Arc<Mutex<Vec<Duration>>> = Arc::default();

@@ -12,6 +12,7 @@ pub mod config;
 pub mod dataplane;
 pub mod dns;
 pub mod error;
+pub mod etcd;
 pub mod explain;
 pub mod files;
 pub mod flows;

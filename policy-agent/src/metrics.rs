@@ -4,7 +4,7 @@
 //! read from the maps and the state at each scrape.
 //!
 //! In cluster mode: `policy_cluster_applied_seq` and
-//! `policy_cluster_log_diverged{cause}` (see `cluster::lineage`).
+//! `policy_cluster_log_diverged{cause}` (see `store::lineage`).
 //!
 //! Cloud Foundry's agent names are kept where the meaning matches:
 //! `totalPolicies`, and `enforceTime` for the time from an API write to the
@@ -24,7 +24,7 @@ use prometheus_client::{
 
 use crate::{
     agent::{self, SharedAgent},
-    cluster::lineage::{CAUSES, Divergence},
+    store::lineage::{CAUSES, Divergence},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

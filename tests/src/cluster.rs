@@ -305,10 +305,10 @@ impl Etcd {
 
     /// Client settings for the agent's etcd client as `identity` (a
     /// client CN of the [`Pki`]).
-    pub fn client_settings(&self, identity: &str) -> policy_agent::cluster::etcd::Settings {
-        policy_agent::cluster::etcd::Settings {
+    pub fn client_settings(&self, identity: &str) -> policy_agent::etcd::Settings {
+        policy_agent::etcd::Settings {
             endpoints: self.urls(),
-            tls: self.options.tls.then(|| policy_agent::cluster::etcd::TlsFiles {
+            tls: self.options.tls.then(|| policy_agent::etcd::TlsFiles {
                 ca: self.pki.ca(),
                 identity: Some(self.pki.identity(identity)),
             }),

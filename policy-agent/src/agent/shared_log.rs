@@ -1,13 +1,13 @@
 //! The agent and the cluster's shared log when it diverged from what this
-//! agent applied (see `cluster::lineage`): what it reports, and the
+//! agent applied (see `store::lineage`): what it reports, and the
 //! republish that makes this agent's state the newest again.
 
 use tracing::{info, warn};
 
 use super::Agent;
 use crate::{
-    cluster::{lineage::Divergence, republish::Republished},
     reconcile::{self, Kernel},
+    store::lineage::{Divergence, Republished},
 };
 
 impl<K: Kernel> Agent<K> {

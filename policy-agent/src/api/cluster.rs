@@ -9,8 +9,9 @@ use serde_json::{Value, json};
 
 use super::{Api, Reply, failure, invalid, ok, read_json, with_agent};
 use crate::{
-    cluster::{hosts, lineage::Divergence, republish},
+    cluster::{hosts, republish},
     state::Invalid,
+    store::lineage::Divergence,
 };
 
 /// `lag` (how far behind `newest`) and `ahead` (how far past it) of a host
@@ -36,10 +37,7 @@ pub async fn status(State(api): State<Api>) -> Reply {
     };
     let (etcd, keys) = (cluster.etcd(), cluster.keys());
     let read = tokio::task::spawn_blocking(move || {
-        Ok::<_, crate::cluster::etcd::EtcdError>((
-            hosts::newest(&etcd, &keys)?,
-            hosts::list(&etcd, &keys)?,
-        ))
+        Ok::<_, crate::etcd::EtcdError>((hosts::newest(&etcd, &keys)?, hosts::list(&etcd, &keys)?))
     })
     .await
     .expect("etcd read panicked");

@@ -44,7 +44,8 @@ use tokio::sync::watch;
 use crate::{
     Dataplane, Error,
     agent::{self, Agent, AgentError, SharedAgent},
-    cluster::{ClusterConfig, etcd::EtcdError},
+    cluster::ClusterConfig,
+    etcd::EtcdError,
     flows::FlowHub,
     metrics::{ApiLabels, Metrics},
     state::Invalid,

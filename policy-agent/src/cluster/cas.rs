@@ -37,11 +37,11 @@ use rustls::pki_types::{
 };
 use tracing::{info, warn};
 
-use super::{
+use super::follow::read_and_watch;
+use crate::{
     etcd::{Etcd, EtcdError, ModRevisionIs, prefix_end},
-    follow::read_and_watch,
+    tls::{PlatformCa, TlsError, Trust, pem_of},
 };
-use crate::tls::{PlatformCa, TlsError, Trust, pem_of};
 
 /// This host's part in the cluster's trust.
 pub struct HostCas {

@@ -10,9 +10,9 @@ use std::{thread, time::Duration};
 
 use tracing::{info, warn};
 
-use super::etcd::{Etcd, EtcdError, prefix_end};
 use crate::{
     agent::{self, SharedAgent},
+    etcd::{Etcd, EtcdError, prefix_end},
     state::State,
 };
 

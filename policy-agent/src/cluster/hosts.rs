@@ -15,13 +15,14 @@ use tracing::{info, warn};
 
 use super::{
     ClusterConfig,
-    etcd::{Etcd, EtcdError, ModRevisionIs, Range, prefix_end},
     follow::{self, OnChange},
-    keys::Keys,
-    lineage::LogId,
     overlay::{self, Overlay, Peer},
 };
-use crate::agent::{self, SharedAgent};
+use crate::{
+    agent::{self, SharedAgent},
+    etcd::{Etcd, EtcdError, ModRevisionIs, Range, keys::Keys, prefix_end},
+    store::lineage::LogId,
+};
 
 /// One host as registered.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,23 +1,25 @@
 //! Cluster mode: the desired state of every host in etcd, shared by the
-//! agents of all hosts (see `store` for how writes stay all-or-nothing and
-//! ordered, `keys` for the layout), each agent following it (`follow`)
-//! unless it diverged from what the agent applied (`lineage`, recovered
-//! with `republish`), registering its host with a lease (`hosts`), and
-//! trusting every host's platform CA, whose certificates (never keys) it
-//! finds there (`cas`).
+//! agents of all hosts (see `store::etcd` for how writes stay
+//! all-or-nothing and ordered, `etcd::keys` for the layout), each agent
+//! following it (`follow`) unless it diverged from what the agent applied
+//! (`store::lineage`, recovered with `republish`), registering its host
+//! with a lease (`hosts`), and trusting every host's platform CA, whose
+//! certificates (never keys) it finds there (`cas`).
+//!
+//! The layering, lowest first: `etcd` (the client and the key names) ←
+//! `store` (the change log in etcd behind the `Store` trait, as the local
+//! journal is) ← `agent` ← `cluster` (this: the configuration, and what
+//! runs beside the agent — following, hosts, overlay, CAs). Nothing below
+//! imports from here.
 //!
 //! Without a `[cluster]` section the agent is a single host on its local
 //! journal; nothing here runs.
 
 pub mod cas;
-pub mod etcd;
 pub mod follow;
 pub mod hosts;
-pub mod keys;
-pub mod lineage;
 pub mod overlay;
 pub mod republish;
-pub mod store;
 
 use std::{
     net::Ipv4Addr,
@@ -28,7 +30,10 @@ use std::{
 
 use serde::{Deserialize, Deserializer, de::Error as _};
 
-use crate::state::check_app_id;
+use crate::{
+    etcd::{self, keys},
+    state::check_app_id,
+};
 
 /// The `[cluster]` section of the configuration.
 ///

@@ -25,10 +25,7 @@ use rtnetlink::{
 
 use tracing::{info, warn};
 
-use super::{
-    etcd::{Etcd, EtcdError, ModRevisionIs, Range, prefix_end},
-    keys::Keys,
-};
+use crate::etcd::{Etcd, EtcdError, ModRevisionIs, Range, keys::Keys, prefix_end};
 
 /// The VXLAN device's name.
 pub const DEVICE: &str = "pa-vxlan";

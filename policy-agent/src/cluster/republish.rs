@@ -1,30 +1,14 @@
 //! Recovery after the log in etcd diverged (restored from a backup, wiped,
 //! replaced): `policy-agent cluster republish` publishes one agent's state —
 //! what it enforces — as the newest state of the cluster, and every agent
-//! converges to it (see `store::snapshots` for what is written and
-//! `lineage` for why the others take it).
+//! converges to it (see `store::etcd::snapshots` for what is written and
+//! `store::lineage` for why the others take it).
 //!
 //! Which agent: the most advanced one. The check here refuses a republish
 //! from a host that another registered host is ahead of (its changes would
 //! be lost) unless forced.
 
-use serde::Serialize;
-
-use super::{
-    hosts::HostRecord,
-    lineage::{Applied, LogId},
-};
-
-/// A republish done.
-#[derive(Clone, Debug, Serialize)]
-pub struct Republished {
-    /// The change the republished state stands at.
-    pub seq: u64,
-    /// The new log's identity (its `base` is `seq`).
-    pub log: LogId,
-    /// What this host had applied before.
-    pub previous: Applied,
-}
+use super::hosts::HostRecord;
 
 /// The newest change that the republished state must come after — this
 /// host's, etcd's head, and every change any registered host reports

@@ -24,13 +24,12 @@ use policy_agent::{
         follow::{self, OnChange},
         hosts::{self, Membership},
         overlay::{self, Overlay},
-        store::EtcdStore,
     },
     config::Config,
     flows::{self, FlowHub, FlowLog},
     metrics::Metrics,
     state::{Endpoint, Protocol, TlsFront, TlsPorts},
-    store::{Journal, Store},
+    store::{Journal, Store, etcd::EtcdStore},
     tls::{self, Authorizer, ClientAuth, PlatformCa, Sharing, TlsProxies, Trust},
 };
 use tokio::sync::watch;

@@ -1,9 +1,16 @@
 //! Durable desired state behind a small seam: the agent loads the state
 //! once, then appends each change it accepts (and may ask for a snapshot).
-//! `Journal` is the local store; a cluster store plugs in the same way
-//! without touching the agent's logic.
+//! `Journal` is the local store; `etcd::EtcdStore`, cluster mode's change
+//! log in etcd, plugs in the same way without touching the agent's logic.
+//! `lineage` decides whether a shared log is still the one this host
+//! applied.
+//!
+//! The store sits below the agent and cluster mode and imports neither:
+//! it uses the etcd client and key names of `crate::etcd`, and the state.
 
+pub mod etcd;
 mod journal;
+pub mod lineage;
 
 use std::{
     net::IpAddr,
@@ -11,12 +18,10 @@ use std::{
 };
 
 pub use journal::Journal;
+use lineage::{Divergence, Republished};
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    cluster::{lineage::Divergence, republish::Republished},
-    state::{Endpoint, Policy, State},
-};
+use crate::state::{Endpoint, Policy, State};
 
 /// Where desired state is kept durably.
 pub trait Store: Send {
@@ -150,7 +155,7 @@ pub enum StoreError {
     #[error("another agent committed a change at the same time; try again")]
     Conflict,
     #[error(transparent)]
-    Etcd(#[from] crate::cluster::etcd::EtcdError),
+    Etcd(#[from] crate::etcd::EtcdError),
     /// The stored history is not a gapless sequence of whole changes.
     #[error("{what} is damaged: {reason}")]
     Damaged { what: String, reason: String },

@@ -4,7 +4,7 @@
 //! - `log/NNNNNNNNNNNNNNNNNNNN`: change N (20 digits, so keys sort in order);
 //! - `log/head`: N, the newest change;
 //! - `log/id`: the log's identity (`{"id","base","host"}`, see
-//!   [`super::lineage::LogId`]), written with the log's first change or by a
+//!   [`crate::store::lineage::LogId`]), written with the log's first change or by a
 //!   republish. `head` and `id` sort after the entries, so one range read
 //!   from an entry returns the entries, the head and the id at one revision;
 //! - `snapshots/NNNNNNNNNNNNNNNNNNNN/PPPPPP` and `.../parts`: the state at

@@ -1,7 +1,7 @@
 //! The cluster's desired state in etcd: an ordered log of the changes the
 //! agents accepted, replayed by every agent.
 //!
-//! Keys (see [`super::keys`]): `log/NNNNNNNNNNNNNNNNNNNN` holds change N,
+//! Keys (see [`crate::etcd::keys`]): `log/NNNNNNNNNNNNNNNNNNNN` holds change N,
 //! `{"seq":N,"change":...,"stamp":S}` (the record the local journal writes,
 //! plus a random stamp); `log/head` is N, the newest; `log/id` the log's
 //! identity, written with its first change. The head and id sort after the
@@ -21,9 +21,9 @@
 //! request (1.5 MiB by default: about 10,000 policies).
 //!
 //! Every read of the log is checked against what this agent applied last
-//! ([`super::lineage`]): a log that went back, vanished or was replaced is
-//! never followed ([`StoreError::Diverged`]) until it is republished
-//! ([`EtcdStore::republish`] in `snapshots`).
+//! ([`crate::store::lineage`]): a log that went back, vanished or was
+//! replaced is never followed ([`StoreError::Diverged`]) until it is
+//! republished ([`EtcdStore::republish`] in `snapshots`).
 
 mod local;
 mod snapshots;
@@ -35,15 +35,13 @@ use std::{collections::BTreeMap, path::PathBuf};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use super::{
-    etcd::{Etcd, EtcdError, ModRevisionIs, prefix_end},
-    keys::Keys,
-    lineage::{self, Applied, Divergence, LogId, Seen, Verdict},
-    republish::Republished,
-};
 use crate::{
+    etcd::{Etcd, EtcdError, ModRevisionIs, keys::Keys, prefix_end},
     state::State,
-    store::{COMPACT_EVERY, Change, Position, Store, StoreError},
+    store::{
+        COMPACT_EVERY, Change, Position, Store, StoreError,
+        lineage::{self, Applied, Divergence, LogId, Republished, Seen, Verdict},
+    },
 };
 
 /// How often at most the local copy of a large state is rewritten.

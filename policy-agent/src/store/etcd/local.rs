@@ -19,7 +19,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::{cluster::lineage::Applied, state::State, store::StoreError};
+use crate::{
+    state::State,
+    store::{StoreError, lineage::Applied},
+};
 
 pub(super) struct LocalCopy {
     /// `cluster-state.json`.

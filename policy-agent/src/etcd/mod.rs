@@ -5,7 +5,7 @@
 //!   CA, and a client certificate and key (etcd's `--client-cert-auth`,
 //!   whose certificate's CN is the user etcd's role-based access checks),
 //!   or a user and password. Plain `http://` only where the configuration
-//!   says so explicitly (see [`super::ClusterConfig`]).
+//!   says so explicitly (see [`crate::cluster::ClusterConfig`]).
 //! - **Several members, with failover**: one gRPC connection per member,
 //!   made on first use; a call goes to the member that last answered and,
 //!   if that one fails (down, cut off, or without a leader: every request
@@ -25,6 +25,13 @@
 //! 128 operations (`--max-txn-ops`) and a request at most 1.5 MiB
 //! (`--max-request-bytes`), so the store writes one key per change, never
 //! one per policy.
+//!
+//! Where it sits: the lowest of the modules that speak to etcd. It holds
+//! the client and, in [`keys`], the name of every key the agents write.
+//! The etcd-backed store (`store::etcd`) and cluster mode (`cluster`:
+//! hosts, overlay, CAs, following) use both; nothing here knows of either.
+
+pub mod keys;
 
 use std::{
     fmt,

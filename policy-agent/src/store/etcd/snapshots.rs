@@ -6,13 +6,12 @@ use tracing::{info, warn};
 
 use super::EtcdStore;
 use crate::{
-    cluster::{
-        etcd::{ModRevisionIs, Write, prefix_end},
-        lineage::LogId,
-        republish::Republished,
-    },
+    etcd::{ModRevisionIs, Write, prefix_end},
     state::State,
-    store::StoreError,
+    store::{
+        StoreError,
+        lineage::{LogId, Republished},
+    },
 };
 
 /// The largest part of a snapshot (etcd takes requests up to 1.5 MiB).
@@ -90,7 +89,7 @@ impl EtcdStore {
     /// at least every change any agent reported and etcd's head) that
     /// begins a new log (a new id whose `base` is N), replacing whatever
     /// log etcd holds. Every agent whose newest change is before N takes it
-    /// (see [`crate::cluster::lineage::check`], rule 3) and reconciles its
+    /// (see [`crate::store::lineage::check`], rule 3) and reconciles its
     /// kernel to it, make-before-break.
     ///
     /// The snapshot's parts are written first (incomplete, so ignored);

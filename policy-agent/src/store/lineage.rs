@@ -39,6 +39,18 @@ impl LogId {
     }
 }
 
+/// A republish done: this host's state published as the newest of the
+/// cluster (see `cluster::republish` for which host may).
+#[derive(Clone, Debug, Serialize)]
+pub struct Republished {
+    /// The change the republished state stands at.
+    pub seq: u64,
+    /// The new log's identity (its `base` is `seq`).
+    pub log: LogId,
+    /// What this host had applied before.
+    pub previous: Applied,
+}
+
 /// What this host remembers of the newest change it applied.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
