@@ -9,9 +9,9 @@ use std::{
     process::{Command, Stdio},
 };
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::{agent::built_bin, netns::NetNs};
+use crate::{agent::built_bin, daemon::Daemon, netns::NetNs};
 
 pub fn cni_bin() -> PathBuf {
     built_bin("policy-cni")
@@ -280,4 +280,72 @@ fn remove_cgroup(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir(dir);
+}
+
+/// A network configuration for this daemon (garden's keys), `app` as
+/// garden's `policy_group_id`.
+pub fn config(daemon: &Daemon, version: &str, app: Option<&str>) -> Value {
+    let mut c = json!({
+        "cniVersion": version,
+        "name": "policy-net",
+        "type": "policy-cni",
+        "agent_socket": daemon.socket,
+        "data_dir": daemon.dir.join("cni"),
+        "dns_servers": ["169.254.0.1"],
+        "mtu": 0,
+    });
+    if let Some(app) = app {
+        c["runtimeConfig"] = json!({"metadata": {"policy_group_id": app}});
+    }
+    c
+}
+
+pub fn endpoints(daemon: &Daemon) -> Vec<Value> {
+    daemon.curl("GET", "/v1/endpoints", None).1["endpoints"].as_array().unwrap().clone()
+}
+
+pub fn leases(daemon: &Daemon) -> Vec<String> {
+    std::fs::read_dir(daemon.dir.join("cni/policy-net"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.parse::<Ipv4Addr>().is_ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn plugin_links(host: &NetNs) -> Vec<String> {
+    links(host).into_iter().filter(|l| l.starts_with("pc")).collect()
+}
+
+/// No endpoint, lease or plugin veth is left.
+pub fn assert_nothing_left(daemon: &Daemon, host: &NetNs) {
+    assert!(endpoints(daemon).is_empty(), "endpoints left: {:?}", endpoints(daemon));
+    assert!(leases(daemon).is_empty(), "leases left: {:?}", leases(daemon));
+    assert!(plugin_links(host).is_empty(), "veths left: {:?}", plugin_links(host));
+}
+
+/// A host namespace that forwards and a namespace outside it, joined by a
+/// veth (`ifname` on the host, with `host_cidr`; `eth0` outside, with
+/// `outside_cidrs`).
+pub fn host_with_outside(ifname: &str, host_cidr: &str, outside_cidrs: &[&str]) -> (NetNs, NetNs) {
+    let host = NetNs::new(crate::unique_name("h"));
+    host.sysctl("net.ipv4.ip_forward", "1");
+    let outside = crate::topology::outside(&host, ifname, host_cidr, outside_cidrs);
+    (host, outside)
+}
+
+/// A host namespace that forwards, with an agent in it.
+pub fn host_with_agent(extra_config: &str) -> (NetNs, Daemon) {
+    let host = NetNs::new(crate::unique_name("h"));
+    host.sysctl("net.ipv4.ip_forward", "1");
+    let daemon = Daemon::start(&host, extra_config);
+    (host, daemon)
+}
+
+pub fn assert_failed(o: &Outcome, code: u64, says: &str) {
+    assert!(!o.ok, "expected a failure: {}", o.out);
+    assert_eq!(o.out["code"], code, "{} {}", o.out, o.stderr);
+    let msg = o.out["msg"].as_str().unwrap_or_default();
+    assert!(msg.contains(says), "{msg:?} does not say {says:?}: {}", o.out);
 }
