@@ -1,6 +1,7 @@
 //! `explain`: why a flow is allowed or denied, answered from the kernel maps
 //! (through the same decision function the programs run) and named with the
-//! agent's state.
+//! agent's state. The answer is typed ([`Explanation`]); the API renders it
+//! (`api::observe`).
 
 use std::net::IpAddr;
 
@@ -10,14 +11,108 @@ use policy_common::{
     maps::{Conn, ConnKey, EndpointValue, Ipv6Key, PairKey, PortRules},
     packet::Flow,
 };
-use serde_json::{Value, json};
 
 use crate::{
     Maps,
-    agent::FlowQuery,
-    api::wire,
-    state::{State, tag_text},
+    state::{Policy, Protocol, State},
 };
+
+/// A flow to explain: `src → dst`, `protocol`, destination `port` (for
+/// ICMP: `type << 8 | code`); `from` is the endpoint whose veth the packet
+/// leaves, if not `src`'s own. Source, destination and sender are of one
+/// family.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowQuery {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub from: Option<IpAddr>,
+}
+
+/// What a flow meets, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Explanation {
+    pub source: Side,
+    pub destination: Side,
+    pub outcome: Outcome,
+}
+
+/// One end of the flow, as the maps and the state know it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Side {
+    pub ip: IpAddr,
+    /// Whether the kernel maps hold it as an endpoint.
+    pub registered: bool,
+    /// Its app: the state's endpoint's, else the app holding its tag.
+    pub app: Option<String>,
+    /// Its tag in the maps.
+    pub tag: Option<u32>,
+}
+
+impl Side {
+    /// The app's name, or the address where it has none.
+    pub fn name(&self) -> String {
+        self.app.clone().unwrap_or_else(|| self.ip.to_string())
+    }
+}
+
+/// Where the flow ends, in the order the programs check it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// 1. Dropped where it leaves its container: `sender`'s veth lets only
+    ///    `sender` out (its app `sender_app`), not the source.
+    Spoofed { sender: IpAddr, sender_app: Option<String> },
+    /// 2. Checked by the destination's program.
+    Checked {
+        /// The sender named is not a registered endpoint: its packets are
+        /// not checked for spoofing.
+        unchecked_sender: Option<IpAddr>,
+        /// The policies from the source's app to the destination's, with
+        /// their ids (none unless both apps are known).
+        policies: Vec<(Policy, u32)>,
+        verdict: Verdict,
+    },
+}
+
+/// The destination's check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// `unregistered` is not a registered endpoint: not container-to-
+    /// container traffic, no policy applies. `source_spoofed`: the source
+    /// is no endpoint and no sender was named, so a container sending with
+    /// it would be dropped as spoofed at its own veth.
+    Unmanaged { unregistered: IpAddr, source_spoofed: bool },
+    /// Policy `policy_id` allows it (`policy`: the state's, if found).
+    Allowed { policy_id: u32, policy: Option<Policy> },
+    /// No policy allows it; `on_protocol` are the policies between the two
+    /// apps on the flow's protocol (none: no policy on it at all).
+    Denied { on_protocol: Vec<Policy> },
+}
+
+impl Outcome {
+    /// Whether the flow passes.
+    pub fn allowed(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Checked { verdict: Verdict::Unmanaged { .. } | Verdict::Allowed { .. }, .. }
+        )
+    }
+
+    /// Why, in one word: `spoofed`, `unmanaged`, `policy`, `no_policy` or
+    /// `wrong_port`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Outcome::Spoofed { .. } => "spoofed",
+            Outcome::Checked { verdict, .. } => match verdict {
+                Verdict::Unmanaged { .. } => "unmanaged",
+                Verdict::Allowed { .. } => "policy",
+                Verdict::Denied { on_protocol } if on_protocol.is_empty() => "no_policy",
+                Verdict::Denied { .. } => "wrong_port",
+            },
+        }
+    }
+}
 
 /// The entries of the kernel maps one flow's check reads, fetched once.
 struct Snapshot<A> {
@@ -73,7 +168,7 @@ impl From<IpKey> for Ipv6Key {
 /// What a flow meets, step by step, and its verdict. The query's addresses
 /// are of one family (the API checks it); IPv6 flows are checked against
 /// the IPv6 maps with the same decision.
-pub fn explain(maps: &Maps, state: &State, query: &FlowQuery) -> Value {
+pub fn explain(maps: &Maps, state: &State, query: &FlowQuery) -> Explanation {
     if query.src.is_ipv6() {
         explain_in::<Ipv6Key>(maps, state, query)
     } else {
@@ -81,7 +176,11 @@ pub fn explain(maps: &Maps, state: &State, query: &FlowQuery) -> Value {
     }
 }
 
-fn explain_in<A: Family + From<IpKey>>(maps: &Maps, state: &State, query: &FlowQuery) -> Value {
+fn explain_in<A: Family + From<IpKey>>(
+    maps: &Maps,
+    state: &State,
+    query: &FlowQuery,
+) -> Explanation {
     let FlowQuery { src, dst, protocol, port, from } = *query;
     let (src_ep, dst_ep) = (maps.endpoint_at(src), maps.endpoint_at(dst));
     let app_of = |ip: IpAddr, ep: Option<EndpointValue>| {
@@ -90,47 +189,26 @@ fn explain_in<A: Family + From<IpKey>>(maps: &Maps, state: &State, query: &FlowQ
             state.tags().iter().find(|(_, t)| **t == tag).map(|(a, _)| a.clone())
         })
     };
-    let side = |ip: IpAddr, ep: Option<EndpointValue>| {
-        json!({
-            "ip": ip.to_string(),
-            "registered": ep.is_some(),
-            "app": app_of(ip, ep),
-            "tag": ep.map(|e| tag_text(e.tag)),
-        })
+    let side = |ip: IpAddr, ep: Option<EndpointValue>| Side {
+        ip,
+        registered: ep.is_some(),
+        app: app_of(ip, ep),
+        tag: ep.map(|e| e.tag),
     };
-    let mut answer = json!({
-        "source": side(src, src_ep),
-        "destination": side(dst, dst_ep),
-        "protocol": protocol.name(),
-    });
-    let what = if protocol.has_ports() {
-        answer["port"] = json!(port);
-        port.to_string()
-    } else {
-        let [icmp_type, code] = port.to_be_bytes();
-        answer["icmp_type"] = json!(icmp_type);
-        answer["icmp_code"] = json!(code);
-        format!("type {icmp_type} code {code}")
-    };
-    let (src_app, dst_app) = (app_of(src, src_ep), app_of(dst, dst_ep));
-    let name = |app: &Option<String>, ip: IpAddr| app.clone().unwrap_or_else(|| ip.to_string());
+    let (source, destination) = (side(src, src_ep), side(dst, dst_ep));
+    let explained =
+        |outcome| Explanation { source: source.clone(), destination: destination.clone(), outcome };
 
     // 1. Anti-spoofing where the packet leaves its container.
     let sender = from.unwrap_or(src);
+    let mut unchecked_sender = None;
     if let Some(sender_ep) = maps.endpoint_at(sender) {
         if sender != src {
-            answer["verdict"] = json!("denied");
-            answer["reason"] = json!("spoofed");
-            answer["message"] = json!(format!(
-                "denied: spoofed source - {sender}'s veth only lets {sender} out (app {}), not {src}",
-                app_of(sender, Some(sender_ep)).unwrap_or_default()
-            ));
-            return answer;
+            let sender_app = app_of(sender, Some(sender_ep));
+            return explained(Outcome::Spoofed { sender, sender_app });
         }
     } else if from.is_some() {
-        answer["note"] = json!(format!(
-            "{sender} is not a registered endpoint: its packets are not checked for spoofing"
-        ));
+        unchecked_sender = Some(sender);
     }
 
     // 2. The destination's policy check, with the programs' own function.
@@ -150,89 +228,30 @@ fn explain_in<A: Family + From<IpKey>>(maps: &Maps, state: &State, query: &FlowQ
         dport: port,
         protocol: protocol.number(),
     };
-    let between: Vec<Value> = match (&src_app, &dst_app) {
+    let policies: Vec<(Policy, u32)> = match (&source.app, &destination.app) {
         (Some(s), Some(d)) => state
             .policies()
             .filter(|(p, _)| &p.source == s && &p.destination == d)
-            .map(|(p, id)| {
-                // The policy's destination in the API's shape, its id the
-                // policy's.
-                let mut v = wire::policy_json(p)["destination"].take();
-                v["id"] = json!(id);
-                v
-            })
+            .map(|(p, id)| (p.clone(), id))
             .collect(),
         _ => Vec::new(),
     };
-    answer["policies"] = json!(between);
-    let (verdict, reason, message) = match check_flow(&snapshot, &flow) {
-        Check::Unmanaged => {
-            let who = if dst_ep.is_none() { dst } else { src };
-            (
-                "allowed",
-                "unmanaged",
-                format!(
-                    "allowed: {who} is not a registered endpoint, so this is not container-to-container traffic and no policy applies{}",
-                    if src_ep.is_none() && from.is_none() {
-                        format!(
-                            " (a container sending with source {src} would be dropped as spoofed at its own veth)"
-                        )
-                    } else {
-                        String::new()
-                    }
-                ),
-            )
-        }
-        Check::Allowed { policy_id, .. } => {
-            let policy = state.policies().find(|(_, id)| *id == policy_id).map(|(p, _)| p.clone());
-            let ports = policy.as_ref().map_or(String::new(), |p| {
-                let destination = wire::policy_json(p)["destination"].take();
-                format!(" {} {}", p.protocol.name(), wire::destination_text(&destination))
-            });
-            answer["policy_id"] = json!(policy_id);
-            (
-                "allowed",
-                "policy",
-                format!(
-                    "allowed: {} allows {}{ports} (policy {policy_id})",
-                    name(&dst_app, dst),
-                    name(&src_app, src)
-                ),
-            )
-        }
-        Check::Denied { .. } => {
-            let same_protocol: Vec<String> = between
+    let verdict = match check_flow(&snapshot, &flow) {
+        Check::Unmanaged => Verdict::Unmanaged {
+            unregistered: if dst_ep.is_none() { dst } else { src },
+            source_spoofed: src_ep.is_none() && from.is_none(),
+        },
+        Check::Allowed { policy_id, .. } => Verdict::Allowed {
+            policy_id,
+            policy: state.policies().find(|(_, id)| *id == policy_id).map(|(p, _)| p.clone()),
+        },
+        Check::Denied { .. } => Verdict::Denied {
+            on_protocol: policies
                 .iter()
-                .filter(|p| p["protocol"] == protocol.name())
-                .map(wire::destination_text)
-                .collect();
-            let message = if same_protocol.is_empty() && between.is_empty() {
-                format!(
-                    "denied: no policy lets {} reach {}",
-                    name(&src_app, src),
-                    name(&dst_app, dst)
-                )
-            } else if same_protocol.is_empty() {
-                format!(
-                    "denied: {} allows {} only on other protocols, not {}",
-                    name(&dst_app, dst),
-                    name(&src_app, src),
-                    protocol.name()
-                )
-            } else {
-                format!(
-                    "denied: {} allows {} on {} {}, not {what}",
-                    name(&dst_app, dst),
-                    name(&src_app, src),
-                    protocol.name(),
-                    same_protocol.join(", ")
-                )
-            };
-            ("denied", if same_protocol.is_empty() { "no_policy" } else { "wrong_port" }, message)
-        }
+                .filter(|(p, _)| p.protocol == protocol)
+                .map(|(p, _)| p.clone())
+                .collect(),
+        },
     };
-    answer["verdict"] = json!(verdict);
-    answer["reason"] = json!(reason);
-    answer["message"] = json!(message);
-    answer
+    explained(Outcome::Checked { unchecked_sender, policies, verdict })
 }

@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use reads::{FlowQuery, PolicyStats, Status};
+pub use reads::{PolicyStats, Status};
 pub use returning::{DENIED_TAG, Held, read_held};
 use tracing::{info, warn};
 

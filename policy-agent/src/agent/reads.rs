@@ -2,7 +2,7 @@
 //! explanations. The API, metrics and the CLI read through these, never
 //! through the kernel handle.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use policy_common::maps::{Overlay, PolicyCounters};
 use serde::Serialize;
@@ -11,7 +11,8 @@ use super::Agent;
 use crate::{
     Dataplane, Error,
     dataplane::EventStats,
-    state::{Policy, Protocol, tag_text},
+    explain::{Explanation, FlowQuery},
+    state::{Policy, tag_text},
 };
 
 /// `GET /v1/status`, `policy-agent status`.
@@ -64,18 +65,6 @@ pub struct PolicyStats {
     pub policy: Policy,
     pub id: u32,
     pub counters: PolicyCounters,
-}
-
-/// A flow to explain: `src → dst`, `protocol`, destination `port`; `from`
-/// is the endpoint whose veth the packet leaves, if not `src`'s own.
-#[derive(Clone, Copy, Debug)]
-/// Source, destination and sender (`from`) are of one family.
-pub struct FlowQuery {
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub protocol: Protocol,
-    pub port: u16,
-    pub from: Option<IpAddr>,
 }
 
 fn overlay_status(o: Overlay) -> Option<OverlayStatus> {
@@ -153,7 +142,7 @@ impl Agent<Dataplane> {
     }
 
     /// Why a flow is allowed or denied, from the maps the kernel uses.
-    pub fn explain(&self, query: &FlowQuery) -> serde_json::Value {
+    pub fn explain(&self, query: &FlowQuery) -> Explanation {
         crate::explain::explain(self.kernel.maps(), &self.state, query)
     }
 }
