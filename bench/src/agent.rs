@@ -10,27 +10,12 @@ use policy_common::{
     ports::Allowance,
 };
 
-use crate::report::{Report, outln};
+use crate::{
+    api::{policy, post},
+    report::{Report, ms, outln, percentile},
+};
 use policy_agent::client::Client;
 use serde_json::{Value, json};
-
-pub fn policy(src: &str, dst: &str, protocol: &str, port: u16) -> Value {
-    json!({"source": {"id": src}, "destination": {"id": dst, "protocol": protocol, "ports": {"start": port, "end": port}}})
-}
-
-pub fn post(client: &Client, path: &str, policies: Vec<Value>) {
-    let reply =
-        client.request("POST", path, Some(&json!({"policies": policies}))).expect("API request");
-    assert_eq!(reply.status, 200, "{}", reply.body);
-}
-
-pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-pub fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
 
 pub fn run(quick: bool, report: &mut Report) {
     let counts: &[usize] = if quick { &[10_000, 100_000] } else { &[10_000, 100_000, 1_000_000] };

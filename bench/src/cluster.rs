@@ -25,9 +25,9 @@ use policy_agent::{
 };
 
 use crate::{
-    agent::{ms, percentile, policy, post},
+    api::{policy, post},
     compare::{IPERF_PORT, UDP_PORT, iperf_between, udp_pps_between},
-    report::{Report, outln},
+    report::{Report, ms, outln, percentile},
     update::{PROBE_PORT, Probe, preload},
 };
 

@@ -17,11 +17,12 @@ use integration_tests::{
 };
 use serde_json::{Value, json};
 
-use crate::report::{Report, outln};
+use crate::report::{Report, outln, percentile};
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
+/// The `p` quantile of `v`, sorted in place first.
+fn quantile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
+    percentile(v, p)
 }
 
 /// ADD then DEL `n` times (a fresh namespace each): the ms each took.
@@ -115,7 +116,7 @@ pub fn run(quick: bool, report: &mut Report) {
         [("ADD", &mut our_add, &mut ref_add), ("DEL", &mut our_del, &mut ref_del)]
     {
         for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
-            let (a, b) = (percentile(ours, p), percentile(theirs, p));
+            let (a, b) = (quantile(ours, p), quantile(theirs, p));
             outln!(out, "| {what} {label} (ms) | {a:.1} | {b:.1} | {:.2} |", a / b);
         }
     }
@@ -136,7 +137,7 @@ pub fn run(quick: bool, report: &mut Report) {
     let runs = if quick { 3 } else { 10 };
     let mut ours_ms = run_to_first_packet(&podman, &podman.network, backend_ip, &arrived, runs);
     let mut ref_ms = run_to_first_packet(&podman, &reference_net, backend_ip, &arrived, runs);
-    let (a, b) = (percentile(&mut ours_ms, 0.5), percentile(&mut ref_ms, 0.5));
+    let (a, b) = (quantile(&mut ours_ms, 0.5), quantile(&mut ref_ms, 0.5));
     outln!(
         out,
         "\n`podman run --rm` (runc, busybox root) of a container that connects to a server on this host: ms from the start of `podman run` to the server's accept, p50 of {runs}\n"

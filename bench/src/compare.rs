@@ -27,7 +27,7 @@ use policy_common::{
     ports::Allowance,
 };
 
-use crate::report::{Plot, Report, Series, outln};
+use crate::report::{Plot, Report, Series, outln, percentile};
 
 pub const TAG_A: u32 = 1;
 pub const TAG_B: u32 = 2;
@@ -224,7 +224,7 @@ pub fn pin_to_cpu(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu % crate::dataplane::cpus(), &mut set);
+        libc::CPU_SET(cpu % crate::machine::cpus(), &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
@@ -344,10 +344,6 @@ fn tcp_rr(setup: &Setup, n: usize) -> Vec<Duration> {
     stop.store(true, Ordering::Relaxed);
     samples.sort();
     samples
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// iperf3 TCP throughput A -> B over `secs`, in Gbit/s.

@@ -350,14 +350,6 @@ pub fn fill(dataplane: &mut Dataplane, policies: u32) {
     }
 }
 
-pub fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned()
-}
-
-pub fn cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-}
-
 /// The cost of reporting: flow events and per-policy counters on versus off,
 /// on the same dataplane, in the same run.
 pub fn reporting(quick: bool, report: &mut Report) {

@@ -12,11 +12,13 @@
 //! 9. NetOut's per-packet cost at 0 to 1,000 rules.
 
 mod agent;
+mod api;
 mod cluster;
 mod cni;
 mod compare;
 mod dataplane;
 mod flows;
+mod machine;
 mod netout;
 mod reject;
 mod report;

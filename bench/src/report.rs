@@ -6,6 +6,8 @@ use std::{fmt::Write as _, path::Path};
 
 use plotters::{coord::ranged1d::ValueFormatter, prelude::*};
 
+use crate::machine;
+
 /// Appends a line to a section (`writeln!` on a `String`).
 macro_rules! outln {
     ($out:expr) => { $out.push('\n') };
@@ -15,6 +17,16 @@ macro_rules! outln {
     }};
 }
 pub(crate) use outln;
+
+/// The `p` quantile (0 to 1) of `sorted`, the nearest rank.
+pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// A duration in milliseconds, as the tables print it.
+pub fn ms(d: std::time::Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
 
 /// One line of a plot.
 pub struct Series {
@@ -59,9 +71,9 @@ impl Report {
             "Written by `cargo xtask bench{}` on {}: {} ({} CPUs), kernel {}.\n\nEvery figure is measured in this run; ratios compare against a baseline measured in the same run on the same machine. Absolute numbers depend on the machine and its neighbours; the ratios are the point.\n",
             if quick { " --quick" } else { "" },
             date(),
-            cpu_model(),
-            crate::dataplane::cpus(),
-            crate::dataplane::kernel(),
+            machine::cpu_model(),
+            machine::cpus(),
+            machine::kernel(),
         );
         for plot in &self.plots {
             match draw(dir, plot) {
@@ -86,17 +98,6 @@ fn date() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1).map(str::trim))
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned())
 }
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";

@@ -17,7 +17,7 @@ use std::{
 use integration_tests::{daemon::Daemon, netns::NetNs, topology::Host, unique_name};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 
-use crate::report::{Report, outln};
+use crate::report::{Report, outln, percentile};
 
 /// The app: reads and discards; answers each 1-byte "ping" with "k".
 fn sink(ns: &NetNs, ip: Ipv4Addr, port: u16) {
@@ -178,10 +178,6 @@ fn round_trips(ns: &NetNs, target: &Target, n: usize) -> Vec<Duration> {
         .collect();
     times.sort();
     times
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// MiB/s sending `total` bytes on one connection, until the app has read

@@ -18,8 +18,8 @@ use policy_agent::client::Client;
 use serde_json::Value;
 
 use crate::{
-    agent::{ms, percentile, policy, post},
-    report::{Plot, Report, Series, outln},
+    api::{policy, post},
+    report::{Plot, Report, Series, ms, outln, percentile},
 };
 
 pub const PROBE_PORT: u16 = 7000;
