@@ -473,32 +473,15 @@ impl Store for Journal {
     /// holding only its header.
     fn snapshot(&mut self, state: &State) -> Result<(), StoreError> {
         let path = self.snapshot_path();
-        let tmp = path.with_extension("json.tmp");
         // Streamed from a borrowed view: no copy of a large state in memory.
         #[derive(Serialize)]
         struct SnapshotRef<'a> {
             seq: u64,
             state: crate::state::StoredRef<'a>,
         }
-        let written = (|| {
-            let _ = fs::remove_file(&tmp);
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(MODE)
-                .open(&tmp)
-                .map_err(io("create", &tmp))?;
-            let mut out = std::io::BufWriter::new(file);
-            serde_json::to_writer(&mut out, &SnapshotRef { seq: self.seq, state: state.stored() })
-                .map_err(|e| io("write", &tmp)(e.into()))?;
-            let file = out.into_inner().map_err(|e| io("write", &tmp)(e.into_error()))?;
-            file.sync_all().map_err(io("fsync", &tmp))?;
-            fs::rename(&tmp, &path).map_err(io("rename into", &path))
-        })();
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
+        let snapshot = SnapshotRef { seq: self.seq, state: state.stored() };
+        crate::files::replace_with(&path, MODE, |out| Ok(serde_json::to_writer(out, &snapshot)?))
+            .map_err(io("write", &path))?;
         sync_dir(&self.dir)?;
         self.snapshot_seq = self.seq;
         self.fresh_journal(self.seq)

@@ -99,12 +99,10 @@ impl LocalCopy {
             || !large
             || self.written_at.is_none_or(|at| at.elapsed() >= super::CACHE_EVERY);
         let written = if due {
-            write_synced(&self.state, |out| {
-                serde_json::to_writer(out, &CopyRef { applied, state: state.stored() })
-            })
-            .inspect(|()| self.written_at = Some(Instant::now()))
+            write_synced(&self.state, &CopyRef { applied, state: state.stored() })
+                .inspect(|()| self.written_at = Some(Instant::now()))
         } else {
-            write_synced(&self.applied, |out| serde_json::to_writer(out, applied))
+            write_synced(&self.applied, applied)
         };
         match written {
             Err(e) => {
@@ -156,19 +154,9 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
-/// Replaces `path` with what `write` writes, synced before the rename.
-fn write_synced(
-    path: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> serde_json::Result<()>,
-) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("json.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    let mut out = std::io::BufWriter::new(file);
-    write(&mut out)?;
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    std::fs::rename(&tmp, path)
+/// Replaces `path` with `value` as JSON, streamed, synced before the rename.
+fn write_synced(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    crate::files::replace_with(path, 0o600, |out| Ok(serde_json::to_writer(out, value)?))
 }
 
 #[cfg(test)]
