@@ -21,7 +21,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
 };
 
-use policy_agent::client::Client;
+use policy_agent::{client::Client, cluster::overlay::mac_text};
 use serde_json::{Value, json};
 
 use crate::{
@@ -314,10 +314,6 @@ fn enable_forwarding(ipv6: bool) -> Result<()> {
     Ok(())
 }
 
-fn mac(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-}
-
 /// The ADD result, in the shape of the configuration's spec version.
 fn result(
     conf: &NetConf,
@@ -347,8 +343,8 @@ fn result(
     json!({
         "cniVersion": conf.cni_version,
         "interfaces": [
-            {"name": host_ifname, "mac": mac(&p.host_mac)},
-            {"name": env.ifname, "mac": mac(&p.container_mac), "sandbox": env.netns},
+            {"name": host_ifname, "mac": mac_text(&p.host_mac)},
+            {"name": env.ifname, "mac": mac_text(&p.container_mac), "sandbox": env.netns},
         ],
         "ips": ips,
         "routes": routes,
