@@ -39,17 +39,15 @@ use tracing::{info, warn};
 
 use super::follow::read_and_watch;
 use crate::{
-    etcd::{Etcd, EtcdError, ModRevisionIs, prefix_end},
+    etcd::{Etcd, EtcdError, ModRevisionIs, keys::Keys, prefix_end},
     tls::{PlatformCa, TlsError, Trust, pem_of},
 };
 
 /// This host's part in the cluster's trust.
 pub struct HostCas {
     etcd: Etcd,
-    /// `PREFIX/cas/`: one key per host.
-    dir: String,
-    /// `PREFIX/ca`: where older agents kept the cluster's CA and its key.
-    legacy: String,
+    /// `cas/` (one key per host) and the legacy `ca`.
+    keys: Keys,
     host: String,
     own: CertificateDer<'static>,
     bundle: PathBuf,
@@ -63,12 +61,11 @@ impl HostCas {
     /// starts on what it kept (the thread of [`HostCas::follow`] catches up).
     pub fn start(
         etcd: Etcd,
-        prefix: &str,
+        keys: Keys,
         host: &str,
         ca: &PlatformCa,
         state_dir: &Path,
     ) -> Result<Self, TlsError> {
-        let prefix = prefix.trim_end_matches('/');
         let bundle = ca.bundle().to_path_buf();
         let mut kept = Vec::new();
         let legacy_key = state_dir.join("ca-key.pem");
@@ -88,8 +85,7 @@ impl HostCas {
         trusted.extend(kept.into_iter().filter(|c| *c != own));
         let cas = Self {
             etcd,
-            dir: format!("{prefix}/cas/"),
-            legacy: format!("{prefix}/ca"),
+            keys,
             host: host.to_owned(),
             own,
             bundle,
@@ -116,14 +112,14 @@ impl HostCas {
     /// Follows `cas/` in etcd; runs forever on its own thread.
     pub fn follow(self) {
         // `ca` up to `cas0`: the legacy key and every host's.
-        let end = prefix_end(&self.dir);
-        read_and_watch(&self.etcd, &self.legacy, &end, "the hosts' CAs", || self.sync());
+        let end = prefix_end(&self.keys.cas());
+        read_and_watch(&self.etcd, &self.keys.legacy_ca(), &end, "the hosts' CAs", || self.sync());
     }
 
     /// Puts this host's CA certificate in etcd (at start: a host that was
     /// reinstalled replaces its old one).
     fn publish(&self) -> Result<(), EtcdError> {
-        let key = format!("{}{}", self.dir, self.host);
+        let key = self.keys.ca(&self.host);
         self.etcd.put_if(&[], &[(&key, pem_of(&self.own).as_bytes(), 0)])?;
         Ok(())
     }
@@ -131,11 +127,12 @@ impl HostCas {
     /// Reads every host's CA from etcd and trusts them (and this host's);
     /// deletes a legacy shared CA. Returns etcd's revision read at.
     fn sync(&self) -> Result<i64, EtcdError> {
-        let range = self.etcd.range(&self.legacy, &prefix_end(&self.dir))?;
+        let (legacy, dir) = (self.keys.legacy_ca(), self.keys.cas());
+        let range = self.etcd.range(&legacy, &prefix_end(&dir))?;
         let mut by_host = BTreeMap::new();
         let mut published = false;
         for kv in &range.kvs {
-            if kv.key == self.legacy {
+            if kv.key == legacy {
                 let unchanged =
                     ModRevisionIs { key: kv.key.clone(), mod_revision: kv.mod_revision };
                 if !self.etcd.delete_if(&[unchanged], &kv.key)? {
@@ -152,7 +149,7 @@ impl HostCas {
                 );
                 continue;
             }
-            let Some(host) = kv.key.strip_prefix(&self.dir) else { continue };
+            let Some(host) = kv.key.strip_prefix(&dir) else { continue };
             published |= host == self.host;
             match parse_ca(&kv.value) {
                 Ok(ca) => {
@@ -171,7 +168,7 @@ impl HostCas {
         if !published {
             // Deleted while this agent runs (by an operator, a wipe):
             // offered again, unless another agent put one meanwhile.
-            let key = format!("{}{}", self.dir, self.host);
+            let key = self.keys.ca(&self.host);
             let absent = ModRevisionIs { key: key.clone(), mod_revision: 0 };
             if self.etcd.put_if(&[absent], &[(&key, pem_of(&self.own).as_bytes(), 0)])?.0 {
                 info!(key, "published this host's CA certificate again");

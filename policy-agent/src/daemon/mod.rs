@@ -308,7 +308,7 @@ fn platform_ca(config: &Config) -> Result<Option<Pki>> {
         Some(cluster) => {
             let cas = HostCas::start(
                 cluster.etcd(),
-                &cluster.prefix,
+                cluster.keys(),
                 &cluster.host,
                 &ca,
                 &config.state_dir,

@@ -10,7 +10,11 @@
 //! - `snapshots/NNNNNNNNNNNNNNNNNNNN/PPPPPP` and `.../parts`: the state at
 //!   change N in parts, completed by the `parts` key;
 //! - `hosts/NAME`: a host's record, under its lease;
-//! - `subnets/I`: the host holding the overlay's /24 number I.
+//! - `subnets/I`: the host holding the overlay's /24 number I;
+//! - `cas/NAME`: a host's platform CA certificate (never its key);
+//! - `ca`: where older agents kept one CA for the whole cluster, with its
+//!   key; deleted on sight. It sorts right before `cas/`, so one range
+//!   read from it returns it and every host's CA.
 
 /// The keys of one cluster (one prefix).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +80,19 @@ impl Keys {
     pub fn subnet(&self, index: u8) -> String {
         format!("{}{index}", self.subnets())
     }
+
+    pub fn cas(&self) -> String {
+        format!("{}/cas/", self.prefix)
+    }
+
+    /// Host `name`'s CA certificate.
+    pub fn ca(&self, name: &str) -> String {
+        format!("{}{name}", self.cas())
+    }
+
+    pub fn legacy_ca(&self) -> String {
+        format!("{}/ca", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -94,5 +111,7 @@ mod tests {
             (keys.host("cell-1"), keys.subnet(3)),
             ("/p/hosts/cell-1".into(), "/p/subnets/3".into())
         );
+        assert_eq!((keys.ca("cell-1"), keys.legacy_ca()), ("/p/cas/cell-1".into(), "/p/ca".into()));
+        assert!(keys.legacy_ca() < keys.cas() && keys.ca("cell-1") < keys.cas() + "\u{ff}");
     }
 }

@@ -240,6 +240,12 @@ pub fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
+/// The end of the range holding `key` alone (`subnets/1` is a prefix of
+/// `subnets/10`: a prefix range would hold both).
+pub fn key_end(key: &str) -> Vec<u8> {
+    format!("{key}\0").into_bytes()
+}
+
 /// Checks `url` is `http://HOST:PORT` or `https://HOST:PORT`; returns
 /// whether it is `https`.
 pub fn check_endpoint(url: &str) -> Result<bool, String> {
