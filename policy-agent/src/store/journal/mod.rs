@@ -21,6 +21,10 @@
 //! write that was answered with an error never reappears; once a record is
 //! durable the change is committed even if the snapshot after it fails (the
 //! snapshot is tried again later). State files are created 0600.
+//!
+//! The lines' format is in `records`.
+
+mod records;
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -33,13 +37,13 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use records::{HEADER, Read, parse, record};
+
 use super::{COMPACT_EVERY, Change, Store, StoreError, io};
 use crate::state::State;
 
 /// Mode of every file the store writes.
 const MODE: u32 = 0o600;
-/// The first line of a journal: the snapshot seq it follows is appended.
-const HEADER: &str = "policy-agent journal 2 after ";
 /// After a failed snapshot, how long before trying again.
 const SNAPSHOT_RETRY: Duration = Duration::from_secs(30);
 
@@ -47,19 +51,6 @@ const SNAPSHOT_RETRY: Duration = Duration::from_secs(30);
 struct Snapshot {
     seq: u64,
     state: State,
-}
-
-/// A record's JSON (after its seq and checksum).
-#[derive(Serialize, Deserialize)]
-struct Body {
-    change: Change,
-}
-
-/// A journal line of the first format (no checksum), still read.
-#[derive(Deserialize)]
-struct LegacyEntry {
-    seq: u64,
-    change: Change,
 }
 
 /// The local store: a snapshot plus a journal in the state directory.
@@ -79,22 +70,6 @@ pub struct Journal {
     /// `lock` in the state directory, held exclusively while open: one
     /// writer per state directory (None: a read-only look).
     _lock: Option<File>,
-}
-
-/// What the journal holds, read and checked.
-struct Read {
-    /// The snapshot seq the header names (0 for a legacy journal).
-    after: u64,
-    /// The first format: no header, JSON lines without checksums.
-    legacy: bool,
-    /// Whole records, in order: (seq, change).
-    records: Vec<(u64, Change)>,
-    /// Length of the header and whole records.
-    whole_len: u64,
-    /// File length.
-    len: u64,
-    /// The first damage found (records stop before it).
-    damage: Option<String>,
 }
 
 impl Journal {
@@ -268,96 +243,6 @@ pub struct Rebuilt {
     pub state: State,
 }
 
-/// A record's line: `SEQ CRC {"change":...}\n`.
-fn record(seq: u64, change: &Change) -> Vec<u8> {
-    let json = serde_json::to_vec(&Body { change: change.clone() }).expect("changes serialize");
-    let crc = checksum(seq, &json);
-    let mut line = format!("{seq} {crc:08x} ").into_bytes();
-    line.extend_from_slice(&json);
-    line.push(b'\n');
-    line
-}
-
-fn checksum(seq: u64, json: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(seq.to_string().as_bytes());
-    h.update(b" ");
-    h.update(json);
-    h.finalize()
-}
-
-/// Parses one whole record line.
-fn parse_record(line: &[u8]) -> Result<(u64, Change), String> {
-    if line.first() == Some(&b'{') {
-        let e: LegacyEntry =
-            serde_json::from_slice(line).map_err(|e| format!("not a record: {e}"))?;
-        return Ok((e.seq, e.change));
-    }
-    let mut parts = line.splitn(3, |b| *b == b' ');
-    let (Some(seq), Some(crc), Some(json)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err("not a record".into());
-    };
-    let seq: u64 = std::str::from_utf8(seq)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or("not a record (no sequence number)")?;
-    let crc = std::str::from_utf8(crc)
-        .ok()
-        .and_then(|s| u32::from_str_radix(s, 16).ok())
-        .ok_or(format!("record {seq} has no checksum"))?;
-    if checksum(seq, json) != crc {
-        return Err(format!("record {seq} fails its checksum"));
-    }
-    let body: Body =
-        serde_json::from_slice(json).map_err(|e| format!("record {seq} does not parse: {e}"))?;
-    Ok((seq, body.change))
-}
-
-/// Splits a journal into its header, whole records and torn tail.
-fn parse(bytes: &[u8]) -> Read {
-    let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-    let mut read = Read {
-        after: 0,
-        legacy: bytes.is_empty() || bytes[0] == b'{',
-        records: Vec::new(),
-        whole_len: whole as u64,
-        len: bytes.len() as u64,
-        damage: None,
-    };
-    let mut lines = bytes[..whole].split_inclusive(|b| *b == b'\n').map(|l| &l[..l.len() - 1]);
-    let mut line_no = 0;
-    if !read.legacy {
-        // A journal is created with its header at once (renamed into place).
-        let Some(header) = lines.next() else {
-            read.damage = Some(if bytes.iter().all(|b| *b == 0) {
-                format!("{} NUL bytes and no header line", bytes.len())
-            } else {
-                "no header line".into()
-            });
-            return read;
-        };
-        line_no = 1;
-        match std::str::from_utf8(header).ok().and_then(|h| h.strip_prefix(HEADER)?.parse().ok()) {
-            Some(after) => read.after = after,
-            None => {
-                read.damage = Some("line 1 is not the journal's header".into());
-                return read;
-            }
-        }
-    }
-    for line in lines {
-        line_no += 1;
-        match parse_record(line) {
-            Ok(r) => read.records.push(r),
-            Err(e) => {
-                read.damage = Some(format!("line {line_no}: {e}"));
-                break;
-            }
-        }
-    }
-    read
-}
-
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync", dir))
 }
@@ -489,222 +374,4 @@ impl Store for Journal {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::net::Ipv4Addr;
-
-    use crate::state::{Endpoint, Policy};
-
-    #[test]
-    fn the_borrowed_snapshot_is_the_stored_shape() {
-        let mut state = State::default();
-        state.add_policies(&[policy(80), policy(81)], None).unwrap();
-        state.map_route("b", "b-route").unwrap();
-        assert_eq!(
-            serde_json::to_value(state.stored()).unwrap(),
-            serde_json::to_value(&state).unwrap()
-        );
-    }
-
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("policy-store-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        dir
-    }
-
-    fn policy(port: u16) -> Policy {
-        Policy::tcp("a", "b", port)
-    }
-
-    /// Applies changes through a store, as the agent does.
-    fn write(store: &mut Journal, state: &mut State, ports: std::ops::Range<u16>) {
-        for port in ports {
-            let change = Change::AddPolicies(vec![policy(port)]);
-            change.replay(state);
-            store.append(&change, state).unwrap();
-        }
-    }
-
-    fn journal(dir: &Path) -> PathBuf {
-        dir.join("journal.jsonl")
-    }
-
-    fn load(dir: &Path) -> Result<State, StoreError> {
-        Journal::open(dir).unwrap().load()
-    }
-
-    #[test]
-    fn one_store_per_state_directory() {
-        let dir = temp_dir("lock");
-        let first = Journal::open(&dir).unwrap();
-        assert!(matches!(Journal::open(&dir), Err(StoreError::InUse { .. })));
-        drop(first);
-        Journal::open(&dir).unwrap();
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    fn refused(dir: &Path) -> String {
-        match load(dir) {
-            Err(e @ StoreError::Damaged { .. }) => e.to_string(),
-            other => panic!("expected a refusal, got {:?}", other.map(|s| s.policy_count())),
-        }
-    }
-
-    #[test]
-    fn journal_and_snapshots_reload_the_same_state() {
-        let dir = temp_dir("reload");
-        let mut store = Journal::open(&dir).unwrap();
-        let mut state = store.load().unwrap();
-        assert_eq!(state, State::default());
-        // Past one compaction, then some more.
-        write(&mut store, &mut state, 1..(COMPACT_EVERY as u16 + 50));
-        let endpoint = Endpoint {
-            ip: Ipv4Addr::new(10, 0, 0, 1).into(),
-            ipv6: None,
-            app: "b".into(),
-            ifname: "v".into(),
-            netns: None,
-            host: None,
-            port_mappings: Vec::new(),
-        };
-        for change in [Change::AddEndpoint(endpoint), Change::RemovePolicies(vec![policy(7)])] {
-            change.replay(&mut state);
-            store.append(&change, &state).unwrap();
-        }
-        assert!(fs::metadata(dir.join("state.json")).is_ok(), "compacted");
-        drop(store);
-        assert_eq!(load(&dir).unwrap(), state);
-        use std::os::unix::fs::PermissionsExt as _;
-        for file in ["state.json", "journal.jsonl"] {
-            let mode = fs::metadata(dir.join(file)).unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode, 0o600, "{file}");
-        }
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_torn_tail_is_ignored_then_cut_before_the_next_append() {
-        let dir = temp_dir("torn");
-        let mut store = Journal::open(&dir).unwrap();
-        let mut state = store.load().unwrap();
-        write(&mut store, &mut state, 1..4);
-        drop(store);
-        for (port, tail) in
-            [(100, &b"4 0badc0de {\"change\":{\"add_po"[..]), (101, &[0u8; 700][..])]
-        {
-            let mut f = OpenOptions::new().append(true).open(journal(&dir)).unwrap();
-            f.write_all(tail).unwrap();
-            // Loaded without the torn record; the next write is kept.
-            let mut store = Journal::open(&dir).unwrap();
-            let mut reloaded = store.load().unwrap();
-            assert_eq!(reloaded, state);
-            write(&mut store, &mut reloaded, port..port + 1);
-            write(&mut store, &mut state, port..port + 1);
-            drop(store);
-            assert_eq!(load(&dir).unwrap(), state, "the write after the torn tail survives");
-        }
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_crash_between_snapshot_and_new_journal_replays_nothing_twice() {
-        let dir = temp_dir("between");
-        let mut store = Journal::open(&dir).unwrap();
-        let mut state = store.load().unwrap();
-        write(&mut store, &mut state, 1..4);
-        let old = fs::read(journal(&dir)).unwrap();
-        store.snapshot(&state).unwrap();
-        drop(store);
-        fs::write(journal(&dir), &old).unwrap();
-        assert_eq!(load(&dir).unwrap(), state);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn damaged_histories_are_refused_naming_the_gap() {
-        let dir = temp_dir("damaged");
-        let mut store = Journal::open(&dir).unwrap();
-        let mut state = store.load().unwrap();
-        write(&mut store, &mut state, 1..(COMPACT_EVERY as u16 + 5));
-        drop(store);
-        let good = fs::read(journal(&dir)).unwrap();
-        let text = String::from_utf8(good.clone()).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], format!("{HEADER}{COMPACT_EVERY}"));
-
-        // A middle record deleted.
-        let mut cut = lines.clone();
-        cut.remove(2);
-        fs::write(journal(&dir), cut.join("\n") + "\n").unwrap();
-        let e = refused(&dir);
-        assert!(
-            e.contains("record 1003 follows record 1001: changes 1002 to 1002 are missing"),
-            "{e}"
-        );
-
-        // A garbled complete last line (one byte changed).
-        let mut garbled = good.clone();
-        let at = garbled.len() - 10;
-        garbled[at] ^= 1;
-        fs::write(journal(&dir), &garbled).unwrap();
-        let e = refused(&dir);
-        assert!(e.contains("line 5: record 1004 fails its checksum"), "{e}");
-
-        // A journal of NUL bytes.
-        fs::write(journal(&dir), vec![0u8; good.len()]).unwrap();
-        let e = refused(&dir);
-        assert!(e.contains("NUL bytes and no header line"), "{e}");
-
-        // The snapshot deleted while the journal follows it.
-        fs::write(journal(&dir), &good).unwrap();
-        let snapshot = fs::read(dir.join("state.json")).unwrap();
-        fs::remove_file(dir.join("state.json")).unwrap();
-        let e = refused(&dir);
-        assert!(e.contains("continues after change 1000 but state.json is missing"), "{e}");
-        assert!(e.contains("journal.jsonl is damaged"), "{e}");
-
-        // Put back, all is well again.
-        fs::write(dir.join("state.json"), &snapshot).unwrap();
-        assert_eq!(load(&dir).unwrap(), state);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn rebuild_keeps_the_snapshot_and_the_records_before_the_damage() {
-        let dir = temp_dir("rebuild");
-        let mut store = Journal::open(&dir).unwrap();
-        let mut state = store.load().unwrap();
-        write(&mut store, &mut state, 1..4);
-        drop(store);
-        let text = fs::read_to_string(journal(&dir)).unwrap();
-        let mut lines: Vec<&str> = text.lines().collect();
-        lines[2] = "2 00000000 {}";
-        fs::write(journal(&dir), lines.join("\n") + "\n").unwrap();
-        refused(&dir);
-        let rebuilt = Journal::rebuild(&dir).unwrap();
-        assert_eq!((rebuilt.snapshot_seq, rebuilt.replayed, rebuilt.seq), (0, 1, 1));
-        assert!(rebuilt.damage.unwrap().contains("record 2 fails its checksum"));
-        assert!(rebuilt.moved.unwrap().exists());
-        let reloaded = load(&dir).unwrap();
-        assert_eq!(reloaded.policy_count(), 1);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_journal_of_the_first_format_is_read_and_rewritten() {
-        let dir = temp_dir("legacy");
-        fs::create_dir_all(&dir).unwrap();
-        let lines: Vec<String> = (1..4u64)
-            .map(|seq| {
-                serde_json::json!({"seq": seq, "change": Change::AddPolicies(vec![policy(seq as u16)])})
-                    .to_string()
-            })
-            .collect();
-        fs::write(journal(&dir), lines.join("\n") + "\n").unwrap();
-        let state = load(&dir).unwrap();
-        assert_eq!(state.policy_count(), 3);
-        assert!(fs::read_to_string(journal(&dir)).unwrap().starts_with(HEADER));
-        assert_eq!(load(&dir).unwrap(), state);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-}
+mod tests;

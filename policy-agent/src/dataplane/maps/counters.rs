@@ -1,0 +1,159 @@
+//! What the programs counted and track: packets per verdict reason, flow
+//! events, packets and bytes per policy (with what connections and the
+//! flow cache hold back), the flow cache's fills, tracked connections.
+
+use std::collections::HashMap;
+
+use aya::maps::IterableMap as _;
+use policy_common::{
+    Reason,
+    maps::{
+        CachedFlow, Conn, ConnKey, FlowSet, Ipv6Key, PolicyCounters, event_stat, flow_cache_stat,
+        names,
+    },
+};
+
+use super::{Maps, is_absent, map_err};
+use crate::Error;
+
+/// Flow event counters (`EVENT_STATS`, summed over CPUs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventStats {
+    pub emitted: u64,
+    pub lost: u64,
+    pub rate_limited: u64,
+}
+
+impl Maps {
+    /// Packets per verdict reason, summed over CPUs.
+    pub fn verdicts(&self) -> Result<Vec<(Reason, u64)>, Error> {
+        Reason::ALL
+            .iter()
+            .map(|&reason| {
+                let per_cpu =
+                    self.verdicts.get(&(reason as u32), 0).map_err(map_err(names::VERDICTS))?;
+                Ok((reason, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Packets counted under one reason, summed over CPUs.
+    pub fn verdict_count(&self, reason: Reason) -> Result<u64, Error> {
+        let per_cpu = self.verdicts.get(&(reason as u32), 0).map_err(map_err(names::VERDICTS))?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    pub fn event_stats(&self) -> Result<EventStats, Error> {
+        let sum = |i: u32| -> Result<u64, Error> {
+            Ok(self.event_stats.get(&i, 0).map_err(map_err(names::EVENT_STATS))?.iter().sum())
+        };
+        Ok(EventStats {
+            emitted: sum(event_stat::EMITTED)?,
+            lost: sum(event_stat::LOST)?,
+            rate_limited: sum(event_stat::RATE_LIMITED)?,
+        })
+    }
+
+    /// Packets and bytes per policy: the per-CPU counters plus what live
+    /// connections have counted but not yet moved there (one walk of the
+    /// conntrack map: for reports, not hot paths).
+    pub fn policy_counters_all(&self) -> HashMap<u32, PolicyCounters> {
+        let mut all: HashMap<u32, PolicyCounters> = self
+            .policy_stats
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(id, per_cpu)| {
+                let sum = per_cpu.iter().fold(PolicyCounters::default(), |acc, c| PolicyCounters {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                });
+                (id, sum)
+            })
+            .collect();
+        for (_, conn) in self.connections() {
+            if conn.policy_id != 0 && conn.pending_packets != 0 {
+                let entry = all.entry(conn.policy_id).or_default();
+                entry.packets += u64::from(conn.pending_packets);
+                entry.bytes += conn.pending_bytes;
+            }
+        }
+        self.for_each_cached_flow(|way| {
+            if way.policy_id != 0 && way.pending_packets != 0 {
+                let entry = all.entry(way.policy_id).or_default();
+                entry.packets += u64::from(way.pending_packets);
+                entry.bytes += u64::from(way.pending_bytes);
+            }
+        });
+        all
+    }
+
+    /// Calls `f` with every way of every CPU's flow cache, read through a
+    /// read-only mapping of the array (one pass over it, no syscall per
+    /// set). Nothing if it cannot be mapped (the counts then lack what the
+    /// cache holds, at most `COUNTER_FLUSH - 1` packets per connection).
+    fn for_each_cached_flow(&self, mut f: impl FnMut(&CachedFlow)) {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let sets = Self::capacity(self.flow_cache.map()) as usize;
+        let len = sets * size_of::<FlowSet>();
+        if len == 0 {
+            return;
+        }
+        let fd = self.flow_cache.map().fd().as_fd().as_raw_fd();
+        // SAFETY: a new read-only shared mapping of the map's fd, unmapped
+        // below; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0)
+        };
+        if base == libc::MAP_FAILED {
+            tracing::warn!("cannot map {}: {}", names::FLOW_CACHE, std::io::Error::last_os_error());
+            return;
+        }
+        for i in 0..sets {
+            // SAFETY: within the mapping; the kernel writes the sets
+            // concurrently, so each is read by volatile copy.
+            let set = unsafe { std::ptr::read_volatile(base.cast::<FlowSet>().add(i)) };
+            set.ways.iter().for_each(&mut f);
+        }
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(base, len) };
+    }
+
+    /// Flow cache entries written and live connections they pushed out,
+    /// summed over CPUs (see `policy_common::maps::flow_cache_stat`).
+    pub fn flow_cache_stats(&self) -> Result<(u64, u64), Error> {
+        let sum = |i: u32| -> Result<u64, Error> {
+            let per_cpu =
+                self.flow_cache_stats.get(&i, 0).map_err(map_err(names::FLOW_CACHE_STATS))?;
+            Ok(per_cpu.iter().sum())
+        };
+        Ok((sum(flow_cache_stat::FILLS)?, sum(flow_cache_stat::EVICTIONS)?))
+    }
+
+    /// Packets and bytes one policy let through (see [`Self::policy_counters_all`]).
+    pub fn policy_counters(&self, policy_id: u32) -> PolicyCounters {
+        self.policy_counters_all().remove(&policy_id).unwrap_or_default()
+    }
+
+    /// Forgets a removed policy's counters (its id is never reused).
+    pub fn remove_policy_counters(&mut self, policy_id: u32) -> Result<(), Error> {
+        match self.policy_stats.remove(&policy_id) {
+            // A policy no packet matched has no counters yet.
+            Ok(()) => Ok(()),
+            Err(e) if is_absent(&e) => Ok(()),
+            Err(e) => Err(map_err(names::POLICY_STATS)(e)),
+        }
+    }
+
+    /// Tracked connections (walks the map: for tests and status, not hot paths).
+    pub fn connections(&self) -> Vec<(ConnKey, Conn)> {
+        self.conntrack.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn connections6(&self) -> Vec<(ConnKey<Ipv6Key>, Conn)> {
+        self.conntrack6.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn fragments_tracked(&self) -> usize {
+        self.fragments.keys().filter_map(Result::ok).count()
+    }
+}

@@ -1,0 +1,77 @@
+//! `POLICIES`: the port ranges each app pair allows, one update per pair.
+
+use aya::maps::{IterableMap as _, MapError};
+use policy_common::{
+    maps::{PairKey, PortRules, names},
+    ports::Allowance,
+};
+
+use super::{Maps, insert_err, map_err};
+use crate::Error;
+
+impl Maps {
+    /// The `POLICIES` value of a pair.
+    pub fn pair_rules(&self, key: &PairKey) -> Option<PortRules> {
+        self.policies.get(key, 0).ok()
+    }
+
+    /// The allowances stored for a pair (empty if none).
+    pub fn pair(&self, key: &PairKey) -> Vec<Allowance> {
+        self.policies.get(key, 0).map(|r| r.allowances().collect()).unwrap_or_default()
+    }
+
+    /// All pairs and their allowances.
+    pub fn pairs(&self) -> Vec<(PairKey, Vec<Allowance>)> {
+        self.policies
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, v.allowances().collect()))
+            .collect()
+    }
+
+    /// Replaces the allowances of one pair in one update. Bumps the epoch if
+    /// a port that was allowed no longer is. An error leaves the entry as it
+    /// was.
+    pub fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), Error> {
+        let old = self.policies.get(&key, 0).ok();
+        if allowances.is_empty() {
+            if old.is_some() {
+                match self.policies.remove(&key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(names::POLICIES)(e)),
+                }
+                self.bump_epoch()?;
+            }
+            return Ok(());
+        }
+        let new = PortRules::build(allowances)?;
+        let capacity = Self::capacity(self.policies.map());
+        self.policies.insert(key, new, 0).map_err(insert_err(names::POLICIES, capacity))?;
+        if old.is_some_and(|old| !new.covers(&old)) {
+            self.bump_epoch()?;
+        }
+        Ok(())
+    }
+
+    /// Adds one allowance to a pair (a no-op if the same range is there).
+    pub fn allow(&mut self, key: PairKey, allowance: Allowance) -> Result<(), Error> {
+        let mut all = self.pair(&key);
+        if all.iter().any(|a| a.start == allowance.start && a.end == allowance.end) {
+            return Ok(());
+        }
+        all.push(allowance);
+        self.set_pair(key, &all)
+    }
+
+    /// Removes the allowance for exactly `start..=end` from a pair (a no-op if
+    /// it is not there).
+    pub fn revoke(&mut self, key: PairKey, start: u16, end: u16) -> Result<(), Error> {
+        let mut all = self.pair(&key);
+        let before = all.len();
+        all.retain(|a| !(a.start == start && a.end == end));
+        if all.len() == before {
+            return Ok(());
+        }
+        self.set_pair(key, &all)
+    }
+}
