@@ -14,7 +14,7 @@ use crate::{
     api::{policy, post},
     report::{Report, ms, outln, percentile},
 };
-use policy_agent::client::Client;
+use policy_api::Client;
 use serde_json::{Value, json};
 
 pub fn run(quick: bool, report: &mut Report) {

@@ -18,11 +18,11 @@ use integration_tests::{
     iptables::{CfIptables, CfPolicy, CfRuleSet},
 };
 use policy_agent::{
-    client::Client,
     etcd::prefix_end,
     state::{Policy, Protocol, State},
     store::{Change, Store as _, etcd::EtcdStore},
 };
+use policy_api::Client;
 
 use crate::{
     api::{policy, post},

@@ -14,7 +14,7 @@ use integration_tests::{
     nftables::CfNftables,
     topology::{Container, Host},
 };
-use policy_agent::client::Client;
+use policy_api::Client;
 use serde_json::Value;
 
 use crate::{

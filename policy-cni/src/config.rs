@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{CniError, Result, code};
-use policy_agent::cluster::overlay::Ipv6Prefix;
+use policy_api::{Ipv6Prefix, wire};
 
 /// Spec versions this plugin speaks (garden sends 0.3.1).
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -63,12 +63,12 @@ pub struct RuntimeConfig {
     /// NetIn (garden's `host_port`/`container_port`, or the CNI
     /// convention's `hostPort`/`containerPort`).
     #[serde(default, rename = "portMappings")]
-    pub port_mappings: Vec<Value>,
+    pub port_mappings: Vec<wire::PortMapping>,
     /// NetOut: Application Security Groups as egress allow rules.
     /// (absent: the app's egress out of the overlay is not checked;
     /// present, even empty: only what the rules allow).
     #[serde(default, rename = "netOutRules")]
-    pub net_out_rules: Option<Vec<Value>>,
+    pub net_out_rules: Option<Vec<wire::NetOutRule>>,
     /// garden's: `policy_group_id` is the app id policies name.
     #[serde(default)]
     pub metadata: BTreeMap<String, Value>,
@@ -172,7 +172,7 @@ pub fn parse_subnet(text: &str) -> Result<(Ipv4Addr, u8)> {
 /// `ipv6_prefix`: a /96 whose last 32 bits are zero, not link-local or
 /// multicast.
 pub fn parse_ipv6_prefix(text: &str) -> Result<Ipv6Prefix> {
-    Ipv6Prefix::parse(text).map_err(|why| CniError::new(code::INVALID_CONFIG, why))
+    Ipv6Prefix::parse(text).map_err(|e| CniError::new(code::INVALID_CONFIG, e.to_string()))
 }
 
 /// The `CNI_*` environment.

@@ -111,7 +111,7 @@ impl Leases {
                     f.write_all(format!("{container_id}\n{ifname}\n").as_bytes())
                         .and_then(|()| f.sync_all())
                         .map_err(|e| CniError::io(format!("cannot write {}", path.display()), e))?;
-                    let _ = policy_agent::files::replace(
+                    let _ = policy_api::files::replace(
                         &self.dir.join("last_reserved"),
                         ip.to_string().as_bytes(),
                         0o600,

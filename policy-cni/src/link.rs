@@ -23,6 +23,8 @@ use rtnetlink::{
     },
 };
 
+use policy_api::GATEWAY6;
+
 use crate::error::{CniError, Result, code};
 
 /// What ADD made: for the result.
@@ -40,7 +42,7 @@ fn connect(ns: Option<&File>) -> Result<Handle> {
     let made = match ns {
         None => rtnetlink::new_connection(),
         // The socket belongs to the namespace it is made in.
-        Some(ns) => policy_agent::netns::run_in(ns, rtnetlink::new_connection),
+        Some(ns) => policy_api::netns::run_in(ns, rtnetlink::new_connection),
     };
     let (connection, handle, _) =
         made.map_err(|e| CniError::io("cannot open a netlink socket", e))?;
@@ -50,7 +52,7 @@ fn connect(ns: Option<&File>) -> Result<Handle> {
 
 /// A link's index and MAC, if it exists.
 async fn find(handle: &Handle, name: &str) -> Result<Option<(u32, [u8; 6])>> {
-    policy_agent::cluster::overlay::find_link(handle, name).await.map_err(netlink("look up a link"))
+    policy_api::link::find_link(handle, name).await.map_err(netlink("look up a link"))
 }
 
 /// The host-side veth's index and MAC.
@@ -275,7 +277,7 @@ pub async fn route_out(ifname: &str, ns: &File, gateway: Ipv4Addr, ipv6: bool) -
         RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).output_interface(index).build();
     inside.route().add(default).execute().await.map_err(netlink("add the default route"))?;
     if ipv6 {
-        let gateway6: Ipv6Addr = GATEWAY6.parse().expect("a valid address");
+        let gateway6 = GATEWAY6;
         let default = RouteMessageBuilder::<Ipv6Addr>::new()
             .gateway(gateway6)
             .output_interface(index)
@@ -290,10 +292,6 @@ pub async fn route_out(ifname: &str, ns: &File, gateway: Ipv4Addr, ipv6: bool) -
     Ok(())
 }
 
-/// The IPv6 gateway of dual-stack containers: link-local, on every
-/// host-side veth.
-pub const GATEWAY6: &str = "fe80::1";
-
 /// Dual stack: `ip6`/128 on the container's interface (its default route
 /// via [`GATEWAY6`] comes with [`route_out`]), the gateway on the host side
 /// and a /128 route to the container. Duplicate address detection is off on
@@ -301,10 +299,10 @@ pub const GATEWAY6: &str = "fe80::1";
 /// addresses are the plugin's to give; with it on they would not work for
 /// the first second).
 pub async fn add_ipv6(host_ifname: &str, ifname: &str, ns: &File, ip6: Ipv6Addr) -> Result<()> {
-    let gateway: Ipv6Addr = GATEWAY6.parse().expect("a valid address");
+    let gateway = GATEWAY6;
     let no_dad =
         |name: &str| std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/accept_dad"), "0");
-    policy_agent::netns::run_in(ns, || no_dad(ifname))
+    policy_api::netns::run_in(ns, || no_dad(ifname))
         .map_err(|e| CniError::io("cannot turn off IPv6 DAD in the container", e))?;
     no_dad(host_ifname)
         .map_err(|e| CniError::io("cannot turn off IPv6 DAD on the host side", e))?;

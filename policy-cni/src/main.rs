@@ -21,7 +21,8 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
 };
 
-use policy_agent::{client::Client, cluster::overlay::mac_text};
+use policy_api::{Client, GATEWAY, GATEWAY6, link::mac_text, netns, wire};
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::{
@@ -29,8 +30,6 @@ use crate::{
     error::{CniError, Result, code},
     ipam::Leases,
 };
-
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
 
 fn main() {
     let mut stdin = Vec::new();
@@ -80,8 +79,14 @@ fn run(stdin: &[u8]) -> Result<Option<Value>> {
     }
 }
 
-/// The agent's API, or "try again later" naming the socket.
-fn agent(conf: &NetConf, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+/// The agent's API, or "try again later" naming the socket; the reply in
+/// its shape.
+fn agent<T: DeserializeOwned>(
+    conf: &NetConf,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<T> {
     let socket = conf.socket();
     let response = Client::new(&socket).request(method, path, body).map_err(|e| {
         CniError::new(
@@ -100,13 +105,23 @@ fn agent(conf: &NetConf, method: &str, path: &str, body: Option<&Value>) -> Resu
             ),
         ));
     }
-    Ok(response.body)
+    serde_json::from_value(response.body).map_err(|e| {
+        CniError::new(
+            code::AGENT_REFUSED,
+            format!("policy-agent answered {method} {path} in an unknown shape: {e} - is it the same version?"),
+        )
+    })
+}
+
+/// A request body in its shape.
+fn body(shape: &impl serde::Serialize) -> Value {
+    serde_json::to_value(shape).unwrap_or(Value::Null)
 }
 
 /// Where addresses come from and the MTU: the config's, else the agent's.
 fn addressing(conf: &NetConf) -> Result<((Ipv4Addr, u8), Option<u32>)> {
-    let ipam = agent(conf, "GET", "/v1/ipam", None)?;
-    let subnet = match (conf.subnet.as_deref(), ipam["subnet"].as_str()) {
+    let ipam: wire::Ipam = agent(conf, "GET", "/v1/ipam", None)?;
+    let subnet = match (conf.subnet.as_deref(), ipam.subnet.as_deref()) {
         (Some(s), _) | (None, Some(s)) => config::parse_subnet(s)?,
         (None, None) => {
             return Err(CniError::new(
@@ -115,34 +130,33 @@ fn addressing(conf: &NetConf) -> Result<((Ipv4Addr, u8), Option<u32>)> {
             ));
         }
     };
-    let mtu = conf
-        .mtu
-        .filter(|m| *m > 0)
-        .or_else(|| ipam["mtu"].as_u64().and_then(|m| u32::try_from(m).ok()));
+    let mtu = conf.mtu.filter(|m| *m > 0).or(ipam.mtu);
     Ok((subnet, mtu))
 }
 
 /// The endpoints the agent has (registered by hand, by this plugin, in a
 /// cluster also on other hosts).
-fn endpoints(conf: &NetConf) -> Result<Vec<Value>> {
-    let list = agent(conf, "GET", "/v1/endpoints", None)?;
-    Ok(list["endpoints"].as_array().cloned().unwrap_or_default())
+fn endpoints(conf: &NetConf) -> Result<Vec<wire::Endpoint>> {
+    let list: wire::Endpoints = agent(conf, "GET", "/v1/endpoints", None)?;
+    Ok(list.endpoints)
 }
 
 /// Their addresses: a lease skips them.
-fn addresses(endpoints: &[Value]) -> BTreeSet<Ipv4Addr> {
-    endpoints.iter().filter_map(|e| e["ip"].as_str()?.parse().ok()).collect()
+fn addresses(endpoints: &[wire::Endpoint]) -> BTreeSet<Ipv4Addr> {
+    endpoints.iter().filter_map(|e| e.ip.as_deref()?.parse().ok()).collect()
 }
+
+/// The write replies whose content the plugin does not need.
+type Ignored = serde::de::IgnoredAny;
 
 async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
     env.require_attachment(true)?;
     let netns_path = env.netns.clone().expect("checked");
-    let ns = policy_agent::netns::open(&netns_path)
+    let ns = netns::open(&netns_path)
         .map_err(|e| CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS: {e}")))?;
     let (app, _from) = conf.app(&env.args);
-    policy_agent::state::check_app_id("app", &app).map_err(|e| {
-        CniError::new(code::INVALID_CONFIG, format!("app id {app:?}: {}", e.reason))
-    })?;
+    policy_api::check_app_id(&app)
+        .map_err(|e| CniError::new(code::INVALID_CONFIG, format!("app id {app:?}: {e}")))?;
     let (subnet, mtu) = addressing(conf)?;
     let prefix6 = conf.ipv6_prefix.as_deref().map(config::parse_ipv6_prefix).transpose()?;
     let listed = endpoints(conf)?;
@@ -167,14 +181,20 @@ async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
         let ips: Vec<String> =
             std::iter::once(ip.to_string()).chain(ip6.map(|a| a.to_string())).collect();
         // NetIn: the agent takes garden's keys and the CNI convention's.
-        let endpoint = json!({
-            "app": app,
-            "ips": ips,
-            "ifname": host_ifname,
-            "netns": netns_path,
-            "port_mappings": conf.runtime_config.port_mappings,
-        });
-        agent(conf, "POST", "/v1/endpoints", Some(&endpoint))?;
+        let mappings = &conf.runtime_config.port_mappings;
+        let endpoint = wire::Endpoint {
+            ip: None,
+            ips: Some(ips),
+            app: app.clone(),
+            ifname: host_ifname.clone(),
+            netns: Some(netns_path.clone()),
+            host: None,
+            port_mappings: (!mappings.is_empty()).then(|| mappings.clone()),
+            ports: None,
+            instance_cert: None,
+            instance_key: None,
+        };
+        agent::<Ignored>(conf, "POST", "/v1/endpoints", Some(&body(&endpoint)))?;
         registered = true;
         // NetOut: the app's security groups, as the runtime passed them,
         // set only once the registration succeeded, so a refused ADD
@@ -190,7 +210,8 @@ async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
         // failure in that last step comes after the PUT: the registration
         // is undone, the groups the agent accepted for the app stay.)
         if let Some(rules) = &conf.runtime_config.net_out_rules {
-            agent(conf, "PUT", &format!("/v1/asgs/{app}"), Some(&json!({ "rules": rules })))?;
+            let rules = body(&wire::NetOutRules { rules: rules.clone() });
+            agent::<Ignored>(conf, "PUT", &format!("/v1/asgs/{app}"), Some(&rules))?;
         }
         link::route_out(&env.ifname, &ns, GATEWAY, ip6.is_some()).await?;
         Ok::<_, CniError>(plumbing)
@@ -201,7 +222,7 @@ async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
         Err(e) => {
             // Nothing left behind: the registration, the veth, the lease.
             if registered {
-                let _ = agent(conf, "DELETE", &format!("/v1/endpoints/{ip}"), None);
+                let _ = agent::<Ignored>(conf, "DELETE", &format!("/v1/endpoints/{ip}"), None);
             }
             if made_veth {
                 let _ = link::remove(&host_ifname).await;
@@ -227,10 +248,10 @@ async fn clear_leftover(
     host_ifname: &str,
     ns: &std::fs::File,
     ip: Ipv4Addr,
-    listed: &[Value],
+    listed: &[wire::Endpoint],
 ) -> Result<()> {
     let Some(peer) = link::peer(host_ifname, Some(ns)).await? else { return Ok(()) };
-    let holder = listed.iter().find(|e| e["ifname"] == host_ifname);
+    let holder = listed.iter().find(|e| e.ifname == host_ifname);
     let held = |why: String| {
         Err(CniError::new(
             code::VETH_HELD,
@@ -251,11 +272,11 @@ async fn clear_leftover(
         (link::Peer::Elsewhere, _) => {
             return held("its other end is in another network namespace".into());
         }
-        (_, Some(e)) if e["ip"] != ip.to_string() => {
+        (_, Some(e)) if e.ip.as_deref() != Some(&ip.to_string()) => {
             return held(format!(
                 "endpoint {} of app {} is registered on it",
-                e["ip"].as_str().unwrap_or_default(),
-                e["app"].as_str().unwrap_or_default()
+                e.ip.as_deref().unwrap_or_default(),
+                e.app
             ));
         }
         (link::Peer::Host | link::Peer::ThisContainer, _) => {}
@@ -263,7 +284,7 @@ async fn clear_leftover(
     if holder.is_some() {
         // This container's own registration, on the veth about to go: the
         // one this ADD makes then attaches to the new veth.
-        agent(conf, "DELETE", &format!("/v1/endpoints/{ip}"), None)?;
+        agent::<Ignored>(conf, "DELETE", &format!("/v1/endpoints/{ip}"), None)?;
     }
     link::remove(host_ifname).await?;
     Ok(())
@@ -332,13 +353,12 @@ fn result(
     let mut ips = vec![address];
     let mut routes = vec![json!({"dst": "0.0.0.0/0", "gw": GATEWAY.to_string()})];
     if let Some(ip6) = ip6 {
-        let mut address6 =
-            json!({"address": format!("{ip6}/128"), "gateway": link::GATEWAY6, "interface": 1});
+        let mut address6 = json!({"address": format!("{ip6}/128"), "gateway": GATEWAY6.to_string(), "interface": 1});
         if old {
             address6["version"] = json!("6");
         }
         ips.push(address6);
-        routes.push(json!({"dst": "::/0", "gw": link::GATEWAY6}));
+        routes.push(json!({"dst": "::/0", "gw": GATEWAY6.to_string()}));
     }
     json!({
         "cniVersion": conf.cni_version,
@@ -358,12 +378,12 @@ async fn del(conf: &NetConf, env: &Env) -> Result<()> {
     let lease = leases.find(&env.container_id, &env.ifname);
     // The runtime may have removed the namespace already (its veths go
     // with it).
-    let ns = env.netns.as_deref().and_then(|p| policy_agent::netns::open(p).ok());
+    let ns = env.netns.as_deref().and_then(|p| netns::open(p).ok());
     let host_ifname = host_veth(env, ns.as_ref(), lease).await?;
     if let Some(ip) = lease {
         // Deregistered before the lease is released: the address is never
         // handed to another container while the agent still names it.
-        agent(conf, "DELETE", &format!("/v1/endpoints/{ip}"), None)?;
+        agent::<Ignored>(conf, "DELETE", &format!("/v1/endpoints/{ip}"), None)?;
     }
     if let Some(host_ifname) = host_ifname {
         link::remove(&host_ifname).await?;
@@ -374,7 +394,7 @@ async fn del(conf: &NetConf, env: &Env) -> Result<()> {
 
 async fn check(conf: &NetConf, env: &Env) -> Result<()> {
     env.require_attachment(true)?;
-    let ns = policy_agent::netns::open(env.netns.as_deref().expect("checked"))
+    let ns = netns::open(env.netns.as_deref().expect("checked"))
         .map_err(|e| CniError::new(code::INVALID_ENVIRONMENT, format!("CNI_NETNS: {e}")))?;
     let ip =
         Leases::open(&conf.lease_dir())?.find(&env.container_id, &env.ifname).ok_or_else(|| {
@@ -387,12 +407,9 @@ async fn check(conf: &NetConf, env: &Env) -> Result<()> {
         host_veth(env, Some(&ns), Some(ip)).await?.unwrap_or_else(|| env.host_ifname());
     link::check(&host_ifname, &env.ifname, &ns, ip, GATEWAY).await?;
     let (app, _) = conf.app(&env.args);
-    let list = agent(conf, "GET", "/v1/endpoints", None)?;
-    let registered = list["endpoints"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|e| e["ip"] == ip.to_string() && e["app"] == app && e["ifname"] == host_ifname);
+    let registered = endpoints(conf)?.iter().any(|e| {
+        e.ip.as_deref() == Some(&ip.to_string()) && e.app == app && e.ifname == host_ifname
+    });
     if !registered {
         return Err(CniError::new(
             code::CHECK_FAILED,
@@ -403,7 +420,7 @@ async fn check(conf: &NetConf, env: &Env) -> Result<()> {
 }
 
 fn status(conf: &NetConf) -> Result<()> {
-    agent(conf, "GET", "/v1/ipam", None)
+    agent::<Ignored>(conf, "GET", "/v1/ipam", None)
         .map(|_| ())
         .map_err(|e| CniError::new(code::NOT_AVAILABLE, e.msg).details(e.details))
 }
@@ -425,7 +442,7 @@ async fn gc(conf: &NetConf) -> Result<()> {
             args: String::new(),
         };
         let host_ifname = host_veth(&env, None, Some(lease.ip)).await?;
-        agent(conf, "DELETE", &format!("/v1/endpoints/{}", lease.ip), None)?;
+        agent::<Ignored>(conf, "DELETE", &format!("/v1/endpoints/{}", lease.ip), None)?;
         if let Some(host_ifname) = host_ifname {
             link::remove(&host_ifname).await?;
         }

@@ -5,15 +5,14 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use policy_agent::{Dataplane, cluster::overlay::Ipv6Prefix};
+use policy_agent::Dataplane;
+use policy_api::Ipv6Prefix;
+/// The gateways every container uses (on every host-side veth), as the
+/// agent and the CNI plugin define them.
+pub use policy_api::{GATEWAY, GATEWAY6};
 
 use crate::netns::NetNs;
 
-/// The gateway address every container uses; on every host-side veth.
-pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
-/// The IPv6 gateway of dual-stack containers (link-local, on every
-/// host-side veth).
-pub const GATEWAY6: &str = "fe80::1";
 /// The /96 dual-stack containers' IPv6 addresses are in: the prefix plus
 /// their IPv4 address (the CNI plugin's and the cluster's `ipv6_prefix`).
 pub const IPV6_PREFIX: &str = "fd00:255::/96";
@@ -69,7 +68,16 @@ impl Host {
             let ipv6 = prefix.address_of(c.ip);
             // No duplicate address detection: the address works at once.
             c.ns.ip(&["-6", "addr", "add", &format!("{ipv6}/128"), "dev", "eth0", "nodad"]);
-            c.ns.ip(&["-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0"]);
+            c.ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &GATEWAY6.to_string(),
+                "dev",
+                "eth0",
+            ]);
             host.ns.ip(&[
                 "-6",
                 "addr",

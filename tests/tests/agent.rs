@@ -12,7 +12,8 @@ use integration_tests::{
         udp_echo_server, udp_echo_works, udp_socket,
     },
 };
-use policy_agent::{Maps, client::Client, dataplane::addr_key};
+use policy_agent::{Maps, dataplane::addr_key};
+use policy_api::Client;
 use serde_json::{Value, json};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/cf-policy-server");

@@ -11,7 +11,7 @@ use std::{
 
 use integration_tests::{daemon::Daemon, require_root, topology::Host};
 
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
+use integration_tests::topology::GATEWAY;
 
 /// Lets this test process hold a few thousand sockets.
 fn raise_nofile() {
@@ -38,7 +38,7 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 
 /// Round trips of `GET /v1/status` on the API socket, in ms.
 fn api_latencies(daemon: &Daemon, n: usize) -> Vec<f64> {
-    let client = policy_agent::client::Client::new(&daemon.socket);
+    let client = policy_api::Client::new(&daemon.socket);
     (0..n)
         .map(|_| {
             let started = Instant::now();

@@ -167,7 +167,7 @@ impl<K: Kernel> Agent<K> {
         } else {
             let list: Vec<&Endpoint> = self.held.values().collect();
             let json = serde_json::to_vec_pretty(&list).expect("endpoints serialize");
-            crate::files::replace(path, &json, 0o600)
+            policy_api::files::replace(path, &json, 0o600)
         };
         if let Err(e) = result {
             warn!(path = %path.display(), error = %e, "cannot save the held endpoints");

@@ -6,14 +6,21 @@ use axum::{
     body::Body,
     extract::{Path, State},
 };
-use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+use serde_json::json;
 
 use super::{Api, Reply, failure, invalid, ok, read_json, timed_write, wire, with_agent};
 use crate::state::check_app_id;
 
 /// `GET /v1/asgs`: `{"asgs": {"APP": [rules]}}`.
 pub async fn list(State(api): State<Api>) -> Reply {
-    let asgs = with_agent(&api, |agent| json!(agent.state().asgs())).await;
+    let asgs: BTreeMap<String, Vec<policy_api::wire::NetOutRule>> = with_agent(&api, |agent| {
+        let asgs = agent.state().asgs().iter();
+        asgs.map(|(app, rules)| (app.clone(), rules.iter().map(wire::net_out_rule_shape).collect()))
+            .collect()
+    })
+    .await;
     ok(json!({ "asgs": asgs }))
 }
 
@@ -22,13 +29,7 @@ pub async fn set(State(api): State<Api>, Path(app): Path<String>, body: Body) ->
     if let Err(e) = check_app_id("app", &app) {
         return invalid(&e);
     }
-    let rules = match read_json(&api, body).await.and_then(|v| {
-        let list = match &v {
-            Value::Object(o) => o.get("rules").cloned().unwrap_or(Value::Null),
-            other => other.clone(),
-        };
-        wire::parse_net_out_rules(&list)
-    }) {
+    let rules = match read_json(&api, body).await.and_then(|v| wire::parse_net_out_rules(&v)) {
         Ok(r) => r,
         Err(e) => return invalid(&e),
     };

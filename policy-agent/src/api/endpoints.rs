@@ -6,7 +6,8 @@ use axum::{
     body::Body,
     extract::{Path, State},
 };
-use serde_json::{Value, json};
+use policy_api::wire as shapes;
+use serde_json::json;
 
 use crate::{agent::AgentError, state::Invalid, store::StoreError, tls::TlsError};
 
@@ -16,27 +17,28 @@ use super::{Api, Reply, failure, invalid, ok, read_json, tracked_write, wire, wi
 /// `CF_INSTANCE_PORTS` shape) and identity files where platform TLS serves it.
 pub async fn list(State(api): State<Api>) -> Reply {
     let tls = api.tls.clone();
-    let endpoints: Vec<Value> = with_agent(&api, move |agent| {
+    let endpoints = with_agent(&api, move |agent| {
         let state = agent.state();
         state
             .endpoints()
             .map(|e| {
-                let mut v = wire::endpoint_json(e);
+                let mut shape = wire::endpoint_shape(e);
                 if let (Some(front), Some(_)) = (state.tls_front(&e.app), &e.netns) {
-                    v["ports"] =
-                        json!([{"internal": front.app_port, "internal_tls_proxy": front.tls_port}]);
+                    shape.ports = Some(vec![shapes::InstancePorts {
+                        internal: front.app_port,
+                        internal_tls_proxy: front.tls_port,
+                    }]);
                     if let Some(tls) = &tls {
                         let (cert, key) = tls.identity_files(e.ip);
-                        v["instance_cert"] = json!(cert);
-                        v["instance_key"] = json!(key);
+                        (shape.instance_cert, shape.instance_key) = (Some(cert), Some(key));
                     }
                 }
-                v
+                shape
             })
             .collect()
     })
     .await;
-    ok(json!({"endpoints": endpoints}))
+    ok(wire::to_json(&shapes::Endpoints { endpoints }))
 }
 
 /// `POST /v1/endpoints`.
@@ -47,8 +49,8 @@ pub async fn add(State(api): State<Api>, body: Body) -> Reply {
     };
     // Checked before the agent's lock is taken: a FIFO or any file that is
     // not a network namespace is refused without blocking anything.
-    if let Some(Err(reason)) = endpoint.netns.as_deref().map(crate::netns::open) {
-        return invalid(&Invalid::new("netns", reason));
+    if let Some(Err(e)) = endpoint.netns.as_deref().map(policy_api::netns::open) {
+        return invalid(&Invalid::new("netns", e.to_string()));
     }
     let reply = wire::endpoint_json(&endpoint);
     let tls = api.tls.clone();

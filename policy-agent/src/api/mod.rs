@@ -76,10 +76,6 @@ pub struct Api {
     pub platform_ca: Option<crate::tls::CaFiles>,
 }
 
-/// The gateway address every container routes through (silk's layout): on
-/// every host-side veth.
-pub const GATEWAY: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 0, 1);
-
 /// Where this host's containers get addresses: what a CNI plugin asks for.
 #[derive(Clone, Debug)]
 pub struct Ipam {
@@ -126,17 +122,21 @@ pub fn router(api: Api) -> Router {
 /// "mtu": 1450}` (`subnet` and `mtu` null when unknown).
 async fn ipam(State(api): State<Api>) -> Reply {
     let ipam = &api.ipam;
-    ok(json!({
-        "subnet": ipam.subnet.map(|(net, prefix)| format!("{net}/{prefix}")),
-        "gateway": ipam.gateway.to_string(),
-        "mtu": ipam.mtu,
+    ok(wire::to_json(&policy_api::wire::Ipam {
+        subnet: ipam.subnet.map(|(net, prefix)| format!("{net}/{prefix}")),
+        gateway: ipam.gateway.to_string(),
+        mtu: ipam.mtu,
     }))
 }
 
 fn invalid(e: &Invalid) -> Reply {
     (
         StatusCode::BAD_REQUEST,
-        Json(json!({"error": e.to_string(), "field": e.field, "reason": e.reason})),
+        Json(wire::to_json(&policy_api::wire::ErrorReply {
+            error: e.to_string(),
+            field: Some(e.field.clone()),
+            reason: Some(e.reason.clone()),
+        })),
     )
 }
 

@@ -6,7 +6,7 @@ use axum::{
     body::Body,
     extract::{Query, State},
 };
-use serde_json::{Value, json};
+use policy_api::wire as shapes;
 
 use super::{Api, Reply, invalid, ok, read_json, timed_write, wire, with_agent, written};
 use crate::state::tag_text;
@@ -35,7 +35,7 @@ pub async fn list(State(api): State<Api>, Query(query): Query<HashMap<String, St
         query.get(key).map(|v| v.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
     };
     let (ids, sources, dests) = (filter("id"), filter("source_id"), filter("dest_id"));
-    let policies: Vec<Value> = with_agent(&api, move |agent| {
+    let policies: Vec<shapes::Policy> = with_agent(&api, move |agent| {
         agent
             .state()
             .policies()
@@ -46,42 +46,41 @@ pub async fn list(State(api): State<Api>, Query(query): Query<HashMap<String, St
             })
             .filter(|p| sources.as_ref().is_none_or(|s| s.contains(&p.source)))
             .filter(|p| dests.as_ref().is_none_or(|d| d.contains(&p.destination)))
-            .map(wire::policy_json)
+            .map(wire::policy_shape)
             .collect()
     })
     .await;
-    ok(wire::policy_list(policies))
+    ok(wire::to_json(&shapes::PolicyList::from(policies)))
 }
 
 /// `GET /networking/v1/external/tags`.
 pub async fn tags(State(api): State<Api>) -> Reply {
-    let tags: Vec<Value> = with_agent(&api, |agent| {
+    let tags = with_agent(&api, |agent| {
         agent
             .state()
             .tags()
             .iter()
-            .map(|(id, tag)| json!({"id": id, "tag": tag_text(*tag)}))
+            .map(|(id, tag)| shapes::Tag { id: id.clone(), tag: tag_text(*tag) })
             .collect()
     })
     .await;
-    ok(json!({"tags": tags}))
+    ok(wire::to_json(&shapes::Tags { tags }))
 }
 
 /// `GET /v1/policies/stats`: every policy with its packet and byte counts.
 pub async fn stats(State(api): State<Api>) -> Reply {
-    let policies: Vec<Value> = with_agent(&api, |agent| {
+    let policies: Vec<shapes::CountedPolicy> = with_agent(&api, |agent| {
         agent
             .policy_stats()
             .into_iter()
-            .map(|s| {
-                let mut v = wire::policy_json(&s.policy);
-                v["id"] = json!(s.id);
-                v["packets"] = json!(s.counters.packets);
-                v["bytes"] = json!(s.counters.bytes);
-                v
+            .map(|s| shapes::CountedPolicy {
+                policy: wire::policy_shape(&s.policy),
+                id: s.id,
+                packets: s.counters.packets,
+                bytes: s.counters.bytes,
             })
             .collect()
     })
     .await;
-    ok(wire::policy_list(policies))
+    ok(wire::to_json(&shapes::PolicyList::from(policies)))
 }

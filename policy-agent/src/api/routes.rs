@@ -1,29 +1,27 @@
 //! Internal routes: `HOST.apps.internal` → app.
 
 use axum::{body::Body, extract::State};
-use serde_json::{Value, json};
+use policy_api::wire as shapes;
 
 use super::{Api, Reply, invalid, ok, read_json, tracked_write, wire, with_agent, written};
 use crate::state::INTERNAL_DOMAIN;
 
 /// `GET /v1/routes`: `{"routes":[{"app","domain","hostname"}]}`.
 pub async fn list(State(api): State<Api>) -> Reply {
-    let routes: Vec<Value> = with_agent(&api, |agent| {
+    let routes = with_agent(&api, |agent| {
         agent
             .state()
             .routes()
             .iter()
-            .map(|(hostname, app)| {
-                wire::route_json(&wire::Route {
-                    app: app.clone(),
-                    domain: INTERNAL_DOMAIN.to_owned(),
-                    hostname: hostname.clone(),
-                })
+            .map(|(hostname, app)| shapes::Route {
+                app: app.clone(),
+                domain: Some(INTERNAL_DOMAIN.to_owned()),
+                hostname: hostname.clone(),
             })
             .collect()
     })
     .await;
-    ok(json!({"routes": routes}))
+    ok(wire::to_json(&shapes::Routes { routes }))
 }
 
 /// `POST /v1/routes`.
@@ -44,9 +42,9 @@ async fn write(api: Api, body: Body, map: bool) -> Reply {
     written(
         tracked_write(&api, move |agent| {
             if map {
-                agent.map_route(&route.app, &route.domain, &route.hostname)
+                agent.map_route(&route.app, route.domain(), &route.hostname)
             } else {
-                agent.unmap_route(&route.app, &route.domain, &route.hostname)
+                agent.unmap_route(&route.app, route.domain(), &route.hostname)
             }
         })
         .await,

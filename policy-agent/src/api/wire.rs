@@ -1,35 +1,61 @@
-//! The API's JSON shapes, both ways, in one place: Cloud Foundry's
-//! policy-server bodies (taken and given unchanged; `tls_only` is our
-//! documented extension), endpoints and routes. The server parses and
-//! renders with these; the CLI builds its requests with them.
+//! The API's bodies into the agent's model, and the model into replies.
+//! The JSON shapes themselves are `policy_api::wire`'s (shared with the CLI
+//! and the CNI plugin); here a body is read into its shape — a value of the
+//! wrong type is refused naming its field — and then checked
+//! (`state/validate.rs`) into the model. The first problem found is
+//! reported with the path of the field.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use serde_json::{Value, json};
+use policy_api::wire;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use crate::state::{
-    AddressRange, Endpoint, INTERNAL_DOMAIN, IcmpMatch, Invalid, NetOutProtocol, NetOutRule,
-    Policy, PortMapping, PortSpan, Protocol, check_app_id, check_icmp_types, check_ports,
-    parse_protocol, parse_transport,
+    AddressRange, Endpoint, IcmpMatch, Invalid, NetOutProtocol, NetOutRule, Policy, PortMapping,
+    PortSpan, Protocol, check_app_id, check_endpoint_ipv4, check_endpoint_ipv6, check_icmp_types,
+    check_ports, parse_protocol, parse_transport,
 };
 
-fn str_field<'a>(value: &'a Value, key: &str, field: &str) -> Result<&'a str, Invalid> {
-    match value.get(key) {
-        None | Some(Value::Null) => Err(Invalid::new(field, "missing")),
-        Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(Invalid::new(field, "must be a string")),
-    }
+/// `value` as the shape `T`, its fields named from `at` (a type error
+/// names the field it is in: `policies[0].destination.ports.start`).
+fn shape<T: DeserializeOwned>(value: &Value, at: &str) -> Result<T, Invalid> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = match (at, path.as_str()) {
+            ("", ".") => "body".to_owned(),
+            (at, ".") => at.to_owned(),
+            ("", path) => path.to_owned(),
+            (at, path) if path.starts_with('[') => format!("{at}{path}"),
+            (at, path) => format!("{at}.{path}"),
+        };
+        let message = e.into_inner().to_string();
+        if let Some(key) = message.strip_prefix("missing field `").and_then(|r| r.split('`').next())
+        {
+            let field = if field == "body" { key.to_owned() } else { format!("{field}.{key}") };
+            return Invalid::new(field, "missing");
+        }
+        let reason = match message.split_once(", expected ") {
+            Some((_, expected)) => must_be(expected),
+            None => message,
+        };
+        Invalid::new(field, reason)
+    })
 }
 
-fn port_field(value: &Value, field: &str) -> Result<i64, Invalid> {
-    match value {
-        Value::Number(n) => n.as_i64().ok_or_else(|| Invalid::new(field, "must be an integer")),
-        Value::Null => Err(Invalid::new(field, "missing")),
-        _ => Err(Invalid::new(field, "must be an integer")),
-    }
+/// What serde expected, as the API says it.
+fn must_be(expected: &str) -> String {
+    let what = match expected {
+        "a string" => "a string",
+        "path string" => "a path",
+        "a sequence" => "a list",
+        "a boolean" => "true or false",
+        "i64" | "u64" | "u32" | "u16" | "u8" => "an integer",
+        "a map" => "an object",
+        e if e.starts_with("struct ") => "an object",
+        other => return format!("expected {other}"),
+    };
+    format!("must be {what}")
 }
 
 /// Parses an IPv4 address named by `field`.
@@ -40,25 +66,13 @@ pub fn parse_ip(field: &str, text: &str) -> Result<Ipv4Addr, Invalid> {
 /// An endpoint's addresses: `ip` (one address, either family) and/or
 /// `ips` (a list), at most one per family. Returns its key (the IPv4
 /// address, or the IPv6 one of an IPv6-only endpoint) and its IPv6 address.
-fn parse_endpoint_addresses(v: &Value) -> Result<(IpAddr, Option<Ipv6Addr>), Invalid> {
-    let mut texts: Vec<(String, &str)> = Vec::new();
-    match v.get("ip") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) => texts.push(("ip".into(), s)),
-        Some(_) => return Err(Invalid::new("ip", "must be a string")),
-    }
-    match v.get("ips") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(list)) => {
-            for (i, item) in list.iter().enumerate() {
-                let Value::String(s) = item else {
-                    return Err(Invalid::new(format!("ips[{i}]"), "must be a string"));
-                };
-                texts.push((format!("ips[{i}]"), s));
-            }
-        }
-        Some(_) => return Err(Invalid::new("ips", "must be a list of addresses")),
-    }
+fn endpoint_addresses(e: &wire::Endpoint) -> Result<(IpAddr, Option<Ipv6Addr>), Invalid> {
+    let texts: Vec<(String, &str)> = e
+        .ip
+        .iter()
+        .map(|ip| ("ip".to_owned(), ip.as_str()))
+        .chain(e.ips.iter().flatten().enumerate().map(|(i, ip)| (format!("ips[{i}]"), ip.as_str())))
+        .collect();
     if texts.is_empty() {
         return Err(Invalid::new("ip", "missing"));
     }
@@ -91,125 +105,62 @@ fn parse_endpoint_addresses(v: &Value) -> Result<(IpAddr, Option<Ipv6Addr>), Inv
     }
 }
 
-fn not_an_endpoint_address(
-    field: &str,
-    a: impl std::fmt::Display,
-    bad: Option<&str>,
-) -> Result<(), Invalid> {
-    match bad {
-        Some(why) => Err(Invalid::new(field, format!("{a} is {why}: not an endpoint address"))),
-        None => Ok(()),
-    }
-}
-
-/// An IPv4 address a container can have: not unspecified (0.0.0.0 is how
-/// the programs mark an endpoint without IPv4), broadcast, multicast or
-/// loopback.
-fn check_endpoint_ipv4(field: &str, a: Ipv4Addr) -> Result<(), Invalid> {
-    let bad = if a.is_unspecified() || a.is_broadcast() {
-        Some("unspecified or broadcast")
-    } else if a.is_multicast() {
-        Some("multicast")
-    } else if a.is_loopback() {
-        Some("loopback")
-    } else {
-        None
-    };
-    not_an_endpoint_address(field, a, bad)
-}
-
-/// An address a container can be reached at across hosts: not link-local
-/// (every container has its own, which names no one), multicast, loopback,
-/// unspecified or IPv4-mapped.
-fn check_endpoint_ipv6(field: &str, a: Ipv6Addr) -> Result<(), Invalid> {
-    let bad = if a.is_unspecified() || a.is_loopback() {
-        Some("unspecified or loopback")
-    } else if a.is_multicast() {
-        Some("multicast")
-    } else if a.segments()[0] & 0xffc0 == 0xfe80 {
-        Some("link-local")
-    } else if a.to_ipv4_mapped().is_some() {
-        Some("IPv4-mapped (give the IPv4 address itself)")
-    } else {
-        None
-    };
-    not_an_endpoint_address(field, a, bad)
-}
-
-/// Parses `{"policies": [...]}` in Cloud Foundry's shape. The first problem
-/// found is reported with the path of the field.
+/// Parses `{"policies": [...]}` in Cloud Foundry's shape.
 pub fn parse_policies(body: &Value) -> Result<Vec<Policy>, Invalid> {
-    let list = match body.get("policies") {
-        Some(Value::Array(list)) if !list.is_empty() => list,
-        Some(Value::Array(_)) => return Err(Invalid::new("policies", "must not be empty")),
-        Some(_) => return Err(Invalid::new("policies", "must be an array")),
-        None => return Err(Invalid::new("policies", "missing")),
-    };
-    list.iter()
+    let body: wire::Policies = shape(body, "")?;
+    if body.policies.is_empty() {
+        return Err(Invalid::new("policies", "must not be empty"));
+    }
+    body.policies
+        .iter()
         .enumerate()
-        .map(|(i, p)| parse_policy(p, &|f| format!("policies[{i}].{f}")))
+        .map(|(i, p)| policy(p, &|f| format!("policies[{i}].{f}")))
         .collect()
 }
 
-fn parse_policy(p: &Value, at: &dyn Fn(&str) -> String) -> Result<Policy, Invalid> {
-    let source = p
-        .get("source")
-        .filter(|s| s.is_object())
-        .ok_or_else(|| Invalid::new(at("source"), "missing or not an object"))?;
-    let dest = p
-        .get("destination")
-        .filter(|d| d.is_object())
-        .ok_or_else(|| Invalid::new(at("destination"), "missing or not an object"))?;
-    for (side, name) in [(source, "source"), (dest, "destination")] {
-        if side.get("tag").is_some() {
+fn policy(p: &wire::Policy, at: &dyn Fn(&str) -> String) -> Result<Policy, Invalid> {
+    let dest = &p.destination;
+    for (tag, name) in [(&p.source.tag, "source"), (&dest.tag, "destination")] {
+        if tag.is_some() {
             return Err(Invalid::new(
                 at(&format!("{name}.tag")),
                 "tags are assigned by the agent, not by clients",
             ));
         }
     }
-    let source_id = str_field(source, "id", &at("source.id"))?;
-    check_app_id(&at("source.id"), source_id)?;
-    let dest_id = str_field(dest, "id", &at("destination.id"))?;
-    check_app_id(&at("destination.id"), dest_id)?;
-    let protocol_field = at("destination.protocol");
-    let protocol = parse_protocol(&protocol_field, str_field(dest, "protocol", &protocol_field)?)?;
-    let icmp_keys = ["icmp_type", "icmp_code"].map(|k| dest.get(k).filter(|v| !v.is_null()));
+    check_app_id(&at("source.id"), &p.source.id)?;
+    check_app_id(&at("destination.id"), &dest.id)?;
+    let protocol = parse_protocol(&at("destination.protocol"), &dest.protocol)?;
+    let icmp_keys = [("icmp_type", dest.icmp_type), ("icmp_code", dest.icmp_code)];
     let (start, end) = if protocol.has_ports() {
-        if let Some(key) =
-            ["icmp_type", "icmp_code"].iter().zip(icmp_keys).find(|(_, v)| v.is_some())
-        {
+        if let Some((key, _)) = icmp_keys.iter().find(|(_, v)| v.is_some()) {
             return Err(Invalid::new(
-                at(&format!("destination.{}", key.0)),
+                at(&format!("destination.{key}")),
                 format!("only icmp policies have one ({} policies have ports)", protocol.name()),
             ));
         }
-        transport_ports(dest, at)?
+        match (dest.ports, dest.port) {
+            (Some(ports), _) => check_ports(&at("destination.ports"), ports.start, ports.end)?,
+            // The older single-port form.
+            (None, Some(port)) => check_ports(&at("destination.port"), port, port)?,
+            (None, None) => return Err(Invalid::new(at("destination.ports"), "missing")),
+        }
     } else {
-        if dest.get("ports").is_some() || dest.get("port").is_some() {
+        if dest.ports.is_some() || dest.port.is_some() {
             return Err(Invalid::new(
                 at("destination.ports"),
                 "icmp policies have no ports: give icmp_type (and icmp_code), or neither for all ICMP",
             ));
         }
-        let number = |v: Option<&Value>, key: &str| {
-            v.map(|v| port_field(v, &at(&format!("destination.{key}")))).transpose()
-        };
-        let icmp_type = number(icmp_keys[0], "icmp_type")?;
-        let code = number(icmp_keys[1], "icmp_code")?;
-        check_icmp_types(&at("destination"), icmp_type, code)?.range()
+        check_icmp_types(&at("destination"), dest.icmp_type, dest.icmp_code)?.range()
     };
-    let tls_only = match p.get("tls_only") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(Invalid::new(at("tls_only"), "must be true or false")),
-    };
+    let tls_only = p.tls_only.unwrap_or(false);
     if tls_only && !protocol.has_ports() {
         return Err(Invalid::new(at("tls_only"), "a TLS-only policy must be tcp"));
     }
     Ok(Policy {
-        source: source_id.to_owned(),
-        destination: dest_id.to_owned(),
+        source: p.source.id.clone(),
+        destination: dest.id.clone(),
         protocol,
         start,
         end,
@@ -217,151 +168,118 @@ fn parse_policy(p: &Value, at: &dyn Fn(&str) -> String) -> Result<Policy, Invali
     })
 }
 
-/// A tcp or udp policy's `ports` (or the older single `port`).
-fn transport_ports(dest: &Value, at: &dyn Fn(&str) -> String) -> Result<(u16, u16), Invalid> {
-    Ok(match (dest.get("ports"), dest.get("port")) {
-        (Some(ports @ Value::Object(_)), _) => {
-            let start = port_field(
-                ports.get("start").unwrap_or(&Value::Null),
-                &at("destination.ports.start"),
-            )?;
-            let end =
-                port_field(ports.get("end").unwrap_or(&Value::Null), &at("destination.ports.end"))?;
-            check_ports(&at("destination.ports"), start, end)?
-        }
-        (Some(_), _) => {
-            return Err(Invalid::new(
-                at("destination.ports"),
-                "must be an object with start and end",
-            ));
-        }
-        // The older single-port form.
-        (None, Some(port)) => {
-            let port = port_field(port, &at("destination.port"))?;
-            check_ports(&at("destination.port"), port, port)?
-        }
-        (None, None) => return Err(Invalid::new(at("destination.ports"), "missing")),
-    })
-}
-
 /// One policy in Cloud Foundry's shape; an icmp policy has `icmp_type` and
 /// `icmp_code` (where it names them) in place of `ports`.
-pub fn policy_json(p: &Policy) -> Value {
-    let mut destination = json!({"id": p.destination, "protocol": p.protocol.name()});
-    match p.icmp_types() {
-        Some(icmp) => {
-            if let Some(t) = icmp.icmp_type {
-                destination["icmp_type"] = json!(t);
-            }
-            if let Some(c) = icmp.code {
-                destination["icmp_code"] = json!(c);
-            }
-        }
-        None => destination["ports"] = json!({"start": p.start, "end": p.end}),
+pub fn policy_shape(p: &Policy) -> wire::Policy {
+    let icmp = p.icmp_types();
+    let ports = icmp.is_none().then_some(wire::Ports { start: p.start.into(), end: p.end.into() });
+    wire::Policy {
+        source: wire::PolicySource { id: p.source.clone(), tag: None },
+        destination: wire::Destination {
+            id: p.destination.clone(),
+            protocol: p.protocol.name().to_owned(),
+            ports,
+            port: None,
+            icmp_type: icmp.and_then(|i| i.icmp_type).map(i64::from),
+            icmp_code: icmp.and_then(|i| i.code).map(i64::from),
+            tag: None,
+        },
+        tls_only: p.tls_only.then_some(true),
     }
-    let mut v = json!({"source": {"id": p.source}, "destination": destination});
-    if p.tls_only {
-        v["tls_only"] = json!(true);
-    }
-    v
 }
 
-/// What a policy's destination allows, as the CLI prints it: `8080`,
-/// `8080-8090`, `type 8`, `type 3 code 13`, `any`.
+/// [`policy_shape`] as JSON.
+pub fn policy_json(p: &Policy) -> Value {
+    to_json(&policy_shape(p))
+}
+
+/// What a policy's destination (JSON) allows, as the CLI prints it:
+/// [`wire::Destination::text`].
 pub fn destination_text(destination: &Value) -> String {
-    if destination["protocol"] == "icmp" || destination["protocol"] == "icmpv6" {
-        return match (&destination["icmp_type"], &destination["icmp_code"]) {
-            (Value::Null, _) => "any".into(),
-            (t, Value::Null) => format!("type {t}"),
-            (t, c) => format!("type {t} code {c}"),
-        };
-    }
-    let (start, end) = (&destination["ports"]["start"], &destination["ports"]["end"]);
-    if start == end { start.to_string() } else { format!("{start}-{end}") }
+    serde_json::from_value::<wire::Destination>(destination.clone())
+        .map(|d| d.text())
+        .unwrap_or_else(|_| "?".to_owned())
 }
 
 /// `{"policies": [...]}`: the body of a policy write.
 pub fn policies_body(policies: &[Policy]) -> Value {
-    json!({"policies": policies.iter().map(policy_json).collect::<Vec<_>>()})
+    to_json(&wire::Policies { policies: policies.iter().map(policy_shape).collect() })
 }
 
-/// `{"total_policies": N, "policies": [...]}`: a policy listing.
-pub fn policy_list(policies: Vec<Value>) -> Value {
-    json!({"total_policies": policies.len(), "policies": policies})
+/// An endpoint as the API lists it (without its platform TLS).
+pub fn endpoint_shape(e: &Endpoint) -> wire::Endpoint {
+    wire::Endpoint {
+        ip: Some(e.ip.to_string()),
+        ips: Some(e.addresses().map(|a| a.to_string()).collect()),
+        app: e.app.clone(),
+        ifname: e.ifname.clone(),
+        netns: e.netns.clone(),
+        host: e.host.clone(),
+        port_mappings: (!e.port_mappings.is_empty())
+            .then(|| e.port_mappings.iter().map(port_mapping_shape).collect()),
+        ports: None,
+        instance_cert: None,
+        instance_key: None,
+    }
 }
 
-/// `{"ip","app","ifname","netns"}`, and `"host"` in cluster mode.
+/// [`endpoint_shape`] as JSON.
 pub fn endpoint_json(e: &Endpoint) -> Value {
-    let ips: Vec<String> = e.addresses().map(|a| a.to_string()).collect();
-    let mut v = json!({
-        "ip": e.ip.to_string(),
-        "ips": ips,
-        "app": e.app,
-        "ifname": e.ifname,
-        "netns": e.netns,
-    });
-    if let Some(host) = &e.host {
-        v["host"] = json!(host);
-    }
-    if !e.port_mappings.is_empty() {
-        v["port_mappings"] = json!(e.port_mappings);
-    }
-    v
+    to_json(&endpoint_shape(e))
 }
 
-/// Security group rules in garden's NetOutRule shape: `protocol` 0-3 or
-/// `all`/`tcp`/`udp`/`icmp`; `networks` `[{start, end}]`; `ports`
-/// `[{start, end}]` (TCP/UDP); `icmps` `{type, code}` (ICMP); `log`.
-pub fn parse_net_out_rules(v: &Value) -> Result<Vec<NetOutRule>, Invalid> {
-    let Value::Array(list) = v else {
-        return Err(Invalid::new("rules", "must be a list of rules"));
+fn port_mapping_shape(m: &PortMapping) -> wire::PortMapping {
+    wire::PortMapping {
+        host_port: m.host_port.into(),
+        container_port: m.container_port.into(),
+        protocol: Some(m.protocol.name().to_owned()),
+    }
+}
+
+/// A shape as JSON (the shapes are plain data: this cannot fail).
+pub fn to_json(shape: &impl serde::Serialize) -> Value {
+    serde_json::to_value(shape).unwrap_or(Value::Null)
+}
+
+/// Security group rules in garden's NetOutRule shape, `{"rules": [...]}`
+/// or the list itself.
+pub fn parse_net_out_rules(body: &Value) -> Result<Vec<NetOutRule>, Invalid> {
+    let list = match body {
+        Value::Object(o) => o.get("rules").unwrap_or(&Value::Null),
+        other => other,
     };
-    list.iter().enumerate().map(|(i, r)| parse_net_out_rule(&format!("rules[{i}]"), r)).collect()
+    let rules: Vec<wire::NetOutRule> = shape(list, "rules")?;
+    rules.iter().enumerate().map(|(i, r)| net_out_rule(&format!("rules[{i}]"), r)).collect()
 }
 
-fn parse_net_out_rule(field: &str, r: &Value) -> Result<NetOutRule, Invalid> {
-    let protocol = match r.get("protocol") {
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(0) => NetOutProtocol::All,
-            Some(1) => NetOutProtocol::Tcp,
-            Some(2) => NetOutProtocol::Udp,
-            Some(3) => NetOutProtocol::Icmp,
-            _ => {
-                return Err(Invalid::new(
-                    format!("{field}.protocol"),
-                    "must be 0-3 or all, tcp, udp, icmp",
-                ));
-            }
-        },
-        Some(Value::String(s)) => match s.as_str() {
-            "all" => NetOutProtocol::All,
-            "tcp" => NetOutProtocol::Tcp,
-            "udp" => NetOutProtocol::Udp,
-            "icmp" => NetOutProtocol::Icmp,
-            _ => {
-                return Err(Invalid::new(
-                    format!("{field}.protocol"),
-                    "must be 0-3 or all, tcp, udp, icmp",
-                ));
-            }
-        },
+fn net_out_rule(field: &str, r: &wire::NetOutRule) -> Result<NetOutRule, Invalid> {
+    use wire::NetOutProtocol::{Name, Number};
+    let protocol = match &r.protocol {
         None => NetOutProtocol::All,
+        Some(Number(0)) => NetOutProtocol::All,
+        Some(Number(1)) => NetOutProtocol::Tcp,
+        Some(Number(2)) => NetOutProtocol::Udp,
+        Some(Number(3)) => NetOutProtocol::Icmp,
+        Some(Name(name)) if name == "all" => NetOutProtocol::All,
+        Some(Name(name)) if name == "tcp" => NetOutProtocol::Tcp,
+        Some(Name(name)) if name == "udp" => NetOutProtocol::Udp,
+        Some(Name(name)) if name == "icmp" => NetOutProtocol::Icmp,
         Some(_) => {
-            return Err(Invalid::new(format!("{field}.protocol"), "must be a number or a name"));
+            return Err(Invalid::new(
+                format!("{field}.protocol"),
+                "must be 0-3 or all, tcp, udp, icmp",
+            ));
         }
     };
-    let list = |key: &str| match r.get(key) {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => Ok(items.clone()),
-        Some(_) => Err(Invalid::new(format!("{field}.{key}"), "must be a list")),
-    };
-    let networks = list("networks")?
+    let networks = r
+        .networks
         .iter()
+        .flatten()
         .enumerate()
         .map(|(j, n)| {
             let at = format!("{field}.networks[{j}]");
-            let start = parse_ip(&format!("{at}.start"), n["start"].as_str().unwrap_or_default())?;
-            let end = parse_ip(&format!("{at}.end"), n["end"].as_str().unwrap_or_default())?;
+            let start = parse_ip(&format!("{at}.start"), &n.start)?;
+            let end = parse_ip(&format!("{at}.end"), &n.end)?;
             if start > end {
                 return Err(Invalid::new(at, format!("start {start} is after end {end}")));
             }
@@ -374,101 +292,98 @@ fn parse_net_out_rule(field: &str, r: &Value) -> Result<NetOutRule, Invalid> {
             "must list at least one address range",
         ));
     }
-    let ports = list("ports")?
+    let ports = r
+        .ports
         .iter()
+        .flatten()
         .enumerate()
         .map(|(j, p)| {
             let at = format!("{field}.ports[{j}]");
-            let (start, end) = check_ports(
-                &at,
-                p["start"].as_i64().unwrap_or(0),
-                p["end"].as_i64().unwrap_or(p["start"].as_i64().unwrap_or(0)),
-            )?;
+            let (start, end) = check_ports(&at, p.start, p.end.unwrap_or(p.start))?;
             Ok(PortSpan { start, end })
         })
         .collect::<Result<Vec<_>, _>>()?;
     if !ports.is_empty() && !matches!(protocol, NetOutProtocol::Tcp | NetOutProtocol::Udp) {
         return Err(Invalid::new(format!("{field}.ports"), "only tcp and udp rules have ports"));
     }
-    let icmps = match r.get("icmps") {
-        None | Some(Value::Null) => None,
+    let icmps = match &r.icmps {
+        None => None,
         Some(i) => {
             if protocol != NetOutProtocol::Icmp {
                 return Err(Invalid::new(format!("{field}.icmps"), "only icmp rules have icmps"));
             }
-            let byte = |key: &str| i.get(key).and_then(Value::as_u64).map(u8::try_from);
-            let icmp_type = match byte("type") {
-                Some(Ok(t)) => t,
-                _ => return Err(Invalid::new(format!("{field}.icmps.type"), "must be 0-255")),
+            let byte = |key: &str, n: i64| {
+                u8::try_from(n)
+                    .map_err(|_| Invalid::new(format!("{field}.icmps.{key}"), "must be 0-255"))
             };
-            let code = match byte("code") {
-                None => None,
-                Some(Ok(c)) => Some(c),
-                Some(Err(_)) => {
-                    return Err(Invalid::new(format!("{field}.icmps.code"), "must be 0-255"));
-                }
-            };
+            let icmp_type = byte("type", i.icmp_type)?;
+            let code = i.code.map(|c| byte("code", c)).transpose()?;
             Some(IcmpMatch { icmp_type, code })
         }
     };
-    let log = match r.get("log") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(Invalid::new(format!("{field}.log"), "must be true or false")),
-    };
-    Ok(NetOutRule { protocol, networks, ports, icmps, log })
+    Ok(NetOutRule { protocol, networks, ports, icmps, log: r.log.unwrap_or(false) })
 }
 
-/// NetIn mappings: garden's `{"host_port", "container_port"}` or the CNI
-/// convention's `{"hostPort", "containerPort", "protocol"}` (default tcp).
-pub fn parse_port_mappings(v: &Value) -> Result<Vec<PortMapping>, Invalid> {
-    let list = match v {
-        Value::Null => return Ok(Vec::new()),
-        Value::Array(list) => list,
-        _ => return Err(Invalid::new("port_mappings", "must be a list")),
+/// A rule as `GET /v1/asgs` lists it (protocols by name).
+pub fn net_out_rule_shape(r: &NetOutRule) -> wire::NetOutRule {
+    let protocol = match r.protocol {
+        NetOutProtocol::All => "all",
+        NetOutProtocol::Tcp => "tcp",
+        NetOutProtocol::Udp => "udp",
+        NetOutProtocol::Icmp => "icmp",
     };
-    list.iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let field = format!("port_mappings[{i}]");
-            let port = |keys: [&str; 2]| {
-                let n = keys.iter().find_map(|k| m.get(*k)).and_then(Value::as_i64).ok_or_else(
-                    || {
-                        Invalid::new(
-                            &field,
-                            format!("{} (or {}) must be a number", keys[0], keys[1]),
-                        )
-                    },
-                )?;
-                u16::try_from(n).ok().filter(|p| *p != 0).ok_or_else(|| {
-                    Invalid::new(&field, format!("{} {n} is not a port (1-65535)", keys[0]))
-                })
-            };
-            let protocol = match m.get("protocol").and_then(Value::as_str) {
-                None => Protocol::Tcp,
-                Some(p) => parse_transport(&format!("{field}.protocol"), p)?,
-            };
-            Ok(PortMapping {
-                host_port: port(["host_port", "hostPort"])?,
-                container_port: port(["container_port", "containerPort"])?,
-                protocol,
-            })
-        })
-        .collect()
+    wire::NetOutRule {
+        protocol: Some(wire::NetOutProtocol::Name(protocol.to_owned())),
+        networks: Some(
+            r.networks
+                .iter()
+                .map(|n| wire::Network { start: n.start.to_string(), end: n.end.to_string() })
+                .collect(),
+        ),
+        ports: (!r.ports.is_empty()).then(|| {
+            r.ports
+                .iter()
+                .map(|p| wire::NetOutPorts { start: p.start.into(), end: Some(p.end.into()) })
+                .collect()
+        }),
+        icmps: r
+            .icmps
+            .map(|i| wire::Icmps { icmp_type: i.icmp_type.into(), code: i.code.map(i64::from) }),
+        log: r.log.then_some(true),
+    }
 }
 
-/// `{"app","ip","ifname","netns"}`.
+/// A NetIn mapping (protocol absent: tcp).
+fn port_mapping(field: &str, m: &wire::PortMapping) -> Result<PortMapping, Invalid> {
+    let port = |name: &str, n: i64| {
+        u16::try_from(n)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| Invalid::new(field, format!("{name} {n} is not a port (1-65535)")))
+    };
+    let protocol = match &m.protocol {
+        None => Protocol::Tcp,
+        Some(p) => parse_transport(&format!("{field}.protocol"), p)?,
+    };
+    Ok(PortMapping {
+        host_port: port("host_port", m.host_port)?,
+        container_port: port("container_port", m.container_port)?,
+        protocol,
+    })
+}
+
+/// `{"app","ip"/"ips","ifname","netns","port_mappings"}`.
 pub fn parse_endpoint(v: &Value) -> Result<Endpoint, Invalid> {
-    let app = str_field(v, "app", "app")?;
-    check_app_id("app", app)?;
-    let (ip, ipv6) = parse_endpoint_addresses(v)?;
-    let ifname = str_field(v, "ifname", "ifname")?;
-    let netns = match v.get("netns") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(PathBuf::from(s)),
-        Some(_) => return Err(Invalid::new("netns", "must be a path")),
-    };
-    let port_mappings = parse_port_mappings(v.get("port_mappings").unwrap_or(&Value::Null))?;
+    let e: wire::Endpoint = shape(v, "")?;
+    check_app_id("app", &e.app)?;
+    let (ip, ipv6) = endpoint_addresses(&e)?;
+    let port_mappings = e
+        .port_mappings
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, m)| port_mapping(&format!("port_mappings[{i}]"), m))
+        .collect::<Result<Vec<_>, _>>()?;
     if !port_mappings.is_empty() && ip.is_ipv6() {
         return Err(Invalid::new(
             "port_mappings",
@@ -478,42 +393,26 @@ pub fn parse_endpoint(v: &Value) -> Result<Endpoint, Invalid> {
     Ok(Endpoint {
         ip,
         ipv6,
-        app: app.to_owned(),
-        ifname: ifname.to_owned(),
-        netns,
+        app: e.app,
+        ifname: e.ifname,
+        netns: e.netns,
         host: None,
         port_mappings,
     })
 }
 
-/// A route: app, domain, hostname.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    pub app: String,
-    pub domain: String,
-    pub hostname: String,
-}
-
-/// `{"app","domain","hostname"}` (domain defaults to `apps.internal`).
-pub fn parse_route(v: &Value) -> Result<Route, Invalid> {
-    let app = str_field(v, "app", "app")?;
-    let domain = match v.get("domain") {
-        None | Some(Value::Null) => INTERNAL_DOMAIN,
-        Some(Value::String(d)) => d.as_str(),
-        Some(_) => return Err(Invalid::new("domain", "must be a string")),
-    };
-    let hostname = str_field(v, "hostname", "hostname")?;
-    Ok(Route { app: app.to_owned(), domain: domain.to_owned(), hostname: hostname.to_owned() })
-}
-
-pub fn route_json(route: &Route) -> Value {
-    json!({"app": route.app, "domain": route.domain, "hostname": route.hostname})
+/// `{"app","domain","hostname"}` (domain absent: `apps.internal`; checked
+/// where the route is mapped).
+pub fn parse_route(v: &Value) -> Result<wire::Route, Invalid> {
+    shape(v, "")
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
-    use crate::state::Protocol;
+    use crate::state::{INTERNAL_DOMAIN, Protocol};
 
     #[test]
     fn takes_cloud_foundrys_documented_body_unchanged() {
@@ -561,8 +460,8 @@ mod tests {
     #[test]
     fn routes_and_endpoints_round_trip() {
         let route = parse_route(&json!({"app": "b", "hostname": "api"})).unwrap();
-        assert_eq!(route.domain, INTERNAL_DOMAIN);
-        assert_eq!(parse_route(&route_json(&route)).unwrap(), route);
+        assert_eq!(route.domain(), INTERNAL_DOMAIN);
+        assert_eq!(parse_route(&to_json(&route)).unwrap(), route);
         let endpoint = Endpoint {
             ip: Ipv4Addr::new(10, 255, 0, 2).into(),
             ipv6: None,

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use policy_agent::client::Client;
+use policy_api::client::Client;
 use serde_json::{Value, json};
 
 use super::{JsonArgs, call};

@@ -4,10 +4,8 @@ use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::Result;
 use clap::Subcommand;
-use policy_agent::{
-    client::Client,
-    state::{PortMapping, Protocol},
-};
+use policy_agent::state::{PortMapping, Protocol};
+use policy_api::client::Client;
 use serde_json::Value;
 
 use super::{JsonArgs, call};

@@ -10,10 +10,10 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use policy_agent::{
     api::auth::Role,
-    client::{Client, ClientError},
     config::Config,
     tls::{CaFiles, PlatformCa, Sharing},
 };
+use policy_api::client::{Client, ClientError};
 
 #[derive(Args)]
 pub struct ApiIdentityArgs {
@@ -60,9 +60,9 @@ impl ApiIdentityArgs {
             .with_context(|| format!("cannot create {}", self.out.display()))?;
         let cert = self.out.join(format!("{}.pem", self.name));
         let key = self.out.join(format!("{}-key.pem", self.name));
-        policy_agent::files::replace(&key, identity.key_pem.as_bytes(), 0o600)
+        policy_api::files::replace(&key, identity.key_pem.as_bytes(), 0o600)
             .with_context(|| format!("cannot write {}", key.display()))?;
-        policy_agent::files::replace(&cert, identity.cert_pem.as_bytes(), 0o644)
+        policy_api::files::replace(&cert, identity.cert_pem.as_bytes(), 0o644)
             .with_context(|| format!("cannot write {}", cert.display()))?;
         println!(
             "{} identity {:?}, valid {} days:\n  certificate {}\n  key         {}\n  CA bundle   {}",
@@ -114,16 +114,12 @@ impl ApiIdentityArgs {
             bail!(
                 "the agent at {} has no platform CA (tls = false and no HTTPS listen): \
                  its TCP API takes no client certificates",
-                client.socket().display()
+                client.transport()
             );
         };
         let files: CaFiles = serde_json::from_value(files.clone())
             .context("the agent sent a platform_ca this command does not understand")?;
-        Ok(Source {
-            files,
-            listen: None,
-            whose: format!("the agent at {}", client.socket().display()),
-        })
+        Ok(Source { files, listen: None, whose: format!("the agent at {}", client.transport()) })
     }
 }
 

@@ -15,10 +15,8 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
-use policy_agent::{
-    client::{Client, Response},
-    config::DEFAULT_SOCKET,
-};
+use policy_agent::config::DEFAULT_SOCKET;
+use policy_api::client::{Client, Response};
 use serde_json::Value;
 
 /// eBPF network policy dataplane for containers: the agent daemon and the

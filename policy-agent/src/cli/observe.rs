@@ -4,7 +4,8 @@ use std::net::IpAddr;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use policy_agent::{api::wire, client::Client};
+use policy_agent::api::wire;
+use policy_api::client::Client;
 use serde_json::Value;
 
 use policy_agent::state::Protocol;

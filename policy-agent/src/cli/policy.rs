@@ -5,8 +5,11 @@ use anyhow::Result;
 use clap::Args;
 use policy_agent::{
     api::wire,
-    client::Client,
     state::{IcmpTypes, Policy, Protocol, parse_port_range},
+};
+use policy_api::{
+    client::Client,
+    wire::{CountedPolicy, PolicyList},
 };
 
 use super::call;
@@ -37,7 +40,7 @@ pub struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    fn body(&self) -> Result<serde_json::Value> {
+    fn policy(&self) -> Result<Policy> {
         let (start, end) = if self.protocol.has_ports() {
             if self.icmp_type.is_some() {
                 anyhow::bail!(
@@ -55,31 +58,33 @@ impl PolicyArgs {
             }
             IcmpTypes { icmp_type: self.icmp_type, code: self.icmp_code }.range()
         };
-        Ok(wire::policies_body(&[Policy {
+        Ok(Policy {
             source: self.source_app.clone(),
             destination: self.destination_app.clone(),
             protocol: self.protocol,
             start,
             end,
             tls_only: self.tls_only,
-        }]))
+        })
     }
 
     pub fn add(self, client: &Client) -> Result<()> {
-        let body = self.body()?;
+        let policy = self.policy()?;
+        let body = wire::policies_body(std::slice::from_ref(&policy));
         call(client, "POST", "/networking/v1/external/policies", Some(&body))?;
         println!(
             "Adding network policy from app {} to app {} ({} {}): OK",
             self.source_app,
             self.destination_app,
             self.protocol.name(),
-            wire::destination_text(&body["policies"][0]["destination"])
+            wire::policy_shape(&policy).destination.text()
         );
         Ok(())
     }
 
     pub fn remove(self, client: &Client) -> Result<()> {
-        call(client, "POST", "/networking/v1/external/policies/delete", Some(&self.body()?))?;
+        let body = wire::policies_body(&[self.policy()?]);
+        call(client, "POST", "/networking/v1/external/policies/delete", Some(&body))?;
         println!(
             "Removing network policy from app {} to app {}: OK",
             self.source_app, self.destination_app
@@ -117,16 +122,11 @@ impl ListArgs {
             println!("{}", reply.body);
             return Ok(());
         }
+        let list: PolicyList = serde_json::from_value(reply.body)?;
         println!("{:<38} {:<38} {:<9} ports", "source", "destination", "protocol");
-        for p in reply.body["policies"].as_array().into_iter().flatten() {
-            let d = &p["destination"];
-            let ports = wire::destination_text(d);
-            println!(
-                "{:<38} {:<38} {:<9} {ports}",
-                p["source"]["id"].as_str().unwrap_or("?"),
-                d["id"].as_str().unwrap_or("?"),
-                d["protocol"].as_str().unwrap_or("?"),
-            );
+        for p in list.policies {
+            let d = &p.destination;
+            println!("{:<38} {:<38} {:<9} {}", p.source.id, d.id, d.protocol, d.text());
         }
         Ok(())
     }
@@ -147,17 +147,14 @@ pub fn percent_encode(text: &str) -> String {
 impl ListArgs {
     fn stats(&self, client: &Client) -> Result<()> {
         let reply = call(client, "GET", "/v1/policies/stats", None)?;
-        let policies: Vec<&serde_json::Value> = reply.body["policies"]
-            .as_array()
+        let list: PolicyList<CountedPolicy> = serde_json::from_value(reply.body)?;
+        let policies: Vec<CountedPolicy> = list
+            .policies
             .into_iter()
-            .flatten()
-            .filter(|p| self.source.as_deref().is_none_or(|s| p["source"]["id"] == s))
+            .filter(|p| self.source.as_deref().is_none_or(|s| p.policy.source.id == s))
             .collect();
         if self.json {
-            println!(
-                "{}",
-                serde_json::json!({"total_policies": policies.len(), "policies": policies})
-            );
+            println!("{}", wire::to_json(&PolicyList::from(policies)));
             return Ok(());
         }
         println!(
@@ -165,17 +162,16 @@ impl ListArgs {
             "id", "source", "destination", "protocol", "ports", "packets", "bytes"
         );
         for p in policies {
-            let d = &p["destination"];
-            let ports = wire::destination_text(d);
+            let d = &p.policy.destination;
             println!(
                 "{:<6} {:<30} {:<30} {:<9} {:<12} {:>12} {:>14}",
-                p["id"],
-                p["source"]["id"].as_str().unwrap_or("?"),
-                d["id"].as_str().unwrap_or("?"),
-                d["protocol"].as_str().unwrap_or("?"),
-                ports,
-                p["packets"],
-                p["bytes"]
+                p.id,
+                p.policy.source.id,
+                d.id,
+                d.protocol,
+                d.text(),
+                p.packets,
+                p.bytes
             );
         }
         Ok(())

@@ -2,7 +2,8 @@
 
 use anyhow::Result;
 use clap::Args;
-use policy_agent::{api::wire, client::Client};
+use policy_agent::api::wire;
+use policy_api::{client::Client, wire as shapes};
 
 use super::{JsonArgs, call};
 
@@ -18,9 +19,9 @@ pub struct RouteArgs {
 
 impl RouteArgs {
     fn body(&self) -> serde_json::Value {
-        wire::route_json(&wire::Route {
+        wire::to_json(&shapes::Route {
             app: self.app.clone(),
-            domain: self.domain.clone(),
+            domain: Some(self.domain.clone()),
             hostname: self.hostname.clone(),
         })
     }
@@ -40,14 +41,11 @@ impl RouteArgs {
 
 pub fn list(args: &JsonArgs, client: &Client) -> Result<()> {
     let Some(body) = args.get(client, "/v1/routes")? else { return Ok(()) };
+    let list: shapes::Routes = serde_json::from_value(body)?;
     println!("{:<40} app", "route");
-    for r in body["routes"].as_array().into_iter().flatten() {
-        let route = format!(
-            "{}.{}",
-            r["hostname"].as_str().unwrap_or("?"),
-            r["domain"].as_str().unwrap_or("?")
-        );
-        println!("{route:<40} {}", r["app"].as_str().unwrap_or("?"));
+    for r in list.routes {
+        let route = format!("{}.{}", r.hostname, r.domain());
+        println!("{route:<40} {}", r.app);
     }
     Ok(())
 }

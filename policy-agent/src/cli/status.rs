@@ -1,7 +1,7 @@
 //! `status`.
 
 use anyhow::Result;
-use policy_agent::client::Client;
+use policy_api::client::Client;
 
 use super::JsonArgs;
 

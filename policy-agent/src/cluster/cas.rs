@@ -201,7 +201,7 @@ impl HostCas {
         if fs::read(&self.bundle).is_ok_and(|now| now == text.as_bytes()) {
             return Ok(());
         }
-        crate::files::replace(&self.bundle, text.as_bytes(), 0o644)
+        policy_api::files::replace(&self.bundle, text.as_bytes(), 0o644)
             .map_err(crate::tls::io("write", &self.bundle))
     }
 }

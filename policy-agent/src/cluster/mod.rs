@@ -68,7 +68,7 @@ pub struct ClusterConfig {
     pub host_grace_seconds: u32,
     /// The CNI plugin's `ipv6_prefix` (a /96 the containers' IPv4 addresses
     /// complete): with it, IPv6 is routed between hosts as well.
-    pub ipv6_prefix: Option<overlay::Ipv6Prefix>,
+    pub ipv6_prefix: Option<policy_api::Ipv6Prefix>,
     /// The one client of this configuration's etcd, made on first use.
     client: SharedClient,
 }
@@ -100,7 +100,7 @@ struct Fields {
     #[serde(default = "default_host_grace_seconds")]
     host_grace_seconds: u32,
     #[serde(default)]
-    ipv6_prefix: Option<overlay::Ipv6Prefix>,
+    ipv6_prefix: Option<policy_api::Ipv6Prefix>,
 }
 
 impl TryFrom<Fields> for ClusterConfig {

@@ -23,6 +23,7 @@ use rtnetlink::{
     },
 };
 
+use policy_api::{Ipv6Prefix, link::find_link};
 use tracing::{info, warn};
 
 use crate::etcd::{Etcd, EtcdError, ModRevisionIs, Range, keys::Keys, prefix_end};
@@ -48,44 +49,6 @@ pub enum OverlayError {
     Etcd(#[from] EtcdError),
     #[error("every /24 of the overlay is leased")]
     NoSubnet,
-}
-
-/// An IPv6 /96 whose addresses end in the overlay's IPv4 ones: a
-/// container's IPv6 address is the prefix plus its IPv4 address (as the CNI
-/// plugin's `ipv6_prefix` gives them), so a host's /24 is a /120 of it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
-#[serde(try_from = "String")]
-pub struct Ipv6Prefix(Ipv6Addr);
-
-impl Ipv6Prefix {
-    /// `"fd00:255::/96"`; the error says what is wrong with it.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("ipv6_prefix {text:?} {why}");
-        let (addr, bits) = text.split_once('/').ok_or_else(|| bad("is not an IPv6 /96"))?;
-        let addr: Ipv6Addr = addr.parse().map_err(|_| bad("is not an IPv6 /96"))?;
-        if bits != "96" {
-            return Err(bad("must be a /96 (the container's IPv4 address fills the last 32 bits)"));
-        }
-        if u128::from(addr) & u128::from(u32::MAX) != 0 {
-            return Err(bad("has bits set past /96"));
-        }
-        if addr.is_multicast() || addr.segments()[0] & 0xffc0 == 0xfe80 || addr.is_unspecified() {
-            return Err(bad("is link-local, multicast or unspecified"));
-        }
-        Ok(Self(addr))
-    }
-
-    /// The IPv6 address under the prefix that ends in `ip`.
-    pub fn address_of(self, ip: Ipv4Addr) -> Ipv6Addr {
-        Ipv6Addr::from(u128::from(self.0) | u128::from(u32::from(ip)))
-    }
-}
-
-impl TryFrom<String> for Ipv6Prefix {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
-        Self::parse(&text)
-    }
 }
 
 /// Another host as the overlay needs it.
@@ -373,27 +336,6 @@ impl Overlay {
     }
 }
 
-/// A link's index and MAC address (zeros if it has none), if it exists.
-pub async fn find_link(
-    handle: &Handle,
-    name: &str,
-) -> Result<Option<(u32, [u8; 6])>, rtnetlink::Error> {
-    let mut links = handle.link().get().match_name(name.to_owned()).execute();
-    match links.try_next().await {
-        Ok(Some(link)) => {
-            let mac = link.attributes.iter().find_map(|a| match a {
-                LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
-                _ => None,
-            });
-            Ok(Some((link.header.index, mac.unwrap_or_default())))
-        }
-        Ok(None) => Ok(None),
-        // ENODEV: no such link.
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 async fn link_name(handle: &Handle, index: u32) -> Result<String, OverlayError> {
     let mut links = handle.link().get().match_index(index).execute();
     let link = links.try_next().await?.ok_or(OverlayError::NoDevice)?;
@@ -406,31 +348,16 @@ async fn link_name(handle: &Handle, index: u32) -> Result<String, OverlayError> 
         .ok_or(OverlayError::NoDevice)
 }
 
-/// A MAC address as text (`aa:bb:...`), and back.
-pub fn mac_text(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-}
-
-pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let bytes: Vec<u8> =
-        text.split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>().ok()?;
-    <[u8; 6]>::try_from(bytes.as_slice()).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn subnets_and_macs() {
+    fn subnets() {
         assert_eq!(subnet(Ipv4Addr::new(10, 255, 0, 0), 7), Ipv4Addr::new(10, 255, 7, 0));
         assert_eq!(first_free(&BTreeSet::new()), Some(0));
         assert_eq!(first_free(&[0, 1, 3].into()), Some(2));
         assert_eq!(first_free(&(0..=255).collect()), None);
-        let mac = [0x02, 0xab, 0, 1, 2, 0xff];
-        assert_eq!(mac_text(&mac), "02:ab:00:01:02:ff");
-        assert_eq!(parse_mac(&mac_text(&mac)), Some(mac));
-        assert_eq!(parse_mac("02:ab"), None);
     }
 
     #[test]
@@ -452,22 +379,5 @@ mod tests {
         assert_eq!(choose("cell-3", None, &leased, &BTreeSet::new()), Some(Choice::Free(1)));
         let all: BTreeMap<u8, String> = (0..=255).map(|i| (i, "x".to_owned())).collect();
         assert_eq!(choose("cell-3", None, &all, &BTreeSet::new()), None);
-    }
-
-    #[test]
-    fn ipv6_prefixes_are_a_96_that_ipv4_addresses_complete() {
-        let prefix = Ipv6Prefix::parse("fd00:255::/96").unwrap();
-        let address = prefix.address_of(Ipv4Addr::new(10, 255, 2, 7));
-        assert_eq!(address, "fd00:255::aff:207".parse::<Ipv6Addr>().unwrap());
-        for (text, says) in [
-            ("fd00:255::", "not an IPv6 /96"),
-            ("fd00:255::/64", "must be a /96"),
-            ("fd00:255::1/96", "bits set past /96"),
-            ("fe80::/96", "link-local"),
-            ("10.0.0.0/96", "not an IPv6 /96"),
-        ] {
-            let err = Ipv6Prefix::parse(text).unwrap_err();
-            assert!(err.contains(says), "{text}: {err}");
-        }
     }
 }

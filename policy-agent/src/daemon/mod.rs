@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result};
 use policy_agent::{
     Dataplane, DataplaneConfig,
     agent::{self, Agent, SharedAgent},
-    api::{Api, GATEWAY, Ipam},
+    api::{Api, Ipam},
     cluster::{
         ClusterConfig,
         cas::HostCas,
@@ -87,7 +87,7 @@ pub fn run(config: Config) -> Result<()> {
     // host's leased /24 in a cluster (at the VXLAN device's MTU).
     let mut ipam = Ipam {
         subnet: config.overlay_network.map(|o| (o.network, o.prefix)),
-        gateway: GATEWAY,
+        gateway: policy_api::GATEWAY,
         mtu: None,
     };
     if let Some(cluster) = &config.cluster {
@@ -212,7 +212,7 @@ fn join_overlay(
     let leased = overlay::lease_subnet(&cluster.etcd(), &cluster.keys(), &cluster.host, remembered);
     let index = match leased {
         Ok(index) => {
-            let _ = policy_agent::files::replace(&kept, index.to_string().as_bytes(), 0o600);
+            let _ = policy_api::files::replace(&kept, index.to_string().as_bytes(), 0o600);
             index
         }
         Err(e) => match remembered {

@@ -22,6 +22,7 @@ pub use model::{
     AddressRange, Endpoint, INTERNAL_DOMAIN, IcmpMatch, IcmpTypes, NetOutProtocol, NetOutRule,
     Policy, PortMapping, PortSpan, Protocol, TlsFront, TlsPorts, tag_text,
 };
+pub use policy_api::MAX_ID_LEN;
 use policy_common::{
     maps::{EndpointValue, PairKey, endpoint_flags},
     ports::Allowance,
@@ -31,8 +32,9 @@ use stored::Stored;
 pub use stored::StoredRef;
 pub use undo::Undo;
 pub use validate::{
-    Invalid, MAX_ID_LEN, check_app_id, check_domain, check_endpoint, check_hostname,
-    check_icmp_types, check_ifname, check_ports, parse_port_range, parse_protocol, parse_transport,
+    Invalid, check_app_id, check_domain, check_endpoint, check_endpoint_ipv4, check_endpoint_ipv6,
+    check_hostname, check_icmp_types, check_ifname, check_ports, parse_port_range, parse_protocol,
+    parse_transport,
 };
 pub use validate::{check_veth_exists, missing_veth};
 

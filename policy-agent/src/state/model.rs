@@ -11,7 +11,7 @@ use policy_common::maps::proto;
 use serde::{Deserialize, Serialize};
 
 /// The one domain internal routes live under.
-pub const INTERNAL_DOMAIN: &str = "apps.internal";
+pub use policy_api::wire::INTERNAL_DOMAIN;
 
 /// A policy's protocol (the CLI's `--protocol`, the API's
 /// `destination.protocol`). `icmp` and `icmpv6` are our documented

@@ -3,7 +3,10 @@
 //! (TLS-only policies, the per-source limit, the per-pair range limit) —
 //! all made before anything changes, so a refused request changes nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use policy_common::ports::{Allowance, PortsError};
 
@@ -12,9 +15,6 @@ use super::{
     model::{Endpoint, INTERNAL_DOMAIN, IcmpTypes, Policy, Protocol},
 };
 use policy_common::maps::PortRules;
-
-/// Longest app id accepted (CF's are UUIDs, 36 characters).
-pub const MAX_ID_LEN: usize = 255;
 
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 pub const MAX_IFNAME_LEN: usize = 15;
@@ -40,58 +40,10 @@ impl std::fmt::Display for Invalid {
 
 impl std::error::Error for Invalid {}
 
-/// Checks an app id: non-empty, at most [`MAX_ID_LEN`] bytes, printable, no
-/// whitespace, no commas (ids are comma-separated in API filters).
+/// Checks an app id (the rule is shared with the CNI plugin:
+/// [`policy_api::check_app_id`]).
 pub fn check_app_id(field: &str, id: &str) -> Result<(), Invalid> {
-    if id.is_empty() {
-        return Err(Invalid::new(field, "must not be empty"));
-    }
-    if id.len() > MAX_ID_LEN {
-        return Err(Invalid::new(field, format!("longer than {MAX_ID_LEN} bytes")));
-    }
-    if id.chars().any(|c| c.is_control() || c.is_whitespace() || c == ',') {
-        return Err(Invalid::new(
-            field,
-            "must not contain whitespace, control characters or commas",
-        ));
-    }
-    if let Some(c) = id.chars().find(|c| is_invisible(*c)) {
-        return Err(Invalid::new(
-            field,
-            format!(
-                "must not contain invisible or text-direction characters (U+{:04X})",
-                u32::from(c)
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Format characters (Unicode category Cf: zero-width spaces and joiners,
-/// bidirectional embeddings, overrides and isolates, the BOM, soft hyphen,
-/// tag characters) and other characters that render as nothing: an id
-/// holding one looks like another id.
-fn is_invisible(c: char) -> bool {
-    matches!(
-        u32::from(c),
-        0x00AD
-            | 0x034F
-            | 0x061C
-            | 0x115F..=0x1160
-            | 0x17B4..=0x17B5
-            | 0x180B..=0x180F
-            | 0x200B..=0x200F
-            | 0x202A..=0x202E
-            | 0x2060..=0x206F
-            | 0x3164
-            | 0xFE00..=0xFE0F
-            | 0xFEFF
-            | 0xFFA0
-            | 0xFFF0..=0xFFFB
-            | 0x1BCA0..=0x1BCA3
-            | 0x1D173..=0x1D17A
-            | 0xE0000..=0xE0FFF
-    )
+    policy_api::check_app_id(id).map_err(|e| Invalid::new(field, e.to_string()))
 }
 
 /// Checks a port range (1-65535, start <= end).
@@ -401,4 +353,49 @@ impl State {
 /// function builds the entry).
 fn check_pair_fits(allowances: &[Allowance]) -> Result<(), PortsError> {
     PortRules::build(allowances).map(|_| ())
+}
+
+/// An IPv4 address a container can have: not unspecified (0.0.0.0 is how
+/// the programs mark an endpoint without IPv4), broadcast, multicast or
+/// loopback.
+pub fn check_endpoint_ipv4(field: &str, a: Ipv4Addr) -> Result<(), Invalid> {
+    let bad = if a.is_unspecified() || a.is_broadcast() {
+        Some("unspecified or broadcast")
+    } else if a.is_multicast() {
+        Some("multicast")
+    } else if a.is_loopback() {
+        Some("loopback")
+    } else {
+        None
+    };
+    not_an_endpoint_address(field, a, bad)
+}
+
+/// An address a container can be reached at across hosts: not link-local
+/// (every container has its own, which names no one), multicast, loopback,
+/// unspecified or IPv4-mapped.
+pub fn check_endpoint_ipv6(field: &str, a: Ipv6Addr) -> Result<(), Invalid> {
+    let bad = if a.is_unspecified() || a.is_loopback() {
+        Some("unspecified or loopback")
+    } else if a.is_multicast() {
+        Some("multicast")
+    } else if a.segments()[0] & 0xffc0 == 0xfe80 {
+        Some("link-local")
+    } else if a.to_ipv4_mapped().is_some() {
+        Some("IPv4-mapped (give the IPv4 address itself)")
+    } else {
+        None
+    };
+    not_an_endpoint_address(field, a, bad)
+}
+
+fn not_an_endpoint_address(
+    field: &str,
+    a: impl std::fmt::Display,
+    bad: Option<&str>,
+) -> Result<(), Invalid> {
+    match bad {
+        Some(why) => Err(Invalid::new(field, format!("{a} is {why}: not an endpoint address"))),
+        None => Ok(()),
+    }
 }

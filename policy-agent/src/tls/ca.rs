@@ -296,9 +296,9 @@ impl PlatformCa {
 fn create(files: &CaFiles, sharing: &Sharing) -> Result<(), TlsError> {
     let key = KeyPair::generate()?;
     let cert = ca_params(sharing.common_name()).self_signed(&key)?;
-    crate::files::replace(&files.certificate, cert.pem().as_bytes(), 0o644)
+    policy_api::files::replace(&files.certificate, cert.pem().as_bytes(), 0o644)
         .map_err(io("write", &files.certificate))?;
-    crate::files::replace(&files.key, key.serialize_pem().as_bytes(), 0o600)
+    policy_api::files::replace(&files.key, key.serialize_pem().as_bytes(), 0o600)
         .map_err(io("write", &files.key))?;
     info!(certificate = %files.certificate.display(), "created the platform CA");
     Ok(())

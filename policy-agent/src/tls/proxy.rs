@@ -152,7 +152,7 @@ impl TlsProxies {
             (&cert, &identity.cert_pem, 0o644),
             (&self.ports_file(ip), &ports, 0o644),
         ] {
-            crate::files::replace_unsynced(path, text.as_bytes(), mode)
+            policy_api::files::replace_unsynced(path, text.as_bytes(), mode)
                 .map_err(io("write", path))?;
         }
         Ok(())
@@ -284,7 +284,7 @@ impl TlsProxies {
     fn start(&self, ip: IpAddr, want: &Wanted) -> Result<Running, TlsError> {
         // Opened and checked once; the connections' upstream sockets are
         // made in it through this descriptor.
-        let ns = Arc::new(crate::netns::open(&want.netns).map_err(|e| {
+        let ns = Arc::new(policy_api::netns::open(&want.netns).map_err(|e| {
             io("open", &want.netns)(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
         })?);
         let cert = Arc::new(CurrentCert(RwLock::new(self.ca.issue(
@@ -311,7 +311,7 @@ impl TlsProxies {
         // has one, as apps listen there).
         let listen = SocketAddr::from((ip, TLS_PORT));
         let listen6 = want.addresses.get(1).map(|a| SocketAddr::from((*a, TLS_PORT)));
-        let listeners = crate::netns::run_in(&ns, || {
+        let listeners = policy_api::netns::run_in(&ns, || {
             let bind = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
                 let l = std::net::TcpListener::bind(addr)?;
                 l.set_nonblocking(true)?;
@@ -420,7 +420,7 @@ async fn proxy(
     } else {
         tokio::net::TcpSocket::new_v6
     };
-    let socket = crate::netns::run_in(netns, new_socket)?;
+    let socket = policy_api::netns::run_in(netns, new_socket)?;
     let mut app = socket.connect(upstream).await?;
     app.set_nodelay(true)?;
     if http {

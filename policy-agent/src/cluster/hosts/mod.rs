@@ -167,7 +167,7 @@ fn this_host(agent: &SharedAgent, config: &ClusterConfig, membership: &Membershi
         applied_revision: position.revision,
         reported_at: now(),
         subnet: Some(membership.subnet),
-        vtep_mac: Some(overlay::mac_text(&membership.overlay.mac)),
+        vtep_mac: Some(policy_api::link::mac_text(&membership.overlay.mac)),
         log_id: agent.log_id().map(str::to_owned),
         diverged: agent.diverged().map(|d| d.cause().to_owned()),
     }

@@ -29,7 +29,7 @@ pub(super) fn follow(
             Some(Peer {
                 subnet: h.subnet?,
                 underlay: h.underlay_address,
-                mac: overlay::parse_mac(h.vtep_mac.as_deref()?)?,
+                mac: policy_api::link::parse_mac(h.vtep_mac.as_deref()?)?,
             })
         })
         .collect();

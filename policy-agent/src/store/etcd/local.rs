@@ -156,7 +156,7 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
 
 /// Replaces `path` with `value` as JSON, streamed, synced before the rename.
 fn write_synced(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
-    crate::files::replace_with(path, 0o600, |out| Ok(serde_json::to_writer(out, value)?))
+    policy_api::files::replace_with(path, 0o600, |out| Ok(serde_json::to_writer(out, value)?))
 }
 
 #[cfg(test)]

@@ -150,7 +150,7 @@ impl Journal {
     /// one, atomically.
     fn fresh_journal(&mut self, after: u64) -> Result<(), StoreError> {
         let path = self.journal_path();
-        crate::files::replace(&path, format!("{HEADER}{after}\n").as_bytes(), MODE)
+        policy_api::files::replace(&path, format!("{HEADER}{after}\n").as_bytes(), MODE)
             .map_err(io("write", &path))?;
         sync_dir(&self.dir)?;
         self.has_journal = true;
@@ -365,7 +365,7 @@ impl Store for Journal {
             state: crate::state::StoredRef<'a>,
         }
         let snapshot = SnapshotRef { seq: self.seq, state: state.stored() };
-        crate::files::replace_with(&path, MODE, |out| Ok(serde_json::to_writer(out, &snapshot)?))
+        policy_api::files::replace_with(&path, MODE, |out| Ok(serde_json::to_writer(out, &snapshot)?))
             .map_err(io("write", &path))?;
         sync_dir(&self.dir)?;
         self.snapshot_seq = self.seq;

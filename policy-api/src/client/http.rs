@@ -1,80 +1,16 @@
-//! A small blocking HTTP/1.1 client for the agent's API on its Unix socket
-//! (what the CLI verbs use). One request per connection.
+//! HTTP/1.1 as the client speaks it: one request with a JSON body per
+//! connection, the response read to the end (or line by line, for a
+//! streamed one).
 
-use std::{
-    io::{Read, Write},
-    os::unix::net::UnixStream,
-    path::PathBuf,
-    time::Duration,
-};
+use std::io::{Read, Write};
 
 use serde_json::Value;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("cannot reach the agent at {socket}: {source} - is `policy-agent run` running?")]
-    Connect { socket: PathBuf, source: std::io::Error },
-    #[error("talking to the agent: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("the agent sent a malformed response: {0}")]
-    Malformed(String),
-}
-
-pub struct Client {
-    socket: PathBuf,
-}
-
-/// A response: HTTP status and JSON body.
-pub struct Response {
-    pub status: u16,
-    pub body: Value,
-}
-
-impl Response {
-    pub fn is_success(&self) -> bool {
-        (200..300).contains(&self.status)
-    }
-
-    /// The error message of a failed request.
-    pub fn error(&self) -> String {
-        self.body
-            .get("error")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .unwrap_or_else(|| self.body.to_string())
-    }
-}
-
-impl Client {
-    pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self { socket: socket.into() }
-    }
-
-    /// The socket this client talks to.
-    pub fn socket(&self) -> &std::path::Path {
-        &self.socket
-    }
-
-    pub fn request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<Response, ClientError> {
-        let stream = self.connect()?;
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        exchange(stream, "localhost", method, path, body)
-    }
-
-    fn connect(&self) -> Result<UnixStream, ClientError> {
-        UnixStream::connect(&self.socket)
-            .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })
-    }
-}
+use super::{ClientError, Response};
 
 /// One HTTP/1.1 request with a JSON body on its own connection, and its
-/// JSON response (the agent's socket, etcd's JSON gateway).
-pub(crate) fn exchange(
+/// JSON response.
+pub(super) fn exchange(
     mut stream: impl Read + Write,
     host: &str,
     method: &str,
@@ -103,23 +39,10 @@ fn write_request(
     Ok(())
 }
 
-impl Client {
-    /// `GET path`, calling `on_line` with each line of the body as it
-    /// arrives (a streamed, chunked response) until the server ends it or
-    /// `on_line` returns false. Returns the HTTP status.
-    pub fn stream_lines(
-        &self,
-        path: &str,
-        on_line: impl FnMut(&str) -> bool,
-    ) -> Result<u16, ClientError> {
-        stream_lines(self.connect()?, "localhost", "GET", path, None, on_line)
-    }
-}
-
 /// Sends a request and calls `on_line` with each line of the body as it
 /// arrives (a streamed, chunked response) until the server ends it or
 /// `on_line` returns false. Returns the HTTP status.
-pub(crate) fn stream_lines(
+pub(super) fn stream_lines(
     mut stream: impl Read + Write,
     host: &str,
     method: &str,

@@ -9,8 +9,19 @@ use std::{
         fd::AsRawFd as _,
         unix::fs::{FileTypeExt as _, OpenOptionsExt as _},
     },
-    path::Path,
+    path::{Path, PathBuf},
 };
+
+/// Why a path cannot be used as a network namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("cannot open {}: {source}", path.display())]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("cannot statfs {}: {source}", path.display())]
+    Statfs { path: PathBuf, source: std::io::Error },
+    #[error("{} is {what}, not a network namespace", path.display())]
+    NotNetns { path: PathBuf, what: &'static str },
+}
 
 /// `statfs` type of the nsfs filesystem (`/proc/PID/ns/*`, bind mounts of them).
 const NSFS_MAGIC: i64 = 0x6e73_6673;
@@ -20,13 +31,16 @@ const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
 /// Opens `path` as a network namespace: non-blocking (a FIFO cannot hang
 /// the caller), then `fstatfs` must say nsfs and the namespace must be a
 /// network one.
-pub fn open(path: &Path) -> Result<File, String> {
+pub fn open(path: &Path) -> Result<File, NetnsError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let kind = file.metadata().map(|m| m.file_type()).map_err(|e| e.to_string())?;
+        .map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
+    let kind = file
+        .metadata()
+        .map(|m| m.file_type())
+        .map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
     let what = if kind.is_fifo() {
         "a FIFO"
     } else if kind.is_socket() {
@@ -38,20 +52,17 @@ pub fn open(path: &Path) -> Result<File, String> {
     } else {
         ""
     };
-    let not = |what: &str| format!("{} is {what}, not a network namespace", path.display());
+    let not = |what| NetnsError::NotNetns { path: path.to_owned(), what };
     if !what.is_empty() {
         return Err(not(what));
     }
     // SAFETY: fstatfs into a zeroed struct on a descriptor we own.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
-        return Err(format!(
-            "cannot statfs {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        ));
+        let source = std::io::Error::last_os_error();
+        return Err(NetnsError::Statfs { path: path.to_owned(), source });
     }
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
+    #[allow(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
     if fs.f_type as i64 != NSFS_MAGIC {
         return Err(not("a file"));
     }
@@ -92,19 +103,21 @@ mod tests {
     #[test]
     fn only_network_namespaces_are_taken() {
         assert!(open(Path::new("/proc/self/ns/net")).is_ok());
-        let e = open(Path::new("/proc/self/ns/mnt")).unwrap_err();
+        let e = open(Path::new("/proc/self/ns/mnt")).unwrap_err().to_string();
         assert!(e.contains("another kind of namespace"), "{e}");
-        let e = open(Path::new("/etc/hostname")).unwrap_err();
+        let e = open(Path::new("/etc/hostname")).unwrap_err().to_string();
         assert!(e.contains("is a file, not a network namespace"), "{e}");
-        let e = open(Path::new("/dev/null")).unwrap_err();
+        let e = open(Path::new("/dev/null")).unwrap_err().to_string();
         assert!(e.contains("a device"), "{e}");
         let fifo = std::env::temp_dir().join(format!("netns-fifo-{}", std::process::id()));
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: mkfifo on a path we own.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        let e = open(&fifo).unwrap_err();
+        let e = open(&fifo).unwrap_err().to_string();
         assert!(e.contains("is a FIFO"), "{e}");
         std::fs::remove_file(fifo).unwrap();
-        assert!(open(Path::new("/nonexistent/ns")).unwrap_err().contains("cannot open"));
+        assert!(
+            open(Path::new("/nonexistent/ns")).unwrap_err().to_string().contains("cannot open")
+        );
     }
 }
