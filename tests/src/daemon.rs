@@ -149,6 +149,28 @@ impl Daemon {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `policy-agent api-identity --role ROLE --name NAME` from this
+    /// daemon's CA (by its `--config`), written in its directory: the
+    /// identity's certificate and key.
+    pub fn api_identity(&self, role: &str, name: &str) -> (PathBuf, PathBuf) {
+        let out = self.dir.join("identities");
+        let text = |p: &Path| p.to_str().expect("a UTF-8 path").to_owned();
+        let (out_s, config) = (text(&out), text(&self.config));
+        let said = self.cli_ok(&[
+            "api-identity",
+            "--role",
+            role,
+            "--name",
+            name,
+            "--out",
+            &out_s,
+            "--config",
+            &config,
+        ]);
+        assert!(said.contains(&format!("{role} identity")), "{said}");
+        (out.join(format!("{name}.pem")), out.join(format!("{name}-key.pem")))
+    }
+
     /// `policy-agent endpoint add` for a test container: its app, address,
     /// host-side veth and network namespace.
     pub fn register(&self, container: &crate::topology::Container, app: &str) {

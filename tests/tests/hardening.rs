@@ -369,25 +369,8 @@ fn the_tcp_api_takes_only_platform_identities_and_their_roles() {
     let host = Host::new(1);
     let mut daemon = Daemon::start(&host.ns, "listen = \"0.0.0.0:9091\"");
     daemon.register(host.container(0), "app");
-    let config = daemon.config.to_str().unwrap().to_owned();
-    let out = daemon.dir.join("identities");
-    let out_s = out.to_str().unwrap().to_owned();
-    for (role, name) in [("admin", "ops"), ("read-only", "dashboard")] {
-        let said = daemon.cli_ok(&[
-            "api-identity",
-            "--role",
-            role,
-            "--name",
-            name,
-            "--out",
-            &out_s,
-            "--config",
-            &config,
-        ]);
-        assert!(said.contains(&format!("{role} identity")), "{said}");
-    }
-    let ops = (out.join("ops.pem"), out.join("ops-key.pem"));
-    let dashboard = (out.join("dashboard.pem"), out.join("dashboard-key.pem"));
+    let ops = daemon.api_identity("admin", "ops");
+    let dashboard = daemon.api_identity("read-only", "dashboard");
     let policy = one("a", "b", 8080);
     // No certificate: the handshake is refused.
     let (status, said) = curl_tls(&host, &daemon, "GET", POLICIES, None, None);

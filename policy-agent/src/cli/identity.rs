@@ -102,8 +102,8 @@ impl ApiIdentityArgs {
         let status = match client.request("GET", "/v1/status", None) {
             Ok(response) if response.is_success() => response.body,
             Ok(response) => bail!("the agent refused GET /v1/status: {}", response.error()),
-            Err(ClientError::Connect { socket, source }) => bail!(
-                "no agent answers at {} ({source}) and no --config was given: start the \
+            Err(ClientError::Connect { socket, cause }) => bail!(
+                "no agent answers at {} ({cause}) and no --config was given: start the \
                  agent, name its socket (--socket) or its configuration (--config FILE). \
                  api-identity uses the agent's own CA and never makes one",
                 socket.display()

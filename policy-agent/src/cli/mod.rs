@@ -6,6 +6,7 @@ mod endpoint;
 mod identity;
 mod observe;
 mod policy;
+mod remote;
 mod route;
 mod run;
 mod state;
@@ -20,13 +21,16 @@ use policy_api::client::{Client, Response};
 use serde_json::Value;
 
 /// eBPF network policy dataplane for containers: the agent daemon and the
-/// `cf`-style verbs that talk to it.
+/// `cf`-style verbs that talk to it — on this host's socket, or a remote
+/// agent's HTTPS API with `--server` and an API identity.
 #[derive(Parser)]
 #[command(version, about)]
 pub struct Cli {
     /// The agent's API socket.
     #[arg(long, global = true, env = "POLICY_AGENT_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    #[command(flatten)]
+    remote: remote::RemoteArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,24 +81,37 @@ enum Command {
 
 impl Cli {
     pub fn run(self) -> Result<()> {
-        let client = Client::new(&self.socket);
+        // What acts on this host itself: never through --server.
+        let local = match &self.command {
+            Command::Run(_) => Some("run"),
+            Command::Teardown(_) => Some("teardown"),
+            Command::State(_) => Some("state"),
+            Command::Dataplane(_) => Some("dataplane"),
+            Command::ApiIdentity(_) => Some("api-identity"),
+            _ => None,
+        };
+        if let Some(verb) = local {
+            self.remote.local_only(verb)?;
+        }
+        let client = || self.remote.client(&self.socket);
         match self.command {
             Command::Run(args) => args.run(),
             Command::Teardown(args) => args.run(),
-            Command::Endpoint(cmd) => cmd.run(&client),
-            Command::Endpoints(args) => endpoint::list(&args, &client),
-            Command::AddNetworkPolicy(args) => args.add(&client),
-            Command::RemoveNetworkPolicy(args) => args.remove(&client),
-            Command::NetworkPolicies(args) => args.run(&client),
-            Command::Status(args) => status::show(&args, &client),
-            Command::Flows(args) => args.run(&client),
-            Command::MapRoute(args) => args.map(&client),
-            Command::UnmapRoute(args) => args.unmap(&client),
-            Command::Routes(args) => route::list(&args, &client),
-            Command::Explain(args) => args.run(&client),
-            Command::Cluster(cmd) => cmd.run(&client),
+            Command::Endpoint(cmd) => cmd.run(&client()?),
+            Command::Endpoints(args) => endpoint::list(&args, &client()?),
+            Command::AddNetworkPolicy(args) => args.add(&client()?),
+            Command::RemoveNetworkPolicy(args) => args.remove(&client()?),
+            Command::NetworkPolicies(args) => args.run(&client()?),
+            Command::Status(args) => status::show(&args, &client()?),
+            Command::Flows(args) => args.run(&client()?),
+            Command::MapRoute(args) => args.map(&client()?),
+            Command::UnmapRoute(args) => args.unmap(&client()?),
+            Command::Routes(args) => route::list(&args, &client()?),
+            Command::Explain(args) => args.run(&client()?),
+            Command::Cluster(cmd) => cmd.run(&client()?),
             Command::State(cmd) => cmd.run(),
-            Command::ApiIdentity(args) => args.run(&client),
+            // Its own CA files: the socket's agent says where they are.
+            Command::ApiIdentity(args) => args.run(&Client::new(&self.socket)),
             Command::Dataplane(args) => {
                 init_logging("warn");
                 args.run()

@@ -24,21 +24,21 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum HttpsError {
     #[error("--server {server:?} {why}")]
     Server { server: String, why: &'static str },
-    #[error("cannot read the {what} {}: {source}", path.display())]
-    Read { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("cannot read the {what} {}: {cause}", path.display())]
+    Read { what: &'static str, path: PathBuf, cause: std::io::Error },
     #[error("{} holds no {what} (PEM)", path.display())]
     NoPem { what: &'static str, path: PathBuf },
-    #[error("{} is not a CA certificate: {source}", path.display())]
-    BadCa { path: PathBuf, source: rustls::Error },
+    #[error("{} is not a CA certificate: {cause}", path.display())]
+    BadCa { path: PathBuf, cause: rustls::Error },
     #[error(
-        "the client certificate {} and key {} cannot be used together: {source} - are they one identity from `policy-agent api-identity`?",
+        "the client certificate {} and key {} cannot be used together: {cause} - are they one identity from `policy-agent api-identity`?",
         cert.display(), key.display()
     )]
-    Identity { cert: PathBuf, key: PathBuf, source: rustls::Error },
+    Identity { cert: PathBuf, key: PathBuf, cause: rustls::Error },
     #[error(
-        "cannot reach the agent at {server}: {source} - is this the agent's `listen` address, and the port open?"
+        "cannot reach the agent at {server}: {cause} - is this the agent's `listen` address, and the port open?"
     )]
-    Connect { server: String, source: std::io::Error },
+    Connect { server: String, cause: std::io::Error },
     #[error(
         "the agent at {server} presented a certificate that {} did not sign (unknown CA) - is --cacert that agent's platform CA (the CA bundle `api-identity` names)?",
         cacert.display()
@@ -52,8 +52,8 @@ pub enum HttpsError {
         "the agent at {server} rejected this client certificate (TLS alert {alert:?}) - is this identity from this agent's platform CA?"
     )]
     Rejected { server: String, alert: AlertDescription },
-    #[error("TLS with the agent at {server} failed: {source}")]
-    Handshake { server: String, source: rustls::Error },
+    #[error("TLS with the agent at {server} failed: {cause}")]
+    Handshake { server: String, cause: rustls::Error },
 }
 
 /// The files of an API identity and the CA that signs the agent's
@@ -93,7 +93,7 @@ impl Https {
         for ca in pem_certs("CA certificate (--cacert)", &identity.cacert)? {
             roots
                 .add(ca)
-                .map_err(|source| HttpsError::BadCa { path: identity.cacert.clone(), source })?;
+                .map_err(|cause| HttpsError::BadCa { path: identity.cacert.clone(), cause })?;
         }
         let certs = pem_certs("client certificate (--cert)", &identity.cert)?;
         let key_pem = read("client key (--key)", &identity.key)?;
@@ -102,10 +102,10 @@ impl Https {
             path: identity.key.clone(),
         })?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let identity_error = |source| HttpsError::Identity {
+        let identity_error = |cause| HttpsError::Identity {
             cert: identity.cert.clone(),
             key: identity.key.clone(),
-            source,
+            cause,
         };
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -134,7 +134,7 @@ impl Https {
     }
 
     pub(super) fn connect(&self, timeout: Option<Duration>) -> Result<HttpsStream, HttpsError> {
-        let connect_error = |source| HttpsError::Connect { server: self.url.clone(), source };
+        let connect_error = |cause| HttpsError::Connect { server: self.url.clone(), cause };
         let addrs = std::net::ToSocketAddrs::to_socket_addrs(&self.authority.as_str())
             .map_err(connect_error)?;
         let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
@@ -143,9 +143,9 @@ impl Https {
                 Ok(tcp) => {
                     tcp.set_read_timeout(timeout).map_err(connect_error)?;
                     let tls = ClientConnection::new(self.config.clone(), self.server_name.clone())
-                        .map_err(|source| HttpsError::Handshake {
+                        .map_err(|cause| HttpsError::Handshake {
                             server: self.url.clone(),
-                            source,
+                            cause,
                         })?;
                     return Ok(HttpsStream(StreamOwned::new(tls, tcp)));
                 }
@@ -181,7 +181,7 @@ impl Https {
                 | AlertDescription::AccessDenied
                 | AlertDescription::DecryptError),
             ) => HttpsError::Rejected { server, alert: *alert },
-            other => HttpsError::Handshake { server, source: other.clone() },
+            other => HttpsError::Handshake { server, cause: other.clone() },
         };
         explained.into()
     }
@@ -203,11 +203,28 @@ impl Read for HttpsStream {
 
 impl Write for HttpsStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf)
+        self.0.write(buf).map_err(|e| self.why_closed().unwrap_or(e))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
+        self.0.flush().map_err(|e| self.why_closed().unwrap_or(e))
+    }
+}
+
+impl HttpsStream {
+    /// After a failed write: what the agent said before it closed. In TLS
+    /// 1.3 the client's handshake ends before the agent has checked its
+    /// certificate; an agent refusing it sends an alert and closes, and the
+    /// request being written then meets a closed connection (EPIPE) while
+    /// the alert waits to be read.
+    fn why_closed(&mut self) -> Option<std::io::Error> {
+        let StreamOwned { conn, sock } = &mut self.0;
+        while conn.read_tls(sock).ok()? > 0 {
+            if let Err(e) = conn.process_new_packets() {
+                return Some(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+            }
+        }
+        None
     }
 }
 
@@ -243,7 +260,7 @@ fn parse_server(server: &str) -> Result<(String, String), HttpsError> {
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, HttpsError> {
-    std::fs::read(path).map_err(|source| HttpsError::Read { what, path: path.to_owned(), source })
+    std::fs::read(path).map_err(|cause| HttpsError::Read { what, path: path.to_owned(), cause })
 }
 
 fn pem_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, HttpsError> {

@@ -21,17 +21,25 @@ use serde_json::Value;
 /// in cluster mode for etcd).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
+// The I/O errors are named in the messages, not chained as sources: the
+// CLI prints the chain (`{:#}`), the CNI plugin only the message.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the agent at {socket}: {source} - is `policy-agent run` running?")]
-    Connect { socket: PathBuf, source: std::io::Error },
+    #[error("cannot reach the agent at {}: {cause} - is `policy-agent run` running?", socket.display())]
+    Connect { socket: PathBuf, cause: std::io::Error },
     #[error("talking to the agent: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("the agent sent a malformed response: {0}")]
     Malformed(String),
     #[cfg(feature = "tls")]
     #[error(transparent)]
     Https(#[from] https::HttpsError),
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
 }
 
 /// Where the agent's API is.
@@ -136,7 +144,7 @@ impl Client {
         match &self.transport {
             Transport::Unix(socket) => {
                 let stream = UnixStream::connect(socket)
-                    .map_err(|source| ClientError::Connect { socket: socket.clone(), source })?;
+                    .map_err(|cause| ClientError::Connect { socket: socket.clone(), cause })?;
                 stream.set_read_timeout(timeout)?;
                 Ok(Box::new(stream))
             }
