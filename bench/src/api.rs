@@ -1,7 +1,7 @@
 //! The agent's API as the benchmarks drive it: policies in Cloud Foundry's
 //! JSON, posted in batches.
 
-use policy_agent::client::Client;
+use policy_api::Client;
 use serde_json::{Value, json};
 
 /// One policy `src → dst` on `protocol` port `port`.

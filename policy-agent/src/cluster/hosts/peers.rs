@@ -9,7 +9,7 @@ use tracing::warn;
 use super::{HostRecord, Membership};
 use crate::{
     agent::{self, SharedAgent},
-    cluster::overlay::{self, Peer},
+    cluster::overlay::Peer,
 };
 
 /// Routes to every other host's subnet, and accepts tunnel packets from

@@ -365,8 +365,10 @@ impl Store for Journal {
             state: crate::state::StoredRef<'a>,
         }
         let snapshot = SnapshotRef { seq: self.seq, state: state.stored() };
-        policy_api::files::replace_with(&path, MODE, |out| Ok(serde_json::to_writer(out, &snapshot)?))
-            .map_err(io("write", &path))?;
+        policy_api::files::replace_with(&path, MODE, |out| {
+            Ok(serde_json::to_writer(out, &snapshot)?)
+        })
+        .map_err(io("write", &path))?;
         sync_dir(&self.dir)?;
         self.snapshot_seq = self.seq;
         self.fresh_journal(self.seq)
