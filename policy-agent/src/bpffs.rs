@@ -2,7 +2,7 @@
 
 use std::{ffi::CString, io, os::unix::ffi::OsStrExt as _, path::Path};
 
-use crate::Error;
+use crate::DataplaneError;
 
 /// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -22,20 +22,21 @@ pub fn is_bpffs(path: &Path) -> bool {
 /// Makes sure `pin_dir` can hold pins: mounts bpffs at /sys/fs/bpf when the
 /// directory is below it and nothing is mounted there yet (Debian does not
 /// mount it by default), then creates the directory.
-pub fn prepare(pin_dir: &Path) -> Result<(), Error> {
+pub fn prepare(pin_dir: &Path) -> Result<(), DataplaneError> {
     let mount = Path::new(DEFAULT_MOUNT);
     if pin_dir.starts_with(mount) && !is_bpffs(mount) {
         mount_bpffs(mount)?;
     }
-    std::fs::create_dir_all(pin_dir).map_err(Error::io("cannot create pin directory", pin_dir))?;
+    std::fs::create_dir_all(pin_dir)
+        .map_err(DataplaneError::io("cannot create pin directory", pin_dir))?;
     if !is_bpffs(pin_dir) {
-        return Err(Error::NotBpffs { path: pin_dir.to_path_buf() });
+        return Err(DataplaneError::NotBpffs { path: pin_dir.to_path_buf() });
     }
     Ok(())
 }
 
-fn mount_bpffs(at: &Path) -> Result<(), Error> {
-    let fail = |source| Error::MountBpffs { path: at.to_path_buf(), source };
+fn mount_bpffs(at: &Path) -> Result<(), DataplaneError> {
+    let fail = |source| DataplaneError::MountBpffs { path: at.to_path_buf(), source };
     let target = CString::new(at.as_os_str().as_bytes()).map_err(|e| fail(e.into()))?;
     // SAFETY: all pointers are valid NUL-terminated strings for the call.
     let ret = unsafe {

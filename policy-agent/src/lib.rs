@@ -10,7 +10,6 @@ pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod dns;
-pub mod error;
 pub mod etcd;
 pub mod explain;
 pub mod flows;
@@ -23,8 +22,7 @@ pub mod store;
 mod sys;
 pub mod tls;
 
-pub use dataplane::{Capacities, Dataplane, DataplaneConfig, Direction, Maps};
-pub use error::Error;
+pub use dataplane::{Capacities, Dataplane, DataplaneConfig, DataplaneError, Direction, Maps};
 
 /// The compiled eBPF object (built by build.rs from policy-ebpf).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy"));

@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use policy_common::netout::{
-    ICMP_ANY, MAX_NETOUT_RULES, NetOutRule as KernelRule, NetOutRules, key_data, key_prefix,
+    ICMP_ANY, MAX_NETOUT_RULES, NetOutMatch, NetOutRules, key_data, key_prefix,
 };
 
 use crate::state::{NetOutRule, State};
@@ -33,8 +33,8 @@ pub fn cidrs(start: Ipv4Addr, end: Ipv4Addr) -> Vec<(Ipv4Addr, u8)> {
 }
 
 /// The kernel's form of a rule: one per port span (TCP/UDP), else one.
-fn kernel_rules(rule: &NetOutRule) -> Vec<KernelRule> {
-    let base = KernelRule {
+fn kernel_rules(rule: &NetOutRule) -> Vec<NetOutMatch> {
+    let base = NetOutMatch {
         protocol: rule.protocol.number(),
         log: u8::from(rule.log),
         icmp_type: rule.icmps.map_or(ICMP_ANY, |i| i.icmp_type),
@@ -45,7 +45,10 @@ fn kernel_rules(rule: &NetOutRule) -> Vec<KernelRule> {
     if rule.ports.is_empty() || !matches!(rule.protocol.number(), 6 | 17) {
         return vec![base];
     }
-    rule.ports.iter().map(|p| KernelRule { port_start: p.start, port_end: p.end, ..base }).collect()
+    rule.ports
+        .iter()
+        .map(|p| NetOutMatch { port_start: p.start, port_end: p.end, ..base })
+        .collect()
 }
 
 /// Whether block `outer` contains block `inner`.
@@ -63,7 +66,7 @@ pub fn app_entries(
     tag: u32,
     rules: &[NetOutRule],
 ) -> Result<BTreeMap<TrieKey, NetOutRules>, String> {
-    let mut blocks: Vec<((Ipv4Addr, u8), KernelRule)> = Vec::new();
+    let mut blocks: Vec<((Ipv4Addr, u8), NetOutMatch)> = Vec::new();
     for rule in rules {
         let krules = kernel_rules(rule);
         for range in &rule.networks {
@@ -78,7 +81,7 @@ pub fn app_entries(
     distinct.dedup();
     let mut out = BTreeMap::new();
     for block in distinct {
-        let mut covering: Vec<KernelRule> =
+        let mut covering: Vec<NetOutMatch> =
             blocks.iter().filter(|(b, _)| contains(*b, block)).map(|(_, k)| *k).collect();
         covering.sort();
         covering.dedup();
@@ -99,7 +102,7 @@ pub fn app_entries(
 /// The whole trie for the state: apps with security groups and a tag.
 pub fn trie(state: &State) -> BTreeMap<TrieKey, NetOutRules> {
     let mut out = BTreeMap::new();
-    for (app, rules) in state.asgs() {
+    for (app, rules) in state.netout() {
         let Some(tag) = state.tag(app) else { continue };
         match app_entries(tag, rules) {
             Ok(entries) => out.extend(entries),

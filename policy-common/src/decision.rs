@@ -221,7 +221,7 @@ pub fn decide_destination<A: Family, T: Lookups<A>>(tables: &T, parsed: &Parsed<
     // epoch was checked against rules at least as new as the epoch.
     let epoch = tables.epoch();
     match *parsed {
-        Parsed::NotIpv4 => Decision::just(Verdict::Pass(Reason::NotIpv4)),
+        Parsed::OtherFamily => Decision::just(Verdict::Pass(Reason::NotIp)),
         Parsed::LinkControl => Decision::just(Verdict::Pass(Reason::LinkControl)),
         Parsed::Malformed => Decision::just(Verdict::Drop(Reason::Malformed)),
         Parsed::LaterFragment(key) => {
@@ -449,7 +449,7 @@ impl<A: Family, L: Lookups<A>> Lookups<A> for TunnelSource<'_, L, A> {
 #[inline(always)]
 pub fn source_address<A: Family>(parsed: &Parsed<A>) -> Option<A> {
     match *parsed {
-        Parsed::NotIpv4 | Parsed::Malformed | Parsed::LinkControl => None,
+        Parsed::OtherFamily | Parsed::Malformed | Parsed::LinkControl => None,
         Parsed::Flow { flow, .. } => Some(flow.saddr),
         Parsed::LaterFragment(key) => Some(A::fragment_ends(&key).0),
         Parsed::IcmpError { saddr, .. } => Some(saddr),
@@ -582,7 +582,7 @@ pub fn decide_source<T: Lookups>(
     tunnel: TunnelPort,
 ) -> Verdict {
     let saddr = match *parsed {
-        Parsed::NotIpv4 | Parsed::LinkControl => return Verdict::Pass(Reason::NotIpv4),
+        Parsed::OtherFamily | Parsed::LinkControl => return Verdict::Pass(Reason::NotIp),
         Parsed::Malformed => return Verdict::Drop(Reason::Malformed),
         Parsed::Flow { flow, .. } => flow.saddr,
         Parsed::LaterFragment(key) => key.saddr,
@@ -621,7 +621,7 @@ pub fn decide_source6<T: Lookups<Ipv6Key>>(
     tunnel: TunnelPort,
 ) -> Verdict {
     let (saddr, daddr) = match *parsed {
-        Parsed::NotIpv4 => return Verdict::Pass(Reason::NotIpv4),
+        Parsed::OtherFamily => return Verdict::Pass(Reason::NotIp),
         Parsed::LinkControl => return Verdict::Pass(Reason::LinkControl),
         Parsed::Malformed => return Verdict::Drop(Reason::Malformed),
         Parsed::Flow { flow, .. } => (flow.saddr, flow.daddr),

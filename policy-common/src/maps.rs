@@ -184,48 +184,48 @@ const _: () = assert!(size_of::<Tunnel>() == 8);
 /// (address in wire order, port in host order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct NatKey {
+pub struct NetInKey {
     pub addr: u32,
     pub port: u16,
     pub protocol: u8,
     pub _pad: u8,
 }
-const _: () = assert!(size_of::<NatKey>() == 8);
+const _: () = assert!(size_of::<NetInKey>() == 8);
 
 /// `NETIN` value: the container address and port the mapping leads to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct NatTarget {
+pub struct NetInTarget {
     pub addr: u32,
     pub port: u16,
     pub _pad: u16,
 }
-const _: () = assert!(size_of::<NatTarget>() == 8);
+const _: () = assert!(size_of::<NetInTarget>() == 8);
 
 /// `NETIN_CONNS` key: a connection through a NetIn mapping, as its replies
 /// leave the container (container end first).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct NatConnKey {
+pub struct NetInConnKey {
     pub container: u32,
     pub client: u32,
     pub container_port: u16,
     pub client_port: u16,
     pub protocol: u32,
 }
-const _: () = assert!(size_of::<NatConnKey>() == 16);
+const _: () = assert!(size_of::<NetInConnKey>() == 16);
 
 /// `NETIN_CONNS` value: what the replies' source is rewritten to, and the
 /// interface the connection came in by (the replies leave by it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct NatConn {
+pub struct NetInConn {
     pub host_addr: u32,
     pub host_port: u16,
     pub _pad: u16,
     pub ifindex: u32,
 }
-const _: () = assert!(size_of::<NatConn>() == 12);
+const _: () = assert!(size_of::<NetInConn>() == 12);
 
 /// The bits of `skb->mark` the VXLAN GBP id travels in: tags above 65,535
 /// do not fit and travel as "no identity" (the receiver then uses its
@@ -650,10 +650,10 @@ mod pod {
     unsafe impl aya::Pod for FlowSet {}
     unsafe impl aya::Pod for Overlay {}
     unsafe impl aya::Pod for Tunnel {}
-    unsafe impl aya::Pod for NatKey {}
-    unsafe impl aya::Pod for NatTarget {}
-    unsafe impl aya::Pod for NatConnKey {}
-    unsafe impl aya::Pod for NatConn {}
+    unsafe impl aya::Pod for NetInKey {}
+    unsafe impl aya::Pod for NetInTarget {}
+    unsafe impl aya::Pod for NetInConnKey {}
+    unsafe impl aya::Pod for NetInConn {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for FlowEvent<Ipv6Key> {}
     unsafe impl aya::Pod for EventLimit {}

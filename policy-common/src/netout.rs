@@ -29,7 +29,7 @@ pub const fn key_prefix(bits: u8) -> u32 {
 /// One rule as the kernel matches it (its address ranges are in the key).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct NetOutRule {
+pub struct NetOutMatch {
     /// IP protocol number; 0: every protocol.
     pub protocol: u8,
     /// 1: report the packets it allows.
@@ -41,7 +41,7 @@ pub struct NetOutRule {
     pub port_start: u16,
     pub port_end: u16,
 }
-const _: () = assert!(size_of::<NetOutRule>() == 8);
+const _: () = assert!(size_of::<NetOutMatch>() == 8);
 
 /// `NETOUT` value: the rules covering a prefix (`count` of them; 0: the
 /// app has security groups and none covers this destination).
@@ -49,7 +49,7 @@ const _: () = assert!(size_of::<NetOutRule>() == 8);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NetOutRules {
     pub count: u32,
-    pub rules: [NetOutRule; MAX_NETOUT_RULES],
+    pub rules: [NetOutMatch; MAX_NETOUT_RULES],
 }
 const _: () = assert!(size_of::<NetOutRules>() == 4 + 8 * MAX_NETOUT_RULES);
 
@@ -57,7 +57,7 @@ const TCP: u8 = 6;
 const UDP: u8 = 17;
 const ICMP: u8 = 1;
 
-impl NetOutRule {
+impl NetOutMatch {
     #[inline(always)]
     pub fn matches(&self, protocol: u8, dport: u16, icmp: (u8, u8)) -> bool {
         if self.protocol != 0 && self.protocol != protocol {
@@ -119,8 +119,8 @@ unsafe impl aya::Pod for NetOutRules {}
 mod tests {
     use super::*;
 
-    fn rule(protocol: u8, ports: (u16, u16), icmp: (u8, u8), log: u8) -> NetOutRule {
-        NetOutRule {
+    fn rule(protocol: u8, ports: (u16, u16), icmp: (u8, u8), log: u8) -> NetOutMatch {
+        NetOutMatch {
             protocol,
             log,
             icmp_type: icmp.0,

@@ -69,8 +69,9 @@ pub struct Flow<A = u32> {
 /// What a packet is, as far as the policy is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Parsed<A: Family = u32> {
-    /// Not this family: ARP, LLDP, ... (and IPv6 on the IPv4 path).
-    NotIpv4,
+    /// Not the family this path parses: ARP, LLDP, ... (and IPv6 on the
+    /// IPv4 path, IPv4 on the IPv6 path).
+    OtherFamily,
     /// Cut short or inconsistent IP / L4 headers; for IPv6 also an extension
     /// header chain longer than the walk allows.
     Malformed,
@@ -150,10 +151,10 @@ fn icmp_ports<A: Family, B: PacketBytes + ?Sized>(bytes: &B, l4: usize) -> Optio
 pub fn parse_ethernet<B: PacketBytes + ?Sized>(bytes: &B) -> Parsed {
     let Some(ethertype) = bytes.read::<2>(12) else {
         // Shorter than an Ethernet header: nothing the policy can judge.
-        return Parsed::NotIpv4;
+        return Parsed::OtherFamily;
     };
     if u16::from_be_bytes(ethertype) != ETH_P_IP {
-        return Parsed::NotIpv4;
+        return Parsed::OtherFamily;
     }
     parse_ipv4(bytes, ETH_HLEN)
 }
@@ -164,11 +165,11 @@ pub fn ethertype<B: PacketBytes + ?Sized>(bytes: &B) -> u16 {
     bytes.read::<2>(12).map_or(0, u16::from_be_bytes)
 }
 
-/// Parses an Ethernet frame carrying IPv6 (`NotIpv4` for anything else).
+/// Parses an Ethernet frame carrying IPv6 (`OtherFamily` for anything else).
 #[inline(always)]
 pub fn parse_ethernet6<B: PacketBytes + ?Sized>(bytes: &B) -> Parsed<Ipv6Key> {
     if ethertype(bytes) != ETH_P_IPV6 {
-        return Parsed::NotIpv4;
+        return Parsed::OtherFamily;
     }
     parse_ipv6(bytes, ETH_HLEN)
 }

@@ -5,8 +5,9 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
-    /// Not IPv4 (ARP, IPv6, ...): outside the scope of the policy.
-    NotIpv4 = 0,
+    /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): outside the scope of the
+    /// policy.
+    NotIp = 0,
     /// IPv4, but not between two registered endpoints (the host itself, an
     /// unregistered address, an interface with no endpoint).
     Unmanaged = 1,
@@ -51,7 +52,7 @@ impl Reason {
     pub const COUNT: u32 = 16;
 
     pub const ALL: [Reason; Self::COUNT as usize] = [
-        Reason::NotIpv4,
+        Reason::NotIp,
         Reason::Unmanaged,
         Reason::SourceVerified,
         Reason::Established,
@@ -72,7 +73,7 @@ impl Reason {
     /// Stable lower-case name, used in metrics and the CLI.
     pub const fn name(self) -> &'static str {
         match self {
-            Reason::NotIpv4 => "not_ipv4",
+            Reason::NotIp => "not_ip",
             Reason::Unmanaged => "unmanaged",
             Reason::SourceVerified => "source_verified",
             Reason::Established => "established",

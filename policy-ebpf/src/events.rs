@@ -84,7 +84,7 @@ pub fn report<A: Family>(
             (saddr, daddr, 0, 0, A::fragment_protocol(&k))
         }
         Parsed::IcmpError { saddr, daddr, .. } => (saddr, daddr, 0, 0, A::ICMP),
-        Parsed::NotIpv4 | Parsed::Malformed | Parsed::LinkControl => {
+        Parsed::OtherFamily | Parsed::Malformed | Parsed::LinkControl => {
             (A::default(), A::default(), 0, 0, 0)
         }
     };

@@ -577,7 +577,7 @@ fn destination_side(
 #[inline(always)]
 fn parse_l3(bytes: &SkbBytes) -> Parsed {
     if bytes.protocol() != u32::from(ETH_P_IP.to_be()) {
-        return Parsed::NotIpv4;
+        return Parsed::OtherFamily;
     }
     parse_ipv4(bytes, 0)
 }

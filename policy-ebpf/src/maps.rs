@@ -9,8 +9,8 @@ use policy_common::{
     Parsed, Reason,
     maps::{
         Attachment, CONFIG_INDEX, Config, Conn, ConnKey, EndpointValue, EventLimit, FlowEvent,
-        FragmentKey, FragmentKey6, Ipv6Key, NatConn, NatConnKey, NatKey, NatTarget, PairKey,
-        PolicyCounters, PortRules, capacity, event_stat,
+        FragmentKey, FragmentKey6, Ipv6Key, NetInConn, NetInConnKey, NetInKey, NetInTarget,
+        PairKey, PolicyCounters, PortRules, capacity, event_stat,
     },
     netout::NetOutRules,
 };
@@ -157,13 +157,13 @@ pub static PEERS: HashMap<u32, u32, { capacity::PEERS as usize }> = HashMap::new
 /// NetIn: (host address, host port, protocol) → the container's address and
 /// port (written by the agent from the endpoints' port mappings).
 #[btf_map]
-pub static NETIN: HashMap<NatKey, NatTarget, { capacity::NETIN as usize }> = HashMap::new();
+pub static NETIN: HashMap<NetInKey, NetInTarget, { capacity::NETIN as usize }> = HashMap::new();
 
 /// Connections through a NetIn mapping, so their replies leave as the host
 /// address and port the client used. LRU: a forgotten connection's replies
 /// go out unrewritten and the client resets it.
 #[btf_map]
-pub static NETIN_CONNS: LruHashMap<NatConnKey, NatConn, { capacity::NETIN_CONNS as usize }> =
+pub static NETIN_CONNS: LruHashMap<NetInConnKey, NetInConn, { capacity::NETIN_CONNS as usize }> =
     LruHashMap::new();
 
 /// NetOut (security groups): (app tag, destination prefix) → the rules

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use policy_common::{
     Flow,
-    maps::{NatConn, NatConnKey, NatKey},
+    maps::{NetInConn, NetInConnKey, NetInKey},
 };
 
 use crate::maps::{NETIN, NETIN_CONNS, config};
@@ -70,7 +70,7 @@ pub fn incoming(ctx: &TcContext, flow: &Flow, ifindex: u32) {
     if !active() {
         return;
     }
-    let key = NatKey { addr: flow.daddr, port: flow.dport, protocol: flow.protocol, _pad: 0 };
+    let key = NetInKey { addr: flow.daddr, port: flow.dport, protocol: flow.protocol, _pad: 0 };
     // SAFETY: the value is copied out at once.
     let Some(target) = (unsafe { NETIN.get(key) }).copied() else { return };
     let Some(layout) = layout(ctx, flow.protocol) else { return };
@@ -83,14 +83,14 @@ pub fn incoming(ctx: &TcContext, flow: &Flow, ifindex: u32) {
     if rewritten.is_none() {
         return;
     }
-    let conn = NatConnKey {
+    let conn = NetInConnKey {
         container: target.addr,
         client: flow.saddr,
         container_port: target.port,
         client_port: flow.sport,
         protocol: u32::from(flow.protocol),
     };
-    let nat = NatConn { host_addr: flow.daddr, host_port: flow.dport, _pad: 0, ifindex };
+    let nat = NetInConn { host_addr: flow.daddr, host_port: flow.dport, _pad: 0, ifindex };
     let _ = NETIN_CONNS.insert(conn, nat, 0);
 }
 
@@ -102,7 +102,7 @@ pub fn reply(ctx: &TcContext, flow: &Flow) -> Option<i32> {
     if !active() {
         return None;
     }
-    let key = NatConnKey {
+    let key = NetInConnKey {
         container: flow.saddr,
         client: flow.daddr,
         container_port: flow.sport,

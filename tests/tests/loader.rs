@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, process::Command};
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use integration_tests::{netns::NetNs, pins::PinDir, require_root, unique_name};
-use policy_agent::{Capacities, Dataplane, DataplaneConfig, Error};
+use policy_agent::{Capacities, Dataplane, DataplaneConfig, DataplaneError};
 use policy_common::{
     maps::{MAX_PORT_RANGES, PairKey, proto},
     ports::{Allowance, PortsError},
@@ -91,7 +91,7 @@ fn a_full_map_is_reported_and_leaves_entries_intact() {
         tables.set_endpoint(Ipv4Addr::new(10, 255, 0, i), 1).unwrap();
     }
     match tables.set_endpoint(Ipv4Addr::new(10, 255, 0, 5), 1) {
-        Err(Error::MapFull { name: "ENDPOINTS", capacity: 4 }) => {}
+        Err(DataplaneError::MapFull { name: "ENDPOINTS", capacity: 4 }) => {}
         other => panic!("expected ENDPOINTS full, got {other:?}"),
     }
     assert_eq!(tables.endpoints().len(), 4);
@@ -119,7 +119,7 @@ fn more_ranges_than_a_pair_holds_are_refused_whole() {
     }
     let err = tables.allow(key, Allowance { start: 5000, end: 5000, policy_id: 1 }).unwrap_err();
     assert!(
-        matches!(err, Error::Ports(PortsError::TooManyRanges { limit: MAX_PORT_RANGES })),
+        matches!(err, DataplaneError::Ports(PortsError::TooManyRanges { limit: MAX_PORT_RANGES })),
         "{err}"
     );
     assert_eq!(tables.pair(&key).len(), MAX_PORT_RANGES, "the pair is unchanged");
@@ -154,7 +154,7 @@ fn state_survives_reopening_and_remove_all_cleans_up() {
     assert_eq!(dataplane.attachments().unwrap(), vec!["tc-v0-egress", "tc-v0-ingress"]);
 
     match dataplane.attach_veth("nosuchif") {
-        Err(Error::NoInterface { ifname }) => assert_eq!(ifname, "nosuchif"),
+        Err(DataplaneError::NoInterface { ifname }) => assert_eq!(ifname, "nosuchif"),
         other => panic!("expected NoInterface, got {other:?}"),
     }
 

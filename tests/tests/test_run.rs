@@ -167,7 +167,7 @@ fn unmanaged_and_non_ip_traffic_passes() {
     ] {
         assert_eq!(f.entering_container(&frame), TC_ACT_OK);
     }
-    assert_eq!(f.count(Reason::NotIpv4), 1);
+    assert_eq!(f.count(Reason::NotIp), 1);
     assert_eq!(f.count(Reason::Unmanaged), 3);
     // IPv6 is policed too: a frame labelled IPv6 that is not is malformed.
     assert_eq!(f.entering_container(&ipv6), TC_ACT_SHOT);

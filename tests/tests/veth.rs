@@ -175,7 +175,7 @@ fn traffic_with_the_host_and_unregistered_addresses_is_unaffected() {
     // Not registered, but still spoofing from the frontend's veth: dropped.
     assert!(tcp_connect(frontend, Some(extra), backend, 8080, SHORT).is_err());
     assert!(s.count(Reason::Unmanaged) > 0);
-    assert!(s.count(Reason::NotIpv4) > 0, "ARP passed");
+    assert!(s.count(Reason::NotIp) > 0, "ARP passed");
 }
 
 #[test]

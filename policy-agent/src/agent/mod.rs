@@ -27,7 +27,7 @@ pub use returning::{DENIED_TAG, Held, read_held};
 use tracing::{info, warn};
 
 use crate::{
-    Dataplane, Error,
+    Dataplane, DataplaneError,
     reconcile::{self, Kernel},
     state::{
         Endpoint, Invalid, NetOutRule, Policy, State, TlsPorts, Undo, check_app_id, check_domain,
@@ -50,7 +50,7 @@ pub enum AgentError {
     #[error("{0}")]
     Invalid(Invalid),
     #[error(transparent)]
-    Kernel(#[from] Error),
+    Kernel(#[from] DataplaneError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -64,9 +64,9 @@ impl From<Invalid> for AgentError {
 impl AgentError {
     /// A kernel write a local write made failed: a veth that vanished
     /// since it was checked is refused as if it had been missing then.
-    fn from_kernel(e: Error) -> Self {
+    fn from_kernel(e: DataplaneError) -> Self {
         match e {
-            Error::NoInterface { ifname } => missing_veth(&ifname).into(),
+            DataplaneError::NoInterface { ifname } => missing_veth(&ifname).into(),
             e => e.into(),
         }
     }
@@ -339,15 +339,15 @@ impl<K: Kernel> Agent<K> {
     /// Sets (Some) or removes (None) `app`'s security groups (NetOut): the
     /// rules its containers' egress out of the overlay must match. Running
     /// containers follow at once.
-    pub fn set_asgs(
+    pub fn set_netout(
         &mut self,
         app: &str,
         rules: Option<Vec<NetOutRule>>,
     ) -> Result<(), AgentError> {
-        self.retrying(|agent| agent.set_asgs_once(app, rules.clone()))
+        self.retrying(|agent| agent.set_netout_once(app, rules.clone()))
     }
 
-    fn set_asgs_once(
+    fn set_netout_once(
         &mut self,
         app: &str,
         rules: Option<Vec<NetOutRule>>,
@@ -356,9 +356,9 @@ impl<K: Kernel> Agent<K> {
         if let Some(rules) = &rules {
             crate::netout::app_entries(1, rules).map_err(|e| Invalid::new("rules", e))?;
         }
-        let change = Change::SetAsgs { app: app.to_owned(), rules: rules.clone() };
+        let change = Change::SetNetOut { app: app.to_owned(), rules: rules.clone() };
         let before = reconcile::before(&self.state, &change);
-        let undo = self.state.set_asgs_undoable(app, rules);
+        let undo = self.state.set_netout_undoable(app, rules);
         if !undo.changes_anything() {
             return Ok(());
         }
@@ -366,7 +366,7 @@ impl<K: Kernel> Agent<K> {
         info!(
             app,
             "security groups {}",
-            if self.state.asgs().contains_key(app) { "set" } else { "removed" }
+            if self.state.netout().contains_key(app) { "set" } else { "removed" }
         );
         Ok(())
     }
@@ -467,7 +467,7 @@ mod tests {
         let other = Policy { destination: "c".into(), ..policy(80) };
         assert!(matches!(
             agent.add_policies(&[policy(81), other]),
-            Err(AgentError::Kernel(Error::MapFull { .. }))
+            Err(AgentError::Kernel(DataplaneError::MapFull { .. }))
         ));
         assert_eq!(agent.state(), &before);
         assert_eq!(agent.kernel().pairs, before.pairs());

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::Agent;
 use crate::{
-    Dataplane, Error,
+    Dataplane, DataplaneError,
     dataplane::EventStats,
     explain::{Explanation, FlowQuery},
     state::{Policy, tag_text},
@@ -73,7 +73,7 @@ fn overlay_status(o: Overlay) -> Option<OverlayStatus> {
 }
 
 impl Agent<Dataplane> {
-    pub fn status(&self) -> Result<Status, Error> {
+    pub fn status(&self) -> Result<Status, DataplaneError> {
         let maps = self.kernel.maps();
         Ok(Status {
             pin_dir: self.kernel.pin_dir().display().to_string(),
@@ -104,7 +104,7 @@ impl Agent<Dataplane> {
     }
 
     /// Packets per verdict reason, as the programs counted them.
-    pub fn verdicts(&self) -> Result<Vec<VerdictCount>, Error> {
+    pub fn verdicts(&self) -> Result<Vec<VerdictCount>, DataplaneError> {
         Ok(self
             .kernel
             .maps()
@@ -119,12 +119,12 @@ impl Agent<Dataplane> {
     }
 
     /// Flow events emitted, lost and rate-limited.
-    pub fn event_stats(&self) -> Result<EventStats, Error> {
+    pub fn event_stats(&self) -> Result<EventStats, DataplaneError> {
         self.kernel.maps().event_stats()
     }
 
     /// Flow cache entries written and live connections they pushed out.
-    pub fn flow_cache_stats(&self) -> Result<(u64, u64), Error> {
+    pub fn flow_cache_stats(&self) -> Result<(u64, u64), DataplaneError> {
         self.kernel.maps().flow_cache_stats()
     }
 

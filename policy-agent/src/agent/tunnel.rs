@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 use policy_common::maps::Tunnel;
 
 use super::Agent;
-use crate::{Dataplane, Error};
+use crate::{Dataplane, DataplaneError};
 
 impl Agent<Dataplane> {
     /// Points the programs at the tunnel device and guards the underlay
@@ -16,21 +16,21 @@ impl Agent<Dataplane> {
         ifindex: u32,
         port: u16,
         underlay_ifname: &str,
-    ) -> Result<(), Error> {
+    ) -> Result<(), DataplaneError> {
         self.kernel.maps_mut().set_tunnel(Tunnel { ifindex, port: u32::from(port) })?;
         self.kernel.attach_underlay(underlay_ifname)
     }
 
     /// NetIn through `ifname`: port mappings listen on its addresses (the
     /// kernel's mappings are rewritten to include them).
-    pub fn attach_netin(&mut self, ifname: &str) -> Result<Vec<Ipv4Addr>, Error> {
+    pub fn attach_netin(&mut self, ifname: &str) -> Result<Vec<Ipv4Addr>, DataplaneError> {
         let addrs = self.kernel.attach_netin(ifname)?;
-        crate::reconcile::port_mappings(&mut self.kernel, &self.state)?;
+        crate::reconcile::netin(&mut self.kernel, &self.state)?;
         Ok(addrs)
     }
 
     /// The underlay addresses tunnel packets are accepted from.
-    pub fn set_peers(&mut self, peers: &BTreeSet<Ipv4Addr>) -> Result<(), Error> {
+    pub fn set_peers(&mut self, peers: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
         self.kernel.maps_mut().set_peers(peers)
     }
 }

@@ -16,7 +16,7 @@ use crate::state::check_app_id;
 /// `GET /v1/asgs`: `{"asgs": {"APP": [rules]}}`.
 pub async fn list(State(api): State<Api>) -> Reply {
     let asgs: BTreeMap<String, Vec<policy_api::wire::NetOutRule>> = with_agent(&api, |agent| {
-        let asgs = agent.state().asgs().iter();
+        let asgs = agent.state().netout().iter();
         asgs.map(|(app, rules)| (app.clone(), rules.iter().map(wire::net_out_rule_shape).collect()))
             .collect()
     })
@@ -35,7 +35,7 @@ pub async fn set(State(api): State<Api>, Path(app): Path<String>, body: Body) ->
     };
     let count = rules.len();
     let name = app.clone();
-    match timed_write(&api, move |agent| agent.set_asgs(&name, Some(rules))).await {
+    match timed_write(&api, move |agent| agent.set_netout(&name, Some(rules))).await {
         Ok(()) => ok(json!({"app": app, "rules": count})),
         Err(e) => failure(e),
     }
@@ -48,9 +48,9 @@ pub async fn remove(State(api): State<Api>, Path(app): Path<String>) -> Reply {
         return invalid(&e);
     }
     let name = app.clone();
-    let had = with_agent(&api, move |agent| agent.state().asgs().contains_key(&name)).await;
+    let had = with_agent(&api, move |agent| agent.state().netout().contains_key(&name)).await;
     let name = app.clone();
-    match timed_write(&api, move |agent| agent.set_asgs(&name, None)).await {
+    match timed_write(&api, move |agent| agent.set_netout(&name, None)).await {
         Ok(()) => ok(json!({"app": app, "removed": had})),
         Err(e) => failure(e),
     }

@@ -42,7 +42,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::{
-    Dataplane, Error,
+    Dataplane, DataplaneError,
     agent::{self, Agent, AgentError, SharedAgent},
     cluster::ClusterConfig,
     etcd::EtcdError,
@@ -143,7 +143,7 @@ fn invalid(e: &Invalid) -> Reply {
 fn failure(e: AgentError) -> Reply {
     match e {
         AgentError::Invalid(e) => invalid(&e),
-        AgentError::Kernel(e @ Error::MapFull { .. }) => {
+        AgentError::Kernel(e @ DataplaneError::MapFull { .. }) => {
             (StatusCode::INSUFFICIENT_STORAGE, Json(json!({"error": e.to_string()})))
         }
         AgentError::Store(e) if e.no_space().is_some() => {

@@ -7,24 +7,24 @@ use std::{
 };
 
 use policy_common::{
-    maps::{EndpointValue, NO_IPV4, NatKey, NatTarget, PairKey},
+    maps::{EndpointValue, NO_IPV4, NetInKey, NetInTarget, PairKey},
     ports::Allowance,
 };
 use tracing::warn;
 
 use super::{Dataplane, nix_ifindex};
-use crate::{Error, dataplane::addr_key, reconcile::Kernel, state::PortMapping};
+use crate::{DataplaneError, dataplane::addr_key, reconcile::Kernel, state::PortMapping};
 
 impl Kernel for Dataplane {
-    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointValue>, Error> {
+    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointValue>, DataplaneError> {
         Ok(self.maps().endpoints().into_iter().collect())
     }
 
-    fn set_endpoint(&mut self, ip: Ipv4Addr, value: EndpointValue) -> Result<(), Error> {
+    fn set_endpoint(&mut self, ip: Ipv4Addr, value: EndpointValue) -> Result<(), DataplaneError> {
         self.maps_mut().set_endpoint_value(ip, value)
     }
 
-    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error> {
+    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
         let maps = self.maps_mut();
         let bindings: Vec<u32> = maps
             .veths()
@@ -40,15 +40,15 @@ impl Kernel for Dataplane {
         Ok(())
     }
 
-    fn endpoints6(&self) -> Result<BTreeMap<Ipv6Addr, EndpointValue>, Error> {
+    fn endpoints6(&self) -> Result<BTreeMap<Ipv6Addr, EndpointValue>, DataplaneError> {
         Ok(self.maps().endpoints6().into_iter().collect())
     }
 
-    fn set_endpoint6(&mut self, ip: Ipv6Addr, value: EndpointValue) -> Result<(), Error> {
+    fn set_endpoint6(&mut self, ip: Ipv6Addr, value: EndpointValue) -> Result<(), DataplaneError> {
         self.maps_mut().set_endpoint6_value(ip, value)
     }
 
-    fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<(), Error> {
+    fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<(), DataplaneError> {
         let maps = self.maps_mut();
         let bindings: Vec<u32> =
             maps.veths6().into_iter().filter(|(_, a)| *a == ip).map(|(i, _)| i).collect();
@@ -58,24 +58,24 @@ impl Kernel for Dataplane {
         maps.remove_endpoint6(ip)
     }
 
-    fn bind_veth6(&mut self, ifname: &str, ip: Option<Ipv6Addr>) -> Result<(), Error> {
-        let ifindex =
-            nix_ifindex(ifname).ok_or_else(|| Error::NoInterface { ifname: ifname.to_owned() })?;
+    fn bind_veth6(&mut self, ifname: &str, ip: Option<Ipv6Addr>) -> Result<(), DataplaneError> {
+        let ifindex = nix_ifindex(ifname)
+            .ok_or_else(|| DataplaneError::NoInterface { ifname: ifname.to_owned() })?;
         match ip {
             Some(ip) => self.maps_mut().set_veth6(ifindex, ip),
             None => self.maps_mut().remove_veth6(ifindex),
         }
     }
 
-    fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, Error> {
+    fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, DataplaneError> {
         Ok(self.maps().pairs().into_iter().collect())
     }
 
-    fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), Error> {
+    fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), DataplaneError> {
         self.maps_mut().set_pair(key, allowances)
     }
 
-    fn attached(&self) -> Result<BTreeSet<String>, Error> {
+    fn attached(&self) -> Result<BTreeSet<String>, DataplaneError> {
         Ok(self
             .attachments()?
             .into_iter()
@@ -91,9 +91,14 @@ impl Kernel for Dataplane {
         nix_ifindex(ifname).is_some()
     }
 
-    fn attach(&mut self, ifname: &str, ip: Option<Ipv4Addr>, tag: u32) -> Result<(), Error> {
-        let ifindex =
-            nix_ifindex(ifname).ok_or_else(|| Error::NoInterface { ifname: ifname.to_owned() })?;
+    fn attach(
+        &mut self,
+        ifname: &str,
+        ip: Option<Ipv4Addr>,
+        tag: u32,
+    ) -> Result<(), DataplaneError> {
+        let ifindex = nix_ifindex(ifname)
+            .ok_or_else(|| DataplaneError::NoInterface { ifname: ifname.to_owned() })?;
         // An IPv6-only endpoint's binding names it (its tag) with an address
         // the programs let nothing out from.
         let own = ip.unwrap_or(Ipv4Addr::from(NO_IPV4.to_ne_bytes()));
@@ -101,18 +106,18 @@ impl Kernel for Dataplane {
         self.attach_veth(ifname)
     }
 
-    fn set_port_mappings(&mut self, wanted: &[(Ipv4Addr, PortMapping)]) -> Result<(), Error> {
+    fn set_netin(&mut self, wanted: &[(Ipv4Addr, PortMapping)]) -> Result<(), DataplaneError> {
         let mut entries = BTreeMap::new();
         for host in self.netin_addresses() {
             for (container, m) in wanted {
-                let key = NatKey {
+                let key = NetInKey {
                     addr: addr_key(*host),
                     port: m.host_port,
                     protocol: m.protocol.number(),
                     _pad: 0,
                 };
                 let target =
-                    NatTarget { addr: addr_key(*container), port: m.container_port, _pad: 0 };
+                    NetInTarget { addr: addr_key(*container), port: m.container_port, _pad: 0 };
                 entries.insert(key, target);
             }
         }
@@ -122,7 +127,7 @@ impl Kernel for Dataplane {
     fn set_netout(
         &mut self,
         wanted: &BTreeMap<crate::netout::TrieKey, policy_common::netout::NetOutRules>,
-    ) -> Result<(), Error> {
+    ) -> Result<(), DataplaneError> {
         self.maps_mut().set_netout(wanted)
     }
 
@@ -134,7 +139,7 @@ impl Kernel for Dataplane {
         }
     }
 
-    fn detach(&mut self, ifname: &str, ip: Option<Ipv4Addr>) -> Result<(), Error> {
+    fn detach(&mut self, ifname: &str, ip: Option<Ipv4Addr>) -> Result<(), DataplaneError> {
         self.detach_veth(ifname)?;
         let stale: Vec<u32> = self
             .maps()

@@ -29,6 +29,7 @@ use log::{info, warn};
 use policy_common::maps::{Config, FLOW_CACHE_SETS, names, programs};
 
 mod config;
+mod error;
 mod kernel;
 mod maps;
 
@@ -36,9 +37,10 @@ pub use config::{
     Capacities, DataplaneConfig, DenyAction, DenySettings, EventSettings, OverlayNetwork,
     kernel_settings,
 };
+pub use error::DataplaneError;
 pub use maps::{EventStats, Maps, addr_from_key, addr_key};
 
-use crate::{EBPF_OBJECT, Error, bpffs, sys};
+use crate::{EBPF_OBJECT, bpffs, sys};
 
 /// Which way the traffic a TC program sees flows, from the container's view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,9 +111,9 @@ fn legacy_config(maps_dir: &Path) -> Option<Config> {
 }
 
 /// `FLOW_CACHE`'s size: its sets for each possible CPU.
-fn flow_cache_entries() -> Result<u32, Error> {
-    let cpus =
-        aya::util::nr_cpus().map_err(|(path, e)| Error::io("cannot read", Path::new(path))(e))?;
+fn flow_cache_entries() -> Result<u32, DataplaneError> {
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(path, e)| DataplaneError::io("cannot read", Path::new(path))(e))?;
     Ok(u32::try_from(cpus).unwrap_or(u32::MAX / FLOW_CACHE_SETS) * FLOW_CACHE_SETS)
 }
 
@@ -143,13 +145,13 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the programs, creating the maps or reopening the pinned ones,
     /// and moves every pinned link over to the newly loaded programs.
-    pub fn open(config: &DataplaneConfig) -> Result<Self, Error> {
+    pub fn open(config: &DataplaneConfig) -> Result<Self, DataplaneError> {
         let pin_dir = config.pin_dir.clone();
         bpffs::prepare(&pin_dir)?;
         let maps_dir = pin_dir.join("maps");
         let links_dir = pin_dir.join("links");
         for dir in [&maps_dir, &links_dir] {
-            fs::create_dir_all(dir).map_err(Error::io("cannot create", dir))?;
+            fs::create_dir_all(dir).map_err(DataplaneError::io("cannot create", dir))?;
         }
         let caps = &config.capacities;
         let sizes = [
@@ -189,14 +191,14 @@ impl Dataplane {
         let flow_cache = flow_cache_entries()?;
         if pinned_size(names::FLOW_CACHE).is_some_and(|n| n != flow_cache) {
             let pin = maps_dir.join(names::FLOW_CACHE);
-            fs::remove_file(&pin).map_err(Error::io("cannot replace", &pin))?;
+            fs::remove_file(&pin).map_err(DataplaneError::io("cannot replace", &pin))?;
         }
         loader.map_max_entries(names::FLOW_CACHE, flow_cache);
         // A pinned verdict counter array from a version with fewer reasons
         // is replaced (its counts restart): the programs index it by reason.
         if pinned_size(names::VERDICTS).is_some_and(|n| n < policy_common::Reason::COUNT) {
             let pin = maps_dir.join(names::VERDICTS);
-            fs::remove_file(&pin).map_err(Error::io("cannot replace", &pin))?;
+            fs::remove_file(&pin).map_err(DataplaneError::io("cannot replace", &pin))?;
             tracing::info!("verdict counters restart: this version counts more reasons");
         }
         // What a version before `CONFIG` kept in single-value arrays.
@@ -204,16 +206,16 @@ impl Dataplane {
         for name in names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| DataplaneError::Load(Box::new(e)))?;
         for name in
             [programs::TC_FROM_CONTAINER, programs::TC_TO_CONTAINER, programs::TC_FROM_UNDERLAY]
         {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| Error::LoadProgram { name, source: Box::new(e) })?;
+            prog.load().map_err(|e| DataplaneError::LoadProgram { name, source: Box::new(e) })?;
         }
         for name in [programs::CGROUP_EGRESS, programs::CGROUP_INGRESS] {
             let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| Error::LoadProgram { name, source: Box::new(e) })?;
+            prog.load().map_err(|e| DataplaneError::LoadProgram { name, source: Box::new(e) })?;
         }
         let mut maps = Maps::take(&mut ebpf)?;
         if let Some(values) = legacy {
@@ -226,7 +228,7 @@ impl Dataplane {
                 let pin = maps_dir.join(name);
                 fs::remove_file(&pin)
                     .or_else(ignore_absent)
-                    .map_err(Error::io("cannot unpin", &pin))?;
+                    .map_err(DataplaneError::io("cannot unpin", &pin))?;
             }
             info!("per-packet settings moved into {}", names::CONFIG);
         }
@@ -235,10 +237,12 @@ impl Dataplane {
         maps.fill_veth_slots()?;
         let flow_events = ebpf
             .take_map(names::FLOW_EVENTS)
-            .ok_or(Error::MissingMap { name: names::FLOW_EVENTS })
+            .ok_or(DataplaneError::MissingMap { name: names::FLOW_EVENTS })
             .and_then(|map| {
-                RingBuf::try_from(map)
-                    .map_err(|e| Error::Map { name: names::FLOW_EVENTS, source: Box::new(e) })
+                RingBuf::try_from(map).map_err(|e| DataplaneError::Map {
+                    name: names::FLOW_EVENTS,
+                    source: Box::new(e),
+                })
             })?;
         let dataplane =
             Self { ebpf, maps, pin_dir, flow_events: Some(flow_events), netin_addrs: Vec::new() };
@@ -305,11 +309,12 @@ impl Dataplane {
 
     /// Swaps this load's programs into every pinned link. A link that can no
     /// longer be updated (its interface or cgroup is gone) is unpinned.
-    fn take_over_links(&self) -> Result<(), Error> {
+    fn take_over_links(&self) -> Result<(), DataplaneError> {
         let links_dir = self.links_dir();
-        let entries = fs::read_dir(&links_dir).map_err(Error::io("cannot read", &links_dir))?;
+        let entries =
+            fs::read_dir(&links_dir).map_err(DataplaneError::io("cannot read", &links_dir))?;
         for entry in entries {
-            let entry = entry.map_err(Error::io("cannot read", &links_dir))?;
+            let entry = entry.map_err(DataplaneError::io("cannot read", &links_dir))?;
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(program) = self.program_for_pin(&name) else {
@@ -324,7 +329,7 @@ impl Dataplane {
                 Ok(()) => info!("took over {name} with {program}"),
                 Err(e) => {
                     warn!("unpinning stale link {name}: {e}");
-                    fs::remove_file(&path).map_err(Error::io("cannot unpin", &path))?;
+                    fs::remove_file(&path).map_err(DataplaneError::io("cannot unpin", &path))?;
                 }
             }
         }
@@ -360,7 +365,7 @@ impl Dataplane {
     /// Attaches the underlay program to TC ingress of the interface other
     /// hosts' tunnel packets arrive on (cluster mode), pinned as
     /// `links/underlay-IFNAME`. Idempotent.
-    pub fn attach_underlay(&mut self, ifname: &str) -> Result<(), Error> {
+    pub fn attach_underlay(&mut self, ifname: &str) -> Result<(), DataplaneError> {
         let pin = self.links_dir().join(format!("{UNDERLAY_PIN}{ifname}"));
         let name = programs::TC_FROM_UNDERLAY;
         if pin.exists() {
@@ -376,10 +381,8 @@ impl Dataplane {
             }
             remove_link_pin(&pin)?;
         }
-        let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Attach {
-            program: name,
-            target: ifname.to_owned(),
-            source,
+        let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| {
+            DataplaneError::Attach { program: name, target: ifname.to_owned(), source }
         };
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         let id = prog.attach(ifname, TcAttachType::Ingress).map_err(|e| attach_err(Box::new(e)))?;
@@ -392,9 +395,9 @@ impl Dataplane {
     /// NetIn through `ifname` (an uplink of the host): attaches the uplink
     /// program at its ingress and adds its IPv4 addresses to those port
     /// mappings listen on. Returns those addresses.
-    pub fn attach_netin(&mut self, ifname: &str) -> Result<Vec<Ipv4Addr>, Error> {
+    pub fn attach_netin(&mut self, ifname: &str) -> Result<Vec<Ipv4Addr>, DataplaneError> {
         if nix_ifindex(ifname).is_none() {
-            return Err(Error::NoInterface { ifname: ifname.to_owned() });
+            return Err(DataplaneError::NoInterface { ifname: ifname.to_owned() });
         }
         self.attach_underlay(ifname)?;
         let addrs = interface_addresses(ifname);
@@ -413,9 +416,9 @@ impl Dataplane {
 
     /// Attaches both TC programs to a host-side veth (TCX) and pins the
     /// links. Idempotent: an interface already attached is left as it is.
-    pub fn attach_veth(&mut self, ifname: &str) -> Result<(), Error> {
+    pub fn attach_veth(&mut self, ifname: &str) -> Result<(), DataplaneError> {
         if nix_ifindex(ifname).is_none() {
-            return Err(Error::NoInterface { ifname: ifname.to_owned() });
+            return Err(DataplaneError::NoInterface { ifname: ifname.to_owned() });
         }
         for direction in Direction::BOTH {
             let pin = self.tc_pin(ifname, direction);
@@ -426,10 +429,8 @@ impl Dataplane {
                 remove_link_pin(&pin)?;
             }
             let name = direction.tc_program();
-            let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Attach {
-                program: name,
-                target: ifname.to_owned(),
-                source,
+            let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| {
+                DataplaneError::Attach { program: name, target: ifname.to_owned(), source }
             };
             let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
             let id = prog
@@ -444,7 +445,7 @@ impl Dataplane {
 
     /// Detaches a veth's programs and removes their pins. Missing pins are
     /// not an error.
-    pub fn detach_veth(&mut self, ifname: &str) -> Result<(), Error> {
+    pub fn detach_veth(&mut self, ifname: &str) -> Result<(), DataplaneError> {
         for direction in Direction::BOTH {
             remove_link_pin(&self.tc_pin(ifname, direction))?;
         }
@@ -453,20 +454,22 @@ impl Dataplane {
 
     /// Attaches both cgroup_skb programs to a cgroup (v2 directory) and pins
     /// the links. Returns the cgroup id (the key of `CGROUPS`).
-    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<u64, Error> {
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<u64, DataplaneError> {
         let cgroup_id = cgroup_id(cgroup)?;
-        let file = fs::File::open(cgroup).map_err(Error::io("cannot open cgroup", cgroup))?;
+        let file =
+            fs::File::open(cgroup).map_err(DataplaneError::io("cannot open cgroup", cgroup))?;
         for direction in Direction::BOTH {
             let pin = self.cgroup_pin(cgroup_id, direction);
             if pin.exists() {
                 continue;
             }
             let name = direction.cgroup_program();
-            let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Attach {
-                program: name,
-                target: cgroup.display().to_string(),
-                source,
-            };
+            let attach_err =
+                |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Attach {
+                    program: name,
+                    target: cgroup.display().to_string(),
+                    source,
+                };
             let attach_type = match direction {
                 Direction::FromContainer => CgroupSkbAttachType::Egress,
                 Direction::ToContainer => CgroupSkbAttachType::Ingress,
@@ -485,7 +488,7 @@ impl Dataplane {
         Ok(cgroup_id)
     }
 
-    pub fn detach_cgroup(&mut self, cgroup_id: u64) -> Result<(), Error> {
+    pub fn detach_cgroup(&mut self, cgroup_id: u64) -> Result<(), DataplaneError> {
         for direction in Direction::BOTH {
             remove_link_pin(&self.cgroup_pin(cgroup_id, direction))?;
         }
@@ -493,13 +496,13 @@ impl Dataplane {
     }
 
     /// The names of the pinned links (what is attached where).
-    pub fn attachments(&self) -> Result<Vec<String>, Error> {
+    pub fn attachments(&self) -> Result<Vec<String>, DataplaneError> {
         list_pins(&self.links_dir())
     }
 
     /// Detaches every program and removes every pin under `pin_dir`
     /// (enforcement stops). Nothing pinned is not an error.
-    pub fn remove_all(pin_dir: &Path) -> Result<(), Error> {
+    pub fn remove_all(pin_dir: &Path) -> Result<(), DataplaneError> {
         for sub in ["links", "maps"] {
             let dir = pin_dir.join(sub);
             for name in list_pins(&dir)? {
@@ -512,50 +515,52 @@ impl Dataplane {
             match fs::remove_dir(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("cannot remove", &dir)(e)),
+                Err(e) => return Err(DataplaneError::io("cannot remove", &dir)(e)),
             }
         }
         match fs::remove_dir(pin_dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("cannot remove", pin_dir)(e)),
+            Err(e) => Err(DataplaneError::io("cannot remove", pin_dir)(e)),
         }
     }
 }
 
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program>,
 {
-    ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(Error::MissingProgram { name })
+    ebpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(DataplaneError::MissingProgram { name })
 }
 
 /// Detaches the link pinned at `path` (synchronously) and removes the pin.
-fn remove_link_pin(path: &Path) -> Result<(), Error> {
+fn remove_link_pin(path: &Path) -> Result<(), DataplaneError> {
     match sys::obj_get(path) {
         // A link whose device or cgroup is gone cannot be detached: fine.
         Ok(link) => {
             let _ = sys::link_detach(link.as_fd());
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io("cannot open pinned link", path)(e)),
+        Err(e) => return Err(DataplaneError::io("cannot open pinned link", path)(e)),
     }
     remove_pin(path)
 }
 
-fn remove_pin(path: &Path) -> Result<(), Error> {
+fn remove_pin(path: &Path) -> Result<(), DataplaneError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("cannot unpin", path)(e)),
+        Err(e) => Err(DataplaneError::io("cannot unpin", path)(e)),
     }
 }
 
-fn list_pins(dir: &Path) -> Result<Vec<String>, Error> {
+fn list_pins(dir: &Path) -> Result<Vec<String>, DataplaneError> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io("cannot read", dir)(e)),
+        Err(e) => return Err(DataplaneError::io("cannot read", dir)(e)),
     };
     let mut names: Vec<String> = entries
         .filter_map(Result::ok)
@@ -634,7 +639,7 @@ pub fn nix_ifindex(ifname: &str) -> Option<u32> {
 
 /// A cgroup v2 directory's id: its inode number (what `bpf_skb_cgroup_id`
 /// returns; see kernel/cgroup/cgroup.c, `cgroup_id`).
-pub fn cgroup_id(cgroup: &Path) -> Result<u64, Error> {
+pub fn cgroup_id(cgroup: &Path) -> Result<u64, DataplaneError> {
     use std::os::unix::fs::MetadataExt as _;
-    Ok(fs::metadata(cgroup).map_err(Error::io("cannot stat cgroup", cgroup))?.ino())
+    Ok(fs::metadata(cgroup).map_err(DataplaneError::io("cannot stat cgroup", cgroup))?.ino())
 }

@@ -16,11 +16,11 @@ use policy_common::maps::EndpointValue;
 use tracing::warn;
 
 use super::{
-    Kernel, NetOutTrie, PairChange, full_keeping, netin,
+    Kernel, NetOutTrie, PairChange, full_keeping, netin_wanted,
     pairs::{PairsBefore, before_change, touched, touched_pairs, undo_pairs},
 };
 use crate::{
-    Error,
+    DataplaneError,
     state::{Endpoint, PortMapping, State},
     store::Change,
 };
@@ -54,7 +54,7 @@ enum Step {
 
 /// Reads what `change`'s kernel steps need, before `state` changes.
 pub fn before(state: &State, change: &Change) -> Before {
-    let asgs = state.asgs();
+    let netout = state.netout();
     let (step, netin_changes, touches_netout) = match change {
         Change::AddPolicies(policies) | Change::RemovePolicies(policies) => {
             let removed = match change {
@@ -64,19 +64,19 @@ pub fn before(state: &State, change: &Change) -> Before {
                 _ => Vec::new(),
             };
             let mut apps = policies.iter().flat_map(|p| [&p.source, &p.destination]);
-            let touches_netout = apps.any(|a| asgs.contains_key(a));
+            let touches_netout = apps.any(|a| netout.contains_key(a));
             let before = before_change(state, touched(policies));
             (Step::Pairs { before, removed }, false, touches_netout)
         }
         Change::AddEndpoint(endpoint) => endpoint_before(state, endpoint.ip, Some(endpoint)),
         Change::RemoveEndpoint(ip) => endpoint_before(state, *ip, None),
-        Change::SetAsgs { .. } => (Step::Tables, false, true),
+        Change::SetNetOut { .. } => (Step::Tables, false, true),
         Change::MapRoute { .. } | Change::UnmapRoute { .. } => (Step::Tables, false, false),
         Change::Reset(_) => (Step::Full, false, false),
     };
     Before {
         step,
-        netin: netin_changes.then(|| netin(state)),
+        netin: netin_changes.then(|| netin_wanted(state)),
         netout: touches_netout.then(|| crate::netout::trie(state)),
     }
 }
@@ -93,7 +93,7 @@ fn endpoint_before(state: &State, ip: IpAddr, new: Option<&Endpoint>) -> (Step, 
     };
     let netin_changes = netin_of(old_endpoint) != netin_of(new);
     let touches_netout =
-        old_endpoint.into_iter().chain(new).any(|e| state.asgs().contains_key(&e.app));
+        old_endpoint.into_iter().chain(new).any(|e| state.netout().contains_key(&e.app));
     (Step::Endpoint { ip, old }, netin_changes, touches_netout)
 }
 
@@ -126,7 +126,7 @@ enum Write {
 }
 
 impl Write {
-    fn run<K: Kernel>(self, kernel: &mut K) -> Result<(), Error> {
+    fn run<K: Kernel>(self, kernel: &mut K) -> Result<(), DataplaneError> {
         match self {
             Write::Pairs(written) => {
                 undo_pairs(kernel, written);
@@ -138,7 +138,7 @@ impl Write {
             Write::Endpoint6(ip, None) => kernel.remove_endpoint6(ip),
             Write::Veth { ifname, was: Some((e, value)) } => attach(kernel, &ifname, &e, value),
             Write::Veth { ifname, was: None } => kernel.detach(&ifname, None),
-            Write::Netin(wanted) => kernel.set_port_mappings(&wanted),
+            Write::Netin(wanted) => kernel.set_netin(&wanted),
             Write::Netout(wanted) => kernel.set_netout(&wanted),
         }
     }
@@ -173,7 +173,7 @@ pub fn apply<K: Kernel>(
     state: &State,
     before: Before,
     held: &BTreeMap<IpAddr, Endpoint>,
-) -> Result<Applied, Error> {
+) -> Result<Applied, DataplaneError> {
     let mut applied = Applied::default();
     match steps(kernel, state, before, held, &mut applied) {
         Ok(()) => Ok(applied),
@@ -190,7 +190,7 @@ fn steps<K: Kernel>(
     before: Before,
     held: &BTreeMap<IpAddr, Endpoint>,
     applied: &mut Applied,
-) -> Result<(), Error> {
+) -> Result<(), DataplaneError> {
     // Rule 1: the new endpoint's entries, then the whole-table writes
     // (NetIn, NetOut), then what the old endpoint leaves behind.
     let mut removes = None;
@@ -213,7 +213,7 @@ fn steps<K: Kernel>(
     }
     if let Some(old) = before.netin {
         applied.undo.push(Write::Netin(old));
-        kernel.set_port_mappings(&netin(state))?;
+        kernel.set_netin(&netin_wanted(state))?;
     }
     if let Some(old) = before.netout {
         let new = crate::netout::trie(state);
@@ -234,7 +234,7 @@ fn attach<K: Kernel>(
     ifname: &str,
     endpoint: &Endpoint,
     value: EndpointValue,
-) -> Result<(), Error> {
+) -> Result<(), DataplaneError> {
     kernel.attach(ifname, endpoint.ipv4(), value.tag)?;
     kernel.bind_veth6(ifname, endpoint.ipv6)
 }
@@ -247,7 +247,7 @@ fn add_endpoint<K: Kernel>(
     old: Option<&(Endpoint, EndpointValue)>,
     new: Option<&(Endpoint, EndpointValue)>,
     applied: &mut Applied,
-) -> Result<(), Error> {
+) -> Result<(), DataplaneError> {
     let Some((endpoint, value)) = new else { return Ok(()) };
     let local = state.local_host();
     if endpoint.runs_on(local) {
@@ -281,7 +281,7 @@ fn remove_endpoint<K: Kernel>(
     old: Option<(Endpoint, EndpointValue)>,
     new: Option<&Endpoint>,
     applied: &mut Applied,
-) -> Result<(), Error> {
+) -> Result<(), DataplaneError> {
     let Some((endpoint, value)) = old else { return Ok(()) };
     if let Some(ip) = endpoint.ipv6.filter(|a| new.and_then(|n| n.ipv6) != Some(*a)) {
         kernel.remove_endpoint6(ip)?;

@@ -14,7 +14,7 @@ use policy_common::{
 };
 
 use super::{Kernel, NetOutTrie};
-use crate::{Error, state::PortMapping};
+use crate::{DataplaneError, state::PortMapping};
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FakeKernel {
@@ -59,11 +59,11 @@ impl FakeKernel {
     }
 
     /// Counts a write against [`Self::fail_after`].
-    fn write(&mut self, what: &'static str) -> Result<(), Error> {
+    fn write(&mut self, what: &'static str) -> Result<(), DataplaneError> {
         match self.fail_after {
             Some(0) => {
                 self.fail_after = None;
-                Err(Error::MapFull { name: what, capacity: 0 })
+                Err(DataplaneError::MapFull { name: what, capacity: 0 })
             }
             Some(n) => {
                 self.fail_after = Some(n - 1);
@@ -79,48 +79,48 @@ impl FakeKernel {
         }
     }
 
-    fn has_interface(&self, ifname: &str) -> Result<(), Error> {
+    fn has_interface(&self, ifname: &str) -> Result<(), DataplaneError> {
         match self.interfaces.contains(ifname) {
             true => Ok(()),
-            false => Err(Error::NoInterface { ifname: ifname.to_owned() }),
+            false => Err(DataplaneError::NoInterface { ifname: ifname.to_owned() }),
         }
     }
 }
 
 impl Kernel for FakeKernel {
-    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointValue>, Error> {
+    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointValue>, DataplaneError> {
         Ok(self.endpoints.clone())
     }
-    fn set_endpoint(&mut self, ip: Ipv4Addr, value: EndpointValue) -> Result<(), Error> {
+    fn set_endpoint(&mut self, ip: Ipv4Addr, value: EndpointValue) -> Result<(), DataplaneError> {
         self.write("ENDPOINTS")?;
         self.log.push(format!("set_endpoint {ip}"));
         self.endpoints.insert(ip, value);
         Ok(())
     }
-    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error> {
+    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
         self.write("ENDPOINTS")?;
         self.log.push(format!("remove_endpoint {ip}"));
         self.endpoints.remove(&ip);
         self.veths.retain(|_, (addr, _)| *addr != Some(ip));
         Ok(())
     }
-    fn endpoints6(&self) -> Result<BTreeMap<Ipv6Addr, EndpointValue>, Error> {
+    fn endpoints6(&self) -> Result<BTreeMap<Ipv6Addr, EndpointValue>, DataplaneError> {
         Ok(self.endpoints6.clone())
     }
-    fn set_endpoint6(&mut self, ip: Ipv6Addr, value: EndpointValue) -> Result<(), Error> {
+    fn set_endpoint6(&mut self, ip: Ipv6Addr, value: EndpointValue) -> Result<(), DataplaneError> {
         self.write("ENDPOINTS6")?;
         self.log.push(format!("set_endpoint6 {ip}"));
         self.endpoints6.insert(ip, value);
         Ok(())
     }
-    fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<(), Error> {
+    fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<(), DataplaneError> {
         self.write("ENDPOINTS6")?;
         self.log.push(format!("remove_endpoint6 {ip}"));
         self.endpoints6.remove(&ip);
         self.veths6.retain(|_, addr| *addr != ip);
         Ok(())
     }
-    fn bind_veth6(&mut self, ifname: &str, ip: Option<Ipv6Addr>) -> Result<(), Error> {
+    fn bind_veth6(&mut self, ifname: &str, ip: Option<Ipv6Addr>) -> Result<(), DataplaneError> {
         self.has_interface(ifname)?;
         self.write("VETHS6")?;
         let changed = match ip {
@@ -130,10 +130,10 @@ impl Kernel for FakeKernel {
         self.log_if(changed, format!("bind_veth6 {ifname} {ip:?}"));
         Ok(())
     }
-    fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, Error> {
+    fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, DataplaneError> {
         Ok(self.pairs.clone())
     }
-    fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), Error> {
+    fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), DataplaneError> {
         if allowances.is_empty() {
             self.write("POLICIES")?;
             self.log.push(format!("remove_pair {}->{}", key.src_tag, key.dst_tag));
@@ -141,20 +141,28 @@ impl Kernel for FakeKernel {
             return Ok(());
         }
         if !self.pairs.contains_key(&key) && self.pairs.len() >= self.pair_capacity {
-            return Err(Error::MapFull { name: "POLICIES", capacity: self.pair_capacity as u32 });
+            return Err(DataplaneError::MapFull {
+                name: "POLICIES",
+                capacity: self.pair_capacity as u32,
+            });
         }
         self.write("POLICIES")?;
         self.log.push(format!("set_pair {}->{}", key.src_tag, key.dst_tag));
         self.pairs.insert(key, allowances.to_vec());
         Ok(())
     }
-    fn attached(&self) -> Result<BTreeSet<String>, Error> {
+    fn attached(&self) -> Result<BTreeSet<String>, DataplaneError> {
         Ok(self.attached.keys().cloned().collect())
     }
     fn interface_exists(&self, ifname: &str) -> bool {
         self.interfaces.contains(ifname)
     }
-    fn attach(&mut self, ifname: &str, ip: Option<Ipv4Addr>, tag: u32) -> Result<(), Error> {
+    fn attach(
+        &mut self,
+        ifname: &str,
+        ip: Option<Ipv4Addr>,
+        tag: u32,
+    ) -> Result<(), DataplaneError> {
         self.has_interface(ifname)?;
         self.write("VETHS")?;
         self.log.push(format!("attach {ifname}"));
@@ -162,7 +170,7 @@ impl Kernel for FakeKernel {
         self.attached.insert(ifname.to_owned(), ip);
         Ok(())
     }
-    fn detach(&mut self, ifname: &str, ip: Option<Ipv4Addr>) -> Result<(), Error> {
+    fn detach(&mut self, ifname: &str, ip: Option<Ipv4Addr>) -> Result<(), DataplaneError> {
         self.write("VETHS")?;
         self.log.push(format!("detach {ifname}"));
         self.attached.remove(ifname);
@@ -173,14 +181,14 @@ impl Kernel for FakeKernel {
     fn forget_policies(&mut self, ids: &[u32]) {
         self.forgotten.extend_from_slice(ids);
     }
-    fn set_port_mappings(&mut self, wanted: &[(Ipv4Addr, PortMapping)]) -> Result<(), Error> {
+    fn set_netin(&mut self, wanted: &[(Ipv4Addr, PortMapping)]) -> Result<(), DataplaneError> {
         self.write("NETIN")?;
         let changed = self.port_mappings != wanted;
-        self.log_if(changed, format!("set_port_mappings {}", wanted.len()));
+        self.log_if(changed, format!("set_netin {}", wanted.len()));
         self.port_mappings = wanted.to_vec();
         Ok(())
     }
-    fn set_netout(&mut self, wanted: &NetOutTrie) -> Result<(), Error> {
+    fn set_netout(&mut self, wanted: &NetOutTrie) -> Result<(), DataplaneError> {
         self.write("NETOUT")?;
         let changed = self.netout != *wanted;
         self.log_if(changed, format!("set_netout {}", wanted.len()));

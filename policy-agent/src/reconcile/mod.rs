@@ -51,7 +51,7 @@ use policy_common::{
 use tracing::warn;
 
 use crate::{
-    Error,
+    DataplaneError,
     netout::TrieKey,
     state::{Endpoint, PortMapping, State},
 };
@@ -63,46 +63,51 @@ pub type NetOutTrie = BTreeMap<TrieKey, policy_common::netout::NetOutRules>;
 /// in-memory fake implements each, so the reconciler's tests see every map.
 pub trait Kernel {
     /// `ENDPOINTS`: address → tag.
-    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointValue>, Error>;
-    fn set_endpoint(&mut self, ip: Ipv4Addr, value: EndpointValue) -> Result<(), Error>;
+    fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointValue>, DataplaneError>;
+    fn set_endpoint(&mut self, ip: Ipv4Addr, value: EndpointValue) -> Result<(), DataplaneError>;
     /// Removes the endpoint and every entry naming its address.
-    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error>;
+    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError>;
     /// `ENDPOINTS6`: IPv6 address → tag (dual-stack endpoints).
-    fn endpoints6(&self) -> Result<BTreeMap<Ipv6Addr, EndpointValue>, Error>;
-    fn set_endpoint6(&mut self, ip: Ipv6Addr, value: EndpointValue) -> Result<(), Error>;
+    fn endpoints6(&self) -> Result<BTreeMap<Ipv6Addr, EndpointValue>, DataplaneError>;
+    fn set_endpoint6(&mut self, ip: Ipv6Addr, value: EndpointValue) -> Result<(), DataplaneError>;
     /// Removes the IPv6 endpoint and the veth bindings naming its address.
-    fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<(), Error>;
+    fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<(), DataplaneError>;
     /// Binds the attached `ifname` to the endpoint's IPv6 address for the
     /// IPv6 anti-spoofing check (None: the endpoint has none, and sends no
     /// IPv6 but link-local).
-    fn bind_veth6(&mut self, ifname: &str, ip: Option<Ipv6Addr>) -> Result<(), Error>;
+    fn bind_veth6(&mut self, ifname: &str, ip: Option<Ipv6Addr>) -> Result<(), DataplaneError>;
     /// `POLICIES`: pair → allowances.
-    fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, Error>;
+    fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, DataplaneError>;
     /// Replaces a pair's allowances; empty removes the pair.
-    fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), Error>;
+    fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), DataplaneError>;
     /// Host-side veths with programs attached.
-    fn attached(&self) -> Result<BTreeSet<String>, Error>;
+    fn attached(&self) -> Result<BTreeSet<String>, DataplaneError>;
     /// Whether the interface `ifname` exists (in the agent's namespace).
     fn interface_exists(&self, ifname: &str) -> bool;
     /// Binds `ifname` to the endpoint (anti-spoofing) and attaches to it.
     /// `ip` None: an IPv6-only endpoint, whose veth lets no IPv4 out.
-    fn attach(&mut self, ifname: &str, ip: Option<Ipv4Addr>, tag: u32) -> Result<(), Error>;
+    fn attach(
+        &mut self,
+        ifname: &str,
+        ip: Option<Ipv4Addr>,
+        tag: u32,
+    ) -> Result<(), DataplaneError>;
     /// Detaches from `ifname` and drops its bindings (both families) and
     /// those of `ip`.
-    fn detach(&mut self, ifname: &str, ip: Option<Ipv4Addr>) -> Result<(), Error>;
+    fn detach(&mut self, ifname: &str, ip: Option<Ipv4Addr>) -> Result<(), DataplaneError>;
     /// Forgets the counters of removed policies (ids are never reused).
     fn forget_policies(&mut self, ids: &[u32]);
     /// NetIn: makes the port mappings exactly `wanted` (container address
     /// and its mapping, for every local endpoint).
-    fn set_port_mappings(&mut self, wanted: &[(Ipv4Addr, PortMapping)]) -> Result<(), Error>;
+    fn set_netin(&mut self, wanted: &[(Ipv4Addr, PortMapping)]) -> Result<(), DataplaneError>;
     /// NetOut: makes the security group trie exactly `wanted`.
-    fn set_netout(&mut self, wanted: &NetOutTrie) -> Result<(), Error>;
+    fn set_netout(&mut self, wanted: &NetOutTrie) -> Result<(), DataplaneError>;
 }
 
 /// Brings the kernel to `state` without clearing it first (the agent's start).
 /// Interfaces that do not exist (a container deleted while the agent was
 /// down) are reported, not fatal. Returns those warnings.
-pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, Error> {
+pub fn full<K: Kernel>(kernel: &mut K, state: &State) -> Result<Vec<String>, DataplaneError> {
     full_keeping(kernel, state, &BTreeMap::new())
 }
 
@@ -114,7 +119,7 @@ pub fn full_keeping<K: Kernel>(
     kernel: &mut K,
     state: &State,
     held: &BTreeMap<IpAddr, Endpoint>,
-) -> Result<Vec<String>, Error> {
+) -> Result<Vec<String>, DataplaneError> {
     let mut warnings = Vec::new();
     let want_endpoints = state.endpoint_values();
     let have_endpoints = kernel.endpoints()?;
@@ -172,25 +177,25 @@ pub fn full_keeping<K: Kernel>(
     {
         kernel.remove_endpoint6(*ip)?;
     }
-    port_mappings(kernel, state)?;
+    netin(kernel, state)?;
     netout(kernel, state)?;
     Ok(warnings)
 }
 
 /// NetOut: the kernel's security group trie made the state's (apps with
 /// security groups and a tag).
-fn netout<K: Kernel>(kernel: &mut K, state: &State) -> Result<(), Error> {
+fn netout<K: Kernel>(kernel: &mut K, state: &State) -> Result<(), DataplaneError> {
     kernel.set_netout(&crate::netout::trie(state))
 }
 
 /// NetIn: the kernel's port mappings made those of the local endpoints.
-pub fn port_mappings<K: Kernel>(kernel: &mut K, state: &State) -> Result<(), Error> {
-    kernel.set_port_mappings(&netin(state))
+pub fn netin<K: Kernel>(kernel: &mut K, state: &State) -> Result<(), DataplaneError> {
+    kernel.set_netin(&netin_wanted(state))
 }
 
 /// The port mappings of the local endpoints (NetIn), as the kernel takes
 /// them.
-fn netin(state: &State) -> Vec<(Ipv4Addr, PortMapping)> {
+pub(super) fn netin_wanted(state: &State) -> Vec<(Ipv4Addr, PortMapping)> {
     state
         .local_endpoints()
         .filter_map(|e| Some((e.ipv4()?, &e.port_mappings)))

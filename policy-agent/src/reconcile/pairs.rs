@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::Kernel;
 use crate::{
-    Error,
+    DataplaneError,
     state::{Policy, Protocol, State},
 };
 
@@ -35,7 +35,10 @@ pub(super) fn same_allowances(have: Option<&Vec<Allowance>>, want: &[Allowance])
 
 /// Writes pair changes, adds and changes first, removals last. On error,
 /// every pair already written is restored and the error returned.
-fn write_pairs<K: Kernel>(kernel: &mut K, changes: &mut [PairChange]) -> Result<(), Error> {
+fn write_pairs<K: Kernel>(
+    kernel: &mut K,
+    changes: &mut [PairChange],
+) -> Result<(), DataplaneError> {
     // Entries that remain (non-empty) before entries that go.
     changes.sort_by_key(|(_, _, new)| new.is_empty());
     for (i, (key, _, new)) in changes.iter().enumerate() {
@@ -53,7 +56,7 @@ fn write_pairs<K: Kernel>(kernel: &mut K, changes: &mut [PairChange]) -> Result<
 
 /// Writes every pair that differs between two states (walks all policies:
 /// for tests and small states; a change writes [`touched_pairs`]).
-pub fn pairs<K: Kernel>(kernel: &mut K, old: &State, new: &State) -> Result<(), Error> {
+pub fn pairs<K: Kernel>(kernel: &mut K, old: &State, new: &State) -> Result<(), DataplaneError> {
     let (old_pairs, new_pairs) = (old.pairs(), new.pairs());
     let mut changes: Vec<PairChange> = new_pairs
         .iter()
@@ -98,7 +101,7 @@ pub fn touched_pairs<K: Kernel>(
     kernel: &mut K,
     state: &State,
     before: &PairsBefore,
-) -> Result<Vec<PairChange>, Error> {
+) -> Result<Vec<PairChange>, DataplaneError> {
     let mut changes = Vec::new();
     for ((source, destination, protocol), old, old_src, old_dst) in &before.0 {
         let after = state.pair_allowances(source, destination, *protocol);

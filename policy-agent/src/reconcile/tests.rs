@@ -79,7 +79,7 @@ fn a_full_map_rolls_the_change_back() {
     new.add_policies(&[policy("a", "b", 81), policy("a", "c", 80), policy("a", "d", 80)], None)
         .unwrap();
     let err = pairs(&mut kernel, &old, &new).unwrap_err();
-    assert!(matches!(err, Error::MapFull { .. }));
+    assert!(matches!(err, DataplaneError::MapFull { .. }));
     assert_eq!(kernel.pairs, old.pairs(), "kernel back to the old state");
 }
 
@@ -119,7 +119,7 @@ fn state_before(host: Option<&str>) -> State {
     let mut state = State::default();
     state.set_local_host(host.map(str::to_owned));
     state.add_policies(&[Policy::tcp("web", "api", 8080)], None).unwrap();
-    state.set_asgs("web", Some(vec![egress_to("192.0.2.1")]));
+    state.set_netout("web", Some(vec![egress_to("192.0.2.1")]));
     state.add_endpoint(dual(1, "web", host));
     state.add_endpoint(dual(2, "api", host));
     state
@@ -150,7 +150,7 @@ fn applies_whole_or_not_at_all(state: &State, change: &Change) -> (FakeKernel, u
         kernel.fail_after = Some(fail_after);
         match apply(&mut kernel, &after, before(state, change), &BTreeMap::new()) {
             Err(e) => {
-                assert!(matches!(e, Error::MapFull { capacity: 0, .. }), "{e}");
+                assert!(matches!(e, DataplaneError::MapFull { capacity: 0, .. }), "{e}");
                 assert_eq!(
                     kernel.maps(),
                     base.maps(),
@@ -177,7 +177,7 @@ fn policies_added_and_removed_apply_whole_or_not_at_all() {
     // A new pair, and an app with security groups gaining a tag: the
     // NetOut trie follows.
     let mut grown = state.clone();
-    grown.set_asgs("db", Some(vec![egress_to("192.0.2.2")]));
+    grown.set_netout("db", Some(vec![egress_to("192.0.2.2")]));
     let add =
         Change::AddPolicies(vec![Policy::tcp("api", "web", 9000), Policy::tcp("db", "web", 5432)]);
     let (kernel, writes) = applies_whole_or_not_at_all(&grown, &add);
@@ -264,10 +264,10 @@ fn endpoints_of_other_hosts_are_addresses_only() {
 #[test]
 fn security_groups_and_routes_apply_whole_or_not_at_all() {
     let state = state_before(None);
-    let set = Change::SetAsgs { app: "api".into(), rules: Some(vec![egress_to("198.51.100.1")]) };
+    let set = Change::SetNetOut { app: "api".into(), rules: Some(vec![egress_to("198.51.100.1")]) };
     let (kernel, writes) = applies_whole_or_not_at_all(&state, &set);
     assert_eq!((writes, kernel.log.len()), (1, 1), "{:?}", kernel.log);
-    let removed = Change::SetAsgs { app: "web".into(), rules: None };
+    let removed = Change::SetNetOut { app: "web".into(), rules: None };
     let (kernel, _) = applies_whole_or_not_at_all(&state, &removed);
     assert!(kernel.netout.is_empty());
     let route = Change::MapRoute { app: "web".into(), hostname: "www".into() };

@@ -54,7 +54,7 @@ pub struct State {
     routes: BTreeMap<String, String>,
     /// NetOut: each app's security group rules (an app absent: egress out
     /// of the overlay unchecked; present with no rules: all denied).
-    asgs: BTreeMap<String, Vec<NetOutRule>>,
+    netout: BTreeMap<String, Vec<NetOutRule>>,
     /// Platform TLS: which TLS port fronts which app port (configuration,
     /// not stored).
     tls_ports: Option<TlsPorts>,
@@ -75,7 +75,7 @@ impl Default for State {
             policies: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             routes: BTreeMap::new(),
-            asgs: BTreeMap::new(),
+            netout: BTreeMap::new(),
             tls_ports: None,
             local_host: None,
             refs: BTreeMap::new(),
@@ -121,15 +121,15 @@ impl State {
     /// Replaces the stored part of the state with `other`'s, keeping this
     /// agent's configuration (TLS ports, host).
     /// The security groups of every app.
-    pub fn asgs(&self) -> &BTreeMap<String, Vec<NetOutRule>> {
-        &self.asgs
+    pub fn netout(&self) -> &BTreeMap<String, Vec<NetOutRule>> {
+        &self.netout
     }
 
     /// Sets (Some) or removes (None) an app's security group rules.
-    pub fn set_asgs(&mut self, app: &str, rules: Option<Vec<NetOutRule>>) {
+    pub fn set_netout(&mut self, app: &str, rules: Option<Vec<NetOutRule>>) {
         match rules {
-            Some(rules) => self.asgs.insert(app.to_owned(), rules),
-            None => self.asgs.remove(app),
+            Some(rules) => self.netout.insert(app.to_owned(), rules),
+            None => self.netout.remove(app),
         };
     }
 

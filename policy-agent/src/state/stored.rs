@@ -56,7 +56,7 @@ impl State {
             policies: &self.policies,
             endpoints: &self.endpoints,
             routes: &self.routes,
-            asgs: &self.asgs,
+            asgs: &self.netout,
         }
     }
 }
@@ -92,7 +92,7 @@ impl From<Stored> for State {
             policies: s.policies.into_iter().map(|p| (p.policy, p.id)).collect(),
             endpoints: s.endpoints.into_iter().map(|e| (e.ip, e)).collect(),
             routes: s.routes,
-            asgs: s.asgs,
+            netout: s.asgs,
             tls_ports: None,
             local_host: None,
             refs: BTreeMap::new(),
@@ -124,7 +124,7 @@ impl From<State> for Stored {
                 .collect(),
             endpoints: s.endpoints.into_values().collect(),
             routes: s.routes,
-            asgs: s.asgs,
+            asgs: s.netout,
         }
     }
 }

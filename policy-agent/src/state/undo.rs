@@ -22,7 +22,7 @@ pub struct Undo {
     /// A route hostname and the app it was mapped to before.
     route: Option<(String, Option<String>)>,
     /// An app and the security group rules it had before.
-    asgs: Option<(String, Option<Vec<super::NetOutRule>>)>,
+    netout: Option<(String, Option<Vec<super::NetOutRule>>)>,
     /// Tags of the apps the change touched (it may take them away).
     tags: BTreeMap<String, u32>,
     next_tag: u32,
@@ -36,7 +36,7 @@ impl Undo {
             || !self.removed.is_empty()
             || self.endpoint.is_some()
             || self.route.is_some()
-            || self.asgs.is_some()
+            || self.netout.is_some()
     }
 }
 
@@ -108,13 +108,17 @@ impl State {
         Ok(undo)
     }
 
-    /// [`Self::set_asgs`], returning what [`Self::undo`] needs.
-    pub fn set_asgs_undoable(&mut self, app: &str, rules: Option<Vec<super::NetOutRule>>) -> Undo {
+    /// [`Self::set_netout`], returning what [`Self::undo`] needs.
+    pub fn set_netout_undoable(
+        &mut self,
+        app: &str,
+        rules: Option<Vec<super::NetOutRule>>,
+    ) -> Undo {
         let mut undo = self.undo_record([]);
-        let before = self.asgs.get(app).cloned();
+        let before = self.netout.get(app).cloned();
         if before != rules {
-            undo.asgs = Some((app.to_owned(), before));
-            self.set_asgs(app, rules);
+            undo.netout = Some((app.to_owned(), before));
+            self.set_netout(app, rules);
         }
         undo
     }
@@ -137,7 +141,7 @@ impl State {
             removed: Vec::new(),
             endpoint: None,
             route: None,
-            asgs: None,
+            netout: None,
             tags: apps
                 .into_iter()
                 .filter_map(|app| Some((app.to_owned(), *self.tags.get(app)?)))
@@ -169,8 +173,8 @@ impl State {
                 self.tags.entry(app).or_insert(tag);
             }
         }
-        if let Some((app, before)) = undo.asgs {
-            self.set_asgs(&app, before);
+        if let Some((app, before)) = undo.netout {
+            self.set_netout(&app, before);
         }
         if let Some((hostname, before)) = undo.route {
             match before {

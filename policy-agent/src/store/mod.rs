@@ -108,8 +108,10 @@ pub enum Change {
         app: String,
         hostname: String,
     },
-    /// An app's security groups set (Some) or removed (None).
-    SetAsgs {
+    /// An app's security groups (NetOut) set (Some) or removed (None);
+    /// journaled as `set_asgs`, its name before.
+    #[serde(rename = "set_asgs")]
+    SetNetOut {
         app: String,
         rules: Option<Vec<crate::state::NetOutRule>>,
     },
@@ -137,7 +139,7 @@ impl Change {
             Change::UnmapRoute { app, hostname } => {
                 let _ = state.unmap_route(app, hostname);
             }
-            Change::SetAsgs { app, rules } => state.set_asgs(app, rules.clone()),
+            Change::SetNetOut { app, rules } => state.set_netout(app, rules.clone()),
             Change::Reset(new) => state.reset_to(new),
         }
     }

@@ -338,11 +338,11 @@ fn parse_skips_ip_options_and_reads_ports_after_them() {
 }
 
 #[test]
-fn parse_non_ip_frames_as_not_ipv4() {
+fn parse_non_ip_frames_as_other_family() {
     let mut arp = PacketSpec::tcp(A, B, 1, 2).frame();
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    assert_eq!(parse_ethernet(arp.as_slice()), Parsed::NotIpv4);
-    assert_eq!(parse_ethernet(&arp[..10]), Parsed::NotIpv4);
+    assert_eq!(parse_ethernet(arp.as_slice()), Parsed::OtherFamily);
+    assert_eq!(parse_ethernet(&arp[..10]), Parsed::OtherFamily);
 }
 
 #[test]
@@ -355,7 +355,7 @@ fn source_side_drops_spoofed_addresses() {
     assert_eq!(source(&from_a, own), Verdict::Pass(Reason::SourceVerified));
     assert_eq!(source(&from_b, own), Verdict::Drop(Reason::Spoofed));
     assert_eq!(source(&from_b, None), Verdict::Pass(Reason::Unmanaged));
-    assert_eq!(source(&Parsed::NotIpv4, own), Verdict::Pass(Reason::NotIpv4));
+    assert_eq!(source(&Parsed::OtherFamily, own), Verdict::Pass(Reason::NotIp));
 }
 
 #[test]

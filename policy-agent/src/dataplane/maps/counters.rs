@@ -14,7 +14,7 @@ use policy_common::{
 };
 
 use super::{Maps, is_absent, map_err};
-use crate::Error;
+use crate::DataplaneError;
 
 /// Flow event counters (`EVENT_STATS`, summed over CPUs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -26,7 +26,7 @@ pub struct EventStats {
 
 impl Maps {
     /// Packets per verdict reason, summed over CPUs.
-    pub fn verdicts(&self) -> Result<Vec<(Reason, u64)>, Error> {
+    pub fn verdicts(&self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
         Reason::ALL
             .iter()
             .map(|&reason| {
@@ -38,13 +38,13 @@ impl Maps {
     }
 
     /// Packets counted under one reason, summed over CPUs.
-    pub fn verdict_count(&self, reason: Reason) -> Result<u64, Error> {
+    pub fn verdict_count(&self, reason: Reason) -> Result<u64, DataplaneError> {
         let per_cpu = self.verdicts.get(&(reason as u32), 0).map_err(map_err(names::VERDICTS))?;
         Ok(per_cpu.iter().sum())
     }
 
-    pub fn event_stats(&self) -> Result<EventStats, Error> {
-        let sum = |i: u32| -> Result<u64, Error> {
+    pub fn event_stats(&self) -> Result<EventStats, DataplaneError> {
+        let sum = |i: u32| -> Result<u64, DataplaneError> {
             Ok(self.event_stats.get(&i, 0).map_err(map_err(names::EVENT_STATS))?.iter().sum())
         };
         Ok(EventStats {
@@ -120,8 +120,8 @@ impl Maps {
 
     /// Flow cache entries written and live connections they pushed out,
     /// summed over CPUs (see `policy_common::maps::flow_cache_stat`).
-    pub fn flow_cache_stats(&self) -> Result<(u64, u64), Error> {
-        let sum = |i: u32| -> Result<u64, Error> {
+    pub fn flow_cache_stats(&self) -> Result<(u64, u64), DataplaneError> {
+        let sum = |i: u32| -> Result<u64, DataplaneError> {
             let per_cpu =
                 self.flow_cache_stats.get(&i, 0).map_err(map_err(names::FLOW_CACHE_STATS))?;
             Ok(per_cpu.iter().sum())
@@ -135,7 +135,7 @@ impl Maps {
     }
 
     /// Forgets a removed policy's counters (its id is never reused).
-    pub fn remove_policy_counters(&mut self, policy_id: u32) -> Result<(), Error> {
+    pub fn remove_policy_counters(&mut self, policy_id: u32) -> Result<(), DataplaneError> {
         match self.policy_stats.remove(&policy_id) {
             // A policy no packet matched has no counters yet.
             Ok(()) => Ok(()),

@@ -8,12 +8,12 @@ use aya::maps::{IterableMap as _, MapError};
 use policy_common::maps::{Attachment, ConnKey, EndpointValue, FragmentKey, Ipv6Key, names};
 
 use super::{Maps, addr_from_key, addr_key, insert_err, is_absent, map_err};
-use crate::Error;
+use crate::DataplaneError;
 
 impl Maps {
     /// Registers (or re-tags) an endpoint: `ENDPOINTS` first, then its
     /// overlay slot, so a slot never names an endpoint the hash lacks.
-    pub fn set_endpoint(&mut self, addr: Ipv4Addr, tag: u32) -> Result<(), Error> {
+    pub fn set_endpoint(&mut self, addr: Ipv4Addr, tag: u32) -> Result<(), DataplaneError> {
         self.set_endpoint_value(addr, EndpointValue { tag, flags: 0 })
     }
 
@@ -22,7 +22,7 @@ impl Maps {
         &mut self,
         addr: Ipv4Addr,
         endpoint: EndpointValue,
-    ) -> Result<(), Error> {
+    ) -> Result<(), DataplaneError> {
         let tag = endpoint.tag;
         let previous = self.endpoints.get(&addr_key(addr), 0).ok();
         let capacity = Self::capacity(self.endpoints.map());
@@ -41,7 +41,7 @@ impl Maps {
 
     /// Unregisters an endpoint; its tracked connections are checked again
     /// (and now pass as unmanaged or get dropped by the peer's policy).
-    pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<(), Error> {
+    pub fn remove_endpoint(&mut self, addr: Ipv4Addr) -> Result<(), DataplaneError> {
         // The slot first: a slot never outlives the hash entry.
         if let Some(slot) = self.overlay_now.slot(addr_key(addr)) {
             self.slots
@@ -75,7 +75,12 @@ impl Maps {
     /// The hash first, its slot (if the ifindex has one) after; a changed
     /// binding's slot is emptied before the hash changes. So a slot is
     /// either empty (the programs then read the hash) or equal to the hash.
-    pub fn set_veth(&mut self, ifindex: u32, addr: Ipv4Addr, tag: u32) -> Result<(), Error> {
+    pub fn set_veth(
+        &mut self,
+        ifindex: u32,
+        addr: Ipv4Addr,
+        tag: u32,
+    ) -> Result<(), DataplaneError> {
         let capacity = Self::capacity(self.veths.map());
         let attachment = Attachment { addr: addr_key(addr), tag };
         let previous = self.veths.get(&ifindex, 0).ok();
@@ -86,7 +91,11 @@ impl Maps {
         self.set_veth_slot(ifindex, attachment)
     }
 
-    fn set_veth_slot(&mut self, ifindex: u32, attachment: Attachment) -> Result<(), Error> {
+    fn set_veth_slot(
+        &mut self,
+        ifindex: u32,
+        attachment: Attachment,
+    ) -> Result<(), DataplaneError> {
         if ifindex >= Self::capacity(self.veth_slots.map()) {
             return Ok(()); // past the array: the hash alone
         }
@@ -95,14 +104,14 @@ impl Maps {
 
     /// Fills the slots of every bound veth from `VETHS` (after a start:
     /// heals a slot left empty by a crash between the two writes).
-    pub fn fill_veth_slots(&mut self) -> Result<(), Error> {
+    pub fn fill_veth_slots(&mut self) -> Result<(), DataplaneError> {
         for (ifindex, addr, tag) in self.veths() {
             self.set_veth_slot(ifindex, Attachment { addr: addr_key(addr), tag })?;
         }
         Ok(())
     }
 
-    pub fn remove_veth(&mut self, ifindex: u32) -> Result<(), Error> {
+    pub fn remove_veth(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
         self.set_veth_slot(ifindex, Attachment::default())?;
         match self.veths.remove(&ifindex) {
             Ok(()) => Ok(()),
@@ -124,7 +133,7 @@ impl Maps {
     /// that went away: a new container may get its address), and bumps the
     /// epoch if it deleted any connection, so the CPUs' flow caches stop
     /// answering for them too.
-    pub fn forget_address(&mut self, addr: Ipv4Addr) -> Result<usize, Error> {
+    pub fn forget_address(&mut self, addr: Ipv4Addr) -> Result<usize, DataplaneError> {
         let key = addr_key(addr);
         let conns: Vec<ConnKey> = self
             .conntrack
@@ -159,14 +168,19 @@ impl Maps {
     }
 
     /// Binds a cgroup (by id) to its endpoint, for the anti-spoofing check.
-    pub fn set_cgroup(&mut self, cgroup_id: u64, addr: Ipv4Addr, tag: u32) -> Result<(), Error> {
+    pub fn set_cgroup(
+        &mut self,
+        cgroup_id: u64,
+        addr: Ipv4Addr,
+        tag: u32,
+    ) -> Result<(), DataplaneError> {
         let capacity = Self::capacity(self.cgroups.map());
         self.cgroups
             .insert(cgroup_id, Attachment { addr: addr_key(addr), tag }, 0)
             .map_err(insert_err(names::CGROUPS, capacity))
     }
 
-    pub fn remove_cgroup(&mut self, cgroup_id: u64) -> Result<(), Error> {
+    pub fn remove_cgroup(&mut self, cgroup_id: u64) -> Result<(), DataplaneError> {
         match self.cgroups.remove(&cgroup_id) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(names::CGROUPS)(e)),
@@ -174,7 +188,7 @@ impl Maps {
     }
 
     /// Registers an endpoint's IPv6 address for app `tag` (`ENDPOINTS6`).
-    pub fn set_endpoint6(&mut self, addr: Ipv6Addr, tag: u32) -> Result<(), Error> {
+    pub fn set_endpoint6(&mut self, addr: Ipv6Addr, tag: u32) -> Result<(), DataplaneError> {
         self.set_endpoint6_value(addr, EndpointValue { tag, flags: 0 })
     }
 
@@ -184,7 +198,7 @@ impl Maps {
         &mut self,
         addr: Ipv6Addr,
         endpoint: EndpointValue,
-    ) -> Result<(), Error> {
+    ) -> Result<(), DataplaneError> {
         let key = Ipv6Key::from_octets(addr.octets());
         let previous = self.endpoints6.get(&key, 0).ok();
         let capacity = Self::capacity(self.endpoints6.map());
@@ -215,7 +229,7 @@ impl Maps {
 
     /// Unregisters an endpoint's IPv6 address; its connections are checked
     /// again.
-    pub fn remove_endpoint6(&mut self, addr: Ipv6Addr) -> Result<(), Error> {
+    pub fn remove_endpoint6(&mut self, addr: Ipv6Addr) -> Result<(), DataplaneError> {
         match self.endpoints6.remove(&Ipv6Key::from_octets(addr.octets())) {
             Ok(()) => self.bump_epoch(),
             Err(e) if is_absent(&e) => Ok(()),
@@ -226,14 +240,14 @@ impl Maps {
     /// Binds a host-side veth to its endpoint's IPv6 address, for the IPv6
     /// anti-spoofing check (the veth's IPv4 binding, `set_veth`, names the
     /// endpoint; without this one its IPv6 packets are dropped).
-    pub fn set_veth6(&mut self, ifindex: u32, addr: Ipv6Addr) -> Result<(), Error> {
+    pub fn set_veth6(&mut self, ifindex: u32, addr: Ipv6Addr) -> Result<(), DataplaneError> {
         let capacity = Self::capacity(self.veths6.map());
         self.veths6
             .insert(ifindex, Ipv6Key::from_octets(addr.octets()), 0)
             .map_err(insert_err(names::VETHS6, capacity))
     }
 
-    pub fn remove_veth6(&mut self, ifindex: u32) -> Result<(), Error> {
+    pub fn remove_veth6(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
         match self.veths6.remove(&ifindex) {
             Ok(()) => Ok(()),
             Err(e) if is_absent(&e) => Ok(()),

@@ -27,7 +27,7 @@ use aya::maps::{
 use policy_common::{
     maps::{
         Attachment, CONFIG_INDEX, Config, Conn, ConnKey, EndpointValue, FlowSet, FragmentKey,
-        Ipv6Key, NatConn, NatConnKey, NatKey, NatTarget, Overlay, PairKey, PolicyCounters,
+        Ipv6Key, NetInConn, NetInConnKey, NetInKey, NetInTarget, Overlay, PairKey, PolicyCounters,
         PortRules, Settings, Tunnel, names,
     },
     netout::NetOutRules,
@@ -36,7 +36,7 @@ use policy_common::{
 pub use counters::EventStats;
 
 use super::OverlayNetwork;
-use crate::Error;
+use crate::DataplaneError;
 
 /// The dataplane's maps, typed.
 pub struct Maps {
@@ -50,8 +50,8 @@ pub struct Maps {
     event_stats: PerCpuArray<MapData, u64>,
     policy_stats: PerCpuHashMap<MapData, u32, PolicyCounters>,
     peers: HashMap<MapData, u32, u32>,
-    netin: HashMap<MapData, NatKey, NatTarget>,
-    netin_conns: HashMap<MapData, NatConnKey, NatConn>,
+    netin: HashMap<MapData, NetInKey, NetInTarget>,
+    netin_conns: HashMap<MapData, NetInConnKey, NetInConn>,
     netout: LpmTrie<MapData, [u8; 8], NetOutRules>,
     config: Array<MapData, Config>,
     flow_cache: Array<MapData, FlowSet>,
@@ -74,33 +74,36 @@ pub fn addr_from_key(key: u32) -> Ipv4Addr {
     Ipv4Addr::from(key.to_ne_bytes())
 }
 
-fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
-    move |source| Error::Map { name, source: Box::new(source) }
+fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source: Box::new(source) }
 }
 
-/// Turns `E2BIG` from an insert into [`Error::MapFull`].
-fn insert_err(name: &'static str, capacity: u32) -> impl Fn(MapError) -> Error {
+/// Turns `E2BIG` from an insert into [`DataplaneError::MapFull`].
+fn insert_err(name: &'static str, capacity: u32) -> impl Fn(MapError) -> DataplaneError {
     move |source| match &source {
         MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
-            Error::MapFull { name, capacity }
+            DataplaneError::MapFull { name, capacity }
         }
-        _ => Error::Map { name, source: Box::new(source) },
+        _ => DataplaneError::Map { name, source: Box::new(source) },
     }
 }
 
-fn typed<T: TryFrom<Map, Error = MapError>>(map: Map, name: &'static str) -> Result<T, Error> {
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    map: Map,
+    name: &'static str,
+) -> Result<T, DataplaneError> {
     T::try_from(map).map_err(map_err(name))
 }
 
 impl Maps {
     /// Takes the maps out of a loaded object.
-    pub(crate) fn take(ebpf: &mut aya::Ebpf) -> Result<Self, Error> {
-        Self::from_maps(|name| ebpf.take_map(name).ok_or(Error::MissingMap { name }))
+    pub(crate) fn take(ebpf: &mut aya::Ebpf) -> Result<Self, DataplaneError> {
+        Self::from_maps(|name| ebpf.take_map(name).ok_or(DataplaneError::MissingMap { name }))
     }
 
     /// Opens the maps pinned under `maps_dir` without loading any program
     /// (for tools that only read or write entries).
-    pub fn open_pinned(maps_dir: &Path) -> Result<Self, Error> {
+    pub fn open_pinned(maps_dir: &Path) -> Result<Self, DataplaneError> {
         Self::from_maps(|name| {
             let data = MapData::from_pin(maps_dir.join(name)).map_err(map_err(name))?;
             Map::from_map_data(data).map_err(map_err(name))
@@ -108,7 +111,9 @@ impl Maps {
     }
 
     /// The typed maps, each got by name from `get`.
-    fn from_maps(mut get: impl FnMut(&'static str) -> Result<Map, Error>) -> Result<Self, Error> {
+    fn from_maps(
+        mut get: impl FnMut(&'static str) -> Result<Map, DataplaneError>,
+    ) -> Result<Self, DataplaneError> {
         macro_rules! map {
             ($name:expr) => {
                 typed(get($name)?, $name)?
@@ -147,7 +152,7 @@ impl Maps {
     }
 
     /// `CONFIG`'s value.
-    pub fn config(&self) -> Result<Config, Error> {
+    pub fn config(&self) -> Result<Config, DataplaneError> {
         self.config.get(&CONFIG_INDEX, 0).map_err(map_err(names::CONFIG))
     }
 
@@ -155,14 +160,14 @@ impl Maps {
     /// program may read a mix of the old and the new value: every caller
     /// here changes one field per write (see `set_overlay` for the two
     /// fields that must agree).
-    pub fn set_config(&mut self, config: Config) -> Result<(), Error> {
+    pub fn set_config(&mut self, config: Config) -> Result<(), DataplaneError> {
         self.config.set(CONFIG_INDEX, config, 0).map_err(map_err(names::CONFIG))?;
         self.overlay_now = config.overlay;
         Ok(())
     }
 
     /// Changes one part of `CONFIG`, keeping the rest as it is.
-    fn update_config(&mut self, change: impl FnOnce(&mut Config)) -> Result<(), Error> {
+    fn update_config(&mut self, change: impl FnOnce(&mut Config)) -> Result<(), DataplaneError> {
         let mut config = self.config()?;
         change(&mut config);
         self.set_config(config)
@@ -173,7 +178,7 @@ impl Maps {
     /// every lookup stays right throughout. The slots array keeps the size it
     /// was created with: a larger network than it holds gets slots for its
     /// first addresses only (the rest are hashed).
-    pub fn set_overlay(&mut self, network: Option<OverlayNetwork>) -> Result<(), Error> {
+    pub fn set_overlay(&mut self, network: Option<OverlayNetwork>) -> Result<(), DataplaneError> {
         let capacity = Self::capacity(self.slots.map());
         let want = network.map_or(Overlay::default(), |n| Overlay {
             base: u32::from(n.network),
@@ -224,24 +229,27 @@ impl Maps {
         ]
     }
 
-    pub fn epoch(&self) -> Result<u32, Error> {
+    pub fn epoch(&self) -> Result<u32, DataplaneError> {
         self.config().map(|c| c.epoch)
     }
 
     /// Makes every tracked connection be checked against policy again at its
     /// next packet.
-    pub fn bump_epoch(&mut self) -> Result<(), Error> {
+    pub fn bump_epoch(&mut self) -> Result<(), DataplaneError> {
         self.update_config(|c| c.epoch = c.epoch.wrapping_add(1))
     }
 
     /// Points the programs at this host's tunnel device (cluster mode).
-    pub fn set_tunnel(&mut self, tunnel: Tunnel) -> Result<(), Error> {
+    pub fn set_tunnel(&mut self, tunnel: Tunnel) -> Result<(), DataplaneError> {
         self.update_config(|c| c.tunnel = tunnel)
     }
 
     /// Makes `PEERS` exactly `peers` (underlay addresses): adds first, then
     /// removes the hosts that left.
-    pub fn set_peers(&mut self, peers: &std::collections::BTreeSet<Ipv4Addr>) -> Result<(), Error> {
+    pub fn set_peers(
+        &mut self,
+        peers: &std::collections::BTreeSet<Ipv4Addr>,
+    ) -> Result<(), DataplaneError> {
         let capacity = self.peers.map().info().map_or(0, |i| i.max_entries());
         for peer in peers {
             self.peers.insert(addr_key(*peer), 1, 0).map_err(insert_err(names::PEERS, capacity))?;
@@ -258,11 +266,11 @@ impl Maps {
         Ok(())
     }
 
-    pub fn set_settings(&mut self, settings: Settings) -> Result<(), Error> {
+    pub fn set_settings(&mut self, settings: Settings) -> Result<(), DataplaneError> {
         self.update_config(|c| c.settings = settings)
     }
 
-    pub fn settings(&self) -> Result<Settings, Error> {
+    pub fn settings(&self) -> Result<Settings, DataplaneError> {
         self.config().map(|c| c.settings)
     }
 }

@@ -5,18 +5,21 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{IterableMap as _, lpm_trie::Key as LpmKey};
 use policy_common::{
-    maps::{NatConnKey, NatKey, NatTarget, names},
+    maps::{NetInConnKey, NetInKey, NetInTarget, names},
     netout::NetOutRules,
 };
 
 use super::{Maps, insert_err, map_err};
-use crate::Error;
+use crate::DataplaneError;
 
 impl Maps {
     /// Makes `NETIN` hold exactly `wanted` (new entries before the count
     /// the programs check, gone ones after), and forgets the connections
     /// of mappings that are gone.
-    pub fn set_netin(&mut self, wanted: &BTreeMap<NatKey, NatTarget>) -> Result<(), Error> {
+    pub fn set_netin(
+        &mut self,
+        wanted: &BTreeMap<NetInKey, NetInTarget>,
+    ) -> Result<(), DataplaneError> {
         let capacity = self.netin.map().info().map_or(0, |i| i.max_entries());
         for (key, target) in wanted {
             if self.netin.get(key, 0).ok().as_ref() != Some(target) {
@@ -27,7 +30,7 @@ impl Maps {
         if count > 0 {
             self.update_config(|c| c.netin_mappings = count)?;
         }
-        let gone: Vec<NatKey> =
+        let gone: Vec<NetInKey> =
             self.netin.keys().filter_map(Result::ok).filter(|k| !wanted.contains_key(k)).collect();
         for key in gone {
             self.netin.remove(&key).map_err(map_err(names::NETIN))?;
@@ -36,7 +39,7 @@ impl Maps {
             self.update_config(|c| c.netin_mappings = 0)?;
         }
         let targets: BTreeSet<(u32, u16)> = wanted.values().map(|t| (t.addr, t.port)).collect();
-        let stale: Vec<NatConnKey> = self
+        let stale: Vec<NetInConnKey> = self
             .netin_conns
             .keys()
             .filter_map(Result::ok)
@@ -53,7 +56,7 @@ impl Maps {
     pub fn set_netout(
         &mut self,
         wanted: &BTreeMap<crate::netout::TrieKey, NetOutRules>,
-    ) -> Result<(), Error> {
+    ) -> Result<(), DataplaneError> {
         let capacity = self.netout.map().info().map_or(0, |i| i.max_entries());
         let have: BTreeMap<crate::netout::TrieKey, NetOutRules> = self
             .netout
@@ -83,7 +86,7 @@ impl Maps {
     }
 
     /// `NETIN`'s entries.
-    pub fn netin(&self) -> Vec<(NatKey, NatTarget)> {
+    pub fn netin(&self) -> Vec<(NetInKey, NetInTarget)> {
         self.netin.iter().filter_map(Result::ok).collect()
     }
 }

@@ -7,7 +7,7 @@ use policy_common::{
 };
 
 use super::{Maps, insert_err, map_err};
-use crate::Error;
+use crate::DataplaneError;
 
 impl Maps {
     /// The `POLICIES` value of a pair.
@@ -32,7 +32,11 @@ impl Maps {
     /// Replaces the allowances of one pair in one update. Bumps the epoch if
     /// a port that was allowed no longer is. An error leaves the entry as it
     /// was.
-    pub fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), Error> {
+    pub fn set_pair(
+        &mut self,
+        key: PairKey,
+        allowances: &[Allowance],
+    ) -> Result<(), DataplaneError> {
         let old = self.policies.get(&key, 0).ok();
         if allowances.is_empty() {
             if old.is_some() {
@@ -54,7 +58,7 @@ impl Maps {
     }
 
     /// Adds one allowance to a pair (a no-op if the same range is there).
-    pub fn allow(&mut self, key: PairKey, allowance: Allowance) -> Result<(), Error> {
+    pub fn allow(&mut self, key: PairKey, allowance: Allowance) -> Result<(), DataplaneError> {
         let mut all = self.pair(&key);
         if all.iter().any(|a| a.start == allowance.start && a.end == allowance.end) {
             return Ok(());
@@ -65,7 +69,7 @@ impl Maps {
 
     /// Removes the allowance for exactly `start..=end` from a pair (a no-op if
     /// it is not there).
-    pub fn revoke(&mut self, key: PairKey, start: u16, end: u16) -> Result<(), Error> {
+    pub fn revoke(&mut self, key: PairKey, start: u16, end: u16) -> Result<(), DataplaneError> {
         let mut all = self.pair(&key);
         let before = all.len();
         all.retain(|a| !(a.start == start && a.end == end));

@@ -213,3 +213,17 @@ fn a_journal_of_the_first_format_is_read_and_rewritten() {
     assert_eq!(load(&dir).unwrap(), state);
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn netout_keeps_its_journaled_names() {
+    // Journals and snapshots written before NetOut had one name in the code
+    // say `set_asgs` and `asgs`: both are still what is written and read.
+    let change = Change::SetNetOut { app: "web".into(), rules: Some(Vec::new()) };
+    let text = serde_json::to_string(&change).expect("serializes");
+    assert_eq!(text, r#"{"set_asgs":{"app":"web","rules":[]}}"#);
+    assert_eq!(serde_json::from_str::<Change>(&text).expect("reads back"), change);
+    let mut state = State::default();
+    change.replay(&mut state);
+    let stored = serde_json::to_value(state.stored()).expect("serializes");
+    assert_eq!(stored["asgs"], serde_json::json!({"web": []}), "{stored}");
+}

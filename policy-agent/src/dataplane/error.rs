@@ -4,7 +4,7 @@ use policy_common::ports::PortsError;
 
 /// What can go wrong loading, attaching or writing the dataplane.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum DataplaneError {
     #[error("failed to mount bpffs at {path}: {source} - are we root with CAP_SYS_ADMIN?")]
     MountBpffs { path: PathBuf, source: io::Error },
     #[error("pin directory {path} is not on a bpf filesystem (mount -t bpf bpf DIR)")]
@@ -35,12 +35,12 @@ pub enum Error {
     Ports(#[from] PortsError),
 }
 
-impl Error {
+impl DataplaneError {
     pub(crate) fn io(
         what: &'static str,
         path: impl Into<PathBuf>,
-    ) -> impl FnOnce(io::Error) -> Error {
+    ) -> impl FnOnce(io::Error) -> DataplaneError {
         let path = path.into();
-        move |source| Error::Io { what, path, source }
+        move |source| DataplaneError::Io { what, path, source }
     }
 }
