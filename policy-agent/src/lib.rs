@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod dns;
+pub mod error;
 pub mod etcd;
 pub mod explain;
 pub mod flows;
@@ -22,7 +23,8 @@ pub mod store;
 mod sys;
 pub mod tls;
 
-pub use dataplane::{Capacities, Dataplane, DataplaneConfig, DataplaneError, Direction, Maps};
+pub use dataplane::{Capacities, Dataplane, DataplaneConfig, Direction, Maps};
+pub use error::DataplaneError;
 
 /// The compiled eBPF object (built by build.rs from policy-ebpf).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy"));

@@ -3,6 +3,7 @@
 //! Every task that needs the toolchain runs `setup` first, so a fresh machine
 //! needs nothing but `cargo xtask demo` or `cargo xtask test`.
 
+mod layout;
 mod package;
 mod run;
 mod setup;

@@ -147,6 +147,7 @@ pub fn bench(root: &Path, quick: bool) -> Result<()> {
 }
 
 pub fn lint(root: &Path) -> Result<()> {
+    crate::layout::check(root)?;
     let mut fmt = cargo(root);
     fmt.args(["fmt", "--all", "--check"]);
     run(fmt, "cargo fmt --check")?;

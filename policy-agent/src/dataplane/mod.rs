@@ -29,7 +29,6 @@ use log::{info, warn};
 use policy_common::maps::{Config, FLOW_CACHE_SETS, names, programs};
 
 mod config;
-mod error;
 mod kernel;
 mod maps;
 
@@ -37,7 +36,6 @@ pub use config::{
     Capacities, DataplaneConfig, DenyAction, DenySettings, EventSettings, OverlayNetwork,
     kernel_settings,
 };
-pub use error::DataplaneError;
 pub use maps::{EventStats, Maps, addr_from_key, addr_key};
 
 use crate::{EBPF_OBJECT, bpffs, sys};

@@ -1,3 +1,6 @@
+//! The dataplane's error: loading, attaching, pinning and writing maps
+//! (a module of its own, below `dataplane` and the reconciler that both use it).
+
 use std::{io, path::PathBuf};
 
 use policy_common::ports::PortsError;
