@@ -38,7 +38,7 @@ pub use config::{
 };
 pub use maps::{EventStats, Maps, addr_from_key, addr_key};
 
-use crate::{EBPF_OBJECT, bpffs, sys};
+use crate::{DataplaneError, EBPF_OBJECT, bpffs, sys};
 
 /// Which way the traffic a TC program sees flows, from the container's view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
