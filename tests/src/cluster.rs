@@ -103,9 +103,7 @@ impl Pki {
     pub const CLIENTS: [&str; 3] = ["policy-agent", "root", "intruder"];
 
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(crate::unique_name("pki"));
-        std::fs::create_dir_all(&dir).expect("pki dir");
-        let pki = Self { dir };
+        let pki = Self::empty();
         pki.make_ca("ca", "policy-test etcd CA");
         pki.make_cert(
             "server",
@@ -120,6 +118,14 @@ impl Pki {
             pki.make_cert(client, client, "extendedKeyUsage=clientAuth\n", "ca");
         }
         pki
+    }
+
+    /// A PKI without a CA or certificates yet, in a new temporary
+    /// directory: for peers other than etcd, which make their own.
+    pub fn empty() -> Self {
+        let dir = std::env::temp_dir().join(crate::unique_name("pki"));
+        std::fs::create_dir_all(&dir).expect("pki dir");
+        Self { dir }
     }
 
     /// A self-signed CA `NAME.pem`, `NAME-key.pem` in this PKI's directory

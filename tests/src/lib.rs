@@ -4,6 +4,7 @@
 //! removed on drop, also when a test panics.
 
 pub mod agent;
+pub mod cf;
 pub mod cgroup;
 pub mod cluster;
 pub mod cni;

@@ -50,6 +50,12 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("fonts-dejavu-core", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
     // The TLS benchmark's peer: a per-container terminator on 61443's model.
     ("haproxy", "/usr/sbin/haproxy"),
+    // Cloud Foundry's policy server's database in the CF tests
+    // (`tests/src/cf.rs` runs its own server as the `postgres` user the
+    // package creates). By its version: bookworm's `postgresql` is 15, the
+    // version the fixture names and the tests' path; on another release
+    // this fails loudly instead of installing a server the tests miss.
+    ("postgresql-15", "/usr/lib/postgresql/15/bin/postgres"),
     // The agent's etcd client (etcd-client, gRPC over tonic) generates its
     // protocol code at build time: protoc and the well-known .proto files.
     ("protobuf-compiler", "protoc"),
