@@ -404,6 +404,19 @@ fn the_tcp_api_takes_only_platform_identities_and_their_roles() {
     );
     assert_eq!(status, 403, "{said}");
     assert!(said.contains("not an API identity"), "{said}");
+    // A certificate of the platform CA naming two roles, admin first, is no
+    // API identity either (it counted as its first role).
+    let both = two_role_identity(&daemon);
+    let (status, said) = curl_tls(
+        &host,
+        &daemon,
+        "POST",
+        POLICIES,
+        Some((&both.0, &both.1)),
+        Some(&one("app", "db", 5432)),
+    );
+    assert_eq!(status, 403, "{said}");
+    assert!(said.contains("not an API identity"), "{said}");
     assert_eq!(listed(&daemon).len(), 1, "only the admin's write happened");
 
     // Plain HTTP beyond loopback: refused at start.
@@ -485,4 +498,59 @@ fn api_identity_mints_from_the_running_agents_ca_and_never_makes_one() {
     assert!(!refused.status.success() && said.contains("has no platform CA"), "{said}");
     assert_eq!(ca_files(&bare.state_dir()), vec![None; 4]);
     std::fs::remove_dir_all(&scratch).unwrap();
+}
+
+/// A client certificate from the agent's own platform CA whose subject
+/// names both API roles (`OU=api:admin`, then `OU=api:read-only`).
+fn two_role_identity(daemon: &Daemon) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = daemon.state_dir();
+    let (key, csr, cert, ext) = (
+        dir.join("both-key.pem"),
+        dir.join("both.csr"),
+        dir.join("both-cert.pem"),
+        dir.join("both.ext"),
+    );
+    std::fs::write(&ext, "extendedKeyUsage=clientAuth\n").unwrap();
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new("openssl").args(args).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+    openssl(&[
+        os("ecparam"),
+        os("-genkey"),
+        os("-name"),
+        os("prime256v1"),
+        os("-noout"),
+        os("-out"),
+        key.as_os_str(),
+    ]);
+    openssl(&[
+        os("req"),
+        os("-new"),
+        os("-key"),
+        key.as_os_str(),
+        os("-subj"),
+        os("/OU=api:admin/OU=api:read-only/CN=both"),
+        os("-out"),
+        csr.as_os_str(),
+    ]);
+    openssl(&[
+        os("x509"),
+        os("-req"),
+        os("-in"),
+        csr.as_os_str(),
+        os("-CA"),
+        dir.join("ca.pem").as_os_str(),
+        os("-CAkey"),
+        dir.join("ca-key.pem").as_os_str(),
+        os("-CAcreateserial"),
+        os("-days"),
+        os("1"),
+        os("-extfile"),
+        ext.as_os_str(),
+        os("-out"),
+        cert.as_os_str(),
+    ]);
+    (cert, key)
 }

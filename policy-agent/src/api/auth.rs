@@ -46,13 +46,23 @@ impl Role {
     /// The role a certificate names, if it is an API identity.
     pub fn of(der: &[u8]) -> Option<Role> {
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-        cert.subject().iter_organizational_unit().find_map(|ou| {
-            match ou.as_str().ok()?.strip_prefix("api:")? {
-                "admin" => Some(Role::Admin),
-                "read-only" => Some(Role::ReadOnly),
-                _ => None,
-            }
-        })
+        let units: Option<Vec<&str>> =
+            cert.subject().iter_organizational_unit().map(|ou| ou.as_str().ok()).collect();
+        Self::of_units(&units?)
+    }
+
+    /// The role named by a subject's organizational units: exactly one
+    /// `api:ROLE` of a known role. A subject naming two (`api:admin` and
+    /// `api:read-only`), or an unknown role, is no API identity: which one
+    /// counted would otherwise depend on their order.
+    fn of_units(units: &[&str]) -> Option<Role> {
+        let mut roles = units.iter().filter_map(|ou| ou.strip_prefix("api:"));
+        let role = match roles.next()? {
+            "admin" => Role::Admin,
+            "read-only" => Role::ReadOnly,
+            _ => return None,
+        };
+        roles.next().is_none().then_some(role)
     }
 }
 
@@ -140,4 +150,23 @@ fn hostname() -> Option<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
     let name = name.trim();
     (!name.is_empty()).then(|| name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Role;
+
+    #[test]
+    fn exactly_one_known_api_role_makes_an_api_identity() {
+        assert_eq!(Role::of_units(&["api:admin"]), Some(Role::Admin));
+        assert_eq!(Role::of_units(&["team-x", "api:read-only"]), Some(Role::ReadOnly));
+        assert_eq!(Role::of_units(&[]), None);
+        assert_eq!(Role::of_units(&["app:web"]), None, "an instance identity");
+        assert_eq!(Role::of_units(&["app:api:admin"]), None);
+        assert_eq!(Role::of_units(&["api:root"]), None);
+        // Two roles, in either order: neither counts.
+        assert_eq!(Role::of_units(&["api:admin", "api:read-only"]), None);
+        assert_eq!(Role::of_units(&["api:read-only", "api:admin"]), None);
+        assert_eq!(Role::of_units(&["api:admin", "api:admin"]), None);
+    }
 }
