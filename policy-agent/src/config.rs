@@ -120,6 +120,9 @@ pub struct Config {
     /// Cluster mode: the desired state in etcd, shared by every host's
     /// agent. None: a single host on its local store.
     pub cluster: Option<ClusterConfig>,
+    /// Cloud Foundry's policy server as the source of policies and tags
+    /// (`[cf]`, see `cf::config`). None: policies are written to the agent.
+    pub cf: Option<crate::cf::CfConfig>,
     /// Connections, timeouts and memory a client may hold (`[limits]`).
     pub limits: Limits,
     /// NetIn: the host's uplinks whose addresses port mappings listen on
@@ -156,6 +159,7 @@ impl Default for Config {
             identity_validity: std::time::Duration::from_secs(24 * 3600),
             overlay_network: Some(OverlayNetwork::default()),
             cluster: None,
+            cf: None,
             limits: Limits::default(),
             netin_interfaces: Vec::new(),
         }

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod api;
 pub mod bpffs;
+pub mod cf;
 pub mod cluster;
 pub mod config;
 pub mod dataplane;

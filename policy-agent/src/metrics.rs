@@ -8,7 +8,10 @@
 //!
 //! Cloud Foundry's agent names are kept where the meaning matches:
 //! `totalPolicies`, and `enforceTime` for the time from an API write to the
-//! kernel holding it.
+//! kernel holding it. With a policy server (`[cf]`): `policyServerPollTime`
+//! (seconds a poll that fetched took, fetch and apply),
+//! `policy_server_set_age_seconds`, `policy_server_last_success_age_seconds`,
+//! `policy_server_consecutive_failures` and `policy_server_poll_failures{kind}`.
 
 use prometheus_client::{
     collector::Collector,
@@ -42,6 +45,8 @@ pub struct Metrics {
     pub enforce_time: Histogram,
     pub reconcile_duration: Histogram,
     pub reconcile_errors: Counter,
+    /// With a policy server: each fetching poll's duration.
+    pub policy_server_poll_time: Histogram,
 }
 
 fn latency_histogram() -> Histogram {
@@ -49,7 +54,7 @@ fn latency_histogram() -> Histogram {
 }
 
 impl Metrics {
-    pub fn new(agent: SharedAgent) -> Self {
+    pub fn new(agent: SharedAgent, policy_server: Option<crate::cf::SharedStatus>) -> Self {
         let mut registry = Registry::default();
         let api_requests = Family::<ApiLabels, Counter>::default();
         let api_latency = Family::<ApiLabels, Histogram>::new_with_constructor(
@@ -79,6 +84,15 @@ impl Metrics {
             "Writes or reconciles the kernel refused",
             reconcile_errors.clone(),
         );
+        let policy_server_poll_time = latency_histogram();
+        if let Some(status) = policy_server {
+            registry.register(
+                "policyServerPollTime",
+                "Seconds a poll of the policy server that fetched policies took, fetch and apply (vxlan-policy-agent's metric, in seconds)",
+                policy_server_poll_time.clone(),
+            );
+            registry.register_collector(Box::new(PolicyServerCollector { status }));
+        }
         registry.register_collector(Box::new(KernelCollector { agent }));
         Self {
             registry,
@@ -87,6 +101,7 @@ impl Metrics {
             enforce_time,
             reconcile_duration,
             reconcile_errors,
+            policy_server_poll_time,
         }
     }
 
@@ -96,6 +111,60 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The policy server follower's status at scrape time.
+#[derive(Debug)]
+struct PolicyServerCollector {
+    status: crate::cf::SharedStatus,
+}
+
+impl Collector for PolicyServerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let status = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let gauge = ConstGauge::new(0.0f64);
+        for (name, help, value) in [
+            (
+                "policy_server_set_age_seconds",
+                "Seconds since the policy set in force was fetched from the policy server",
+                status.set_age(),
+            ),
+            (
+                "policy_server_last_success_age_seconds",
+                "Seconds since the last successful poll of the policy server",
+                status.last_success.map(|t| (now - t).max(0.0)),
+            ),
+            (
+                "policy_server_consecutive_failures",
+                "Polls of the policy server that failed in a row (enforcement unchanged meanwhile)",
+                Some(status.consecutive_failures as f64),
+            ),
+        ] {
+            if let Some(value) = value {
+                ConstGauge::new(value).encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    gauge.metric_type(),
+                )?)?;
+            }
+        }
+        let counter = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "policy_server_poll_failures",
+            "Failed polls of the policy server by kind (unreachable, client_certificate_refused, server_error, ...)",
+            None,
+            counter.metric_type(),
+        )?;
+        for (kind, n) in &status.failures {
+            ConstCounter::new(*n).encode(family.encode_family(&[("kind", *kind)])?)?;
+        }
+        Ok(())
     }
 }
 

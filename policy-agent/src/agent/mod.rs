@@ -15,7 +15,7 @@ mod shared_log;
 mod tunnel;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
@@ -53,6 +53,11 @@ pub enum AgentError {
     Kernel(#[from] DataplaneError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A policy write while the policy server is the source of policies.
+    #[error(
+        "policies come from Cloud Foundry's policy server ({url}), not from this agent: write them there (cf add-network-policy, cf remove-network-policy)"
+    )]
+    PolicyServer { url: String },
 }
 
 impl From<Invalid> for AgentError {
@@ -97,6 +102,9 @@ pub struct Settings {
     pub known_here: Vec<Endpoint>,
     /// Where the held endpoints are kept across restarts.
     pub held_file: Option<PathBuf>,
+    /// Cloud Foundry's policy server (`[cf]`): the one source of policies
+    /// and tags; policy writes to the agent are refused.
+    pub policy_server: Option<String>,
 }
 
 pub struct Agent<K: Kernel> {
@@ -115,6 +123,8 @@ pub struct Agent<K: Kernel> {
     /// still here: left as they are in the kernel until registered again.
     held: BTreeMap<IpAddr, Endpoint>,
     held_file: Option<PathBuf>,
+    /// The policy server's URL when it is the source of policies.
+    policy_server: Option<String>,
 }
 
 impl<K: Kernel> Agent<K> {
@@ -159,6 +169,7 @@ impl<K: Kernel> Agent<K> {
             reconcile_pending,
             held,
             held_file: settings.held_file,
+            policy_server: settings.policy_server,
         };
         agent.save_held();
         Ok((agent, warnings))
@@ -287,7 +298,44 @@ impl<K: Kernel> Agent<K> {
     }
 
     pub fn add_policies(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
+        self.refuse_with_policy_server()?;
         self.retrying(|agent| agent.add_policies_once(policies))
+    }
+
+    /// With a policy server as the source, policies are written there.
+    fn refuse_with_policy_server(&self) -> Result<(), AgentError> {
+        match &self.policy_server {
+            Some(url) => Err(AgentError::PolicyServer { url: url.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// The policy server the policies come from, if any.
+    pub fn policy_server(&self) -> Option<&str> {
+        self.policy_server.as_deref()
+    }
+
+    /// Makes the policies exactly what the policy server serves for this
+    /// host's apps (`policies`), with its `tags`: only what differs is
+    /// written, adds before removes. Returns how many policies were added
+    /// and removed.
+    pub fn follow_policy_server(
+        &mut self,
+        policies: &BTreeSet<Policy>,
+        tags: &BTreeMap<String, u32>,
+    ) -> Result<(usize, usize), AgentError> {
+        self.retrying(|agent| {
+            let server = agent.state.server_change(policies, tags);
+            let counts = (server.add.len(), server.remove.len());
+            let change = Change::PolicyServer(server);
+            let before = reconcile::before(&agent.state, &change);
+            let undo = match &change {
+                Change::PolicyServer(server) => agent.state.follow_server_undoable(server),
+                _ => unreachable!("made above"),
+            };
+            agent.write(change, before, undo)?;
+            Ok(counts)
+        })
     }
 
     fn add_policies_once(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
@@ -300,6 +348,7 @@ impl<K: Kernel> Agent<K> {
     }
 
     pub fn remove_policies(&mut self, policies: &[Policy]) -> Result<(), AgentError> {
+        self.refuse_with_policy_server()?;
         self.retrying(|agent| agent.remove_policies_once(policies))
     }
 

@@ -68,8 +68,23 @@ pub async fn add(State(api): State<Api>, body: Body) -> Reply {
         })
     });
     match registered.await {
-        Ok(()) => ok(reply),
+        Ok(()) => {
+            force_policy_poll(&api).await;
+            ok(reply)
+        }
         Err(e) => failure(e),
+    }
+}
+
+/// With a policy server as the source: polls it at once for the new
+/// container's policies (as cni-wrapper-plugin forces vxlan-policy-agent's
+/// poll), so they hold before the registration is answered. A server
+/// that does not answer in time delays nothing further: the regular poll
+/// follows, and `status` says why.
+async fn force_policy_poll(api: &Api) {
+    if let Some(server) = &api.policy_server {
+        let (poll, timeout) = (server.poll.clone(), server.timeout);
+        let _ = tokio::task::spawn_blocking(move || poll.force(timeout)).await;
     }
 }
 

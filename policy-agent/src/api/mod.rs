@@ -74,6 +74,18 @@ pub struct Api {
     /// Where this host's platform CA is kept (None: the agent has none,
     /// neither TLS listeners nor an HTTPS API), for `api-identity`.
     pub platform_ca: Option<crate::tls::CaFiles>,
+    /// Cloud Foundry's policy server as the source of policies (`[cf]`):
+    /// its follower's status, and forced polls on registration.
+    pub policy_server: Option<PolicyServer>,
+}
+
+/// The policy server follower as the API reaches it.
+#[derive(Clone)]
+pub struct PolicyServer {
+    pub status: crate::cf::SharedStatus,
+    pub poll: crate::cf::PollHandle,
+    /// How long a registration waits for its forced poll.
+    pub timeout: std::time::Duration,
 }
 
 /// Where this host's containers get addresses: what a CNI plugin asks for.
@@ -143,6 +155,9 @@ fn invalid(e: &Invalid) -> Reply {
 fn failure(e: AgentError) -> Reply {
     match e {
         AgentError::Invalid(e) => invalid(&e),
+        e @ AgentError::PolicyServer { .. } => {
+            (StatusCode::CONFLICT, Json(json!({"error": e.to_string()})))
+        }
         AgentError::Kernel(e @ DataplaneError::MapFull { .. }) => {
             (StatusCode::INSUFFICIENT_STORAGE, Json(json!({"error": e.to_string()})))
         }
@@ -220,7 +235,7 @@ async fn timed_write<T: Send + 'static>(
         Err(AgentError::Kernel(_) | AgentError::Store(_)) => {
             api.metrics.reconcile_errors.inc();
         }
-        Err(AgentError::Invalid(_)) => {}
+        Err(AgentError::Invalid(_) | AgentError::PolicyServer { .. }) => {}
     }
     result
 }

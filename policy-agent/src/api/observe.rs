@@ -24,6 +24,12 @@ pub async fn status(State(api): State<Api>) -> Reply {
         Ok(status) => {
             let mut status = json!(status);
             status["platform_ca"] = json!(api.platform_ca);
+            if let Some(server) = &api.policy_server {
+                let follow = server.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let mut shown = json!(follow);
+                shown["set_age_seconds"] = json!(follow.set_age().map(|a| a.round()));
+                status["policy_server"] = shown;
+            }
             ok(status)
         }
         Err(e) => failure(e.into()),

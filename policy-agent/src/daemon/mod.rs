@@ -17,7 +17,8 @@ use anyhow::{Context as _, Result};
 use policy_agent::{
     Dataplane, DataplaneConfig,
     agent::{self, Agent, SharedAgent},
-    api::{Api, Ipam},
+    api::{Api, Ipam, PolicyServer},
+    cf::{CfConfig, Follower},
     cluster::{
         ClusterConfig,
         cas::HostCas,
@@ -52,7 +53,13 @@ pub fn run(config: Config) -> Result<()> {
         host: config.cluster.as_ref().map(|c| c.host.clone()),
         known_here,
         held_file: config.cluster.as_ref().map(|_| config.state_dir.join(HELD_FILE)),
+        policy_server: config.cf.as_ref().map(|cf| cf.policy_server_url.clone()),
     };
+    if config.cf.is_some() && config.cluster.is_some() {
+        anyhow::bail!(
+            "[cf] and [cluster] together are not supported yet: with Cloud Foundry's policy server, run each cell as a single host (its policies and tags come from the policy server)"
+        );
+    }
     let (agent, warnings) = Agent::start(dataplane, store, settings)
         .context("failed to reconcile the kernel to the stored state")?;
     let reconcile_time = started.elapsed();
@@ -67,7 +74,18 @@ pub fn run(config: Config) -> Result<()> {
         info!(ifname, addresses = ?addrs, "NetIn port mappings listen here");
     }
     let agent: SharedAgent = Arc::new(Mutex::new(agent));
-    let metrics = Arc::new(Metrics::new(agent.clone()));
+    let follower = match &config.cf {
+        Some(cf) => Some(
+            Follower::new(cf, agent.clone(), &config.state_dir)
+                .context("cannot follow Cloud Foundry's policy server ([cf])")?,
+        ),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::new(agent.clone(), follower.as_ref().map(Follower::status)));
+    let policy_server = match (follower, &config.cf) {
+        (Some(follower), Some(cf)) => Some(start_following(follower, cf, &metrics)?),
+        _ => None,
+    };
     metrics.reconcile_duration.observe(reconcile_time.as_secs_f64());
     let hub = Arc::new(FlowHub::default());
     let reader_stop = Arc::new(AtomicBool::new(false));
@@ -110,11 +128,39 @@ pub fn run(config: Config) -> Result<()> {
         cluster: config.cluster.clone(),
         ipam,
         platform_ca: pki.as_ref().map(|p| p.ca.files().clone()),
+        policy_server: policy_server.clone(),
     };
     let result = runtime.block_on(serve::serve(config, api, metrics, stop_tx, pki));
+    if let Some(server) = policy_server {
+        server.poll.stop();
+    }
     reader_stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
     result
+}
+
+/// Starts the policy server's poll loop on a thread of its own.
+fn start_following(
+    mut follower: Follower,
+    cf: &CfConfig,
+    metrics: &Metrics,
+) -> Result<PolicyServer> {
+    follower.time_polls(metrics.policy_server_poll_time.clone());
+    let server = PolicyServer {
+        status: follower.status(),
+        poll: follower.handle(),
+        timeout: cf.client_timeout.saturating_mul(2),
+    };
+    info!(
+        url = cf.policy_server_url,
+        poll_interval = ?cf.poll_interval,
+        "policies and tags come from Cloud Foundry's policy server"
+    );
+    std::thread::Builder::new()
+        .name("cf-policy-server".into())
+        .spawn(move || follower.run())
+        .context("cannot start the policy server follower")?;
+    Ok(server)
 }
 
 /// Cluster mode: this host's endpoints the agent held (see

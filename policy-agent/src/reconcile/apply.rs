@@ -48,8 +48,9 @@ enum Step {
     /// No entry but NetIn or NetOut (security groups), or none at all
     /// (routes are names: DNS and certificates, not the kernel).
     Tables,
-    /// The state replaced whole: the full reconcile.
-    Full,
+    /// The state replaced whole, or apps given other tags: the full
+    /// reconcile (and the ids of removed policies, as for `Pairs`).
+    Full { removed: Vec<u32> },
 }
 
 /// Reads what `change`'s kernel steps need, before `state` changes.
@@ -72,7 +73,20 @@ pub fn before(state: &State, change: &Change) -> Before {
         Change::RemoveEndpoint(ip) => endpoint_before(state, *ip, None),
         Change::SetNetOut { .. } => (Step::Tables, false, true),
         Change::MapRoute { .. } | Change::UnmapRoute { .. } => (Step::Tables, false, false),
-        Change::Reset(_) => (Step::Full, false, false),
+        Change::PolicyServer(change) => {
+            let removed = change.remove.iter().filter_map(|p| state.policy_id(p)).collect();
+            if state.retags(change) {
+                (Step::Full { removed }, false, false)
+            } else {
+                let policies: Vec<_> = change.add.iter().chain(&change.remove).cloned().collect();
+                let touches_netout = policies
+                    .iter()
+                    .any(|p| [&p.source, &p.destination].iter().any(|a| netout.contains_key(*a)));
+                let before = before_change(state, touched(&policies));
+                (Step::Pairs { before, removed }, false, touches_netout)
+            }
+        }
+        Change::Reset(_) => (Step::Full { removed: Vec::new() }, false, false),
     };
     Before {
         step,
@@ -205,10 +219,11 @@ fn steps<K: Kernel>(
             removes = Some((old, new));
         }
         Step::Tables => {}
-        Step::Full => {
+        Step::Full { removed } => {
             // Make-before-break over the whole state; there is no state
             // before it to go back to, so nothing to undo.
             applied.warnings = full_keeping(kernel, state, held)?;
+            applied.forget = removed;
         }
     }
     if let Some(old) = before.netin {

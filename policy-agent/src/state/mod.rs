@@ -9,6 +9,7 @@
 //! - `stored`: the on-disk shape.
 
 mod model;
+mod server;
 mod stored;
 mod undo;
 mod validate;
@@ -28,6 +29,7 @@ use policy_common::{
     ports::Allowance,
 };
 use serde::{Deserialize, Serialize};
+pub use server::{LOCAL_TAG_BASE, ServerPolicies};
 use stored::Stored;
 pub use stored::StoredRef;
 pub use undo::Undo;
@@ -61,6 +63,9 @@ pub struct State {
     /// This agent's host in cluster mode (configuration, not stored): its
     /// endpoints are the local ones.
     local_host: Option<String>,
+    /// The policy server's tags (`[cf]`): app → tag, for the apps its
+    /// policies name (see `server`). Empty without a policy server.
+    server_tags: BTreeMap<String, u32>,
     /// How many policy ends and endpoints name each app (derived, not
     /// stored): an app whose count drops to zero loses its tag.
     refs: BTreeMap<String, usize>,
@@ -76,6 +81,7 @@ impl Default for State {
             endpoints: BTreeMap::new(),
             routes: BTreeMap::new(),
             netout: BTreeMap::new(),
+            server_tags: BTreeMap::new(),
             tls_ports: None,
             local_host: None,
             refs: BTreeMap::new(),
@@ -152,13 +158,20 @@ impl State {
     }
 
     /// Gives every app in `apps` that has none a tag, in id order (as Cloud
-    /// Foundry's policy server does within one request).
+    /// Foundry's policy server does within one request): the policy
+    /// server's, if it names the app, else the next of the agent's own.
     fn allocate_tags<'a>(&mut self, apps: impl IntoIterator<Item = &'a str>) {
         let new: BTreeSet<&str> =
             apps.into_iter().filter(|a| !self.tags.contains_key(*a)).collect();
         for app in new {
-            self.tags.insert(app.to_owned(), self.next_tag);
-            self.next_tag += 1;
+            let tag = match self.server_tags.get(app) {
+                Some(&tag) => tag,
+                None => {
+                    self.next_tag += 1;
+                    self.next_tag - 1
+                }
+            };
+            self.tags.insert(app.to_owned(), tag);
         }
     }
 

@@ -23,6 +23,8 @@ pub struct StoredRef<'a> {
     routes: &'a BTreeMap<String, String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     asgs: &'a BTreeMap<String, Vec<NetOutRule>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    server_tags: &'a BTreeMap<String, u32>,
 }
 
 fn policies_as_list<S: serde::Serializer>(
@@ -57,6 +59,7 @@ impl State {
             endpoints: &self.endpoints,
             routes: &self.routes,
             asgs: &self.netout,
+            server_tags: &self.server_tags,
         }
     }
 }
@@ -74,6 +77,9 @@ pub(super) struct Stored {
     routes: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     asgs: BTreeMap<String, Vec<NetOutRule>>,
+    /// The policy server's tags (`[cf]`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    server_tags: BTreeMap<String, u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -93,6 +99,7 @@ impl From<Stored> for State {
             endpoints: s.endpoints.into_iter().map(|e| (e.ip, e)).collect(),
             routes: s.routes,
             netout: s.asgs,
+            server_tags: s.server_tags,
             tls_ports: None,
             local_host: None,
             refs: BTreeMap::new(),
@@ -125,6 +132,7 @@ impl From<State> for Stored {
             endpoints: s.endpoints.into_values().collect(),
             routes: s.routes,
             asgs: s.netout,
+            server_tags: s.server_tags,
         }
     }
 }

@@ -15,8 +15,8 @@ use super::{Endpoint, Invalid, Policy, State};
 #[derive(Debug)]
 #[must_use]
 pub struct Undo {
-    added: Vec<Policy>,
-    removed: Vec<(Policy, u32)>,
+    pub(super) added: Vec<Policy>,
+    pub(super) removed: Vec<(Policy, u32)>,
     /// An endpoint address and what it held before.
     endpoint: Option<(IpAddr, Option<Endpoint>)>,
     /// A route hostname and the app it was mapped to before.
@@ -25,6 +25,13 @@ pub struct Undo {
     netout: Option<(String, Option<Vec<super::NetOutRule>>)>,
     /// Tags of the apps the change touched (it may take them away).
     tags: BTreeMap<String, u32>,
+    /// Apps the change gave another tag, with the tag they had.
+    pub(super) retagged: Vec<(String, u32)>,
+    /// The policy server's tags before a change from it (None: the
+    /// change did not touch them).
+    pub(super) server_tags: Option<BTreeMap<String, u32>>,
+    /// A change from the policy server changed its tags or `next_tag`.
+    pub(super) server_changed: bool,
     next_tag: u32,
     next_policy_id: u32,
 }
@@ -37,6 +44,8 @@ impl Undo {
             || self.endpoint.is_some()
             || self.route.is_some()
             || self.netout.is_some()
+            || !self.retagged.is_empty()
+            || self.server_changed
     }
 }
 
@@ -135,7 +144,7 @@ impl State {
     }
 
     /// An empty undo record holding the counters and the tags of `apps`.
-    fn undo_record<'a>(&self, apps: impl IntoIterator<Item = &'a str>) -> Undo {
+    pub(super) fn undo_record<'a>(&self, apps: impl IntoIterator<Item = &'a str>) -> Undo {
         Undo {
             added: Vec::new(),
             removed: Vec::new(),
@@ -146,6 +155,9 @@ impl State {
                 .into_iter()
                 .filter_map(|app| Some((app.to_owned(), *self.tags.get(app)?)))
                 .collect(),
+            retagged: Vec::new(),
+            server_tags: None,
+            server_changed: false,
             next_tag: self.next_tag,
             next_policy_id: self.next_policy_id,
         }
@@ -172,6 +184,14 @@ impl State {
             if self.refs.contains_key(&app) {
                 self.tags.entry(app).or_insert(tag);
             }
+        }
+        for (app, tag) in undo.retagged {
+            if self.refs.contains_key(&app) {
+                self.tags.insert(app, tag);
+            }
+        }
+        if let Some(before) = undo.server_tags {
+            self.server_tags = before;
         }
         if let Some((app, before)) = undo.netout {
             self.set_netout(&app, before);

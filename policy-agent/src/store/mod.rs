@@ -115,6 +115,9 @@ pub enum Change {
         app: String,
         rules: Option<Vec<crate::state::NetOutRule>>,
     },
+    /// The policies Cloud Foundry's policy server serves for this host's
+    /// apps changed (`[cf]`): policies and tags as it says.
+    PolicyServer(crate::state::ServerPolicies),
     /// The whole state, replacing what the agent holds: what a shared store
     /// hands an agent that fell behind its compacted log. Never journaled.
     Reset(Box<State>),
@@ -140,6 +143,7 @@ impl Change {
                 let _ = state.unmap_route(app, hostname);
             }
             Change::SetNetOut { app, rules } => state.set_netout(app, rules.clone()),
+            Change::PolicyServer(change) => state.follow_server(change),
             Change::Reset(new) => state.reset_to(new),
         }
     }

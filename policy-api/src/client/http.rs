@@ -105,21 +105,7 @@ pub(super) fn stream_lines(
 }
 
 fn parse_response(raw: &[u8]) -> Result<Response, ClientError> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| ClientError::Malformed("no end of headers".into()))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let mut body = raw[split + 4..].to_vec();
-    let status = head
-        .lines()
-        .next()
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| ClientError::Malformed(format!("bad status line in {head:?}")))?;
-    if head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked")) {
-        body = dechunk(&body)?;
-    }
+    let (status, body) = split_response(raw).map_err(ClientError::Malformed)?;
     let body = if body.is_empty() {
         Value::Null
     } else {
@@ -129,21 +115,41 @@ fn parse_response(raw: &[u8]) -> Result<Response, ClientError> {
     Ok(Response { status, body })
 }
 
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, ClientError> {
+/// A whole HTTP/1.1 response as read to the end of its connection: its
+/// status and its body (de-chunked). Any server's, not only the agent's
+/// (the agent reads Cloud Foundry's policy server with it).
+pub fn split_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| "no end of headers".to_owned())?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let mut body = raw[split + 4..].to_vec();
+    let status = head
+        .lines()
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
+    if head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked")) {
+        body = dechunk(&body)?;
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     loop {
-        let line_end = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| ClientError::Malformed("bad chunk".into()))?;
+        let line_end =
+            data.windows(2).position(|w| w == b"\r\n").ok_or_else(|| "bad chunk".to_owned())?;
         let size_text = String::from_utf8_lossy(&data[..line_end]);
         let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| ClientError::Malformed("bad chunk size".into()))?;
+            .map_err(|_| "bad chunk size".to_owned())?;
         data = &data[line_end + 2..];
         if size == 0 {
             return Ok(out);
         }
-        let chunk = data.get(..size).ok_or_else(|| ClientError::Malformed("short chunk".into()))?;
+        let chunk = data.get(..size).ok_or_else(|| "short chunk".to_owned())?;
         out.extend_from_slice(chunk);
         data = data.get(size + 2..).unwrap_or(&[]);
     }

@@ -3,7 +3,7 @@
 //! agent's Unix socket or — with the `tls` feature — over HTTPS to its TCP
 //! API (`listen`) with an API identity (`policy-agent api-identity`).
 
-mod http;
+pub mod http;
 #[cfg(feature = "tls")]
 pub mod https;
 

@@ -1,0 +1,17 @@
+//! Cloud Foundry's control plane as the agent's input (`[cf]`): the
+//! policy server's policies and tags, polled as vxlan-policy-agent polls
+//! them, put in force by the eBPF dataplane.
+//!
+//! - `config`: the `[cf]` section;
+//! - `client`: the policy server's internal API (mutual TLS);
+//! - `wire`: its answers, turned into policies and tags;
+//! - `follow`: the poll loop, its status, forced polls.
+
+pub mod client;
+pub mod config;
+pub mod follow;
+pub mod wire;
+
+pub use client::{PolicyServerClient, ServerError};
+pub use config::CfConfig;
+pub use follow::{FollowStatus, Follower, PollHandle, SharedStatus};
