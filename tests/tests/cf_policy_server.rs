@@ -2,9 +2,13 @@
 //! (`integration_tests::cf`): a policy written through the external API
 //! shows up on the internal mutual-TLS API the cells poll, with the
 //! policy server's tags, and goes when deleted; the internal API refuses
-//! clients without a certificate of its CA.
+//! clients without a certificate of its CA. Started in a test's network
+//! namespace, every process lives there, and `policy-server-internal`
+//! killed and started again serves what the database holds.
 
-use integration_tests::cf::PolicyServer;
+use std::{os::unix::fs::MetadataExt as _, time::Instant};
+
+use integration_tests::{cf::PolicyServer, netns::NetNs};
 
 fn last_updated(server: &PolicyServer) -> u64 {
     let value = server.internal_get("policies_last_updated");
@@ -56,4 +60,59 @@ fn policy_written_externally_is_served_internally() {
     assert_eq!(listed["total_policies"], 0, "{listed}");
     let after_delete = last_updated(&server);
     assert!(after_delete > after_add, "policies_last_updated did not grow on delete");
+}
+
+/// Every process of `server` is the program itself (nsenter exec'd it, so
+/// the PID we signal is the right one) and lives in `ns`.
+fn assert_all_in(server: &PolicyServer, ns: &NetNs) {
+    let netns = std::fs::metadata(ns.path()).expect("netns file").ino();
+    for (name, pid) in server.processes() {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap_or_else(|e| panic!("{name} (PID {pid}): {e}"));
+        // The kernel keeps 15 bytes of a command's name.
+        assert!(name.starts_with(comm.trim_end()), "PID {pid} is {comm:?}, not {name}");
+        let inode = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .unwrap_or_else(|e| panic!("{name}'s netns: {e}"))
+            .ino();
+        assert_eq!(inode, netns, "{name} (PID {pid}) is not in {}", ns.name());
+    }
+}
+
+#[test]
+fn policy_server_in_a_namespace() {
+    integration_tests::require_root();
+    let ns = NetNs::new(integration_tests::unique_name("cfps"));
+    let mut server = PolicyServer::start_in(&ns);
+    println!("policy server started in {} in {:.1?}", ns.name(), server.startup);
+    assert_all_in(&server, &ns);
+
+    let first = ("app-a", "app-b", "tcp", 8080, 8080);
+    server.add_policies(&[first]);
+    let listed = server.internal_get("policies?id=app-a");
+    assert_eq!(listed["total_policies"], 1, "{listed}");
+    assert!(is_tag(&listed["policies"][0]["source"]["tag"]), "{listed}");
+
+    let killed = Instant::now();
+    server.kill_internal();
+    let down = server.internal_get_as("policies?id=app-a", Some(server.client_identity()));
+    assert!(down.is_err(), "policy-server-internal killed, yet answered: {down:?}");
+    println!("killed: {}", down.unwrap_err());
+    // The external API writes on while the cells cannot poll.
+    let second = ("app-a", "app-c", "udp", 53, 53);
+    server.add_policies(&[second]);
+    server.start_internal();
+    println!("policy-server-internal killed and back in {:.1?}", killed.elapsed());
+    assert_all_in(&server, &ns);
+
+    let again = server.internal_get("policies?id=app-a");
+    assert_eq!(again["total_policies"], 2, "{again}");
+    let policies = again["policies"].as_array().expect("policies array");
+    // The tags live in the database: the restart keeps them.
+    assert!(policies.contains(&listed["policies"][0]), "{listed} lost in {again}");
+    assert!(
+        policies
+            .iter()
+            .any(|p| p["destination"]["id"] == "app-c" && p["destination"]["protocol"] == "udp"),
+        "the policy written while down is not served: {again}"
+    );
 }
