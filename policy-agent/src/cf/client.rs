@@ -163,7 +163,7 @@ impl PolicyServerClient {
             .and_then(|()| stream.flush())
             .and_then(|()| read_to_close(&mut stream, &mut raw));
         if let Err(e) = exchanged {
-            return Err(self.explain(e));
+            return Err(self.explain(why_closed(&mut stream).unwrap_or(e)));
         }
         let (status, body) = policy_api::client::http::split_response(&raw)
             .map_err(|cause| self.malformed(path, cause))?;
@@ -217,6 +217,21 @@ impl PolicyServerClient {
             other => ServerError::Tls { url, cause: other.clone() },
         }
     }
+}
+
+/// After a failed write or read: what the server said before it closed.
+/// In TLS 1.3 the client's handshake ends before the server has checked
+/// the client's certificate; a server refusing it sends an alert and
+/// closes, and the request being written meets a closed connection
+/// (EPIPE) while the alert waits to be read.
+fn why_closed(stream: &mut StreamOwned<ClientConnection, TcpStream>) -> Option<std::io::Error> {
+    let StreamOwned { conn, sock } = stream;
+    while conn.read_tls(sock).ok()? > 0 {
+        if let Err(e) = conn.process_new_packets() {
+            return Some(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+        }
+    }
+    None
 }
 
 /// Reads until the server closes; a close without TLS's close_notify

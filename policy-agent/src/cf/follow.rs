@@ -29,7 +29,7 @@ use super::{CfConfig, PolicyServerClient, ServerError};
 use crate::agent::{self, SharedAgent};
 
 /// The longest wait between two tries while the server fails.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// The file in the state directory that says when the set in force was
 /// fetched.
@@ -378,5 +378,6 @@ mod tests {
         assert_eq!(backoff(s, 1000), MAX_BACKOFF);
         // An interval above the ceiling is kept.
         assert_eq!(backoff(Duration::from_secs(60), 5), Duration::from_secs(60));
+        assert_eq!(backoff(s, 4), MAX_BACKOFF);
     }
 }
