@@ -146,12 +146,12 @@ impl PolicyServerClient {
         serde_json::from_slice(&body).map_err(|e| self.malformed(&path, e.to_string()))
     }
 
-    fn malformed(&self, path: &str, cause: String) -> ServerError {
+    pub(super) fn malformed(&self, path: &str, cause: String) -> ServerError {
         ServerError::Malformed { url: self.url.clone(), path: path.to_owned(), cause }
     }
 
     /// One GET on its own connection; the body of a 200.
-    fn get(&self, path: &str) -> Result<Vec<u8>, ServerError> {
+    pub(super) fn get(&self, path: &str) -> Result<Vec<u8>, ServerError> {
         let mut stream = self.connect()?;
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\n\r\n",
