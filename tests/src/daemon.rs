@@ -19,11 +19,18 @@ pub struct Daemon {
     pub config: PathBuf,
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
+    /// Arguments after `run --config FILE` (e.g. `--vxlan-policy-agent-config`).
+    pub run_args: Vec<std::ffi::OsString>,
 }
 
 impl Daemon {
     /// Starts a daemon in `ns` with extra TOML lines appended to its config.
     pub fn start(ns: &NetNs, extra_config: &str) -> Self {
+        Self::start_with(ns, extra_config, Vec::new())
+    }
+
+    /// [`Self::start`], with more arguments to `run`.
+    pub fn start_with(ns: &NetNs, extra_config: &str, run_args: Vec<std::ffi::OsString>) -> Self {
         let name = crate::unique_name("agent");
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).expect("daemon dir");
@@ -42,7 +49,8 @@ impl Daemon {
             ),
         )
         .expect("write config");
-        let mut daemon = Self { child: None, netns: ns.path(), dir, config, socket, pin_dir };
+        let mut daemon =
+            Self { child: None, netns: ns.path(), dir, config, socket, pin_dir, run_args };
         daemon.spawn();
         daemon
     }
@@ -61,6 +69,7 @@ impl Daemon {
             .arg(agent_bin())
             .args(["run", "--config"])
             .arg(&self.config)
+            .args(&self.run_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

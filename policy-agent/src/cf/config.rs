@@ -13,7 +13,11 @@
 //! cni_datastore_path = "/var/vcap/data/container-metadata/store.json"  # optional
 //! enable_asg_syncing = false
 //! asg_poll_interval = "5s"        # vxlan-policy-agent: 60 s
+//! force_policy_poll_cycle_listen = "127.0.0.1:8722"  # optional: vxlan-policy-agent's force endpoints
 //! ```
+//!
+//! `policy-agent run --vxlan-policy-agent-config FILE` takes the same from
+//! vxlan-policy-agent's own JSON config (see `vpa_config`).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -38,26 +42,31 @@ pub struct CfConfig {
     pub cni_datastore_path: Option<PathBuf>,
     pub enable_asg_syncing: bool,
     pub asg_poll_interval: Duration,
+    /// Where vxlan-policy-agent's force endpoints are served (plain HTTP,
+    /// as cni-wrapper-plugin calls them: `/force-policy-poll-cycle`, ...).
+    pub force_policy_poll_cycle_listen: Option<std::net::SocketAddr>,
 }
 
 /// The section as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Fields {
-    policy_server_url: String,
-    ca_cert_file: PathBuf,
-    client_cert_file: PathBuf,
-    client_key_file: PathBuf,
+pub(super) struct Fields {
+    pub(super) policy_server_url: String,
+    pub(super) ca_cert_file: PathBuf,
+    pub(super) client_cert_file: PathBuf,
+    pub(super) client_key_file: PathBuf,
     #[serde(default = "default_poll_interval", deserialize_with = "interval")]
-    poll_interval: Duration,
+    pub(super) poll_interval: Duration,
     #[serde(default = "default_client_timeout", deserialize_with = "interval")]
-    client_timeout: Duration,
+    pub(super) client_timeout: Duration,
     #[serde(default)]
-    cni_datastore_path: Option<PathBuf>,
+    pub(super) cni_datastore_path: Option<PathBuf>,
     #[serde(default)]
-    enable_asg_syncing: bool,
+    pub(super) enable_asg_syncing: bool,
     #[serde(default = "default_asg_poll_interval", deserialize_with = "interval")]
-    asg_poll_interval: Duration,
+    pub(super) asg_poll_interval: Duration,
+    #[serde(default)]
+    pub(super) force_policy_poll_cycle_listen: Option<std::net::SocketAddr>,
 }
 
 fn default_poll_interval() -> Duration {
@@ -77,8 +86,12 @@ fn interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     let d = humantime::parse_duration(&text)
         .map_err(|e| D::Error::custom(format!("{text:?} is not a duration like \"1s\": {e}")))?;
+    check_interval(d).map_err(|why| D::Error::custom(format!("{text:?} {why}")))
+}
+
+pub(super) fn check_interval(d: Duration) -> Result<Duration, &'static str> {
     if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
-        return Err(D::Error::custom(format!("{text:?} is not between 100ms and 1h")));
+        return Err("is not between 100ms and 1h");
     }
     Ok(d)
 }
@@ -87,6 +100,12 @@ impl TryFrom<Fields> for CfConfig {
     type Error = String;
 
     fn try_from(f: Fields) -> Result<Self, String> {
+        Self::checked(f)
+    }
+}
+
+impl CfConfig {
+    pub(super) fn checked(f: Fields) -> Result<Self, String> {
         check_url(&f.policy_server_url)?;
         for (key, path) in [
             ("ca_cert_file", &f.ca_cert_file),
@@ -118,6 +137,7 @@ impl TryFrom<Fields> for CfConfig {
             cni_datastore_path: f.cni_datastore_path,
             enable_asg_syncing: f.enable_asg_syncing,
             asg_poll_interval: f.asg_poll_interval,
+            force_policy_poll_cycle_listen: f.force_policy_poll_cycle_listen,
         })
     }
 }

@@ -150,6 +150,8 @@ pub struct Follower {
     fetched: Option<(i64, BTreeSet<String>)>,
     /// Poll durations into `policyServerPollTime`.
     poll_time: Option<prometheus_client::metrics::histogram::Histogram>,
+    /// The cell's containers from CF's metadata store (`cni_datastore_path`).
+    containers: Option<super::containers::StoreFollower>,
 }
 
 impl Follower {
@@ -181,6 +183,10 @@ impl Follower {
             set_file,
             fetched: None,
             poll_time: None,
+            containers: cf
+                .cni_datastore_path
+                .as_deref()
+                .map(|path| super::containers::StoreFollower::new(path, state_dir)),
         })
     }
 
@@ -264,12 +270,20 @@ impl Follower {
     }
 
     fn poll(&mut self, forced: bool) -> Result<(), CycleError> {
+        let mut spaces = BTreeSet::new();
+        if let Some(containers) = &mut self.containers {
+            containers.sync(&self.agent).map_err(CycleError::Store)?;
+            spaces = containers.spaces();
+        }
         // The ids vxlan-policy-agent sends: each local container's app and
         // space (the server matches both against policy ends).
-        let ids: BTreeSet<String> = {
+        let mut ids: BTreeSet<String> = {
             let agent = agent::lock(&self.agent);
             agent.state().local_endpoints().map(|e| e.app.clone()).collect()
         };
+        if !ids.is_empty() {
+            ids.extend(spaces);
+        }
         if ids.is_empty() {
             // Nothing here to police: no request, no policy in force.
             self.apply(0, &ids, super::wire::ServerSet::default(), Instant::now())?;
@@ -346,6 +360,8 @@ enum CycleError {
     Server(#[from] ServerError),
     #[error("the policies from the policy server could not be put in force: {0}")]
     Apply(crate::agent::AgentError),
+    #[error("container metadata store: {0}")]
+    Store(String),
 }
 
 impl CycleError {
@@ -353,6 +369,7 @@ impl CycleError {
         match self {
             CycleError::Server(e) => e.kind(),
             CycleError::Apply(_) => "apply",
+            CycleError::Store(_) => "metadata_store",
         }
     }
 }

@@ -5,11 +5,16 @@
 //! - `config`: the `[cf]` section;
 //! - `client`: the policy server's internal API (mutual TLS);
 //! - `wire`: its answers, turned into policies and tags;
-//! - `follow`: the poll loop, its status, forced polls.
+//! - `follow`: the poll loop, its status, forced polls;
+//! - `store`, `containers`: the cell's containers from CF's container
+//!   metadata store, registered as endpoints.
 
 pub mod client;
 pub mod config;
+pub mod containers;
 pub mod follow;
+pub mod store;
+pub mod vpa_config;
 pub mod wire;
 
 pub use client::{PolicyServerClient, ServerError};

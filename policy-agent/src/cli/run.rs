@@ -11,6 +11,11 @@ pub struct RunArgs {
     /// TOML configuration; without it, built-in defaults.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// vxlan-policy-agent's own JSON config (as its BOSH job renders it):
+    /// Cloud Foundry's policy server, certificates, poll intervals and
+    /// container metadata store from it, in place of a `[cf]` section.
+    #[arg(long, value_name = "FILE")]
+    vxlan_policy_agent_config: Option<PathBuf>,
 }
 
 pub(super) fn load_config(path: Option<&PathBuf>) -> Result<Config> {
@@ -22,8 +27,30 @@ pub(super) fn load_config(path: Option<&PathBuf>) -> Result<Config> {
 
 impl RunArgs {
     pub fn run(self) -> Result<()> {
-        let config = load_config(self.config.as_ref())?;
+        let mut config = load_config(self.config.as_ref())?;
+        let mut ignored = Vec::new();
+        if let Some(path) = &self.vxlan_policy_agent_config {
+            if config.cf.is_some() {
+                anyhow::bail!(
+                    "--vxlan-policy-agent-config {} and a [cf] section both say where policies come from: give one",
+                    path.display()
+                );
+            }
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let (cf, rest) = policy_agent::cf::vpa_config::from_vxlan_policy_agent(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("invalid vxlan-policy-agent config {}", path.display()))?;
+            config.cf = Some(cf);
+            ignored = rest;
+        }
         super::init_logging(&config.log_level);
+        if !ignored.is_empty() {
+            tracing::warn!(
+                keys = ignored.join(", "),
+                "vxlan-policy-agent config keys that do not apply to this agent (iptables, logging and metrics settings of vxlan-policy-agent): not used"
+            );
+        }
         crate::daemon::run(config)
     }
 }

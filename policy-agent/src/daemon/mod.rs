@@ -3,6 +3,7 @@
 //! the TLS listeners, serve the API, DNS and metrics until SIGTERM/SIGINT.
 //! Enforcement stays in place when the daemon stops (pinned maps and links).
 
+mod force;
 mod serve;
 
 use std::{

@@ -19,7 +19,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-type Servers = JoinSet<std::io::Result<()>>;
+pub(super) type Servers = JoinSet<std::io::Result<()>>;
 
 pub async fn serve(
     config: Config,
@@ -29,6 +29,7 @@ pub async fn serve(
     pki: Option<super::Pki>,
 ) -> Result<()> {
     let stop = stop_tx.subscribe();
+    let policy_server = api.policy_server.clone();
     if let Some(tls) = api.tls.clone() {
         let (agent, starting) = (api.agent.clone(), tls.clone());
         // Listeners for the endpoints already registered.
@@ -56,6 +57,9 @@ pub async fn serve(
     serve_dns(&config, &api, &stop, &mut servers)?;
     serve_api(&config, api, pki, &stop, &mut servers).await?;
     serve_metrics(&config, metrics, &stop, &mut servers).await?;
+    if let (Some(cf), Some(server)) = (&config.cf, policy_server) {
+        super::force::serve(&config, cf, server, &stop, &mut servers).await?;
+    }
     info!(socket = %config.socket.display(), "policy-agent ready");
     shutdown_signal().await;
     info!("shutting down; enforcement stays in place");
