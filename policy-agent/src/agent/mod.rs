@@ -486,6 +486,8 @@ impl<K: Kernel> Agent<K> {
 }
 
 #[cfg(test)]
+mod policy_server_tests;
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::{reconcile::fake::FakeKernel, store::Journal};
