@@ -264,7 +264,7 @@ fn file_error(key: &'static str, path: &Path, cause: impl std::fmt::Display) -> 
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.
-fn query_escape(text: &str) -> String {
+pub(super) fn query_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for b in text.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {

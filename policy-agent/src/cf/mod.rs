@@ -8,7 +8,10 @@
 //! - `follow`: the poll loop, its status, forced polls;
 //! - `store`, `containers`: the cell's containers from CF's container
 //!   metadata store, registered as endpoints.
+//! - `asgs`: dynamic security groups: the fetch, and which rules hold for
+//!   a container.
 
+pub mod asgs;
 pub mod client;
 pub mod config;
 pub mod containers;

@@ -196,6 +196,18 @@ impl NetOutProtocol {
             NetOutProtocol::Icmp => 1,
         }
     }
+
+    /// A protocol by its name in a security group rule: exactly `all`,
+    /// `tcp`, `udp` or `icmp` (Cloud Foundry matches them so).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "all" => Some(NetOutProtocol::All),
+            "tcp" => Some(NetOutProtocol::Tcp),
+            "udp" => Some(NetOutProtocol::Udp),
+            "icmp" => Some(NetOutProtocol::Icmp),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

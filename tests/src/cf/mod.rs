@@ -6,10 +6,13 @@
 //! the test process's own network namespace or of one a test made (where
 //! a policy agent under test can reach them). Everything started here is
 //! stopped by its PID and removed on drop, also when a test panics.
+//! Security groups, which the server learns only from Cloud Controller,
+//! are written into its database (`security_groups`).
 
 mod fixture;
 mod network;
 mod postgres;
+mod security_groups;
 mod uaa;
 
 use std::{

@@ -4,6 +4,7 @@
 
 use std::{
     fs,
+    io::Write as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -18,6 +19,10 @@ pub(super) struct Postgres {
     /// The data directory (the `postgres` user's).
     data: PathBuf,
     child: Option<Child>,
+    /// Where it listens on its network's loopback.
+    port: u16,
+    /// The database made at start.
+    database: String,
 }
 
 impl Postgres {
@@ -34,7 +39,7 @@ impl Postgres {
     ) -> Self {
         let user = postgres_user();
         fs::create_dir(&data).expect("postgres data dir");
-        let mut postgres = Self { data, child: None };
+        let mut postgres = Self { data, child: None, port, database: database.to_owned() };
         std::os::unix::fs::chown(&postgres.data, Some(user.0), Some(user.1))
             .expect("chown data dir");
         let data = postgres.data.display().to_string();
@@ -78,6 +83,44 @@ impl Postgres {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Runs `sql` in the database as `psql` does (in `network`, as the
+    /// `postgres` user), stopping at the first error; `vars` are psql
+    /// variables, which the SQL names `:'NAME'` to have them quoted as
+    /// literals. Psql's output, or its error.
+    pub(super) fn psql(
+        &self,
+        network: &Network,
+        sql: &str,
+        vars: &[(&str, &str)],
+    ) -> Result<String, String> {
+        let user = postgres_user();
+        let mut cmd = as_postgres(network.command_as(format!("{POSTGRES_BIN}/psql"), user));
+        let port = self.port.to_string();
+        cmd.args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", &self.database]);
+        // No psqlrc, quiet, bare rows; an error ends the script.
+        cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"]);
+        for (name, value) in vars {
+            cmd.arg("-v").arg(format!("{name}={value}"));
+        }
+        // From stdin: psql interpolates variables in a script, not in -c.
+        let mut child = cmd
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("run psql: {e}"))?;
+        let written = child.stdin.take().map(|mut stdin| stdin.write_all(sql.as_bytes()));
+        let out = child.wait_with_output().map_err(|e| format!("wait for psql: {e}"))?;
+        if let Some(Err(e)) = written {
+            return Err(format!("write to psql: {e}"));
+        }
+        if !out.status.success() {
+            return Err(format!("psql {}: {}", out.status, String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The server's PID (the `postgres` program's own, not a wrapper's).
