@@ -179,3 +179,111 @@ fn containers_from_the_metadata_store_with_vxlan_policy_agents_config() {
     assert!(!endpoints.to_string().contains("app-a"), "{endpoints}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn security_groups_from_the_policy_server_follow_running_containers() {
+    require_root();
+    let host = Host::new(2);
+    // An "external" network behind the host, outside the overlay.
+    let ext = integration_tests::topology::outside(
+        &host.ns,
+        "extlink",
+        "192.0.2.1/24",
+        &["192.0.2.10/24"],
+    );
+    ext.ip(&["route", "add", "default", "via", "192.0.2.1"]);
+    let dest = std::net::Ipv4Addr::new(192, 0, 2, 10);
+    for port in [443, 444, 445] {
+        tcp_echo_server(&ext, dest, port);
+    }
+    let server = PolicyServer::start_in(&host.ns);
+    // The running default: TCP 443; space-1's group: TCP 444.
+    server.put_security_group(
+        "default-1",
+        "public",
+        r#"[{"protocol":"tcp","destination":"192.0.2.0/24","ports":"443"}]"#,
+        true,
+        false,
+        &[],
+        &[],
+    );
+    server.put_security_group(
+        "space-1-group",
+        "s1",
+        r#"[{"protocol":"tcp","destination":"192.0.2.10","ports":"444"}]"#,
+        false,
+        false,
+        &["space-1"],
+        &[],
+    );
+    let dir = std::env::temp_dir().join(integration_tests::unique_name("cf-asgs"));
+    std::fs::create_dir_all(dir.join("container-metadata")).expect("store dir");
+    let store = MetadataStore { path: dir.join("container-metadata/store.json") };
+    let port = free_port_in(&host.ns);
+    let mut config = vpa_config(&server, &store.path, port);
+    config["enable_asg_syncing"] = json!(true);
+    config["asg_poll_interval"] = json!(1);
+    let config_file = dir.join("vxlan-policy-agent.json");
+    std::fs::write(&config_file, config.to_string()).expect("config");
+    let daemon = Daemon::start_with(
+        &host.ns,
+        "",
+        vec!["--vxlan-policy-agent-config".into(), config_file.into()],
+    );
+    let (a, b) = (host.container(0), host.container(1));
+    store.write(&[("handle-a", a, "app-a", "space-1"), ("handle-b", b, "app-b", "space-2")]);
+    // cni-wrapper-plugin's ADD: the forced poll, then the container's groups.
+    assert_eq!(force(&host.ns, port, "/force-policy-poll-cycle").0, 200);
+    assert_eq!(
+        force(&host.ns, port, "/force-asgs-for-container?container=handle-a"),
+        (200, "updated container handle-a".to_owned())
+    );
+    assert_eq!(force(&host.ns, port, "/force-asgs-for-container").0, 400);
+    let egress = |c: &Container| {
+        [443, 444, 445].map(|p| tcp_echo_works(&c.ns, dest, p, if p == 443 { LONG } else { SHORT }))
+    };
+    assert_eq!(
+        egress(a),
+        [true, true, false],
+        "space-1: the default and its group:\n{}",
+        daemon.log()
+    );
+    assert_eq!(egress(b), [true, false, false], "space-2: the default only");
+    let status = daemon.get("/v1/status");
+    let asgs = &status["policy_server"]["security_groups"];
+    assert_eq!(
+        (asgs["state"].as_str(), asgs["security_groups"].as_u64()),
+        (Some("following"), Some(2)),
+        "{status}"
+    );
+
+    // Changed at the server while the containers run: followed within
+    // the poll interval (1 s), no restart.
+    server.put_security_group(
+        "space-1-group",
+        "s1",
+        r#"[{"protocol":"tcp","destination":"192.0.2.10","ports":"445"}]"#,
+        false,
+        false,
+        &["space-1", "space-2"],
+        &[],
+    );
+    assert!(
+        eventually(Duration::from_secs(6), || egress(a) == [true, false, true]
+            && egress(b) == [true, false, true]),
+        "the changed group in force:\n{}",
+        daemon.log()
+    );
+    server.delete_security_group("default-1");
+    assert!(
+        eventually(Duration::from_secs(6), || egress(b) == [false, false, true]),
+        "the deleted default out of force:\n{}",
+        daemon.log()
+    );
+    // The server down: the rules stay.
+    let mut server = server;
+    server.kill_internal();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(egress(b), [false, false, true], "unchanged while the server is down");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -86,6 +86,8 @@ pub struct PolicyServer {
     pub poll: crate::cf::PollHandle,
     /// How long a registration waits for its forced poll.
     pub timeout: std::time::Duration,
+    /// Dynamic security groups (`enable_asg_syncing`): their poller.
+    pub asgs: Option<(crate::cf::SharedStatus, crate::cf::PollHandle)>,
 }
 
 /// Where this host's containers get addresses: what a CNI plugin asks for.

@@ -13,23 +13,25 @@
 //! restarted while the server is down enforces it at once; `status`
 //! says how old it is and why (`policy-server.json` in the state
 //! directory keeps when it was fetched). Failures back off from the
-//! poll interval to [`MAX_BACKOFF`]; a forced poll does not wait.
+//! poll interval to [`super::poller::MAX_BACKOFF`]; a forced poll does not
+//! wait.
 
 use std::{
     collections::BTreeSet,
     path::PathBuf,
-    sync::{Arc, Condvar, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use super::{CfConfig, PolicyServerClient, ServerError};
+use super::{
+    CfConfig, PolicyServerClient, ServerError,
+    poller::{self, CycleError, FollowStatus, Poll, PollHandle, SharedStatus, lock, now},
+    store::Container,
+};
 use crate::agent::{self, SharedAgent};
-
-/// The longest wait between two tries while the server fails.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// The file in the state directory that says when the set in force was
 /// fetched.
@@ -49,95 +51,6 @@ pub struct FetchedSet {
     pub skipped: Vec<String>,
 }
 
-/// The follower as `status` and `/metrics` show it.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct FollowStatus {
-    pub url: String,
-    /// `following`: the last try succeeded; `failing`: it failed and
-    /// enforcement is as it was; `starting`: nothing tried yet.
-    pub state: &'static str,
-    pub poll_interval_seconds: f64,
-    /// Seconds since the epoch of the last successful poll.
-    pub last_success: Option<f64>,
-    pub consecutive_failures: u64,
-    pub last_error: Option<FollowError>,
-    /// The set in force (also after a restart, from `policy-server.json`).
-    pub set: Option<FetchedSet>,
-    /// Failures by kind since the start.
-    #[serde(skip)]
-    pub failures: std::collections::BTreeMap<&'static str, u64>,
-    /// Seconds the last full poll (fetch and apply) took.
-    #[serde(skip)]
-    pub last_poll_seconds: Option<f64>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct FollowError {
-    pub at: f64,
-    pub kind: &'static str,
-    pub message: String,
-}
-
-impl FollowStatus {
-    /// Seconds since the set in force was fetched.
-    pub fn set_age(&self) -> Option<f64> {
-        self.set.as_ref().map(|s| (now() - s.fetched_at).max(0.0))
-    }
-}
-
-pub type SharedStatus = Arc<Mutex<FollowStatus>>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
-/// Forced polls: asked (a count) and done (the count a finished cycle
-/// started with).
-#[derive(Default)]
-struct Requests {
-    asked: u64,
-    done: u64,
-    stop: bool,
-}
-
-/// What the rest of the agent holds of the follower: a way to force a
-/// poll and wait for it, and to stop it.
-#[derive(Clone, Default)]
-pub struct PollHandle {
-    requests: Arc<(Mutex<Requests>, Condvar)>,
-}
-
-impl PollHandle {
-    /// Runs a poll now (bypassing `policies_last_updated`) and waits for
-    /// it to finish, at most `timeout`. Returns whether it finished.
-    pub fn force(&self, timeout: Duration) -> bool {
-        let (lock_, wake) = &*self.requests;
-        let mut r = lock(lock_);
-        r.asked += 1;
-        let wanted = r.asked;
-        wake.notify_all();
-        let deadline = Instant::now() + timeout;
-        while r.done < wanted && !r.stop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            r = wake.wait_timeout(r, left).unwrap_or_else(|p| p.into_inner()).0;
-        }
-        r.done >= wanted
-    }
-
-    pub fn stop(&self) {
-        let (lock_, wake) = &*self.requests;
-        lock(lock_).stop = true;
-        wake.notify_all();
-    }
-}
-
 pub struct Follower {
     client: PolicyServerClient,
     agent: SharedAgent,
@@ -152,6 +65,9 @@ pub struct Follower {
     poll_time: Option<prometheus_client::metrics::histogram::Histogram>,
     /// The cell's containers from CF's metadata store (`cni_datastore_path`).
     containers: Option<super::containers::StoreFollower>,
+    /// The store's containers as last read, for the security groups'
+    /// poller.
+    store_snapshot: Arc<Mutex<Vec<Container>>>,
 }
 
 impl Follower {
@@ -169,6 +85,7 @@ impl Follower {
             .and_then(|bytes| serde_json::from_slice::<FetchedSet>(&bytes).ok());
         let status = FollowStatus {
             url: client.url().to_owned(),
+            what: "policies",
             state: "starting",
             poll_interval_seconds: cf.poll_interval.as_secs_f64(),
             set,
@@ -187,7 +104,20 @@ impl Follower {
                 .cni_datastore_path
                 .as_deref()
                 .map(|path| super::containers::StoreFollower::new(path, state_dir)),
+            store_snapshot: Arc::default(),
         })
+    }
+
+    /// The metadata store's containers as the policy poller last read them.
+    pub fn store_snapshot(&self) -> Arc<Mutex<Vec<Container>>> {
+        self.store_snapshot.clone()
+    }
+
+    /// Polls until stopped: at once, then every interval, and whenever
+    /// forced (see `poller`).
+    pub fn run(mut self) {
+        let (handle, status, interval) = (self.handle.clone(), self.status.clone(), self.interval);
+        poller::run(&mut self, &handle, &status, interval);
     }
 
     pub fn status(&self) -> SharedStatus {
@@ -202,78 +132,15 @@ impl Follower {
     pub fn time_polls(&mut self, histogram: prometheus_client::metrics::histogram::Histogram) {
         self.poll_time = Some(histogram);
     }
+}
 
-    /// Polls until stopped: at once, then every interval (backing off
-    /// while the server fails), and whenever forced.
-    pub fn run(mut self) {
-        let mut next = Instant::now();
-        loop {
-            let forced_upto = {
-                let (lock_, wake) = &*self.handle.requests;
-                let mut r = lock(lock_);
-                while !r.stop && r.asked == r.done && Instant::now() < next {
-                    let left = next.saturating_duration_since(Instant::now());
-                    r = wake.wait_timeout(r, left).unwrap_or_else(|p| p.into_inner()).0;
-                }
-                if r.stop {
-                    return;
-                }
-                (r.asked > r.done).then_some(r.asked)
-            };
-            let failures = match self.cycle(forced_upto.is_some()) {
-                Ok(()) => 0,
-                Err(()) => lock(&self.status).consecutive_failures,
-            };
-            if let Some(asked) = forced_upto {
-                let (lock_, wake) = &*self.handle.requests;
-                lock(lock_).done = asked;
-                wake.notify_all();
-            }
-            next = Instant::now() + backoff(self.interval, failures);
-        }
-    }
-
-    /// One cycle; failures are recorded in the status and logged.
-    fn cycle(&mut self, forced: bool) -> Result<(), ()> {
-        match self.poll(forced) {
-            Ok(()) => {
-                let mut s = lock(&self.status);
-                if s.state == "failing" {
-                    info!(url = s.url, "the policy server answers again");
-                }
-                s.state = "following";
-                s.last_success = Some(now());
-                s.consecutive_failures = 0;
-                Ok(())
-            }
-            Err(e) => {
-                let kind = e.kind();
-                let message = e.to_string();
-                let mut s = lock(&self.status);
-                s.state = "failing";
-                s.consecutive_failures += 1;
-                *s.failures.entry(kind).or_default() += 1;
-                // Every failure at first, then one in ten: a long outage
-                // does not flood the log.
-                if s.consecutive_failures <= 3 || s.consecutive_failures.is_multiple_of(10) {
-                    warn!(
-                        kind,
-                        failures = s.consecutive_failures,
-                        set_age_seconds = s.set_age().map(|a| a.round()),
-                        "{message}; enforcement is left as it is"
-                    );
-                }
-                s.last_error = Some(FollowError { at: now(), kind, message });
-                Err(())
-            }
-        }
-    }
-
+impl Poll for Follower {
     fn poll(&mut self, forced: bool) -> Result<(), CycleError> {
         let mut spaces = BTreeSet::new();
         if let Some(containers) = &mut self.containers {
             containers.sync(&self.agent).map_err(CycleError::Store)?;
             spaces = containers.spaces();
+            *lock(&self.store_snapshot) = containers.containers().to_vec();
         }
         // The ids vxlan-policy-agent sends: each local container's app and
         // space (the server matches both against policy ends).
@@ -301,7 +168,9 @@ impl Follower {
         let set = self.client.policies(&listed)?.into_set();
         self.apply(last_updated, &ids, set, started)
     }
+}
 
+impl Follower {
     fn apply(
         &mut self,
         last_updated: i64,
@@ -350,51 +219,5 @@ impl Follower {
         s.last_poll_seconds = Some(took.as_secs_f64());
         s.set = Some(fetched);
         Ok(())
-    }
-}
-
-/// Why a cycle failed: the server, or the agent's write of its answer.
-#[derive(Debug, thiserror::Error)]
-enum CycleError {
-    #[error(transparent)]
-    Server(#[from] ServerError),
-    #[error("the policies from the policy server could not be put in force: {0}")]
-    Apply(crate::agent::AgentError),
-    #[error("container metadata store: {0}")]
-    Store(String),
-}
-
-impl CycleError {
-    fn kind(&self) -> &'static str {
-        match self {
-            CycleError::Server(e) => e.kind(),
-            CycleError::Apply(_) => "apply",
-            CycleError::Store(_) => "metadata_store",
-        }
-    }
-}
-
-/// The wait before the next try: the interval, doubled for each failure
-/// in a row, at most [`MAX_BACKOFF`] (never below the interval).
-pub fn backoff(interval: Duration, failures: u64) -> Duration {
-    let doubled = interval.saturating_mul(1 << failures.min(16) as u32);
-    doubled.min(MAX_BACKOFF.max(interval))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failures_back_off_to_a_ceiling() {
-        let s = Duration::from_secs(1);
-        assert_eq!(backoff(s, 0), s);
-        assert_eq!(backoff(s, 1), Duration::from_secs(2));
-        assert_eq!(backoff(s, 3), Duration::from_secs(8));
-        assert_eq!(backoff(s, 10), MAX_BACKOFF);
-        assert_eq!(backoff(s, 1000), MAX_BACKOFF);
-        // An interval above the ceiling is kept.
-        assert_eq!(backoff(Duration::from_secs(60), 5), Duration::from_secs(60));
-        assert_eq!(backoff(s, 4), MAX_BACKOFF);
     }
 }

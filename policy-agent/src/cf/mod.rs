@@ -5,21 +5,25 @@
 //! - `config`: the `[cf]` section;
 //! - `client`: the policy server's internal API (mutual TLS);
 //! - `wire`: its answers, turned into policies and tags;
-//! - `follow`: the poll loop, its status, forced polls;
+//! - `poller`: the poll loop both pollers run, its status, forced polls;
+//! - `follow`: the policies' poller;
 //! - `store`, `containers`: the cell's containers from CF's container
 //!   metadata store, registered as endpoints.
 //! - `asgs`: dynamic security groups: the fetch, and which rules hold for
 //!   a container.
 
+pub mod asg_follow;
 pub mod asgs;
 pub mod client;
 pub mod config;
 pub mod containers;
 pub mod follow;
+pub mod poller;
 pub mod store;
 pub mod vpa_config;
 pub mod wire;
 
 pub use client::{PolicyServerClient, ServerError};
 pub use config::CfConfig;
-pub use follow::{FollowStatus, Follower, PollHandle, SharedStatus};
+pub use follow::Follower;
+pub use poller::{FollowStatus, PollHandle, SharedStatus};

@@ -10,7 +10,9 @@
 //!   `/force-orphaned-asgs-cleanup?container=HANDLE`: 405 `ASG syncing has
 //!   been disabled administratively` when it is off (cni-wrapper-plugin
 //!   then applies the container's static rules itself), 400 `no container
-//!   specified`; else a poll now, 200.
+//!   specified`; else a policy poll (the store read) and a security
+//!   groups poll now, 200 `updated container H` / `cleaned up ASGs for
+//!   container H`, or 500 naming the failure.
 
 use std::collections::HashMap;
 
@@ -41,18 +43,17 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot serve the force endpoints on {addr} - is vxlan-policy-agent still running there?"))?;
     info!(%addr, "vxlan-policy-agent's force endpoints (force-policy-poll-cycle, force-asgs-for-container)");
-    let asgs = cf.enable_asg_syncing;
     let (poll, for_asgs, for_cleanup) = (server.clone(), server.clone(), server);
     let app = axum::Router::new()
         .route("/force-policy-poll-cycle", any(move || force_cycle(poll.clone())))
         .route(
             "/force-asgs-for-container",
-            any(move |query| for_container(for_asgs.clone(), asgs, query, "updated container")),
+            any(move |query| for_container(for_asgs.clone(), query, "updated container")),
         )
         .route(
             "/force-orphaned-asgs-cleanup",
             any(move |query| {
-                for_container(for_cleanup.clone(), asgs, query, "cleaned up ASGs for container")
+                for_container(for_cleanup.clone(), query, "cleaned up ASGs for container")
             }),
         );
     let limits = &config.limits;
@@ -65,11 +66,21 @@ pub async fn serve(
     Ok(())
 }
 
-/// A poll now, waited for; the error of the last try if it failed.
+/// A policy poll now, waited for; the error of the last try if it failed.
 async fn poll_now(server: &PolicyServer) -> Result<(), String> {
-    let (poll, timeout) = (server.poll.clone(), server.timeout);
+    forced(&server.poll, &server.status, server.timeout).await
+}
+
+/// A poll of `poll` now, waited for; the error of the last try (in
+/// `status`) if it failed.
+async fn forced(
+    poll: &policy_agent::cf::PollHandle,
+    status: &policy_agent::cf::SharedStatus,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    let poll = poll.clone();
     let finished = tokio::task::spawn_blocking(move || poll.force(timeout)).await.unwrap_or(false);
-    let status = server.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let status = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
     match (finished, status.consecutive_failures, status.last_error) {
         (true, 0, _) => Ok(()),
         (false, _, _) => Err(format!("no answer within {} s", timeout.as_secs())),
@@ -89,20 +100,24 @@ async fn force_cycle(server: PolicyServer) -> Answer {
 
 async fn for_container(
     server: PolicyServer,
-    asgs: bool,
     Query(query): Query<HashMap<String, String>>,
     done: &'static str,
 ) -> Answer {
-    if !asgs {
+    let Some((asg_status, asg_poll)) = server.asgs.clone() else {
         return (
             StatusCode::METHOD_NOT_ALLOWED,
             "ASG syncing has been disabled administratively".into(),
         );
-    }
+    };
     let Some(handle) = query.get("container").filter(|h| !h.is_empty()) else {
         return (StatusCode::BAD_REQUEST, "no container specified".into());
     };
-    match poll_now(&server).await {
+    // The store first (the container's space), then its groups.
+    let synced = match poll_now(&server).await {
+        Ok(()) => forced(&asg_poll, &asg_status, server.timeout).await,
+        Err(e) => Err(e),
+    };
+    match synced {
         Ok(()) => (StatusCode::OK, format!("{done} {handle}")),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,

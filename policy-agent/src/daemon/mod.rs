@@ -19,7 +19,7 @@ use policy_agent::{
     Dataplane, DataplaneConfig,
     agent::{self, Agent, SharedAgent},
     api::{Api, Ipam, PolicyServer},
-    cf::{CfConfig, Follower},
+    cf::{CfConfig, Follower, asg_follow::AsgFollower},
     cluster::{
         ClusterConfig,
         cas::HostCas,
@@ -84,7 +84,7 @@ pub fn run(config: Config) -> Result<()> {
     };
     let metrics = Arc::new(Metrics::new(agent.clone(), follower.as_ref().map(Follower::status)));
     let policy_server = match (follower, &config.cf) {
-        (Some(follower), Some(cf)) => Some(start_following(follower, cf, &metrics)?),
+        (Some(follower), Some(cf)) => Some(start_following(follower, cf, &agent, &metrics)?),
         _ => None,
     };
     metrics.reconcile_duration.observe(reconcile_time.as_secs_f64());
@@ -134,6 +134,9 @@ pub fn run(config: Config) -> Result<()> {
     let result = runtime.block_on(serve::serve(config, api, metrics, stop_tx, pki));
     if let Some(server) = policy_server {
         server.poll.stop();
+        if let Some((_, asgs)) = server.asgs {
+            asgs.stop();
+        }
     }
     reader_stop.store(true, Ordering::Relaxed);
     let _ = reader.join();
@@ -144,13 +147,29 @@ pub fn run(config: Config) -> Result<()> {
 fn start_following(
     mut follower: Follower,
     cf: &CfConfig,
+    agent: &SharedAgent,
     metrics: &Metrics,
 ) -> Result<PolicyServer> {
     follower.time_polls(metrics.policy_server_poll_time.clone());
+    let asgs = match cf.enable_asg_syncing {
+        true => {
+            let asgs = AsgFollower::new(cf, agent.clone(), follower.store_snapshot())
+                .context("cannot follow the policy server's security groups")?;
+            let shared = (asgs.status(), asgs.handle());
+            info!(asg_poll_interval = ?cf.asg_poll_interval, "security groups come from the policy server");
+            std::thread::Builder::new()
+                .name("cf-security-groups".into())
+                .spawn(move || asgs.run())
+                .context("cannot start the security groups follower")?;
+            Some(shared)
+        }
+        false => None,
+    };
     let server = PolicyServer {
         status: follower.status(),
         poll: follower.handle(),
         timeout: cf.client_timeout.saturating_mul(2),
+        asgs,
     };
     info!(
         url = cf.policy_server_url,
