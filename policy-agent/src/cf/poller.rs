@@ -44,8 +44,8 @@ pub struct FollowStatus {
     /// Failures by kind since the start.
     #[serde(skip)]
     pub failures: std::collections::BTreeMap<&'static str, u64>,
-    /// Seconds the last full poll (fetch and apply) took.
-    #[serde(skip)]
+    /// Seconds the last poll that fetched policies took (fetch and apply).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_poll_seconds: Option<f64>,
 }
 

@@ -9,6 +9,7 @@
 //! Security groups, which the server learns only from Cloud Controller,
 //! are written into its database (`security_groups`).
 
+mod bulk;
 mod fixture;
 mod network;
 mod postgres;

@@ -57,7 +57,7 @@ impl PolicyServer {
         self.sql("DELETE FROM security_groups WHERE guid = :'guid';", &[("guid", guid)]);
     }
 
-    fn sql(&self, sql: &str, vars: &[(&str, &str)]) {
+    pub(super) fn sql(&self, sql: &str, vars: &[(&str, &str)]) {
         let postgres = self.postgres.as_ref().expect("postgres runs while the server does");
         if let Err(e) = postgres.psql(&self.network, sql, vars) {
             panic!("{sql}\nwith {vars:?}: {e}\n{}", self.logs());
