@@ -262,10 +262,11 @@ pub struct NetOutPorts {
     pub end: Option<i64>,
 }
 
-/// A NetOut rule's ICMP match (code absent: any code).
+/// A NetOut rule's ICMP match (code absent: any code). garden serializes
+/// it with `omitempty`: a type of 0 (echo reply) is left out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Icmps {
-    #[serde(rename = "type")]
+    #[serde(rename = "type", default)]
     pub icmp_type: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<i64>,

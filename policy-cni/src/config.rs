@@ -51,6 +51,11 @@ pub struct NetConf {
     /// The app of containers that name none (default `unassigned`).
     #[serde(default)]
     pub default_app: Option<String>,
+    /// garden-external-networker's container metadata, at the top level
+    /// of each plugin's config (its `cni_controller.go`):
+    /// `policy_group_id` is the app id policies name.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, Value>,
     #[serde(default, rename = "runtimeConfig")]
     pub runtime_config: RuntimeConfig,
     /// CNI 1.1 GC: the attachments that are still valid.
@@ -69,7 +74,8 @@ pub struct RuntimeConfig {
     /// present, even empty: only what the rules allow).
     #[serde(default, rename = "netOutRules")]
     pub net_out_rules: Option<Vec<wire::NetOutRule>>,
-    /// garden's: `policy_group_id` is the app id policies name.
+    /// Where this plugin read garden's metadata before it knew garden puts
+    /// it at the top level: still taken, after the top level.
     #[serde(default)]
     pub metadata: BTreeMap<String, Value>,
     /// podman's network aliases, per network name.
@@ -123,14 +129,20 @@ impl NetConf {
     }
 
     /// The app the container belongs to, and where that came from, in
-    /// order: garden's `runtimeConfig.metadata.policy_group_id`; the
+    /// order: garden's `metadata.policy_group_id` (top level; also taken
+    /// from `runtimeConfig.metadata`); the
     /// `POLICY_APP_ID` key of `CNI_ARGS`; a podman network alias
     /// `app.ID`; else `default_app` (`unassigned`).
     pub fn app(&self, cni_args: &str) -> (String, &'static str) {
-        if let Some(Value::String(id)) = self.runtime_config.metadata.get("policy_group_id")
-            && !id.is_empty()
-        {
-            return (id.clone(), "runtimeConfig.metadata.policy_group_id");
+        for (metadata, place) in [
+            (&self.metadata, "metadata.policy_group_id"),
+            (&self.runtime_config.metadata, "runtimeConfig.metadata.policy_group_id"),
+        ] {
+            if let Some(Value::String(id)) = metadata.get("policy_group_id")
+                && !id.is_empty()
+            {
+                return (id.clone(), place);
+            }
         }
         if let Some(id) = cni_args
             .split(';')
@@ -267,13 +279,25 @@ mod tests {
         assert_eq!(conf.dns_servers, ["169.254.0.1"]);
         assert_eq!(
             conf.app(""),
-            (
-                "5b8d7c1e-0c3f-4a52-9d1e-0f6a2b7c9e41".to_owned(),
-                "runtimeConfig.metadata.policy_group_id"
-            )
+            ("5b8d7c1e-0c3f-4a52-9d1e-0f6a2b7c9e41".to_owned(), "metadata.policy_group_id")
         );
         assert_eq!(conf.runtime_config.port_mappings.len(), 2);
         assert_eq!(conf.runtime_config.net_out_rules.as_ref().map(Vec::len), Some(4));
+    }
+
+    #[test]
+    fn the_old_place_of_garden_metadata_is_a_fallback() {
+        let old = NetConf::parse(
+            br#"{"cniVersion":"0.3.1","name":"net","runtimeConfig":{"metadata":{"policy_group_id":"old"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(old.app(""), ("old".to_owned(), "runtimeConfig.metadata.policy_group_id"));
+        let both = NetConf::parse(
+            br#"{"cniVersion":"0.3.1","name":"net","metadata":{"policy_group_id":"top"},
+                "runtimeConfig":{"metadata":{"policy_group_id":"old"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(both.app("").0, "top");
     }
 
     #[test]

@@ -295,7 +295,7 @@ pub fn config(daemon: &Daemon, version: &str, app: Option<&str>) -> Value {
         "mtu": 0,
     });
     if let Some(app) = app {
-        c["runtimeConfig"] = json!({"metadata": {"policy_group_id": app}});
+        c["metadata"] = json!({"policy_group_id": app});
     }
     c
 }

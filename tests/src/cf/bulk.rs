@@ -13,10 +13,8 @@ impl PolicyServer {
     /// `policies_last_updated`. `apps` × `ports` policies in one
     /// transaction.
     pub fn put_policies_in_bulk(&self, prefix: &str, apps: u32, to: u32, ports: &[u16]) {
-        let destinations: Vec<String> = ports
-            .iter()
-            .map(|p| format!("({}, {p}, {p}, {p}, 'tcp')", to + 1))
-            .collect();
+        let destinations: Vec<String> =
+            ports.iter().map(|p| format!("({}, {p}, {p}, {p}, 'tcp')", to + 1)).collect();
         let sql = format!(
             "BEGIN;
              UPDATE groups SET guid = :'prefix' || (id - 1), type = 'app' WHERE id <= {apps};
