@@ -16,6 +16,7 @@ pub mod nftables;
 pub mod pins;
 pub mod raw;
 pub mod scratch_root;
+pub mod silk;
 pub mod test_run;
 pub mod tmpfs;
 pub mod topology;

@@ -1,6 +1,6 @@
-//! The policy server's binaries, from the shared fixture
-//! (`../shared/fixtures/cf-policy-server`, whose README says how they were
-//! built and how to run them).
+//! Cloud Foundry's binaries, from the shared fixtures
+//! (`../shared/fixtures/cf-policy-server` and `cf-silk`, whose READMEs say
+//! how they were built and how to run them).
 
 use std::{
     fs,
@@ -8,25 +8,66 @@ use std::{
     process::Command,
 };
 
-/// The fixture's binaries, as `bin.tar.xz` holds them.
-const BINARIES: [&str; 3] = ["policy-server", "policy-server-internal", "migrate-db"];
+/// One fixture's `bin.tar.xz`: where it is, where it is unpacked, and the
+/// binaries the tests run from it.
+struct Fixture {
+    /// Its directory under the fixtures directory.
+    name: &'static str,
+    /// Its directory under `target/cf-fixtures/`.
+    unpacked: &'static str,
+    binaries: &'static [&'static str],
+}
 
-/// The fixture's binaries, unpacked once into
-/// `target/cf-fixtures/policy-server/` (the fixture itself is read-only).
-/// Unpacked beside it and renamed into place, so that two test processes
-/// never see half an unpacking.
+const POLICY_SERVER: Fixture = Fixture {
+    name: "cf-policy-server",
+    unpacked: "policy-server",
+    binaries: &["policy-server", "policy-server-internal", "migrate-db"],
+};
+
+const SILK: Fixture = Fixture {
+    name: "cf-silk",
+    unpacked: "silk",
+    binaries: &[
+        "silk-controller",
+        "silk-daemon",
+        "vxlan-policy-agent",
+        "cni-wrapper-plugin",
+        "silk-cni-stderr",
+        "host-local",
+    ],
+};
+
+/// The policy server's binaries, unpacked once into
+/// `target/cf-fixtures/policy-server/`.
 pub(super) fn binaries() -> PathBuf {
-    let dir = target_dir().join("cf-fixtures/policy-server");
-    let complete = |dir: &Path| BINARIES.iter().all(|b| dir.join(b).is_file());
+    unpack(&POLICY_SERVER)
+}
+
+/// Silk's and vxlan-policy-agent's binaries (silk-controller,
+/// silk-daemon, vxlan-policy-agent, cni-wrapper-plugin, silk-cni-stderr,
+/// host-local), unpacked once into `target/cf-fixtures/silk/`: also the
+/// `CNI_PATH` cni-wrapper-plugin finds its delegates in.
+pub(crate) fn silk_binaries() -> PathBuf {
+    unpack(&SILK)
+}
+
+/// `fixture`'s binaries, unpacked once under `target/cf-fixtures/` (the
+/// fixture itself is read-only). Unpacked beside their place and renamed
+/// into it, so that two test processes never see half an unpacking.
+fn unpack(fixture: &Fixture) -> PathBuf {
+    let dir = target_dir().join("cf-fixtures").join(fixture.unpacked);
+    let complete = |dir: &Path| fixture.binaries.iter().all(|b| dir.join(b).is_file());
     if complete(&dir) {
         return dir;
     }
-    let archive = fixture_dir().join("bin.tar.xz");
+    let archive = fixtures_dir().join(fixture.name).join("bin.tar.xz");
     assert!(
         archive.is_file(),
-        "Cloud Foundry's policy server fixture is missing: no {} (set POLICY_TEST_CF_FIXTURES \
-         to the fixtures/ directory holding cf-policy-server/)",
-        archive.display()
+        "Cloud Foundry's {} fixture is missing: no {} (set POLICY_TEST_CF_FIXTURES to the \
+         fixtures/ directory holding {}/)",
+        fixture.name,
+        archive.display(),
+        fixture.name,
     );
     let parent = dir.parent().expect("cf-fixtures dir");
     fs::create_dir_all(parent).expect("target/cf-fixtures");
@@ -40,7 +81,7 @@ pub(super) fn binaries() -> PathBuf {
         .status()
         .expect("run tar");
     assert!(status.success(), "tar xJf {}: {status}", archive.display());
-    assert!(complete(&staging), "{} lacks one of {BINARIES:?}", archive.display());
+    assert!(complete(&staging), "{} lacks one of {:?}", archive.display(), fixture.binaries);
     let _ = fs::remove_dir_all(&dir);
     if fs::rename(&staging, &dir).is_err() {
         // Another process renamed its unpacking into place first.
@@ -50,12 +91,11 @@ pub(super) fn binaries() -> PathBuf {
     dir
 }
 
-/// `POLICY_TEST_CF_FIXTURES/cf-policy-server`, or the shared fixture
-/// beside the workspace.
-fn fixture_dir() -> PathBuf {
+/// `POLICY_TEST_CF_FIXTURES`, or the shared fixtures beside the workspace.
+fn fixtures_dir() -> PathBuf {
     match std::env::var_os("POLICY_TEST_CF_FIXTURES") {
-        Some(fixtures) => PathBuf::from(fixtures).join("cf-policy-server"),
-        None => workspace_root().join("../shared/fixtures/cf-policy-server"),
+        Some(fixtures) => PathBuf::from(fixtures),
+        None => workspace_root().join("../shared/fixtures"),
     }
 }
 

@@ -8,22 +8,29 @@
 //! stopped by its PID and removed on drop, also when a test panics.
 //! Security groups, which the server learns only from Cloud Controller,
 //! are written into its database (`security_groups`).
+//! [`PolicyServer::builder`] starts it for other cells to reach (its
+//! internal API on another address, RSA keys), as Cloud Foundry's silk
+//! ([`crate::silk`]) needs it.
 
+mod builder;
 mod bulk;
-mod fixture;
-mod network;
+pub(crate) mod fixture;
+pub(crate) mod network;
 mod postgres;
+mod rsa;
 mod security_groups;
 mod uaa;
 
 use std::{
     fs,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use self::{network::Network, postgres::Postgres, uaa::UaaStandIn};
+pub use self::builder::PolicyServerBuilder;
+use self::{builder::Keys, network::Network, postgres::Postgres, uaa::UaaStandIn};
 use crate::{cluster::Pki, netns::NetNs};
 
 /// The database the servers use.
@@ -55,6 +62,8 @@ pub struct PolicyServer {
     pki: Pki,
     uaa: Option<UaaStandIn>,
     ports: Ports,
+    /// How it was started: where the internal API listens, the keys.
+    options: PolicyServerBuilder,
     /// How long [`PolicyServer::start`] (or `start_in`) took.
     pub startup: Duration,
 }
@@ -94,7 +103,7 @@ impl PolicyServer {
     /// their health checks. Panics saying what failed (with the logs)
     /// otherwise.
     pub fn start() -> Self {
-        Self::start_on(None)
+        Self::builder().start()
     }
 
     /// As [`PolicyServer::start`], but every process listens on the
@@ -102,10 +111,16 @@ impl PolicyServer {
     /// request made here is made from there (so needs `ns`; dropping `ns`
     /// first still stops and removes everything).
     pub fn start_in(ns: &NetNs) -> Self {
-        Self::start_on(Some(ns.path()))
+        Self::builder().start_in(ns)
     }
 
-    fn start_on(netns: Option<PathBuf>) -> Self {
+    /// A policy server started other than by [`PolicyServer::start`]: its
+    /// internal API elsewhere, RSA keys, more certificate names.
+    pub fn builder() -> PolicyServerBuilder {
+        PolicyServerBuilder::default()
+    }
+
+    fn start_on(netns: Option<PathBuf>, options: PolicyServerBuilder) -> Self {
         let started = Instant::now();
         let binaries = fixture::binaries();
         let network = Network::new(netns);
@@ -121,6 +136,7 @@ impl PolicyServer {
             pki: Pki::empty(),
             uaa: None,
             ports,
+            options,
             startup: Duration::ZERO,
         };
         server.make_pki();
@@ -165,15 +181,17 @@ impl PolicyServer {
         self.wait_internal_healthy();
     }
 
-    /// The internal API's port on loopback.
+    /// The internal API's port (on loopback, or the builder's
+    /// `internal_host`).
     pub fn internal_port(&self) -> u16 {
         self.ports.internal
     }
 
     /// The internal API's base URL (what a cell's `policy_server_url`
-    /// says), by address: the certificate names 127.0.0.1 too.
+    /// says), by address (127.0.0.1 unless the builder said another): the
+    /// certificate names it too.
     pub fn internal_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.ports.internal)
+        format!("https://{}:{}", self.options.internal_host, self.ports.internal)
     }
 
     /// The external API's base URL (plain HTTP on loopback).
@@ -191,6 +209,29 @@ impl PolicyServer {
     /// `client_key_file`).
     pub fn client_identity(&self) -> (PathBuf, PathBuf) {
         self.pki.identity("cell")
+    }
+
+    /// The internal server's certificate and key, for another server of
+    /// the same cells to present (give it its names with
+    /// [`PolicyServerBuilder::server_name`]).
+    pub fn server_identity(&self) -> (PathBuf, PathBuf) {
+        self.pki.identity("server")
+    }
+
+    /// Where Postgres listens on its network's loopback (user `postgres`,
+    /// no password), for another server that keeps its data there too.
+    pub fn postgres_port(&self) -> u16 {
+        self.ports.postgres
+    }
+
+    /// Creates the database `name` beside the policy server's, for
+    /// another server of the same deployment (silk-controller); panics
+    /// if Postgres refuses.
+    pub fn create_database(&self, name: &str) {
+        let postgres = self.postgres.as_ref().expect("postgres runs while the server does");
+        if let Err(e) = postgres.create_database(&self.network, name) {
+            panic!("createdb {name}: {e}\n{}", self.logs());
+        }
     }
 
     /// A client certificate and key of the same CN from another CA: the
@@ -286,23 +327,41 @@ impl PolicyServer {
             .collect()
     }
 
-    /// The internal server's certificate (RSA is not needed: its only TLS
-    /// 1.2 suite is ECDHE-RSA, but curl and rustls speak TLS 1.3, where the
-    /// P-256 keys `Pki` makes are fine), a cell's client certificate, and
-    /// one from another CA.
+    /// The internal server's certificate (RSA is needed only by TLS 1.2
+    /// clients: its only TLS 1.2 suite is ECDHE-RSA, but curl and rustls
+    /// speak TLS 1.3, where the P-256 keys `Pki` makes are fine), a cell's
+    /// client certificate, and one from another CA.
     fn make_pki(&self) {
-        self.pki.make_ca("ca", "policy-test CF CA");
-        self.pki.make_cert(
+        let mut names = vec![format!("DNS:{INTERNAL_HOST}"), "IP:127.0.0.1".to_owned()];
+        let host = self.options.internal_host;
+        if host != Ipv4Addr::LOCALHOST {
+            names.push(format!("IP:{host}"));
+        }
+        names.extend(self.options.server_names.iter().cloned());
+        self.make_ca("ca", "policy-test CF CA");
+        self.make_cert(
             "server",
             INTERNAL_HOST,
-            &format!(
-                "subjectAltName=DNS:{INTERNAL_HOST},IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
-            ),
+            &format!("subjectAltName={}\nextendedKeyUsage=serverAuth\n", names.join(",")),
             "ca",
         );
-        self.pki.make_cert("cell", "cell-0", "extendedKeyUsage=clientAuth\n", "ca");
-        self.pki.make_ca("other-ca", "policy-test other CA");
-        self.pki.make_cert("stranger", "cell-0", "extendedKeyUsage=clientAuth\n", "other-ca");
+        self.make_cert("cell", "cell-0", "extendedKeyUsage=clientAuth\n", "ca");
+        self.make_ca("other-ca", "policy-test other CA");
+        self.make_cert("stranger", "cell-0", "extendedKeyUsage=clientAuth\n", "other-ca");
+    }
+
+    fn make_ca(&self, name: &str, subject: &str) {
+        match self.options.keys {
+            Keys::P256 => self.pki.make_ca(name, subject),
+            Keys::Rsa => rsa::make_ca(&self.pki, name, subject),
+        }
+    }
+
+    fn make_cert(&self, name: &str, cn: &str, ext: &str, ca: &str) {
+        match self.options.keys {
+            Keys::P256 => self.pki.make_cert(name, cn, ext, ca),
+            Keys::Rsa => rsa::make_cert(&self.pki, name, cn, ext, ca),
+        }
     }
 
     /// What both servers share: the database, 16-bit tags, a metron
@@ -366,7 +425,7 @@ impl PolicyServer {
         merge(
             &mut config,
             serde_json::json!({
-                "listen_host": "127.0.0.1",
+                "listen_host": self.options.internal_host.to_string(),
                 "internal_listen_port": self.ports.internal,
                 "health_check_port": self.ports.internal_health,
                 "ca_cert_file": self.ca_file(),
@@ -470,7 +529,7 @@ impl Drop for PolicyServer {
 }
 
 /// Adds `extra`'s keys to the object `config`.
-fn merge(config: &mut serde_json::Value, extra: serde_json::Value) {
+pub(crate) fn merge(config: &mut serde_json::Value, extra: serde_json::Value) {
     if let (Some(config), serde_json::Value::Object(extra)) = (config.as_object_mut(), extra) {
         config.extend(extra);
     }

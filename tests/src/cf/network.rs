@@ -1,6 +1,7 @@
-//! Where the policy server's processes live: the test process's own (root's)
-//! network namespace, or one a test made, where a policy agent under test
-//! can reach them on the namespace's loopback.
+//! Where the policy server's processes (and silk's, [`crate::silk`]) live:
+//! the test process's own (root's) network namespace, or one a test made,
+//! where a policy agent under test can reach them on the namespace's
+//! loopback.
 
 use std::{
     ffi::OsStr,
@@ -12,12 +13,12 @@ use std::{
 
 /// A network namespace by its path (`None`: the test process's own).
 #[derive(Clone, Debug)]
-pub(super) struct Network {
+pub(crate) struct Network {
     netns: Option<PathBuf>,
 }
 
 impl Network {
-    pub(super) fn new(netns: Option<PathBuf>) -> Self {
+    pub(crate) fn new(netns: Option<PathBuf>) -> Self {
         Self { netns }
     }
 
@@ -25,7 +26,7 @@ impl Network {
     /// enters a network namespace without forking (it forks only for a PID
     /// namespace or `--fork`) and then execs `program`: the PID a caller
     /// holds is the program's own, to be signalled as before.
-    pub(super) fn command(&self, program: impl AsRef<OsStr>) -> Command {
+    pub(crate) fn command(&self, program: impl AsRef<OsStr>) -> Command {
         match &self.netns {
             None => Command::new(program),
             Some(path) => {
@@ -40,7 +41,7 @@ impl Network {
     /// supplementary groups. In a namespace nsenter drops the privileges
     /// after `setns` (which needs them); `Command::uid` would drop them
     /// before nsenter runs.
-    pub(super) fn command_as(&self, program: impl AsRef<OsStr>, (uid, gid): (u32, u32)) -> Command {
+    pub(crate) fn command_as(&self, program: impl AsRef<OsStr>, (uid, gid): (u32, u32)) -> Command {
         match &self.netns {
             None => {
                 let mut cmd = Command::new(program);
@@ -59,7 +60,7 @@ impl Network {
     }
 
     /// Runs `f` in this network: a socket made in `f` stays there.
-    pub(super) fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+    pub(crate) fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         match &self.netns {
             None => f(),
             Some(path) => crate::netns::run_in(path, f),
@@ -68,7 +69,7 @@ impl Network {
 
     /// `N` distinct loopback TCP ports free now in this network (the OS's
     /// picks, all held until the last is picked, then released).
-    pub(super) fn free_ports<const N: usize>(&self) -> [u16; N] {
+    pub(crate) fn free_ports<const N: usize>(&self) -> [u16; N] {
         self.run(|| {
             let listeners: Vec<TcpListener> = (0..N)
                 .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free loopback port"))
@@ -81,7 +82,7 @@ impl Network {
 
     /// `curl -sS ARGS` in this network: the HTTP status and the body, or
     /// curl's error (a refused handshake, a connection refused).
-    pub(super) fn curl<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<(u16, String), String> {
+    pub(crate) fn curl<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<(u16, String), String> {
         let out = self
             .command("curl")
             .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])

@@ -66,23 +66,33 @@ impl Postgres {
         // createdb fails while Postgres is still starting up: retry.
         let started = Instant::now();
         loop {
-            let out = as_postgres(network.command_as(format!("{POSTGRES_BIN}/createdb"), user))
-                .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", database])
-                .output()
-                .expect("run createdb");
-            if out.status.success() {
+            let Err(e) = postgres.create_database(network, database) else {
                 return postgres;
-            }
+            };
             if let Some(status) = postgres.exited() {
                 panic!("postgres exited: {status} (its log follows)");
             }
             assert!(
                 started.elapsed() < Duration::from_secs(20),
-                "createdb: {} (postgres's log follows)",
-                String::from_utf8_lossy(&out.stderr),
+                "createdb: {e} (postgres's log follows)",
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// `createdb NAME` (in `network`, as the `postgres` user): createdb's
+    /// error if it fails.
+    pub(super) fn create_database(&self, network: &Network, name: &str) -> Result<(), String> {
+        let port = self.port.to_string();
+        let out =
+            as_postgres(network.command_as(format!("{POSTGRES_BIN}/createdb"), postgres_user()))
+                .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", name])
+                .output()
+                .map_err(|e| format!("run createdb: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
     }
 
     /// Runs `sql` in the database as `psql` does (in `network`, as the
