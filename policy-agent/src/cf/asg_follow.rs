@@ -40,6 +40,9 @@ pub struct AsgFollower {
     containers: Arc<Mutex<Vec<Container>>>,
     /// Apps whose NetOut rules this poller set.
     managed: BTreeSet<String>,
+    /// The agent's iptables chain beside cni-wrapper-plugin's: egress of
+    /// apps with rules in force let through to them.
+    accept: Option<Arc<Mutex<super::iptables::AcceptChain>>>,
 }
 
 /// One app's place as the store says: its space and workload.
@@ -57,6 +60,7 @@ impl AsgFollower {
         cf: &CfConfig,
         agent: SharedAgent,
         containers: Arc<Mutex<Vec<Container>>>,
+        accept: Option<Arc<Mutex<super::iptables::AcceptChain>>>,
     ) -> Result<Self, ServerError> {
         let client = PolicyServerClient::new(cf)?;
         let status = FollowStatus {
@@ -74,6 +78,7 @@ impl AsgFollower {
             handle: PollHandle::default(),
             containers,
             managed: BTreeSet::new(),
+            accept,
         })
     }
 
@@ -178,6 +183,9 @@ impl Poll for AsgFollower {
             }
         }
         lock(&self.status).security_groups = Some(groups.len());
+        if let Some(accept) = &self.accept {
+            lock(accept).sync(&self.agent).map_err(CycleError::Iptables)?;
+        }
         match failed {
             Some(e) => Err(CycleError::Apply(e)),
             None => Ok(()),

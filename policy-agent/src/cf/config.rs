@@ -14,6 +14,7 @@
 //! enable_asg_syncing = false
 //! asg_poll_interval = "5s"        # vxlan-policy-agent: 60 s
 //! force_policy_poll_cycle_listen = "127.0.0.1:8722"  # optional: vxlan-policy-agent's force endpoints
+//! iptables_lock_file = "/var/vcap/data/garden-cni/iptables.lock"  # optional: cni-wrapper-plugin's lock
 //! ```
 //!
 //! `policy-agent run --vxlan-policy-agent-config FILE` takes the same from
@@ -45,6 +46,9 @@ pub struct CfConfig {
     /// Where vxlan-policy-agent's force endpoints are served (plain HTTP,
     /// as cni-wrapper-plugin calls them: `/force-policy-poll-cycle`, ...).
     pub force_policy_poll_cycle_listen: Option<std::net::SocketAddr>,
+    /// The lock cni-wrapper-plugin takes around iptables changes (with a
+    /// metadata store: see `cf::iptables`).
+    pub iptables_lock_file: Option<PathBuf>,
 }
 
 /// The section as written.
@@ -67,6 +71,8 @@ pub(super) struct Fields {
     pub(super) asg_poll_interval: Duration,
     #[serde(default)]
     pub(super) force_policy_poll_cycle_listen: Option<std::net::SocketAddr>,
+    #[serde(default)]
+    pub(super) iptables_lock_file: Option<PathBuf>,
 }
 
 fn default_poll_interval() -> Duration {
@@ -138,6 +144,7 @@ impl CfConfig {
             enable_asg_syncing: f.enable_asg_syncing,
             asg_poll_interval: f.asg_poll_interval,
             force_policy_poll_cycle_listen: f.force_policy_poll_cycle_listen,
+            iptables_lock_file: f.iptables_lock_file,
         })
     }
 }

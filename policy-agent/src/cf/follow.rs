@@ -68,6 +68,9 @@ pub struct Follower {
     /// The store's containers as last read, for the security groups'
     /// poller.
     store_snapshot: Arc<Mutex<Vec<Container>>>,
+    /// With a metadata store (cni-wrapper-plugin as the CNI plugin): the
+    /// agent's iptables chain in front of its chains.
+    accept: Option<Arc<Mutex<super::iptables::AcceptChain>>>,
 }
 
 impl Follower {
@@ -105,7 +108,18 @@ impl Follower {
                 .as_deref()
                 .map(|path| super::containers::StoreFollower::new(path, state_dir)),
             store_snapshot: Arc::default(),
+            accept: cf.cni_datastore_path.as_ref().map(|_| {
+                Arc::new(Mutex::new(super::iptables::AcceptChain::new(
+                    cf.iptables_lock_file.clone(),
+                    cf.enable_asg_syncing,
+                )))
+            }),
         })
+    }
+
+    /// The agent's iptables chain beside cni-wrapper-plugin's, if any.
+    pub fn accept_chain(&self) -> Option<Arc<Mutex<super::iptables::AcceptChain>>> {
+        self.accept.clone()
     }
 
     /// The metadata store's containers as the policy poller last read them.
@@ -141,6 +155,9 @@ impl Poll for Follower {
             containers.sync(&self.agent).map_err(CycleError::Store)?;
             spaces = containers.spaces();
             *lock(&self.store_snapshot) = containers.containers().to_vec();
+        }
+        if let Some(accept) = &self.accept {
+            lock(accept).sync(&self.agent).map_err(CycleError::Iptables)?;
         }
         // The ids vxlan-policy-agent sends: each local container's app and
         // space (the server matches both against policy ends).

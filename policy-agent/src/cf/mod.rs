@@ -8,7 +8,8 @@
 //! - `poller`: the poll loop both pollers run, its status, forced polls;
 //! - `follow`: the policies' poller;
 //! - `store`, `containers`: the cell's containers from CF's container
-//!   metadata store, registered as endpoints.
+//!   metadata store, registered as endpoints;
+//! - `iptables`: the agent's chain in front of cni-wrapper-plugin's.
 //! - `asgs`: dynamic security groups: the fetch, and which rules hold for
 //!   a container.
 
@@ -18,6 +19,7 @@ pub mod client;
 pub mod config;
 pub mod containers;
 pub mod follow;
+pub mod iptables;
 pub mod poller;
 pub mod store;
 pub mod vpa_config;

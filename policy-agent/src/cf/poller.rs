@@ -191,6 +191,8 @@ pub enum CycleError {
     Apply(crate::agent::AgentError),
     #[error("container metadata store: {0}")]
     Store(String),
+    #[error("iptables: {0}")]
+    Iptables(String),
 }
 
 impl CycleError {
@@ -199,6 +201,7 @@ impl CycleError {
             CycleError::Server(e) => e.kind(),
             CycleError::Apply(_) => "apply",
             CycleError::Store(_) => "metadata_store",
+            CycleError::Iptables(_) => "iptables",
         }
     }
 }

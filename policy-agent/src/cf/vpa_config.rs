@@ -14,7 +14,7 @@ use super::{
 };
 
 /// The keys this agent takes from vxlan-policy-agent's config.
-pub const APPLIED: [&str; 11] = [
+pub const APPLIED: [&str; 12] = [
     "policy_server_url",
     "ca_cert_file",
     "client_cert_file",
@@ -26,6 +26,7 @@ pub const APPLIED: [&str; 11] = [
     "asg_poll_interval",
     "force_policy_poll_cycle_host",
     "force_policy_poll_cycle_port",
+    "iptables_lock_file",
 ];
 
 /// The `[cf]` settings vxlan-policy-agent's config `text` gives, and the
@@ -92,6 +93,9 @@ pub fn from_vxlan_policy_agent(text: &str) -> Result<(CfConfig, Vec<String>), St
         enable_asg_syncing,
         asg_poll_interval: seconds("asg_poll_interval", 60)?,
         force_policy_poll_cycle_listen: force,
+        iptables_lock_file: string("iptables_lock_file")?
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from),
     };
     let cf = CfConfig::checked(fields)?;
     let ignored = config.keys().filter(|k| !APPLIED.contains(&k.as_str())).cloned().collect();
@@ -135,7 +139,8 @@ mod tests {
         assert!(cf.enable_asg_syncing);
         assert_eq!(cf.cni_datastore_path, Some(dir.join("store.json")));
         assert_eq!(cf.force_policy_poll_cycle_listen, Some("127.0.0.1:8722".parse().unwrap()));
-        assert!(ignored.contains(&"iptables_lock_file".to_owned()), "{ignored:?}");
+        assert_eq!(cf.iptables_lock_file, Some(PathBuf::from("/path/garden-cni/iptables.lock")));
+        assert!(ignored.contains(&"iptables_c2c_logging".to_owned()), "{ignored:?}");
         assert!(ignored.contains(&"underlay_ips".to_owned()), "{ignored:?}");
         assert!(!ignored.iter().any(|k| APPLIED.contains(&k.as_str())), "{ignored:?}");
         // Errors name the key.

@@ -153,8 +153,13 @@ fn start_following(
     follower.time_polls(metrics.policy_server_poll_time.clone());
     let asgs = match cf.enable_asg_syncing {
         true => {
-            let asgs = AsgFollower::new(cf, agent.clone(), follower.store_snapshot())
-                .context("cannot follow the policy server's security groups")?;
+            let asgs = AsgFollower::new(
+                cf,
+                agent.clone(),
+                follower.store_snapshot(),
+                follower.accept_chain(),
+            )
+            .context("cannot follow the policy server's security groups")?;
             let shared = (asgs.status(), asgs.handle());
             info!(asg_poll_interval = ?cf.asg_poll_interval, "security groups come from the policy server");
             std::thread::Builder::new()
