@@ -21,6 +21,11 @@ use super::{CfConfig, wire::PoliciesResponse};
 /// The internal API's path prefix.
 pub const INTERNAL_API: &str = "/networking/v1/internal";
 
+/// The largest answer read from the policy server: a million policies are
+/// about 170 MB of its JSON. A larger answer is refused, not read into
+/// memory (a broken or hostile server cannot exhaust the agent's).
+pub const MAX_ANSWER_BYTES: u64 = 256 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot use {key} {}: {cause}", path.display())]
@@ -165,6 +170,12 @@ impl PolicyServerClient {
         if let Err(e) = exchanged {
             return Err(self.explain(why_closed(&mut stream).unwrap_or(e)));
         }
+        if raw.len() as u64 > MAX_ANSWER_BYTES {
+            return Err(self.malformed(
+                path,
+                format!("the answer is larger than {} MiB", MAX_ANSWER_BYTES >> 20),
+            ));
+        }
         let (status, body) = policy_api::client::http::split_response(&raw)
             .map_err(|cause| self.malformed(path, cause))?;
         if status != 200 {
@@ -238,7 +249,9 @@ fn why_closed(stream: &mut StreamOwned<ClientConnection, TcpStream>) -> Option<s
 /// (Go sends one, but a cut connection may not) ends the read too: the
 /// body is then checked by its parse.
 fn read_to_close(stream: &mut impl std::io::Read, raw: &mut Vec<u8>) -> std::io::Result<()> {
-    match stream.read_to_end(raw) {
+    use std::io::Read as _;
+    // One byte more than the limit: enough to tell it was passed.
+    match stream.take(MAX_ANSWER_BYTES + 1).read_to_end(raw) {
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
         other => other.map(|_| ()),
     }
