@@ -88,4 +88,25 @@ fn the_agent_in_vxlan_policy_agents_place_on_a_silk_cell() {
     cell2.force_poll();
     let endpoints = daemon.get("/v1/endpoints");
     assert_eq!(endpoints["endpoints"].as_array().map(Vec::len), Some(1), "{endpoints}");
+
+    // `teardown` takes the agent's chains away: cni-wrapper-plugin's
+    // rules hold alone again.
+    let mut daemon = daemon;
+    daemon.stop();
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", cell2.ns().path().display()))
+        .arg(integration_tests::agent::agent_bin())
+        .arg("teardown")
+        .arg("--config")
+        .arg(&daemon.config)
+        .output()
+        .expect("policy-agent teardown");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("removed the iptables chains"), "{said}");
+    let rules = Command::new("nsenter")
+        .arg(format!("--net={}", cell2.ns().path().display()))
+        .args(["iptables", "-S"])
+        .output()
+        .expect("iptables -S");
+    assert!(!String::from_utf8_lossy(&rules.stdout).contains("policy-agent"), "chains left");
 }

@@ -134,6 +134,26 @@ impl AcceptChain {
     }
 }
 
+/// Removes the agent's chains and FORWARD's jump to them, if there
+/// (`policy-agent teardown`): cni-wrapper-plugin's default REJECT then
+/// holds again for every container. Returns whether there was anything.
+pub fn remove(lock_file: Option<PathBuf>) -> Result<bool, String> {
+    let chain = AcceptChain::new(lock_file, false);
+    let _lock = chain.lock()?;
+    if run("iptables", &["-w", "-n", "-L", CHAIN], None).is_err() {
+        return Ok(false);
+    }
+    while run("iptables", &["-w", "-D", "FORWARD", "-j", CHAIN], None).is_ok() {}
+    for c in [CHAIN, TO_CHAIN] {
+        // Flushed first: a chain is deleted only empty and unreferenced.
+        let _ = run("iptables", &["-w", "-F", c], None);
+    }
+    for c in [CHAIN, TO_CHAIN] {
+        run("iptables", &["-w", "-X", c], None)?;
+    }
+    Ok(true)
+}
+
 fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<(), String> {
     let mut child = Command::new(program)
         .args(args)

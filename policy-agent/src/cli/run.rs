@@ -69,6 +69,16 @@ impl TeardownArgs {
             format!("failed to remove the pins under {}", config.pin_dir.display())
         })?;
         println!("detached and unpinned everything under {}", config.pin_dir.display());
+        let lock_file = config.cf.as_ref().and_then(|cf| cf.iptables_lock_file.clone());
+        match policy_agent::cf::iptables::remove(lock_file) {
+            Ok(true) => println!(
+                "removed the iptables chains {} and {} (cni-wrapper-plugin's rules hold alone again)",
+                policy_agent::cf::iptables::CHAIN,
+                policy_agent::cf::iptables::TO_CHAIN
+            ),
+            Ok(false) => {}
+            Err(e) => anyhow::bail!("cannot remove the agent's iptables chains: {e}"),
+        }
         Ok(())
     }
 }
