@@ -3,7 +3,7 @@
 //!
 //! Each cycle asks `policies_last_updated` and fetches
 //! `policies?id=APP,...,SPACE,...` only when it grew, when the host's set
-//! of apps changed, or when forced (a container registered: its
+//! of apps changed (in cluster mode: the cluster's), or when forced (a container registered: its
 //! policies hold before the registration is answered). No containers
 //! here: nothing is asked and no policy is in force, as in Cloud Foundry.
 //!
@@ -160,10 +160,17 @@ impl Poll for Follower {
             lock(accept).sync(&self.agent).map_err(CycleError::Iptables)?;
         }
         // The ids vxlan-policy-agent sends: each local container's app and
-        // space (the server matches both against policy ends).
+        // space (the server matches both against policy ends). In cluster
+        // mode every host's: the policies are the cluster's state, so each
+        // host asks for the same set and their changes agree (the second
+        // to write one finds nothing left to change).
         let mut ids: BTreeSet<String> = {
             let agent = agent::lock(&self.agent);
-            agent.state().local_endpoints().map(|e| e.app.clone()).collect()
+            let state = agent.state();
+            match state.local_host() {
+                Some(_) => state.endpoints().map(|e| e.app.clone()).collect(),
+                None => state.local_endpoints().map(|e| e.app.clone()).collect(),
+            }
         };
         if !ids.is_empty() {
             ids.extend(spaces);

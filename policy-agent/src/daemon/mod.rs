@@ -56,11 +56,6 @@ pub fn run(config: Config) -> Result<()> {
         held_file: config.cluster.as_ref().map(|_| config.state_dir.join(HELD_FILE)),
         policy_server: config.cf.as_ref().map(|cf| cf.policy_server_url.clone()),
     };
-    if config.cf.is_some() && config.cluster.is_some() {
-        anyhow::bail!(
-            "[cf] and [cluster] together are not supported yet: with Cloud Foundry's policy server, run each cell as a single host (its policies and tags come from the policy server)"
-        );
-    }
     let (agent, warnings) = Agent::start(dataplane, store, settings)
         .context("failed to reconcile the kernel to the stored state")?;
     let reconcile_time = started.elapsed();
