@@ -176,9 +176,26 @@ pub struct Tunnel {
     /// The VXLAN device's ifindex; 0: no overlay (a single host).
     pub ifindex: u32,
     /// Its UDP port, host byte order (4789).
-    pub port: u32,
+    pub port: u16,
+    /// [`tunnel_flags`]. With `port`, the `u32` port of older versions
+    /// (their high half zero): an older pinned `CONFIG` reads the same.
+    pub flags: u16,
 }
 const _: () = assert!(size_of::<Tunnel>() == 8);
+
+/// [`Tunnel::flags`].
+pub mod tunnel_flags {
+    /// Cloud Foundry's silk overlay (`silk-vtep`): a packet with no tag
+    /// (GBP id 0) is from an app no policy names (vxlan-policy-agent marks
+    /// sources of policies only), judged as [`super::UNTAGGED_TAG`] (every
+    /// opening denied, as CF's `overlay--HANDLE` rejects it). Without it,
+    /// no tag means "judge by the source address".
+    pub const SILK: u16 = 1;
+}
+
+/// The tag of a packet from Cloud Foundry's overlay that carries none
+/// (see [`tunnel_flags::SILK`]): no app has it, so no pair names it.
+pub const UNTAGGED_TAG: u32 = u32::MAX;
 
 /// `NETIN` key: a host address and port a NetIn mapping listens on
 /// (address in wire order, port in host order).

@@ -26,7 +26,10 @@ use policy_common::{
         Decision, Outgoing, TunnelPort, TunnelSource, conn_update, decide_source6, decide_underlay,
         source_address, track_outgoing,
     },
-    maps::{Attachment, ConnKey, Ipv6Key, TUNNEL_TAG_MASK, direction, settings},
+    maps::{
+        Attachment, ConnKey, Ipv6Key, TUNNEL_TAG_MASK, UNTAGGED_TAG, direction, settings,
+        tunnel_flags,
+    },
     packet::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Ipv6Parts, ipv6_kind, opaque, parse_ethernet, parse_ipv4,
     },
@@ -234,7 +237,7 @@ pub fn tc_to_container(ctx: TcContext) -> i32 {
 /// `TunnelPort`); 0 on a single host.
 #[inline(always)]
 fn tunnel_port() -> TunnelPort {
-    TunnelPort(config().map_or(0, |c| if c.tunnel.ifindex != 0 { c.tunnel.port as u16 } else { 0 }))
+    TunnelPort(config().map_or(0, |c| if c.tunnel.ifindex != 0 { c.tunnel.port } else { 0 }))
 }
 
 /// The tag a packet that came through the cluster's tunnel carries, and
@@ -248,7 +251,11 @@ fn tunnel_port() -> TunnelPort {
 fn tunnel_source(bytes: &SkbBytes) -> (bool, u32) {
     match config().map(|c| &c.tunnel) {
         Some(t) if t.ifindex != 0 && bytes.ingress_ifindex() == t.ifindex => {
-            (true, bytes.mark() & TUNNEL_TAG_MASK)
+            let tag = bytes.mark() & TUNNEL_TAG_MASK;
+            // Silk's overlay: no tag is an app no policy names (see
+            // `tunnel_flags::SILK`), not "judge by the address".
+            let untagged = tag == 0 && t.flags & tunnel_flags::SILK != 0;
+            (true, if untagged { UNTAGGED_TAG } else { tag })
         }
         _ => (false, 0),
     }
@@ -357,7 +364,7 @@ pub fn tc_from_underlay(ctx: TcContext) -> i32 {
     {
         // SAFETY: presence only.
         let is_peer = |addr: u32| unsafe { PEERS.get(addr).is_some() };
-        let verdict = decide_underlay(&parsed, tunnel.port as u16, is_peer);
+        let verdict = decide_underlay(&parsed, tunnel.port, is_peer);
         if !verdict.is_pass() {
             return tc_action(count_verdict(verdict));
         }

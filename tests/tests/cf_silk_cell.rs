@@ -4,10 +4,8 @@
 //! cni-wrapper-plugin → silk-cni (the metadata store, the force calls),
 //! policies from the real policy server. Between the cell's containers
 //! the eBPF programs decide (the agent's iptables chain lets them past
-//! cni-wrapper-plugin's default REJECT); across cells it fails closed for
-//! now: the programs do not take silk's VXLAN tag yet, so a packet from
-//! another cell still meets cni-wrapper-plugin's REJECT, and this cell's
-//! packets carry no tag a vxlan-policy-agent cell would allow.
+//! cni-wrapper-plugin's default REJECT); from another cell too, by the tag
+//! in silk's VXLAN header (see `cf_mixed_cells.rs`).
 
 use std::{io::ErrorKind, process::Command};
 
@@ -63,8 +61,11 @@ fn the_agent_in_vxlan_policy_agents_place_on_a_silk_cell() {
     assert!(refused(&c2a, &c2b, 9090), "another port");
     assert!(refused(&c2b, &c2a, 8080), "the reverse");
     assert_eq!(daemon.tag("app-a"), daemon.tag("app-a") & 0xFFFF, "the server's 16-bit tag");
-    // Across cells: closed both ways for now (see the module's comment).
-    assert!(!tcp_echo_works(&c1a.ns, c2b.ip, 8080, SHORT), "from a vxlan-policy-agent cell");
+    overlay.wait_for_peers();
+    assert!(
+        tcp_echo_works(&c1a.ns, c2b.ip, 8080, LONG),
+        "from app-a on the vxlan-policy-agent cell, by its tag in silk's header"
+    );
     // iptables: the agent's chain first in FORWARD, its veths in it.
     let rules = Command::new("nsenter")
         .arg(format!("--net={}", cell2.ns().path().display()))
@@ -74,6 +75,7 @@ fn the_agent_in_vxlan_policy_agents_place_on_a_silk_cell() {
     let rules = String::from_utf8_lossy(&rules.stdout);
     let forward: Vec<&str> = rules.lines().filter(|l| l.starts_with("-A FORWARD")).collect();
     assert_eq!(forward.first(), Some(&"-A FORWARD -j policy-agent"), "{rules}");
+    assert!(rules.contains("-A policy-agent -i silk-vtep -j policy-agent--to"), "{rules}");
     assert_eq!(
         rules.lines().filter(|l| l.starts_with("-A policy-agent--to -o")).count(),
         2,

@@ -83,7 +83,8 @@ fn vpa_config(server: &PolicyServer, store: &Path, force_port: u16) -> serde_jso
         "policy_server_url": server.internal_url(), "ca_cert_file": server.ca_file(),
         "client_cert_file": cert, "client_key_file": key, "client_timeout_seconds": 5,
         "poll_interval": 5, "enable_asg_syncing": false, "asg_poll_interval": 60,
-        "cni_datastore_path": store, "iptables_lock_file": "/var/vcap/data/garden-cni/iptables.lock",
+        "cni_datastore_path": store,
+        "iptables_lock_file": store.with_file_name("iptables.lock"),
         "underlay_ips": ["10.99.0.11"], "overlay_network": "10.255.0.0/16", "vni": 1,
         "force_policy_poll_cycle_host": "127.0.0.1", "force_policy_poll_cycle_port": force_port,
         "debug_server_host": "127.0.0.1", "debug_server_port": 8721,
@@ -128,7 +129,7 @@ fn containers_from_the_metadata_store_with_vxlan_policy_agents_config() {
         vec!["--vxlan-policy-agent-config".into(), config.clone().into()],
     );
     let log = daemon.log();
-    assert!(log.contains("do not apply") && log.contains("iptables_lock_file"), "{log}");
+    assert!(log.contains("do not apply") && log.contains("metron_address"), "{log}");
     assert!(!log.contains("keys=\"ca_cert_file"), "{log}");
 
     let (a, b, c) = (host.container(0), host.container(1), host.container(2));

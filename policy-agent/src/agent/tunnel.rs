@@ -10,14 +10,15 @@ use crate::{Dataplane, DataplaneError};
 
 impl Agent<Dataplane> {
     /// Points the programs at the tunnel device and guards the underlay
-    /// interface (`tc_from_underlay`).
+    /// interface (`tc_from_underlay`). `flags`: [`policy_common::maps::tunnel_flags`].
     pub fn set_tunnel(
         &mut self,
         ifindex: u32,
         port: u16,
+        flags: u16,
         underlay_ifname: &str,
     ) -> Result<(), DataplaneError> {
-        self.kernel.maps_mut().set_tunnel(Tunnel { ifindex, port: u32::from(port) })?;
+        self.kernel.maps_mut().set_tunnel(Tunnel { ifindex, port, flags })?;
         self.kernel.attach_underlay(underlay_ifname)
     }
 

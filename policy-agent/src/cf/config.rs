@@ -15,6 +15,8 @@
 //! asg_poll_interval = "5s"        # vxlan-policy-agent: 60 s
 //! force_policy_poll_cycle_listen = "127.0.0.1:8722"  # optional: vxlan-policy-agent's force endpoints
 //! iptables_lock_file = "/var/vcap/data/garden-cni/iptables.lock"  # optional: cni-wrapper-plugin's lock
+//! underlay_ips = ["10.0.16.5"]    # optional: join silk's overlay (silk-vtep) on this cell
+//! vtep_name = "silk-vtep"
 //! ```
 //!
 //! `policy-agent run --vxlan-policy-agent-config FILE` takes the same from
@@ -49,6 +51,12 @@ pub struct CfConfig {
     /// The lock cni-wrapper-plugin takes around iptables changes (with a
     /// metadata store: see `cf::iptables`).
     pub iptables_lock_file: Option<PathBuf>,
+    /// The cell's underlay addresses (vxlan-policy-agent's
+    /// `underlay_ips`): with them the agent joins silk's overlay (see
+    /// `cf::silk`).
+    pub underlay_ips: Vec<std::net::Ipv4Addr>,
+    /// silk-daemon's VXLAN device.
+    pub vtep_name: String,
 }
 
 /// The section as written.
@@ -73,6 +81,14 @@ pub(super) struct Fields {
     pub(super) force_policy_poll_cycle_listen: Option<std::net::SocketAddr>,
     #[serde(default)]
     pub(super) iptables_lock_file: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) underlay_ips: Vec<std::net::Ipv4Addr>,
+    #[serde(default = "default_vtep_name")]
+    pub(super) vtep_name: String,
+}
+
+pub(super) fn default_vtep_name() -> String {
+    "silk-vtep".to_owned()
 }
 
 fn default_poll_interval() -> Duration {
@@ -145,6 +161,8 @@ impl CfConfig {
             asg_poll_interval: f.asg_poll_interval,
             force_policy_poll_cycle_listen: f.force_policy_poll_cycle_listen,
             iptables_lock_file: f.iptables_lock_file,
+            underlay_ips: f.underlay_ips,
+            vtep_name: f.vtep_name,
         })
     }
 }
@@ -195,6 +213,8 @@ mod tests {
         assert_eq!(c.asg_poll_interval, Duration::from_secs(5));
         assert_eq!(c.cni_datastore_path, None);
         assert!(!c.enable_asg_syncing);
+        assert!(c.underlay_ips.is_empty());
+        assert_eq!(c.vtep_name, "silk-vtep");
     }
 
     #[test]

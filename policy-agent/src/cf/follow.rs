@@ -71,6 +71,8 @@ pub struct Follower {
     /// With a metadata store (cni-wrapper-plugin as the CNI plugin): the
     /// agent's iptables chain in front of its chains.
     accept: Option<Arc<Mutex<super::iptables::AcceptChain>>>,
+    /// silk's overlay on this cell (`underlay_ips` set).
+    silk: Option<super::silk::SilkOverlay>,
 }
 
 impl Follower {
@@ -108,6 +110,8 @@ impl Follower {
                 .as_deref()
                 .map(|path| super::containers::StoreFollower::new(path, state_dir)),
             store_snapshot: Arc::default(),
+            silk: (!cf.underlay_ips.is_empty())
+                .then(|| super::silk::SilkOverlay::new(&cf.vtep_name, &cf.underlay_ips)),
             accept: cf.cni_datastore_path.as_ref().map(|_| {
                 Arc::new(Mutex::new(super::iptables::AcceptChain::new(
                     cf.iptables_lock_file.clone(),
@@ -156,8 +160,13 @@ impl Poll for Follower {
             spaces = containers.spaces();
             *lock(&self.store_snapshot) = containers.containers().to_vec();
         }
+        if let Some(silk) = &mut self.silk {
+            silk.sync(&self.agent).map_err(CycleError::Overlay)?;
+        }
         if let Some(accept) = &self.accept {
-            lock(accept).sync(&self.agent).map_err(CycleError::Iptables)?;
+            let mut accept = lock(accept);
+            accept.set_tunnel(self.silk.as_ref().and_then(|s| s.joined_vtep()));
+            accept.sync(&self.agent).map_err(CycleError::Iptables)?;
         }
         // The ids vxlan-policy-agent sends: each local container's app and
         // space (the server matches both against policy ends). In cluster

@@ -53,11 +53,19 @@ pub struct AcceptChain {
     egress: bool,
     /// The rules as last written (None: not yet).
     written: Option<Vec<String>>,
+    /// silk's VXLAN device, once the agent joined the overlay: packets
+    /// from other cells are let through to the programs too.
+    tunnel: Option<String>,
 }
 
 impl AcceptChain {
     pub fn new(lock_file: Option<PathBuf>, egress: bool) -> Self {
-        Self { lock_file, egress, written: None }
+        Self { lock_file, egress, written: None, tunnel: None }
+    }
+
+    /// Lets packets from silk's VXLAN device through (Some), or not.
+    pub fn set_tunnel(&mut self, vtep: Option<&str>) {
+        self.tunnel = vtep.map(str::to_owned);
     }
 
     /// The chain's rules for the agent's local endpoints.
@@ -66,6 +74,9 @@ impl AcceptChain {
         let state = agent.state();
         let mut rules = BTreeSet::new();
         let mut egress = BTreeSet::new();
+        if let Some(vtep) = &self.tunnel {
+            rules.insert(format!("-A {CHAIN} -i {vtep} -j {TO_CHAIN}"));
+        }
         for e in state.local_endpoints() {
             rules.insert(format!("-A {CHAIN} -i {} -j {TO_CHAIN}", e.ifname));
             rules.insert(format!(
@@ -113,6 +124,11 @@ impl AcceptChain {
     /// cni-wrapper-plugin's and vxlan-policy-agent's lock around iptables.
     fn lock(&self) -> Result<Option<File>, String> {
         let Some(path) = &self.lock_file else { return Ok(None) };
+        // As cni-wrapper-plugin's lock does: its directory made if missing.
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
         let file = File::options()
             .read(true)
             .write(true)

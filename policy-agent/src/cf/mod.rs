@@ -9,7 +9,8 @@
 //! - `follow`: the policies' poller;
 //! - `store`, `containers`: the cell's containers from CF's container
 //!   metadata store, registered as endpoints;
-//! - `iptables`: the agent's chain in front of cni-wrapper-plugin's.
+//! - `iptables`: the agent's chain in front of cni-wrapper-plugin's;
+//! - `silk`: joining silk's overlay (`silk-vtep`, its GBP tags).
 //! - `asgs`: dynamic security groups: the fetch, and which rules hold for
 //!   a container.
 
@@ -21,6 +22,7 @@ pub mod containers;
 pub mod follow;
 pub mod iptables;
 pub mod poller;
+pub mod silk;
 pub mod store;
 pub mod vpa_config;
 pub mod wire;

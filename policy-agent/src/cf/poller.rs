@@ -193,6 +193,8 @@ pub enum CycleError {
     Store(String),
     #[error("iptables: {0}")]
     Iptables(String),
+    #[error("silk's overlay: {0}")]
+    Overlay(String),
 }
 
 impl CycleError {
@@ -202,6 +204,7 @@ impl CycleError {
             CycleError::Apply(_) => "apply",
             CycleError::Store(_) => "metadata_store",
             CycleError::Iptables(_) => "iptables",
+            CycleError::Overlay(_) => "overlay",
         }
     }
 }

@@ -14,7 +14,7 @@ use super::{
 };
 
 /// The keys this agent takes from vxlan-policy-agent's config.
-pub const APPLIED: [&str; 12] = [
+pub const APPLIED: [&str; 13] = [
     "policy_server_url",
     "ca_cert_file",
     "client_cert_file",
@@ -27,6 +27,7 @@ pub const APPLIED: [&str; 12] = [
     "force_policy_poll_cycle_host",
     "force_policy_poll_cycle_port",
     "iptables_lock_file",
+    "underlay_ips",
 ];
 
 /// The `[cf]` settings vxlan-policy-agent's config `text` gives, and the
@@ -96,6 +97,12 @@ pub fn from_vxlan_policy_agent(text: &str) -> Result<(CfConfig, Vec<String>), St
         iptables_lock_file: string("iptables_lock_file")?
             .filter(|p| !p.is_empty())
             .map(PathBuf::from),
+        underlay_ips: match config.get("underlay_ips") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|_| format!("underlay_ips: {v} is not a list of IPv4 addresses"))?,
+        },
+        vtep_name: super::config::default_vtep_name(),
     };
     let cf = CfConfig::checked(fields)?;
     let ignored = config.keys().filter(|k| !APPLIED.contains(&k.as_str())).cloned().collect();
@@ -141,7 +148,8 @@ mod tests {
         assert_eq!(cf.force_policy_poll_cycle_listen, Some("127.0.0.1:8722".parse().unwrap()));
         assert_eq!(cf.iptables_lock_file, Some(PathBuf::from("/path/garden-cni/iptables.lock")));
         assert!(ignored.contains(&"iptables_c2c_logging".to_owned()), "{ignored:?}");
-        assert!(ignored.contains(&"underlay_ips".to_owned()), "{ignored:?}");
+        assert_eq!(cf.underlay_ips, vec![std::net::Ipv4Addr::new(10, 99, 0, 11)]);
+        assert!(ignored.contains(&"vni".to_owned()), "{ignored:?}");
         assert!(!ignored.iter().any(|k| APPLIED.contains(&k.as_str())), "{ignored:?}");
         // Errors name the key.
         let broken = rendered(&dir).replace("\"poll_interval\":5", "\"poll_interval\":\"5s\"");

@@ -299,7 +299,7 @@ fn join_overlay(
     {
         let mut agent = agent::lock(agent);
         agent
-            .set_tunnel(overlay.ifindex, overlay::PORT, &overlay.underlay_ifname)
+            .set_tunnel(overlay.ifindex, overlay::PORT, 0, &overlay.underlay_ifname)
             .and_then(|()| agent.attach_netin(&overlay.underlay_ifname).map(|_| ()))
             .with_context(|| {
                 format!("cannot guard the underlay interface {}", overlay.underlay_ifname)
