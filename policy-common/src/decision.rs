@@ -300,8 +300,11 @@ fn decide_flow<A: Family, T: Lookups<A>>(
             // The rejected end tries again: decided afresh.
             return decide_new(tables, epoch, flow, key, side, fragment);
         }
-        let reason = if side == conn.origin { Reason::Established } else { Reason::Reply };
-        if conn.epoch == epoch {
+        let end = conn.origin & origin::END;
+        let reason = if side == end { Reason::Established } else { Reason::Reply };
+        // One decided by another cell (`track_outgoing`) has nothing here
+        // to be checked against again: it holds at any epoch.
+        if conn.epoch == epoch || conn.origin & origin::DECIDED_ELSEWHERE != 0 {
             return Decision {
                 verdict: Verdict::Pass(reason),
                 record_fragment: fragment,
@@ -309,7 +312,7 @@ fn decide_flow<A: Family, T: Lookups<A>>(
                 ..Decision::just(Verdict::Pass(reason))
             };
         }
-        return match check_flow(tables, &key.opening_flow(conn.origin)) {
+        return match check_flow(tables, &key.opening_flow(end)) {
             Check::Allowed { policy_id, src_tag, dst_tag } => Decision {
                 verdict: Verdict::Pass(reason),
                 conn: ConnUpdate::insert(key, Conn { epoch, policy_id, ..conn }),
@@ -481,19 +484,45 @@ pub struct Outgoing<A = u32> {
 /// change check the opening flow again, as for local connections. An
 /// opening no policy allows is `denied` (the entry of a reject sent for it
 /// does not count as tracked).
+///
+/// On CF's silk overlay (`other_cell`: the address is another cell's
+/// container) the remote container is known by address only — the policy
+/// server names apps — so this host cannot check the opening: the other
+/// cell's agent does, as vxlan-policy-agent's cells do. An opening from
+/// one of this host's endpoints is recorded as decided there
+/// ([`origin::DECIDED_ELSEWHERE`], no policy id), so its replies come in
+/// as replies; a policy change here does not re-check it (it holds at any
+/// epoch, until conntrack forgets it).
 #[inline(always)]
-pub fn track_outgoing<A: Family, T: Lookups<A>>(tables: &T, parsed: &Parsed<A>) -> Outgoing<A> {
+pub fn track_outgoing<A: Family, T: Lookups<A>>(
+    tables: &T,
+    parsed: &Parsed<A>,
+    other_cell: impl Fn(A) -> bool,
+) -> Outgoing<A> {
     let nothing = Outgoing { conn: ConnUpdate::none(), denied: false, src_tag: 0, dst_tag: 0 };
     let Parsed::Flow { flow, .. } = *parsed else { return nothing };
-    if tables.endpoint(flow.daddr).is_none_or(|e| e.flags & endpoint_flags::REMOTE == 0) {
-        return nothing;
-    }
+    let elsewhere = match tables.endpoint(flow.daddr) {
+        Some(e) if e.flags & endpoint_flags::REMOTE != 0 => false,
+        Some(_) => return nothing,
+        None if other_cell(flow.daddr) && tables.endpoint(flow.saddr).is_some() => true,
+        None => return nothing,
+    };
     let (key, side) = ConnKey::of(&flow);
     if !flow.opens_connection() {
         return nothing;
     }
     if tables.conn(&key).is_some_and(|c| c.origin & origin::REJECTED == 0) {
         return nothing;
+    }
+    if elsewhere {
+        let conn = Conn {
+            epoch: tables.epoch(),
+            policy_id: 0,
+            origin: side | origin::DECIDED_ELSEWHERE,
+            pending_packets: 0,
+            pending_bytes: 0,
+        };
+        return Outgoing { conn: ConnUpdate::insert(key, conn), ..nothing };
     }
     match check_flow(tables, &flow) {
         Check::Allowed { policy_id, .. } => Outgoing {

@@ -165,11 +165,10 @@ impl Overlay {
     }
 }
 
-/// `Config::tunnel`: the cluster's VXLAN device on this host (cluster mode).
-/// Packets that arrive through it carry their source app's tag in the
-/// VXLAN header's Group Based Policy id, which the kernel hands over as the
-/// low 16 bits of `skb->mark` (the D and A flag bits land in bits 22 and 19:
-/// masked off with [`TUNNEL_TAG_MASK`]).
+/// `Config::tunnel`: the overlay's VXLAN device (cluster mode, or silk's).
+/// Its packets carry their source app's tag in the Group Based Policy id,
+/// which the kernel hands over as the low 16 bits of `skb->mark` (the D and
+/// A flag bits land in bits 22 and 19: masked with [`TUNNEL_TAG_MASK`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Tunnel {
@@ -177,8 +176,7 @@ pub struct Tunnel {
     pub ifindex: u32,
     /// Its UDP port, host byte order (4789).
     pub port: u16,
-    /// [`tunnel_flags`]. With `port`, the `u32` port of older versions
-    /// (their high half zero): an older pinned `CONFIG` reads the same.
+    /// [`tunnel_flags`]. With `port`, the older `u32` port: reads the same.
     pub flags: u16,
 }
 const _: () = assert!(size_of::<Tunnel>() == 8);
@@ -397,9 +395,11 @@ pub mod origin {
     /// Set along with the end's bit: the connection was denied and that end
     /// was sent a reject (TCP RST, ICMP unreachable) from the other end's
     /// address. The entry allows nothing but the reject: its one packet from
-    /// the other end passes (and removes the entry), and the rejected end's
-    /// next packet is checked against policy as a new connection.
+    /// the other end passes (and removes it); the rejected end's next packet
+    /// is checked as a new connection.
     pub const REJECTED: u32 = 2;
+    /// Opened to another cell of silk's overlay, which decided it.
+    pub const DECIDED_ELSEWHERE: u32 = 4;
 }
 
 /// `CONNTRACK` value.

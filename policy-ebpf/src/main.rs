@@ -183,7 +183,7 @@ fn from_container4(skb: *mut __sk_buff) -> i32 {
     if verdict.is_pass() && config().is_some_and(|c| c.tunnel.ifindex != 0) {
         let tag = own.map_or(0, |a| a.tag);
         bytes.set_mark(if tag & !TUNNEL_TAG_MASK == 0 { tag } else { 0 });
-        let outgoing = track_outgoing(&KernelMaps::new(), &parsed);
+        let outgoing = track_outgoing(&KernelMaps::new(), &parsed, maps::to_other_cell);
         kernel_maps::apply_conn(outgoing.conn);
         if outgoing.denied {
             let denial = denied_opening(&outgoing);
@@ -455,7 +455,7 @@ fn source_side6(parsed: &Parsed<Ipv6Key>, bytes: &SkbBytes, own: Attachment, ifi
     if config().is_some_and(|c| c.tunnel.ifindex != 0) {
         let tag = own.map_or(0, |a| a.tag);
         bytes.set_mark(if tag & !TUNNEL_TAG_MASK == 0 { tag } else { 0 });
-        let outgoing = track_outgoing(&KernelMaps6::new(), parsed);
+        let outgoing = track_outgoing(&KernelMaps6::new(), parsed, |_| false);
         kernel_maps::apply_conn6(outgoing.conn);
         if outgoing.denied {
             let denial = denied_opening(&outgoing);

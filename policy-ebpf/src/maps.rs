@@ -27,6 +27,18 @@ pub fn config() -> Option<&'static Config> {
     CONFIG.get(CONFIG_INDEX)
 }
 
+/// Whether `daddr` (wire order), which is no endpoint of this host, is
+/// another cell's container on Cloud Foundry's silk overlay: in the
+/// overlay network, silk's tunnel in use. Such traffic stays in the
+/// overlay: the other cell decides it (not NetOut, not this host).
+#[inline(always)]
+pub fn to_other_cell(daddr: u32) -> bool {
+    config().is_some_and(|c| {
+        c.tunnel.flags & policy_common::maps::tunnel_flags::SILK != 0
+            && c.overlay.slot(daddr).is_some()
+    })
+}
+
 /// Registered endpoints by address.
 #[btf_map]
 pub static ENDPOINTS: HashMap<u32, EndpointValue, { capacity::ENDPOINTS as usize }> =

@@ -50,7 +50,7 @@ pub fn check(
         return None;
     }
     let maps = KernelMaps::new();
-    if maps.endpoint(flow.daddr).is_some() {
+    if maps.endpoint(flow.daddr).is_some() || crate::maps::to_other_cell(flow.daddr) {
         return None; // container to container: policies decide
     }
     let key = aya_ebpf::maps::lpm_trie::Key::new(64, key_data(tag, flow.daddr));

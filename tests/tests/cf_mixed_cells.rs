@@ -2,10 +2,12 @@
 //! vxlan-policy-agent, cell 2 this agent (with the cell's rendered
 //! vxlan-policy-agent config: it joins `silk-vtep`), policies from the
 //! same policy server, containers from CF's cni-wrapper-plugin on both.
-//! From cell 1 into cell 2, the policy holds on its port only, the tag
-//! taken from silk's VXLAN GBP field; an app without a tag (no policy:
-//! vxlan-policy-agent marks nothing) is denied as CF denies it; deleted,
-//! the policy is gone. A forged tunnel header is refused and counted,
+//! Both ways the policy holds on its port only, the tag in silk's VXLAN
+//! GBP field: into cell 2 this agent decides by it, out of cell 2
+//! vxlan-policy-agent does, and this agent lets the replies in as
+//! replies (also after a policy change); an app without a tag (no
+//! policy: vxlan-policy-agent marks nothing) is denied as CF denies it;
+//! deleted, the policy is gone. A forged tunnel header is refused and counted,
 //! from a container of cell 2 and from an underlay host that is no cell.
 
 use std::{net::UdpSocket, process::Command, time::Duration};
@@ -15,7 +17,7 @@ use integration_tests::{
     daemon::Daemon,
     eventually, require_root,
     silk::{CellAgent, Overlay, SilkContainer},
-    traffic::{LONG, SHORT, tcp_echo_server, tcp_echo_works},
+    traffic::{LONG, SHORT, echo_once, tcp_connect, tcp_echo_server, tcp_echo_works},
 };
 use policy_common::craft::PacketSpec;
 
@@ -56,10 +58,12 @@ fn a_vxlan_policy_agent_cell_and_this_agents_cell_on_one_overlay() {
         vec!["--vxlan-policy-agent-config".into(), config_file.into()],
     );
     let c1a = cell1.add_container("c1a", "app-a", "space-1");
+    let c1b = cell1.add_container("c1b", "app-b", "space-1");
     let c1c = cell1.add_container("c1c", "app-c", "space-1");
+    let c2a = cell2.add_container("c2a", "app-a", "space-1");
     let c2b = cell2.add_container("c2b", "app-b", "space-1");
     let c2c = cell2.add_container("c2c", "app-c", "space-1");
-    serve(&[&c1a, &c1c, &c2b, &c2c]);
+    serve(&[&c1a, &c1b, &c1c, &c2a, &c2b, &c2c]);
     overlay.wait_for_peers();
     assert!(
         eventually(Duration::from_secs(5), || daemon.log().contains("joined silk's overlay")),
@@ -77,6 +81,22 @@ fn a_vxlan_policy_agent_cell_and_this_agents_cell_on_one_overlay() {
         daemon.log()
     );
     assert!(!tcp_echo_works(&c1a.ns, c2b.ip, 9090, SHORT), "another port");
+    // The other way: from this agent's cell, app-a's tag in silk's header,
+    // decided by vxlan-policy-agent on cell 1; the replies come back as
+    // replies of the connection this cell recorded.
+    assert!(
+        tcp_echo_works(&c2a.ns, c1b.ip, 8080, LONG),
+        "app-a on cell 2 (this agent) -> app-b on cell 1 (vxlan-policy-agent):\n{}",
+        daemon.log()
+    );
+    assert!(!tcp_echo_works(&c2a.ns, c1b.ip, 9090, SHORT), "another port, refused on cell 1");
+    assert!(!tcp_echo_works(&c2c.ns, c1b.ip, 8080, SHORT), "app-c: no tag, refused on cell 1");
+    // An open connection across cells outlives a policy change here.
+    let mut open = tcp_connect(&c2a.ns, None, c1b.ip, 8080, LONG).expect("connect");
+    assert!(echo_once(&mut open));
+    overlay.policy_server().add_policies(&[("app-c", "app-b", "tcp", 7070, 7070)]);
+    cell2.force_poll();
+    assert!(echo_once(&mut open), "kept across a policy change on this cell");
     assert!(!tcp_echo_works(&c1c.ns, c2b.ip, 8080, SHORT), "app-c carries no tag: denied");
     let denied = daemon.verdict_count("no_policy");
     assert!(denied > 0, "the denials were this agent's, counted");
@@ -117,4 +137,5 @@ fn a_vxlan_policy_agent_cell_and_this_agents_cell_on_one_overlay() {
     cell1.force_poll();
     cell2.force_poll();
     assert!(!tcp_echo_works(&c1a.ns, c2b.ip, 8080, SHORT), "deleted at the server");
+    assert!(!tcp_echo_works(&c2a.ns, c1b.ip, 8080, SHORT), "deleted, the other way");
 }

@@ -469,13 +469,13 @@ fn connections_to_other_hosts_are_tracked_where_they_leave() {
         |src, dst| parse_ethernet(PacketSpec::tcp(src, dst, 40000, 8080).frame().as_slice());
     let none = Outgoing { conn: ConnUpdate::none(), denied: false, src_tag: 0, dst_tag: 0 };
     // To a local endpoint or an unknown address: the destination side decides.
-    assert_eq!(track_outgoing(&t, &parsed(A, B)), none);
-    assert_eq!(track_outgoing(&t, &parsed(A, R)), none);
+    assert_eq!(track_outgoing(&t, &parsed(A, B), |_| false), none);
+    assert_eq!(track_outgoing(&t, &parsed(A, R), |_| false), none);
     // To an endpoint on another host: tracked only when a policy allows it
     // from this side, once, at the current epoch; denied without one.
     t.endpoints
         .insert(addr(R), EndpointValue { tag: 2, flags: crate::maps::endpoint_flags::REMOTE });
-    let denied = track_outgoing(&t, &parsed(A, R));
+    let denied = track_outgoing(&t, &parsed(A, R), |_| false);
     let expected = Outgoing { conn: ConnUpdate::none(), denied: true, src_tag: 1, dst_tag: 2 };
     assert_eq!(denied, expected, "no policy, with both apps for the report");
     // A reject's entry does not count as tracked: still denied.
@@ -483,19 +483,50 @@ fn connections_to_other_hosts_are_tracked_where_they_leave() {
     let Parsed::Flow { flow, .. } = parse_ethernet(frame.as_slice()) else { panic!() };
     let (key, conn) = reject_entry(&flow, t.epoch);
     t.conns.insert(key, conn);
-    assert!(track_outgoing(&t, &parsed(A, R)).denied);
+    assert!(track_outgoing(&t, &parsed(A, R), |_| false).denied);
     t.allow(1, 2, proto::TCP, 8080, 8080, 4);
-    let outgoing = track_outgoing(&t, &parsed(A, R));
+    let outgoing = track_outgoing(&t, &parsed(A, R), |_| false);
     assert!(outgoing.conn.kind == conn_update::INSERT && !outgoing.denied, "not tracked");
     let (key, conn) = (outgoing.conn.key, outgoing.conn.conn);
     assert_eq!((conn.epoch, conn.policy_id), (t.epoch, 4));
     t.conns.insert(key, conn);
-    assert_eq!(track_outgoing(&t, &parsed(A, R)), none);
+    assert_eq!(track_outgoing(&t, &parsed(A, R), |_| false), none);
     // The other end's connections are never recorded from this side.
     let from_server = parse_ethernet(PacketSpec::tcp(B, R, 8080, 40000).frame().as_slice());
-    assert_eq!(track_outgoing(&t, &from_server).conn, ConnUpdate::none());
+    assert_eq!(track_outgoing(&t, &from_server, |_| false).conn, ConnUpdate::none());
     // Its reply is let in as a reply while a policy allows the opening flow.
     assert_eq!(t.deliver(&PacketSpec::tcp(R, A, 8080, 40000)), Verdict::Pass(Reason::Reply));
+}
+
+#[test]
+fn connections_to_other_cells_of_silk_are_decided_there() {
+    const R: [u8; 4] = [10, 255, 1, 7];
+    let mut t = MemLookups::with_endpoints();
+    let parsed =
+        |src, dst| parse_ethernet(PacketSpec::tcp(src, dst, 40000, 8080).frame().as_slice());
+    let remote = addr(R);
+    let other_cell = move |a: u32| a == remote;
+    // An endpoint's opening to another cell's container: recorded as
+    // decided there, with no policy of this host's.
+    let outgoing = track_outgoing(&t, &parsed(A, R), other_cell);
+    assert_eq!(outgoing.conn.kind, conn_update::INSERT);
+    assert!(!outgoing.denied);
+    let conn = outgoing.conn.conn;
+    assert_eq!(conn.policy_id, 0);
+    assert_ne!(conn.origin & origin::DECIDED_ELSEWHERE, 0);
+    // Not from an address that is no endpoint, not without silk.
+    const STRANGER: [u8; 4] = [10, 255, 0, 99];
+    assert_eq!(track_outgoing(&t, &parsed(STRANGER, R), other_cell).conn.kind, conn_update::NONE);
+    assert_eq!(track_outgoing(&t, &parsed(A, R), |_| false).conn.kind, conn_update::NONE);
+    // Its replies come in as replies, also after a policy change here.
+    t.conns.insert(outgoing.conn.key, conn);
+    assert_eq!(t.deliver(&PacketSpec::tcp(R, A, 8080, 40000)), Verdict::Pass(Reason::Reply));
+    t.epoch += 1;
+    assert_eq!(t.deliver(&PacketSpec::tcp(R, A, 8080, 40000)), Verdict::Pass(Reason::Reply));
+    // Without the record, the same packet is a new flow from an unknown
+    // source: what the endpoint map says (here: unmanaged).
+    t.conns.clear();
+    assert_ne!(t.deliver(&PacketSpec::tcp(R, A, 8080, 40000)), Verdict::Pass(Reason::Reply));
 }
 
 #[test]
