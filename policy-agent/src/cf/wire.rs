@@ -102,7 +102,43 @@ impl PoliciesResponse {
                 Err(why) => set.skipped.push(why),
             }
         }
+        set.limit_ranges();
         set
+    }
+}
+
+impl ServerSet {
+    /// Keeps each app pair's distinct TCP or UDP port ranges within what
+    /// one kernel entry holds ([`policy_common::maps::MAX_PORT_RANGES`];
+    /// one fewer for TCP, whose pair may also hold the platform TLS port):
+    /// the lowest ranges are kept, the rest left out and named. The policy
+    /// server has no such limit; refusing the whole set instead would
+    /// leave every policy of the cell stale.
+    fn limit_ranges(&mut self) {
+        let mut ranges: BTreeMap<(&str, &str, Protocol), BTreeSet<(u16, u16)>> = BTreeMap::new();
+        let mut over = Vec::new();
+        for p in &self.policies {
+            let limit =
+                policy_common::maps::MAX_PORT_RANGES - usize::from(p.protocol == Protocol::Tcp);
+            let seen = ranges.entry((&p.source, &p.destination, p.protocol)).or_default();
+            if seen.contains(&(p.start, p.end)) || seen.len() < limit {
+                seen.insert((p.start, p.end));
+            } else {
+                over.push(p.clone());
+            }
+        }
+        for p in over {
+            self.skipped.push(format!(
+                "{} -> {} {} {}-{}: the pair already has the {} distinct port ranges one kernel entry holds",
+                p.source,
+                p.destination,
+                p.protocol.name(),
+                p.start,
+                p.end,
+                policy_common::maps::MAX_PORT_RANGES - usize::from(p.protocol == Protocol::Tcp)
+            ));
+            self.policies.remove(&p);
+        }
     }
 }
 
@@ -192,6 +228,27 @@ mod tests {
         assert!(set.skipped[1].contains("sctp"), "{:?}", set.skipped);
         assert!(set.skipped[3].contains("two tags"), "{:?}", set.skipped);
         assert_eq!(set.tags, BTreeMap::from([("a".into(), 1), ("b".into(), 2)]));
+    }
+
+    #[test]
+    fn a_pair_keeps_the_ranges_one_kernel_entry_holds() {
+        let policy = |port: u16, protocol: &str| {
+            format!(
+                r#"{{"source":{{"id":"a","tag":"0001"}},"destination":{{"id":"b","tag":"0002","protocol":"{protocol}","ports":{{"start":{port},"end":{port}}}}}}}"#
+            )
+        };
+        let all: Vec<String> = (1..=20)
+            .map(|p| policy(1000 + p, "tcp"))
+            .chain((1..=20).map(|p| policy(2000 + p, "udp")))
+            .collect();
+        let text = format!(r#"{{"policies":[{}]}}"#, all.join(","));
+        let set = serde_json::from_str::<PoliciesResponse>(&text).unwrap().into_set();
+        let count = |p: Protocol| set.policies.iter().filter(|x| x.protocol == p).count();
+        assert_eq!(count(Protocol::Tcp), 15, "one range left for the TLS port");
+        assert_eq!(count(Protocol::Udp), 16);
+        assert_eq!(set.skipped.len(), 9, "{:?}", set.skipped);
+        assert!(set.policies.iter().any(|p| p.start == 1001), "the lowest kept");
+        assert!(set.skipped[0].contains("distinct port ranges"), "{:?}", set.skipped);
     }
 
     #[test]
