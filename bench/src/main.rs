@@ -9,10 +9,14 @@
 //! 6. platform TLS on 61443 versus plain TCP;
 //! 7. cluster mode: a write enforced across hosts, fan-out to followers;
 //! 8. the CNI plugin against the reference plugins, and with podman;
-//! 9. NetOut's per-packet cost at 0 to 1,000 rules.
+//! 9. NetOut's per-packet cost at 0 to 1,000 rules;
+//! 10. on a Cloud Foundry cell, against vxlan-policy-agent: policy server
+//!     write to first allowed connection, UDP packets/s, CPU per idle poll,
+//!     60,000 policies.
 
 mod agent;
 mod api;
+mod cf;
 mod cluster;
 mod cni;
 mod compare;
@@ -28,7 +32,7 @@ mod update;
 fn main() {
     integration_tests::require_root();
     let quick = std::env::args().any(|a| a == "--quick");
-    // BENCH_ONLY=dataplane|compare|gap|large|flows|update|agent|tls|cluster|cni|netout|reject runs one part.
+    // BENCH_ONLY=dataplane|compare|gap|large|flows|update|agent|tls|cluster|cni|netout|reject|cf runs one part.
     let only = std::env::var("BENCH_ONLY").ok();
     let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
     if runs("compare") || runs("update") || runs("reject") {
@@ -75,6 +79,9 @@ fn main() {
     }
     if runs("reject") {
         reject::run(quick, &mut report);
+    }
+    if runs("cf") {
+        cf::run(quick, &mut report);
     }
     // A whole run writes bench/ (committed with the code it measured); one
     // part alone writes under target/, leaving the whole run's figures be.

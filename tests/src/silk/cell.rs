@@ -96,12 +96,7 @@ impl<'o> Cell<'o> {
             processes.wait_for("silk-daemon's lease", within, || silk_daemon_answer(&network));
         processes.wait_for("silk-vtep up", within, || vtep_up(&ns).then_some(()));
         if agent == CellAgent::VxlanPolicyAgent {
-            let args = [OsStr::new("-config-file"), agent_config.as_os_str()];
-            let program = binaries.join("vxlan-policy-agent");
-            processes.spawn("vxlan-policy-agent", &network, &program, &args);
-            processes.wait_for("vxlan-policy-agent's force endpoint", within, || {
-                force_poll(&network).ok()
-            });
+            start_vxlan_policy_agent(&mut processes, &network, binaries, &agent_config);
         }
         overlay.cells.borrow_mut().push(CellRecord { n, ns: ns.name().to_owned() });
         Self {
@@ -196,6 +191,23 @@ impl<'o> Cell<'o> {
         }
     }
 
+    /// Restarts CF's vxlan-policy-agent with `poll_interval` seconds in
+    /// its config (which [`Cell::vxlan_policy_agent_config`] says from
+    /// now on): killed by its PID, started again, returns once its force
+    /// endpoint answers (a forced cycle). Its iptables chain stays in
+    /// force meanwhile; the new process replaces it on its first cycle.
+    /// Panics unless the cell runs vxlan-policy-agent.
+    pub fn restart_vxlan_policy_agent(&mut self, poll_interval: u64) {
+        let path = self.vxlan_policy_agent_config();
+        let text = std::fs::read(&path).expect("vxlan-policy-agent's config");
+        let mut config: serde_json::Value = serde_json::from_slice(&text).expect("JSON");
+        config["poll_interval"] = poll_interval.into();
+        self.processes.stop("vxlan-policy-agent");
+        let path = self.processes.write_config("vxlan-policy-agent", &config);
+        let binaries = &self.overlay.binaries;
+        start_vxlan_policy_agent(&mut self.processes, &self.network, binaries, &path);
+    }
+
     /// The cell's directory: configs, data (`silk/`, `container-metadata/`,
     /// `host-local/`, `garden-cni/`) and logs.
     pub fn dir(&self) -> &Path {
@@ -222,6 +234,22 @@ impl Drop for Cell<'_> {
     fn drop(&mut self) {
         self.overlay.cells.borrow_mut().retain(|cell| cell.n != self.n);
     }
+}
+
+/// Starts vxlan-policy-agent with `config` in the cell; returns once its
+/// force endpoint answers (a forced cycle), panics with the logs if not
+/// within 30 s.
+fn start_vxlan_policy_agent(
+    processes: &mut Processes,
+    network: &Network,
+    binaries: &Path,
+    config: &Path,
+) {
+    let args = [OsStr::new("-config-file"), config.as_os_str()];
+    processes.spawn("vxlan-policy-agent", network, &binaries.join("vxlan-policy-agent"), &args);
+    processes.wait_for("vxlan-policy-agent's force endpoint", Duration::from_secs(30), || {
+        force_poll(network).ok()
+    });
 }
 
 /// silk-daemon's answer in the cell: the leased subnet and the MTU.

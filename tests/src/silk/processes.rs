@@ -93,6 +93,16 @@ impl Processes {
         }
     }
 
+    /// Kills the program `name` started here (by its PID) and waits for
+    /// it; panics unless it runs.
+    pub(super) fn stop(&mut self, name: &str) {
+        let at = self.running.iter().position(|(running, _)| running == name);
+        let (_, mut child) =
+            self.running.remove(at.unwrap_or_else(|| panic!("{name} is not running")));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// The name and PID of every program started here.
     pub(super) fn pids(&self) -> Vec<(&str, u32)> {
         self.running.iter().map(|(name, child)| (name.as_str(), child.id())).collect()
