@@ -115,7 +115,8 @@ impl ServerSet {
     /// server has no such limit; refusing the whole set instead would
     /// leave every policy of the cell stale.
     fn limit_ranges(&mut self) {
-        let mut ranges: BTreeMap<(&str, &str, Protocol), BTreeSet<(u16, u16)>> = BTreeMap::new();
+        type Pair<'a> = (&'a str, &'a str, Protocol);
+        let mut ranges: BTreeMap<Pair, BTreeSet<(u16, u16)>> = BTreeMap::new();
         let mut over = Vec::new();
         for p in &self.policies {
             let limit =
