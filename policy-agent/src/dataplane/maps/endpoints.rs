@@ -36,6 +36,17 @@ impl Maps {
             // Its connections were allowed for the old app.
             self.bump_epoch()?;
         }
+        // On silk's overlay a container may record openings to addresses
+        // that are no endpoint as decided by another cell
+        // (`origin::DECIDED_ELSEWHERE`, held at any epoch): a new endpoint
+        // at such an address of this cell would otherwise take their
+        // packets as replies. Forgotten once it is an endpoint (after the
+        // insert: no new one is recorded for it from then on).
+        if previous.is_none()
+            && self.config()?.tunnel.flags & policy_common::maps::tunnel_flags::SILK != 0
+        {
+            self.forget_address(addr)?;
+        }
         Ok(())
     }
 
