@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::Ipv4Addr,
 };
 
 use super::*;
@@ -14,18 +14,6 @@ fn store(name: &str) -> Box<dyn Store> {
     let dir = std::env::temp_dir().join(format!("policy-agent-ps-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     Box::new(Journal::open(&dir).unwrap())
-}
-
-fn endpoint(last: u8, app: &str) -> Endpoint {
-    Endpoint {
-        ip: IpAddr::from([10, 255, 0, last]),
-        ipv6: None,
-        app: app.into(),
-        ifname: format!("hv{last}"),
-        netns: None,
-        host: None,
-        port_mappings: Vec::new(),
-    }
 }
 
 fn following(name: &str, kernel: FakeKernel) -> Agent<FakeKernel> {
@@ -41,8 +29,8 @@ fn the_kernel_holds_what_the_server_says() {
     let mut kernel = FakeKernel::new(100);
     kernel.interfaces.extend(["hv1".to_owned(), "hv2".to_owned()]);
     let mut agent = following("holds", kernel);
-    agent.add_endpoint(endpoint(1, "web")).unwrap();
-    agent.add_endpoint(endpoint(2, "api")).unwrap();
+    agent.add_endpoint(Endpoint::test(1, "web")).unwrap();
+    agent.add_endpoint(Endpoint::test(2, "api")).unwrap();
     let policies = BTreeSet::from([Policy::tcp("web", "api", 8080)]);
     let tags = BTreeMap::from([("web".to_owned(), 1), ("api".to_owned(), 2)]);
     assert_eq!(agent.follow_policy_server(&policies, &tags).unwrap(), (1, 0));
@@ -73,7 +61,7 @@ fn a_kernel_that_refuses_changes_nothing() {
     let mut kernel = FakeKernel::new(100);
     kernel.interfaces.insert("hv1".to_owned());
     let mut agent = following("refuses", kernel);
-    agent.add_endpoint(endpoint(1, "web")).unwrap();
+    agent.add_endpoint(Endpoint::test(1, "web")).unwrap();
     let one = BTreeSet::from([Policy::tcp("web", "api", 8080)]);
     let tags = BTreeMap::from([("web".to_owned(), 1), ("api".to_owned(), 2)]);
     agent.follow_policy_server(&one, &tags).unwrap();

@@ -288,6 +288,22 @@ pub fn tag_text(tag: u32) -> String {
 }
 
 #[cfg(test)]
+impl Endpoint {
+    /// An IPv4 endpoint 10.255.0.LAST of `app` on veth `hvLAST` (for tests).
+    pub(crate) fn test(last: u8, app: &str) -> Self {
+        Self {
+            ip: IpAddr::from([10, 255, 0, last]),
+            ipv6: None,
+            app: app.into(),
+            ifname: format!("hv{last}"),
+            netns: None,
+            host: None,
+            port_mappings: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
 impl Policy {
     /// A TCP policy on one port (for tests).
     pub(crate) fn tcp(source: &str, destination: &str, port: u16) -> Self {

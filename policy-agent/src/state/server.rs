@@ -150,18 +150,6 @@ mod tests {
     use super::*;
     use crate::state::Endpoint;
 
-    fn endpoint(last: u8, app: &str) -> Endpoint {
-        Endpoint {
-            ip: IpAddr::from([10, 255, 0, last]),
-            ipv6: None,
-            app: app.into(),
-            ifname: format!("hv{last}"),
-            netns: None,
-            host: None,
-            port_mappings: Vec::new(),
-        }
-    }
-
     fn set(policies: &[Policy]) -> BTreeSet<Policy> {
         policies.iter().cloned().collect()
     }
@@ -181,8 +169,8 @@ mod tests {
     fn server_tags_replace_the_agents_own() {
         let mut state = State::default();
         // Registered before the policy server was the source: tag 1.
-        state.add_endpoint(endpoint(1, "web"));
-        state.add_endpoint(endpoint(2, "lonely"));
+        state.add_endpoint(Endpoint::test(1, "web"));
+        state.add_endpoint(Endpoint::test(2, "lonely"));
         assert_eq!(state.tag("web"), Some(1));
         let policy = Policy::tcp("web", "api", 8080);
         let change =
@@ -222,8 +210,8 @@ mod tests {
     #[test]
     fn a_tag_the_server_hands_to_another_app_moves() {
         let mut state = State::default();
-        state.add_endpoint(endpoint(1, "x"));
-        state.add_endpoint(endpoint(2, "y"));
+        state.add_endpoint(Endpoint::test(1, "x"));
+        state.add_endpoint(Endpoint::test(2, "y"));
         follow(&mut state, &[Policy::tcp("x", "z", 80)], &[("x", 5), ("z", 6)]);
         assert_eq!(state.tag("x"), Some(5));
         // x's policies gone, its tag 5 now y's (the server reuses rows).
@@ -238,7 +226,7 @@ mod tests {
     #[test]
     fn undo_and_replay_are_exact() {
         let mut state = State::default();
-        state.add_endpoint(endpoint(1, "web"));
+        state.add_endpoint(Endpoint::test(1, "web"));
         state.insert_policies(&[Policy::tcp("old", "web", 1)]);
         let before = state.clone();
         let change = state.server_change(
