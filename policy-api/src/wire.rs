@@ -167,6 +167,14 @@ pub struct Endpoint {
     pub instance_cert: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_key: Option<PathBuf>,
+    /// Cloud Foundry: the container's space, as garden's metadata names
+    /// it; with the policy server's security groups synced
+    /// (`enable_asg_syncing`) it picks the groups that hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub space_id: Option<String>,
+    /// Cloud Foundry: `app`, `task` or `staging` (garden's metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_workload: Option<String>,
 }
 
 /// A NetIn mapping: garden's `{"host_port", "container_port"}` or the CNI

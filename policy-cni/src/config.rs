@@ -128,6 +128,15 @@ impl NetConf {
         self.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)).join(&self.name)
     }
 
+    /// A string of garden's metadata (`space_id`, `container_workload`):
+    /// at the top level, else in `runtimeConfig.metadata`; empty is none.
+    pub fn garden(&self, key: &str) -> Option<String> {
+        [&self.metadata, &self.runtime_config.metadata].into_iter().find_map(|m| match m.get(key) {
+            Some(Value::String(v)) if !v.is_empty() => Some(v.clone()),
+            _ => None,
+        })
+    }
+
     /// The app the container belongs to, and where that came from, in
     /// order: garden's `metadata.policy_group_id` (top level; also taken
     /// from `runtimeConfig.metadata`); the
@@ -283,6 +292,12 @@ mod tests {
         );
         assert_eq!(conf.runtime_config.port_mappings.len(), 2);
         assert_eq!(conf.runtime_config.net_out_rules.as_ref().map(Vec::len), Some(4));
+        // The space picks the policy server's security groups.
+        assert_eq!(
+            conf.garden("space_id").as_deref(),
+            Some("a1c2e3f4-1111-4222-8333-944455566677")
+        );
+        assert_eq!(conf.garden("container_workload"), None);
     }
 
     #[test]

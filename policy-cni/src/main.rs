@@ -193,8 +193,10 @@ async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
             ports: None,
             instance_cert: None,
             instance_key: None,
+            space_id: conf.garden("space_id"),
+            container_workload: conf.garden("container_workload"),
         };
-        agent::<Ignored>(conf, "POST", "/v1/endpoints", Some(&body(&endpoint)))?;
+        let answer: Value = agent(conf, "POST", "/v1/endpoints", Some(&body(&endpoint)))?;
         registered = true;
         // NetOut: the app's security groups, as the runtime passed them,
         // set only once the registration succeeded, so a refused ADD
@@ -209,7 +211,13 @@ async fn add(conf: &NetConf, env: &Env) -> Result<Value> {
         // groups apply it reaches nothing but its gateway. (Only a netlink
         // failure in that last step comes after the PUT: the registration
         // is undone, the groups the agent accepted for the app stay.)
-        if let Some(rules) = &conf.runtime_config.net_out_rules {
+        //
+        // With Cloud Foundry's dynamic security groups (the agent syncs
+        // them from the policy server for a container in a space), the
+        // app's groups already hold when the registration is answered:
+        // the runtime's static ones are not set over them.
+        let synced = answer.get("security_groups").and_then(Value::as_str) == Some("policy_server");
+        if let Some(rules) = conf.runtime_config.net_out_rules.as_ref().filter(|_| !synced) {
             let rules = body(&wire::NetOutRules { rules: rules.clone() });
             agent::<Ignored>(conf, "PUT", &format!("/v1/asgs/{app}"), Some(&rules))?;
         }

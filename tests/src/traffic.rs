@@ -236,6 +236,10 @@ impl SteadyFlows {
         let receive = |port: u16| {
             let socket = to_ns.run(move || UdpSocket::bind((to, port))).expect("bind receiver");
             socket.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+            // Room for seconds of datagrams: a receiver thread starved on a
+            // busy machine must not turn into "lost" packets the dataplane
+            // delivered (the default buffer holds ~100 ms of them).
+            receive_buffer(&socket, 8 << 20);
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let (mut received, mut buf) = (0u64, [0u8; 64]);
@@ -276,6 +280,23 @@ impl SteadyFlows {
             denied_received: self.denied.join().expect("receiver"),
         }
     }
+}
+
+/// Asks for a receive buffer of `bytes` (`SO_RCVBUFFORCE`, as root; the
+/// kernel doubles it for its bookkeeping).
+fn receive_buffer(socket: &UdpSocket, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a valid socket descriptor and a c_int option value of its size.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(done, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
 }
 
 /// `curl URL` over HTTPS from `ns`, trusting the CA bundle `cacert`, with

@@ -6,8 +6,24 @@
 //! converts them. Also what the server's endpoint really takes: `limit`
 //! and `from` (not `per_page`, which vxlan-policy-agent sends), and no
 //! spaces named gives the default groups only.
+//!
+//! And a container `policy-cni` adds with garden's `space_id`: its
+//! space's groups hold when the ADD returns, in place of the static
+//! `netOutRules` of the call, follow the server, and cannot be written
+//! over through the API; a container without a space keeps its static
+//! rules.
 
-use integration_tests::{cf::PolicyServer, require_root};
+use std::{net::Ipv4Addr, time::Duration};
+
+use integration_tests::{
+    cf::PolicyServer,
+    cni::{assert_nothing_left, config, host_with_outside, result_ip, run_plugin},
+    daemon::Daemon,
+    eventually,
+    netns::NetNs,
+    require_root,
+    traffic::{LONG, SHORT, tcp_echo_server, tcp_echo_works},
+};
 use policy_agent::{
     cf::{
         CfConfig, PolicyServerClient,
@@ -15,6 +31,7 @@ use policy_agent::{
     },
     state::{AddressRange, IcmpMatch, NetOutProtocol, NetOutRule, PortSpan},
 };
+use serde_json::json;
 
 /// A cell's client of `server`'s internal API.
 fn client(server: &PolicyServer) -> PolicyServerClient {
@@ -194,4 +211,90 @@ fn security_groups_from_the_policy_server_become_netout_rules() {
     );
     // Staging does not take that group.
     assert_eq!(rules_for(&now, "space-1", Workload::Staging).unwrap().rules.len(), 1);
+}
+
+#[test]
+fn a_cni_container_in_a_space_gets_its_spaces_groups_from_the_server() {
+    require_root();
+    let (host, ext) = host_with_outside("extlink", "192.0.2.1/24", &["192.0.2.10/24"]);
+    ext.ip(&["route", "add", "default", "via", "192.0.2.1"]);
+    let dest = Ipv4Addr::new(192, 0, 2, 10);
+    for port in [443, 444, 445] {
+        tcp_echo_server(&ext, dest, port);
+    }
+    let server = PolicyServer::start_in(&host);
+    // The running default: TCP 443; space-1's group: TCP 444.
+    server.put_default_and_space_groups("444", &["space-1"]);
+    let (cert, key) = server.client_identity();
+    let daemon = Daemon::start(
+        &host,
+        &format!(
+            "[cf]\npolicy_server_url = \"{}\"\nca_cert_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\nenable_asg_syncing = true\nasg_poll_interval = \"1s\"\n",
+            server.internal_url(),
+            server.ca_file().display(),
+            cert.display(),
+            key.display()
+        ),
+    );
+    // garden's call: the space in the metadata, and static groups (TCP 445
+    // only) that the server's replace.
+    let static_rules = json!([{"protocol": 1, "networks": [{"start": "192.0.2.10", "end": "192.0.2.10"}],
+                               "ports": [{"start": 445, "end": 445}]}]);
+    let mut conf = config(&daemon, "0.3.1", Some("app-a"));
+    conf["metadata"]["space_id"] = json!("space-1");
+    conf["metadata"]["container_workload"] = json!("app");
+    conf["runtimeConfig"]["netOutRules"] = static_rules.clone();
+    let a_ns = NetNs::new(integration_tests::unique_name("c"));
+    let a = run_plugin(&host, "ADD", "a-1", Some(&a_ns.path()), "eth0", &conf);
+    assert!(a.ok, "{} {}", a.out, a.stderr);
+    let egress = |ns: &NetNs| {
+        [443, 444, 445].map(|p| tcp_echo_works(ns, dest, p, if p == 443 { LONG } else { SHORT }))
+    };
+    // In force when the ADD returned: the default and space-1's group.
+    assert_eq!(egress(&a_ns), [true, true, false], "the server's groups:\n{}", daemon.log());
+    let listed = daemon.curl("GET", "/v1/endpoints", None).1;
+    let endpoint = &listed["endpoints"][0];
+    assert_eq!(
+        (endpoint["space_id"].as_str(), endpoint["container_workload"].as_str()),
+        (Some("space-1"), Some("app")),
+        "{listed}"
+    );
+    // Written through the API while the server's groups hold: refused,
+    // nothing changed.
+    let (status, reply) =
+        daemon.curl("PUT", "/v1/asgs/app-a", Some(&json!({"rules": static_rules}).to_string()));
+    assert_eq!(status, 409, "{reply}");
+    let error = reply["error"].as_str().unwrap_or_default();
+    assert!(error.contains("policy server") && error.contains(&server.internal_url()), "{reply}");
+    assert_eq!(daemon.curl("DELETE", "/v1/asgs/app-a", None).0, 409);
+    assert_eq!(egress(&a_ns), [true, true, false], "unchanged by the refused writes");
+
+    // The control: a container without a space keeps its static groups.
+    let mut plain = config(&daemon, "0.3.1", Some("app-b"));
+    plain["runtimeConfig"]["netOutRules"] = static_rules;
+    let b_ns = NetNs::new(integration_tests::unique_name("c"));
+    let b = run_plugin(&host, "ADD", "b-1", Some(&b_ns.path()), "eth0", &plain);
+    assert!(b.ok, "{} {}", b.out, b.stderr);
+    assert_ne!(result_ip(&b.out), result_ip(&a.out));
+    assert_eq!(egress(&b_ns), [false, false, true], "no space: the call's static groups");
+
+    // Changed at the server while the container runs: followed.
+    server.put_space_group("445", &["space-1"]);
+    assert!(
+        eventually(Duration::from_secs(6), || egress(&a_ns) == [true, false, true]),
+        "the changed group in force:\n{}",
+        daemon.log()
+    );
+    // Its last container gone: the app's groups go with it, and the API
+    // may set them again.
+    assert!(run_plugin(&host, "DEL", "a-1", Some(&a_ns.path()), "eth0", &conf).ok);
+    assert!(
+        eventually(Duration::from_secs(6), || {
+            daemon.curl("GET", "/v1/asgs", None).1["asgs"].get("app-a").is_none()
+        }),
+        "{}",
+        daemon.log()
+    );
+    assert!(run_plugin(&host, "DEL", "b-1", Some(&b_ns.path()), "eth0", &plain).ok);
+    assert_nothing_left(&daemon, &host);
 }

@@ -199,24 +199,7 @@ fn security_groups_from_the_policy_server_follow_running_containers() {
     }
     let server = PolicyServer::start_in(&host.ns);
     // The running default: TCP 443; space-1's group: TCP 444.
-    server.put_security_group(
-        "default-1",
-        "public",
-        r#"[{"protocol":"tcp","destination":"192.0.2.0/24","ports":"443"}]"#,
-        true,
-        false,
-        &[],
-        &[],
-    );
-    server.put_security_group(
-        "space-1-group",
-        "s1",
-        r#"[{"protocol":"tcp","destination":"192.0.2.10","ports":"444"}]"#,
-        false,
-        false,
-        &["space-1"],
-        &[],
-    );
+    server.put_default_and_space_groups("444", &["space-1"]);
     let dir = std::env::temp_dir().join(integration_tests::unique_name("cf-asgs"));
     std::fs::create_dir_all(dir.join("container-metadata")).expect("store dir");
     let store = MetadataStore { path: dir.join("container-metadata/store.json") };
@@ -260,15 +243,7 @@ fn security_groups_from_the_policy_server_follow_running_containers() {
 
     // Changed at the server while the containers run: followed within
     // the poll interval (1 s), no restart.
-    server.put_security_group(
-        "space-1-group",
-        "s1",
-        r#"[{"protocol":"tcp","destination":"192.0.2.10","ports":"445"}]"#,
-        false,
-        false,
-        &["space-1", "space-2"],
-        &[],
-    );
+    server.put_space_group("445", &["space-1", "space-2"]);
     assert!(
         eventually(Duration::from_secs(6), || egress(a) == [true, false, true]
             && egress(b) == [true, false, true]),

@@ -497,10 +497,18 @@ fn agents_killed_under_cross_host_traffic_lose_nothing() {
     );
     std::thread::sleep(Duration::from_millis(300));
     // The destination's agent, then the source's, killed and restarted; a
-    // write made while one is down reaches it when it is back.
+    // write made while one is down reaches it when it is back. The first
+    // stays down past its lease (3 s) and a renewal (1 s): its record
+    // expires, but within host_grace_seconds its routes and trust stay
+    // (its programs still police its containers).
     cells[1].daemon.kill9();
     cells[0].daemon.allow("frontend", "backend", "tcp", "443");
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        get(&cells[0].daemon, "/v1/cluster")["hosts"].as_array().map(Vec::len),
+        Some(1),
+        "the killed host's record expired"
+    );
     cells[1].daemon.spawn();
     cells[0].daemon.kill9();
     std::thread::sleep(Duration::from_millis(300));
@@ -508,7 +516,16 @@ fn agents_killed_under_cross_host_traffic_lose_nothing() {
     std::thread::sleep(Duration::from_millis(300));
     let counts = flows.finish();
     assert!(counts.sent > 500, "{counts:?}");
-    assert_eq!(counts.allowed_received, counts.sent, "allowed packets lost: {counts:?}");
+    let verdicts = |c: &ClusterHost| c.daemon.get("/v1/status")["verdicts"].to_string();
+    assert_eq!(
+        counts.allowed_received,
+        counts.sent,
+        "allowed packets lost: {counts:?}\nverdicts on the source's host: {}\non the destination's: {}\n{}\n{}",
+        verdicts(&cells[0]),
+        verdicts(&cells[1]),
+        cells[0].daemon.log(),
+        cells[1].daemon.log()
+    );
     assert_eq!(counts.denied_received, 0, "denied packets passed: {counts:?}");
     assert!(eventually(LONG, || get(&cells[1].daemon, POLICIES)["total_policies"] == 2));
 }

@@ -540,6 +540,8 @@ mod tests {
             netns: None,
             host: None,
             port_mappings: Vec::new(),
+            space_id: None,
+            workload: None,
         };
         match agent.add_endpoint(missing) {
             Err(AgentError::Invalid(e)) => assert_eq!(e.field, "ifname"),
@@ -556,6 +558,8 @@ mod tests {
                 netns: None,
                 host: None,
                 port_mappings: Vec::new(),
+                space_id: None,
+                workload: None,
             })
             .unwrap();
         assert_eq!(agent.kernel().endpoints[&std::net::Ipv4Addr::new(10, 255, 0, 1)].tag, 1);
@@ -573,6 +577,8 @@ mod tests {
             netns: None,
             host: None,
             port_mappings: Vec::new(),
+            space_id: None,
+            workload: None,
         }
     }
 

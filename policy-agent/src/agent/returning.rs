@@ -203,6 +203,8 @@ mod tests {
             netns: None,
             host: Some("me".into()),
             port_mappings: Vec::new(),
+            space_id: None,
+            workload: None,
         }
     }
 

@@ -52,7 +52,8 @@ pub async fn add(State(api): State<Api>, body: Body) -> Reply {
     if let Some(Err(e)) = endpoint.netns.as_deref().map(policy_api::netns::open) {
         return invalid(&Invalid::new("netns", e.to_string()));
     }
-    let reply = wire::endpoint_json(&endpoint);
+    let mut reply = wire::endpoint_json(&endpoint);
+    let (app, in_a_space) = (endpoint.app.clone(), endpoint.space_id.is_some());
     let tls = api.tls.clone();
     let registered = tracked_write(&api, move |agent| {
         // Its identity is stored before it is registered: a full disk
@@ -70,6 +71,11 @@ pub async fn add(State(api): State<Api>, body: Body) -> Reply {
     match registered.await {
         Ok(()) => {
             force_policy_poll(&api).await;
+            if in_a_space && force_asg_poll(&api, &app).await {
+                // Its security groups hold already: a CNI plugin does not
+                // set the runtime's static ones (policy-cni reads this).
+                reply["security_groups"] = json!("policy_server");
+            }
             ok(reply)
         }
         Err(e) => failure(e),
@@ -86,6 +92,19 @@ async fn force_policy_poll(api: &Api) {
         let (poll, timeout) = (server.poll.clone(), server.timeout);
         let _ = tokio::task::spawn_blocking(move || poll.force(timeout)).await;
     }
+}
+
+/// With the policy server's security groups synced: polls them at once
+/// for a container in a space, so its app's groups hold before the
+/// registration is answered. Whether they do.
+async fn force_asg_poll(api: &Api, app: &str) -> bool {
+    let Some((server, asgs)) = api.policy_server.as_ref().and_then(|s| Some((s, s.asgs.clone()?)))
+    else {
+        return false;
+    };
+    let (poll, timeout) = (asgs.poll.clone(), server.timeout);
+    let _ = tokio::task::spawn_blocking(move || poll.force(timeout)).await;
+    asgs.manages(app)
 }
 
 /// A registration refused because its instance identity could not be

@@ -87,7 +87,23 @@ pub struct PolicyServer {
     /// How long a registration waits for its forced poll.
     pub timeout: std::time::Duration,
     /// Dynamic security groups (`enable_asg_syncing`): their poller.
-    pub asgs: Option<(crate::cf::SharedStatus, crate::cf::PollHandle)>,
+    pub asgs: Option<AsgPoller>,
+}
+
+/// The security groups' poller as the API reaches it.
+#[derive(Clone)]
+pub struct AsgPoller {
+    pub status: crate::cf::SharedStatus,
+    pub poll: crate::cf::PollHandle,
+    /// The apps whose NetOut rules are the server's groups.
+    pub managed: crate::cf::asg_follow::ManagedApps,
+}
+
+impl AsgPoller {
+    /// Whether `app`'s NetOut rules are the policy server's groups.
+    pub fn manages(&self, app: &str) -> bool {
+        self.managed.lock().unwrap_or_else(|p| p.into_inner()).contains(app)
+    }
 }
 
 /// Where this host's containers get addresses: what a CNI plugin asks for.

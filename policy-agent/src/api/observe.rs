@@ -28,9 +28,9 @@ pub async fn status(State(api): State<Api>) -> Reply {
                 let follow = server.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let mut shown = json!(follow);
                 shown["set_age_seconds"] = json!(follow.set_age().map(|a| a.round()));
-                if let Some((asgs, _)) = &server.asgs {
+                if let Some(asgs) = &server.asgs {
                     shown["security_groups"] =
-                        json!(asgs.lock().unwrap_or_else(|p| p.into_inner()).clone());
+                        json!(asgs.status.lock().unwrap_or_else(|p| p.into_inner()).clone());
                 }
                 status["policy_server"] = shown;
             }

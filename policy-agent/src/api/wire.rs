@@ -220,6 +220,8 @@ pub fn endpoint_shape(e: &Endpoint) -> wire::Endpoint {
         ports: None,
         instance_cert: None,
         instance_key: None,
+        space_id: e.space_id.clone(),
+        container_workload: e.workload.clone(),
     }
 }
 
@@ -376,6 +378,12 @@ fn port_mapping(field: &str, m: &wire::PortMapping) -> Result<PortMapping, Inval
 pub fn parse_endpoint(v: &Value) -> Result<Endpoint, Invalid> {
     let e: wire::Endpoint = shape(v, "")?;
     check_app_id("app", &e.app)?;
+    for (field, value) in [("space_id", &e.space_id), ("container_workload", &e.container_workload)]
+    {
+        if let Some(value) = value {
+            check_app_id(field, value)?;
+        }
+    }
     let (ip, ipv6) = endpoint_addresses(&e)?;
     let port_mappings = e
         .port_mappings
@@ -398,6 +406,8 @@ pub fn parse_endpoint(v: &Value) -> Result<Endpoint, Invalid> {
         netns: e.netns,
         host: None,
         port_mappings,
+        space_id: e.space_id,
+        workload: e.container_workload,
     })
 }
 
@@ -470,6 +480,8 @@ mod tests {
             netns: Some("/var/run/netns/x".into()),
             host: None,
             port_mappings: Vec::new(),
+            space_id: None,
+            workload: None,
         };
         assert_eq!(parse_endpoint(&endpoint_json(&endpoint)).unwrap(), endpoint);
         assert_eq!(

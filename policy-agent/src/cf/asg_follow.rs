@@ -4,9 +4,12 @@
 //! turned into each app's NetOut rules and applied to running containers
 //! without a restart.
 //!
-//! The containers are those of CF's metadata store (their space and
-//! workload); endpoints registered otherwise keep the NetOut rules of
-//! their registration. NetOut is per app in the kernel: an app's
+//! The containers are this host's endpoints that name a space: those of
+//! CF's metadata store, and those `policy-cni` or the API registered with
+//! garden's `space_id` (and `container_workload`). For their apps the
+//! groups replace the rules the CNI call brought (a write of them is
+//! refused while the server's groups hold); endpoints without a space
+//! keep the NetOut rules of their registration. NetOut is per app in the kernel: an app's
 //! containers share a space; if they differ in workload (staging next to
 //! running instances) the running rules hold for all of them, and the
 //! log says so.
@@ -27,9 +30,14 @@ use super::{
     CfConfig, PolicyServerClient, ServerError,
     asgs::{SecurityGroup, Workload, rules_for},
     poller::{self, CycleError, FollowStatus, Poll, PollHandle, SharedStatus, lock},
-    store::Container,
 };
-use crate::agent::{self, SharedAgent};
+use crate::{
+    agent::{self, SharedAgent},
+    state::Endpoint,
+};
+
+/// The apps whose NetOut rules are the policy server's groups.
+pub type ManagedApps = Arc<Mutex<BTreeSet<String>>>;
 
 pub struct AsgFollower {
     client: PolicyServerClient,
@@ -37,9 +45,8 @@ pub struct AsgFollower {
     status: SharedStatus,
     interval: Duration,
     handle: PollHandle,
-    containers: Arc<Mutex<Vec<Container>>>,
     /// Apps whose NetOut rules this poller set.
-    managed: BTreeSet<String>,
+    managed: ManagedApps,
     /// The agent's iptables chain beside cni-wrapper-plugin's: egress of
     /// apps with rules in force let through to them.
     accept: Option<Arc<Mutex<super::iptables::AcceptChain>>>,
@@ -59,7 +66,6 @@ impl AsgFollower {
     pub fn new(
         cf: &CfConfig,
         agent: SharedAgent,
-        containers: Arc<Mutex<Vec<Container>>>,
         accept: Option<Arc<Mutex<super::iptables::AcceptChain>>>,
     ) -> Result<Self, ServerError> {
         let client = PolicyServerClient::new(cf)?;
@@ -76,8 +82,7 @@ impl AsgFollower {
             status: Arc::new(Mutex::new(status)),
             interval: cf.asg_poll_interval,
             handle: PollHandle::default(),
-            containers,
-            managed: BTreeSet::new(),
+            managed: ManagedApps::default(),
             accept,
         })
     }
@@ -90,6 +95,12 @@ impl AsgFollower {
         self.handle.clone()
     }
 
+    /// The apps whose rules the server's groups are, as the last poll left
+    /// them.
+    pub fn managed(&self) -> ManagedApps {
+        self.managed.clone()
+    }
+
     pub fn run(mut self) {
         let (handle, status, interval) = (self.handle.clone(), self.status.clone(), self.interval);
         poller::run(&mut self, &handle, &status, interval);
@@ -98,10 +109,10 @@ impl AsgFollower {
 
 /// Each app's space and workload, from its containers (those without a
 /// space are left as they are, as in CF).
-fn places(containers: &[Container]) -> BTreeMap<String, AppPlace> {
+fn places<'a>(containers: impl Iterator<Item = &'a Endpoint>) -> BTreeMap<String, AppPlace> {
     let mut out: BTreeMap<String, AppPlace> = BTreeMap::new();
     for c in containers {
-        let Some(space) = c.space.clone() else { continue };
+        let Some(space) = c.space_id.clone() else { continue };
         let workload = c.workload.as_deref().and_then(Workload::parse);
         match out.get_mut(&c.app) {
             None => {
@@ -123,7 +134,7 @@ fn places(containers: &[Container]) -> BTreeMap<String, AppPlace> {
 
 impl Poll for AsgFollower {
     fn poll(&mut self, _forced: bool) -> Result<(), CycleError> {
-        let places = places(&lock(&self.containers));
+        let places = places(agent::lock(&self.agent).state().local_endpoints());
         let spaces: Vec<String> =
             places.values().map(|p| p.space.clone()).collect::<BTreeSet<_>>().into_iter().collect();
         let groups: Vec<SecurityGroup> =
@@ -152,7 +163,7 @@ impl Poll for AsgFollower {
             }
             let mut agent = agent::lock(&self.agent);
             if agent.state().netout().get(app) == Some(&rules.rules) {
-                self.managed.insert(app.clone());
+                lock(&self.managed).insert(app.clone());
                 continue;
             }
             match agent.set_netout(app, Some(rules.rules.clone())) {
@@ -163,7 +174,7 @@ impl Poll for AsgFollower {
                         space = place.space,
                         "security groups from the policy server in force"
                     );
-                    self.managed.insert(app.clone());
+                    lock(&self.managed).insert(app.clone());
                 }
                 Err(e) => {
                     warn!(app, error = %e, "security groups from the policy server not applied; the app's rules stay as they were");
@@ -171,15 +182,18 @@ impl Poll for AsgFollower {
                 }
             }
         }
-        // Apps gone from the store: their rules go with them.
-        for app in self.managed.clone() {
+        // Apps with no container left in a space: the server's rules go
+        // (those of an app still here without a space are its
+        // registration's to set again).
+        let managed = lock(&self.managed).clone();
+        for app in managed {
             if places.contains_key(&app) {
                 continue;
             }
             let mut agent = agent::lock(&self.agent);
             let here = agent.state().local_endpoints().any(|e| e.app == app);
-            if !here && agent.set_netout(&app, None).is_ok() {
-                self.managed.remove(&app);
+            if here || agent.set_netout(&app, None).is_ok() {
+                lock(&self.managed).remove(&app);
             }
         }
         lock(&self.status).security_groups = Some(groups.len());
@@ -195,30 +209,29 @@ impl Poll for AsgFollower {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use super::*;
 
-    fn container(app: &str, space: Option<&str>, workload: Option<&str>) -> Container {
-        Container {
-            handle: format!("{app}-{workload:?}"),
-            ip: Ipv4Addr::new(10, 255, 0, 1),
-            app: app.into(),
-            space: space.map(str::to_owned),
+    fn container(app: &str, space: Option<&str>, workload: Option<&str>) -> Endpoint {
+        Endpoint {
+            space_id: space.map(str::to_owned),
             workload: workload.map(str::to_owned),
+            ..Endpoint::test(1, app)
         }
     }
 
     #[test]
     fn each_apps_space_and_workload() {
-        let places = places(&[
-            container("web", Some("s1"), Some("app")),
-            container("web", Some("s1"), Some("staging")),
-            container("job", Some("s2"), Some("task")),
-            container("nospace", None, Some("app")),
-            container("odd", Some("s1"), Some("build")),
-            container("stage", Some("s3"), Some("staging")),
-        ]);
+        let places = places(
+            [
+                container("web", Some("s1"), Some("app")),
+                container("web", Some("s1"), Some("staging")),
+                container("job", Some("s2"), Some("task")),
+                container("nospace", None, Some("app")),
+                container("odd", Some("s1"), Some("build")),
+                container("stage", Some("s3"), Some("staging")),
+            ]
+            .iter(),
+        );
         assert_eq!(places.len(), 4, "{places:?}");
         assert_eq!(
             places["web"],

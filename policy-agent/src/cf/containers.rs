@@ -7,14 +7,14 @@
 //! `policy-cni`) are never touched.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
 use tracing::{info, warn};
 
-use super::store::{Container, MetadataStore, routed_interface};
+use super::store::{MetadataStore, routed_interface};
 use crate::{
     agent::{self, SharedAgent},
     state::Endpoint,
@@ -28,8 +28,6 @@ pub struct StoreFollower {
     store: MetadataStore,
     registered: BTreeMap<String, Ipv4Addr>,
     file: PathBuf,
-    /// Each container's space (`space_id`), for the policy and ASG queries.
-    containers: Vec<Container>,
     /// A container could not be registered yet (its veth's route not
     /// there yet, say): read the store again next time.
     retry: bool,
@@ -42,23 +40,7 @@ impl StoreFollower {
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
-        Self {
-            store: MetadataStore::new(path),
-            registered,
-            file,
-            containers: Vec::new(),
-            retry: false,
-        }
-    }
-
-    /// The spaces of the store's containers.
-    pub fn spaces(&self) -> BTreeSet<String> {
-        self.containers.iter().filter_map(|c| c.space.clone()).collect()
-    }
-
-    /// The store's containers as last read.
-    pub fn containers(&self) -> &[Container] {
-        &self.containers
+        Self { store: MetadataStore::new(path), registered, file, retry: false }
     }
 
     /// Registers what the store added and removes what it deleted, if it
@@ -90,10 +72,16 @@ impl StoreFollower {
                 netns: None,
                 host: None,
                 port_mappings: Vec::new(),
+                space_id: c.space.clone(),
+                workload: c.workload.clone(),
             };
             let mut agent = agent::lock(agent);
             let same = agent.state().endpoint(endpoint.ip).is_some_and(|e| {
-                e.app == endpoint.app && e.ifname == endpoint.ifname && e.ipv6.is_none()
+                e.app == endpoint.app
+                    && e.ifname == endpoint.ifname
+                    && e.ipv6.is_none()
+                    && (e.space_id.as_ref(), e.workload.as_ref())
+                        == (endpoint.space_id.as_ref(), endpoint.workload.as_ref())
             });
             if !same {
                 match agent.add_endpoint(endpoint.clone()) {
@@ -133,7 +121,6 @@ impl StoreFollower {
                 warn!(file = %self.file.display(), error = %e, "cannot record the containers registered from the metadata store");
             }
         }
-        self.containers = containers;
         Ok(changed)
     }
 }

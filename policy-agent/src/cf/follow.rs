@@ -29,7 +29,6 @@ use tracing::{debug, info, warn};
 use super::{
     CfConfig, PolicyServerClient, ServerError,
     poller::{self, CycleError, FollowStatus, Poll, PollHandle, SharedStatus, lock, now},
-    store::Container,
 };
 use crate::agent::{self, SharedAgent};
 
@@ -65,9 +64,6 @@ pub struct Follower {
     poll_time: Option<prometheus_client::metrics::histogram::Histogram>,
     /// The cell's containers from CF's metadata store (`cni_datastore_path`).
     containers: Option<super::containers::StoreFollower>,
-    /// The store's containers as last read, for the security groups'
-    /// poller.
-    store_snapshot: Arc<Mutex<Vec<Container>>>,
     /// With a metadata store (cni-wrapper-plugin as the CNI plugin): the
     /// agent's iptables chain in front of its chains.
     accept: Option<Arc<Mutex<super::iptables::AcceptChain>>>,
@@ -109,7 +105,6 @@ impl Follower {
                 .cni_datastore_path
                 .as_deref()
                 .map(|path| super::containers::StoreFollower::new(path, state_dir)),
-            store_snapshot: Arc::default(),
             silk: (!cf.underlay_ips.is_empty())
                 .then(|| super::silk::SilkOverlay::new(&cf.vtep_name, &cf.underlay_ips)),
             accept: cf.cni_datastore_path.as_ref().map(|_| {
@@ -124,11 +119,6 @@ impl Follower {
     /// The agent's iptables chain beside cni-wrapper-plugin's, if any.
     pub fn accept_chain(&self) -> Option<Arc<Mutex<super::iptables::AcceptChain>>> {
         self.accept.clone()
-    }
-
-    /// The metadata store's containers as the policy poller last read them.
-    pub fn store_snapshot(&self) -> Arc<Mutex<Vec<Container>>> {
-        self.store_snapshot.clone()
     }
 
     /// Polls until stopped: at once, then every interval, and whenever
@@ -154,11 +144,8 @@ impl Follower {
 
 impl Poll for Follower {
     fn poll(&mut self, forced: bool) -> Result<(), CycleError> {
-        let mut spaces = BTreeSet::new();
         if let Some(containers) = &mut self.containers {
             containers.sync(&self.agent).map_err(CycleError::Store)?;
-            spaces = containers.spaces();
-            *lock(&self.store_snapshot) = containers.containers().to_vec();
         }
         if let Some(silk) = &mut self.silk {
             silk.sync(&self.agent).map_err(CycleError::Overlay)?;
@@ -173,17 +160,16 @@ impl Poll for Follower {
         // mode every host's: the policies are the cluster's state, so each
         // host asks for the same set and their changes agree (the second
         // to write one finds nothing left to change).
-        let mut ids: BTreeSet<String> = {
+        let ids: BTreeSet<String> = {
             let agent = agent::lock(&self.agent);
             let state = agent.state();
-            match state.local_host() {
-                Some(_) => state.endpoints().map(|e| e.app.clone()).collect(),
-                None => state.local_endpoints().map(|e| e.app.clone()).collect(),
-            }
+            let asked: Vec<&crate::state::Endpoint> = match state.local_host() {
+                Some(_) => state.endpoints().collect(),
+                None => state.local_endpoints().collect(),
+            };
+            let spaces = asked.iter().filter_map(|e| e.space_id.clone());
+            asked.iter().map(|e| e.app.clone()).chain(spaces).collect()
         };
-        if !ids.is_empty() {
-            ids.extend(spaces);
-        }
         if ids.is_empty() {
             // Nothing here to police: no request, no policy in force.
             self.apply(0, &ids, super::wire::ServerSet::default(), Instant::now())?;

@@ -103,7 +103,9 @@ async fn for_container(
     Query(query): Query<HashMap<String, String>>,
     done: &'static str,
 ) -> Answer {
-    let Some((asg_status, asg_poll)) = server.asgs.clone() else {
+    let Some(policy_agent::api::AsgPoller { status: asg_status, poll: asg_poll, .. }) =
+        server.asgs.clone()
+    else {
         return (
             StatusCode::METHOD_NOT_ALLOWED,
             "ASG syncing has been disabled administratively".into(),

@@ -18,7 +18,7 @@ use anyhow::{Context as _, Result};
 use policy_agent::{
     Dataplane, DataplaneConfig,
     agent::{self, Agent, SharedAgent},
-    api::{Api, Ipam, PolicyServer},
+    api::{Api, AsgPoller, Ipam, PolicyServer},
     cf::{CfConfig, Follower, asg_follow::AsgFollower},
     cluster::{
         ClusterConfig,
@@ -129,8 +129,8 @@ pub fn run(config: Config) -> Result<()> {
     let result = runtime.block_on(serve::serve(config, api, metrics, stop_tx, pki));
     if let Some(server) = policy_server {
         server.poll.stop();
-        if let Some((_, asgs)) = server.asgs {
-            asgs.stop();
+        if let Some(asgs) = server.asgs {
+            asgs.poll.stop();
         }
     }
     reader_stop.store(true, Ordering::Relaxed);
@@ -148,14 +148,10 @@ fn start_following(
     follower.time_polls(metrics.policy_server_poll_time.clone());
     let asgs = match cf.enable_asg_syncing {
         true => {
-            let asgs = AsgFollower::new(
-                cf,
-                agent.clone(),
-                follower.store_snapshot(),
-                follower.accept_chain(),
-            )
-            .context("cannot follow the policy server's security groups")?;
-            let shared = (asgs.status(), asgs.handle());
+            let asgs = AsgFollower::new(cf, agent.clone(), follower.accept_chain())
+                .context("cannot follow the policy server's security groups")?;
+            let shared =
+                AsgPoller { status: asgs.status(), poll: asgs.handle(), managed: asgs.managed() };
             info!(asg_poll_interval = ?cf.asg_poll_interval, "security groups come from the policy server");
             std::thread::Builder::new()
                 .name("cf-security-groups".into())

@@ -133,7 +133,7 @@ enum Write {
     /// A veth as it was: attached and bound to an endpoint, or not at all.
     Veth {
         ifname: String,
-        was: Option<(Endpoint, EndpointValue)>,
+        was: Option<Box<(Endpoint, EndpointValue)>>,
     },
     Netin(Vec<(Ipv4Addr, PortMapping)>),
     Netout(NetOutTrie),
@@ -150,7 +150,7 @@ impl Write {
             Write::Endpoint(ip, None) => kernel.remove_endpoint(ip),
             Write::Endpoint6(ip, Some(value)) => kernel.set_endpoint6(ip, value),
             Write::Endpoint6(ip, None) => kernel.remove_endpoint6(ip),
-            Write::Veth { ifname, was: Some((e, value)) } => attach(kernel, &ifname, &e, value),
+            Write::Veth { ifname, was: Some(was) } => attach(kernel, &ifname, &was.0, was.1),
             Write::Veth { ifname, was: None } => kernel.detach(&ifname, None),
             Write::Netin(wanted) => kernel.set_netin(&wanted),
             Write::Netout(wanted) => kernel.set_netout(&wanted),
@@ -267,7 +267,10 @@ fn add_endpoint<K: Kernel>(
     let local = state.local_host();
     if endpoint.runs_on(local) {
         // The veth as it was: the old endpoint's, if it is the same one.
-        let was = old.filter(|(o, _)| o.runs_on(local) && o.ifname == endpoint.ifname).cloned();
+        let was = old
+            .filter(|(o, _)| o.runs_on(local) && o.ifname == endpoint.ifname)
+            .cloned()
+            .map(Box::new);
         // Before the attach: a failed attach may have bound the veth.
         applied.undo.push(Write::Veth { ifname: endpoint.ifname.clone(), was });
         attach(kernel, &endpoint.ifname, endpoint, *value)?;
@@ -310,7 +313,7 @@ fn remove_endpoint<K: Kernel>(
         let ip = if new.is_none() { endpoint.ipv4() } else { None };
         applied.undo.push(Write::Veth {
             ifname: endpoint.ifname.clone(),
-            was: Some((endpoint.clone(), value)),
+            was: Some(Box::new((endpoint.clone(), value))),
         });
         kernel.detach(&endpoint.ifname, ip)?;
     }

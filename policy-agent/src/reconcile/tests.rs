@@ -36,6 +36,8 @@ fn full_reconcile_adds_before_it_removes_and_keeps_what_matches() {
         netns: None,
         host: None,
         port_mappings: Vec::new(),
+        space_id: None,
+        workload: None,
     });
     kernel.log.clear();
     full(&mut kernel, &new).unwrap();
@@ -62,6 +64,8 @@ fn a_missing_interface_is_a_warning_at_start() {
         netns: None,
         host: None,
         port_mappings: Vec::new(),
+        space_id: None,
+        workload: None,
     });
     let warnings = full(&mut kernel, &state).unwrap();
     assert_eq!(warnings.len(), 1);
@@ -98,6 +102,8 @@ fn dual(last: u8, app: &str, host: Option<&str>) -> Endpoint {
             container_port: 8080,
             protocol: Protocol::Tcp,
         }],
+        space_id: None,
+        workload: None,
     }
 }
 
@@ -222,6 +228,8 @@ fn endpoints_added_replaced_and_removed_apply_whole_or_not_at_all() {
             app: "api".into(),
             ipv6: Some("fd00:255::99".parse().unwrap()),
             port_mappings: Vec::new(),
+            space_id: None,
+            workload: None,
             ..dual(1, "web", host)
         };
         let (kernel, _) = applies_whole_or_not_at_all(&state, &Change::AddEndpoint(moved_app));

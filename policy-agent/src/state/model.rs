@@ -157,6 +157,14 @@ pub struct Endpoint {
     /// NetIn: ports of the host's addresses that lead to the container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_mappings: Vec<PortMapping>,
+    /// Cloud Foundry: the container's space (garden's `space_id`), which
+    /// picks its dynamic security groups (`enable_asg_syncing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub space_id: Option<String>,
+    /// Cloud Foundry: `app`, `task` or `staging` (garden's
+    /// `container_workload`), which picks its space's groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 /// One Application Security Group rule (garden's NetOutRule): egress to
@@ -299,6 +307,8 @@ impl Endpoint {
             netns: None,
             host: None,
             port_mappings: Vec::new(),
+            space_id: None,
+            workload: None,
         }
     }
 }

@@ -17,6 +17,8 @@ fn undo_takes_a_change_back_exactly() {
         netns: None,
         host: None,
         port_mappings: Vec::new(),
+        space_id: None,
+        workload: None,
     });
     let kept = policy("web", "api", Protocol::Tcp, 8080, 8080);
     s.add_policies(&[kept.clone(), policy("api", "db", Protocol::Udp, 53, 53)], None).unwrap();
@@ -44,6 +46,8 @@ fn undo_takes_a_change_back_exactly() {
         netns: None,
         host: None,
         port_mappings: Vec::new(),
+        space_id: None,
+        workload: None,
     };
     let undo = s.add_endpoint_undoable(moved);
     assert!(s.tag("fresh").is_some());
@@ -158,6 +162,8 @@ fn endpoints_keep_their_app_tagged() {
         netns: None,
         host: None,
         port_mappings: Vec::new(),
+        space_id: None,
+        workload: None,
     };
     assert!(s.add_endpoint(ep.clone()).is_none());
     assert_eq!(s.endpoint_values()[&ep.ipv4().unwrap()].tag, 1);
@@ -195,6 +201,8 @@ fn state_round_trips_through_json() {
         netns: Some("/run/netns/x".into()),
         host: None,
         port_mappings: Vec::new(),
+        space_id: None,
+        workload: None,
     });
     let json = serde_json::to_string(&s).unwrap();
     let back: State = serde_json::from_str(&json).unwrap();

@@ -52,6 +52,30 @@ impl PolicyServer {
         self.sql(UPSERT, &vars);
     }
 
+    /// The groups the egress tests start from: `default-1`, the running
+    /// default, allows TCP 443 to 192.0.2.0/24; `space-1-group` allows TCP
+    /// `space_ports` to 192.0.2.10 for the running containers of
+    /// `spaces`. Called again, it rewrites the space's group.
+    pub fn put_default_and_space_groups(&self, space_ports: &str, spaces: &[&str]) {
+        self.put_security_group(
+            "default-1",
+            "public",
+            r#"[{"protocol":"tcp","destination":"192.0.2.0/24","ports":"443"}]"#,
+            true,
+            false,
+            &[],
+            &[],
+        );
+        self.put_space_group(space_ports, spaces);
+    }
+
+    /// Rewrites `space-1-group` (see [`Self::put_default_and_space_groups`]).
+    pub fn put_space_group(&self, ports: &str, spaces: &[&str]) {
+        let rules =
+            format!(r#"[{{"protocol":"tcp","destination":"192.0.2.10","ports":"{ports}"}}]"#);
+        self.put_security_group("space-1-group", "s1", &rules, false, false, spaces, &[]);
+    }
+
     /// Deletes the security group `guid` (nothing if there is none).
     pub fn delete_security_group(&self, guid: &str) {
         self.sql("DELETE FROM security_groups WHERE guid = :'guid';", &[("guid", guid)]);

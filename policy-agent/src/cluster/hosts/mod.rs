@@ -135,7 +135,12 @@ pub fn register(
             // A diverged log (a wiped or restored etcd) may lack hosts that
             // are there: routes are only added, and nobody is reaped or
             // registered again, until it is republished.
-            peers::follow(&agent, &mut membership, &config.host, &hosts, !diverged);
+            let leased = subnets
+                .kvs
+                .iter()
+                .filter_map(|kv| kv.key.strip_prefix(&keys.subnets())?.parse().ok())
+                .collect();
+            peers::follow(&agent, &mut membership, &config.host, &hosts, &leased, !diverged);
             if !diverged {
                 gone::reap(&agent, &etcd, &config, &hosts, &subnets, &mut missing_since)?;
                 held::register(&agent, &etcd, &keys, &config, &membership)?;

@@ -1,6 +1,13 @@
 //! The overlay in line with the registry: routes to every other host's
 //! subnet through the VXLAN device, and the underlay addresses whose
 //! tunnel packets the programs accept.
+//!
+//! A host whose record expired (its agent down longer than the lease: a
+//! restart on a busy machine, an upgrade) keeps its routes and its trust
+//! while its subnet is still leased to it, through `host_grace_seconds`:
+//! its programs stay attached and keep policing its containers, so
+//! traffic to them goes on; once it is gone for good (`gone` frees its
+//! subnet) its routes go.
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
@@ -13,13 +20,15 @@ use crate::{
 };
 
 /// Routes to every other host's subnet, and accepts tunnel packets from
-/// every registered host; with `remove` false, keeps those of hosts that
-/// are not registered too.
+/// every registered host and every host routed before whose subnet is in
+/// `leased` (the subnet indices etcd holds); with `remove` false, keeps
+/// those of hosts that are not registered too.
 pub(super) fn follow(
     agent: &SharedAgent,
     membership: &mut Membership,
     me: &str,
     hosts: &[HostRecord],
+    leased: &BTreeSet<u8>,
     remove: bool,
 ) {
     let mut peers: BTreeSet<Peer> = hosts
@@ -34,10 +43,11 @@ pub(super) fn follow(
         })
         .collect();
     let Membership { overlay, runtime, .. } = membership;
-    if !remove {
-        let named: BTreeSet<Ipv4Addr> = peers.iter().map(|p| p.subnet).collect();
-        peers.extend(overlay.routed().iter().filter(|p| !named.contains(&p.subnet)).cloned());
-    }
+    let named: BTreeSet<Ipv4Addr> = peers.iter().map(|p| p.subnet).collect();
+    let kept = |p: &&Peer| {
+        !named.contains(&p.subnet) && (!remove || leased.contains(&p.subnet.octets()[2]))
+    };
+    peers.extend(overlay.routed().iter().filter(kept).cloned());
     let addresses = hosts
         .iter()
         .filter(|h| h.host != me)

@@ -132,6 +132,8 @@ fn a_damaged_log_is_refused_not_skipped() {
             netns: None,
             host: Some("cell-0".into()),
             port_mappings: Vec::new(),
+            space_id: None,
+            workload: None,
         });
         change.replay(&mut state);
         store.append(&change, &state).unwrap();

@@ -77,6 +77,8 @@ fn journal_and_snapshots_reload_the_same_state() {
         netns: None,
         host: None,
         port_mappings: Vec::new(),
+        space_id: None,
+        workload: None,
     };
     for change in [Change::AddEndpoint(endpoint), Change::RemovePolicies(vec![policy(7)])] {
         change.replay(&mut state);
