@@ -5,7 +5,7 @@
 use policy_common::{
     Family, Verdict,
     decision::{Decision, conn_update},
-    maps::{COUNTER_FLUSH, Conn, PolicyCounters, settings},
+    maps::{COUNTER_FLUSH, Conn, settings},
 };
 
 use crate::maps::{POLICY_STATS, VERDICTS, config};
@@ -66,18 +66,21 @@ fn count_in_conn(conn: *mut Conn, policy_id: u32, len: u32) {
     }
 }
 
-/// Adds a connection's counted packets to its policy's counters.
+/// Adds a connection's counted packets to its policy's counters. Only an
+/// entry the agent made is updated: it makes a policy's entry before the
+/// policy reaches `POLICIES` and deletes it once the policy is gone, so
+/// counts for a policy with no entry belong to a removed policy (flushed
+/// late by a connection or a flow cache way that still names it) and are
+/// dropped. Inserting here would bring a removed policy's entry back for
+/// good. Policy id 0 (no policy: NetOut, `origin::DECIDED_ELSEWHERE`) never
+/// gets here.
 #[inline(always)]
 pub fn add_policy_counts(policy_id: u32, packets: u32, bytes: u64) {
-    match POLICY_STATS.get_ptr_mut(policy_id) {
+    if let Some(c) = POLICY_STATS.get_ptr_mut(policy_id) {
         // SAFETY: per-CPU value; programs do not migrate mid-run.
-        Some(c) => unsafe {
+        unsafe {
             (*c).packets += u64::from(packets);
             (*c).bytes += bytes;
-        },
-        None => {
-            let counters = PolicyCounters { packets: u64::from(packets), bytes };
-            let _ = POLICY_STATS.insert(policy_id, counters, 0);
         }
     }
 }

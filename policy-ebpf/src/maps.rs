@@ -152,7 +152,8 @@ pub static REJECT_LIMITS: LruHashMap<u32, EventLimit, { capacity::REJECT_LIMITS 
 #[btf_map]
 pub static EVENT_STATS: PerCpuArray<u64, { event_stat::COUNT as usize }> = PerCpuArray::new();
 
-/// Packets and bytes per policy (per CPU; the agent sums them).
+/// Packets and bytes per policy (per CPU; the agent sums them). The agent
+/// makes and deletes the entries; the programs only add to them.
 #[btf_map]
 pub static POLICY_STATS: PerCpuHashMap<
     u32,

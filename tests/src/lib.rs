@@ -55,3 +55,14 @@ pub fn eventually(within: std::time::Duration, mut check: impl FnMut() -> bool) 
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Keeps the calling thread on CPU 0: its packets (and its test runs) meet
+/// CPU 0's per-CPU state, such as the flow cache.
+pub fn pin_this_thread_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is an empty set; 0 = the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0);
+    }
+}

@@ -332,7 +332,7 @@ fn inputs_from_outside_are_checked_before_the_state_is_locked() {
     assert_eq!(status, 400, "{reply}");
     assert_eq!(reply["field"], "follow");
     assert_eq!(daemon.curl("GET", "/v1/flows?follow=false", None).0, 200);
-    // Removing a policy no packet matched is quiet (it has no counters).
+    // Removing a policy no packet matched is quiet (its counters are zero).
     assert_eq!(daemon.curl("POST", POLICIES, Some(&one("a", "b", 80))).0, 200);
     assert_eq!(daemon.curl("POST", &format!("{POLICIES}/delete"), Some(&one("a", "b", 80))).0, 200);
     assert!(!daemon.log().contains("cannot forget"), "{}", daemon.log());

@@ -6,7 +6,9 @@
 use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use integration_tests::{netns::NetNs, pins::PinDir, require_root, test_run::*, unique_name};
+use integration_tests::{
+    netns::NetNs, pin_this_thread_to_cpu0, pins::PinDir, require_root, test_run::*, unique_name,
+};
 use policy_agent::{Dataplane, Direction};
 use policy_common::{
     Reason,
@@ -101,6 +103,8 @@ fn the_flow_cache_answers_established_packets_until_a_revocation() {
 
     // Revoked: the next packet is checked in full and dropped.
     f.dataplane.maps_mut().revoke(PairKey::new(TAG_A, TAG_B, proto::TCP), 8080, 8080).unwrap();
+    let counters = f.dataplane.maps().policy_counter_ids().unwrap();
+    assert!(!counters.contains(&7), "revoked with the last allowance naming it: {counters:?}");
     assert_eq!(f.entering_container(&request), TC_ACT_SHOT);
     assert_eq!(f.count(Reason::Revoked), 1);
     assert_eq!(f.entering_container(&reply), TC_ACT_SHOT);
@@ -116,17 +120,6 @@ fn the_flow_cache_answers_established_packets_until_a_revocation() {
     }
     assert_eq!(fills(&f), 1, "nothing filled with the cache off");
     assert_eq!(f.dataplane.maps().policy_counters(8).packets, 10);
-}
-
-/// Keeps this test's thread on CPU 0, so its test runs share one CPU's
-/// flow cache.
-fn pin_this_thread_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t is an empty set; 0 = the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0);
-    }
 }
 
 #[test]

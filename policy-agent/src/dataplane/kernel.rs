@@ -131,6 +131,18 @@ impl Kernel for Dataplane {
         self.maps_mut().set_netout(wanted)
     }
 
+    fn counts_policies(&self) -> bool {
+        self.maps().counts_policies()
+    }
+
+    fn policy_counters(&self) -> Result<BTreeSet<u32>, DataplaneError> {
+        self.maps().policy_counter_ids()
+    }
+
+    fn add_policy_counters(&mut self, ids: &[u32]) -> Result<(), DataplaneError> {
+        ids.iter().try_for_each(|id| self.maps_mut().add_policy_counters(*id))
+    }
+
     fn forget_policies(&mut self, ids: &[u32]) {
         for id in ids {
             if let Err(e) = self.maps_mut().remove_policy_counters(*id) {

@@ -16,12 +16,12 @@ use policy_common::maps::EndpointValue;
 use tracing::warn;
 
 use super::{
-    Kernel, NetOutTrie, PairChange, full_keeping, netin_wanted,
+    Kernel, NetOutTrie, PairChange, Reconciled, full_reconcile, netin_wanted,
     pairs::{PairsBefore, before_change, touched, touched_pairs, undo_pairs},
 };
 use crate::{
     DataplaneError,
-    state::{Endpoint, PortMapping, State},
+    state::{Endpoint, Policy, PortMapping, State},
     store::Change,
 };
 
@@ -40,53 +40,57 @@ pub struct Before {
 
 #[derive(Debug)]
 enum Step {
-    /// Policies added or removed: the pairs they touch, and the ids of the
-    /// removed ones (whose counters go once the change is kept).
-    Pairs { before: PairsBefore, removed: Vec<u32> },
+    /// Policies added or removed: the pairs they touch, the policies added
+    /// (those of them with an id from `first_new_id` on are new, and get
+    /// counters before the pairs are written), and the ids of the removed
+    /// ones (whose counters go once the change is kept).
+    Pairs { before: PairsBefore, added: Vec<Policy>, first_new_id: u32, removed: Vec<u32> },
     /// The endpoint at `ip` added, replaced or removed: as it was.
     Endpoint { ip: IpAddr, old: Option<(Endpoint, EndpointValue)> },
     /// No entry but NetIn or NetOut (security groups), or none at all
     /// (routes are names: DNS and certificates, not the kernel).
     Tables,
     /// The state replaced whole, or apps given other tags: the full
-    /// reconcile (and the ids of removed policies, as for `Pairs`).
-    Full { removed: Vec<u32> },
+    /// reconcile (the counters it finds stale go once the change is kept).
+    Full,
 }
 
 /// Reads what `change`'s kernel steps need, before `state` changes.
 pub fn before(state: &State, change: &Change) -> Before {
     let netout = state.netout();
+    let first_new_id = state.next_policy_id();
     let (step, netin_changes, touches_netout) = match change {
         Change::AddPolicies(policies) | Change::RemovePolicies(policies) => {
-            let removed = match change {
+            let (added, removed) = match change {
                 Change::RemovePolicies(_) => {
-                    policies.iter().filter_map(|p| state.policy_id(p)).collect()
+                    (Vec::new(), policies.iter().filter_map(|p| state.policy_id(p)).collect())
                 }
-                _ => Vec::new(),
+                _ => (policies.clone(), Vec::new()),
             };
             let mut apps = policies.iter().flat_map(|p| [&p.source, &p.destination]);
             let touches_netout = apps.any(|a| netout.contains_key(a));
             let before = before_change(state, touched(policies));
-            (Step::Pairs { before, removed }, false, touches_netout)
+            (Step::Pairs { before, added, first_new_id, removed }, false, touches_netout)
         }
         Change::AddEndpoint(endpoint) => endpoint_before(state, endpoint.ip, Some(endpoint)),
         Change::RemoveEndpoint(ip) => endpoint_before(state, *ip, None),
         Change::SetNetOut { .. } => (Step::Tables, false, true),
         Change::MapRoute { .. } | Change::UnmapRoute { .. } => (Step::Tables, false, false),
         Change::PolicyServer(change) => {
-            let removed = change.remove.iter().filter_map(|p| state.policy_id(p)).collect();
             if state.retags(change) {
-                (Step::Full { removed }, false, false)
+                (Step::Full, false, false)
             } else {
+                let removed = change.remove.iter().filter_map(|p| state.policy_id(p)).collect();
+                let added = change.add.clone();
                 let policies: Vec<_> = change.add.iter().chain(&change.remove).cloned().collect();
                 let touches_netout = policies
                     .iter()
                     .any(|p| [&p.source, &p.destination].iter().any(|a| netout.contains_key(*a)));
                 let before = before_change(state, touched(&policies));
-                (Step::Pairs { before, removed }, false, touches_netout)
+                (Step::Pairs { before, added, first_new_id, removed }, false, touches_netout)
             }
         }
-        Change::Reset(_) => (Step::Full { removed: Vec::new() }, false, false),
+        Change::Reset(_) => (Step::Full, false, false),
     };
     Before {
         step,
@@ -137,6 +141,8 @@ enum Write {
     },
     Netin(Vec<(Ipv4Addr, PortMapping)>),
     Netout(NetOutTrie),
+    /// `POLICY_STATS`: no counters for these policies.
+    Counters(Vec<u32>),
 }
 
 impl Write {
@@ -154,6 +160,10 @@ impl Write {
             Write::Veth { ifname, was: None } => kernel.detach(&ifname, None),
             Write::Netin(wanted) => kernel.set_netin(&wanted),
             Write::Netout(wanted) => kernel.set_netout(&wanted),
+            Write::Counters(ids) => {
+                kernel.forget_policies(&ids);
+                Ok(())
+            }
         }
     }
 }
@@ -209,7 +219,18 @@ fn steps<K: Kernel>(
     // (NetIn, NetOut), then what the old endpoint leaves behind.
     let mut removes = None;
     match before.step {
-        Step::Pairs { before, removed } => {
+        Step::Pairs { before, added, first_new_id, removed } => {
+            // Rule 6: the new policies' counters before their pairs.
+            let new: Vec<u32> = added
+                .iter()
+                .filter_map(|p| state.policy_id(p))
+                .filter(|id| *id >= first_new_id)
+                .collect();
+            if !new.is_empty() && kernel.counts_policies() {
+                // Before the write: a failed write may have made some.
+                applied.undo.push(Write::Counters(new.clone()));
+                kernel.add_policy_counters(&new)?;
+            }
             applied.undo.push(Write::Pairs(touched_pairs(kernel, state, &before)?));
             applied.forget = removed;
         }
@@ -219,11 +240,12 @@ fn steps<K: Kernel>(
             removes = Some((old, new));
         }
         Step::Tables => {}
-        Step::Full { removed } => {
+        Step::Full => {
             // Make-before-break over the whole state; there is no state
             // before it to go back to, so nothing to undo.
-            applied.warnings = full_keeping(kernel, state, held)?;
-            applied.forget = removed;
+            let Reconciled { warnings, stale_counters } = full_reconcile(kernel, state, held)?;
+            applied.warnings = warnings;
+            applied.forget = stale_counters;
         }
     }
     if let Some(old) = before.netin {

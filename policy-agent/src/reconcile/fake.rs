@@ -1,7 +1,7 @@
 //! An in-memory kernel: every map the [`Kernel`] trait writes (IPv4 and
 //! IPv6 endpoints, veth bindings of both families, pairs, NetIn mappings,
-//! the NetOut trie, forgotten counters), a capacity for pairs, a write that
-//! fails on demand, and a log of the writes.
+//! the NetOut trie, policy counters and those forgotten), a capacity for
+//! pairs, a write that fails on demand, and a log of the writes.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -34,6 +34,10 @@ pub struct FakeKernel {
     pub port_mappings: Vec<(Ipv4Addr, PortMapping)>,
     /// NetOut: the trie last set.
     pub netout: NetOutTrie,
+    /// Whether the programs count per policy ([`Self::new`]: they do).
+    pub counting: bool,
+    /// `POLICY_STATS`: policy ids with counters.
+    pub counters: BTreeSet<u32>,
     /// Policy ids whose counters were forgotten, in order.
     pub forgotten: Vec<u32>,
     /// Interfaces that exist.
@@ -49,13 +53,14 @@ pub struct FakeKernel {
 
 impl FakeKernel {
     pub fn new(pair_capacity: usize) -> Self {
-        Self { pair_capacity, ..Self::default() }
+        Self { pair_capacity, counting: true, ..Self::default() }
     }
 
-    /// The maps alone (no log, no injected failure): what a test compares
-    /// before and after a change that was taken back.
+    /// The maps alone (no log, no injected failure, no record of what was
+    /// forgotten): what a test compares before and after a change that was
+    /// taken back.
     pub fn maps(&self) -> Self {
-        Self { log: Vec::new(), fail_after: None, ..self.clone() }
+        Self { log: Vec::new(), fail_after: None, forgotten: Vec::new(), ..self.clone() }
     }
 
     /// Counts a write against [`Self::fail_after`].
@@ -178,8 +183,22 @@ impl Kernel for FakeKernel {
         self.veths6.remove(ifname);
         Ok(())
     }
+    fn counts_policies(&self) -> bool {
+        self.counting
+    }
+    fn policy_counters(&self) -> Result<BTreeSet<u32>, DataplaneError> {
+        Ok(self.counters.clone())
+    }
+    fn add_policy_counters(&mut self, ids: &[u32]) -> Result<(), DataplaneError> {
+        self.write("POLICY_STATS")?;
+        self.log.push(format!("add_policy_counters {ids:?}"));
+        self.counters.extend(ids);
+        Ok(())
+    }
     fn forget_policies(&mut self, ids: &[u32]) {
+        self.log.push(format!("forget_policies {ids:?}"));
         self.forgotten.extend_from_slice(ids);
+        self.counters.retain(|id| !ids.contains(id));
     }
     fn set_netin(&mut self, wanted: &[(Ipv4Addr, PortMapping)]) -> Result<(), DataplaneError> {
         self.write("NETIN")?;

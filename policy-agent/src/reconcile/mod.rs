@@ -29,6 +29,13 @@
 //! 5. What cannot be taken back waits until the change is kept
 //!    ([`Applied::keep`]): the counters of removed policies are forgotten
 //!    only then.
+//! 6. A policy's counters (`POLICY_STATS`) are made before any pair names
+//!    the policy, and forgotten after none does: the programs only add to
+//!    counters that are there, so a connection that flushes its count after
+//!    its policy went cannot bring the counters back. A full reconcile makes
+//!    those of every policy in force and forgets every other (an older
+//!    version's leftovers included); with per-policy counting off there are
+//!    none.
 
 mod apply;
 #[cfg(test)]
@@ -95,6 +102,13 @@ pub trait Kernel {
     /// Detaches from `ifname` and drops its bindings (both families) and
     /// those of `ip`.
     fn detach(&mut self, ifname: &str, ip: Option<Ipv4Addr>) -> Result<(), DataplaneError>;
+    /// Whether the programs count per policy (none need counters if not).
+    fn counts_policies(&self) -> bool;
+    /// `POLICY_STATS`: the policy ids that have counters.
+    fn policy_counters(&self) -> Result<BTreeSet<u32>, DataplaneError>;
+    /// Makes zeroed counters for the policies that have none (those that
+    /// have some keep them).
+    fn add_policy_counters(&mut self, ids: &[u32]) -> Result<(), DataplaneError>;
     /// Forgets the counters of removed policies (ids are never reused).
     fn forget_policies(&mut self, ids: &[u32]);
     /// NetIn: makes the port mappings exactly `wanted` (container address
@@ -120,6 +134,28 @@ pub fn full_keeping<K: Kernel>(
     state: &State,
     held: &BTreeMap<IpAddr, Endpoint>,
 ) -> Result<Vec<String>, DataplaneError> {
+    let Reconciled { warnings, stale_counters } = full_reconcile(kernel, state, held)?;
+    if !stale_counters.is_empty() {
+        kernel.forget_policies(&stale_counters);
+    }
+    Ok(warnings)
+}
+
+/// What a full reconcile leaves to its caller.
+struct Reconciled {
+    /// What it could not do (an endpoint's veth is gone).
+    warnings: Vec<String>,
+    /// Counters of no policy in force, to forget (rule 6): at once at a
+    /// start, once kept for a change (rule 5).
+    stale_counters: Vec<u32>,
+}
+
+/// [`full_keeping`] but for forgetting stale counters.
+fn full_reconcile<K: Kernel>(
+    kernel: &mut K,
+    state: &State,
+    held: &BTreeMap<IpAddr, Endpoint>,
+) -> Result<Reconciled, DataplaneError> {
     let mut warnings = Vec::new();
     let want_endpoints = state.endpoint_values();
     let have_endpoints = kernel.endpoints()?;
@@ -145,6 +181,13 @@ pub fn full_keeping<K: Kernel>(
             warn!(ifname = %e.ifname, ip = %e.ip, error = %err, "endpoint's interface not attached");
             warnings.push(format!("endpoint {} ({}): {err}", e.ip, e.ifname));
         }
+    }
+    // Rule 6: counters before the pairs that name their policies.
+    let want_counters = counted_policies(kernel, state);
+    let have_counters = kernel.policy_counters()?;
+    let missing: Vec<u32> = want_counters.difference(&have_counters).copied().collect();
+    if !missing.is_empty() {
+        kernel.add_policy_counters(&missing)?;
     }
     let want_pairs = state.pairs();
     let have_pairs = kernel.pairs()?;
@@ -179,7 +222,17 @@ pub fn full_keeping<K: Kernel>(
     }
     netin(kernel, state)?;
     netout(kernel, state)?;
-    Ok(warnings)
+    let stale_counters = have_counters.difference(&want_counters).copied().collect();
+    Ok(Reconciled { warnings, stale_counters })
+}
+
+/// The policies that need counters: every one in force, if the programs
+/// count per policy.
+fn counted_policies<K: Kernel>(kernel: &K, state: &State) -> BTreeSet<u32> {
+    match kernel.counts_policies() {
+        true => state.policies().map(|(_, id)| id).collect(),
+        false => BTreeSet::new(),
+    }
 }
 
 /// NetOut: the kernel's security group trie made the state's (apps with

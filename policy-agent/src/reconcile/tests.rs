@@ -10,7 +10,7 @@ use std::{
 
 use super::{fake::FakeKernel, *};
 use crate::{
-    state::{AddressRange, Endpoint, NetOutProtocol, NetOutRule, Policy, Protocol},
+    state::{AddressRange, Endpoint, NetOutProtocol, NetOutRule, Policy, Protocol, ServerPolicies},
     store::Change,
 };
 
@@ -142,9 +142,10 @@ fn kernel_at(state: &State) -> FakeKernel {
 
 /// Applies `change` to `state` failing at each write in turn — each time
 /// the kernel is left exactly as before — then without a failure: the
-/// kernel is then as a full reconcile to the new state makes it, and an
-/// undo (the store refused the change) puts it back as before. Returns the
-/// kernel after the change and how many writes it took.
+/// kernel is then as a full reconcile to the new state makes it (but for
+/// the counters of removed policies, which go once the change is kept), and
+/// an undo (the store refused the change) puts it back as before. Returns
+/// the kernel after the change and how many writes it took.
 fn applies_whole_or_not_at_all(state: &State, change: &Change) -> (FakeKernel, usize) {
     let base = kernel_at(state);
     let mut after = state.clone();
@@ -166,10 +167,22 @@ fn applies_whole_or_not_at_all(state: &State, change: &Change) -> (FakeKernel, u
             }
             Ok(applied) => {
                 assert!(kernel.fail_after.is_some(), "no write failed unnoticed");
-                assert_eq!(kernel.maps(), expected.maps(), "{change:?}: {:?}", kernel.log);
+                let counters = expected.counters.clone();
+                assert_eq!(
+                    FakeKernel { counters, ..kernel.maps() },
+                    expected.maps(),
+                    "{change:?}: {:?}",
+                    kernel.log
+                );
+                assert!(kernel.counters.is_superset(&expected.counters), "{change:?}");
                 let mut undone = kernel.maps();
                 applied.undo(&mut undone);
                 assert_eq!(undone.maps(), base.maps(), "{change:?} undone after the fact");
+                let mut kept = base.clone();
+                apply(&mut kept, &after, before(state, change), &BTreeMap::new())
+                    .unwrap()
+                    .keep(&mut kept);
+                assert_eq!(kept.maps(), expected.maps(), "{change:?} kept");
                 return (kernel, fail_after);
             }
         }
@@ -208,10 +221,103 @@ fn removed_policies_forget_their_counters_only_when_kept() {
     let mut after = state.clone();
     change.replay(&mut after);
     let mut kernel = kernel_at(&state);
+    assert_eq!(kernel.counters, [id].into());
     let applied = apply(&mut kernel, &after, before(&state, &change), &BTreeMap::new()).unwrap();
     assert!(kernel.forgotten.is_empty() && kernel.pairs.is_empty());
+    assert_eq!(kernel.counters, [id].into(), "kept until the change is");
     applied.keep(&mut kernel);
     assert_eq!(kernel.forgotten, [id]);
+    assert!(kernel.counters.is_empty());
+}
+
+/// Rule 6: a new policy's counters are made before any pair names it, and
+/// a removed one's forgotten after no pair does; a policy already in force
+/// keeps its counters when added again, and loses them only with the
+/// removal that is kept.
+#[test]
+fn counters_come_before_the_pairs_that_name_their_policy_and_go_after() {
+    let state = state_before(None);
+    let old = state.policy_id(&Policy::tcp("web", "api", 8080)).unwrap();
+    let add =
+        Change::AddPolicies(vec![Policy::tcp("web", "api", 8080), policy("api", "web", 9000)]);
+    let mut after = state.clone();
+    add.replay(&mut after);
+    let new = after.policy_id(&policy("api", "web", 9000)).unwrap();
+    let mut kernel = kernel_at(&state);
+    let applied = apply(&mut kernel, &after, before(&state, &add), &BTreeMap::new()).unwrap();
+    let counters = kernel.log.iter().position(|l| l.starts_with("add_policy_counters")).unwrap();
+    let pair = kernel.log.iter().position(|l| l.starts_with("set_pair")).unwrap();
+    assert!(counters < pair, "{:?}", kernel.log);
+    assert_eq!(kernel.log[counters], format!("add_policy_counters [{new}]"), "only the new one");
+    assert_eq!(kernel.counters, [old, new].into());
+    // Taken back (the store refused it): the pair first, then the counters.
+    applied.undo(&mut kernel);
+    assert_eq!(kernel.counters, [old].into());
+    let log = &kernel.log;
+    let forgot = log.iter().rposition(|l| l.starts_with("forget_policies")).unwrap();
+    let unpaired = log.iter().rposition(|l| l.starts_with("remove_pair")).unwrap();
+    assert!(unpaired < forgot, "{log:?}");
+
+    // Following the policy server: one removed, a new one in the same change.
+    let tags = [("web", 1), ("api", 2)].map(|(app, tag)| (app.to_owned(), Some(tag)));
+    let mut state = State::default();
+    Change::PolicyServer(ServerPolicies {
+        add: vec![Policy::tcp("web", "api", 8080)],
+        remove: Vec::new(),
+        tags: tags.into(),
+    })
+    .replay(&mut state);
+    let old = state.policy_id(&Policy::tcp("web", "api", 8080)).unwrap();
+    let change = Change::PolicyServer(ServerPolicies {
+        add: vec![policy("web", "api", 8081)],
+        remove: vec![Policy::tcp("web", "api", 8080)],
+        tags: BTreeMap::new(),
+    });
+    let mut after = state.clone();
+    change.replay(&mut after);
+    let added = after.policy_id(&policy("web", "api", 8081)).unwrap();
+    let mut kernel = kernel_at(&state);
+    let steps = before(&state, &change);
+    assert!(format!("{steps:?}").contains("Pairs"), "a change of pairs, not in full: {steps:?}");
+    let applied = apply(&mut kernel, &after, steps, &BTreeMap::new()).unwrap();
+    assert_eq!(kernel.counters, [old, added].into());
+    applied.keep(&mut kernel);
+    assert_eq!(kernel.counters, [added].into());
+    let forgot = kernel.log.iter().position(|l| l.starts_with("forget_policies")).unwrap();
+    assert_eq!(forgot, kernel.log.len() - 1, "after every pair write: {:?}", kernel.log);
+}
+
+/// A full reconcile (the agent's start) makes the counters of every policy
+/// in force and forgets every other: those an older version left behind
+/// for removed policies. With per-policy counting off there are none.
+#[test]
+fn a_full_reconcile_leaves_counters_for_exactly_the_policies_in_force() {
+    let state = state_before(None);
+    let id = state.policy_id(&Policy::tcp("web", "api", 8080)).unwrap();
+    let mut kernel = FakeKernel::new(100);
+    kernel.interfaces.extend((0..10).map(|i| format!("hv{i}")));
+    kernel.counters = [id + 1, id + 7].into();
+    full(&mut kernel, &state).unwrap();
+    assert_eq!(kernel.counters, [id].into());
+    let made = kernel.log.iter().position(|l| l.starts_with("add_policy_counters")).unwrap();
+    let paired = kernel.log.iter().position(|l| l.starts_with("set_pair")).unwrap();
+    let forgot = kernel.log.iter().position(|l| l.starts_with("forget_policies")).unwrap();
+    assert!(made < paired && paired < forgot, "{:?}", kernel.log);
+    // Again: nothing to do.
+    kernel.log.clear();
+    full(&mut kernel, &state).unwrap();
+    assert!(!kernel.log.iter().any(|l| l.contains("counters") || l.contains("forget")));
+    // Counting off: no counters.
+    kernel.counting = false;
+    full(&mut kernel, &state).unwrap();
+    assert!(kernel.counters.is_empty());
+    // Every policy gone: none.
+    kernel.counting = true;
+    full(&mut kernel, &state).unwrap();
+    let mut empty = state.clone();
+    empty.remove_policies(&[Policy::tcp("web", "api", 8080)]);
+    full(&mut kernel, &empty).unwrap();
+    assert!(kernel.counters.is_empty() && kernel.pairs.is_empty());
 }
 
 #[test]

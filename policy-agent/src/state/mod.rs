@@ -110,6 +110,12 @@ impl State {
         self.policies.len()
     }
 
+    /// The id the next new policy gets: ids only grow, so the policies a
+    /// change adds are those with an id from this one on.
+    pub fn next_policy_id(&self) -> u32 {
+        self.next_policy_id
+    }
+
     pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
         self.endpoints.values()
     }

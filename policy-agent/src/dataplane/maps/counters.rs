@@ -2,19 +2,23 @@
 //! events, packets and bytes per policy (with what connections and the
 //! flow cache hold back), the flow cache's fills, tracked connections.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
-use aya::maps::IterableMap as _;
+use aya::maps::{IterableMap as _, MapError, PerCpuValues};
 use policy_common::{
     Reason,
     maps::{
         CachedFlow, Conn, ConnKey, FlowSet, Ipv6Key, PolicyCounters, event_stat, flow_cache_stat,
-        names,
+        names, settings,
     },
 };
 
-use super::{Maps, is_absent, map_err};
+use super::{Maps, insert_err, is_absent, map_err};
 use crate::DataplaneError;
+
+/// `BPF_NOEXIST`: an update that fails with `EEXIST` rather than replace
+/// an entry (include/uapi/linux/bpf.h).
+const BPF_NOEXIST: u64 = 1;
 
 /// Flow event counters (`EVENT_STATS`, summed over CPUs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -134,11 +138,41 @@ impl Maps {
         self.policy_counters_all().remove(&policy_id).unwrap_or_default()
     }
 
+    /// Whether the programs count packets and bytes per policy (the
+    /// `POLICY_COUNTERS` setting); false if `CONFIG` cannot be read.
+    pub fn counts_policies(&self) -> bool {
+        self.settings().is_ok_and(|s| s.flags & settings::POLICY_COUNTERS != 0)
+    }
+
+    /// Policy ids with counters in `POLICY_STATS`.
+    pub fn policy_counter_ids(&self) -> Result<BTreeSet<u32>, DataplaneError> {
+        self.policy_stats.keys().map(|k| k.map_err(map_err(names::POLICY_STATS))).collect()
+    }
+
+    /// Makes zeroed counters for a policy that has none (counters it has
+    /// are kept). The programs only add to counters that are there, so a
+    /// policy's are made before the policy reaches `POLICIES`.
+    pub fn add_policy_counters(&mut self, policy_id: u32) -> Result<(), DataplaneError> {
+        let capacity = Self::capacity(self.policy_stats.map());
+        let zero = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .and_then(|cpus| PerCpuValues::try_from(vec![PolicyCounters::default(); cpus]))
+            .map_err(DataplaneError::io("possible CPUs", "/sys/devices/system/cpu/possible"))?;
+        match self.policy_stats.insert(policy_id, zero, BPF_NOEXIST) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(())
+            }
+            Err(e) => Err(insert_err(names::POLICY_STATS, capacity)(e)),
+        }
+    }
+
     /// Forgets a removed policy's counters (its id is never reused).
     pub fn remove_policy_counters(&mut self, policy_id: u32) -> Result<(), DataplaneError> {
         match self.policy_stats.remove(&policy_id) {
-            // A policy no packet matched has no counters yet.
             Ok(()) => Ok(()),
+            // None: counting was off when the policy came, or a version
+            // before this one never made them.
             Err(e) if is_absent(&e) => Ok(()),
             Err(e) => Err(map_err(names::POLICY_STATS)(e)),
         }

@@ -226,6 +226,11 @@ impl Maps {
             (names::POLICIES, self.policies.keys().count(), Self::capacity(self.policies.map())),
             (names::CONNTRACK, self.conntrack.keys().count(), Self::capacity(self.conntrack.map())),
             (names::FRAGMENTS, self.fragments.keys().count(), Self::capacity(self.fragments.map())),
+            (
+                names::POLICY_STATS,
+                self.policy_stats.keys().count(),
+                Self::capacity(self.policy_stats.map()),
+            ),
         ]
     }
 

@@ -57,25 +57,33 @@ impl Maps {
         Ok(())
     }
 
-    /// Adds one allowance to a pair (a no-op if the same range is there).
+    /// Adds one allowance to a pair (a no-op if the same range is there),
+    /// its policy's counters first when the programs count per policy.
     pub fn allow(&mut self, key: PairKey, allowance: Allowance) -> Result<(), DataplaneError> {
         let mut all = self.pair(&key);
         if all.iter().any(|a| a.start == allowance.start && a.end == allowance.end) {
             return Ok(());
+        }
+        if allowance.policy_id != 0 && self.counts_policies() {
+            self.add_policy_counters(allowance.policy_id)?;
         }
         all.push(allowance);
         self.set_pair(key, &all)
     }
 
     /// Removes the allowance for exactly `start..=end` from a pair (a no-op if
-    /// it is not there).
+    /// it is not there), and its policy's counters once no pair names it.
     pub fn revoke(&mut self, key: PairKey, start: u16, end: u16) -> Result<(), DataplaneError> {
         let mut all = self.pair(&key);
-        let before = all.len();
-        all.retain(|a| !(a.start == start && a.end == end));
-        if all.len() == before {
+        let Some(gone) = all.iter().position(|a| a.start == start && a.end == end) else {
             return Ok(());
+        };
+        let policy_id = all.remove(gone).policy_id;
+        self.set_pair(key, &all)?;
+        let named = self.pairs().iter().any(|(_, a)| a.iter().any(|a| a.policy_id == policy_id));
+        if !named {
+            self.remove_policy_counters(policy_id)?;
         }
-        self.set_pair(key, &all)
+        Ok(())
     }
 }
