@@ -25,27 +25,10 @@ use integration_tests::{
     traffic::{LONG, SHORT, tcp_echo_server, tcp_echo_works},
 };
 use policy_agent::{
-    cf::{
-        CfConfig, PolicyServerClient,
-        asgs::{SecurityGroup, Workload, rules_for},
-    },
+    cf::asgs::{SecurityGroup, Workload, rules_for},
     state::{AddressRange, IcmpMatch, NetOutProtocol, NetOutRule, PortSpan},
 };
 use serde_json::json;
-
-/// A cell's client of `server`'s internal API.
-fn client(server: &PolicyServer) -> PolicyServerClient {
-    let (cert, key) = server.client_identity();
-    let config: CfConfig = serde_json::from_value(serde_json::json!({
-        "policy_server_url": server.internal_url(),
-        "ca_cert_file": server.ca_file(),
-        "client_cert_file": cert,
-        "client_key_file": key,
-        "client_timeout": "5s",
-    }))
-    .expect("a [cf] section for the test's policy server");
-    PolicyServerClient::new(&config).expect("a client of the test's policy server")
-}
 
 fn spaces(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
@@ -75,7 +58,7 @@ fn sorted(mut rules: Vec<NetOutRule>) -> Vec<NetOutRule> {
 fn security_groups_from_the_policy_server_become_netout_rules() {
     require_root();
     let server = PolicyServer::start();
-    let client = client(&server);
+    let client = server.cell_client();
     assert!(client.security_groups(&spaces(&["space-1"])).unwrap().is_empty());
 
     server.put_security_group(

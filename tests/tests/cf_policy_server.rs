@@ -4,11 +4,16 @@
 //! policy server's tags, and goes when deleted; the internal API refuses
 //! clients without a certificate of its CA. Started in a test's network
 //! namespace, every process lives there, and `policy-server-internal`
-//! killed and started again serves what the database holds.
+//! killed and started again serves what the database holds. The agent's
+//! client polls it over one kept connection, chunked answers too, and
+//! opens a new one once the server is back from a restart.
 
 use std::{os::unix::fs::MetadataExt as _, time::Instant};
 
-use integration_tests::{cf::PolicyServer, netns::NetNs};
+use integration_tests::{
+    cf::{INTERNAL_API, Policy, PolicyServer},
+    netns::NetNs,
+};
 
 fn last_updated(server: &PolicyServer) -> u64 {
     let value = server.internal_get("policies_last_updated");
@@ -115,4 +120,81 @@ fn policy_server_in_a_namespace() {
             .any(|p| p["destination"]["id"] == "app-c" && p["destination"]["protocol"] == "udp"),
         "the policy written while down is not served: {again}"
     );
+}
+
+/// The TCP connections established from `ns` to `port`, as `ss` lists
+/// them (the client's ends: the server's have `port` as their source).
+fn connections_to(ns: &NetNs, port: u16) -> usize {
+    let out = ns
+        .command("ss")
+        .args(["-tnH", "state", "established", "dport", "=", &format!(":{port}")])
+        .output()
+        .expect("run ss");
+    assert!(out.status.success(), "ss: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+/// The headers the internal API answers `path` with (curl's `-i`).
+fn headers(server: &PolicyServer, ns: &NetNs, path: &str) -> String {
+    let (cert, key) = server.client_identity();
+    let out = ns
+        .command("curl")
+        .args(["-sS", "-i", "--max-time", "10", "--cacert"])
+        .arg(server.ca_file())
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .arg(format!("{}{INTERNAL_API}/{path}", server.internal_url()))
+        .output()
+        .expect("run curl");
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("\r\n\r\n").next().unwrap_or_default().to_ascii_lowercase()
+}
+
+#[test]
+fn a_cell_polls_over_one_kept_connection() {
+    integration_tests::require_root();
+    let ns = NetNs::new(integration_tests::unique_name("cfka"));
+    let mut server = PolicyServer::start_in(&ns);
+    let client = server.cell_client();
+    let port = server.internal_port();
+    // Their answer is over the 2 KiB Go's server buffers: it comes chunked.
+    let policies: Vec<Policy> =
+        (0..40).map(|i| ("app-a", "app-b", "tcp", 1000 + i, 1000 + i)).collect();
+    server.add_policies(&policies);
+    let head = headers(&server, &ns, "policies?id=app-a");
+    assert!(head.contains("transfer-encoding: chunked"), "not chunked: {head}");
+    let head = headers(&server, &ns, "policies_last_updated");
+    assert!(head.contains("content-length:"), "no length: {head}");
+
+    let poll = || ns.run(|| client.last_updated()).unwrap_or_else(|e| panic!("poll: {e}"));
+    let updated = poll();
+    for _ in 0..5 {
+        assert_eq!(poll(), updated);
+        let listed = ns
+            .run(|| client.policies(&["app-a".to_owned()]))
+            .unwrap_or_else(|e| panic!("policies: {e}"));
+        assert_eq!(listed.policies.len(), 40, "{:?}", listed.total_policies);
+    }
+    assert_eq!(client.connections_made(), 1, "eleven requests, one connection");
+    assert_eq!(connections_to(&ns, port), 1, "the connection is kept open");
+
+    // Killed and started again between two polls: the kept connection
+    // is closed; the next poll goes on a new one and is answered.
+    server.kill_internal();
+    server.start_internal();
+    assert_eq!(poll(), updated, "the first poll after the restart");
+    assert_eq!(client.connections_made(), 2, "a new connection after the restart");
+    assert_eq!(connections_to(&ns, port), 1, "the closed one is gone");
+
+    // Down: unreachable, as before; back: answered.
+    server.kill_internal();
+    let down = ns.run(|| client.last_updated());
+    let error = down.expect_err("policy-server-internal killed, yet answered");
+    assert_eq!(error.kind(), "unreachable", "{error}");
+    server.start_internal();
+    assert_eq!(poll(), updated);
+    assert_eq!(client.connections_made(), 3);
 }

@@ -1,13 +1,20 @@
 //! The policy server's internal API, as a cell polls it: HTTPS with the
-//! cell's client certificate (mutual TLS), one request per connection,
-//! every step bounded by `client_timeout`. Failures name what to check:
-//! the file, the server's TLS alert, the status it answered.
+//! cell's client certificate (mutual TLS), every step bounded by
+//! `client_timeout`. One connection is kept open between requests (HTTP/1.1
+//! keep-alive, as vxlan-policy-agent's Go client keeps one): a request on
+//! a new mutual-TLS connection cost the client about 0.5 ms of CPU, on the
+//! kept one about 0.03 ms (measured against the real policy server).
+//! Failures name what to check: the file, the server's TLS alert, the
+//! status it answered.
 
 use std::{
-    io::Write as _,
+    io::{BufReader, Write as _},
     net::{TcpStream, ToSocketAddrs as _},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -16,7 +23,11 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _},
 };
 
-use super::{CfConfig, wire::PoliciesResponse};
+use super::{
+    CfConfig,
+    http::{self, ReadError},
+    wire::PoliciesResponse,
+};
 
 /// The internal API's path prefix.
 pub const INTERNAL_API: &str = "/networking/v1/internal";
@@ -70,6 +81,10 @@ impl ServerError {
     }
 }
 
+/// A connection to the policy server, read through a buffer (the framing
+/// reads the head line by line).
+type Connection = BufReader<StreamOwned<ClientConnection, TcpStream>>;
+
 pub struct PolicyServerClient {
     url: String,
     authority: String,
@@ -78,7 +93,21 @@ pub struct PolicyServerClient {
     timeout: Duration,
     ca: PathBuf,
     cert: PathBuf,
+    /// The connection kept for the next request: none before the first
+    /// and after any failure. Taken out for a request and put back after
+    /// a whole answer, so no I/O happens under the lock (the pollers use
+    /// a client from one thread at a time; two at once would each use a
+    /// connection of their own).
+    kept: Mutex<Option<Connection>>,
+    /// TCP connections opened so far.
+    connections_made: AtomicU64,
 }
+
+// The pollers each move their client to a thread of its own.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<PolicyServerClient>()
+};
 
 impl PolicyServerClient {
     /// Reads the CA, the certificate and its key now, so that a missing
@@ -127,11 +156,19 @@ impl PolicyServerClient {
             timeout: cf.client_timeout,
             ca: cf.ca_cert_file.clone(),
             cert: cf.client_cert_file.clone(),
+            kept: Mutex::new(None),
+            connections_made: AtomicU64::new(0),
         })
     }
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// How many TCP connections this client has opened: one for many
+    /// requests while the server keeps it open.
+    pub fn connections_made(&self) -> u64 {
+        self.connections_made.load(Ordering::Relaxed)
     }
 
     /// `policies_last_updated`: when the server's policies last changed
@@ -155,39 +192,57 @@ impl PolicyServerClient {
         ServerError::Malformed { url: self.url.clone(), path: path.to_owned(), cause }
     }
 
-    /// One GET on its own connection; the body of a 200.
+    /// One GET, on the kept connection if there is one; the body of a
+    /// 200. A kept connection the server closed while it was idle (it
+    /// may, at any time: RFC 9112 section 9.5) fails before a byte of the
+    /// answer arrives; the request, a GET, goes once more on a new one
+    /// (as section 9.3.1 allows). Any other failure is the request's,
+    /// and the connection is dropped.
     pub(super) fn get(&self, path: &str) -> Result<Vec<u8>, ServerError> {
-        let mut stream = self.connect()?;
         let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\n\r\n",
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\n\r\n",
             self.authority
         );
-        let mut raw = Vec::new();
-        let exchanged = stream
-            .write_all(request.as_bytes())
-            .and_then(|()| stream.flush())
-            .and_then(|()| read_to_close(&mut stream, &mut raw));
-        if let Err(e) = exchanged {
-            return Err(self.explain(why_closed(&mut stream).unwrap_or(e)));
+        let kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let (mut connection, answer) = match kept {
+            Some(mut connection) => match exchange(&mut connection, &request) {
+                Err(ReadError::NoAnswer(e)) if closed(&e) => self.exchange_anew(&request)?,
+                answer => (connection, answer),
+            },
+            None => self.exchange_anew(&request)?,
+        };
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(ReadError::NoAnswer(e) | ReadError::Io(e)) => {
+                return Err(self.explain(why_closed(connection.get_mut()).unwrap_or(e)));
+            }
+            Err(ReadError::Malformed(cause)) => return Err(self.malformed(path, cause)),
+        };
+        // Bytes past the answer were never asked for: the connection is
+        // out of step.
+        if answer.reusable && connection.buffer().is_empty() {
+            *self.kept.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection);
         }
-        if raw.len() as u64 > MAX_ANSWER_BYTES {
-            return Err(self.malformed(
-                path,
-                format!("the answer is larger than {} MiB", MAX_ANSWER_BYTES >> 20),
-            ));
-        }
-        let (status, body) = policy_api::client::http::split_response(&raw)
-            .map_err(|cause| self.malformed(path, cause))?;
-        if status != 200 {
-            let body = String::from_utf8_lossy(&body).chars().take(300).collect();
+        if answer.status != 200 {
+            let body = String::from_utf8_lossy(&answer.body).chars().take(300).collect();
             return Err(ServerError::Status {
                 url: self.url.clone(),
                 path: path.to_owned(),
-                status,
+                status: answer.status,
                 body,
             });
         }
-        Ok(body)
+        Ok(answer.body)
+    }
+
+    /// `request` on a new connection.
+    fn exchange_anew(
+        &self,
+        request: &str,
+    ) -> Result<(Connection, Result<http::Answer, ReadError>), ServerError> {
+        let mut connection = BufReader::new(self.connect()?);
+        let answer = exchange(&mut connection, request);
+        Ok((connection, answer))
     }
 
     fn connect(&self) -> Result<StreamOwned<ClientConnection, TcpStream>, ServerError> {
@@ -197,6 +252,7 @@ impl PolicyServerClient {
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, self.timeout) {
                 Ok(tcp) => {
+                    self.connections_made.fetch_add(1, Ordering::Relaxed);
                     tcp.set_read_timeout(Some(self.timeout)).map_err(connect_error)?;
                     tcp.set_write_timeout(Some(self.timeout)).map_err(connect_error)?;
                     let tls = ClientConnection::new(self.config.clone(), self.server_name.clone())
@@ -245,16 +301,23 @@ fn why_closed(stream: &mut StreamOwned<ClientConnection, TcpStream>) -> Option<s
     None
 }
 
-/// Reads until the server closes; a close without TLS's close_notify
-/// (Go sends one, but a cut connection may not) ends the read too: the
-/// body is then checked by its parse.
-fn read_to_close(stream: &mut impl std::io::Read, raw: &mut Vec<u8>) -> std::io::Result<()> {
-    use std::io::Read as _;
-    // One byte more than the limit: enough to tell it was passed.
-    match stream.take(MAX_ANSWER_BYTES + 1).read_to_end(raw) {
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
-        other => other.map(|_| ()),
-    }
+/// Writes `request` and reads its answer, at most [`MAX_ANSWER_BYTES`]
+/// of body. A request that cannot be written has no answer either.
+fn exchange(connection: &mut Connection, request: &str) -> Result<http::Answer, ReadError> {
+    let stream = connection.get_mut();
+    stream
+        .write_all(request.as_bytes())
+        .and_then(|()| stream.flush())
+        .map_err(ReadError::NoAnswer)?;
+    http::read_answer(connection, MAX_ANSWER_BYTES)
+}
+
+/// Whether `e` says the server had closed the connection: the end of it
+/// (with TLS's close_notify or without), or a reset. Not a timeout: a
+/// server that does not answer in time is not asked twice.
+fn closed(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe)
 }
 
 fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, ServerError> {

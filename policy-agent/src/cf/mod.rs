@@ -3,7 +3,8 @@
 //! them, put in force by the eBPF dataplane.
 //!
 //! - `config`: the `[cf]` section;
-//! - `client`: the policy server's internal API (mutual TLS);
+//! - `client`: the policy server's internal API (mutual TLS, one kept
+//!   connection); `http`: where its answers end (HTTP/1.1 framing);
 //! - `wire`: its answers, turned into policies and tags;
 //! - `poller`: the poll loop both pollers run, its status, forced polls;
 //! - `follow`: the policies' poller;
@@ -17,9 +18,12 @@
 pub mod asg_follow;
 pub mod asgs;
 pub mod client;
+#[cfg(test)]
+mod client_tests;
 pub mod config;
 pub mod containers;
 pub mod follow;
+pub mod http;
 pub mod iptables;
 pub mod poller;
 pub mod silk;

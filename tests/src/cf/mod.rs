@@ -273,6 +273,24 @@ impl PolicyServer {
         assert_eq!(status, 200, "POST {url} {body}: {answer}");
     }
 
+    /// The agent's own client of the internal API, with the cell's
+    /// client certificate. It connects from the network namespace of the
+    /// thread that calls it: for a server started with
+    /// [`PolicyServer::start_in`], call it within [`NetNs::run`].
+    pub fn cell_client(&self) -> policy_agent::cf::PolicyServerClient {
+        let (cert, key) = self.client_identity();
+        let config: policy_agent::cf::CfConfig = serde_json::from_value(serde_json::json!({
+            "policy_server_url": self.internal_url(),
+            "ca_cert_file": self.ca_file(),
+            "client_cert_file": cert,
+            "client_key_file": key,
+            "client_timeout": "5s",
+        }))
+        .expect("a [cf] section for the test's policy server");
+        policy_agent::cf::PolicyServerClient::new(&config)
+            .expect("a client of the test's policy server")
+    }
+
     /// `GET {INTERNAL_API}/{path}` with the cell's client certificate; the
     /// answer as JSON. Panics if the request fails.
     pub fn internal_get(&self, path: &str) -> serde_json::Value {
