@@ -12,7 +12,7 @@ use policy_common::{
 
 use crate::{
     api::{policy, post},
-    report::{Report, ms, outln, percentile},
+    report::{Report, count_name, ms, outln, percentile},
 };
 use policy_api::Client;
 use serde_json::{Value, json};
@@ -31,6 +31,15 @@ pub fn run(quick: bool, report: &mut Report) {
     );
     outln!(out, "|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
+        let n = count_name(r.n as u64);
+        report.figure(format!("load_{n}_policies_s"), r.load_time.as_secs_f64(), "s");
+        report.figure(format!("agent_rss_{n}_mib"), r.rss_after as f64 / 1024.0, "MiB");
+        report.figure(format!("restart_{n}_s"), r.restart_time.as_secs_f64(), "s");
+        report.figure(
+            format!("batch_1000_p50_{n}_ms"),
+            percentile(&r.batch_times, 0.5).as_secs_f64() * 1e3,
+            "ms",
+        );
         outln!(
             out,
             "| {} | {:.2} s | {:.0} | {} / {} | {} → {} MiB | {:.1} MiB | {:.2} s |",

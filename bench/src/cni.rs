@@ -117,6 +117,8 @@ pub fn run(quick: bool, report: &mut Report) {
     {
         for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
             let (a, b) = (quantile(ours, p), quantile(theirs, p));
+            let name = format!("cni_{}_{label}_ms", what.to_lowercase());
+            report.figure_vs(name, a, "ms", "ptp + host-local", b);
             outln!(out, "| {what} {label} (ms) | {a:.1} | {b:.1} | {:.2} |", a / b);
         }
     }
@@ -138,6 +140,7 @@ pub fn run(quick: bool, report: &mut Report) {
     let mut ours_ms = run_to_first_packet(&podman, &podman.network, backend_ip, &arrived, runs);
     let mut ref_ms = run_to_first_packet(&podman, &reference_net, backend_ip, &arrived, runs);
     let (a, b) = (quantile(&mut ours_ms, 0.5), quantile(&mut ref_ms, 0.5));
+    report.figure_vs("podman_run_first_packet_p50_ms", a, "ms", "ptp + host-local", b);
     outln!(
         out,
         "\n`podman run --rm` (runc, busybox root) of a container that connects to a server on this host: ms from the start of `podman run` to the server's accept, p50 of {runs}\n"

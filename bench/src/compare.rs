@@ -27,7 +27,7 @@ use policy_common::{
     ports::Allowance,
 };
 
-use crate::report::{Plot, Report, Series, outln, percentile};
+use crate::report::{Plot, Report, Series, count_name, outln, percentile};
 
 pub const TAG_A: u32 = 1;
 pub const TAG_B: u32 = 2;
@@ -670,6 +670,13 @@ pub fn large(quick: bool, report: &mut Report) {
             }
         }
         let pps = pps.map(median);
+        let name = count_name(u64::from(n));
+        let memory = format!("kernel_memory_{name}_mib");
+        report.figure_vs(memory, maps, "MiB", "nftables", nft.load_mib);
+        report.figure(format!("nftables_kernel_memory_{name}_mib"), nft.load_mib, "MiB");
+        report.figure(format!("policies_map_{name}_mib"), policies, "MiB");
+        let pps_name = format!("udp_pps_{name}_policies");
+        report.figure_vs(pps_name, pps[1], "packets/s", "nftables", pps[2]);
         outln!(
             out,
             "| {n} | {:.1} s | {:.0} MiB | {maps:.0} MiB ({policies:.0} MiB) | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | **{:.2}x** |",

@@ -13,7 +13,7 @@ use aya::{
 };
 use integration_tests::{netns::NetNs, pins::PinDir, unique_name};
 
-use crate::report::{Plot, Report, Series, outln};
+use crate::report::{Plot, Report, Series, count_name, outln};
 use policy_agent::{BASELINE_OBJECT, Dataplane, Direction};
 use policy_common::{
     craft::{PacketSpec, ipv6_frame, l4_header},
@@ -288,6 +288,20 @@ pub fn run(quick: bool, report: &mut Report) {
         &rows6,
         quick,
     );
+    let established_gap = |r4: &Row, r6: &Row| {
+        (r6.established - r6.empty.repeated) - (r4.established - r4.empty.repeated)
+    };
+    let worst_gap =
+        rows.iter().zip(&rows6).map(|(r4, r6)| established_gap(r4, r6)).fold(f64::MIN, f64::max);
+    report.figure("ipv6_established_minus_ipv4_ns", worst_gap, "ns");
+    for (&n, (r4, r6)) in counts.iter().zip(rows.iter().zip(&rows6)) {
+        let n = count_name(u64::from(n));
+        for (family, r) in [("ipv4", r4), ("ipv6", r6)] {
+            let over = |v: f64| v - r.empty.repeated;
+            report.figure(format!("{family}_established_{n}_ns"), over(r.established), "ns");
+            report.figure(format!("{family}_new_flow_denied_{n}_ns"), over(r.denied), "ns");
+        }
+    }
     for (r4, r6) in rows.iter().zip(&rows6) {
         outln!(
             out,

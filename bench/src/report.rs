@@ -1,6 +1,8 @@
 //! What a benchmark run found: printed as it goes, then written to
 //! `bench/results.md` with the machine, kernel and date, and drawn as PNG
-//! plots next to it.
+//! plots next to it; the headline figures also go to `results.json`,
+//! each under a stable name with its unit and, where there is one, the
+//! peer's value measured in the same run.
 
 use std::{fmt::Write as _, path::Path};
 
@@ -21,6 +23,15 @@ pub(crate) use outln;
 /// The `p` quantile (0 to 1) of `sorted`, the nearest rank.
 pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// A count as figure names write it: `10k`, `100k`, `1m`.
+pub fn count_name(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}m", n / 1_000_000),
+        n if n >= 1_000 && n % 1_000 == 0 => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
 }
 
 /// A duration in milliseconds, as the tables print it.
@@ -44,10 +55,28 @@ pub struct Plot {
     pub series: Vec<Series>,
 }
 
+/// One figure of `results.json`: a stable name (`load_1m_policies_s`),
+/// its value and unit, and the peer's value in the same run, if any.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Figure {
+    pub value: f64,
+    pub unit: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<Peer>,
+}
+
+/// The same figure of the peer it is compared with (`nftables`, ...).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Peer {
+    pub name: &'static str,
+    pub value: f64,
+}
+
 #[derive(Default)]
 pub struct Report {
     sections: Vec<String>,
     plots: Vec<Plot>,
+    figures: std::collections::BTreeMap<String, Figure>,
 }
 
 impl Report {
@@ -59,6 +88,25 @@ impl Report {
 
     pub fn plot(&mut self, plot: Plot) {
         self.plots.push(plot);
+    }
+
+    /// Records a figure for `results.json` (a name used twice keeps the
+    /// last value).
+    pub fn figure(&mut self, name: impl Into<String>, value: f64, unit: &'static str) {
+        self.figures.insert(name.into(), Figure { value: round(value), unit, peer: None });
+    }
+
+    /// Records a figure with the peer's value measured in the same run.
+    pub fn figure_vs(
+        &mut self,
+        name: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        peer: &'static str,
+        peer_value: f64,
+    ) {
+        let peer = Some(Peer { name: peer, value: round(peer_value) });
+        self.figures.insert(name.into(), Figure { value: round(value), unit, peer });
     }
 
     /// Writes `dir/results.md` and the plots.
@@ -88,8 +136,32 @@ impl Report {
         }
         let path = dir.join("results.md");
         std::fs::write(&path, md).expect("write results.md");
-        println!("\nwrote {} and {} plots", path.display(), self.plots.len());
+        let json = serde_json::json!({
+            "written": date(),
+            "command": format!("cargo xtask bench{}", if quick { " --quick" } else { "" }),
+            "machine": {
+                "cpu": machine::cpu_model(),
+                "cpus": machine::cpus(),
+                "kernel": machine::kernel(),
+            },
+            "figures": self.figures,
+        });
+        let json_path = dir.join("results.json");
+        let text = serde_json::to_string_pretty(&json).expect("figures as JSON");
+        std::fs::write(&json_path, text + "\n").expect("write results.json");
+        println!(
+            "\nwrote {}, {} ({} figures) and {} plots",
+            path.display(),
+            json_path.display(),
+            self.figures.len(),
+            self.plots.len()
+        );
     }
+}
+
+/// Three decimals: what the measurements can tell apart.
+fn round(value: f64) -> f64 {
+    (value * 1e3).round() / 1e3
 }
 
 fn date() -> String {

@@ -34,6 +34,15 @@ pub fn write(
     write_udp(&mut out, results, setup.udp);
     write_idle(&mut out, idle, setup.window, setup.others);
     write_scale(&mut out, scale);
+    let (vpa, ours) = scale.forced;
+    report.figure_vs(
+        "cf_60k_policies_forced_poll_s",
+        ours.as_secs_f64(),
+        "s",
+        "vxlan-policy-agent",
+        vpa.as_secs_f64(),
+    );
+    report.figure("cf_60k_policies_apply_s", scale.ours.0, "s");
     report.section(out);
     report.plot(latency_plot(agents, results));
 }
