@@ -10,6 +10,7 @@
 pub mod craft;
 pub mod decision;
 pub mod family;
+pub mod limits;
 pub mod maps;
 pub mod netout;
 pub mod packet;

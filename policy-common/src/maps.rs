@@ -613,8 +613,8 @@ pub struct FlowEvent<A = u32> {
 const _: () = assert!(size_of::<FlowEvent>() == 40);
 const _: () = assert!(size_of::<FlowEvent<Ipv6Key>>() == 64);
 
-/// `EVENT_LIMITS` value (keyed by destination address): denied events
-/// reported for that destination in the current one-second window.
+/// `EVENT_LIMITS` and `REJECT_LIMITS` value (see [`crate::limits`]): events
+/// (or rejects) for one address in its current one-second window.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct EventLimit {

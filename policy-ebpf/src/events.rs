@@ -8,12 +8,11 @@ use aya_ebpf::{
 use policy_common::{
     Family, Parsed, Reason,
     decision::Decision,
+    limits::window_ended,
     maps::{EventLimit, FlowEvent, action, event_stat, settings},
 };
 
 use crate::maps::{EVENT_LIMITS, EVENT_STATS, FLOW_EVENTS, config};
-
-const NS_PER_SEC: u64 = 1_000_000_000;
 
 #[inline(always)]
 fn bump(stat: u32) {
@@ -24,7 +23,8 @@ fn bump(stat: u32) {
 }
 
 /// Whether another event for `key` fits this second's budget in `limits`
-/// (the denied-event limit per destination, the reject limit per source).
+/// (the denied-event limit per destination, the reject limit per source;
+/// see `policy_common::limits` for who deletes the entries).
 #[inline(always)]
 pub fn within_limit<const N: usize>(
     limits: &LruHashMap<u32, EventLimit, N>,
@@ -36,7 +36,7 @@ pub fn within_limit<const N: usize>(
         // SAFETY: the entry is ours for this run; concurrent CPUs may race on
         // the count, which only makes the limit approximate.
         Some(limit) => unsafe {
-            if now.wrapping_sub((*limit).window_start_ns) >= NS_PER_SEC {
+            if window_ended((*limit).window_start_ns, now) {
                 (*limit).window_start_ns = now;
                 (*limit).count = 1;
                 true

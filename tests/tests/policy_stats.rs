@@ -5,6 +5,10 @@
 //! later, possibly after the policy went: such a late flush must not bring
 //! the entry back, and a restart forgets entries of no policy in force (an
 //! older version's leak).
+//!
+//! The per-address rate limits (`EVENT_LIMITS`, `REJECT_LIMITS`) are made
+//! by the programs; the agent forgets an endpoint's with it, and every
+//! entry whose window has ended at a removal and at a start.
 
 use std::{
     collections::BTreeMap,
@@ -17,12 +21,15 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Map, MapData, PerCpuHashMap};
+use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
 use integration_tests::{
     daemon::Daemon, eventually, netns::NetNs, pin_this_thread_to_cpu0, require_root, topology::Host,
 };
 use policy_agent::Maps;
-use policy_common::maps::{PolicyCounters, names};
+use policy_common::{
+    limits::address_key as limit_key,
+    maps::{EventLimit, PolicyCounters, names},
+};
 use serde_json::Value;
 
 /// A host with a frontend and a backend container, its agent, and a policy
@@ -64,6 +71,14 @@ fn reported(daemon: &Daemon, ports: (u64, u64)) -> Option<(u32, u64)> {
             (range["start"].as_u64(), range["end"].as_u64()) == (Some(ports.0), Some(ports.1));
         matches.then(|| (p["id"].as_u64().unwrap() as u32, p["packets"].as_u64().unwrap()))
     })
+}
+
+/// The entries of map `name` as `status` reports them (what an operator
+/// sees, also as the `policy_map_entries` metric).
+fn status_entries(daemon: &Daemon, name: &str) -> Option<u64> {
+    let status = daemon.get("/v1/status");
+    let maps = status["maps"].as_array().expect("maps");
+    maps.iter().find(|m| m["name"] == name).and_then(|m| m["entries"].as_u64())
 }
 
 /// One UDP connection (one socket, one 5-tuple) from `from` to `to:port`,
@@ -194,13 +209,7 @@ fn a_removed_policys_counters_stay_gone_whatever_traffic_was_in_flight() {
     assert!(sent > 1000, "only {sent} datagrams sent");
     let maps = Maps::open_pinned(&daemon.maps_dir()).expect("open the pinned maps");
     assert_eq!(policy_stats(&daemon), BTreeMap::new(), "no policy, no counters");
-    // What an operator sees (`status`, the `policy_map_entries` metric).
-    let status = daemon.get("/v1/status");
-    let entries = |name: &str| {
-        let maps = status["maps"].as_array().expect("maps");
-        maps.iter().find(|m| m["name"] == name).and_then(|m| m["entries"].as_u64())
-    };
-    assert_eq!(entries(names::POLICY_STATS), Some(0), "{status}");
+    assert_eq!(status_entries(&daemon, names::POLICY_STATS), Some(0));
     assert_eq!(maps.pairs(), Vec::new());
     assert_eq!(maps.endpoints(), Vec::new());
     assert_eq!(maps.connections(), Vec::new());
@@ -211,7 +220,7 @@ fn a_removed_policys_counters_stay_gone_whatever_traffic_was_in_flight() {
 /// other entry (an older version's leak).
 #[test]
 fn a_restart_leaves_counters_for_exactly_the_policies_in_force() {
-    let (_host, mut daemon) = setup();
+    let (host, mut daemon) = setup();
     let (id, _) = reported(&daemon, (9000, 9000)).expect("the policy");
     assert!(daemon.stop().success());
     {
@@ -223,6 +232,75 @@ fn a_restart_leaves_counters_for_exactly_the_policies_in_force() {
         maps.add_policy_counters(id + 101).unwrap();
     }
     assert_eq!(policy_stats(&daemon).keys().copied().collect::<Vec<_>>(), [id + 100, id + 101]);
+    // And rate limits whose windows ended long ago, of an address that is
+    // no endpoint and of one that is.
+    let (outside, frontend) =
+        (limit_key([203, 0, 113, 9].into()), limit_key(host.container(0).ip.into()));
+    for name in [names::EVENT_LIMITS, names::REJECT_LIMITS] {
+        plant_limit(&daemon, name, outside);
+        plant_limit(&daemon, name, frontend);
+    }
+    assert_eq!(limits(&daemon).len(), 4);
     daemon.spawn();
     assert_eq!(policy_stats(&daemon), BTreeMap::from([(id, 0)]));
+    assert_eq!(limits(&daemon), Vec::new(), "ended windows swept at the start");
+}
+
+/// `EVENT_LIMITS` and `REJECT_LIMITS` as the kernel holds them: map name
+/// and key.
+fn limits(daemon: &Daemon) -> Vec<(&'static str, u32)> {
+    let maps = Maps::open_pinned(&daemon.maps_dir()).expect("open the pinned maps");
+    maps.limits().into_iter().map(|(name, key, _)| (name, key)).collect()
+}
+
+/// Writes a rate-limit entry whose window ended long ago (what an older
+/// version, or a packet in flight at a removal, leaves) into map `name`.
+fn plant_limit(daemon: &Daemon, name: &str, key: u32) {
+    let pin = daemon.maps_dir().join(name);
+    let map = MapData::from_pin(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+    let mut limits: HashMap<MapData, u32, EventLimit> =
+        HashMap::try_from(Map::LruHashMap(map)).expect("an LRU hash map");
+    let ended = EventLimit { window_start_ns: 0, count: 1, _pad: 0 };
+    limits.insert(key, ended, 0).unwrap_or_else(|e| panic!("plant into {name}: {e}"));
+}
+
+/// Denied datagrams from frontend to backend (no policy on the port) make
+/// rate-limit entries: the denied-event limit keyed by the destination,
+/// the reject limit keyed by the sender (the control: they are there while
+/// the endpoints are). Both endpoints are removed while the datagrams keep
+/// coming; then no entry is left, and one planted for an address that is
+/// no endpoint, its window ended, went with the first removal.
+#[test]
+fn a_removed_endpoints_rate_limits_go_with_it_whatever_traffic_was_in_flight() {
+    let (host, daemon) = setup();
+    let (a, b) = (host.container(0), host.container(1));
+    let (sender, destination) = (limit_key(a.ip.into()), limit_key(b.ip.into()));
+    let denied = Stream::start(&a.ns, &b.ns, b.ip, 9001);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let limits = limits(&daemon);
+            limits.contains(&(names::EVENT_LIMITS, destination))
+                && limits.contains(&(names::REJECT_LIMITS, sender))
+        }),
+        "denied events limited per destination, rejects per sender: {:?}",
+        limits(&daemon)
+    );
+    assert!(status_entries(&daemon, names::EVENT_LIMITS) >= Some(1));
+    assert!(status_entries(&daemon, names::REJECT_LIMITS) >= Some(1));
+    let outside = limit_key([203, 0, 113, 9].into());
+    plant_limit(&daemon, names::EVENT_LIMITS, outside);
+
+    daemon.cli_ok(&["endpoint", "del", "--ip", &a.ip.to_string()]);
+    let after_one = limits(&daemon);
+    assert!(!after_one.contains(&(names::REJECT_LIMITS, sender)), "{after_one:?}");
+    assert!(!after_one.contains(&(names::EVENT_LIMITS, outside)), "swept: {after_one:?}");
+    daemon.cli_ok(&["endpoint", "del", "--ip", &b.ip.to_string()]);
+    daemon.disallow("frontend", "backend", "udp", "9000");
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = denied.finish();
+    assert!(sent > 1000, "only {sent} datagrams sent");
+    assert_eq!(limits(&daemon), Vec::new(), "no endpoint, no rate limits");
+    for name in [names::EVENT_LIMITS, names::REJECT_LIMITS] {
+        assert_eq!(status_entries(&daemon, name), Some(0), "{name}");
+    }
 }

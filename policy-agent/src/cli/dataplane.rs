@@ -3,16 +3,19 @@
 //! does its work and exits; enforcement stays because maps and links are
 //! pinned.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Subcommand};
 use policy_agent::{
     Dataplane, DataplaneConfig,
-    dataplane::nix_ifindex,
+    dataplane::{limits_clock_ns, nix_ifindex},
     state::{Protocol, parse_port_range},
 };
-use policy_common::{maps::PairKey, ports::Allowance};
+use policy_common::{limits::address_key, maps::PairKey, ports::Allowance};
 
 #[derive(Args)]
 pub struct DataplaneArgs {
@@ -117,6 +120,8 @@ impl DataplaneArgs {
                     dataplane.maps_mut().remove_veth(ifindex)?;
                 }
                 dataplane.maps_mut().remove_endpoint(*ip)?;
+                let key = address_key(IpAddr::V4(*ip));
+                dataplane.maps_mut().forget_limits(&[key].into(), limits_clock_ns())?;
                 println!("detached {ifname} ({ip})");
             }
             DataplaneCommand::Allow(args) => {

@@ -10,10 +10,15 @@ use policy_common::{
     maps::{EndpointValue, NO_IPV4, NetInKey, NetInTarget, PairKey},
     ports::Allowance,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{Dataplane, nix_ifindex};
-use crate::{DataplaneError, dataplane::addr_key, reconcile::Kernel, state::PortMapping};
+use crate::{
+    DataplaneError,
+    dataplane::{addr_key, limits_clock_ns},
+    reconcile::Kernel,
+    state::PortMapping,
+};
 
 impl Kernel for Dataplane {
     fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointValue>, DataplaneError> {
@@ -148,6 +153,13 @@ impl Kernel for Dataplane {
             if let Err(e) = self.maps_mut().remove_policy_counters(*id) {
                 warn!(policy_id = id, error = %e, "cannot forget a removed policy's counters");
             }
+        }
+    }
+
+    fn forget_limits(&mut self, keys: &BTreeSet<u32>) {
+        match self.maps_mut().forget_limits(keys, limits_clock_ns()) {
+            Ok(forgotten) => debug!(forgotten, "rate-limit entries forgotten"),
+            Err(e) => warn!(error = %e, "cannot forget rate-limit entries"),
         }
     }
 

@@ -36,7 +36,7 @@ pub use config::{
     Capacities, DataplaneConfig, DenyAction, DenySettings, EventSettings, OverlayNetwork,
     kernel_settings,
 };
-pub use maps::{EventStats, Maps, addr_from_key, addr_key};
+pub use maps::{EventStats, Maps, addr_from_key, addr_key, limits_clock_ns};
 
 use crate::{DataplaneError, EBPF_OBJECT, bpffs, sys};
 

@@ -8,11 +8,11 @@
 //! [`Applied::keep`].
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use policy_common::maps::EndpointValue;
+use policy_common::{limits::address_key, maps::EndpointValue};
 use tracing::warn;
 
 use super::{
@@ -122,6 +122,9 @@ pub struct Applied {
     undo: Vec<Write>,
     /// Removed policies whose counters go when the change is kept.
     forget: Vec<u32>,
+    /// The change removed endpoint addresses: the rate-limit keys whose
+    /// entries go, with every ended window, when it is kept (rule 7).
+    forget_limits: Option<BTreeSet<u32>>,
     /// What a full reconcile could not do (an endpoint's veth is gone).
     pub warnings: Vec<String>,
 }
@@ -170,10 +173,14 @@ impl Write {
 
 impl Applied {
     /// The change is committed: what waited for that is done (removed
-    /// policies' counters are forgotten).
+    /// policies' counters and removed addresses' rate limits are
+    /// forgotten).
     pub fn keep<K: Kernel>(self, kernel: &mut K) {
         if !self.forget.is_empty() {
             kernel.forget_policies(&self.forget);
+        }
+        if let Some(keys) = &self.forget_limits {
+            kernel.forget_limits(keys);
         }
     }
 
@@ -243,9 +250,11 @@ fn steps<K: Kernel>(
         Step::Full => {
             // Make-before-break over the whole state; there is no state
             // before it to go back to, so nothing to undo.
-            let Reconciled { warnings, stale_counters } = full_reconcile(kernel, state, held)?;
+            let Reconciled { warnings, stale_counters, gone_addresses } =
+                full_reconcile(kernel, state, held)?;
             applied.warnings = warnings;
             applied.forget = stale_counters;
+            applied.forget_limits = Some(gone_addresses);
         }
     }
     if let Some(old) = before.netin {
@@ -323,9 +332,11 @@ fn remove_endpoint<K: Kernel>(
     applied: &mut Applied,
 ) -> Result<(), DataplaneError> {
     let Some((endpoint, value)) = old else { return Ok(()) };
+    let mut gone = BTreeSet::new();
     if let Some(ip) = endpoint.ipv6.filter(|a| new.and_then(|n| n.ipv6) != Some(*a)) {
         kernel.remove_endpoint6(ip)?;
         applied.undo.push(Write::Endpoint6(ip, Some(value)));
+        gone.insert(address_key(IpAddr::V6(ip)));
     }
     let local = state.local_host();
     let kept_veth = new.is_some_and(|n| n.runs_on(local) && n.ifname == endpoint.ifname);
@@ -344,6 +355,10 @@ fn remove_endpoint<K: Kernel>(
     {
         kernel.remove_endpoint(ip)?;
         applied.undo.push(Write::Endpoint(ip, Some(value)));
+        gone.insert(address_key(IpAddr::V4(ip)));
+    }
+    if !gone.is_empty() {
+        applied.forget_limits = Some(gone);
     }
     Ok(())
 }

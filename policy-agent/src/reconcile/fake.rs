@@ -1,7 +1,8 @@
 //! An in-memory kernel: every map the [`Kernel`] trait writes (IPv4 and
 //! IPv6 endpoints, veth bindings of both families, pairs, NetIn mappings,
-//! the NetOut trie, policy counters and those forgotten), a capacity for
-//! pairs, a write that fails on demand, and a log of the writes.
+//! the NetOut trie, policy counters and those forgotten, the per-address
+//! rate limits), a capacity for pairs, a write that fails on demand, and a
+//! log of the writes.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -40,6 +41,9 @@ pub struct FakeKernel {
     pub counters: BTreeSet<u32>,
     /// Policy ids whose counters were forgotten, in order.
     pub forgotten: Vec<u32>,
+    /// `EVENT_LIMITS` and `REJECT_LIMITS` as one: key → whether its window
+    /// has ended.
+    pub limits: BTreeMap<u32, bool>,
     /// Interfaces that exist.
     pub interfaces: BTreeSet<String>,
     pub pair_capacity: usize,
@@ -199,6 +203,11 @@ impl Kernel for FakeKernel {
         self.log.push(format!("forget_policies {ids:?}"));
         self.forgotten.extend_from_slice(ids);
         self.counters.retain(|id| !ids.contains(id));
+    }
+    fn forget_limits(&mut self, keys: &BTreeSet<u32>) {
+        let before = self.limits.len();
+        self.limits.retain(|key, ended| !keys.contains(key) && !*ended);
+        self.log_if(self.limits.len() != before, format!("forget_limits {keys:?}"));
     }
     fn set_netin(&mut self, wanted: &[(Ipv4Addr, PortMapping)]) -> Result<(), DataplaneError> {
         self.write("NETIN")?;

@@ -36,6 +36,19 @@
 //!    those of every policy in force and forgets every other (an older
 //!    version's leftovers included); with per-policy counting off there are
 //!    none.
+//! 7. The per-address rate limits (`EVENT_LIMITS`, `REJECT_LIMITS`, see
+//!    `policy_common::limits`) belong to addresses, not to the state: the
+//!    programs make an entry for any address they limit. The entries of an
+//!    endpoint's addresses are forgotten once the change that removed them
+//!    is kept (after the `ENDPOINTS` entries, so no later lookup finds the
+//!    endpoint), and with them every entry whose window has ended — those
+//!    of addresses that are no endpoint (destinations denied by security
+//!    groups, senders on other hosts, forged sources) have no other end,
+//!    and the programs would start them afresh anyway. A full reconcile
+//!    does the same for the endpoints it removes, and sweeps every ended
+//!    window (a start after a churn). A packet past its lookup when the
+//!    endpoint went may still make an entry after the delete: its window
+//!    ends within a second, and the next sweep takes it.
 
 mod apply;
 #[cfg(test)]
@@ -52,6 +65,7 @@ use std::{
 pub use apply::{Applied, Before, apply, before};
 pub use pairs::{AppPair, PairChange, pairs};
 use policy_common::{
+    limits::address_key,
     maps::{EndpointValue, PairKey},
     ports::Allowance,
 };
@@ -111,6 +125,11 @@ pub trait Kernel {
     fn add_policy_counters(&mut self, ids: &[u32]) -> Result<(), DataplaneError>;
     /// Forgets the counters of removed policies (ids are never reused).
     fn forget_policies(&mut self, ids: &[u32]);
+    /// `EVENT_LIMITS` and `REJECT_LIMITS`: forgets the entries keyed by
+    /// `keys` (addresses gone, see `policy_common::limits::address_key`)
+    /// and every entry whose window has ended (rule 7). Best effort: a
+    /// failure is logged.
+    fn forget_limits(&mut self, keys: &BTreeSet<u32>);
     /// NetIn: makes the port mappings exactly `wanted` (container address
     /// and its mapping, for every local endpoint).
     fn set_netin(&mut self, wanted: &[(Ipv4Addr, PortMapping)]) -> Result<(), DataplaneError>;
@@ -134,10 +153,12 @@ pub fn full_keeping<K: Kernel>(
     state: &State,
     held: &BTreeMap<IpAddr, Endpoint>,
 ) -> Result<Vec<String>, DataplaneError> {
-    let Reconciled { warnings, stale_counters } = full_reconcile(kernel, state, held)?;
+    let Reconciled { warnings, stale_counters, gone_addresses } =
+        full_reconcile(kernel, state, held)?;
     if !stale_counters.is_empty() {
         kernel.forget_policies(&stale_counters);
     }
+    kernel.forget_limits(&gone_addresses);
     Ok(warnings)
 }
 
@@ -148,9 +169,12 @@ struct Reconciled {
     /// Counters of no policy in force, to forget (rule 6): at once at a
     /// start, once kept for a change (rule 5).
     stale_counters: Vec<u32>,
+    /// The rate-limit keys of the endpoint addresses it removed, to
+    /// forget with every ended window (rule 7), when the counters are.
+    gone_addresses: BTreeSet<u32>,
 }
 
-/// [`full_keeping`] but for forgetting stale counters.
+/// [`full_keeping`] but for forgetting stale counters and rate limits.
 fn full_reconcile<K: Kernel>(
     kernel: &mut K,
     state: &State,
@@ -210,20 +234,23 @@ fn full_reconcile<K: Kernel>(
             kernel.detach(&ifname, None)?;
         }
     }
+    let mut gone_addresses = BTreeSet::new();
     for ip in have_endpoints.keys().filter(|ip| !want_endpoints.contains_key(ip)) {
         if !kept4.contains(ip) {
             kernel.remove_endpoint(*ip)?;
+            gone_addresses.insert(address_key(IpAddr::V4(*ip)));
         }
     }
     for ip in
         have_endpoints6.keys().filter(|ip| !want_endpoints6.contains_key(ip) && !kept6.contains(ip))
     {
         kernel.remove_endpoint6(*ip)?;
+        gone_addresses.insert(address_key(IpAddr::V6(*ip)));
     }
     netin(kernel, state)?;
     netout(kernel, state)?;
     let stale_counters = have_counters.difference(&want_counters).copied().collect();
-    Ok(Reconciled { warnings, stale_counters })
+    Ok(Reconciled { warnings, stale_counters, gone_addresses })
 }
 
 /// The policies that need counters: every one in force, if the programs

@@ -4,7 +4,7 @@
 //! the fact, leaves every map exactly as before.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -401,4 +401,137 @@ fn a_state_replaced_whole_is_the_full_reconcile() {
     assert!(applied.warnings.is_empty());
     applied.keep(&mut kernel);
     assert_eq!(kernel.maps(), kernel_at(&state).maps());
+}
+
+/// The rate-limit keys of an endpoint's addresses (IPv4, IPv6).
+fn limit_keys(endpoint: &Endpoint) -> (u32, u32) {
+    (address_key(endpoint.ip), address_key(IpAddr::V6(endpoint.ipv6.unwrap())))
+}
+
+/// Rule 7: a removed endpoint's rate limits (both addresses, windows
+/// running) go once the removal is kept, after its `ENDPOINTS` entries, and
+/// every ended window with them (an address that is no endpoint has no
+/// other end); a running window of another address stays. Taken back, the
+/// removal forgets nothing.
+#[test]
+fn a_removed_endpoints_rate_limits_go_after_it_once_the_removal_is_kept() {
+    let state = state_before(None);
+    let (gone, other) = (dual(1, "web", None), dual(2, "api", None));
+    let ((gone4, gone6), (other4, other6)) = (limit_keys(&gone), limit_keys(&other));
+    let outside = |a: [u8; 4]| address_key(IpAddr::from(a));
+    let limits = BTreeMap::from([
+        (gone4, false),
+        (gone6, false),
+        (other4, false),
+        (other6, true),
+        (outside([203, 0, 113, 9]), false),
+        (outside([198, 51, 100, 7]), true),
+    ]);
+    let change = Change::RemoveEndpoint(gone.ip);
+    let mut after = state.clone();
+    change.replay(&mut after);
+
+    let mut kernel = kernel_at(&state);
+    kernel.limits = limits.clone();
+    let applied = apply(&mut kernel, &after, before(&state, &change), &BTreeMap::new()).unwrap();
+    assert_eq!(kernel.limits, limits, "kept until the change is");
+    applied.undo(&mut kernel);
+    assert_eq!(kernel.limits, limits, "a removal taken back forgets nothing");
+
+    let mut kernel = kernel_at(&state);
+    kernel.limits = limits;
+    apply(&mut kernel, &after, before(&state, &change), &BTreeMap::new())
+        .unwrap()
+        .keep(&mut kernel);
+    assert_eq!(
+        kernel.limits,
+        BTreeMap::from([(other4, false), (outside([203, 0, 113, 9]), false)]),
+        "the running windows of other addresses stay"
+    );
+    let log = &kernel.log;
+    let forgot = log.iter().position(|l| l.starts_with("forget_limits")).unwrap();
+    assert_eq!(log[forgot], format!("forget_limits {:?}", BTreeSet::from([gone4, gone6])));
+    assert_eq!(forgot, log.len() - 1, "after the endpoint's entries went: {log:?}");
+    assert!(log.iter().any(|l| l.starts_with("remove_endpoint6")), "{log:?}");
+}
+
+/// An endpoint registered again with another IPv6 address loses the old
+/// address's rate limit only; one added (nothing removed) sweeps nothing.
+#[test]
+fn a_replaced_endpoint_forgets_the_rate_limits_of_the_address_it_lost() {
+    let state = state_before(None);
+    let old = dual(1, "web", None);
+    let (old4, old6) = limit_keys(&old);
+    let renumbered = Endpoint { ipv6: Some("fd00:255::99".parse().unwrap()), ..old.clone() };
+    let mut kernel = kernel_at(&state);
+    kernel.limits = BTreeMap::from([(old4, false), (old6, false)]);
+    let change = Change::AddEndpoint(renumbered);
+    let mut after = state.clone();
+    change.replay(&mut after);
+    apply(&mut kernel, &after, before(&state, &change), &BTreeMap::new())
+        .unwrap()
+        .keep(&mut kernel);
+    assert_eq!(kernel.limits, BTreeMap::from([(old4, false)]), "its IPv4 address is still its own");
+
+    let ended = address_key(IpAddr::from([198, 51, 100, 7]));
+    let mut kernel = kernel_at(&state);
+    kernel.limits = BTreeMap::from([(ended, true)]);
+    let change = Change::AddEndpoint(dual(3, "web", None));
+    let mut after = state.clone();
+    change.replay(&mut after);
+    apply(&mut kernel, &after, before(&state, &change), &BTreeMap::new())
+        .unwrap()
+        .keep(&mut kernel);
+    assert_eq!(kernel.limits.len(), 1, "{:?}", kernel.log);
+}
+
+/// A full reconcile (a start after endpoints went while the agent was
+/// down, a state replaced whole) forgets the rate limits of the endpoints
+/// it removes and every ended window; a held endpoint keeps its own.
+#[test]
+fn a_full_reconcile_forgets_the_rate_limits_of_the_endpoints_it_removes() {
+    let state = state_before(None);
+    let mut with_gone = state.clone();
+    let (gone, held) = (dual(3, "web", None), dual(4, "api", None));
+    with_gone.add_endpoint(gone.clone());
+    with_gone.add_endpoint(held.clone());
+    let ((gone4, gone6), (held4, held6)) = (limit_keys(&gone), limit_keys(&held));
+    let (here4, _) = limit_keys(&dual(1, "web", None));
+    let outside = address_key(IpAddr::from([203, 0, 113, 9]));
+    let ended = address_key(IpAddr::from([198, 51, 100, 7]));
+    let limits = BTreeMap::from([
+        (gone4, false),
+        (gone6, false),
+        (held4, false),
+        (held6, false),
+        (here4, false),
+        (outside, false),
+        (ended, true),
+    ]);
+    let kept = BTreeMap::from([(held4, false), (held6, false), (here4, false), (outside, false)]);
+
+    let mut kernel = kernel_at(&with_gone);
+    kernel.limits = limits.clone();
+    let holding = BTreeMap::from([(held.ip, held.clone())]);
+    full_keeping(&mut kernel, &state, &holding).unwrap();
+    assert_eq!(kernel.limits, kept);
+    let log = &kernel.log;
+    let removed = log.iter().rposition(|l| l.starts_with("remove_endpoint")).unwrap();
+    let forgot = log.iter().position(|l| l.starts_with("forget_limits")).unwrap();
+    assert!(removed < forgot, "{log:?}");
+    // Nothing removed: the ended windows still go.
+    kernel.limits.insert(ended, true);
+    full(&mut kernel, &state).unwrap();
+    assert!(!kernel.limits.contains_key(&ended));
+
+    // The state replaced whole (fell behind the cluster's log): once kept.
+    let mut kernel = kernel_at(&with_gone);
+    kernel.limits = limits;
+    let change = Change::Reset(Box::new(state.clone()));
+    let mut after = with_gone.clone();
+    change.replay(&mut after);
+    let applied = apply(&mut kernel, &after, before(&with_gone, &change), &holding).unwrap();
+    assert!(kernel.limits.contains_key(&gone4), "kept until the change is");
+    applied.keep(&mut kernel);
+    assert_eq!(kernel.limits, kept);
 }

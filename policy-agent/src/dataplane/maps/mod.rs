@@ -11,10 +11,11 @@
 //! `endpoints` (endpoints, veth and cgroup bindings, both families),
 //! `policies` (the port ranges of each app pair), `netin_netout` (NetIn's
 //! mappings, NetOut's rules), `counters` (what the programs counted and
-//! track).
+//! track), `limits` (the per-address rate limits).
 
 mod counters;
 mod endpoints;
+mod limits;
 mod netin_netout;
 mod policies;
 
@@ -26,14 +27,15 @@ use aya::maps::{
 };
 use policy_common::{
     maps::{
-        Attachment, CONFIG_INDEX, Config, Conn, ConnKey, EndpointValue, FlowSet, FragmentKey,
-        Ipv6Key, NetInConn, NetInConnKey, NetInKey, NetInTarget, Overlay, PairKey, PolicyCounters,
-        PortRules, Settings, Tunnel, names,
+        Attachment, CONFIG_INDEX, Config, Conn, ConnKey, EndpointValue, EventLimit, FlowSet,
+        FragmentKey, Ipv6Key, NetInConn, NetInConnKey, NetInKey, NetInTarget, Overlay, PairKey,
+        PolicyCounters, PortRules, Settings, Tunnel, names,
     },
     netout::NetOutRules,
 };
 
 pub use counters::EventStats;
+pub use limits::limits_clock_ns;
 
 use super::OverlayNetwork;
 use crate::DataplaneError;
@@ -48,6 +50,8 @@ pub struct Maps {
     fragments: HashMap<MapData, FragmentKey, u32>,
     verdicts: PerCpuArray<MapData, u64>,
     event_stats: PerCpuArray<MapData, u64>,
+    event_limits: HashMap<MapData, u32, EventLimit>,
+    reject_limits: HashMap<MapData, u32, EventLimit>,
     policy_stats: PerCpuHashMap<MapData, u32, PolicyCounters>,
     peers: HashMap<MapData, u32, u32>,
     netin: HashMap<MapData, NetInKey, NetInTarget>,
@@ -128,6 +132,8 @@ impl Maps {
             fragments: map!(names::FRAGMENTS),
             verdicts: map!(names::VERDICTS),
             event_stats: map!(names::EVENT_STATS),
+            event_limits: map!(names::EVENT_LIMITS),
+            reject_limits: map!(names::REJECT_LIMITS),
             policy_stats: map!(names::POLICY_STATS),
             peers: map!(names::PEERS),
             netin: map!(names::NETIN),
@@ -230,6 +236,16 @@ impl Maps {
                 names::POLICY_STATS,
                 self.policy_stats.keys().count(),
                 Self::capacity(self.policy_stats.map()),
+            ),
+            (
+                names::EVENT_LIMITS,
+                self.event_limits.keys().count(),
+                Self::capacity(self.event_limits.map()),
+            ),
+            (
+                names::REJECT_LIMITS,
+                self.reject_limits.keys().count(),
+                Self::capacity(self.reject_limits.map()),
             ),
         ]
     }
