@@ -225,10 +225,15 @@ impl Collector for KernelCollector {
         for (metric, help, pick) in [
             ("policy_map_entries", "Entries in each kernel map", 0),
             ("policy_map_capacity", "Capacity (max_entries) of each kernel map", 1),
+            ("policy_map_bytes", "Kernel memory charged for each map (bytes_memlock)", 2),
         ] {
             let mut family = encoder.encode_descriptor(metric, help, None, gauge.metric_type())?;
             for map in &occupancy {
-                let value = if pick == 0 { map.entries as i64 } else { i64::from(map.capacity) };
+                let value = match pick {
+                    0 => map.entries as i64,
+                    1 => i64::from(map.capacity),
+                    _ => i64::try_from(map.bytes).unwrap_or(i64::MAX),
+                };
                 ConstGauge::new(value).encode(family.encode_family(&[("map", map.name)])?)?;
             }
         }

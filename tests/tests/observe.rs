@@ -241,6 +241,7 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         "policy_flow_events_total",
         "policy_map_entries",
         "policy_map_capacity",
+        "policy_map_bytes",
         "totalPolicies",
         "policy_endpoints",
         "policy_api_requests_total",
@@ -249,6 +250,10 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     }
     assert_eq!(value(&before, "policy_endpoints", None), 3.0);
     assert_eq!(value(&before, "policy_map_capacity", Some(("map", "ENDPOINTS"))), 65536.0);
+    // What the kernel charges: at least a key and a value per slot of a
+    // preallocated hash map (a 4-byte key and an 8-byte value).
+    let endpoints_bytes = value(&before, "policy_map_bytes", Some(("map", "ENDPOINTS")));
+    assert!(endpoints_bytes >= 65536.0 * 12.0, "{endpoints_bytes}");
 
     daemon.allow("frontend", "backend", "udp", "53");
     let socket = a.ns.run(|| UdpSocket::bind(("0.0.0.0", 0))).unwrap();

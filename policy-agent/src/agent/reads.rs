@@ -49,6 +49,8 @@ pub struct MapOccupancy {
     pub name: &'static str,
     pub entries: usize,
     pub capacity: u32,
+    /// What the kernel charges for it (`bytes_memlock`).
+    pub bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -93,13 +95,18 @@ impl Agent<Dataplane> {
         })
     }
 
-    /// Entries and capacity of every map.
+    /// Entries, capacity and kernel bytes of every map.
     pub fn map_occupancy(&self) -> Vec<MapOccupancy> {
         self.kernel
             .maps()
             .occupancy()
             .into_iter()
-            .map(|(name, entries, capacity)| MapOccupancy { name, entries, capacity })
+            .map(|(name, entries, (capacity, bytes))| MapOccupancy {
+                name,
+                entries,
+                capacity,
+                bytes,
+            })
             .collect()
     }
 

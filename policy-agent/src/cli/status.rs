@@ -30,13 +30,14 @@ pub fn show(args: &JsonArgs, client: &Client) -> Result<()> {
     for app in s["apps"].as_array().into_iter().flatten() {
         println!("  {} {}", app["tag"].as_str().unwrap_or("?"), app["id"].as_str().unwrap_or("?"));
     }
-    println!("maps:");
+    println!("maps:                entries / capacity    kernel memory");
     for m in s["maps"].as_array().into_iter().flatten() {
         println!(
-            "  {:<10} {:>9} / {}",
+            "  {:<14} {:>9} / {:<10} {:>9.1} MiB",
             m["name"].as_str().unwrap_or("?"),
             m["entries"],
-            m["capacity"]
+            m["capacity"],
+            m["bytes"].as_f64().unwrap_or(0.0) / f64::from(1 << 20)
         );
     }
     println!("verdicts:");

@@ -223,29 +223,46 @@ impl Maps {
         map.info().map(|i| i.max_entries()).unwrap_or(0)
     }
 
-    /// Entries and capacity of every map (for status).
-    pub fn occupancy(&self) -> Vec<(&'static str, usize, u32)> {
+    /// Capacity and the bytes the kernel charges for `map` (its
+    /// `memlock` in `/proc/self/fdinfo`, what `bpftool` shows as
+    /// `bytes_memlock`; 0 if unreadable).
+    fn size(map: &MapData) -> (u32, u64) {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let capacity = Self::capacity(map);
+        let fd = map.fd().as_fd().as_raw_fd();
+        let bytes = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .ok()
+            .and_then(|info| {
+                let line = info.lines().find(|l| l.starts_with("memlock:"))?;
+                line["memlock:".len()..].trim().parse().ok()
+            })
+            .unwrap_or(0);
+        (capacity, bytes)
+    }
+
+    /// Entries, capacity and kernel bytes of every map (for status).
+    pub fn occupancy(&self) -> Vec<(&'static str, usize, (u32, u64))> {
         vec![
-            (names::ENDPOINTS, self.endpoints.keys().count(), Self::capacity(self.endpoints.map())),
-            (names::VETHS, self.veths.keys().count(), Self::capacity(self.veths.map())),
-            (names::CGROUPS, self.cgroups.keys().count(), Self::capacity(self.cgroups.map())),
-            (names::POLICIES, self.policies.keys().count(), Self::capacity(self.policies.map())),
-            (names::CONNTRACK, self.conntrack.keys().count(), Self::capacity(self.conntrack.map())),
-            (names::FRAGMENTS, self.fragments.keys().count(), Self::capacity(self.fragments.map())),
+            (names::ENDPOINTS, self.endpoints.keys().count(), Self::size(self.endpoints.map())),
+            (names::VETHS, self.veths.keys().count(), Self::size(self.veths.map())),
+            (names::CGROUPS, self.cgroups.keys().count(), Self::size(self.cgroups.map())),
+            (names::POLICIES, self.policies.keys().count(), Self::size(self.policies.map())),
+            (names::CONNTRACK, self.conntrack.keys().count(), Self::size(self.conntrack.map())),
+            (names::FRAGMENTS, self.fragments.keys().count(), Self::size(self.fragments.map())),
             (
                 names::POLICY_STATS,
                 self.policy_stats.keys().count(),
-                Self::capacity(self.policy_stats.map()),
+                Self::size(self.policy_stats.map()),
             ),
             (
                 names::EVENT_LIMITS,
                 self.event_limits.keys().count(),
-                Self::capacity(self.event_limits.map()),
+                Self::size(self.event_limits.map()),
             ),
             (
                 names::REJECT_LIMITS,
                 self.reject_limits.keys().count(),
-                Self::capacity(self.reject_limits.map()),
+                Self::size(self.reject_limits.map()),
             ),
         ]
     }
