@@ -8,8 +8,12 @@
 //!   before the API replies; appending costs the same with 10 or 1M policies.
 //! - `state.json`: `{"seq":N,"state":...}`, the state after change N, written
 //!   every [`COMPACT_EVERY`] changes atomically (temp file, fsync, rename,
-//!   fsync the directory); then a new journal holding only its header
-//!   replaces the old one the same way.
+//!   fsync the directory) by a thread of its own (`background`): no write
+//!   waits for it, appends go on into the journal meanwhile. At the first
+//!   append after it is durable (or when the store closes), a new journal
+//!   holding the records after N replaces the old one the same way. A crash
+//!   in between leaves a journal that starts before the snapshot: loading
+//!   skips the records the snapshot holds.
 //!
 //! Loading reads the snapshot and replays the records after it, and refuses
 //! — naming the file and the changes missing — whatever is not a whole,
@@ -24,6 +28,7 @@
 //!
 //! The lines' format is in `records`.
 
+mod background;
 mod records;
 
 use std::{
@@ -37,6 +42,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use background::InFlight;
 use records::{HEADER, Read, parse, record};
 
 use super::{COMPACT_EVERY, Change, Store, StoreError, io};
@@ -67,6 +73,12 @@ pub struct Journal {
     has_journal: bool,
     /// When the last snapshot failed (not tried again before a while).
     snapshot_failed: Option<Instant>,
+    /// The snapshot being written in the background, if any: at most one,
+    /// and nothing else rewrites `state.json` or the journal meanwhile.
+    in_flight: Option<InFlight>,
+    /// Tests: held to keep a background snapshot from starting its work.
+    #[cfg(test)]
+    hold: Option<std::sync::Arc<std::sync::Mutex<()>>>,
     /// `lock` in the state directory, held exclusively while open: one
     /// writer per state directory (None: a read-only look).
     _lock: Option<File>,
@@ -91,7 +103,9 @@ impl Journal {
         {
             return Err(StoreError::InUse { dir: state_dir.to_path_buf() });
         }
-        Ok(Self { _lock: Some(lock), ..Self::unlocked(state_dir) })
+        let mut store = Self::unlocked(state_dir);
+        store._lock = Some(lock);
+        Ok(store)
     }
 
     /// The stored state, read without taking the writer's lock and without
@@ -109,6 +123,9 @@ impl Journal {
             cut_to: None,
             has_journal: false,
             snapshot_failed: None,
+            in_flight: None,
+            #[cfg(test)]
+            hold: None,
         }
     }
 
@@ -146,22 +163,28 @@ impl Journal {
         Ok(Some(parse(&bytes)))
     }
 
-    /// Writes a journal holding only its header (after `seq`) over the old
-    /// one, atomically.
-    fn fresh_journal(&mut self, after: u64) -> Result<(), StoreError> {
+    /// Writes a journal holding its header (after `after`) and `records`
+    /// (whole lines, the changes after it) over the old one, atomically.
+    /// Only with no snapshot in flight: its thread reads the journal.
+    fn fresh_journal(&mut self, after: u64, records: &[u8]) -> Result<(), StoreError> {
+        debug_assert!(self.in_flight.is_none(), "the journal is rewritten under a snapshot");
         let path = self.journal_path();
-        policy_api::files::replace(&path, format!("{HEADER}{after}\n").as_bytes(), MODE)
-            .map_err(io("write", &path))?;
+        policy_api::files::replace_with(&path, MODE, |out| {
+            out.write_all(format!("{HEADER}{after}\n").as_bytes())?;
+            out.write_all(records)
+        })
+        .map_err(io("write", &path))?;
         sync_dir(&self.dir)?;
         self.has_journal = true;
         self.cut_to = None;
         Ok(())
     }
 
-    /// Appends one record; on failure, cuts the journal back to where it was.
-    fn append_record(&mut self, seq: u64, change: &Change) -> Result<(), StoreError> {
+    /// Appends one record and returns its line; on failure, cuts the
+    /// journal back to where it was.
+    fn append_record(&mut self, seq: u64, change: &Change) -> Result<Vec<u8>, StoreError> {
         if !self.has_journal {
-            self.fresh_journal(self.snapshot_seq)?;
+            self.fresh_journal(self.snapshot_seq, &[])?;
         }
         let path = self.journal_path();
         let mut file =
@@ -189,7 +212,44 @@ impl Journal {
             }
             return Err(io("append to", &path)(e));
         }
-        Ok(())
+        Ok(line)
+    }
+
+    /// Writes `state`, the state after change `seq`, as the snapshot in
+    /// `dir`.
+    fn write_snapshot(dir: &Path, seq: u64, state: &State) -> Result<(), StoreError> {
+        let path = dir.join("state.json");
+        // Streamed from a borrowed view: no copy of a large state in memory.
+        #[derive(Serialize)]
+        struct SnapshotRef<'a> {
+            seq: u64,
+            state: crate::state::StoredRef<'a>,
+        }
+        let snapshot = SnapshotRef { seq, state: state.stored() };
+        policy_api::files::replace_with(&path, MODE, |out| {
+            Ok(serde_json::to_writer(out, &snapshot)?)
+        })
+        .map_err(io("write", &path))?;
+        sync_dir(dir)
+    }
+
+    /// Waits for the snapshot in flight, if any; once it is durable, the
+    /// journal is replaced by one that follows it. A failure is a failed
+    /// snapshot: warned, tried again later, the journal keeps every change.
+    fn finish_snapshot(&mut self) {
+        let Some(flight) = self.in_flight.take() else { return };
+        let (seq, since, result) = flight.join();
+        let done = result.and_then(|()| {
+            self.snapshot_seq = seq;
+            self.fresh_journal(seq, &since)
+        });
+        match done {
+            Ok(()) => self.snapshot_failed = None,
+            Err(e) => {
+                warn!(error = %e, "snapshot failed; the journal keeps every change, trying again later");
+                self.snapshot_failed = Some(Instant::now());
+            }
+        }
     }
 
     /// Rebuilds the stored state from the snapshot and the journal's whole
@@ -251,6 +311,7 @@ impl Store for Journal {
     /// The stored state: snapshot plus journal (empty if nothing was
     /// stored); refuses a history that is not whole.
     fn load(&mut self) -> Result<State, StoreError> {
+        self.finish_snapshot();
         let snapshot = self.read_snapshot()?;
         let has_snapshot = snapshot.is_some();
         let (mut state, snapshot_seq) = snapshot.unwrap_or_default();
@@ -333,18 +394,30 @@ impl Store for Journal {
         Ok(state)
     }
 
-    /// Makes `change` durable; `state` is the state after it (snapshotted
-    /// every [`COMPACT_EVERY`] changes). A failed snapshot does not fail
-    /// the change: the record is durable, the snapshot is tried again later.
-    fn append(&mut self, change: &Change, state: &State) -> Result<(), StoreError> {
+    /// Makes `change` durable; every [`COMPACT_EVERY`] changes a snapshot
+    /// is started in the background (from the files: `_state` is not
+    /// copied). A failed snapshot does not fail the change: the record is
+    /// durable, the snapshot is tried again later.
+    fn append(&mut self, change: &Change, _state: &State) -> Result<(), StoreError> {
         let seq = self.seq + 1;
-        self.append_record(seq, change)?;
+        let line = self.append_record(seq, change)?;
         self.seq = seq;
-        let due = self.seq - self.snapshot_seq >= COMPACT_EVERY
+        if let Some(flight) = &mut self.in_flight {
+            flight.since.extend_from_slice(&line);
+            if flight.is_finished() {
+                self.finish_snapshot();
+            }
+        }
+        let due = self.in_flight.is_none()
+            && self.seq - self.snapshot_seq >= COMPACT_EVERY
             && self.snapshot_failed.is_none_or(|t| t.elapsed() >= SNAPSHOT_RETRY);
         if due {
-            match self.snapshot(state) {
-                Ok(()) => self.snapshot_failed = None,
+            #[cfg(not(test))]
+            let hold = None;
+            #[cfg(test)]
+            let hold = self.hold.clone();
+            match InFlight::start(&self.dir, self.seq, hold) {
+                Ok(flight) => self.in_flight = Some(flight),
                 Err(e) => {
                     warn!(error = %e, "snapshot failed; the journal keeps every change, trying again later");
                     self.snapshot_failed = Some(Instant::now());
@@ -354,24 +427,20 @@ impl Store for Journal {
         Ok(())
     }
 
-    /// Writes the snapshot of `state` (at the current seq), then a journal
-    /// holding only its header.
+    /// Writes the snapshot of `state` (at the current seq) here and now,
+    /// after the one in flight, then a journal holding only its header.
     fn snapshot(&mut self, state: &State) -> Result<(), StoreError> {
-        let path = self.snapshot_path();
-        // Streamed from a borrowed view: no copy of a large state in memory.
-        #[derive(Serialize)]
-        struct SnapshotRef<'a> {
-            seq: u64,
-            state: crate::state::StoredRef<'a>,
-        }
-        let snapshot = SnapshotRef { seq: self.seq, state: state.stored() };
-        policy_api::files::replace_with(&path, MODE, |out| {
-            Ok(serde_json::to_writer(out, &snapshot)?)
-        })
-        .map_err(io("write", &path))?;
-        sync_dir(&self.dir)?;
+        self.finish_snapshot();
+        Self::write_snapshot(&self.dir, self.seq, state)?;
         self.snapshot_seq = self.seq;
-        self.fresh_journal(self.seq)
+        self.fresh_journal(self.seq, &[])
+    }
+}
+
+impl Drop for Journal {
+    /// Waits for the snapshot in flight and rotates the journal after it.
+    fn drop(&mut self) {
+        self.finish_snapshot();
     }
 }
 
