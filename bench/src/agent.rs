@@ -23,13 +23,13 @@ pub fn run(quick: bool, report: &mut Report) {
     let mut out = String::new();
     outln!(
         out,
-        "\n### 5. Scale\n\nLoading policies through the agent's API (batches of 1000, distinct app pairs, one port each), then restarting the agent on that state.\n"
+        "\n### 5. Scale\n\nLoading policies through the agent's API (batches of 1000, distinct app pairs, one port each), then {SINGLES} writes of one policy each with those in force (API round trip; more than the store's changes between snapshots, so at least one of them is due a snapshot), then restarting the agent on that state.\n"
     );
     outln!(
         out,
-        "| policies | load time | policies/s | batch of 1000 p50 / max | agent RSS before → after | stored state | restart (load state, reconcile pinned maps, serve) |"
+        "| policies | load time | policies/s | batch of 1000 p50 / max | one policy p50 / p99 / max | agent RSS before → after | stored state | restart (load state, reconcile pinned maps, serve) |"
     );
-    outln!(out, "|---:|---:|---:|---:|---:|---:|---:|");
+    outln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let n = count_name(r.n as u64);
         report.figure(format!("load_{n}_policies_s"), r.load_time.as_secs_f64(), "s");
@@ -40,14 +40,24 @@ pub fn run(quick: bool, report: &mut Report) {
             percentile(&r.batch_times, 0.5).as_secs_f64() * 1e3,
             "ms",
         );
+        for (label, p) in [("p50", 0.5), ("p99", 0.99), ("max", 1.0)] {
+            report.figure(
+                format!("one_policy_write_{label}_{n}_ms"),
+                percentile(&r.single_times, p).as_secs_f64() * 1e3,
+                "ms",
+            );
+        }
         outln!(
             out,
-            "| {} | {:.2} s | {:.0} | {} / {} | {} → {} MiB | {:.1} MiB | {:.2} s |",
+            "| {} | {:.2} s | {:.0} | {} / {} | {} / {} / {} | {} → {} MiB | {:.1} MiB | {:.2} s |",
             r.n,
             r.load_time.as_secs_f64(),
             r.n as f64 / r.load_time.as_secs_f64(),
             ms(percentile(&r.batch_times, 0.5)),
             ms(*r.batch_times.last().unwrap()),
+            ms(percentile(&r.single_times, 0.5)),
+            ms(percentile(&r.single_times, 0.99)),
+            ms(*r.single_times.last().unwrap()),
             r.rss_before / 1024,
             r.rss_after / 1024,
             r.state_bytes as f64 / (1 << 20) as f64,
@@ -178,6 +188,8 @@ struct Load {
     n: usize,
     load_time: Duration,
     batch_times: Vec<Duration>,
+    /// Writes of one policy with the `n` in force, sorted.
+    single_times: Vec<Duration>,
     rss_before: u64,
     rss_after: u64,
     state_bytes: u64,
@@ -196,8 +208,13 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// One-policy writes timed after a load: more than the store's changes
+/// between snapshots (1000), so that a snapshot falls among them.
+const SINGLES: usize = 1200;
+
 /// Loads `n` policies (distinct app pairs) in batches of 1000 through the
-/// API, then restarts the agent on that state.
+/// API, times [`SINGLES`] writes of one policy, then restarts the agent on
+/// that state.
 fn load(n: usize) -> Load {
     let host = Host::new(1);
     let mut daemon = Daemon::start(&host.ns, "log_level = \"warn\"");
@@ -218,13 +235,35 @@ fn load(n: usize) -> Load {
     }
     let load_time = start.elapsed();
     let rss_after = rss_kib(daemon.pid().unwrap());
+    let mut single_times: Vec<Duration> = (0..SINGLES)
+        .map(|i| {
+            let t = Instant::now();
+            post(
+                &client,
+                "/networking/v1/external/policies",
+                vec![policy("app-0", &format!("single-{i}"), "tcp", 9000)],
+            );
+            t.elapsed()
+        })
+        .collect();
+    single_times.sort();
+    daemon.stop();
+    // After the stop: a snapshot written in the background is complete.
     let state_bytes: u64 = std::fs::read_dir(daemon.state_dir())
         .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
         .unwrap_or(0);
-    daemon.stop();
     let restart = Instant::now();
     daemon.spawn();
     let restart_time = restart.elapsed();
     batch_times.sort();
-    Load { n, load_time, batch_times, rss_before, rss_after, state_bytes, restart_time }
+    Load {
+        n,
+        load_time,
+        batch_times,
+        single_times,
+        rss_before,
+        rss_after,
+        state_bytes,
+        restart_time,
+    }
 }
