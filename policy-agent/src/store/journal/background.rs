@@ -23,6 +23,8 @@ pub(super) struct InFlight {
     pub(super) seq: u64,
     /// The whole record lines appended since `seq`, in order.
     pub(super) since: Vec<u8>,
+    /// The state directory (named if the thread panics).
+    dir: PathBuf,
     thread: JoinHandle<Result<(), StoreError>>,
 }
 
@@ -43,7 +45,7 @@ impl InFlight {
                 Journal::write_snapshot(&store_dir, seq, &state)
             })
             .map_err(io("start the snapshot thread for", dir))?;
-        Ok(Self { seq, since: Vec::new(), thread })
+        Ok(Self { seq, since: Vec::new(), dir: dir.to_path_buf(), thread })
     }
 
     pub(super) fn is_finished(&self) -> bool {
@@ -52,12 +54,11 @@ impl InFlight {
 
     /// Waits for the thread: whether the snapshot at `self.seq` is durable.
     pub(super) fn join(self) -> (u64, Vec<u8>, Result<(), StoreError>) {
+        let dir = self.dir;
         let result = self.thread.join().unwrap_or_else(|_| {
-            Err(StoreError::Io {
-                what: "write the snapshot in",
-                path: PathBuf::new(),
-                source: std::io::Error::other("the snapshot thread panicked"),
-            })
+            Err(io("write the snapshot in", &dir)(std::io::Error::other(
+                "the snapshot thread panicked",
+            )))
         });
         (self.seq, self.since, result)
     }
