@@ -15,7 +15,9 @@ use std::{net::UdpSocket, process::Command, time::Duration};
 use integration_tests::{
     cluster::vxlan_gbp,
     daemon::Daemon,
-    eventually, require_root,
+    eventually,
+    netns::NetNs,
+    require_root,
     silk::{CellAgent, Overlay, SilkContainer},
     traffic::{LONG, SHORT, echo_once, tcp_connect, tcp_echo_server, tcp_echo_works},
 };
@@ -109,29 +111,25 @@ fn a_vxlan_policy_agent_cell_and_this_agents_cell_on_one_overlay() {
     inner.payload = b"forged".to_vec();
     let forged = vxlan_gbp(tag, &vtep_mac(&cell2.ns().path()), &inner.ipv4());
     let mut buf = [0u8; 64];
+    // Ten forged packets sent to cell 2's VXLAN socket from `ns`: none
+    // reaches app-b, all are counted as spoofed.
+    let mut refused = |ns: &NetNs, who: &str, where_dropped: &str| {
+        let before = daemon.verdict_count("spoofed");
+        let socket = ns.run(|| UdpSocket::bind(("0.0.0.0", 0))).unwrap();
+        for _ in 0..10 {
+            socket.send_to(&forged, (cell2.underlay_ip(), 4789)).unwrap();
+        }
+        assert!(rx.recv(&mut buf).is_err(), "{who}'s forged tunnel packet reached app-b");
+        assert!(
+            eventually(LONG, || daemon.verdict_count("spoofed") >= before + 10),
+            "dropped at {where_dropped}, counted as spoofed"
+        );
+    };
     // From a container of cell 2, to its cell's VXLAN socket.
-    let before = daemon.verdict_count("spoofed");
-    let socket = c2c.ns.run(|| UdpSocket::bind(("0.0.0.0", 0))).unwrap();
-    for _ in 0..10 {
-        socket.send_to(&forged, (cell2.underlay_ip(), 4789)).unwrap();
-    }
-    assert!(rx.recv(&mut buf).is_err(), "a container's forged tunnel packet reached app-b");
-    assert!(
-        eventually(LONG, || daemon.verdict_count("spoofed") >= before + 10),
-        "dropped at the container's veth, counted as spoofed"
-    );
+    refused(&c2c.ns, "a container", "the container's veth");
     // From the control plane's host on the underlay: no cell of the
     // overlay (not in silk-vtep's forwarding table).
-    let before = daemon.verdict_count("spoofed");
-    let socket = overlay.control_ns().run(|| UdpSocket::bind(("0.0.0.0", 0))).unwrap();
-    for _ in 0..10 {
-        socket.send_to(&forged, (cell2.underlay_ip(), 4789)).unwrap();
-    }
-    assert!(rx.recv(&mut buf).is_err(), "an underlay host's forged tunnel packet reached app-b");
-    assert!(
-        eventually(LONG, || daemon.verdict_count("spoofed") >= before + 10),
-        "dropped at cell 2's underlay interface, counted as spoofed"
-    );
+    refused(overlay.control_ns(), "an underlay host", "cell 2's underlay interface");
 
     overlay.policy_server().delete_policies(&[POLICY]);
     cell1.force_poll();

@@ -391,6 +391,22 @@ fn a_host_gone_past_its_grace_time_leaves_the_cluster() {
     assert!(!endpoints.to_string().contains(&there.to_string()), "{endpoints}");
     let status = get(&cells[0].daemon, "/v1/cluster");
     assert_eq!(status["hosts"].as_array().unwrap().len(), 1, "{status}");
+    // Gone for good, it is no longer trusted: tunnel packets from its
+    // underlay address (one tagged as an app the other host knows) are
+    // refused as spoofed. (While its record had expired but its grace
+    // ran, its traffic still passed: agents_killed_under_cross_host_...)
+    let frame = forged_tunnel_frame(&cells[0], "backend", there, here, 7000);
+    // (Its routes and trust go at the renewal after its subnet is freed.)
+    let before = verdict_count(&cells[0].daemon, "spoofed");
+    let forger = cells[1].host.ns.run(|| std::net::UdpSocket::bind(("0.0.0.0", 0))).unwrap();
+    assert!(
+        eventually(LONG, || {
+            forger.send_to(&frame, (cells[0].underlay, 4789)).unwrap();
+            verdict_count(&cells[0].daemon, "spoofed") > before
+        }),
+        "a gone host's tunnel packets are dropped as spoofed:\n{}",
+        cells[0].daemon.log()
+    );
     // Back again: it takes a subnet and registers again.
     cells[1].daemon.spawn();
     assert!(eventually(Duration::from_secs(5), || {
@@ -427,26 +443,7 @@ fn tunnel_packets_from_outside_the_cluster_grant_nothing() {
     // same datagram in a tunnel header naming frontend's app.
     let intruder = integration_tests::topology::Host::with_subnet(0, 99);
     underlay.join(&intruder);
-    let status = get(&c.daemon, "/v1/cluster");
-    let vtep = status["hosts"].as_array().unwrap().iter().find(|h| h["host"] == c.name).unwrap()
-        ["vtep_mac"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let tags = get(&c.daemon, TAGS);
-    let tag =
-        tags["tags"].as_array().unwrap().iter().find(|t| t["id"] == "frontend").unwrap()["tag"]
-            .as_str()
-            .map(|t| u16::from_str_radix(t, 16).unwrap())
-            .unwrap();
-    let inner = policy_common::craft::PacketSpec::udp(
-        frontend.ip.octets(),
-        backend.ip.octets(),
-        40000,
-        7000,
-    )
-    .ipv4();
-    let frame = integration_tests::cluster::vxlan_gbp(tag, &vtep, &inner);
+    let frame = forged_tunnel_frame(c, "frontend", frontend.ip, backend.ip, 7000);
     let spoofed_before = verdict_count(&c.daemon, "spoofed");
     let forger = intruder.ns.run(|| std::net::UdpSocket::bind(("0.0.0.0", 0))).unwrap();
     for _ in 0..5 {
@@ -457,6 +454,27 @@ fn tunnel_packets_from_outside_the_cluster_grant_nothing() {
         eventually(LONG, || verdict_count(&c.daemon, "spoofed") >= spoofed_before + 5),
         "dropped at C's underlay interface as spoofed"
     );
+}
+
+/// A VXLAN-GBP frame to `to`'s VTEP carrying a UDP datagram `src` →
+/// `dst:port` tagged as `app` (the tag `to` knows it by).
+fn forged_tunnel_frame(
+    to: &ClusterHost,
+    app: &str,
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    port: u16,
+) -> Vec<u8> {
+    let status = get(&to.daemon, "/v1/cluster");
+    let hosts = status["hosts"].as_array().unwrap();
+    let vtep = hosts.iter().find(|h| h["host"] == to.name).unwrap()["vtep_mac"].as_str().unwrap();
+    let tags = get(&to.daemon, TAGS);
+    let tag = tags["tags"].as_array().unwrap().iter().find(|t| t["id"] == app).unwrap()["tag"]
+        .as_str()
+        .map(|t| u16::from_str_radix(t, 16).unwrap())
+        .unwrap();
+    let inner = policy_common::craft::PacketSpec::udp(src.octets(), dst.octets(), 40000, port);
+    integration_tests::cluster::vxlan_gbp(tag, vtep, &inner.ipv4())
 }
 
 fn a_policy_between(h: &ClusterHost, source: &str, destination: &str, protocol: &str, port: u16) {
