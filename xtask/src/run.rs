@@ -79,25 +79,27 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
+/// The packages every build and test step selects, always the same: cargo
+/// unifies dependency features over the selected packages, so a step that
+/// selected fewer (`-p policy-agent`) or more (`-p integration-tests`) would
+/// build aya, tracing-subscriber and the agent again with other features. The
+/// eBPF crate builds for its own target (through policy-agent's build.rs) and
+/// the benchmark only through `cargo xtask bench`.
+const PACKAGES: [&str; 5] =
+    ["--workspace", "--exclude", "policy-ebpf", "--exclude", "policy-bench"];
+
 pub fn build(root: &Path) -> Result<()> {
     let mut cmd = cargo(root);
-    cmd.args([
-        "build",
-        "--release",
-        "--workspace",
-        "--exclude",
-        "policy-ebpf",
-        "--bins",
-        "--tests",
-    ]);
+    cmd.args(["build", "--release"]).args(PACKAGES).args(["--bins", "--tests"]);
     run(cmd, "cargo build")
 }
 
-/// The demo, the integration tests and the package use the real binaries;
-/// always this package set, so their dependencies are built once.
+/// The demo, the integration tests and the package use the real binaries
+/// (target/release/policy-agent, policy-cni), built with the same package
+/// set as the tests so that nothing is built twice.
 pub fn build_agent(root: &Path) -> Result<()> {
     let mut agent = cargo(root);
-    agent.args(["build", "--release", "-p", "policy-agent", "-p", "policy-cni", "--bins"]);
+    agent.args(["build", "--release"]).args(PACKAGES).arg("--bins");
     run(agent, "building policy-agent")
 }
 
@@ -111,21 +113,26 @@ pub fn demo(root: &Path) -> Result<()> {
 
 pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     require_root("the integration tests")?;
-    // Host unit tests: decision logic, key encoding, port ranges, loader
-    // pieces that need no kernel.
+    // Host unit tests (every library's and binary's own): decision logic, key
+    // encoding, port ranges, loader pieces that need no kernel.
     let mut totals = (0, 0);
     let mut unit = cargo(root);
-    unit.args(["test", "--release"]);
+    unit.args(["test", "--release"]).args(PACKAGES).args(["--lib", "--bins"]);
     if filter.is_none() {
         // The whole run lints first, as CI runs it: rustfmt and clippy.
         lint(root)?;
         run_tests(unit, "the unit tests", &mut totals)?;
     }
     build_agent(root)?;
-    // Privileged tests, one at a time: they attach programs and create
-    // namespaces, and some measure traffic.
+    // Privileged tests (tests/tests/*.rs), one at a time: they attach
+    // programs and create namespaces, and some measure traffic.
     let mut integration = cargo(root);
-    integration.args(["test", "--release", "-p", "integration-tests", "--", "--test-threads=1"]);
+    integration.args(["test", "--release"]).args(PACKAGES).args([
+        "--test",
+        "*",
+        "--",
+        "--test-threads=1",
+    ]);
     if let Some(filter) = filter {
         integration.arg(filter);
     }
