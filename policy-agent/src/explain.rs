@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use policy_common::{
     decision::{Check, Lookups, check_flow},
     family::Family,
-    maps::{Conn, ConnKey, EndpointValue, Ipv6Key, PairKey, PortRules},
+    maps::{Conn, ConnKey, EndpointValue, Ipv6Key, PairKey, PairPorts, PortRules},
     packet::Flow,
 };
 
@@ -117,6 +117,8 @@ impl Outcome {
 /// The entries of the kernel maps one flow's check reads, fetched once.
 struct Snapshot<A> {
     endpoints: Vec<(A, EndpointValue)>,
+    /// The pair's `POLICIES` value, as [`PortRules::pair_ports`] makes it.
+    pair: Option<PairPorts>,
     rules: Option<PortRules>,
 }
 
@@ -124,7 +126,10 @@ impl<A: Family> Lookups<A> for Snapshot<A> {
     fn endpoint(&self, addr: A) -> Option<EndpointValue> {
         self.endpoints.iter().find(|(a, _)| *a == addr).map(|(_, ep)| *ep)
     }
-    fn port_rules(&self, _key: &PairKey) -> Option<&PortRules> {
+    fn pair_ports(&self, _key: &PairKey) -> Option<&PairPorts> {
+        self.pair.as_ref()
+    }
+    fn port_set(&self, _key: &PairKey) -> Option<&PortRules> {
         self.rules.as_ref()
     }
     fn conn(&self, _key: &ConnKey<A>) -> Option<Conn> {
@@ -220,7 +225,7 @@ fn explain_in<A: Family + From<IpKey>>(
         (Some(s), Some(d)) => maps.pair_rules(&PairKey::new(s.tag, d.tag, protocol.number())),
         _ => None,
     };
-    let snapshot = Snapshot { endpoints, rules };
+    let snapshot = Snapshot { endpoints, pair: rules.map(|r| r.pair_ports()), rules };
     let flow = Flow {
         saddr: key::<A>(src),
         daddr: key::<A>(dst),

@@ -4,8 +4,8 @@
 
 use crate::family::Family;
 use crate::maps::{
-    Attachment, Conn, ConnKey, EndpointValue, Ipv6Key, NO_IPV4, PairKey, PortRules, endpoint_flags,
-    origin, proto,
+    Attachment, Conn, ConnKey, EndpointValue, Ipv6Key, NO_IPV4, PairKey, PairPorts, PortRules,
+    endpoint_flags, origin, proto,
 };
 use crate::packet::{Flow, Parsed, icmp_port};
 use crate::verdict::{Reason, Verdict};
@@ -16,7 +16,9 @@ pub trait Lookups<A: Family = u32> {
     /// `ENDPOINTS[addr]` (`ENDPOINTS6`).
     fn endpoint(&self, addr: A) -> Option<EndpointValue>;
     /// `POLICIES[key]` (one map for both families: tags name apps).
-    fn port_rules(&self, key: &PairKey) -> Option<&PortRules>;
+    fn pair_ports(&self, key: &PairKey) -> Option<&PairPorts>;
+    /// `PORT_SETS[key]`: the ranges of a pair with more than one.
+    fn port_set(&self, key: &PairKey) -> Option<&PortRules>;
     /// `CONNTRACK[key]` (`CONNTRACK6`).
     fn conn(&self, key: &ConnKey<A>) -> Option<Conn>;
     /// `Config::epoch`.
@@ -187,8 +189,11 @@ pub fn check_flow<A: Family, T: Lookups<A>>(tables: &T, flow: &Flow<A>) -> Check
     };
     let key = PairKey::new(src.tag, dst.tag, flow.protocol);
     let (src_tag, dst_tag) = (src.tag, dst.tag);
-    // Port 0 (protocols without ports) never matches: ranges start at 1.
-    match tables.port_rules(&key).and_then(|rules| rules.find(flow.dport)) {
+    // One lookup for a pair with one range, two for one with more. ICMP's
+    // "port" is its type and code (`icmp_port`).
+    let allowed =
+        tables.pair_ports(&key).and_then(|pair| pair.find(flow.dport, || tables.port_set(&key)));
+    match allowed {
         Some(policy_id) => Check::Allowed { policy_id, src_tag, dst_tag },
         None => Check::Denied { src_tag, dst_tag },
     }
@@ -431,8 +436,12 @@ impl<A: Family, L: Lookups<A>> Lookups<A> for TunnelSource<'_, L, A> {
         self.lookups.endpoint(addr)
     }
     #[inline(always)]
-    fn port_rules(&self, key: &PairKey) -> Option<&PortRules> {
-        self.lookups.port_rules(key)
+    fn pair_ports(&self, key: &PairKey) -> Option<&PairPorts> {
+        self.lookups.pair_ports(key)
+    }
+    #[inline(always)]
+    fn port_set(&self, key: &PairKey) -> Option<&PortRules> {
+        self.lookups.port_set(key)
     }
     #[inline(always)]
     fn conn(&self, key: &ConnKey<A>) -> Option<Conn> {

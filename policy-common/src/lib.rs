@@ -10,6 +10,7 @@
 pub mod craft;
 pub mod decision;
 pub mod family;
+pub mod hint;
 pub mod limits;
 pub mod maps;
 pub mod netout;

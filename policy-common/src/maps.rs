@@ -17,6 +17,7 @@ pub mod names {
     pub const VETHS: &str = "VETHS";
     pub const CGROUPS: &str = "CGROUPS";
     pub const POLICIES: &str = "POLICIES";
+    pub const PORT_SETS: &str = "PORT_SETS";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const VERDICTS: &str = "VERDICTS";
@@ -45,11 +46,12 @@ pub mod names {
     pub const LEGACY_CONFIG: [&str; 6] =
         ["EPOCH", "SETTINGS", "OVERLAY", "TUNNEL", "NETIN_STATE", "NETOUT_STATE"];
     /// Every map the object defines, in a stable order.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 26] = [
         ENDPOINTS,
         VETHS,
         CGROUPS,
         POLICIES,
+        PORT_SETS,
         CONNTRACK,
         FRAGMENTS,
         VERDICTS,
@@ -94,9 +96,12 @@ pub mod capacity {
     pub const ENDPOINTS: u32 = 65_536;
     pub const VETHS: u32 = 65_536;
     pub const CGROUPS: u32 = 65_536;
-    /// Entries are (source tag, destination tag, protocol) pairs, each holding
-    /// up to [`super::MAX_PORT_RANGES`] port ranges. Not preallocated.
+    /// Entries are (source tag, destination tag, protocol) pairs, 16 bytes
+    /// each (one port range inline). Not preallocated.
     pub const POLICIES: u32 = 1 << 20;
+    /// Pairs with more than one port range (up to
+    /// [`super::MAX_PORT_RANGES`] each). Not preallocated.
+    pub const PORT_SETS: u32 = 1 << 16;
     pub const CONNTRACK: u32 = 262_144;
     pub const FRAGMENTS: u32 = 8_192;
     /// Bytes of the flow event ring buffer (a power of two).
@@ -309,63 +314,7 @@ impl Ipv6Key {
     }
 }
 
-/// `POLICIES` key: one per (source app, destination app, protocol).
-///
-/// No field is wildcarded: a policy always names both apps and a protocol.
-/// Ports are not part of the key; they are ranges inside the value, so the
-/// lookup is one hash lookup plus a bounded search whatever the number of
-/// policies.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct PairKey {
-    /// Tag of the source app.
-    pub src_tag: u32,
-    /// Tag of the destination app.
-    pub dst_tag: u32,
-    /// IP protocol number ([`proto::TCP`] or [`proto::UDP`]), widened to
-    /// 32 bits so that the key has no padding to zero on the fast path.
-    pub protocol: u32,
-}
-const _: () = assert!(size_of::<PairKey>() == 12);
-
-impl PairKey {
-    pub const fn new(src_tag: u32, dst_tag: u32, protocol: u8) -> Self {
-        Self { src_tag, dst_tag, protocol: protocol as u32 }
-    }
-}
-
-/// Most port ranges one (source, destination, protocol) entry holds.
-pub const MAX_PORT_RANGES: usize = 16;
-
-/// One allowed destination port range, inclusive, and the policy it comes from.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct PortRange {
-    pub start: u16,
-    pub end: u16,
-    /// Highest `end` among this range and all ranges sorted before it (see
-    /// [`crate::ports`]): lets the lookup answer with one binary search even
-    /// when ranges overlap.
-    pub reach: u16,
-    /// Index of the range whose `end` is `reach`.
-    pub reach_index: u8,
-    pub _pad: u8,
-    /// Id of the policy that allows this range (the agent's numbering).
-    pub policy_id: u32,
-}
-const _: () = assert!(size_of::<PortRange>() == 12);
-
-/// `POLICIES` value: the port ranges allowed for one pair, sorted by `start`.
-/// Built by [`crate::ports::PortRules::build`]; only the first `len` entries are
-/// meaningful, the rest are zero.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRules {
-    pub len: u32,
-    pub _pad: u32,
-    pub ranges: [PortRange; MAX_PORT_RANGES],
-}
-const _: () = assert!(size_of::<PortRules>() == 8 + 12 * MAX_PORT_RANGES);
+pub use crate::ports::{MAX_PORT_RANGES, PairKey, PairPorts, PortRange, PortRules};
 
 /// `CONNTRACK` key (IPv4, `A` = `u32`) and `CONNTRACK6` key (IPv6, `A` =
 /// [`Ipv6Key`]): a connection, the same for both of its directions.
@@ -656,6 +605,7 @@ mod pod {
     unsafe impl aya::Pod for PairKey {}
     unsafe impl aya::Pod for PortRange {}
     unsafe impl aya::Pod for PortRules {}
+    unsafe impl aya::Pod for PairPorts {}
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for ConnKey<Ipv6Key> {}
     unsafe impl aya::Pod for Ipv6Key {}

@@ -4,6 +4,7 @@
 
 use crate::{
     family::Family,
+    hint::opaque,
     maps::{FragmentKey, FragmentKey6, Ipv6Key, proto},
 };
 
@@ -20,27 +21,6 @@ pub trait PacketBytes {
     fn read_copy<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
         self.read::<N>(offset)
     }
-}
-
-/// `v`, which the compiler may no longer reason about (in BPF: an asm
-/// statement it must keep where it is), so arithmetic on it stays
-/// arithmetic instead of becoming branches the verifier would follow one by
-/// one, and a value merged from several paths is set on all of them.
-#[inline(always)]
-pub fn opaque(v: u64) -> u64 {
-    #[cfg(target_arch = "bpf")]
-    {
-        let mut v = v;
-        // SAFETY: one register move onto itself: the value passes unchanged
-        // (an empty statement would leave two line-info records on one
-        // instruction, which the kernel rejects).
-        unsafe {
-            core::arch::asm!("{0} = {0}", inout(reg) v, options(nomem, nostack, preserves_flags));
-        }
-        v
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    v
 }
 
 impl PacketBytes for [u8] {

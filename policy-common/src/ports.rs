@@ -1,13 +1,15 @@
-//! Port ranges of one (source, destination, protocol) pair: building the
-//! `POLICIES` value and looking a port up in it.
+//! Port ranges of one (source, destination, protocol) pair: the `POLICIES`
+//! and `PORT_SETS` values, building them and looking a port up in them.
 //!
-//! The ranges are kept as the policies wrote them (they may overlap), sorted
-//! by `start`. Each range also records `reach`, the highest `end` among itself
-//! and every range before it. A port is allowed iff the last range with
-//! `start <= port` has `reach >= port`: one binary search over at most
-//! [`MAX_PORT_RANGES`] entries, whatever the ranges look like.
+//! A pair with one range holds it in its 16-byte `POLICIES` value. A pair
+//! with more keeps them in `PORT_SETS`, as the policies wrote them (they may
+//! overlap), sorted by `start`. Each range there also records `reach`, the
+//! highest `end` among itself and every range before it. A port is allowed
+//! iff the last range with `start <= port` has `reach >= port`: one binary
+//! search over at most [`MAX_PORT_RANGES`] entries, whatever the ranges look
+//! like.
 
-use crate::maps::{MAX_PORT_RANGES, PortRange, PortRules};
+use crate::hint::opaque;
 
 /// A range as a policy states it: `start..=end`, and the policy's id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,8 +45,91 @@ impl core::fmt::Display for PortsError {
 
 impl core::error::Error for PortsError {}
 
+/// `POLICIES` and `PORT_SETS` key: one per (source app, destination app,
+/// protocol).
+///
+/// No field is wildcarded: a policy always names both apps and a protocol.
+/// Ports are not part of the key; they are ranges inside the value, so the
+/// lookup is one hash lookup (two for a pair with several ranges) plus a
+/// bounded search whatever the number of policies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PairKey {
+    /// Tag of the source app.
+    pub src_tag: u32,
+    /// Tag of the destination app.
+    pub dst_tag: u32,
+    /// IP protocol number ([`proto::TCP`] or [`proto::UDP`]), widened to
+    /// 32 bits so that the key has no padding to zero on the fast path.
+    pub protocol: u32,
+}
+const _: () = assert!(size_of::<PairKey>() == 12);
+
+impl PairKey {
+    pub const fn new(src_tag: u32, dst_tag: u32, protocol: u8) -> Self {
+        Self { src_tag, dst_tag, protocol: protocol as u32 }
+    }
+}
+
+/// Most distinct port ranges one (source, destination, protocol) pair
+/// holds: a `PORT_SETS` value is then 3,080 bytes, allocated only for the
+/// pairs with more than one range.
+pub const MAX_PORT_RANGES: usize = 256;
+
+/// One allowed destination port range, inclusive, and the policy it comes from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+    /// Highest `end` among this range and all ranges sorted before it (see
+    /// [`crate::ports`]): lets the lookup answer with one binary search even
+    /// when ranges overlap.
+    pub reach: u16,
+    /// Index of the range whose `end` is `reach`.
+    pub reach_index: u8,
+    pub _pad: u8,
+    /// Id of the policy that allows this range (the agent's numbering).
+    pub policy_id: u32,
+}
+const _: () = assert!(size_of::<PortRange>() == 12);
+
+/// `PORT_SETS` value: the port ranges allowed for one pair, sorted by
+/// `start`, when it has more than one (the agent's and the tests' whole view
+/// of a pair otherwise). Built by [`PortRules::build`]; only the first `len`
+/// entries are meaningful, the rest are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRules {
+    pub len: u32,
+    pub _pad: u32,
+    pub ranges: [PortRange; MAX_PORT_RANGES],
+}
+const _: () = assert!(size_of::<PortRules>() == 8 + 12 * MAX_PORT_RANGES);
+
+/// `POLICIES` value: what one pair allows, in 16 bytes. A pair with one
+/// port range (one policy, the common case) holds it here, and its packets
+/// cost one lookup; a pair with more holds only their `count`, and its ranges
+/// are the `PORT_SETS` value under the same key. The agent writes
+/// `PORT_SETS` before a `POLICIES` entry points to it and deletes it only
+/// once no `POLICIES` entry does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PairPorts {
+    /// The range, inclusive, when `count` is 1 (zero otherwise).
+    pub start: u16,
+    pub end: u16,
+    /// The policy allowing it, when `count` is 1.
+    pub policy_id: u32,
+    /// Distinct ranges the pair allows (at least 1).
+    pub count: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<PairPorts>() == 16);
+
 /// Iterations that always finish a binary search over `MAX_PORT_RANGES` items.
 const SEARCH_STEPS: usize = (usize::BITS - MAX_PORT_RANGES.leading_zeros()) as usize;
+const _: () = assert!(MAX_PORT_RANGES.is_power_of_two(), "indexes are masked into the array");
 
 impl PortRules {
     pub const EMPTY: PortRules = PortRules {
@@ -96,6 +181,18 @@ impl PortRules {
         Ok(rules)
     }
 
+    /// The `POLICIES` value of a pair with these ranges; unless there is
+    /// exactly one, the ranges themselves go to `PORT_SETS`.
+    pub fn pair_ports(&self) -> PairPorts {
+        match self.len {
+            1 => {
+                let r = &self.ranges[0];
+                PairPorts { start: r.start, end: r.end, policy_id: r.policy_id, count: 1, _pad: 0 }
+            }
+            count => PairPorts { count, ..PairPorts::default() },
+        }
+    }
+
     /// The allowances stored, in `start` order.
     pub fn allowances(&self) -> impl Iterator<Item = Allowance> + '_ {
         self.ranges[..(self.len as usize).min(MAX_PORT_RANGES)].iter().map(|r| Allowance {
@@ -105,25 +202,34 @@ impl PortRules {
         })
     }
 
-    /// The policy allowing `port`, if any. Bounded: at most
-    /// `SEARCH_STEPS` iterations, no matter what the map holds.
+    /// The policy allowing `port`, if any: a binary search of
+    /// `SEARCH_STEPS` fixed steps without a branch (each step adds its
+    /// width to the count of ranges starting at or below `port` when the
+    /// range it probes does), so the verifier follows one path through it
+    /// instead of one per outcome of every comparison. Bounded whatever the
+    /// map holds: every index is masked into the array.
     #[inline(always)]
     pub fn find(&self, port: u16) -> Option<u32> {
-        let len = self.len as usize;
-        let (mut lo, mut hi) = (0usize, if len < MAX_PORT_RANGES { len } else { MAX_PORT_RANGES });
-        // Find the number of ranges with start <= port.
+        // Opaque, so that the compiler cannot prove a difference below
+        // small and turn its sign bit back into a comparison (a branch).
+        let port_plus_one = opaque(u64::from(port) + 1);
+        let len_plus_one = opaque(u64::from(self.len) + 1);
+        let mut below = 0u64;
+        let mut step = MAX_PORT_RANGES as u64;
         for _ in 0..SEARCH_STEPS {
-            if lo >= hi {
-                break;
-            }
-            let mid = (lo + hi) / 2;
-            match self.ranges.get(mid) {
-                Some(r) if r.start <= port => lo = mid + 1,
-                Some(_) => hi = mid,
-                None => return None,
-            }
+            // Probe the `probe`-th range: counted if it exists and starts
+            // at or below `port` (then every range before it does too).
+            let probe = below + step;
+            let r = &self.ranges[(probe as usize - 1) & (MAX_PORT_RANGES - 1)];
+            let starts_below = opaque(u64::from(r.start)).wrapping_sub(port_plus_one) >> 63;
+            let exists = probe.wrapping_sub(len_plus_one) >> 63;
+            below += opaque(starts_below & exists) * step;
+            step >>= 1;
         }
-        let last = self.ranges.get(lo.checked_sub(1)?)?;
+        if below == 0 {
+            return None;
+        }
+        let last = &self.ranges[(below as usize - 1) & (MAX_PORT_RANGES - 1)];
         if last.reach < port {
             return None;
         }
@@ -152,6 +258,19 @@ impl PortRules {
                 port = end + 1;
             }
         })
+    }
+}
+
+impl PairPorts {
+    /// The policy allowing `port` for a pair with this `POLICIES` value,
+    /// `set` being its `PORT_SETS` value, looked up only when the pair has
+    /// more than one range. Port 0 is a value like any other (ICMP type 0).
+    #[inline(always)]
+    pub fn find<'a>(&self, port: u16, set: impl FnOnce() -> Option<&'a PortRules>) -> Option<u32> {
+        if self.count == 1 {
+            return (self.start <= port && port <= self.end).then_some(self.policy_id);
+        }
+        set()?.find(port)
     }
 }
 
@@ -209,7 +328,7 @@ mod tests {
             PortRules::build(&[allow(10, 9, 1)]),
             Err(PortsError::InvalidRange { start: 10, end: 9 })
         );
-        let many: [Allowance; 17] =
+        let many: [Allowance; MAX_PORT_RANGES + 1] =
             core::array::from_fn(|i| allow(i as u16 * 10 + 1, i as u16 * 10 + 1, i as u32));
         assert_eq!(
             PortRules::build(&many),
@@ -220,6 +339,28 @@ mod tests {
         let rules = PortRules::build(&dup).unwrap();
         assert_eq!(rules.len, 1);
         assert_eq!(rules.find(5), Some(3));
+    }
+
+    #[test]
+    fn one_range_lives_in_the_pair_entry() {
+        let one = PortRules::build(&[allow(8080, 8090, 7), allow(8080, 8090, 9)]).unwrap();
+        let pair = one.pair_ports();
+        assert_eq!(pair, PairPorts { start: 8080, end: 8090, policy_id: 7, count: 1, _pad: 0 });
+        // One range: PORT_SETS is never consulted.
+        let never = || -> Option<&PortRules> { panic!("a one-range pair read PORT_SETS") };
+        assert_eq!(pair.find(8085, never), Some(7));
+        assert_eq!(pair.find(8091, never), None);
+        // ICMP echo reply: type 0 is a port like any other.
+        let icmp = PortRules::build(&[allow(0, 0, 3)]).unwrap().pair_ports();
+        assert_eq!(icmp.find(0, never), Some(3));
+        // Two ranges: only a count here, the ranges in PORT_SETS; a missing
+        // PORT_SETS entry allows nothing.
+        let two = PortRules::build(&[allow(80, 80, 1), allow(443, 443, 2)]).unwrap();
+        let pair = two.pair_ports();
+        assert_eq!(pair, PairPorts { count: 2, ..PairPorts::default() });
+        assert_eq!(pair.find(443, || Some(&two)), Some(2));
+        assert_eq!(pair.find(443, || None), None);
+        assert_eq!(pair.find(0, || Some(&two)), None);
     }
 
     #[test]
@@ -258,8 +399,10 @@ mod tests {
                 allow(start, end, i as u32)
             });
             let rules = PortRules::build(&set[..n]).unwrap();
+            let pair = rules.pair_ports();
             for port in 0..=260u16 {
                 let found = rules.find(port);
+                assert_eq!(pair.find(port, || Some(&rules)), found, "as POLICIES + PORT_SETS");
                 assert_eq!(
                     found.is_some(),
                     naive(&set[..n], port),

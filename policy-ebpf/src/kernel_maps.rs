@@ -8,7 +8,7 @@ use policy_common::{
     decision::{ConnUpdate, Decision, Lookups, conn_update},
     maps::{
         Attachment, Conn, ConnKey, EndpointValue, FragmentKey, FragmentKey6, Ipv6Key, PairKey,
-        PortRules,
+        PairPorts, PortRules,
     },
 };
 
@@ -16,7 +16,7 @@ use crate::{
     counting::count_verdict,
     maps::{
         CGROUPS, CONNTRACK, CONNTRACK6, ENDPOINT_SLOTS, ENDPOINTS, ENDPOINTS6, FRAGMENTS,
-        FRAGMENTS6, POLICIES, VETH_SLOTS, VETHS, VETHS6, config,
+        FRAGMENTS6, POLICIES, PORT_SETS, VETH_SLOTS, VETHS, VETHS6, config,
     },
 };
 
@@ -54,10 +54,16 @@ impl Lookups for KernelMaps {
     }
 
     #[inline(always)]
-    fn port_rules(&self, key: &PairKey) -> Option<&PortRules> {
+    fn pair_ports(&self, key: &PairKey) -> Option<&PairPorts> {
         // SAFETY: hash map updates swap in a new element (RCU), so the
         // reference stays valid and unchanged for this program run.
         unsafe { POLICIES.get(key) }
+    }
+
+    #[inline(always)]
+    fn port_set(&self, key: &PairKey) -> Option<&PortRules> {
+        // SAFETY: as for `POLICIES`.
+        unsafe { PORT_SETS.get(key) }
     }
 
     #[inline(always)]
@@ -148,9 +154,15 @@ impl Lookups<Ipv6Key> for KernelMaps6 {
     }
 
     #[inline(always)]
-    fn port_rules(&self, key: &PairKey) -> Option<&PortRules> {
+    fn pair_ports(&self, key: &PairKey) -> Option<&PairPorts> {
         // SAFETY: as for IPv4: updates swap in a new element.
         unsafe { POLICIES.get(key) }
+    }
+
+    #[inline(always)]
+    fn port_set(&self, key: &PairKey) -> Option<&PortRules> {
+        // SAFETY: as for IPv4.
+        unsafe { PORT_SETS.get(key) }
     }
 
     #[inline(always)]

@@ -26,13 +26,12 @@ use policy_common::{
         Decision, Outgoing, TunnelPort, TunnelSource, conn_update, decide_source6, decide_underlay,
         source_address, track_outgoing,
     },
+    hint::opaque,
     maps::{
         Attachment, ConnKey, Ipv6Key, TUNNEL_TAG_MASK, UNTAGGED_TAG, direction, settings,
         tunnel_flags,
     },
-    packet::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Ipv6Parts, ipv6_kind, opaque, parse_ethernet, parse_ipv4,
-    },
+    packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Ipv6Parts, ipv6_kind, parse_ethernet, parse_ipv4},
 };
 
 use crate::{

@@ -10,7 +10,7 @@ use policy_common::{
     maps::{
         Attachment, CONFIG_INDEX, Config, Conn, ConnKey, EndpointValue, EventLimit, FlowEvent,
         FragmentKey, FragmentKey6, Ipv6Key, NetInConn, NetInConnKey, NetInKey, NetInTarget,
-        PairKey, PolicyCounters, PortRules, capacity, event_stat,
+        PairKey, PairPorts, PolicyCounters, PortRules, capacity, event_stat,
     },
     netout::NetOutRules,
 };
@@ -65,13 +65,24 @@ pub static VETH_SLOTS: Array<Attachment, { capacity::VETHS as usize }> = Array::
 #[btf_map]
 pub static CGROUPS: HashMap<u64, Attachment, { capacity::CGROUPS as usize }> = HashMap::new();
 
-/// (source tag, destination tag, protocol) → allowed port ranges. Not
-/// preallocated: a million pairs would otherwise pin ~200 MiB up front.
+/// (source tag, destination tag, protocol) → the pair's port range, or
+/// how many it has (see `PairPorts`). Not preallocated: memory follows the
+/// pairs in force, 16 bytes of value each.
 #[btf_map]
 pub static POLICIES: HashMap<
     PairKey,
-    PortRules,
+    PairPorts,
     { capacity::POLICIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// The port ranges of the pairs with more than one, under their `POLICIES`
+/// key. Not preallocated.
+#[btf_map]
+pub static PORT_SETS: HashMap<
+    PairKey,
+    PortRules,
+    { capacity::PORT_SETS as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 

@@ -400,14 +400,14 @@ fn more_port_ranges_than_a_pair_holds_is_a_400() {
     require_root();
     let host = Host::new(1);
     let daemon = Daemon::start(&host.ns, "");
-    let policies: Vec<Value> = (0..17)
+    let policies: Vec<Value> = (0..257)
         .map(|i| json!({"source": {"id": "a"}, "destination": {"id": "b", "protocol": "tcp", "ports": {"start": 1000 + i, "end": 1000 + i}}}))
         .collect();
     let (status, reply) =
         daemon.curl("POST", POLICIES, Some(&json!({"policies": policies}).to_string()));
     assert_eq!(status, 400, "{reply}");
     assert!(
-        reply["reason"].as_str().unwrap().contains("more than 16 distinct port ranges"),
+        reply["reason"].as_str().unwrap().contains("more than 256 distinct port ranges"),
         "{reply}"
     );
     assert_eq!(daemon.curl("GET", POLICIES, None).1["total_policies"], 0);

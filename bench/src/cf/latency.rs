@@ -14,7 +14,6 @@ use integration_tests::{
     cf::{Policy, PolicyServer},
     silk::SilkContainer,
 };
-use policy_common::maps::MAX_PORT_RANGES;
 use rand::{Rng as _, rngs::StdRng};
 
 use super::cell::Subject;
@@ -37,10 +36,8 @@ const WRITE_GAP: Duration = Duration::from_millis(700);
 /// slots (stratified), so that the writes fall evenly at every phase of
 /// every agent's polls. Each trial has a listener in every app-b and a
 /// probe per cell connecting from app-a every 20 ms; once every cell has
-/// connected, its policy is deleted at the external API again (this agent
-/// takes at most [`MAX_PORT_RANGES`] port ranges per app pair and
-/// protocol, and refuses a whole set with more), and a write waits while
-/// [`MAX_TRIALS_IN_FORCE`] trials' are. For each subject, the times from
+/// connected, its policy is deleted at the external API again, and a write
+/// waits while [`MAX_TRIALS_IN_FORCE`] trials' are. For each subject, the times from
 /// the writes to their first accepted connections (None: not within
 /// 30 s), in no particular order.
 pub fn write_to_connection(
@@ -103,9 +100,10 @@ struct Trial<'scope> {
     probes: Vec<ScopedJoinHandle<'scope, Option<Duration>>>,
 }
 
-/// At most this many trials' policies in force at once: below this
-/// agent's [`MAX_PORT_RANGES`] between one pair of apps for one protocol.
-pub const MAX_TRIALS_IN_FORCE: usize = MAX_PORT_RANGES - 4;
+/// At most this many trials' policies in force at once (each runs a probe
+/// per cell), as many as before port ranges per pair were lifted to
+/// [`policy_common::maps::MAX_PORT_RANGES`].
+pub const MAX_TRIALS_IN_FORCE: usize = 12;
 /// How often a waiting write looks for trials done.
 const RETIRE_EVERY: Duration = Duration::from_millis(10);
 

@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use policy_common::maps::MAX_PORT_RANGES;
-
 use super::{
     Agent, Level, OTHERS_PORT, SCALE_APPS, SCALE_PORTS, Scale, Setup, cpu::CpuTime, latency,
 };
@@ -59,7 +57,7 @@ fn spread(times: &[Option<Duration>]) -> Option<(Duration, Duration, Duration, u
 fn write_latency(out: &mut String, agents: &[Agent], results: &[Level], trials: u16) {
     outln!(
         out,
-        "#### 10a. A write to the first connection it allows\n\nFrom a write of app-a → app-b tcp/PORT at the policy server's external API (`cf add-network-policy`'s request; a new port each trial, {trials} trials spread over a whole number of 5 s poll intervals, one at a random time in each of as many equal slots, so that they fall evenly at every phase of every agent's polls; the trials overlap, each policy deleted again once every cell has connected, at most {} in force at once: this agent takes at most {MAX_PORT_RANGES} port ranges between one pair of apps for one protocol and refuses a whole set with more) to the first TCP connection from app-a to app-b:PORT the cell accepts (a connect every 20 ms from each cell's app-a, all cells at once). The agents poll, so this is mostly the wait for the next poll. The issue's goal: p99 ≤ 2 × poll interval.\n",
+        "#### 10a. A write to the first connection it allows\n\nFrom a write of app-a → app-b tcp/PORT at the policy server's external API (`cf add-network-policy`'s request; a new port each trial, {trials} trials spread over a whole number of 5 s poll intervals, one at a random time in each of as many equal slots, so that they fall evenly at every phase of every agent's polls; the trials overlap, each policy deleted again once every cell has connected, at most {} in force at once, which bounds the probes running) to the first TCP connection from app-a to app-b:PORT the cell accepts (a connect every 20 ms from each cell's app-a, all cells at once). The agents poll, so this is mostly the wait for the next poll. The issue's goal: p99 ≤ 2 × poll interval.\n",
         latency::MAX_TRIALS_IN_FORCE
     );
     outln!(

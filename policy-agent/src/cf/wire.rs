@@ -238,15 +238,16 @@ mod tests {
                 r#"{{"source":{{"id":"a","tag":"0001"}},"destination":{{"id":"b","tag":"0002","protocol":"{protocol}","ports":{{"start":{port},"end":{port}}}}}}}"#
             )
         };
-        let all: Vec<String> = (1..=20)
+        let limit = policy_common::maps::MAX_PORT_RANGES;
+        let all: Vec<String> = (1..=limit as u16 + 4)
             .map(|p| policy(1000 + p, "tcp"))
-            .chain((1..=20).map(|p| policy(2000 + p, "udp")))
+            .chain((1..=limit as u16 + 4).map(|p| policy(2000 + p, "udp")))
             .collect();
         let text = format!(r#"{{"policies":[{}]}}"#, all.join(","));
         let set = serde_json::from_str::<PoliciesResponse>(&text).unwrap().into_set();
         let count = |p: Protocol| set.policies.iter().filter(|x| x.protocol == p).count();
-        assert_eq!(count(Protocol::Tcp), 15, "one range left for the TLS port");
-        assert_eq!(count(Protocol::Udp), 16);
+        assert_eq!(count(Protocol::Tcp), limit - 1, "one range left for the TLS port");
+        assert_eq!(count(Protocol::Udp), limit);
         assert_eq!(set.skipped.len(), 9, "{:?}", set.skipped);
         assert!(set.policies.iter().any(|p| p.start == 1001), "the lowest kept");
         assert!(set.skipped[0].contains("distinct port ranges"), "{:?}", set.skipped);

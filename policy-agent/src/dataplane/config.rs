@@ -15,6 +15,8 @@ pub struct Capacities {
     pub cgroups: u32,
     /// (source app, destination app, protocol) pairs.
     pub policies: u32,
+    /// Pairs with more than one port range.
+    pub port_sets: u32,
     pub conntrack: u32,
     pub fragments: u32,
     /// Bytes of the flow event ring buffer (a power of two, at least a page).
@@ -32,6 +34,7 @@ impl Default for Capacities {
             veths: capacity::VETHS,
             cgroups: capacity::CGROUPS,
             policies: capacity::POLICIES,
+            port_sets: capacity::PORT_SETS,
             conntrack: capacity::CONNTRACK,
             fragments: capacity::FRAGMENTS,
             flow_events: capacity::FLOW_EVENTS,

@@ -156,6 +156,14 @@ impl Kernel for Dataplane {
         }
     }
 
+    fn forget_port_sets(&mut self, all: bool) {
+        match self.maps_mut().forget_port_sets(all) {
+            Ok(0) => {}
+            Ok(forgotten) => debug!(forgotten, "port sets no pair needs forgotten"),
+            Err(e) => warn!(error = %e, "cannot forget port sets no pair needs"),
+        }
+    }
+
     fn forget_limits(&mut self, keys: &BTreeSet<u32>) {
         match self.maps_mut().forget_limits(keys, limits_clock_ns()) {
             Ok(forgotten) => debug!(forgotten, "rate-limit entries forgotten"),

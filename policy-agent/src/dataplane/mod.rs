@@ -19,18 +19,19 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, Map, MapData, RingBuf},
+    maps::{MapData, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
     },
 };
 use log::{info, warn};
-use policy_common::maps::{Config, FLOW_CACHE_SETS, names, programs};
+use policy_common::maps::{FLOW_CACHE_SETS, names, programs};
 
 mod config;
 mod kernel;
 mod maps;
+mod upgrade;
 
 pub use config::{
     Capacities, DataplaneConfig, DenyAction, DenySettings, EventSettings, OverlayNetwork,
@@ -89,37 +90,11 @@ impl Direction {
     }
 }
 
-/// The values a version before `CONFIG` pinned as single-value arrays
-/// (`names::LEGACY_CONFIG`), if it did: the epoch, the tunnel and the
-/// NetIn/NetOut counts as they are, and the overlay (the network whose
-/// slots `set_overlay` clears if the configured one differs). The settings
-/// are not read: every load writes them.
-fn legacy_config(maps_dir: &Path) -> Option<Config> {
-    let [epoch, _settings, overlay, tunnel, netin, netout] = names::LEGACY_CONFIG;
-    let epoch = read_pinned::<u32>(maps_dir, epoch)?;
-    Some(Config {
-        epoch,
-        netin_mappings: read_pinned(maps_dir, netin).unwrap_or(0),
-        netout_apps: read_pinned(maps_dir, netout).unwrap_or(0),
-        _pad: 0,
-        overlay: read_pinned(maps_dir, overlay).unwrap_or_default(),
-        tunnel: read_pinned(maps_dir, tunnel).unwrap_or_default(),
-        settings: Default::default(),
-    })
-}
-
 /// `FLOW_CACHE`'s size: its sets for each possible CPU.
 fn flow_cache_entries() -> Result<u32, DataplaneError> {
     let cpus = aya::util::nr_cpus()
         .map_err(|(path, e)| DataplaneError::io("cannot read", Path::new(path))(e))?;
     Ok(u32::try_from(cpus).unwrap_or(u32::MAX / FLOW_CACHE_SETS) * FLOW_CACHE_SETS)
-}
-
-/// Entry 0 of the array pinned as `maps_dir/name`, if it is one of `T`s.
-fn read_pinned<T: aya::Pod>(maps_dir: &Path, name: &str) -> Option<T> {
-    let data = MapData::from_pin(maps_dir.join(name)).ok()?;
-    let array = Array::<MapData, T>::try_from(Map::from_map_data(data).ok()?).ok()?;
-    array.get(&0, 0).ok()
 }
 
 fn ignore_absent(e: std::io::Error) -> std::io::Result<()> {
@@ -157,6 +132,7 @@ impl Dataplane {
             (names::VETHS, caps.veths),
             (names::CGROUPS, caps.cgroups),
             (names::POLICIES, caps.policies),
+            (names::PORT_SETS, caps.port_sets),
             (names::CONNTRACK, caps.conntrack),
             (names::FRAGMENTS, caps.fragments),
             // The IPv6 twins, sized like the IPv4 maps.
@@ -199,8 +175,10 @@ impl Dataplane {
             fs::remove_file(&pin).map_err(DataplaneError::io("cannot replace", &pin))?;
             tracing::info!("verdict counters restart: this version counts more reasons");
         }
-        // What a version before `CONFIG` kept in single-value arrays.
-        let legacy = legacy_config(&maps_dir);
+        // What a version before `CONFIG` kept in single-value arrays, and
+        // the pairs of one before `PORT_SETS` (its `POLICIES` unpinned).
+        let legacy = upgrade::legacy_config(&maps_dir);
+        let whole_pairs = upgrade::take_whole_pairs(&maps_dir)?;
         for name in names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
         }
@@ -229,6 +207,15 @@ impl Dataplane {
                     .map_err(DataplaneError::io("cannot unpin", &pin))?;
             }
             info!("per-packet settings moved into {}", names::CONFIG);
+        }
+        if let Some(pairs) = whole_pairs {
+            // Before the new programs take over the links: they read the
+            // new POLICIES only.
+            let count = pairs.len();
+            for (key, allowances) in pairs {
+                maps.set_pair(key, &allowances)?;
+            }
+            info!("{} carried over to its compact layout: {count} pairs", names::POLICIES);
         }
         maps.set_settings(config.kernel_settings())?;
         maps.set_overlay(config.overlay)?;

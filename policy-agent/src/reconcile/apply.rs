@@ -182,6 +182,7 @@ impl Applied {
         if let Some(keys) = &self.forget_limits {
             kernel.forget_limits(keys);
         }
+        kernel.forget_port_sets(false);
     }
 
     /// Takes the change back out of the kernel, last write first (best

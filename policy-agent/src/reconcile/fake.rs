@@ -204,6 +204,9 @@ impl Kernel for FakeKernel {
         self.forgotten.extend_from_slice(ids);
         self.counters.retain(|id| !ids.contains(id));
     }
+    fn forget_port_sets(&mut self, _all: bool) {
+        // The fake keeps each pair's allowances whole: it has no PORT_SETS.
+    }
     fn forget_limits(&mut self, keys: &BTreeSet<u32>) {
         let before = self.limits.len();
         self.limits.retain(|key, ended| !keys.contains(key) && !*ended);

@@ -28,7 +28,8 @@
 //!    state before the change wanted it; the kernel is not read back.
 //! 5. What cannot be taken back waits until the change is kept
 //!    ([`Applied::keep`]): the counters of removed policies are forgotten
-//!    only then.
+//!    only then, and so are the `PORT_SETS` entries of pairs left with one
+//!    range or none (a program may still hold the pair's old count).
 //! 6. A policy's counters (`POLICY_STATS`) are made before any pair names
 //!    the policy, and forgotten after none does: the programs only add to
 //!    counters that are there, so a connection that flushes its count after
@@ -97,10 +98,16 @@ pub trait Kernel {
     /// IPv6 anti-spoofing check (None: the endpoint has none, and sends no
     /// IPv6 but link-local).
     fn bind_veth6(&mut self, ifname: &str, ip: Option<Ipv6Addr>) -> Result<(), DataplaneError>;
-    /// `POLICIES`: pair → allowances.
+    /// `POLICIES` (and `PORT_SETS`): pair → allowances.
     fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, DataplaneError>;
     /// Replaces a pair's allowances; empty removes the pair.
     fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), DataplaneError>;
+    /// Deletes the `PORT_SETS` entries of pairs that no longer have more
+    /// than one range (removed, or left with one since the last call; `all`:
+    /// every such entry, at a start). Called once a change is kept, so no
+    /// program is still between its `POLICIES` and `PORT_SETS` lookups of
+    /// the pair's old value (rule 5). Best effort: a failure is logged.
+    fn forget_port_sets(&mut self, all: bool);
     /// Host-side veths with programs attached.
     fn attached(&self) -> Result<BTreeSet<String>, DataplaneError>;
     /// Whether the interface `ifname` exists (in the agent's namespace).
@@ -159,6 +166,7 @@ pub fn full_keeping<K: Kernel>(
         kernel.forget_policies(&stale_counters);
     }
     kernel.forget_limits(&gone_addresses);
+    kernel.forget_port_sets(true);
     Ok(warnings)
 }
 

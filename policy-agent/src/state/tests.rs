@@ -212,18 +212,20 @@ fn state_round_trips_through_json() {
 #[test]
 fn more_ranges_than_a_pair_holds_are_refused_before_any_change() {
     let mut s = State::default();
-    let fifteen: Vec<Policy> =
-        (0..15).map(|i| policy("a", "b", Protocol::Tcp, 1000 + i, 1000 + i)).collect();
-    s.add_policies(&fifteen, None).unwrap();
+    let limit = policy_common::maps::MAX_PORT_RANGES as u16;
+    let one_short: Vec<Policy> =
+        (0..limit - 1).map(|i| policy("a", "b", Protocol::Tcp, 1000 + i, 1000 + i)).collect();
+    s.add_policies(&one_short, None).unwrap();
     let before = s.clone();
     // The same range again shares an entry; another protocol is another pair.
     s.add_policies(&[policy("a", "b", Protocol::Udp, 1000, 1000)], None).unwrap();
     let two_more =
-        [policy("a", "b", Protocol::Tcp, 2000, 2000), policy("a", "b", Protocol::Tcp, 2001, 2001)];
+        [policy("a", "b", Protocol::Tcp, 3000, 3000), policy("a", "b", Protocol::Tcp, 3001, 3001)];
     let mut refused = s.clone();
     let err = refused.add_policies(&two_more, None).unwrap_err();
     assert_eq!(err.field, "policies");
-    assert!(err.reason.contains("more than 16 distinct port ranges"), "{err}");
+    let reason = format!("more than {limit} distinct port ranges");
+    assert!(err.reason.contains(&reason), "{err}");
     assert!(err.reason.contains("a to b, tcp"), "{err}");
     assert_eq!(refused, s, "nothing applied");
     s.add_policies(&two_more[..1], None).unwrap();

@@ -27,7 +27,8 @@ fn apply_to<A: Family + Eq + std::hash::Hash>(
 #[derive(Default)]
 struct MemLookups {
     endpoints: HashMap<u32, EndpointValue>,
-    policies: HashMap<PairKey, PortRules>,
+    /// `POLICIES` and, for pairs with more than one range, `PORT_SETS`.
+    policies: HashMap<PairKey, (PairPorts, PortRules)>,
     conns: HashMap<ConnKey, Conn>,
     fragments: HashSet<FragmentKey>,
     epoch: u32,
@@ -39,8 +40,11 @@ impl Lookups for MemLookups {
     fn endpoint(&self, addr: u32) -> Option<EndpointValue> {
         self.endpoints.get(&addr).copied()
     }
-    fn port_rules(&self, key: &PairKey) -> Option<&PortRules> {
-        self.policies.get(key)
+    fn pair_ports(&self, key: &PairKey) -> Option<&PairPorts> {
+        self.policies.get(key).map(|(pair, _)| pair)
+    }
+    fn port_set(&self, key: &PairKey) -> Option<&PortRules> {
+        self.policies.get(key).filter(|(pair, _)| pair.count > 1).map(|(_, set)| set)
     }
     fn conn(&self, key: &ConnKey) -> Option<Conn> {
         self.conns.get(key).copied()
@@ -72,9 +76,10 @@ impl MemLookups {
     fn allow(&mut self, src_tag: u32, dst_tag: u32, protocol: u8, start: u16, end: u16, id: u32) {
         let key = PairKey::new(src_tag, dst_tag, protocol);
         let mut all: std::vec::Vec<Allowance> =
-            self.policies.get(&key).map(|r| r.allowances().collect()).unwrap_or_default();
+            self.policies.get(&key).map(|(_, r)| r.allowances().collect()).unwrap_or_default();
         all.push(Allowance { start, end, policy_id: id });
-        self.policies.insert(key, PortRules::build(&all).unwrap());
+        let rules = PortRules::build(&all).unwrap();
+        self.policies.insert(key, (rules.pair_ports(), rules));
     }
 
     /// Runs the destination decision on a frame and applies its effects. A

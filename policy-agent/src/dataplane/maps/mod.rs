@@ -19,7 +19,7 @@ mod limits;
 mod netin_netout;
 mod policies;
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{collections::BTreeSet, net::Ipv4Addr, path::Path};
 
 use aya::maps::{
     Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
@@ -29,7 +29,7 @@ use policy_common::{
     maps::{
         Attachment, CONFIG_INDEX, Config, Conn, ConnKey, EndpointValue, EventLimit, FlowSet,
         FragmentKey, Ipv6Key, NetInConn, NetInConnKey, NetInKey, NetInTarget, Overlay, PairKey,
-        PolicyCounters, PortRules, Settings, Tunnel, names,
+        PairPorts, PolicyCounters, PortRules, Settings, Tunnel, names,
     },
     netout::NetOutRules,
 };
@@ -45,7 +45,11 @@ pub struct Maps {
     endpoints: HashMap<MapData, u32, EndpointValue>,
     veths: HashMap<MapData, u32, Attachment>,
     cgroups: HashMap<MapData, u64, Attachment>,
-    policies: HashMap<MapData, PairKey, PortRules>,
+    policies: HashMap<MapData, PairKey, PairPorts>,
+    port_sets: HashMap<MapData, PairKey, PortRules>,
+    /// Pairs whose `PORT_SETS` entry may be no longer needed (see
+    /// `forget_port_sets`).
+    retired_sets: BTreeSet<PairKey>,
     conntrack: HashMap<MapData, ConnKey, Conn>,
     fragments: HashMap<MapData, FragmentKey, u32>,
     verdicts: PerCpuArray<MapData, u64>,
@@ -128,6 +132,8 @@ impl Maps {
             veths: map!(names::VETHS),
             cgroups: map!(names::CGROUPS),
             policies: map!(names::POLICIES),
+            port_sets: map!(names::PORT_SETS),
+            retired_sets: BTreeSet::new(),
             conntrack: map!(names::CONNTRACK),
             fragments: map!(names::FRAGMENTS),
             verdicts: map!(names::VERDICTS),
@@ -247,6 +253,7 @@ impl Maps {
             (names::VETHS, self.veths.keys().count(), Self::size(self.veths.map())),
             (names::CGROUPS, self.cgroups.keys().count(), Self::size(self.cgroups.map())),
             (names::POLICIES, self.policies.keys().count(), Self::size(self.policies.map())),
+            (names::PORT_SETS, self.port_sets.keys().count(), Self::size(self.port_sets.map())),
             (names::CONNTRACK, self.conntrack.keys().count(), Self::size(self.conntrack.map())),
             (names::FRAGMENTS, self.fragments.keys().count(), Self::size(self.fragments.map())),
             (
@@ -284,10 +291,7 @@ impl Maps {
 
     /// Makes `PEERS` exactly `peers` (underlay addresses): adds first, then
     /// removes the hosts that left.
-    pub fn set_peers(
-        &mut self,
-        peers: &std::collections::BTreeSet<Ipv4Addr>,
-    ) -> Result<(), DataplaneError> {
+    pub fn set_peers(&mut self, peers: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
         let capacity = self.peers.map().info().map_or(0, |i| i.max_entries());
         for peer in peers {
             self.peers.insert(addr_key(*peer), 1, 0).map_err(insert_err(names::PEERS, capacity))?;

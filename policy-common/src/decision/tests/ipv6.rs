@@ -23,7 +23,8 @@ fn key(a: [u8; 16]) -> Ipv6Key {
 #[derive(Default)]
 struct Mem6 {
     endpoints: HashMap<Ipv6Key, EndpointValue>,
-    policies: HashMap<PairKey, PortRules>,
+    /// `POLICIES` and, for pairs with more than one range, `PORT_SETS`.
+    policies: HashMap<PairKey, (PairPorts, PortRules)>,
     conns: HashMap<ConnKey<Ipv6Key>, Conn>,
     fragments: HashSet<FragmentKey6>,
 }
@@ -32,8 +33,11 @@ impl Lookups<Ipv6Key> for Mem6 {
     fn endpoint(&self, addr: Ipv6Key) -> Option<EndpointValue> {
         self.endpoints.get(&addr).copied()
     }
-    fn port_rules(&self, key: &PairKey) -> Option<&PortRules> {
-        self.policies.get(key)
+    fn pair_ports(&self, key: &PairKey) -> Option<&PairPorts> {
+        self.policies.get(key).map(|(pair, _)| pair)
+    }
+    fn port_set(&self, key: &PairKey) -> Option<&PortRules> {
+        self.policies.get(key).filter(|(pair, _)| pair.count > 1).map(|(_, set)| set)
     }
     fn conn(&self, key: &ConnKey<Ipv6Key>) -> Option<Conn> {
         self.conns.get(key).copied()
@@ -55,7 +59,7 @@ impl Mem6 {
     }
     fn allow(&mut self, protocol: u8, start: u16, end: u16) {
         let rules = PortRules::build(&[Allowance { start, end, policy_id: 7 }]).unwrap();
-        self.policies.insert(PairKey::new(1, 2, protocol), rules);
+        self.policies.insert(PairKey::new(1, 2, protocol), (rules.pair_ports(), rules));
     }
     fn deliver(&mut self, frame: &[u8]) -> Verdict {
         let parsed = parse_ethernet6(frame);
