@@ -217,7 +217,12 @@ const SINGLES: usize = 1200;
 /// that state.
 fn load(n: usize) -> Load {
     let host = Host::new(1);
-    let mut daemon = Daemon::start(&host.ns, "log_level = \"warn\"");
+    // Room for n pairs (and their counters) past the default, as an
+    // operator configures it.
+    let room = (n + SINGLES).next_power_of_two().max(1 << 18);
+    let config =
+        format!("log_level = \"warn\"\n[capacities]\npolicies = {room}\npolicy_stats = {room}");
+    let mut daemon = Daemon::start(&host.ns, &config);
     let client = Client::new(&daemon.socket);
     let rss_before = rss_kib(daemon.pid().unwrap());
     let start = Instant::now();

@@ -27,7 +27,7 @@ use policy_common::{
     ports::Allowance,
 };
 
-use crate::report::{Plot, Report, Series, count_name, outln, percentile};
+use crate::report::{Plot, Report, Series, outln, percentile};
 
 pub const TAG_A: u32 = 1;
 pub const TAG_B: u32 = 2;
@@ -60,14 +60,14 @@ impl Mode {
 /// with `policies` policies, A's own among them.
 pub struct Setup {
     host: Host,
-    pins: Option<(PinDir, Dataplane)>,
+    pub(crate) pins: Option<(PinDir, Dataplane)>,
     /// The empty program, attached where ours go (a control for the hooks'
     /// own cost).
     empty: Option<aya::Ebpf>,
     /// How long loading the policies took (nftables: the `nft -f` run),
     /// and the kernel memory it added, MiB (nftables).
-    load: Duration,
-    load_mib: f64,
+    pub(crate) load: Duration,
+    pub(crate) load_mib: f64,
 }
 
 /// The filler policies: other apps' sources to B's address, ports spread.
@@ -84,8 +84,11 @@ impl Setup {
         let pins = match mode {
             Mode::None => None,
             Mode::Ours => {
+                // Measured as nftables' is: the maps, the programs and
+                // every entry, from before the load to the last policy.
+                let (before, started) = (kernel_kib(), Instant::now());
                 let pins = PinDir::new();
-                let mut dataplane = pins.open();
+                let mut dataplane = pins.open_for(policies);
                 host.register(&mut dataplane, 0, TAG_A);
                 host.register(&mut dataplane, 1, TAG_B);
                 let tables = dataplane.maps_mut();
@@ -108,6 +111,8 @@ impl Setup {
                         )
                         .expect("allow");
                 }
+                load = started.elapsed();
+                load_mib = (kernel_kib() - before) / 1024.0;
                 Some((pins, dataplane))
             }
             Mode::Iptables => {
@@ -231,7 +236,7 @@ pub fn pin_to_cpu(cpu: usize) {
 
 /// Datagrams per second B receives from one sender in A pinned to CPU 0
 /// (the receiver on CPU 1), over `secs`.
-fn udp_pps(setup: &Setup, secs: f64) -> f64 {
+pub(crate) fn udp_pps(setup: &Setup, secs: f64) -> f64 {
     let (b_ns, b_ip) = setup.b();
     udp_pps_between(setup.a(), b_ns, b_ip, secs)
 }
@@ -602,7 +607,7 @@ fn throughput(quick: bool, report: &mut Report) {
 
 /// Kernel memory in use outside page caches: slab plus vmalloc (nftables'
 /// large set tables are vmalloc'd), KiB, from /proc/meminfo.
-fn kernel_kib() -> f64 {
+pub(crate) fn kernel_kib() -> f64 {
     let text = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
     let field = |name: &str| -> f64 {
         text.lines()
@@ -611,84 +616,4 @@ fn kernel_kib() -> f64 {
             .unwrap_or(0.0)
     };
     field("Slab:") + field("VmallocUsed:")
-}
-
-/// The memory of this project's maps (each pinned map's `bytes_memlock`,
-/// what the kernel charges for it), MiB: (all maps, `POLICIES`).
-fn map_mib(setup: &Setup) -> (f64, f64) {
-    let (pins, _) = setup.pins.as_ref().expect("ours");
-    let dir = pins.path().join("maps");
-    let mut total = 0.0;
-    let mut policies = 0.0;
-    for entry in std::fs::read_dir(&dir).expect("pinned maps") {
-        let path = entry.expect("entry").path();
-        let out = std::process::Command::new("bpftool")
-            .args(["-j", "map", "show", "pinned"])
-            .arg(&path)
-            .output()
-            .expect("bpftool");
-        let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool -j");
-        let mib = info["bytes_memlock"].as_f64().unwrap_or(0.0) / (1 << 20) as f64;
-        total += mib;
-        if path.file_name().is_some_and(|n| n == "POLICIES") {
-            policies = mib;
-        }
-    }
-    (total, policies)
-}
-
-/// Past iptables' range: nftables' set against this project's maps at
-/// 100k and 1M policies — the time to load them, the kernel memory they
-/// take, and UDP packets/s through each next to no filtering.
-pub fn large(quick: bool, report: &mut Report) {
-    let counts: &[u32] = if quick { &[100_000] } else { &[100_000, 1_000_000] };
-    let (secs, rounds) = if quick { (1.0, 1) } else { (3.0, 3) };
-
-    let none = Setup::new(Mode::None, 10);
-    let mut out = String::new();
-    outln!(
-        out,
-        "\n### 2c. nftables with large sets\n\nThe set-ups of table 2 at {} policies, nftables against this project (iptables is out of the race well before: 0.06x of no filtering at 10k). nftables: the time `nft -f` takes to load the table with its set, and the kernel memory that adds (slab + vmalloc from /proc/meminfo, around the `nft -f` run); ours: all the maps' memory as the kernel charges it (`bytes_memlock`; most are preallocated for their capacities, `POLICIES` grows with its entries). UDP packets/s as in table 2, {secs} s, median of {rounds}.\n",
-        counts.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" and ")
-    );
-    outln!(
-        out,
-        "| policies | nftables load | nftables kernel memory | our maps (POLICIES) | UDP pkt/s, no filtering | eBPF | nftables | eBPF / nftables |"
-    );
-    outln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for &n in counts {
-        // Memory freed by earlier set-ups is returned after an RCU grace
-        // period: let it settle before the kernel's memory is read.
-        std::thread::sleep(Duration::from_secs(2));
-        let nft = Setup::new(Mode::Nftables, n);
-        let ours = Setup::new(Mode::Ours, n);
-        let (maps, policies) = map_mib(&ours);
-        let mut pps = [vec![], vec![], vec![]];
-        for _ in 0..rounds {
-            for (i, s) in [&none, &ours, &nft].iter().enumerate() {
-                pps[i].push(udp_pps(s, secs));
-            }
-        }
-        let pps = pps.map(median);
-        let name = count_name(u64::from(n));
-        let memory = format!("kernel_memory_{name}_mib");
-        report.figure_vs(memory, maps, "MiB", "nftables", nft.load_mib);
-        report.figure(format!("nftables_kernel_memory_{name}_mib"), nft.load_mib, "MiB");
-        report.figure(format!("policies_map_{name}_mib"), policies, "MiB");
-        let pps_name = format!("udp_pps_{name}_policies");
-        report.figure_vs(pps_name, pps[1], "packets/s", "nftables", pps[2]);
-        outln!(
-            out,
-            "| {n} | {:.1} s | {:.0} MiB | {maps:.0} MiB ({policies:.0} MiB) | {:.0} | {:.0} ({:.2}x) | {:.0} ({:.2}x) | **{:.2}x** |",
-            nft.load.as_secs_f64(),
-            nft.load_mib,
-            pps[0],
-            pps[1],
-            pps[1] / pps[0],
-            pps[2],
-            pps[2] / pps[0],
-            pps[1] / pps[2]
-        );
-    }
-    report.section(out);
 }

@@ -22,6 +22,7 @@ mod cni;
 mod compare;
 mod dataplane;
 mod flows;
+mod large;
 mod machine;
 mod netout;
 mod reject;
@@ -53,7 +54,7 @@ fn main() {
         compare::gap(quick, &mut report);
     }
     if runs("compare") || runs("large") {
-        compare::large(quick, &mut report);
+        large::run(quick, &mut report);
     }
     if runs("flows") {
         flows::run(quick, &mut report);

@@ -33,7 +33,7 @@
 //!
 //! [capacities]                               # map sizes at first load
 //! endpoints = 65536
-//! policies = 1048576
+//! policies = 262144
 //! conntrack = 262144
 //!
 //! [limits]                                   # what a client may hold (see `limits`)
@@ -247,7 +247,9 @@ mod tests {
         assert_eq!(c.policy_limit(), None);
         assert_eq!(c.max_body_bytes, 8 << 20);
         assert_eq!(c.capacities.endpoints, 65_536);
-        assert_eq!(c.capacities.policies, 1 << 20);
+        assert_eq!(c.capacities.policies, 1 << 18);
+        assert_eq!(c.capacities.port_sets, 1 << 14);
+        assert_eq!(c.capacities.policy_stats, 1 << 18);
         assert_eq!(c.dns_listen, Some("169.254.0.1:53".parse().unwrap()));
         assert_eq!(c.overlay_network, Some(OverlayNetwork::default()));
         assert!(c.tls);

@@ -97,11 +97,13 @@ pub mod capacity {
     pub const VETHS: u32 = 65_536;
     pub const CGROUPS: u32 = 65_536;
     /// Entries are (source tag, destination tag, protocol) pairs, 16 bytes
-    /// each (one port range inline). Not preallocated.
-    pub const POLICIES: u32 = 1 << 20;
+    /// each (one port range inline). Not preallocated: the default costs
+    /// its 4 MiB bucket array, and fits four times Cloud Foundry's largest
+    /// validated deployment (60k policies); past it, raise it in the config.
+    pub const POLICIES: u32 = 1 << 18;
     /// Pairs with more than one port range (up to
     /// [`super::MAX_PORT_RANGES`] each). Not preallocated.
-    pub const PORT_SETS: u32 = 1 << 16;
+    pub const PORT_SETS: u32 = 1 << 14;
     pub const CONNTRACK: u32 = 262_144;
     pub const FRAGMENTS: u32 = 8_192;
     /// Bytes of the flow event ring buffer (a power of two).
@@ -109,7 +111,7 @@ pub mod capacity {
     /// Destinations tracked by the denied-event rate limit (LRU).
     pub const EVENT_LIMITS: u32 = 16_384;
     /// Policies with packet counters (per CPU, not preallocated).
-    pub const POLICY_STATS: u32 = 1 << 20;
+    pub const POLICY_STATS: u32 = 1 << 18;
     /// Endpoint slots: a /16 overlay, Cloud Foundry's default.
     pub const ENDPOINT_SLOTS: u32 = 1 << 16;
     /// Hosts of the cluster whose tunnel packets are accepted.

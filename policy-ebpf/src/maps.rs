@@ -1,4 +1,8 @@
 //! The maps. Capacities here are the defaults; the loader overrides them.
+//!
+//! The hash maps only the agent writes are not preallocated: their memory
+//! follows what is in force (a lookup costs the same either way). The maps
+//! the programs write are LRU maps, which the kernel always preallocates.
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -41,8 +45,12 @@ pub fn to_other_cell(daddr: u32) -> bool {
 
 /// Registered endpoints by address.
 #[btf_map]
-pub static ENDPOINTS: HashMap<u32, EndpointValue, { capacity::ENDPOINTS as usize }> =
-    HashMap::new();
+pub static ENDPOINTS: HashMap<
+    u32,
+    EndpointValue,
+    { capacity::ENDPOINTS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Endpoints in the overlay by address offset (tag 0: none); see
 /// `policy_common::maps::Overlay`. Sized by the loader.
@@ -52,7 +60,12 @@ pub static ENDPOINT_SLOTS: Array<EndpointValue, { capacity::ENDPOINT_SLOTS as us
 
 /// Host-side veth ifindex → the endpoint behind it.
 #[btf_map]
-pub static VETHS: HashMap<u32, Attachment, { capacity::VETHS as usize }> = HashMap::new();
+pub static VETHS: HashMap<
+    u32,
+    Attachment,
+    { capacity::VETHS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// `VETHS` again as an array indexed by ifindex (tag 0: empty), for the
 /// source side's lookup of every packet: an inlined array access. Holds a
@@ -63,7 +76,12 @@ pub static VETH_SLOTS: Array<Attachment, { capacity::VETHS as usize }> = Array::
 
 /// cgroup id → the endpoint whose workloads it holds.
 #[btf_map]
-pub static CGROUPS: HashMap<u64, Attachment, { capacity::CGROUPS as usize }> = HashMap::new();
+pub static CGROUPS: HashMap<
+    u64,
+    Attachment,
+    { capacity::CGROUPS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// (source tag, destination tag, protocol) → the pair's port range, or
 /// how many it has (see `PairPorts`). Not preallocated: memory follows the
@@ -99,12 +117,21 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, u32, { capacity::FRAGMENTS as usiz
 
 /// Registered endpoints by IPv6 address.
 #[btf_map]
-pub static ENDPOINTS6: HashMap<Ipv6Key, EndpointValue, { capacity::ENDPOINTS as usize }> =
-    HashMap::new();
+pub static ENDPOINTS6: HashMap<
+    Ipv6Key,
+    EndpointValue,
+    { capacity::ENDPOINTS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Host-side veth ifindex → the IPv6 address of the endpoint behind it.
 #[btf_map]
-pub static VETHS6: HashMap<u32, Ipv6Key, { capacity::VETHS as usize }> = HashMap::new();
+pub static VETHS6: HashMap<
+    u32,
+    Ipv6Key,
+    { capacity::VETHS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Tracked IPv6 connections (see `CONNTRACK`).
 #[btf_map]
@@ -176,12 +203,18 @@ pub static POLICY_STATS: PerCpuHashMap<
 /// Underlay addresses of the cluster's hosts (value unused, 1): tunnel
 /// packets from anywhere else are dropped.
 #[btf_map]
-pub static PEERS: HashMap<u32, u32, { capacity::PEERS as usize }> = HashMap::new();
+pub static PEERS: HashMap<u32, u32, { capacity::PEERS as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 /// NetIn: (host address, host port, protocol) → the container's address and
 /// port (written by the agent from the endpoints' port mappings).
 #[btf_map]
-pub static NETIN: HashMap<NetInKey, NetInTarget, { capacity::NETIN as usize }> = HashMap::new();
+pub static NETIN: HashMap<
+    NetInKey,
+    NetInTarget,
+    { capacity::NETIN as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Connections through a NetIn mapping, so their replies leave as the host
 /// address and port the client used. LRU: a forgotten connection's replies

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use policy_agent::{Dataplane, DataplaneConfig};
+use policy_agent::{Capacities, Dataplane, DataplaneConfig};
 
 pub struct PinDir {
     path: PathBuf,
@@ -30,6 +30,20 @@ impl PinDir {
     /// Loads the dataplane (or takes over what is pinned here).
     pub fn open(&self) -> Dataplane {
         Dataplane::open(&self.config()).unwrap_or_else(|e| panic!("open dataplane: {e}"))
+    }
+
+    /// [`Self::open`] with room for `pairs` app pairs (and their policies'
+    /// counters), as an operator configures a host past the default.
+    pub fn open_for(&self, pairs: u32) -> Dataplane {
+        let defaults = Capacities::default();
+        let room = pairs.next_power_of_two();
+        let capacities = Capacities {
+            policies: defaults.policies.max(room),
+            policy_stats: defaults.policy_stats.max(room),
+            ..defaults
+        };
+        Dataplane::open(&DataplaneConfig { capacities, ..self.config() })
+            .unwrap_or_else(|e| panic!("open dataplane: {e}"))
     }
 }
 

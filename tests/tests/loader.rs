@@ -64,7 +64,7 @@ fn maps_are_pinned_with_names_and_typed_for_bpftool() {
         "pinned",
         pins.path().join("maps/POLICIES").to_str().unwrap(),
     ]);
-    assert!(info.has("\"max_entries\":1048576"), "default policy capacity: {}", info.0);
+    assert!(info.has("\"max_entries\":262144"), "default policy capacity: {}", info.0);
     let info = bpftool_json(&[
         "map",
         "show",
