@@ -189,8 +189,8 @@ pub fn check_flow<A: Family, T: Lookups<A>>(tables: &T, flow: &Flow<A>) -> Check
     };
     let key = PairKey::new(src.tag, dst.tag, flow.protocol);
     let (src_tag, dst_tag) = (src.tag, dst.tag);
-    // One lookup for a pair with one range, two for one with more. ICMP's
-    // "port" is its type and code (`icmp_port`).
+    // One lookup for a pair with up to two ranges, two for one with more.
+    // ICMP's "port" is its type and code (`icmp_port`).
     let allowed =
         tables.pair_ports(&key).and_then(|pair| pair.find(flow.dport, || tables.port_set(&key)));
     match allowed {

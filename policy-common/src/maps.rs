@@ -96,12 +96,12 @@ pub mod capacity {
     pub const ENDPOINTS: u32 = 65_536;
     pub const VETHS: u32 = 65_536;
     pub const CGROUPS: u32 = 65_536;
-    /// Entries are (source tag, destination tag, protocol) pairs, 16 bytes
-    /// each (one port range inline). Not preallocated: the default costs
+    /// Entries are (source tag, destination tag, protocol) pairs, 24 bytes
+    /// each (up to two port ranges inline). Not preallocated: the default costs
     /// its 4 MiB bucket array, and fits four times Cloud Foundry's largest
     /// validated deployment (60k policies); past it, raise it in the config.
     pub const POLICIES: u32 = 1 << 18;
-    /// Pairs with more than one port range (up to
+    /// Pairs with more than two port ranges (up to
     /// [`super::MAX_PORT_RANGES`] each). Not preallocated.
     pub const PORT_SETS: u32 = 1 << 14;
     pub const CONNTRACK: u32 = 262_144;

@@ -1,8 +1,8 @@
 //! Port ranges of one (source, destination, protocol) pair: the `POLICIES`
 //! and `PORT_SETS` values, building them and looking a port up in them.
 //!
-//! A pair with one range holds it in its 16-byte `POLICIES` value. A pair
-//! with more keeps them in `PORT_SETS`, as the policies wrote them (they may
+//! A pair with up to two ranges holds them in its 24-byte `POLICIES` value.
+//! A pair with more keeps them in `PORT_SETS`, as the policies wrote them (they may
 //! overlap), sorted by `start`. Each range there also records `reach`, the
 //! highest `end` among itself and every range before it. A port is allowed
 //! iff the last range with `start <= port` has `reach >= port`: one binary
@@ -107,25 +107,39 @@ pub struct PortRules {
 }
 const _: () = assert!(size_of::<PortRules>() == 8 + 12 * MAX_PORT_RANGES);
 
-/// `POLICIES` value: what one pair allows, in 16 bytes. A pair with one
-/// port range (one policy, the common case) holds it here, and its packets
-/// cost one lookup; a pair with more holds only their `count`, and its ranges
-/// are the `PORT_SETS` value under the same key. The agent writes
-/// `PORT_SETS` before a `POLICIES` entry points to it and deletes it only
-/// once no `POLICIES` entry does.
+/// Ranges a `POLICIES` value holds itself: a pair with one policy, and a
+/// TCP pair with one policy and the platform TLS port fronting it (61443),
+/// cost one lookup. A hash entry of this 24-byte value takes the kernel's
+/// 96-byte allocation, as one holding a single range would.
+pub const INLINE_RANGES: usize = 2;
+
+/// One range in a `POLICIES` value, inclusive, and the policy allowing it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct InlineRange {
+    pub start: u16,
+    pub end: u16,
+    pub policy_id: u32,
+}
+const _: () = assert!(size_of::<InlineRange>() == 8);
+
+/// `POLICIES` value: what one pair allows, in 24 bytes. A pair with up to
+/// [`INLINE_RANGES`] port ranges holds them here, sorted as in
+/// [`PortRules`], and its packets cost one lookup; a pair with more holds
+/// only their `count`, and its ranges are the `PORT_SETS` value under the
+/// same key. The agent writes `PORT_SETS` before a `POLICIES` entry counts
+/// on it and deletes it only once no `POLICIES` entry does.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PairPorts {
-    /// The range, inclusive, when `count` is 1 (zero otherwise).
-    pub start: u16,
-    pub end: u16,
-    /// The policy allowing it, when `count` is 1.
-    pub policy_id: u32,
+    /// The first `count` are the pair's ranges when `count` is at most
+    /// [`INLINE_RANGES`] (the rest zero); all zero otherwise.
+    pub ranges: [InlineRange; INLINE_RANGES],
     /// Distinct ranges the pair allows (at least 1).
     pub count: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<PairPorts>() == 16);
+const _: () = assert!(size_of::<PairPorts>() == 24);
 
 /// Iterations that always finish a binary search over `MAX_PORT_RANGES` items.
 const SEARCH_STEPS: usize = (usize::BITS - MAX_PORT_RANGES.leading_zeros()) as usize;
@@ -181,16 +195,16 @@ impl PortRules {
         Ok(rules)
     }
 
-    /// The `POLICIES` value of a pair with these ranges; unless there is
-    /// exactly one, the ranges themselves go to `PORT_SETS`.
+    /// The `POLICIES` value of a pair with these ranges; past
+    /// [`INLINE_RANGES`], the ranges themselves go to `PORT_SETS`.
     pub fn pair_ports(&self) -> PairPorts {
-        match self.len {
-            1 => {
-                let r = &self.ranges[0];
-                PairPorts { start: r.start, end: r.end, policy_id: r.policy_id, count: 1, _pad: 0 }
+        let mut pair = PairPorts { count: self.len, ..PairPorts::default() };
+        if (self.len as usize) <= INLINE_RANGES {
+            for (inline, r) in pair.ranges.iter_mut().zip(&self.ranges) {
+                *inline = InlineRange { start: r.start, end: r.end, policy_id: r.policy_id };
             }
-            count => PairPorts { count, ..PairPorts::default() },
         }
+        pair
     }
 
     /// The allowances stored, in `start` order.
@@ -262,15 +276,31 @@ impl PortRules {
 }
 
 impl PairPorts {
+    /// Whether the pair's ranges are in `PORT_SETS` rather than here.
+    pub fn in_set(&self) -> bool {
+        self.count as usize > INLINE_RANGES
+    }
+
     /// The policy allowing `port` for a pair with this `POLICIES` value,
-    /// `set` being its `PORT_SETS` value, looked up only when the pair has
-    /// more than one range. Port 0 is a value like any other (ICMP type 0).
+    /// `set` being its `PORT_SETS` value, looked up only past
+    /// [`INLINE_RANGES`]: the same answer as [`PortRules::find`] on the
+    /// pair's ranges. Port 0 is a value like any other (ICMP type 0).
     #[inline(always)]
     pub fn find<'a>(&self, port: u16, set: impl FnOnce() -> Option<&'a PortRules>) -> Option<u32> {
-        if self.count == 1 {
-            return (self.start <= port && port <= self.end).then_some(self.policy_id);
+        let [a, b] = &self.ranges;
+        match self.count {
+            1 => (a.start <= port && port <= a.end).then_some(a.policy_id),
+            // The last range starting at or below `port` decides, reaching
+            // as far as the furthest end up to it (the first range ending
+            // there when both do).
+            2 if b.start <= port => {
+                let (end, policy_id) =
+                    if b.end > a.end { (b.end, b.policy_id) } else { (a.end, a.policy_id) };
+                (port <= end).then_some(policy_id)
+            }
+            2 => (a.start <= port && port <= a.end).then_some(a.policy_id),
+            _ => set()?.find(port),
         }
-        set()?.find(port)
     }
 }
 
@@ -345,22 +375,34 @@ mod tests {
     fn one_range_lives_in_the_pair_entry() {
         let one = PortRules::build(&[allow(8080, 8090, 7), allow(8080, 8090, 9)]).unwrap();
         let pair = one.pair_ports();
-        assert_eq!(pair, PairPorts { start: 8080, end: 8090, policy_id: 7, count: 1, _pad: 0 });
+        assert_eq!(pair.count, 1);
+        assert_eq!(pair.ranges[0], InlineRange { start: 8080, end: 8090, policy_id: 7 });
         // One range: PORT_SETS is never consulted.
-        let never = || -> Option<&PortRules> { panic!("a one-range pair read PORT_SETS") };
+        let never =
+            || -> Option<&PortRules> { panic!("a pair of up to two ranges read PORT_SETS") };
         assert_eq!(pair.find(8085, never), Some(7));
         assert_eq!(pair.find(8091, never), None);
         // ICMP echo reply: type 0 is a port like any other.
         let icmp = PortRules::build(&[allow(0, 0, 3)]).unwrap().pair_ports();
         assert_eq!(icmp.find(0, never), Some(3));
-        // Two ranges: only a count here, the ranges in PORT_SETS; a missing
-        // PORT_SETS entry allows nothing.
-        let two = PortRules::build(&[allow(80, 80, 1), allow(443, 443, 2)]).unwrap();
+        // Two ranges (a port and the TLS port) are here too, sorted.
+        let two = PortRules::build(&[allow(61443, 61443, 2), allow(8080, 8080, 1)]).unwrap();
         let pair = two.pair_ports();
-        assert_eq!(pair, PairPorts { count: 2, ..PairPorts::default() });
-        assert_eq!(pair.find(443, || Some(&two)), Some(2));
+        assert!(!pair.in_set());
+        assert_eq!(pair.ranges[0], InlineRange { start: 8080, end: 8080, policy_id: 1 });
+        assert_eq!(pair.find(61443, never), Some(2));
+        assert_eq!(pair.find(8080, never), Some(1));
+        assert_eq!(pair.find(8081, never), None);
+        // Three: only a count here, the ranges in PORT_SETS; a missing
+        // PORT_SETS entry allows nothing.
+        let three = PortRules::build(&[allow(80, 80, 1), allow(443, 443, 2), allow(8080, 8080, 3)])
+            .unwrap();
+        let pair = three.pair_ports();
+        assert_eq!(pair, PairPorts { count: 3, ..PairPorts::default() });
+        assert!(pair.in_set());
+        assert_eq!(pair.find(443, || Some(&three)), Some(2));
         assert_eq!(pair.find(443, || None), None);
-        assert_eq!(pair.find(0, || Some(&two)), None);
+        assert_eq!(pair.find(0, || Some(&three)), None);
     }
 
     #[test]

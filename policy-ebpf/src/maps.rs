@@ -83,9 +83,9 @@ pub static CGROUPS: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
-/// (source tag, destination tag, protocol) → the pair's port range, or
+/// (source tag, destination tag, protocol) → the pair's port ranges, or
 /// how many it has (see `PairPorts`). Not preallocated: memory follows the
-/// pairs in force, 16 bytes of value each.
+/// pairs in force, 24 bytes of value each.
 #[btf_map]
 pub static POLICIES: HashMap<
     PairKey,
@@ -94,7 +94,7 @@ pub static POLICIES: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
-/// The port ranges of the pairs with more than one, under their `POLICIES`
+/// The port ranges of the pairs with more than two, under their `POLICIES`
 /// key. Not preallocated.
 #[btf_map]
 pub static PORT_SETS: HashMap<

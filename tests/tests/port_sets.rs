@@ -1,7 +1,8 @@
-//! Compact port storage: a pair with one port range is one 16-byte
-//! `POLICIES` entry; a pair with more also has its ranges in `PORT_SETS`
-//! (up to `MAX_PORT_RANGES`, far beyond the 16 one entry used to hold),
-//! which goes again once the pair is left with one range or none. An older
+//! Compact port storage: a pair with up to two port ranges (a TCP policy
+//! and the TLS port fronting it) is one 24-byte `POLICIES` entry; a pair
+//! with more also has its ranges in `PORT_SETS` (up to `MAX_PORT_RANGES`,
+//! far beyond the 16 one entry used to hold), which goes again once the
+//! pair is left with two ranges or fewer. An older
 //! version's `POLICIES` (each pair's ranges whole in its value) is carried
 //! over, never read as the new layout.
 
@@ -87,16 +88,26 @@ fn a_pair_with_many_ranges_allows_exactly_them_and_its_set_goes_with_them() {
     let maps = Maps::open_pinned(&daemon.maps_dir()).expect("pinned maps");
     assert_eq!(maps.pair(&pair_key(&daemon)).len(), 1);
 
-    // Two again, then none.
+    // A TCP policy on the app's port: that port and the platform TLS port
+    // fronting it, two ranges, still the pair's entry alone.
+    daemon.allow("frontend", "backend", "tcp", "8080");
+    let tcp = PairKey::new(daemon.tag("frontend"), daemon.tag("backend"), proto::TCP);
+    let maps = Maps::open_pinned(&daemon.maps_dir()).expect("pinned maps");
+    assert_eq!(maps.pair(&tcp).len(), 2, "8080 and the TLS port 61443");
+    assert_eq!(entries(&daemon, names::POLICIES), 2);
+    assert_eq!(entries(&daemon, names::PORT_SETS), 0, "two ranges need no set");
+
+    // Three UDP ranges again, then none.
     daemon.allow("frontend", "backend", "udp", "7100");
+    daemon.allow("frontend", "backend", "udp", "7020");
     assert!(udp_passes(&host, 7100), "the new range passes");
     assert!(udp_passes(&host, 7001), "and the old one");
     assert_eq!(entries(&daemon, names::PORT_SETS), 1);
     let (status, reply) =
-        daemon.curl("POST", DELETE, Some(&policies_body([7001, 7100].into_iter())));
+        daemon.curl("POST", DELETE, Some(&policies_body([7001, 7020, 7100].into_iter())));
     assert_eq!(status, 200, "{reply}");
-    assert!(!udp_passes(&host, 7001), "no policy left");
-    assert_eq!(entries(&daemon, names::POLICIES), 0);
+    assert!(!udp_passes(&host, 7001), "no UDP policy left");
+    assert_eq!(entries(&daemon, names::POLICIES), 1, "the TCP pair's");
     assert!(eventually(Duration::from_secs(5), || entries(&daemon, names::PORT_SETS) == 0));
 }
 

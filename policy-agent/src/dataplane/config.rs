@@ -15,7 +15,7 @@ pub struct Capacities {
     pub cgroups: u32,
     /// (source app, destination app, protocol) pairs.
     pub policies: u32,
-    /// Pairs with more than one port range.
+    /// Pairs with more than two port ranges.
     pub port_sets: u32,
     pub conntrack: u32,
     pub fragments: u32,

@@ -28,8 +28,8 @@
 //!    state before the change wanted it; the kernel is not read back.
 //! 5. What cannot be taken back waits until the change is kept
 //!    ([`Applied::keep`]): the counters of removed policies are forgotten
-//!    only then, and so are the `PORT_SETS` entries of pairs left with one
-//!    range or none (a program may still hold the pair's old count).
+//!    only then, and so are the `PORT_SETS` entries of pairs left with two
+//!    ranges or fewer (a program may still hold the pair's old count).
 //! 6. A policy's counters (`POLICY_STATS`) are made before any pair names
 //!    the policy, and forgotten after none does: the programs only add to
 //!    counters that are there, so a connection that flushes its count after
@@ -103,7 +103,7 @@ pub trait Kernel {
     /// Replaces a pair's allowances; empty removes the pair.
     fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), DataplaneError>;
     /// Deletes the `PORT_SETS` entries of pairs that no longer have more
-    /// than one range (removed, or left with one since the last call; `all`:
+    /// than two ranges (removed, or left with two or fewer since the last call; `all`:
     /// every such entry, at a start). Called once a change is kept, so no
     /// program is still between its `POLICIES` and `PORT_SETS` lookups of
     /// the pair's old value (rule 5). Best effort: a failure is logged.

@@ -1,6 +1,6 @@
 //! `POLICIES` and `PORT_SETS`: the port ranges each app pair allows. A pair
-//! with one range is one 16-byte `POLICIES` entry; a pair with more also has
-//! its ranges in `PORT_SETS` (see `policy_common::ports`).
+//! with up to two ranges is one 24-byte `POLICIES` entry; a pair with more
+//! also has its ranges in `PORT_SETS` (see `policy_common::ports`).
 //!
 //! Order of writes, so that a program between its two lookups never sees a
 //! pair allow less than before and after the change: a `PORT_SETS` entry is
@@ -18,19 +18,23 @@ use super::{Maps, insert_err, is_absent, map_err};
 use crate::DataplaneError;
 
 impl Maps {
-    /// A pair's ranges as one value, from `POLICIES` and, for more than one
-    /// range, `PORT_SETS` (None: no entry, or a count without its set).
+    /// A pair's ranges as one value, from `POLICIES` and, for more than two
+    /// ranges, `PORT_SETS` (None: no entry, or a count without its set).
     pub fn pair_rules(&self, key: &PairKey) -> Option<PortRules> {
         let pair = self.policies.get(key, 0).ok()?;
         self.rules_of(key, pair)
     }
 
     fn rules_of(&self, key: &PairKey, pair: PairPorts) -> Option<PortRules> {
-        if pair.count == 1 {
-            let one = Allowance { start: pair.start, end: pair.end, policy_id: pair.policy_id };
-            return PortRules::build(&[one]).ok();
+        if pair.in_set() {
+            return self.port_sets.get(key, 0).ok();
         }
-        self.port_sets.get(key, 0).ok()
+        let inline = pair.ranges.iter().take(pair.count as usize).map(|r| Allowance {
+            start: r.start,
+            end: r.end,
+            policy_id: r.policy_id,
+        });
+        PortRules::build(&inline.collect::<Vec<_>>()).ok()
     }
 
     /// The allowances stored for a pair (empty if none).
@@ -73,15 +77,15 @@ impl Maps {
         }
         let new = PortRules::build(allowances)?;
         let pair = new.pair_ports();
-        let set_before = old_pair.is_some_and(|p| p.count > 1);
-        if pair.count > 1 {
+        let set_before = old_pair.is_some_and(|p| p.in_set());
+        if pair.in_set() {
             let capacity = Self::capacity(self.port_sets.map());
             self.port_sets.insert(key, new, 0).map_err(insert_err(names::PORT_SETS, capacity))?;
         }
         let capacity = Self::capacity(self.policies.map());
         if let Err(e) = self.policies.insert(key, pair, 0) {
             // Put the set back as the old entry knows it.
-            if pair.count > 1 {
+            if pair.in_set() {
                 let _ = match old.filter(|_| set_before) {
                     Some(old) => self.port_sets.insert(key, old, 0),
                     None => self.port_sets.remove(&key),
@@ -89,7 +93,7 @@ impl Maps {
             }
             return Err(insert_err(names::POLICIES, capacity)(e));
         }
-        if set_before && pair.count == 1 {
+        if set_before && !pair.in_set() {
             self.retired_sets.insert(key);
         }
         if old.is_some_and(|old| !new.covers(&old)) {
@@ -99,8 +103,8 @@ impl Maps {
     }
 
     /// Deletes the `PORT_SETS` entries no `POLICIES` entry counts on any
-    /// more: those of pairs removed or left with one range since the last
-    /// call (`all`: every entry, at a start, for what a crash left). A
+    /// more: those of pairs removed or left with two ranges or fewer since
+    /// the last call (`all`: every entry, at a start, for what a crash left). A
     /// program that read a pair's old count before the change has finished
     /// by the time the change is kept.
     pub fn forget_port_sets(&mut self, all: bool) -> Result<usize, DataplaneError> {
@@ -111,7 +115,7 @@ impl Maps {
         };
         let mut forgotten = 0;
         for key in candidates {
-            if self.policies.get(&key, 0).is_ok_and(|p| p.count > 1) {
+            if self.policies.get(&key, 0).is_ok_and(|p| p.in_set()) {
                 continue;
             }
             match self.port_sets.remove(&key) {
