@@ -27,13 +27,14 @@ mod machine;
 mod netout;
 mod reject;
 mod report;
+mod soak;
 mod tls;
 mod update;
 
 fn main() {
     integration_tests::require_root();
     let quick = std::env::args().any(|a| a == "--quick");
-    // BENCH_ONLY=dataplane|compare|gap|large|flows|update|agent|tls|cluster|cni|netout|reject|cf runs one part.
+    // BENCH_ONLY=dataplane|compare|gap|large|flows|update|agent|tls|cluster|cni|netout|reject|cf|soak runs one part (soak only so).
     let only = std::env::var("BENCH_ONLY").ok();
     let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
     if runs("compare") || runs("update") || runs("reject") {
@@ -83,6 +84,10 @@ fn main() {
     }
     if runs("cf") {
         cf::run(quick, &mut report);
+    }
+    // Minutes of churn: only when asked for (BENCH_ONLY=soak).
+    if only.as_deref() == Some("soak") {
+        soak::run(quick, &mut report);
     }
     // A whole run writes bench/ (committed with the code it measured); one
     // part alone writes under target/, leaving the whole run's figures be.

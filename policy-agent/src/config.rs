@@ -248,7 +248,8 @@ mod tests {
         assert_eq!(c.max_body_bytes, 8 << 20);
         assert_eq!(c.capacities.endpoints, 65_536);
         assert_eq!(c.capacities.policies, 1 << 18);
-        assert_eq!(c.capacities.port_sets, 1 << 14);
+        assert_eq!(c.capacities.port_sets, 1 << 16);
+        assert_eq!(c.capacities.port_sets_wide, 1 << 12);
         assert_eq!(c.capacities.policy_stats, 1 << 18);
         assert_eq!(c.dns_listen, Some("169.254.0.1:53".parse().unwrap()));
         assert_eq!(c.overlay_network, Some(OverlayNetwork::default()));

@@ -8,8 +8,9 @@ use std::net::IpAddr;
 use policy_common::{
     decision::{Check, Lookups, check_flow},
     family::Family,
-    maps::{Conn, ConnKey, EndpointValue, Ipv6Key, PairKey, PairPorts, PortRules},
+    maps::{Conn, ConnKey, EndpointValue, Ipv6Key, PairKey, PairPorts, PortRules, SmallPortSet},
     packet::Flow,
+    ports::PairValues,
 };
 
 use crate::{
@@ -117,9 +118,8 @@ impl Outcome {
 /// The entries of the kernel maps one flow's check reads, fetched once.
 struct Snapshot<A> {
     endpoints: Vec<(A, EndpointValue)>,
-    /// The pair's `POLICIES` value, as [`PortRules::pair_ports`] makes it.
-    pair: Option<PairPorts>,
-    rules: Option<PortRules>,
+    /// The pair's values in the maps, as the agent writes them.
+    pair: Option<PairValues>,
 }
 
 impl<A: Family> Lookups<A> for Snapshot<A> {
@@ -127,10 +127,13 @@ impl<A: Family> Lookups<A> for Snapshot<A> {
         self.endpoints.iter().find(|(a, _)| *a == addr).map(|(_, ep)| *ep)
     }
     fn pair_ports(&self, _key: &PairKey) -> Option<&PairPorts> {
-        self.pair.as_ref()
+        self.pair.as_ref().map(|v| &v.pair)
     }
-    fn port_set(&self, _key: &PairKey) -> Option<&PortRules> {
-        self.rules.as_ref()
+    fn port_set(&self, _key: &PairKey) -> Option<&SmallPortSet> {
+        self.pair.as_ref()?.set.as_ref()
+    }
+    fn wide_port_set(&self, _key: &PairKey) -> Option<&PortRules> {
+        self.pair.as_ref()?.wide.as_ref()
     }
     fn conn(&self, _key: &ConnKey<A>) -> Option<Conn> {
         None
@@ -225,7 +228,7 @@ fn explain_in<A: Family + From<IpKey>>(
         (Some(s), Some(d)) => maps.pair_rules(&PairKey::new(s.tag, d.tag, protocol.number())),
         _ => None,
     };
-    let snapshot = Snapshot { endpoints, pair: rules.map(|r| r.pair_ports()), rules };
+    let snapshot = Snapshot { endpoints, pair: rules.map(|r| PairValues::of(&r)) };
     let flow = Flow {
         saddr: key::<A>(src),
         daddr: key::<A>(dst),

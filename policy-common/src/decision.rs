@@ -5,7 +5,7 @@
 use crate::family::Family;
 use crate::maps::{
     Attachment, Conn, ConnKey, EndpointValue, Ipv6Key, NO_IPV4, PairKey, PairPorts, PortRules,
-    endpoint_flags, origin, proto,
+    SmallPortSet, endpoint_flags, origin, proto,
 };
 use crate::packet::{Flow, Parsed, icmp_port};
 use crate::verdict::{Reason, Verdict};
@@ -17,8 +17,10 @@ pub trait Lookups<A: Family = u32> {
     fn endpoint(&self, addr: A) -> Option<EndpointValue>;
     /// `POLICIES[key]` (one map for both families: tags name apps).
     fn pair_ports(&self, key: &PairKey) -> Option<&PairPorts>;
-    /// `PORT_SETS[key]`: the ranges of a pair with more than one.
-    fn port_set(&self, key: &PairKey) -> Option<&PortRules>;
+    /// `PORT_SETS[key]`: the ranges of a pair with three to `SET_RANGES`.
+    fn port_set(&self, key: &PairKey) -> Option<&SmallPortSet>;
+    /// `PORT_SETS_WIDE[key]`: the ranges of a pair with more.
+    fn wide_port_set(&self, key: &PairKey) -> Option<&PortRules>;
     /// `CONNTRACK[key]` (`CONNTRACK6`).
     fn conn(&self, key: &ConnKey<A>) -> Option<Conn>;
     /// `Config::epoch`.
@@ -189,10 +191,12 @@ pub fn check_flow<A: Family, T: Lookups<A>>(tables: &T, flow: &Flow<A>) -> Check
     };
     let key = PairKey::new(src.tag, dst.tag, flow.protocol);
     let (src_tag, dst_tag) = (src.tag, dst.tag);
-    // One lookup for a pair with up to two ranges, two for one with more.
+    // One lookup for a pair with up to two ranges, two for one with more
+    // (in `PORT_SETS` or `PORT_SETS_WIDE`).
     // ICMP's "port" is its type and code (`icmp_port`).
-    let allowed =
-        tables.pair_ports(&key).and_then(|pair| pair.find(flow.dport, || tables.port_set(&key)));
+    let allowed = tables.pair_ports(&key).and_then(|pair| {
+        pair.find(flow.dport, || tables.port_set(&key), || tables.wide_port_set(&key))
+    });
     match allowed {
         Some(policy_id) => Check::Allowed { policy_id, src_tag, dst_tag },
         None => Check::Denied { src_tag, dst_tag },
@@ -440,8 +444,12 @@ impl<A: Family, L: Lookups<A>> Lookups<A> for TunnelSource<'_, L, A> {
         self.lookups.pair_ports(key)
     }
     #[inline(always)]
-    fn port_set(&self, key: &PairKey) -> Option<&PortRules> {
+    fn port_set(&self, key: &PairKey) -> Option<&SmallPortSet> {
         self.lookups.port_set(key)
+    }
+    #[inline(always)]
+    fn wide_port_set(&self, key: &PairKey) -> Option<&PortRules> {
+        self.lookups.wide_port_set(key)
     }
     #[inline(always)]
     fn conn(&self, key: &ConnKey<A>) -> Option<Conn> {

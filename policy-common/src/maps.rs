@@ -18,6 +18,7 @@ pub mod names {
     pub const CGROUPS: &str = "CGROUPS";
     pub const POLICIES: &str = "POLICIES";
     pub const PORT_SETS: &str = "PORT_SETS";
+    pub const PORT_SETS_WIDE: &str = "PORT_SETS_WIDE";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const VERDICTS: &str = "VERDICTS";
@@ -46,12 +47,13 @@ pub mod names {
     pub const LEGACY_CONFIG: [&str; 6] =
         ["EPOCH", "SETTINGS", "OVERLAY", "TUNNEL", "NETIN_STATE", "NETOUT_STATE"];
     /// Every map the object defines, in a stable order.
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 27] = [
         ENDPOINTS,
         VETHS,
         CGROUPS,
         POLICIES,
         PORT_SETS,
+        PORT_SETS_WIDE,
         CONNTRACK,
         FRAGMENTS,
         VERDICTS,
@@ -101,9 +103,12 @@ pub mod capacity {
     /// its 4 MiB bucket array, and fits four times Cloud Foundry's largest
     /// validated deployment (60k policies); past it, raise it in the config.
     pub const POLICIES: u32 = 1 << 18;
-    /// Pairs with more than two port ranges (up to
-    /// [`super::MAX_PORT_RANGES`] each). Not preallocated.
-    pub const PORT_SETS: u32 = 1 << 14;
+    /// Pairs with three to [`super::SET_RANGES`] port ranges (a few ports
+    /// and the TLS one). Not preallocated.
+    pub const PORT_SETS: u32 = 1 << 16;
+    /// Pairs with more (up to [`super::MAX_PORT_RANGES`] each). Not
+    /// preallocated.
+    pub const PORT_SETS_WIDE: u32 = 1 << 12;
     pub const CONNTRACK: u32 = 262_144;
     pub const FRAGMENTS: u32 = 8_192;
     /// Bytes of the flow event ring buffer (a power of two).
@@ -316,7 +321,9 @@ impl Ipv6Key {
     }
 }
 
-pub use crate::ports::{MAX_PORT_RANGES, PairKey, PairPorts, PortRange, PortRules};
+pub use crate::ports::{
+    MAX_PORT_RANGES, PairKey, PairPorts, PortRange, PortRules, PortSet, SET_RANGES, SmallPortSet,
+};
 
 /// `CONNTRACK` key (IPv4, `A` = `u32`) and `CONNTRACK6` key (IPv6, `A` =
 /// [`Ipv6Key`]): a connection, the same for both of its directions.
@@ -606,7 +613,7 @@ mod pod {
     unsafe impl aya::Pod for Attachment {}
     unsafe impl aya::Pod for PairKey {}
     unsafe impl aya::Pod for PortRange {}
-    unsafe impl aya::Pod for PortRules {}
+    unsafe impl<const N: usize> aya::Pod for PortSet<N> {}
     unsafe impl aya::Pod for PairPorts {}
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for ConnKey<Ipv6Key> {}

@@ -94,18 +94,33 @@ pub struct PortRange {
 }
 const _: () = assert!(size_of::<PortRange>() == 12);
 
-/// `PORT_SETS` value: the port ranges allowed for one pair, sorted by
-/// `start`, when it has more than one (the agent's and the tests' whole view
-/// of a pair otherwise). Built by [`PortRules::build`]; only the first `len`
-/// entries are meaningful, the rest are zero.
+/// Ranges a `PORT_SETS` value holds: a pair with a few ports (Cloud
+/// Foundry's usual, a few ports of one app and the TLS port fronting it)
+/// takes the kernel's 192-byte allocation, not a wide set's 4 KiB.
+pub const SET_RANGES: usize = 8;
+
+/// Port ranges allowed for one pair, sorted by `start`, at most `N`: a
+/// `PORT_SETS` value ([`SmallPortSet`]) or a `PORT_SETS_WIDE` one
+/// ([`PortRules`], also the agent's and the tests' whole view of a pair).
+/// Built by [`PortRules::build`]; only the first `len` entries are
+/// meaningful, the rest are zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRules {
+pub struct PortSet<const N: usize> {
     pub len: u32,
     pub _pad: u32,
-    pub ranges: [PortRange; MAX_PORT_RANGES],
+    pub ranges: [PortRange; N],
 }
+
+/// A pair's ranges, all of them: what the agent builds and compares, and
+/// the `PORT_SETS_WIDE` value of a pair with more than [`SET_RANGES`].
+pub type PortRules = PortSet<MAX_PORT_RANGES>;
 const _: () = assert!(size_of::<PortRules>() == 8 + 12 * MAX_PORT_RANGES);
+
+/// The `PORT_SETS` value of a pair with more than [`INLINE_RANGES`] and at
+/// most [`SET_RANGES`].
+pub type SmallPortSet = PortSet<SET_RANGES>;
+const _: () = assert!(size_of::<SmallPortSet>() == 8 + 12 * SET_RANGES);
 
 /// Ranges a `POLICIES` value holds itself: a pair with one policy, and a
 /// TCP pair with one policy and the platform TLS port fronting it (61443),
@@ -127,8 +142,9 @@ const _: () = assert!(size_of::<InlineRange>() == 8);
 /// [`INLINE_RANGES`] port ranges holds them here, sorted as in
 /// [`PortRules`], and its packets cost one lookup; a pair with more holds
 /// only their `count`, and its ranges are the `PORT_SETS` value under the
-/// same key. The agent writes `PORT_SETS` before a `POLICIES` entry counts
-/// on it and deletes it only once no `POLICIES` entry does.
+/// same key (up to [`SET_RANGES`]) or the `PORT_SETS_WIDE` one. The agent
+/// writes a set before a `POLICIES` entry counts on it and deletes it only
+/// once no `POLICIES` entry does.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PairPorts {
@@ -141,18 +157,84 @@ pub struct PairPorts {
 }
 const _: () = assert!(size_of::<PairPorts>() == 24);
 
-/// Iterations that always finish a binary search over `MAX_PORT_RANGES` items.
-const SEARCH_STEPS: usize = (usize::BITS - MAX_PORT_RANGES.leading_zeros()) as usize;
-const _: () = assert!(MAX_PORT_RANGES.is_power_of_two(), "indexes are masked into the array");
+/// Where a pair's ranges are, by how many it has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// In its `POLICIES` value.
+    Inline,
+    /// In `PORT_SETS`.
+    Set,
+    /// In `PORT_SETS_WIDE`.
+    Wide,
+}
 
-impl PortRules {
-    pub const EMPTY: PortRules = PortRules {
+impl Tier {
+    pub fn of(count: u32) -> Tier {
+        match count as usize {
+            n if n <= INLINE_RANGES => Tier::Inline,
+            n if n <= SET_RANGES => Tier::Set,
+            _ => Tier::Wide,
+        }
+    }
+}
+
+impl<const N: usize> PortSet<N> {
+    /// Iterations that always finish a binary search over `N` items.
+    const STEPS: usize = (usize::BITS - N.leading_zeros()) as usize;
+
+    pub const EMPTY: Self = Self {
         len: 0,
         _pad: 0,
         ranges: [PortRange { start: 0, end: 0, reach: 0, reach_index: 0, _pad: 0, policy_id: 0 };
-            MAX_PORT_RANGES],
+            N],
     };
 
+    /// The allowances stored, in `start` order.
+    pub fn allowances(&self) -> impl Iterator<Item = Allowance> + '_ {
+        self.ranges[..(self.len as usize).min(N)].iter().map(|r| Allowance {
+            start: r.start,
+            end: r.end,
+            policy_id: r.policy_id,
+        })
+    }
+
+    /// The policy allowing `port`, if any: a binary search of `STEPS` fixed
+    /// steps without a branch (each step adds its width to the count of
+    /// ranges starting at or below `port` when the range it probes does),
+    /// so the verifier follows one path through it instead of one per
+    /// outcome of every comparison. Bounded whatever the map holds: every
+    /// index is masked into the array.
+    #[inline(always)]
+    pub fn find(&self, port: u16) -> Option<u32> {
+        const { assert!(N.is_power_of_two(), "indexes are masked into the array") };
+        // Opaque, so that the compiler cannot prove a difference below
+        // small and turn its sign bit back into a comparison (a branch).
+        let port_plus_one = opaque(u64::from(port) + 1);
+        let len_plus_one = opaque(u64::from(self.len) + 1);
+        let mut below = 0u64;
+        let mut step = N as u64;
+        for _ in 0..Self::STEPS {
+            // Probe the `probe`-th range: counted if it exists and starts
+            // at or below `port` (then every range before it does too).
+            let probe = below + step;
+            let r = &self.ranges[(probe as usize - 1) & (N - 1)];
+            let starts_below = opaque(u64::from(r.start)).wrapping_sub(port_plus_one) >> 63;
+            let exists = probe.wrapping_sub(len_plus_one) >> 63;
+            below += opaque(starts_below & exists) * step;
+            step >>= 1;
+        }
+        if below == 0 {
+            return None;
+        }
+        let last = &self.ranges[(below as usize - 1) & (N - 1)];
+        if last.reach < port {
+            return None;
+        }
+        self.ranges.get(last.reach_index as usize).map(|r| r.policy_id)
+    }
+}
+
+impl PortRules {
     /// Builds the value for a set of allowances. Identical ranges are stored
     /// once (under the lowest policy id).
     pub fn build(allowances: &[Allowance]) -> Result<PortRules, PortsError> {
@@ -207,47 +289,15 @@ impl PortRules {
         pair
     }
 
-    /// The allowances stored, in `start` order.
-    pub fn allowances(&self) -> impl Iterator<Item = Allowance> + '_ {
-        self.ranges[..(self.len as usize).min(MAX_PORT_RANGES)].iter().map(|r| Allowance {
-            start: r.start,
-            end: r.end,
-            policy_id: r.policy_id,
-        })
-    }
-
-    /// The policy allowing `port`, if any: a binary search of
-    /// `SEARCH_STEPS` fixed steps without a branch (each step adds its
-    /// width to the count of ranges starting at or below `port` when the
-    /// range it probes does), so the verifier follows one path through it
-    /// instead of one per outcome of every comparison. Bounded whatever the
-    /// map holds: every index is masked into the array.
-    #[inline(always)]
-    pub fn find(&self, port: u16) -> Option<u32> {
-        // Opaque, so that the compiler cannot prove a difference below
-        // small and turn its sign bit back into a comparison (a branch).
-        let port_plus_one = opaque(u64::from(port) + 1);
-        let len_plus_one = opaque(u64::from(self.len) + 1);
-        let mut below = 0u64;
-        let mut step = MAX_PORT_RANGES as u64;
-        for _ in 0..SEARCH_STEPS {
-            // Probe the `probe`-th range: counted if it exists and starts
-            // at or below `port` (then every range before it does too).
-            let probe = below + step;
-            let r = &self.ranges[(probe as usize - 1) & (MAX_PORT_RANGES - 1)];
-            let starts_below = opaque(u64::from(r.start)).wrapping_sub(port_plus_one) >> 63;
-            let exists = probe.wrapping_sub(len_plus_one) >> 63;
-            below += opaque(starts_below & exists) * step;
-            step >>= 1;
-        }
-        if below == 0 {
+    /// The `PORT_SETS` value of these ranges, if they fit one.
+    pub fn small(&self) -> Option<SmallPortSet> {
+        let len = self.len as usize;
+        if len > SET_RANGES {
             return None;
         }
-        let last = &self.ranges[(below as usize - 1) & (MAX_PORT_RANGES - 1)];
-        if last.reach < port {
-            return None;
-        }
-        self.ranges.get(last.reach_index as usize).map(|r| r.policy_id)
+        let mut set = SmallPortSet { len: self.len, ..SmallPortSet::EMPTY };
+        set.ranges[..len].copy_from_slice(&self.ranges[..len]);
+        Some(set)
     }
 
     /// Whether every port `other` allows is also allowed here (userspace:
@@ -276,17 +326,23 @@ impl PortRules {
 }
 
 impl PairPorts {
-    /// Whether the pair's ranges are in `PORT_SETS` rather than here.
-    pub fn in_set(&self) -> bool {
-        self.count as usize > INLINE_RANGES
+    /// Where the pair's ranges are.
+    pub fn tier(&self) -> Tier {
+        Tier::of(self.count)
     }
 
-    /// The policy allowing `port` for a pair with this `POLICIES` value,
-    /// `set` being its `PORT_SETS` value, looked up only past
-    /// [`INLINE_RANGES`]: the same answer as [`PortRules::find`] on the
-    /// pair's ranges. Port 0 is a value like any other (ICMP type 0).
+    /// The policy allowing `port` for a pair with this `POLICIES` value:
+    /// the same answer as [`PortRules::find`] on the pair's ranges. `set`
+    /// and `wide` give its `PORT_SETS` and `PORT_SETS_WIDE` values, looked
+    /// up only for a pair whose ranges are there. Port 0 is a value like any
+    /// other (ICMP type 0).
     #[inline(always)]
-    pub fn find<'a>(&self, port: u16, set: impl FnOnce() -> Option<&'a PortRules>) -> Option<u32> {
+    pub fn find<'a>(
+        &self,
+        port: u16,
+        set: impl FnOnce() -> Option<&'a SmallPortSet>,
+        wide: impl FnOnce() -> Option<&'a PortRules>,
+    ) -> Option<u32> {
         let [a, b] = &self.ranges;
         match self.count {
             1 => (a.start <= port && port <= a.end).then_some(a.policy_id),
@@ -299,8 +355,57 @@ impl PairPorts {
                 (port <= end).then_some(policy_id)
             }
             2 => (a.start <= port && port <= a.end).then_some(a.policy_id),
-            _ => set()?.find(port),
+            n if n as usize <= SET_RANGES => set()?.find(port),
+            _ => wide()?.find(port),
         }
+    }
+}
+
+/// A pair's values in every map, as the agent writes them (the host tests'
+/// and `explain`'s view of the kernel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PairValues {
+    pub pair: PairPorts,
+    pub set: Option<SmallPortSet>,
+    pub wide: Option<PortRules>,
+}
+
+impl PairValues {
+    pub fn of(rules: &PortRules) -> Self {
+        let pair = rules.pair_ports();
+        PairValues {
+            pair,
+            set: rules.small().filter(|_| pair.tier() == Tier::Set),
+            wide: (pair.tier() == Tier::Wide).then_some(*rules),
+        }
+    }
+
+    /// The pair's ranges, all of them (None: a count without its set).
+    pub fn rules(&self) -> Option<PortRules> {
+        match self.pair.tier() {
+            Tier::Wide => self.wide,
+            Tier::Set => {
+                let set = self.set?;
+                let mut rules = PortRules { len: set.len, ..PortRules::EMPTY };
+                let len = (set.len as usize).min(SET_RANGES);
+                rules.ranges[..len].copy_from_slice(&set.ranges[..len]);
+                Some(rules)
+            }
+            Tier::Inline => {
+                let len = (self.pair.count as usize).min(INLINE_RANGES);
+                let all = self.pair.ranges.map(|r| Allowance {
+                    start: r.start,
+                    end: r.end,
+                    policy_id: r.policy_id,
+                });
+                PortRules::build(&all[..len]).ok()
+            }
+        }
+    }
+
+    /// [`PairPorts::find`] over these values.
+    pub fn find(&self, port: u16) -> Option<u32> {
+        self.pair.find(port, || self.set.as_ref(), || self.wide.as_ref())
     }
 }
 
@@ -372,37 +477,47 @@ mod tests {
     }
 
     #[test]
-    fn one_range_lives_in_the_pair_entry() {
+    fn each_pair_lives_where_its_count_says() {
+        let never_set =
+            || -> Option<&SmallPortSet> { panic!("a pair of up to two ranges read PORT_SETS") };
+        let never_wide = || -> Option<&PortRules> { panic!("read PORT_SETS_WIDE") };
         let one = PortRules::build(&[allow(8080, 8090, 7), allow(8080, 8090, 9)]).unwrap();
         let pair = one.pair_ports();
-        assert_eq!(pair.count, 1);
+        assert_eq!((pair.count, pair.tier()), (1, Tier::Inline));
         assert_eq!(pair.ranges[0], InlineRange { start: 8080, end: 8090, policy_id: 7 });
-        // One range: PORT_SETS is never consulted.
-        let never =
-            || -> Option<&PortRules> { panic!("a pair of up to two ranges read PORT_SETS") };
-        assert_eq!(pair.find(8085, never), Some(7));
-        assert_eq!(pair.find(8091, never), None);
+        assert_eq!(pair.find(8085, never_set, never_wide), Some(7));
+        assert_eq!(pair.find(8091, never_set, never_wide), None);
         // ICMP echo reply: type 0 is a port like any other.
         let icmp = PortRules::build(&[allow(0, 0, 3)]).unwrap().pair_ports();
-        assert_eq!(icmp.find(0, never), Some(3));
+        assert_eq!(icmp.find(0, never_set, never_wide), Some(3));
         // Two ranges (a port and the TLS port) are here too, sorted.
         let two = PortRules::build(&[allow(61443, 61443, 2), allow(8080, 8080, 1)]).unwrap();
         let pair = two.pair_ports();
-        assert!(!pair.in_set());
+        assert_eq!(pair.tier(), Tier::Inline);
         assert_eq!(pair.ranges[0], InlineRange { start: 8080, end: 8080, policy_id: 1 });
-        assert_eq!(pair.find(61443, never), Some(2));
-        assert_eq!(pair.find(8080, never), Some(1));
-        assert_eq!(pair.find(8081, never), None);
-        // Three: only a count here, the ranges in PORT_SETS; a missing
-        // PORT_SETS entry allows nothing.
-        let three = PortRules::build(&[allow(80, 80, 1), allow(443, 443, 2), allow(8080, 8080, 3)])
-            .unwrap();
-        let pair = three.pair_ports();
-        assert_eq!(pair, PairPorts { count: 3, ..PairPorts::default() });
-        assert!(pair.in_set());
-        assert_eq!(pair.find(443, || Some(&three)), Some(2));
-        assert_eq!(pair.find(443, || None), None);
-        assert_eq!(pair.find(0, || Some(&three)), None);
+        assert_eq!(pair.find(61443, never_set, never_wide), Some(2));
+        assert_eq!(pair.find(8080, never_set, never_wide), Some(1));
+        assert_eq!(pair.find(8081, never_set, never_wide), None);
+        // Three to eight (three ports and TLS): only a count here, the
+        // ranges in PORT_SETS; a missing entry allows nothing.
+        let four: [Allowance; 4] =
+            core::array::from_fn(|i| allow(9000 + i as u16, 9000 + i as u16, i as u32 + 1));
+        let rules = PortRules::build(&four).unwrap();
+        let values = PairValues::of(&rules);
+        assert_eq!(values.pair, PairPorts { count: 4, ..PairPorts::default() });
+        assert_eq!(values.pair.tier(), Tier::Set);
+        assert!(values.wide.is_none());
+        assert_eq!(values.pair.find(9002, || values.set.as_ref(), never_wide), Some(3));
+        assert_eq!(values.pair.find(9002, || None, never_wide), None);
+        assert_eq!(values.pair.find(9004, || values.set.as_ref(), never_wide), None);
+        // More: PORT_SETS_WIDE.
+        let nine: [Allowance; 9] =
+            core::array::from_fn(|i| allow(100 + i as u16, 100 + i as u16, i as u32 + 1));
+        let values = PairValues::of(&PortRules::build(&nine).unwrap());
+        assert_eq!(values.pair.tier(), Tier::Wide);
+        assert!(values.set.is_none());
+        assert_eq!(values.pair.find(108, never_set, || values.wide.as_ref()), Some(9));
+        assert_eq!(values.pair.find(108, never_set, || None), None);
     }
 
     #[test]
@@ -434,17 +549,27 @@ mod tests {
         use rand::{Rng, SeedableRng, rngs::StdRng};
         let mut rng = StdRng::seed_from_u64(0x5eed);
         for _ in 0..2000 {
-            let n = rng.random_range(0..=MAX_PORT_RANGES);
+            // Half of them small: inline, PORT_SETS and the edges between.
+            let n = if rng.random_bool(0.5) {
+                rng.random_range(0..=SET_RANGES + 2)
+            } else {
+                rng.random_range(0..=MAX_PORT_RANGES)
+            };
             let set: [Allowance; MAX_PORT_RANGES] = core::array::from_fn(|i| {
                 let start = rng.random_range(1..=200u16);
                 let end = start + rng.random_range(0..40u16);
                 allow(start, end, i as u32)
             });
             let rules = PortRules::build(&set[..n]).unwrap();
-            let pair = rules.pair_ports();
+            let values = PairValues::of(&rules);
+            assert_eq!(values.rules(), Some(rules), "the maps' values give the pair back");
+            let small = rules.small();
             for port in 0..=260u16 {
                 let found = rules.find(port);
-                assert_eq!(pair.find(port, || Some(&rules)), found, "as POLICIES + PORT_SETS");
+                assert_eq!(values.find(port), found, "as the maps hold it");
+                if let Some(small) = &small {
+                    assert_eq!(small.find(port), found, "as PORT_SETS holds it");
+                }
                 assert_eq!(
                     found.is_some(),
                     naive(&set[..n], port),

@@ -8,7 +8,7 @@ use policy_common::{
     decision::{ConnUpdate, Decision, Lookups, conn_update},
     maps::{
         Attachment, Conn, ConnKey, EndpointValue, FragmentKey, FragmentKey6, Ipv6Key, PairKey,
-        PairPorts, PortRules,
+        PairPorts, PortRules, SmallPortSet,
     },
 };
 
@@ -16,7 +16,7 @@ use crate::{
     counting::count_verdict,
     maps::{
         CGROUPS, CONNTRACK, CONNTRACK6, ENDPOINT_SLOTS, ENDPOINTS, ENDPOINTS6, FRAGMENTS,
-        FRAGMENTS6, POLICIES, PORT_SETS, VETH_SLOTS, VETHS, VETHS6, config,
+        FRAGMENTS6, POLICIES, PORT_SETS, PORT_SETS_WIDE, VETH_SLOTS, VETHS, VETHS6, config,
     },
 };
 
@@ -61,9 +61,15 @@ impl Lookups for KernelMaps {
     }
 
     #[inline(always)]
-    fn port_set(&self, key: &PairKey) -> Option<&PortRules> {
+    fn port_set(&self, key: &PairKey) -> Option<&SmallPortSet> {
         // SAFETY: as for `POLICIES`.
         unsafe { PORT_SETS.get(key) }
+    }
+
+    #[inline(always)]
+    fn wide_port_set(&self, key: &PairKey) -> Option<&PortRules> {
+        // SAFETY: as for `POLICIES`.
+        unsafe { PORT_SETS_WIDE.get(key) }
     }
 
     #[inline(always)]
@@ -160,9 +166,15 @@ impl Lookups<Ipv6Key> for KernelMaps6 {
     }
 
     #[inline(always)]
-    fn port_set(&self, key: &PairKey) -> Option<&PortRules> {
+    fn port_set(&self, key: &PairKey) -> Option<&SmallPortSet> {
         // SAFETY: as for IPv4.
         unsafe { PORT_SETS.get(key) }
+    }
+
+    #[inline(always)]
+    fn wide_port_set(&self, key: &PairKey) -> Option<&PortRules> {
+        // SAFETY: as for IPv4.
+        unsafe { PORT_SETS_WIDE.get(key) }
     }
 
     #[inline(always)]

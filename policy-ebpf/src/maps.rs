@@ -14,7 +14,7 @@ use policy_common::{
     maps::{
         Attachment, CONFIG_INDEX, Config, Conn, ConnKey, EndpointValue, EventLimit, FlowEvent,
         FragmentKey, FragmentKey6, Ipv6Key, NetInConn, NetInConnKey, NetInKey, NetInTarget,
-        PairKey, PairPorts, PolicyCounters, PortRules, capacity, event_stat,
+        PairKey, PairPorts, PolicyCounters, PortRules, SmallPortSet, capacity, event_stat,
     },
     netout::NetOutRules,
 };
@@ -94,13 +94,22 @@ pub static POLICIES: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
-/// The port ranges of the pairs with more than two, under their `POLICIES`
-/// key. Not preallocated.
+/// The port ranges of the pairs with three to `SET_RANGES`, under their
+/// `POLICIES` key. Not preallocated.
 #[btf_map]
 pub static PORT_SETS: HashMap<
     PairKey,
-    PortRules,
+    SmallPortSet,
     { capacity::PORT_SETS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// The port ranges of the pairs with more. Not preallocated.
+#[btf_map]
+pub static PORT_SETS_WIDE: HashMap<
+    PairKey,
+    PortRules,
+    { capacity::PORT_SETS_WIDE as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 

@@ -1,8 +1,8 @@
 //! Compact port storage: a pair with up to two port ranges (a TCP policy
 //! and the TLS port fronting it) is one 24-byte `POLICIES` entry; a pair
-//! with more also has its ranges in `PORT_SETS` (up to `MAX_PORT_RANGES`,
-//! far beyond the 16 one entry used to hold), which goes again once the
-//! pair is left with two ranges or fewer. An older
+//! with more also has its ranges in `PORT_SETS` (up to eight) or
+//! `PORT_SETS_WIDE` (up to `MAX_PORT_RANGES`, far beyond the 16 one entry
+//! used to hold), which go again once the pair needs them no more. An older
 //! version's `POLICIES` (each pair's ranges whole in its value) is carried
 //! over, never read as the new layout.
 
@@ -72,7 +72,8 @@ fn a_pair_with_many_ranges_allows_exactly_them_and_its_set_goes_with_them() {
     let maps = Maps::open_pinned(&daemon.maps_dir()).expect("pinned maps");
     assert_eq!(maps.pair(&pair_key(&daemon)).len(), 40);
     assert_eq!(entries(&daemon, names::POLICIES), 1);
-    assert_eq!(entries(&daemon, names::PORT_SETS), 1, "the pair's ranges have a set");
+    assert_eq!(entries(&daemon, names::PORT_SETS_WIDE), 1, "40 ranges: a wide set");
+    assert_eq!(entries(&daemon, names::PORT_SETS), 0);
 
     // Down to one range: the pair's entry holds it, its set goes.
     let (status, reply) = daemon.curl("POST", DELETE, Some(&policies_body(7002..=7040)));
@@ -82,9 +83,10 @@ fn a_pair_with_many_ranges_allows_exactly_them_and_its_set_goes_with_them() {
     assert!(!udp_passes(&host, 7020), "a removed range is denied");
     assert_eq!(entries(&daemon, names::POLICIES), 1);
     assert!(
-        eventually(Duration::from_secs(5), || entries(&daemon, names::PORT_SETS) == 0),
+        eventually(Duration::from_secs(5), || entries(&daemon, names::PORT_SETS_WIDE) == 0),
         "a pair with one range keeps no set"
     );
+    assert_eq!(entries(&daemon, names::PORT_SETS), 0);
     let maps = Maps::open_pinned(&daemon.maps_dir()).expect("pinned maps");
     assert_eq!(maps.pair(&pair_key(&daemon)).len(), 1);
 
@@ -96,13 +98,16 @@ fn a_pair_with_many_ranges_allows_exactly_them_and_its_set_goes_with_them() {
     assert_eq!(maps.pair(&tcp).len(), 2, "8080 and the TLS port 61443");
     assert_eq!(entries(&daemon, names::POLICIES), 2);
     assert_eq!(entries(&daemon, names::PORT_SETS), 0, "two ranges need no set");
+    assert_eq!(entries(&daemon, names::PORT_SETS_WIDE), 0);
 
     // Three UDP ranges again, then none.
     daemon.allow("frontend", "backend", "udp", "7100");
     daemon.allow("frontend", "backend", "udp", "7020");
     assert!(udp_passes(&host, 7100), "the new range passes");
     assert!(udp_passes(&host, 7001), "and the old one");
-    assert_eq!(entries(&daemon, names::PORT_SETS), 1);
+    assert!(!udp_passes(&host, 7040), "not a removed one");
+    assert_eq!(entries(&daemon, names::PORT_SETS), 1, "three ranges: a small set");
+    assert_eq!(entries(&daemon, names::PORT_SETS_WIDE), 0);
     let (status, reply) =
         daemon.curl("POST", DELETE, Some(&policies_body([7001, 7020, 7100].into_iter())));
     assert_eq!(status, 200, "{reply}");

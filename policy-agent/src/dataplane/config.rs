@@ -15,8 +15,10 @@ pub struct Capacities {
     pub cgroups: u32,
     /// (source app, destination app, protocol) pairs.
     pub policies: u32,
-    /// Pairs with more than two port ranges.
+    /// Pairs with three to eight port ranges.
     pub port_sets: u32,
+    /// Pairs with more.
+    pub port_sets_wide: u32,
     pub conntrack: u32,
     pub fragments: u32,
     /// Bytes of the flow event ring buffer (a power of two, at least a page).
@@ -35,6 +37,7 @@ impl Default for Capacities {
             cgroups: capacity::CGROUPS,
             policies: capacity::POLICIES,
             port_sets: capacity::PORT_SETS,
+            port_sets_wide: capacity::PORT_SETS_WIDE,
             conntrack: capacity::CONNTRACK,
             fragments: capacity::FRAGMENTS,
             flow_events: capacity::FLOW_EVENTS,

@@ -133,6 +133,7 @@ impl Dataplane {
             (names::CGROUPS, caps.cgroups),
             (names::POLICIES, caps.policies),
             (names::PORT_SETS, caps.port_sets),
+            (names::PORT_SETS_WIDE, caps.port_sets_wide),
             (names::CONNTRACK, caps.conntrack),
             (names::FRAGMENTS, caps.fragments),
             // The IPv6 twins, sized like the IPv4 maps.

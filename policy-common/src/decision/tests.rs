@@ -5,7 +5,7 @@ use super::*;
 use crate::craft::{PacketSpec, icmp_unreachable};
 use crate::maps::{FragmentKey, proto};
 use crate::packet::{icmp_port, parse_ethernet, parse_ipv4};
-use crate::ports::Allowance;
+use crate::ports::{Allowance, PairValues};
 
 /// What the kernel programs do with a decision's `CONNTRACK` change.
 fn apply_to<A: Family + Eq + std::hash::Hash>(
@@ -28,7 +28,7 @@ fn apply_to<A: Family + Eq + std::hash::Hash>(
 struct MemLookups {
     endpoints: HashMap<u32, EndpointValue>,
     /// `POLICIES` and, for pairs with more than one range, `PORT_SETS`.
-    policies: HashMap<PairKey, (PairPorts, PortRules)>,
+    policies: HashMap<PairKey, PairValues>,
     conns: HashMap<ConnKey, Conn>,
     fragments: HashSet<FragmentKey>,
     epoch: u32,
@@ -41,10 +41,13 @@ impl Lookups for MemLookups {
         self.endpoints.get(&addr).copied()
     }
     fn pair_ports(&self, key: &PairKey) -> Option<&PairPorts> {
-        self.policies.get(key).map(|(pair, _)| pair)
+        self.policies.get(key).map(|v| &v.pair)
     }
-    fn port_set(&self, key: &PairKey) -> Option<&PortRules> {
-        self.policies.get(key).filter(|(pair, _)| pair.count > 1).map(|(_, set)| set)
+    fn port_set(&self, key: &PairKey) -> Option<&SmallPortSet> {
+        self.policies.get(key)?.set.as_ref()
+    }
+    fn wide_port_set(&self, key: &PairKey) -> Option<&PortRules> {
+        self.policies.get(key)?.wide.as_ref()
     }
     fn conn(&self, key: &ConnKey) -> Option<Conn> {
         self.conns.get(key).copied()
@@ -75,11 +78,15 @@ impl MemLookups {
 
     fn allow(&mut self, src_tag: u32, dst_tag: u32, protocol: u8, start: u16, end: u16, id: u32) {
         let key = PairKey::new(src_tag, dst_tag, protocol);
-        let mut all: std::vec::Vec<Allowance> =
-            self.policies.get(&key).map(|(_, r)| r.allowances().collect()).unwrap_or_default();
+        let mut all: std::vec::Vec<Allowance> = self
+            .policies
+            .get(&key)
+            .and_then(|v| v.rules())
+            .map(|r| r.allowances().collect())
+            .unwrap_or_default();
         all.push(Allowance { start, end, policy_id: id });
         let rules = PortRules::build(&all).unwrap();
-        self.policies.insert(key, (rules.pair_ports(), rules));
+        self.policies.insert(key, PairValues::of(&rules));
     }
 
     /// Runs the destination decision on a frame and applies its effects. A

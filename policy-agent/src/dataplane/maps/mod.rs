@@ -29,7 +29,7 @@ use policy_common::{
     maps::{
         Attachment, CONFIG_INDEX, Config, Conn, ConnKey, EndpointValue, EventLimit, FlowSet,
         FragmentKey, Ipv6Key, NetInConn, NetInConnKey, NetInKey, NetInTarget, Overlay, PairKey,
-        PairPorts, PolicyCounters, PortRules, Settings, Tunnel, names,
+        PairPorts, PolicyCounters, PortRules, Settings, SmallPortSet, Tunnel, names,
     },
     netout::NetOutRules,
 };
@@ -46,7 +46,8 @@ pub struct Maps {
     veths: HashMap<MapData, u32, Attachment>,
     cgroups: HashMap<MapData, u64, Attachment>,
     policies: HashMap<MapData, PairKey, PairPorts>,
-    port_sets: HashMap<MapData, PairKey, PortRules>,
+    port_sets: HashMap<MapData, PairKey, SmallPortSet>,
+    port_sets_wide: HashMap<MapData, PairKey, PortRules>,
     /// Pairs whose `PORT_SETS` entry may be no longer needed (see
     /// `forget_port_sets`).
     retired_sets: BTreeSet<PairKey>,
@@ -133,6 +134,7 @@ impl Maps {
             cgroups: map!(names::CGROUPS),
             policies: map!(names::POLICIES),
             port_sets: map!(names::PORT_SETS),
+            port_sets_wide: map!(names::PORT_SETS_WIDE),
             retired_sets: BTreeSet::new(),
             conntrack: map!(names::CONNTRACK),
             fragments: map!(names::FRAGMENTS),
@@ -254,6 +256,11 @@ impl Maps {
             (names::CGROUPS, self.cgroups.keys().count(), Self::size(self.cgroups.map())),
             (names::POLICIES, self.policies.keys().count(), Self::size(self.policies.map())),
             (names::PORT_SETS, self.port_sets.keys().count(), Self::size(self.port_sets.map())),
+            (
+                names::PORT_SETS_WIDE,
+                self.port_sets_wide.keys().count(),
+                Self::size(self.port_sets_wide.map()),
+            ),
             (names::CONNTRACK, self.conntrack.keys().count(), Self::size(self.conntrack.map())),
             (names::FRAGMENTS, self.fragments.keys().count(), Self::size(self.fragments.map())),
             (

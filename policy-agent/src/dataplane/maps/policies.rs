@@ -1,40 +1,40 @@
-//! `POLICIES` and `PORT_SETS`: the port ranges each app pair allows. A pair
-//! with up to two ranges is one 24-byte `POLICIES` entry; a pair with more
-//! also has its ranges in `PORT_SETS` (see `policy_common::ports`).
+//! `POLICIES`, `PORT_SETS` and `PORT_SETS_WIDE`: the port ranges each app
+//! pair allows. A pair with up to two ranges is one 24-byte `POLICIES`
+//! entry; a pair with more also has its ranges in `PORT_SETS` (up to
+//! eight) or `PORT_SETS_WIDE` (see `policy_common::ports`).
 //!
 //! Order of writes, so that a program between its two lookups never sees a
-//! pair allow less than before and after the change: a `PORT_SETS` entry is
-//! written before a `POLICIES` entry counts on it, and deleted only later,
+//! pair allow less than before and after the change: a set is written
+//! before a `POLICIES` entry counts on it, and deleted only later,
 //! once the change is kept ([`Maps::forget_port_sets`]) and no `POLICIES`
 //! entry counts on it any more.
 
 use aya::maps::IterableMap as _;
 use policy_common::{
     maps::{PairKey, PairPorts, PortRules, names},
-    ports::Allowance,
+    ports::{Allowance, PairValues, Tier},
 };
 
 use super::{Maps, insert_err, is_absent, map_err};
 use crate::DataplaneError;
 
 impl Maps {
-    /// A pair's ranges as one value, from `POLICIES` and, for more than two
-    /// ranges, `PORT_SETS` (None: no entry, or a count without its set).
+    /// A pair's ranges as one value, from `POLICIES` and, past two ranges,
+    /// `PORT_SETS` or `PORT_SETS_WIDE` (None: no entry, or a count without
+    /// its set).
     pub fn pair_rules(&self, key: &PairKey) -> Option<PortRules> {
         let pair = self.policies.get(key, 0).ok()?;
-        self.rules_of(key, pair)
+        self.values_of(key, pair).rules()
     }
 
-    fn rules_of(&self, key: &PairKey, pair: PairPorts) -> Option<PortRules> {
-        if pair.in_set() {
-            return self.port_sets.get(key, 0).ok();
+    fn values_of(&self, key: &PairKey, pair: PairPorts) -> PairValues {
+        PairValues {
+            pair,
+            set: (pair.tier() == Tier::Set).then(|| self.port_sets.get(key, 0).ok()).flatten(),
+            wide: (pair.tier() == Tier::Wide)
+                .then(|| self.port_sets_wide.get(key, 0).ok())
+                .flatten(),
         }
-        let inline = pair.ranges.iter().take(pair.count as usize).map(|r| Allowance {
-            start: r.start,
-            end: r.end,
-            policy_id: r.policy_id,
-        });
-        PortRules::build(&inline.collect::<Vec<_>>()).ok()
     }
 
     /// The allowances stored for a pair (empty if none).
@@ -48,10 +48,33 @@ impl Maps {
             .iter()
             .filter_map(Result::ok)
             .map(|(k, pair)| {
-                let all = self.rules_of(&k, pair).map(|r| r.allowances().collect());
+                let all = self.values_of(&k, pair).rules().map(|r| r.allowances().collect());
                 (k, all.unwrap_or_default())
             })
             .collect()
+    }
+
+    /// Writes a pair's set where `tier` keeps it (nothing for inline).
+    fn write_set(
+        &mut self,
+        key: PairKey,
+        rules: &PortRules,
+        tier: Tier,
+    ) -> Result<(), DataplaneError> {
+        match tier {
+            Tier::Inline => Ok(()),
+            Tier::Set => {
+                let set = rules.small().expect("a set-tier pair fits PORT_SETS");
+                let capacity = Self::capacity(self.port_sets.map());
+                self.port_sets.insert(key, set, 0).map_err(insert_err(names::PORT_SETS, capacity))
+            }
+            Tier::Wide => {
+                let capacity = Self::capacity(self.port_sets_wide.map());
+                self.port_sets_wide
+                    .insert(key, rules, 0)
+                    .map_err(insert_err(names::PORT_SETS_WIDE, capacity))
+            }
+        }
     }
 
     /// Replaces the allowances of one pair. Bumps the epoch if a port that
@@ -62,7 +85,8 @@ impl Maps {
         allowances: &[Allowance],
     ) -> Result<(), DataplaneError> {
         let old_pair = self.policies.get(&key, 0).ok();
-        let old = old_pair.and_then(|pair| self.rules_of(&key, pair));
+        let old = old_pair.and_then(|pair| self.values_of(&key, pair).rules());
+        let old_tier = old_pair.map(|p| p.tier());
         if allowances.is_empty() {
             if old_pair.is_some() {
                 match self.policies.remove(&key) {
@@ -77,23 +101,24 @@ impl Maps {
         }
         let new = PortRules::build(allowances)?;
         let pair = new.pair_ports();
-        let set_before = old_pair.is_some_and(|p| p.in_set());
-        if pair.in_set() {
-            let capacity = Self::capacity(self.port_sets.map());
-            self.port_sets.insert(key, new, 0).map_err(insert_err(names::PORT_SETS, capacity))?;
-        }
+        let tier = pair.tier();
+        self.write_set(key, &new, tier)?;
         let capacity = Self::capacity(self.policies.map());
         if let Err(e) = self.policies.insert(key, pair, 0) {
             // Put the set back as the old entry knows it.
-            if pair.in_set() {
-                let _ = match old.filter(|_| set_before) {
-                    Some(old) => self.port_sets.insert(key, old, 0),
-                    None => self.port_sets.remove(&key),
-                };
+            let restored = match old.filter(|_| old_tier == Some(tier)) {
+                Some(old) => self.write_set(key, &old, tier),
+                None => {
+                    self.retired_sets.insert(key);
+                    Ok(())
+                }
+            };
+            if let Err(undo) = restored {
+                tracing::warn!(error = %undo, "cannot put a pair's old port set back");
             }
             return Err(insert_err(names::POLICIES, capacity)(e));
         }
-        if set_before && !pair.in_set() {
+        if old_tier.is_some_and(|t| t != tier && t != Tier::Inline) {
             self.retired_sets.insert(key);
         }
         if old.is_some_and(|old| !new.covers(&old)) {
@@ -102,28 +127,39 @@ impl Maps {
         Ok(())
     }
 
-    /// Deletes the `PORT_SETS` entries no `POLICIES` entry counts on any
-    /// more: those of pairs removed or left with two ranges or fewer since
-    /// the last call (`all`: every entry, at a start, for what a crash left). A
-    /// program that read a pair's old count before the change has finished
-    /// by the time the change is kept.
+    /// Deletes the `PORT_SETS` and `PORT_SETS_WIDE` entries no `POLICIES`
+    /// entry counts on any more: those of pairs removed or moved to another
+    /// tier since the last call (`all`: every entry, at a start, for what a
+    /// crash left). A program that read a pair's old count before the
+    /// change has finished by the time the change is kept.
     pub fn forget_port_sets(&mut self, all: bool) -> Result<usize, DataplaneError> {
         let candidates: Vec<PairKey> = if all {
-            self.port_sets.keys().filter_map(Result::ok).collect()
+            let set = self.port_sets.keys().filter_map(Result::ok);
+            set.chain(self.port_sets_wide.keys().filter_map(Result::ok)).collect()
         } else {
             std::mem::take(&mut self.retired_sets).into_iter().collect()
         };
         let mut forgotten = 0;
         for key in candidates {
-            if self.policies.get(&key, 0).is_ok_and(|p| p.in_set()) {
-                continue;
+            let tier = self.policies.get(&key, 0).ok().map(|p| p.tier());
+            let removed = if tier == Some(Tier::Set) {
+                Ok(false)
+            } else {
+                remove_present(&mut self.port_sets, &key, names::PORT_SETS)
             }
-            match self.port_sets.remove(&key) {
-                Ok(()) => forgotten += 1,
-                Err(e) if is_absent(&e) => {}
+            .and_then(|set| {
+                if tier == Some(Tier::Wide) {
+                    return Ok(set);
+                }
+                remove_present(&mut self.port_sets_wide, &key, names::PORT_SETS_WIDE)
+                    .map(|wide| set || wide)
+            });
+            match removed {
+                Ok(true) => forgotten += 1,
+                Ok(false) => {}
                 Err(e) => {
                     self.retired_sets.insert(key);
-                    return Err(map_err(names::PORT_SETS)(e));
+                    return Err(e);
                 }
             }
         }
@@ -162,5 +198,18 @@ impl Maps {
             self.remove_policy_counters(policy_id)?;
         }
         Ok(())
+    }
+}
+
+/// Deletes `key` from a set map: whether it was there.
+fn remove_present<V: aya::Pod>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, PairKey, V>,
+    key: &PairKey,
+    name: &'static str,
+) -> Result<bool, DataplaneError> {
+    match map.remove(key) {
+        Ok(()) => Ok(true),
+        Err(e) if is_absent(&e) => Ok(false),
+        Err(e) => Err(map_err(name)(e)),
     }
 }

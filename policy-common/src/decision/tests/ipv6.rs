@@ -9,7 +9,7 @@ use super::apply_to;
 use crate::craft::{icmp_header, ipv6_frame, l4_header};
 use crate::maps::{FragmentKey6, Ipv6Key, proto};
 use crate::packet::{MAX_EXTENSION_HEADERS, icmp_port, parse_ethernet6};
-use crate::ports::Allowance;
+use crate::ports::{Allowance, PairValues};
 
 const A6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const B6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
@@ -24,7 +24,7 @@ fn key(a: [u8; 16]) -> Ipv6Key {
 struct Mem6 {
     endpoints: HashMap<Ipv6Key, EndpointValue>,
     /// `POLICIES` and, for pairs with more than one range, `PORT_SETS`.
-    policies: HashMap<PairKey, (PairPorts, PortRules)>,
+    policies: HashMap<PairKey, PairValues>,
     conns: HashMap<ConnKey<Ipv6Key>, Conn>,
     fragments: HashSet<FragmentKey6>,
 }
@@ -34,10 +34,13 @@ impl Lookups<Ipv6Key> for Mem6 {
         self.endpoints.get(&addr).copied()
     }
     fn pair_ports(&self, key: &PairKey) -> Option<&PairPorts> {
-        self.policies.get(key).map(|(pair, _)| pair)
+        self.policies.get(key).map(|v| &v.pair)
     }
-    fn port_set(&self, key: &PairKey) -> Option<&PortRules> {
-        self.policies.get(key).filter(|(pair, _)| pair.count > 1).map(|(_, set)| set)
+    fn port_set(&self, key: &PairKey) -> Option<&SmallPortSet> {
+        self.policies.get(key)?.set.as_ref()
+    }
+    fn wide_port_set(&self, key: &PairKey) -> Option<&PortRules> {
+        self.policies.get(key)?.wide.as_ref()
     }
     fn conn(&self, key: &ConnKey<Ipv6Key>) -> Option<Conn> {
         self.conns.get(key).copied()
@@ -59,7 +62,7 @@ impl Mem6 {
     }
     fn allow(&mut self, protocol: u8, start: u16, end: u16) {
         let rules = PortRules::build(&[Allowance { start, end, policy_id: 7 }]).unwrap();
-        self.policies.insert(PairKey::new(1, 2, protocol), (rules.pair_ports(), rules));
+        self.policies.insert(PairKey::new(1, 2, protocol), PairValues::of(&rules));
     }
     fn deliver(&mut self, frame: &[u8]) -> Verdict {
         let parsed = parse_ethernet6(frame);
