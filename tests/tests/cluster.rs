@@ -219,6 +219,16 @@ fn traffic_between_hosts_is_policed_by_the_tag_in_the_tunnel_header() {
             .collect();
         subnets == [json!("10.255.0.0"), json!("10.255.1.0"), json!("10.255.2.0")]
     }));
+    // B routes to C's containers: a connection is refused by policy, not
+    // by a route B's agent has yet to install (it follows the cluster on
+    // its own, after A listed C).
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let out = b.host.ns.command("ip").args(["route", "show", "10.255.2.0/24"]).output();
+            out.is_ok_and(|o| !o.stdout.is_empty())
+        }),
+        "B has no route to C's containers"
+    );
     let (frontend, other) = (b.host.container(0), b.host.container(1));
     let backend = c.host.container(0);
     b.daemon.register(frontend, "frontend");
