@@ -313,6 +313,7 @@ pub fn run(quick: bool, report: &mut Report) {
             (r6.source - r6.empty.repeated) - (r4.source - r4.empty.repeated),
         );
     }
+    ranges(quick, &mut out, report);
     report.section(out);
     let series = |label: &str, f: fn(&Row) -> f64| Series {
         label: label.to_owned(),
@@ -333,6 +334,53 @@ pub fn run(quick: bool, report: &mut Report) {
             series("empty program (one syscall each)", |r| r.empty.single),
         ],
     });
+}
+
+/// Where a pair's ranges live, and what a new flow costs there: A -> B
+/// holding 1 and 2 ranges (in its `POLICIES` value), 4 (`PORT_SETS`) and 40
+/// (`PORT_SETS_WIDE`), among 100k pairs (10k quick).
+fn ranges(quick: bool, out: &mut String, report: &mut Report) {
+    let n = if quick { 10_000 } else { 100_000 };
+    let layouts = [
+        (1u16, "1 (POLICIES)"),
+        (2, "2 (POLICIES)"),
+        (4, "4 (PORT_SETS)"),
+        (40, "40 (PORT_SETS_WIDE)"),
+    ];
+    let rows: Vec<Row> = layouts
+        .iter()
+        .map(|&(k, label)| {
+            measure(label.to_owned(), quick, |dataplane| {
+                fill(dataplane, n);
+                // More single ports, away from the frames' 8080 and 9999.
+                for i in 1..k {
+                    let port = 20_000 + 10 * i;
+                    let allow =
+                        Allowance { start: port, end: port, policy_id: 1_000_000 + u32::from(i) };
+                    dataplane
+                        .maps_mut()
+                        .allow(PairKey::new(TAG_A, TAG_B, proto::TCP), allow)
+                        .expect("range");
+                }
+            })
+        })
+        .collect();
+    table(
+        out,
+        &format!("1c. A pair's ranges where they live ({n} pairs)"),
+        "A -> B ranges",
+        &rows,
+        quick,
+    );
+    for (r, (k, _)) in rows.iter().zip(layouts) {
+        let over = |v: f64| v - r.empty.repeated;
+        report.figure(format!("ipv4_new_flow_denied_{k}_ranges_ns"), over(r.denied), "ns");
+        report.figure(
+            format!("ipv4_new_flow_allowed_{k}_ranges_ns"),
+            r.new_allowed - r.empty.single,
+            "ns",
+        );
+    }
 }
 
 /// Registers A and B and writes `policies` pair entries, one of which
