@@ -131,7 +131,8 @@ fn counters(setup: &mut Setup) -> Counters {
     let info = dataplane.tc_program(Direction::ToContainer).info().expect("info");
     let maps = dataplane.maps();
     let count = |r| maps.verdict_count(r).expect("verdicts");
-    let (fills, evictions) = maps.flow_cache_stats().expect("flow cache stats");
+    let stats = maps.flow_cache_stats().expect("flow cache stats");
+    let (fills, evictions) = (stats.fills, stats.evictions);
     Counters {
         run_ns: info.run_time().as_nanos() as u64,
         runs: info.run_count(),

@@ -208,10 +208,12 @@ impl Collector for KernelCollector {
             }
         }
 
-        if let Ok((fills, evictions)) = agent.flow_cache_stats() {
+        if let Ok(stats) = agent.flow_cache_stats() {
+            let fills = stats.fills + stats.fills6;
+            let evictions = stats.evictions + stats.evictions6;
             let mut family = encoder.encode_descriptor(
                 "policy_flow_cache",
-                "Per-CPU flow cache: fills (established packets it did not answer), evictions (fills that pushed out a live connection)",
+                "Per-CPU flow caches, IPv4 and IPv6: fills (established packets they did not answer), evictions (fills that pushed out a live connection)",
                 None,
                 counter.metric_type(),
             )?;

@@ -40,6 +40,7 @@ pub mod names {
     pub const CONFIG: &str = "CONFIG";
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
     pub const FLOW_CACHE_STATS: &str = "FLOW_CACHE_STATS";
+    pub const FLOW_CACHE6: &str = "FLOW_CACHE6";
     /// Single-value arrays of versions before `CONFIG` held their values
     /// (the epoch, the settings, the overlay, the tunnel, NetIn's and
     /// NetOut's counts): read once by the loader when it creates `CONFIG`
@@ -47,7 +48,7 @@ pub mod names {
     pub const LEGACY_CONFIG: [&str; 6] =
         ["EPOCH", "SETTINGS", "OVERLAY", "TUNNEL", "NETIN_STATE", "NETOUT_STATE"];
     /// Every map the object defines, in a stable order.
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 28] = [
         ENDPOINTS,
         VETHS,
         CGROUPS,
@@ -75,6 +76,7 @@ pub mod names {
         CONFIG,
         FLOW_CACHE,
         FLOW_CACHE_STATS,
+        FLOW_CACHE6,
     ];
 }
 
@@ -394,14 +396,15 @@ pub const FLOW_CACHE_SETS: u32 = 16_384;
 pub const FLOW_CACHE_SET_BITS: u32 = 14;
 const _: () = assert!(1 << FLOW_CACHE_SET_BITS == FLOW_CACHE_SETS);
 
-/// One `FLOW_CACHE` entry: an established IPv4 connection as `CONNTRACK`
-/// holds it, valid while `epoch` is the current one. 32 bytes: a set of two
-/// is one cache line.
+/// One flow cache entry: an established connection as `CONNTRACK` (IPv4,
+/// `A` = `u32`, in `FLOW_CACHE`) or `CONNTRACK6` (IPv6, in `FLOW_CACHE6`)
+/// holds it, valid while `epoch` is the current one. 32 bytes for IPv4 (a
+/// set of two is one cache line), 56 for IPv6.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct CachedFlow {
+pub struct CachedFlow<A = u32> {
     /// All zero: an empty way (no connection has two zero addresses).
-    pub key: ConnKey,
+    pub key: ConnKey<A>,
     pub epoch: u32,
     pub policy_id: u32,
     /// Packets and bytes counted here and not yet in `POLICY_STATS`
@@ -416,6 +419,7 @@ pub struct CachedFlow {
     pub pending_bytes: u32,
 }
 const _: () = assert!(size_of::<CachedFlow>() == 32);
+const _: () = assert!(size_of::<CachedFlow<Ipv6Key>>() == 56);
 
 /// `FLOW_CACHE` value: one set, two ways, the most recently filled first.
 /// (Not `align(64)`: BPF's LLVM backend aborts on a copy aligned above 8
@@ -427,13 +431,33 @@ pub struct FlowSet {
 }
 const _: () = assert!(size_of::<FlowSet>() == 64);
 
+/// Sets of `FLOW_CACHE6` per CPU (a power of two): 8,192 sets of two ways,
+/// 16,384 connections and 1 MiB per CPU, as much memory as IPv4's.
+pub const FLOW_CACHE6_SETS: u32 = 8_192;
+/// `log2(FLOW_CACHE6_SETS)`.
+pub const FLOW_CACHE6_SET_BITS: u32 = 13;
+const _: () = assert!(1 << FLOW_CACHE6_SET_BITS == FLOW_CACHE6_SETS);
+
+/// `FLOW_CACHE6` value: [`FlowSet`] for IPv6, padded to two whole cache
+/// lines (the array's values start on a page).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowSet6 {
+    pub ways: [CachedFlow<Ipv6Key>; 2],
+    pub _pad: [u64; 2],
+}
+const _: () = assert!(size_of::<FlowSet6>() == 128);
+
 /// Indexes of `FLOW_CACHE_STATS` (per CPU).
 pub mod flow_cache_stat {
     /// Entries written: established packets the cache did not answer.
     pub const FILLS: u32 = 0;
     /// Fills that pushed another live connection out of its set.
     pub const EVICTIONS: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// The same for `FLOW_CACHE6`.
+    pub const FILLS6: u32 = 2;
+    pub const EVICTIONS6: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// `FRAGMENTS` key: one fragmented datagram whose first fragment was allowed.
@@ -518,8 +542,8 @@ pub mod settings {
     /// Answer a denied TCP segment with a RST and a denied UDP datagram with
     /// an ICMP port unreachable, instead of dropping it silently.
     pub const REJECT: u32 = 4;
-    /// Answer established IPv4 packets from `FLOW_CACHE` (on by default;
-    /// off only to measure what it saves).
+    /// Answer established packets from `FLOW_CACHE` and `FLOW_CACHE6` (on
+    /// by default; off only to measure what they save).
     pub const FLOW_CACHE: u32 = 8;
 }
 
@@ -624,6 +648,7 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for FlowSet {}
+    unsafe impl aya::Pod for FlowSet6 {}
     unsafe impl aya::Pod for Overlay {}
     unsafe impl aya::Pod for Tunnel {}
     unsafe impl aya::Pod for NetInKey {}

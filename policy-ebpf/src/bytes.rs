@@ -101,30 +101,42 @@ unsafe fn load16(addr: usize) -> u64 {
     v
 }
 
+impl SkbBytes {
+    /// `N` bytes at `offset` by direct packet access only (one load for 2
+    /// and 4 bytes); None where the linear part ends first.
+    #[inline(always)]
+    pub fn direct<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        let start = self.data + offset;
+        if start + N > self.data_end {
+            return None;
+        }
+        // SAFETY: bounds checked against data_end just above, in a form the
+        // verifier follows (packet pointer + offset vs data_end).
+        unsafe {
+            match N {
+                4 => {
+                    let mut out = [0u8; N];
+                    out.copy_from_slice(&(load32(start) as u32).to_ne_bytes());
+                    Some(out)
+                }
+                2 => {
+                    let mut out = [0u8; N];
+                    out.copy_from_slice(&(load16(start) as u16).to_ne_bytes());
+                    Some(out)
+                }
+                _ => Some((start as *const [u8; N]).read_unaligned()),
+            }
+        }
+    }
+}
+
 impl PacketBytes for SkbBytes {
     #[inline(always)]
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let start = self.data + offset;
-        if start + N <= self.data_end {
-            // SAFETY: bounds checked against data_end just above, in a form
-            // the verifier follows (packet pointer + offset vs data_end).
-            unsafe {
-                match N {
-                    4 => {
-                        let mut out = [0u8; N];
-                        out.copy_from_slice(&(load32(start) as u32).to_ne_bytes());
-                        return Some(out);
-                    }
-                    2 => {
-                        let mut out = [0u8; N];
-                        out.copy_from_slice(&(load16(start) as u16).to_ne_bytes());
-                        return Some(out);
-                    }
-                    _ => return Some((start as *const [u8; N]).read_unaligned()),
-                }
-            }
+        match self.direct::<N>(offset) {
+            Some(out) => Some(out),
+            None => self.read_copy::<N>(offset),
         }
-        self.read_copy::<N>(offset)
     }
 
     #[inline(always)]

@@ -28,7 +28,7 @@ use policy_common::{
     },
     hint::opaque,
     maps::{
-        Attachment, ConnKey, Ipv6Key, TUNNEL_TAG_MASK, UNTAGGED_TAG, direction, settings,
+        Attachment, ConnKey, Ipv6Key, TUNNEL_TAG_MASK, UNTAGGED_TAG, direction, proto, settings,
         tunnel_flags,
     },
     packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, Ipv6Parts, ipv6_kind, parse_ethernet, parse_ipv4},
@@ -222,6 +222,9 @@ fn denied_opening<A: policy_common::Family>(outgoing: &Outgoing<A>) -> Decision<
 #[classifier]
 pub fn tc_to_container(ctx: TcContext) -> i32 {
     if is_ipv6(ctx.skb.skb) {
+        if flow_cache::answered6(ctx.skb.skb) {
+            return TC_ACT_OK;
+        }
         return to_container6(ctx.skb.skb);
     }
     // Here, not in `to_container4`: its frame leaves no room for a call.
@@ -272,6 +275,10 @@ fn to_container6(skb: *mut __sk_buff) -> i32 {
     }
     match destination_side6(parsed, &bytes, ifindex, tunnel_tag, !from_tunnel) {
         outcome::PASS => TC_ACT_OK,
+        outcome::PASS_FILL => {
+            fill6(parsed);
+            TC_ACT_OK
+        }
         outcome::REJECT => reject6(skb, parsed, reject::Back::FromDestination(ifindex)),
         _ => TC_ACT_SHOT,
     }
@@ -322,7 +329,7 @@ fn forges_endpoint6(skb: *mut __sk_buff, parsed: &Parsed<Ipv6Key>) -> bool {
 /// drops every packet not from the endpoint's own addresses). So: an
 /// uplink, or a veth without an endpoint.
 #[inline(always)]
-fn unchecked_ingress(bytes: &SkbBytes) -> bool {
+pub(crate) fn unchecked_ingress(bytes: &SkbBytes) -> bool {
     let via = bytes.ingress_ifindex();
     via != 0 && !tunnel_source(bytes).0 && kernel_maps::veth_endpoint(via).is_none()
 }
@@ -431,7 +438,11 @@ fn cgroup_ingress4(skb: *mut __sk_buff) -> i32 {
 fn cgroup_ingress6(skb: *mut __sk_buff) -> i32 {
     let Some(parsed) = parsed6(skb, 0, scratch::CGROUP_INGRESS) else { return CGROUP_SKB_DROP };
     let outcome = destination_side6(parsed, &SkbBytes::new(skb), 0, 0, false);
-    if outcome == outcome::PASS { CGROUP_SKB_PASS } else { CGROUP_SKB_DROP }
+    if outcome == outcome::PASS || outcome == outcome::PASS_FILL {
+        CGROUP_SKB_PASS
+    } else {
+        CGROUP_SKB_DROP
+    }
 }
 
 /// The IPv6 anti-spoofing check, counted and reported; in cluster mode the
@@ -485,13 +496,39 @@ fn destination_side6(
     let lookups = TunnelSource { lookups: &maps, saddr, tag: tunnel_tag };
     let mut decision = decide_destination(&lookups, parsed);
     count_for_policy(&mut decision, maps.found_conn(), bytes.len());
+    // TC only (cgroup programs have no interface): an established packet
+    // the cache did not know goes into it, as for IPv4, by the caller (a
+    // call from here would stack its frame on this one's).
+    let reason = decision.verdict.reason() as u32;
+    let fill = ifindex != 0
+        && decision.conn.kind == conn_update::NONE
+        && (reason == Reason::Established as u32 || reason == Reason::Reply as u32)
+        && !maps.found_conn().is_null();
     let rejected = may_reject && wants_reject6(bytes.skb(), parsed, decision.verdict);
     events::report(parsed, &decision, direction::INGRESS, ifindex, rejected);
     match kernel_maps::apply6(&decision).is_pass() {
+        true if fill => outcome::PASS_FILL,
         true => outcome::PASS,
         false if rejected => outcome::REJECT,
         false => outcome::DROP,
     }
+}
+
+/// Puts an established IPv6 TCP or UDP connection into this CPU's flow
+/// cache, as `CONNTRACK6` holds it.
+#[inline(never)]
+fn fill6(parsed: &Parsed<Ipv6Key>) {
+    if let Parsed::Flow { flow, fragment: None } = parsed
+        && (flow.protocol == proto::TCP || flow.protocol == proto::UDP)
+        && config().is_some_and(|c| c.settings.flags & settings::FLOW_CACHE != 0)
+    {
+        let key = ConnKey::of(flow).0;
+        // SAFETY: read by copy.
+        if let Some(conn) = unsafe { maps::CONNTRACK6.get(key) } {
+            flow_cache::fill(&key, conn);
+        }
+    }
+    clear_r0();
 }
 
 /// What [`destination_side6`] decided (a plain value: it leaves a BPF
@@ -500,6 +537,8 @@ mod outcome {
     pub const PASS: u32 = 0;
     pub const DROP: u32 = 1;
     pub const REJECT: u32 = 2;
+    /// Passed, and its connection is to go into the flow cache.
+    pub const PASS_FILL: u32 = 3;
 }
 
 /// Whether a denied IPv6 packet gets a reject (see `reject::wanted6`).

@@ -285,16 +285,7 @@ fn a_packet_from_outside_the_host_cannot_claim_an_endpoint_address() {
     daemon.register(frontend, "frontend");
     daemon.register(backend, "backend");
     daemon.allow("frontend", "backend", "udp", "7000");
-    let outside = integration_tests::topology::outside(
-        &host.ns,
-        "uplink",
-        "192.168.77.1/24",
-        &["192.168.77.2/24"],
-    );
-    host.ns.ip(&["-6", "addr", "add", "fd00:77::1/64", "dev", "uplink", "nodad"]);
-    outside.ip(&["-6", "addr", "add", "fd00:77::2/64", "dev", "eth0", "nodad"]);
-    outside.ip(&["route", "add", "10.255.0.0/16", "via", "192.168.77.1"]);
-    outside.ip(&["-6", "route", "add", "fd00:255::/96", "via", "fd00:77::1"]);
+    let outside = outside_by_uplink(&host, 77);
     let rx = backend.ns.run(|| UdpSocket::bind((backend.ip, 7000))).unwrap();
     rx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let mut buf = [0u8; 64];
@@ -327,4 +318,83 @@ fn a_packet_from_outside_the_host_cannot_claim_an_endpoint_address() {
     own.payload = b"outside".to_vec();
     send_ip(&outside, &own.ipv4());
     assert_eq!(rx.recv(&mut buf).map(|n| buf[..n].to_vec()).unwrap(), b"outside");
+}
+
+/// A namespace outside `host`, joined to it by the uplink `uplinkN`
+/// (192.168.N.0/24, fd00:N::/64), with routes to the containers' networks
+/// through it.
+fn outside_by_uplink(host: &Host, n: u8) -> integration_tests::netns::NetNs {
+    let uplink = format!("uplink{n}");
+    let outside = integration_tests::topology::outside(
+        &host.ns,
+        &uplink,
+        &format!("192.168.{n}.1/24"),
+        &[&format!("192.168.{n}.2/24")],
+    );
+    host.ns.ip(&["-6", "addr", "add", &format!("fd00:{n}::1/64"), "dev", &uplink, "nodad"]);
+    outside.ip(&["-6", "addr", "add", &format!("fd00:{n}::2/64"), "dev", "eth0", "nodad"]);
+    outside.ip(&["route", "add", "10.255.0.0/16", "via", &format!("192.168.{n}.1")]);
+    outside.ip(&["-6", "route", "add", "fd00:255::/96", "via", &format!("fd00:{n}::1")]);
+    outside
+}
+
+/// The IPv6 flow cache answers established packets before the full parse;
+/// what it believes is the connection's key, so a packet from outside the
+/// host that forges a container's address and the ports of that
+/// container's live, cached connection must still be refused: dropped
+/// where it would enter the destination and counted as spoofed. Control:
+/// the real connection's packets pass before and after, answered by the
+/// cache.
+#[test]
+fn a_cached_ipv6_connection_cannot_be_joined_from_outside() {
+    require_root();
+    // The cache is per CPU: the real packets all leave from this one.
+    integration_tests::pin_this_thread_to_cpu0();
+    let host = Host::dual_stack(2);
+    let daemon = Daemon::start(&host.ns, "");
+    let (frontend, backend) = (host.container(0), host.container(1));
+    daemon.register(frontend, "frontend");
+    daemon.register(backend, "backend");
+    daemon.allow("frontend", "backend", "udp", "7000");
+    let outside = outside_by_uplink(&host, 78);
+    let (f6, b6) = (frontend.ipv6.unwrap(), backend.ipv6.unwrap());
+    let rx = backend.ns.run(|| UdpSocket::bind((b6, 7000))).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let tx = frontend.ns.run(|| UdpSocket::bind((f6, 40000))).unwrap();
+    let mut buf = [0u8; 64];
+    let maps = policy_agent::Maps::open_pinned(&daemon.maps_dir()).unwrap();
+    let fills6 = || maps.flow_cache_stats().unwrap().fills6;
+    // Control: the real connection, established and then in the cache.
+    for i in 0..5u8 {
+        tx.send_to(&[b'r', i], (b6, 7000)).unwrap();
+        assert_eq!(rx.recv(&mut buf).map(|n| buf[..n].to_vec()).unwrap(), [b'r', i]);
+    }
+    let filled = fills6();
+    assert!(filled >= 1, "the connection went into the IPv6 flow cache");
+    // Forged from outside: frontend's address and its connection's ports.
+    let capture = Capture::start(&backend.ns, "eth0");
+    let spoofed_before = daemon.verdict_count("spoofed");
+    let established_before = daemon.verdict_count("established");
+    let marker = b"forged-into-a-cached-flow";
+    let mut udp6 = policy_common::craft::l4_header(proto::UDP, 40000, 7000);
+    udp6.extend_from_slice(marker);
+    let forged6 = ipv6_frame(f6.octets(), b6.octets(), proto::UDP, &[], &udp6);
+    for _ in 0..10 {
+        send_ip(&outside, &forged6[14..]);
+    }
+    assert_eq!(capture.count(marker, Duration::from_millis(500)), 0, "forged packet delivered");
+    assert!(rx.recv(&mut buf).is_err(), "a forged packet joined a cached connection");
+    assert!(
+        eventually(LONG, || daemon.verdict_count("spoofed") >= spoofed_before + 10),
+        "counted as spoofed where they would enter the backend"
+    );
+    assert_eq!(
+        daemon.verdict_count("established"),
+        established_before,
+        "a forged packet was let through as the cached connection's"
+    );
+    // Control: the real connection goes on, from the cache.
+    tx.send_to(b"after", (b6, 7000)).unwrap();
+    assert_eq!(rx.recv(&mut buf).map(|n| buf[..n].to_vec()).unwrap(), b"after");
+    assert_eq!(fills6(), filled, "answered by the cache, not filled again");
 }

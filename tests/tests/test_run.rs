@@ -58,7 +58,7 @@ fn the_flow_cache_answers_established_packets_until_a_revocation() {
     use policy_common::maps::{COUNTER_FLUSH, Conn, ConnKey, names, settings};
     let mut f = Fixture::new();
     pin_this_thread_to_cpu0();
-    let fills = |f: &Fixture| f.dataplane.maps().flow_cache_stats().unwrap().0;
+    let fills = |f: &Fixture| f.dataplane.maps().flow_cache_stats().unwrap().fills;
     f.allow(TAG_A, TAG_B, proto::TCP, 8080, 8080, 7);
     let request = PacketSpec::tcp(A, B, 40000, 8080).frame();
     let reply = PacketSpec::tcp(B, A, 8080, 40000).frame();

@@ -158,3 +158,74 @@ fn the_source_side_checks_ipv6_sources() {
     assert_eq!(f.leaving_container(&tcp(LINK, B6, 1, 2)), TC_ACT_SHOT);
     assert_eq!(f.count(Reason::Spoofed), 3);
 }
+
+/// Established IPv6 TCP and UDP packets whose upper-layer header follows
+/// the fixed one are answered from the CPU's `FLOW_CACHE6` before the full
+/// parse: one fill, then hits, counted for their policy exactly (what the
+/// cache holds back is read through its mapping). What the full parse
+/// would refuse or read differently is not answered there: a segment whose
+/// payload length cannot hold a TCP header is dropped as malformed on a
+/// cached connection, one behind an extension header goes the full way. A
+/// revocation sends the connection back to the full check; with the cache
+/// off nothing is filled.
+#[test]
+fn the_ipv6_flow_cache_answers_established_packets_until_a_revocation() {
+    use policy_common::maps::settings;
+    let mut f = fixture();
+    integration_tests::pin_this_thread_to_cpu0();
+    let stats = |f: &Fixture| f.dataplane.maps().flow_cache_stats().unwrap();
+    f.allow(TAG_A, TAG_B, proto::TCP, 8080, 8080, 7);
+    let request = tcp(A6, B6, 40000, 8080);
+    let reply = tcp(B6, A6, 8080, 40000);
+    assert_eq!(f.entering_container(&request), TC_ACT_OK); // new: tracked
+    assert_eq!(stats(&f).fills6, 0);
+    assert_eq!(f.entering_container(&request), TC_ACT_OK); // established: filled
+    assert_eq!(stats(&f).fills6, 1);
+    for _ in 0..100 {
+        assert_eq!(f.entering_container(&request), TC_ACT_OK);
+        assert_eq!(f.entering_container(&reply), TC_ACT_OK);
+    }
+    assert_eq!(stats(&f).fills6, 1, "one connection, one fill: every other packet was a hit");
+    assert_eq!(stats(&f).fills, 0, "the IPv4 cache untouched");
+    assert_eq!((f.count(Reason::Established), f.count(Reason::Reply)), (101, 100));
+    assert_eq!(f.dataplane.maps().policy_counters(7).packets, 202, "counted exactly");
+
+    // The same connection's ports in a segment too short for a TCP header
+    // (the payload length says 8 bytes): the full parse's verdict.
+    let mut short = request.clone();
+    short[18..20].copy_from_slice(&8u16.to_be_bytes());
+    assert_eq!(f.entering_container(&short), TC_ACT_SHOT, "not answered by the cache");
+    assert_eq!(f.count(Reason::Malformed), 1);
+    // Behind a hop-by-hop header: decided in full (and passed, established).
+    let hop_by_hop = [proto::TCP, 0, 1, 4, 0, 0, 0, 0];
+    let chained = ipv6_frame(A6, B6, 0, &hop_by_hop, &l4_header(proto::TCP, 40000, 8080));
+    assert_eq!(f.entering_container(&chained), TC_ACT_OK);
+    assert_eq!(f.count(Reason::Established), 102);
+
+    // UDP too, in the same cache.
+    f.allow(TAG_A, TAG_B, proto::UDP, 53, 53, 8);
+    let udp = ipv6_frame(A6, B6, proto::UDP, &[], &l4_header(proto::UDP, 5353, 53));
+    for _ in 0..10 {
+        assert_eq!(f.entering_container(&udp), TC_ACT_OK);
+    }
+    let filled = stats(&f).fills6;
+    assert_eq!(f.entering_container(&udp), TC_ACT_OK);
+    assert_eq!(stats(&f).fills6, filled, "a hit");
+
+    // Revoked: the next packet is checked in full and dropped.
+    f.dataplane.maps_mut().revoke(PairKey::new(TAG_A, TAG_B, proto::TCP), 8080, 8080).unwrap();
+    assert_eq!(f.entering_container(&request), TC_ACT_SHOT);
+    assert_eq!(f.count(Reason::Revoked), 1);
+    assert_eq!(f.entering_container(&reply), TC_ACT_SHOT);
+
+    // Switched off: established packets are decided from conntrack alone.
+    let mut off = f.dataplane.maps().settings().unwrap();
+    off.flags &= !settings::FLOW_CACHE;
+    f.dataplane.maps_mut().set_settings(off).unwrap();
+    let before = stats(&f).fills6;
+    for _ in 0..10 {
+        assert_eq!(f.entering_container(&udp), TC_ACT_OK);
+    }
+    assert_eq!(stats(&f).fills6, before, "nothing filled with the cache off");
+    assert_eq!(f.dataplane.maps().policy_counters(8).packets, 21);
+}

@@ -131,7 +131,7 @@ impl Agent<Dataplane> {
     }
 
     /// Flow cache entries written and live connections they pushed out.
-    pub fn flow_cache_stats(&self) -> Result<(u64, u64), DataplaneError> {
+    pub fn flow_cache_stats(&self) -> Result<crate::dataplane::FlowCacheStats, DataplaneError> {
         self.kernel.maps().flow_cache_stats()
     }
 

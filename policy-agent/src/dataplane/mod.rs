@@ -26,7 +26,7 @@ use aya::{
     },
 };
 use log::{info, warn};
-use policy_common::maps::{FLOW_CACHE_SETS, names, programs};
+use policy_common::maps::{FLOW_CACHE_SETS, FLOW_CACHE6_SETS, flow_cache_stat, names, programs};
 
 mod config;
 mod kernel;
@@ -37,7 +37,7 @@ pub use config::{
     Capacities, DataplaneConfig, DenyAction, DenySettings, EventSettings, OverlayNetwork,
     kernel_settings,
 };
-pub use maps::{EventStats, Maps, addr_from_key, addr_key, limits_clock_ns};
+pub use maps::{EventStats, FlowCacheStats, Maps, addr_from_key, addr_key, limits_clock_ns};
 
 use crate::{DataplaneError, EBPF_OBJECT, bpffs, sys};
 
@@ -90,11 +90,11 @@ impl Direction {
     }
 }
 
-/// `FLOW_CACHE`'s size: its sets for each possible CPU.
-fn flow_cache_entries() -> Result<u32, DataplaneError> {
+/// A flow cache's size: `sets` for each possible CPU.
+fn flow_cache_entries(sets: u32) -> Result<u32, DataplaneError> {
     let cpus = aya::util::nr_cpus()
         .map_err(|(path, e)| DataplaneError::io("cannot read", Path::new(path))(e))?;
-    Ok(u32::try_from(cpus).unwrap_or(u32::MAX / FLOW_CACHE_SETS) * FLOW_CACHE_SETS)
+    Ok(u32::try_from(cpus).unwrap_or(u32::MAX / sets) * sets)
 }
 
 fn ignore_absent(e: std::io::Error) -> std::io::Result<()> {
@@ -161,14 +161,23 @@ impl Dataplane {
         loader.map_max_entries(names::ENDPOINT_SLOTS, slots);
         let veth_slots = pinned_size(names::VETH_SLOTS).unwrap_or(caps.veths.max(1));
         loader.map_max_entries(names::VETH_SLOTS, veth_slots);
-        // The flow cache has a region per possible CPU; one pinned for
-        // another count (or set size) is replaced: it only caches.
-        let flow_cache = flow_cache_entries()?;
-        if pinned_size(names::FLOW_CACHE).is_some_and(|n| n != flow_cache) {
-            let pin = maps_dir.join(names::FLOW_CACHE);
+        // A flow cache has a region per possible CPU; one pinned for
+        // another count (or set size) is replaced: it only caches. So is
+        // a statistics array from a version that counted less.
+        for (name, sets) in
+            [(names::FLOW_CACHE, FLOW_CACHE_SETS), (names::FLOW_CACHE6, FLOW_CACHE6_SETS)]
+        {
+            let entries = flow_cache_entries(sets)?;
+            if pinned_size(name).is_some_and(|n| n != entries) {
+                let pin = maps_dir.join(name);
+                fs::remove_file(&pin).map_err(DataplaneError::io("cannot replace", &pin))?;
+            }
+            loader.map_max_entries(name, entries);
+        }
+        if pinned_size(names::FLOW_CACHE_STATS).is_some_and(|n| n < flow_cache_stat::COUNT) {
+            let pin = maps_dir.join(names::FLOW_CACHE_STATS);
             fs::remove_file(&pin).map_err(DataplaneError::io("cannot replace", &pin))?;
         }
-        loader.map_max_entries(names::FLOW_CACHE, flow_cache);
         // A pinned verdict counter array from a version with fewer reasons
         // is replaced (its counts restart): the programs index it by reason.
         if pinned_size(names::VERDICTS).is_some_and(|n| n < policy_common::Reason::COUNT) {

@@ -4,11 +4,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use aya::maps::{IterableMap as _, MapError, PerCpuValues};
+use aya::maps::{Array, IterableMap as _, MapData, MapError, PerCpuValues};
 use policy_common::{
     Reason,
     maps::{
-        CachedFlow, Conn, ConnKey, FlowSet, Ipv6Key, PolicyCounters, event_stat, flow_cache_stat,
+        Conn, ConnKey, FlowSet, FlowSet6, Ipv6Key, PolicyCounters, event_stat, flow_cache_stat,
         names, settings,
     },
 };
@@ -19,6 +19,17 @@ use crate::DataplaneError;
 /// `BPF_NOEXIST`: an update that fails with `EEXIST` rather than replace
 /// an entry (include/uapi/linux/bpf.h).
 const BPF_NOEXIST: u64 = 1;
+
+/// The flow caches' statistics (`FLOW_CACHE_STATS`, summed over CPUs):
+/// established packets each family's cache did not answer (fills) and
+/// fills that pushed out a live connection (evictions).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCacheStats {
+    pub fills: u64,
+    pub evictions: u64,
+    pub fills6: u64,
+    pub evictions6: u64,
+}
 
 /// Flow event counters (`EVENT_STATS`, summed over CPUs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -59,8 +70,8 @@ impl Maps {
     }
 
     /// Packets and bytes per policy: the per-CPU counters plus what live
-    /// connections have counted but not yet moved there (one walk of the
-    /// conntrack map: for reports, not hot paths).
+    /// connections have counted but not yet moved there (one walk of each
+    /// conntrack map and flow cache: for reports, not hot paths).
     pub fn policy_counters_all(&self) -> HashMap<u32, PolicyCounters> {
         let mut all: HashMap<u32, PolicyCounters> = self
             .policy_stats
@@ -74,63 +85,77 @@ impl Maps {
                 (id, sum)
             })
             .collect();
-        for (_, conn) in self.connections() {
+        let conns6 = self.connections6().into_iter().map(|(_, conn)| conn);
+        for conn in self.connections().into_iter().map(|(_, conn)| conn).chain(conns6) {
             if conn.policy_id != 0 && conn.pending_packets != 0 {
                 let entry = all.entry(conn.policy_id).or_default();
                 entry.packets += u64::from(conn.pending_packets);
                 entry.bytes += conn.pending_bytes;
             }
         }
-        self.for_each_cached_flow(|way| {
-            if way.policy_id != 0 && way.pending_packets != 0 {
-                let entry = all.entry(way.policy_id).or_default();
-                entry.packets += u64::from(way.pending_packets);
-                entry.bytes += u64::from(way.pending_bytes);
+        let mut add = |policy_id: u32, packets: u16, bytes: u32| {
+            if policy_id != 0 && packets != 0 {
+                let entry = all.entry(policy_id).or_default();
+                entry.packets += u64::from(packets);
+                entry.bytes += u64::from(bytes);
             }
+        };
+        Self::for_each_set(&self.flow_cache, names::FLOW_CACHE, |set: &FlowSet| {
+            set.ways.iter().for_each(|w| add(w.policy_id, w.pending_packets, w.pending_bytes));
+        });
+        Self::for_each_set(&self.flow_cache6, names::FLOW_CACHE6, |set: &FlowSet6| {
+            set.ways.iter().for_each(|w| add(w.policy_id, w.pending_packets, w.pending_bytes));
         });
         all
     }
 
-    /// Calls `f` with every way of every CPU's flow cache, read through a
-    /// read-only mapping of the array (one pass over it, no syscall per
-    /// set). Nothing if it cannot be mapped (the counts then lack what the
-    /// cache holds, at most `COUNTER_FLUSH - 1` packets per connection).
-    fn for_each_cached_flow(&self, mut f: impl FnMut(&CachedFlow)) {
+    /// Calls `f` with every set of every CPU's region of a flow cache, read
+    /// through a read-only mapping of the array (one pass over it, no
+    /// syscall per set). Nothing if it cannot be mapped (the counts then
+    /// lack what the cache holds, at most `COUNTER_FLUSH - 1` packets per
+    /// connection).
+    fn for_each_set<S: aya::Pod>(cache: &Array<MapData, S>, name: &str, mut f: impl FnMut(&S)) {
         use std::os::fd::{AsFd as _, AsRawFd as _};
-        let sets = Self::capacity(self.flow_cache.map()) as usize;
-        let len = sets * size_of::<FlowSet>();
+        let sets = Self::capacity(cache.map()) as usize;
+        let len = sets * size_of::<S>();
         if len == 0 {
             return;
         }
-        let fd = self.flow_cache.map().fd().as_fd().as_raw_fd();
+        let fd = cache.map().fd().as_fd().as_raw_fd();
         // SAFETY: a new read-only shared mapping of the map's fd, unmapped
         // below; nothing else refers to it.
         let base = unsafe {
             libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0)
         };
         if base == libc::MAP_FAILED {
-            tracing::warn!("cannot map {}: {}", names::FLOW_CACHE, std::io::Error::last_os_error());
+            tracing::warn!("cannot map {name}: {}", std::io::Error::last_os_error());
             return;
         }
         for i in 0..sets {
             // SAFETY: within the mapping; the kernel writes the sets
             // concurrently, so each is read by volatile copy.
-            let set = unsafe { std::ptr::read_volatile(base.cast::<FlowSet>().add(i)) };
-            set.ways.iter().for_each(&mut f);
+            let set = unsafe { std::ptr::read_volatile(base.cast::<S>().add(i)) };
+            f(&set);
         }
         // SAFETY: the mapping made above, no longer used.
         unsafe { libc::munmap(base, len) };
     }
 
     /// Flow cache entries written and live connections they pushed out,
-    /// summed over CPUs (see `policy_common::maps::flow_cache_stat`).
-    pub fn flow_cache_stats(&self) -> Result<(u64, u64), DataplaneError> {
+    /// per family, summed over CPUs (see
+    /// `policy_common::maps::flow_cache_stat`).
+    pub fn flow_cache_stats(&self) -> Result<FlowCacheStats, DataplaneError> {
         let sum = |i: u32| -> Result<u64, DataplaneError> {
             let per_cpu =
                 self.flow_cache_stats.get(&i, 0).map_err(map_err(names::FLOW_CACHE_STATS))?;
             Ok(per_cpu.iter().sum())
         };
-        Ok((sum(flow_cache_stat::FILLS)?, sum(flow_cache_stat::EVICTIONS)?))
+        Ok(FlowCacheStats {
+            fills: sum(flow_cache_stat::FILLS)?,
+            evictions: sum(flow_cache_stat::EVICTIONS)?,
+            fills6: sum(flow_cache_stat::FILLS6)?,
+            evictions6: sum(flow_cache_stat::EVICTIONS6)?,
+        })
     }
 
     /// Packets and bytes one policy let through (see [`Self::policy_counters_all`]).

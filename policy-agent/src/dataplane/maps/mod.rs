@@ -28,13 +28,13 @@ use aya::maps::{
 use policy_common::{
     maps::{
         Attachment, CONFIG_INDEX, Config, Conn, ConnKey, EndpointValue, EventLimit, FlowSet,
-        FragmentKey, Ipv6Key, NetInConn, NetInConnKey, NetInKey, NetInTarget, Overlay, PairKey,
-        PairPorts, PolicyCounters, PortRules, Settings, SmallPortSet, Tunnel, names,
+        FlowSet6, FragmentKey, Ipv6Key, NetInConn, NetInConnKey, NetInKey, NetInTarget, Overlay,
+        PairKey, PairPorts, PolicyCounters, PortRules, Settings, SmallPortSet, Tunnel, names,
     },
     netout::NetOutRules,
 };
 
-pub use counters::EventStats;
+pub use counters::{EventStats, FlowCacheStats};
 pub use limits::limits_clock_ns;
 
 use super::OverlayNetwork;
@@ -64,6 +64,7 @@ pub struct Maps {
     netout: LpmTrie<MapData, [u8; 8], NetOutRules>,
     config: Array<MapData, Config>,
     flow_cache: Array<MapData, FlowSet>,
+    flow_cache6: Array<MapData, FlowSet6>,
     flow_cache_stats: PerCpuArray<MapData, u64>,
     slots: Array<MapData, EndpointValue>,
     veth_slots: Array<MapData, Attachment>,
@@ -149,6 +150,7 @@ impl Maps {
             netout: map!(names::NETOUT),
             config: map!(names::CONFIG),
             flow_cache: map!(names::FLOW_CACHE),
+            flow_cache6: map!(names::FLOW_CACHE6),
             flow_cache_stats: map!(names::FLOW_CACHE_STATS),
             slots: map!(names::ENDPOINT_SLOTS),
             veth_slots: map!(names::VETH_SLOTS),
