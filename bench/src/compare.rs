@@ -77,7 +77,16 @@ fn filler(i: u32) -> (u32, &'static str, u16) {
 
 impl Setup {
     pub fn new(mode: Mode, policies: u32) -> Self {
-        let host = Host::new(2);
+        Self::on(Host::new(2), mode, policies)
+    }
+
+    /// [`Self::new`] with A and B dual-stack (their IPv6 addresses
+    /// registered too, with the same tags).
+    pub fn dual_stack(mode: Mode, policies: u32) -> Self {
+        Self::on(Host::dual_stack(2), mode, policies)
+    }
+
+    fn on(host: Host, mode: Mode, policies: u32) -> Self {
         let fillers = policies.saturating_sub(OWN.len() as u32);
         let (a, b) = (host.container(0).ip, host.container(1).ip);
         let (mut load, mut load_mib) = (Duration::ZERO, 0.0);
@@ -89,8 +98,15 @@ impl Setup {
                 let (before, started) = (kernel_kib(), Instant::now());
                 let pins = PinDir::new();
                 let mut dataplane = pins.open_for(policies);
-                host.register(&mut dataplane, 0, TAG_A);
-                host.register(&mut dataplane, 1, TAG_B);
+                for (i, tag) in [(0, TAG_A), (1, TAG_B)] {
+                    host.register(&mut dataplane, i, tag);
+                    let c = host.container(i);
+                    if let Some(ipv6) = c.ipv6 {
+                        let tables = dataplane.maps_mut();
+                        tables.set_endpoint6(ipv6, tag).expect("endpoint6");
+                        tables.set_veth6(host.ifindex(&c.host_ifname), ipv6).expect("veth6");
+                    }
+                }
                 let tables = dataplane.maps_mut();
                 for i in 0..fillers {
                     let (tag, protocol, port) = filler(i);
@@ -222,6 +238,11 @@ impl Setup {
     pub fn b(&self) -> (&NetNs, Ipv4Addr) {
         let b = self.host.container(1);
         (&b.ns, b.ip)
+    }
+
+    /// B's IPv6 address ([`Self::dual_stack`] only).
+    pub fn b6(&self) -> Option<std::net::Ipv6Addr> {
+        self.host.container(1).ipv6
     }
 }
 

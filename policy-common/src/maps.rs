@@ -617,8 +617,9 @@ pub mod event_stat {
     pub const COUNT: u32 = 3;
 }
 
-/// `POLICY_STATS` value (per CPU, by policy id; the agent makes and deletes it, the programs
-/// only add to it): packets and bytes the policy let through, its connections' replies included.
+/// `POLICY_STATS` value (by policy id, one for all CPUs; the agent makes and deletes it, the
+/// programs only add to it, atomically): packets and bytes the policy let through, its
+/// connections' replies included.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PolicyCounters {

@@ -74,13 +74,39 @@ fn count_in_conn(conn: *mut Conn, policy_id: u32, len: u32) {
 /// dropped. Inserting here would bring a removed policy's entry back for
 /// good. Policy id 0 (no policy: NetOut, `origin::DECIDED_ELSEWHERE`) never
 /// gets here.
+///
+/// The value is shared by all CPUs: each add is atomic (a BPF atomic add,
+/// its result unused). A flush comes once per `COUNTER_FLUSH` packets of a
+/// connection, so the line is rarely contended, and an entry costs the
+/// same on a host of two CPUs as of a hundred (a per-CPU value would cost
+/// 16 bytes per possible CPU, and the kernel's per-CPU allocator made
+/// every insert the agent's largest cost in a bulk load).
 #[inline(always)]
 pub fn add_policy_counts(policy_id: u32, packets: u32, bytes: u64) {
     if let Some(c) = POLICY_STATS.get_ptr_mut(policy_id) {
-        // SAFETY: per-CPU value; programs do not migrate mid-run.
+        // SAFETY: a map value, valid for this run (RCU), 8-byte aligned
+        // fields; every writer adds atomically.
         unsafe {
-            (*c).packets += u64::from(packets);
-            (*c).bytes += bytes;
+            atomic_add(&raw mut (*c).packets, u64::from(packets));
+            atomic_add(&raw mut (*c).bytes, bytes);
         }
+    }
+}
+
+/// `*addr += value` as one BPF atomic add (`lock ... +=`, no result
+/// fetched). Asm: the BPF target's `core` has no atomic read-modify-write.
+///
+/// # Safety
+/// `addr` points into a map value, 8-byte aligned.
+#[inline(always)]
+unsafe fn atomic_add(addr: *mut u64, value: u64) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({0} + 0) += {1}",
+            in(reg) addr,
+            in(reg) value,
+            options(nostack, preserves_flags)
+        );
     }
 }

@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use policy_common::{
@@ -199,15 +199,16 @@ pub static REJECT_LIMITS: LruHashMap<u32, EventLimit, { capacity::REJECT_LIMITS 
 #[btf_map]
 pub static EVENT_STATS: PerCpuArray<u64, { event_stat::COUNT as usize }> = PerCpuArray::new();
 
-/// Packets and bytes per policy (per CPU; the agent sums them). The agent
+/// Packets and bytes per policy, one value for all CPUs (the programs add
+/// atomically, once per `COUNTER_FLUSH` packets of a connection). The agent
 /// makes and deletes the entries; the programs only add to them.
 #[btf_map]
-pub static POLICY_STATS: PerCpuHashMap<
+pub static POLICY_STATS: HashMap<
     u32,
     PolicyCounters,
     { capacity::POLICY_STATS as usize },
     { BPF_F_NO_PREALLOC as usize },
-> = PerCpuHashMap::new();
+> = HashMap::new();
 
 /// Underlay addresses of the cluster's hosts (value unused, 1): tunnel
 /// packets from anywhere else are dropped.

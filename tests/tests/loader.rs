@@ -212,6 +212,39 @@ fn settings_pinned_by_an_older_version_move_into_config() {
     assert_eq!(dataplane.maps().config().unwrap().epoch, 7);
 }
 
+/// An older version counted per policy in a per-CPU hash; this one keeps
+/// one value for all CPUs. Loading over the old pin carries each policy's
+/// counts over, summed, and pins the new map in its place.
+#[test]
+fn per_cpu_policy_counters_of_an_older_version_are_carried_over() {
+    require_root();
+    let pins = PinDir::new();
+    let maps = pins.path().join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let pin = maps.join("POLICY_STATS");
+    let pin = pin.to_str().unwrap();
+    let create = ["map", "create", pin, "type", "percpu_hash", "key", "4", "value", "16"];
+    let create: Vec<&str> =
+        create.into_iter().chain(["entries", "16", "name", "POLICY_STATS"]).collect();
+    bpftool_json(&create);
+    // Policy 7: 5 packets and 500 bytes on every CPU (bpftool writes the
+    // one value given to each).
+    let mut update = vec!["map", "update", "pinned", pin, "key", "7", "0", "0", "0", "value"];
+    let value = ["5", "0", "0", "0", "0", "0", "0", "0", "244", "1", "0", "0", "0", "0", "0", "0"];
+    update.extend(value);
+    bpftool_json(&update);
+    let cpus = aya::util::nr_cpus().unwrap() as u64;
+    let dataplane = pins.open();
+    let counters = dataplane.maps().policy_counters(7);
+    assert_eq!((counters.packets, counters.bytes), (5 * cpus, 500 * cpus), "summed over CPUs");
+    let shown = bpftool_json(&["map", "show", "pinned", pin]);
+    assert!(shown.has("\"type\":\"hash\""), "not the shared map: {}", shown.0);
+    drop(dataplane);
+    // Opening again finds nothing to carry over and keeps the counts.
+    let dataplane = pins.open();
+    assert_eq!(dataplane.maps().policy_counters(7).packets, 5 * cpus);
+}
+
 #[test]
 fn a_recreated_interface_gets_attached_again() {
     require_root();

@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
+use aya::maps::{HashMap, Map, MapData};
 use integration_tests::{
     daemon::Daemon, eventually, netns::NetNs, pin_this_thread_to_cpu0, require_root, topology::Host,
 };
@@ -44,18 +44,18 @@ fn setup() -> (Host, Daemon) {
     (host, daemon)
 }
 
-/// `POLICY_STATS` as the kernel holds it: policy id → packets counted,
-/// summed over CPUs (no pending counts added, unlike the agent's report).
+/// `POLICY_STATS` as the kernel holds it: policy id → packets counted (one
+/// value for all CPUs; no pending counts added, unlike the agent's report).
 fn policy_stats(daemon: &Daemon) -> BTreeMap<u32, u64> {
     let pin = daemon.maps_dir().join(names::POLICY_STATS);
     let map = MapData::from_pin(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
-    let stats: PerCpuHashMap<MapData, u32, PolicyCounters> =
-        PerCpuHashMap::try_from(Map::PerCpuHashMap(map)).expect("a per-CPU hash map");
+    let stats: HashMap<MapData, u32, PolicyCounters> =
+        HashMap::try_from(Map::HashMap(map)).expect("a hash map");
     stats
         .iter()
         .map(|entry| {
-            let (id, per_cpu) = entry.expect("read POLICY_STATS");
-            (id, per_cpu.iter().map(|c| c.packets).sum())
+            let (id, counters) = entry.expect("read POLICY_STATS");
+            (id, counters.packets)
         })
         .collect()
 }

@@ -189,6 +189,7 @@ impl Dataplane {
         // the pairs of one before `PORT_SETS` (its `POLICIES` unpinned).
         let legacy = upgrade::legacy_config(&maps_dir);
         let whole_pairs = upgrade::take_whole_pairs(&maps_dir)?;
+        let per_cpu_counters = upgrade::take_per_cpu_counters(&maps_dir)?;
         for name in names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
         }
@@ -226,6 +227,16 @@ impl Dataplane {
                 maps.set_pair(key, &allowances)?;
             }
             info!("{} carried over to its compact layout: {count} pairs", names::POLICIES);
+        }
+        if let Some(counts) = per_cpu_counters {
+            let count = counts.len();
+            for (policy_id, counters) in counts {
+                maps.set_policy_counters(policy_id, counters)?;
+            }
+            info!(
+                "{} carried over to one value for all CPUs: {count} policies",
+                names::POLICY_STATS
+            );
         }
         maps.set_settings(config.kernel_settings())?;
         maps.set_overlay(config.overlay)?;

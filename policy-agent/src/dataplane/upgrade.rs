@@ -3,10 +3,10 @@
 
 use std::{fs, path::Path};
 
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData, MapType, PerCpuHashMap};
 use log::warn;
 use policy_common::{
-    maps::{Config, PairKey, PairPorts, PortRange, names},
+    maps::{Config, PairKey, PairPorts, PolicyCounters, PortRange, names},
     ports::Allowance,
 };
 
@@ -91,4 +91,36 @@ pub(super) fn take_whole_pairs(maps_dir: &Path) -> Result<Option<Pairs>, Datapla
     }
     fs::remove_file(&pin).map_err(DataplaneError::io("cannot replace", &pin))?;
     Ok(Some(pairs))
+}
+
+/// If the pinned `POLICY_STATS` is an older version's (a per-CPU hash), each
+/// policy's counts summed over CPUs, and the pin removed so that this load
+/// creates the shared map; the caller writes them into it. Packets the old
+/// programs count between this read and the links' move are not carried.
+/// `None`: nothing to carry over.
+pub(super) fn take_per_cpu_counters(
+    maps_dir: &Path,
+) -> Result<Option<Vec<(u32, PolicyCounters)>>, DataplaneError> {
+    let pin = maps_dir.join(names::POLICY_STATS);
+    let Ok(data) = MapData::from_pin(&pin) else {
+        return Ok(None);
+    };
+    if !matches!(data.info().and_then(|i| i.map_type()), Ok(MapType::PerCpuHash)) {
+        return Ok(None);
+    }
+    let map = Map::from_map_data(data).ok();
+    let per_cpu = map.and_then(|m| PerCpuHashMap::<MapData, u32, PolicyCounters>::try_from(m).ok());
+    let counts = per_cpu
+        .iter()
+        .flat_map(|m| m.iter().filter_map(Result::ok))
+        .map(|(id, values)| {
+            let sum = values.iter().fold(PolicyCounters::default(), |acc, c| PolicyCounters {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            });
+            (id, sum)
+        })
+        .collect();
+    fs::remove_file(&pin).map_err(DataplaneError::io("cannot replace", &pin))?;
+    Ok(Some(counts))
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use aya::maps::{Array, IterableMap as _, MapData, MapError, PerCpuValues};
+use aya::maps::{Array, IterableMap as _, MapData, MapError};
 use policy_common::{
     Reason,
     maps::{
@@ -69,22 +69,12 @@ impl Maps {
         })
     }
 
-    /// Packets and bytes per policy: the per-CPU counters plus what live
+    /// Packets and bytes per policy: the counters plus what live
     /// connections have counted but not yet moved there (one walk of each
     /// conntrack map and flow cache: for reports, not hot paths).
     pub fn policy_counters_all(&self) -> HashMap<u32, PolicyCounters> {
-        let mut all: HashMap<u32, PolicyCounters> = self
-            .policy_stats
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(id, per_cpu)| {
-                let sum = per_cpu.iter().fold(PolicyCounters::default(), |acc, c| PolicyCounters {
-                    packets: acc.packets + c.packets,
-                    bytes: acc.bytes + c.bytes,
-                });
-                (id, sum)
-            })
-            .collect();
+        let mut all: HashMap<u32, PolicyCounters> =
+            self.policy_stats.iter().filter_map(Result::ok).collect();
         let conns6 = self.connections6().into_iter().map(|(_, conn)| conn);
         for conn in self.connections().into_iter().map(|(_, conn)| conn).chain(conns6) {
             if conn.policy_id != 0 && conn.pending_packets != 0 {
@@ -179,17 +169,25 @@ impl Maps {
     /// policy's are made before the policy reaches `POLICIES`.
     pub fn add_policy_counters(&mut self, policy_id: u32) -> Result<(), DataplaneError> {
         let capacity = Self::capacity(self.policy_stats.map());
-        let zero = aya::util::nr_cpus()
-            .map_err(|(_, e)| e)
-            .and_then(|cpus| PerCpuValues::try_from(vec![PolicyCounters::default(); cpus]))
-            .map_err(DataplaneError::io("possible CPUs", "/sys/devices/system/cpu/possible"))?;
-        match self.policy_stats.insert(policy_id, zero, BPF_NOEXIST) {
+        match self.policy_stats.insert(policy_id, PolicyCounters::default(), BPF_NOEXIST) {
             Ok(()) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 Ok(())
             }
             Err(e) => Err(insert_err(names::POLICY_STATS, capacity)(e)),
         }
+    }
+
+    /// Sets a policy's counters (carried over from an older layout).
+    pub(crate) fn set_policy_counters(
+        &mut self,
+        policy_id: u32,
+        counters: PolicyCounters,
+    ) -> Result<(), DataplaneError> {
+        let capacity = Self::capacity(self.policy_stats.map());
+        self.policy_stats
+            .insert(policy_id, counters, 0)
+            .map_err(insert_err(names::POLICY_STATS, capacity))
     }
 
     /// Forgets a removed policy's counters (its id is never reused).

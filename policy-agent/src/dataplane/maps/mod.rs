@@ -22,8 +22,7 @@ mod policies;
 use std::{collections::BTreeSet, net::Ipv4Addr, path::Path};
 
 use aya::maps::{
-    Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
-    lpm_trie::LpmTrie,
+    Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, lpm_trie::LpmTrie,
 };
 use policy_common::{
     maps::{
@@ -57,7 +56,7 @@ pub struct Maps {
     event_stats: PerCpuArray<MapData, u64>,
     event_limits: HashMap<MapData, u32, EventLimit>,
     reject_limits: HashMap<MapData, u32, EventLimit>,
-    policy_stats: PerCpuHashMap<MapData, u32, PolicyCounters>,
+    policy_stats: HashMap<MapData, u32, PolicyCounters>,
     peers: HashMap<MapData, u32, u32>,
     netin: HashMap<MapData, NetInKey, NetInTarget>,
     netin_conns: HashMap<MapData, NetInConnKey, NetInConn>,
