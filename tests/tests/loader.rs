@@ -289,3 +289,34 @@ fn bpffs_is_mounted_when_missing() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Whole maps are read in batches of 4,096 entries (`BPF_MAP_LOOKUP_BATCH`):
+/// a map of several batches is read whole and exactly, as the restart's
+/// reconcile and `status` read it.
+#[test]
+fn maps_larger_than_a_batch_are_read_whole() {
+    require_root();
+    let pins = PinDir::new();
+    let mut dataplane = pins.open_for(20_000);
+    let n = 10_000u32;
+    for i in 0..n {
+        let key = PairKey::new(100 + i, 7, proto::TCP);
+        let port = 1000 + (i % 50_000) as u16;
+        let allowance = Allowance { start: port, end: port, policy_id: i + 1 };
+        dataplane.maps_mut().set_pair(key, &[allowance]).unwrap();
+        dataplane.maps_mut().add_policy_counters(i + 1).unwrap();
+    }
+    let pairs = dataplane.maps().pairs();
+    assert_eq!(pairs.len(), n as usize);
+    let distinct: std::collections::BTreeSet<_> = pairs.iter().map(|(k, _)| *k).collect();
+    assert_eq!(distinct.len(), n as usize, "every pair once");
+    for (key, allowances) in &pairs {
+        let i = key.src_tag - 100;
+        let port = 1000 + (i % 50_000) as u16;
+        assert_eq!(allowances, &[Allowance { start: port, end: port, policy_id: i + 1 }]);
+    }
+    assert_eq!(dataplane.maps().policy_counter_ids().unwrap().len(), n as usize);
+    let occupancy = dataplane.maps().occupancy();
+    let policies = occupancy.iter().find(|(name, ..)| *name == "POLICIES").unwrap();
+    assert_eq!(policies.1, n as usize);
+}

@@ -74,7 +74,10 @@ impl Maps {
     /// conntrack map and flow cache: for reports, not hot paths).
     pub fn policy_counters_all(&self) -> HashMap<u32, PolicyCounters> {
         let mut all: HashMap<u32, PolicyCounters> =
-            self.policy_stats.iter().filter_map(Result::ok).collect();
+            super::batch::read_all::<u32, PolicyCounters>(self.policy_stats.map())
+                .unwrap_or_else(|_| self.policy_stats.iter().filter_map(Result::ok).collect())
+                .into_iter()
+                .collect();
         let conns6 = self.connections6().into_iter().map(|(_, conn)| conn);
         for conn in self.connections().into_iter().map(|(_, conn)| conn).chain(conns6) {
             if conn.policy_id != 0 && conn.pending_packets != 0 {
@@ -161,20 +164,21 @@ impl Maps {
 
     /// Policy ids with counters in `POLICY_STATS`.
     pub fn policy_counter_ids(&self) -> Result<BTreeSet<u32>, DataplaneError> {
-        self.policy_stats.keys().map(|k| k.map_err(map_err(names::POLICY_STATS))).collect()
+        let entries = super::batch::read_all::<u32, PolicyCounters>(self.policy_stats.map())
+            .map_err(|e| map_err(names::POLICY_STATS)(MapError::IoError(e)))?;
+        Ok(entries.into_iter().map(|(id, _)| id).collect())
     }
 
     /// Makes zeroed counters for a policy that has none (counters it has
     /// are kept). The programs only add to counters that are there, so a
     /// policy's are made before the policy reaches `POLICIES`.
     pub fn add_policy_counters(&mut self, policy_id: u32) -> Result<(), DataplaneError> {
-        let capacity = Self::capacity(self.policy_stats.map());
         match self.policy_stats.insert(policy_id, PolicyCounters::default(), BPF_NOEXIST) {
             Ok(()) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 Ok(())
             }
-            Err(e) => Err(insert_err(names::POLICY_STATS, capacity)(e)),
+            Err(e) => Err(insert_err(names::POLICY_STATS, self.policy_stats.map())(e)),
         }
     }
 
@@ -184,10 +188,9 @@ impl Maps {
         policy_id: u32,
         counters: PolicyCounters,
     ) -> Result<(), DataplaneError> {
-        let capacity = Self::capacity(self.policy_stats.map());
         self.policy_stats
             .insert(policy_id, counters, 0)
-            .map_err(insert_err(names::POLICY_STATS, capacity))
+            .map_err(insert_err(names::POLICY_STATS, self.policy_stats.map()))
     }
 
     /// Forgets a removed policy's counters (its id is never reused).
@@ -203,11 +206,13 @@ impl Maps {
 
     /// Tracked connections (walks the map: for tests and status, not hot paths).
     pub fn connections(&self) -> Vec<(ConnKey, Conn)> {
-        self.conntrack.iter().filter_map(Result::ok).collect()
+        super::batch::read_all(self.conntrack.map())
+            .unwrap_or_else(|_| self.conntrack.iter().filter_map(Result::ok).collect())
     }
 
     pub fn connections6(&self) -> Vec<(ConnKey<Ipv6Key>, Conn)> {
-        self.conntrack6.iter().filter_map(Result::ok).collect()
+        super::batch::read_all(self.conntrack6.map())
+            .unwrap_or_else(|_| self.conntrack6.iter().filter_map(Result::ok).collect())
     }
 
     pub fn fragments_tracked(&self) -> usize {

@@ -25,10 +25,9 @@ impl Maps {
     ) -> Result<(), DataplaneError> {
         let tag = endpoint.tag;
         let previous = self.endpoints.get(&addr_key(addr), 0).ok();
-        let capacity = Self::capacity(self.endpoints.map());
         self.endpoints
             .insert(addr_key(addr), endpoint, 0)
-            .map_err(insert_err(names::ENDPOINTS, capacity))?;
+            .map_err(insert_err(names::ENDPOINTS, self.endpoints.map()))?;
         if let Some(slot) = self.overlay_now.slot(addr_key(addr)) {
             self.slots.set(slot, endpoint, 0).map_err(map_err(names::ENDPOINT_SLOTS))?;
         }
@@ -92,13 +91,14 @@ impl Maps {
         addr: Ipv4Addr,
         tag: u32,
     ) -> Result<(), DataplaneError> {
-        let capacity = Self::capacity(self.veths.map());
         let attachment = Attachment { addr: addr_key(addr), tag };
         let previous = self.veths.get(&ifindex, 0).ok();
         if previous.is_some_and(|p| p != attachment) {
             self.set_veth_slot(ifindex, Attachment::default())?;
         }
-        self.veths.insert(ifindex, attachment, 0).map_err(insert_err(names::VETHS, capacity))?;
+        self.veths
+            .insert(ifindex, attachment, 0)
+            .map_err(insert_err(names::VETHS, self.veths.map()))?;
         self.set_veth_slot(ifindex, attachment)
     }
 
@@ -185,10 +185,9 @@ impl Maps {
         addr: Ipv4Addr,
         tag: u32,
     ) -> Result<(), DataplaneError> {
-        let capacity = Self::capacity(self.cgroups.map());
         self.cgroups
             .insert(cgroup_id, Attachment { addr: addr_key(addr), tag }, 0)
-            .map_err(insert_err(names::CGROUPS, capacity))
+            .map_err(insert_err(names::CGROUPS, self.cgroups.map()))
     }
 
     pub fn remove_cgroup(&mut self, cgroup_id: u64) -> Result<(), DataplaneError> {
@@ -212,10 +211,9 @@ impl Maps {
     ) -> Result<(), DataplaneError> {
         let key = Ipv6Key::from_octets(addr.octets());
         let previous = self.endpoints6.get(&key, 0).ok();
-        let capacity = Self::capacity(self.endpoints6.map());
         self.endpoints6
             .insert(key, endpoint, 0)
-            .map_err(insert_err(names::ENDPOINTS6, capacity))?;
+            .map_err(insert_err(names::ENDPOINTS6, self.endpoints6.map()))?;
         if previous.is_some_and(|p| p.tag != endpoint.tag) {
             self.bump_epoch()?;
         }
@@ -252,10 +250,9 @@ impl Maps {
     /// anti-spoofing check (the veth's IPv4 binding, `set_veth`, names the
     /// endpoint; without this one its IPv6 packets are dropped).
     pub fn set_veth6(&mut self, ifindex: u32, addr: Ipv6Addr) -> Result<(), DataplaneError> {
-        let capacity = Self::capacity(self.veths6.map());
         self.veths6
             .insert(ifindex, Ipv6Key::from_octets(addr.octets()), 0)
-            .map_err(insert_err(names::VETHS6, capacity))
+            .map_err(insert_err(names::VETHS6, self.veths6.map()))
     }
 
     pub fn remove_veth6(&mut self, ifindex: u32) -> Result<(), DataplaneError> {

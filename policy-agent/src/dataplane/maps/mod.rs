@@ -13,6 +13,7 @@
 //! mappings, NetOut's rules), `counters` (what the programs counted and
 //! track), `limits` (the per-address rate limits).
 
+mod batch;
 mod counters;
 mod endpoints;
 mod limits;
@@ -87,11 +88,15 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source: Box::new(source) }
 }
 
-/// Turns `E2BIG` from an insert into [`DataplaneError::MapFull`].
-fn insert_err(name: &'static str, capacity: u32) -> impl Fn(MapError) -> DataplaneError {
+/// Turns `E2BIG` from an insert into `map` into [`DataplaneError::MapFull`]
+/// (its capacity read then: a syscall no successful insert pays).
+fn insert_err<'a>(
+    name: &'static str,
+    map: &'a MapData,
+) -> impl Fn(MapError) -> DataplaneError + 'a {
     move |source| match &source {
         MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
-            DataplaneError::MapFull { name, capacity }
+            DataplaneError::MapFull { name, capacity: Maps::capacity(map) }
         }
         _ => DataplaneError::Map { name, source: Box::new(source) },
     }
@@ -250,33 +255,55 @@ impl Maps {
     }
 
     /// Entries, capacity and kernel bytes of every map (for status).
+    /// How many entries a hash map holds (counted in batches; 0 if it
+    /// cannot be read).
+    fn entries(map: &MapData) -> usize {
+        batch::count(map).unwrap_or(0)
+    }
+
     pub fn occupancy(&self) -> Vec<(&'static str, usize, (u32, u64))> {
         vec![
-            (names::ENDPOINTS, self.endpoints.keys().count(), Self::size(self.endpoints.map())),
-            (names::VETHS, self.veths.keys().count(), Self::size(self.veths.map())),
-            (names::CGROUPS, self.cgroups.keys().count(), Self::size(self.cgroups.map())),
-            (names::POLICIES, self.policies.keys().count(), Self::size(self.policies.map())),
-            (names::PORT_SETS, self.port_sets.keys().count(), Self::size(self.port_sets.map())),
+            (
+                names::ENDPOINTS,
+                Self::entries(self.endpoints.map()),
+                Self::size(self.endpoints.map()),
+            ),
+            (names::VETHS, Self::entries(self.veths.map()), Self::size(self.veths.map())),
+            (names::CGROUPS, Self::entries(self.cgroups.map()), Self::size(self.cgroups.map())),
+            (names::POLICIES, Self::entries(self.policies.map()), Self::size(self.policies.map())),
+            (
+                names::PORT_SETS,
+                Self::entries(self.port_sets.map()),
+                Self::size(self.port_sets.map()),
+            ),
             (
                 names::PORT_SETS_WIDE,
-                self.port_sets_wide.keys().count(),
+                Self::entries(self.port_sets_wide.map()),
                 Self::size(self.port_sets_wide.map()),
             ),
-            (names::CONNTRACK, self.conntrack.keys().count(), Self::size(self.conntrack.map())),
-            (names::FRAGMENTS, self.fragments.keys().count(), Self::size(self.fragments.map())),
+            (
+                names::CONNTRACK,
+                Self::entries(self.conntrack.map()),
+                Self::size(self.conntrack.map()),
+            ),
+            (
+                names::FRAGMENTS,
+                Self::entries(self.fragments.map()),
+                Self::size(self.fragments.map()),
+            ),
             (
                 names::POLICY_STATS,
-                self.policy_stats.keys().count(),
+                Self::entries(self.policy_stats.map()),
                 Self::size(self.policy_stats.map()),
             ),
             (
                 names::EVENT_LIMITS,
-                self.event_limits.keys().count(),
+                Self::entries(self.event_limits.map()),
                 Self::size(self.event_limits.map()),
             ),
             (
                 names::REJECT_LIMITS,
-                self.reject_limits.keys().count(),
+                Self::entries(self.reject_limits.map()),
                 Self::size(self.reject_limits.map()),
             ),
         ]
@@ -300,9 +327,10 @@ impl Maps {
     /// Makes `PEERS` exactly `peers` (underlay addresses): adds first, then
     /// removes the hosts that left.
     pub fn set_peers(&mut self, peers: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
-        let capacity = self.peers.map().info().map_or(0, |i| i.max_entries());
         for peer in peers {
-            self.peers.insert(addr_key(*peer), 1, 0).map_err(insert_err(names::PEERS, capacity))?;
+            self.peers
+                .insert(addr_key(*peer), 1, 0)
+                .map_err(insert_err(names::PEERS, self.peers.map()))?;
         }
         let gone: Vec<u32> = self
             .peers

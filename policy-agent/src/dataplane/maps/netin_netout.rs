@@ -20,10 +20,11 @@ impl Maps {
         &mut self,
         wanted: &BTreeMap<NetInKey, NetInTarget>,
     ) -> Result<(), DataplaneError> {
-        let capacity = self.netin.map().info().map_or(0, |i| i.max_entries());
         for (key, target) in wanted {
             if self.netin.get(key, 0).ok().as_ref() != Some(target) {
-                self.netin.insert(*key, *target, 0).map_err(insert_err(names::NETIN, capacity))?;
+                self.netin
+                    .insert(*key, *target, 0)
+                    .map_err(insert_err(names::NETIN, self.netin.map()))?;
             }
         }
         let count = u32::try_from(wanted.len()).unwrap_or(u32::MAX);
@@ -57,7 +58,6 @@ impl Maps {
         &mut self,
         wanted: &BTreeMap<crate::netout::TrieKey, NetOutRules>,
     ) -> Result<(), DataplaneError> {
-        let capacity = self.netout.map().info().map_or(0, |i| i.max_entries());
         let have: BTreeMap<crate::netout::TrieKey, NetOutRules> = self
             .netout
             .iter()
@@ -67,7 +67,9 @@ impl Maps {
         for (key, rules) in wanted {
             if have.get(key) != Some(rules) {
                 let k = LpmKey::new(key.0, key.1);
-                self.netout.insert(&k, rules, 0).map_err(insert_err(names::NETOUT, capacity))?;
+                self.netout
+                    .insert(&k, rules, 0)
+                    .map_err(insert_err(names::NETOUT, self.netout.map()))?;
             }
         }
         let apps = wanted.keys().filter(|k| k.0 == policy_common::netout::key_prefix(0)).count();

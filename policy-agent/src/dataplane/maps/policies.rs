@@ -44,9 +44,11 @@ impl Maps {
 
     /// All pairs and their allowances.
     pub fn pairs(&self) -> Vec<(PairKey, Vec<Allowance>)> {
-        self.policies
-            .iter()
-            .filter_map(Result::ok)
+        // In batches (see `batch`); key by key only if the kernel refuses.
+        let entries = super::batch::read_all::<PairKey, PairPorts>(self.policies.map())
+            .unwrap_or_else(|_| self.policies.iter().filter_map(Result::ok).collect());
+        entries
+            .into_iter()
             .map(|(k, pair)| {
                 let all = self.values_of(&k, pair).rules().map(|r| r.allowances().collect());
                 (k, all.unwrap_or_default())
@@ -65,15 +67,14 @@ impl Maps {
             Tier::Inline => Ok(()),
             Tier::Set => {
                 let set = rules.small().expect("a set-tier pair fits PORT_SETS");
-                let capacity = Self::capacity(self.port_sets.map());
-                self.port_sets.insert(key, set, 0).map_err(insert_err(names::PORT_SETS, capacity))
+                self.port_sets
+                    .insert(key, set, 0)
+                    .map_err(insert_err(names::PORT_SETS, self.port_sets.map()))
             }
-            Tier::Wide => {
-                let capacity = Self::capacity(self.port_sets_wide.map());
-                self.port_sets_wide
-                    .insert(key, rules, 0)
-                    .map_err(insert_err(names::PORT_SETS_WIDE, capacity))
-            }
+            Tier::Wide => self
+                .port_sets_wide
+                .insert(key, rules, 0)
+                .map_err(insert_err(names::PORT_SETS_WIDE, self.port_sets_wide.map())),
         }
     }
 
@@ -103,7 +104,6 @@ impl Maps {
         let pair = new.pair_ports();
         let tier = pair.tier();
         self.write_set(key, &new, tier)?;
-        let capacity = Self::capacity(self.policies.map());
         if let Err(e) = self.policies.insert(key, pair, 0) {
             // Put the set back as the old entry knows it.
             let restored = match old.filter(|_| old_tier == Some(tier)) {
@@ -116,7 +116,7 @@ impl Maps {
             if let Err(undo) = restored {
                 tracing::warn!(error = %undo, "cannot put a pair's old port set back");
             }
-            return Err(insert_err(names::POLICIES, capacity)(e));
+            return Err(insert_err(names::POLICIES, self.policies.map())(e));
         }
         if old_tier.is_some_and(|t| t != tier && t != Tier::Inline) {
             self.retired_sets.insert(key);
