@@ -175,7 +175,7 @@ pub fn answered6(skb: *mut __sk_buff) -> bool {
 /// a payload length that holds the minimal TCP or UDP header, and that
 /// header's bytes in the packet.
 #[inline(always)]
-fn plain_flow6(bytes: &SkbBytes) -> Option<Flow<Ipv6Key>> {
+pub(crate) fn plain_flow6(bytes: &SkbBytes) -> Option<Flow<Ipv6Key>> {
     const L4: usize = ETH_HLEN + 40;
     let [version, _, _, _] = bytes.direct::<4>(ETH_HLEN)?;
     let [len_hi, len_lo, next, _] = bytes.direct::<4>(ETH_HLEN + 4)?;

@@ -153,6 +153,18 @@ fn the_source_side_checks_ipv6_sources() {
     );
     f.dataplane.maps_mut().set_veth6(1, Ipv6Addr::from(A6)).unwrap();
     assert_eq!(f.leaving_container(&tcp(A6, B6, 1, 2)), TC_ACT_OK);
+    assert_eq!(f.count(Reason::SourceVerified), 1);
+    // Behind an extension header (decided by the full parse): the same.
+    let hop_by_hop = [proto::UDP, 0, 1, 4, 0, 0, 0, 0];
+    let chained = ipv6_frame(A6, B6, 0, &hop_by_hop, &l4_header(proto::UDP, 5353, 53));
+    assert_eq!(f.leaving_container(&chained), TC_ACT_OK);
+    assert_eq!(f.count(Reason::SourceVerified), 2);
+    // A payload length too short for its UDP header: malformed, not
+    // verified, whatever its source.
+    let mut short = ipv6_frame(A6, B6, proto::UDP, &[], &l4_header(proto::UDP, 5353, 53));
+    short[18..20].copy_from_slice(&4u16.to_be_bytes());
+    assert_eq!(f.leaving_container(&short), TC_ACT_SHOT);
+    assert_eq!(f.count(Reason::Malformed), 1);
     assert_eq!(f.leaving_container(&tcp(B6, A6, 1, 2)), TC_ACT_SHOT, "spoofed");
     assert_eq!(f.leaving_container(&tcp(LINK, ALL_NODES, 1, 2)), TC_ACT_OK, "on the link");
     assert_eq!(f.leaving_container(&tcp(LINK, B6, 1, 2)), TC_ACT_SHOT);
