@@ -123,7 +123,7 @@ fn fan_out(watchers: usize, writes: usize) -> Vec<Duration> {
         ready.wait();
         for i in 0..writes {
             let change = Change::AddPolicies(vec![Policy {
-                source: format!("app-{i}"),
+                source: format!("app-{i}").into(),
                 destination: "backend".into(),
                 protocol: Protocol::Tcp,
                 start: 8080,

@@ -192,7 +192,7 @@ fn explain_in<A: Family + From<IpKey>>(
     let FlowQuery { src, dst, protocol, port, from } = *query;
     let (src_ep, dst_ep) = (maps.endpoint_at(src), maps.endpoint_at(dst));
     let app_of = |ip: IpAddr, ep: Option<EndpointValue>| {
-        state.endpoint_at(ip).map(|e| e.app.clone()).or_else(|| {
+        state.endpoint_at(ip).map(|e| e.app.to_string()).or_else(|| {
             let tag = ep?.tag;
             state.tags().iter().find(|(_, t)| **t == tag).map(|(a, _)| a.clone())
         })

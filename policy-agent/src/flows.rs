@@ -169,7 +169,7 @@ impl Names {
             apps_by_tag: state.tags().iter().map(|(app, tag)| (*tag, app.clone())).collect(),
             apps_by_ip: state
                 .endpoints()
-                .flat_map(|e| e.addresses().map(|ip| (ip, e.app.clone())))
+                .flat_map(|e| e.addresses().map(|ip| (ip, e.app.to_string())))
                 .collect(),
         }
     }

@@ -381,7 +381,7 @@ impl<K: Kernel> Agent<K> {
         let undo = self.state.add_endpoint_undoable(endpoint);
         self.write(change, before, undo)?;
         let tag = self.state.tag(&app).expect("add_endpoint tags the app");
-        info!(%ip, ?ipv6, app, ifname, tag, "endpoint added");
+        info!(%ip, ?ipv6, %app, ifname, tag, "endpoint added");
         Ok(())
     }
 
@@ -480,7 +480,7 @@ impl<K: Kernel> Agent<K> {
         let before = reconcile::before(&self.state, &change);
         let undo = self.state.remove_endpoint_undoable(ip);
         self.write(change, before, undo)?;
-        info!(%ip, app = endpoint.app, ifname = endpoint.ifname, "endpoint removed");
+        info!(%ip, app = %endpoint.app, ifname = endpoint.ifname, "endpoint removed");
         Ok(true)
     }
 }

@@ -53,7 +53,7 @@ pub(super) fn still_here<K: Kernel>(
         .inspect(|e| {
             warn!(
                 ip = %e.ip,
-                app = e.app,
+                app = %e.app,
                 ifname = e.ifname,
                 "the cluster no longer has this host's endpoint whose container is still here: \
                  held as it was until registered again"
@@ -77,7 +77,7 @@ impl<K: Kernel> Agent<K> {
         }
         warn!(
             ip = %endpoint.ip,
-            app = endpoint.app,
+            app = %endpoint.app,
             ifname = endpoint.ifname,
             "another host removed this host's endpoint whose container is still here: \
              held as it was until registered again"
@@ -132,7 +132,7 @@ impl<K: Kernel> Agent<K> {
                 None if may_register && in_subnet(ip) => {
                     match self.add_endpoint(endpoint.clone()) {
                         Ok(()) => {
-                            info!(%ip, app = endpoint.app, "held endpoint registered again");
+                            info!(%ip, app = %endpoint.app, "held endpoint registered again");
                             self.held.remove(&ip);
                             outcome.registered.push(ip);
                         }

@@ -9,7 +9,7 @@ use axum::{
 use policy_api::wire as shapes;
 
 use super::{Api, Reply, invalid, ok, read_json, timed_write, wire, with_agent, written};
-use crate::state::tag_text;
+use crate::state::{AppName, tag_text};
 
 /// `POST /networking/v1/external/policies`.
 pub async fn create(State(api): State<Api>, body: Body) -> Reply {
@@ -31,8 +31,8 @@ pub async fn delete(State(api): State<Api>, body: Body) -> Reply {
 
 /// `GET /networking/v1/external/policies[?id=A,B&source_id=..&dest_id=..]`.
 pub async fn list(State(api): State<Api>, Query(query): Query<HashMap<String, String>>) -> Reply {
-    let filter = |key: &str| -> Option<Vec<String>> {
-        query.get(key).map(|v| v.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
+    let filter = |key: &str| -> Option<Vec<AppName>> {
+        query.get(key).map(|v| v.split(',').filter(|s| !s.is_empty()).map(AppName::from).collect())
     };
     let (ids, sources, dests) = (filter("id"), filter("source_id"), filter("dest_id"));
     let policies: Vec<shapes::Policy> = with_agent(&api, move |agent| {

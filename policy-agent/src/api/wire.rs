@@ -159,8 +159,8 @@ fn policy(p: &wire::Policy, at: &dyn Fn(&str) -> String) -> Result<Policy, Inval
         return Err(Invalid::new(at("tls_only"), "a TLS-only policy must be tcp"));
     }
     Ok(Policy {
-        source: p.source.id.clone(),
-        destination: dest.id.clone(),
+        source: p.source.id.as_str().into(),
+        destination: dest.id.as_str().into(),
         protocol,
         start,
         end,
@@ -174,9 +174,9 @@ pub fn policy_shape(p: &Policy) -> wire::Policy {
     let icmp = p.icmp_types();
     let ports = icmp.is_none().then_some(wire::Ports { start: p.start.into(), end: p.end.into() });
     wire::Policy {
-        source: wire::PolicySource { id: p.source.clone(), tag: None },
+        source: wire::PolicySource { id: p.source.to_string(), tag: None },
         destination: wire::Destination {
-            id: p.destination.clone(),
+            id: p.destination.to_string(),
             protocol: p.protocol.name().to_owned(),
             ports,
             port: None,
@@ -211,7 +211,7 @@ pub fn endpoint_shape(e: &Endpoint) -> wire::Endpoint {
     wire::Endpoint {
         ip: Some(e.ip.to_string()),
         ips: Some(e.addresses().map(|a| a.to_string()).collect()),
-        app: e.app.clone(),
+        app: e.app.to_string(),
         ifname: e.ifname.clone(),
         netns: e.netns.clone(),
         host: e.host.clone(),
@@ -401,7 +401,7 @@ pub fn parse_endpoint(v: &Value) -> Result<Endpoint, Invalid> {
     Ok(Endpoint {
         ip,
         ipv6,
-        app: e.app,
+        app: e.app.into(),
         ifname: e.ifname,
         netns: e.netns,
         host: None,

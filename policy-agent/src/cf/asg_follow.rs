@@ -114,9 +114,9 @@ fn places<'a>(containers: impl Iterator<Item = &'a Endpoint>) -> BTreeMap<String
     for c in containers {
         let Some(space) = c.space_id.clone() else { continue };
         let workload = c.workload.as_deref().and_then(Workload::parse);
-        match out.get_mut(&c.app) {
+        match out.get_mut(c.app.as_str()) {
             None => {
-                out.insert(c.app.clone(), AppPlace { space, workload, mixed: false });
+                out.insert(c.app.to_string(), AppPlace { space, workload, mixed: false });
             }
             Some(place) => {
                 let staging = |w: Option<Workload>| w == Some(Workload::Staging);

@@ -67,7 +67,7 @@ impl StoreFollower {
             let endpoint = Endpoint {
                 ip: IpAddr::V4(c.ip),
                 ipv6: None,
-                app: c.app.clone(),
+                app: c.app.as_str().into(),
                 ifname,
                 netns: None,
                 host: None,

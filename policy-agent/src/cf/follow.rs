@@ -168,7 +168,7 @@ impl Poll for Follower {
                 None => state.local_endpoints().collect(),
             };
             let spaces = asked.iter().filter_map(|e| e.space_id.clone());
-            asked.iter().map(|e| e.app.clone()).chain(spaces).collect()
+            asked.iter().map(|e| e.app.to_string()).chain(spaces).collect()
         };
         if ids.is_empty() {
             // Nothing here to police: no request, no policy in force.

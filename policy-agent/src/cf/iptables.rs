@@ -83,7 +83,7 @@ impl AcceptChain {
                 "-A {TO_CHAIN} -o {} -m comment --comment \"policy-agent: its eBPF program decides\" -j ACCEPT",
                 e.ifname
             ));
-            if self.egress && state.netout().contains_key(&e.app) {
+            if self.egress && state.netout().contains_key(e.app.as_str()) {
                 egress.insert(format!(
                     "-A {CHAIN} -i {} -m comment --comment \"policy-agent: its NetOut rules decide\" -j ACCEPT",
                     e.ifname

@@ -163,8 +163,8 @@ fn policy_of(p: &ServerPolicy) -> Result<(Policy, u32, u32), String> {
             .ok_or_else(|| format!("{}: {end} tag {text:?} is not 1-6 hex digits", name()))
     };
     let policy = Policy {
-        source: s.id.clone(),
-        destination: d.id.clone(),
+        source: s.id.as_str().into(),
+        destination: d.id.as_str().into(),
         protocol,
         start,
         end,

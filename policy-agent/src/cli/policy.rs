@@ -59,8 +59,8 @@ impl PolicyArgs {
             IcmpTypes { icmp_type: self.icmp_type, code: self.icmp_code }.range()
         };
         Ok(Policy {
-            source: self.source_app.clone(),
-            destination: self.destination_app.clone(),
+            source: self.source_app.as_str().into(),
+            destination: self.destination_app.as_str().into(),
             protocol: self.protocol,
             start,
             end,

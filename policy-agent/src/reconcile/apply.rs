@@ -68,7 +68,7 @@ pub fn before(state: &State, change: &Change) -> Before {
                 _ => (policies.clone(), Vec::new()),
             };
             let mut apps = policies.iter().flat_map(|p| [&p.source, &p.destination]);
-            let touches_netout = apps.any(|a| netout.contains_key(a));
+            let touches_netout = apps.any(|a| netout.contains_key(a.as_str()));
             let before = before_change(state, touched(policies));
             (Step::Pairs { before, added, first_new_id, removed }, false, touches_netout)
         }
@@ -83,9 +83,9 @@ pub fn before(state: &State, change: &Change) -> Before {
                 let removed = change.remove.iter().filter_map(|p| state.policy_id(p)).collect();
                 let added = change.add.clone();
                 let policies: Vec<_> = change.add.iter().chain(&change.remove).cloned().collect();
-                let touches_netout = policies
-                    .iter()
-                    .any(|p| [&p.source, &p.destination].iter().any(|a| netout.contains_key(*a)));
+                let touches_netout = policies.iter().any(|p| {
+                    [&p.source, &p.destination].iter().any(|a| netout.contains_key(a.as_str()))
+                });
                 let before = before_change(state, touched(&policies));
                 (Step::Pairs { before, added, first_new_id, removed }, false, touches_netout)
             }
@@ -111,7 +111,7 @@ fn endpoint_before(state: &State, ip: IpAddr, new: Option<&Endpoint>) -> (Step, 
     };
     let netin_changes = netin_of(old_endpoint) != netin_of(new);
     let touches_netout =
-        old_endpoint.into_iter().chain(new).any(|e| state.netout().contains_key(&e.app));
+        old_endpoint.into_iter().chain(new).any(|e| state.netout().contains_key(e.app.as_str()));
     (Step::Endpoint { ip, old }, netin_changes, touches_netout)
 }
 

@@ -10,11 +10,11 @@ use tracing::warn;
 use super::Kernel;
 use crate::{
     DataplaneError,
-    state::{Policy, Protocol, State},
+    state::{AppName, Policy, Protocol, State},
 };
 
 /// An app pair and protocol, by app id.
-pub type AppPair = (String, String, Protocol);
+pub type AppPair = (AppName, AppName, Protocol);
 
 /// One pair entry to write: key, its old allowances, its new ones.
 pub type PairChange = (PairKey, Vec<Allowance>, Vec<Allowance>);

@@ -20,8 +20,8 @@ use std::{
 };
 
 pub use model::{
-    AddressRange, Endpoint, INTERNAL_DOMAIN, IcmpMatch, IcmpTypes, NetOutProtocol, NetOutRule,
-    Policy, PortMapping, PortSpan, Protocol, TlsFront, TlsPorts, tag_text,
+    AddressRange, AppName, Endpoint, INTERNAL_DOMAIN, IcmpMatch, IcmpTypes, NetOutProtocol,
+    NetOutRule, Policy, PortMapping, PortSpan, Protocol, TlsFront, TlsPorts, tag_text,
 };
 pub use policy_api::MAX_ID_LEN;
 use policy_common::{
@@ -67,8 +67,9 @@ pub struct State {
     /// policies name (see `server`). Empty without a policy server.
     server_tags: BTreeMap<String, u32>,
     /// How many policy ends and endpoints name each app (derived, not
-    /// stored): an app whose count drops to zero loses its tag.
-    refs: BTreeMap<String, usize>,
+    /// stored): an app whose count drops to zero loses its tag. Its keys
+    /// are the interned names (see [`Self::intern`]).
+    refs: BTreeMap<AppName, usize>,
 }
 
 impl Default for State {
@@ -181,8 +182,31 @@ impl State {
         }
     }
 
-    fn reference(&mut self, app: &str) {
-        *self.refs.entry(app.to_owned()).or_default() += 1;
+    /// The state's own copy of `app`'s name if some policy or endpoint
+    /// already names it (so they share one allocation), else `app`.
+    fn intern(&self, app: &AppName) -> AppName {
+        match self.refs.get_key_value(app.as_str()) {
+            Some((name, _)) => name.clone(),
+            None => app.clone(),
+        }
+    }
+
+    /// `p` with its app names interned.
+    fn interned(&self, p: &Policy) -> Policy {
+        Policy {
+            source: self.intern(&p.source),
+            destination: self.intern(&p.destination),
+            ..p.clone()
+        }
+    }
+
+    fn reference(&mut self, app: &AppName) {
+        match self.refs.get_mut(app.as_str()) {
+            Some(n) => *n += 1,
+            None => {
+                self.refs.insert(app.clone(), 1);
+            }
+        }
     }
 
     /// Drops one reference to `app`; with none left it loses its tag. Tags
@@ -218,10 +242,11 @@ impl State {
         );
         for p in policies {
             if !self.policies.contains_key(p) {
-                self.policies.insert(p.clone(), self.next_policy_id);
-                self.next_policy_id += 1;
+                let p = self.interned(p);
                 self.reference(&p.source);
                 self.reference(&p.destination);
+                self.policies.insert(p, self.next_policy_id);
+                self.next_policy_id += 1;
             }
         }
     }
@@ -238,7 +263,8 @@ impl State {
 
     /// Adds or replaces the endpoint at `endpoint.ip`. Returns the endpoint
     /// it replaced.
-    pub fn add_endpoint(&mut self, endpoint: Endpoint) -> Option<Endpoint> {
+    pub fn add_endpoint(&mut self, mut endpoint: Endpoint) -> Option<Endpoint> {
+        endpoint.app = self.intern(&endpoint.app);
         self.allocate_tags([endpoint.app.as_str()]);
         self.reference(&endpoint.app);
         let old = self.endpoints.insert(endpoint.ip, endpoint);
@@ -310,9 +336,10 @@ impl State {
         destination: &str,
         protocol: Protocol,
     ) -> Vec<Allowance> {
+        let (source, destination) = (AppName::from(source), AppName::from(destination));
         let bound = |port, tls_only| Policy {
-            source: source.to_owned(),
-            destination: destination.to_owned(),
+            source: source.clone(),
+            destination: destination.clone(),
             protocol,
             start: port,
             end: port,
@@ -417,8 +444,8 @@ impl State {
     pub fn policies_of(&self, source: &str) -> usize {
         // Policies are ordered by source first: a range, not a scan.
         let first = Policy {
-            source: source.to_owned(),
-            destination: String::new(),
+            source: source.into(),
+            destination: AppName::default(),
             protocol: Protocol::Tcp,
             start: 0,
             end: 0,

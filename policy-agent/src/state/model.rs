@@ -2,9 +2,14 @@
 //! TLS ports the agent knows about.
 
 use std::{
+    borrow::Borrow,
+    cmp::Ordering,
     collections::BTreeMap,
+    fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::Deref,
     path::PathBuf,
+    sync::Arc,
 };
 
 use policy_common::maps::proto;
@@ -12,6 +17,140 @@ use serde::{Deserialize, Serialize};
 
 /// The one domain internal routes live under.
 pub use policy_api::wire::INTERNAL_DOMAIN;
+
+/// An app's id, shared: the state interns the names it takes in (see
+/// `State::intern`), so every policy and endpoint naming one app holds the
+/// same allocation. A million policies between a thousand apps hold a
+/// thousand names, not two million copies, and cloning a policy allocates
+/// nothing. Compares, hashes and serializes as the text it holds.
+#[derive(Clone, Default)]
+pub struct AppName(Arc<str>);
+
+impl AppName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether both hold the same allocation (interned: the same app).
+    pub fn same(&self, other: &AppName) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Deref for AppName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for AppName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for AppName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq for AppName {
+    fn eq(&self, other: &Self) -> bool {
+        self.same(other) || self.0 == other.0
+    }
+}
+
+impl Eq for AppName {}
+
+impl std::hash::Hash for AppName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl PartialOrd for AppName {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for AppName {
+    fn cmp(&self, other: &Self) -> Ordering {
+        if self.same(other) { Ordering::Equal } else { self.0.cmp(&other.0) }
+    }
+}
+
+impl PartialEq<str> for AppName {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for AppName {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for AppName {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl From<&str> for AppName {
+    fn from(name: &str) -> Self {
+        Self(name.into())
+    }
+}
+
+impl From<String> for AppName {
+    fn from(name: String) -> Self {
+        Self(name.into())
+    }
+}
+
+impl From<&String> for AppName {
+    fn from(name: &String) -> Self {
+        Self(name.as_str().into())
+    }
+}
+
+impl fmt::Display for AppName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for AppName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl Serialize for AppName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for AppName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = AppName;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an app id")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<AppName, E> {
+                Ok(AppName::from(v))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
 
 /// A policy's protocol (the CLI's `--protocol`, the API's
 /// `destination.protocol`). `icmp` and `icmpv6` are our documented
@@ -123,8 +262,8 @@ impl IcmpTypes {
 /// destination ports `start..=end`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Policy {
-    pub source: String,
-    pub destination: String,
+    pub source: AppName,
+    pub destination: AppName,
     pub protocol: Protocol,
     pub start: u16,
     pub end: u16,
@@ -144,7 +283,7 @@ pub struct Endpoint {
     /// app on both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<Ipv6Addr>,
-    pub app: String,
+    pub app: AppName,
     /// Host-side veth.
     pub ifname: String,
     /// The container's network namespace (a path such as /var/run/netns/X).

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Endpoint, NetOutRule, Policy, State};
+use super::{AppName, Endpoint, NetOutRule, Policy, Protocol, State};
 
 /// The on-disk shape, borrowed from a state: serializes exactly like
 /// [`State`] (through `Stored`) without copying it, for snapshots of
@@ -34,10 +34,23 @@ fn policies_as_list<S: serde::Serializer>(
     #[derive(Serialize)]
     struct Item<'a> {
         id: u32,
-        #[serde(flatten)]
-        policy: &'a Policy,
+        source: &'a AppName,
+        destination: &'a AppName,
+        protocol: Protocol,
+        start: u16,
+        end: u16,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        tls_only: bool,
     }
-    s.collect_seq(policies.iter().map(|(policy, &id)| Item { id, policy }))
+    s.collect_seq(policies.iter().map(|(p, &id)| Item {
+        id,
+        source: &p.source,
+        destination: &p.destination,
+        protocol: p.protocol,
+        start: p.start,
+        end: p.end,
+        tls_only: p.tls_only,
+    }))
 }
 
 fn endpoints_as_list<S: serde::Serializer>(
@@ -82,11 +95,31 @@ pub(super) struct Stored {
     server_tags: BTreeMap<String, u32>,
 }
 
+/// A policy and its id, spelled out rather than `#[serde(flatten)]`: a
+/// flattened struct is buffered field by field before it is read, which
+/// at a million policies was most of the time a restart took to parse.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct StoredPolicy {
     id: u32,
-    #[serde(flatten)]
-    policy: Policy,
+    source: AppName,
+    destination: AppName,
+    protocol: Protocol,
+    start: u16,
+    end: u16,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    tls_only: bool,
+}
+
+impl StoredPolicy {
+    fn new(p: Policy, id: u32) -> Self {
+        let Policy { source, destination, protocol, start, end, tls_only } = p;
+        Self { id, source, destination, protocol, start, end, tls_only }
+    }
+
+    fn into_policy(self) -> (Policy, u32) {
+        let Self { id, source, destination, protocol, start, end, tls_only } = self;
+        (Policy { source, destination, protocol, start, end, tls_only }, id)
+    }
 }
 
 impl From<Stored> for State {
@@ -95,7 +128,7 @@ impl From<Stored> for State {
             next_tag: s.next_tag,
             next_policy_id: s.next_policy_id,
             tags: s.tags,
-            policies: s.policies.into_iter().map(|p| (p.policy, p.id)).collect(),
+            policies: s.policies.into_iter().map(StoredPolicy::into_policy).collect(),
             endpoints: s.endpoints.into_iter().map(|e| (e.ip, e)).collect(),
             routes: s.routes,
             netout: s.asgs,
@@ -104,14 +137,22 @@ impl From<Stored> for State {
             local_host: None,
             refs: BTreeMap::new(),
         };
-        let named: Vec<String> = state
-            .policies
-            .keys()
-            .flat_map(|p| [p.source.clone(), p.destination.clone()])
-            .chain(state.endpoints.values().map(|e| e.app.clone()))
+        // Interned as they are taken in: one allocation per app name.
+        let policies = std::mem::take(&mut state.policies);
+        state.policies = policies
+            .into_iter()
+            .map(|(p, id)| {
+                let p = state.interned(&p);
+                state.reference(&p.source);
+                state.reference(&p.destination);
+                (p, id)
+            })
             .collect();
-        for app in named {
-            *state.refs.entry(app).or_default() += 1;
+        let endpoints = std::mem::take(&mut state.endpoints);
+        for (ip, mut e) in endpoints {
+            e.app = state.intern(&e.app);
+            state.reference(&e.app);
+            state.endpoints.insert(ip, e);
         }
         state
     }
@@ -127,7 +168,7 @@ impl From<State> for Stored {
             policies: s
                 .policies
                 .into_iter()
-                .map(|(policy, id)| StoredPolicy { id, policy })
+                .map(|(policy, id)| StoredPolicy::new(policy, id))
                 .collect(),
             endpoints: s.endpoints.into_values().collect(),
             routes: s.routes,

@@ -245,3 +245,32 @@ fn the_cli_port_form_is_parsed_once() {
         assert!(check_ifname("ifname", bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn app_names_are_held_once_however_many_policies_name_them() {
+    let mut s = State::default();
+    let policies: Vec<Policy> =
+        (1..=50).map(|port| policy("web", "api", Protocol::Tcp, port, port)).collect();
+    s.add_policies(&policies, None).unwrap();
+    s.add_endpoint(Endpoint::test(1, "api"));
+    let shared = |s: &State| {
+        let (first, _) = s.policies().next().unwrap();
+        let all_policies = s
+            .policies()
+            .all(|(p, _)| p.source.same(&first.source) && p.destination.same(&first.destination));
+        let endpoint = s.endpoints().all(|e| e.app.same(&first.destination));
+        all_policies && endpoint
+    };
+    assert!(shared(&s), "every policy and endpoint holds the state's one copy of each name");
+    // The same from a stored state read back.
+    let stored = serde_json::to_string(&s).unwrap();
+    let back: State = serde_json::from_str(&stored).unwrap();
+    assert_eq!(back, s);
+    assert!(shared(&back));
+    // A name with no policy or endpoint left is no longer held.
+    let web = s.policies().next().unwrap().0.source.clone();
+    s.remove_policies(&policies);
+    assert_eq!(s.tag("web"), None);
+    s.add_policies(&[policy("web", "db", Protocol::Udp, 53, 53)], None).unwrap();
+    assert!(!s.policies().next().unwrap().0.source.same(&web));
+}

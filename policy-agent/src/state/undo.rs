@@ -181,12 +181,12 @@ impl State {
             self.policies.insert(p, id);
         }
         for (app, tag) in undo.tags {
-            if self.refs.contains_key(&app) {
+            if self.refs.contains_key(app.as_str()) {
                 self.tags.entry(app).or_insert(tag);
             }
         }
         for (app, tag) in undo.retagged {
-            if self.refs.contains_key(&app) {
+            if self.refs.contains_key(app.as_str()) {
                 self.tags.insert(app, tag);
             }
         }

@@ -167,7 +167,7 @@ impl TlsProxies {
             return Ok(());
         };
         let want = Wanted {
-            app: endpoint.app.clone(),
+            app: endpoint.app.to_string(),
             addresses: endpoint.addresses().collect(),
             netns: netns.clone(),
             hostnames: Vec::new(),
@@ -212,12 +212,12 @@ impl TlsProxies {
                 Some((
                     e.ip,
                     Wanted {
-                        app: e.app.clone(),
+                        app: e.app.to_string(),
                         addresses: e.addresses().collect(),
                         netns: e.netns.clone()?,
                         hostnames: routes_of.get(e.app.as_str()).cloned().unwrap_or_default(),
                         app_port: state.tls_front(&e.app)?.app_port,
-                        client_auth: self.client_auth.apps.contains(&e.app),
+                        client_auth: self.client_auth.apps.contains(e.app.as_str()),
                     },
                 ))
             })

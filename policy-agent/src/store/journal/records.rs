@@ -10,7 +10,7 @@ use crate::store::Change;
 pub(super) const HEADER: &str = "policy-agent journal 2 after ";
 
 /// A record's JSON (after its seq and checksum).
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Body {
     change: Change,
 }
@@ -40,7 +40,11 @@ pub(super) struct Read {
 
 /// A record's line: `SEQ CRC {"change":...}\n`.
 pub(super) fn record(seq: u64, change: &Change) -> Vec<u8> {
-    let json = serde_json::to_vec(&Body { change: change.clone() }).expect("changes serialize");
+    #[derive(Serialize)]
+    struct BodyRef<'a> {
+        change: &'a Change,
+    }
+    let json = serde_json::to_vec(&BodyRef { change }).expect("changes serialize");
     let crc = checksum(seq, &json);
     let mut line = format!("{seq} {crc:08x} ").into_bytes();
     line.extend_from_slice(&json);
