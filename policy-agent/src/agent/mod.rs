@@ -131,11 +131,22 @@ impl<K: Kernel> Agent<K> {
     /// Loads the stored state and reconciles the kernel to it without
     /// clearing anything first. Returns the agent and reconcile warnings.
     pub fn start(
-        mut kernel: K,
+        kernel: K,
         mut store: Box<dyn Store>,
         settings: Settings,
     ) -> Result<(Self, Vec<String>), AgentError> {
-        let mut state = store.load()?;
+        let state = store.load()?;
+        Self::start_loaded(kernel, store, state, settings)
+    }
+
+    /// [`Self::start`] with `state` already loaded from `store` (the daemon
+    /// reads it while the kernel verifies the programs).
+    pub fn start_loaded(
+        mut kernel: K,
+        store: Box<dyn Store>,
+        mut state: State,
+        settings: Settings,
+    ) -> Result<(Self, Vec<String>), AgentError> {
         state.set_tls_ports(settings.tls_ports);
         state.set_local_host(settings.host);
         let reconcile_pending = store.is_stale();

@@ -83,7 +83,7 @@ pub type NetOutTrie = BTreeMap<TrieKey, policy_common::netout::NetOutRules>;
 
 /// What the reconciler needs from the kernel. No method has a default: the
 /// in-memory fake implements each, so the reconciler's tests see every map.
-pub trait Kernel {
+pub trait Kernel: Sync {
     /// `ENDPOINTS`: address → tag.
     fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, EndpointValue>, DataplaneError>;
     fn set_endpoint(&mut self, ip: Ipv4Addr, value: EndpointValue) -> Result<(), DataplaneError>;
@@ -214,23 +214,48 @@ fn full_reconcile<K: Kernel>(
             warnings.push(format!("endpoint {} ({}): {err}", e.ip, e.ifname));
         }
     }
+    // What the state wants is worked out beside the kernel's reads (at a
+    // million policies each takes a few hundred milliseconds).
+    let counting = kernel.counts_policies();
+    let (want, have) = std::thread::scope(|s| {
+        let want = s.spawn(|| (counted_policies(counting, state), state.pairs()));
+        let shared: &K = kernel;
+        let counters = s.spawn(|| shared.policy_counters());
+        let pairs = shared.pairs();
+        let counters = counters.join().expect("reading the policy counters panicked");
+        (
+            want.join().expect("working out the wanted pairs panicked"),
+            counters.and_then(|c| Ok((c, pairs?))),
+        )
+    });
+    let ((want_counters, want_pairs), (have_counters, have_pairs)) = (want, have?);
     // Rule 6: counters before the pairs that name their policies.
-    let want_counters = counted_policies(kernel, state);
-    let have_counters = kernel.policy_counters()?;
     let missing: Vec<u32> = want_counters.difference(&have_counters).copied().collect();
     if !missing.is_empty() {
         kernel.add_policy_counters(&missing)?;
     }
-    let want_pairs = state.pairs();
-    let have_pairs = kernel.pairs()?;
+    // Both ordered by key: one walk finds what to write and what to remove.
+    let mut have = have_pairs.iter().peekable();
+    let mut gone = Vec::new();
     for (key, allowances) in &want_pairs {
-        if !pairs::same_allowances(have_pairs.get(key), allowances) {
+        while let Some((k, _)) = have.next_if(|(k, _)| *k < key) {
+            gone.push(*k);
+        }
+        let current = have.next_if(|(k, _)| *k == key).map(|(_, v)| v);
+        if !pairs::same_allowances(current, allowances) {
             kernel.set_pair(*key, allowances)?;
         }
     }
+    gone.extend(have.map(|(k, _)| *k));
+    // A million pairs take a while to free: not on the way to serving.
+    std::thread::spawn(move || {
+        drop((want_pairs, have_pairs));
+        // SAFETY: malloc_trim only releases memory malloc holds and no one uses.
+        unsafe { libc::malloc_trim(0) };
+    });
     // Removes.
-    for key in have_pairs.keys().filter(|k| !want_pairs.contains_key(k)) {
-        kernel.set_pair(*key, &[])?;
+    for key in gone {
+        kernel.set_pair(key, &[])?;
     }
     let wanted_ifnames: BTreeSet<&str> =
         state.local_endpoints().chain(held.values()).map(|e| e.ifname.as_str()).collect();
@@ -263,8 +288,8 @@ fn full_reconcile<K: Kernel>(
 
 /// The policies that need counters: every one in force, if the programs
 /// count per policy.
-fn counted_policies<K: Kernel>(kernel: &K, state: &State) -> BTreeSet<u32> {
-    match kernel.counts_policies() {
+fn counted_policies(counting: bool, state: &State) -> BTreeSet<u32> {
+    match counting {
         true => state.policies().map(|(_, id)| id).collect(),
         false => BTreeSet::new(),
     }

@@ -25,12 +25,24 @@ pub fn touched(policies: &[Policy]) -> BTreeSet<AppPair> {
 }
 
 pub(super) fn same_allowances(have: Option<&Vec<Allowance>>, want: &[Allowance]) -> bool {
+    let Some(have) = have else { return false };
+    let triple = |a: &Allowance| (a.start, a.end, a.policy_id);
+    // Most pairs have one or two ranges: compared without allocating.
+    match (have.as_slice(), want) {
+        (h, w) if h.len() != w.len() => return false,
+        ([h], [w]) => return triple(h) == triple(w),
+        ([h0, h1], [w0, w1]) => {
+            let (h0, h1, w0, w1) = (triple(h0), triple(h1), triple(w0), triple(w1));
+            return (h0.min(h1), h0.max(h1)) == (w0.min(w1), w0.max(w1));
+        }
+        _ => {}
+    }
     let sorted = |v: &[Allowance]| {
         let mut v: Vec<_> = v.iter().map(|a| (a.start, a.end, a.policy_id)).collect();
         v.sort_unstable();
         v
     };
-    have.is_some_and(|h| sorted(h) == sorted(want))
+    sorted(have) == sorted(want)
 }
 
 /// Writes pair changes, adds and changes first, removals last. On error,

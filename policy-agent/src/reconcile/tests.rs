@@ -535,3 +535,22 @@ fn a_full_reconcile_forgets_the_rate_limits_of_the_endpoints_it_removes() {
     applied.keep(&mut kernel);
     assert_eq!(kernel.limits, kept);
 }
+
+#[test]
+fn allowances_compare_as_sets_of_ranges_and_ids() {
+    let a = |start, end, policy_id| Allowance { start, end, policy_id };
+    let same = |have: &[Allowance], want: &[Allowance]| {
+        pairs::same_allowances(Some(&have.to_vec()), want)
+    };
+    assert!(!pairs::same_allowances(None, &[a(80, 80, 1)]), "no entry is not the same");
+    assert!(same(&[a(80, 80, 1)], &[a(80, 80, 1)]));
+    assert!(!same(&[a(80, 80, 1)], &[a(80, 80, 2)]), "another policy id");
+    assert!(!same(&[a(80, 80, 1)], &[a(80, 81, 1)]));
+    assert!(same(&[a(80, 80, 1), a(90, 99, 2)], &[a(90, 99, 2), a(80, 80, 1)]), "any order");
+    assert!(!same(&[a(80, 80, 1), a(90, 99, 2)], &[a(80, 80, 1), a(90, 99, 3)]));
+    assert!(!same(&[a(80, 80, 1)], &[a(80, 80, 1), a(80, 80, 1)]), "lengths differ");
+    let three = [a(1, 1, 1), a(2, 2, 2), a(3, 3, 3)];
+    let shuffled = [a(3, 3, 3), a(1, 1, 1), a(2, 2, 2)];
+    assert!(same(&three, &shuffled));
+    assert!(!same(&three, &[a(3, 3, 3), a(1, 1, 1), a(2, 2, 9)]));
+}

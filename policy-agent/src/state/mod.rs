@@ -15,7 +15,7 @@ mod undo;
 mod validate;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -69,7 +69,7 @@ pub struct State {
     /// How many policy ends and endpoints name each app (derived, not
     /// stored): an app whose count drops to zero loses its tag. Its keys
     /// are the interned names (see [`Self::intern`]).
-    refs: BTreeMap<AppName, usize>,
+    refs: HashMap<AppName, usize>,
 }
 
 impl Default for State {
@@ -85,7 +85,7 @@ impl Default for State {
             server_tags: BTreeMap::new(),
             tls_ports: None,
             local_host: None,
-            refs: BTreeMap::new(),
+            refs: HashMap::new(),
         }
     }
 }
@@ -299,44 +299,56 @@ impl State {
 
     /// The port ranges one policy allows: its own ports (unless TLS-only),
     /// and the TLS port fronting the app port if the policy covers it.
-    pub(crate) fn allowances_of(&self, p: &Policy, policy_id: u32) -> Vec<Allowance> {
-        let mut out = Vec::with_capacity(2);
-        if !p.tls_only {
-            out.push(Allowance { start: p.start, end: p.end, policy_id });
-        }
-        if let Some(front) = self
+    pub(crate) fn allowances_of(
+        &self,
+        p: &Policy,
+        policy_id: u32,
+    ) -> impl Iterator<Item = Allowance> + use<> {
+        let own = (!p.tls_only).then_some(Allowance { start: p.start, end: p.end, policy_id });
+        let tls = self
             .tls_front(&p.destination)
             .filter(|f| p.protocol == Protocol::Tcp && p.start <= f.app_port && f.app_port <= p.end)
-        {
-            out.push(Allowance { start: front.tls_port, end: front.tls_port, policy_id });
-        }
-        out
+            .map(|front| Allowance { start: front.tls_port, end: front.tls_port, policy_id });
+        own.into_iter().chain(tls)
     }
 
     /// What `POLICIES` must hold: the allowances of every app pair.
     pub fn pairs(&self) -> BTreeMap<PairKey, Vec<Allowance>> {
-        let mut pairs: BTreeMap<PairKey, Vec<Allowance>> = BTreeMap::new();
+        // Policies come ordered by source, then destination: the tags of the
+        // last two names are looked up once for all their policies.
+        let mut last: Option<(&AppName, &AppName, Option<u32>, Option<u32>)> = None;
+        let mut all: Vec<(PairKey, Allowance)> = Vec::with_capacity(self.policies.len());
         for (p, &id) in &self.policies {
-            let (Some(src), Some(dst)) = (self.tag(&p.source), self.tag(&p.destination)) else {
+            let (src, dst) = match last {
+                Some((s, d, src, dst)) if s.same(&p.source) && d.same(&p.destination) => (src, dst),
+                _ => (self.tag(&p.source), self.tag(&p.destination)),
+            };
+            last = Some((&p.source, &p.destination, src, dst));
+            let (Some(src), Some(dst)) = (src, dst) else {
                 continue; // unreachable: policies always have tags
             };
-            pairs
-                .entry(PairKey::new(src, dst, p.protocol.number()))
-                .or_default()
-                .extend(self.allowances_of(p, id));
+            let key = PairKey::new(src, dst, p.protocol.number());
+            all.extend(self.allowances_of(p, id).map(|a| (key, a)));
         }
-        pairs
+        all.sort_by_key(|(key, _)| *key);
+        let mut pairs: Vec<(PairKey, Vec<Allowance>)> = Vec::new();
+        for (key, a) in all {
+            match pairs.last_mut() {
+                Some((k, allowances)) if *k == key => allowances.push(a),
+                _ => pairs.push((key, vec![a])),
+            }
+        }
+        pairs.into_iter().collect()
     }
 
     /// The allowances of one app pair and protocol (a range query: the
     /// policies are ordered by source, destination, protocol).
     pub fn pair_allowances(
         &self,
-        source: &str,
-        destination: &str,
+        source: &AppName,
+        destination: &AppName,
         protocol: Protocol,
     ) -> Vec<Allowance> {
-        let (source, destination) = (AppName::from(source), AppName::from(destination));
         let bound = |port, tls_only| Policy {
             source: source.clone(),
             destination: destination.clone(),
@@ -354,7 +366,7 @@ impl State {
     /// Whether a policy lets `source` reach `port` of `destination`'s
     /// instances (the policy's own ports or the TLS port fronting them).
     pub fn allows(&self, source: &str, destination: &str, protocol: Protocol, port: u16) -> bool {
-        self.pair_allowances(source, destination, protocol)
+        self.pair_allowances(&source.into(), &destination.into(), protocol)
             .iter()
             .any(|a| a.start <= port && port <= a.end)
     }

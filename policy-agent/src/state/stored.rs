@@ -128,26 +128,28 @@ impl From<Stored> for State {
             next_tag: s.next_tag,
             next_policy_id: s.next_policy_id,
             tags: s.tags,
-            policies: s.policies.into_iter().map(StoredPolicy::into_policy).collect(),
+            policies: BTreeMap::new(),
             endpoints: s.endpoints.into_iter().map(|e| (e.ip, e)).collect(),
             routes: s.routes,
             netout: s.asgs,
             server_tags: s.server_tags,
             tls_ports: None,
             local_host: None,
-            refs: BTreeMap::new(),
+            refs: Default::default(),
         };
         // Interned as they are taken in: one allocation per app name.
-        let policies = std::mem::take(&mut state.policies);
-        state.policies = policies
+        let policies: Vec<(Policy, u32)> = s
+            .policies
             .into_iter()
-            .map(|(p, id)| {
+            .map(|stored| {
+                let (p, id) = stored.into_policy();
                 let p = state.interned(&p);
                 state.reference(&p.source);
                 state.reference(&p.destination);
                 (p, id)
             })
             .collect();
+        state.policies = policies.into_iter().collect();
         let endpoints = std::mem::take(&mut state.endpoints);
         for (ip, mut e) in endpoints {
             e.app = state.intern(&e.app);

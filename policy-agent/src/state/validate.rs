@@ -12,7 +12,7 @@ use policy_common::ports::{Allowance, PortsError};
 
 use super::{
     State,
-    model::{Endpoint, INTERNAL_DOMAIN, IcmpTypes, Policy, Protocol},
+    model::{AppName, Endpoint, INTERNAL_DOMAIN, IcmpTypes, Policy, Protocol},
 };
 use policy_common::maps::PortRules;
 
@@ -280,7 +280,6 @@ impl State {
         limit: Option<usize>,
     ) -> Result<(), Invalid> {
         for (i, p) in policies.iter().enumerate() {
-            let field = format!("policies[{i}].destination");
             let well_formed = if p.protocol.has_ports() {
                 p.start >= 1 && p.start <= p.end
             } else {
@@ -288,7 +287,7 @@ impl State {
             };
             if !well_formed {
                 return Err(Invalid::new(
-                    field,
+                    format!("policies[{i}].destination"),
                     format!("{}-{} is not a {} policy's range", p.start, p.end, p.protocol.name()),
                 ));
             }
@@ -327,12 +326,10 @@ impl State {
                 }
             }
         }
-        let mut new_per_pair: BTreeMap<(&str, &str, Protocol), Vec<&Policy>> = BTreeMap::new();
+        let mut new_per_pair: BTreeMap<(&AppName, &AppName, Protocol), Vec<&Policy>> =
+            BTreeMap::new();
         for p in &new {
-            new_per_pair
-                .entry((p.source.as_str(), p.destination.as_str(), p.protocol))
-                .or_default()
-                .push(p);
+            new_per_pair.entry((&p.source, &p.destination, p.protocol)).or_default().push(p);
         }
         for ((source, destination, protocol), added) in new_per_pair {
             let mut allowances = self.pair_allowances(source, destination, protocol);

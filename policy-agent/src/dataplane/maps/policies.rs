@@ -18,6 +18,22 @@ use policy_common::{
 use super::{Maps, insert_err, is_absent, map_err};
 use crate::DataplaneError;
 
+/// The allowances of a pair whose ranges are all in its `POLICIES` value,
+/// as [`PairValues::rules`] gives them (ordered by range; None if the
+/// value is not one the agent writes), without building the 2 KiB
+/// `PortRules` that takes: a restart reads a million of them.
+fn inline_allowances(pair: &PairPorts) -> Option<Vec<Allowance>> {
+    let len = (pair.count as usize).min(pair.ranges.len());
+    let mut all: Vec<Allowance> = pair.ranges[..len]
+        .iter()
+        .map(|r| Allowance { start: r.start, end: r.end, policy_id: r.policy_id })
+        .collect();
+    all.sort_unstable_by_key(|a| (a.start, a.end, a.policy_id));
+    let valid = all.iter().all(|a| a.start <= a.end)
+        && all.windows(2).all(|w| (w[0].start, w[0].end) != (w[1].start, w[1].end));
+    valid.then_some(all)
+}
+
 impl Maps {
     /// A pair's ranges as one value, from `POLICIES` and, past two ranges,
     /// `PORT_SETS` or `PORT_SETS_WIDE` (None: no entry, or a count without
@@ -50,7 +66,10 @@ impl Maps {
         entries
             .into_iter()
             .map(|(k, pair)| {
-                let all = self.values_of(&k, pair).rules().map(|r| r.allowances().collect());
+                let all = match pair.tier() {
+                    Tier::Inline => inline_allowances(&pair),
+                    _ => self.values_of(&k, pair).rules().map(|r| r.allowances().collect()),
+                };
                 (k, all.unwrap_or_default())
             })
             .collect()
