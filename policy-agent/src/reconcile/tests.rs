@@ -539,9 +539,8 @@ fn a_full_reconcile_forgets_the_rate_limits_of_the_endpoints_it_removes() {
 #[test]
 fn allowances_compare_as_sets_of_ranges_and_ids() {
     let a = |start, end, policy_id| Allowance { start, end, policy_id };
-    let same = |have: &[Allowance], want: &[Allowance]| {
-        pairs::same_allowances(Some(&have.to_vec()), want)
-    };
+    let same =
+        |have: &[Allowance], want: &[Allowance]| pairs::same_allowances(Some(&have.to_vec()), want);
     assert!(!pairs::same_allowances(None, &[a(80, 80, 1)]), "no entry is not the same");
     assert!(same(&[a(80, 80, 1)], &[a(80, 80, 1)]));
     assert!(!same(&[a(80, 80, 1)], &[a(80, 80, 2)]), "another policy id");

@@ -23,42 +23,61 @@ pub use policy_api::wire::INTERNAL_DOMAIN;
 /// same allocation. A million policies between a thousand apps hold a
 /// thousand names, not two million copies, and cloning a policy allocates
 /// nothing. Compares, hashes and serializes as the text it holds.
+///
+/// The first eight bytes of the text are kept beside the pointer: two
+/// names that differ there (nearly all, for app GUIDs) are ordered without
+/// reading either text, which is most of what a search of a million
+/// policies does. 16 bytes, as a `String` would be 24.
 #[derive(Clone, Default)]
-pub struct AppName(Arc<str>);
+pub struct AppName {
+    /// The text's first 8 bytes, big-endian, zero-padded. Where two
+    /// prefixes differ they order the names as their texts do (a text
+    /// that ends compares as if followed by zeros, and a zero byte is
+    /// the least).
+    prefix: u64,
+    name: Arc<Box<str>>,
+}
 
 impl AppName {
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.name
     }
 
     /// Whether both hold the same allocation (interned: the same app).
     pub fn same(&self, other: &AppName) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.name, &other.name)
+    }
+
+    fn new(text: &str) -> Self {
+        let mut head = [0u8; 8];
+        let n = text.len().min(8);
+        head[..n].copy_from_slice(&text.as_bytes()[..n]);
+        Self { prefix: u64::from_be_bytes(head), name: Arc::new(text.into()) }
     }
 }
 
 impl Deref for AppName {
     type Target = str;
     fn deref(&self) -> &str {
-        &self.0
+        &self.name
     }
 }
 
 impl AsRef<str> for AppName {
     fn as_ref(&self) -> &str {
-        &self.0
+        &self.name
     }
 }
 
 impl Borrow<str> for AppName {
     fn borrow(&self) -> &str {
-        &self.0
+        &self.name
     }
 }
 
 impl PartialEq for AppName {
     fn eq(&self, other: &Self) -> bool {
-        self.same(other) || self.0 == other.0
+        self.prefix == other.prefix && (self.same(other) || self.name == other.name)
     }
 }
 
@@ -66,7 +85,7 @@ impl Eq for AppName {}
 
 impl std::hash::Hash for AppName {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.hash(state);
+        self.as_str().hash(state);
     }
 }
 
@@ -78,61 +97,65 @@ impl PartialOrd for AppName {
 
 impl Ord for AppName {
     fn cmp(&self, other: &Self) -> Ordering {
-        if self.same(other) { Ordering::Equal } else { self.0.cmp(&other.0) }
+        match self.prefix.cmp(&other.prefix) {
+            Ordering::Equal if self.same(other) => Ordering::Equal,
+            Ordering::Equal => self.as_str().cmp(other.as_str()),
+            unequal => unequal,
+        }
     }
 }
 
 impl PartialEq<str> for AppName {
     fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
+        self.as_str() == other
     }
 }
 
 impl PartialEq<&str> for AppName {
     fn eq(&self, other: &&str) -> bool {
-        &*self.0 == *other
+        self.as_str() == *other
     }
 }
 
 impl PartialEq<String> for AppName {
     fn eq(&self, other: &String) -> bool {
-        *self.0 == **other
+        self.as_str() == other.as_str()
     }
 }
 
 impl From<&str> for AppName {
     fn from(name: &str) -> Self {
-        Self(name.into())
+        Self::new(name)
     }
 }
 
 impl From<String> for AppName {
     fn from(name: String) -> Self {
-        Self(name.into())
+        Self::new(&name)
     }
 }
 
 impl From<&String> for AppName {
     fn from(name: &String) -> Self {
-        Self(name.as_str().into())
+        Self::new(name)
     }
 }
 
 impl fmt::Display for AppName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self)
     }
 }
 
 impl fmt::Debug for AppName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
 impl Serialize for AppName {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
+        s.serialize_str(self)
     }
 }
 

@@ -274,3 +274,34 @@ fn app_names_are_held_once_however_many_policies_name_them() {
     s.add_policies(&[policy("web", "db", Protocol::Udp, 53, 53)], None).unwrap();
     assert!(!s.policies().next().unwrap().0.source.same(&web));
 }
+
+#[test]
+fn app_names_order_as_their_text() {
+    let texts = [
+        "",
+        "a",
+        "ab",
+        "ab\0",
+        "ab\u{1}",
+        "abcdefgh",
+        "abcdefgh\0",
+        "abcdefghi",
+        "abcdefgz",
+        "abcdefg",
+        "b",
+        "é",
+        "e\u{301}",
+        "frontend",
+        "frontend-2",
+        "f0c3a1e2-aaaa-bbbb",
+        "f0c3a1e2-aaaa-bbbc",
+        "zzzzzzzzzzzz",
+    ];
+    for a in texts {
+        for b in texts {
+            let (x, y) = (AppName::from(a), AppName::from(b));
+            assert_eq!(x.cmp(&y), a.cmp(b), "{a:?} against {b:?}");
+            assert_eq!(x == y, a == b, "{a:?} against {b:?}");
+        }
+    }
+}
