@@ -216,18 +216,28 @@ fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
 fn a_full_kernel_map_is_reported_and_nothing_is_half_applied() {
     require_root();
     let host = Host::new(1);
-    let daemon = Daemon::start(&host.ns, "[capacities]\npolicies = 2");
+    let daemon = Daemon::start(&host.ns, "[capacities]\npolicies = 3");
     let pair = |src: &str, dst: &str| json!({"source": {"id": src}, "destination": {"id": dst, "protocol": "tcp", "ports": {"start": 80, "end": 80}}});
     let first = json!({"policies": [pair("a", "b"), pair("a", "c")]}).to_string();
     assert_eq!(daemon.curl("POST", POLICIES, Some(&first)).0, 200);
     let snapshot = daemon.curl("GET", POLICIES, None);
-    let batch = json!({"policies": [pair("a", "b"), pair("d", "e"), pair("f", "g")]}).to_string();
+    let tables = Maps::open_pinned(&daemon.maps_dir()).unwrap();
+    let counters = tables.policy_counter_ids().unwrap();
+    // New pairs go to the kernel in one batch write: the first fits, the
+    // second finds the map full, and the one written is taken back.
+    let batch =
+        json!({"policies": [pair("a", "b"), pair("d", "e"), pair("f", "g"), pair("h", "i")]})
+            .to_string();
     let (status, reply) = daemon.curl("POST", POLICIES, Some(&batch));
     assert_eq!(status, 507, "{reply}");
     assert!(reply["error"].as_str().unwrap().contains("POLICIES is full"), "{reply}");
     assert_eq!(daemon.curl("GET", POLICIES, None), snapshot);
-    let tables = Maps::open_pinned(&daemon.maps_dir()).unwrap();
     assert_eq!(tables.pairs().len(), 2, "kernel and desired state agree");
+    assert_eq!(tables.policy_counter_ids().unwrap(), counters, "no counters left behind");
+    // Room for exactly one more: a batch of one is written whole.
+    let one = json!({"policies": [pair("d", "e")]}).to_string();
+    assert_eq!(daemon.curl("POST", POLICIES, Some(&one)).0, 200);
+    assert_eq!(tables.pairs().len(), 3);
 }
 
 #[test]

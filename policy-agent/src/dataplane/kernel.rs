@@ -16,7 +16,7 @@ use super::{Dataplane, nix_ifindex};
 use crate::{
     DataplaneError,
     dataplane::{addr_key, limits_clock_ns},
-    reconcile::Kernel,
+    reconcile::{Kernel, PairChange},
     state::PortMapping,
 };
 
@@ -78,6 +78,10 @@ impl Kernel for Dataplane {
 
     fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), DataplaneError> {
         self.maps_mut().set_pair(key, allowances)
+    }
+
+    fn add_pairs(&mut self, pairs: &[PairChange]) -> Result<(), DataplaneError> {
+        self.maps_mut().add_pairs(pairs)
     }
 
     fn attached(&self) -> Result<BTreeSet<String>, DataplaneError> {
@@ -145,7 +149,7 @@ impl Kernel for Dataplane {
     }
 
     fn add_policy_counters(&mut self, ids: &[u32]) -> Result<(), DataplaneError> {
-        ids.iter().try_for_each(|id| self.maps_mut().add_policy_counters(*id))
+        self.maps_mut().add_new_policy_counters(ids)
     }
 
     fn forget_policies(&mut self, ids: &[u32]) {

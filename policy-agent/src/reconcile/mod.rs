@@ -102,6 +102,23 @@ pub trait Kernel: Sync {
     fn pairs(&self) -> Result<BTreeMap<PairKey, Vec<Allowance>>, DataplaneError>;
     /// Replaces a pair's allowances; empty removes the pair.
     fn set_pair(&mut self, key: PairKey, allowances: &[Allowance]) -> Result<(), DataplaneError>;
+    /// Writes pairs new to the kernel (`(key, _, allowances)`: the state
+    /// had no policy for them before this change, and the kernel has no
+    /// entry for a pair the state has none for), all or nothing. One by
+    /// one unless the kernel can do better.
+    fn add_pairs(&mut self, pairs: &[PairChange]) -> Result<(), DataplaneError> {
+        for (i, (key, _, allowances)) in pairs.iter().enumerate() {
+            if let Err(e) = self.set_pair(*key, allowances) {
+                for (key, _, _) in pairs[..i].iter().rev() {
+                    if let Err(undo) = self.set_pair(*key, &[]) {
+                        warn!(error = %undo, "taking back a new policy pair failed");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
     /// Deletes the `PORT_SETS` entries of pairs that no longer have more
     /// than two ranges (removed, or left with two or fewer since the last call; `all`:
     /// every such entry, at a start). Called once a change is kept, so no
@@ -127,8 +144,9 @@ pub trait Kernel: Sync {
     fn counts_policies(&self) -> bool;
     /// `POLICY_STATS`: the policy ids that have counters.
     fn policy_counters(&self) -> Result<BTreeSet<u32>, DataplaneError>;
-    /// Makes zeroed counters for the policies that have none (those that
-    /// have some keep them).
+    /// Makes zeroed counters for policies that have none: `ids` are new
+    /// policies' or ones a read found missing (a counter found there is
+    /// zeroed). All or nothing.
     fn add_policy_counters(&mut self, ids: &[u32]) -> Result<(), DataplaneError>;
     /// Forgets the counters of removed policies (ids are never reused).
     fn forget_policies(&mut self, ids: &[u32]);

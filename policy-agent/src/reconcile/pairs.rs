@@ -51,9 +51,13 @@ fn write_pairs<K: Kernel>(
     kernel: &mut K,
     changes: &mut [PairChange],
 ) -> Result<(), DataplaneError> {
-    // Entries that remain (non-empty) before entries that go.
-    changes.sort_by_key(|(_, _, new)| new.is_empty());
-    for (i, (key, _, new)) in changes.iter().enumerate() {
+    // New pairs (in one write where the kernel can), then changed ones,
+    // then those that go.
+    changes.sort_by_key(|(_, old, new)| (new.is_empty(), !old.is_empty()));
+    let fresh = changes.iter().take_while(|(_, old, new)| old.is_empty() && !new.is_empty());
+    let fresh = fresh.count();
+    kernel.add_pairs(&changes[..fresh])?;
+    for (i, (key, _, new)) in changes.iter().enumerate().skip(fresh) {
         if let Err(err) = kernel.set_pair(*key, new) {
             for (key, old, _) in changes[..i].iter().rev() {
                 if let Err(undo) = kernel.set_pair(*key, old) {

@@ -12,6 +12,9 @@ use aya::maps::MapData;
 
 /// `BPF_MAP_LOOKUP_BATCH` (include/uapi/linux/bpf.h, `enum bpf_cmd`).
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// `BPF_MAP_UPDATE_BATCH` and `BPF_MAP_DELETE_BATCH`, the same enum.
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// Entries asked for per syscall (grown when a bucket holds more).
 const BATCH: u32 = 4096;
@@ -111,4 +114,62 @@ fn read_raw(
         token = next;
         first = false;
     }
+}
+
+/// A batch write that stopped: how many entries it wrote, and why.
+#[derive(Debug)]
+pub(super) struct Stopped {
+    pub(super) written: usize,
+    pub(super) error: std::io::Error,
+}
+
+/// Writes every entry (`BPF_ANY`) in one syscall, in order; on error the
+/// first `written` are in the map (the kernel stops at the first failure:
+/// `E2BIG` when the map is full).
+pub(super) fn update_all<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    entries: &[(K, V)],
+) -> Result<(), Stopped> {
+    let keys: Vec<K> = entries.iter().map(|(k, _)| *k).collect();
+    let values: Vec<V> = entries.iter().map(|(_, v)| *v).collect();
+    write_batch(map, BPF_MAP_UPDATE_BATCH, keys.as_ptr() as u64, values.as_ptr() as u64, keys.len())
+}
+
+/// Deletes every key in one syscall, in order (each must be present: the
+/// kernel stops at the first that is not).
+pub(super) fn delete_all<K: aya::Pod>(map: &MapData, keys: &[K]) -> Result<(), Stopped> {
+    write_batch(map, BPF_MAP_DELETE_BATCH, keys.as_ptr() as u64, 0, keys.len())
+}
+
+fn write_batch(
+    map: &MapData,
+    cmd: libc::c_long,
+    keys: u64,
+    values: u64,
+    len: usize,
+) -> Result<(), Stopped> {
+    if len == 0 {
+        return Ok(());
+    }
+    let count = u32::try_from(len).map_err(|_| Stopped {
+        written: 0,
+        error: std::io::Error::from_raw_os_error(libc::E2BIG),
+    })?;
+    let mut attr = BatchAttr {
+        keys,
+        values,
+        count,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: `keys` (and `values`, for an update) point at `count` keys
+    // and values of the map's sizes, live across the call; the kernel only
+    // reads them and writes `attr.count`.
+    let ret =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, &raw mut attr, size_of::<BatchAttr>() as u32) };
+    if ret == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    Err(Stopped { written: (attr.count as usize).min(len), error })
 }

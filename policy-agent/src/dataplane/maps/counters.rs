@@ -13,7 +13,7 @@ use policy_common::{
     },
 };
 
-use super::{Maps, insert_err, is_absent, map_err};
+use super::{Maps, batch, batch_err, insert_err, is_absent, map_err};
 use crate::DataplaneError;
 
 /// `BPF_NOEXIST`: an update that fails with `EEXIST` rather than replace
@@ -167,6 +167,22 @@ impl Maps {
         let entries = super::batch::read_all::<u32, PolicyCounters>(self.policy_stats.map())
             .map_err(|e| map_err(names::POLICY_STATS)(MapError::IoError(e)))?;
         Ok(entries.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// Zeroed counters for policies that have none, in one syscall: `ids`
+    /// are those of new policies (whose ids nothing counts on yet) or of
+    /// ones a read found missing, so a counter found there is replaced,
+    /// not kept. All or nothing: on error none of them is left.
+    pub fn add_new_policy_counters(&mut self, ids: &[u32]) -> Result<(), DataplaneError> {
+        let entries: Vec<(u32, PolicyCounters)> =
+            ids.iter().map(|id| (*id, PolicyCounters::default())).collect();
+        let map = self.policy_stats.map();
+        batch::update_all(map, &entries).map_err(|stopped| {
+            if let Err(e) = batch::delete_all(map, &ids[..stopped.written]) {
+                tracing::warn!(error = %e.error, "cannot take back the counters of a failed write");
+            }
+            batch_err(names::POLICY_STATS, map, stopped)
+        })
     }
 
     /// Makes zeroed counters for a policy that has none (counters it has

@@ -102,6 +102,15 @@ fn insert_err<'a>(
     }
 }
 
+/// [`insert_err`] for a batch write that stopped (see `batch::update_all`).
+fn batch_err(name: &'static str, map: &MapData, stopped: batch::Stopped) -> DataplaneError {
+    let source = MapError::SyscallError(aya::sys::SyscallError {
+        call: "bpf_map_update_batch",
+        io_error: stopped.error,
+    });
+    insert_err(name, map)(source)
+}
+
 fn typed<T: TryFrom<Map, Error = MapError>>(
     map: Map,
     name: &'static str,

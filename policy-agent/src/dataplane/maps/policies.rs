@@ -16,7 +16,7 @@ use policy_common::{
 };
 
 use super::{Maps, insert_err, is_absent, map_err};
-use crate::DataplaneError;
+use crate::{DataplaneError, reconcile::PairChange};
 
 /// The allowances of a pair whose ranges are all in its `POLICIES` value,
 /// as [`PairValues::rules`] gives them (ordered by range; None if the
@@ -73,6 +73,43 @@ impl Maps {
                 (k, all.unwrap_or_default())
             })
             .collect()
+    }
+
+    /// Writes pairs `POLICIES` has no entry for (see `Kernel::add_pairs`):
+    /// those whose ranges fit their entry in one syscall, the others one
+    /// by one with their sets. All or nothing. No epoch bump: nothing that
+    /// was allowed stops being so.
+    pub fn add_pairs(&mut self, pairs: &[PairChange]) -> Result<(), DataplaneError> {
+        let mut inline = Vec::with_capacity(pairs.len());
+        let mut rest = Vec::new();
+        for (key, _, allowances) in pairs {
+            let rules = PortRules::build(allowances)?;
+            match rules.pair_ports() {
+                pair if pair.tier() == Tier::Inline => inline.push((*key, pair)),
+                _ => rest.push((*key, allowances.as_slice())),
+            }
+        }
+        let map = self.policies.map();
+        super::batch::update_all(map, &inline).map_err(|stopped| {
+            let written: Vec<PairKey> = inline[..stopped.written].iter().map(|(k, _)| *k).collect();
+            if let Err(e) = super::batch::delete_all(map, &written) {
+                tracing::warn!(error = %e.error, "cannot take back the pairs of a failed write");
+            }
+            super::batch_err(names::POLICIES, map, stopped)
+        })?;
+        for (i, (key, allowances)) in rest.iter().enumerate() {
+            if let Err(e) = self.set_pair(*key, allowances) {
+                let written =
+                    inline.iter().map(|(k, _)| *k).chain(rest[..i].iter().map(|(k, _)| *k));
+                for key in written.collect::<Vec<_>>() {
+                    if let Err(undo) = self.set_pair(key, &[]) {
+                        tracing::warn!(error = %undo, "cannot take back a new pair");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Writes a pair's set where `tier` keeps it (nothing for inline).
