@@ -214,6 +214,12 @@ fn written<T>(result: Result<T, AgentError>) -> Reply {
 }
 
 async fn read_json(api: &Api, body: Body) -> Result<Value, Invalid> {
+    let bytes = read_body(api, body).await?;
+    serde_json::from_slice(&bytes).map_err(|e| Invalid::new("body", format!("invalid JSON: {e}")))
+}
+
+/// A request's body, within the time and size the API allows.
+async fn read_body(api: &Api, body: Body) -> Result<axum::body::Bytes, Invalid> {
     let bytes =
         tokio::time::timeout(api.request_timeout, axum::body::to_bytes(body, api.max_body_bytes))
             .await
@@ -226,7 +232,7 @@ async fn read_json(api: &Api, body: Body) -> Result<Value, Invalid> {
             .map_err(|_| {
                 Invalid::new("body", format!("larger than {} bytes", api.max_body_bytes))
             })?;
-    serde_json::from_slice(&bytes).map_err(|e| Invalid::new("body", format!("invalid JSON: {e}")))
+    Ok(bytes)
 }
 
 /// Runs `f` on the agent off the async runtime (it makes syscalls and

@@ -8,12 +8,12 @@ use axum::{
 };
 use policy_api::wire as shapes;
 
-use super::{Api, Reply, invalid, ok, read_json, timed_write, wire, with_agent, written};
+use super::{Api, Reply, invalid, ok, read_body, timed_write, wire, with_agent, written};
 use crate::state::{AppName, tag_text};
 
 /// `POST /networking/v1/external/policies`.
 pub async fn create(State(api): State<Api>, body: Body) -> Reply {
-    let policies = match read_json(&api, body).await.and_then(|v| wire::parse_policies(&v)) {
+    let policies = match read_body(&api, body).await.and_then(|b| wire::parse_policies_json(&b)) {
         Ok(p) => p,
         Err(e) => return invalid(&e),
     };
@@ -22,7 +22,7 @@ pub async fn create(State(api): State<Api>, body: Body) -> Reply {
 
 /// `POST /networking/v1/external/policies/delete`.
 pub async fn delete(State(api): State<Api>, body: Body) -> Reply {
-    let policies = match read_json(&api, body).await.and_then(|v| wire::parse_policies(&v)) {
+    let policies = match read_body(&api, body).await.and_then(|b| wire::parse_policies_json(&b)) {
         Ok(p) => p,
         Err(e) => return invalid(&e),
     };

@@ -20,27 +20,49 @@ use crate::state::{
 /// `value` as the shape `T`, its fields named from `at` (a type error
 /// names the field it is in: `policies[0].destination.ports.start`).
 fn shape<T: DeserializeOwned>(value: &Value, at: &str) -> Result<T, Invalid> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| shape_error(e.path().to_string(), &e.into_inner().to_string(), at))
+}
+
+/// [`shape`] from JSON text: text that is not JSON is `body`'s error, as
+/// a request's would be.
+fn shape_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Invalid> {
+    let not_json = |e: serde_json::Error| Invalid::new("body", format!("invalid JSON: {e}"));
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let field = match (at, path.as_str()) {
-            ("", ".") => "body".to_owned(),
-            (at, ".") => at.to_owned(),
-            ("", path) => path.to_owned(),
-            (at, path) if path.starts_with('[') => format!("{at}{path}"),
-            (at, path) => format!("{at}.{path}"),
-        };
-        let message = e.into_inner().to_string();
-        if let Some(key) = message.strip_prefix("missing field `").and_then(|r| r.split('`').next())
-        {
-            let field = if field == "body" { key.to_owned() } else { format!("{field}.{key}") };
-            return Invalid::new(field, "missing");
+        let inner = e.into_inner();
+        if inner.classify() != serde_json::error::Category::Data {
+            return not_json(inner);
         }
-        let reason = match message.split_once(", expected ") {
-            Some((_, expected)) => must_be(expected),
-            None => message,
-        };
-        Invalid::new(field, reason)
-    })
+        // The text's position is not part of the API's messages.
+        let place = format!(" at line {} column {}", inner.line(), inner.column());
+        let message = inner.to_string();
+        shape_error(path, message.strip_suffix(&place).unwrap_or(&message), "")
+    })?;
+    de.end().map_err(not_json)?;
+    Ok(value)
+}
+
+/// A shape's error as the API gives it: the field (its `path` under
+/// `at`) and what it must be.
+fn shape_error(path: String, message: &str, at: &str) -> Invalid {
+    let field = match (at, path.as_str()) {
+        ("", ".") => "body".to_owned(),
+        (at, ".") => at.to_owned(),
+        ("", path) => path.to_owned(),
+        (at, path) if path.starts_with('[') => format!("{at}{path}"),
+        (at, path) => format!("{at}.{path}"),
+    };
+    if let Some(key) = message.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
+        let field = if field == "body" { key.to_owned() } else { format!("{field}.{key}") };
+        return Invalid::new(field, "missing");
+    }
+    let reason = match message.split_once(", expected ") {
+        Some((_, expected)) => must_be(expected),
+        None => message.to_owned(),
+    };
+    Invalid::new(field, reason)
 }
 
 /// What serde expected, as the API says it.
@@ -107,7 +129,16 @@ fn endpoint_addresses(e: &wire::Endpoint) -> Result<(IpAddr, Option<Ipv6Addr>), 
 
 /// Parses `{"policies": [...]}` in Cloud Foundry's shape.
 pub fn parse_policies(body: &Value) -> Result<Vec<Policy>, Invalid> {
-    let body: wire::Policies = shape(body, "")?;
+    policies_of(shape(body, "")?)
+}
+
+/// [`parse_policies`] straight from a request's bytes, without the JSON
+/// tree in between (a bulk load's batches are large).
+pub fn parse_policies_json(bytes: &[u8]) -> Result<Vec<Policy>, Invalid> {
+    policies_of(shape_json(bytes)?)
+}
+
+fn policies_of(body: wire::Policies) -> Result<Vec<Policy>, Invalid> {
     if body.policies.is_empty() {
         return Err(Invalid::new("policies", "must not be empty"));
     }
@@ -128,9 +159,17 @@ fn policy(p: &wire::Policy, at: &dyn Fn(&str) -> String) -> Result<Policy, Inval
             ));
         }
     }
-    check_app_id(&at("source.id"), &p.source.id)?;
-    check_app_id(&at("destination.id"), &dest.id)?;
-    let protocol = parse_protocol(&at("destination.protocol"), &dest.protocol)?;
+    // Checks run with an empty field name, named only on error: building
+    // every field's name up front cost allocations on every policy.
+    let within = |field: &'static str| {
+        move |mut e: Invalid| {
+            e.field = at(&format!("{field}{}", e.field));
+            e
+        }
+    };
+    check_app_id("", &p.source.id).map_err(within("source.id"))?;
+    check_app_id("", &dest.id).map_err(within("destination.id"))?;
+    let protocol = parse_protocol("", &dest.protocol).map_err(within("destination.protocol"))?;
     let icmp_keys = [("icmp_type", dest.icmp_type), ("icmp_code", dest.icmp_code)];
     let (start, end) = if protocol.has_ports() {
         if let Some((key, _)) = icmp_keys.iter().find(|(_, v)| v.is_some()) {
@@ -140,9 +179,13 @@ fn policy(p: &wire::Policy, at: &dyn Fn(&str) -> String) -> Result<Policy, Inval
             ));
         }
         match (dest.ports, dest.port) {
-            (Some(ports), _) => check_ports(&at("destination.ports"), ports.start, ports.end)?,
+            (Some(ports), _) => {
+                check_ports("", ports.start, ports.end).map_err(within("destination.ports"))?
+            }
             // The older single-port form.
-            (None, Some(port)) => check_ports(&at("destination.port"), port, port)?,
+            (None, Some(port)) => {
+                check_ports("", port, port).map_err(within("destination.port"))?
+            }
             (None, None) => return Err(Invalid::new(at("destination.ports"), "missing")),
         }
     } else {
@@ -547,9 +590,24 @@ mod tests {
                 json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "tcp"}}]}),
                 "policies[0].destination.ports",
             ),
+            (
+                json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "tcp", "ports": {"start": "80", "end": 80}}}]}),
+                "policies[0].destination.ports.start",
+            ),
+            (json!({"policies": {"source": "a"}}), "policies"),
+            (json!("policies"), "body"),
         ];
         for (body, field) in cases {
-            assert_eq!(parse_policies(&body).unwrap_err().field, field, "{body}");
+            let from_tree = parse_policies(&body).unwrap_err();
+            assert_eq!(from_tree.field, field, "{body}");
+            // From the request's bytes: the same field and reason.
+            let from_text = parse_policies_json(body.to_string().as_bytes()).unwrap_err();
+            assert_eq!(from_text, from_tree, "{body}");
+        }
+        for text in ["", "{", "{\"policies\": []} x", "nope"] {
+            let e = parse_policies_json(text.as_bytes()).unwrap_err();
+            assert_eq!(e.field, "body", "{text}");
+            assert!(e.reason.starts_with("invalid JSON: "), "{text}: {e:?}");
         }
         let single = json!({"policies": [{"source": {"id": "a"}, "destination": {"id": "b", "protocol": "udp", "port": 53}}]});
         assert_eq!(parse_policies(&single).unwrap()[0].start, 53);

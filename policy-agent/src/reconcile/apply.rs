@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     DataplaneError,
-    state::{Endpoint, Policy, PortMapping, State},
+    state::{Endpoint, PortMapping, State},
     store::Change,
 };
 
@@ -40,11 +40,11 @@ pub struct Before {
 
 #[derive(Debug)]
 enum Step {
-    /// Policies added or removed: the pairs they touch, the policies added
-    /// (those of them with an id from `first_new_id` on are new, and get
-    /// counters before the pairs are written), and the ids of the removed
-    /// ones (whose counters go once the change is kept).
-    Pairs { before: PairsBefore, added: Vec<Policy>, first_new_id: u32, removed: Vec<u32> },
+    /// Policies added or removed: the pairs they touch, the first id the
+    /// change can hand out (the policies it adds get ids from there on,
+    /// and counters before the pairs are written), and the ids of the
+    /// removed ones (whose counters go once the change is kept).
+    Pairs { before: PairsBefore, first_new_id: u32, removed: Vec<u32> },
     /// The endpoint at `ip` added, replaced or removed: as it was.
     Endpoint { ip: IpAddr, old: Option<(Endpoint, EndpointValue)> },
     /// No entry but NetIn or NetOut (security groups), or none at all
@@ -61,16 +61,16 @@ pub fn before(state: &State, change: &Change) -> Before {
     let first_new_id = state.next_policy_id();
     let (step, netin_changes, touches_netout) = match change {
         Change::AddPolicies(policies) | Change::RemovePolicies(policies) => {
-            let (added, removed) = match change {
+            let removed = match change {
                 Change::RemovePolicies(_) => {
-                    (Vec::new(), policies.iter().filter_map(|p| state.policy_id(p)).collect())
+                    policies.iter().filter_map(|p| state.policy_id(p)).collect()
                 }
-                _ => (policies.clone(), Vec::new()),
+                _ => Vec::new(),
             };
             let mut apps = policies.iter().flat_map(|p| [&p.source, &p.destination]);
             let touches_netout = apps.any(|a| netout.contains_key(a.as_str()));
             let before = before_change(state, touched(policies));
-            (Step::Pairs { before, added, first_new_id, removed }, false, touches_netout)
+            (Step::Pairs { before, first_new_id, removed }, false, touches_netout)
         }
         Change::AddEndpoint(endpoint) => endpoint_before(state, endpoint.ip, Some(endpoint)),
         Change::RemoveEndpoint(ip) => endpoint_before(state, *ip, None),
@@ -81,13 +81,12 @@ pub fn before(state: &State, change: &Change) -> Before {
                 (Step::Full, false, false)
             } else {
                 let removed = change.remove.iter().filter_map(|p| state.policy_id(p)).collect();
-                let added = change.add.clone();
                 let policies: Vec<_> = change.add.iter().chain(&change.remove).cloned().collect();
                 let touches_netout = policies.iter().any(|p| {
                     [&p.source, &p.destination].iter().any(|a| netout.contains_key(a.as_str()))
                 });
                 let before = before_change(state, touched(&policies));
-                (Step::Pairs { before, added, first_new_id, removed }, false, touches_netout)
+                (Step::Pairs { before, first_new_id, removed }, false, touches_netout)
             }
         }
         Change::Reset(_) => (Step::Full, false, false),
@@ -227,13 +226,11 @@ fn steps<K: Kernel>(
     // (NetIn, NetOut), then what the old endpoint leaves behind.
     let mut removes = None;
     match before.step {
-        Step::Pairs { before, added, first_new_id, removed } => {
-            // Rule 6: the new policies' counters before their pairs.
-            let new: Vec<u32> = added
-                .iter()
-                .filter_map(|p| state.policy_id(p))
-                .filter(|id| *id >= first_new_id)
-                .collect();
+        Step::Pairs { before, first_new_id, removed } => {
+            // Rule 6: the new policies' counters before their pairs. Ids
+            // are handed out in order, so the change's new policies are
+            // those with an id from `first_new_id` on.
+            let new: Vec<u32> = (first_new_id..state.next_policy_id()).collect();
             if !new.is_empty() && kernel.counts_policies() {
                 // Before the write: a failed write may have made some.
                 applied.undo.push(Write::Counters(new.clone()));

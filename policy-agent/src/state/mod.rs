@@ -237,17 +237,32 @@ impl State {
     /// Adds policies without the checks of [`Self::add_policies`]: for
     /// replaying changes that were checked when they were accepted.
     pub fn insert_policies(&mut self, policies: &[Policy]) {
+        self.insert_new_policies(policies, |_| {});
+    }
+
+    /// [`Self::insert_policies`], calling `added` with each policy it adds
+    /// (those not in force yet, once each).
+    pub(super) fn insert_new_policies(
+        &mut self,
+        policies: &[Policy],
+        mut added: impl FnMut(&Policy),
+    ) {
         self.allocate_tags(
             policies.iter().flat_map(|p| [p.source.as_str(), p.destination.as_str()]),
         );
         for p in policies {
-            if !self.policies.contains_key(p) {
-                let p = self.interned(p);
-                self.reference(&p.source);
-                self.reference(&p.destination);
-                self.policies.insert(p, self.next_policy_id);
-                self.next_policy_id += 1;
+            let p = self.interned(p);
+            let (source, destination) = (p.source.clone(), p.destination.clone());
+            match self.policies.entry(p) {
+                std::collections::btree_map::Entry::Occupied(_) => continue,
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    added(slot.key());
+                    slot.insert(self.next_policy_id);
+                }
             }
+            self.next_policy_id += 1;
+            self.reference(&source);
+            self.reference(&destination);
         }
     }
 

@@ -59,13 +59,9 @@ impl State {
     ) -> Result<Undo, Invalid> {
         self.check_add(policies, limit)?;
         let mut undo = self.undo_record([]);
-        let mut seen = BTreeSet::new();
-        for p in policies {
-            if !self.policies.contains_key(p) && seen.insert(p) {
-                undo.added.push(p.clone());
-            }
-        }
-        self.insert_policies(policies);
+        let mut added = Vec::new();
+        self.insert_new_policies(policies, |p| added.push(p.clone()));
+        undo.added = added;
         Ok(undo)
     }
 
