@@ -14,6 +14,7 @@ use integration_tests::{
 };
 use policy_agent::{Maps, dataplane::addr_key};
 use policy_api::Client;
+use policy_common::{maps::PairKey, ports::Allowance};
 use serde_json::{Value, json};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/cf-policy-server");
@@ -579,4 +580,39 @@ fn an_endpoint_on_another_endpoints_veth_is_refused_and_the_holder_stays_policed
     daemon.allow("frontend", "backend", "udp", "5353");
     assert!(udp_echo_works(&socket, other.ip, 5353, 64, LONG), "the second endpoint");
     assert!(udp_echo_works(&socket, back.ip, 5353, 64, LONG), "the first");
+}
+
+/// A start makes the kernel the stored state in batch writes: pairs and
+/// counters the state does not have go (here 300 left by a tool), and the
+/// ones it has that the kernel lost come back.
+#[test]
+fn a_start_removes_what_the_state_does_not_hold_and_restores_what_it_does() {
+    require_root();
+    let host = Host::new(1);
+    let mut daemon = Daemon::start(&host.ns, "");
+    let pair = |src: &str| json!({"source": {"id": src}, "destination": {"id": "db", "protocol": "tcp", "ports": {"start": 5432, "end": 5432}}});
+    let body = json!({"policies": [pair("a"), pair("b"), pair("c")]}).to_string();
+    assert_eq!(daemon.curl("POST", POLICIES, Some(&body)).0, 200);
+    daemon.stop();
+    let mut tables = Maps::open_pinned(&daemon.maps_dir()).unwrap();
+    let (wanted, counters) = (tables.pairs(), tables.policy_counter_ids().unwrap());
+    assert_eq!(wanted.len(), 3);
+    let allowance = Allowance { start: 80, end: 80, policy_id: 0 };
+    for src in 1000..1300 {
+        tables.allow(PairKey::new(src, 2000, 6), allowance).unwrap();
+    }
+    tables.add_new_policy_counters(&[90_001, 90_002]).unwrap();
+    let lost = wanted[0].0;
+    tables.set_pair(lost, &[]).unwrap();
+    assert_eq!(tables.pairs().len(), 302);
+    drop(tables);
+
+    daemon.spawn();
+    let tables = Maps::open_pinned(&daemon.maps_dir()).unwrap();
+    let mut pairs = tables.pairs();
+    pairs.sort_by_key(|(k, _)| *k);
+    let mut want = wanted.clone();
+    want.sort_by_key(|(k, _)| *k);
+    assert_eq!(pairs, want, "exactly the stored state's pairs, the lost one back");
+    assert_eq!(tables.policy_counter_ids().unwrap(), counters, "stale counters gone");
 }

@@ -84,6 +84,10 @@ impl Kernel for Dataplane {
         self.maps_mut().add_pairs(pairs)
     }
 
+    fn remove_pairs(&mut self, pairs: &[PairChange]) -> Result<(), DataplaneError> {
+        self.maps_mut().remove_pairs(pairs)
+    }
+
     fn attached(&self) -> Result<BTreeSet<String>, DataplaneError> {
         Ok(self
             .attachments()?
@@ -153,10 +157,8 @@ impl Kernel for Dataplane {
     }
 
     fn forget_policies(&mut self, ids: &[u32]) {
-        for id in ids {
-            if let Err(e) = self.maps_mut().remove_policy_counters(*id) {
-                warn!(policy_id = id, error = %e, "cannot forget a removed policy's counters");
-            }
+        if let Err(e) = self.maps_mut().forget_policy_counters(ids) {
+            warn!(policies = ids.len(), error = %e, "cannot forget removed policies' counters");
         }
     }
 

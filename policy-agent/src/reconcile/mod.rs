@@ -119,6 +119,22 @@ pub trait Kernel: Sync {
         }
         Ok(())
     }
+    /// Removes pairs that go (`(key, old, _)`: the allowances each held,
+    /// put back on error), all or nothing. One by one unless the kernel
+    /// can do better.
+    fn remove_pairs(&mut self, pairs: &[PairChange]) -> Result<(), DataplaneError> {
+        for (i, (key, _, _)) in pairs.iter().enumerate() {
+            if let Err(e) = self.set_pair(*key, &[]) {
+                for (key, old, _) in pairs[..i].iter().rev() {
+                    if let Err(undo) = self.set_pair(*key, old) {
+                        warn!(error = %undo, "putting back a removed policy pair failed");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
     /// Deletes the `PORT_SETS` entries of pairs that no longer have more
     /// than two ranges (removed, or left with two or fewer since the last call; `all`:
     /// every such entry, at a start). Called once a change is kept, so no
@@ -254,17 +270,22 @@ fn full_reconcile<K: Kernel>(
     }
     // Both ordered by key: one walk finds what to write and what to remove.
     let mut have = have_pairs.iter().peekable();
-    let mut gone = Vec::new();
+    let (mut fresh, mut gone): (Vec<PairChange>, Vec<PairChange>) = (Vec::new(), Vec::new());
+    let going = |(k, v): (&PairKey, &Vec<Allowance>)| (*k, v.clone(), Vec::new());
     for (key, allowances) in &want_pairs {
-        while let Some((k, _)) = have.next_if(|(k, _)| *k < key) {
-            gone.push(*k);
+        while let Some(entry) = have.next_if(|(k, _)| *k < key) {
+            gone.push(going(entry));
         }
-        let current = have.next_if(|(k, _)| *k == key).map(|(_, v)| v);
-        if !pairs::same_allowances(current, allowances) {
-            kernel.set_pair(*key, allowances)?;
+        match have.next_if(|(k, _)| *k == key).map(|(_, v)| v) {
+            None => fresh.push((*key, Vec::new(), allowances.clone())),
+            Some(current) if !pairs::same_allowances(Some(current), allowances) => {
+                kernel.set_pair(*key, allowances)?;
+            }
+            Some(_) => {}
         }
     }
-    gone.extend(have.map(|(k, _)| *k));
+    gone.extend(have.map(going));
+    kernel.add_pairs(&fresh)?;
     // A million pairs take a while to free: not on the way to serving.
     std::thread::spawn(move || {
         drop((want_pairs, have_pairs));
@@ -272,9 +293,7 @@ fn full_reconcile<K: Kernel>(
         unsafe { libc::malloc_trim(0) };
     });
     // Removes.
-    for key in gone {
-        kernel.set_pair(key, &[])?;
-    }
+    kernel.remove_pairs(&gone)?;
     let wanted_ifnames: BTreeSet<&str> =
         state.local_endpoints().chain(held.values()).map(|e| e.ifname.as_str()).collect();
     let kept4: BTreeSet<Ipv4Addr> = held.values().filter_map(Endpoint::ipv4).collect();

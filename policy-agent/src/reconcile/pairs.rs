@@ -56,18 +56,23 @@ fn write_pairs<K: Kernel>(
     changes.sort_by_key(|(_, old, new)| (new.is_empty(), !old.is_empty()));
     let fresh = changes.iter().take_while(|(_, old, new)| old.is_empty() && !new.is_empty());
     let fresh = fresh.count();
+    let gone = changes.iter().position(|(_, _, new)| new.is_empty()).unwrap_or(changes.len());
     kernel.add_pairs(&changes[..fresh])?;
-    for (i, (key, _, new)) in changes.iter().enumerate().skip(fresh) {
-        if let Err(err) = kernel.set_pair(*key, new) {
-            for (key, old, _) in changes[..i].iter().rev() {
-                if let Err(undo) = kernel.set_pair(*key, old) {
-                    warn!(error = %undo, "rolling back a policy pair failed");
-                }
+    let failed = 'write: {
+        for (i, (key, _, new)) in changes.iter().enumerate().take(gone).skip(fresh) {
+            if let Err(err) = kernel.set_pair(*key, new) {
+                break 'write Some((i, err));
             }
-            return Err(err);
+        }
+        kernel.remove_pairs(&changes[gone..]).err().map(|err| (gone, err))
+    };
+    let Some((written, err)) = failed else { return Ok(()) };
+    for (key, old, _) in changes[..written].iter().rev() {
+        if let Err(undo) = kernel.set_pair(*key, old) {
+            warn!(error = %undo, "rolling back a policy pair failed");
         }
     }
-    Ok(())
+    Err(err)
 }
 
 /// Writes every pair that differs between two states (walks all policies:

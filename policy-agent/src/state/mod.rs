@@ -364,16 +364,20 @@ impl State {
         destination: &AppName,
         protocol: Protocol,
     ) -> Vec<Allowance> {
-        let bound = |port, tls_only| Policy {
+        let first = Policy {
             source: source.clone(),
             destination: destination.clone(),
             protocol,
-            start: port,
-            end: port,
-            tls_only,
+            start: 0,
+            end: 0,
+            tls_only: false,
         };
+        // One descent to the pair's first policy, then along the leaves.
         self.policies
-            .range(bound(0, false)..=bound(u16::MAX, true))
+            .range(first..)
+            .take_while(|(p, _)| {
+                p.protocol == protocol && p.source == *source && p.destination == *destination
+            })
             .flat_map(|(p, &id)| self.allowances_of(p, id))
             .collect()
     }

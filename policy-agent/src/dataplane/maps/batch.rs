@@ -141,6 +141,24 @@ pub(super) fn delete_all<K: aya::Pod>(map: &MapData, keys: &[K]) -> Result<(), S
     write_batch(map, BPF_MAP_DELETE_BATCH, keys.as_ptr() as u64, 0, keys.len())
 }
 
+/// Deletes the keys that are present, in batches: a key found missing is
+/// passed over (the kernel stops at it). Returns how many it deleted; on
+/// another error, `written` counts the keys passed (deleted or missing).
+pub(super) fn delete_present<K: aya::Pod>(map: &MapData, keys: &[K]) -> Result<usize, Stopped> {
+    let (mut at, mut deleted) = (0, 0);
+    while at < keys.len() {
+        match delete_all(map, &keys[at..]) {
+            Ok(()) => return Ok(deleted + keys.len() - at),
+            Err(stopped) if stopped.error.raw_os_error() == Some(libc::ENOENT) => {
+                deleted += stopped.written;
+                at += stopped.written + 1;
+            }
+            Err(stopped) => return Err(Stopped { written: at + stopped.written, ..stopped }),
+        }
+    }
+    Ok(deleted)
+}
+
 fn write_batch(
     map: &MapData,
     cmd: libc::c_long,

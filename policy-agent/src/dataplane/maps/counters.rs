@@ -209,6 +209,14 @@ impl Maps {
             .map_err(insert_err(names::POLICY_STATS, self.policy_stats.map()))
     }
 
+    /// Forgets removed policies' counters in batches (ids without any are
+    /// passed over).
+    pub fn forget_policy_counters(&mut self, ids: &[u32]) -> Result<(), DataplaneError> {
+        batch::delete_present(self.policy_stats.map(), ids)
+            .map(|_| ())
+            .map_err(|stopped| super::delete_err(names::POLICY_STATS, stopped))
+    }
+
     /// Forgets a removed policy's counters (its id is never reused).
     pub fn remove_policy_counters(&mut self, policy_id: u32) -> Result<(), DataplaneError> {
         match self.policy_stats.remove(&policy_id) {

@@ -111,6 +111,12 @@ fn batch_err(name: &'static str, map: &MapData, stopped: batch::Stopped) -> Data
     insert_err(name, map)(source)
 }
 
+/// The error of a batch delete that stopped.
+fn delete_err(name: &'static str, stopped: batch::Stopped) -> DataplaneError {
+    let call = "bpf_map_delete_batch";
+    map_err(name)(MapError::SyscallError(aya::sys::SyscallError { call, io_error: stopped.error }))
+}
+
 fn typed<T: TryFrom<Map, Error = MapError>>(
     map: Map,
     name: &'static str,

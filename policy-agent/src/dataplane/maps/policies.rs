@@ -112,6 +112,31 @@ impl Maps {
         Ok(())
     }
 
+    /// Deletes pairs that go (see `Kernel::remove_pairs`) in batches, with
+    /// one epoch bump for all of them; a pair already missing is passed
+    /// over. Their sets go once the change is kept. All or nothing.
+    pub fn remove_pairs(&mut self, pairs: &[PairChange]) -> Result<(), DataplaneError> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<PairKey> = pairs.iter().map(|(k, _, _)| *k).collect();
+        if let Err(stopped) = super::batch::delete_present(self.policies.map(), &keys) {
+            for (key, old, _) in &pairs[..stopped.written] {
+                if let Err(undo) = self.set_pair(*key, old) {
+                    tracing::warn!(error = %undo, "cannot put back a pair of a failed removal");
+                }
+            }
+            return Err(super::delete_err(names::POLICIES, stopped));
+        }
+        for (key, old, _) in pairs {
+            let tier = PortRules::build(old).map(|r| r.pair_ports().tier());
+            if tier.is_err() || tier.is_ok_and(|t| t != Tier::Inline) {
+                self.retired_sets.insert(*key);
+            }
+        }
+        self.bump_epoch()
+    }
+
     /// Writes a pair's set where `tier` keeps it (nothing for inline).
     fn write_set(
         &mut self,
@@ -151,7 +176,9 @@ impl Maps {
                     Err(e) if is_absent(&e) => {}
                     Err(e) => return Err(map_err(names::POLICIES)(e)),
                 }
-                self.retired_sets.insert(key);
+                if old_tier != Some(Tier::Inline) {
+                    self.retired_sets.insert(key);
+                }
                 self.bump_epoch()?;
             }
             return Ok(());
