@@ -177,8 +177,8 @@ fn failures_name_the_problem_and_leave_nothing_behind() {
     let (host, mut daemon) = host_with_agent("");
     let ns = NetNs::new(integration_tests::unique_name("c"));
     let conf = config(&daemon, "1.0.0", Some("app"));
-    // The container already has an interface of that name: the veth was
-    // made and moved before that showed; all of it is undone.
+    // The container already has an interface of that name: refused before
+    // the veth is made, and nothing is left.
     let o = run_plugin(&host, "ADD", "c-1", Some(&ns.path()), "lo", &conf);
     assert_failed(&o, 4, "already has an interface lo");
     assert!(
