@@ -16,6 +16,7 @@ use std::{
 use integration_tests::{
     cluster::{Etcd, EtcdOptions, Underlay, hosts},
     iptables::{CfIptables, CfPolicy, CfRuleSet},
+    topology::Container,
 };
 use policy_agent::{
     etcd::prefix_end,
@@ -26,8 +27,8 @@ use policy_api::Client;
 
 use crate::{
     api::{policy, post},
-    compare::{IPERF_PORT, UDP_PORT, iperf_between, udp_pps_between},
-    report::{Report, ms, outln, percentile},
+    compare::{IPERF_PORT, UDP_PORT, iperf_between, median, udp_pps_between},
+    report::{Report, count_name, ms, outln, percentile},
     update::{PROBE_PORT, Probe, preload},
 };
 
@@ -147,70 +148,120 @@ fn fan_out(watchers: usize, writes: usize) -> Vec<Duration> {
     times
 }
 
+/// Medians of `rounds` measurements of one flow from `a` to `b`: (UDP
+/// packets/s, iperf3 Gbit/s).
+fn medians(a: &Container, b: &Container, rounds: usize, secs: f64) -> (f64, f64) {
+    let (mut pps, mut gbps) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        pps.push(udp_pps_between(&a.ns, &b.ns, b.ip, secs));
+        gbps.push(iperf_between(&a.ns, &b.ns, b.ip, secs.ceil() as u32));
+    }
+    (median(pps), median(gbps))
+}
+
+/// The filler policies of the sweep: other apps to B's app (ours) or B's
+/// address (iptables), ports and protocols spread, as in table 2.
+fn filler(i: usize) -> (&'static str, u16) {
+    (if i.is_multiple_of(2) { "tcp" } else { "udp" }, 10_000 + (i % 50_000) as u16)
+}
+
+/// One row of the sweep: policies in force, then (UDP packets/s, iperf3
+/// Gbit/s) medians with this project and with Cloud Foundry's iptables.
+struct SweepRow {
+    policies: usize,
+    ours: (f64, f64),
+    iptables: (f64, f64),
+}
+
 /// Cross-host throughput through the overlay, frontend on host A to backend
-/// on host B: (UDP packets/s, iperf3 Gbit/s) with this project enforcing
-/// (a policy allowing both), then with nothing attached (the agents
-/// stopped and their programs detached; the overlay stays as they left it),
-/// then with Cloud Foundry's iptables rules on both hosts (the source's
-/// MARK travels in the same VXLAN GBP field, as with silk).
-fn throughput(secs: f64) -> [(f64, f64); 3] {
+/// on host B, with `counts` policies in force (the flow's own among them),
+/// `rounds` measurements each, medians: this project enforcing (the
+/// policies written on A, followed by B through etcd), then nothing
+/// attached (the agents stopped and their programs detached; the overlay
+/// stays as they left it), then Cloud Foundry's iptables rules on both
+/// hosts with the same number of policies, the flow's in the middle of the
+/// chain (the source's MARK travels in the same VXLAN GBP field, as with
+/// silk).
+fn sweep(counts: &[usize], rounds: usize, secs: f64) -> ((f64, f64), Vec<SweepRow>) {
     let mut underlay = Underlay::new();
     let _etcd = Etcd::start(&underlay);
     let mut cells = hosts(&mut underlay, 2, 1);
     cells[0].daemon.register(cells[0].host.container(0), "frontend");
     cells[1].daemon.register(cells[1].host.container(0), "backend");
     let client = Client::new(&cells[0].daemon.socket);
+    let own = [("udp", UDP_PORT), ("tcp", IPERF_PORT), ("udp", PROBE_PORT)];
     post(
         &client,
         POLICIES,
-        vec![
-            policy("frontend", "backend", "udp", UDP_PORT),
-            policy("frontend", "backend", "tcp", IPERF_PORT),
-            policy("frontend", "backend", "udp", PROBE_PORT),
-        ],
+        own.iter().map(|&(protocol, port)| policy("frontend", "backend", protocol, port)).collect(),
     );
     let (a, b) = (cells[0].host.container(0), cells[1].host.container(0));
     // The routes to the other host follow the registry (a renewal or two).
     let probe = Probe::between(a, b);
     probe.first_arrival(Instant::now());
     drop(probe);
-    let measure = || {
-        let pps = udp_pps_between(&a.ns, &b.ns, b.ip, secs);
-        let gbps = iperf_between(&a.ns, &b.ns, b.ip, secs.ceil() as u32);
-        (pps, gbps)
-    };
-    let ours = measure();
+    let mut ours = Vec::new();
+    let mut written = own.len();
+    for &n in counts {
+        let fillers: Vec<usize> = (written..n.max(written)).collect();
+        for chunk in fillers.chunks(1000) {
+            let batch = chunk
+                .iter()
+                .map(|&i| {
+                    let (protocol, port) = filler(i);
+                    policy(&format!("src-{i}"), "backend", protocol, port)
+                })
+                .collect();
+            post(&client, POLICIES, batch);
+        }
+        written = n.max(written);
+        // Measured once B holds them all.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while cells[1].daemon.get("/v1/status")["policies"].as_u64() != Some(written as u64) {
+            assert!(Instant::now() < deadline, "host B did not reach {written} policies");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ours.push(medians(a, b, rounds, secs));
+    }
     for cell in &mut cells {
         cell.daemon.kill9();
         policy_agent::Dataplane::remove_all(cell.daemon.pin_dir()).expect("detach");
     }
     let (a, b) = (cells[0].host.container(0), cells[1].host.container(0));
-    let measure = || {
-        let pps = udp_pps_between(&a.ns, &b.ns, b.ip, secs);
-        let gbps = iperf_between(&a.ns, &b.ns, b.ip, secs.ceil() as u32);
-        (pps, gbps)
-    };
-    let none = measure();
-    let set = CfRuleSet {
-        sources: vec![(a.ip, 1), (b.ip, 2)],
-        policies: [("udp", UDP_PORT), ("tcp", IPERF_PORT)]
-            .into_iter()
-            .map(|(protocol, port)| CfPolicy {
-                source_tag: 1,
-                destination: b.ip,
-                protocol,
-                start: port,
-                end: port,
-            })
-            .collect(),
-    };
+    let none = medians(a, b, rounds, secs);
     let mut rules: Vec<CfIptables> =
         cells.iter().map(|c| CfIptables::install(&c.host.ns)).collect();
-    for r in &mut rules {
-        r.enforce(&set);
-    }
-    let iptables = measure();
-    [none, ours, iptables]
+    let rows = counts
+        .iter()
+        .zip(ours)
+        .map(|(&n, ours)| {
+            let mut policies: Vec<CfPolicy> = (own.len()..n.max(own.len()))
+                .map(|i| {
+                    let (protocol, port) = filler(i);
+                    CfPolicy {
+                        source_tag: 100 + i as u32,
+                        destination: b.ip,
+                        protocol,
+                        start: port,
+                        end: port,
+                    }
+                })
+                .collect();
+            // The flow's own in the middle of the chain: an average walk.
+            let middle = policies.len() / 2;
+            for (protocol, port) in [("udp", UDP_PORT), ("tcp", IPERF_PORT)] {
+                let own =
+                    CfPolicy { source_tag: 1, destination: b.ip, protocol, start: port, end: port };
+                policies.insert(middle, own);
+            }
+            let set = CfRuleSet { sources: vec![(a.ip, 1), (b.ip, 2)], policies };
+            for r in &mut rules {
+                r.enforce(&set);
+            }
+            SweepRow { policies: n, ours, iptables: medians(a, b, rounds, secs) }
+        })
+        .collect();
+    (none, rows)
 }
 
 pub fn run(quick: bool, report: &mut Report) {
@@ -263,22 +314,45 @@ pub fn run(quick: bool, report: &mut Report) {
             ms(percentile(&times, 0.99))
         );
     }
-    let [none, ours, iptables] = throughput(if quick { 2.0 } else { 5.0 });
+    let (counts, rounds, secs): (&[usize], usize, f64) =
+        if quick { (&[10, 1_000, 10_000], 1, 1.0) } else { (&[10, 100, 1_000, 10_000], 3, 3.0) };
+    let (none, rows) = sweep(counts, rounds, secs);
     outln!(
         out,
-        "\nThroughput across hosts through the VXLAN overlay (frontend on A to backend on B, one flow): UDP packets/s from one pinned sender, and iperf3. Nothing attached: the same overlay after the agents stopped and their programs were detached. iptables: then Cloud Foundry's rules (`tests/src/iptables.rs`) on both hosts, the source's MARK carried in the VXLAN GBP field as with silk.\n"
+        "\nThroughput across hosts through the VXLAN overlay (frontend on A to backend on B, one flow) with 10 to 10,000 policies in force, the flow's own among them (the others: other apps to backend, ports and protocols spread): UDP packets/s from one pinned sender, and iperf3; the median of {rounds} run(s) of {secs} s each. Ours: the policies written on A, B following them through etcd. Nothing attached: the same overlay after the agents stopped and their programs were detached. iptables: then Cloud Foundry's rules (`tests/src/iptables.rs`) on both hosts with as many policies, the flow's in the middle of the chain, the source's MARK carried in the VXLAN GBP field as with silk.\n"
     );
-    outln!(out, "| | UDP packets/s | iperf3 |");
-    outln!(out, "|---|---:|---:|");
-    outln!(out, "| nothing attached | {:.0} | {:.2} Gbit/s |", none.0, none.1);
-    for (label, (pps, gbps)) in
-        [("this project", ours), ("iptables (Cloud Foundry rules)", iptables)]
-    {
+    outln!(out, "nothing attached: {:.0} UDP packets/s, iperf3 {:.2} Gbit/s\n", none.0, none.1);
+    outln!(
+        out,
+        "| policies | ours UDP packets/s | iptables | ours / iptables | ours iperf3 | iptables |"
+    );
+    outln!(out, "|---:|---:|---:|---:|---:|---:|");
+    for row in &rows {
+        let ((pps, gbps), (ipt_pps, ipt_gbps)) = (row.ours, row.iptables);
         outln!(
             out,
-            "| {label} | {pps:.0} ({:.2}x) | {gbps:.2} Gbit/s ({:+.1} %) |",
+            "| {} | {pps:.0} ({:.2}x) | {ipt_pps:.0} ({:.2}x) | {:.2} | {gbps:.2} Gbit/s ({:+.1} %) | {ipt_gbps:.2} Gbit/s ({:+.1} %) |",
+            row.policies,
             pps / none.0,
-            (gbps / none.1 - 1.0) * 100.0
+            ipt_pps / none.0,
+            pps / ipt_pps,
+            (gbps / none.1 - 1.0) * 100.0,
+            (ipt_gbps / none.1 - 1.0) * 100.0
+        );
+        let at = count_name(row.policies as u64);
+        report.figure_vs(
+            format!("cross_host_udp_pps_{at}"),
+            pps,
+            "packets/s",
+            "iptables (Cloud Foundry rules)",
+            ipt_pps,
+        );
+        report.figure_vs(
+            format!("cross_host_iperf3_{at}_gbit_s"),
+            gbps,
+            "Gbit/s",
+            "iptables (Cloud Foundry rules)",
+            ipt_gbps,
         );
     }
     report.section(out);
