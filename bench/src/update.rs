@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::{
     api::{policy, post},
-    report::{Plot, Report, Series, ms, outln, percentile},
+    report::{Plot, Report, Series, count_name, ms, outln, percentile},
 };
 
 pub const PROBE_PORT: u16 = 7000;
@@ -251,6 +251,22 @@ pub fn run(quick: bool, report: &mut Report) {
     );
     outln!(out, "|---:|---:|---:|---:|---:|");
     for ((n, (single, batch), _), (_, (nft_single, nft_batch))) in rows.iter().zip(&nft_rows) {
+        let at = count_name(*n as u64);
+        let p50_ms = |v: &[Duration]| percentile(v, 0.5).as_secs_f64() * 1e3;
+        report.figure_vs(
+            format!("update_one_policy_p50_{at}_ms"),
+            p50_ms(single),
+            "ms",
+            "nftables",
+            p50_ms(nft_single),
+        );
+        report.figure_vs(
+            format!("update_batch_1000_p50_{at}_ms"),
+            p50_ms(batch),
+            "ms",
+            "nftables",
+            p50_ms(nft_batch),
+        );
         outln!(
             out,
             "| {n} | {} / {} | {:.1}x | {} / {} | {:.1}x |",
