@@ -27,6 +27,11 @@ fn shape<T: DeserializeOwned>(value: &Value, at: &str) -> Result<T, Invalid> {
 /// [`shape`] from JSON text: text that is not JSON is `body`'s error, as
 /// a request's would be.
 fn shape_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Invalid> {
+    // Read once without keeping the path (a fifth of a bulk load's time);
+    // read again keeping it only to name what is wrong.
+    if let Ok(value) = serde_json::from_slice(bytes) {
+        return Ok(value);
+    }
     let not_json = |e: serde_json::Error| Invalid::new("body", format!("invalid JSON: {e}"));
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
