@@ -286,3 +286,28 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         "enforce-time histogram"
     );
 }
+
+/// `status` reads every map in batches of up to a few MiB. Polled again
+/// and again (as an operator's dashboard or the soak does), the agent
+/// must not keep those buffers: with glibc's moving mmap threshold the
+/// third call left 12 MiB more resident, and it stayed.
+#[test]
+fn polling_status_does_not_grow_the_agent() {
+    let (_host, daemon) = setup("");
+    let rss_kib = || -> u64 {
+        let pid = daemon.pid().expect("the agent runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    // The first calls set up what every later call reuses.
+    for _ in 0..2 {
+        assert!(daemon.cli_ok(&["status"]).contains("maps:"));
+    }
+    let before = rss_kib();
+    for _ in 0..20 {
+        assert!(daemon.cli_ok(&["status"]).contains("maps:"));
+    }
+    let grown = rss_kib().saturating_sub(before);
+    assert!(grown < 4 << 10, "the agent's RSS grew {grown} KiB over 20 status calls");
+}
