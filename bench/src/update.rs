@@ -122,9 +122,9 @@ pub fn agent_latency(
         let mut policies: Vec<Value> =
             (0..999).map(|i| policy(&format!("b{round}-{i}"), apps.1, "tcp", 9000)).collect();
         policies.push(allow().remove(0));
+        let sent = policies.clone();
         let start = Instant::now();
         batch.push(std::thread::scope(|s| {
-            let sent = policies.clone();
             s.spawn(|| post(client, POLICIES, sent));
             probe.first_arrival(start)
         }));
