@@ -157,7 +157,7 @@ async fn nsid(handle: &Handle, ns: &File) -> Result<Option<i32>> {
 /// The container's side is made in its namespace under its final name, as
 /// the reference `ptp` plugin makes its pair: moving a device between
 /// namespaces waits for RCU grace periods while it holds the kernel's
-/// netlink lock (made and then moved, the pair cost each ADD about 25 ms
+/// netlink lock (made and then moved, the pair cost each ADD about 30 ms
 /// more on a 2-vCPU VM, and every other netlink user on the host waited).
 pub async fn create(
     host_ifname: &str,
