@@ -27,7 +27,7 @@ use policy_api::Client;
 
 use crate::{
     api::{policy, post},
-    compare::{IPERF_PORT, UDP_PORT, iperf_between, median, udp_pps_between},
+    compare::{IPERF_PORT, UDP_PORT, filler, iperf_between, median, udp_pps_between},
     report::{Report, count_name, ms, outln, percentile},
     update::{PROBE_PORT, Probe, preload},
 };
@@ -159,12 +159,6 @@ fn medians(a: &Container, b: &Container, rounds: usize, secs: f64) -> (f64, f64)
     (median(pps), median(gbps))
 }
 
-/// The filler policies of the sweep: other apps to B's app (ours) or B's
-/// address (iptables), ports and protocols spread, as in table 2.
-fn filler(i: usize) -> (&'static str, u16) {
-    (if i.is_multiple_of(2) { "tcp" } else { "udp" }, 10_000 + (i % 50_000) as u16)
-}
-
 /// One row of the sweep: policies in force, then (UDP packets/s, iperf3
 /// Gbit/s) medians with this project and with Cloud Foundry's iptables.
 struct SweepRow {
@@ -203,12 +197,13 @@ fn sweep(counts: &[usize], rounds: usize, secs: f64) -> ((f64, f64), Vec<SweepRo
     let mut ours = Vec::new();
     let mut written = own.len();
     for &n in counts {
-        let fillers: Vec<usize> = (written..n.max(written)).collect();
+        // Table 2's fillers: other apps to backend, ports and protocols spread.
+        let fillers: Vec<u32> = (written as u32..n.max(written) as u32).collect();
         for chunk in fillers.chunks(1000) {
             let batch = chunk
                 .iter()
                 .map(|&i| {
-                    let (protocol, port) = filler(i);
+                    let (_, protocol, port) = filler(i);
                     policy(&format!("src-{i}"), "backend", protocol, port)
                 })
                 .collect();
@@ -235,16 +230,10 @@ fn sweep(counts: &[usize], rounds: usize, secs: f64) -> ((f64, f64), Vec<SweepRo
         .iter()
         .zip(ours)
         .map(|(&n, ours)| {
-            let mut policies: Vec<CfPolicy> = (own.len()..n.max(own.len()))
+            let mut policies: Vec<CfPolicy> = (own.len() as u32..n.max(own.len()) as u32)
                 .map(|i| {
-                    let (protocol, port) = filler(i);
-                    CfPolicy {
-                        source_tag: 100 + i as u32,
-                        destination: b.ip,
-                        protocol,
-                        start: port,
-                        end: port,
-                    }
+                    let (source_tag, protocol, port) = filler(i);
+                    CfPolicy { source_tag, destination: b.ip, protocol, start: port, end: port }
                 })
                 .collect();
             // The flow's own in the middle of the chain: an average walk.

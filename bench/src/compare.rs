@@ -70,8 +70,9 @@ pub struct Setup {
     pub(crate) load_mib: f64,
 }
 
-/// The filler policies: other apps' sources to B's address, ports spread.
-fn filler(i: u32) -> (u32, &'static str, u16) {
+/// The filler policies: other apps' sources to B's address, ports spread
+/// (the cross-host sweep's too).
+pub(crate) fn filler(i: u32) -> (u32, &'static str, u16) {
     (100 + i, if i.is_multiple_of(2) { "tcp" } else { "udp" }, 10_000 + (i % 50_000) as u16)
 }
 

@@ -132,13 +132,16 @@ fn endpoint_addresses(e: &wire::Endpoint) -> Result<(IpAddr, Option<Ipv6Addr>), 
     }
 }
 
-/// Parses `{"policies": [...]}` in Cloud Foundry's shape.
+/// Parses `{"policies": [...]}` in Cloud Foundry's shape from a JSON tree
+/// (the tests hold the API's bytes parser to it).
+#[cfg(test)]
 pub fn parse_policies(body: &Value) -> Result<Vec<Policy>, Invalid> {
     policies_of(shape(body, "")?)
 }
 
-/// [`parse_policies`] straight from a request's bytes, without the JSON
-/// tree in between (a bulk load's batches are large).
+/// Parses `{"policies": [...]}` in Cloud Foundry's shape straight from a
+/// request's bytes, without a JSON tree in between (a bulk load's batches
+/// are large).
 pub fn parse_policies_json(bytes: &[u8]) -> Result<Vec<Policy>, Invalid> {
     policies_of(shape_json(bytes)?)
 }

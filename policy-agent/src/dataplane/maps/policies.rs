@@ -89,20 +89,27 @@ impl Maps {
                 _ => rest.push((*key, allowances.as_slice())),
             }
         }
-        let map = self.policies.map();
-        super::batch::update_all(map, &inline).map_err(|stopped| {
-            let written: Vec<PairKey> = inline[..stopped.written].iter().map(|(k, _)| *k).collect();
-            if let Err(e) = super::batch::delete_all(map, &written) {
+        // The inline pairs a failed write leaves, deleted in one syscall.
+        let take_back = |map: &aya::maps::MapData, written: usize| {
+            let keys: Vec<PairKey> = inline[..written].iter().map(|(k, _)| *k).collect();
+            if let Err(e) = super::batch::delete_all(map, &keys) {
                 tracing::warn!(error = %e.error, "cannot take back the pairs of a failed write");
             }
+        };
+        let map = self.policies.map();
+        super::batch::update_all(map, &inline).map_err(|stopped| {
+            take_back(map, stopped.written);
             super::batch_err(names::POLICIES, map, stopped)
         })?;
         for (i, (key, allowances)) in rest.iter().enumerate() {
             if let Err(e) = self.set_pair(*key, allowances) {
-                let written =
-                    inline.iter().map(|(k, _)| *k).chain(rest[..i].iter().map(|(k, _)| *k));
-                for key in written.collect::<Vec<_>>() {
-                    if let Err(undo) = self.set_pair(key, &[]) {
+                take_back(self.policies.map(), inline.len());
+                // What a packet met in the meantime goes with them.
+                if let Err(undo) = self.bump_epoch() {
+                    tracing::warn!(error = %undo, "cannot take back a new pair");
+                }
+                for (key, _) in &rest[..i] {
+                    if let Err(undo) = self.set_pair(*key, &[]) {
                         tracing::warn!(error = %undo, "cannot take back a new pair");
                     }
                 }
@@ -130,7 +137,7 @@ impl Maps {
         }
         for (key, old, _) in pairs {
             let tier = PortRules::build(old).map(|r| r.pair_ports().tier());
-            if tier.is_err() || tier.is_ok_and(|t| t != Tier::Inline) {
+            if !matches!(tier, Ok(Tier::Inline)) {
                 self.retired_sets.insert(*key);
             }
         }
