@@ -97,10 +97,16 @@ impl Maps {
             }
         };
         let map = self.policies.map();
-        super::batch::update_all(map, &inline).map_err(|stopped| {
+        if let Err(stopped) = super::batch::update_all(map, &inline) {
             take_back(map, stopped.written);
-            super::batch_err(names::POLICIES, map, stopped)
-        })?;
+            let err = super::batch_err(names::POLICIES, map, stopped);
+            // As for the other take-backs (and `set_pair`'s removals): a
+            // flow a taken-back pair let through meanwhile is checked again.
+            if let Err(undo) = self.bump_epoch() {
+                tracing::warn!(error = %undo, "cannot take back a new pair");
+            }
+            return Err(err);
+        }
         for (i, (key, allowances)) in rest.iter().enumerate() {
             if let Err(e) = self.set_pair(*key, allowances) {
                 take_back(self.policies.map(), inline.len());
