@@ -21,29 +21,41 @@ fn free_port() -> u16 {
 }
 
 impl TestEtcd {
+    /// An etcd on two free loopback ports. A port found free can be taken
+    /// before etcd binds it (the tests run side by side, and etcd's own
+    /// outgoing connections use the same range): an etcd that exits is
+    /// started again on other ports.
     fn start(name: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("etcd-store-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args(["--name", "unit", "--data-dir"])
-            .arg(&dir)
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("unit={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd (Debian's etcd-server) must be installed: cargo xtask setup");
-        let etcd = Self { child, dir, url };
-        let started = Instant::now();
-        while etcd.client().range("/", b"/0").is_err() {
-            assert!(started.elapsed() < Duration::from_secs(15), "etcd did not start");
-            std::thread::sleep(Duration::from_millis(50));
+        for _ in 0..3 {
+            let _ = std::fs::remove_dir_all(&dir);
+            let (client, peer) = (free_port(), free_port());
+            let url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let child = Command::new("etcd")
+                .args(["--name", "unit", "--data-dir"])
+                .arg(&dir)
+                .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("unit={peer_url}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("etcd (Debian's etcd-server) must be installed: cargo xtask setup");
+            let mut etcd = Self { child, dir: dir.clone(), url };
+            let started = Instant::now();
+            while etcd.client().range("/", b"/0").is_err() {
+                if etcd.child.try_wait().is_ok_and(|exited| exited.is_some()) {
+                    break;
+                }
+                assert!(started.elapsed() < Duration::from_secs(15), "etcd did not start");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if etcd.child.try_wait().is_ok_and(|exited| exited.is_none()) {
+                return etcd;
+            }
         }
-        etcd
+        panic!("etcd exited three times on start (ports taken?)");
     }
 
     fn client(&self) -> Etcd {
