@@ -51,6 +51,34 @@ impl NetNs {
         ip(&all);
     }
 
+    /// The TC filters on `ifname`'s `hook` (`ingress` or `egress`) in this
+    /// namespace, as `tc -j filter show` lists them: (priority, name the
+    /// BPF program was attached under, program id) for each `bpf` filter.
+    pub fn tc_bpf_filters(&self, ifname: &str, hook: &str) -> Vec<(u64, String, u32)> {
+        let out = check(
+            self.command("tc").args(["-j", "filter", "show", "dev", ifname, hook]).output(),
+            &format!("tc filter show dev {ifname} {hook}"),
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.trim().is_empty() {
+            return Vec::new();
+        }
+        let filters: Vec<serde_json::Value> =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("tc -j: {e}: {text}"));
+        filters
+            .iter()
+            .filter(|f| f["kind"] == "bpf")
+            .filter_map(|f| {
+                let options = f.get("options")?;
+                Some((
+                    f["pref"].as_u64().unwrap_or(0),
+                    options["bpf_name"].as_str().unwrap_or_default().to_owned(),
+                    u32::try_from(options["prog"]["id"].as_u64()?).ok()?,
+                ))
+            })
+            .collect()
+    }
+
     /// A command that runs inside the namespace (`ip netns exec`).
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("ip");

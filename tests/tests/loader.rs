@@ -3,9 +3,9 @@
 
 use std::{net::Ipv4Addr, process::Command};
 
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::{SchedClassifier, TcAttachType, links::FdLink};
 use integration_tests::{netns::NetNs, pins::PinDir, require_root, unique_name};
-use policy_agent::{Capacities, Dataplane, DataplaneConfig, DataplaneError};
+use policy_agent::{Capacities, Dataplane, DataplaneConfig, DataplaneError, Direction};
 use policy_common::{
     maps::{MAX_PORT_RANGES, PairKey, proto},
     ports::{Allowance, PortsError},
@@ -127,11 +127,17 @@ fn more_ranges_than_a_pair_holds_are_refused_whole() {
     assert!(bad.to_string().contains("invalid port range 9-8"), "{bad}");
 }
 
+/// A new namespace with a veth pair `v0` / `v1` in it.
+fn veth_namespace() -> NetNs {
+    let ns = NetNs::new(unique_name("ld"));
+    ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    ns
+}
+
 #[test]
 fn state_survives_reopening_and_remove_all_cleans_up() {
     require_root();
-    let ns = NetNs::new(unique_name("ld"));
-    ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    let ns = veth_namespace();
     ns.ip(&["link", "set", "v0", "up"]);
     let _in_ns = ns.enter();
     let pins = PinDir::new();
@@ -145,8 +151,24 @@ fn state_survives_reopening_and_remove_all_cleans_up() {
         // Attaching again is a no-op.
         dataplane.attach_veth("v0").unwrap();
     }
-    let attached = |t| SchedClassifier::query_tcx("v0", t).unwrap().1.len();
-    assert_eq!((attached(TcAttachType::Ingress), attached(TcAttachType::Egress)), (1, 1));
+    let attached = |hook| ns.tc_bpf_filters("v0", hook);
+    let names =
+        |hook| attached(hook).into_iter().map(|(pref, name, _)| (pref, name)).collect::<Vec<_>>();
+    let want = |name: &str| vec![(1, name.to_owned())];
+    assert_eq!(names("ingress"), want("tc_from_container"));
+    assert_eq!(names("egress"), want("tc_to_container"));
+    let no_tcx = |t| SchedClassifier::query_tcx("v0", t).unwrap().1.is_empty();
+    assert!(no_tcx(TcAttachType::Ingress) && no_tcx(TcAttachType::Egress));
+    // Another tool's filter on the same hook, at another priority: left alone.
+    // (`tc` run from this thread, in the namespace: `ip netns exec` would
+    // remount /sys and lose the bpffs.)
+    let other = Command::new("tc")
+        .args(["filter", "add", "dev", "v0", "ingress", "prio", "7"])
+        .args(["handle", "7", "bpf", "da", "pinned"])
+        .arg(pins.path().join("links/tc-v0-ingress"))
+        .output()
+        .unwrap();
+    assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
     let mut dataplane = pins.open();
     assert_eq!(dataplane.maps().endpoints().len(), 1);
     assert_eq!(dataplane.maps().pair(&key), vec![Allowance { start: 80, end: 80, policy_id: 9 }]);
@@ -158,9 +180,16 @@ fn state_survives_reopening_and_remove_all_cleans_up() {
         other => panic!("expected NoInterface, got {other:?}"),
     }
 
+    // Reopening took the filters over with its own programs.
+    let ours = attached("ingress").into_iter().find(|(pref, _, _)| *pref == 1).map(|f| f.2);
+    let ingress_id = dataplane.tc_program(Direction::FromContainer).info().unwrap().id();
+    assert_eq!(ours, Some(ingress_id));
+
     dataplane.detach_veth("v0").unwrap();
     drop(dataplane);
-    assert_eq!((attached(TcAttachType::Ingress), attached(TcAttachType::Egress)), (0, 0));
+    let prefs = |hook| attached(hook).into_iter().map(|(pref, _, _)| pref).collect::<Vec<_>>();
+    assert_eq!(prefs("ingress"), vec![7], "only the other tool's filter is left");
+    assert_eq!(prefs("egress"), Vec::<u64>::new());
     Dataplane::remove_all(pins.path()).unwrap();
     assert!(!pins.path().exists());
 }
@@ -259,8 +288,11 @@ fn a_recreated_interface_gets_attached_again() {
     ns.ip(&["link", "del", "v0"]);
     ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
     dataplane.attach_veth("v0").unwrap();
-    let attached = |t| SchedClassifier::query_tcx("v0", t).unwrap().1.len();
-    assert_eq!((attached(TcAttachType::Ingress), attached(TcAttachType::Egress)), (1, 1));
+    let names = |hook| ns.tc_bpf_filters("v0", hook).into_iter().map(|f| f.1).collect::<Vec<_>>();
+    assert_eq!(
+        (names("ingress"), names("egress")),
+        (vec!["tc_from_container".to_owned()], vec!["tc_to_container".to_owned()])
+    );
 }
 
 #[test]
@@ -319,4 +351,80 @@ fn maps_larger_than_a_batch_are_read_whole() {
     let occupancy = dataplane.maps().occupancy();
     let policies = occupancy.iter().find(|(name, ..)| *name == "POLICIES").unwrap();
     assert_eq!(policies.1, n as usize);
+}
+
+/// A veth an earlier version attached through TCX (a pinned link under
+/// `links/tc-*`) stays on its link: taken over with the new programs,
+/// counted as attached, detached as a link.
+#[test]
+fn a_veth_an_earlier_version_attached_through_tcx_is_taken_over_as_it_is() {
+    require_root();
+    let ns = veth_namespace();
+    ns.ip(&["link", "set", "v0", "up"]);
+    let _in_ns = ns.enter();
+    let pins = PinDir::new();
+    let hooks = [("ingress", TcAttachType::Ingress), ("egress", TcAttachType::Egress)];
+    {
+        // The earlier version's layout: the same programs, TCX links
+        // pinned where the filters' records now go.
+        let mut dataplane = pins.open();
+        dataplane.attach_veth("v0").unwrap();
+        let mut programs: Vec<SchedClassifier> = hooks
+            .iter()
+            .map(|(hook, _)| {
+                SchedClassifier::from_pin(pins.path().join(format!("links/tc-v0-{hook}"))).unwrap()
+            })
+            .collect();
+        dataplane.detach_veth("v0").unwrap();
+        for ((hook, attach_type), program) in hooks.iter().zip(&mut programs) {
+            let id = program.attach("v0", *attach_type).unwrap();
+            let link = FdLink::try_from(program.take_link(id).unwrap()).unwrap();
+            link.pin(pins.path().join(format!("links/tc-v0-{hook}"))).unwrap();
+        }
+    }
+    let mut dataplane = pins.open();
+    dataplane.attach_veth("v0").unwrap();
+    for ((hook, attach_type), direction) in hooks.iter().zip(Direction::BOTH) {
+        let tcx: Vec<u32> = SchedClassifier::query_tcx("v0", *attach_type)
+            .unwrap()
+            .1
+            .iter()
+            .map(|p| p.id())
+            .collect();
+        let now = dataplane.tc_program(direction).info().unwrap().id();
+        assert_eq!(tcx, vec![now], "{hook}: the link runs this load's program");
+        assert!(ns.tc_bpf_filters("v0", hook).is_empty(), "{hook}: no filter added beside it");
+    }
+    assert_eq!(dataplane.attachments().unwrap(), vec!["tc-v0-egress", "tc-v0-ingress"]);
+    dataplane.detach_veth("v0").unwrap();
+    for (hook, attach_type) in hooks {
+        let left = SchedClassifier::query_tcx("v0", attach_type).unwrap().1;
+        assert!(left.is_empty(), "{hook}: the link is detached");
+    }
+    assert!(dataplane.attachments().unwrap().is_empty());
+}
+
+/// A veth whose clsact slot another tool's `ingress` qdisc holds (filters
+/// there would all run on ingress) is attached through TCX, both ways, and
+/// the other tool's qdisc is left alone.
+#[test]
+fn a_veth_with_another_tools_ingress_qdisc_is_attached_through_tcx() {
+    require_root();
+    let ns = veth_namespace();
+    let tc = ns.command("tc").args(["qdisc", "add", "dev", "v0", "ingress"]).output().unwrap();
+    assert!(tc.status.success(), "{}", String::from_utf8_lossy(&tc.stderr));
+    let _in_ns = ns.enter();
+    let pins = PinDir::new();
+    let mut dataplane = pins.open();
+    dataplane.attach_veth("v0").unwrap();
+    dataplane.attach_veth("v0").unwrap();
+    let tcx = |t| SchedClassifier::query_tcx("v0", t).unwrap().1.len();
+    assert_eq!((tcx(TcAttachType::Ingress), tcx(TcAttachType::Egress)), (1, 1));
+    assert!(ns.tc_bpf_filters("v0", "ingress").is_empty());
+    let qdiscs = ns.command("tc").args(["qdisc", "show", "dev", "v0"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&qdiscs.stdout).contains("qdisc ingress"));
+    assert_eq!(dataplane.attachments().unwrap(), vec!["tc-v0-egress", "tc-v0-ingress"]);
+    dataplane.detach_veth("v0").unwrap();
+    assert_eq!((tcx(TcAttachType::Ingress), tcx(TcAttachType::Egress)), (0, 0));
+    assert!(dataplane.attachments().unwrap().is_empty());
 }

@@ -12,13 +12,19 @@ use integration_tests::{
     traffic::{LONG, SteadyFlows, echo_once, tcp_connect, tcp_echo_server},
 };
 
-/// Program ids attached (TCX) to a host-side veth, both directions.
+/// Program ids of the TC filters on a host-side veth, both directions, as
+/// `tc filter show` lists them; none is attached through TCX.
 fn attached_programs(host: &Host, ifname: &str) -> Vec<u32> {
-    let _in_host = host.ns.enter();
-    [TcAttachType::Ingress, TcAttachType::Egress]
+    {
+        let _in_host = host.ns.enter();
+        for t in [TcAttachType::Ingress, TcAttachType::Egress] {
+            assert!(SchedClassifier::query_tcx(ifname, t).expect("query tcx").1.is_empty());
+        }
+    }
+    ["ingress", "egress"]
         .into_iter()
-        .flat_map(|t| SchedClassifier::query_tcx(ifname, t).expect("query tcx").1)
-        .map(|p| p.id())
+        .flat_map(|hook| host.ns.tc_bpf_filters(ifname, hook))
+        .map(|(_, _, id)| id)
         .collect()
 }
 

@@ -2,13 +2,16 @@
 //!
 //! Pin layout under the pin directory:
 //! - `maps/<NAME>`: every map (reused as-is when the dataplane is loaded again);
-//! - `links/tc-<ifname>-<ingress|egress>`: TCX links on host-side veths;
-//! - `links/cgroup-<id>-<ingress|egress>`: cgroup_skb links.
+//! - `links/tc-<ifname>-<ingress|egress>`: the program of the TC filter on a
+//!   host-side veth (legacy TC, see `veth`; a TCX link from earlier versions);
+//! - `links/cgroup-<id>-<ingress|egress>`: cgroup_skb links;
+//! - `links/underlay-<ifname>`: the underlay program's TCX link.
 //!
-//! A pinned link keeps its program attached after the loading process exits
-//! (fail-static). Loading again reuses the pinned maps and swaps the new
-//! programs into the pinned links with `BPF_LINK_UPDATE`, so the hooks never
-//! run without a program.
+//! A pinned link, and a TC filter, keep their program attached after the
+//! loading process exits (fail-static). Loading again reuses the pinned maps
+//! and swaps the new programs into the pinned links with `BPF_LINK_UPDATE`
+//! and into the filters by replacing them in place, so the hooks never run
+//! without a program.
 
 use std::{
     fs,
@@ -31,7 +34,9 @@ use policy_common::maps::{FLOW_CACHE_SETS, FLOW_CACHE6_SETS, flow_cache_stat, na
 mod config;
 mod kernel;
 mod maps;
+mod tc;
 mod upgrade;
+mod veth;
 
 pub use config::{
     Capacities, DataplaneConfig, DenyAction, DenySettings, EventSettings, OverlayNetwork,
@@ -323,6 +328,14 @@ impl Dataplane {
             let entry = entry.map_err(DataplaneError::io("cannot read", &links_dir))?;
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(veth::NEW_PIN_SUFFIX) {
+                // A take-over or attach that stopped before its rename.
+                remove_pin(&path)?;
+                continue;
+            }
+            if self.take_over_filter(&name, &path)? {
+                continue;
+            }
             let Some(program) = self.program_for_pin(&name) else {
                 warn!("ignoring unknown pin {}", path.display());
                 continue;
@@ -351,21 +364,8 @@ impl Dataplane {
         fd.and_then(|fd| fd.try_clone().map_err(Into::into)).map_err(std::io::Error::other)
     }
 
-    fn tc_pin(&self, ifname: &str, direction: Direction) -> PathBuf {
-        self.links_dir().join(format!("tc-{ifname}-{}", direction.tc_hook()))
-    }
-
     fn cgroup_pin(&self, cgroup_id: u64, direction: Direction) -> PathBuf {
         self.links_dir().join(format!("cgroup-{cgroup_id}-{}", direction.cgroup_hook()))
-    }
-
-    /// Whether the link pinned at `pin` is live on `ifname` (and not left
-    /// over from an interface of the same name that was deleted).
-    fn tc_link_live(pin: &Path, ifname: &str, direction: Direction) -> bool {
-        let Ok(link) = PinnedLink::from_pin(pin) else { return false };
-        let Ok(info) = FdLink::from(link).info() else { return false };
-        SchedClassifier::query_tcx(ifname, direction.tc_attach_type())
-            .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == info.program_id()))
     }
 
     /// Attaches the underlay program to TC ingress of the interface other
@@ -418,44 +418,6 @@ impl Dataplane {
     /// The host addresses NetIn mappings listen on.
     pub fn netin_addresses(&self) -> &[Ipv4Addr] {
         &self.netin_addrs
-    }
-
-    /// Attaches both TC programs to a host-side veth (TCX) and pins the
-    /// links. Idempotent: an interface already attached is left as it is.
-    pub fn attach_veth(&mut self, ifname: &str) -> Result<(), DataplaneError> {
-        if nix_ifindex(ifname).is_none() {
-            return Err(DataplaneError::NoInterface { ifname: ifname.to_owned() });
-        }
-        for direction in Direction::BOTH {
-            let pin = self.tc_pin(ifname, direction);
-            if pin.exists() {
-                if Self::tc_link_live(&pin, ifname, direction) {
-                    continue;
-                }
-                remove_link_pin(&pin)?;
-            }
-            let name = direction.tc_program();
-            let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| {
-                DataplaneError::Attach { program: name, target: ifname.to_owned(), source }
-            };
-            let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-            let id = prog
-                .attach(ifname, direction.tc_attach_type())
-                .map_err(|e| attach_err(Box::new(e)))?;
-            let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
-            let link = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
-            link.pin(&pin).map_err(|e| attach_err(Box::new(e)))?;
-        }
-        Ok(())
-    }
-
-    /// Detaches a veth's programs and removes their pins. Missing pins are
-    /// not an error.
-    pub fn detach_veth(&mut self, ifname: &str) -> Result<(), DataplaneError> {
-        for direction in Direction::BOTH {
-            remove_link_pin(&self.tc_pin(ifname, direction))?;
-        }
-        Ok(())
     }
 
     /// Attaches both cgroup_skb programs to a cgroup (v2 directory) and pins
@@ -513,7 +475,7 @@ impl Dataplane {
             let dir = pin_dir.join(sub);
             for name in list_pins(&dir)? {
                 if sub == "links" {
-                    remove_link_pin(&dir.join(name))?;
+                    veth::remove_attachment(&dir.join(name))?;
                 } else {
                     remove_pin(&dir.join(name))?;
                 }

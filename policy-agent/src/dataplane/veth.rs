@@ -1,0 +1,249 @@
+//! Host-side veths: both TC programs as legacy TC filters (see [`tc`]),
+//! each recorded by pinning the program it runs at
+//! `links/tc-IFNAME-HOOK`.
+//!
+//! That pin says: this pin directory's dataplane put this program at our
+//! priority and handle on that hook. The filter there is live (attached,
+//! nothing to do) while it runs the pinned program, and ours (ours to
+//! replace on a take-over, ours to delete) while it runs the pinned program
+//! or carries our program's name: a take-over that stopped between swapping
+//! the program and pinning the new one leaves the second. Another tool's
+//! filter at another priority or handle is never touched.
+//!
+//! A veth whose clsact slot another tool's qdisc holds (an `ingress`
+//! qdisc: filters there would all run on ingress) is attached through TCX
+//! instead, its links pinned at the same names; so are the veths earlier
+//! versions attached. Such pins are updated, checked and detached as
+//! links.
+
+use std::{
+    fs,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{
+    SchedClassifier,
+    links::{FdLink, PinnedLink},
+};
+use log::{info, warn};
+
+use super::{Dataplane, Direction, nix_ifindex, remove_link_pin, remove_pin, tc};
+use crate::{DataplaneError, sys};
+
+/// The suffix of a program pinned before it is renamed over its record
+/// (bpffs refuses names with a dot).
+pub(super) const NEW_PIN_SUFFIX: &str = "-new";
+
+/// What a `tc-*` pin holds.
+enum Pinned {
+    /// A TCX link (an earlier version's attachment).
+    Link,
+    /// The program a filter was given, by id.
+    Program(u32),
+}
+
+fn pinned(pin: &Path) -> Option<Pinned> {
+    let fd: OwnedFd = sys::obj_get(pin).ok()?;
+    if sys::is_link(fd.as_fd()) {
+        return Some(Pinned::Link);
+    }
+    sys::prog_id(fd.as_fd()).ok().map(Pinned::Program)
+}
+
+/// The interface and direction a `tc-IFNAME-HOOK` pin name records.
+pub(super) fn parse_tc_pin(name: &str) -> Option<(&str, Direction)> {
+    let (ifname, hook) = name.strip_prefix("tc-")?.rsplit_once('-')?;
+    Direction::BOTH.into_iter().find(|d| d.tc_hook() == hook).map(|d| (ifname, d))
+}
+
+impl Direction {
+    fn hook(self) -> tc::Hook {
+        match self {
+            Direction::FromContainer => tc::Hook::Ingress,
+            Direction::ToContainer => tc::Hook::Egress,
+        }
+    }
+}
+
+/// The filter at our slot on `ifname`'s hook for `direction`, if it is
+/// ours by the rule above (`pinned_id` being the recorded program).
+fn our_filter(ifindex: u32, direction: Direction, pinned_id: u32) -> Option<tc::Filter> {
+    tc::filter(ifindex, direction.hook())
+        .ok()
+        .flatten()
+        .filter(|f| f.program_id == pinned_id || f.name == direction.tc_program())
+}
+
+/// Pins `program` at `pin`, replacing what is there in one step (a rename
+/// on the bpffs), so the record never goes missing.
+fn pin_program(program: BorrowedFd<'_>, pin: &Path) -> Result<(), DataplaneError> {
+    let mut fresh = pin.as_os_str().to_owned();
+    fresh.push(NEW_PIN_SUFFIX);
+    let fresh = PathBuf::from(fresh);
+    remove_pin(&fresh)?;
+    sys::obj_pin(program, &fresh).map_err(DataplaneError::io("cannot pin", &fresh))?;
+    fs::rename(&fresh, pin).map_err(DataplaneError::io("cannot pin", pin))
+}
+
+/// Removes the attachment a `links/` pin records: a TCX link is detached,
+/// a filter of ours deleted. Used by teardown.
+pub(super) fn remove_attachment(pin: &Path) -> Result<(), DataplaneError> {
+    let name = pin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    match (parse_tc_pin(&name), pinned(pin)) {
+        (Some((ifname, direction)), Some(Pinned::Program(id))) => {
+            delete_our_filter(ifname, direction, id, pin)?;
+            remove_pin(pin)
+        }
+        (_, Some(Pinned::Program(_))) => remove_pin(pin),
+        _ => remove_link_pin(pin),
+    }
+}
+
+fn delete_our_filter(
+    ifname: &str,
+    direction: Direction,
+    pinned_id: u32,
+    pin: &Path,
+) -> Result<(), DataplaneError> {
+    let Some(ifindex) = nix_ifindex(ifname) else { return Ok(()) };
+    if our_filter(ifindex, direction, pinned_id).is_some() {
+        tc::delete_filter(ifindex, direction.hook())
+            .map_err(DataplaneError::io("cannot delete the TC filter recorded at", pin))?;
+    }
+    Ok(())
+}
+
+impl Dataplane {
+    pub(super) fn tc_pin(&self, ifname: &str, direction: Direction) -> PathBuf {
+        self.links_dir().join(format!("tc-{ifname}-{}", direction.tc_hook()))
+    }
+
+    fn tc_prog_fd(&self, direction: Direction) -> Result<BorrowedFd<'_>, DataplaneError> {
+        let name = direction.tc_program();
+        self.tc_program(direction).fd().map(|fd| fd.as_fd()).map_err(|e| DataplaneError::Attach {
+            program: name,
+            target: String::new(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Whether the TCX link pinned at `pin` is live on `ifname` (and not
+    /// left over from an interface of the same name that was deleted).
+    fn tc_link_live(pin: &Path, ifname: &str, direction: Direction) -> bool {
+        let Ok(link) = PinnedLink::from_pin(pin) else { return false };
+        let Ok(info) = FdLink::from(link).info() else { return false };
+        SchedClassifier::query_tcx(ifname, direction.tc_attach_type())
+            .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == info.program_id()))
+    }
+
+    /// Attaches both TC programs to a host-side veth (a `clsact` qdisc and
+    /// a filter on each hook) and records each by pinning its program.
+    /// Idempotent: a direction already attached is left as it is.
+    pub fn attach_veth(&mut self, ifname: &str) -> Result<(), DataplaneError> {
+        let ifindex = nix_ifindex(ifname)
+            .ok_or_else(|| DataplaneError::NoInterface { ifname: ifname.to_owned() })?;
+        let mut have_clsact = false;
+        for direction in Direction::BOTH {
+            let pin = self.tc_pin(ifname, direction);
+            match pinned(&pin) {
+                Some(Pinned::Link) if Self::tc_link_live(&pin, ifname, direction) => continue,
+                Some(Pinned::Link) => remove_link_pin(&pin)?,
+                Some(Pinned::Program(id))
+                    if tc::filter(ifindex, direction.hook())
+                        .is_ok_and(|f| f.is_some_and(|f| f.program_id == id)) =>
+                {
+                    continue;
+                }
+                Some(Pinned::Program(_)) | None => {}
+            }
+            let program = direction.tc_program();
+            let attach_err = |e: std::io::Error| DataplaneError::Attach {
+                program,
+                target: ifname.to_owned(),
+                source: Box::new(e),
+            };
+            if !have_clsact {
+                if let tc::Clsact::Taken(kind) = tc::add_clsact(ifindex).map_err(attach_err)? {
+                    // Filters here would all run on ingress: TCX instead.
+                    warn!("{ifname} has an {kind} qdisc (another tool's): attaching through TCX");
+                    return self.attach_veth_tcx(ifname);
+                }
+                have_clsact = true;
+            }
+            let fd = self.tc_prog_fd(direction)?;
+            tc::set_filter(ifindex, direction.hook(), fd, program).map_err(attach_err)?;
+            pin_program(fd, &pin)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches both TC programs to a veth through TCX and pins the links,
+    /// for a veth whose clsact slot another tool's qdisc holds.
+    fn attach_veth_tcx(&mut self, ifname: &str) -> Result<(), DataplaneError> {
+        for direction in Direction::BOTH {
+            let pin = self.tc_pin(ifname, direction);
+            match pinned(&pin) {
+                Some(Pinned::Link) if Self::tc_link_live(&pin, ifname, direction) => continue,
+                Some(Pinned::Link) => remove_link_pin(&pin)?,
+                Some(Pinned::Program(id)) => delete_our_filter(ifname, direction, id, &pin)?,
+                None => {}
+            }
+            let name = direction.tc_program();
+            let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| {
+                DataplaneError::Attach { program: name, target: ifname.to_owned(), source }
+            };
+            let prog: &mut SchedClassifier = super::program(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(ifname, direction.tc_attach_type())
+                .map_err(|e| attach_err(Box::new(e)))?;
+            let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+            let link = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
+            remove_pin(&pin)?;
+            link.pin(&pin).map_err(|e| attach_err(Box::new(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches a veth's programs (only filters of ours) and removes their
+    /// pins. Missing pins, filters or interfaces are not an error.
+    pub fn detach_veth(&mut self, ifname: &str) -> Result<(), DataplaneError> {
+        for direction in Direction::BOTH {
+            let pin = self.tc_pin(ifname, direction);
+            match pinned(&pin) {
+                Some(Pinned::Program(id)) => {
+                    delete_our_filter(ifname, direction, id, &pin)?;
+                    remove_pin(&pin)?;
+                }
+                Some(Pinned::Link) => remove_link_pin(&pin)?,
+                None => remove_pin(&pin)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Take-over of a veth filter recorded at `pin`: this load's program
+    /// replaces the one in the filter (in place, the hook never empty) and
+    /// is pinned over the record. A record whose interface or filter is
+    /// gone is removed (the reconcile attaches what is still wanted).
+    /// Returns false if `pin` is not a filter's record (a TCX link).
+    pub(super) fn take_over_filter(&self, name: &str, pin: &Path) -> Result<bool, DataplaneError> {
+        let Some((ifname, direction)) = parse_tc_pin(name) else { return Ok(false) };
+        let Some(Pinned::Program(id)) = pinned(pin) else { return Ok(false) };
+        let program = direction.tc_program();
+        let ours = nix_ifindex(ifname)
+            .and_then(|ifindex| our_filter(ifindex, direction, id).map(|_| ifindex));
+        let Some(ifindex) = ours else {
+            warn!("removing the record of a filter no longer there: {name}");
+            remove_pin(pin)?;
+            return Ok(true);
+        };
+        let fd = self.tc_prog_fd(direction)?;
+        tc::set_filter(ifindex, direction.hook(), fd, program).map_err(|e| {
+            DataplaneError::Attach { program, target: ifname.to_owned(), source: Box::new(e) }
+        })?;
+        pin_program(fd, pin)?;
+        info!("took over {name} with {program}");
+        Ok(true)
+    }
+}
