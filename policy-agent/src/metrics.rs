@@ -45,6 +45,9 @@ pub struct Metrics {
     pub enforce_time: Histogram,
     pub reconcile_duration: Histogram,
     pub reconcile_errors: Counter,
+    /// Veths found with their programs removed by another tool, and
+    /// attached again.
+    pub veths_reattached: Counter,
     /// With a policy server: each fetching poll's duration.
     pub policy_server_poll_time: Histogram,
 }
@@ -63,6 +66,7 @@ impl Metrics {
         let enforce_time = latency_histogram();
         let reconcile_duration = latency_histogram();
         let reconcile_errors = Counter::default();
+        let veths_reattached = Counter::default();
         registry.register(
             "policy_api_requests",
             "API requests by method, path and status",
@@ -84,6 +88,11 @@ impl Metrics {
             "Writes or reconciles the kernel refused",
             reconcile_errors.clone(),
         );
+        registry.register(
+            "policy_veths_reattached",
+            "Veths whose TC filters or qdisc another tool removed, found and attached again",
+            veths_reattached.clone(),
+        );
         let policy_server_poll_time = latency_histogram();
         if let Some(status) = policy_server {
             registry.register(
@@ -101,6 +110,7 @@ impl Metrics {
             enforce_time,
             reconcile_duration,
             reconcile_errors,
+            veths_reattached,
             policy_server_poll_time,
         }
     }

@@ -15,7 +15,9 @@ use integration_tests::{
     raw::{Capture, send_ip},
     require_root,
     topology::{GATEWAY, Host},
-    traffic::{LONG, SHORT, tcp_connect, tcp_echo_server, tcp_echo_works, udp_echo_server},
+    traffic::{
+        LONG, SHORT, tcp_connect, tcp_echo_server, tcp_echo_works, udp_echo_server, udp_socket,
+    },
 };
 use policy_common::{
     craft::{PacketSpec, icmp_header, ipv6_frame},
@@ -397,4 +399,62 @@ fn a_cached_ipv6_connection_cannot_be_joined_from_outside() {
     tx.send_to(b"after", (b6, 7000)).unwrap();
     assert_eq!(rx.recv(&mut buf).map(|n| buf[..n].to_vec()).unwrap(), b"after");
     assert_eq!(fills6(), filled, "answered by the cache, not filled again");
+}
+
+/// 7. Another tool on the host deletes a container's TC filters (`tc qdisc
+///    del dev VETH clsact`): its packets would go unchecked, its source
+///    address unverified. The agent finds this within seconds and attaches
+///    again; the container's packets claiming another app's address are
+///    then refused and counted, the re-attachment counted and logged, and
+///    the real app's packets still pass.
+#[test]
+fn a_veth_whose_filters_another_tool_removed_is_attached_again() {
+    require_root();
+    let host = Host::new(3);
+    let daemon = Daemon::start(&host.ns, "metrics_listen = \"127.0.0.1:9100\"");
+    for (i, app) in ["frontend", "backend", "intruder"].into_iter().enumerate() {
+        daemon.register(host.container(i), app);
+    }
+    daemon.allow("frontend", "backend", "udp", "9000");
+    let (frontend, backend, intruder) = (host.container(0), host.container(1), host.container(2));
+    let veth = intruder.host_ifname.as_str();
+    let ours = |hook| host.ns.tc_bpf_filters(veth, hook).iter().any(|f| f.0 == 1);
+    assert!(ours("ingress") && ours("egress"));
+
+    let deleted =
+        host.ns.command("tc").args(["qdisc", "del", "dev", veth, "clsact"]).output().unwrap();
+    assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
+    assert!(!ours("ingress") && !ours("egress"), "the filters went with the qdisc");
+    assert!(
+        eventually(Duration::from_secs(10), || ours("ingress") && ours("egress")),
+        "the agent attached again: {}",
+        daemon.log()
+    );
+
+    // The attack: the intruder claims the frontend's address.
+    let capture = Capture::start(&backend.ns, "eth0");
+    intruder.ns.ip(&["addr", "add", &format!("{}/32", frontend.ip), "dev", "eth0"]);
+    let spoofed_before = daemon.verdict_count("spoofed");
+    let spoofer = udp_socket(&intruder.ns, Some(frontend.ip));
+    for _ in 0..5 {
+        spoofer.send_to(b"CLAIMED-FRONTEND", (backend.ip, 9000)).unwrap();
+    }
+    assert_eq!(capture.count(b"CLAIMED-FRONTEND", SHORT), 0, "a spoofed packet got through");
+    assert!(daemon.verdict_count("spoofed") >= spoofed_before + 5);
+    // Control: the frontend's own packets pass.
+    let real = udp_socket(&frontend.ns, None);
+    for _ in 0..3 {
+        real.send_to(b"REAL-FRONTEND", (backend.ip, 9000)).unwrap();
+    }
+    assert!(capture.count(b"REAL-FRONTEND", SHORT) >= 1, "the real frontend is cut off");
+
+    let metrics = host
+        .ns
+        .command("curl")
+        .args(["-s", "-f", "http://127.0.0.1:9100/metrics"])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(metrics.contains("policy_veths_reattached_total 1"), "{metrics}");
+    assert!(daemon.log().contains("attached again"));
 }

@@ -1,5 +1,6 @@
-//! The agent's part of the overlay in the kernel (cluster mode): which
-//! device tunnel packets arrive through, and which hosts may send them.
+//! The agent's hooks in the kernel beyond the reconcile: which device
+//! tunnel packets arrive through and which hosts may send them (cluster
+//! mode), NetIn's uplinks, and veths whose programs another tool removed.
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
@@ -28,6 +29,32 @@ impl Agent<Dataplane> {
         let addrs = self.kernel.attach_netin(ifname)?;
         crate::reconcile::netin(&mut self.kernel, &self.state)?;
         Ok(addrs)
+    }
+
+    /// Attaches again to the veths among `candidates` (from
+    /// [`Dataplane::detached_veths`], read without the agent's lock) that
+    /// are still detached, checked again here, and still one of this host's
+    /// endpoints' (a veth being detached for a CNI DEL is left alone).
+    /// Returns those attached again.
+    pub fn reattach_veths(
+        &mut self,
+        candidates: &BTreeSet<String>,
+    ) -> Result<Vec<String>, DataplaneError> {
+        let wanted: BTreeSet<&str> = self
+            .state
+            .local_endpoints()
+            .chain(self.held.values())
+            .map(|e| e.ifname.as_str())
+            .collect();
+        let still = Dataplane::detached_veths(self.kernel.pin_dir());
+        let mut attached = Vec::new();
+        for ifname in candidates.intersection(&still) {
+            if wanted.contains(ifname.as_str()) {
+                self.kernel.attach_veth(ifname)?;
+                attached.push(ifname.clone());
+            }
+        }
+        Ok(attached)
     }
 
     /// The underlay addresses tunnel packets are accepted from.

@@ -53,6 +53,7 @@ pub async fn serve(
             }
         });
     }
+    watch_veths(&config, &api, &metrics, &stop);
     let mut servers = JoinSet::new();
     serve_dns(&config, &api, &stop, &mut servers)?;
     serve_api(&config, api, pki, &stop, &mut servers).await?;
@@ -69,6 +70,49 @@ pub async fn serve(
     }
     let _ = std::fs::remove_file(&config.socket);
     Ok(())
+}
+
+/// How often the veths' TC filters are checked (`watch_veths`).
+const VETH_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Every `VETH_CHECK_EVERY`, attaches again to this host's veths whose
+/// programs another tool removed (their filters or `clsact` qdisc deleted):
+/// without them the container's packets would go unchecked, its source
+/// address unverified. The check reads netlink without the agent's lock;
+/// only a repair takes it.
+fn watch_veths(config: &Config, api: &Api, metrics: &Arc<Metrics>, stop: &watch::Receiver<bool>) {
+    let (agent, pin_dir, metrics) = (api.agent.clone(), config.pin_dir.clone(), metrics.clone());
+    let mut stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(VETH_CHECK_EVERY) => {}
+                _ = stop.changed() => return,
+            }
+            let (agent, pin_dir) = (agent.clone(), pin_dir.clone());
+            let repaired = tokio::task::spawn_blocking(move || {
+                let detached = policy_agent::Dataplane::detached_veths(&pin_dir);
+                if detached.is_empty() {
+                    return Ok(Vec::new());
+                }
+                agent::lock(&agent).reattach_veths(&detached)
+            })
+            .await;
+            match repaired {
+                Ok(Ok(ifnames)) => {
+                    for ifname in ifnames {
+                        metrics.veths_reattached.inc();
+                        warn!(
+                            ifname,
+                            "a veth's TC filters or qdisc were removed by another tool: attached again"
+                        );
+                    }
+                }
+                Ok(Err(e)) => warn!(error = %e, "cannot attach again to a veth found detached"),
+                Err(e) => warn!(error = %e, "the veth check stopped"),
+            }
+        }
+    });
 }
 
 /// The API on the Unix socket (mode 0660) and, if configured, on TCP.

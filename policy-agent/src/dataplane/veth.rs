@@ -17,6 +17,7 @@
 //! links.
 
 use std::{
+    collections::BTreeSet,
     fs,
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
@@ -28,7 +29,7 @@ use aya::programs::{
 };
 use log::{info, warn};
 
-use super::{Dataplane, Direction, nix_ifindex, remove_link_pin, remove_pin, tc};
+use super::{Dataplane, Direction, list_pins, nix_ifindex, remove_link_pin, remove_pin, tc};
 use crate::{DataplaneError, sys};
 
 /// The suffix of a program pinned before it is renamed over its record
@@ -115,17 +116,43 @@ fn delete_our_filter(
 }
 
 impl Dataplane {
+    /// The veths recorded under `pin_dir` whose programs are no longer
+    /// attached while the interface is still there: another tool deleted
+    /// the filter or the `clsact` qdisc (`tc qdisc del dev VETH clsact`),
+    /// which a TCX link would not have allowed. Only reads, so it needs no
+    /// hold on the dataplane; `attach_veth` repairs.
+    pub fn detached_veths(pin_dir: &Path) -> BTreeSet<String> {
+        let links = pin_dir.join("links");
+        let mut detached = BTreeSet::new();
+        for name in list_pins(&links).unwrap_or_default() {
+            let Some((ifname, direction)) = parse_tc_pin(&name) else { continue };
+            let Some(ifindex) = nix_ifindex(ifname) else { continue };
+            let pin = links.join(&name);
+            let live = match pinned(&pin) {
+                Some(Pinned::Program(id)) => tc::filter(ifindex, direction.hook())
+                    .is_ok_and(|f| f.is_some_and(|f| f.program_id == id)),
+                Some(Pinned::Link) => Self::tc_link_live(&pin, ifname, direction),
+                // Detached meanwhile.
+                None => true,
+            };
+            if !live {
+                detached.insert(ifname.to_owned());
+            }
+        }
+        detached
+    }
+
     pub(super) fn tc_pin(&self, ifname: &str, direction: Direction) -> PathBuf {
         self.links_dir().join(format!("tc-{ifname}-{}", direction.tc_hook()))
     }
 
     fn tc_prog_fd(&self, direction: Direction) -> Result<BorrowedFd<'_>, DataplaneError> {
         let name = direction.tc_program();
-        self.tc_program(direction).fd().map(|fd| fd.as_fd()).map_err(|e| DataplaneError::Attach {
-            program: name,
-            target: String::new(),
-            source: Box::new(e),
-        })
+        // Loaded in `open`, so it has a descriptor.
+        self.tc_program(direction)
+            .fd()
+            .map(|fd| fd.as_fd())
+            .map_err(|_| DataplaneError::MissingProgram { name })
     }
 
     /// Whether the TCX link pinned at `pin` is live on `ifname` (and not
@@ -239,9 +266,14 @@ impl Dataplane {
             return Ok(true);
         };
         let fd = self.tc_prog_fd(direction)?;
-        tc::set_filter(ifindex, direction.hook(), fd, program).map_err(|e| {
-            DataplaneError::Attach { program, target: ifname.to_owned(), source: Box::new(e) }
-        })?;
+        if let Err(e) = tc::set_filter(ifindex, direction.hook(), fd, program) {
+            // As a link that can no longer be updated: the interface is
+            // going (or went) away. Without the record, a reconcile that
+            // still wants it attaches it afresh.
+            warn!("removing the record of a filter that cannot be updated: {name}: {e}");
+            remove_pin(pin)?;
+            return Ok(true);
+        }
         pin_program(fd, pin)?;
         info!("took over {name} with {program}");
         Ok(true)
