@@ -101,18 +101,71 @@ pub(super) fn remove_attachment(pin: &Path) -> Result<(), DataplaneError> {
     }
 }
 
+/// Where named network namespaces are (`ip netns add`).
+const NAMED_NETNS: &str = "/run/netns";
+
+/// Runs `op` with the ifindex of `ifname` in the network namespace where
+/// it carries our filter for `direction` (recorded with program
+/// `pinned_id`), and returns what it returns; `None` if no namespace has
+/// it.
+///
+/// Pins are seen from every namespace, filters only from their own: the
+/// teardown, or a load, may run outside the agent's namespace (a test's,
+/// an operator's shell). This namespace is looked at first (where the
+/// module's rule of ownership applies); then each named one (`/run/netns`),
+/// where only a filter running exactly the recorded program counts as
+/// ours. A namespace with no name is found only from inside.
+fn in_filters_netns<T: Send>(
+    ifname: &str,
+    direction: Direction,
+    pinned_id: u32,
+    op: &(dyn Fn(u32) -> T + Sync),
+) -> Option<T> {
+    if let Some(ifindex) = nix_ifindex(ifname)
+        && our_filter(ifindex, direction, pinned_id).is_some()
+    {
+        return Some(op(ifindex));
+    }
+    let named = fs::read_dir(NAMED_NETNS).ok()?;
+    for entry in named.flatten() {
+        let Ok(netns) = fs::File::open(entry.path()) else { continue };
+        let found = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    use std::os::fd::AsRawFd as _;
+                    // SAFETY: moves this thread only (it ends with the
+                    // scope) into the namespace the open file names.
+                    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return None;
+                    }
+                    let ifindex = nix_ifindex(ifname)?;
+                    let filter = tc::filter(ifindex, direction.hook()).ok().flatten()?;
+                    (filter.program_id == pinned_id).then(|| op(ifindex))
+                })
+                .join()
+                .ok()
+                .flatten()
+        });
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
 fn delete_our_filter(
     ifname: &str,
     direction: Direction,
     pinned_id: u32,
     pin: &Path,
 ) -> Result<(), DataplaneError> {
-    let Some(ifindex) = nix_ifindex(ifname) else { return Ok(()) };
-    if our_filter(ifindex, direction, pinned_id).is_some() {
-        tc::delete_filter(ifindex, direction.hook())
-            .map_err(DataplaneError::io("cannot delete the TC filter recorded at", pin))?;
+    let delete = |ifindex| tc::delete_filter(ifindex, direction.hook());
+    match in_filters_netns(ifname, direction, pinned_id, &delete) {
+        Some(deleted) => {
+            deleted.map_err(DataplaneError::io("cannot delete the TC filter recorded at", pin))
+        }
+        None => Ok(()),
     }
-    Ok(())
 }
 
 impl Dataplane {
@@ -258,15 +311,14 @@ impl Dataplane {
         let Some((ifname, direction)) = parse_tc_pin(name) else { return Ok(false) };
         let Some(Pinned::Program(id)) = pinned(pin) else { return Ok(false) };
         let program = direction.tc_program();
-        let ours = nix_ifindex(ifname)
-            .and_then(|ifindex| our_filter(ifindex, direction, id).map(|_| ifindex));
-        let Some(ifindex) = ours else {
+        let fd = self.tc_prog_fd(direction)?;
+        let replace = |ifindex| tc::set_filter(ifindex, direction.hook(), fd, program);
+        let Some(replaced) = in_filters_netns(ifname, direction, id, &replace) else {
             warn!("removing the record of a filter no longer there: {name}");
             remove_pin(pin)?;
             return Ok(true);
         };
-        let fd = self.tc_prog_fd(direction)?;
-        if let Err(e) = tc::set_filter(ifindex, direction.hook(), fd, program) {
+        if let Err(e) = replaced {
             // As a link that can no longer be updated: the interface is
             // going (or went) away. Without the record, a reconcile that
             // still wants it attaches it afresh.
