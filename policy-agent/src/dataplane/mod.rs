@@ -375,27 +375,33 @@ impl Dataplane {
         let pin = self.links_dir().join(format!("{UNDERLAY_PIN}{ifname}"));
         let name = programs::TC_FROM_UNDERLAY;
         if pin.exists() {
-            let live = PinnedLink::from_pin(&pin)
-                .ok()
-                .and_then(|link| FdLink::from(link).info().ok())
-                .is_some_and(|info| {
-                    SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
-                        .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == info.program_id()))
-                });
-            if live {
+            if tcx_link_live(&pin, ifname, TcAttachType::Ingress) {
                 return Ok(());
             }
             remove_link_pin(&pin)?;
         }
+        self.attach_tcx_pinned(name, ifname, TcAttachType::Ingress, &pin)?;
+        Ok(())
+    }
+
+    /// Attaches program `name` to `ifname`'s TC hook through TCX and pins
+    /// the link at `pin` (replacing what is there).
+    fn attach_tcx_pinned(
+        &mut self,
+        name: &'static str,
+        ifname: &str,
+        attach_type: TcAttachType,
+        pin: &Path,
+    ) -> Result<(), DataplaneError> {
         let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| {
             DataplaneError::Attach { program: name, target: ifname.to_owned(), source }
         };
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        let id = prog.attach(ifname, TcAttachType::Ingress).map_err(|e| attach_err(Box::new(e)))?;
+        let id = prog.attach(ifname, attach_type).map_err(|e| attach_err(Box::new(e)))?;
         let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
         let link = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
-        link.pin(&pin).map_err(|e| attach_err(Box::new(e)))?;
-        Ok(())
+        remove_pin(pin)?;
+        link.pin(pin).map(drop).map_err(|e| attach_err(Box::new(e)))
     }
 
     /// NetIn through `ifname` (an uplink of the host): attaches the uplink
@@ -501,6 +507,15 @@ where
     ebpf.program_mut(name)
         .and_then(|p| p.try_into().ok())
         .ok_or(DataplaneError::MissingProgram { name })
+}
+
+/// Whether the TCX link pinned at `pin` is live on `ifname`'s hook (and
+/// not left over from an interface of the same name that was deleted).
+fn tcx_link_live(pin: &Path, ifname: &str, attach_type: TcAttachType) -> bool {
+    let Ok(link) = PinnedLink::from_pin(pin) else { return false };
+    let Ok(info) = FdLink::from(link).info() else { return false };
+    SchedClassifier::query_tcx(ifname, attach_type)
+        .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == info.program_id()))
 }
 
 /// Detaches the link pinned at `path` (synchronously) and removes the pin.

@@ -23,13 +23,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::{
-    SchedClassifier,
-    links::{FdLink, PinnedLink},
-};
 use log::{info, warn};
 
-use super::{Dataplane, Direction, list_pins, nix_ifindex, remove_link_pin, remove_pin, tc};
+use super::{
+    Dataplane, Direction, list_pins, nix_ifindex, remove_link_pin, remove_pin, tc, tcx_link_live,
+};
 use crate::{DataplaneError, sys};
 
 /// The suffix of a program pinned before it is renamed over its record
@@ -65,6 +63,12 @@ impl Direction {
             Direction::ToContainer => tc::Hook::Egress,
         }
     }
+}
+
+/// Whether the filter at our slot on the hook for `direction` runs program
+/// `id` (live, by the rule above).
+fn filter_runs(ifindex: u32, direction: Direction, id: u32) -> bool {
+    tc::filter(ifindex, direction.hook()).is_ok_and(|f| f.is_some_and(|f| f.program_id == id))
 }
 
 /// The filter at our slot on `ifname`'s hook for `direction`, if it is
@@ -182,9 +186,8 @@ impl Dataplane {
             let Some(ifindex) = nix_ifindex(ifname) else { continue };
             let pin = links.join(&name);
             let live = match pinned(&pin) {
-                Some(Pinned::Program(id)) => tc::filter(ifindex, direction.hook())
-                    .is_ok_and(|f| f.is_some_and(|f| f.program_id == id)),
-                Some(Pinned::Link) => Self::tc_link_live(&pin, ifname, direction),
+                Some(Pinned::Program(id)) => filter_runs(ifindex, direction, id),
+                Some(Pinned::Link) => tcx_link_live(&pin, ifname, direction.tc_attach_type()),
                 // Detached meanwhile.
                 None => true,
             };
@@ -208,15 +211,6 @@ impl Dataplane {
             .map_err(|_| DataplaneError::MissingProgram { name })
     }
 
-    /// Whether the TCX link pinned at `pin` is live on `ifname` (and not
-    /// left over from an interface of the same name that was deleted).
-    fn tc_link_live(pin: &Path, ifname: &str, direction: Direction) -> bool {
-        let Ok(link) = PinnedLink::from_pin(pin) else { return false };
-        let Ok(info) = FdLink::from(link).info() else { return false };
-        SchedClassifier::query_tcx(ifname, direction.tc_attach_type())
-            .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == info.program_id()))
-    }
-
     /// Attaches both TC programs to a host-side veth (a `clsact` qdisc and
     /// a filter on each hook) and records each by pinning its program.
     /// Idempotent: a direction already attached is left as it is.
@@ -227,14 +221,11 @@ impl Dataplane {
         for direction in Direction::BOTH {
             let pin = self.tc_pin(ifname, direction);
             match pinned(&pin) {
-                Some(Pinned::Link) if Self::tc_link_live(&pin, ifname, direction) => continue,
-                Some(Pinned::Link) => remove_link_pin(&pin)?,
-                Some(Pinned::Program(id))
-                    if tc::filter(ifindex, direction.hook())
-                        .is_ok_and(|f| f.is_some_and(|f| f.program_id == id)) =>
-                {
+                Some(Pinned::Link) if tcx_link_live(&pin, ifname, direction.tc_attach_type()) => {
                     continue;
                 }
+                Some(Pinned::Link) => remove_link_pin(&pin)?,
+                Some(Pinned::Program(id)) if filter_runs(ifindex, direction, id) => continue,
                 Some(Pinned::Program(_)) | None => {}
             }
             let program = direction.tc_program();
@@ -264,23 +255,19 @@ impl Dataplane {
         for direction in Direction::BOTH {
             let pin = self.tc_pin(ifname, direction);
             match pinned(&pin) {
-                Some(Pinned::Link) if Self::tc_link_live(&pin, ifname, direction) => continue,
+                Some(Pinned::Link) if tcx_link_live(&pin, ifname, direction.tc_attach_type()) => {
+                    continue;
+                }
                 Some(Pinned::Link) => remove_link_pin(&pin)?,
                 Some(Pinned::Program(id)) => delete_our_filter(ifname, direction, id, &pin)?,
                 None => {}
             }
-            let name = direction.tc_program();
-            let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| {
-                DataplaneError::Attach { program: name, target: ifname.to_owned(), source }
-            };
-            let prog: &mut SchedClassifier = super::program(&mut self.ebpf, name)?;
-            let id = prog
-                .attach(ifname, direction.tc_attach_type())
-                .map_err(|e| attach_err(Box::new(e)))?;
-            let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
-            let link = FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))?;
-            remove_pin(&pin)?;
-            link.pin(&pin).map_err(|e| attach_err(Box::new(e)))?;
+            self.attach_tcx_pinned(
+                direction.tc_program(),
+                ifname,
+                direction.tc_attach_type(),
+                &pin,
+            )?;
         }
         Ok(())
     }
