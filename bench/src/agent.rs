@@ -11,7 +11,8 @@ use policy_common::{
 };
 
 use crate::{
-    api::{policy, post},
+    api::{policy, post, post_bytes},
+    cf::cpu::CpuTime,
     report::{Report, count_name, ms, outln, percentile},
 };
 use policy_api::Client;
@@ -23,16 +24,17 @@ pub fn run(quick: bool, report: &mut Report) {
     let mut out = String::new();
     outln!(
         out,
-        "\n### 5. Scale\n\nLoading policies through the agent's API (batches of 1000, distinct app pairs, one port each), then {SINGLES} writes of one policy each with those in force (API round trip; more than the store's changes between snapshots, so at least one of them is due a snapshot), then restarting the agent on that state.\n"
+        "\n### 5. Scale\n\nLoading policies through the agent's API (batches of 1000, distinct app pairs, one port each, the requests written out before the clock starts; agent CPU: its threads' time over the load), then {SINGLES} writes of one policy each with those in force (API round trip; more than the store's changes between snapshots, so at least one of them is due a snapshot), then restarting the agent on that state.\n"
     );
     outln!(
         out,
-        "| policies | load time | policies/s | batch of 1000 p50 / max | one policy p50 / p99 / max | agent RSS before → after | stored state | restart (load state, reconcile pinned maps, serve) |"
+        "| policies | load time | agent CPU | policies/s | batch of 1000 p50 / max | one policy p50 / p99 / max | agent RSS before → after | stored state | restart (load state, reconcile pinned maps, serve) |"
     );
-    outln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+    outln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let n = count_name(r.n as u64);
         report.figure(format!("load_{n}_policies_s"), r.load_time.as_secs_f64(), "s");
+        report.figure(format!("load_{n}_agent_cpu_s"), r.load_cpu.as_secs_f64(), "s");
         report.figure(format!("agent_rss_{n}_mib"), r.rss_after as f64 / 1024.0, "MiB");
         report.figure(format!("restart_{n}_s"), r.restart_time.as_secs_f64(), "s");
         report.figure(
@@ -49,9 +51,10 @@ pub fn run(quick: bool, report: &mut Report) {
         }
         outln!(
             out,
-            "| {} | {:.2} s | {:.0} | {} / {} | {} / {} / {} | {} → {} MiB | {:.1} MiB | {:.2} s |",
+            "| {} | {:.2} s | {:.2} s | {:.0} | {} / {} | {} / {} / {} | {} → {} MiB | {:.1} MiB | {:.2} s |",
             r.n,
             r.load_time.as_secs_f64(),
+            r.load_cpu.as_secs_f64(),
             r.n as f64 / r.load_time.as_secs_f64(),
             ms(percentile(&r.batch_times, 0.5)),
             ms(*r.batch_times.last().unwrap()),
@@ -187,6 +190,8 @@ fn cloud_foundry_scale(quick: bool, report: &mut Report) {
 struct Load {
     n: usize,
     load_time: Duration,
+    /// The agent's CPU time over the load (its threads').
+    load_cpu: Duration,
     batch_times: Vec<Duration>,
     /// Writes of one policy with the `n` in force, sorted.
     single_times: Vec<Duration>,
@@ -225,20 +230,32 @@ fn load(n: usize) -> Load {
     let mut daemon = Daemon::start(&host.ns, &config);
     let client = Client::new(&daemon.socket);
     let rss_before = rss_kib(daemon.pid().unwrap());
+    // The requests as a client holding them sends them: written out
+    // before the clock starts (making them is the client's work).
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .collect::<Vec<_>>()
+        .chunks(1000)
+        .map(|chunk| {
+            let batch: Vec<Value> = chunk
+                .iter()
+                .map(|i| {
+                    policy(&format!("app-{}", i % 1000), &format!("dest-{}", i / 1000), "tcp", 8080)
+                })
+                .collect();
+            json!({ "policies": batch }).to_string().into_bytes()
+        })
+        .collect();
+    let cpu_before = CpuTime::of(daemon.pid().unwrap());
     let start = Instant::now();
     let mut batch_times = Vec::new();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        let batch: Vec<Value> = chunk
-            .iter()
-            .map(|i| {
-                policy(&format!("app-{}", i % 1000), &format!("dest-{}", i / 1000), "tcp", 8080)
-            })
-            .collect();
+    for body in &bodies {
         let t = Instant::now();
-        post(&client, "/networking/v1/external/policies", batch);
+        post_bytes(&client, "/networking/v1/external/policies", body);
         batch_times.push(t.elapsed());
     }
     let load_time = start.elapsed();
+    let load_cpu = CpuTime::of(daemon.pid().unwrap()).since(cpu_before).threads;
+    drop(bodies);
     let rss_after = rss_kib(daemon.pid().unwrap());
     let mut single_times: Vec<Duration> = (0..SINGLES)
         .map(|i| {
@@ -264,6 +281,7 @@ fn load(n: usize) -> Load {
     Load {
         n,
         load_time,
+        load_cpu,
         batch_times,
         single_times,
         rss_before,

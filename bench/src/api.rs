@@ -15,3 +15,9 @@ pub fn post(client: &Client, path: &str, policies: Vec<Value>) {
         client.request("POST", path, Some(&json!({"policies": policies}))).expect("API request");
     assert_eq!(reply.status, 200, "{}", reply.body);
 }
+
+/// [`post`] of a request body already written out.
+pub fn post_bytes(client: &Client, path: &str, body: &[u8]) {
+    let reply = client.request_bytes("POST", path, body).expect("API request");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}

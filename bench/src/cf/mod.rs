@@ -15,7 +15,7 @@
 //!    fetches and applies them.
 
 mod cell;
-mod cpu;
+pub(crate) mod cpu;
 mod latency;
 mod tables;
 

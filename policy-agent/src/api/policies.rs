@@ -46,7 +46,7 @@ pub async fn list(State(api): State<Api>, Query(query): Query<HashMap<String, St
             })
             .filter(|p| sources.as_ref().is_none_or(|s| s.contains(&p.source)))
             .filter(|p| dests.as_ref().is_none_or(|d| d.contains(&p.destination)))
-            .map(wire::policy_shape)
+            .map(|p| wire::policy_shape(&p))
             .collect()
     })
     .await;

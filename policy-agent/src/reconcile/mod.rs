@@ -327,7 +327,7 @@ fn full_reconcile<K: Kernel>(
 /// count per policy.
 fn counted_policies(counting: bool, state: &State) -> BTreeSet<u32> {
     match counting {
-        true => state.policies().map(|(_, id)| id).collect(),
+        true => state.policy_ids().collect(),
         false => BTreeSet::new(),
     }
 }

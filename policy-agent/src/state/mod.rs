@@ -9,6 +9,7 @@
 //! - `stored`: the on-disk shape.
 
 mod model;
+mod policy_set;
 mod server;
 mod stored;
 mod undo;
@@ -28,6 +29,7 @@ use policy_common::{
     maps::{EndpointValue, PairKey, endpoint_flags},
     ports::Allowance,
 };
+use policy_set::{PolicySet, Ports};
 use serde::{Deserialize, Serialize};
 pub use server::{LOCAL_TAG_BASE, ServerPolicies};
 use stored::Stored;
@@ -47,9 +49,8 @@ pub struct State {
     next_tag: u32,
     next_policy_id: u32,
     tags: BTreeMap<String, u32>,
-    /// Ordered by (source, destination, protocol, ports): the policies of one
-    /// app pair and protocol are contiguous.
-    policies: BTreeMap<Policy, u32>,
+    /// Found by app pair and protocol (see `policy_set`).
+    policies: PolicySet,
     /// By key: the IPv4 address, or the IPv6 one of an IPv6-only endpoint.
     endpoints: BTreeMap<IpAddr, Endpoint>,
     /// Internal routes: hostname (under [`INTERNAL_DOMAIN`]) → app.
@@ -69,7 +70,7 @@ pub struct State {
     /// How many policy ends and endpoints name each app (derived, not
     /// stored): an app whose count drops to zero loses its tag. Its keys
     /// are the interned names (see [`Self::intern`]).
-    refs: HashMap<AppName, usize>,
+    refs: HashMap<AppName, usize, foldhash::fast::RandomState>,
 }
 
 impl Default for State {
@@ -78,14 +79,14 @@ impl Default for State {
             next_tag: 1,
             next_policy_id: 1,
             tags: BTreeMap::new(),
-            policies: BTreeMap::new(),
+            policies: PolicySet::default(),
             endpoints: BTreeMap::new(),
             routes: BTreeMap::new(),
             netout: BTreeMap::new(),
             server_tags: BTreeMap::new(),
             tls_ports: None,
             local_host: None,
-            refs: HashMap::new(),
+            refs: HashMap::default(),
         }
     }
 }
@@ -99,12 +100,19 @@ impl State {
         self.tags.get(app).copied()
     }
 
-    pub fn policies(&self) -> impl Iterator<Item = (&Policy, u32)> {
-        self.policies.iter().map(|(p, id)| (p, *id))
+    /// Every policy with its id, in order (source, destination, protocol,
+    /// ports).
+    pub fn policies(&self) -> impl Iterator<Item = (Policy, u32)> + use<'_> {
+        self.policies.sorted().into_iter().map(|r| (r.to_policy(), r.ports.id))
+    }
+
+    /// Every policy's id, in no particular order.
+    pub fn policy_ids(&self) -> impl Iterator<Item = u32> + use<'_> {
+        self.policies.iter().map(|r| r.ports.id)
     }
 
     pub fn policy_id(&self, policy: &Policy) -> Option<u32> {
-        self.policies.get(policy).copied()
+        self.policies.get(policy)
     }
 
     pub fn policy_count(&self) -> usize {
@@ -252,17 +260,13 @@ impl State {
         );
         for p in policies {
             let p = self.interned(p);
-            let (source, destination) = (p.source.clone(), p.destination.clone());
-            match self.policies.entry(p) {
-                std::collections::btree_map::Entry::Occupied(_) => continue,
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    added(slot.key());
-                    slot.insert(self.next_policy_id);
-                }
+            if !self.policies.insert(&p, self.next_policy_id) {
+                continue;
             }
+            added(&p);
             self.next_policy_id += 1;
-            self.reference(&source);
-            self.reference(&destination);
+            self.reference(&p.source);
+            self.reference(&p.destination);
         }
     }
 
@@ -319,31 +323,45 @@ impl State {
         p: &Policy,
         policy_id: u32,
     ) -> impl Iterator<Item = Allowance> + use<> {
+        let ports = Ports { start: p.start, end: p.end, tls_only: p.tls_only, id: policy_id };
+        self.allowances_of_ports(&p.destination, p.protocol, ports)
+    }
+
+    /// [`Self::allowances_of`] a policy as the set holds it.
+    pub(super) fn allowances_of_ports(
+        &self,
+        destination: &str,
+        protocol: Protocol,
+        p: Ports,
+    ) -> impl Iterator<Item = Allowance> + use<> {
+        let policy_id = p.id;
         let own = (!p.tls_only).then_some(Allowance { start: p.start, end: p.end, policy_id });
         let tls = self
-            .tls_front(&p.destination)
-            .filter(|f| p.protocol == Protocol::Tcp && p.start <= f.app_port && f.app_port <= p.end)
+            .tls_front(destination)
+            .filter(|f| protocol == Protocol::Tcp && p.start <= f.app_port && f.app_port <= p.end)
             .map(|front| Allowance { start: front.tls_port, end: front.tls_port, policy_id });
         own.into_iter().chain(tls)
     }
 
     /// What `POLICIES` must hold: the allowances of every app pair.
     pub fn pairs(&self) -> BTreeMap<PairKey, Vec<Allowance>> {
-        // Policies come ordered by source, then destination: the tags of the
-        // last two names are looked up once for all their policies.
+        // A pair's policies come together: the tags of the last two names
+        // are looked up once for all of them.
         let mut last: Option<(&AppName, &AppName, Option<u32>, Option<u32>)> = None;
         let mut all: Vec<(PairKey, Allowance)> = Vec::with_capacity(self.policies.len());
-        for (p, &id) in &self.policies {
+        for r in self.policies.iter() {
             let (src, dst) = match last {
-                Some((s, d, src, dst)) if s.same(&p.source) && d.same(&p.destination) => (src, dst),
-                _ => (self.tag(&p.source), self.tag(&p.destination)),
+                Some((s, d, src, dst)) if s.same(r.source) && d.same(r.destination) => (src, dst),
+                _ => (self.tag(r.source), self.tag(r.destination)),
             };
-            last = Some((&p.source, &p.destination, src, dst));
+            last = Some((r.source, r.destination, src, dst));
             let (Some(src), Some(dst)) = (src, dst) else {
                 continue; // unreachable: policies always have tags
             };
-            let key = PairKey::new(src, dst, p.protocol.number());
-            all.extend(self.allowances_of(p, id).map(|a| (key, a)));
+            let key = PairKey::new(src, dst, r.protocol.number());
+            all.extend(
+                self.allowances_of_ports(r.destination, r.protocol, r.ports).map(|a| (key, a)),
+            );
         }
         all.sort_by_key(|(key, _)| *key);
         let mut pairs: Vec<(PairKey, Vec<Allowance>)> = Vec::new();
@@ -356,29 +374,17 @@ impl State {
         pairs.into_iter().collect()
     }
 
-    /// The allowances of one app pair and protocol (a range query: the
-    /// policies are ordered by source, destination, protocol).
+    /// The allowances of one app pair and protocol (one hash probe).
     pub fn pair_allowances(
         &self,
         source: &AppName,
         destination: &AppName,
         protocol: Protocol,
     ) -> Vec<Allowance> {
-        let first = Policy {
-            source: source.clone(),
-            destination: destination.clone(),
-            protocol,
-            start: 0,
-            end: 0,
-            tls_only: false,
-        };
-        // One descent to the pair's first policy, then along the leaves.
         self.policies
-            .range(first..)
-            .take_while(|(p, _)| {
-                p.protocol == protocol && p.source == *source && p.destination == *destination
-            })
-            .flat_map(|(p, &id)| self.allowances_of(p, id))
+            .pair(source, destination, protocol)
+            .iter()
+            .flat_map(|&ports| self.allowances_of_ports(destination, protocol, ports))
             .collect()
     }
 
@@ -473,16 +479,7 @@ impl State {
 
     /// Policies per source app (for the per-source limit and status).
     pub fn policies_of(&self, source: &str) -> usize {
-        // Policies are ordered by source first: a range, not a scan.
-        let first = Policy {
-            source: source.into(),
-            destination: AppName::default(),
-            protocol: Protocol::Tcp,
-            start: 0,
-            end: 0,
-            tls_only: false,
-        };
-        self.policies.range(first..).take_while(|(p, _)| p.source == source).count()
+        self.policies.of_source(source)
     }
 }
 

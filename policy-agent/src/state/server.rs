@@ -47,8 +47,14 @@ impl State {
         policies: &BTreeSet<Policy>,
         tags: &BTreeMap<String, u32>,
     ) -> ServerPolicies {
-        let add = policies.iter().filter(|p| !self.policies.contains_key(*p)).cloned().collect();
-        let remove = self.policies.keys().filter(|p| !policies.contains(*p)).cloned().collect();
+        let add = policies.iter().filter(|p| self.policies.get(p).is_none()).cloned().collect();
+        let remove = self
+            .policies
+            .sorted()
+            .into_iter()
+            .map(|r| r.to_policy())
+            .filter(|p| !policies.contains(p))
+            .collect();
         let mut changed: BTreeMap<String, Option<u32>> = tags
             .iter()
             .filter(|(app, tag)| self.server_tags.get(*app) != Some(tag))
@@ -91,14 +97,14 @@ impl State {
     pub fn follow_server_undoable(&mut self, change: &ServerPolicies) -> Undo {
         let mut removed = Vec::new();
         for p in &change.remove {
-            if let Some(&id) = self.policies.get(p) {
+            if let Some(id) = self.policies.get(p) {
                 removed.push((p.clone(), id));
             }
         }
         let mut undo = self.undo_record(self.tags.keys().map(String::as_str).collect::<Vec<_>>());
         undo.removed = removed;
         undo.added =
-            change.add.iter().filter(|p| !self.policies.contains_key(*p)).cloned().collect();
+            change.add.iter().filter(|p| self.policies.get(p).is_none()).cloned().collect();
         let next_tag = self.next_tag;
         undo.server_tags = Some(self.server_tags.clone());
         for (app, tag) in &change.tags {

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use super::{AppName, Endpoint, NetOutRule, Policy, Protocol, State};
+use super::{AppName, Endpoint, NetOutRule, Policy, PolicySet, Protocol, State};
 
 /// The on-disk shape, borrowed from a state: serializes exactly like
 /// [`State`] (through `Stored`) without copying it, for snapshots of
@@ -17,7 +17,7 @@ pub struct StoredRef<'a> {
     next_policy_id: u32,
     tags: &'a BTreeMap<String, u32>,
     #[serde(serialize_with = "policies_as_list")]
-    policies: &'a BTreeMap<Policy, u32>,
+    policies: &'a PolicySet,
     #[serde(serialize_with = "endpoints_as_list")]
     endpoints: &'a BTreeMap<IpAddr, Endpoint>,
     routes: &'a BTreeMap<String, String>,
@@ -27,10 +27,7 @@ pub struct StoredRef<'a> {
     server_tags: &'a BTreeMap<String, u32>,
 }
 
-fn policies_as_list<S: serde::Serializer>(
-    policies: &&BTreeMap<Policy, u32>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
+fn policies_as_list<S: serde::Serializer>(policies: &&PolicySet, s: S) -> Result<S::Ok, S::Error> {
     #[derive(Serialize)]
     struct Item<'a> {
         id: u32,
@@ -42,14 +39,15 @@ fn policies_as_list<S: serde::Serializer>(
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         tls_only: bool,
     }
-    s.collect_seq(policies.iter().map(|(p, &id)| Item {
-        id,
-        source: &p.source,
-        destination: &p.destination,
-        protocol: p.protocol,
-        start: p.start,
-        end: p.end,
-        tls_only: p.tls_only,
+    // In order, as the snapshots have always been written.
+    s.collect_seq(policies.sorted().into_iter().map(|r| Item {
+        id: r.ports.id,
+        source: r.source,
+        destination: r.destination,
+        protocol: r.protocol,
+        start: r.ports.start,
+        end: r.ports.end,
+        tls_only: r.ports.tls_only,
     }))
 }
 
@@ -128,7 +126,7 @@ impl From<Stored> for State {
             next_tag: s.next_tag,
             next_policy_id: s.next_policy_id,
             tags: s.tags,
-            policies: BTreeMap::new(),
+            policies: PolicySet::with_capacity(s.policies.len()),
             endpoints: s.endpoints.into_iter().map(|e| (e.ip, e)).collect(),
             routes: s.routes,
             netout: s.asgs,
@@ -138,18 +136,14 @@ impl From<Stored> for State {
             refs: Default::default(),
         };
         // Interned as they are taken in: one allocation per app name.
-        let policies: Vec<(Policy, u32)> = s
-            .policies
-            .into_iter()
-            .map(|stored| {
-                let (p, id) = stored.into_policy();
-                let p = state.interned(&p);
+        for stored in s.policies {
+            let (p, id) = stored.into_policy();
+            let p = state.interned(&p);
+            if state.policies.insert(&p, id) {
                 state.reference(&p.source);
                 state.reference(&p.destination);
-                (p, id)
-            })
-            .collect();
-        state.policies = policies.into_iter().collect();
+            }
+        }
         let endpoints = std::mem::take(&mut state.endpoints);
         for (ip, mut e) in endpoints {
             e.app = state.intern(&e.app);
@@ -169,8 +163,9 @@ impl From<State> for Stored {
             tags: s.tags,
             policies: s
                 .policies
+                .sorted()
                 .into_iter()
-                .map(|(policy, id)| StoredPolicy::new(policy, id))
+                .map(|r| StoredPolicy::new(r.to_policy(), r.ports.id))
                 .collect(),
             endpoints: s.endpoints.into_values().collect(),
             routes: s.routes,

@@ -70,7 +70,7 @@ impl State {
         let mut removed: Vec<(Policy, u32)> = Vec::new();
         let mut seen = BTreeSet::new();
         for p in policies {
-            if let Some(&id) = self.policies.get(p)
+            if let Some(id) = self.policies.get(p)
                 && seen.insert(p)
             {
                 removed.push((p.clone(), id));
@@ -172,9 +172,11 @@ impl State {
             }
         }
         for (p, id) in undo.removed {
-            self.reference(&p.source);
-            self.reference(&p.destination);
-            self.policies.insert(p, id);
+            let p = self.interned(&p);
+            if self.policies.insert(&p, id) {
+                self.reference(&p.source);
+                self.reference(&p.destination);
+            }
         }
         for (app, tag) in undo.tags {
             if self.refs.contains_key(app.as_str()) {

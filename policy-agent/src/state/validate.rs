@@ -307,13 +307,40 @@ impl State {
                 ));
             }
         }
-        let new: BTreeSet<&Policy> =
-            policies.iter().filter(|p| !self.policies.contains_key(*p)).collect();
-        if let Some(limit) = limit {
-            let mut new_per_source: BTreeMap<&str, usize> = BTreeMap::new();
-            for p in &new {
-                *new_per_source.entry(p.source.as_str()).or_default() += 1;
+        // Per app pair: its policies held (one probe of the set), the
+        // request's new ones, and whether they all fit one entry.
+        let mut per_pair: BTreeMap<(&AppName, &AppName, Protocol), Vec<&Policy>> = BTreeMap::new();
+        for p in policies {
+            per_pair.entry((&p.source, &p.destination, p.protocol)).or_default().push(p);
+        }
+        let mut new_per_source: BTreeMap<&str, usize> = BTreeMap::new();
+        // The limit's error first, where both apply (as before).
+        let mut unfit = None;
+        for ((source, destination, protocol), mut requested) in per_pair {
+            let held = self.policies.pair(source, destination, protocol);
+            requested.sort_unstable();
+            requested.dedup();
+            requested.retain(|p| !held.iter().any(|h| h.same_policy(p)));
+            if requested.is_empty() {
+                continue;
             }
+            *new_per_source.entry(source.as_str()).or_default() += requested.len();
+            let mut allowances: Vec<Allowance> = held
+                .iter()
+                .flat_map(|&h| self.allowances_of_ports(destination, protocol, h))
+                .collect();
+            // Ids do not matter for the count: identical ranges share an entry.
+            allowances.extend(requested.iter().flat_map(|p| self.allowances_of(p, u32::MAX)));
+            if let Err(e) = check_pair_fits(&allowances) {
+                unfit.get_or_insert_with(|| {
+                    Invalid::new(
+                        "policies",
+                        format!("{e} ({source} to {destination}, {})", protocol.name()),
+                    )
+                });
+            }
+        }
+        if let Some(limit) = limit {
             for (source, added) in new_per_source {
                 let total = self.policies_of(source) + added;
                 if total > limit {
@@ -326,23 +353,7 @@ impl State {
                 }
             }
         }
-        let mut new_per_pair: BTreeMap<(&AppName, &AppName, Protocol), Vec<&Policy>> =
-            BTreeMap::new();
-        for p in &new {
-            new_per_pair.entry((&p.source, &p.destination, p.protocol)).or_default().push(p);
-        }
-        for ((source, destination, protocol), added) in new_per_pair {
-            let mut allowances = self.pair_allowances(source, destination, protocol);
-            // Ids do not matter for the count: identical ranges share an entry.
-            allowances.extend(added.iter().flat_map(|p| self.allowances_of(p, u32::MAX)));
-            check_pair_fits(&allowances).map_err(|e| {
-                Invalid::new(
-                    "policies",
-                    format!("{e} ({source} to {destination}, {})", protocol.name()),
-                )
-            })?;
-        }
-        Ok(())
+        unfit.map_or(Ok(()), Err)
     }
 }
 

@@ -11,13 +11,25 @@ use super::{ClientError, Response};
 /// One HTTP/1.1 request with a JSON body on its own connection, and its
 /// JSON response.
 pub(super) fn exchange(
-    mut stream: impl Read + Write,
+    stream: impl Read + Write,
     host: &str,
     method: &str,
     path: &str,
     body: Option<&Value>,
 ) -> Result<Response, ClientError> {
-    write_request(&mut stream, host, method, path, body)?;
+    let payload = body.map(Value::to_string).unwrap_or_default();
+    exchange_bytes(stream, host, method, path, payload.as_bytes())
+}
+
+/// [`exchange`] with the body's JSON already written out.
+pub(super) fn exchange_bytes(
+    mut stream: impl Read + Write,
+    host: &str,
+    method: &str,
+    path: &str,
+    payload: &[u8],
+) -> Result<Response, ClientError> {
+    write_request(&mut stream, host, method, path, payload)?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     parse_response(&raw)
@@ -28,14 +40,20 @@ fn write_request(
     host: &str,
     method: &str,
     path: &str,
-    body: Option<&Value>,
+    payload: &[u8],
 ) -> Result<(), ClientError> {
-    let payload = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         payload.len()
-    )?;
+    );
+    // One write when small (a request in one segment), two otherwise (no
+    // copy of a large body).
+    if payload.len() <= 4096 {
+        stream.write_all(&[head.as_bytes(), payload].concat())?;
+    } else {
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(payload)?;
+    }
     Ok(())
 }
 
@@ -51,7 +69,8 @@ pub(super) fn stream_lines(
     mut on_line: impl FnMut(&str) -> bool,
 ) -> Result<u16, ClientError> {
     use std::io::{BufRead as _, BufReader};
-    write_request(&mut stream, host, method, path, body)?;
+    let payload = body.map(Value::to_string).unwrap_or_default();
+    write_request(&mut stream, host, method, path, payload.as_bytes())?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     reader.read_line(&mut line)?;

@@ -126,6 +126,20 @@ impl Client {
         exchanged.map_err(|e| self.explain(e))
     }
 
+    /// [`Self::request`] with the body's JSON already written out (a bulk
+    /// load whose requests are made before it starts).
+    pub fn request_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<Response, ClientError> {
+        let exchanged = self
+            .connect(Some(REPLY_TIMEOUT))
+            .and_then(|stream| http::exchange_bytes(stream, self.host(), method, path, body));
+        exchanged.map_err(|e| self.explain(e))
+    }
+
     /// `GET path`, calling `on_line` with each line of the body as it
     /// arrives (a streamed, chunked response) until the server ends it or
     /// `on_line` returns false. Returns the HTTP status.
