@@ -24,17 +24,18 @@ pub fn run(quick: bool, report: &mut Report) {
     let mut out = String::new();
     outln!(
         out,
-        "\n### 5. Scale\n\nLoading policies through the agent's API (batches of 1000, distinct app pairs, one port each, the requests written out before the clock starts; agent CPU: its threads' time over the load), then {SINGLES} writes of one policy each with those in force (API round trip; more than the store's changes between snapshots, so at least one of them is due a snapshot), then restarting the agent on that state.\n"
+        "\n### 5. Scale\n\nLoading policies through the agent's API (batches of 1000, distinct app pairs, one port each, the requests written out before the clock starts; agent CPU: its threads' time over the load; kernel memory: slab + vmalloc from before the agent starts to after the load, its maps and programs and every entry, per-policy counters on as by default), then {SINGLES} writes of one policy each with those in force (API round trip; more than the store's changes between snapshots, so at least one of them is due a snapshot), then restarting the agent on that state.\n"
     );
     outln!(
         out,
-        "| policies | load time | agent CPU | policies/s | batch of 1000 p50 / max | one policy p50 / p99 / max | agent RSS before → after | stored state | restart (load state, reconcile pinned maps, serve) |"
+        "| policies | load time | agent CPU | policies/s | batch of 1000 p50 / max | one policy p50 / p99 / max | agent RSS before → after | kernel memory | stored state | restart (load state, reconcile pinned maps, serve) |"
     );
-    outln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    outln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let n = count_name(r.n as u64);
         report.figure(format!("load_{n}_policies_s"), r.load_time.as_secs_f64(), "s");
         report.figure(format!("load_{n}_agent_cpu_s"), r.load_cpu.as_secs_f64(), "s");
+        report.figure(format!("agent_kernel_memory_{n}_mib"), r.kernel_mib, "MiB");
         report.figure(format!("agent_rss_{n}_mib"), r.rss_after as f64 / 1024.0, "MiB");
         report.figure(format!("restart_{n}_s"), r.restart_time.as_secs_f64(), "s");
         report.figure(
@@ -51,7 +52,7 @@ pub fn run(quick: bool, report: &mut Report) {
         }
         outln!(
             out,
-            "| {} | {:.2} s | {:.2} s | {:.0} | {} / {} | {} / {} / {} | {} → {} MiB | {:.1} MiB | {:.2} s |",
+            "| {} | {:.2} s | {:.2} s | {:.0} | {} / {} | {} / {} / {} | {} → {} MiB | {:.0} MiB | {:.1} MiB | {:.2} s |",
             r.n,
             r.load_time.as_secs_f64(),
             r.load_cpu.as_secs_f64(),
@@ -63,6 +64,7 @@ pub fn run(quick: bool, report: &mut Report) {
             ms(*r.single_times.last().unwrap()),
             r.rss_before / 1024,
             r.rss_after / 1024,
+            r.kernel_mib,
             r.state_bytes as f64 / (1 << 20) as f64,
             r.restart_time.as_secs_f64(),
         );
@@ -192,6 +194,8 @@ struct Load {
     load_time: Duration,
     /// The agent's CPU time over the load (its threads').
     load_cpu: Duration,
+    /// Slab + vmalloc grown from before the agent started to after the load.
+    kernel_mib: f64,
     batch_times: Vec<Duration>,
     /// Writes of one policy with the `n` in force, sorted.
     single_times: Vec<Duration>,
@@ -227,6 +231,10 @@ fn load(n: usize) -> Load {
     let room = (n + SINGLES).next_power_of_two().max(1 << 18);
     let config =
         format!("log_level = \"warn\"\n[capacities]\npolicies = {room}\npolicy_stats = {room}");
+    // The kernel's memory as table 2c measures it, from before the agent
+    // loads its programs and maps to after the last policy (counters on,
+    // as by default).
+    let kernel_before = crate::compare::kernel_kib();
     let mut daemon = Daemon::start(&host.ns, &config);
     let client = Client::new(&daemon.socket);
     let rss_before = rss_kib(daemon.pid().unwrap());
@@ -255,6 +263,7 @@ fn load(n: usize) -> Load {
     }
     let load_time = start.elapsed();
     let load_cpu = CpuTime::of(daemon.pid().unwrap()).since(cpu_before).threads;
+    let kernel_mib = (crate::compare::kernel_kib() - kernel_before) / 1024.0;
     drop(bodies);
     let rss_after = rss_kib(daemon.pid().unwrap());
     let mut single_times: Vec<Duration> = (0..SINGLES)
@@ -282,6 +291,7 @@ fn load(n: usize) -> Load {
         n,
         load_time,
         load_cpu,
+        kernel_mib,
         batch_times,
         single_times,
         rss_before,
