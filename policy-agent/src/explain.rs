@@ -237,11 +237,7 @@ fn explain_in<A: Family + From<IpKey>>(
         protocol: protocol.number(),
     };
     let policies: Vec<(Policy, u32)> = match (&source.app, &destination.app) {
-        (Some(s), Some(d)) => state
-            .policies()
-            .filter(|(p, _)| &p.source == s && &p.destination == d)
-            .map(|(p, id)| (p.clone(), id))
-            .collect(),
+        (Some(s), Some(d)) => state.policies_between(s, d),
         _ => Vec::new(),
     };
     let verdict = match check_flow(&snapshot, &flow) {
@@ -249,10 +245,9 @@ fn explain_in<A: Family + From<IpKey>>(
             unregistered: if dst_ep.is_none() { dst } else { src },
             source_spoofed: src_ep.is_none() && from.is_none(),
         },
-        Check::Allowed { policy_id, .. } => Verdict::Allowed {
-            policy_id,
-            policy: state.policies().find(|(_, id)| *id == policy_id).map(|(p, _)| p.clone()),
-        },
+        Check::Allowed { policy_id, .. } => {
+            Verdict::Allowed { policy_id, policy: state.policy_by_id(policy_id) }
+        }
         Check::Denied { .. } => Verdict::Denied {
             on_protocol: policies
                 .iter()

@@ -106,6 +106,35 @@ impl State {
         self.policies.sorted().into_iter().map(|r| (r.to_policy(), r.ports.id))
     }
 
+    /// The policies from `source` to `destination` (every protocol), in
+    /// order: a probe per protocol, not a walk of every policy.
+    pub fn policies_between(&self, source: &str, destination: &str) -> Vec<(Policy, u32)> {
+        let protocols = [Protocol::Tcp, Protocol::Udp, Protocol::Icmp, Protocol::Icmpv6];
+        let mut found: Vec<(Policy, u32)> = protocols
+            .into_iter()
+            .flat_map(|protocol| {
+                self.policies.pair(source, destination, protocol).iter().map(move |ports| {
+                    let policy = Policy {
+                        source: source.into(),
+                        destination: destination.into(),
+                        protocol,
+                        start: ports.start,
+                        end: ports.end,
+                        tls_only: ports.tls_only,
+                    };
+                    (policy, ports.id)
+                })
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    /// The policy with id `id` (a walk, without ordering them).
+    pub fn policy_by_id(&self, id: u32) -> Option<Policy> {
+        self.policies.iter().find(|r| r.ports.id == id).map(|r| r.to_policy())
+    }
+
     /// Every policy's id, in no particular order.
     pub fn policy_ids(&self) -> impl Iterator<Item = u32> + use<'_> {
         self.policies.iter().map(|r| r.ports.id)

@@ -305,3 +305,22 @@ fn app_names_order_as_their_text() {
         }
     }
 }
+
+#[test]
+fn the_policies_between_two_apps_and_one_by_id() {
+    let mut s = State::default();
+    let (tcp, udp, back, other) = (
+        policy("a", "b", Protocol::Tcp, 80, 80),
+        policy("a", "b", Protocol::Udp, 53, 53),
+        policy("b", "a", Protocol::Tcp, 80, 80),
+        policy("a", "c", Protocol::Tcp, 80, 80),
+    );
+    let more = policy("a", "b", Protocol::Tcp, 8000, 8999);
+    s.add_policies(&[more.clone(), udp.clone(), back.clone(), tcp.clone(), other], None).unwrap();
+    let between: Vec<Policy> = s.policies_between("a", "b").into_iter().map(|(p, _)| p).collect();
+    assert_eq!(between, [tcp.clone(), more, udp], "in order, every protocol, one direction");
+    assert_eq!(s.policies_between("a", "nobody"), []);
+    let id = s.policy_id(&back).unwrap();
+    assert_eq!(s.policy_by_id(id), Some(back));
+    assert_eq!(s.policy_by_id(id + 100), None);
+}
