@@ -103,7 +103,7 @@ impl State {
     /// Every policy with its id, in order (source, destination, protocol,
     /// ports).
     pub fn policies(&self) -> impl Iterator<Item = (Policy, u32)> + use<'_> {
-        self.policies.sorted().into_iter().map(|r| (r.to_policy(), r.ports.id))
+        self.policies.sorted().map(|r| (r.to_policy(), r.ports.id))
     }
 
     /// The policies from `source` to `destination` (every protocol), in

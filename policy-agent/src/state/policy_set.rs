@@ -6,10 +6,7 @@
 //! (1M policies: ~45 % of a load's time). Order is made only where it is
 //! shown or stored ([`PolicySet::sorted`]).
 
-use std::{
-    cmp::Ordering,
-    collections::{HashMap, hash_map::Entry},
-};
+use std::collections::{HashMap, hash_map::Entry};
 
 use foldhash::fast::RandomState;
 
@@ -83,15 +80,6 @@ impl PolicyRef<'_> {
             end: self.ports.end,
             tls_only: self.ports.tls_only,
         }
-    }
-
-    /// [`Policy`]'s order (source, destination, protocol, ports, TLS).
-    fn order(&self, other: &Self) -> Ordering {
-        let key = |r: &Self| (r.protocol, r.ports.start, r.ports.end, r.ports.tls_only);
-        self.source
-            .cmp(other.source)
-            .then_with(|| self.destination.cmp(other.destination))
-            .then_with(|| key(self).cmp(&key(other)))
     }
 }
 
@@ -289,11 +277,34 @@ impl PolicySet {
         })
     }
 
-    /// Every policy, in [`Policy`]'s order.
-    pub fn sorted(&self) -> Vec<PolicyRef<'_>> {
-        let mut all: Vec<PolicyRef<'_>> = self.iter().collect();
-        all.sort_unstable_by(PolicyRef::order);
-        all
+    /// Every policy, in [`Policy`]'s order: the pairs ordered (16 bytes
+    /// each while it runs: 16 MB at 1M), then each pair's few policies.
+    pub fn sorted(&self) -> impl Iterator<Item = PolicyRef<'_>> {
+        let mut pairs: Vec<(&Pair, &PairPolicies)> = self.pairs.iter().flatten().collect();
+        let names = &self.names;
+        pairs.sort_unstable_by(|(a, _), (b, _)| {
+            let key = |p: &Pair| (&names[p.source as usize], &names[p.destination as usize]);
+            key(a).cmp(&key(b)).then(a.protocol.cmp(&b.protocol))
+        });
+        pairs.into_iter().flat_map(move |(pair, policies)| {
+            // Only a pair of several policies is copied to be ordered.
+            let (one, many) = match policies {
+                PairPolicies::One(one) => (Some(*one), Vec::new()),
+                PairPolicies::Many(many) => {
+                    let mut many = many.to_vec();
+                    many.sort_unstable_by_key(|p| (p.start, p.end, p.tls_only));
+                    (None, many)
+                }
+            };
+            let (source, destination) =
+                (&names[pair.source as usize], &names[pair.destination as usize]);
+            one.into_iter().chain(many).map(move |ports| PolicyRef {
+                source,
+                destination,
+                protocol: pair.protocol,
+                ports,
+            })
+        })
     }
 }
 
@@ -311,9 +322,7 @@ impl Eq for PolicySet {}
 
 impl std::fmt::Debug for PolicySet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_map()
-            .entries(self.sorted().into_iter().map(|r| (r.to_policy(), r.ports.id)))
-            .finish()
+        f.debug_map().entries(self.sorted().map(|r| (r.to_policy(), r.ports.id))).finish()
     }
 }
 
@@ -384,7 +393,7 @@ mod tests {
         let mut expected: Vec<(Policy, u32)> = policies.iter().cloned().zip(0..).collect();
         expected.sort();
         let sorted: Vec<(Policy, u32)> =
-            set.sorted().into_iter().map(|r| (r.to_policy(), r.ports.id)).collect();
+            set.sorted().map(|r| (r.to_policy(), r.ports.id)).collect();
         assert_eq!(sorted, expected);
         assert_eq!(set, other);
         other.remove(&policies[0]);

@@ -51,7 +51,6 @@ impl State {
         let remove = self
             .policies
             .sorted()
-            .into_iter()
             .map(|r| r.to_policy())
             .filter(|p| !policies.contains(p))
             .collect();

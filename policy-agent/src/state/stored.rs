@@ -40,7 +40,7 @@ fn policies_as_list<S: serde::Serializer>(policies: &&PolicySet, s: S) -> Result
         tls_only: bool,
     }
     // In order, as the snapshots have always been written.
-    s.collect_seq(policies.sorted().into_iter().map(|r| Item {
+    s.collect_seq(policies.sorted().map(|r| Item {
         id: r.ports.id,
         source: r.source,
         destination: r.destination,
@@ -164,7 +164,6 @@ impl From<State> for Stored {
             policies: s
                 .policies
                 .sorted()
-                .into_iter()
                 .map(|r| StoredPolicy::new(r.to_policy(), r.ports.id))
                 .collect(),
             endpoints: s.endpoints.into_values().collect(),
