@@ -237,6 +237,21 @@ impl State {
         }
     }
 
+    /// [`Self::intern`] and [`Self::reference`] in one lookup.
+    fn intern_referenced(&mut self, app: &AppName) -> AppName {
+        match self.refs.entry(app.clone()) {
+            std::collections::hash_map::Entry::Occupied(mut held) => {
+                *held.get_mut() += 1;
+                held.key().clone()
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let name = slot.key().clone();
+                slot.insert(1);
+                name
+            }
+        }
+    }
+
     fn reference(&mut self, app: &AppName) {
         match self.refs.get_mut(app.as_str()) {
             Some(n) => *n += 1,
@@ -374,17 +389,12 @@ impl State {
 
     /// What `POLICIES` must hold: the allowances of every app pair.
     pub fn pairs(&self) -> BTreeMap<PairKey, Vec<Allowance>> {
-        // A pair's policies come together: the tags of the last two names
-        // are looked up once for all of them.
-        let mut last: Option<(&AppName, &AppName, Option<u32>, Option<u32>)> = None;
+        // Each app's tag looked up once, by its number in the set.
+        let tags: Vec<Option<u32>> =
+            self.policies.names().iter().map(|name| self.tag(name)).collect();
         let mut all: Vec<(PairKey, Allowance)> = Vec::with_capacity(self.policies.len());
-        for r in self.policies.iter() {
-            let (src, dst) = match last {
-                Some((s, d, src, dst)) if s.same(r.source) && d.same(r.destination) => (src, dst),
-                _ => (self.tag(r.source), self.tag(r.destination)),
-            };
-            last = Some((r.source, r.destination, src, dst));
-            let (Some(src), Some(dst)) = (src, dst) else {
+        for (source, destination, r) in self.policies.iter_numbered() {
+            let (Some(src), Some(dst)) = (tags[source as usize], tags[destination as usize]) else {
                 continue; // unreachable: policies always have tags
             };
             let key = PairKey::new(src, dst, r.protocol.number());

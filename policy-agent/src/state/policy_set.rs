@@ -52,12 +52,10 @@ impl PairPolicies {
     }
 }
 
-/// An app some policy names: its number, and how many policy ends name
-/// it (as a source, of those).
-#[derive(Clone, Copy, Debug)]
-struct App {
-    number: u32,
-    ends: u32,
+/// How many policy ends name an app (as a source, of those).
+#[derive(Clone, Copy, Debug, Default)]
+struct Ends {
+    all: u32,
     as_source: u32,
 }
 
@@ -105,10 +103,13 @@ impl Pair {
 /// Policies with their ids, by app pair.
 #[derive(Clone)]
 pub struct PolicySet {
-    apps: HashMap<AppName, App, RandomState>,
+    /// Each app some policy names → its number.
+    apps: HashMap<AppName, u32, RandomState>,
     /// By number; a number no policy uses holds an empty name and is on
     /// `free`.
     names: Vec<AppName>,
+    /// By number.
+    ends: Vec<Ends>,
     free: Vec<u32>,
     pairs: Box<[Shard]>,
     len: usize,
@@ -128,6 +129,7 @@ impl PolicySet {
         Self {
             apps: HashMap::default(),
             names: Vec::new(),
+            ends: Vec::new(),
             free: Vec::new(),
             pairs: (0..SHARDS)
                 .map(|_| HashMap::with_capacity_and_hasher(each, hasher.clone()))
@@ -141,8 +143,8 @@ impl PolicySet {
     }
 
     fn pair_of(&self, source: &str, destination: &str, protocol: Protocol) -> Option<Pair> {
-        let (source, destination) = (self.apps.get(source)?, self.apps.get(destination)?);
-        Some(Pair { source: source.number, destination: destination.number, protocol })
+        let (source, destination) = (*self.apps.get(source)?, *self.apps.get(destination)?);
+        Some(Pair { source, destination, protocol })
     }
 
     /// The policies of one app pair and protocol.
@@ -160,7 +162,7 @@ impl PolicySet {
 
     /// How many policies have `source` as their source.
     pub fn of_source(&self, source: &str) -> usize {
-        self.apps.get(source).map_or(0, |app| app.as_source as usize)
+        self.apps.get(source).map_or(0, |&n| self.ends[n as usize].as_source as usize)
     }
 
     /// Adds `p` with `id`; false (and nothing changed) if the set holds it
@@ -168,19 +170,79 @@ impl PolicySet {
     /// probe of the pairs' table.
     pub fn insert(&mut self, p: &Policy, id: u32) -> bool {
         let ports = Ports { start: p.start, end: p.end, tls_only: p.tls_only, id };
-        let known = |app: &str| self.apps.get(app).map(|a| a.number);
-        let (source, destination) = match (known(&p.source), known(&p.destination)) {
-            (Some(source), Some(destination)) => (source, destination),
-            // A new app: no pair of it exists yet.
-            _ => (self.number(&p.source), self.number(&p.destination)),
-        };
+        // A new app gets a number here (no policy end yet): no pair of it
+        // exists, so the policy is new.
+        let (source, destination) = (self.number(&p.source), self.number(&p.destination));
         let pair = Pair { source, destination, protocol: p.protocol };
+        if !self.add_to(pair, ports) {
+            return false;
+        }
+        self.count_end(source, true);
+        self.count_end(destination, false);
+        self.len += 1;
+        true
+    }
+
+    /// Adds many policies at once (a snapshot read back): numbered first,
+    /// then written shard by shard, so that each shard's table stays in
+    /// cache while it fills (one at a time, 1M inserts land all over 64
+    /// MB). Returns those it held already, which it did not add.
+    pub fn extend(&mut self, policies: impl IntoIterator<Item = (Policy, u32)>) -> Vec<Policy> {
+        let mut by_shard: Vec<Vec<(Pair, Ports)>> = vec![Vec::new(); SHARDS];
+        for (p, id) in policies {
+            let (source, destination) = (self.number(&p.source), self.number(&p.destination));
+            let pair = Pair { source, destination, protocol: p.protocol };
+            let ports = Ports { start: p.start, end: p.end, tls_only: p.tls_only, id };
+            by_shard[pair.shard()].push((pair, ports));
+        }
+        let mut held = Vec::new();
+        for (shard, adds) in by_shard.into_iter().enumerate() {
+            self.pairs[shard].reserve(adds.len());
+            for (pair, ports) in adds {
+                if self.add_to(pair, ports) {
+                    self.count_end(pair.source, true);
+                    self.count_end(pair.destination, false);
+                    self.len += 1;
+                } else {
+                    held.push((pair, ports));
+                }
+            }
+        }
+        let held: Vec<Policy> = held
+            .into_iter()
+            .map(|(pair, ports)| {
+                let source = &self.names[pair.source as usize];
+                let destination = &self.names[pair.destination as usize];
+                PolicyRef { source, destination, protocol: pair.protocol, ports }.to_policy()
+            })
+            .collect();
+        // An app only those named got a number and no policy end.
+        for p in &held {
+            for app in [&p.source, &p.destination] {
+                if let Some(&number) = self.apps.get(app.as_str())
+                    && self.ends[number as usize].all == 0
+                {
+                    self.apps.remove(app.as_str());
+                    self.names[number as usize] = AppName::default();
+                    self.free.push(number);
+                }
+            }
+        }
+        held
+    }
+
+    /// Adds `ports` to `pair`'s policies; false if it holds that policy.
+    fn add_to(&mut self, pair: Pair, ports: Ports) -> bool {
         match self.pairs[pair.shard()].entry(pair) {
             Entry::Vacant(slot) => {
                 slot.insert(PairPolicies::One(ports));
             }
             Entry::Occupied(mut slot) => {
-                if slot.get().as_slice().iter().any(|held| held.same_policy(p)) {
+                let same = |held: &Ports| {
+                    (held.start, held.end, held.tls_only)
+                        == (ports.start, ports.end, ports.tls_only)
+                };
+                if slot.get().as_slice().iter().any(same) {
                     return false;
                 }
                 // A pair holds a few ranges at most (its kernel entry's).
@@ -189,9 +251,6 @@ impl PolicySet {
                 *slot.get_mut() = PairPolicies::Many(grown.into_boxed_slice());
             }
         }
-        self.count_end(source, &p.source, true);
-        self.count_end(destination, &p.destination, false);
-        self.len += 1;
         true
     }
 
@@ -224,8 +283,8 @@ impl PolicySet {
     /// `app`'s number, a new one (counting no policy end yet) if it has
     /// none.
     fn number(&mut self, app: &AppName) -> u32 {
-        if let Some(entry) = self.apps.get(app.as_str()) {
-            return entry.number;
+        if let Some(&number) = self.apps.get(app.as_str()) {
+            return number;
         }
         let number = match self.free.pop() {
             Some(number) => {
@@ -234,47 +293,56 @@ impl PolicySet {
             }
             None => {
                 self.names.push(app.clone());
+                self.ends.push(Ends::default());
                 (self.names.len() - 1) as u32
             }
         };
-        self.apps.insert(app.clone(), App { number, ends: 0, as_source: 0 });
+        self.apps.insert(app.clone(), number);
         number
     }
 
-    /// Counts one more policy end naming `app` (numbered `number`).
-    fn count_end(&mut self, number: u32, app: &str, as_source: bool) {
-        let entry = self.apps.get_mut(app).expect("numbered before its policy is counted");
-        debug_assert_eq!(entry.number, number);
-        entry.ends += 1;
-        entry.as_source += u32::from(as_source);
+    /// Counts one more policy end naming app `number`.
+    fn count_end(&mut self, number: u32, as_source: bool) {
+        let ends = &mut self.ends[number as usize];
+        ends.all += 1;
+        ends.as_source += u32::from(as_source);
     }
 
     /// Counts one policy end naming `app` less; with none left its number
     /// is free.
     fn drop_app(&mut self, app: &str, as_source: bool) {
-        let Some(entry) = self.apps.get_mut(app) else { return };
-        entry.ends -= 1;
-        entry.as_source -= u32::from(as_source);
-        if entry.ends == 0 {
-            let number = entry.number;
+        let Some(&number) = self.apps.get(app) else { return };
+        let ends = &mut self.ends[number as usize];
+        ends.all -= 1;
+        ends.as_source -= u32::from(as_source);
+        if ends.all == 0 {
             self.apps.remove(app);
             self.names[number as usize] = AppName::default();
             self.free.push(number);
         }
     }
 
-    /// Every policy, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = PolicyRef<'_>> {
+    /// The names by number (an unused number's is empty), for a caller
+    /// that looks something up once per app rather than once per policy.
+    pub fn names(&self) -> &[AppName] {
+        &self.names
+    }
+
+    /// Every policy with its apps' numbers, in no particular order.
+    pub fn iter_numbered(&self) -> impl Iterator<Item = (u32, u32, PolicyRef<'_>)> {
         self.pairs.iter().flatten().flat_map(move |(pair, policies)| {
             let source = &self.names[pair.source as usize];
             let destination = &self.names[pair.destination as usize];
-            policies.as_slice().iter().map(move |&ports| PolicyRef {
-                source,
-                destination,
-                protocol: pair.protocol,
-                ports,
+            policies.as_slice().iter().map(move |&ports| {
+                let policy = PolicyRef { source, destination, protocol: pair.protocol, ports };
+                (pair.source, pair.destination, policy)
             })
         })
+    }
+
+    /// Every policy, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = PolicyRef<'_>> {
+        self.iter_numbered().map(|(_, _, policy)| policy)
     }
 
     /// Every policy, in [`Policy`]'s order: the pairs ordered (16 bytes
@@ -416,5 +484,23 @@ mod tests {
         let (least, most) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
         assert!(*least >= 50 && *most <= 150, "100 pairs per shard on average: {sizes:?}");
         assert_eq!(set.iter().count(), 6400);
+    }
+
+    #[test]
+    fn extend_is_inserting_one_by_one_and_returns_what_it_held() {
+        let policies = [
+            (policy("a", "b", 80, 80), 1),
+            (policy("a", "b", 443, 443), 2),
+            (policy("c", "b", 80, 80), 3),
+            (policy("a", "b", 80, 80), 4),
+        ];
+        let mut one_by_one = PolicySet::default();
+        for (p, id) in &policies {
+            one_by_one.insert(p, *id);
+        }
+        let mut set = PolicySet::default();
+        assert_eq!(set.extend(policies.iter().cloned()), [policy("a", "b", 80, 80)]);
+        assert_eq!(set, one_by_one);
+        assert_eq!((set.len(), set.of_source("a"), set.get(&policies[0].0)), (3, 2, Some(1)));
     }
 }

@@ -136,13 +136,18 @@ impl From<Stored> for State {
             refs: Default::default(),
         };
         // Interned as they are taken in: one allocation per app name.
-        for stored in s.policies {
+        let mut set = std::mem::take(&mut state.policies);
+        let policies = s.policies.into_iter().map(|stored| {
             let (p, id) = stored.into_policy();
-            let p = state.interned(&p);
-            if state.policies.insert(&p, id) {
-                state.reference(&p.source);
-                state.reference(&p.destination);
-            }
+            let source = state.intern_referenced(&p.source);
+            let destination = state.intern_referenced(&p.destination);
+            (Policy { source, destination, ..p }, id)
+        });
+        let held = set.extend(policies);
+        state.policies = set;
+        for p in held {
+            state.unreference(&p.source);
+            state.unreference(&p.destination);
         }
         let endpoints = std::mem::take(&mut state.endpoints);
         for (ip, mut e) in endpoints {
