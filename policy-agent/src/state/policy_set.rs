@@ -30,8 +30,14 @@ pub struct Ports {
 }
 
 impl Ports {
+    /// What tells a pair's policies apart (the id does not), in their
+    /// order.
+    fn key(&self) -> (u16, u16, bool) {
+        (self.start, self.end, self.tls_only)
+    }
+
     pub(super) fn same_policy(&self, p: &Policy) -> bool {
-        (self.start, self.end, self.tls_only) == (p.start, p.end, p.tls_only)
+        self.key() == (p.start, p.end, p.tls_only)
     }
 }
 
@@ -208,26 +214,12 @@ impl PolicySet {
                 }
             }
         }
+        // A policy held already has its pair, so both its apps keep
+        // counted ends: no number to give back.
         let held: Vec<Policy> = held
             .into_iter()
-            .map(|(pair, ports)| {
-                let source = &self.names[pair.source as usize];
-                let destination = &self.names[pair.destination as usize];
-                PolicyRef { source, destination, protocol: pair.protocol, ports }.to_policy()
-            })
+            .map(|(pair, ports)| self.policy_ref(&pair, ports).to_policy())
             .collect();
-        // An app only those named got a number and no policy end.
-        for p in &held {
-            for app in [&p.source, &p.destination] {
-                if let Some(&number) = self.apps.get(app.as_str())
-                    && self.ends[number as usize].all == 0
-                {
-                    self.apps.remove(app.as_str());
-                    self.names[number as usize] = AppName::default();
-                    self.free.push(number);
-                }
-            }
-        }
         held
     }
 
@@ -238,11 +230,7 @@ impl PolicySet {
                 slot.insert(PairPolicies::One(ports));
             }
             Entry::Occupied(mut slot) => {
-                let same = |held: &Ports| {
-                    (held.start, held.end, held.tls_only)
-                        == (ports.start, ports.end, ports.tls_only)
-                };
-                if slot.get().as_slice().iter().any(same) {
+                if slot.get().as_slice().iter().any(|held| held.key() == ports.key()) {
                     return false;
                 }
                 // A pair holds a few ranges at most (its kernel entry's).
@@ -328,15 +316,23 @@ impl PolicySet {
         &self.names
     }
 
+    /// One of `pair`'s policies, with its apps' names.
+    fn policy_ref(&self, pair: &Pair, ports: Ports) -> PolicyRef<'_> {
+        PolicyRef {
+            source: &self.names[pair.source as usize],
+            destination: &self.names[pair.destination as usize],
+            protocol: pair.protocol,
+            ports,
+        }
+    }
+
     /// Every policy with its apps' numbers, in no particular order.
     pub fn iter_numbered(&self) -> impl Iterator<Item = (u32, u32, PolicyRef<'_>)> {
         self.pairs.iter().flatten().flat_map(move |(pair, policies)| {
-            let source = &self.names[pair.source as usize];
-            let destination = &self.names[pair.destination as usize];
-            policies.as_slice().iter().map(move |&ports| {
-                let policy = PolicyRef { source, destination, protocol: pair.protocol, ports };
-                (pair.source, pair.destination, policy)
-            })
+            policies
+                .as_slice()
+                .iter()
+                .map(move |&ports| (pair.source, pair.destination, self.policy_ref(pair, ports)))
         })
     }
 
@@ -360,18 +356,11 @@ impl PolicySet {
                 PairPolicies::One(one) => (Some(*one), Vec::new()),
                 PairPolicies::Many(many) => {
                     let mut many = many.to_vec();
-                    many.sort_unstable_by_key(|p| (p.start, p.end, p.tls_only));
+                    many.sort_unstable_by_key(Ports::key);
                     (None, many)
                 }
             };
-            let (source, destination) =
-                (&names[pair.source as usize], &names[pair.destination as usize]);
-            one.into_iter().chain(many).map(move |ports| PolicyRef {
-                source,
-                destination,
-                protocol: pair.protocol,
-                ports,
-            })
+            one.into_iter().chain(many).map(move |ports| self.policy_ref(pair, ports))
         })
     }
 }
